@@ -1,0 +1,40 @@
+"""User-facing errors: one line naming the problem and the fix.
+
+The CLI prints ``pqd: error: <message>`` for any :class:`PqdError` and exits with
+status 2, without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PqdError(Exception):
+    """A problem with the user's input or environment that the user can fix.
+
+    ``problem`` says what is wrong, ``fix`` says what to do about it; together
+    they print as one line.
+    """
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        text = self.problem if not self.fix else f"{self.problem}; fix: {self.fix}"
+        return " ".join(text.split())  # one line, whatever the parts held
+
+
+class RecipeError(PqdError):
+    """The recipe (YAML or overrides) is malformed or has impossible values."""
+
+
+class DataError(PqdError):
+    """A data set is missing, corrupt, or in the wrong layout."""
+
+
+class ModelError(PqdError):
+    """A model name is unknown, cannot be built, or does not fit the data."""
+
+
+class CheckpointError(PqdError):
+    """A checkpoint is missing, corrupt, unsafe, or does not match the model."""
