@@ -1,0 +1,412 @@
+"""Recipe: the whole job as plain, validated data (no torch import here).
+
+A recipe names a model, a data set, how to get the baseline, an ordered list of
+compression stages (any order, any subset, repeats allowed), how to export and
+how to measure. Unknown keys, wrong types and impossible values are rejected
+with one line naming the key path and the fix (:class:`pqd.errors.RecipeError`).
+
+    recipe = load_recipe("recipes/quickstart.yaml", overrides=["stages.0.sparsity=0.7"])
+    text = dump_recipe(recipe)          # load(dump(r)) == r
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pqd.errors import RecipeError
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Strict(BaseModel):
+    """Base for every recipe section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Strict):
+    """Which network: a zoo name (``pqd models`` lists them) or ``module:callable``."""
+
+    name: str = Field(min_length=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class AugmentSpec(Strict):
+    """Training augmentation: random crop after padding, horizontal flip."""
+
+    crop_padding: int = Field(default=4, ge=0, le=16)
+    pad_mode: Literal["reflect", "zeros"] = "reflect"
+    flip: bool = True
+
+
+class DataSpec(Strict):
+    """Data set and split. ``root`` is overridden by ``--data-dir`` or ``PQD_DATA_DIR``."""
+
+    dataset: Literal["cifar10", "cifar100", "svhn", "npz"] = "cifar10"
+    root: str | None = None
+    val_size: Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0.0, lt=1.0)] = 500
+    download: bool = True
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    limit_train: int | None = Field(default=None, ge=1)
+    limit_test: int | None = Field(default=None, ge=1)
+
+
+class TrainSpec(Strict):
+    """The shared fine-tune loop's settings; stages override single fields."""
+
+    batch_size: int = Field(default=128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.1, gt=0.0, le=10.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0.0, lt=1.0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
+    warmup: Fraction = 0.0
+    label_smoothing: Fraction = 0.0
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    grad_clip: float | None = Field(default=None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> TrainSpec:
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0.0:
+            raise ValueError("nesterov needs momentum > 0; fix: set momentum or nesterov: false")
+        return self
+
+
+class TrainOverride(Strict):
+    """Same fields as :class:`TrainSpec`, all optional: only what is set overrides."""
+
+    batch_size: int | None = Field(default=None, ge=1)
+    optimizer: Literal["sgd", "adamw"] | None = None
+    lr: float | None = Field(default=None, gt=0.0, le=10.0)
+    momentum: float | None = Field(default=None, ge=0.0, lt=1.0)
+    nesterov: bool | None = None
+    weight_decay: float | None = Field(default=None, ge=0.0, lt=1.0)
+    schedule: Literal["onecycle", "cosine", "constant"] | None = None
+    warmup: Fraction | None = None
+    label_smoothing: Fraction | None = None
+    amp: Literal["auto", "bf16", "fp16", "off"] | None = None
+    channels_last: bool | None = None
+    grad_clip: float | None = Field(default=None, gt=0.0)
+
+
+def merge_train(base: TrainSpec, override: TrainOverride) -> TrainSpec:
+    """Return ``base`` with every field that ``override`` sets replaced."""
+    return TrainSpec(**{**base.model_dump(), **override.model_dump(exclude_none=True)})
+
+
+class BaselineSpec(Strict):
+    """Train the baseline (``epochs``) or load it (``checkpoint``: .safetensors or .pt)."""
+
+    checkpoint: str | None = None
+    epochs: int = Field(default=30, ge=0, le=10_000)
+    train: TrainOverride = Field(default_factory=TrainOverride)
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> BaselineSpec:
+        if self.checkpoint is None and self.epochs == 0:
+            raise ValueError(
+                "needs epochs > 0 or a checkpoint; fix: set baseline.epochs or baseline.checkpoint"
+            )
+        return self
+
+
+class StageBase(Strict):
+    """Fields every stage has: its fine-tuning epochs and training overrides."""
+
+    epochs: int = Field(default=2, ge=0, le=10_000)
+    train: TrainOverride = Field(default_factory=TrainOverride)
+
+
+class PruneSpec(StageBase):
+    """Unstructured magnitude pruning to ``sparsity`` (fraction of prunable weights at zero)."""
+
+    stage: Literal["prune"]
+    sparsity: float = Field(ge=0.0, lt=1.0)
+    scope: Literal["global", "layer"] = "global"
+    schedule: Literal["oneshot", "gradual"] = "oneshot"
+    exclude: list[str] = Field(default_factory=list)  # fnmatch patterns on parameter names
+
+    @model_validator(mode="after")
+    def _gradual_needs_epochs(self) -> PruneSpec:
+        if self.schedule == "gradual" and self.epochs == 0:
+            raise ValueError(
+                "schedule 'gradual' needs epochs > 0; fix: set epochs or use schedule: oneshot"
+            )
+        return self
+
+
+class QuantizeSpec(StageBase):
+    """INT8: QAT (fake-quant + fine-tuning) or PTQ (calibration only) with PT2E."""
+
+    stage: Literal["quantize"]
+    mode: Literal["qat", "ptq"] = "qat"
+    calibration_batches: int = Field(default=8, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _ptq_does_not_train(self) -> QuantizeSpec:
+        if self.mode == "ptq" and self.epochs != 0:
+            raise ValueError(
+                "mode 'ptq' calibrates without training; fix: set epochs: 0 or mode: qat"
+            )
+        return self
+
+
+class DistillSpec(StageBase):
+    """Logit knowledge distillation from the baseline (teacher) into the current student."""
+
+    stage: Literal["distill"]
+    temperature: float = Field(default=4.0, gt=0.0, le=100.0)
+    alpha: float = Field(default=0.9, ge=0.0, le=1.0)  # weight of the KD term
+
+
+StageSpec = Annotated[PruneSpec | QuantizeSpec | DistillSpec, Field(discriminator="stage")]
+STAGE_NAMES = ("prune", "quantize", "distill")
+
+
+class ExportSpec(Strict):
+    """How the deployable artifact is written."""
+
+    opset: int = Field(default=20, ge=17, le=23)
+    parity_samples: int | None = Field(default=None, ge=1)  # None: the whole test split
+
+
+class MeasureSpec(Strict):
+    """How artifacts are measured: runtimes, threads, batch sizes, repeats."""
+
+    runtimes: list[Literal["onnxruntime", "openvino"]] = Field(
+        default_factory=lambda: ["onnxruntime"], min_length=1
+    )
+    threads: int = Field(default=2, ge=1, le=512)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [1, 64], min_length=1
+    )
+    warmup: int = Field(default=50, ge=0)
+    repeats: int = Field(default=300, ge=5)
+    accuracy_batch_size: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_one_first(self) -> MeasureSpec:
+        if self.batch_sizes[0] != 1:
+            raise ValueError("batch_sizes must start with 1; fix: list 1 first, e.g. [1, 64]")
+        if len(set(self.runtimes)) != len(self.runtimes):
+            raise ValueError("runtimes lists a runtime twice; fix: list each runtime once")
+        return self
+
+
+class Recipe(Strict):
+    """A whole pqd job."""
+
+    name: str = Field(default="run", min_length=1)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    baseline: BaselineSpec = Field(default_factory=BaselineSpec)
+    stages: list[StageSpec] = Field(default_factory=list)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+
+    def stage_train(self, index: int) -> TrainSpec:
+        """Training settings of stage ``index``: recipe ``train`` with the stage's overrides."""
+        return merge_train(self.train, self.stages[index].train)
+
+    def baseline_train(self) -> TrainSpec:
+        """Training settings of the baseline."""
+        return merge_train(self.train, self.baseline.train)
+
+    def order(self) -> str:
+        """The stage order as text, e.g. ``prune -> quantize -> distill``."""
+        return " -> ".join(s.stage for s in self.stages) or "(no stages)"
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _fix_for(err: dict[str, Any], model: type[BaseModel] | None) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx", {})
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, err["loc"][:-1])
+        return "remove it or fix its spelling" + (f" (allowed: {allowed})" if allowed else "")
+    if kind in ("literal_error", "enum"):
+        return f"use one of {ctx.get('expected', 'the allowed values')}"
+    if kind == "union_tag_invalid":
+        return f"use one of {ctx.get('expected_tags', ', '.join(STAGE_NAMES))}"
+    if kind == "union_tag_not_found":
+        return f"add 'stage: <name>' with one of {', '.join(STAGE_NAMES)}"
+    if kind == "missing":
+        return "add it"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+              "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()), "?")
+        return f"use a value {bounds[kind]} {limit}"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return "give a value of the right type"
+    if kind == "too_short":
+        return "give at least one entry"
+    return "correct the value"
+
+
+def _allowed_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    """Field names of the section at ``loc`` (best effort, for error hints)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                # discriminated stage union: the tag appears in loc
+                current = {"prune": PruneSpec, "quantize": QuantizeSpec,
+                           "distill": DistillSpec}.get(str(part))
+                continue
+            current = _inner_model(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return ", ".join(current.model_fields)
+    return ""
+
+
+def _inner_model(annotation: Any) -> Any:
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _format_validation(exc: ValidationError, source: str) -> RecipeError:
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    loc = ".".join(str(p) for p in err["loc"] if p not in STAGE_NAMES or err["loc"][0] != "stages")
+    msg = err["msg"]
+    fix: str | None = _fix_for(err, Recipe)
+    if err["type"] == "value_error":  # our validators word problem and fix themselves
+        msg, _, fix = str(err["ctx"]["error"]).partition("; fix: ")
+        fix = fix or None
+    elif err["type"] == "union_tag_invalid":
+        msg = f"unknown stage {err['ctx'].get('tag')!r}"
+    elif err["type"] == "union_tag_not_found":
+        msg = "the stage has no 'stage' key"
+    elif err["type"] not in ("missing", "extra_forbidden") and "input" in err:
+        shown = repr(err["input"])
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        msg = f"{msg} (got {shown})"
+    extra = len(errors) - 1
+    more = f" (+{extra} more problem{'s' if extra > 1 else ''})" if extra else ""
+    where = f"{loc}: " if loc else ""
+    return RecipeError(f"{source}: {where}{msg}{more}", fix)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``a.b.0.c=value`` strings; values are read as YAML scalars/lists."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise RecipeError(
+                f"override {item!r} is not of the form key.path=value",
+                "write e.g. stages.0.sparsity=0.7 or baseline.epochs=5",
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted key in a plain dict (list items by index); returns ``data``."""
+    for path, value in parse_overrides(overrides):
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            node = _child(node, part, path[: i + 1], create=True)
+        last = path[-1]
+        if isinstance(node, list):
+            idx = _index(node, last, path)
+            node[idx] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError(
+                f"override {'.'.join(path)}: {'.'.join(path[:-1])} is not a section",
+                "override a key inside a mapping",
+            )
+    return data
+
+
+def _index(node: list[Any], part: str, path: list[str]) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise RecipeError(
+            f"override {'.'.join(path)}: no list item {part!r} (the list has {len(node)})",
+            f"use an index from 0 to {len(node) - 1}",
+        )
+    return int(part)
+
+
+def _child(node: Any, part: str, path: list[str], *, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path)]
+    if isinstance(node, dict):
+        if part not in node or node[part] is None:
+            if not create:
+                raise KeyError(part)
+            node[part] = {}
+        return node[part]
+    raise RecipeError(
+        f"override {'.'.join(path)}: {'.'.join(path[:-1])} is not a section",
+        "override a key inside a mapping",
+    )
+
+
+def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
+    """Validate plain data into a :class:`Recipe`, or raise a one-line RecipeError."""
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{source}: the top level must be a mapping (got {type(data).__name__})",
+            "start the file with keys such as model:, data:, stages:",
+        )
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _format_validation(exc, source) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a YAML recipe file."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe {str(p)!r} does not exist", "give the path of a YAML recipe")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"{p}: not a UTF-8 text file", "give a YAML recipe") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise RecipeError(f"{p}: malformed YAML{where}: {problem}",
+                          "fix the YAML syntax (indentation, colons, quotes)") from None
+    if data is None:
+        data = {}
+    if overrides:
+        if not isinstance(data, dict):
+            return recipe_from_dict(data, str(p))
+        data = apply_overrides(data, overrides)
+    return recipe_from_dict(data, str(p))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML text of the fully resolved recipe (defaults included); loads back equal."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,155 @@
+"""Recipe: shipped recipes validate and round-trip; bad input gives one clear line."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pqd.errors import RecipeError
+from pqd.recipe import (
+    PruneSpec,
+    Recipe,
+    TrainOverride,
+    TrainSpec,
+    dump_recipe,
+    load_recipe,
+    merge_train,
+    recipe_from_dict,
+)
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+BASE = {
+    "model": {"name": "tiny_cnn"},
+    "stages": [
+        {"stage": "prune", "sparsity": 0.5},
+        {"stage": "quantize"},
+        {"stage": "distill"},
+    ],
+}
+
+
+def test_there_are_shipped_recipes() -> None:
+    assert any(p.name == "quickstart.yaml" for p in RECIPES)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_validates_and_round_trips(path: Path) -> None:
+    recipe = load_recipe(path)
+    again = recipe_from_dict(yaml.safe_load(dump_recipe(recipe)))
+    assert again == recipe
+    assert dump_recipe(again) == dump_recipe(recipe)
+
+
+def test_any_order_subset_and_repeats_are_accepted() -> None:
+    data = copy.deepcopy(BASE)
+    data["stages"] = [{"stage": "distill"}, {"stage": "prune", "sparsity": 0.3},
+                      {"stage": "prune", "sparsity": 0.6}, {"stage": "quantize", "mode": "ptq",
+                                                            "epochs": 0}]
+    r = recipe_from_dict(data)
+    assert r.order() == "distill -> prune -> prune -> quantize"
+    assert isinstance(r.stages[1], PruneSpec)
+    assert recipe_from_dict({**BASE, "stages": []}).order() == "(no stages)"
+
+
+BAD = [
+    ({"stages": [{"stage": "prune", "sparsity": 1.5}]}, "stages.0.sparsity", "< 1"),
+    ({"stages": [{"stage": "prune", "sparsity": 0.5, "sparsty": 3}]}, "stages.0.sparsty",
+     "allowed: "),
+    ({"stages": [{"stage": "prun", "sparsity": 0.5}]}, "unknown stage 'prun'", "prune"),
+    ({"stages": [{"sparsity": 0.5}]}, "stages.0", "stage: <name>"),
+    ({"baseline": {"epochs": -1}}, "baseline.epochs", ">= 0"),
+    ({"baseline": {"epochs": 0}}, "baseline", "checkpoint"),
+    ({"modle": {"name": "x"}}, "modle", "allowed: name, seed"),
+    ({"train": {"lr": "fast"}}, "train.lr", "right type"),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset", "cifar10"),
+    ({"measure": {"batch_sizes": [8, 1]}}, "measure", "list 1 first"),
+    ({"stages": [{"stage": "quantize", "mode": "ptq", "epochs": 3}]}, "stages.0", "epochs: 0"),
+    ({"stages": [{"stage": "prune", "sparsity": 0.5, "schedule": "gradual", "epochs": 0}]},
+     "stages.0", "oneshot"),
+    ({"stages": "prune"}, "stages", "right type"),
+    ({"measure": {"runtimes": ["tensorrt"]}}, "measure.runtimes.0", "onnxruntime"),
+]
+
+
+@pytest.mark.parametrize(("patch", "where", "fix"), BAD, ids=[b[1] for b in BAD])
+def test_bad_values_give_one_line_naming_key_and_fix(patch: dict, where: str, fix: str) -> None:
+    data = copy.deepcopy(BASE)
+    data.update(patch)
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(data, "r.yaml")
+    line = info.value.line()
+    assert "\n" not in line
+    assert line.startswith("r.yaml: ")
+    assert where in line
+    assert "fix: " in line and fix in line.split("fix: ", 1)[1]
+
+
+def test_model_is_required() -> None:
+    with pytest.raises(RecipeError, match="model: Field required; fix: add it"):
+        recipe_from_dict({"stages": []})
+
+
+def test_malformed_yaml_names_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  name: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"malformed YAML at line \d+"):
+        load_recipe(p)
+
+
+def test_non_mapping_and_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="top level must be a mapping"):
+        load_recipe(p)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_overrides_set_nested_keys_and_list_items(tmp_path: Path) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    r = load_recipe(p, ["stages.0.sparsity=0.7", "baseline.epochs=5", "train.lr=0.05",
+                        "model.kwargs.widths=[8, 16]", "measure.runtimes=[onnxruntime]"])
+    assert r.stages[0].sparsity == 0.7
+    assert r.baseline.epochs == 5
+    assert r.train.lr == 0.05
+    assert r.model.kwargs == {"widths": [8, 16]}
+    with pytest.raises(RecipeError, match="no list item '7'"):
+        load_recipe(p, ["stages.7.sparsity=0.1"])
+    with pytest.raises(RecipeError, match=r"key\.path=value"):
+        load_recipe(p, ["stages.0.sparsity"])
+    with pytest.raises(RecipeError, match=r"stages\.0\.sparsity"):
+        load_recipe(p, ["stages.0.sparsity=2"])
+
+
+def test_stage_overrides_merge_into_train_defaults() -> None:
+    base = TrainSpec(lr=0.2, batch_size=64)
+    merged = merge_train(base, TrainOverride(lr=0.01))
+    assert (merged.lr, merged.batch_size) == (0.01, 64)
+    data = copy.deepcopy(BASE)
+    data["train"] = {"lr": 0.3}
+    data["stages"][1]["train"] = {"lr": 0.001, "schedule": "constant"}
+    r = recipe_from_dict(data)
+    assert r.stage_train(0).lr == 0.3
+    assert (r.stage_train(1).lr, r.stage_train(1).schedule) == (0.001, "constant")
+
+
+def test_train_override_has_every_train_field() -> None:
+    assert set(TrainOverride.model_fields) == set(TrainSpec.model_fields)
+
+
+def test_recipe_module_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, pqd.recipe; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_recipe_is_pure_data() -> None:
+    r = Recipe.model_validate(BASE)
+    assert isinstance(r.model_dump(mode="json")["stages"][0], dict)
