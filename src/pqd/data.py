@@ -1,0 +1,880 @@
+"""Data sets (CIFAR-10/100, SVHN, your own ``.npz``) and a tensor-resident batch loader.
+
+Images are kept as uint8 ``[N, 3, H, W]`` tensors; :class:`Loader` converts each batch to
+float32 in [0, 1] and augments it on the fly on the target device. Normalisation is *not*
+done here: the model does it inside its graph, with :attr:`Dataset.mean` / :attr:`Dataset.std`.
+
+Every user-facing problem (missing/corrupt/unsafe files, impossible split sizes) raises
+:class:`pqd.errors.DataError` with one line naming the problem and the fix. CIFAR pickles are
+read only with a restricted unpickler that builds dicts, lists, bytes, ints and numpy arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from pqd.errors import DataError
+
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "Loader",
+    "RestrictedUnpickler",
+    "download_and_verify",
+    "load_dataset",
+    "resolve_data_root",
+    "safe_extract",
+    "stratified_split",
+]
+
+DATASETS = ("cifar10", "cifar100", "svhn", "npz")
+"""Names accepted by :func:`load_dataset`."""
+
+ENV_DATA_DIR = "PQD_DATA_DIR"
+"""Environment variable naming the data folder (below ``--data-dir``, above the recipe)."""
+
+# Official archives (module-level so tests can point them at local file:// URLs).
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+SVHN_TRAIN_URL = "http://ufldl.stanford.edu/housenumbers/train_32x32.mat"
+SVHN_TRAIN_MD5 = "e26dedcc434d2e4c54c9b2d4a06d8373"
+SVHN_TEST_URL = "http://ufldl.stanford.edu/housenumbers/test_32x32.mat"
+SVHN_TEST_MD5 = "eb5a983be6a315427106f1b164d9cef3"
+
+DOWNLOAD_TIMEOUT_S = 30.0
+"""Socket timeout of each download read, in seconds."""
+
+# Per-channel mean/std of the official training images in [0, 1].
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+SVHN_MEAN = (0.4377, 0.4438, 0.4728)
+SVHN_STD = (0.1980, 0.2010, 0.1970)
+
+_CIFAR10_DIR = "cifar-10-batches-py"
+_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR100_DIR = "cifar-100-python"
+_SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+
+
+# --------------------------------------------------------------------------- data set
+
+
+@dataclass
+class Dataset:
+    """A loaded data set: uint8 images ``[N, 3, H, W]`` and int64 labels ``[N]`` per split.
+
+    ``val`` is carved (stratified) from the official training data; ``test`` is the official
+    test split, used only for reported numbers. ``mean``/``std`` are per-channel statistics of
+    training images in [0, 1].
+    """
+
+    name: str
+    num_classes: int
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    root: Path
+
+    def summary(self) -> dict[str, Any]:
+        """Name, split sizes (images), number of classes and root folder, JSON-ready.
+
+        ``subset_note`` warns when the test split is smaller than the official one,
+        because accuracies on a subset are not comparable with published numbers.
+        """
+        out: dict[str, Any] = {
+            "name": self.name,
+            "train": int(self.train_x.shape[0]),
+            "val": int(self.val_x.shape[0]),
+            "test": int(self.test_x.shape[0]),
+            "num_classes": int(self.num_classes),
+            "root": str(self.root),
+        }
+        official = OFFICIAL_TEST_SIZES.get(self.name)
+        if official is not None and out["test"] < official:
+            out["subset_note"] = (
+                f"the test split holds {out['test']} of the official {official} {self.name} "
+                "test images: accuracies are NOT comparable with published full-test-set numbers"
+            )
+        return out
+
+
+OFFICIAL_TEST_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "svhn": 26_032}
+
+
+def resolve_data_root(cli_dir: str | None, recipe_root: str | None) -> Path:
+    """The data folder: ``--data-dir``, else ``$PQD_DATA_DIR``, else recipe ``data.root``,
+    else ``./data``; ``~`` expanded, made absolute (it need not exist)."""
+    for candidate in (cli_dir, os.environ.get(ENV_DATA_DIR), recipe_root):
+        if candidate is not None and str(candidate).strip():
+            chosen = str(candidate).strip()
+            break
+    else:
+        chosen = "data"
+    return Path(os.path.abspath(Path(chosen).expanduser()))
+
+
+def load_dataset(
+    name: str,
+    root: str | Path,
+    *,
+    val_size: int | float = 0.1,
+    seed: int = 0,
+    download: bool = True,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> Dataset:
+    """Load data set ``name`` from ``root`` (official layouts), downloading it if allowed.
+
+    ``val_size`` is a count (int >= 1) or a fraction (0 < f < 1) of the official training
+    images, carved out stratified by class with ``seed``; 0 means no validation split.
+    ``limit_train`` / ``limit_test`` keep the first N images of each official split (before
+    the validation split), for tiny runs.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}", f"use one of {', '.join(DATASETS)}")
+    limit_train = _check_limit("limit_train", limit_train)
+    limit_test = _check_limit("limit_test", limit_test)
+    root = Path(os.path.abspath(Path(root).expanduser()))
+
+    if name == "npz":
+        raw = _load_npz(root, limit_train, limit_test)
+    else:
+        _ensure_files(name, root, download)
+        reader = {"cifar10": _load_cifar10, "cifar100": _load_cifar100, "svhn": _load_svhn}[name]
+        raw = reader(root, limit_train, limit_test)
+
+    train_idx, val_idx = stratified_split(raw.train_y, val_size, seed)
+    train_x, train_y = raw.train_x[train_idx], raw.train_y[train_idx]
+    val_x, val_y = raw.train_x[val_idx], raw.train_y[val_idx]
+    if raw.mean is None or raw.std is None:
+        mean, std = _channel_stats(train_x)
+    else:
+        mean, std = raw.mean, raw.std
+    return Dataset(
+        name=name, num_classes=len(raw.classes), classes=list(raw.classes), mean=mean, std=std,
+        train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y,
+        test_x=raw.test_x, test_y=raw.test_y, root=raw.root,
+    )
+
+
+def stratified_split(
+    labels: torch.Tensor, val_size: int | float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(train, val)`` (ascending int64) of a class-stratified validation split.
+
+    ``val_size``: a count (int, 1 <= n < N), a fraction (0 < f < 1, rounded, at least 1) or 0
+    (no split). Per-class quotas follow the largest-remainder rule, so each class gets its
+    share within one image; the images are drawn with a ``torch.Generator`` seeded by ``seed``.
+    """
+    n = int(labels.shape[0])
+    n_val = _val_count(val_size, n)
+    all_idx = torch.arange(n, dtype=torch.int64)
+    if n_val == 0:
+        return all_idx, torch.empty(0, dtype=torch.int64)
+    labels = labels.to(torch.int64).cpu()
+    counts = torch.bincount(labels).to(torch.float64)
+    quota = counts * (n_val / n)
+    alloc = quota.floor().to(torch.int64)
+    rest = n_val - int(alloc.sum())
+    if rest > 0:  # largest remainders first; ties go to the larger class, then the lower id
+        frac = (quota - alloc.to(torch.float64)).tolist()
+        order = sorted(range(len(frac)), key=lambda k: (-frac[k], -counts[k].item(), k))
+        for k in order[:rest]:
+            alloc[k] += 1
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n, generator=g)
+    lab = labels[perm]
+    # rank of each drawn image within its class, in draw order
+    order = torch.sort(lab, stable=True).indices
+    sorted_lab = lab[order]
+    starts = torch.searchsorted(sorted_lab, sorted_lab, right=False)
+    rank = torch.empty(n, dtype=torch.int64)
+    rank[order] = torch.arange(n) - starts
+    take = rank < alloc[lab]
+    val_idx = torch.sort(perm[take]).values
+    train_idx = torch.sort(perm[~take]).values
+    return train_idx, val_idx
+
+
+def _val_count(val_size: int | float, n: int) -> int:
+    """Number of validation images for ``val_size`` out of ``n`` (DataError if impossible)."""
+    fix = "use val_size 0 (none), a count 1..N-1 or a fraction 0 < f < 1"
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
+        raise DataError(f"val_size must be a number, got {val_size!r}", fix)
+    if val_size == 0:
+        return 0
+    if isinstance(val_size, float) and not val_size.is_integer():
+        if not 0.0 < val_size < 1.0:
+            raise DataError(f"val_size {val_size} is not a fraction in (0, 1)", fix)
+        count = max(1, round(val_size * n))
+    else:
+        count = int(val_size)
+        if isinstance(val_size, float):  # 1.0, 2.0...: a fraction of 1 or more is impossible
+            raise DataError(f"val_size {val_size} is not a fraction in (0, 1)", fix)
+    if count < 0:
+        raise DataError(f"val_size {val_size} is negative", fix)
+    if count >= n:
+        raise DataError(
+            f"val_size {val_size} leaves no training images ({n} in the official training split)",
+            fix,
+        )
+    return count
+
+
+def _check_limit(what: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(f"{what} must be a positive integer, got {value!r}",
+                        f"set {what} to N >= 1 or leave it unset")
+    return value
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images ``[N, C, H, W]`` in [0, 1] (chunked, float64).
+
+    The std is floored at 1/255 so a constant channel cannot make the model divide by zero.
+    """
+    c = int(x.shape[1])
+    if x.shape[0] == 0:
+        return (0.5,) * c, (0.25,) * c
+    s = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, int(x.shape[0]), 4096):
+        chunk = x[i : i + 4096].to(torch.float64) / 255.0
+        s += chunk.sum(dim=(0, 2, 3))
+        s2 += (chunk * chunk).sum(dim=(0, 2, 3))
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / count
+    std = (s2 / count - mean * mean).clamp_min(0.0).sqrt().clamp_min(1.0 / 255.0)
+    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+
+
+@dataclass
+class _Raw:
+    """What a reader returns: official splits (limits applied), classes, optional stats."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+    root: Path
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+# --------------------------------------------------------------------------- files present?
+
+
+def _required_files(name: str, root: Path) -> list[Path]:
+    if name == "cifar10":
+        folder = root / _CIFAR10_DIR
+        return [folder / f for f in (*_CIFAR10_TRAIN, "test_batch", "batches.meta")]
+    if name == "cifar100":
+        folder = root / _CIFAR100_DIR
+        return [folder / f for f in ("train", "test", "meta")]
+    return [root / f for f in _SVHN_FILES]
+
+
+def _holding(name: str) -> str:
+    return {
+        "cifar10": f"{_CIFAR10_DIR}/",
+        "cifar100": f"{_CIFAR100_DIR}/",
+        "svhn": " and ".join(_SVHN_FILES),
+    }[name]
+
+
+def _ensure_files(name: str, root: Path, download: bool) -> None:
+    """Make sure ``name``'s official files are under ``root``; download them if allowed."""
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data root {root} is a file, not a folder",
+                        f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding "
+                        f"{_holding(name)}")
+    missing = [p for p in _required_files(name, root) if not p.is_file()]
+    if not missing:
+        return
+    fix = (f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}, "
+           "or allow network access")
+    if not download:
+        raise DataError(
+            f"{name} files are missing under {root} (no {missing[0]}) and download is off",
+            f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}, "
+            "or set data.download: true",
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{name} files are missing under {root} and the folder cannot be "
+                        f"created ({e.strerror or e})", fix) from e
+    try:
+        if name == "svhn":
+            for fname, url, md5 in (("train_32x32.mat", SVHN_TRAIN_URL, SVHN_TRAIN_MD5),
+                                    ("test_32x32.mat", SVHN_TEST_URL, SVHN_TEST_MD5)):
+                if not (root / fname).is_file():
+                    _fetch(url, root / fname, md5)
+        else:
+            url, md5 = (CIFAR10_URL, CIFAR10_MD5) if name == "cifar10" else (
+                CIFAR100_URL, CIFAR100_MD5)
+            archive = root / PurePosixPath(url).name
+            _fetch(url, archive, md5)
+            try:
+                safe_extract(archive, root)
+            finally:
+                archive.unlink(missing_ok=True)
+    except _NetworkError as e:
+        raise DataError(f"{name} files are missing under {root} and the download from "
+                        f"{e.url} failed ({e.reason})", fix) from e
+    still = [p for p in _required_files(name, root) if not p.is_file()]
+    if still:
+        raise DataError(f"the downloaded {name} archive did not provide {still[0]}",
+                        f"place the official files under {root} yourself ({_holding(name)})")
+
+
+# --------------------------------------------------------------------------- download
+
+
+class _NetworkError(Exception):
+    """A download could not be completed (network, HTTP or local I/O failure)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+def download_and_verify(url: str, dest: Path, md5: str) -> Path:
+    """Download ``url`` (http(s) or ``file://``) to the file ``dest`` and check its md5.
+
+    Streams to a temporary file beside ``dest`` and renames it only once the md5 matches, so
+    ``dest`` never holds a partial or wrong file. Returns ``dest``. Raises DataError on network
+    failure or md5 mismatch.
+    """
+    try:
+        return _fetch(url, Path(dest), md5)
+    except _NetworkError as e:
+        raise DataError(f"download of {e.url} failed ({e.reason})",
+                        f"check the network connection, or put the file at {dest} yourself"
+                        ) from e
+
+
+def _fetch(url: str, dest: Path, md5: str) -> Path:
+    dest = Path(dest)
+    print(f"pqd: downloading {url} to {dest}", file=sys.stderr, flush=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as e:
+        raise _NetworkError(url, f"cannot write to {dest.parent}: {e.strerror or e}") from e
+    tmp = Path(tmp_name)
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+                    _copy_stream(resp, out, digest)
+            except urllib.error.HTTPError as e:
+                raise _NetworkError(url, f"HTTP {e.code} {e.reason}") from e
+            except urllib.error.URLError as e:
+                raise _NetworkError(url, str(e.reason)) from e
+            except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
+                raise _NetworkError(url, str(e) or type(e).__name__) from e
+        actual = digest.hexdigest()
+        if actual != md5.lower():
+            raise DataError(
+                f"downloaded file {dest.name} from {url} is corrupt: md5 {actual}, "
+                f"expected {md5.lower()}",
+                "retry the download, or fetch the official file yourself and place it at "
+                f"{dest}",
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _copy_stream(src: BinaryIO, out: BinaryIO, digest: Any) -> None:
+    while True:
+        chunk = src.read(1 << 20)
+        if not chunk:
+            return
+        digest.update(chunk)
+        out.write(chunk)
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract tar archive ``archive`` into ``dest``, refusing unsafe members.
+
+    Every member is checked before anything is written: absolute paths, ``..`` components,
+    links and device files are refused with DataError. Members are extracted into a temporary
+    folder inside ``dest`` and then moved into place.
+    """
+    archive, dest = Path(archive), Path(dest)
+    fix = "use the official archive; do not extract this file"
+    try:
+        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed by `with tar` below
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"cannot open archive {archive} ({e})", fix) from e
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"archive {archive} is corrupt ({e})", fix) from e
+        for m in members:
+            p = PurePosixPath(m.name)
+            if m.name.startswith(("/", "\\")) or p.is_absolute() or ".." in p.parts or (
+                len(m.name) > 1 and m.name[1] == ":"
+            ):
+                raise DataError(f"refusing to extract {archive}: unsafe member path {m.name!r}",
+                                fix)
+            if not (m.isfile() or m.isdir()):
+                raise DataError(
+                    f"refusing to extract {archive}: member {m.name!r} is a link or device", fix)
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".pqd-extract-", dir=dest))
+        try:
+            try:
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.10.12
+                    tar.extractall(tmp, members=members, filter="data")
+                else:  # pragma: no cover - members were checked above
+                    tar.extractall(tmp, members=members)
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise DataError(f"cannot extract archive {archive} ({e})", fix) from e
+            for path in sorted(tmp.rglob("*")):
+                if path.is_file():
+                    target = dest / path.relative_to(tmp)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- safe pickles
+
+
+def _numpy_reconstruct() -> Any:
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return _reconstruct
+
+
+def _numpy_scalar() -> Any:
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    return scalar
+
+
+_SAFE_BUILTINS = frozenset(
+    {"dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int", "float",
+     "bool", "complex"}
+)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that can only build builtin containers/scalars and numpy arrays.
+
+    Any other global the pickle names (``os.system``, ``builtins.eval``...) raises DataError
+    before it is looked up, so a hostile file cannot run code.
+    """
+
+    def __init__(self, file: BinaryIO, *, path: Path | str = "<pickle>") -> None:
+        super().__init__(file, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = {"__builtin__": "builtins"}.get(module, module)  # Python 2 pickles
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            if name == "_reconstruct":
+                return _numpy_reconstruct()
+            if name == "scalar":  # numpy scalars (e.g. np.int64 labels): bytes -> number
+                return _numpy_scalar()
+        elif module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        elif module == "_codecs" and name == "encode":
+            import _codecs
+
+            return _codecs.encode
+        elif module == "builtins" and name in _SAFE_BUILTINS:
+            import builtins
+
+            return getattr(builtins, name)
+        raise DataError(
+            f"refusing to load {self._path}: pickle references {module}.{name}",
+            "use the official data files; a CIFAR pickle holds only dicts, lists, bytes, ints "
+            "and numpy arrays",
+        )
+
+
+def _read_pickle(path: Path) -> Any:
+    """Read ``path`` with :class:`RestrictedUnpickler` (DataError if unsafe or corrupt)."""
+    try:
+        with open(path, "rb") as f:
+            return RestrictedUnpickler(f, path=path).load()
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror or e})",
+                        "check the file's permissions") from e
+    except Exception as e:  # any other failure means a corrupt file
+        raise DataError(
+            f"{path} is corrupt or truncated ({type(e).__name__}: {e})",
+            "delete it and download the official archive again",
+        ) from e
+
+
+def _cifar_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[N, 3, 32, 32]`` uint8 and labels ``[N]`` int64 of one CIFAR pickle."""
+    d = _read_pickle(path)
+    fix = "delete it and download the official archive again"
+    if not isinstance(d, dict):
+        raise DataError(f"{path} holds a {type(d).__name__}, not a CIFAR dict", fix)
+    if b"data" not in d or label_key not in d:
+        keys = ", ".join(sorted(repr(k) for k in d)[:8])
+        raise DataError(f"{path} lacks the keys b'data' and {label_key!r} (has {keys})", fix)
+    data, labels = d[b"data"], d[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or (
+        data.shape[1] != 3 * 32 * 32
+    ):
+        desc = (f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray)
+                else type(data).__name__)
+        raise DataError(f"{path}: b'data' is {desc}, expected uint8 [N, 3072]", fix)
+    try:
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: {label_key!r} is not a list of integers", fix) from e
+    if y.shape[0] != data.shape[0]:
+        raise DataError(f"{path}: {data.shape[0]} images but {y.shape[0]} labels", fix)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"{path}: labels outside 0..{num_classes - 1} "
+                        f"(found {int(y.min())}..{int(y.max())})", fix)
+    return data.reshape(-1, 3, 32, 32), y
+
+
+def _cifar_split(
+    paths: list[Path], label_key: bytes, num_classes: int, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys, have = [], [], 0
+    for p in paths:
+        if limit is not None and have >= limit:
+            break
+        x, y = _cifar_batch(p, label_key, num_classes)
+        xs.append(x)
+        ys.append(y)
+        have += x.shape[0]
+    x = np.concatenate(xs) if len(xs) > 1 else np.array(xs[0], copy=True)
+    y = np.concatenate(ys)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+def _label_names(path: Path, key: bytes, num_classes: int) -> list[str]:
+    meta = _read_pickle(path)
+    names = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or len(names) != num_classes:
+        raise DataError(f"{path} lacks {key!r} with {num_classes} class names",
+                        "delete it and download the official archive again")
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
+
+
+def _load_cifar10(root: Path, limit_train: int | None, limit_test: int | None) -> _Raw:
+    folder = root / _CIFAR10_DIR
+    classes = _label_names(folder / "batches.meta", b"label_names", 10)
+    tx, ty = _cifar_split([folder / f for f in _CIFAR10_TRAIN], b"labels", 10, limit_train)
+    ex, ey = _cifar_split([folder / "test_batch"], b"labels", 10, limit_test)
+    return _Raw(tx, ty, ex, ey, classes, folder, CIFAR10_MEAN, CIFAR10_STD)
+
+
+def _load_cifar100(root: Path, limit_train: int | None, limit_test: int | None) -> _Raw:
+    folder = root / _CIFAR100_DIR
+    classes = _label_names(folder / "meta", b"fine_label_names", 100)
+    tx, ty = _cifar_split([folder / "train"], b"fine_labels", 100, limit_train)
+    ex, ey = _cifar_split([folder / "test"], b"fine_labels", 100, limit_test)
+    return _Raw(tx, ty, ex, ey, classes, folder, CIFAR100_MEAN, CIFAR100_STD)
+
+
+# --------------------------------------------------------------------------- SVHN
+
+
+def _svhn_split(path: Path, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    import scipy.io
+
+    fix = "delete it and download the official file again"
+    try:
+        mat = scipy.io.loadmat(str(path), variable_names=["X", "y"])
+    except Exception as e:  # scipy raises many types for bad files
+        raise DataError(f"{path} is not a readable .mat file ({type(e).__name__}: {e})",
+                        fix) from e
+    x, y = mat.get("X"), mat.get("y")
+    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[2] != 3 or x.dtype != np.uint8:
+        desc = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else "missing"
+        raise DataError(f"{path}: 'X' is {desc}, expected uint8 [H, W, 3, N]", fix)
+    if not isinstance(y, np.ndarray) or y.size != x.shape[3]:
+        raise DataError(f"{path}: 'y' does not hold one label per image", fix)
+    y = y.reshape(-1).astype(np.int64)
+    if y.size and (y.min() < 0 or y.max() > 10):
+        raise DataError(f"{path}: labels outside 0..10", fix)
+    y[y == 10] = 0  # SVHN stores digit 0 as label 10
+    if limit is not None:
+        x, y = x[..., :limit], y[:limit]
+    x = np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # [H, W, C, N] -> [N, C, H, W]
+    return torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(y))
+
+
+def _load_svhn(root: Path, limit_train: int | None, limit_test: int | None) -> _Raw:
+    tx, ty = _svhn_split(root / "train_32x32.mat", limit_train)
+    ex, ey = _svhn_split(root / "test_32x32.mat", limit_test)
+    return _Raw(tx, ty, ex, ey, [str(i) for i in range(10)], root, SVHN_MEAN, SVHN_STD)
+
+
+# --------------------------------------------------------------------------- your own .npz
+
+
+def _load_npz(root: Path, limit_train: int | None, limit_test: int | None) -> _Raw:
+    path = root if root.suffix == ".npz" and not root.is_dir() else root / "data.npz"
+    keys_fix = ("save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=..., "
+                "classes=np.array([...]))")
+    if not path.is_file():
+        raise DataError(f"no npz data set at {path}",
+                        f"pass --data-dir pointing at a .npz file or a folder holding data.npz; "
+                        f"{keys_fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
+            if missing:
+                raise DataError(f"{path} lacks {', '.join(missing)} (has {', '.join(z.files)})",
+                                keys_fix)
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            classes_arr = z["classes"] if "classes" in z.files else None
+    except DataError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise DataError(f"{path} holds object arrays (pickled data), which pqd refuses",
+                            "store classes as a string array: classes=np.array(names, dtype=str)"
+                            ) from e
+        raise DataError(f"{path} is not a readable .npz ({e})", keys_fix) from e
+    except Exception as e:  # zipfile/OSError/EOF: corrupt file
+        raise DataError(f"{path} is not a readable .npz ({type(e).__name__}: {e})",
+                        keys_fix) from e
+
+    tx = _npz_images(path, "x_train", arrays["x_train"])
+    ex = _npz_images(path, "x_test", arrays["x_test"])
+    if tx.shape[1:] != ex.shape[1:]:
+        raise DataError(f"{path}: x_train images are {list(tx.shape[1:])} but x_test images are "
+                        f"{list(ex.shape[1:])}", "give both splits the same image size")
+    ty = _npz_labels(path, "y_train", arrays["y_train"], tx.shape[0])
+    ey = _npz_labels(path, "y_test", arrays["y_test"], ex.shape[0])
+    top = int(max(ty.max(initial=-1), ey.max(initial=-1)))
+    if classes_arr is not None:
+        classes = [str(c) for c in np.asarray(classes_arr).reshape(-1).tolist()]
+        if top >= len(classes):
+            raise DataError(f"{path}: label {top} but only {len(classes)} classes",
+                            "list every class in `classes` or fix the labels")
+    else:
+        classes = [str(i) for i in range(top + 1)]
+    if len(classes) < 2:
+        raise DataError(f"{path}: only {len(classes)} class(es)",
+                        "a classifier needs at least two classes")
+    if limit_train is not None:
+        tx, ty = tx[:limit_train], ty[:limit_train]
+    if limit_test is not None:
+        ex, ey = ex[:limit_test], ey[:limit_test]
+    return _Raw(
+        torch.from_numpy(np.ascontiguousarray(tx)), torch.from_numpy(np.ascontiguousarray(ty)),
+        torch.from_numpy(np.ascontiguousarray(ex)), torch.from_numpy(np.ascontiguousarray(ey)),
+        classes, path.parent,
+    )
+
+
+def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
+    """``x`` as uint8 ``[N, 3, H, W]`` (accepts ``[N, H, W, 3]`` too)."""
+    if x.dtype != np.uint8:
+        raise DataError(f"{path}: {key} is {x.dtype}, expected uint8 images",
+                        f"convert it, e.g. {key}=(x * 255).round().astype(np.uint8)")
+    if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
+        return x.transpose(0, 3, 1, 2)
+    if x.ndim == 4 and x.shape[1] == 3:
+        return x
+    raise DataError(f"{path}: {key} has shape {list(x.shape)}, expected [N, H, W, 3] or "
+                    "[N, 3, H, W] RGB images",
+                    "store RGB images (repeat grayscale to 3 channels)")
+
+
+def _npz_labels(path: Path, key: str, y: np.ndarray, n: int) -> np.ndarray:
+    if y.dtype.kind not in "iu" or y.size != n or y.ndim > 2:
+        raise DataError(f"{path}: {key} must hold {n} integer labels (got {y.dtype} "
+                        f"{list(y.shape)})", f"store {key} as an int array of shape [{n}]")
+    y = y.reshape(-1).astype(np.int64)
+    if y.size and y.min() < 0:
+        raise DataError(f"{path}: {key} has negative labels", "use labels 0..K-1")
+    return y
+
+
+# --------------------------------------------------------------------------- loader
+
+
+class Loader:
+    """Tensor-resident batches: uint8 images live on ``device``; each batch is converted to
+    float32 in [0, 1] and augmented on the fly on that device (random crop with padding +
+    horizontal flip). No workers, no PIL.
+
+    All randomness (shuffle order, crop offsets, flips) comes from the Loader's own
+    ``torch.Generator`` seeded with ``seed``; each ``iter()`` draws one epoch's worth up front,
+    so the generator advances once per epoch, two Loaders with the same seed give identical
+    batch sequences, and the global torch RNG is never touched.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        augment: bool = False,
+        crop_padding: int = 4,
+        pad_mode: str = "reflect",
+        flip: bool = True,
+        drop_last: bool = False,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        channels_last: bool = False,
+    ) -> None:
+        if x.dtype != torch.uint8 or x.dim() != 4:
+            raise ValueError(f"x must be uint8 [N, C, H, W], got {x.dtype} {list(x.shape)}")
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"y must be [N={x.shape[0]}] labels, got {list(y.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if pad_mode not in ("reflect", "zeros"):
+            raise ValueError(f"pad_mode must be 'reflect' or 'zeros', got {pad_mode!r}")
+        h, w = int(x.shape[2]), int(x.shape[3])
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        if augment and pad_mode == "reflect" and crop_padding >= min(h, w):
+            raise DataError(
+                f"crop_padding {crop_padding} is too large for {h}x{w} images with reflect padding",
+                f"set data.augment.crop_padding below {min(h, w)} or pad_mode: zeros",
+            )
+        self.device = torch.device(device)
+        self.x = x.to(self.device).contiguous()
+        self.y = y.to(self.device, torch.int64)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.augment = augment and (crop_padding > 0 or flip)
+        self.crop_padding = int(crop_padding)
+        self.pad_mode = pad_mode
+        self.flip = flip
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+        self.seed = int(seed)
+        self.epoch = 0
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self._ar_h = torch.arange(h, device=self.device)
+        self._ar_w = torch.arange(w, device=self.device)
+
+    @property
+    def num_samples(self) -> int:
+        """Number of images in the split."""
+        return int(self.x.shape[0])
+
+    def __len__(self) -> int:
+        """Number of batches per epoch."""
+        n, b = self.num_samples, self.batch_size
+        return n // b if self.drop_last else math.ceil(n / b)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, p = self.num_samples, self.crop_padding
+        # Draw the whole epoch's randomness now (CPU generator, then one copy to the device).
+        order = torch.randperm(n, generator=self._gen) if self.shuffle else None
+        offsets = flips = None
+        if self.augment:
+            offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=self._gen)
+            flips = torch.rand(n, generator=self._gen) < 0.5 if self.flip else None
+        self.epoch += 1
+        return self._batches(*(None if t is None else t.to(self.device)
+                               for t in (order, offsets, flips)))
+
+    def _batches(
+        self, order: torch.Tensor | None, offsets: torch.Tensor | None, flips: torch.Tensor | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, b = self.num_samples, self.batch_size
+        stop = n - n % b if self.drop_last else n
+        for start in range(0, stop, b):
+            end = min(start + b, n)
+            if order is None:
+                xb, yb = self.x[start:end], self.y[start:end]
+            else:
+                idx = order[start:end]
+                xb, yb = self.x[idx], self.y[idx]
+            if offsets is not None:
+                out = self._augment(xb, offsets[start:end],
+                                    None if flips is None else flips[start:end])
+            else:
+                out = xb.to(torch.float32).div_(255.0)
+            if self.channels_last:
+                out = out.contiguous(memory_format=torch.channels_last)
+            yield out, yb
+
+    def _augment(self, xb: torch.Tensor, off: torch.Tensor, flips: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """Random crop (pad ``crop_padding``, take an HxW window) + flip, as one gather.
+
+        Output pixel (i, j) of image k reads padded pixel (oy_k + i, ox_k + j), i.e. original
+        pixel (oy_k + i - p, ox_k + j - p) mapped back into the image by reflection (or
+        zeroed, for ``pad_mode='zeros'``); flipping reverses the column indices.
+        """
+        bsz, c, h, w = xb.shape
+        p = self.crop_padding
+        rows = off[:, 0:1] - p + self._ar_h  # [B, H], original coordinates
+        cols = off[:, 1:2] - p + self._ar_w  # [B, W]
+        if flips is not None:
+            cols = torch.where(flips[:, None], cols.flip(1), cols)
+        valid = None
+        if self.pad_mode == "reflect":
+            rows, cols = _reflect(rows, h), _reflect(cols, w)
+        elif p > 0:
+            valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+            rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+        lin = (rows[:, :, None] * w + cols[:, None, :]).view(bsz, 1, h * w).expand(bsz, c, h * w)
+        out = torch.gather(xb.reshape(bsz, c, h * w), 2, lin)
+        if valid is not None:
+            out.masked_fill_(~valid.view(bsz, 1, h * w), 0)
+        return out.view(bsz, c, h, w).to(torch.float32).div_(255.0)
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Map indices in [-(n-1), 2n-2] into [0, n) by reflection without repeating the edge."""
+    i = i.abs()
+    return torch.where(i >= n, 2 * (n - 1) - i, i)
