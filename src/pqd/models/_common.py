@@ -1,0 +1,72 @@
+"""Building blocks shared by the zoo nets, and the structural contract they follow.
+
+Every zoo net is a :class:`ZooNet`: ``features`` (an ``nn.Sequential`` of blocks: stem,
+then one child per residual / VGG / inverted-residual block), ``classifier`` (global
+average pool, flatten, linear) and ``default_exit_points`` (indices into ``features``
+after which an early-exit head makes sense). ``forward(x) = classifier(features(x))``.
+
+INT8 rules (torch.export + torchao X86InductorQuantizer + onnxruntime): every conv is
+directly followed by its BatchNorm2d (conv has ``bias=False``), numeric padding only,
+ReLU modules (ReLU6 only in MobileNetV2), residual adds as ``out = out + shortcut``
+followed by a ReLU, no data-dependent control flow in ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class ZooNet(nn.Module):
+    """``features`` then ``classifier``; ``default_exit_points`` index into ``features``."""
+
+    def __init__(self, features: nn.Sequential, classifier: nn.Module,
+                 default_exit_points: list[int]) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+        self.default_exit_points = list(default_exit_points)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class ConvBN(nn.Sequential):
+    """conv (bias=False) -> BatchNorm2d -> optional activation module."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1,
+                 groups: int = 1, act: type[nn.Module] | None = nn.ReLU) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=(kernel_size - 1) // 2,
+                      groups=groups, bias=False),
+            nn.BatchNorm2d(out_ch),
+        ]
+        if act is not None:
+            layers.append(act())
+        super().__init__(*layers)
+
+
+def pool_linear(in_features: int, num_classes: int) -> nn.Sequential:
+    """Global average pool -> flatten -> linear (the classifier of every zoo net)."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_features, num_classes))
+
+
+def spaced_exits(n_blocks: int, offset: int = 1) -> list[int]:
+    """Indices about 1/3 and 2/3 through ``n_blocks`` blocks, block ``k`` (1-based) at
+    ``features[k - 1 + offset]``; never after the last block."""
+    if n_blocks < 2:
+        return []
+    blocks = {min(max(round(n_blocks * k / 3), 1), n_blocks - 1) for k in (1, 2)}
+    return sorted(b - 1 + offset for b in blocks)
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out) convs, unit/zero BatchNorm; linears keep PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
