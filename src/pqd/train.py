@@ -1,0 +1,342 @@
+"""The one fine-tune/evaluate loop used by the baseline and by every stage.
+
+SGD (Nesterov) or AdamW, one-cycle / cosine / constant schedules, label
+smoothing, bf16 autocast + channels_last on CPUs that support bf16, CUDA
+autocast on GPUs, and hooks: a loss hook (knowledge distillation) and a
+parameter hook that runs after every optimizer step (re-applying pruning masks).
+
+Models are either eager ``nn.Module`` s or PT2E graphs (``torch.fx.GraphModule``
+after ``prepare_qat_pt2e``). Graphs train in fp32 (bf16 autocast fails on the QAT
+graph) and switch train/eval with ``move_exported_model_to_train/eval``; their
+observers are frozen while evaluating so that evaluation never moves the
+quantization ranges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pqd.errors import PqdError
+from pqd.recipe import TrainSpec
+
+LossHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(logits, targets, inputs) -> scalar`` replacing cross-entropy (e.g. KD)."""
+
+StepHook = Callable[[nn.Module], None]
+"""Runs after every optimizer step (e.g. re-apply pruning masks)."""
+
+
+class BatchSource(Protocol):
+    """What ``fit``/``evaluate`` iterate: ``pqd.data.Loader`` satisfies it."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __len__(self) -> int: ...
+
+
+class TrainingDiverged(PqdError):
+    """The loss became NaN/inf: the stage stops instead of training on garbage."""
+
+
+@dataclass
+class FitResult:
+    """What one ``fit`` call did: epochs, optimizer steps, wall seconds, mean loss per epoch."""
+
+    epochs: int
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- model kinds
+
+
+def is_graph(model: nn.Module) -> bool:
+    """True for an exported PT2E graph module (QAT-prepared or converted)."""
+    return isinstance(model, torch.fx.GraphModule)
+
+
+def _fake_quant_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "observer_enabled")]
+
+
+def set_train(model: nn.Module, train: bool) -> None:
+    """Switch train/eval for eager modules and exported graphs alike."""
+    if is_graph(model):
+        from torchao.quantization.pt2e import (
+            move_exported_model_to_eval,
+            move_exported_model_to_train,
+        )
+
+        (move_exported_model_to_train if train else move_exported_model_to_eval)(model)
+        model._pqd_training = train  # exported graphs do not keep .training meaningful
+    else:
+        model.train(train)
+
+
+def is_training(model: nn.Module) -> bool:
+    """The mode last set with :func:`set_train` (graphs) or ``.training`` (eager)."""
+    return bool(getattr(model, "_pqd_training", False)) if is_graph(model) else model.training
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluate without side effects: eval BN, frozen observers, previous state restored."""
+    was_training = is_training(model)
+    fqs = _fake_quant_modules(model)
+    saved = [fq.observer_enabled.clone() for fq in fqs]
+    for fq in fqs:
+        fq.observer_enabled[0] = 0
+    set_train(model, False)
+    try:
+        yield
+    finally:
+        for fq, s in zip(fqs, saved, strict=True):
+            fq.observer_enabled.copy_(s)
+        set_train(model, was_training)
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+def autocast_dtype(cfg_amp: str, model: nn.Module, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype to train/evaluate ``model`` with, or None for fp32."""
+    if cfg_amp == "off" or is_graph(model):
+        return None
+    if device.type == "cuda":
+        if cfg_amp == "fp16":
+            return torch.float16
+        if cfg_amp == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if cfg_amp == "fp16":
+        return None  # fp16 autocast on CPU is slow and not worth it
+    if cfg_amp == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX; Linux only)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
+    except OSError:
+        return False
+    return "avx512_bf16" in text or "amx_bf16" in text
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def prepare_model(model: nn.Module, cfg: TrainSpec, device: torch.device) -> nn.Module:
+    """Move to ``device`` and, for eager conv nets, to channels_last when asked."""
+    model.to(device)
+    if cfg.channels_last and not is_graph(model):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+def build_optimizer(model: nn.Module, cfg: TrainSpec) -> torch.optim.Optimizer:
+    """SGD/AdamW with weight decay on weights (ndim > 1) only, not on BN/bias."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def lr_factor(step: int, total: int, cfg: TrainSpec) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based) of ``total``.
+
+    A linear warm-up over the first ``cfg.warmup`` fraction of steps, then
+    ``constant``, ``cosine`` (to zero) or ``onecycle`` (linear to zero).
+    """
+    if total <= 0:
+        return 1.0
+    warm_steps = cfg.warmup * total
+    if step < warm_steps:
+        return (step + 1) / warm_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    rest = (step - warm_steps) / max(1.0, total - warm_steps)
+    if cfg.schedule == "onecycle":
+        return max(0.0, 1.0 - rest)
+    return 0.5 * (1.0 + math.cos(math.pi * rest))
+
+
+# ---------------------------------------------------------------------------- loops
+
+
+def fit(
+    model: nn.Module,
+    train: BatchSource,
+    cfg: TrainSpec,
+    epochs: int,
+    *,
+    device: torch.device,
+    loss_fn: LossHook | None = None,
+    after_step: StepHook | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` in place for ``epochs`` passes over ``train``.
+
+    ``on_step(step, total)`` runs before each optimizer step (schedules such
+    as gradual pruning hook in there); ``after_step(model)`` runs after it.
+    """
+    start = time.perf_counter()
+    total = epochs * len(train)
+    result = FitResult(epochs=epochs, steps=0, seconds=0.0)
+    if total == 0:
+        return result
+    opt = build_optimizer(model, cfg)
+    dtype = autocast_dtype(cfg.amp, model, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    channels_last = cfg.channels_last and not is_graph(model)
+    set_train(model, True)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    step = 0
+    try:
+        for epoch in range(epochs):
+            loss_sum, n = 0.0, 0
+            for x, y in train:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(step, total, cfg)
+                if on_step is not None:
+                    on_step(step, total)
+                with _autocast(device, dtype):
+                    logits = model(x)
+                logits = logits.float()
+                if loss_fn is None:
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                else:
+                    loss = loss_fn(logits, y, x)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}",
+                        "lower the learning rate (train.lr) or set train.grad_clip",
+                    )
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                else:
+                    loss.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                if after_step is not None:
+                    after_step(model)
+                step += 1
+                loss_sum += loss.item() * y.numel()
+                n += y.numel()
+                bar.update(1)
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.3f}")
+            result.losses.append(loss_sum / max(1, n))
+    finally:
+        bar.close()
+        set_train(model, False)
+    result.steps = step
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: BatchSource,
+    *,
+    device: torch.device,
+    amp: str = "off",
+    channels_last: bool = False,
+    desc: str = "eval",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (fp32, on CPU) and targets for every batch of ``loader``."""
+    dtype = autocast_dtype(amp, model, device)
+    channels_last = channels_last and not is_graph(model)
+    outs, ys = [], []
+    with eval_mode(model):
+        for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+            x = x.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, dtype):
+                out = model(x)
+            outs.append(out.float().cpu())
+            ys.append(y.cpu())
+    if not outs:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def evaluate(model: nn.Module, loader: BatchSource, *, device: torch.device, **kw: Any) -> float:
+    """Top-1 accuracy (fraction 0-1) of ``model`` on ``loader``; NaN for an empty loader."""
+    logits, y = predict(model, loader, device=device, **kw)
+    if y.numel() == 0:
+        return float("nan")
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+def kd_loss(
+    teacher: nn.Module,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float,
+    *,
+    device: torch.device,
+    amp: str = "auto",
+) -> LossHook:
+    """Hinton KD: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``.
+
+    The teacher runs in eval mode without gradients (bf16 autocast where fast).
+    """
+    dtype = autocast_dtype(amp, teacher, device)
+    set_train(teacher, False)
+
+    def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), _autocast(device, dtype):
+            t_logits = teacher(x)
+        t_logits = t_logits.float()
+        soft = F.kl_div(
+            F.log_softmax(logits / temperature, dim=1),
+            F.log_softmax(t_logits / temperature, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        ) * (temperature**2)
+        hard = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        return alpha * soft + (1.0 - alpha) * hard
+
+    return loss

@@ -1,0 +1,148 @@
+"""The shared loop: schedules, learning, KD loss, divergence, side-effect-free eval."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pqd.recipe import TrainSpec
+from pqd.train import (
+    TrainingDiverged,
+    autocast_dtype,
+    build_optimizer,
+    eval_mode,
+    evaluate,
+    fit,
+    kd_loss,
+    lr_factor,
+)
+
+CPU = torch.device("cpu")
+
+
+class Batches:
+    """A fixed list of batches (what pqd.data.Loader provides, minus augmentation)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, bs: int) -> None:
+        self.items = [(x[i : i + bs], y[i : i + bs]) for i in range(0, len(x), bs)]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def blobs(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two separable classes of 3x4x4 'images'."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 3, 4, 4, generator=g) * 0.5 + (y.float() * 2 - 1).view(-1, 1, 1, 1)
+    return x, y
+
+
+def small_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_schedules(schedule: str) -> None:
+    cfg = TrainSpec(schedule=schedule, warmup=0.2)
+    f = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(1 / 20)
+    assert f[19] == pytest.approx(1.0)
+    assert all(b >= a for a, b in itertools.pairwise(f[:20]))  # warm-up rises
+    if schedule == "constant":
+        assert f[60] == 1.0
+    else:
+        assert all(b <= a for a, b in itertools.pairwise(f[20:]))  # then decays
+        assert f[-1] < 0.05
+    if schedule == "cosine":
+        assert f[60] == pytest.approx(0.5 * (1 + math.cos(math.pi * 40 / 80)))
+
+
+def test_no_weight_decay_on_bn_and_bias() -> None:
+    net = small_net()
+    opt = build_optimizer(net, TrainSpec(weight_decay=0.1))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert decayed == {id(net[0].weight), id(net[5].weight)}
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_fit_learns_and_evaluate_reports_fraction() -> None:
+    torch.manual_seed(0)
+    x, y = blobs()
+    net = small_net()
+    cfg = TrainSpec(lr=0.05, batch_size=32, amp="off", channels_last=False)
+    before = evaluate(net, Batches(x, y, 64), device=CPU, progress=False)
+    res = fit(net, Batches(x, y, 32), cfg, 3, device=CPU, progress=False)
+    after = evaluate(net, Batches(x, y, 64), device=CPU, progress=False)
+    assert res.steps == 3 * 8 and len(res.losses) == 3
+    assert res.losses[-1] < res.losses[0]
+    assert 0.0 <= before <= 1.0 and after > 0.95
+    assert not net.training
+
+
+def test_hooks_run_every_step() -> None:
+    x, y = blobs(64)
+    calls: list[str] = []
+    fit(small_net(), Batches(x, y, 16), TrainSpec(amp="off", channels_last=False), 2,
+        device=CPU, progress=False, on_step=lambda s, t: calls.append(f"on{s}/{t}"),
+        after_step=lambda m: calls.append("after"))
+    assert calls[:2] == ["on0/8", "after"] and len(calls) == 16
+
+
+def test_divergence_is_reported_as_user_error() -> None:
+    x, y = blobs(64)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="fix: lower the learning rate"):
+        fit(small_net(), Batches(x, y, 64), TrainSpec(amp="off", channels_last=False), 1,
+            device=CPU, progress=False)
+
+
+def test_kd_loss_is_ce_when_alpha_zero_and_zero_kl_for_identical_logits() -> None:
+    torch.manual_seed(0)
+    teacher = small_net().eval()
+    x, y = blobs(16)
+    logits = teacher(x).detach()
+    loss = kd_loss(teacher, 4.0, 1.0, 0.0, device=CPU, amp="off")
+    assert loss(logits, y, x).item() == pytest.approx(0.0, abs=1e-6)
+    ce_only = kd_loss(teacher, 4.0, 0.0, 0.0, device=CPU, amp="off")
+    assert ce_only(logits, y, x).item() == pytest.approx(
+        nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+    other = kd_loss(teacher, 4.0, 1.0, 0.0, device=CPU, amp="off")(torch.zeros_like(logits), y, x)
+    assert other.item() > 0
+
+
+class FakeQuant(nn.Module):
+    """Stands in for a torchao fake-quantizer: just the observer flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("observer_enabled", torch.tensor([1], dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_eval_mode_freezes_observers_and_restores_state() -> None:
+    net = nn.Sequential(small_net(), FakeQuant())
+    net.train()
+    with eval_mode(net):
+        assert not net.training
+        assert net[1].observer_enabled.item() == 0
+    assert net.training and net[1].observer_enabled.item() == 1
+
+
+def test_autocast_choice() -> None:
+    net = small_net()
+    assert autocast_dtype("off", net, CPU) is None
+    assert autocast_dtype("bf16", net, CPU) == torch.bfloat16
+    assert autocast_dtype("fp16", net, CPU) is None
+    graph = torch.fx.symbolic_trace(net)
+    assert autocast_dtype("bf16", graph, CPU) is None  # QAT graphs train in fp32
