@@ -1,0 +1,135 @@
+"""What flows between stages, and the small contract every stage satisfies.
+
+A stage is a function ``apply(state, spec, ctx) -> state`` registered with
+``@register_stage(name)``. It may replace ``state.model`` (quantize turns the
+eager model into a PT2E graph) and must keep what earlier stages established:
+``ctx.fit`` re-applies ``state.masks`` after every optimizer step, and a
+quantized graph keeps its fake-quantizers whatever trains it next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from pqd.recipe import Recipe, TrainSpec
+from pqd.train import FitResult, LossHook, fit
+
+
+@dataclass
+class State:
+    """The model as the stages leave it.
+
+    ``masks`` maps parameter names to boolean keep-masks (False = held at zero);
+    names are the same on the eager model and on its PT2E graph.
+    ``quantized`` is True once fake-quantizers are in the graph (export gives INT8).
+    ``info`` collects per-stage facts for the record (e.g. achieved sparsity).
+    """
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantized: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    """``apply(state, spec, ctx) -> state``: one compression technique."""
+
+    def __call__(self, state: State, spec: Any, ctx: Context) -> State: ...
+
+
+@dataclass
+class Context:
+    """Everything a stage may use besides the state: data, device, teacher, settings."""
+
+    recipe: Recipe
+    data: Any  # pqd.data.Dataset
+    device: torch.device
+    teacher: nn.Module
+    progress: bool = True
+    out_dir: Path | None = None
+    stage_index: int = -1  # set by the pipeline before each stage runs
+
+    @property
+    def stage_seed(self) -> int:
+        """Seed of the current stage's shuffling/augmentation (distinct per stage)."""
+        return self.recipe.seed + 1000 * (self.stage_index + 1)
+
+    @property
+    def stage_desc(self) -> str:
+        """Progress-bar label of the current stage, e.g. ``[2/3] quantize``."""
+        stages = self.recipe.stages
+        if 0 <= self.stage_index < len(stages):
+            return f"[{self.stage_index + 1}/{len(stages)}] {stages[self.stage_index].stage}"
+        return "baseline"
+
+    def stage_train(self) -> TrainSpec:
+        """Training settings of the current stage (recipe ``train`` + its overrides)."""
+        return self.recipe.stage_train(self.stage_index)
+
+    def loader(self, split: str, batch_size: int, *, seed: int = 0, augment: bool = False,
+               shuffle: bool = False) -> Any:
+        """A tensor-resident ``pqd.data.Loader`` over ``split`` (train | val | test)."""
+        from pqd.data import Loader
+
+        x = getattr(self.data, f"{split}_x")
+        y = getattr(self.data, f"{split}_y")
+        aug = self.recipe.data.augment
+        return Loader(
+            x, y, batch_size, shuffle=shuffle, augment=augment, crop_padding=aug.crop_padding,
+            pad_mode=aug.pad_mode, flip=aug.flip, device=self.device, seed=seed,
+        )
+
+    def example_input(self, batch: int = 2) -> torch.Tensor:
+        """A float input in [0, 1] shaped like the data (batch 2: see export pitfalls)."""
+        _, c, h, w = self.data.train_x.shape
+        return torch.rand(batch, c, h, w, device=self.device)
+
+    def fit(
+        self,
+        state: State,
+        cfg: TrainSpec,
+        epochs: int,
+        *,
+        seed: int,
+        loss_fn: LossHook | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        desc: str = "train",
+    ) -> FitResult:
+        """Fine-tune ``state.model`` on the train split, keeping pruned weights at zero."""
+        keep = MaskKeeper(state.model, state.masks)
+        keep(state.model)
+        train = self.loader("train", cfg.batch_size, seed=seed, augment=True, shuffle=True)
+        return fit(
+            state.model, train, cfg, epochs, device=self.device, loss_fn=loss_fn,
+            after_step=keep if state.masks else None, on_step=on_step, desc=desc,
+            progress=self.progress,
+        )
+
+
+class MaskKeeper:
+    """Zeroes every masked-out weight; called after every optimizer step.
+
+    Holds the masks dict itself, not a copy, so masks a stage updates while
+    training (gradual pruning) take effect at the next step.
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        self.params = dict(model.named_parameters())
+        self.masks = masks
+        missing = sorted(set(masks) - set(self.params))
+        if missing:
+            raise RuntimeError(f"pruning masks name parameters the model lacks: {missing[:5]}")
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> None:
+        for name, mask in self.masks.items():
+            p = self.params[name]
+            if mask.device != p.device:
+                mask = self.masks[name] = mask.to(p.device)
+            p.mul_(mask)
