@@ -1,0 +1,105 @@
+"""Measure several ONNX artifacts side by side on every requested runtime.
+
+For each artifact: top-1 accuracy of the artifact itself on the test split,
+top-1 agreement with the torch model it was exported from (parity), bytes on
+disk, latency p50/p90 per batch size (interleaved with the other artifacts),
+and params / nonzero params / sparsity / MACs / BitOps read from the file.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from pqd.export import parity, torch_predict
+from pqd.measure.complexity import onnx_complexity
+from pqd.measure.latency import compare_latency
+from pqd.measure.runtime import open_runner, runtime_versions
+from pqd.recipe import MeasureSpec
+
+
+def size_bytes(path: Path) -> int:
+    """Bytes on disk of an ONNX file plus its external-data side file, if any."""
+    side = path.with_name(path.name + ".data")
+    return path.stat().st_size + (side.stat().st_size if side.exists() else 0)
+
+
+def repeats_for(batch: int, repeats: int) -> int:
+    """Timed calls at ``batch``: ``repeats`` at batch 1, fewer for large batches (>= 20)."""
+    return max(20, round(repeats / math.sqrt(batch)))
+
+
+def runtime_logits(run, x_uint8, batch_size: int, desc: str, progress: bool) -> np.ndarray:
+    """Logits of an artifact runner over uint8 images (fed as float32 in [0, 1])."""
+    outs = []
+    steps = range(0, len(x_uint8), batch_size)
+    for i in tqdm(steps, desc=desc, unit="batch", disable=not progress, leave=False):
+        x = x_uint8[i : i + batch_size].float().div_(255.0).numpy()
+        outs.append(np.asarray(run(x), dtype=np.float32))
+    return np.concatenate(outs)
+
+
+def measure_artifacts(
+    artifacts: dict[str, tuple[Path, nn.Module]],
+    data: Any,
+    spec: MeasureSpec,
+    parity_samples: int | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Results per artifact name; the first runtime in ``spec.runtimes`` is the headline."""
+    x, y = data.test_x, data.test_y.numpy()
+    n_par = len(x) if parity_samples is None else min(parity_samples, len(x))
+    shape = tuple(int(d) for d in x.shape[1:])
+    versions = runtime_versions()
+    results: dict[str, dict[str, Any]] = {}
+    reference = {}
+    for name, (path, model) in artifacts.items():
+        comp = onnx_complexity(path)
+        results[name] = {
+            "artifact": path.name, "size_bytes": size_bytes(path),
+            **{k: comp[k] for k in ("params", "nonzero_params", "sparsity", "macs", "bitops")},
+            "layers": comp["layers"], "runtimes": {},
+        }
+        reference[name] = torch_predict(model, x[:n_par])
+        results[name]["torch_accuracy"] = float((reference[name].argmax(1) == y[:n_par]).mean())
+    for rt in spec.runtimes:
+        runners = {name: open_runner(rt, path, spec.threads) for name, (path, _) in
+                   artifacts.items()}
+        for name, runner in runners.items():
+            logits = runtime_logits(runner.run, x, spec.accuracy_batch_size,
+                                    f"{name} accuracy ({rt})", progress)
+            results[name]["runtimes"][rt] = {
+                "version": versions.get(rt),
+                "settings": runner.settings,
+                "accuracy": float((logits.argmax(1) == y).mean()),
+                "parity": parity(reference[name], logits[:n_par]),
+            }
+        for b in spec.batch_sizes:
+            timed = runners if rt != "openvino" else {
+                name: open_runner(rt, path, spec.threads, batch=b)
+                for name, (path, _) in artifacts.items()}
+            stats = compare_latency(
+                {name: r.run for name, r in timed.items()}, (b, *shape), warmup=spec.warmup,
+                repeats=repeats_for(b, spec.repeats), progress=progress,
+                desc=f"latency batch {b} ({rt})")
+            for name, st in stats.items():
+                lat = results[name]["runtimes"][rt].setdefault(
+                    "latency_ms", {"runtime": rt, "threads": spec.threads, "batches": {}})
+                lat["batches"][str(b)] = st.as_dict()
+                if b == 1:
+                    lat.update({"batch": 1, "p50": round(st.p50, 4), "p90": round(st.p90, 4),
+                                "mean": round(st.mean, 4)})
+    primary = spec.runtimes[0]
+    for res in results.values():
+        head = res["runtimes"][primary]
+        res["accuracy"] = head["accuracy"]
+        res["latency_ms"] = head["latency_ms"]
+        res["parity"] = head["parity"]
+        res["runtime"] = primary
+    return results

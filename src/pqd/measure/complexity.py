@@ -1,0 +1,98 @@
+"""Params, sparsity, MACs and BitOps read from an exported ONNX file.
+
+Every Conv / Gemm / MatMul with a constant weight counts. A weight reached
+through DequantizeLinear is read as its int8 initializer (8 bits), otherwise as
+float (32 bits); an activation input counts 8 bits when it comes from a
+DequantizeLinear, else 32. MACs are per image (batch 1); BitOps = MACs x weight
+bits x activation bits. Sparsity is the fraction of exactly-zero weight entries
+(biases excluded) as stored in the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+_COMPUTE = {"Conv", "Gemm", "MatMul"}
+
+
+def _with_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    for value in proto.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    return shape_inference.infer_shapes(proto, data_prop=True)
+
+
+def onnx_complexity(path: str | Path) -> dict[str, Any]:
+    """Totals and a per-layer table for the compute layers of the ONNX file at ``path``."""
+    proto = _with_batch_one(onnx.load(str(path)))
+    inits = {i.name: i for i in proto.graph.initializer}
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(proto.graph.value_info) + list(proto.graph.output)}
+
+    def const(name: str) -> tuple[np.ndarray | None, int]:
+        """(array, bits) of a constant input, following DequantizeLinear/Identity back."""
+        if name in inits:
+            arr = numpy_helper.to_array(inits[name])
+            return arr, 8 if arr.dtype in (np.int8, np.uint8) else 32
+        node = producer.get(name)
+        if node is not None and node.op_type in ("DequantizeLinear", "Identity", "Transpose"):
+            arr, bits = const(node.input[0])
+            return arr, bits
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t), 32
+        return None, 32
+
+    def act_bits(name: str) -> int:
+        node = producer.get(name)
+        return 8 if node is not None and node.op_type == "DequantizeLinear" else 32
+
+    layers = []
+    for node in proto.graph.node:
+        if node.op_type not in _COMPUTE or len(node.input) < 2:
+            continue
+        w, w_bits = const(node.input[1])
+        if w is None:
+            continue
+        bias = const(node.input[2])[0] if len(node.input) > 2 and node.input[2] else None
+        out_shape = shapes.get(node.output[0], [])
+        if node.op_type == "Conv":
+            per_output = int(np.prod(w.shape[1:]))  # (C_in / groups) * kh * kw
+            outputs = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 0
+        else:
+            k = w.shape[0] if node.op_type == "MatMul" or not _trans_b(node) else w.shape[1]
+            per_output = int(k)
+            outputs = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else int(w.size // k)
+        macs = per_output * outputs
+        a_bits = act_bits(node.input[0])
+        layers.append({
+            "name": node.name, "op": node.op_type, "weight_shape": list(w.shape),
+            "params": int(w.size + (bias.size if bias is not None else 0)),
+            "nonzero": int(np.count_nonzero(w))
+            + (int(np.count_nonzero(bias)) if bias is not None else 0),
+            "weights": int(w.size), "zero_weights": int(w.size - np.count_nonzero(w)),
+            "macs": macs, "weight_bits": w_bits, "activation_bits": a_bits,
+            "bitops": macs * w_bits * a_bits,
+        })
+    weights = sum(layer["weights"] for layer in layers)
+    zeros = sum(layer["zero_weights"] for layer in layers)
+    return {
+        "params": sum(layer["params"] for layer in layers),
+        "nonzero_params": sum(layer["nonzero"] for layer in layers),
+        "sparsity": zeros / weights if weights else 0.0,
+        "macs": sum(layer["macs"] for layer in layers),
+        "bitops": sum(layer["bitops"] for layer in layers),
+        "layers": layers,
+    }
+
+
+def _trans_b(node: onnx.NodeProto) -> bool:
+    return any(a.name == "transB" and a.i == 1 for a in node.attribute)

@@ -1,0 +1,71 @@
+"""Wall-clock latency, measured like timm's benchmark but side by side.
+
+Several artifacts are timed in interleaved rounds (A, B, A, B, ...) after a
+warm-up, so slow drift of a shared machine hits them alike; each sample is one
+``run`` call timed with ``perf_counter``; p50/p90/mean come from all samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+
+@dataclass
+class LatencyStats:
+    """Latency of one artifact at one batch size, in milliseconds."""
+
+    batch: int
+    p50: float
+    p90: float
+    mean: float
+    min: float
+    samples: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def compare_latency(
+    runs: dict[str, Callable[[np.ndarray], object]],
+    input_shape: tuple[int, ...],
+    *,
+    warmup: int = 50,
+    repeats: int = 300,
+    rounds: int = 5,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "latency",
+) -> dict[str, LatencyStats]:
+    """Time every ``runs[name](x)`` on one random float32 input of ``input_shape``.
+
+    Each artifact gets ``warmup`` untimed calls, then ``repeats`` timed calls
+    split over ``rounds`` interleaved rounds.
+    """
+    x = np.random.default_rng(seed).random(input_shape, dtype=np.float32)
+    for run in runs.values():
+        for _ in range(warmup):
+            run(x)
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+    bar = tqdm(total=repeats * len(runs), desc=desc, unit="run", disable=not progress, leave=False)
+    for count in per_round:
+        for name, run in runs.items():
+            for _ in range(count):
+                t0 = time.perf_counter()
+                run(x)
+                samples[name].append(time.perf_counter() - t0)
+            bar.update(count)
+    bar.close()
+    out = {}
+    for name, s in samples.items():
+        ms = np.asarray(s) * 1e3
+        out[name] = LatencyStats(
+            batch=input_shape[0], p50=float(np.percentile(ms, 50)),
+            p90=float(np.percentile(ms, 90)), mean=float(ms.mean()), min=float(ms.min()),
+            samples=len(ms))
+    return out

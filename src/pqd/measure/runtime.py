@@ -1,0 +1,93 @@
+"""Run an ONNX artifact on a CPU inference runtime: onnxruntime, or OpenVINO when installed.
+
+Both are pinned to ``threads`` intra-op threads with one stream, as a
+latency-bound deployment would run them. OpenVINO is told to compute in f32
+(its default on bf16-capable CPUs is bf16, which would make an "FP32"
+artifact silently lower-precision); INT8 QDQ layers still run as INT8.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Runner:
+    """``run(x)`` maps a float32 NCHW batch to logits on one runtime."""
+
+    runtime: str
+    run: Callable[[np.ndarray], np.ndarray]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def available_runtimes() -> list[str]:
+    """Installed runtimes among onnxruntime and openvino."""
+    found = []
+    for name in ("onnxruntime", "openvino"):
+        try:
+            importlib.metadata.version(name)
+            found.append(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def runtime_versions() -> dict[str, str]:
+    """Versions of the installed runtimes."""
+    return {name: importlib.metadata.version(name) for name in available_runtimes()}
+
+
+def open_runner(runtime: str, path: str | Path, threads: int, batch: int | None = None) -> Runner:
+    """Load ``path`` on ``runtime``; ``batch`` fixes the batch (OpenVINO compiles it static)."""
+    if runtime == "onnxruntime":
+        return _ort(Path(path), threads)
+    if runtime == "openvino":
+        return _openvino(Path(path), threads, batch)
+    raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def _ort(path: Path, threads: int) -> Runner:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    return Runner("onnxruntime", run, {
+        "intra_op_threads": threads, "inter_op_threads": 1, "graph_optimization": "all",
+        "provider": "CPUExecutionProvider"})
+
+
+def _openvino(path: Path, threads: int, batch: int | None) -> Runner:
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    if batch is not None:
+        shape = list(model.input(0).get_partial_shape())
+        shape[0] = batch
+        model.reshape({model.input(0): ov.PartialShape(shape)})
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+              "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return request.infer({0: x})[0]
+
+    return Runner("openvino", run, {"threads": threads, "streams": 1, "precision_hint": "f32",
+                                    "static_batch": batch})
