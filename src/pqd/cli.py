@@ -1,0 +1,134 @@
+"""The ``pqd`` command: run, validate, report, models.
+
+    pqd run recipes/quickstart.yaml --out runs/quick [key.path=value ...]
+    pqd validate recipes/quickstart.yaml
+    pqd report runs/quick
+    pqd models
+
+Problems the user can fix end with one line ``pqd: error: ...`` and exit
+status 2; an interrupted run exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from pqd.errors import PqdError
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party import chatter (torchao's optional kernels) off the terminal."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pqd", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe: baseline, stages, export, measure")
+    run.add_argument("recipe", help="YAML recipe")
+    run.add_argument("overrides", nargs="*", metavar="key.path=value",
+                     help="override recipe values, e.g. stages.0.sparsity=0.7")
+    run.add_argument("--out", required=True, help="run folder (created)")
+    run.add_argument("--data-dir", default=None,
+                     help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    val = sub.add_parser("validate", help="check a recipe and print its resolved form")
+    val.add_argument("recipe")
+    val.add_argument("overrides", nargs="*", metavar="key.path=value")
+    val.add_argument("--quiet", action="store_true", help="print only the one-line summary")
+
+    rep = sub.add_parser("report", help="re-render report.md from a run's record.json")
+    rep.add_argument("run_dir")
+
+    sub.add_parser("models", help="list the model zoo")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pqd.pipeline import run
+    from pqd.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    record = run(recipe, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress)
+    from pqd.report import SUMMARY_HEADER, summary_rows, table
+
+    cmp_ = record["comparison"]
+    print(table(SUMMARY_HEADER, summary_rows(record)))
+    print(f"\nfinal vs baseline ({record['final']['runtime']}): "
+          f"{cmp_['speedup_batch1_p50']:.2f}x faster at batch 1, {cmp_['size_ratio']:.2f}x "
+          f"smaller, accuracy {-cmp_['accuracy_drop_points']:+.2f} points; "
+          f"{record['timing_s']['total']:.0f} s in all")
+    print(f"wrote {Path(args.out) / 'record.json'} and {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pqd.recipe import dump_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    epochs = sum(s.epochs for s in recipe.stages)
+    base = (f"checkpoint {recipe.baseline.checkpoint}" if recipe.baseline.checkpoint
+            else f"{recipe.baseline.epochs} baseline epochs")
+    if not args.quiet:
+        print(dump_recipe(recipe), end="")
+    print(f"ok: {args.recipe}: {recipe.model.name} on {recipe.data.dataset}, {base}, "
+          f"stages {recipe.order()} ({epochs} epochs)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pqd.checkpoint import atomic_write_text
+    from pqd.report import render_markdown
+
+    path = Path(args.run_dir) / "record.json"
+    if not path.is_file():
+        raise PqdError(f"{path} does not exist", "give a run folder written by 'pqd run'")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        text = render_markdown(record)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PqdError(f"{path} is not a complete pqd record ({type(exc).__name__}: {exc})",
+                       "re-run the recipe into that folder") from None
+    atomic_write_text(path.with_name("report.md"), text)
+    print(text)
+    return 0
+
+
+def _cmd_models(_: argparse.Namespace) -> int:
+    from pqd.registry import model_names
+
+    print("\n".join(model_names()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pqd`` console script."""
+    _quiet_libraries()
+    args = _parser().parse_args(argv)
+    commands = {"run": _cmd_run, "validate": _cmd_validate, "report": _cmd_report,
+                "models": _cmd_models}
+    try:
+        return commands[args.command](args)
+    except PqdError as exc:
+        print(f"pqd: error: {exc.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pqd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

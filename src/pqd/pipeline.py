@@ -1,0 +1,223 @@
+"""``pqd run``: baseline -> stages in recipe order -> export -> measure the artifacts.
+
+    record = run(load_recipe("recipes/quickstart.yaml"), Path("runs/quick"))
+
+Writes into the run folder: ``recipe.yaml`` (resolved), ``baseline.safetensors``,
+``baseline.onnx`` (FP32), ``final.onnx`` (INT8 when a quantize stage ran),
+``record.json`` (the contract other tools read) and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pqd import __version__
+from pqd.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from pqd.errors import PqdError
+from pqd.recipe import Recipe, dump_recipe
+from pqd.registry import STAGES
+from pqd.stages.base import Context, State
+from pqd.train import evaluate, fit
+
+RECORD_VERSION = 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PqdError("device 'cuda' was asked for but no CUDA GPU is visible",
+                       "set device: auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_runtimes(recipe: Recipe) -> None:
+    """Fail before any training if a requested runtime is not installed."""
+    from pqd.measure import available_runtimes
+
+    have = available_runtimes()
+    for rt in recipe.measure.runtimes:
+        if rt not in have:
+            raise PqdError(f"measure.runtimes: {rt} is not installed",
+                           f"pip install {rt} (or pqd[openvino]), or remove it from the recipe")
+
+
+def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Run the whole job; returns the record (also written to ``out_dir/record.json``)."""
+    import pqd.stages  # noqa: F401  (fills the stage registry)
+    from pqd.data import load_dataset, resolve_data_root
+    from pqd.models import build_model, check_output_shape
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    check_runtimes(recipe)
+    device = resolve_device(recipe.device)
+    root = resolve_data_root(data_dir, recipe.data.root)
+    data = load_dataset(recipe.data.dataset, root, val_size=recipe.data.val_size,
+                        seed=recipe.seed, download=recipe.data.download,
+                        limit_train=recipe.data.limit_train, limit_test=recipe.data.limit_test)
+    seed_everything(recipe.seed)
+    model = build_model(recipe.model.name, data.num_classes, data.mean, data.std,
+                        **recipe.model.kwargs)
+    check_output_shape(model, data.num_classes, int(data.train_x.shape[-1]))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+
+    ctx = Context(recipe=recipe, data=data, device=device, teacher=model, progress=progress,
+                  out_dir=out)
+    # ---- baseline: train it or load it
+    t0 = time.perf_counter()
+    model.to(device)
+    if recipe.baseline.checkpoint:
+        load_checkpoint(model, recipe.baseline.checkpoint)
+        model.to(device)
+        source = {"checkpoint": recipe.baseline.checkpoint}
+    else:
+        cfg = recipe.baseline_train()
+        train = ctx.loader("train", cfg.batch_size, seed=recipe.seed, augment=True, shuffle=True)
+        from pqd.train import prepare_model
+
+        prepare_model(model, cfg, device)
+        fit(model, train, cfg, recipe.baseline.epochs, device=device, desc="baseline",
+            progress=progress)
+        source = {"trained_epochs": recipe.baseline.epochs}
+    model.to(memory_format=torch.contiguous_format)
+    save_checkpoint(model, out / "baseline.safetensors", {"recipe": recipe.name})
+    baseline_seconds = time.perf_counter() - t0
+    val_loader = ctx.loader("val", 256)
+    baseline_val = evaluate(model, val_loader, device=device, progress=progress,
+                            desc="baseline val")
+
+    # ---- stages, in the recipe's order
+    ctx.teacher = copy.deepcopy(model).eval()
+    for p in ctx.teacher.parameters():
+        p.requires_grad_(False)
+    state = State(model=copy.deepcopy(model))
+    stage_records = []
+    for i, spec in enumerate(recipe.stages):
+        ctx.stage_index = i
+        seed_everything(ctx.stage_seed)
+        t0 = time.perf_counter()
+        state.info = {}
+        if not isinstance(state.model, torch.fx.GraphModule):
+            from pqd.train import prepare_model
+
+            prepare_model(state.model, ctx.stage_train(), device)
+        state = STAGES[spec.stage](state, spec, ctx)
+        seconds = time.perf_counter() - t0
+        val = evaluate(state.model, val_loader, device=device, progress=progress,
+                       desc=f"{ctx.stage_desc} val")
+        stage_records.append({
+            "index": i, "name": spec.stage, "config": spec.model_dump(mode="json"),
+            "seconds": round(seconds, 2), "val_accuracy": val, "info": state.info,
+        })
+
+    # ---- export both artifacts, then measure them side by side
+    from pqd.export import export_onnx
+
+    t0 = time.perf_counter()
+    example = ctx.example_input().cpu()
+    model.cpu()
+    state.model.cpu()
+    base_path, base_torch = export_onnx(model, out / "baseline.onnx", example, quantized=False,
+                                        opset=recipe.export.opset)
+    final_path, final_torch = export_onnx(state.model, out / "final.onnx", example,
+                                          quantized=state.quantized, opset=recipe.export.opset)
+    export_seconds = time.perf_counter() - t0
+
+    from pqd.measure.artifacts import measure_artifacts
+
+    t0 = time.perf_counter()
+    measured = measure_artifacts(
+        {"baseline": (base_path, base_torch), "final": (final_path, final_torch)},
+        data, recipe.measure, recipe.export.parity_samples, progress=progress)
+    measure_seconds = time.perf_counter() - t0
+
+    from pqd.measure.env import environment
+
+    baseline = {**measured["baseline"], "precision": "fp32", "val_accuracy": baseline_val,
+                "source": source}
+    final = {**measured["final"], "precision": "int8" if state.quantized else "fp32",
+             "val_accuracy": stage_records[-1]["val_accuracy"] if stage_records else baseline_val,
+             "masked_sparsity": _masked_sparsity(state)}
+    record = {
+        "pqd_version": __version__,
+        "record_version": RECORD_VERSION,
+        "name": recipe.name,
+        "recipe": recipe.model_dump(mode="json"),
+        "order": [s.stage for s in recipe.stages],
+        "seed": recipe.seed,
+        "device": str(device),
+        "environment": environment(recipe.measure.threads),
+        "data": data.summary(),
+        "baseline": baseline,
+        "final": final,
+        "comparison": compare(baseline, final),
+        "stages": stage_records,
+        "timing_s": {
+            "baseline": round(baseline_seconds, 2),
+            "stages": round(sum(s["seconds"] for s in stage_records), 2),
+            "export": round(export_seconds, 2),
+            "measure": round(measure_seconds, 2),
+            "total": round(time.perf_counter() - t_start, 2),
+        },
+    }
+    write_record(record, out)
+    return record
+
+
+def _masked_sparsity(state: State) -> float | None:
+    from pqd.stages.prune import sparsity_of
+
+    return sparsity_of(state.masks) if state.masks else None
+
+
+def compare(baseline: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
+    """Headline ratios of final vs baseline on the primary runtime."""
+    lat_b, lat_f = baseline["latency_ms"], final["latency_ms"]
+    out = {
+        "accuracy_drop_points": round(100 * (baseline["accuracy"] - final["accuracy"]), 2),
+        "size_ratio": round(baseline["size_bytes"] / final["size_bytes"], 3),
+        "speedup_batch1_p50": round(lat_b["p50"] / lat_f["p50"], 3),
+    }
+    for b, stats in lat_b.get("batches", {}).items():
+        if b != "1" and b in lat_f.get("batches", {}):
+            out[f"speedup_batch{b}_p50"] = round(stats["p50"] / lat_f["batches"][b]["p50"], 3)
+    return out
+
+
+def write_record(record: dict[str, Any], out: Path) -> None:
+    """Write record.json and report.md atomically (the report is rendered from the record)."""
+    from pqd.report import render_markdown
+
+    atomic_write_text(out / "record.json", json.dumps(record, indent=2, default=_json_default))
+    atomic_write_text(out / "report.md", render_markdown(record))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    warnings.warn(f"record: {type(obj).__name__} written as text", stacklevel=2)
+    return str(obj)
