@@ -5,7 +5,8 @@ through DequantizeLinear is read as its int8 initializer (8 bits), otherwise as
 float (32 bits); an activation input counts 8 bits when it comes from a
 DequantizeLinear, else 32. MACs are per image (batch 1); BitOps = MACs x weight
 bits x activation bits. Sparsity is the fraction of exactly-zero weight entries
-(biases excluded) as stored in the file.
+(biases excluded) as stored in the file. Zero input channels that export adds
+for kernel speed (see ``pqd.export.pad_input_channels``) are not counted.
 """
 
 from __future__ import annotations
@@ -55,6 +56,20 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
         node = producer.get(name)
         return 8 if node is not None and node.op_type == "DequantizeLinear" else 32
 
+    def padded_channels(name: str) -> int:
+        """Zero channels a channel Pad added to this activation (through DQ <- Q <- Pad)."""
+        node = producer.get(name)
+        for op in ("DequantizeLinear", "QuantizeLinear", "Pad"):
+            if node is None or node.op_type != op:
+                return 0
+            if op == "Pad":
+                pads = const(node.input[1])[0]
+                if pads is None or len(pads) != 8 or pads[1] or any(pads[[0, 2, 3, 4, 6, 7]]):
+                    return 0
+                return int(pads[5])
+            node = producer.get(node.input[0])
+        return 0
+
     layers = []
     for node in proto.graph.node:
         if node.op_type not in _COMPUTE or len(node.input) < 2:
@@ -62,6 +77,8 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
         w, w_bits = const(node.input[1])
         if w is None:
             continue
+        if node.op_type == "Conv" and (extra := padded_channels(node.input[0])):
+            w = w[:, : w.shape[1] - extra]
         bias = const(node.input[2])[0] if len(node.input) > 2 and node.input[2] else None
         out_shape = shapes.get(node.output[0], [])
         if node.op_type == "Conv":
