@@ -117,7 +117,14 @@ def _cmd_models(_: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pqd`` console script."""
     _quiet_libraries()
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow options: `pqd run r.yaml --out X a.b=1`
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-")
+                                                     for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     commands = {"run": _cmd_run, "validate": _cmd_validate, "report": _cmd_report,
                 "models": _cmd_models}
     try:

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 import torch
 import torch.nn as nn
+from onnx import helper, numpy_helper
 
 from pqd.train import set_train
 
@@ -117,7 +117,9 @@ def pad_input_channels(proto: onnx.ModelProto, multiple: int = 4) -> int:
             continue
         channels = w_init.dims[1]
         extra = -channels % multiple
-        if not extra or any(consumers.get(n) != 1 for n in (conv.input[0], x_dq.input[0], w_dq.input[0])):
+        shared = any(consumers.get(n) != 1
+                     for n in (conv.input[0], x_dq.input[0], w_dq.input[0]))
+        if not extra or shared:
             continue
         w = numpy_helper.to_array(w_init)
         w = np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), w.dtype)], axis=1)
@@ -130,7 +132,7 @@ def pad_input_channels(proto: onnx.ModelProto, multiple: int = 4) -> int:
         q.input[0] = out_name
         nodes = list(proto.graph.node)
         proto.graph.ClearField("node")
-        proto.graph.node.extend(nodes[: nodes.index(q)] + [pad] + nodes[nodes.index(q):])
+        proto.graph.node.extend([*nodes[:nodes.index(q)], pad, *nodes[nodes.index(q):]])
         padded += 1
     if padded:  # shapes recorded for the old 3-channel tensors are stale now
         proto.graph.ClearField("value_info")
