@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from onnx import helper, numpy_helper
 
+from pqd import _pt2e_cache
 from pqd.train import set_train
 
 INPUT_NAME = "input"
@@ -47,6 +48,7 @@ def int8_model(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A converted (real INT8 ops) copy of a fake-quantized PT2E graph; the input is kept."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
+    _pt2e_cache.install()
     prepared = copy.deepcopy(graph)
     set_train(prepared, False)
     converted = convert_pt2e(prepared)
@@ -81,12 +83,25 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, qu
             opset_version=opset,
         )
     proto = onnx.load(str(path))
-    if quantized and pad_input_channels(proto):
-        onnx.save(proto, str(path))
+    if quantized:
+        pad_input_channels(proto)
+    strip_debug_metadata(proto)
+    onnx.save(proto, str(path))
     onnx.checker.check_model(proto)
     if quantized:
         check_u8s8(proto)
     return path, deploy
+
+
+def strip_debug_metadata(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug strings (FX node text, class path, stack trace).
+
+    They are not needed to run the model and dominated small files: 36 of the 46 KB of an
+    INT8 tiny_cnn. Node names, and the model-level metadata, are kept.
+    """
+    for node in proto.graph.node:
+        node.ClearField("metadata_props")
+        node.ClearField("doc_string")
 
 
 def pad_input_channels(proto: onnx.ModelProto, multiple: int = 4) -> int:

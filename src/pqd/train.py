@@ -79,6 +79,10 @@ def set_train(model: nn.Module, train: bool) -> None:
             move_exported_model_to_train,
         )
 
+        from pqd import _pt2e_cache
+
+        _pt2e_cache.install()  # the switch re-traces patterns: trace them once
+
         (move_exported_model_to_train if train else move_exported_model_to_eval)(model)
         model._pqd_training = train  # exported graphs do not keep .training meaningful
     else:

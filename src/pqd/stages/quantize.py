@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from pqd import _pt2e_cache
 from pqd.errors import ModelError
 from pqd.recipe import QuantizeSpec
 from pqd.registry import register_stage
@@ -119,6 +120,7 @@ def prepare_qat(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule
     """Capture ``model`` and insert fake-quantizers; every conv/linear weight must get one."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
+    _pt2e_cache.install()
     bn_settings = {(m.eps, m.momentum) for m in model.modules()
                    if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     set_train(model, True)

@@ -1,0 +1,140 @@
+"""Export (FP32 parity, dynamic batch, exact stem padding) and measurement of ONNX files
+(MACs/BitOps/params counted by hand, sparsity, size with side files, latency statistics)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import pqd.export as export_mod
+from pqd.export import export_onnx, parity
+from pqd.measure.artifacts import size_bytes
+from pqd.measure.complexity import onnx_complexity
+from pqd.measure.latency import compare_latency
+from pqd.measure.runtime import open_runner
+from pqd.models import build_model
+from pqd.stages.quantize import prepare_qat
+from pqd.train import set_train
+
+# tiny_cnn, 4 classes, 32x32 (see pqd.models.tiny): conv 3->8 and 8->8 at 32x32, conv 8->16
+# at 16x16 after a pool, linear 16->4
+TINY_MACS = 32 * 32 * 8 * 27 + 32 * 32 * 8 * 72 + 16 * 16 * 16 * 72 + 16 * 4
+TINY_WEIGHTS = 8 * 27 + 8 * 72 + 16 * 72 + 16 * 4
+TINY_BIASES = 8 + 8 + 16 + 4  # BN folds into conv biases in both exports
+
+
+def tiny(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("tiny_cnn", 4, [0.4, 0.45, 0.5], [0.2, 0.25, 0.3])
+    model.train()
+    with torch.no_grad():  # BN statistics that are not the identity
+        for _ in range(3):
+            model(torch.rand(16, 3, 32, 32))
+    return model.eval()
+
+
+def qat_graph(model: torch.nn.Module) -> torch.fx.GraphModule:
+    graph = prepare_qat(copy.deepcopy(model), torch.rand(2, 3, 32, 32))
+    with torch.no_grad():
+        for _ in range(3):
+            graph(torch.rand(16, 3, 32, 32))  # observers see data
+    set_train(graph, False)
+    return graph
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("export")
+    model = tiny()
+    fp32, _ = export_onnx(model, out / "fp32.onnx", torch.rand(2, 3, 32, 32), quantized=False)
+    int8, _ = export_onnx(qat_graph(model), out / "int8.onnx", torch.rand(2, 3, 32, 32),
+                          quantized=True)
+    return {"fp32": fp32, "int8": int8}
+
+
+def test_fp32_artifact_matches_torch_at_any_batch(files: dict[str, Path]) -> None:
+    model = tiny()
+    run = open_runner("onnxruntime", files["fp32"], threads=1).run
+    for batch in (1, 3, 5):
+        x = torch.rand(batch, 3, 32, 32)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        np.testing.assert_allclose(run(x.numpy()), ref, atol=1e-4, rtol=1e-4)
+    proto = onnx.load(str(files["fp32"]))
+    assert [i.name for i in proto.graph.input] == ["input"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    assert not any(n.metadata_props for n in proto.graph.node)  # debug strings stripped
+
+
+def test_stem_padding_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    graph = qat_graph(tiny(1))
+    x = torch.rand(2, 3, 32, 32)
+    padded, deploy = export_onnx(graph, tmp_path / "padded.onnx", x, quantized=True)
+    monkeypatch.setattr(export_mod, "pad_input_channels", lambda proto, multiple=4: 0)
+    plain, _ = export_onnx(graph, tmp_path / "plain.onnx", x, quantized=True)
+    stem = [numpy_helper.to_array(i) for i in onnx.load(str(padded)).graph.initializer
+            if len(i.dims) == 4 and i.dims[0] == 8]
+    assert any(w.shape[1] == 4 and not w[:, 3].any() for w in stem)  # zero 4th channel
+    batch = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
+    a = open_runner("onnxruntime", padded, threads=1).run(batch)
+    b = open_runner("onnxruntime", plain, threads=1).run(batch)
+    np.testing.assert_array_equal(a, b)
+    with torch.no_grad():
+        ref = deploy(torch.from_numpy(batch)).numpy()
+    assert parity(ref, a)["top1_agreement"] >= 0.9
+
+
+def test_complexity_counts_by_hand(files: dict[str, Path]) -> None:
+    fp32, int8 = onnx_complexity(files["fp32"]), onnx_complexity(files["int8"])
+    for comp in (fp32, int8):
+        assert comp["macs"] == TINY_MACS  # the stem's padding channel is not counted
+        assert comp["params"] == TINY_WEIGHTS + TINY_BIASES
+        assert [layer["op"] for layer in comp["layers"]] == ["Conv", "Conv", "Conv", "Gemm"]
+    assert fp32["bitops"] == TINY_MACS * 32 * 32
+    assert all(layer["weight_bits"] == 8 for layer in int8["layers"])
+    expected = sum(layer["macs"] * 8 * layer["activation_bits"] for layer in int8["layers"])
+    assert int8["bitops"] == expected and int8["bitops"] < fp32["bitops"] / 15
+
+
+def test_sparsity_is_read_from_the_weights(tmp_path: Path) -> None:
+    model = tiny()
+    with torch.no_grad():
+        w = model.net.features[1][0][0].weight  # the 8->8 conv: zero half of it
+        w.view(-1)[: w.numel() // 2] = 0
+    path, _ = export_onnx(model, tmp_path / "sparse.onnx", torch.rand(2, 3, 32, 32),
+                          quantized=False)
+    comp = onnx_complexity(path)
+    assert comp["sparsity"] == pytest.approx((8 * 72 // 2) / TINY_WEIGHTS)
+    assert comp["nonzero_params"] == comp["params"] - 8 * 72 // 2
+
+
+def test_size_counts_the_external_data_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"x" * 100)
+    assert size_bytes(path) == 100
+    (tmp_path / "m.onnx.data").write_bytes(b"y" * 50)
+    assert size_bytes(path) == 150
+
+
+def test_latency_stats_are_ordered_and_interleaved() -> None:
+    order: list[str] = []
+
+    def make(name: str):
+        def run(x: np.ndarray) -> None:
+            order.append(name)
+        return run
+
+    stats = compare_latency({"a": make("a"), "b": make("b")}, (1, 3, 4, 4), warmup=2,
+                            repeats=10, rounds=5, progress=False)
+    assert order[:4] == ["a", "a", "b", "b"]  # warm-up per artifact
+    timed = order[4:]
+    assert timed == (["a", "a", "b", "b"] * 5)  # 5 interleaved rounds of 2 calls each
+    for st in stats.values():
+        assert st.samples == 10 and 0 < st.min <= st.p50 <= st.p90 and st.batch == 1
