@@ -48,15 +48,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_runtimes(recipe: Recipe) -> None:
-    """Fail before any training if a requested runtime is not installed."""
+def check_runtimes(recipe: Recipe) -> list[str]:
+    """The runtimes to measure on (``auto``: every installed one); fails before any training
+    if a requested runtime is not installed."""
     from pqd.measure import available_runtimes
 
     have = available_runtimes()
+    if recipe.measure.runtimes == ["auto"]:
+        if not have:
+            raise PqdError("no ONNX runtime is installed", "pip install onnxruntime")
+        return have
     for rt in recipe.measure.runtimes:
         if rt not in have:
             raise PqdError(f"measure.runtimes: {rt} is not installed",
                            f"pip install {rt} (or pqd[openvino]), or remove it from the recipe")
+    return list(recipe.measure.runtimes)
 
 
 def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
@@ -68,7 +74,7 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
 
     t_start = time.perf_counter()
     out = Path(out_dir)
-    check_runtimes(recipe)
+    runtimes = check_runtimes(recipe)
     device = resolve_device(recipe.device)
     root = resolve_data_root(data_dir, recipe.data.root)
     data = load_dataset(recipe.data.dataset, root, val_size=recipe.data.val_size,
@@ -148,7 +154,8 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
     t0 = time.perf_counter()
     measured = measure_artifacts(
         {"baseline": (base_path, base_torch), "final": (final_path, final_torch)},
-        data, recipe.measure, recipe.export.parity_samples, progress=progress)
+        data, recipe.measure.model_copy(update={"runtimes": runtimes}),
+        recipe.export.parity_samples, progress=progress)
     measure_seconds = time.perf_counter() - t0
 
     from pqd.measure.env import environment

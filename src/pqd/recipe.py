@@ -179,8 +179,9 @@ class ExportSpec(Strict):
 class MeasureSpec(Strict):
     """How artifacts are measured: runtimes, threads, batch sizes, repeats."""
 
-    runtimes: list[Literal["onnxruntime", "openvino"]] = Field(
-        default_factory=lambda: ["onnxruntime"], min_length=1
+    # "auto": every installed runtime, onnxruntime first (the headline numbers)
+    runtimes: list[Literal["auto", "onnxruntime", "openvino"]] = Field(
+        default_factory=lambda: ["auto"], min_length=1
     )
     threads: int = Field(default=2, ge=1, le=512)
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
@@ -196,6 +197,9 @@ class MeasureSpec(Strict):
             raise ValueError("batch_sizes must start with 1; fix: list 1 first, e.g. [1, 64]")
         if len(set(self.runtimes)) != len(self.runtimes):
             raise ValueError("runtimes lists a runtime twice; fix: list each runtime once")
+        if "auto" in self.runtimes and len(self.runtimes) > 1:
+            raise ValueError("runtimes: 'auto' already means every installed runtime; "
+                             "fix: give [auto] alone or name the runtimes")
         return self
 
 
