@@ -15,8 +15,8 @@ rounds) then times, at batch 1 on a float [0, 1] NCHW input:
 - the FP32 and the INT8 ONNX file on every requested runtime (onnxruntime, OpenVINO with
   a static batch-1 shape), opened with ``pqd.measure.runtime.open_runner``.
 
-Between one path's block and the next, every round idles ``--switch-pause-ms`` (100 ms:
-a sleeping entry in the same ``compare_latency`` call, its times dropped). Without it,
+Between one path's block and the next, every round idles ``--switch-pause-ms`` (100 ms,
+``compare_latency``'s untimed pause). Without it,
 onnxruntime's intra-op workers (``open_runner`` leaves spinning on) keep spinning ~40 ms
 after a session's last call and take the second core from whatever runs next: here the
 first 1-4 calls after an onnxruntime block ran 1.8-3.6x slower (FP32 OpenVINO 12.4 vs
@@ -401,16 +401,10 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     _log(f"timing {len(runs)} paths: {args.warmup} warm-up + {args.repeats} timed calls each")
     load = OtherLoad().start()
     recorded = {name: Recorded(run) for name, run in runs.items()}
-    timed: dict[str, Callable[[np.ndarray], Any]] = {}
-    per_call = args.switch_pause_ms / 1e3 / (args.repeats // args.rounds)
-    for i, (name, rec) in enumerate(recorded.items()):
-        timed[name] = rec
-        if per_call > 0:  # an untimed pause between paths: see module doc
-            timed[f"_pause{i}"] = lambda _x: time.sleep(per_call)
-    stats = compare_latency(timed, (1, *IMAGE), warmup=args.warmup, repeats=args.repeats,
-                            rounds=args.rounds, progress=sys.stderr.isatty(),
-                            desc="latency batch 1")
-    stats = {name: st for name, st in stats.items() if name in recorded}
+    stats = compare_latency(dict(recorded), (1, *IMAGE), warmup=args.warmup,
+                            repeats=args.repeats, rounds=args.rounds,
+                            switch_pause_ms=args.switch_pause_ms,
+                            progress=sys.stderr.isatty(), desc="latency batch 1")
     other_latency = load.stop()
     _log("measuring GEMM peaks")
     load = OtherLoad().start()

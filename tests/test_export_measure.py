@@ -138,3 +138,14 @@ def test_latency_stats_are_ordered_and_interleaved() -> None:
     assert timed == (["a", "a", "b", "b"] * 5)  # 5 interleaved rounds of 2 calls each
     for st in stats.values():
         assert st.samples == 10 and 0 < st.min <= st.p50 <= st.p90 and st.batch == 1
+
+
+def test_switch_pause_is_idle_and_untimed() -> None:
+    import time
+
+    runs = {"a": lambda x: None, "b": lambda x: None}
+    t0 = time.perf_counter()
+    stats = compare_latency(runs, (1, 3, 4, 4), warmup=0, repeats=4, rounds=2,
+                            switch_pause_ms=50, progress=False)
+    assert time.perf_counter() - t0 >= 2 * 2 * 0.05  # a pause after each block of each round
+    assert all(st.p90 < 5 for st in stats.values())  # ms: the pauses are not in the samples
