@@ -76,7 +76,8 @@ def test_bad_override_is_one_line(tmp_path: Path, capsys) -> None:
     assert "stages.0.sparsity" in line
 
 
-def test_missing_data_folder_is_one_line(tmp_path: Path, capsys) -> None:
+def test_missing_data_folder_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("PQD_DATA_DIR", raising=False)  # CI sets it; it would win over data.root
     path = write_recipe(tmp_path, tiny(tmp_path / "nowhere"))
     line = one_error_line(capsys, main(["run", str(path), "--out", str(tmp_path / "o")]))
     assert "cifar10 files are missing" in line and "--data-dir" in line
