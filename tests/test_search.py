@@ -459,3 +459,20 @@ def test_ray_executor_matches_sequential(sequential, tmp_path, data_dir):
     for t in search["trials"]:
         record = json.loads((out / t["record"]).read_text())
         assert record["measurement"]["trained_on"]["torch_threads"] == 1  # one CPU per task
+
+
+def test_benchmark_prints_the_table_of_a_stored_search(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "search.py"
+    spec = importlib.util.spec_from_file_location("bench_search", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    search = fake_search({"p>q>d": 0.79, "p": 0.70})
+    (tmp_path / "search.json").write_text(json.dumps(search))
+    assert bench.main(["--from", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 | permutation | prune -> quantize -> distill | 1/2/2 | 79.00% | 1.200 |" in out
+    assert "| - | reference | prune | 5 | 70.00% | 4.500 | 1.300 | 1.00x | 50% |  |" in out
+    assert "pairwise method: 6 two-stage runs (18 epochs)" in out
+    assert bench.main(["--from", str(tmp_path / "nothing")]) == 2
