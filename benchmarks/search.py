@@ -1,7 +1,7 @@
 """The README's "Order search" table: run the shipped search and print its summary.
 
-    python benchmarks/search.py                        # runs `pqd search recipes/search-quickstart.yaml`
-    python benchmarks/search.py --from runs/search     # the table of a finished search
+    python benchmarks/search.py                   # runs pqd search recipes/search-quickstart.yaml
+    python benchmarks/search.py --from runs/search   # the table of a finished search
 
 Prints, from the search's search.json: one row per order (full orders ranked by the
 criterion, single-technique references, two-stage pairwise runs, the baseline) with test

@@ -25,7 +25,9 @@ frontier compare latencies taken side by side rather than minutes apart.
 
 Each run folder is keyed by a hash of its resolved recipe (:func:`trial_key`, with the
 baseline checkpoint's content hash and the data folder in place of paths): re-running the
-same command reuses finished trials and redoes only missing or half-finished ones.
+same command reuses finished trials (measuring those trained but not yet measured) and
+redoes missing, half-finished and failed ones. A trial that fails with a PqdError (e.g. its
+loss diverged) is reported as failed and loses its pairwise comparison; the search goes on.
 
 Writes ``DIR/search.json`` (per-trial summaries with paths to their records, the groups
 over seeds, ranking, pairwise table, derived order or cycle, Pareto set, run counts),
@@ -594,8 +596,9 @@ def run_search(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = No
         base_dir = out / base.folder
         status = folder_status(base_dir, base.key)
         if status == "missing":
-            _say(f"baseline: {'loading ' + str(recipe.baseline.checkpoint) if recipe.baseline.checkpoint else f'training {recipe.baseline.epochs} epochs'} "  # noqa: E501
-                 f"into {base_dir}")
+            ckpt = recipe.baseline.checkpoint
+            what = f"loading {ckpt}" if ckpt else f"training {recipe.baseline.epochs} epochs"
+            _say(f"baseline: {what} into {base_dir}")
             _reset_folder(base_dir, base)
             t0 = time.perf_counter()
             ex.run([(base, base_dir)], lambda t, f, r: results.__setitem__(t.key, r),
@@ -626,8 +629,6 @@ def run_search(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = No
                 stats["reused"] += 1
             else:
                 todo.append((t, out / t.folder))
-        spec = recipe.search
-        assert spec is not None
         _say(f"{len(trials)} trials ({_count(trials)}) in {len(runs)} runs, "
              f"{len(runs) - len(todo)} reused; executor {executor}")
 
