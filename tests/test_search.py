@@ -476,3 +476,106 @@ def test_benchmark_prints_the_table_of_a_stored_search(tmp_path, capsys):
     assert "| - | reference | prune | 5 | 70.00% | 4.500 | 1.300 | 1.00x | 50% |  |" in out
     assert "pairwise method: 6 two-stage runs (18 epochs)" in out
     assert bench.main(["--from", str(tmp_path / "nothing")]) == 2
+
+
+class _FakeRay:
+    """Just enough of the ray API for _Executor: records task options and arguments."""
+
+    def __init__(self, gpus: float) -> None:
+        self.gpus, self.options, self.calls = gpus, {}, []
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def cluster_resources(self) -> dict[str, float]:
+        return {"CPU": 8.0, "GPU": self.gpus} if self.gpus else {"CPU": 8.0}
+
+    def put(self, value: bytes) -> tuple[str, int]:
+        return ("blob", len(value))
+
+    def remote(self, fn):
+        fake = self
+
+        class Task:
+            def options(self, **kw):
+                fake.options = kw
+                return self
+
+            def remote(self, *args):
+                fake.calls.append(args)
+                return len(fake.calls) - 1
+
+        return Task()
+
+    def wait(self, refs, num_returns=1):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        import io
+        import tarfile
+
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            data = json.dumps({"ref": ref}).encode()
+            info = tarfile.TarInfo("./pending.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        return {"ok": True, "seconds": 1.0, "host": "node", "threads": 1,
+                "files": buf.getvalue()}
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_ray_executor_asks_for_a_gpu_when_the_cluster_has_them(monkeypatch, tmp_path, gpus):
+    import sys
+
+    from pqd.search import _Executor
+
+    fake = _FakeRay(gpus)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    ckpt = tmp_path / "base.safetensors"
+    ckpt.write_bytes(b"12345")
+    trials = plan_trials(search_recipe(total_epochs=5), str(ckpt), "d", "/data")[:2]
+    done = []
+    with _Executor("ray", None, None, "/data", False) as ex:
+        ex.run([(t, tmp_path / t.folder) for t in trials],
+               lambda t, f, r: done.append((t.key, f, r)))
+        assert ex.describe() == {"kind": "ray", "address": "auto",
+                                 "gpus_per_trial": 1 if gpus else 0}
+    assert fake.options["num_gpus"] == (1 if gpus else 0) and fake.options["num_cpus"] == 1
+    assert [c[1] for c in fake.calls] == ["/data", "/data"]
+    assert all(c[2] == ("blob", 5) for c in fake.calls)  # the checkpoint travels as bytes
+    assert [k for k, _, _ in done] == [t.key for t in trials]
+    for _, folder, result in done:  # each run folder came back and was unpacked
+        assert json.loads((folder / "pending.json").read_text())["ref"] in (0, 1)
+        assert "files" not in result
+
+
+def test_ray_task_ships_the_checkpoint_and_returns_the_folder_with_driver_paths(monkeypatch,
+                                                                                tmp_path):
+    import sys
+    import types
+
+    import pqd.search as search
+
+    ray = types.SimpleNamespace(get_runtime_context=lambda: types.SimpleNamespace(
+        get_assigned_resources=lambda: {"CPU": 2.0}))
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    seen = {}
+
+    def fake_train(recipe_data, out_dir, data_dir, progress, threads):
+        ckpt = recipe_data["baseline"]["checkpoint"]
+        seen.update(ckpt=ckpt, bytes=Path(ckpt).read_bytes(), threads=threads)
+        Path(out_dir).mkdir(parents=True)
+        Path(out_dir, "pending.json").write_text(json.dumps({"source": ckpt}))
+        Path(out_dir, "recipe.yaml").write_text(f"checkpoint: {ckpt}\n")
+        return {"ok": True, "seconds": 1.0, "host": "node", "threads": threads}
+
+    monkeypatch.setattr(search, "train_trial", fake_train)
+    driver_path = "/driver/only/baseline.safetensors"  # not on this "node"
+    recipe = {"baseline": {"checkpoint": driver_path}}
+    result = search._ray_train_trial(recipe, "/data", b"weights")
+    assert seen["bytes"] == b"weights" and seen["ckpt"] != driver_path and seen["threads"] == 2
+    search._safe_extract(result.pop("files"), tmp_path)
+    assert json.loads((tmp_path / "pending.json").read_text()) == {"source": driver_path}
+    assert (tmp_path / "recipe.yaml").read_text() == f"checkpoint: {driver_path}\n"
+    assert not Path(seen["ckpt"]).exists()  # the task's temporary folder is gone
