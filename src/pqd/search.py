@@ -395,8 +395,16 @@ def _ray_train_trial(recipe_data: dict[str, Any], data_dir: str | None,
 
 
 def _safe_extract(data: bytes, dest: Path) -> None:
+    """Unpack a run folder sent back by a Ray task: plain files and folders inside ``dest``."""
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        tar.extractall(dest, filter="data")
+        for m in tar.getmembers():
+            if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in m.name:
+                raise PqdError(f"a Ray task returned an unsafe path {m.name!r}",
+                               "check the cluster's pqd installation")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # Python < 3.10.12 / 3.11.4: the members were checked above
+            tar.extractall(dest)
 
 
 # ---------------------------------------------------------------------------- executors
