@@ -5,7 +5,6 @@ and the process and Ray executors against the sequential one on a tiny search.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -169,6 +168,9 @@ def test_pareto_front_of_known_points():
     # latencies within 30% count as equal: 3 is no longer beaten by 1
     assert pareto_front(points, latency_tolerance=0.3) == [0, 1, 3, 4]
     assert pareto_front([(0.5, 1.0, 1.0), (0.5, 1.0, 1.0)]) == [0, 1]  # equal points both stay
+    # a few bytes smaller is not smaller with a 1% size tolerance
+    close = [(0.80, 1000.0, 1.0), (0.79, 999.0, 1.0)]
+    assert pareto_front(close) == [0, 1] and pareto_front(close, size_tolerance=0.01) == [0]
 
 
 # ---------------------------------------------------------------------------- errors
@@ -294,6 +296,18 @@ def test_analysis_reports_a_cycle_and_aggregates_seeds():
     assert group["accuracy_std"] == pytest.approx(0.002 / 2**0.5)
 
 
+def test_derived_order_text_for_ties_and_partial_orders():
+    from pqd.report import derived_order_text
+
+    tied = fake_search({})  # every order equally accurate, equal latencies
+    assert tied["pairwise"]["edges"] == [] and tied["pairwise"]["order"] is not None
+    assert "prefer no order" in derived_order_text(tied)
+    partial = fake_search({"p>q": 0.80, "q>p": 0.70})
+    text = derived_order_text(partial)
+    assert "partial order (prune before quantize" in text and "(not unique)" in text
+    assert "tied: prune / distill, quantize / distill" in text
+
+
 def test_report_renders_from_a_stored_search_json(tmp_path, capsys):
     acc = {"p>q": 0.80, "q>p": 0.75, "q>d": 0.80, "d>q": 0.75, "d>p": 0.80, "p>d": 0.75}
     search = fake_search(acc)
@@ -342,19 +356,14 @@ stages:
   - {stage: prune, sparsity: 0.5}
   - {stage: distill}
 export: {parity_samples: 32}
-measure: {batch_sizes: [1], warmup: 5, repeats: 20}
+measure: {runtimes: [onnxruntime], batch_sizes: [1], warmup: 5, repeats: 20}
 search: {total_epochs: 2, budget: [50, 50]}
 """
 
 
 @pytest.fixture(scope="module")
-def data_dir() -> str:
-    here = Path(__file__).resolve().parents[1]
-    for d in [os.environ.get("PQD_DATA_DIR"), here.parent / "shared/data/cifar-10-subset",
-              "/work/shared/data/cifar-10-subset"]:
-        if d and (Path(d) / "cifar-10-batches-py").is_dir():
-            return str(d)
-    pytest.skip("the CIFAR-10 subset is not here (set PQD_DATA_DIR)")
+def data_dir(subset_dir: Path) -> str:
+    return str(subset_dir)
 
 
 @pytest.fixture(scope="module")

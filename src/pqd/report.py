@@ -180,7 +180,7 @@ def pairwise_rows(search: dict[str, Any]) -> list[list[str]]:
 
 
 def derived_order_text(search: dict[str, Any]) -> str:
-    """One line: the pairwise topological order, or the cycle that prevents one."""
+    """One line: the pairwise topological order, or the cycle or ties that prevent one."""
     pw = search.get("pairwise")
     if not pw:
         return "Pairwise search not run (search.mode: permutations)."
@@ -188,11 +188,17 @@ def derived_order_text(search: dict[str, Any]) -> str:
         cyc = ", ".join(f"{a} before {b}" for a, b in pw["cycle"])
         return (f"Pairwise wins form a cycle ({cyc}): they contradict each other, so no "
                 "order is derived.")
-    text = f"Pairwise order: **{' -> '.join(pw['order'])}**"
-    if not pw["unique"]:
-        tied = "; ".join(f"{a} / {b}" for a, b in pw["ties"])
-        text += f" (not unique: tied pairs {tied} have no edge; this is one consistent order)"
-    return text + "."
+    if not pw["edges"]:
+        return ("Every pair tied under the criterion (both orders of each pair within "
+                f"{search['criterion']['tie_points']:g} points and "
+                f"{100 * search['criterion']['tie_latency']:g}% latency): the pairwise "
+                "results prefer no order.")
+    if pw["unique"]:
+        return f"Pairwise order: **{' -> '.join(pw['order'])}**."
+    wins = ", ".join(f"{a} before {b}" for a, b in pw["edges"])
+    tied = ", ".join(f"{a} / {b}" for a, b in pw["ties"])
+    return (f"Pairwise wins give a partial order ({wins}; tied: {tied}); one order "
+            f"consistent with it: **{' -> '.join(pw['order'])}** (not unique).")
 
 
 def _runs_text(search: dict[str, Any]) -> str:
@@ -244,7 +250,8 @@ def _results_note(search: dict[str, Any]) -> str:
             f"{panel['threads']} threads, every artifact timed side by side in one interleaved "
             f"panel on {panel['host']} ({panel['cpu']}); speedup vs the FP32 baseline in that "
             f"panel. Pareto: not dominated in (top-1 up, MB down, p50 down), latencies within "
-            f"{100 * search['criterion']['tie_latency']:g}% counted as equal.")
+            f"{100 * search['criterion']['tie_latency']:g}% and sizes within 1% counted as "
+            "equal.")
 
 
 def _pairwise_note(search: dict[str, Any]) -> str:
@@ -483,6 +490,8 @@ def _win_graph(search: dict[str, Any]) -> bytes:
     ax.axis("off")
     if pw["cycle"]:
         head = "cycle (red): no order derived"
+    elif not pw["edges"]:
+        head = "every pair tied: no order preferred"
     else:
         head = "order: " + " -> ".join(pw["order"]) + ("" if pw["unique"] else " (not unique)")
     ax.set_title(f"Pairwise wins; {head}", fontsize=11)

@@ -61,6 +61,7 @@ KEY_VERSION = 1  # bump when a change makes old trial folders unusable
 EXECUTORS = ("sequential", "processes", "ray")
 TRIAL_FILE = "trial.json"
 SEARCH_FILE = "search.json"
+SIZE_TOLERANCE = 0.01  # artifacts within 1% in bytes count as the same size on the frontier
 
 
 # ---------------------------------------------------------------------------- planning
@@ -285,17 +286,18 @@ def topological_order(nodes: Sequence[str], edges: Sequence[tuple[str, str]]
 
 
 def pareto_front(points: Sequence[tuple[float, float, float]],
-                 latency_tolerance: float = 0.0) -> list[int]:
+                 latency_tolerance: float = 0.0, size_tolerance: float = 0.0) -> list[int]:
     """Indices of the Pareto-optimal points among ``(accuracy, size, latency)`` tuples.
 
     Higher accuracy, smaller size and lower latency are better. A point is dominated when
-    another is at least as good in all three and better in one; latencies within the
-    fraction ``latency_tolerance`` of each other count as equal (timing noise).
+    another is at least as good in all three and better in one; latencies (sizes) within
+    the fraction ``latency_tolerance`` (``size_tolerance``) of each other count as equal,
+    so timing noise and a few bytes of file metadata decide nothing.
     """
     def dominates(j: tuple[float, float, float], i: tuple[float, float, float]) -> bool:
-        tol = latency_tolerance
-        no_worse = j[0] >= i[0] and j[1] <= i[1] and j[2] <= i[2] * (1 + tol)
-        better = j[0] > i[0] or j[1] < i[1] or j[2] < i[2] * (1 - tol)
+        ts, tl = size_tolerance, latency_tolerance
+        no_worse = j[0] >= i[0] and j[1] <= i[1] * (1 + ts) and j[2] <= i[2] * (1 + tl)
+        better = j[0] > i[0] or j[1] < i[1] * (1 - ts) or j[2] < i[2] * (1 - tl)
         return no_worse and better
 
     return [i for i, p in enumerate(points)
@@ -357,8 +359,8 @@ def train_trial(recipe_data: dict[str, Any], out_dir: str, data_dir: str | None,
         run(recipe_from_dict(recipe_data, "trial"), out_dir, data_dir=data_dir,
             progress=progress, measure=False)
     except PqdError as exc:
-        return {**info, "ok": False, "error": exc.line(),
-                "seconds": round(time.perf_counter() - t0, 2)}
+        return {**info, "ok": False, "error": exc.line(), "problem": exc.problem,
+                "fix": exc.fix, "seconds": round(time.perf_counter() - t0, 2)}
     return {**info, "ok": True, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -612,9 +614,9 @@ def run_search(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = No
             ex.run([(base, base_dir)], lambda t, f, r: results.__setitem__(t.key, r),
                    local_first=True)
             timing["train"] += time.perf_counter() - t0
-            if not results[base.key]["ok"]:
-                raise PqdError(f"the search baseline failed: {results[base.key]['error']}",
-                               "fix the baseline settings (see the message)")
+            failure = results[base.key]
+            if not failure["ok"]:
+                raise PqdError(f"search baseline: {failure['problem']}", failure["fix"])
             stats["trained"] += 1
         else:
             stats["reused"] += 1
@@ -773,7 +775,7 @@ def _aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
 def summarize(recipe: Recipe, out: Path, base: Trial, trials: list[Trial],
               executor: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
     """search.json's data from the finished run folders, with a fresh latency panel."""
-    from pqd.pipeline import machine
+    from pqd.pipeline import machine, measure_spec
 
     spec = recipe.search
     assert spec is not None
@@ -792,15 +794,16 @@ def summarize(recipe: Recipe, out: Path, base: Trial, trials: list[Trial],
         raise PqdError(f"the search baseline in {out / base.folder} has no record",
                        "re-run the same 'pqd search' command")
     _say(f"latency panel: {len(records)} artifacts, batch 1, interleaved rounds")
+    spec = measure_spec(recipe)
     panel = latency_panel({k: out / unique[k].folder / "final.onnx" for k in records},
-                          recipe.measure, progress=progress)
+                          spec, progress=progress)
     base_p50 = panel[base.key]["p50"]
     base_entry = _trial_result(base, records[base.key], None, panel, base_p50)
     base_entry["source"] = records[base.key]["baseline"]["source"]
     entries = [_trial_result(t, records.get(t.key), errors.get(t.key), panel, base_p50)
                for t in trials]
     panel_info = {
-        "runtime": recipe.measure.runtimes[0], "threads": recipe.measure.threads,
+        "runtime": spec.runtimes[0], "threads": spec.threads,
         "batch": 1, "warmup": recipe.measure.warmup, "repeats": recipe.measure.repeats,
         "rounds": 10, **machine(),
         "where": "driver, sequential: all deployed artifacts timed side by side in "
@@ -837,7 +840,7 @@ def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, 
     # ---- Pareto set over every measured group (baseline, orders, pairs, references)
     measured = [g for g in groups if g["n"]]
     front = pareto_front([(g["accuracy_mean"], g["size_bytes"], g["latency_p50_ms"])
-                          for g in measured], spec.tie_latency)
+                          for g in measured], spec.tie_latency, SIZE_TOLERANCE)
     for i, g in enumerate(measured):
         g["pareto"] = i in front
     pareto = [measured[i]["id"] for i in front]
@@ -873,7 +876,7 @@ def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, 
                     "best_dominates": pareto_front(
                         [(g["accuracy_mean"], g["size_bytes"], g["latency_p50_ms"]),
                          (best["accuracy_mean"], best["size_bytes"], best["latency_p50_ms"])],
-                        spec.tie_latency) == [1],
+                        spec.tie_latency, SIZE_TOLERANCE) == [1],
                 })
     kinds = [e["kind"] for e in entries]
     seeds = len(spec.seeds)
