@@ -1,8 +1,9 @@
-"""The ``pqd`` command: run, validate, report, models.
+"""The ``pqd`` command: run, search, validate, report, models.
 
     pqd run recipes/quickstart.yaml --out runs/quick [key.path=value ...]
+    pqd search recipes/search-quickstart.yaml --out runs/search [--workers N]
     pqd validate recipes/quickstart.yaml
-    pqd report runs/quick
+    pqd report runs/quick            # or a search folder: re-renders from search.json
     pqd models
 
 Problems the user can fix end with one line ``pqd: error: ...`` and exit
@@ -45,12 +46,28 @@ def _parser() -> argparse.ArgumentParser:
                      help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    se = sub.add_parser("search", help="run every stage order (and pairwise), rank, report")
+    se.add_argument("recipe", help="YAML recipe with a search: section")
+    se.add_argument("overrides", nargs="*", metavar="key.path=value",
+                    help="override recipe values, e.g. search.total_epochs=6")
+    se.add_argument("--out", required=True, help="search folder (created; re-run to resume)")
+    se.add_argument("--data-dir", default=None,
+                    help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
+    se.add_argument("--executor", default="sequential",
+                    help="sequential (default), processes or ray")
+    se.add_argument("--workers", type=int, default=None,
+                    help="train N trials at once in local processes (implies processes)")
+    se.add_argument("--address", default=None,
+                    help="Ray cluster address (host:port, ray://host:port, auto or local)")
+    se.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     val = sub.add_parser("validate", help="check a recipe and print its resolved form")
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*", metavar="key.path=value")
     val.add_argument("--quiet", action="store_true", help="print only the one-line summary")
 
-    rep = sub.add_parser("report", help="re-render report.md from a run's record.json")
+    rep = sub.add_parser("report", help="re-render a run's report.md from record.json, or a "
+                         "search's reports from search.json")
     rep.add_argument("run_dir")
 
     sub.add_parser("models", help="list the model zoo")
@@ -75,6 +92,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from pqd.recipe import load_recipe
+    from pqd.report import (
+        PAIR_HEADER,
+        SEARCH_HEADER,
+        derived_order_text,
+        pairwise_rows,
+        search_rows,
+        table,
+    )
+    from pqd.search import run_search
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    search = run_search(recipe, Path(args.out), data_dir=args.data_dir, executor=args.executor,
+                        workers=args.workers, address=args.address,
+                        progress=not args.no_progress)
+    print(table(SEARCH_HEADER, search_rows(search)))
+    if search.get("pairwise"):
+        print()
+        print(table(PAIR_HEADER, pairwise_rows(search)))
+    print()
+    print(derived_order_text(search).replace("**", ""))
+    runs = search["runs"]
+    print(f"{runs['unique_runs']} runs ({runs['trained_now']} trained now, {runs['reused']} "
+          f"reused, {runs['failed']} failed); {search['timing_s']['total']:.0f} s in all")
+    out = Path(args.out)
+    print(f"wrote {out / 'search.json'}, {out / 'report.html'} and {out / 'report.md'}")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from pqd.recipe import dump_recipe, load_recipe
 
@@ -86,6 +133,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(dump_recipe(recipe), end="")
     print(f"ok: {args.recipe}: {recipe.model.name} on {recipe.data.dataset}, {base}, "
           f"stages {recipe.order()} ({epochs} epochs)")
+    if recipe.search is not None:
+        from pqd.search import search_plan_text
+
+        print(search_plan_text(recipe))
     return 0
 
 
@@ -93,9 +144,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from pqd.checkpoint import atomic_write_text
     from pqd.report import render_markdown
 
+    if (Path(args.run_dir) / "search.json").is_file():
+        from pqd.report import render_search_markdown, write_search_report
+        from pqd.search import load_search
+
+        search = load_search(args.run_dir)
+        plots = write_search_report(search, Path(args.run_dir))
+        print(render_search_markdown(search, list(plots)))
+        return 0
     path = Path(args.run_dir) / "record.json"
     if not path.is_file():
-        raise PqdError(f"{path} does not exist", "give a run folder written by 'pqd run'")
+        raise PqdError(f"{path} does not exist",
+                       "give a run folder written by 'pqd run' or a 'pqd search' folder")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         text = render_markdown(record)
@@ -125,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    commands = {"run": _cmd_run, "validate": _cmd_validate, "report": _cmd_report,
-                "models": _cmd_models}
+    commands = {"run": _cmd_run, "search": _cmd_search, "validate": _cmd_validate,
+                "report": _cmd_report, "models": _cmd_models}
     try:
         return commands[args.command](args)
     except PqdError as exc:

@@ -5,6 +5,10 @@
 Writes into the run folder: ``recipe.yaml`` (resolved), ``baseline.safetensors``,
 ``baseline.onnx`` (FP32), ``final.onnx`` (INT8 when a quantize stage ran),
 ``record.json`` (the contract other tools read) and ``report.md``.
+
+``run(..., measure=False)`` stops after export and writes ``pending.json`` (+ the torch
+logits for the parity check); :func:`measure_run` measures that folder later and completes
+its record.json (``pqd search`` trains trials anywhere and measures them on its driver).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from pqd import __version__
 from pqd.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from pqd.errors import PqdError
-from pqd.recipe import Recipe, dump_recipe
+from pqd.recipe import MeasureSpec, Recipe, dump_recipe
 from pqd.registry import STAGES
 from pqd.stages.base import Context, State
 from pqd.train import evaluate, fit
@@ -65,16 +69,29 @@ def check_runtimes(recipe: Recipe) -> list[str]:
     return list(recipe.measure.runtimes)
 
 
+def measure_spec(recipe: Recipe) -> MeasureSpec:
+    """The recipe's measure settings with ``runtimes`` resolved (``auto``: every installed
+    runtime, onnxruntime first); fails if a requested runtime is missing."""
+    return recipe.measure.model_copy(update={"runtimes": check_runtimes(recipe)})
+
+
 def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
-        progress: bool = True) -> dict[str, Any]:
-    """Run the whole job; returns the record (also written to ``out_dir/record.json``)."""
+        progress: bool = True, measure: bool = True) -> dict[str, Any]:
+    """Run the whole job; returns the record (also written to ``out_dir/record.json``).
+
+    With ``measure=False`` the run stops after export (and the torch models' logits for the
+    parity check): it writes ``pending.json`` and returns that pending record, and
+    :func:`measure_run` measures the artifacts later, e.g. on another machine or after
+    other trainings have finished (``pqd search`` measures on its driver, one run at a time).
+    """
     import pqd.stages  # noqa: F401  (fills the stage registry)
     from pqd.data import load_dataset, resolve_data_root
     from pqd.models import build_model, check_output_shape
 
     t_start = time.perf_counter()
     out = Path(out_dir)
-    runtimes = check_runtimes(recipe)
+    if measure:
+        check_runtimes(recipe)
     device = resolve_device(recipe.device)
     root = resolve_data_root(data_dir, recipe.data.root)
     data = load_dataset(recipe.data.dataset, root, val_size=recipe.data.val_size,
@@ -138,6 +155,7 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
 
     # ---- export both artifacts, then measure them side by side
     from pqd.export import export_onnx
+    from pqd.measure.artifacts import torch_reference
 
     t0 = time.perf_counter()
     example = ctx.example_input().cpu()
@@ -148,24 +166,12 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
     final_path, final_torch = export_onnx(state.model, out / "final.onnx", example,
                                           quantized=state.quantized, opset=recipe.export.opset)
     export_seconds = time.perf_counter() - t0
-
-    from pqd.measure.artifacts import measure_artifacts
-
     t0 = time.perf_counter()
-    measured = measure_artifacts(
-        {"baseline": (base_path, base_torch), "final": (final_path, final_torch)},
-        data, recipe.measure.model_copy(update={"runtimes": runtimes}),
-        recipe.export.parity_samples, progress=progress)
-    measure_seconds = time.perf_counter() - t0
+    references = {"baseline": torch_reference(base_torch, data, recipe.export.parity_samples),
+                  "final": torch_reference(final_torch, data, recipe.export.parity_samples)}
+    reference_seconds = time.perf_counter() - t0
 
-    from pqd.measure.env import environment
-
-    baseline = {**measured["baseline"], "precision": "fp32", "val_accuracy": baseline_val,
-                "source": source}
-    final = {**measured["final"], "precision": "int8" if state.quantized else "fp32",
-             "val_accuracy": stage_records[-1]["val_accuracy"] if stage_records else baseline_val,
-             "masked_sparsity": _masked_sparsity(state)}
-    record = {
+    pending = {
         "pqd_version": __version__,
         "record_version": RECORD_VERSION,
         "name": recipe.name,
@@ -173,22 +179,115 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
         "order": [s.stage for s in recipe.stages],
         "seed": recipe.seed,
         "device": str(device),
-        "environment": environment(recipe.measure.threads),
         "data": data.summary(),
-        "baseline": baseline,
-        "final": final,
-        "comparison": compare(baseline, final),
+        "baseline": {"precision": "fp32", "val_accuracy": baseline_val, "source": source},
+        "final": {"precision": "int8" if state.quantized else "fp32",
+                  "val_accuracy": (stage_records[-1]["val_accuracy"] if stage_records
+                                   else baseline_val),
+                  "masked_sparsity": _masked_sparsity(state)},
         "stages": stage_records,
         "timing_s": {
             "baseline": round(baseline_seconds, 2),
             "stages": round(sum(s["seconds"] for s in stage_records), 2),
             "export": round(export_seconds, 2),
-            "measure": round(measure_seconds, 2),
+            "reference": round(reference_seconds, 2),
             "total": round(time.perf_counter() - t_start, 2),
         },
+        "trained_on": {**machine(), "torch_threads": torch.get_num_threads()},
     }
+    if not measure:
+        np.savez(out / REFERENCE_FILE, **references)
+        atomic_write_text(out / PENDING_FILE, json.dumps(pending, indent=2, default=_json_default))
+        return pending
+
+    from pqd.measure.artifacts import measure_onnx
+
+    t0 = time.perf_counter()
+    measured = measure_onnx({"baseline": base_path, "final": final_path}, references, data,
+                            measure_spec(recipe), progress=progress)
+    record = _finish_record(pending, measured, time.perf_counter() - t0 + reference_seconds,
+                            recipe.measure.threads, "in-process, right after training",
+                            time.perf_counter() - t_start)
     write_record(record, out)
     return record
+
+
+PENDING_FILE = "pending.json"
+"""A trained and exported run that still awaits measurement (``run(..., measure=False)``)."""
+
+REFERENCE_FILE = "reference_logits.npz"
+"""Logits of the exported torch models on the parity images, for :func:`measure_run`."""
+
+
+def machine() -> dict[str, Any]:
+    """Host name, CPU model and logical CPU count of this machine."""
+    import os
+    import socket
+
+    from pqd.measure.env import cpu_model
+
+    return {"host": socket.gethostname(), "cpu": cpu_model(), "logical_cpus": os.cpu_count()}
+
+
+def measure_run(run_dir: str | Path, *, data_dir: str | None = None, progress: bool = True,
+                where: str = "driver, sequential") -> dict[str, Any]:
+    """Measure a run that ``run(..., measure=False)`` trained and exported; completes it.
+
+    Reads ``pending.json`` and the stored torch logits, measures ``baseline.onnx`` and
+    ``final.onnx`` side by side as ``pqd run`` does, writes ``record.json`` + ``report.md``
+    and removes ``pending.json``. ``where`` is recorded in ``record["measurement"]``.
+    """
+    from pqd.data import load_dataset, resolve_data_root
+    from pqd.measure.artifacts import measure_onnx
+    from pqd.recipe import recipe_from_dict
+
+    out = Path(run_dir)
+    pending_path = out / PENDING_FILE
+    if not pending_path.is_file():
+        raise PqdError(f"{pending_path} does not exist",
+                       "give a run folder written by run(..., measure=False)")
+    pending = json.loads(pending_path.read_text(encoding="utf-8"))
+    recipe = recipe_from_dict(pending["recipe"], str(pending_path))
+    spec = measure_spec(recipe)
+    root = resolve_data_root(data_dir, recipe.data.root)
+    data = load_dataset(recipe.data.dataset, root, val_size=recipe.data.val_size,
+                        seed=recipe.seed, download=recipe.data.download,
+                        limit_train=recipe.data.limit_train, limit_test=recipe.data.limit_test)
+    with np.load(out / REFERENCE_FILE) as refs:
+        references = {k: refs[k] for k in ("baseline", "final")}
+    t0 = time.perf_counter()
+    measured = measure_onnx({"baseline": out / "baseline.onnx", "final": out / "final.onnx"},
+                            references, data, spec, progress=progress)
+    seconds = time.perf_counter() - t0
+    total = pending["timing_s"]["total"] + seconds
+    record = _finish_record(pending, measured, seconds + pending["timing_s"]["reference"],
+                            recipe.measure.threads, where, total)
+    write_record(record, out)
+    pending_path.unlink(missing_ok=True)
+    return record
+
+
+def _finish_record(pending: dict[str, Any], measured: dict[str, Any], measure_seconds: float,
+                   threads: int, where: str, total_seconds: float) -> dict[str, Any]:
+    """The record.json of ``pqd run`` from a pending record and the measured artifacts."""
+    from pqd.measure.env import environment
+
+    baseline = {**measured["baseline"], **pending["baseline"]}
+    final = {**measured["final"], **pending["final"]}
+    timing = {k: pending["timing_s"][k] for k in ("baseline", "stages", "export")}
+    timing.update(measure=round(measure_seconds, 2), total=round(total_seconds, 2))
+    keys = ("pqd_version", "record_version", "name", "recipe", "order", "seed", "device")
+    return {
+        **{k: pending[k] for k in keys},
+        "environment": environment(threads),
+        "data": pending["data"],
+        "baseline": baseline,
+        "final": final,
+        "comparison": compare(baseline, final),
+        "stages": pending["stages"],
+        "timing_s": timing,
+        "measurement": {**machine(), "where": where, "trained_on": pending["trained_on"]},
+    }
 
 
 def _masked_sparsity(state: State) -> float | None:

@@ -203,6 +203,35 @@ class MeasureSpec(Strict):
         return self
 
 
+class SearchSpec(Strict):
+    """``pqd search``: run the recipe's stages in every order (and pairwise), then rank them.
+
+    ``budget`` gives each POSITION in an order a percentage of ``total_epochs`` (the first
+    stage of every order gets ``budget[0]`` %, whatever stage it is); ``None`` splits evenly.
+    ``total_epochs`` ``None`` means the sum of the stages' own ``epochs``. Every trial uses
+    the one shared baseline, data and seed; ``seeds`` repeats every trial (mean and spread).
+    ``criterion``: higher test top-1 wins; differences within ``tie_points`` accuracy points
+    are ties, broken by batch-1 p50 latency when it differs by more than ``tie_latency``
+    (a fraction), else the pair is a tie.
+    """
+
+    mode: Literal["permutations", "pairwise", "both"] = "both"
+    total_epochs: int | None = Field(default=None, ge=0, le=10_000)
+    budget: list[Annotated[float, Field(ge=0.0, le=100.0)]] | None = None
+    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
+        default_factory=lambda: [0], min_length=1)
+    references: bool = True
+    criterion: Literal["accuracy"] = "accuracy"
+    tie_points: float = Field(default=0.5, ge=0.0, le=100.0)
+    tie_latency: float = Field(default=0.10, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _seeds_unique(self) -> SearchSpec:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("search.seeds lists a seed twice; fix: list each seed once")
+        return self
+
+
 class Recipe(Strict):
     """A whole pqd job."""
 
@@ -216,6 +245,29 @@ class Recipe(Strict):
     stages: list[StageSpec] = Field(default_factory=list)
     export: ExportSpec = Field(default_factory=ExportSpec)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    search: SearchSpec | None = None  # only ``pqd search`` reads it
+
+    @model_validator(mode="after")
+    def _search_fits_stages(self) -> Recipe:
+        if self.search is None:
+            return self
+        names = [s.stage for s in self.stages]
+        if len(names) < 2:
+            raise ValueError(f"search needs at least 2 stages to order (the recipe has "
+                             f"{len(names)}); fix: list 2 or more stages under stages:")
+        if len(set(names)) != len(names):
+            raise ValueError(f"search orders distinct stages, but {' -> '.join(names)} repeats "
+                             "one; fix: list each stage once (set its epochs via the budget)")
+        budget = self.search.budget
+        if budget is not None:
+            if len(budget) != len(names):
+                raise ValueError(
+                    f"search.budget has {len(budget)} entries for {len(names)} stages; fix: "
+                    f"give one percentage per position, e.g. {_even_budget(len(names))}")
+            if abs(sum(budget) - 100.0) > 0.1:
+                raise ValueError(f"search.budget sums to {sum(budget):g}, not 100; fix: give "
+                                 "percentages of search.total_epochs that add up to 100")
+        return self
 
     def stage_train(self, index: int) -> TrainSpec:
         """Training settings of stage ``index``: recipe ``train`` with the stage's overrides."""
@@ -228,6 +280,10 @@ class Recipe(Strict):
     def order(self) -> str:
         """The stage order as text, e.g. ``prune -> quantize -> distill``."""
         return " -> ".join(s.stage for s in self.stages) or "(no stages)"
+
+
+def _even_budget(n: int) -> list[float]:
+    return [round(100 / n, 2)] * n
 
 
 # ---------------------------------------------------------------------------- loading
@@ -413,4 +469,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def dump_recipe(recipe: Recipe) -> str:
     """YAML text of the fully resolved recipe (defaults included); loads back equal."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    data = recipe.model_dump(mode="json")
+    if data.get("search") is None:
+        data.pop("search", None)  # a plain run recipe stays as it was
+    return yaml.safe_dump(data, sort_keys=False)

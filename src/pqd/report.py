@@ -6,6 +6,7 @@ report can always be regenerated and never disagrees with the record.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -110,3 +111,489 @@ def render_markdown(record: dict[str, Any]) -> str:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ============================================================================ search reports
+#
+# Rendered from search.json only (``pqd report SEARCH_DIR`` re-renders them): report.md,
+# a self-contained report.html (plots embedded as base64 PNG) and plots/*.png beside them.
+
+KIND_STYLE = {  # kind -> (colour, marker, legend label)
+    "baseline": ("#222222", "*", "baseline (FP32)"),
+    "permutation": ("#1f77b4", "o", "full order (all stages)"),
+    "pairwise": ("#ff7f0e", "^", "pairwise run (two stages)"),
+    "reference": ("#2ca02c", "s", "single technique"),
+}
+KIND_ORDER = ("baseline", "permutation", "reference", "pairwise")
+SEARCH_HEADER = ["rank", "kind", "order", "epochs", "top-1", "± sd", "MB", "p50 ms", "p90 ms",
+                 "speedup", "precision", "sparsity", "Pareto"]
+
+
+def _ordered_groups(search: dict[str, Any]) -> list[dict[str, Any]]:
+    """Groups in report order: baseline, permutations by rank, references, pairwise runs."""
+    groups = search["groups"]
+    ranked = {gid: i for i, gid in enumerate(search["ranking"])}
+    return sorted(groups, key=lambda g: (KIND_ORDER.index(g["kind"]),
+                                         ranked.get(g["id"], len(ranked)),
+                                         groups.index(g)))
+
+
+def search_rows(search: dict[str, Any]) -> list[list[str]]:
+    """One row per kind and order (seeds aggregated): the search's summary table."""
+    rows = []
+    for g in _ordered_groups(search):
+        if not g["n"]:
+            rows.append([str(g.get("rank", "-")), g["kind"], g["label"],
+                         "/".join(map(str, g["epochs"])), "failed", "", "", "", "", "", "",
+                         "", ""])
+            continue
+        sd = f"{100 * g['accuracy_std']:.2f}" if g["n"] > 1 else "-"
+        rows.append([
+            str(g.get("rank", "-")), g["kind"], g["label"],
+            "/".join(map(str, g["epochs"])) or "-", f"{100 * g['accuracy_mean']:.2f}%", sd,
+            f"{g['size_bytes'] / 1e6:.2f}", f"{g['latency_p50_ms']:.3f}",
+            f"{g['latency_p90_ms']:.3f}", f"{g['speedup_vs_baseline']:.2f}x", g["precision"],
+            f"{100 * g['sparsity']:.0f}%", "yes" if g.get("pareto") else "",
+        ])
+    return rows
+
+
+PAIR_HEADER = ["pair (A, B)", "A -> B top-1", "B -> A top-1", "A -> B minus B -> A",
+               "A -> B p50 ms", "B -> A p50 ms", "goes first", "decided by"]
+
+
+def pairwise_rows(search: dict[str, Any]) -> list[list[str]]:
+    """One row per stage pair: both orders' accuracy and latency, and the decision."""
+    rows = []
+    for r in (search.get("pairwise") or {}).get("table", []):
+        def acc(x: float | None) -> str:
+            return "failed" if x is None else f"{100 * x:.2f}%"
+
+        def ms(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
+        margin = "-" if r["margin_points"] is None else f"{r['margin_points']:+.2f} pts"
+        rows.append([f"{r['a']}, {r['b']}", acc(r["ab_accuracy"]), acc(r["ba_accuracy"]),
+                     margin, ms(r["ab_p50_ms"]), ms(r["ba_p50_ms"]), r["first"] or "tie",
+                     r["decided_by"]])
+    return rows
+
+
+def derived_order_text(search: dict[str, Any]) -> str:
+    """One line: the pairwise topological order, or the cycle or ties that prevent one."""
+    pw = search.get("pairwise")
+    if not pw:
+        return "Pairwise search not run (search.mode: permutations)."
+    if pw["cycle"]:
+        cyc = ", ".join(f"{a} before {b}" for a, b in pw["cycle"])
+        return (f"Pairwise wins form a cycle ({cyc}): they contradict each other, so no "
+                "order is derived.")
+    if not pw["edges"]:
+        return ("Every pair tied under the criterion (both orders of each pair within "
+                f"{search['criterion']['tie_points']:g} points and "
+                f"{100 * search['criterion']['tie_latency']:g}% latency): the pairwise "
+                "results prefer no order.")
+    if pw["unique"]:
+        return f"Pairwise order: **{' -> '.join(pw['order'])}**."
+    wins = ", ".join(f"{a} before {b}" for a, b in pw["edges"])
+    tied = ", ".join(f"{a} / {b}" for a, b in pw["ties"])
+    return (f"Pairwise wins give a partial order ({wins}; tied: {tied}); one order "
+            f"consistent with it: **{' -> '.join(pw['order'])}** (not unique).")
+
+
+def _runs_text(search: dict[str, Any]) -> str:
+    runs = search["runs"]
+    pm, ps = runs["pairwise_method"], runs["permutation_search"]
+    return (f"Pairwise method: {pm['runs']} two-stage runs ({pm['epochs']} epochs); full "
+            f"permutation search: {ps['runs']} runs ({ps['epochs']} epochs).")
+
+
+def _best_text(search: dict[str, Any]) -> list[str]:
+    best = next((g for g in search["groups"] if g["id"] == search.get("best")), None)
+    if best is None:
+        return []
+    lines = [f"Best order by the criterion: **{best['label']}** "
+             f"({100 * best['accuracy_mean']:.2f}% top-1, {best['size_bytes'] / 1e6:.2f} MB, "
+             f"{best['latency_p50_ms']:.3f} ms p50)."]
+    for v in search.get("best_vs_references", []):
+        ref = v["reference"].split(":", 1)[1]
+        verdict = "dominates it" if v["best_dominates"] else "does not dominate it"
+        lines.append(f"- vs {ref} only: {v['accuracy_points']:+.2f} points, "
+                     f"{v['size_ratio']:.2f}x smaller, {v['speedup']:.2f}x faster: "
+                     f"the best order {verdict}")
+    return lines
+
+
+def _search_intro(search: dict[str, Any]) -> list[str]:
+    """Paragraphs above the tables: what ran, the derived order, run counts, the best order."""
+    alloc, runs, data = search["allocation"], search["runs"], search["data"]
+    recipe = search["recipe"]
+    seeds = recipe["search"]["seeds"]
+    return [
+        f"Stages {', '.join(search['stages'])} on `{recipe['model']['name']}`, {data['name']} "
+        f"({data['train']} train / {data['val']} val / {data['test']} test images); "
+        f"{runs['unique_runs']} runs ({runs['permutation']} full orders, {runs['pairwise']} "
+        f"pairwise, {runs['reference']} single-technique, 1 baseline) for seed(s) "
+        f"{', '.join(map(str, seeds))}. Budget per position: "
+        f"{', '.join(f'{b:g}%' for b in alloc['budget'])} of {alloc['total_epochs']} epochs "
+        f"= {'/'.join(map(str, alloc['permutation_epochs']))} epochs.",
+        derived_order_text(search),
+        _runs_text(search),
+        *_best_text(search),
+    ]
+
+
+def _results_note(search: dict[str, Any]) -> str:
+    panel = search["latency_panel"]
+    return (f"top-1: the deployed artifact's own accuracy on the test split (mean over seeds, "
+            f"± sample sd). Latency: batch-1 wall clock on {panel['runtime']} with "
+            f"{panel['threads']} threads, every artifact timed side by side in one interleaved "
+            f"panel on {panel['host']} ({panel['cpu']}); speedup vs the FP32 baseline in that "
+            f"panel. Pareto: not dominated in (top-1 up, MB down, p50 down), latencies within "
+            f"{100 * search['criterion']['tie_latency']:g}% and sizes within 1% counted as "
+            "equal.")
+
+
+def _pairwise_note(search: dict[str, Any]) -> str:
+    return (f"Criterion: {search['criterion']['text']}. Each pairwise run gets "
+            f"{'/'.join(map(str, search['allocation']['pairwise_epochs']))} epochs (the first "
+            "two positions of a full order).")
+
+
+def _footer(search: dict[str, Any]) -> list[str]:
+    lines = [f"Per-trial records: `trials/*/record.json` (`baseline/record.json` for the "
+             f"baseline); everything here is rendered from `search.json`. Time: "
+             f"{_timing_text(search)}."]
+    if search["data"].get("subset_note"):
+        lines.append(f"Note: {search['data']['subset_note']}")
+    return lines
+
+
+def _failed_lines(search: dict[str, Any]) -> list[str]:
+    return [f"{t['kind']} {t['label']} seed {t['seed']}: {t.get('error')}"
+            for t in search["trials"] if t["status"] != "done"]
+
+
+def render_search_markdown(search: dict[str, Any], plots: list[str] | None = None) -> str:
+    """report.md of a search (``plots``: PNG file names under ``plots/`` to link)."""
+    intro = _search_intro(search)
+    lines = [f"# pqd search: {search['name']}", ""]
+    for para in intro:
+        lines += [para, ""] if not para.startswith("- ") else [para]
+    lines += ["", "## All results", "", table(SEARCH_HEADER, search_rows(search)), "",
+              _results_note(search), ""]
+    if search.get("pairwise"):
+        lines += ["## Pairwise order wins", "", _pairwise_note(search), "",
+                  table(PAIR_HEADER, pairwise_rows(search)), ""]
+    failed = _failed_lines(search)
+    if failed:
+        lines += ["## Failed trials", "", *[f"- {f}" for f in failed], ""]
+    if plots:
+        lines += ["## Plots", "", *[f"![{p}](plots/{p})" for p in plots], ""]
+    for para in _footer(search):
+        lines += [para, ""]
+    return "\n".join(lines)
+
+
+def _timing_text(search: dict[str, Any]) -> str:
+    t = search.get("timing_s") or {}
+    if not t:
+        return "-"
+    return (f"{t['total']:.0f} s in all (training {t['train']:.0f} s, measuring "
+            f"{t['measure']:.0f} s, latency panel {t['panel']:.0f} s; {search['runs']['reused']} "
+            f"runs reused, {search['runs']['trained_now']} trained now)")
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def _measured(search: dict[str, Any]) -> list[dict[str, Any]]:
+    return [g for g in _ordered_groups(search) if g["n"]]
+
+
+def _place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str],
+                  fontsize: float = 7.5) -> None:
+    """Label points, trying a few offsets per label so labels do not overlap (greedy)."""
+    fig = ax.figure
+    fig.canvas.draw()
+    to_px = ax.transData.transform
+    placed: list[tuple[float, float, float, float]] = []
+    points = [tuple(to_px((x, y))) for x, y in zip(xs, ys, strict=True)]
+    w_char, h = fontsize * 0.62 * fig.dpi / 72, fontsize * 1.3 * fig.dpi / 72
+    offsets = [(6, 4), (6, -12), (-6, 4), (-6, -12), (6, 14), (-6, 14), (6, -22), (-6, -22),
+               (14, -4), (-14, -4), (6, 24), (6, -32)]
+    for (px, py), label in sorted(zip(points, labels, strict=True), key=lambda t: -t[0][1]):
+        w = w_char * len(label)
+        best = None
+        for dx, dy in offsets:
+            x0 = px + dx if dx > 0 else px + dx - w
+            box = (x0, py + dy, x0 + w, py + dy + h)
+            clash = any(not (box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3])
+                        for b in placed)
+            hits_point = any(box[0] - 2 < qx < box[2] + 2 and box[1] - 2 < qy < box[3] + 2
+                             for qx, qy in points)
+            if not clash and not hits_point:
+                best = (dx, dy, box)
+                break
+        if best is None:
+            dx, dy = offsets[0]
+            x0 = px + dx
+            best = (dx, dy, (x0, py + dy, x0 + w, py + dy + h))
+        dx, dy, box = best
+        placed.append(box)
+        ax.annotate(label, (ax.transData.inverted().transform((px, py))),
+                    xytext=(dx, dy + h / 3), textcoords="offset pixels", fontsize=fontsize,
+                    ha="left" if dx > 0 else "right", va="center", color="#333333")
+
+
+def _front_2d(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The staircase of points not dominated in (x down, y up), sorted by x."""
+    front = [p for p in points
+             if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def _scatter(search: dict[str, Any], x_key: str, x_label: str, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _measured(search)
+    fig, ax = plt.subplots(figsize=(10.5, 5.6), dpi=110)
+    scale = 1e-6 if x_key == "size_bytes" else 1.0
+    xs = [g[x_key] * scale for g in groups]
+    ys = [100 * g["accuracy_mean"] for g in groups]
+    for kind in KIND_ORDER:
+        pts = [(x, y, g) for x, y, g in zip(xs, ys, groups, strict=True) if g["kind"] == kind]
+        if not pts:
+            continue
+        colour, marker, label = KIND_STYLE[kind]
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                    yerr=[100 * p[2]["accuracy_std"] for p in pts],
+                    fmt=marker, color=colour, ms=13 if kind == "baseline" else 8, capsize=3,
+                    alpha=0.9, label=label, zorder=3)
+    pareto = [(x, y) for x, y, g in zip(xs, ys, groups, strict=True) if g.get("pareto")]
+    if pareto:
+        ax.scatter([p[0] for p in pareto], [p[1] for p in pareto], s=260, facecolors="none",
+                   edgecolors="#d62728", linewidths=1.6, zorder=4,
+                   label="Pareto-optimal (top-1, size, latency)")
+    front = _front_2d(list(zip(xs, ys, strict=True)))
+    if len(front) > 1:
+        fx, fy = [front[0][0]], [front[0][1]]
+        for x, y in front[1:]:
+            fx += [x, x]
+            fy += [fy[-1], y]
+        ax.plot(fx, fy, "--", color="#d62728", alpha=0.6, lw=1.2, zorder=2,
+                label=f"frontier in this plane ({x_label.split(' ')[0].lower()} vs top-1)")
+    _place_labels(ax, xs, ys, [g["short"] for g in groups])
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    lo, hi = min(xs), max(xs)
+    pad = (hi - lo) * 0.12 or hi * 0.1
+    ax.set_xlim(max(0.0, lo - pad), hi + pad)
+    ylo, yhi = min(ys), max(ys)
+    ypad = (yhi - ylo) * 0.15 or 1.0
+    ax.set_ylim(ylo - ypad, yhi + ypad)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
+    fig.text(0.01, 0.01, "labels: P prune, Q quantize (INT8 QAT), D distill ... in the order "
+             "applied; error bars: sd over seeds", fontsize=7, color="#555555")
+    return _png(fig)
+
+
+def _bars(search: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(reversed(_measured(search)))  # first row on top
+    tag = {"baseline": "", "permutation": "", "reference": " (only)", "pairwise": " (pair)"}
+    labels = [("baseline" if g["kind"] == "baseline" else g["short"]) + tag[g["kind"]]
+              + (" *" if g.get("pareto") else "") for g in groups]
+    colours = [KIND_STYLE[g["kind"]][0] for g in groups]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 0.42 * len(groups) + 1.6), dpi=110,
+                             sharey=True)
+    specs = [("accuracy_mean", 100.0, "test top-1 (%)", "{:.1f}"),
+             ("latency_p50_ms", 1.0, "batch-1 p50 latency (ms)", "{:.3f}"),
+             ("size_bytes", 1e-6, "size on disk (MB)", "{:.2f}")]
+    for ax, (key, k, title, fmt) in zip(axes, specs, strict=True):
+        vals = [g[key] * k for g in groups]
+        ax.barh(range(len(groups)), vals, color=colours, alpha=0.85)
+        if key == "accuracy_mean":
+            lo = max(0.0, min(vals) - 5)
+            ax.set_xlim(lo, max(vals) + 2.5)
+            ax.set_title(f"{title}\n(axis starts at {lo:.0f}%)", fontsize=9)
+        else:
+            ax.set_xlim(0, max(vals) * 1.25)
+            ax.set_title(title, fontsize=9)
+        for i, v in enumerate(vals):
+            ax.text(v, i, " " + fmt.format(v), va="center", fontsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(groups)))
+    axes[0].set_yticklabels(labels, fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_STYLE[k][0])
+               for k in KIND_ORDER if any(g["kind"] == k for g in groups)]
+    fig.legend(handles, [KIND_STYLE[k][2] for k in KIND_ORDER
+                         if any(g["kind"] == k for g in groups)],
+               loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("Every order: accuracy, latency, size (full orders ranked best first; "
+                 "* Pareto-optimal)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    return _png(fig)
+
+
+def _win_graph(search: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch
+
+    pw = search["pairwise"]
+    names = search["stages"]
+    n = len(names)
+    pos = {s: (math.cos(math.pi / 2 - 2 * math.pi * i / n),
+               math.sin(math.pi / 2 - 2 * math.pi * i / n)) for i, s in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(6.4, 6.4), dpi=110)
+    cycle = {tuple(e) for e in (pw.get("cycle") or [])}
+    margins = {(r["a"], r["b"]): r for r in pw["table"]}
+    radius = 0.2
+    for a, b in pw["edges"]:
+        (x0, y0), (x1, y1) = pos[a], pos[b]
+        colour = "#d62728" if (a, b) in cycle else "#1f77b4"
+        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=22,
+                                     lw=2.2, color=colour, shrinkA=radius * 140,
+                                     shrinkB=radius * 140, zorder=2))
+        r = margins.get((a, b)) or margins.get((b, a))
+        mx, my = (x0 + x1) / 2, (y0 + y1) / 2
+        if r["decided_by"] == "accuracy" and r["margin_points"] is not None:
+            note = f"+{abs(r['margin_points']):.2f} pts"
+        else:
+            note = r["decided_by"]
+        ax.text(mx, my, note, ha="center", va="center", fontsize=9,
+                bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.9})
+    for a, b in pw["ties"]:
+        (x0, y0), (x1, y1) = pos[a], pos[b]
+        ax.plot([x0, x1], [y0, y1], "--", color="#888888", lw=1.5, zorder=1)
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2, "tie", ha="center", va="center", fontsize=9,
+                bbox={"boxstyle": "round", "fc": "white", "ec": "#888888"})
+    for s, (x, y) in pos.items():
+        ax.add_patch(plt.Circle((x, y), radius, color="#f2f2f2", ec="#333333", lw=1.5,
+                                zorder=3))
+        ax.text(x, y, s, ha="center", va="center", fontsize=11, zorder=4)
+    ax.set_xlim(-1.45, 1.45)
+    ax.set_ylim(-1.55, 1.45)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    if pw["cycle"]:
+        head = "cycle (red): no order derived"
+    elif not pw["edges"]:
+        head = "every pair tied: no order preferred"
+    else:
+        head = "order: " + " -> ".join(pw["order"]) + ("" if pw["unique"] else " (not unique)")
+    ax.set_title(f"Pairwise wins; {head}", fontsize=11)
+    ax.text(0, -1.45, "arrow A -> B: running A before B won (A->B beat B->A);\nlabel: top-1 "
+            "margin of the winning order, or what decided it", ha="center", fontsize=8.5,
+            color="#444444")
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def search_plots(search: dict[str, Any]) -> dict[str, bytes]:
+    """PNG bytes by file name: the two scatters, the per-order bars, the pairwise graph."""
+    if not _measured(search):
+        return {}
+    plots = {
+        "accuracy_latency.png": _scatter(search, "latency_p50_ms", "batch-1 p50 latency (ms)",
+                                         "Accuracy vs latency of every deployed artifact"),
+        "accuracy_size.png": _scatter(search, "size_bytes", "size on disk (MB)",
+                                      "Accuracy vs size of every deployed artifact"),
+        "orders.png": _bars(search),
+    }
+    if search.get("pairwise"):
+        plots["pairwise_graph.png"] = _win_graph(search)
+    return plots
+
+
+# ---------------------------------------------------------------------------- HTML
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    import html
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _md_inline(text: str) -> str:
+    """Markdown **bold** and `code` of one line as HTML."""
+    import html
+    import re
+
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def render_search_html(search: dict[str, Any], plots: dict[str, bytes]) -> str:
+    """A self-contained report.html: the tables and the plots as embedded base64 PNGs."""
+    import base64
+    import html
+
+    def para(text: str) -> str:
+        return f"<li>{_md_inline(text[2:])}</li>" if text.startswith("- ") else (
+            f"<p>{_md_inline(text)}</p>")
+
+    parts = [f"<h1>pqd search: {html.escape(search['name'])}</h1>",
+             *[para(t) for t in _search_intro(search)],
+             "<h2>All results</h2>", _html_table(SEARCH_HEADER, search_rows(search)),
+             para(_results_note(search))]
+    if search.get("pairwise"):
+        parts += ["<h2>Pairwise order wins</h2>", para(_pairwise_note(search)),
+                  _html_table(PAIR_HEADER, pairwise_rows(search))]
+    failed = _failed_lines(search)
+    if failed:
+        parts += ["<h2>Failed trials</h2>", *[para(f"- {f}") for f in failed]]
+    parts.append("<h2>Plots</h2>")
+    parts += [f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+              f'{base64.b64encode(data).decode("ascii")}"><figcaption>{html.escape(name)}'
+              "</figcaption></figure>" for name, data in plots.items()]
+    parts += [para(t) for t in _footer(search)]
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;"
+             "padding:0 1em;color:#222}table{border-collapse:collapse;font-size:13px;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "td:nth-child(2),td:nth-child(3),th{text-align:left}tr:nth-child(even)"
+             "{background:#f6f6f6}img{max-width:100%;border:1px solid #ddd}"
+             "figure{margin:1.5em 0}figcaption{font-size:12px;color:#666}code{font-size:12px}")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>pqd search: {html.escape(search['name'])}</title><style>{style}</style>"
+            "</head><body>" + "\n".join(parts) + "</body></html>\n")
+
+
+def write_search_report(search: dict[str, Any], out: Any) -> dict[str, bytes]:
+    """Write plots/*.png, report.md and report.html of a search into folder ``out``."""
+    from pathlib import Path
+
+    from pqd.checkpoint import atomic_write_bytes, atomic_write_text
+
+    out = Path(out)
+    plots = search_plots(search)
+    for name, data in plots.items():
+        atomic_write_bytes(out / "plots" / name, data)
+    atomic_write_text(out / "report.md", render_search_markdown(search, list(plots)))
+    atomic_write_text(out / "report.html", render_search_html(search, plots))
+    return plots

@@ -44,6 +44,13 @@ def runtime_logits(run, x_uint8, batch_size: int, desc: str, progress: bool) -> 
     return np.concatenate(outs)
 
 
+def torch_reference(model: nn.Module, data: Any, parity_samples: int | None) -> np.ndarray:
+    """Logits of the exported torch model on the first ``parity_samples`` test images."""
+    x = data.test_x
+    n_par = len(x) if parity_samples is None else min(parity_samples, len(x))
+    return torch_predict(model, x[:n_par])
+
+
 def measure_artifacts(
     artifacts: dict[str, tuple[Path, nn.Module]],
     data: Any,
@@ -53,24 +60,40 @@ def measure_artifacts(
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Results per artifact name; the first runtime in ``spec.runtimes`` is the headline."""
+    references = {name: torch_reference(model, data, parity_samples)
+                  for name, (_, model) in artifacts.items()}
+    return measure_onnx({name: path for name, (path, _) in artifacts.items()}, references,
+                        data, spec, progress=progress)
+
+
+def measure_onnx(
+    artifacts: dict[str, Path],
+    references: dict[str, np.ndarray],
+    data: Any,
+    spec: MeasureSpec,
+    *,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Like :func:`measure_artifacts`, with the torch models' logits given (``references``:
+    logits on the first N test images, from :func:`torch_reference`), so that the artifacts
+    can be measured in another process than the one that exported them."""
     x, y = data.test_x, data.test_y.numpy()
-    n_par = len(x) if parity_samples is None else min(parity_samples, len(x))
     shape = tuple(int(d) for d in x.shape[1:])
     versions = runtime_versions()
     results: dict[str, dict[str, Any]] = {}
     reference = {}
-    for name, (path, model) in artifacts.items():
+    for name, path in artifacts.items():
         comp = onnx_complexity(path)
         results[name] = {
             "artifact": path.name, "size_bytes": size_bytes(path),
             **{k: comp[k] for k in ("params", "nonzero_params", "sparsity", "macs", "bitops")},
             "layers": comp["layers"], "runtimes": {},
         }
-        reference[name] = torch_predict(model, x[:n_par])
+        reference[name] = np.asarray(references[name], dtype=np.float32)
+        n_par = len(reference[name])
         results[name]["torch_accuracy"] = float((reference[name].argmax(1) == y[:n_par]).mean())
     for rt in spec.runtimes:
-        runners = {name: open_runner(rt, path, spec.threads) for name, (path, _) in
-                   artifacts.items()}
+        runners = {name: open_runner(rt, path, spec.threads) for name, path in artifacts.items()}
         for name, runner in runners.items():
             logits = runtime_logits(runner.run, x, spec.accuracy_batch_size,
                                     f"{name} accuracy ({rt})", progress)
@@ -78,12 +101,12 @@ def measure_artifacts(
                 "version": versions.get(rt),
                 "settings": runner.settings,
                 "accuracy": float((logits.argmax(1) == y).mean()),
-                "parity": parity(reference[name], logits[:n_par]),
+                "parity": parity(reference[name], logits[:len(reference[name])]),
             }
         for b in spec.batch_sizes:
             timed = runners if rt != "openvino" else {
                 name: open_runner(rt, path, spec.threads, batch=b)
-                for name, (path, _) in artifacts.items()}
+                for name, path in artifacts.items()}
             stats = compare_latency(
                 {name: r.run for name, r in timed.items()}, (b, *shape), warmup=spec.warmup,
                 repeats=repeats_for(b, spec.repeats), progress=progress,

@@ -1,0 +1,590 @@
+"""pqd search: epoch budgets, trial keys, pairwise decisions, topological order and cycles,
+the Pareto set, reports from a stored search.json, and (integration) the CLI, resuming,
+and the process and Ray executors against the sequential one on a tiny search."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pqd.cli import main
+from pqd.errors import PqdError, RecipeError
+from pqd.recipe import recipe_from_dict
+from pqd.search import (
+    Trial,
+    allocate_epochs,
+    analyse,
+    check_executor,
+    decide_pair,
+    folder_status,
+    pareto_front,
+    plan_trials,
+    topological_order,
+    trial_key,
+)
+
+STAGES = [{"stage": "prune", "sparsity": 0.5}, {"stage": "quantize"}, {"stage": "distill"}]
+
+
+def search_recipe(stages: list[dict[str, Any]] | None = None, **search: Any):
+    return recipe_from_dict({"name": "s", "model": {"name": "tiny_cnn"},
+                             "stages": stages or STAGES, "search": search})
+
+
+# ---------------------------------------------------------------------------- budgets, plans
+
+
+def test_allocate_epochs_by_position():
+    assert allocate_epochs(5, [20, 40, 40]) == [1, 2, 2]
+    assert allocate_epochs(10, [20, 40, 40]) == [2, 4, 4]
+    assert allocate_epochs(6, [20, 40, 40]) == [1, 3, 2]  # remainders .2/.4/.4: earlier wins
+    assert allocate_epochs(3, [100 / 3] * 3) == [1, 1, 1]
+    assert allocate_epochs(0, [50, 50]) == [0, 0]
+
+
+@given(st.integers(0, 500), st.lists(st.floats(0.5, 100), min_size=1, max_size=5))
+def test_allocate_epochs_sums_to_total_and_stays_close(total, budget):
+    epochs = allocate_epochs(total, budget)
+    assert sum(epochs) == total
+    for e, b in zip(epochs, budget, strict=True):
+        assert abs(e - total * b / sum(budget)) < 1.0
+
+
+def test_plan_gives_each_position_its_budget_whatever_the_stage():
+    recipe = search_recipe(total_epochs=5, budget=[20, 40, 40])
+    trials = plan_trials(recipe, "/ckpt.safetensors", "digest", "/data")
+    kinds = [t.kind for t in trials]
+    assert kinds.count("permutation") == 6 and kinds.count("pairwise") == 6
+    assert kinds.count("reference") == 3 and len({t.key for t in trials}) == 15
+    for t in trials:
+        assert [s.stage for s in t.recipe.stages] == list(t.order)
+        assert [s.epochs for s in t.recipe.stages] == list(t.epochs)
+        assert t.recipe.baseline.checkpoint == "/ckpt.safetensors" and t.recipe.search is None
+        want = {"permutation": [1, 2, 2], "pairwise": [1, 2], "reference": [5]}[t.kind]
+        assert list(t.epochs) == want
+    qpd = next(t for t in trials if t.order == ("quantize", "prune", "distill"))
+    assert [s.epochs for s in qpd.recipe.stages] == [1, 2, 2]
+    assert qpd.recipe.stages[1].sparsity == 0.5  # the stage keeps its own settings
+
+
+def test_two_stage_pairwise_runs_are_the_permutation_runs_and_seeds_repeat():
+    recipe = search_recipe(STAGES[:2], total_epochs=4, seeds=[0, 1])
+    trials = plan_trials(recipe, "/c", "d", "/data")
+    perm = {(t.order, t.seed): t.key for t in trials if t.kind == "permutation"}
+    pair = {(t.order, t.seed): t.key for t in trials if t.kind == "pairwise"}
+    assert perm == pair and len(perm) == 4
+    assert {t.recipe.seed for t in trials} == {0, 1}
+
+
+def test_ptq_keeps_zero_epochs_and_impossible_allocations_say_so():
+    stages = [{"stage": "prune", "sparsity": 0.5}, {"stage": "quantize", "mode": "ptq",
+                                                    "epochs": 0}]
+    trials = plan_trials(search_recipe(stages, total_epochs=4), "/c", "d", "/data")
+    assert all(s.epochs == 0 for t in trials for s in t.recipe.stages if s.stage == "quantize")
+    gradual = [{"stage": "prune", "sparsity": 0.5, "schedule": "gradual"}, {"stage": "distill"}]
+    with pytest.raises(RecipeError, match=r"raise search\.total_epochs"):
+        plan_trials(search_recipe(gradual, total_epochs=1), "/c", "d", "/data")
+
+
+def test_trial_key_ignores_names_and_paths_but_not_what_changes_results():
+    recipe = search_recipe(total_epochs=5)
+    a = plan_trials(recipe, "/one/ckpt", "digest", "/data")[0]
+    b = plan_trials(recipe, "/moved/ckpt", "digest", "/data")[0]
+    assert a.key == b.key == trial_key(a.recipe.model_copy(update={"name": "x"}), "digest",
+                                       "/data")
+    assert plan_trials(recipe, "/one/ckpt", "other", "/data")[0].key != a.key
+    assert plan_trials(recipe, "/one/ckpt", "digest", "/other")[0].key != a.key
+    changed = search_recipe([{**STAGES[0], "sparsity": 0.6}, *STAGES[1:]], total_epochs=5)
+    assert plan_trials(changed, "/one/ckpt", "digest", "/data")[0].key != a.key
+
+
+def test_folder_status_done_trained_missing(tmp_path):
+    recipe = search_recipe(total_epochs=5)
+    t = plan_trials(recipe, "/c", "d", "/data")[0]
+    folder = tmp_path / "t"
+    assert folder_status(folder, t.key) == "missing"
+    folder.mkdir()
+    (folder / "trial.json").write_text(json.dumps({"key": t.key}))
+    for f in ("pending.json", "reference_logits.npz", "baseline.onnx"):
+        (folder / f).write_text("x")
+    assert folder_status(folder, t.key) == "missing"  # half-finished: no final.onnx
+    (folder / "final.onnx").write_text("x")
+    assert folder_status(folder, t.key) == "trained"
+    (folder / "record.json").write_text(json.dumps({"final": {"accuracy": 0.5,
+                                                              "latency_ms": {"p50": 1.0}}}))
+    assert folder_status(folder, t.key) == "done"
+    assert folder_status(folder, "another-key") == "missing"
+
+
+# ---------------------------------------------------------------------------- decisions
+
+
+def test_decide_pair_accuracy_then_latency_then_tie():
+    assert decide_pair(0.80, 0.78, 1.0, 0.5, 0.5, 0.1) == ("ab", "accuracy")
+    assert decide_pair(0.78, 0.80, 0.5, 1.0, 0.5, 0.1) == ("ba", "accuracy")
+    assert decide_pair(0.800, 0.798, 1.0, 0.5, 0.5, 0.1) == ("ba", "latency")
+    assert decide_pair(0.800, 0.798, 1.0, 0.95, 0.5, 0.1) == (None, "tie")
+    assert decide_pair(None, 0.5, 1.0, 1.0, 0.5, 0.1) == ("ba", "the other run failed")
+    assert decide_pair(None, None, None, None, 0.5, 0.1) == (None, "both runs failed")
+
+
+def test_topological_order_of_a_known_win_table():
+    edges = [("quantize", "distill"), ("prune", "distill"), ("prune", "quantize")]
+    got = topological_order(["quantize", "distill", "prune"], edges)
+    assert got == {"order": ["prune", "quantize", "distill"], "unique": True, "cycle": None}
+
+
+def test_topological_order_reports_a_cycle_and_forces_no_order():
+    edges = [("prune", "quantize"), ("quantize", "distill"), ("distill", "prune"),
+             ("prune", "exit"), ("quantize", "exit"), ("distill", "exit")]
+    got = topological_order(["prune", "quantize", "distill", "exit"], edges)
+    assert got["order"] is None and not got["unique"]
+    cycle = got["cycle"]
+    assert {tuple(e) for e in cycle} == {("prune", "quantize"), ("quantize", "distill"),
+                                         ("distill", "prune")}
+    assert all(a[1] == b[0] for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True))
+
+
+def test_topological_order_with_a_tie_is_not_unique():
+    got = topological_order(["a", "b", "c"], [("a", "c"), ("b", "c")])
+    assert got["order"] == ["a", "b", "c"] and got["unique"] is False and got["cycle"] is None
+
+
+def test_pareto_front_of_known_points():
+    points = [(0.80, 4.0, 1.0),   # 0 baseline: most accurate
+              (0.79, 1.0, 0.4),   # 1 compressed: small and fast
+              (0.78, 1.0, 0.4),   # 2 dominated by 1
+              (0.79, 1.0, 0.5),   # 3 dominated by 1 (slower)
+              (0.70, 0.9, 0.6),   # 4 smallest
+              (0.60, 2.0, 2.0)]   # 5 dominated by everything
+    assert pareto_front(points) == [0, 1, 4]
+    # latencies within 30% count as equal: 3 is no longer beaten by 1
+    assert pareto_front(points, latency_tolerance=0.3) == [0, 1, 3, 4]
+    assert pareto_front([(0.5, 1.0, 1.0), (0.5, 1.0, 1.0)]) == [0, 1]  # equal points both stay
+    # a few bytes smaller is not smaller with a 1% size tolerance
+    close = [(0.80, 1000.0, 1.0), (0.79, 999.0, 1.0)]
+    assert pareto_front(close) == [0, 1] and pareto_front(close, size_tolerance=0.01) == [0]
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_search_section_errors_are_one_line():
+    bad = [({"budget": [50, 50]}, "search.budget has 2 entries for 3 stages"),
+           ({"budget": [20, 40, 50]}, "search.budget sums to 110"),
+           ({"seeds": [1, 1]}, "lists a seed twice"),
+           ({"mode": "all"}, "search.mode"),
+           ({"executor": "ray"}, "search.executor: Extra inputs")]
+    for search, text in bad:
+        with pytest.raises(RecipeError, match=text) as err:
+            search_recipe(**search)
+        assert "fix:" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="at least 2 stages"):
+        search_recipe(STAGES[:1])
+    with pytest.raises(RecipeError, match="repeats one"):
+        search_recipe([STAGES[0], STAGES[0]])
+
+
+def test_executor_errors(monkeypatch):
+    with pytest.raises(PqdError, match="unknown executor 'dask'"):
+        check_executor("dask", None, None)
+    with pytest.raises(PqdError, match="--address is for the Ray executor"):
+        check_executor("sequential", None, "host:6379")
+    assert check_executor("sequential", 2, None) == "processes"
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(PqdError, match="pip install 'pqd\\[ray\\]'"):
+        check_executor("ray", None, None)
+
+
+def test_cli_bad_search_exits_2_with_one_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: tiny_cnn}\nstages: [{stage: prune, sparsity: 0.5}, "
+                      "{stage: distill}]\nsearch: {budget: [20, 40, 40]}\n")
+    assert main(["search", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pqd: error:") and "budget has 3 entries for 2 stages" in err
+    assert len(err.splitlines()) == 1
+    recipe.write_text("model: {name: tiny_cnn}\nstages: [{stage: prune, sparsity: 0.5}, "
+                      "{stage: distill}]\nsearch: {}\n")
+    assert main(["search", str(recipe), "--out", str(tmp_path / "o"), "--executor", "x"]) == 2
+    assert "unknown executor 'x'" in capsys.readouterr().err
+    pytest.importorskip("ray")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    assert main(["search", str(recipe), "--out", str(tmp_path / "o"), "--executor", "ray",
+                 "--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "o" / "baseline").exists()
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+def fake_search(accuracy: dict[str, float], seeds: tuple[int, ...] = (0,),
+                failed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A search analysed from made-up results: accuracy by order 'p>q>d' (INT8 when q in it,
+    '' is the baseline), the orders in ``failed`` failed."""
+    recipe = search_recipe(total_epochs=5, budget=[20, 40, 40], seeds=list(seeds))
+    trials = plan_trials(recipe, "/c", "d", "/data")
+
+    def entry(t: Trial, seed: int) -> dict[str, Any]:
+        name = ">".join(s[0] for s in t.order)
+        int8 = "quantize" in t.order
+        base = {"group": t.group, "kind": t.kind, "order": list(t.order),
+                "label": " -> ".join(t.order) or "baseline", "seed": seed,
+                "epochs": list(t.epochs), "key": t.key, "dir": t.folder}
+        if name in failed:
+            return {**base, "status": "failed", "error": "loss became nan"}
+        return {**base, "status": "done", "accuracy": accuracy.get(name, 0.78) + 0.002 * seed,
+                "size_bytes": 1_200_000 if int8 else 4_500_000,
+                "latency_ms": {"p50": 0.4 if int8 else 1.3, "p90": 0.5 if int8 else 1.5},
+                "precision": "int8" if int8 else "fp32",
+                "sparsity": 0.5 if "prune" in t.order else 0.0}
+
+    base = Trial("baseline", (), 0, (30,), recipe, "basekey")
+    entries = [entry(t, t.seed) for t in trials]
+    data = {"name": "cifar10", "train": 4670, "val": 500, "test": 1017,
+            "subset_note": "the test split holds 1017 of the official 10000 test images"}
+    panel = {"runtime": "onnxruntime", "threads": 2, "host": "vm", "cpu": "AMD EPYC"}
+    search = analyse(recipe, entry(base, 0), entries, executor={"kind": "sequential"},
+                     panel=panel, data=data, unique_runs=16)
+    search["runs"].update(trained_now=16, reused=0, failed=0)
+    search["timing_s"] = {"train": 100.0, "measure": 20.0, "panel": 5.0, "total": 130.0}
+    return search
+
+
+def test_analysis_ranks_derives_the_order_and_finds_the_frontier():
+    acc = {"p>q>d": 0.79, "p>d>q": 0.785, "q>p>d": 0.77, "q>d>p": 0.76, "d>p>q": 0.775,
+           "d>q>p": 0.765, "p>q": 0.78, "q>p": 0.77, "p>d": 0.75, "d>p": 0.74, "q>d": 0.76,
+           "d>q": 0.75, "p": 0.76, "q": 0.77, "d": 0.795, "": 0.78}
+    search = fake_search(acc)
+    pw = search["pairwise"]
+    assert pw["order"] == ["prune", "quantize", "distill"] and pw["unique"]
+    assert pw["cycle"] is None and sorted(map(tuple, pw["edges"])) == [
+        ("prune", "distill"), ("prune", "quantize"), ("quantize", "distill")]
+    assert search["ranking"][0] == search["best"] == "permutation:prune>quantize>distill"
+    # frontier: distill-only (FP32, most accurate) and the best INT8 order
+    assert set(search["pareto"]) == {"reference:distill", "permutation:prune>quantize>distill"}
+    runs = search["runs"]
+    assert runs["pairwise_method"] == {"runs": 6, "epochs": 18}
+    assert runs["permutation_search"] == {"runs": 6, "epochs": 30}
+    versus = {v["reference"]: v for v in search["best_vs_references"]}
+    assert versus["reference:quantize"]["best_dominates"]
+    assert not versus["reference:distill"]["best_dominates"]
+
+
+def test_analysis_reports_a_cycle_and_aggregates_seeds():
+    acc = {"p>q": 0.80, "q>p": 0.75, "q>d": 0.80, "d>q": 0.75, "d>p": 0.80, "p>d": 0.75}
+    search = fake_search(acc, seeds=(0, 1))
+    pw = search["pairwise"]
+    assert pw["order"] is None and len(pw["cycle"]) == 3
+    assert {tuple(e) for e in pw["cycle"]} == {("prune", "quantize"), ("quantize", "distill"),
+                                               ("distill", "prune")}
+    group = next(g for g in search["groups"] if g["id"] == "pairwise:prune>quantize")
+    assert group["n"] == 2 and group["seeds"] == [0, 1]
+    assert group["accuracy_mean"] == pytest.approx(0.801)
+    assert group["accuracy_std"] == pytest.approx(0.002 / 2**0.5)
+
+
+def test_derived_order_text_for_ties_and_partial_orders():
+    from pqd.report import derived_order_text
+
+    tied = fake_search({})  # every order equally accurate, equal latencies
+    assert tied["pairwise"]["edges"] == [] and tied["pairwise"]["order"] is not None
+    assert "prefer no order" in derived_order_text(tied)
+    partial = fake_search({"p>q": 0.80, "q>p": 0.70})
+    text = derived_order_text(partial)
+    assert "partial order (prune before quantize" in text and "(not unique)" in text
+    assert "tied: prune / distill, quantize / distill" in text
+
+
+def test_report_renders_from_a_stored_search_json(tmp_path, capsys):
+    acc = {"p>q": 0.80, "q>p": 0.75, "q>d": 0.80, "d>q": 0.75, "d>p": 0.80, "p>d": 0.75}
+    search = fake_search(acc)
+    (tmp_path / "search.json").write_text(json.dumps(search))
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| 1 | permutation |" in md and "| - | reference | distill | 5 |" in md
+    assert "| prune, quantize | 80.00% | 75.00% | +5.00 pts |" in md
+    assert "form a cycle" in md and "no order is derived" in md
+    assert md in capsys.readouterr().out
+    html = (tmp_path / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,iVBOR') == 4  # embedded PNGs
+    assert html.count("<table>") == 2 and "no order is derived" in html
+    for name in ("accuracy_latency", "accuracy_size", "orders", "pairwise_graph"):
+        assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_failed_trials_lose_their_pair_and_are_listed(tmp_path):
+    search = fake_search({"p>q": 0.70, "q>p": 0.80}, failed=("q>p",))
+    row = next(r for r in search["pairwise"]["table"] if {r["a"], r["b"]} == {"prune",
+                                                                             "quantize"})
+    assert row["first"] == "prune" and row["decided_by"] == "the other run failed"
+    from pqd.report import write_search_report
+
+    write_search_report(search, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Failed trials" in md and "pairwise quantize -> prune seed 0: loss became nan" in md
+    assert "| - | pairwise | quantize -> prune | 1/2 | failed |" in md
+
+
+def test_report_of_a_folder_without_records_fails(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "record.json does not exist" in err and "pqd search" in err
+
+
+# ---------------------------------------------------------------------------- integration
+
+TINY = """\
+name: tiny-search
+model: {name: tiny_cnn}
+data: {dataset: cifar10, val_size: 64, limit_train: 448, limit_test: 128}
+train: {batch_size: 32, lr: 0.05, amp: "off"}
+baseline: {epochs: 2}
+stages:
+  - {stage: prune, sparsity: 0.5}
+  - {stage: distill}
+export: {parity_samples: 32}
+measure: {runtimes: [onnxruntime], batch_sizes: [1], warmup: 5, repeats: 20}
+search: {total_epochs: 2, budget: [50, 50]}
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(subset_dir: Path) -> str:
+    return str(subset_dir)
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, data_dir) -> tuple[Path, Path, dict[str, Any]]:
+    """The tiny search run once through the CLI, sequentially (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("search")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(TINY)
+    out = root / "seq"
+    assert main(["search", str(recipe), "--out", str(out), "--data-dir", data_dir,
+                 "--no-progress"]) == 0
+    return recipe, out, json.loads((out / "search.json").read_text())
+
+
+def _accuracies(search: dict[str, Any]) -> dict[str, float]:
+    return {t["key"]: t["accuracy"] for t in search["trials"] if t["status"] == "done"}
+
+
+@pytest.mark.integration
+def test_cli_search_writes_every_order_frontier_pairwise_and_reports(sequential):
+    _, out, search = sequential
+    assert search["executor"] == {"kind": "sequential"}
+    groups = {g["id"]: g for g in search["groups"]}
+    assert set(groups) == {"baseline", "permutation:prune>distill", "permutation:distill>prune",
+                           "pairwise:prune>distill", "pairwise:distill>prune",
+                           "reference:prune", "reference:distill"}
+    for g in groups.values():
+        assert 0.0 <= g["accuracy_mean"] <= 1.0 and g["size_bytes"] > 0
+        assert g["latency_p50_ms"] > 0 and g["latency_p90_ms"] >= g["latency_p50_ms"]
+    assert groups["reference:prune"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert groups["baseline"]["sparsity"] < 0.05
+    assert search["runs"]["unique_runs"] == 5 and search["runs"]["trained_now"] == 5
+    assert search["pareto"] and set(search["pareto"]) <= set(groups)
+    assert len(search["ranking"]) == 2 and search["pairwise"]["runs"] == 2
+    pw = search["pairwise"]
+    assert (pw["order"] is None) == (pw["cycle"] is not None) or pw["ties"]
+    # every trial is an ordinary run folder whose record says where latency was measured
+    for t in search["trials"]:
+        record = json.loads((out / t["record"]).read_text())
+        assert record["order"] == t["order"] and record["seed"] == t["seed"]
+        assert "driver" in record["measurement"]["where"]
+        assert record["baseline"]["source"]["checkpoint"].endswith("baseline.safetensors")
+        assert record["final"]["accuracy"] == t["accuracy"]
+    assert (out / "report.html").stat().st_size > 10_000 and (out / "report.md").is_file()
+    assert main(["report", str(out / "baseline")]) == 0  # a run folder still reports as a run
+
+
+@pytest.mark.integration
+def test_rerun_reuses_finished_trials_and_redoes_half_finished_ones(sequential, tmp_path,
+                                                                    data_dir):
+    recipe, seq, first = sequential
+    out = tmp_path / "resume"
+    shutil.copytree(seq, out)
+    victim = next(t for t in first["trials"] if t["kind"] == "reference")
+    (out / victim["dir"] / "record.json").unlink()  # half-finished: exported, never measured
+    kept = next(t for t in first["trials"] if t["kind"] == "permutation")
+    before = (out / kept["record"]).stat().st_mtime_ns
+    from pqd.recipe import load_recipe
+    from pqd.search import run_search
+
+    search = run_search(load_recipe(recipe), out, data_dir=data_dir, progress=False)
+    assert search["runs"]["trained_now"] == 1 and search["runs"]["reused"] == 4
+    assert (out / victim["dir"] / "record.json").is_file()
+    assert (out / kept["record"]).stat().st_mtime_ns == before
+    again = _accuracies(search)
+    assert again == pytest.approx(_accuracies(first), abs=0.025)
+
+
+@pytest.mark.integration
+def test_process_executor_matches_sequential(sequential, tmp_path, data_dir):
+    recipe, seq, first = sequential
+    out = tmp_path / "proc"
+    out.mkdir()
+    shutil.copytree(seq / "baseline", out / "baseline")  # the same shared baseline
+    assert main(["search", str(recipe), "--out", str(out), "--data-dir", data_dir,
+                 "--no-progress", "--workers", "2", "search.mode=permutations",
+                 "search.references=false"]) == 0
+    search = json.loads((out / "search.json").read_text())
+    assert search["executor"] == {"kind": "processes", "workers": 2}
+    got, want = _accuracies(search), _accuracies(first)
+    assert len(got) == 2 and got == pytest.approx({k: want[k] for k in got}, abs=0.025)
+
+
+@pytest.mark.integration
+def test_ray_executor_matches_sequential(sequential, tmp_path, data_dir):
+    ray = pytest.importorskip("ray")
+    recipe, seq, first = sequential
+    out = tmp_path / "ray"
+    out.mkdir()
+    shutil.copytree(seq / "baseline", out / "baseline")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main(["search", str(recipe), "--out", str(out), "--data-dir", data_dir,
+                     "--no-progress", "--executor", "ray", "search.mode=permutations",
+                     "search.references=false"]) == 0
+    finally:
+        ray.shutdown()
+    search = json.loads((out / "search.json").read_text())
+    assert search["executor"]["kind"] == "ray"
+    got, want = _accuracies(search), _accuracies(first)
+    assert len(got) == 2 and got == pytest.approx({k: want[k] for k in got}, abs=0.025)
+    for t in search["trials"]:
+        record = json.loads((out / t["record"]).read_text())
+        assert record["measurement"]["trained_on"]["torch_threads"] == 1  # one CPU per task
+
+
+def test_benchmark_prints_the_table_of_a_stored_search(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "search.py"
+    spec = importlib.util.spec_from_file_location("bench_search", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    search = fake_search({"p>q>d": 0.79, "p": 0.70})
+    (tmp_path / "search.json").write_text(json.dumps(search))
+    assert bench.main(["--from", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 | permutation | prune -> quantize -> distill | 1/2/2 | 79.00% | 1.200 |" in out
+    assert "| - | reference | prune | 5 | 70.00% | 4.500 | 1.300 | 1.00x | 50% |  |" in out
+    assert "pairwise method: 6 two-stage runs (18 epochs)" in out
+    assert bench.main(["--from", str(tmp_path / "nothing")]) == 2
+
+
+class _FakeRay:
+    """Just enough of the ray API for _Executor: records task options and arguments."""
+
+    def __init__(self, gpus: float) -> None:
+        self.gpus, self.options, self.calls = gpus, {}, []
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def cluster_resources(self) -> dict[str, float]:
+        return {"CPU": 8.0, "GPU": self.gpus} if self.gpus else {"CPU": 8.0}
+
+    def put(self, value: bytes) -> tuple[str, int]:
+        return ("blob", len(value))
+
+    def remote(self, fn):
+        fake = self
+
+        class Task:
+            def options(self, **kw):
+                fake.options = kw
+                return self
+
+            def remote(self, *args):
+                fake.calls.append(args)
+                return len(fake.calls) - 1
+
+        return Task()
+
+    def wait(self, refs, num_returns=1):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        import io
+        import tarfile
+
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            data = json.dumps({"ref": ref}).encode()
+            info = tarfile.TarInfo("./pending.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        return {"ok": True, "seconds": 1.0, "host": "node", "threads": 1,
+                "files": buf.getvalue()}
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_ray_executor_asks_for_a_gpu_when_the_cluster_has_them(monkeypatch, tmp_path, gpus):
+    import sys
+
+    from pqd.search import _Executor
+
+    fake = _FakeRay(gpus)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    ckpt = tmp_path / "base.safetensors"
+    ckpt.write_bytes(b"12345")
+    trials = plan_trials(search_recipe(total_epochs=5), str(ckpt), "d", "/data")[:2]
+    done = []
+    with _Executor("ray", None, None, "/data", False) as ex:
+        ex.run([(t, tmp_path / t.folder) for t in trials],
+               lambda t, f, r: done.append((t.key, f, r)))
+        assert ex.describe() == {"kind": "ray", "address": "auto",
+                                 "gpus_per_trial": 1 if gpus else 0}
+    assert fake.options["num_gpus"] == (1 if gpus else 0) and fake.options["num_cpus"] == 1
+    assert [c[1] for c in fake.calls] == ["/data", "/data"]
+    assert all(c[2] == ("blob", 5) for c in fake.calls)  # the checkpoint travels as bytes
+    assert [k for k, _, _ in done] == [t.key for t in trials]
+    for _, folder, result in done:  # each run folder came back and was unpacked
+        assert json.loads((folder / "pending.json").read_text())["ref"] in (0, 1)
+        assert "files" not in result
+
+
+def test_ray_task_ships_the_checkpoint_and_returns_the_folder_with_driver_paths(monkeypatch,
+                                                                                tmp_path):
+    import sys
+    import types
+
+    import pqd.search as search
+
+    ray = types.SimpleNamespace(get_runtime_context=lambda: types.SimpleNamespace(
+        get_assigned_resources=lambda: {"CPU": 2.0}))
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    seen = {}
+
+    def fake_train(recipe_data, out_dir, data_dir, progress, threads):
+        ckpt = recipe_data["baseline"]["checkpoint"]
+        seen.update(ckpt=ckpt, bytes=Path(ckpt).read_bytes(), threads=threads)
+        Path(out_dir).mkdir(parents=True)
+        Path(out_dir, "pending.json").write_text(json.dumps({"source": ckpt}))
+        Path(out_dir, "recipe.yaml").write_text(f"checkpoint: {ckpt}\n")
+        return {"ok": True, "seconds": 1.0, "host": "node", "threads": threads}
+
+    monkeypatch.setattr(search, "train_trial", fake_train)
+    driver_path = "/driver/only/baseline.safetensors"  # not on this "node"
+    recipe = {"baseline": {"checkpoint": driver_path}}
+    result = search._ray_train_trial(recipe, "/data", b"weights")
+    assert seen["bytes"] == b"weights" and seen["ckpt"] != driver_path and seen["threads"] == 2
+    search._safe_extract(result.pop("files"), tmp_path)
+    assert json.loads((tmp_path / "pending.json").read_text()) == {"source": driver_path}
+    assert (tmp_path / "recipe.yaml").read_text() == f"checkpoint: {driver_path}\n"
+    assert not Path(seen["ckpt"]).exists()  # the task's temporary folder is gone
