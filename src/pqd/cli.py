@@ -1,7 +1,8 @@
-"""The ``pqd`` command: run, validate, report, models.
+"""The ``pqd`` command: run, validate, sensitivity, report, models.
 
     pqd run recipes/quickstart.yaml --out runs/quick [key.path=value ...]
     pqd validate recipes/quickstart.yaml
+    pqd sensitivity recipes/quickstart.yaml --out runs/sens
     pqd report runs/quick
     pqd models
 
@@ -50,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("overrides", nargs="*", metavar="key.path=value")
     val.add_argument("--quiet", action="store_true", help="print only the one-line summary")
 
+    sens = sub.add_parser(
+        "sensitivity", help="accuracy drop of quantizing each layer alone (val split)")
+    sens.add_argument("recipe", help="YAML recipe (its first quantize stage sets the options)")
+    sens.add_argument("overrides", nargs="*", metavar="key.path=value")
+    sens.add_argument("--out", default=None, help="folder for sensitivity.json (created)")
+    sens.add_argument("--data-dir", default=None,
+                      help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
+    sens.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     rep = sub.add_parser("report", help="re-render report.md from a run's record.json")
     rep.add_argument("run_dir")
 
@@ -89,6 +99,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from pqd.recipe import load_recipe
+    from pqd.sensitivity import format_table, run_sensitivity
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = run_sensitivity(recipe, args.out, data_dir=args.data_dir,
+                             progress=not args.no_progress)
+    print(format_table(result))
+    if args.out:
+        print(f"wrote {Path(args.out) / 'sensitivity.json'}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from pqd.checkpoint import atomic_write_text
     from pqd.report import render_markdown
@@ -125,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    commands = {"run": _cmd_run, "validate": _cmd_validate, "report": _cmd_report,
+    commands = {"run": _cmd_run, "validate": _cmd_validate, "sensitivity": _cmd_sensitivity,
+                "report": _cmd_report,
                 "models": _cmd_models}
     try:
         return commands[args.command](args)
