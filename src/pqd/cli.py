@@ -1,9 +1,10 @@
-"""The ``pqd`` command: run, search, validate, report, models.
+"""The ``pqd`` command: run, search, validate, sensitivity, report, models.
 
     pqd run recipes/quickstart.yaml --out runs/quick [key.path=value ...]
     pqd search recipes/search-quickstart.yaml --out runs/search [--workers N]
     pqd validate recipes/quickstart.yaml
     pqd report runs/quick            # or a search folder: re-renders from search.json
+    pqd sensitivity recipes/quickstart.yaml --out runs/sens
     pqd models
 
 Problems the user can fix end with one line ``pqd: error: ...`` and exit
@@ -65,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*", metavar="key.path=value")
     val.add_argument("--quiet", action="store_true", help="print only the one-line summary")
+
+    sens = sub.add_parser(
+        "sensitivity", help="accuracy drop of quantizing each layer alone (val split)")
+    sens.add_argument("recipe", help="YAML recipe (its first quantize stage sets the options)")
+    sens.add_argument("overrides", nargs="*", metavar="key.path=value")
+    sens.add_argument("--out", default=None, help="folder for sensitivity.json (created)")
+    sens.add_argument("--data-dir", default=None,
+                      help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
+    sens.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     rep = sub.add_parser("report", help="re-render a run's report.md from record.json, or a "
                          "search's reports from search.json")
@@ -140,6 +150,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from pqd.recipe import load_recipe
+    from pqd.sensitivity import format_table, run_sensitivity
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = run_sensitivity(recipe, args.out, data_dir=args.data_dir,
+                             progress=not args.no_progress)
+    print(format_table(result))
+    if args.out:
+        print(f"wrote {Path(args.out) / 'sensitivity.json'}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from pqd.checkpoint import atomic_write_text
     from pqd.report import render_markdown
@@ -186,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     commands = {"run": _cmd_run, "search": _cmd_search, "validate": _cmd_validate,
-                "report": _cmd_report, "models": _cmd_models}
+                "sensitivity": _cmd_sensitivity, "report": _cmd_report, "models": _cmd_models}
     try:
         return commands[args.command](args)
     except PqdError as exc:

@@ -56,8 +56,22 @@ def int8_model(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return converted
 
 
+def _scheme(model: nn.Module) -> dict[str, Any]:
+    from pqd.stages.quantize import quant_scheme
+
+    return quant_scheme(model)
+
+
 def deployable_model(model: nn.Module, quantized: bool) -> nn.Module:
-    """The torch model that the artifact reproduces (INT8-converted when quantized)."""
+    """The torch model that the artifact reproduces (INT8-converted when quantized; for
+    dynamic quantization the fake-quant graph itself, observers off)."""
+    if quantized and _scheme(model)["mode"] == "dynamic":
+        m = copy.deepcopy(model)
+        set_train(m, False)
+        for mod in m.modules():
+            if hasattr(mod, "observer_enabled"):
+                mod.observer_enabled[0] = 0
+        return m
     if quantized:
         return int8_model(model)
     m = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
@@ -65,31 +79,60 @@ def deployable_model(model: nn.Module, quantized: bool) -> nn.Module:
     return m
 
 
+def _weights_only(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A converted copy of a dynamic-quant graph without its activation fake-quantizers:
+    int8 weights (DequantizeLinear in ONNX) feeding float convs/linears."""
+    from pqd.stages.quantize import graphs_in, quantized_layers
+
+    g = copy.deepcopy(graph)
+    weight_fqs = {lq.weight_fq for lq in quantized_layers(g).values()}
+    for prefix, sub in graphs_in(g):
+        for node in list(sub.graph.nodes):
+            qual = f"{prefix}.{node.target}" if prefix else str(node.target)
+            if node.op == "call_module" and qual not in weight_fqs and hasattr(
+                    sub.get_submodule(str(node.target)), "fake_quant_enabled"):
+                node.replace_all_uses_with(node.args[0])
+                sub.graph.erase_node(node)
+                sub.delete_submodule(str(node.target))
+        sub.recompile()
+    return int8_model(g)
+
+
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, quantized: bool,
                 opset: int = 20) -> tuple[Path, nn.Module]:
     """Write ``model`` to ``path`` as ONNX; returns the path and the exported torch model.
 
-    ``example`` must have batch >= 2. ``quantized`` states are converted to INT8 first.
+    ``example`` must have batch >= 2. ``quantized`` states are converted first, as their
+    scheme (``graph.meta["pqd_quant"]``) says: static QDQ (U8S8 checked where the
+    activations are uint8; INT4 weights packed as INT4, opset >= 21), or dynamic
+    (DynamicQuantizeLinear + ConvInteger/MatMulInteger on the trained int8 weights).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    scheme = _scheme(model) if quantized else None
+    dynamic = scheme is not None and scheme["mode"] == "dynamic"
     deploy = deployable_model(model, quantized).cpu()
+    traced = _weights_only(model).cpu() if dynamic else deploy
     example = example[:2].detach().cpu().float()
     batch = torch.export.Dim("batch", min=1, max=4096)
     with _quiet(), torch.no_grad():
         torch.onnx.export(
-            deploy, (example,), str(path), dynamo=True, external_data=False,
+            traced, (example,), str(path), dynamo=True, external_data=False,
             dynamic_shapes=({0: batch},), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             opset_version=opset,
         )
     proto = onnx.load(str(path))
-    if quantized:
+    if dynamic:
+        dynamic_integer_ops(proto)
+    elif scheme is not None:
         pad_input_channels(proto)
+        if not scheme["activation_symmetric"]:
+            check_u8s8(proto)
+        if scheme["weight_bits"] == 4:
+            pack_int4_weights(proto)
     strip_debug_metadata(proto)
     onnx.save(proto, str(path))
     onnx.checker.check_model(proto)
-    if quantized:
-        check_u8s8(proto)
     return path, deploy
 
 
@@ -168,6 +211,118 @@ def check_u8s8(proto: onnx.ModelProto) -> None:
             zp = inits[node.input[2]]
             if zp.data_type != onnx.TensorProto.UINT8:
                 raise RuntimeError(f"activation {src} is not uint8 in the exported QDQ graph")
+
+
+def _weight_dq(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """DequantizeLinear nodes whose input is an integer initializer of rank >= 2 (weights),
+    by output name."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    ints = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4)
+    return {n.output[0]: n for n in proto.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits
+            and inits[n.input[0]].data_type in ints and len(inits[n.input[0]].dims) >= 2}
+
+
+def pack_int4_weights(proto: onnx.ModelProto) -> int:
+    """Store every quantized weight (values already in [-8, 7]) as INT4, two per byte, and
+    raise the opset to 21 (DequantizeLinear-21 reads INT4). Returns how many were packed."""
+    import ml_dtypes
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    packed = 0
+    for dq in _weight_dq(proto).values():
+        names = [dq.input[0]] + ([dq.input[2]] if len(dq.input) > 2 and dq.input[2] else [])
+        for name in names:
+            arr = numpy_helper.to_array(inits[name])
+            if arr.size and (arr.min() < -8 or arr.max() > 7):
+                raise RuntimeError(f"{name} holds values outside INT4's [-8, 7]")
+            inits[name].CopyFrom(numpy_helper.from_array(arr.astype(ml_dtypes.int4), name))
+        packed += 1
+    for op in proto.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version < 21:
+            op.version = 21
+    return packed
+
+
+def _const(proto: onnx.ModelProto, array: np.ndarray, name: str) -> str:
+    proto.graph.initializer.append(numpy_helper.from_array(array, name))
+    return name
+
+
+def dynamic_integer_ops(proto: onnx.ModelProto) -> int:
+    """Rewrite ``DequantizeLinear(int8 W) -> Conv/Gemm`` (float activations) into dynamic
+    quantization: ``DynamicQuantizeLinear(x)`` -> ``ConvInteger`` / ``MatMulInteger`` on
+    the same int8 weights -> ``Cast`` -> ``Mul`` by ``x_scale * w_scale`` (per channel)
+    -> ``Add`` bias. The weights keep their trained integers (per-channel scales
+    included, which onnxruntime's own ``quantize_dynamic`` cannot do for convs). Returns
+    the number of layers rewritten; ``proto`` is edited in place."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    dqs = _weight_dq(proto)
+    nodes: list[onnx.NodeProto] = []
+    done = 0
+    for node in proto.graph.node:
+        dq = dqs.get(node.input[1]) if node.op_type in ("Conv", "Gemm") and len(
+            node.input) > 1 else None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if dq is None or (node.op_type == "Gemm" and (
+                attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
+                or attrs.get("beta", 1.0) != 1.0)):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+        zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 else np.zeros(1)
+        if np.any(zp != 0) or w.dtype != np.int8:
+            raise RuntimeError(f"dynamic export needs symmetric int8 weights ({dq.input[0]})")
+        p = f"{node.name or node.output[0]}_dyn"
+        x = node.input[0]
+        nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [f"{p}_xq", f"{p}_xs",
+                                                                      f"{p}_xz"], name=f"{p}_q"))
+        wz = _const(proto, np.array(0, np.int8), f"{p}_wz")
+        if node.op_type == "Conv":
+            out_ch = w.shape[0]
+            nodes.append(helper.make_node("ConvInteger", [f"{p}_xq", dq.input[0], f"{p}_xz", wz],
+                                          [f"{p}_acc"], name=f"{p}_conv", **attrs))
+            shape = (1, out_ch, *([1] * (w.ndim - 2)))
+        else:
+            wt = w.T if attrs.get("transB", 0) else w  # MatMulInteger wants [K, N]
+            out_ch = wt.shape[1]
+            wname = _const(proto, np.ascontiguousarray(wt), f"{p}_w")
+            nodes.append(helper.make_node("MatMulInteger", [f"{p}_xq", wname, f"{p}_xz", wz],
+                                          [f"{p}_acc"], name=f"{p}_matmul"))
+            shape = (1, out_ch)
+        ws = _const(proto, np.broadcast_to(scale.reshape(-1), (out_ch,)).reshape(shape).copy(),
+                    f"{p}_ws")
+        nodes += [
+            helper.make_node("Cast", [f"{p}_acc"], [f"{p}_accf"], to=onnx.TensorProto.FLOAT,
+                             name=f"{p}_cast"),
+            helper.make_node("Mul", [f"{p}_xs", ws], [f"{p}_s"], name=f"{p}_scale"),
+        ]
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias is not None:
+            b = numpy_helper.to_array(inits[bias]) if bias in inits else None
+            if b is None:
+                raise RuntimeError(f"dynamic export needs a constant bias ({bias})")
+            bname = _const(proto, b.astype(np.float32).reshape(shape), f"{p}_b")
+            nodes += [helper.make_node("Mul", [f"{p}_accf", f"{p}_s"], [f"{p}_y"],
+                                       name=f"{p}_mul"),
+                      helper.make_node("Add", [f"{p}_y", bname], [node.output[0]],
+                                       name=f"{p}_bias")]
+        else:
+            nodes.append(helper.make_node("Mul", [f"{p}_accf", f"{p}_s"], [node.output[0]],
+                                          name=f"{p}_mul"))
+        done += 1
+    used = {i for n in nodes for i in n.input}
+    nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear"
+                                      and n.output[0] in dqs and n.output[0] not in used)]
+    proto.graph.ClearField("node")
+    proto.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output}
+    keep = [i for i in proto.graph.initializer if i.name in used]
+    proto.graph.ClearField("initializer")
+    proto.graph.initializer.extend(keep)
+    proto.graph.ClearField("value_info")
+    return done
 
 
 @torch.no_grad()

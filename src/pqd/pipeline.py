@@ -181,7 +181,7 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
         "device": str(device),
         "data": data.summary(),
         "baseline": {"precision": "fp32", "val_accuracy": baseline_val, "source": source},
-        "final": {"precision": "int8" if state.quantized else "fp32",
+        "final": {"precision": _precision(state),
                   "val_accuracy": (stage_records[-1]["val_accuracy"] if stage_records
                                    else baseline_val),
                   "masked_sparsity": _masked_sparsity(state)},
@@ -288,6 +288,15 @@ def _finish_record(pending: dict[str, Any], measured: dict[str, Any], measure_se
         "timing_s": timing,
         "measurement": {**machine(), "where": where, "trained_on": pending["trained_on"]},
     }
+
+
+def _precision(state: State) -> str:
+    """``fp32``, or the quantization scheme's label (``int8`` for the default U8S8)."""
+    if not state.quantized:
+        return "fp32"
+    from pqd.stages.quantize import precision_label, quant_scheme
+
+    return precision_label(quant_scheme(state.model))
 
 
 def _masked_sparsity(state: State) -> float | None:

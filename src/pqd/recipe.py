@@ -141,28 +141,90 @@ class PruneSpec(StageBase):
         return self
 
 
+class WeightQuantSpec(Strict):
+    """How conv/linear weights are quantized (signed integers; see README "Quantization")."""
+
+    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    symmetric: bool = True  # False: int8 with a zero point (onnxruntime fuses it too)
+    bits: Literal[8, 4] = 8  # 4: INT4 weights in the file (opset 21), run by dequantizing
+
+
+class ActivationQuantSpec(Strict):
+    """How activations are quantized: one range per tensor, set on the validation split."""
+
+    symmetric: bool = False  # True: int8 with zero point 0 (S8S8; onnxruntime runs it in float)
+    observer: Literal["minmax", "percentile", "entropy"] = "minmax"
+    percentile: float = Field(default=99.99, gt=50.0, le=100.0)  # for observer: percentile
+
+
+class MixedPrecisionSpec(Strict):
+    """Keep the most sensitive layers in float until the val-split drop is within budget."""
+
+    max_drop_points: float = Field(ge=0.0, le=100.0)  # top-1 points vs the float model
+    max_float_layers: int | None = Field(default=None, ge=0)
+
+
 class QuantizeSpec(StageBase):
-    """INT8: QAT (fake-quant + fine-tuning) or PTQ (calibration only) with PT2E."""
+    """Quantization with PT2E: QAT (fake-quant + fine-tuning), PTQ (calibration only) or
+    dynamic (weights INT8, activations quantized at run time)."""
 
     stage: Literal["quantize"]
-    mode: Literal["qat", "ptq"] = "qat"
+    mode: Literal["qat", "ptq", "dynamic"] = "qat"
     calibration_batches: int = Field(default=8, ge=1, le=10_000)
+    weights: WeightQuantSpec = Field(default_factory=WeightQuantSpec)
+    activations: ActivationQuantSpec = Field(default_factory=ActivationQuantSpec)
+    mixed_precision: MixedPrecisionSpec | None = None
 
     @model_validator(mode="after")
-    def _ptq_does_not_train(self) -> QuantizeSpec:
+    def _consistent(self) -> QuantizeSpec:
         if self.mode == "ptq" and self.epochs != 0:
             raise ValueError(
                 "mode 'ptq' calibrates without training; fix: set epochs: 0 or mode: qat"
             )
+        if self.mode == "dynamic":
+            if self.activations != ActivationQuantSpec():
+                raise ValueError(
+                    "mode 'dynamic' quantizes activations at run time (uint8, per-batch min/max): "
+                    "activation options do not apply; fix: remove 'activations' or use ptq/qat")
+            if self.weights.bits != 8 or not self.weights.symmetric:
+                raise ValueError(
+                    "mode 'dynamic' exports through onnxruntime's quantize_dynamic, which takes "
+                    "symmetric 8-bit weights; fix: set weights.bits: 8 and weights.symmetric: true")
+            if self.mixed_precision is not None:
+                raise ValueError("mixed_precision is chosen for static quantization; fix: use "
+                                 "mode ptq or qat, or remove mixed_precision")
         return self
 
 
+class FeatureKDSpec(Strict):
+    """Feature distillation: student feature maps matched to the teacher's at ``points``.
+
+    ``points``: indices into the zoo net's ``features`` (default: its
+    ``default_exit_points`` and the last block) or module names such as ``net.layer1``.
+    ``loss``: ``fitnet`` (MSE after a learned 1x1-conv adapter, Romero et al. 2015) or
+    ``attention`` (attention transfer, Zagoruyko & Komodakis 2017). ``beta`` weighs the
+    feature term (default 1 for fitnet, 1000 for attention).
+    """
+
+    points: list[int | str] | None = None
+    loss: Literal["fitnet", "attention"] = "fitnet"
+    beta: float | None = Field(default=None, ge=0.0, le=1e6)
+
+    def resolved_beta(self) -> float:
+        """``beta``, or the default of the chosen loss."""
+        if self.beta is not None:
+            return self.beta
+        return 1000.0 if self.loss == "attention" else 1.0
+
+
 class DistillSpec(StageBase):
-    """Logit knowledge distillation from the baseline (teacher) into the current student."""
+    """Knowledge distillation from the baseline (teacher) into the current student:
+    logits (Hinton), optionally plus intermediate feature maps (``features``)."""
 
     stage: Literal["distill"]
     temperature: float = Field(default=4.0, gt=0.0, le=100.0)
     alpha: float = Field(default=0.9, ge=0.0, le=1.0)  # weight of the KD term
+    features: FeatureKDSpec | None = None
 
 
 StageSpec = Annotated[PruneSpec | QuantizeSpec | DistillSpec, Field(discriminator="stage")]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from pqd.export import parity, torch_predict
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.latency import compare_latency
-from pqd.measure.runtime import open_runner, runtime_versions
+from pqd.measure.runtime import open_runner, ort_kernels, runtime_versions
 from pqd.recipe import MeasureSpec
 
 
@@ -103,6 +103,8 @@ def measure_onnx(
                 "accuracy": float((logits.argmax(1) == y).mean()),
                 "parity": parity(reference[name], logits[:len(reference[name])]),
             }
+            if rt == "onnxruntime":  # which kernels run: fused INT8 ops or float ones
+                results[name]["runtimes"][rt]["kernels"] = ort_kernels(artifacts[name])
         for b in spec.batch_sizes:
             timed = runners if rt != "openvino" else {
                 name: open_runner(rt, path, spec.threads, batch=b)

@@ -1,12 +1,15 @@
 """Params, sparsity, MACs and BitOps read from an exported ONNX file.
 
-Every Conv / Gemm / MatMul with a constant weight counts. A weight reached
-through DequantizeLinear is read as its int8 initializer (8 bits), otherwise as
-float (32 bits); an activation input counts 8 bits when it comes from a
-DequantizeLinear, else 32. MACs are per image (batch 1); BitOps = MACs x weight
-bits x activation bits. Sparsity is the fraction of exactly-zero weight entries
-(biases excluded) as stored in the file. Zero input channels that export adds
-for kernel speed (see ``pqd.export.pad_input_channels``) are not counted.
+Every Conv / Gemm / MatMul (and the dynamic-quantization ConvInteger / MatMulInteger)
+with a constant weight counts. A weight reached through DequantizeLinear is read as its
+integer initializer (8 bits; 4 for INT4), otherwise as float (32 bits; ConvInteger's
+int8 weights: 8); an activation input counts 8 bits when it comes from a
+DequantizeLinear or DynamicQuantizeLinear, else 32. (A dynamic layer's bias sits in a
+separate Add and is not counted in its params.) MACs are per image (batch 1); BitOps =
+MACs x weight bits x activation bits. Sparsity is the fraction of exactly-zero weight
+entries (biases excluded) as stored in the file (integers minus their zero point). Zero
+input channels that export adds for kernel speed (see
+``pqd.export.pad_input_channels``) are not counted.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-_COMPUTE = {"Conv", "Gemm", "MatMul"}
+_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger"}
+_INTEGER = {"ConvInteger", "MatMulInteger"}  # dynamic quantization: inputs 2, 3 are zero points
 
 
 def _with_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -43,9 +47,21 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
         """(array, bits) of a constant input, following DequantizeLinear/Identity back."""
         if name in inits:
             arr = numpy_helper.to_array(inits[name])
+            if str(arr.dtype) in ("int4", "uint4"):
+                return arr.astype(np.int8), 4
             return arr, 8 if arr.dtype in (np.int8, np.uint8) else 32
         node = producer.get(name)
-        if node is not None and node.op_type in ("DequantizeLinear", "Identity", "Transpose"):
+        if node is not None and node.op_type == "DequantizeLinear":
+            arr, bits = const(node.input[0])
+            zp = const(node.input[2])[0] if len(node.input) > 2 and node.input[2] else None
+            if arr is not None and zp is not None and np.any(zp):  # asymmetric: q - zp
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                shape = [1] * arr.ndim
+                if zp.ndim == 1 and arr.ndim > 1:
+                    shape[axis % arr.ndim] = -1
+                arr = arr.astype(np.int32) - zp.astype(np.int32).reshape(shape if zp.ndim else ())
+            return arr, bits
+        if node is not None and node.op_type in ("Identity", "Transpose"):
             arr, bits = const(node.input[0])
             return arr, bits
         if node is not None and node.op_type == "Constant":
@@ -54,7 +70,8 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
 
     def act_bits(name: str) -> int:
         node = producer.get(name)
-        return 8 if node is not None and node.op_type == "DequantizeLinear" else 32
+        quantizers = ("DequantizeLinear", "DynamicQuantizeLinear")
+        return 8 if node is not None and node.op_type in quantizers else 32
 
     def padded_channels(name: str) -> int:
         """Zero channels a channel Pad added to this activation (through DQ <- Q <- Pad)."""
@@ -77,15 +94,17 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
         w, w_bits = const(node.input[1])
         if w is None:
             continue
+        conv = node.op_type in ("Conv", "ConvInteger")
         if node.op_type == "Conv" and (extra := padded_channels(node.input[0])):
             w = w[:, : w.shape[1] - extra]
-        bias = const(node.input[2])[0] if len(node.input) > 2 and node.input[2] else None
+        has_bias = len(node.input) > 2 and node.input[2] and node.op_type not in _INTEGER
+        bias = const(node.input[2])[0] if has_bias else None
         out_shape = shapes.get(node.output[0], [])
-        if node.op_type == "Conv":
+        if conv:
             per_output = int(np.prod(w.shape[1:]))  # (C_in / groups) * kh * kw
             outputs = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 0
         else:
-            k = w.shape[0] if node.op_type == "MatMul" or not _trans_b(node) else w.shape[1]
+            k = w.shape[0] if node.op_type != "Gemm" or not _trans_b(node) else w.shape[1]
             per_output = int(k)
             outputs = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else int(w.size // k)
         macs = per_output * outputs

@@ -72,6 +72,26 @@ def _ort(path: Path, threads: int) -> Runner:
         "provider": "CPUExecutionProvider"})
 
 
+def ort_kernels(path: str | Path, threads: int = 1) -> dict[str, int]:
+    """Op counts of the graph onnxruntime really runs (after its graph optimizations,
+    e.g. QDQ Conv groups fused into QLinearConv; float convs show as Conv/FusedConv)."""
+    import tempfile
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="pqd-ort-") as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        proto = onnx.load(so.optimized_model_filepath, load_external_data=False)
+    return dict(sorted(Counter(n.op_type for n in proto.graph.node).items()))
+
+
 def _openvino(path: Path, threads: int, batch: int | None) -> Runner:
     import openvino as ov
 
