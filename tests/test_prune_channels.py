@@ -288,3 +288,38 @@ def test_channel_recipe_rules() -> None:
                                               "target": {"latency_ms": 1.0}}]})
     assert r.stages[0].target.precision == "auto"
     copy.deepcopy(r)
+
+
+def test_latency_target_measures_the_exported_artifact(monkeypatch) -> None:
+    import pqd.stages.prune_channels as pc
+
+    # a generous budget: the unpruned FP32 export already meets it (one real measurement)
+    ctx, state = make_ctx([{"stage": "prune_channels", "target": {"latency_ms": 1000.0,
+                                                                  "precision": "fp32"},
+                            "epochs": 0}])
+    state = run_stages(ctx, state)
+    t = state.info["target"]
+    assert t["met"] and state.info["ratio"] == 0.0 and t["precision"] == "fp32"
+    assert len(t["trials"]) == 1 and 0 < t["trials"][0]["latency_ms"] < 1000
+    assert state.structure == []
+
+    # bisection on a model of latency (falls with the ratio); int8 since quantize follows
+    seen = []
+
+    def fake_latency(model, example, *, int8, calibration=(), threads=2, repeats=100):
+        seen.append(int8)
+        return 10.0 * pc.count_macs(model, example) / 2_318_496
+
+    monkeypatch.setattr(pc, "artifact_latency_ms", fake_latency)
+    ctx, state = make_ctx([
+        {"stage": "prune_channels", "target": {"latency_ms": 5.0, "trials": 6},
+         "round_to": None, "epochs": 0},
+        {"stage": "quantize", "mode": "ptq", "epochs": 0}])
+    ctx.stage_index = 0
+    from pqd.registry import STAGES
+
+    state = STAGES["prune_channels"](state, ctx.recipe.stages[0], ctx)
+    t = state.info["target"]
+    assert all(seen) and t["precision"] == "int8" and t["met"] and len(t["trials"]) == 6
+    assert 10.0 * state.info["macs_after"] / 2_318_496 <= 5.0
+    assert 0 < state.info["ratio"] < 0.9
