@@ -101,6 +101,29 @@ def test_iterative_schedule_hits_the_sparsity_sequence(monkeypatch) -> None:
         assert all(torch.all(b["masks"][k] <= a["masks"][k]) for k in a["masks"])
 
 
+def test_pruned_weights_never_come_back_whatever_later_scores_say(monkeypatch) -> None:
+    # round 2's scores rank the zeros of round 1 (score 0) above every surviving weight
+    rounds = []
+
+    def flipping(criterion, model, batches, loss_fn, names):
+        rounds.append(1)
+        ps = dict(model.named_parameters())
+        sign = 1.0 if len(rounds) == 1 else -1.0
+        return {n: sign * ps[n].detach().abs() for n in names}
+
+    monkeypatch.setattr(importance, "score", flipping)
+    ctx, state = make_ctx([{"stage": "prune", "sparsity": 0.75, "schedule": "iterative",
+                            "cycles": 2, "epochs": 2, "criterion": "taylor"}],
+                          model="tiny_cnn")
+    calls: list[dict] = []
+    spy_fit(ctx, monkeypatch, calls)
+    state = run_stages(ctx, state)
+    assert len(rounds) == 2
+    for k, first in calls[0]["masks"].items():
+        assert torch.all(state.masks[k] <= first), k
+    assert sparsity_of(state.masks) == pytest.approx(0.75, abs=1e-3)
+
+
 @pytest.mark.parametrize("rewind", ["stage_start", "epoch"])
 def test_rewind_resets_survivors_to_the_rewind_point_and_zeroes_the_pruned(
         rewind: str, monkeypatch: pytest.MonkeyPatch) -> None:

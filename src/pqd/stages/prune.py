@@ -258,7 +258,6 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
     if spec.at_init:
         reinitialize(state, ctx)
         params = {n: p for n, p in state.model.named_parameters() if n in params}
-    previous = {n: state.masks[n] for n in params if n in state.masks}
     cfg = ctx.stage_train()
     batches = score_batches(ctx, spec.score_batches) if spec.criterion != "magnitude" else []
     loss = scoring_loss(spec.criterion_loss, ctx)
@@ -275,7 +274,10 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
             scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         else:
             scores = scores_now()
-        for n, m in previous.items():  # earlier zeros are pruned first
+        # once pruned, always pruned: earlier zeros (of earlier stages and of earlier
+        # rounds of this one) rank below everything, whatever the criterion says
+        previous = {n: state.masks[n] for n in params if n in state.masks}
+        for n, m in previous.items():
             scores[n] = scores[n].masked_fill(~m.to(scores[n].device), float("-inf"))
         if spec.structure == "nm":
             new = nm_masks(scores, spec.n, spec.m, zeros=min(round(sparsity * spec.m),
