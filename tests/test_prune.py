@@ -11,7 +11,11 @@ import torch.nn as nn
 from pqd.stages.base import MaskKeeper
 from pqd.stages.prune import (
     cubic_sparsity,
+    iterative_sparsities,
     magnitude_masks,
+    masks_from_scores,
+    nm_eligible,
+    nm_masks,
     prunable_parameters,
     sparsity_of,
 )
@@ -114,3 +118,45 @@ def test_mask_keeper_sees_masks_updated_in_place() -> None:
 def test_mask_keeper_rejects_unknown_names() -> None:
     with pytest.raises(RuntimeError, match="lacks"):
         MaskKeeper(Net(), {"nope.weight": torch.ones(1, dtype=torch.bool)})
+
+
+# ---------------------------------------------------------------------------- scores, N:M
+
+
+def test_masks_from_signed_scores_prune_the_lowest_not_the_smallest_magnitude() -> None:
+    masks = masks_from_scores({"a": torch.tensor([-5.0, 0.1, 2.0, -0.2])}, 0.5)
+    assert masks["a"].tolist() == [False, True, True, False]
+
+
+def test_nm_masks_keep_the_n_best_of_every_m_along_the_input_axis() -> None:
+    w = torch.tensor([[1.0, 4.0, 2.0, 3.0, -8.0, 0.5, 7.0, 0.1]])
+    masks = nm_masks({"w": w.abs()}, 2, 4)
+    assert masks["w"].tolist() == [[False, True, False, True, True, False, True, False]]
+    assert nm_masks({"w": w.abs()}, 2, 4, zeros=1)["w"].sum() == 6
+
+
+def test_nm_masks_on_conv_group_input_channels_at_each_position() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(3, 8, 2, 2)
+    mask = nm_masks({"c": w.abs()}, 1, 4)["c"]
+    assert mask.shape == w.shape
+    groups = mask.movedim(1, -1).reshape(3, 2, 2, 2, 4)  # [out, kh, kw, group, 4]
+    assert torch.all(groups.sum(-1) == 1)
+    # the kept one is the largest |w| of its group of 4 input channels
+    best = w.abs().movedim(1, -1).reshape(3, 2, 2, 2, 4).argmax(-1)
+    assert torch.equal(groups.float().argmax(-1), best)
+
+
+def test_nm_eligibility() -> None:
+    assert nm_eligible(torch.zeros(8, 16, 3, 3), 4)
+    assert not nm_eligible(torch.zeros(8, 3, 3, 3), 4)  # the RGB stem
+    assert not nm_eligible(torch.zeros(8, 1, 3, 3), 4)  # depthwise
+    assert nm_eligible(torch.zeros(10, 64), 4) and not nm_eligible(torch.zeros(10, 6), 4)
+    with pytest.raises(ValueError):
+        nm_masks({"x": torch.zeros(2, 6)}, 2, 4)
+
+
+def test_iterative_sequence() -> None:
+    seq = iterative_sparsities(0.875, 3)
+    assert seq == pytest.approx([0.5, 0.75, 0.875])
+    assert iterative_sparsities(0.9, 1) == pytest.approx([0.9])

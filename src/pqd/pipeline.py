@@ -184,7 +184,8 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
         "final": {"precision": _precision(state),
                   "val_accuracy": (stage_records[-1]["val_accuracy"] if stage_records
                                    else baseline_val),
-                  "masked_sparsity": _masked_sparsity(state)},
+                  "masked_sparsity": _masked_sparsity(state),
+                  **_sparsity_extras(state, final_path, recipe)},
         "stages": stage_records,
         "timing_s": {
             "baseline": round(baseline_seconds, 2),
@@ -297,6 +298,24 @@ def _precision(state: State) -> str:
     from pqd.stages.quantize import precision_label, quant_scheme
 
     return precision_label(quant_scheme(state.model))
+
+
+def _sparsity_extras(state: State, final_path: Path, recipe: Recipe) -> dict[str, Any]:
+    """Keys for record ``final``: the N:M pattern read back from the export
+    (``nm_pattern``), the compressed artifact (``compressed_size_bytes``,
+    ``compression_ratio``, ...) and the pruned architecture (``structure``)."""
+    extras: dict[str, Any] = {}
+    if state.nm_layers:
+        from pqd.measure.sparsity import nm_report
+
+        extras["nm_pattern"] = nm_report(final_path, state.nm_layers)
+    if recipe.export.compress:
+        from pqd.export import compress_artifact
+
+        extras.update(compress_artifact(final_path))
+    if state.structure:
+        extras["structure"] = state.structure
+    return extras
 
 
 def _masked_sparsity(state: State) -> float | None:

@@ -123,21 +123,128 @@ class StageBase(Strict):
     train: TrainOverride = Field(default_factory=TrainOverride)
 
 
+Criterion = Literal["magnitude", "taylor", "fisher", "snip", "grasp", "movement"]
+
+
 class PruneSpec(StageBase):
-    """Unstructured magnitude pruning to ``sparsity`` (fraction of prunable weights at zero)."""
+    """Mask pruning: unstructured to ``sparsity``, or N:M (``n`` kept of every ``m``).
+
+    ``criterion`` scores weights (see :mod:`pqd.importance`; gradients from cross-entropy
+    or, with ``criterion_loss: kd``, the KD loss against the teacher, on
+    ``score_batches`` training batches). Schedules: ``oneshot``, ``gradual`` (cubic),
+    ``iterative`` (``cycles`` prune/retrain rounds). ``rewind`` (lottery tickets):
+    train first, prune, reset the surviving weights to the stage start or to the weights
+    after ``rewind_epoch`` epochs of that first pass, retrain. ``at_init``: re-initialise
+    the weights, score and prune at initialisation (SNIP/GraSP), then train.
+    """
 
     stage: Literal["prune"]
-    sparsity: float = Field(ge=0.0, lt=1.0)
+    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
+    structure: Literal["unstructured", "nm"] = "unstructured"
+    n: int = Field(default=2, ge=1, le=64)  # N:M: weights kept in every group of m
+    m: int = Field(default=4, ge=2, le=64)
     scope: Literal["global", "layer"] = "global"
-    schedule: Literal["oneshot", "gradual"] = "oneshot"
+    criterion: Criterion = "magnitude"
+    criterion_loss: Literal["ce", "kd"] = "ce"
+    score_batches: int = Field(default=8, ge=1, le=10_000)
+    at_init: bool = False
+    schedule: Literal["oneshot", "gradual", "iterative"] = "oneshot"
+    cycles: int = Field(default=3, ge=1, le=100)
+    rewind: Literal["none", "stage_start", "epoch"] = "none"
+    rewind_epoch: int = Field(default=1, ge=1, le=10_000)
     exclude: list[str] = Field(default_factory=list)  # fnmatch patterns on parameter names
 
     @model_validator(mode="after")
-    def _gradual_needs_epochs(self) -> PruneSpec:
+    def _coherent(self) -> PruneSpec:
+        if self.structure == "unstructured" and self.sparsity is None:
+            raise ValueError("unstructured pruning needs a sparsity; fix: add e.g. "
+                             "sparsity: 0.5, or use structure: nm")
+        if self.structure == "nm":
+            if self.n >= self.m:
+                raise ValueError(f"N:M needs n < m (got {self.n}:{self.m}); fix: e.g. n: 2, m: 4")
+            implied = 1.0 - self.n / self.m
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(f"{self.n}:{self.m} sparsity is {implied:g}, not "
+                                 f"{self.sparsity:g}; fix: drop sparsity for structure: nm")
         if self.schedule == "gradual" and self.epochs == 0:
             raise ValueError(
                 "schedule 'gradual' needs epochs > 0; fix: set epochs or use schedule: oneshot"
             )
+        if self.schedule == "iterative" and self.epochs < self.cycles:
+            raise ValueError(f"schedule 'iterative' retrains epochs/cycles per cycle (epochs "
+                             f"{self.epochs} < cycles {self.cycles}); fix: set epochs >= cycles")
+        if self.rewind != "none":
+            if self.schedule == "gradual" or self.at_init:
+                raise ValueError("rewind works with schedule oneshot or iterative, without "
+                                 "at_init; fix: drop rewind or change the schedule")
+            first = self.epochs if self.schedule == "oneshot" else self.epochs // self.cycles
+            if first == 0:
+                raise ValueError("rewind needs a training pass before pruning; fix: set epochs > 0")
+            if self.rewind == "epoch" and self.rewind_epoch > first:
+                raise ValueError(f"rewind_epoch {self.rewind_epoch} is past the first training "
+                                 f"pass ({first} epochs); fix: use rewind_epoch <= {first}")
+        if self.at_init and self.schedule != "oneshot":
+            raise ValueError("at_init prunes once at initialisation; fix: use schedule: oneshot")
+        return self
+
+    @property
+    def target_sparsity(self) -> float:
+        """The final fraction of pruned weights (``1 - n/m`` for N:M)."""
+        if self.structure == "nm":
+            return 1.0 - self.n / self.m
+        assert self.sparsity is not None
+        return self.sparsity
+
+
+class ChannelTarget(Strict):
+    """A budget instead of a ratio: a MACs fraction of the baseline, or a measured latency."""
+
+    macs: float | None = Field(default=None, gt=0.0, lt=1.0)  # fraction of baseline MACs
+    latency_ms: float | None = Field(default=None, gt=0.0)  # ONNX, onnxruntime, batch 1, p50
+    precision: Literal["auto", "fp32", "int8"] = "auto"  # auto: int8 if quantized now or later
+    trials: int = Field(default=7, ge=2, le=50)  # bisection steps (each latency one export)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ChannelTarget:
+        if (self.macs is None) == (self.latency_ms is None):
+            raise ValueError("give exactly one of macs or latency_ms; fix: e.g. target: "
+                             "{macs: 0.5}")
+        return self
+
+
+class PruneChannelsSpec(StageBase):
+    """Structured channel pruning with surgery (Torch-Pruning): a smaller dense network.
+
+    ``ratio`` is the fraction of channels removed (per group with ``scope: layer``, over
+    all groups with ``scope: global``); or ``target`` gives a MACs or latency budget.
+    """
+
+    stage: Literal["prune_channels"]
+    ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
+    target: ChannelTarget | None = None
+    scope: Literal["layer", "global"] = "layer"
+    max_ratio: float = Field(default=0.9, gt=0.0, lt=1.0)  # no group loses more than this
+    round_to: int | None = Field(default=8, ge=1, le=512)  # kept channels multiple of this
+    criterion: Criterion = "magnitude"
+    p: Literal[1, 2] = 2  # magnitude: group L1 or L2 norm
+    criterion_loss: Literal["ce", "kd"] = "ce"
+    score_batches: int = Field(default=8, ge=1, le=10_000)
+    schedule: Literal["oneshot", "iterative"] = "oneshot"
+    cycles: int = Field(default=3, ge=1, le=100)
+    calibration_batches: int = Field(default=8, ge=1, le=10_000)  # re-prepared QAT graphs
+    exclude: list[str] = Field(default_factory=list)  # fnmatch on module names: keep outputs
+
+    @model_validator(mode="after")
+    def _ratio_or_target(self) -> PruneChannelsSpec:
+        if (self.ratio is None) == (self.target is None):
+            raise ValueError("give exactly one of ratio or target; fix: e.g. ratio: 0.5 or "
+                             "target: {macs: 0.5}")
+        if self.ratio is not None and self.ratio > self.max_ratio:
+            raise ValueError(f"ratio {self.ratio} exceeds max_ratio {self.max_ratio}; fix: "
+                             "lower ratio or raise max_ratio")
+        if self.schedule == "iterative" and self.epochs < self.cycles:
+            raise ValueError(f"schedule 'iterative' retrains epochs/cycles per cycle (epochs "
+                             f"{self.epochs} < cycles {self.cycles}); fix: set epochs >= cycles")
         return self
 
 
@@ -227,8 +334,9 @@ class DistillSpec(StageBase):
     features: FeatureKDSpec | None = None
 
 
-StageSpec = Annotated[PruneSpec | QuantizeSpec | DistillSpec, Field(discriminator="stage")]
-STAGE_NAMES = ("prune", "quantize", "distill")
+StageSpec = Annotated[PruneSpec | PruneChannelsSpec | QuantizeSpec | DistillSpec,
+                      Field(discriminator="stage")]
+STAGE_NAMES = ("prune", "prune_channels", "quantize", "distill")
 
 
 class ExportSpec(Strict):
@@ -236,6 +344,7 @@ class ExportSpec(Strict):
 
     opset: int = Field(default=20, ge=17, le=23)
     parity_samples: int | None = Field(default=None, ge=1)  # None: the whole test split
+    compress: bool = False  # also write final.onnx.xz (zeros compress: sparsity pays on disk)
 
 
 class MeasureSpec(Strict):
@@ -387,8 +496,8 @@ def _allowed_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
             field = current.model_fields.get(str(part))
             if field is None:
                 # discriminated stage union: the tag appears in loc
-                current = {"prune": PruneSpec, "quantize": QuantizeSpec,
-                           "distill": DistillSpec}.get(str(part))
+                current = {"prune": PruneSpec, "prune_channels": PruneChannelsSpec,
+                           "quantize": QuantizeSpec, "distill": DistillSpec}.get(str(part))
                 continue
             current = _inner_model(field.annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from pqd.recipe import Recipe, TrainSpec
-from pqd.train import FitResult, LossHook, fit
+from pqd.train import FitResult, LossHook, StepHook, fit
 
 
 @dataclass
@@ -29,12 +29,18 @@ class State:
     names are the same on the eager model and on its PT2E graph.
     ``quantized`` is True once fake-quantizers are in the graph (export gives INT8).
     ``info`` collects per-stage facts for the record (e.g. achieved sparsity).
+    ``structure`` lists the channel-surgery steps applied so far (JSON-able records
+    ``{"layer", "channels", "kept"}``; :func:`pqd.stages.prune_channels.rebuild_model`
+    rebuilds the pruned architecture from a fresh model and them).
+    ``nm_layers`` maps parameter names pruned N:M to ``[n, m]`` (checked in the export).
     """
 
     model: nn.Module
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     quantized: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    structure: list[dict[str, Any]] = field(default_factory=list)
+    nm_layers: dict[str, list[int]] = field(default_factory=dict)
 
 
 class Stage(Protocol):
@@ -99,15 +105,25 @@ class Context:
         seed: int,
         loss_fn: LossHook | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        after_step: StepHook | None = None,
         desc: str = "train",
     ) -> FitResult:
-        """Fine-tune ``state.model`` on the train split, keeping pruned weights at zero."""
+        """Fine-tune ``state.model`` on the train split, keeping pruned weights at zero.
+
+        ``after_step`` (e.g. a movement-score tracker) runs after the masks are re-applied.
+        """
         keep = MaskKeeper(state.model, state.masks)
         keep(state.model)
         train = self.loader("train", cfg.batch_size, seed=seed, augment=True, shuffle=True)
+        hooks = [h for h in (keep if state.masks else None, after_step) if h is not None]
+
+        def after(model: nn.Module) -> None:
+            for h in hooks:
+                h(model)
+
         return fit(
             state.model, train, cfg, epochs, device=self.device, loss_fn=loss_fn,
-            after_step=keep if state.masks else None, on_step=on_step, desc=desc,
+            after_step=after if hooks else None, on_step=on_step, desc=desc,
             progress=self.progress,
         )
 
