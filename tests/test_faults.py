@@ -104,6 +104,32 @@ def test_qat_graph_state_survives_a_file(tmp_path: Path, synth: Dataset) -> None
         assert torch.equal(graph(x), back(x))
 
 
+def test_a_channel_pruned_then_quantized_state_survives_a_file(tmp_path: Path,
+                                                              synth: Dataset) -> None:
+    """Structured surgery changes the architecture: the state comes back by replaying the
+    recorded channel structure on a fresh model, then prepare_qat, then the tensors."""
+    recipe = tiny_recipe([{"stage": "prune_channels", "ratio": 0.5, "round_to": None,
+                           "epochs": 0},
+                          {"stage": "quantize", "mode": "ptq", "epochs": 0,
+                           "calibration_batches": 1}])
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
+    ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=model, progress=False)
+    state = State(model=copy.deepcopy(model))
+    for i, spec in enumerate(recipe.stages):
+        ctx.stage_index = i
+        state = STAGES[spec.stage](state, spec, ctx)
+    assert state.structure and state.quantized
+    save_state(tmp_path / "s.safetensors", "fp", state)
+    back = load_state(tmp_path / "s.safetensors", recipe, synth, ctx.example_input)
+    assert back.structure == state.structure and back.quantized
+    want, got = state.model.state_dict(), back.model.state_dict()
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    x = torch.rand(4, 3, 32, 32)
+    with eval_mode(state.model), eval_mode(back.model):
+        assert torch.equal(state.model(x), back.model(x))
+
+
 def _prune_stage(out: Path, synth: Dataset) -> tuple[State, RunFolder]:
     recipe = tiny_recipe([{"stage": "prune", "sparsity": 0.6, "schedule": "gradual",
                            "epochs": 2}])
