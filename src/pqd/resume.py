@@ -48,7 +48,8 @@ PROGRESS = "progress.json"
 PROGRESS_VERSION = 1
 # what a run writes into its folder; --fresh removes exactly these
 RUN_FILES = ("progress.json", "record.json", "report.md", "recipe.yaml", "baseline.safetensors",
-             "baseline.onnx", "baseline.onnx.data", "final.onnx", "final.onnx.data")
+             "baseline.onnx", "baseline.onnx.data", "final.onnx", "final.onnx.data",
+             "pending.json", "reference_logits.npz")
 # test hook: "STEP:EPOCH" (STEP 0 = baseline, i = stage i) pauses after that epoch's checkpoint
 PAUSE_ENV = "PQD_TEST_PAUSE_AFTER_EPOCH"
 
@@ -170,7 +171,7 @@ class RunFolder:
             for name in RUN_FILES:
                 (self.out / name).unlink(missing_ok=True)
             shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-        for name in ("record.json", "report.md"):
+        for name in ("record.json", "report.md", "pending.json"):
             (self.out / name).unlink(missing_ok=True)
         self._write(complete=False)
         if self.steps:
