@@ -130,24 +130,33 @@ def test_a_channel_pruned_then_quantized_state_survives_a_file(tmp_path: Path,
         assert torch.equal(state.model(x), back.model(x))
 
 
-def _prune_stage(out: Path, synth: Dataset) -> tuple[State, RunFolder]:
-    recipe = tiny_recipe([{"stage": "prune", "sparsity": 0.6, "schedule": "gradual",
-                           "epochs": 2}])
+STAGE_CASES = {
+    # masks and the schedule's own state change every step
+    "prune": {"stage": "prune", "sparsity": 0.6, "schedule": "gradual", "epochs": 2},
+    # adapters train beside the student; the per-step feature losses go into the record
+    "distill": {"stage": "distill", "epochs": 2, "features": {"loss": "fitnet"}},
+}
+
+
+def _one_stage(out: Path, synth: Dataset, stage: dict[str, Any]) -> tuple[State, RunFolder]:
+    recipe = tiny_recipe([stage])
     torch.manual_seed(0)
     model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
     folder = RunFolder.open(out, recipe)
     folder.start(fresh=False)
-    ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=model, progress=False, run=folder)
+    ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=copy.deepcopy(model).eval(),
+                  progress=False, run=folder)
     ctx.stage_index = 0
-    return STAGES["prune"](State(model=copy.deepcopy(model)), recipe.stages[0], ctx), folder
+    return STAGES[stage["stage"]](State(model=copy.deepcopy(model)), recipe.stages[0], ctx), folder
 
 
+@pytest.mark.parametrize("case", list(STAGE_CASES))
 def test_a_stage_killed_after_an_epoch_continues_exactly(tmp_path: Path, synth: Dataset,
-                                                         monkeypatch) -> None:
-    """Gradual pruning (masks and schedule state change every step) crashes after epoch 1
-    of 2 and continues from its epoch checkpoint: weights and masks equal an uninterrupted
-    stage's bit for bit."""
-    whole, _ = _prune_stage(tmp_path / "whole", synth)
+                                                         monkeypatch, case: str) -> None:
+    """A stage crashes after epoch 1 of 2 and continues from its epoch checkpoint: weights,
+    masks and the stage's record info equal an uninterrupted stage's bit for bit."""
+    stage = STAGE_CASES[case]
+    whole, _ = _one_stage(tmp_path / "whole", synth, stage)
 
     def crash(step: int, epoch: int, path: Path) -> None:
         assert path.is_file()
@@ -156,14 +165,16 @@ def test_a_stage_killed_after_an_epoch_continues_exactly(tmp_path: Path, synth: 
 
     monkeypatch.setattr(pqd.resume, "_test_pause", crash)
     with pytest.raises(KeyboardInterrupt):
-        _prune_stage(tmp_path / "cut", synth)
+        _one_stage(tmp_path / "cut", synth, stage)
     monkeypatch.undo()
-    resumed, folder = _prune_stage(tmp_path / "cut", synth)
-    assert folder.continued == {"01-prune": 1}
+    resumed, folder = _one_stage(tmp_path / "cut", synth, stage)
+    assert folder.continued == {f"01-{case}": 1}
+    assert resumed.info == whole.info
     assert sorted(resumed.masks) == sorted(whole.masks)
     for n, m in whole.masks.items():
         assert torch.equal(m, resumed.masks[n]), n
     want, got = whole.model.state_dict(), resumed.model.state_dict()
+    assert set(want) == set(got)
     for k in want:
         assert torch.equal(want[k], got[k]), k
 
