@@ -88,14 +88,27 @@ def step_name(recipe: Recipe, step: int) -> str:
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
-    """Dotted key paths where two plain-data trees differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [p for k in sorted(set(a) | set(b), key=str)
-                for p in _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))]
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [p for i, (x, y) in enumerate(zip(a, b, strict=True))
-                for p in _diff(x, y, f"{path}.{i}")]
-    return [] if a == b else [path or "(top level)"]
+    """Dotted key paths where two plain-data trees differ: changed values first, then keys
+    only one side has (e.g. options a newer pqd added, with their defaults)."""
+    changed: list[str] = []
+    one_sided: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                sub = f"{path}.{k}" if path else str(k)
+                if (k in a) != (k in b):
+                    one_sided.append(sub)
+                else:
+                    walk(a[k], b[k], sub)
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{path}.{i}")
+        elif a != b:
+            changed.append(path or "(top level)")
+
+    walk(a, b, path)
+    return changed + one_sided
 
 
 @dataclass
