@@ -14,6 +14,7 @@ status 2; an interrupted run exits with 130.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -46,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=None,
                      help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out even if the recipe changed: finished "
+                            "steps the change does not touch are kept (the same recipe "
+                            "resumes without this flag)")
+    again.add_argument("--fresh", action="store_true",
+                       help="discard the run in --out (its checkpoints too) and start over")
 
     se = sub.add_parser("search", help="run every stage order (and pairwise), rank, report")
     se.add_argument("recipe", help="YAML recipe with a search: section")
@@ -89,7 +97,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pqd.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    record = run(recipe, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress)
+    record = run(recipe, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress,
+                 resume=args.resume, fresh=args.fresh)
     from pqd.report import SUMMARY_HEADER, summary_rows, table
 
     cmp_ = record["comparison"]
@@ -197,6 +206,11 @@ def _cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
+# disk full, quota, read-only or forbidden --out, file too large, --out is a file
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                   errno.EFBIG, errno.EEXIST, errno.ENOTDIR}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pqd`` console script."""
     _quiet_libraries()
@@ -216,8 +230,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pqd: error: {exc.line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pqd: interrupted", file=sys.stderr)
+        print("pqd: interrupted (run the same command again to resume)", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"pqd: error: {os.strerror(exc.errno)}{where}; fix: free "
+              "space or choose a writable --out, then run the same command again: finished "
+              "steps are kept", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -814,6 +814,15 @@ class Loader:
         n, b = self.num_samples, self.batch_size
         return n // b if self.drop_last else math.ceil(n / b)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Epochs drawn and the generator state: enough to continue the same batch sequence."""
+        return {"epoch": self.epoch, "generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (a resumed run draws the same next epochs)."""
+        self.epoch = int(state["epoch"])
+        self._gen.set_state(state["generator"])
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, p = self.num_samples, self.crop_padding
         # Draw the whole epoch's randomness now (CPU generator, then one copy to the device).

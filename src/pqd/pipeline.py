@@ -4,7 +4,8 @@
 
 Writes into the run folder: ``recipe.yaml`` (resolved), ``baseline.safetensors``,
 ``baseline.onnx`` (FP32), ``final.onnx`` (INT8 when a quantize stage ran),
-``record.json`` (the contract other tools read) and ``report.md``.
+``record.json`` (the contract other tools read) and ``report.md``; while it runs,
+``progress.json`` and ``checkpoints/`` let a killed run continue (:mod:`pqd.resume`).
 
 ``run(..., measure=False)`` stops after export and writes ``pending.json`` (+ the torch
 logits for the parity check); :func:`measure_run` measures that folder later and completes
@@ -13,11 +14,14 @@ its record.json (``pqd search`` trains trials anywhere and measures them on its 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import random
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +80,14 @@ def measure_spec(recipe: Recipe) -> MeasureSpec:
 
 
 def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
-        progress: bool = True, measure: bool = True) -> dict[str, Any]:
+        progress: bool = True, measure: bool = True, resume: bool = False,
+        fresh: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the record (also written to ``out_dir/record.json``).
+
+    Every finished step is checkpointed into ``out_dir`` (see :mod:`pqd.resume`): running the
+    same recipe into the same folder again continues where it stopped (a complete run is
+    returned as it is); ``resume`` also keeps the finished steps of a changed recipe that
+    the change does not touch; ``fresh`` starts over.
 
     With ``measure=False`` the run stops after export (and the torch models' logits for the
     parity check): it writes ``pending.json`` and returns that pending record, and
@@ -87,9 +97,16 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
     import pqd.stages  # noqa: F401  (fills the stage registry)
     from pqd.data import load_dataset, resolve_data_root
     from pqd.models import build_model, check_output_shape
+    from pqd.resume import RunFolder, load_state, note, save_state, step_name
 
     t_start = time.perf_counter()
     out = Path(out_dir)
+    folder = RunFolder.open(out, recipe, resume=resume, fresh=fresh)
+    reused = [e["step"] for e in folder.steps]
+    if folder.complete and measure:
+        note(f"{out} already holds this recipe's complete run: nothing to do "
+             "(--fresh runs it again)")
+        return json.loads((out / "record.json").read_text(encoding="utf-8"))
     if measure:
         check_runtimes(recipe)
     device = resolve_device(recipe.device)
@@ -97,61 +114,83 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
     data = load_dataset(recipe.data.dataset, root, val_size=recipe.data.val_size,
                         seed=recipe.seed, download=recipe.data.download,
                         limit_train=recipe.data.limit_train, limit_test=recipe.data.limit_test)
-    seed_everything(recipe.seed)
-    model = build_model(recipe.model.name, data.num_classes, data.mean, data.std,
-                        **recipe.model.kwargs)
-    check_output_shape(model, data.num_classes, int(data.train_x.shape[-1]))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+    with deterministic(recipe.seed, device) as determinism:
+        model = build_model(recipe.model.name, data.num_classes, data.mean, data.std,
+                            **recipe.model.kwargs)
+        check_output_shape(model, data.num_classes, int(data.train_x.shape[-1]))
+        folder.start(fresh)
+        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
 
-    ctx = Context(recipe=recipe, data=data, device=device, teacher=model, progress=progress,
-                  out_dir=out)
-    # ---- baseline: train it or load it
-    t0 = time.perf_counter()
-    model.to(device)
-    if recipe.baseline.checkpoint:
-        load_checkpoint(model, recipe.baseline.checkpoint)
-        model.to(device)
-        source = {"checkpoint": recipe.baseline.checkpoint}
-    else:
-        cfg = recipe.baseline_train()
-        train = ctx.loader("train", cfg.batch_size, seed=recipe.seed, augment=True, shuffle=True)
-        from pqd.train import prepare_model
-
-        prepare_model(model, cfg, device)
-        fit(model, train, cfg, recipe.baseline.epochs, device=device, desc="baseline",
-            progress=progress)
-        source = {"trained_epochs": recipe.baseline.epochs}
-    model.to(memory_format=torch.contiguous_format)
-    save_checkpoint(model, out / "baseline.safetensors", {"recipe": recipe.name})
-    baseline_seconds = time.perf_counter() - t0
-    val_loader = ctx.loader("val", 256)
-    baseline_val = evaluate(model, val_loader, device=device, progress=progress,
-                            desc="baseline val")
-
-    # ---- stages, in the recipe's order
-    ctx.teacher = copy.deepcopy(model).eval()
-    for p in ctx.teacher.parameters():
-        p.requires_grad_(False)
-    state = State(model=copy.deepcopy(model))
-    stage_records = []
-    for i, spec in enumerate(recipe.stages):
-        ctx.stage_index = i
-        seed_everything(ctx.stage_seed)
+        ctx = Context(recipe=recipe, data=data, device=device, teacher=model,
+                      progress=progress, out_dir=out, run=folder)
+        # ---- baseline: train it or load it (or take it from an earlier, killed run)
         t0 = time.perf_counter()
-        state.info = {}
-        if not isinstance(state.model, torch.fx.GraphModule):
+        model.to(device)
+        done = folder.entry(0)
+        if done is not None:
+            load_checkpoint(model, out / "baseline.safetensors")
+            model.to(device)
+        elif recipe.baseline.checkpoint:
+            load_checkpoint(model, recipe.baseline.checkpoint)
+            model.to(device)
+        else:
+            cfg = recipe.baseline_train()
+            train = ctx.loader("train", cfg.batch_size, seed=recipe.seed, augment=True,
+                               shuffle=True)
             from pqd.train import prepare_model
 
-            prepare_model(state.model, ctx.stage_train(), device)
-        state = STAGES[spec.stage](state, spec, ctx)
-        seconds = time.perf_counter() - t0
-        val = evaluate(state.model, val_loader, device=device, progress=progress,
-                       desc=f"{ctx.stage_desc} val")
-        stage_records.append({
-            "index": i, "name": spec.stage, "config": spec.model_dump(mode="json"),
-            "seconds": round(seconds, 2), "val_accuracy": val, "info": state.info,
-        })
+            prepare_model(model, cfg, device)
+            start, on_epoch = folder.epoch_hooks(0, model, {}, desc="baseline")
+            fit(model, train, cfg, recipe.baseline.epochs, device=device, desc="baseline",
+                progress=progress, resume=start, on_epoch=on_epoch)
+        model.to(memory_format=torch.contiguous_format)
+        val_loader = ctx.loader("val", 256)
+        if done is None:
+            save_checkpoint(model, out / "baseline.safetensors", {"recipe": recipe.name})
+            source = ({"checkpoint": recipe.baseline.checkpoint} if recipe.baseline.checkpoint
+                      else {"trained_epochs": recipe.baseline.epochs})
+            done = {"source": source, "seconds": round(time.perf_counter() - t0, 2),
+                    "val_accuracy": evaluate(model, val_loader, device=device,
+                                             progress=progress, desc="baseline val")}
+            folder.finish(0, "baseline.safetensors", done)
+        source, baseline_seconds, baseline_val = (done["source"], done["seconds"],
+                                                  done["val_accuracy"])
+
+        # ---- stages, in the recipe's order (finished ones come back from their checkpoints)
+        ctx.teacher = copy.deepcopy(model).eval()
+        for p in ctx.teacher.parameters():
+            p.requires_grad_(False)
+        finished = max(0, min(len(folder.steps) - 1, len(recipe.stages)))
+        if finished > 0:
+            state = load_state(out / folder.steps[finished]["checkpoint"], recipe, data,
+                               ctx.example_input)
+            state.model.to(device)
+        else:
+            state = State(model=copy.deepcopy(model))
+        stage_records = [folder.entry(i + 1) for i in range(finished)]
+        for i in range(finished, len(recipe.stages)):
+            spec = recipe.stages[i]
+            ctx.stage_index = i
+            ctx.fit_calls = 0
+            seed_everything(ctx.stage_seed)
+            t0 = time.perf_counter()
+            state.info = {}
+            if not isinstance(state.model, torch.fx.GraphModule):
+                from pqd.train import prepare_model
+
+                prepare_model(state.model, ctx.stage_train(), device)
+            state = STAGES[spec.stage](state, spec, ctx)
+            seconds = time.perf_counter() - t0
+            val = evaluate(state.model, val_loader, device=device, progress=progress,
+                           desc=f"{ctx.stage_desc} val")
+            entry = json.loads(json.dumps({
+                "index": i, "name": spec.stage, "config": spec.model_dump(mode="json"),
+                "seconds": round(seconds, 2), "val_accuracy": val, "info": state.info,
+            }, default=_json_default))
+            name = step_name(recipe, i + 1)
+            save_state(out / "checkpoints" / f"{name}.safetensors", folder.prints[i + 1], state)
+            folder.finish(i + 1, f"checkpoints/{name}.safetensors", entry)
+            stage_records.append(entry)
 
     # ---- export both artifacts, then measure them side by side
     from pqd.export import export_onnx
@@ -187,6 +226,8 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
                   "masked_sparsity": _masked_sparsity(state),
                   **_sparsity_extras(state, final_path, recipe)},
         "stages": stage_records,
+        "determinism": determinism,
+        "resume": {"reused_steps": reused, "continued_after_epoch": folder.continued},
         "timing_s": {
             "baseline": round(baseline_seconds, 2),
             "stages": round(sum(s["seconds"] for s in stage_records), 2),
@@ -210,7 +251,46 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
                             recipe.measure.threads, "in-process, right after training",
                             time.perf_counter() - t_start)
     write_record(record, out)
+    folder.mark_complete()
     return record
+
+
+@contextlib.contextmanager
+def deterministic(seed: int, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Seed everything and turn on deterministic algorithms for the run; yields the settings
+    (for the record) and restores the previous global setting afterwards.
+
+    On CPU the same recipe, seed, thread count and library versions give identical weights,
+    masks and accuracies (checked in tests/test_faults.py). ``warn_only``: an op without a
+    deterministic kernel warns instead of failing the run.
+    """
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn = torch.backends.cudnn
+    cudnn_before = (cudnn.benchmark, cudnn.deterministic)
+    cudnn.benchmark, cudnn.deterministic = False, True
+    seed_everything(seed)
+    try:
+        yield {
+            "seed": seed,
+            "stage_seeds": "seed + 1000 * (stage index + 1); data order and augmentation use "
+                           "per-loader generators seeded from these",
+            "torch_deterministic_algorithms": True,
+            "deterministic_warn_only": True,
+            "cudnn_benchmark": False,
+            "cudnn_deterministic": True,
+            "torch_threads": torch.get_num_threads(),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+            if device.type == "cuda" else None,
+            "scope": "identical results for the same recipe, seed, machine, thread count and "
+                     "library versions",
+        }
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.benchmark, cudnn.deterministic = cudnn_before
 
 
 PENDING_FILE = "pending.json"
@@ -288,6 +368,7 @@ def _finish_record(pending: dict[str, Any], measured: dict[str, Any], measure_se
         "stages": pending["stages"],
         "timing_s": timing,
         "measurement": {**machine(), "where": where, "trained_on": pending["trained_on"]},
+        **{k: pending[k] for k in ("determinism", "resume") if k in pending},
     }
 
 

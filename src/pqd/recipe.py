@@ -70,6 +70,8 @@ class TrainSpec(Strict):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
     grad_clip: float | None = Field(default=None, gt=0.0)
+    # a gradient norm above this (or not finite) stops the stage as diverged; None: no limit
+    max_grad_norm: float | None = Field(default=1000.0, gt=0.0)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> TrainSpec:
@@ -93,6 +95,7 @@ class TrainOverride(Strict):
     amp: Literal["auto", "bf16", "fp16", "off"] | None = None
     channels_last: bool | None = None
     grad_clip: float | None = Field(default=None, gt=0.0)
+    max_grad_norm: float | None = Field(default=None, gt=0.0)
 
 
 def merge_train(base: TrainSpec, override: TrainOverride) -> TrainSpec:

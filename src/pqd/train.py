@@ -46,7 +46,28 @@ class BatchSource(Protocol):
 
 
 class TrainingDiverged(PqdError):
-    """The loss became NaN/inf: the stage stops instead of training on garbage."""
+    """The loss or the gradient norm became NaN/inf, or the gradient norm exceeded
+    ``train.max_grad_norm``: the stage stops instead of training on garbage."""
+
+
+DIVERGED_FIX = ("lower the learning rate (train.lr or the stage's train.lr) or set "
+                "train.grad_clip, then run again with --resume: finished steps are kept")
+
+
+@dataclass
+class FitProgress:
+    """Where a ``fit`` stands after a whole epoch: enough to continue it exactly.
+
+    ``optimizer`` is ``optimizer.state_dict()``, ``loader`` the train loader's
+    ``state_dict()`` (None for loaders without one), ``rng`` the global torch CPU RNG state.
+    """
+
+    epoch: int  # epochs finished
+    step: int  # optimizer steps taken
+    optimizer: dict[str, Any]
+    loader: dict[str, Any] | None
+    rng: torch.Tensor
+    losses: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -206,11 +227,17 @@ def fit(
     on_step: Callable[[int, int], None] | None = None,
     desc: str = "train",
     progress: bool = True,
+    resume: FitProgress | None = None,
+    on_epoch: Callable[[FitProgress], None] | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``epochs`` passes over ``train``.
 
     ``on_step(step, total)`` runs before each optimizer step (schedules such
     as gradual pruning hook in there); ``after_step(model)`` runs after it.
+    ``on_epoch(progress)`` runs after every epoch (the pipeline checkpoints there);
+    ``resume`` continues from such a progress (the caller has restored the weights).
+    A NaN/inf loss, a non-finite gradient norm or one above ``cfg.max_grad_norm``
+    raises :class:`TrainingDiverged` naming the epoch and step.
     """
     start = time.perf_counter()
     total = epochs * len(train)
@@ -218,15 +245,23 @@ def fit(
     if total == 0:
         return result
     opt = build_optimizer(model, cfg)
+    first_epoch, step = 0, 0
+    if resume is not None:
+        opt.load_state_dict(resume.optimizer)
+        if resume.loader is not None and hasattr(train, "load_state_dict"):
+            train.load_state_dict(resume.loader)
+        torch.set_rng_state(resume.rng)
+        first_epoch, step = resume.epoch, resume.step
+        result.losses = list(resume.losses)
+    params = [p for p in model.parameters() if p.requires_grad]
     dtype = autocast_dtype(cfg.amp, model, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     channels_last = cfg.channels_last and not is_graph(model)
     set_train(model, True)
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False,
-               dynamic_ncols=True)
-    step = 0
+    bar = tqdm(total=total, initial=step, desc=desc, unit="step", disable=not progress,
+               leave=False, dynamic_ncols=True)
     try:
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             loss_sum, n = 0.0, 0
             for x, y in train:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -243,19 +278,33 @@ def fit(
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                 else:
                     loss = loss_fn(logits, y, x)
+                where = f"at epoch {epoch + 1}/{epochs}, step {step + 1}/{total}"
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
-                        f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}",
-                        "lower the learning rate (train.lr) or set train.grad_clip",
-                    )
+                        f"{desc}: training diverged {where}: the loss is {loss.item()}",
+                        DIVERGED_FIX)
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
                     scaler.unscale_(opt)
                 else:
                     loss.backward()
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if cfg.grad_clip is not None:  # returns the norm before clipping
+                    norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                else:
+                    grads = [p.grad for p in params if p.grad is not None]
+                    norm = float(nn.utils.get_total_norm(grads)) if grads else 0.0
+                # (with an fp16 GradScaler, inf gradients are routine: the scaler skips the step)
+                if scaler is None and not math.isfinite(norm):
+                    raise TrainingDiverged(
+                        f"{desc}: training diverged {where}: the gradient norm is {norm}",
+                        DIVERGED_FIX)
+                if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
+                    raise TrainingDiverged(
+                        f"{desc}: training diverged {where}: the gradient norm {norm:.4g} "
+                        f"exceeds train.max_grad_norm={cfg.max_grad_norm:g}",
+                        DIVERGED_FIX + " (or raise train.max_grad_norm if such norms are "
+                        "normal for this model)")
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
@@ -269,6 +318,11 @@ def fit(
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.3f}")
             result.losses.append(loss_sum / max(1, n))
+            if on_epoch is not None:
+                on_epoch(FitProgress(
+                    epoch=epoch + 1, step=step, optimizer=opt.state_dict(),
+                    loader=train.state_dict() if hasattr(train, "state_dict") else None,
+                    rng=torch.get_rng_state(), losses=list(result.losses)))
     finally:
         bar.close()
         set_train(model, False)

@@ -60,6 +60,8 @@ class Context:
     progress: bool = True
     out_dir: Path | None = None
     stage_index: int = -1  # set by the pipeline before each stage runs
+    run: Any = None  # pqd.resume.RunFolder: per-epoch checkpoints and resume (None: neither)
+    fit_calls: int = 0  # fit calls so far in the current stage (the pipeline resets it)
 
     @property
     def stage_seed(self) -> int:
@@ -107,11 +109,25 @@ class Context:
         on_step: Callable[[int, int], None] | None = None,
         after_step: StepHook | None = None,
         desc: str = "train",
+        hook_state: dict[str, Any] | None = None,
     ) -> FitResult:
         """Fine-tune ``state.model`` on the train split, keeping pruned weights at zero.
 
         ``after_step`` (e.g. a movement-score tracker) runs after the masks are re-applied.
+
+        With ``self.run`` set, every epoch is checkpointed and a killed stage continues
+        after its last saved epoch (weights, masks, optimizer, RNG states and ``hook_state``,
+        a JSON-able dict the stage's ``on_step`` keeps its own progress in, are restored).
+        Only the stage's first ``fit`` call continues mid-way when the stage fits several
+        times, and none does with an ``after_step`` tracker (its state is not saved): the
+        pipeline replays those stages from their start, which gives the same result.
         """
+        call = self.fit_calls
+        self.fit_calls += 1
+        resume, on_epoch = None, None
+        if self.run is not None and epochs > 0 and after_step is None:
+            resume, on_epoch = self.run.epoch_hooks(self.stage_index + 1, state.model,
+                                                    state.masks, hook_state, desc, call)
         keep = MaskKeeper(state.model, state.masks)
         keep(state.model)
         train = self.loader("train", cfg.batch_size, seed=seed, augment=True, shuffle=True)
@@ -124,7 +140,7 @@ class Context:
         return fit(
             state.model, train, cfg, epochs, device=self.device, loss_fn=loss_fn,
             after_step=after if hooks else None, on_step=on_step, desc=desc,
-            progress=self.progress,
+            progress=self.progress, resume=resume, on_epoch=on_epoch,
         )
 
 

@@ -215,18 +215,20 @@ def apply_distill(state: State, spec: DistillSpec, ctx: Context) -> State:
                                  {p: t_taps[p].value.shape for p in points}, fspec.loss)
         for p in points:
             s_taps[p].adapter = adapters[p].to(ctx.device)
-        history: list[float] = []
+        # the per-step feature losses; checkpointed with each epoch (hook_state) for resume
+        log: dict[str, list[float]] = {"history": []}
 
         def combined(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             base = loss(logits, y, x)  # runs the teacher: its taps fill
             feat = feature_loss([s_taps[p].value for p in points],
                                 [t_taps[p].value for p in points],
                                 [s_taps[p].adapter for p in points], fspec.loss)
-            history.append(float(feat.detach()))
+            log["history"].append(float(feat.detach()))
             return base + beta * feat
 
         ctx.fit(state, cfg, spec.epochs, seed=ctx.stage_seed, loss_fn=combined,
-                desc=ctx.stage_desc)
+                desc=ctx.stage_desc, hook_state=log)
+    history = log["history"]
     n = max(1, len(history) // 10)
     state.info["feature_kd"] = {
         "points": points, "loss": fspec.loss, "beta": beta,

@@ -292,9 +292,9 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
     target = spec.target_sparsity
     seed = ctx.stage_seed
 
-    def fit(epochs: int, on_step=None, round_index: int = 0) -> None:
+    def fit(epochs: int, on_step=None, round_index: int = 0, hook_state=None) -> None:
         ctx.fit(state, cfg, epochs, seed=seed + round_index, on_step=on_step,
-                after_step=tracker, desc=ctx.stage_desc)
+                after_step=tracker, desc=ctx.stage_desc, hook_state=hook_state)
 
     if spec.rewind != "none":
         _prune_with_rewind(state, spec, ctx, update, fit, info)
@@ -310,7 +310,7 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
         fit(spec.epochs)
     else:  # gradual
         update(0.0)  # register the masks so that ctx.fit keeps them
-        last = {"s": -1.0}
+        last = {"s": -1.0}  # checkpointed with each epoch (hook_state) for resume
 
         def on_step(step: int, total: int) -> None:
             ramp = max(1, int(total * GRADUAL_END))
@@ -321,7 +321,7 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
                     update(s)
                     last["s"] = s
 
-        fit(spec.epochs, on_step=on_step)
+        fit(spec.epochs, on_step=on_step, hook_state=last)
         update(target)  # the ramp ends at the target; make it exact
     pruned = {n: state.masks[n] for n in params}
     info["mask_sparsity"] = sparsity_of(pruned)

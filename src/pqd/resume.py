@@ -1,0 +1,389 @@
+"""Resume: a run folder remembers every finished step, so a killed run continues where it was.
+
+After the baseline and after every stage the pipeline writes the step's checkpoint and
+appends the step's record entry to ``progress.json``; inside a step, the shared fit loop
+checkpoints after every epoch (model, masks, optimizer, epoch, loader and torch RNG states).
+Every file is written atomically (temporary file, fsync, rename), so a kill at any instant
+leaves either the old or the new version. Layout of the run folder::
+
+    progress.json                      recipe hash, finished steps with their record entries
+    baseline.safetensors               the baseline (also the KD teacher)
+    checkpoints/01-prune.safetensors   state after stage 1: weights (+ masks), metadata
+    checkpoints/02-quantize.epoch.safetensors   mid-stage state, removed when the stage ends
+
+A state after a quantize stage is a PT2E QAT graph; it is rebuilt by running the same
+``prepare_qat`` on a fresh eager model and loading the saved graph state_dict into it
+(the graph's names are the eager names plus fake-quant/observer buffers).
+
+Each step carries a fingerprint of the recipe parts it depends on (model, data, seed,
+train, baseline, the stages up to it): re-running the same recipe into the same ``--out``
+continues it; another recipe there is refused unless ``--resume`` (keep the finished steps
+whose fingerprint still matches, e.g. after lowering a later stage's lr) or ``--fresh``.
+Everything is safetensors + JSON: resuming never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pqd.checkpoint import atomic_write_bytes, atomic_write_text
+from pqd.errors import CheckpointError, PqdError
+from pqd.recipe import Recipe
+from pqd.train import FitProgress
+
+PROGRESS = "progress.json"
+PROGRESS_VERSION = 1
+# what a run writes into its folder; --fresh removes exactly these
+RUN_FILES = ("progress.json", "record.json", "report.md", "recipe.yaml", "baseline.safetensors",
+             "baseline.onnx", "baseline.onnx.data", "final.onnx", "final.onnx.data",
+             "pending.json", "reference_logits.npz")
+# test hook: "STEP:EPOCH" (STEP 0 = baseline, i = stage i) pauses after that epoch's checkpoint
+PAUSE_ENV = "PQD_TEST_PAUSE_AFTER_EPOCH"
+
+
+class RunFolderError(PqdError):
+    """The --out folder holds another recipe's run, or its progress file is unreadable."""
+
+
+def note(message: str) -> None:
+    """A one-line status message on stderr (what resume reuses and where it continues)."""
+    print(f"pqd: {message}", file=sys.stderr, flush=True)
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _relevant(recipe: Recipe) -> dict[str, Any]:
+    """The recipe parts every trained step depends on (data paths aside)."""
+    d = recipe.model_dump(mode="json")
+    data = {k: v for k, v in d["data"].items() if k not in ("root", "download")}
+    return {"seed": d["seed"], "device": d["device"], "model": d["model"], "data": data,
+            "train": d["train"], "baseline": d["baseline"]}
+
+
+def fingerprints(recipe: Recipe) -> list[str]:
+    """Fingerprint of step 0 (baseline) and of each stage i (step i + 1)."""
+    base = _relevant(recipe)
+    stages = recipe.model_dump(mode="json")["stages"]
+    return [_sha({**base, "stages": stages[:i]}) for i in range(len(stages) + 1)]
+
+
+def step_name(recipe: Recipe, step: int) -> str:
+    """``00-baseline``, ``01-prune``, ... (step i + 1 is stage i)."""
+    return "00-baseline" if step == 0 else f"{step:02d}-{recipe.stages[step - 1].stage}"
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """Dotted key paths where two plain-data trees differ: changed values first, then keys
+    only one side has (e.g. options a newer pqd added, with their defaults)."""
+    changed: list[str] = []
+    one_sided: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                sub = f"{path}.{k}" if path else str(k)
+                if (k in a) != (k in b):
+                    one_sided.append(sub)
+                else:
+                    walk(a[k], b[k], sub)
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{path}.{i}")
+        elif a != b:
+            changed.append(path or "(top level)")
+
+    walk(a, b, path)
+    return changed + one_sided
+
+
+@dataclass
+class RunFolder:
+    """The --out folder of one recipe's run: what is finished, where to continue."""
+
+    out: Path
+    recipe: Recipe
+    prints: list[str]
+    steps: list[dict[str, Any]] = field(default_factory=list)  # finished, in order
+    complete: bool = False
+    continued: dict[str, int] = field(default_factory=dict)  # step -> epoch it continued from
+
+    @classmethod
+    def open(cls, out: Path, recipe: Recipe, *, resume: bool = False,
+             fresh: bool = False) -> RunFolder:
+        """Read ``out``'s progress and decide what to keep (see module doc); refuses another
+        recipe's run unless ``resume`` or ``fresh``. Writes nothing."""
+        folder = cls(out=out, recipe=recipe, prints=fingerprints(recipe))
+        if fresh:
+            return folder
+        progress = folder._read_progress()
+        recipe_now = recipe.model_dump(mode="json")
+        if progress is None:
+            saved = out / "recipe.yaml"
+            if saved.is_file() and not resume:
+                import yaml
+
+                try:
+                    before = yaml.safe_load(saved.read_text(encoding="utf-8"))
+                except (yaml.YAMLError, UnicodeDecodeError):
+                    before = None
+                if before != recipe_now:
+                    folder._refuse(_diff(before, recipe_now), resumable=False)
+            return folder
+        same = progress.get("recipe_sha256") == _sha(recipe_now)
+        if not same and not resume:
+            folder._refuse(_diff(progress.get("recipe"), recipe_now), resumable=True)
+        for i, entry in enumerate(progress.get("steps", [])):
+            if i >= len(folder.prints) or entry.get("fingerprint") != folder.prints[i]:
+                break
+            folder.steps.append(entry)
+        folder.complete = (same and bool(progress.get("complete"))
+                           and (out / "record.json").is_file())
+        return folder
+
+    def _read_progress(self) -> dict[str, Any] | None:
+        path = self.out / PROGRESS
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise RunFolderError(f"{path} is unreadable ({type(exc).__name__})",
+                                 "run with --fresh to start over in that folder") from None
+        return data if isinstance(data, dict) else None
+
+    def _refuse(self, changed: list[str], *, resumable: bool) -> None:
+        shown = ", ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3
+                                          else "")
+        keep = ", --resume to keep its finished steps that the change does not touch"
+        raise RunFolderError(
+            f"--out {self.out} holds the run of a different recipe (differs in: {shown})",
+            f"use another --out{keep if resumable else ''}, or --fresh to start over in it")
+
+    # ------------------------------------------------------------------ writing
+
+    def start(self, fresh: bool) -> None:
+        """Prepare the folder: with ``fresh`` remove an earlier run's files; an unfinished run
+        never leaves a record.json that looks complete."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        for name in ("record.json", "report.md", "pending.json"):
+            (self.out / name).unlink(missing_ok=True)
+        self._write(complete=False)
+        if self.steps:
+            note(f"resuming {self.recipe.name!r} in {self.out}: finished "
+                 + ", ".join(e["step"] for e in self.steps) + " (not recomputed)")
+
+    def _write(self, *, complete: bool) -> None:
+        recipe = self.recipe.model_dump(mode="json")
+        data = {"progress_version": PROGRESS_VERSION, "name": self.recipe.name,
+                "recipe_sha256": _sha(recipe), "recipe": recipe, "complete": complete,
+                "steps": self.steps}
+        atomic_write_text(self.out / PROGRESS, json.dumps(data, indent=2))
+
+    def finish(self, step: int, checkpoint: str, entry: dict[str, Any]) -> None:
+        """Record step ``step`` as finished (its checkpoint is already on disk)."""
+        self.steps.append({"step": step_name(self.recipe, step),
+                           "fingerprint": self.prints[step], "checkpoint": checkpoint,
+                           "record": entry})
+        self._write(complete=False)
+        path = epoch_path(self.out, self.recipe, step)
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".paused").unlink(missing_ok=True)
+
+    def mark_complete(self) -> None:
+        """record.json is written: a re-run of the same recipe has nothing left to do."""
+        self._write(complete=True)
+
+    def entry(self, step: int) -> dict[str, Any] | None:
+        """The record entry of finished step ``step``, else None."""
+        return self.steps[step]["record"] if step < len(self.steps) else None
+
+    def epoch_hooks(self, step: int, model: nn.Module, masks: dict[str, torch.Tensor],
+                    hook_state: dict[str, Any] | None = None, desc: str = "", call: int = 0,
+                    ) -> tuple[FitProgress | None, Callable[[FitProgress], None]]:
+        """(progress to resume ``fit`` from or None, ``on_epoch`` saver) for fit call ``call``
+        of step ``step``.
+
+        Restores ``model``'s weights, ``masks`` (in place) and ``hook_state`` (in place) when
+        this step has an epoch checkpoint written by the same recipe and fit call."""
+        path = epoch_path(self.out, self.recipe, step)
+        fingerprint = f"{self.prints[step]}:{call}"
+        start = None
+        if path.is_file():
+            start = load_epoch(path, fingerprint, model, masks, hook_state)
+            if start is not None:
+                self.continued[step_name(self.recipe, step)] = start.epoch
+                note(f"{desc or step_name(self.recipe, step)}: continuing after epoch "
+                     f"{start.epoch} (from {path.name})")
+
+        def on_epoch(progress: FitProgress) -> None:
+            save_epoch(path, fingerprint, model, masks, progress, hook_state)
+            _test_pause(step, progress.epoch, path)
+
+        return start, on_epoch
+
+
+def epoch_path(out: Path, recipe: Recipe, step: int) -> Path:
+    """Where step ``step`` keeps its per-epoch checkpoint."""
+    return out / "checkpoints" / f"{step_name(recipe, step)}.epoch.safetensors"
+
+
+def _test_pause(step: int, epoch: int, path: Path) -> None:
+    """Test hook (``PQD_TEST_PAUSE_AFTER_EPOCH=STEP:EPOCH``): announce and wait to be killed."""
+    if os.environ.get(PAUSE_ENV) == f"{step}:{epoch}":
+        path.with_name(path.name + ".paused").write_text("paused\n")
+        time.sleep(600)
+
+
+# ---------------------------------------------------------------------- checkpoint files
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(flat, metadata={"pqd": json.dumps(meta)}))
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("pqd", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({exc})",
+                              "run with --fresh to start over") from None
+    return tensors, meta
+
+
+def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def save_state(path: Path, fingerprint: str, state: Any) -> None:
+    """The ``pqd.stages.base.State`` after a step: weights (graph or eager), masks, and what
+    rebuilds its form: channel structure, N:M layers, the quantization scheme of a graph."""
+    from pqd.stages.quantize import quant_scheme
+
+    model = state.model
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"mask.{k}": m for k, m in state.masks.items()})
+    _save(path, tensors, {"fingerprint": fingerprint, "quantized": state.quantized,
+                          "scheme": quant_scheme(model) if state.quantized else None,
+                          "structure": state.structure, "nm_layers": state.nm_layers})
+
+
+def load_state(path: Path, recipe: Recipe, data: Any, example: Callable[[], torch.Tensor]
+               ) -> Any:
+    """Rebuild the state :func:`save_state` wrote: a fresh model from the recipe pruned to the
+    saved channel structure, made a QAT graph by the same ``prepare_qat`` (and float layers)
+    when it was one, then the saved tensors loaded."""
+    from pqd.stages.base import State
+    from pqd.stages.prune_channels import rebuild_model
+
+    tensors, meta = _load(path)
+    structure = meta.get("structure") or []
+    model = rebuild_model(recipe.model, data.num_classes, data.mean, data.std, structure,
+                          example().cpu() if structure else None)
+    quantized = bool(meta.get("quantized"))
+    if quantized:
+        from pqd.stages.quantize import keep_float, prepare_qat
+
+        scheme = dict(meta["scheme"])
+        float_layers = list(scheme.get("float_layers") or [])
+        model = prepare_qat(model, example().cpu(), {**scheme, "float_layers": []})
+        if float_layers:
+            keep_float(model, float_layers)
+    _load_strict(model, _split(tensors, "model."), path)
+    masks = {k: m.to(torch.bool) for k, m in _split(tensors, "mask.").items()}
+    return State(model=model, masks=masks, quantized=quantized, structure=list(structure),
+                 nm_layers=dict(meta.get("nm_layers") or {}))
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    mismatch = CheckpointError(f"checkpoint {str(path)!r} does not match the recipe's model",
+                               "run with --fresh to start over")
+    if set(own) != set(state):
+        raise mismatch
+    # Module versions travel in state_dict()._metadata, which a tensor file drops; without
+    # them torchao's observers take the dict for a version-1 one and reset ``eps`` to
+    # float32 eps (2^-23 instead of the QAT config's 2^-12), changing every later scale.
+    with_versions = OrderedDict(state)
+    with_versions._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
+    try:  # (shapes may differ: an unused per-channel observer's min/max are empty)
+        model.load_state_dict(with_versions)
+    except RuntimeError:
+        raise mismatch from None
+
+
+def save_epoch(path: Path, fingerprint: str, model: nn.Module, masks: dict[str, torch.Tensor],
+               progress: FitProgress, hook_state: dict[str, Any] | None) -> None:
+    """Mid-step checkpoint after an epoch (see :class:`pqd.train.FitProgress`)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"mask.{k}": m for k, m in masks.items()})
+    tensors["rng.torch"] = progress.rng
+    opt_meta = {"param_groups": progress.optimizer["param_groups"], "state": {}}
+    for idx, entry in progress.optimizer["state"].items():
+        plain = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{idx}.{key}"] = value
+            else:
+                plain[key] = value
+        opt_meta["state"][str(idx)] = plain
+    loader_meta = None
+    if progress.loader is not None:
+        tensors["rng.loader"] = progress.loader["generator"]
+        loader_meta = {k: v for k, v in progress.loader.items() if k != "generator"}
+    _save(path, tensors, {"fingerprint": fingerprint, "epoch": progress.epoch,
+                          "step": progress.step, "losses": progress.losses,
+                          "optimizer": opt_meta, "loader": loader_meta,
+                          "hook_state": hook_state})
+
+
+def load_epoch(path: Path, fingerprint: str, model: nn.Module, masks: dict[str, torch.Tensor],
+               hook_state: dict[str, Any] | None) -> FitProgress | None:
+    """Restore what :func:`save_epoch` wrote into ``model``/``masks``/``hook_state``; None
+    (and nothing restored) when another recipe wrote it."""
+    tensors, meta = _load(path)
+    if meta.get("fingerprint") != fingerprint:
+        return None
+    _load_strict(model, _split(tensors, "model."), path)
+    masks.clear()
+    params = dict(model.named_parameters())
+    masks.update({k: m.to(torch.bool).to(params[k].device)
+                  for k, m in _split(tensors, "mask.").items()})
+    if hook_state is not None and meta.get("hook_state"):
+        hook_state.update(meta["hook_state"])
+    opt = meta["optimizer"]
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in opt["state"].items()}
+    for key, value in _split(tensors, "opt.").items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    loader = None
+    if meta.get("loader") is not None:
+        loader = {**meta["loader"], "generator": tensors["rng.loader"]}
+    return FitProgress(epoch=int(meta["epoch"]), step=int(meta["step"]),
+                       optimizer={"state": state, "param_groups": opt["param_groups"]},
+                       loader=loader, rng=tensors["rng.torch"], losses=list(meta["losses"]))

@@ -1,0 +1,497 @@
+"""Runs that survive faults and hostile input: resume after SIGKILL (exactly the same
+result), training divergence, disk full, another recipe's run folder, malformed input
+(one line each, fuzzed with hypothesis) and determinism."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pqd.checkpoint
+import pqd.resume
+import pqd.stages  # (registers the stages)
+from conftest import tiny_recipe
+from pqd.cli import main
+from pqd.data import Dataset
+from pqd.models import build_model
+from pqd.pipeline import deterministic
+from pqd.registry import STAGES
+from pqd.resume import RunFolder, load_state, save_state
+from pqd.stages.base import Context, State
+from pqd.stages.prune import prunable_parameters
+from pqd.stages.quantize import prepare_qat
+from pqd.train import TrainingDiverged, eval_mode, evaluate, fit, is_graph
+
+CPU = torch.device("cpu")
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str], code: int) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("pqd: error: ")]
+    assert code == 2 and len(lines) == 1, err
+    assert "fix:" in lines[0] and "Traceback" not in err, err
+    return lines[0]
+
+
+def real_recipe(root: Path | str, stages: list[dict[str, Any]], limit_train: int = 200,
+                **extra: Any) -> dict[str, Any]:
+    """tiny_cnn on a few subset images; measuring kept minimal."""
+    data = {
+        "name": "faults", "seed": 0, "model": {"name": "tiny_cnn"},
+        "data": {"dataset": "cifar10", "root": str(root), "val_size": 50, "download": False,
+                 "limit_train": limit_train, "limit_test": 100},
+        "train": {"batch_size": 64, "lr": 0.05},
+        "baseline": {"epochs": 1},
+        "stages": stages,
+        "measure": {"warmup": 1, "repeats": 5, "batch_sizes": [1], "runtimes": ["onnxruntime"]},
+    }
+    data.update(extra)
+    return data
+
+
+def write(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def progress(out: Path) -> dict[str, Any]:
+    return json.loads((out / "progress.json").read_text())
+
+
+# ---------------------------------------------------------------------------- resume pieces
+
+
+def test_qat_graph_state_survives_a_file(tmp_path: Path, synth: Dataset) -> None:
+    """A QAT graph comes back from (fresh eager model -> same prepare_qat -> saved tensors)
+    with every buffer intact (observer eps included) and the same outputs."""
+    torch.manual_seed(0)
+    graph = prepare_qat(build_model("tiny_cnn", 4, synth.mean, synth.std),
+                        torch.rand(2, 3, 32, 32))
+    graph(torch.rand(8, 3, 32, 32))  # observers and BN statistics move
+    names = list(prunable_parameters(graph))
+    masks = {n: torch.rand_like(p) > 0.5 for n, p in prunable_parameters(graph).items()}
+    save_state(tmp_path / "s.safetensors", "fp", State(model=graph, masks=masks, quantized=True))
+
+    torch.manual_seed(123)  # a differently initialised fresh model
+    state = load_state(tmp_path / "s.safetensors", tiny_recipe([]), synth,
+                       lambda: torch.rand(2, 3, 32, 32))
+    back, back_masks = state.model, state.masks
+    assert state.quantized and is_graph(back) and sorted(back_masks) == sorted(names)
+    assert all(torch.equal(back_masks[n], masks[n]) for n in names)
+    want, got = graph.state_dict(), back.state_dict()
+    assert set(want) == set(got) and any(k.endswith(".eps") for k in want)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    x = torch.rand(4, 3, 32, 32)
+    with eval_mode(graph), eval_mode(back):
+        assert torch.equal(graph(x), back(x))
+
+
+def test_a_channel_pruned_then_quantized_state_survives_a_file(tmp_path: Path,
+                                                              synth: Dataset) -> None:
+    """Structured surgery changes the architecture: the state comes back by replaying the
+    recorded channel structure on a fresh model, then prepare_qat, then the tensors."""
+    recipe = tiny_recipe([{"stage": "prune_channels", "ratio": 0.5, "round_to": None,
+                           "epochs": 0},
+                          {"stage": "quantize", "mode": "ptq", "epochs": 0,
+                           "calibration_batches": 1}])
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
+    ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=model, progress=False)
+    state = State(model=copy.deepcopy(model))
+    for i, spec in enumerate(recipe.stages):
+        ctx.stage_index = i
+        state = STAGES[spec.stage](state, spec, ctx)
+    assert state.structure and state.quantized
+    save_state(tmp_path / "s.safetensors", "fp", state)
+    back = load_state(tmp_path / "s.safetensors", recipe, synth, ctx.example_input)
+    assert back.structure == state.structure and back.quantized
+    want, got = state.model.state_dict(), back.model.state_dict()
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    x = torch.rand(4, 3, 32, 32)
+    with eval_mode(state.model), eval_mode(back.model):
+        assert torch.equal(state.model(x), back.model(x))
+
+
+STAGE_CASES = {
+    # masks and the schedule's own state change every step
+    "prune": {"stage": "prune", "sparsity": 0.6, "schedule": "gradual", "epochs": 2},
+    # adapters train beside the student; the per-step feature losses go into the record
+    "distill": {"stage": "distill", "epochs": 2, "features": {"loss": "fitnet"}},
+}
+
+
+def _one_stage(out: Path, synth: Dataset, stage: dict[str, Any]) -> tuple[State, RunFolder]:
+    recipe = tiny_recipe([stage])
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
+    folder = RunFolder.open(out, recipe)
+    folder.start(fresh=False)
+    ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=copy.deepcopy(model).eval(),
+                  progress=False, run=folder)
+    ctx.stage_index = 0
+    return STAGES[stage["stage"]](State(model=copy.deepcopy(model)), recipe.stages[0], ctx), folder
+
+
+@pytest.mark.parametrize("case", list(STAGE_CASES))
+def test_a_stage_killed_after_an_epoch_continues_exactly(tmp_path: Path, synth: Dataset,
+                                                         monkeypatch, case: str) -> None:
+    """A stage crashes after epoch 1 of 2 and continues from its epoch checkpoint: weights,
+    masks and the stage's record info equal an uninterrupted stage's bit for bit."""
+    stage = STAGE_CASES[case]
+    whole, _ = _one_stage(tmp_path / "whole", synth, stage)
+
+    def crash(step: int, epoch: int, path: Path) -> None:
+        assert path.is_file()
+        if (step, epoch) == (1, 1):
+            raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(pqd.resume, "_test_pause", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _one_stage(tmp_path / "cut", synth, stage)
+    monkeypatch.undo()
+    resumed, folder = _one_stage(tmp_path / "cut", synth, stage)
+    assert folder.continued == {f"01-{case}": 1}
+    assert resumed.info == whole.info
+    assert sorted(resumed.masks) == sorted(whole.masks)
+    for n, m in whole.masks.items():
+        assert torch.equal(m, resumed.masks[n]), n
+    want, got = whole.model.state_dict(), resumed.model.state_dict()
+    assert set(want) == set(got)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+
+
+def test_another_recipes_folder_is_refused(tmp_path: Path, capsys, subset_dir: Path) -> None:
+    """--out holding a different recipe's run: one line naming what differs and the ways out;
+    --resume keeps exactly the finished steps the change does not touch."""
+    stages = [{"stage": "prune", "sparsity": 0.5, "epochs": 1},
+              {"stage": "distill", "epochs": 1}]
+    a = real_recipe(subset_dir, stages)
+    out = tmp_path / "run"
+    from pqd.recipe import recipe_from_dict
+
+    ra = recipe_from_dict(a)
+    folder = RunFolder.open(out, ra)
+    folder.start(fresh=False)
+    for step in range(3):
+        folder.finish(step, f"x{step}", {"step": step})
+    b = copy.deepcopy(a)
+    b["stages"][1]["train"] = {"lr": 0.001}
+    line = one_error_line(capsys, main(["run", str(write(tmp_path / "b.yaml", b)),
+                                        "--out", str(out)]))
+    assert f"--out {out} holds the run of a different recipe" in line
+    assert "stages.1.train.lr" in line and "--resume" in line and "--fresh" in line
+    kept = RunFolder.open(out, recipe_from_dict(b), resume=True)
+    assert [e["step"] for e in kept.steps] == ["00-baseline", "01-prune"]
+    assert RunFolder.open(out, recipe_from_dict(b), fresh=True).steps == []
+    assert len(RunFolder.open(out, ra).steps) == 3  # the same recipe: everything kept
+
+
+# ---------------------------------------------------------------------------- training faults
+
+
+def test_nan_loss_and_exploding_gradients_stop_with_one_line(synth: Dataset) -> None:
+    from pqd.data import Loader
+
+    recipe = tiny_recipe([])
+    train = Loader(synth.train_x, synth.train_y, 32, shuffle=True)
+    model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
+    calls = {"n": 0}
+
+    def nan_on_second_step(logits, y, x):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    with pytest.raises(TrainingDiverged) as exc:
+        fit(model, train, recipe.train, 2, device=CPU, loss_fn=nan_on_second_step,
+            desc="[1/2] distill", progress=False)
+    line = exc.value.line()
+    assert "[1/2] distill: training diverged at epoch 1/2, step 2/6: the loss is nan" in line
+    assert "fix: lower the learning rate" in line and "--resume" in line
+
+    cfg = recipe.train.model_copy(update={"max_grad_norm": 1e-6})
+    with pytest.raises(TrainingDiverged, match=r"gradient norm .* exceeds train.max_grad_norm"):
+        fit(model, train, cfg, 1, device=CPU, progress=False)
+
+
+@pytest.mark.integration
+def test_a_diverging_stage_keeps_finished_steps(tmp_path: Path, capsys, subset_dir: Path
+                                                ) -> None:
+    """A stage that diverges stops the run with one line; the finished steps and their
+    checkpoints stay, no record.json appears; the fixed recipe continues with --resume."""
+    stages = [{"stage": "prune", "sparsity": 0.5, "epochs": 1},
+              {"stage": "quantize", "epochs": 1, "train": {"max_grad_norm": 1e-9}}]
+    path = write(tmp_path / "r.yaml", real_recipe(subset_dir, stages))
+    out = tmp_path / "run"
+    line = one_error_line(capsys, main(["run", str(path), "--out", str(out), "--no-progress"]))
+    assert "[2/2] quantize: training diverged at epoch 1/1, step 1/" in line
+    assert not (out / "record.json").exists()
+    p = progress(out)
+    assert not p["complete"] and [s["step"] for s in p["steps"]] == ["00-baseline", "01-prune"]
+    assert (out / "checkpoints" / "01-prune.safetensors").is_file()
+    prune_written = (out / "checkpoints" / "01-prune.safetensors").stat().st_mtime_ns
+
+    fixed = [str(path), "--out", str(out), "--no-progress", "stages.1.train.max_grad_norm=1000"]
+    line = one_error_line(capsys, main(["run", *fixed]))  # a changed recipe needs --resume
+    assert "stages.1.train.max_grad_norm" in line
+    assert main(["run", *fixed, "--resume"]) == 0
+    assert "finished 00-baseline, 01-prune (not recomputed)" in capsys.readouterr().err
+    record = json.loads((out / "record.json").read_text())
+    assert record["resume"]["reused_steps"] == ["00-baseline", "01-prune"]
+    assert record["final"]["precision"] == "int8" and progress(out)["complete"]
+    assert (out / "checkpoints" / "01-prune.safetensors").stat().st_mtime_ns == prune_written
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_atomic_writer_on_a_full_disk_leaves_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "record.json"
+    target.write_text("old")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pqd.checkpoint.os, "fsync", full)
+    with pytest.raises(OSError) as exc:
+        pqd.checkpoint.atomic_write_text(target, "new")
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(target)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_disk_full_mid_run_is_one_line_and_nothing_looks_complete(
+        tmp_path: Path, capsys, subset_dir: Path, monkeypatch) -> None:
+    real = pqd.checkpoint.atomic_write_bytes
+
+    def fills_up(path: Path, data: bytes) -> None:
+        if path.name == "01-prune.safetensors":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(pqd.checkpoint, "atomic_write_bytes", fills_up)
+    monkeypatch.setattr(pqd.resume, "atomic_write_bytes", fills_up)
+    stages = [{"stage": "prune", "sparsity": 0.5, "epochs": 1}]
+    path = write(tmp_path / "r.yaml", real_recipe(subset_dir, stages))
+    out = tmp_path / "run"
+    line = one_error_line(capsys, main(["run", str(path), "--out", str(out), "--no-progress"]))
+    assert "No space left on device writing" in line and "01-prune.safetensors" in line
+    assert "free space" in line and "run the same command again" in line
+    assert not (out / "record.json").exists() and not progress(out)["complete"]
+    assert [s["step"] for s in progress(out)["steps"]] == ["00-baseline"]
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_malformed_yaml_and_wrong_model_output_are_one_line(tmp_path: Path, capsys,
+                                                            subset_dir: Path, monkeypatch
+                                                            ) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: tiny_cnn\nstages: [\n")
+    line = one_error_line(capsys, main(["validate", str(bad)]))
+    assert "malformed YAML at line" in line
+    (tmp_path / "usernet.py").write_text(
+        "import torch.nn as nn\n\n"
+        "def build(num_classes=10, **kwargs):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 7))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write(tmp_path / "r.yaml", real_recipe(subset_dir, [], model={"name": "usernet:build"}))
+    line = one_error_line(capsys, main(["run", str(path), "--out", str(tmp_path / "o")]))
+    assert "model output is [2, 7]" in line and "expected [2, 10]" in line
+    assert not (tmp_path / "o").exists()
+
+
+BASE = {"model": {"name": "tiny_cnn"}, "train": {"batch_size": 32, "lr": 0.05},
+        "baseline": {"epochs": 1},
+        "stages": [{"stage": "prune", "sparsity": 0.5}, {"stage": "quantize", "epochs": 1},
+                   {"stage": "distill", "alpha": 0.5}],
+        "measure": {"batch_sizes": [1, 8]}}
+PATHS = ["name", "seed", "device", "model", "model.name", "model.kwargs", "data",
+         "data.dataset", "data.val_size", "data.limit_train", "data.augment.crop_padding",
+         "data.augment.pad_mode", "train", "train.lr", "train.batch_size", "train.optimizer",
+         "train.momentum", "train.schedule", "train.warmup", "train.max_grad_norm",
+         "train.grad_clip", "baseline", "baseline.epochs", "baseline.checkpoint", "stages",
+         "stages.0", "stages.0.stage", "stages.0.sparsity", "stages.0.scope", "stages.0.epochs",
+         "stages.1.mode", "stages.1.calibration_batches", "stages.2.temperature",
+         "stages.2.alpha", "stages.2.train", "stages.2.train.lr", "export.opset",
+         "measure.runtimes", "measure.batch_sizes", "measure.threads", "measure.repeats"]
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
+    | st.text(max_size=12) | st.sampled_from(["prune", "quantize", "qat", "onnxruntime", "1e-3",
+                                              "tiny_cnn", "global"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=3),
+    max_leaves=6)
+MUTATION = st.tuples(st.sampled_from(["set", "delete", "add"]),
+                     st.sampled_from(PATHS) | st.text(min_size=1, max_size=10), VALUES)
+
+
+def _mutate(data: Any, op: str, path: str, value: Any) -> Any:
+    *parents, last = path.split(".")
+    node = data
+    for part in parents:
+        if isinstance(node, dict) and isinstance(node.get(part), (dict, list)):
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return data
+    if isinstance(node, list):
+        if last.isdigit() and int(last) < len(node):
+            if op == "delete":
+                del node[int(last)]
+            else:
+                node[int(last)] = value
+    elif isinstance(node, dict):
+        if op == "delete":
+            node.pop(last, None)
+        elif op == "add":
+            node[last + "x"] = value
+        else:
+            node[last] = value
+    return data
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(MUTATION, min_size=1, max_size=4))
+def test_fuzzed_recipes_pass_or_fail_in_one_line(mutations: list[tuple[str, str, Any]]) -> None:
+    """Random key changes, types and values: ``pqd validate`` accepts (exit 0) or rejects
+    with exactly one ``pqd: error: ... fix: ...`` line (exit 2), never a traceback."""
+    data = copy.deepcopy(BASE)
+    for op, path, value in mutations:
+        data = _mutate(data, op, path, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzz.yaml"
+        path.write_text(yaml.safe_dump(data, allow_unicode=True))
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["validate", str(path), "--quiet"])
+    if code == 0:
+        assert out.getvalue().startswith("ok: ") and err.getvalue() == ""
+    else:
+        lines = err.getvalue().splitlines()
+        assert code == 2 and len(lines) == 1, err.getvalue()
+        assert lines[0].startswith("pqd: error: ") and "fix:" in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------- determinism
+
+
+def _compress(synth: Dataset) -> tuple[State, list[float]]:
+    """Baseline epoch + gradual prune + QAT + KD on tiny_cnn, as the pipeline seeds them."""
+    recipe = tiny_recipe([{"stage": "prune", "sparsity": 0.6, "schedule": "gradual", "epochs": 1},
+                          {"stage": "quantize", "epochs": 1}, {"stage": "distill", "epochs": 1}],
+                         train={"batch_size": 32, "lr": 0.05})  # amp auto: bf16 where fast
+    with deterministic(recipe.seed, CPU):
+        model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
+        ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=model, progress=False)
+        fit(model, ctx.loader("train", 32, seed=0, augment=True, shuffle=True),
+            recipe.baseline_train(), 1, device=CPU, progress=False)
+        ctx.teacher = copy.deepcopy(model).eval()
+        state, accs = State(model=model), []
+        for i, spec in enumerate(recipe.stages):
+            ctx.stage_index = i
+            torch.manual_seed(ctx.stage_seed)
+            state = STAGES[spec.stage](state, spec, ctx)
+            accs.append(evaluate(state.model, ctx.loader("val", 64), device=CPU, progress=False))
+    return state, accs
+
+
+def test_same_recipe_and_seed_give_identical_masks_and_accuracies(synth: Dataset) -> None:
+    a, acc_a = _compress(synth)
+    b, acc_b = _compress(synth)
+    assert acc_a == acc_b and sorted(a.masks) == sorted(b.masks) and a.masks
+    assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------------------- kill and resume
+
+
+def _comparable(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without what legitimately differs between runs: timings, latencies,
+    the machine snapshot and the resume note."""
+    r = copy.deepcopy(record)
+    for key in ("timing_s", "environment", "resume", "comparison"):
+        r.pop(key)
+    for s in r["stages"]:
+        s.pop("seconds")
+    for key in ("baseline", "final"):
+        r[key].pop("latency_ms")
+        for rt in r[key]["runtimes"].values():
+            rt.pop("latency_ms", None)
+    return r
+
+
+@pytest.mark.integration
+def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(tmp_path: Path,
+                                                                   subset_dir: Path) -> None:
+    stages = [{"stage": "prune", "sparsity": 0.5, "epochs": 1},
+              {"stage": "quantize", "epochs": 2},
+              {"stage": "distill", "epochs": 1}]
+    recipe = write(tmp_path / "r.yaml", real_recipe(subset_dir, stages, limit_train=600))
+    cmd = [sys.executable, "-m", "pqd.cli", "run", str(recipe), "--no-progress", "--out"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ref_out, out = tmp_path / "whole", tmp_path / "killed"
+    ref = subprocess.Popen([*cmd, str(ref_out)], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([*cmd, str(out)], env={**env, pqd.resume.PAUSE_ENV: "2:1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    paused = out / "checkpoints" / "02-quantize.epoch.safetensors.paused"
+    deadline = time.monotonic() + 300
+    while not paused.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert paused.exists(), "the run never reached epoch 1 of the quantize stage"
+    victim.send_signal(signal.SIGKILL)  # mid-stage: epoch 1 of 2 of QAT is done
+    victim.wait(timeout=30)
+    assert [s["step"] for s in progress(out)["steps"]] == ["00-baseline", "01-prune"]
+    assert not (out / "record.json").exists()
+    finished = {p.name: p.stat().st_mtime_ns for p in
+                (out / "baseline.safetensors", out / "checkpoints" / "01-prune.safetensors")}
+
+    resumed = subprocess.run([*cmd, str(out)], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "finished 00-baseline, 01-prune (not recomputed)" in resumed.stderr
+    assert "[2/3] quantize: continuing after epoch 1" in resumed.stderr
+    _, ref_err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, ref_err[-2000:]
+    for path in (out / "baseline.safetensors", out / "checkpoints" / "01-prune.safetensors"):
+        assert path.stat().st_mtime_ns == finished[path.name]  # not recomputed
+
+    whole = json.loads((ref_out / "record.json").read_text())
+    again = json.loads((out / "record.json").read_text())
+    assert again["resume"] == {"reused_steps": ["00-baseline", "01-prune"],
+                               "continued_after_epoch": {"02-quantize": 1}}
+    assert whole["resume"] == {"reused_steps": [], "continued_after_epoch": {}}
+    assert _comparable(again) == _comparable(whole)
+    assert whole["determinism"]["seed"] == 0 and whole["determinism"][
+        "torch_deterministic_algorithms"]
+    from safetensors.torch import load_file
+
+    a = load_file(ref_out / "checkpoints" / "03-distill.safetensors")
+    b = load_file(out / "checkpoints" / "03-distill.safetensors")
+    assert set(a) == set(b) and any(k.startswith("mask.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # weights, masks, quantizer state
+    assert not list((out / "checkpoints").glob("*.epoch.*"))
+    # a third run of the same recipe has nothing left to do
+    assert main(["run", str(recipe), "--out", str(out), "--no-progress"]) == 0
