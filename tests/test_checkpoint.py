@@ -86,3 +86,16 @@ def test_cli_refuses_a_hostile_baseline_in_one_line(tmp_path: Path, capsys,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("pqd: error: refusing checkpoint")
     assert not ran.exists()
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path: Path) -> None:
+    import os
+
+    from pqd.checkpoint import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
