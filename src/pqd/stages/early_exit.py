@@ -367,7 +367,7 @@ def calibrate_net(net: MultiExitNet, ctx: Context, target: ExitTarget) -> dict[s
 @register_stage("early_exit")
 def apply_early_exit(state: State, spec: EarlyExitSpec, ctx: Context) -> State:
     """Attach exit heads, train them (heads or joint), calibrate thresholds on val."""
-    from pqd.stages.quantize import calibrate, prepare_qat_parts
+    from pqd.stages.quantize import calibrate, prepare_qat_parts, quant_scheme
 
     if isinstance(state.model, MultiExitNet):
         raise RecipeError("early_exit: the model already has exits",
@@ -392,7 +392,7 @@ def apply_early_exit(state: State, spec: EarlyExitSpec, ctx: Context) -> State:
     info: dict[str, Any] = {"positions": net.positions, "exits": net.num_exits}
     cfg = ctx.stage_train()
     if whole_graph is not None:
-        prepare_qat_parts(net, example)
+        prepare_qat_parts(net, example, copy.deepcopy(quant_scheme(whole_graph)))
         calib = ctx.loader("train", cfg.batch_size, seed=ctx.stage_seed, shuffle=True)
         calibrate(net, calib, spec.calibration_batches, ctx.device)
         copied, total = carry_observers(whole_graph, [p for _, p in net.parts()])

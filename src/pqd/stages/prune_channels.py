@@ -462,6 +462,14 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
     from pqd.stages.quantize import calibrate, prepare_qat
     from pqd.train import prepare_model
 
+    from pqd.models.multi_exit import MultiExitNet
+
+    if isinstance(state.model, MultiExitNet):
+        from pqd.errors import RecipeError
+
+        raise RecipeError("prune_channels cannot run after early_exit (channel surgery across "
+                          "the exit segments is not supported)",
+                          "put prune_channels before early_exit, or use prune (masks)")
     cfg = ctx.stage_train()
     example = ctx.example_input()
     quantized = state.quantized
