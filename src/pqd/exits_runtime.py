@@ -524,6 +524,7 @@ def measure_exits(manifest_path: str | Path, final_path: str | Path,
             "unfused_latency_ms": lat["unfused"],
             "speedup_mean": lat["final"]["mean"] / lat["exits"]["mean"],
             "speedup_p50": lat["final"]["p50"] / lat["exits"]["p50"],
+            "speedup_mean_vs_segments": lat["segments"]["mean"] / lat["exits"]["mean"],
             "parity": [parity(ref_logits[k], logits[k][:n_par])
                        for k in range(len(ref_logits))],
         }
