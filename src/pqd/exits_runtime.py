@@ -245,8 +245,7 @@ class ExitRuntime:
 
     def __init__(self, manifest: str | Path, runtime: str = "onnxruntime", threads: int = 2,
                  thresholds: Sequence[float] | None = None, batch: int | None = None,
-                 fused: bool = True, spinning: bool = False,
-                 shared_pool: bool = False) -> None:
+                 fused: bool = True, spinning: bool = False) -> None:
         path = Path(manifest)
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != MANIFEST_FORMAT:
@@ -254,13 +253,13 @@ class ExitRuntime:
         folder = path.parent
         self.runtime = runtime
         self.segments = [open_runner(runtime, folder / s["file"], threads, batch,
-                                     spinning=spinning, shared_pool=shared_pool).run
+                                     spinning=spinning).run
                          for s in self.manifest["segments"]]
         self.heads = [open_runner(runtime, folder / h["file"], threads, batch,
-                                  all_outputs=True, spinning=spinning, shared_pool=shared_pool).run
+                                  all_outputs=True, spinning=spinning).run
                       for h in self.manifest["heads"]]
         self.fused = ([open_runner(runtime, folder / f["file"], threads, batch,
-                                   all_outputs=True, spinning=spinning, shared_pool=shared_pool).run
+                                   all_outputs=True, spinning=spinning).run
                        for f in self.manifest["fused"]]
                       if fused and self.manifest.get("fused") else None)
         self.thresholds = list(thresholds_of(self.manifest) if thresholds is None

@@ -45,52 +45,28 @@ def runtime_versions() -> dict[str, str]:
 
 
 def open_runner(runtime: str, path: str | Path, threads: int, batch: int | None = None, *,
-                all_outputs: bool = False, spinning: bool = True,
-                shared_pool: bool = False) -> Runner:
+                all_outputs: bool = False, spinning: bool = True) -> Runner:
     """Load ``path`` on ``runtime``; ``batch`` fixes the batch (OpenVINO compiles it static).
 
     ``run(x)`` returns the first output, or the list of all outputs with ``all_outputs``.
     ``spinning=False`` stops onnxruntime's intra-op workers from busy-waiting between calls
     (each session has its own workers: several sessions called in turn, as the early-exit
-    runtime does, otherwise fight over the cores; measured here: 2.5x slower mean).
-    ``shared_pool=True`` runs the session on onnxruntime's process-wide thread pool of
-    ``threads`` workers (one pool for every session opened so)."""
+    runtime does, otherwise fight over the cores; measured here: 2.5x slower mean)."""
     if runtime == "onnxruntime":
-        return _ort(Path(path), threads, all_outputs, spinning, shared_pool)
+        return _ort(Path(path), threads, all_outputs, spinning)
     if runtime == "openvino":
         return _openvino(Path(path), threads, batch, all_outputs)
     raise ValueError(f"unknown runtime {runtime!r}")
 
 
-_SHARED_POOL: list[int] = []  # the thread count of onnxruntime's global pool, once set
-
-
-def _shared_pool(threads: int) -> None:
-    """Create onnxruntime's process-wide intra-op pool with ``threads`` workers (once)."""
-    if _SHARED_POOL:
-        if _SHARED_POOL[0] != threads:
-            raise ValueError(f"the shared onnxruntime pool has {_SHARED_POOL[0]} threads, "
-                             f"not {threads}")
-        return
-    from onnxruntime.capi import _pybind_state
-
-    _pybind_state.set_global_thread_pool_sizes(threads, 1)
-    _SHARED_POOL.append(threads)
-
-
-def _ort(path: Path, threads: int, all_outputs: bool = False, spinning: bool = True,
-         shared_pool: bool = False) -> Runner:
+def _ort(path: Path, threads: int, all_outputs: bool = False, spinning: bool = True) -> Runner:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if shared_pool:
-        _shared_pool(threads)
-        so.use_per_session_threads = False
-    else:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
@@ -105,8 +81,7 @@ def _ort(path: Path, threads: int, all_outputs: bool = False, spinning: bool = T
 
     return Runner("onnxruntime", run_all if all_outputs else run, {
         "intra_op_threads": threads, "inter_op_threads": 1, "graph_optimization": "all",
-        "provider": "CPUExecutionProvider", "spinning": spinning,
-        "thread_pool": "shared" if shared_pool else "session"})
+        "provider": "CPUExecutionProvider", "spinning": spinning})
 
 
 def ort_kernels(path: str | Path, threads: int = 1) -> dict[str, int]:
