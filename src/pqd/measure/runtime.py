@@ -51,7 +51,7 @@ def open_runner(runtime: str, path: str | Path, threads: int, batch: int | None 
     ``run(x)`` returns the first output, or the list of all outputs with ``all_outputs``.
     ``spinning=False`` stops onnxruntime's intra-op workers from busy-waiting between calls
     (each session has its own workers: several sessions called in turn, as the early-exit
-    runtime does, otherwise fight over the cores; measured here: 2.5x slower mean)."""
+    runtime does, otherwise fight over the cores; measured here: about 2.3x slower mean)."""
     if runtime == "onnxruntime":
         return _ort(Path(path), threads, all_outputs, spinning)
     if runtime == "openvino":
