@@ -99,13 +99,14 @@ def _weights_only(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, quantized: bool,
-                opset: int = 20) -> tuple[Path, nn.Module]:
+                opset: int = 20, output_name: str = OUTPUT_NAME) -> tuple[Path, nn.Module]:
     """Write ``model`` to ``path`` as ONNX; returns the path and the exported torch model.
 
     ``example`` must have batch >= 2. ``quantized`` states are converted first, as their
     scheme (``graph.meta["pqd_quant"]``) says: static QDQ (U8S8 checked where the
     activations are uint8; INT4 weights packed as INT4, opset >= 21), or dynamic
     (DynamicQuantizeLinear + ConvInteger/MatMulInteger on the trained int8 weights).
+    The graph's input is ``input`` and its one output ``output_name``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, qu
     with _quiet(), torch.no_grad():
         torch.onnx.export(
             traced, (example,), str(path), dynamo=True, external_data=False,
-            dynamic_shapes=({0: batch},), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},), input_names=[INPUT_NAME], output_names=[output_name],
             opset_version=opset,
         )
     proto = onnx.load(str(path))

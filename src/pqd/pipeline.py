@@ -31,6 +31,7 @@ import torch
 from pqd import __version__
 from pqd.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from pqd.errors import PqdError
+from pqd.models.multi_exit import MultiExitNet
 from pqd.recipe import MeasureSpec, Recipe, dump_recipe
 from pqd.registry import STAGES
 from pqd.stages.base import Context, State
@@ -202,12 +203,27 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
     state.model.cpu()
     base_path, base_torch = export_onnx(model, out / "baseline.onnx", example, quantized=False,
                                         opset=recipe.export.opset)
-    final_path, final_torch = export_onnx(state.model, out / "final.onnx", example,
-                                          quantized=state.quantized, opset=recipe.export.opset)
+    exits = isinstance(state.model, MultiExitNet)
+    if exits:  # segment files + manifest; final.onnx = the segments chained, no heads
+        from pqd.exits_runtime import chain_segments, export_exits
+
+        manifest, final_torch = export_exits(state.model, out / "exits", example,
+                                             quantized=state.quantized,
+                                             opset=recipe.export.opset)
+        final_path = chain_segments([out / "exits" / s["file"] for s in manifest["segments"]],
+                                    out / "final.onnx")
+    else:
+        final_path, final_torch = export_onnx(state.model, out / "final.onnx", example,
+                                              quantized=state.quantized,
+                                              opset=recipe.export.opset)
     export_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     references = {"baseline": torch_reference(base_torch, data, recipe.export.parity_samples),
                   "final": torch_reference(final_torch, data, recipe.export.parity_samples)}
+    if exits:
+        from pqd.exits_runtime import exit_references
+
+        references.update(exit_references(final_torch, data, recipe.export.parity_samples))
     reference_seconds = time.perf_counter() - t0
 
     pending = {
@@ -245,8 +261,10 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
     from pqd.measure.artifacts import measure_onnx
 
     t0 = time.perf_counter()
+    spec = measure_spec(recipe)
     measured = measure_onnx({"baseline": base_path, "final": final_path}, references, data,
-                            measure_spec(recipe), progress=progress)
+                            spec, progress=progress)
+    _measure_exits(out, recipe, spec, data, references, measured, progress)
     record = _finish_record(pending, measured, time.perf_counter() - t0 + reference_seconds,
                             recipe.measure.threads, "in-process, right after training",
                             time.perf_counter() - t_start)
@@ -335,10 +353,11 @@ def measure_run(run_dir: str | Path, *, data_dir: str | None = None, progress: b
                         seed=recipe.seed, download=recipe.data.download,
                         limit_train=recipe.data.limit_train, limit_test=recipe.data.limit_test)
     with np.load(out / REFERENCE_FILE) as refs:
-        references = {k: refs[k] for k in ("baseline", "final")}
+        references = {k: refs[k] for k in refs.files}
     t0 = time.perf_counter()
     measured = measure_onnx({"baseline": out / "baseline.onnx", "final": out / "final.onnx"},
                             references, data, spec, progress=progress)
+    _measure_exits(out, recipe, spec, data, references, measured, progress)
     seconds = time.perf_counter() - t0
     total = pending["timing_s"]["total"] + seconds
     record = _finish_record(pending, measured, seconds + pending["timing_s"]["reference"],
@@ -346,6 +365,21 @@ def measure_run(run_dir: str | Path, *, data_dir: str | None = None, progress: b
     write_record(record, out)
     pending_path.unlink(missing_ok=True)
     return record
+
+
+def _measure_exits(out: Path, recipe: Recipe, spec: MeasureSpec, data: Any,
+                   references: dict[str, np.ndarray], measured: dict[str, Any],
+                   progress: bool) -> None:
+    """With an early_exit stage: calibrate and measure the exits (``exits/manifest.json``)
+    next to ``final.onnx`` (the same weights, exits disabled); into ``measured["final"]``."""
+    exit_spec = recipe.early_exit()
+    if exit_spec is None:
+        return
+    from pqd.exits_runtime import MANIFEST, measure_exits, references_of
+
+    measured["final"]["early_exit"] = measure_exits(
+        out / "exits" / MANIFEST, out / "final.onnx", references_of(references), data, spec,
+        exit_spec.target, rounds=spec.exit_latency_rounds, progress=progress)
 
 
 def _finish_record(pending: dict[str, Any], measured: dict[str, Any], measure_seconds: float,
@@ -416,6 +450,10 @@ def compare(baseline: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
     for b, stats in lat_b.get("batches", {}).items():
         if b != "1" and b in lat_f.get("batches", {}):
             out[f"speedup_batch{b}_p50"] = round(stats["p50"] / lat_f["batches"][b]["p50"], 3)
+    ee = final.get("early_exit")
+    if ee is not None:  # exits on vs off, same weights, timed over the whole test split
+        out["early_exit_speedup_mean"] = round(ee["speedup_mean"], 3)
+        out["early_exit_accuracy_drop_points"] = round(ee["accuracy_drop_points"], 2)
     return out
 
 

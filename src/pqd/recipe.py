@@ -337,9 +337,60 @@ class DistillSpec(StageBase):
     features: FeatureKDSpec | None = None
 
 
-StageSpec = Annotated[PruneSpec | PruneChannelsSpec | QuantizeSpec | DistillSpec,
+class ExitHeadSpec(Strict):
+    """An exit head: ``[conv-bn-relu (channels, kernel_size, stride)] -> avg pool -> linear``."""
+
+    channels: int = Field(default=0, ge=0, le=4096)  # 0: pool + linear only
+    kernel_size: Literal[1, 3] = 3
+    stride: Literal[1, 2] = 1
+
+
+class ExitTarget(Strict):
+    """What threshold calibration (on the validation split) must meet: exactly one of
+    ``max_drop_points`` (accuracy with exits at most X points below the final head, using
+    the fewest MACs) or ``max_macs_fraction`` (average MACs at most Y of the network without
+    exits, at the best accuracy)."""
+
+    max_drop_points: float | None = Field(default=None, ge=0.0, le=100.0)
+    max_macs_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ExitTarget:
+        if (self.max_drop_points is None) == (self.max_macs_fraction is None):
+            raise ValueError("give exactly one of max_drop_points and max_macs_fraction; fix: "
+                             "e.g. target: {max_drop_points: 1.0}")
+        return self
+
+
+class EarlyExitSpec(StageBase):
+    """Exit heads after chosen ``features`` blocks, trained and calibrated (see stages doc)."""
+
+    stage: Literal["early_exit"]
+    positions: list[Annotated[int, Field(ge=0)]] | None = None  # None: the net's defaults
+    head: ExitHeadSpec = Field(default_factory=ExitHeadSpec)
+    mode: Literal["heads", "joint"] = "heads"  # heads: backbone frozen; joint: weighted loss
+    weights: list[Annotated[float, Field(ge=0.0, le=100.0)]] | None = None  # per exit; 1.0
+    distill: Literal["none", "final", "teacher"] = "none"  # KD source of each exit
+    temperature: float = Field(default=4.0, gt=0.0, le=100.0)
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)  # weight of the exits' KD term
+    confidence: Literal["max_softmax", "entropy"] = "max_softmax"
+    target: ExitTarget = Field(default_factory=lambda: ExitTarget(max_drop_points=1.0))
+    calibration_batches: int = Field(default=8, ge=1, le=10_000)  # quantized: new observers
+
+    @model_validator(mode="after")
+    def _weights_match_positions(self) -> EarlyExitSpec:
+        if self.positions is not None and len(set(self.positions)) != len(self.positions):
+            raise ValueError("positions lists a block twice; fix: list each position once")
+        if (self.weights is not None and self.positions is not None
+                and len(self.weights) != len(self.positions)):
+            raise ValueError(f"weights has {len(self.weights)} entries for "
+                             f"{len(self.positions)} positions; fix: give one weight per exit")
+        return self
+
+
+StageSpec = Annotated[PruneSpec | PruneChannelsSpec | QuantizeSpec | DistillSpec | EarlyExitSpec,
                       Field(discriminator="stage")]
-STAGE_NAMES = ("prune", "prune_channels", "quantize", "distill")
+STAGE_NAMES = ("prune", "prune_channels", "quantize", "distill", "early_exit")
 
 
 class ExportSpec(Strict):
@@ -364,6 +415,7 @@ class MeasureSpec(Strict):
     warmup: int = Field(default=50, ge=0)
     repeats: int = Field(default=300, ge=5)
     accuracy_batch_size: int = Field(default=256, ge=1)
+    exit_latency_rounds: int = Field(default=3, ge=1, le=100)  # passes over the test split
 
     @model_validator(mode="after")
     def _batch_one_first(self) -> MeasureSpec:
@@ -443,6 +495,17 @@ class Recipe(Strict):
                                  "percentages of search.total_epochs that add up to 100")
         return self
 
+    @model_validator(mode="after")
+    def _one_early_exit(self) -> Recipe:
+        if sum(s.stage == "early_exit" for s in self.stages) > 1:
+            raise ValueError("early_exit appears more than once; fix: keep one early_exit stage "
+                             "(later stages keep training its exits)")
+        return self
+
+    def early_exit(self) -> EarlyExitSpec | None:
+        """The recipe's early_exit stage, if it has one."""
+        return next((s for s in self.stages if isinstance(s, EarlyExitSpec)), None)
+
     def stage_train(self, index: int) -> TrainSpec:
         """Training settings of stage ``index``: recipe ``train`` with the stage's overrides."""
         return merge_train(self.train, self.stages[index].train)
@@ -500,7 +563,8 @@ def _allowed_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
             if field is None:
                 # discriminated stage union: the tag appears in loc
                 current = {"prune": PruneSpec, "prune_channels": PruneChannelsSpec,
-                           "quantize": QuantizeSpec, "distill": DistillSpec}.get(str(part))
+                           "quantize": QuantizeSpec, "distill": DistillSpec,
+                           "early_exit": EarlyExitSpec}.get(str(part))
                 continue
             current = _inner_model(field.annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):

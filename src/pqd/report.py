@@ -79,6 +79,8 @@ def render_markdown(record: dict[str, Any]) -> str:
     header = ["#", "stage", "epochs", "seconds", "val top-1", "notes"]
     no_stages = "(no stages: the final model is the baseline)"
     lines.append(table(header, stage_rows) if stage_rows else no_stages)
+    if final.get("early_exit"):
+        lines += ["", *early_exit_section(final["early_exit"])]
     lines += ["", "## Runtimes", ""]
     rt_rows = []
     for key in ("baseline", "final"):
@@ -107,6 +109,58 @@ def render_markdown(record: dict[str, Any]) -> str:
     if data.get("subset_note"):
         lines += [f"Note: {data['subset_note']}", ""]
     return "\n".join(lines)
+
+
+def early_exit_rows(ee: dict[str, Any]) -> list[list[str]]:
+    """One row per exit and the final head: position, threshold, test top-1 of that head,
+    fraction of test inputs leaving there, MACs of leaving there."""
+    macs = ee["part_macs"]
+    rows, run = [], 0
+    n = len(ee["thresholds"])
+    for k in range(n + 1):
+        run += macs["segments"][k] + (macs["heads"][k] if k < n else 0)
+        t = ee["thresholds"][k] if k < n else None
+        rows.append([
+            f"exit {k}" if k < n else "final", str(ee["positions"][k]) if k < n else "-",
+            ("never" if t is None else f"{t:.3f}") if k < n else "-",
+            _pct(ee["per_exit_accuracy"][k]), _pct(ee["exit_fractions"][k]),
+            f"{run / 1e6:.1f}"])
+    return rows
+
+
+def early_exit_section(ee: dict[str, Any]) -> list[str]:
+    """The report's "Early exit" section (from ``final.early_exit`` of a record)."""
+    lat, ref, seg = ee["latency_ms"], ee["no_exit_latency_ms"], ee["segments_no_heads_latency_ms"]
+    target = ", ".join(f"{k} {v}" for k, v in ee["target"].items())
+    lines = [
+        "## Early exit",
+        "",
+        f"Exits after blocks {ee['positions']} ({ee['confidence']} confidence); thresholds "
+        f"calibrated on the validation split for {target} "
+        f"({'met' if ee['target_met'] else 'NOT met'} on val). On the test split, against "
+        f"the same weights with exits disabled: **mean batch-1 latency "
+        f"{ee['speedup_mean']:.2f}x faster**, accuracy {0.0 - ee['accuracy_drop_points']:+.2f} "
+        "points "
+        f"({_pct(ee['accuracy_with_exits'])} vs {_pct(ee['accuracy_no_exits'])}), expected "
+        f"MACs {100 * ee['expected_macs_fraction']:.1f}% of the network.",
+        "",
+        table(["head", "after block", "threshold", "test top-1 of head", "leave here",
+               "MMACs to here"], early_exit_rows(ee)),
+        "",
+        table(["batch-1 latency over the test split (ms)", "mean", "p50", "p90"], [
+            ["with exits (segment by segment)", f"{lat['mean']:.3f}", f"{lat['p50']:.3f}",
+             f"{lat['p90']:.3f}"],
+            ["exits disabled: final.onnx (reference)", f"{ref['mean']:.3f}",
+             f"{ref['p50']:.3f}", f"{ref['p90']:.3f}"],
+            ["exits disabled: segments back to back", f"{seg['mean']:.3f}",
+             f"{seg['p50']:.3f}", f"{seg['p90']:.3f}"],
+        ]),
+        "",
+        f"Each image is one call, {lat['samples']} calls per row ({lat['rounds']} passes over "
+        f"{lat['samples'] // lat['rounds']} test images, rows taking turns); "
+        f"{ee['runtime']}; files and thresholds in `{ee['manifest']}`.",
+    ]
+    return lines
 
 
 def _fmt(v: Any) -> str:

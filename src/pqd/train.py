@@ -88,6 +88,12 @@ def is_graph(model: nn.Module) -> bool:
     return isinstance(model, torch.fx.GraphModule)
 
 
+def has_graph(model: nn.Module) -> bool:
+    """True when ``model`` is or holds an exported graph (a multi-exit net's QAT parts):
+    such models train in fp32 and keep their memory format."""
+    return any(isinstance(m, torch.fx.GraphModule) for m in model.modules())
+
+
 def _fake_quant_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "observer_enabled")]
 
@@ -137,7 +143,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def autocast_dtype(cfg_amp: str, model: nn.Module, device: torch.device) -> torch.dtype | None:
     """The autocast dtype to train/evaluate ``model`` with, or None for fp32."""
-    if cfg_amp == "off" or is_graph(model):
+    if cfg_amp == "off" or has_graph(model):
         return None
     if device.type == "cuda":
         if cfg_amp == "fp16":
@@ -171,7 +177,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 def prepare_model(model: nn.Module, cfg: TrainSpec, device: torch.device) -> nn.Module:
     """Move to ``device`` and, for eager conv nets, to channels_last when asked."""
     model.to(device)
-    if cfg.channels_last and not is_graph(model):
+    if cfg.channels_last and not has_graph(model):
         model.to(memory_format=torch.channels_last)
     return model
 
@@ -256,7 +262,7 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = autocast_dtype(cfg.amp, model, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    channels_last = cfg.channels_last and not is_graph(model)
+    channels_last = cfg.channels_last and not has_graph(model)
     set_train(model, True)
     bar = tqdm(total=total, initial=step, desc=desc, unit="step", disable=not progress,
                leave=False, dynamic_ncols=True)
@@ -344,7 +350,7 @@ def predict(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (fp32, on CPU) and targets for every batch of ``loader``."""
     dtype = autocast_dtype(amp, model, device)
-    channels_last = channels_last and not is_graph(model)
+    channels_last = channels_last and not has_graph(model)
     outs, ys = [], []
     with eval_mode(model):
         for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):

@@ -3,7 +3,13 @@
 Importing this package fills ``pqd.registry.STAGES``.
 """
 
-from pqd.stages import distill, prune, prune_channels, quantize  # noqa: F401  (registration)
+from pqd.stages import (  # noqa: F401  (registration)
+    distill,
+    early_exit,
+    prune,
+    prune_channels,
+    quantize,
+)
 from pqd.stages.base import Context, MaskKeeper, State
 
 __all__ = ["Context", "MaskKeeper", "State"]

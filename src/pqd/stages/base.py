@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 
+from pqd.models.multi_exit import MultiExitNet
 from pqd.recipe import Recipe, TrainSpec
 from pqd.train import FitResult, LossHook, StepHook, fit
 
@@ -111,7 +112,8 @@ class Context:
         desc: str = "train",
         hook_state: dict[str, Any] | None = None,
     ) -> FitResult:
-        """Fine-tune ``state.model`` on the train split, keeping pruned weights at zero.
+        """Fine-tune ``state.model`` on the train split, keeping pruned weights at zero
+        (and, on a multi-exit net, training its exits alongside: ``with_exit_losses``).
 
         ``after_step`` (e.g. a movement-score tracker) runs after the masks are re-applied.
 
@@ -137,11 +139,23 @@ class Context:
             for h in hooks:
                 h(model)
 
-        return fit(
-            state.model, train, cfg, epochs, device=self.device, loss_fn=loss_fn,
-            after_step=after if hooks else None, on_step=on_step, desc=desc,
-            progress=self.progress, resume=resume, on_epoch=on_epoch,
-        )
+        net = state.model
+        exits = isinstance(net, MultiExitNet) and net.num_exits > 0
+        if exits:  # exits stay attached and keep training (see pqd.stages.early_exit)
+            from pqd.stages.early_exit import with_exit_losses
+
+            loss_fn = with_exit_losses(net, loss_fn, self, cfg)
+            net.collect_exits = True
+        try:
+            return fit(
+                net, train, cfg, epochs, device=self.device, loss_fn=loss_fn,
+                after_step=after if hooks else None, on_step=on_step, desc=desc,
+                progress=self.progress, resume=resume, on_epoch=on_epoch,
+            )
+        finally:
+            if exits:
+                net.collect_exits = False
+                net.exit_logits = []
 
 
 class MaskKeeper:

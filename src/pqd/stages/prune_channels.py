@@ -457,11 +457,17 @@ def _reimpose_nm(state: State, model: nn.Module, info: dict[str, Any]) -> None:
 def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) -> State:
     """Remove channels (TP surgery) to ``spec.ratio`` or ``spec.target``, then fine-tune."""
     from pqd import importance
+    from pqd.errors import RecipeError
     from pqd.models import check_output_shape
+    from pqd.models.multi_exit import MultiExitNet
     from pqd.stages.prune import score_batches, scoring_loss, split_epochs
     from pqd.stages.quantize import calibrate, prepare_qat
     from pqd.train import prepare_model
 
+    if isinstance(state.model, MultiExitNet):
+        raise RecipeError("prune_channels cannot run after early_exit (channel surgery across "
+                          "the exit segments is not supported)",
+                          "put prune_channels before early_exit, or use prune (masks)")
     cfg = ctx.stage_train()
     example = ctx.example_input()
     quantized = state.quantized

@@ -53,6 +53,7 @@ import torch.nn as nn
 from pqd import _pt2e_cache
 from pqd.calibration import TensorStats
 from pqd.errors import ModelError, RecipeError
+from pqd.models.multi_exit import MultiExitNet
 from pqd.recipe import QuantizeSpec
 from pqd.registry import register_stage
 from pqd.stages.base import Context, State
@@ -326,6 +327,51 @@ def prepare_qat(model: nn.Module, example: torch.Tensor,
     return graph
 
 
+def prepare_qat_parts(net: nn.Module, example: torch.Tensor,
+                      scheme: dict[str, Any] | None = None) -> nn.Module:
+    """Per-part QAT for a multi-exit net: every segment and head becomes its own PT2E graph
+    with its own fake-quantizers (each part is exported to its own ONNX file). Parameter
+    names do not change (a part keeps its internal names)."""
+    from pqd.models.multi_exit import part_inputs
+
+    inputs = part_inputs(net, example)
+    for name, part in list(net.parts()):
+        net.set_part(name, prepare_qat(part, inputs[name], scheme))
+    tie_boundary_quantizers(net)
+    return net
+
+
+def _fq_target(graph: torch.fx.GraphModule, node: Any) -> str | None:
+    if isinstance(node, torch.fx.Node) and node.op == "call_module" and hasattr(
+            graph.get_submodule(str(node.target)), "observer_enabled"):
+        return str(node.target)
+    return None
+
+
+def tie_boundary_quantizers(net: nn.Module) -> int:
+    """Make the next segment and the head read a segment's output with the segment's own
+    output fake-quantizer (one shared module): at a boundary the INT8 files then
+    dequantize and re-quantize with the same scale, which is exact, so the segments run
+    one by one give the same numbers as the same segments chained into one graph.
+    Returns how many input quantizers now share their producer's."""
+    tied = 0
+    for k in range(len(net.segments) - 1):
+        seg = net.segments[k]
+        output = next(n for n in seg.graph.nodes if n.op == "output")
+        produced = output.args[0]
+        src = _fq_target(seg, produced[0] if isinstance(produced, (tuple, list)) else produced)
+        if src is None:
+            continue  # the segment ends in float: the next parts keep their own quantizers
+        shared = seg.get_submodule(src)
+        for reader in (net.segments[k + 1], net.heads[k]):
+            placeholder = next(n for n in reader.graph.nodes if n.op == "placeholder")
+            fqs = [t for u in placeholder.users if (t := _fq_target(reader, u))]
+            if len(fqs) == 1:
+                reader.set_submodule(fqs[0], shared)  # type: ignore[attr-defined]
+                tied += 1
+    return tied
+
+
 def _restore_bn_settings(graph: torch.fx.GraphModule, settings: set[tuple[float, float]]) -> None:
     """prepare_qat_pt2e's conv-BN fusion resets BN momentum/eps to 0.1/1e-5: put them back."""
     if len(settings) != 1:
@@ -471,6 +517,7 @@ def calibrate(model: nn.Module, loader, batches: int, device: torch.device,
     observer = scheme["observer"]
     symmetric = scheme["activation_symmetric"]
     set_train(model, False)
+    multi = isinstance(model, MultiExitNet)
 
     def run(observe) -> int:
         hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: observe(stats[n], args[0]))
@@ -480,7 +527,10 @@ def calibrate(model: nn.Module, loader, batches: int, device: torch.device,
             for i, (x, _) in enumerate(loader):
                 if i >= batches:
                     break
-                model(x.to(device))
+                if multi:
+                    model.forward_all(x.to(device))  # the exit heads' quantizers too
+                else:
+                    model(x.to(device))
                 seen += x.shape[0]
         finally:
             for h in hooks:
@@ -540,7 +590,11 @@ def apply_quantize(state: State, spec: QuantizeSpec, ctx: Context) -> State:
     cfg = ctx.stage_train()
     scheme = scheme_of(spec)
     if not state.quantized:
-        state.model = prepare_qat(state.model, ctx.example_input(), scheme).to(ctx.device)
+        if isinstance(state.model, MultiExitNet):  # exits attached: one graph per part
+            state.model = prepare_qat_parts(state.model, ctx.example_input(),
+                                            scheme).to(ctx.device)
+        else:
+            state.model = prepare_qat(state.model, ctx.example_input(), scheme).to(ctx.device)
         state.quantized = True
         split, calib = _calibration_loader(ctx, spec, cfg.batch_size)
         state.info["calibration_split"] = split
