@@ -14,6 +14,7 @@ input channels that export adds for kernel speed (see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,22 @@ def _with_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
             dims[0].Clear()
             dims[0].dim_value = 1
     return shape_inference.infer_shapes(proto, data_prop=True)
+
+
+def channel_padding(name: str, producer: dict[str, Any], const: Callable[[str], tuple]) -> int:
+    """Zero channels a channel Pad added to activation ``name`` (through DQ <- Q <- Pad), as
+    export pads the INT8 stem; ``const(name)[0]`` is a constant's array or None."""
+    node = producer.get(name)
+    for op in ("DequantizeLinear", "QuantizeLinear", "Pad"):
+        if node is None or node.op_type != op:
+            return 0
+        if op == "Pad":
+            pads = const(node.input[1])[0]
+            if pads is None or len(pads) != 8 or pads[1] or any(pads[[0, 2, 3, 4, 6, 7]]):
+                return 0
+            return int(pads[5])
+        node = producer.get(node.input[0])
+    return 0
 
 
 def onnx_complexity(path: str | Path) -> dict[str, Any]:
@@ -73,19 +90,6 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
         quantizers = ("DequantizeLinear", "DynamicQuantizeLinear")
         return 8 if node is not None and node.op_type in quantizers else 32
 
-    def padded_channels(name: str) -> int:
-        """Zero channels a channel Pad added to this activation (through DQ <- Q <- Pad)."""
-        node = producer.get(name)
-        for op in ("DequantizeLinear", "QuantizeLinear", "Pad"):
-            if node is None or node.op_type != op:
-                return 0
-            if op == "Pad":
-                pads = const(node.input[1])[0]
-                if pads is None or len(pads) != 8 or pads[1] or any(pads[[0, 2, 3, 4, 6, 7]]):
-                    return 0
-                return int(pads[5])
-            node = producer.get(node.input[0])
-        return 0
 
     layers = []
     for node in proto.graph.node:
@@ -95,7 +99,7 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
         if w is None:
             continue
         conv = node.op_type in ("Conv", "ConvInteger")
-        if node.op_type == "Conv" and (extra := padded_channels(node.input[0])):
+        if node.op_type == "Conv" and (extra := channel_padding(node.input[0], producer, const)):
             w = w[:, : w.shape[1] - extra]
         has_bias = len(node.input) > 2 and node.input[2] and node.op_type not in _INTEGER
         bias = const(node.input[2])[0] if has_bias else None

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from pqd.measure.complexity import channel_padding
+
 _COMPUTE = {"Conv", "Gemm", "MatMul"}
 
 
@@ -39,17 +41,6 @@ def onnx_weights(path: str | Path) -> dict[str, np.ndarray]:
             return arr, None
         return None, None
 
-    def padded(name: str) -> int:
-        node = producer.get(name)
-        for op in ("DequantizeLinear", "QuantizeLinear", "Pad"):
-            if node is None or node.op_type != op:
-                return 0
-            if op == "Pad":
-                pads = const(node.input[1])[0]
-                return int(pads[5]) if pads is not None and len(pads) == 8 else 0
-            node = producer.get(node.input[0])
-        return 0
-
     out: dict[str, np.ndarray] = {}
     for node in proto.graph.node:
         if node.op_type not in _COMPUTE or len(node.input) < 2:
@@ -60,7 +51,7 @@ def onnx_weights(path: str | Path) -> dict[str, np.ndarray]:
         if node.op_type == "MatMul" or (node.op_type == "Gemm" and not any(
                 a.name == "transB" and a.i == 1 for a in node.attribute)):
             w = w.T
-        if node.op_type == "Conv" and (extra := padded(node.input[0])):
+        if node.op_type == "Conv" and (extra := channel_padding(node.input[0], producer, const)):
             w = w[:, : w.shape[1] - extra]
         name = init_name
         bias = node.input[2] if len(node.input) > 2 else ""
