@@ -17,7 +17,7 @@ from pqd.export import export_onnx, parity
 from pqd.measure.artifacts import size_bytes
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.latency import compare_latency
-from pqd.measure.runtime import open_runner
+from pqd.measure.runtime import open_runner, ort_kernels
 from pqd.models import build_model
 from pqd.stages.quantize import prepare_qat
 from pqd.train import set_train
@@ -89,6 +89,28 @@ def test_stem_padding_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with torch.no_grad():
         ref = deploy(torch.from_numpy(batch)).numpy()
     assert parity(ref, a)["top1_agreement"] >= 0.9
+
+
+def test_mean_pool_is_a_fused_global_average_pool(files: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for path in files.values():
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert ops.count("GlobalAveragePool") == 1 and "ReduceMean" not in ops
+    assert ort_kernels(files["int8"]).get("QLinearGlobalAveragePool") == 1  # fused INT8 pool
+    graph = qat_graph(tiny())
+    x = np.random.default_rng(1).random((16, 3, 32, 32), dtype=np.float32)
+    outs = {}
+    for rewrite in (True, False):
+        if not rewrite:
+            monkeypatch.setattr(export_mod, "global_average_pools", lambda proto: 0)
+        for name, model in (("fp32", tiny()), ("int8", graph)):
+            path, _ = export_onnx(model, tmp_path / f"{name}{rewrite}.onnx",
+                                  torch.rand(2, 3, 32, 32), quantized=name == "int8")
+            ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+            assert ("ReduceMean" in ops) is not rewrite
+            outs[name, rewrite] = open_runner("onnxruntime", path, threads=1).run(x)
+    np.testing.assert_allclose(outs["fp32", True], outs["fp32", False], atol=1e-5, rtol=1e-5)
+    assert parity(outs["int8", False], outs["int8", True])["top1_agreement"] >= 0.9
 
 
 def test_complexity_counts_by_hand(files: dict[str, Path]) -> None:

@@ -123,6 +123,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, qu
             opset_version=opset,
         )
     proto = onnx.load(str(path))
+    global_average_pools(proto)
     if dynamic:
         dynamic_integer_ops(proto)
     elif scheme is not None:
@@ -146,6 +147,42 @@ def strip_debug_metadata(proto: onnx.ModelProto) -> None:
     for node in proto.graph.node:
         node.ClearField("metadata_props")
         node.ClearField("doc_string")
+
+
+def global_average_pools(proto: onnx.ModelProto) -> int:
+    """Write the exporter's spatial mean (``ReduceMean`` over H, W of a 4-D tensor, kept
+    dims) as ``GlobalAveragePool``, the same function.
+
+    onnxruntime fuses DequantizeLinear -> GlobalAveragePool -> QuantizeLinear into one
+    channels-last QLinearGlobalAveragePool; a ReduceMean stays float between a
+    DequantizeLinear and a QuantizeLinear behind a layout Transpose (INT8 fastnet_q8 p50
+    0.436 -> 0.410-0.439 ms here, 3 interleaved runs). Returns how many nodes were rewritten.
+    """
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    try:
+        ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
+                 onnx.shape_inference.infer_shapes(proto).graph.value_info}
+    except Exception:  # noqa: BLE001 - no shapes: leave the graph as it is
+        return 0
+    ranks.update({v.name: len(v.type.tensor_type.shape.dim) for v in proto.graph.input})
+    rewritten = 0
+    for i, node in enumerate(list(proto.graph.node)):
+        if node.op_type != "ReduceMean" or len(node.input) != 2:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        axes = inits.get(node.input[1])
+        if (ranks.get(node.input[0]) != 4 or axes is None or attrs.get("keepdims", 1) != 1
+                or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]):
+            continue
+        gap = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
+                               name=f"{node.name}_gap")
+        proto.graph.node.remove(node)
+        proto.graph.node.insert(i, gap)
+        rewritten += 1
+    used = {name for node in proto.graph.node for name in node.input}
+    for init in [i for i in proto.graph.initializer if i.name not in used]:
+        proto.graph.initializer.remove(init)  # the dropped axes tensors
+    return rewritten
 
 
 def pad_input_channels(proto: onnx.ModelProto, multiple: int = 4) -> int:
