@@ -16,7 +16,7 @@ import pytest
 import yaml
 from onnx import numpy_helper
 
-from pqd.exits_runtime import ExitRuntime
+from pqd.exits_runtime import ExitRuntime, exit_graph
 from pqd.measure.runtime import open_runner
 
 ORDERS = {
@@ -124,6 +124,7 @@ def check_exit_run(order: list[str], out: Path, record: dict, test_x: np.ndarray
                                            fused=False).run_all(test_x)
     for a, b in zip([*heads_logits, *heads_conf], [*plain_logits, *plain_conf], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+    check_exit_graph(out, manifest, ee, test_x, heads_logits, full(test_x))
     for k in range(k_exits):
         rt.thresholds = [2.0] * k_exits
         rt.thresholds[k] = 0.0
@@ -131,6 +132,40 @@ def check_exit_run(order: list[str], out: Path, record: dict, test_x: np.ndarray
         assert (where == k).all()
         np.testing.assert_allclose(logits, heads_logits[k], atol=1e-5)
         assert rt.run_one(test_x[:1])[1] == k
+
+
+def q_nodes(graph: onnx.GraphProto) -> int:
+    """QuantizeLinear nodes in ``graph`` and its subgraphs."""
+    return sum((n.op_type == "QuantizeLinear") + sum(
+        q_nodes(a.g) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+        for n in graph.node)
+
+
+def check_exit_graph(out: Path, manifest: dict, ee: dict, test_x: np.ndarray,
+                     heads_logits: list[np.ndarray], final_logits: np.ndarray) -> None:
+    """exits.onnx (one graph, If nodes) stops where the part files stop, with their logits."""
+    assert (out / "exits" / manifest["graph"]["file"]).is_file()
+    assert manifest["graph"]["thresholds"] == manifest["thresholds"]
+    assert ee["graph_agreement"] == 1.0 and ee["graph"]["file"] == "exits/exits.onnx"
+    k_exits = len(manifest["heads"])
+    parts_q = sum(q_nodes(onnx.load(str(out / "exits" / e["file"])).graph)
+                  for e in (*manifest["segments"], *manifest["heads"]))
+    for k in range(k_exits + 1):  # force every input out at exit k (k_exits: the final head)
+        thresholds = [2.0] * k_exits
+        if k < k_exits:
+            thresholds[k] = 0.0
+        path = exit_graph(out / "exits", manifest, thresholds, out / f"forced_{k}.onnx")
+        run = open_runner("onnxruntime", path, 1, all_outputs=True).run
+        want = heads_logits[k] if k < k_exits else final_logits
+        for i in range(3):
+            logits, where = run(test_x[i: i + 1])
+            assert where.tolist() == [k]
+            np.testing.assert_allclose(logits, want[i: i + 1], atol=1e-5)
+        logits, where = run(test_x)  # a batch leaves together
+        assert where.tolist() == [k]
+        np.testing.assert_allclose(logits, want, atol=1e-5)
+        # uint8 across the boundaries: no re-quantization of a dequantized boundary tensor
+        assert q_nodes(onnx.load(str(path)).graph) < parts_q
 
 
 def test_early_exit_in_each_position(run) -> None:

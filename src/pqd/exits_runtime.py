@@ -11,6 +11,9 @@ Files (in ``exits/`` of a run folder)::
     exit_k.onnx      segment_k and head_k fused into one graph (same nodes and weights):
                      -> output, logits, confidence; the runtime's fast path (one call per
                      exit instead of two)
+    exits.onnx       the whole network as one graph with ``If`` nodes that stop at the
+                     first confident exit (thresholds inside; uint8 tensors across exit
+                     boundaries): one call per image, the deployed batch-1 path
     manifest.json    order, thresholds, confidence kind, MACs / BitOps / bytes per file
 
 Quantized parts are INT8 QDQ (U8S8, like ``final.onnx``), others FP32. A head's
@@ -144,8 +147,19 @@ def export_exits(net: nn.Module, out_dir: str | Path, example: torch.Tensor, *,
         "heads": entries["heads"],
         "fused": fused,
     }
+    write_graph(manifest, out)
     write_manifest(manifest, out)
     return manifest, deploy
+
+
+def write_graph(manifest: dict[str, Any], out_dir: str | Path) -> None:
+    """(Re)write ``exits.onnx`` for the manifest's thresholds and record it in the
+    manifest (in place; the caller writes the manifest)."""
+    path = exit_graph(out_dir, manifest, thresholds_of(manifest), Path(out_dir) / GRAPH_FILE)
+    from pqd.measure.artifacts import size_bytes
+
+    manifest["graph"] = {"file": path.name, "size_bytes": size_bytes(path),
+                         "thresholds": list(manifest["thresholds"])}
 
 
 def _interleave(segs: list, heads: list) -> list[list]:
@@ -218,6 +232,160 @@ def chain_segments(paths: Sequence[str | Path], out_path: str | Path) -> Path:
     return Path(out_path)
 
 
+GRAPH_FILE = "exits.onnx"
+EXIT_NAME = "exit"
+
+
+def exit_graph(folder: str | Path, manifest: dict[str, Any], thresholds: Sequence[float],
+               out_path: str | Path) -> Path:
+    """The whole multi-exit network as ONE ONNX graph that exits for real: after segment
+    ``k`` and head ``k`` an ``If`` node returns head ``k``'s logits when the confidence
+    reaches ``thresholds[k]``, else runs the rest (nested ``If``); a threshold above 1 skips
+    that head. Outputs ``logits`` [N, classes] and ``exit`` [1] (int64, ``num_exits`` = the
+    final head). A batch leaves at an exit only when every input in it is confident: the
+    file is made for batch-1 serving (:class:`ExitRuntime` splits larger batches).
+
+    Same nodes and weights as the part files. Where a part ends with QuantizeLinear ->
+    DequantizeLinear and the next part starts with a QuantizeLinear of the same scale and
+    zero point, the next part reads the uint8 tensor directly (the pair is an exact
+    round trip), so no float tensor crosses an exit boundary. One runtime call per image:
+    the per-call and per-boundary costs of running part files in turn go away.
+    """
+    folder = Path(folder)
+    parts = {e["file"]: onnx.load(str(folder / e["file"]))
+             for e in (*manifest["segments"], *manifest["heads"])}
+    consts: dict[str, np.ndarray] = {}
+    loaded: dict[str, tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[str], str]] = {}
+    for k, (fname, model) in enumerate(parts.items()):
+        g = onnx.compose.add_prefix(model, f"p{k}/").graph
+        loaded[fname] = (list(g.node), list(g.initializer), [o.name for o in g.output],
+                         g.input[0].name)
+        consts.update({i.name: numpy_helper.to_array(i) for i in g.initializer})
+    producers: dict[str, onnx.NodeProto] = {}
+
+    def bind(fname: str, source: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto],
+                                              list[str]]:
+        nodes, inits, outs, inp = loaded[fname]
+        nodes = [copy.deepcopy(n) for n in nodes]
+        for n in nodes:
+            n.input[:] = [source if i == inp else i for i in n.input]
+        dq = producers.get(source)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            for q in [n for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] == source]:
+                if _same_qparams(dq, q, consts):
+                    nodes.remove(q)
+                    for n in nodes:
+                        n.input[:] = [dq.input[0] if i == q.output[0] else i for i in n.input]
+        producers.update({o: n for n in nodes for o in n.output})
+        return nodes, inits, outs
+
+    classes = int(manifest["num_classes"])
+    n_exits = len(manifest["heads"])
+
+    def branch(k: int, source: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto],
+                                             str, str]:
+        nodes, inits, outs = bind(manifest["segments"][k]["file"], source)
+        if k == len(manifest["segments"]) - 1:
+            idx = f"exit_index_{k}"
+            inits = [*inits, numpy_helper.from_array(np.array([n_exits], np.int64), idx)]
+            return nodes, inits, outs[0], idx
+        if thresholds[k] > 1.0:  # never exits here: no head, no If
+            rest, rest_inits, logits, idx = branch(k + 1, outs[0])
+            return nodes + rest, inits + rest_inits, logits, idx
+        h_nodes, h_inits, (logits, conf) = bind(manifest["heads"][k]["file"], outs[0])
+        thr, mn, cond = f"exit_threshold_{k}", f"exit_min_conf_{k}", f"exit_cond_{k}"
+        idx_k, out_l, out_i = f"exit_index_{k}", f"exit_logits_{k}", f"exit_taken_{k}"
+        nodes += [*h_nodes, helper.make_node("ReduceMin", [conf], [mn], keepdims=0),
+                  helper.make_node("GreaterOrEqual", [mn, thr], [cond])]
+        inits = [*inits, *h_inits,
+                 numpy_helper.from_array(np.array(thresholds[k], np.float32), thr),
+                 numpy_helper.from_array(np.array([k], np.int64), idx_k)]
+        then = helper.make_graph(
+            [helper.make_node("Identity", [logits], [f"then_logits_{k}"]),
+             helper.make_node("Identity", [idx_k], [f"then_exit_{k}"])], f"exit_{k}", [],
+            [_logits_info(f"then_logits_{k}", classes), _exit_info(f"then_exit_{k}")])
+        rest, rest_inits, r_logits, r_idx = branch(k + 1, outs[0])
+        rest += [helper.make_node("Identity", [r_logits], [f"else_logits_{k}"]),
+                 helper.make_node("Identity", [r_idx], [f"else_exit_{k}"])]
+        other = helper.make_graph(
+            rest, f"continue_{k}", [],
+            [_logits_info(f"else_logits_{k}", classes), _exit_info(f"else_exit_{k}")],
+            initializer=rest_inits)
+        nodes.append(helper.make_node("If", [cond], [out_l, out_i], name=f"exit_if_{k}",
+                                      then_branch=then, else_branch=other))
+        return nodes, inits, out_l, out_i
+
+    nodes, inits, logits, idx = branch(0, INPUT_NAME)
+    nodes += [helper.make_node("Identity", [logits], [OUTPUT_NAME]),
+              helper.make_node("Identity", [idx], [EXIT_NAME])]
+    first = parts[manifest["segments"][0]["file"]]
+    graph = helper.make_graph(nodes, "pqd_exits", [copy.deepcopy(first.graph.input[0])],
+                              [_logits_info(OUTPUT_NAME, classes), _exit_info(EXIT_NAME)],
+                              initializer=inits)
+    graph.input[0].name = INPUT_NAME
+    proto = helper.make_model(graph, opset_imports=list(first.opset_import))
+    proto.ir_version = first.ir_version
+    _drop_unused(proto.graph)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out_path))
+    return Path(out_path)
+
+
+def _same_qparams(dq: onnx.NodeProto, q: onnx.NodeProto, consts: dict[str, np.ndarray]) -> bool:
+    """Whether QuantizeLinear ``q`` undoes DequantizeLinear ``dq`` exactly (same constant
+    scale and zero point, per tensor)."""
+    if len(dq.input) < 3 or len(q.input) < 3:  # (axis is ignored for a scalar scale)
+        return False
+    pairs = [(consts.get(dq.input[i]), consts.get(q.input[i])) for i in (1, 2)]
+    return all(a is not None and b is not None and a.size == 1 and a.dtype == b.dtype
+               and np.array_equal(a, b) for a, b in pairs)
+
+
+def _logits_info(name: str, classes: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", classes])
+
+
+def _exit_info(name: str) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, onnx.TensorProto.INT64, [1])
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove nodes (and initializers) whose outputs nothing reads, in every subgraph
+    (the float DequantizeLinear left behind where a boundary now passes uint8)."""
+    def reads(g: onnx.GraphProto) -> set[str]:
+        used = {o.name for o in g.output}
+        for n in g.node:
+            used.update(n.input)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    used |= reads(a.g)
+        return used
+
+    def prune(g: onnx.GraphProto, used: set[str]) -> None:
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    prune(a.g, used)
+        keep = [n for n in g.node if any(o in used for o in n.output)]
+        del g.node[:]
+        g.node.extend(keep)
+        inits = [i for i in g.initializer if i.name in used]
+        del g.initializer[:]
+        g.initializer.extend(inits)
+
+    while True:
+        used = reads(graph)
+        before = _count_nodes(graph)
+        prune(graph, used)
+        if _count_nodes(graph) == before:
+            return
+
+
+def _count_nodes(g: onnx.GraphProto) -> int:
+    return len(g.node) + sum(_count_nodes(a.g) for n in g.node for a in n.attribute
+                             if a.type == onnx.AttributeProto.GRAPH)
+
+
 def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
     for node in graph.node:
         node.input[:] = [new if n == old else n for n in node.input]
@@ -245,7 +413,7 @@ class ExitRuntime:
 
     def __init__(self, manifest: str | Path, runtime: str = "onnxruntime", threads: int = 2,
                  thresholds: Sequence[float] | None = None, batch: int | None = None,
-                 fused: bool = True, spinning: bool = False) -> None:
+                 fused: bool = True, spinning: bool = False, graph: bool = True) -> None:
         path = Path(manifest)
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != MANIFEST_FORMAT:
@@ -266,6 +434,12 @@ class ExitRuntime:
                                else thresholds)
         if len(self.thresholds) != len(self.heads):
             raise ValueError(f"{len(self.heads)} exits need {len(self.heads)} thresholds")
+        entry = self.manifest.get("graph")
+        self.graph = None  # exits.onnx: run_one's path while the thresholds are its own
+        self.graph_thresholds = thresholds_of(entry) if entry else None
+        if graph and entry:
+            self.graph = open_runner(runtime, folder / entry["file"], threads, batch,
+                                     all_outputs=True).run  # one session: spinning as final
 
     @property
     def num_exits(self) -> int:
@@ -282,7 +456,15 @@ class ExitRuntime:
         return feats, logits, conf
 
     def run_one(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        """Batch-1 fast path: (logits [1, classes], exit index; ``num_exits`` = final)."""
+        """Batch-1 fast path: (logits [1, classes], exit index; ``num_exits`` = final); one
+        call of ``exits.onnx`` when the runtime has it, else the part files in turn."""
+        if self.graph is not None and self.thresholds == self.graph_thresholds:
+            logits, where = self.graph(x)
+            return logits, int(where[0])
+        return self.run_files(x)
+
+    def run_files(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """Batch 1 through the part files in turn (fused exit files where written)."""
         for k, t in enumerate(self.thresholds):
             if t > 1.0:  # never exits here: skip the head
                 x = self.segments[k](x)
@@ -468,6 +650,7 @@ def measure_exits(manifest_path: str | Path, final_path: str | Path,
         "reference_accuracy": found["reference_accuracy"],
         "exit_fractions": found["exit_fractions"],
     }
+    write_graph(manifest, manifest_path.parent)
     write_manifest(manifest, manifest_path.parent)
 
     n_par = len(ref_logits[0]) if len(ref_logits) else 0
@@ -482,6 +665,7 @@ def measure_exits(manifest_path: str | Path, final_path: str | Path,
         "manifest": str(manifest_path.relative_to(manifest_path.parent.parent)),
         "files": manifest["order"],
         "size_bytes": sum(e["size_bytes"] for e in (*manifest["segments"], *manifest["heads"])),
+        "graph": {"file": f"exits/{GRAPH_FILE}", "size_bytes": manifest["graph"]["size_bytes"]},
         "part_macs": {k: [e["macs"] for e in v] for k, v in entries.items()},
         "runtimes": {},
     }
@@ -496,6 +680,14 @@ def measure_exits(manifest_path: str | Path, final_path: str | Path,
         run_pred = np.concatenate([
             rt.run(data.test_x[i: i + 64].float().div_(255.0).numpy())[0].argmax(1)
             for i in range(0, len(y_test), 64)])
+        graph_agreement = None
+        if rt.graph is not None and rt.thresholds == rt.graph_thresholds:
+            # exits.onnx, one image at a time: the same exit and the same answer
+            one_by_one = [rt.run_one(data.test_x[i: i + 1].float().div_(255.0).numpy())
+                          for i in range(len(y_test))]
+            graph_agreement = float(np.mean(
+                [lg.argmax() == chosen[i].argmax() and k == where[i]
+                 for i, (lg, k) in enumerate(one_by_one)]))
         fractions = (np.bincount(where, minlength=len(thresholds) + 1) / len(y_test)).tolist()
         exp_macs, _ = _expected(entries, "macs", fractions, thresholds)
         exp_bitops, full_bitops = _expected(entries, "bitops", fractions, thresholds)
@@ -503,11 +695,11 @@ def measure_exits(manifest_path: str | Path, final_path: str | Path,
         lat_rt = rt if one is None else ExitRuntime(
             manifest_path, name, spec.threads, thresholds=thresholds, batch=1)
         unfused = ExitRuntime(manifest_path, name, spec.threads, thresholds=thresholds,
-                              batch=one, fused=False)
+                              batch=one, fused=False, graph=False)
         final_run = open_runner(name, final_path, spec.threads, batch=one).run
         lat = latency_over_split(
-            {"exits": lat_rt.run_one, "final": final_run, "segments": lat_rt.run_segments,
-             "unfused": unfused.run_one},
+            {"exits": lat_rt.run_one, "final": final_run, "files": lat_rt.run_files,
+             "segments": lat_rt.run_segments, "unfused": unfused.run_files},
             data.test_x, rounds=rounds, warmup=spec.warmup, progress=progress,
             desc=f"exit latency ({name})")
         res = {
@@ -515,16 +707,19 @@ def measure_exits(manifest_path: str | Path, final_path: str | Path,
             "accuracy_with_exits": float((chosen.argmax(1) == y_test).mean()),
             "accuracy_no_exits": float(correct[-1].mean()),
             "runtime_agreement": float((run_pred == chosen.argmax(1)).mean()),
+            "graph_agreement": graph_agreement,
             "exit_fractions": fractions,
             "expected_macs": exp_macs, "full_macs": full_macs,
             "expected_macs_fraction": exp_macs / full_macs,
             "expected_bitops": exp_bitops, "full_bitops": full_bitops,
             "latency_ms": lat["exits"], "no_exit_latency_ms": lat["final"],
+            "files_latency_ms": lat["files"],
             "segments_no_heads_latency_ms": lat["segments"],
             "unfused_latency_ms": lat["unfused"],
             "speedup_mean": lat["final"]["mean"] / lat["exits"]["mean"],
             "speedup_p50": lat["final"]["p50"] / lat["exits"]["p50"],
             "speedup_mean_vs_segments": lat["segments"]["mean"] / lat["exits"]["mean"],
+            "speedup_mean_files": lat["final"]["mean"] / lat["files"]["mean"],
             "parity": [parity(ref_logits[k], logits[k][:n_par])
                        for k in range(len(ref_logits))],
         }

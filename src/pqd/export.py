@@ -162,7 +162,7 @@ def global_average_pools(proto: onnx.ModelProto) -> int:
     try:
         ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
                  onnx.shape_inference.infer_shapes(proto).graph.value_info}
-    except Exception:  # noqa: BLE001 - no shapes: leave the graph as it is
+    except Exception:  # no shapes inferred: leave the graph as it is
         return 0
     ranks.update({v.name: len(v.type.tensor_type.shape.dim) for v in proto.graph.input})
     rewritten = 0
