@@ -5,6 +5,7 @@ files, thresholds calibrated, manifest written, and the runtime reproducing the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -179,6 +180,16 @@ def test_early_exit_in_each_position(run) -> None:
     assert info["exits"] == len(info["thresholds"])
     if order.index("quantize") < ee_index:
         assert "quantizers_carried_over" in info
+    # the benchmark's table shows the one-graph artifact next to the part files and the
+    # exits-disabled reference, with the record's speed-ups
+    spec = importlib.util.spec_from_file_location(
+        "bench_early_exit", Path(__file__).parents[1] / "benchmarks" / "early_exit.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    text = bench.render(record, None)
+    ee = record["final"]["early_exit"]
+    assert "exits.onnx" in text and "final.onnx (reference)" in text
+    assert f"{ee['speedup_mean']:.2f}x" in text and f"{ee['speedup_mean_files']:.2f}x" in text
     if name in RUNTIMES:  # exits measured on every installed runtime
         from pqd.measure import available_runtimes
 
