@@ -75,7 +75,10 @@ class FastNetQ8(ZooNet):
     INT8/FP32 in onnxruntime here, 128 and 256 channel convs on 16x16 / 8x8 maps at 3.6-4x).
 
     ``plan``: output widths, ``"M"`` for a 2x2 max-pool. The first entry is the stem;
-    ``features`` = stem, then one block per pool-separated group.
+    ``features`` = stem, then one block per pool-separated group. Wide convs on 4x4 maps
+    are a different case: 256->512 and 512->512 at 4x4 ran 4.2-4.4x faster as INT8 here
+    (FP32 onnxruntime is slow on such small maps, 62 GMAC/s); recipes/early-exit.yaml adds
+    such a tail ``"M", 512, 512, 512`` (222 MMACs).
     """
 
     def __init__(self, num_classes: int = 10,
