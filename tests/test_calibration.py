@@ -89,4 +89,17 @@ def test_entropy_threshold_is_an_upper_bin_edge_and_needs_levels_bins() -> None:
     assert entropy_threshold(np.ones(64), 1.0, levels=128) == 1.0  # too few bins: no clip
     decaying = 2.0 ** -np.arange(300.0)  # mass halves every bin: clip as early as allowed
     t = entropy_threshold(decaying * 1e12, 3.0, levels=128)
-    assert t == pytest.approx(128 * 3.0 / 300)  # the smallest candidate: `levels` bins
+    assert 128 * 3.0 / 300 <= t <= 136 * 3.0 / 300  # within a few bins of the smallest
+
+
+def test_entropy_ignores_the_zero_spike_of_relu_outputs(normal: torch.Tensor) -> None:
+    """Half exact zeros (a ReLU output) must not drag the threshold to the smallest
+    candidate: it stays where it is for the non-zero half alone."""
+    bulk = normal.abs()
+    relu = torch.cat([bulk, torch.zeros_like(bulk)])
+    amax = float(bulk.max())
+    t_bulk = stats_of(bulk, True).range("entropy", symmetric=False, levels=256)[1]
+    t_relu = stats_of(relu, True).range("entropy", symmetric=False, levels=256)[1]
+    smallest = 256 * amax / 2048  # `levels` bins of 2048
+    assert t_relu > 1.5 * smallest
+    assert t_relu == pytest.approx(t_bulk, rel=0.1)

@@ -127,11 +127,15 @@ def entropy_threshold(hist: np.ndarray, amax: float, levels: int = 128) -> float
     bin ``i - 1`` (``i >= levels``): P is ``hist[:i]`` with all mass above ``t`` added to
     its last bin; Q is ``hist[:i]`` merged into ``levels`` groups, each group's count
     spread evenly over its non-empty bins. Returns the ``t`` of the least KL(P || Q).
+    Bin 0 counts as bin 1 (post-ReLU data is half exact zeros).
     """
     hist = np.asarray(hist, dtype=np.float64)
     n = len(hist)
     if n <= levels or hist.sum() <= 0:
         return float(amax)
+    hist = hist.copy()
+    hist[0] = hist[1]  # the exact zeros of a ReLU output (a spike in bin 0) would make the
+    # smallest candidate win, where bin 0 stays alone in Q (NVIDIA pytorch-quantization too)
     width = amax / n
     tail = np.cumsum(hist[::-1])[::-1]  # tail[i] = hist[i:].sum()
     best_i, best_kl = n, np.inf
