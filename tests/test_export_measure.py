@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +175,20 @@ def test_switch_pause_is_idle_and_untimed() -> None:
                             switch_pause_ms=50, progress=False)
     assert time.perf_counter() - t0 >= 2 * 2 * 0.05  # a pause after each block of each round
     assert all(st.p90 < 5 for st in stats.values())  # ms: the pauses are not in the samples
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino_telemetry") is None,
+                    reason="openvino telemetry not installed")
+@pytest.mark.parametrize("through_pqd", [False, True])
+def test_openvino_is_imported_without_telemetry(tmp_path: Path, through_pqd: bool) -> None:
+    """A plain ``import openvino`` consents to telemetry and writes ~/intel (checked, so the
+    test can fail); pqd's import declines it and leaves HOME untouched."""
+    code = ("from pqd.measure.runtime import import_openvino; import_openvino()"
+            if through_pqd else "import openvino")
+    code += "\nfrom openvino_telemetry.main import Telemetry\nprint(Telemetry().consent)"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("CI", None)  # openvino_telemetry declines by itself when CI=true
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert out[-1] == str(not through_pqd)
+    assert (tmp_path / "intel").exists() is (not through_pqd)

@@ -104,8 +104,35 @@ def ort_kernels(path: str | Path, threads: int = 1) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in proto.graph.node).items()))
 
 
-def _openvino(path: Path, threads: int, batch: int | None, all_outputs: bool = False) -> Runner:
+def import_openvino() -> Any:
+    """``import openvino`` without its usage telemetry.
+
+    Importing openvino (2025-2026) starts openvino_telemetry, which, unless the user has
+    run ``opt_in_out``, counts itself consented: it writes a client id under ``~/intel``
+    and forks a process that posts to Google Analytics. pqd must not phone home, so an
+    absent consent file reads as declined here; an explicit opt-in is still honoured.
+    """
+    try:
+        from openvino_telemetry.utils import opt_in_checker as oic
+    except ImportError:  # telemetry not installed: nothing to turn off
+        oic = None
+    if oic is not None and not getattr(oic.OptInChecker.check, "_pqd_declines", False):
+        original = oic.OptInChecker.check
+
+        def check(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = original(self, *args, **kwargs)
+            no_file = oic.ConsentCheckResult.NO_FILE
+            return oic.ConsentCheckResult.DECLINED if result == no_file else result
+
+        check._pqd_declines = True  # type: ignore[attr-defined]
+        oic.OptInChecker.check = check
     import openvino as ov
+
+    return ov
+
+
+def _openvino(path: Path, threads: int, batch: int | None, all_outputs: bool = False) -> Runner:
+    ov = import_openvino()
 
     core = ov.Core()
     model = core.read_model(str(path))
