@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 import pqd.export as export_mod
 from pqd.export import export_onnx, parity
-from pqd.measure.artifacts import size_bytes
+from pqd.measure.artifacts import repeats_for, size_bytes, warmup_for
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.latency import compare_latency
 from pqd.measure.runtime import open_runner, ort_kernels
@@ -164,6 +164,12 @@ def test_latency_stats_are_ordered_and_interleaved() -> None:
     assert timed == (["a", "a", "b", "b"] * 5)  # 5 interleaved rounds of 2 calls each
     for st in stats.values():
         assert st.samples == 10 and 0 < st.min <= st.p50 <= st.p90 and st.batch == 1
+
+
+def test_large_batches_get_fewer_warmup_and_timed_calls() -> None:
+    assert [warmup_for(b, 50) for b in (1, 4, 64, 256)] == [50, 25, 6, 5]
+    assert warmup_for(64, 0) == 0 and warmup_for(64, 3) == 3  # never more than asked
+    assert [repeats_for(b, 300) for b in (1, 64, 1024)] == [300, 38, 20]
 
 
 def test_switch_pause_is_idle_and_untimed() -> None:

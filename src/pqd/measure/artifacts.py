@@ -34,6 +34,12 @@ def repeats_for(batch: int, repeats: int) -> int:
     return max(20, round(repeats / math.sqrt(batch)))
 
 
+def warmup_for(batch: int, warmup: int) -> int:
+    """Untimed warm-up calls at ``batch``: ``warmup`` at batch 1, scaled like
+    :func:`repeats_for` for large batches (at least 5, never more than asked)."""
+    return min(warmup, max(5, round(warmup / math.sqrt(batch))))
+
+
 def runtime_logits(run, x_uint8, batch_size: int, desc: str, progress: bool) -> np.ndarray:
     """Logits of an artifact runner over uint8 images (fed as float32 in [0, 1])."""
     outs = []
@@ -110,13 +116,14 @@ def measure_onnx(
                 name: open_runner(rt, path, spec.threads, batch=b)
                 for name, path in artifacts.items()}
             stats = compare_latency(
-                {name: r.run for name, r in timed.items()}, (b, *shape), warmup=spec.warmup,
+                {name: r.run for name, r in timed.items()}, (b, *shape),
+                warmup=warmup_for(b, spec.warmup),
                 repeats=repeats_for(b, spec.repeats), progress=progress,
                 desc=f"latency batch {b} ({rt})")
             for name, st in stats.items():
                 lat = results[name]["runtimes"][rt].setdefault(
                     "latency_ms", {"runtime": rt, "threads": spec.threads, "batches": {}})
-                lat["batches"][str(b)] = st.as_dict()
+                lat["batches"][str(b)] = {**st.as_dict(), "warmup": warmup_for(b, spec.warmup)}
                 if b == 1:
                     lat.update({"batch": 1, "p50": round(st.p50, 4), "p90": round(st.p90, 4),
                                 "mean": round(st.mean, 4)})
