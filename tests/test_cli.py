@@ -4,6 +4,7 @@ contract; ``pqd report`` re-renders it."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -152,3 +153,15 @@ def test_run_writes_the_record_contract(tmp_path: Path, subset_dir: Path) -> Non
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
     assert "| final | int8 |" in (out / "report.md").read_text()
+
+
+def test_torchaos_enum_constant_warning_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    from pqd.cli import _quiet_libraries
+
+    _quiet_libraries()
+    log = logging.getLogger("torch.utils._pytree")
+    with caplog.at_level(logging.WARNING, logger="torch.utils._pytree"):
+        log.warning("%s is an Enum subclass and is now natively supported by torch.compile "
+                    "as an opaque value type.", "<enum 'KernelPreference'>")
+        log.warning("another pytree warning")
+    assert [r.getMessage() for r in caplog.records] == ["another pytree warning"]
