@@ -64,3 +64,8 @@ def test_table_renders_every_row(bench):
     assert "FP32 eager NCHW *" in text and "INT8 ONNX onnxruntime" in text
     assert "3.50x" in text and "1.90-2.10" in text
     assert max(map(len, text.splitlines())) <= 96 and "floor ratio (fp32/int8) 4.00x" in text
+    flat = " ".join(line.strip() for line in text.splitlines())
+    assert ("vs FP32 eager 7.00x (>= 8x: NOT met); vs its FP32 file 3.50x (>= 3.5x: met); "
+            "x INT8 floor 1.30 (<= 1.5: met)") in flat
+    # eager p50 2.0 ms / 8 = 0.25 ms, 0.18x the 1.39 ms floor
+    assert "needs an INT8 p50 <= 0.25 ms here = 0.18x the INT8 floor" in flat
