@@ -43,7 +43,7 @@ import torch.nn as nn
 from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
-from pqd.export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from pqd.export import INPUT_NAME, OUTPUT_NAME, export_onnx, keep_initializers
 from pqd.measure.runtime import open_runner
 
 MANIFEST = "manifest.json"
@@ -369,9 +369,7 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
         keep = [n for n in g.node if any(o in used for o in n.output)]
         del g.node[:]
         g.node.extend(keep)
-        inits = [i for i in g.initializer if i.name in used]
-        del g.initializer[:]
-        g.initializer.extend(inits)
+        keep_initializers(g, used)
 
     while True:
         used = reads(graph)
@@ -442,6 +440,12 @@ class ExitRuntime:
                                      all_outputs=True).run  # one session: spinning as final
 
     @property
+    def uses_graph(self) -> bool:
+        """Whether :meth:`run_one` runs ``exits.onnx`` (opened, and written for these
+        thresholds) rather than the part files."""
+        return self.graph is not None and self.thresholds == self.graph_thresholds
+
+    @property
     def num_exits(self) -> int:
         """Early exits (heads)."""
         return len(self.heads)
@@ -458,7 +462,7 @@ class ExitRuntime:
     def run_one(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """Batch-1 fast path: (logits [1, classes], exit index; ``num_exits`` = final); one
         call of ``exits.onnx`` when the runtime has it, else the part files in turn."""
-        if self.graph is not None and self.thresholds == self.graph_thresholds:
+        if self.uses_graph:
             logits, where = self.graph(x)
             return logits, int(where[0])
         return self.run_files(x)
@@ -681,7 +685,7 @@ def measure_exits(manifest_path: str | Path, final_path: str | Path,
             rt.run(data.test_x[i: i + 64].float().div_(255.0).numpy())[0].argmax(1)
             for i in range(0, len(y_test), 64)])
         graph_agreement = None
-        if rt.graph is not None and rt.thresholds == rt.graph_thresholds:
+        if rt.uses_graph:
             # exits.onnx, one image at a time: the same exit and the same answer
             one_by_one = [rt.run_one(data.test_x[i: i + 1].float().div_(255.0).numpy())
                           for i in range(len(y_test))]

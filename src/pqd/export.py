@@ -179,10 +179,16 @@ def global_average_pools(proto: onnx.ModelProto) -> int:
         proto.graph.node.remove(node)
         proto.graph.node.insert(i, gap)
         rewritten += 1
-    used = {name for node in proto.graph.node for name in node.input}
-    for init in [i for i in proto.graph.initializer if i.name not in used]:
-        proto.graph.initializer.remove(init)  # the dropped axes tensors
+    keep_initializers(proto.graph, {name for node in proto.graph.node for name in node.input}
+                      | {o.name for o in proto.graph.output})  # drops the axes tensors
     return rewritten
+
+
+def keep_initializers(graph: onnx.GraphProto, used: set[str]) -> None:
+    """Remove ``graph``'s initializers whose names are not in ``used``."""
+    keep = [i for i in graph.initializer if i.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(keep)
 
 
 def pad_input_channels(proto: onnx.ModelProto, multiple: int = 4) -> int:
@@ -361,10 +367,8 @@ def dynamic_integer_ops(proto: onnx.ModelProto) -> int:
                                       and n.output[0] in dqs and n.output[0] not in used)]
     proto.graph.ClearField("node")
     proto.graph.node.extend(nodes)
-    used = {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output}
-    keep = [i for i in proto.graph.initializer if i.name in used]
-    proto.graph.ClearField("initializer")
-    proto.graph.initializer.extend(keep)
+    keep_initializers(proto.graph,
+                      {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output})
     proto.graph.ClearField("value_info")
     return done
 

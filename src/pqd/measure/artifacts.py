@@ -112,18 +112,19 @@ def measure_onnx(
             if rt == "onnxruntime":  # which kernels run: fused INT8 ops or float ones
                 results[name]["runtimes"][rt]["kernels"] = ort_kernels(artifacts[name])
         for b in spec.batch_sizes:
+            warmup = warmup_for(b, spec.warmup)
             timed = runners if rt != "openvino" else {
                 name: open_runner(rt, path, spec.threads, batch=b)
                 for name, path in artifacts.items()}
             stats = compare_latency(
                 {name: r.run for name, r in timed.items()}, (b, *shape),
-                warmup=warmup_for(b, spec.warmup),
+                warmup=warmup,
                 repeats=repeats_for(b, spec.repeats), progress=progress,
                 desc=f"latency batch {b} ({rt})")
             for name, st in stats.items():
                 lat = results[name]["runtimes"][rt].setdefault(
                     "latency_ms", {"runtime": rt, "threads": spec.threads, "batches": {}})
-                lat["batches"][str(b)] = {**st.as_dict(), "warmup": warmup_for(b, spec.warmup)}
+                lat["batches"][str(b)] = {**st.as_dict(), "warmup": warmup}
                 if b == 1:
                     lat.update({"batch": 1, "p50": round(st.p50, 4), "p90": round(st.p90, 4),
                                 "mean": round(st.mean, 4)})
