@@ -398,6 +398,11 @@ class ExportSpec(Strict):
 
     opset: int = Field(default=20, ge=17, le=23)
     parity_samples: int | None = Field(default=None, ge=1)  # None: the whole test split
+    # the CPUs the INT8 file must be exact on (pqd.target): portable / x86-avx2 train 7-bit
+    # weights (no int16 saturation without VNNI); x86-vnni full 8-bit; auto: this machine's
+    target: Literal["portable", "x86-avx2", "x86-vnni", "auto"] = "portable"
+    # lowest top-1 agreement (fraction) of a file with its torch model before parity fails
+    parity_min_agreement: float = Field(default=0.99, ge=0.0, le=1.0)
     compress: bool = False  # also write final.onnx.xz (zeros compress: sparsity pays on disk)
 
 

@@ -42,6 +42,7 @@ import torch.nn as nn
 from pqd.checkpoint import atomic_write_bytes, atomic_write_text
 from pqd.errors import CheckpointError, PqdError
 from pqd.recipe import Recipe
+from pqd.target import resolve as resolve_target
 from pqd.train import FitProgress
 
 PROGRESS = "progress.json"
@@ -79,7 +80,13 @@ def fingerprints(recipe: Recipe) -> list[str]:
     """Fingerprint of step 0 (baseline) and of each stage i (step i + 1)."""
     base = _relevant(recipe)
     stages = recipe.model_dump(mode="json")["stages"]
-    return [_sha({**base, "stages": stages[:i]}) for i in range(len(stages) + 1)]
+    target = resolve_target(recipe.export.target)  # the weight range quantize stages train with
+    prints = []
+    for i in range(len(stages) + 1):
+        quantized = any(s["stage"] == "quantize" for s in stages[:i])
+        prints.append(_sha({**base, "stages": stages[:i], **({"target": target} if quantized
+                                                             else {})}))
+    return prints
 
 
 def step_name(recipe: Recipe, step: int) -> str:

@@ -137,6 +137,8 @@ def run_sensitivity(recipe: Recipe, out: str | Path | None = None, *, data_dir: 
     from pqd.pipeline import resolve_device, seed_everything
     from pqd.stages.base import Context
     from pqd.stages.quantize import calibrate, prepare_qat, scheme_of
+    from pqd.target import reduces_range
+    from pqd.target import resolve as resolve_target
     from pqd.train import fit, prepare_model
 
     t0 = time.perf_counter()
@@ -153,7 +155,8 @@ def run_sensitivity(recipe: Recipe, out: str | Path | None = None, *, data_dir: 
     seed_everything(recipe.seed)
     model = build_model(recipe.model.name, data.num_classes, data.mean, data.std,
                         **recipe.model.kwargs).to(device)
-    ctx = Context(recipe=recipe, data=data, device=device, teacher=model, progress=progress)
+    ctx = Context(recipe=recipe, data=data, device=device, teacher=model, progress=progress,
+                  target=resolve_target(recipe.export.target))
     if recipe.baseline.checkpoint:
         load_checkpoint(model, recipe.baseline.checkpoint)
         model.to(device)
@@ -169,7 +172,8 @@ def run_sensitivity(recipe: Recipe, out: str | Path | None = None, *, data_dir: 
             save_checkpoint(model, Path(out) / "baseline.safetensors", {"recipe": recipe.name})
     spec = next((s for s in recipe.stages if isinstance(s, QuantizeSpec)),
                 QuantizeSpec(stage="quantize", mode="ptq", epochs=0))
-    scheme = {**scheme_of(spec), "mode": "ptq" if spec.mode != "dynamic" else "dynamic"}
+    scheme = {**scheme_of(spec, reduces_range(ctx.target)),
+              "mode": "ptq" if spec.mode != "dynamic" else "dynamic"}
     graph = prepare_qat(model, ctx.example_input(), scheme).to(device)
     val = ctx.loader("val", 256)
     calibrate(graph, ctx.loader("val", recipe.train.batch_size), spec.calibration_batches,

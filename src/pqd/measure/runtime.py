@@ -154,3 +154,49 @@ def _openvino(path: Path, threads: int, batch: int | None, all_outputs: bool = F
 
     return Runner("openvino", run_all if all_outputs else run, {
         "threads": threads, "streams": 1, "precision_hint": "f32", "static_batch": batch})
+
+
+_AVX2_SCRIPT = """
+import sys
+import numpy as np
+from pqd.measure.runtime import open_runner
+run = open_runner("openvino", sys.argv[1], int(sys.argv[2])).run
+x = np.load(sys.argv[3])
+step = int(sys.argv[5])
+np.save(sys.argv[4], np.concatenate([run(x[i:i + step]) for i in range(0, len(x), step)]))
+"""
+
+
+def avx2_logits(path: str | Path, x: np.ndarray, threads: int = 2,
+                batch_size: int = 256) -> np.ndarray:
+    """The artifact's outputs as a CPU without VNNI computes them, on this machine.
+
+    OpenVINO's CPU plugin (oneDNN) honours ``ONEDNN_MAX_CPU_ISA``: capped at ``AVX2`` it
+    runs the AVX2 u8 x s8 kernels, whose int16 pair sums saturate, on any newer x86 CPU.
+    It runs in a fresh process because oneDNN reads the cap once per process.
+
+    Args:
+        path: the ONNX file.
+        x: float32 NCHW input in [0, 1].
+        threads: OpenVINO inference threads.
+        batch_size: images per call.
+
+    Returns:
+        The first output (logits) for every image of ``x``.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "x.npy", Path(tmp) / "y.npy"
+        np.save(src, np.ascontiguousarray(x, dtype=np.float32))
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        proc = subprocess.run(
+            [sys.executable, "-c", _AVX2_SCRIPT, str(path), str(threads), str(src), str(dst),
+             str(batch_size)], env=env, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"the AVX2 OpenVINO run of {path} failed: {tail}")
+        return np.load(dst)

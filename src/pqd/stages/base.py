@@ -63,6 +63,7 @@ class Context:
     stage_index: int = -1  # set by the pipeline before each stage runs
     run: Any = None  # pqd.resume.RunFolder: per-epoch checkpoints and resume (None: neither)
     fit_calls: int = 0  # fit calls so far in the current stage (the pipeline resets it)
+    target: str = "portable"  # resolved deployment target (pqd.target): the weight range
 
     @property
     def stage_seed(self) -> int:

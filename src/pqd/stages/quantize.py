@@ -7,7 +7,9 @@ leaves no ``source_fn_stack`` and the quantizer silently skips every conv), then
 weight is checked to carry a fake-quantizer (unless mixed precision keeps it float).
 
 The default recipe is torchao's X86InductorQuantizer one (activations asymmetric uint8
-per tensor, weights symmetric int8 per output channel, BN folded), re-annotated for
+per tensor, weights symmetric int8 per output channel, BN folded), with the weights kept
+in 7 bits ([-64, 63]) unless the deployment target has VNNI (``reduce_range`` in the
+scheme, from ``ctx.target``; see :mod:`pqd.target`), re-annotated for
 onnxruntime's QDQ fusions: each conv output gets its own quantizer instead of fusing
 conv+add, residual adds are quantized on both inputs and output (QLinearAdd), and the
 linear output is quantized (QGemm). Measured on ResNet-18, CIFAR, batch 1, 2 threads:
@@ -57,6 +59,7 @@ from pqd.models.multi_exit import MultiExitNet
 from pqd.recipe import QuantizeSpec
 from pqd.registry import register_stage
 from pqd.stages.base import Context, State
+from pqd.target import reduces_range
 from pqd.train import set_train
 
 _ADD_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
@@ -67,24 +70,48 @@ ANNOTATION = "quantization_annotation"
 META_KEY = "pqd_quant"
 _EPS = 2**-12  # torchao's x86 default
 # scheme keys that change the quantized types (the rest: how ranges are set, which are float)
-_TYPE_KEYS = ("granularity", "weight_symmetric", "weight_bits", "activation_symmetric")
+_TYPE_KEYS = ("granularity", "weight_symmetric", "weight_bits", "activation_symmetric",
+              "reduce_range")
 
+# reduce_range: 8-bit weights kept in [-64, 63] (the portable target, see pqd.target)
 DEFAULT_SCHEME: dict[str, Any] = {
     "mode": "qat", "granularity": "per_channel", "weight_symmetric": True, "weight_bits": 8,
     "activation_symmetric": False, "observer": "minmax", "percentile": 99.99,
-    "float_layers": [],
+    "reduce_range": True, "float_layers": [],
 }
 
 
-def scheme_of(spec: QuantizeSpec) -> dict[str, Any]:
-    """The quantization scheme of a quantize stage as plain data (kept on the graph)."""
+def scheme_of(spec: QuantizeSpec, reduce_range: bool = True) -> dict[str, Any]:
+    """The quantization scheme of a quantize stage as plain data (kept on the graph).
+
+    Args:
+        spec: the stage's options.
+        reduce_range: 7-bit weights (the deployment target has no VNNI or is unknown;
+            see :mod:`pqd.target`); False: full 8-bit weights (``x86-vnni``).
+    """
     return {
         "mode": spec.mode, "granularity": spec.weights.granularity,
         "weight_symmetric": spec.weights.symmetric, "weight_bits": spec.weights.bits,
         "activation_symmetric": spec.activations.symmetric,
         "observer": spec.activations.observer, "percentile": spec.activations.percentile,
-        "float_layers": [],
+        "reduce_range": reduce_range, "float_layers": [],
     }
+
+
+def weight_range(scheme: dict[str, Any]) -> tuple[int, int]:
+    """``(quant_min, quant_max)`` of the scheme's integer weights.
+
+    INT4 is [-8, 7]; dynamic weights are narrow and symmetric (onnxruntime's integer ops);
+    ``reduce_range`` keeps 8-bit weights in 7 bits so that no pair of them can saturate
+    the int16 sums of x86 kernels without VNNI. Schemes saved before ``reduce_range``
+    existed were full 8-bit.
+    """
+    reduced = bool(scheme.get("reduce_range", False))
+    if scheme["weight_bits"] == 4:
+        return -8, 7
+    if scheme["mode"] == "dynamic":
+        return (-63, 63) if reduced else (-127, 127)
+    return (-64, 63) if reduced else (-128, 127)
 
 
 def graphs_in(model: nn.Module) -> list[tuple[str, torch.fx.GraphModule]]:
@@ -178,10 +205,7 @@ def quantization_config(scheme: dict[str, Any]):  # -> (QuantizationConfig, weig
             dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
             is_dynamic=False,
             observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(eps=_EPS))
-    if scheme["weight_bits"] == 4:
-        qmin, qmax = -8, 7
-    else:  # dynamic: narrow range, like onnxruntime's symmetric int8 weights
-        qmin, qmax = (-127, 127) if dynamic else (-128, 127)
+    qmin, qmax = weight_range(scheme)
     per_channel = scheme["granularity"] == "per_channel"
 
     def weight_spec(symmetric: bool) -> Any:
@@ -216,8 +240,9 @@ def ort_quantizer(is_qat: bool = True, scheme: dict[str, Any] | None = None):
 
     scheme = scheme or DEFAULT_SCHEME
     static = scheme["mode"] != "dynamic"
-    default = static and all(scheme[k] == DEFAULT_SCHEME[k] for k in _TYPE_KEYS)
-    if default:  # exactly torchao's x86 recipe (the headline INT8 path)
+    default = static and not scheme.get("reduce_range", False) and all(
+        scheme[k] == DEFAULT_SCHEME[k] for k in _TYPE_KEYS if k != "reduce_range")
+    if default:  # exactly torchao's x86 recipe (full 8-bit weights: the x86-vnni target)
         config, weight_qspec = get_default_x86_inductor_quantization_config(is_qat=is_qat), None
     else:
         config, weight_qspec = quantization_config(scheme)
@@ -588,7 +613,7 @@ def apply_quantize(state: State, spec: QuantizeSpec, ctx: Context) -> State:
     """Insert fake-quant (once), calibrate on val, choose mixed precision, then fine-tune
     (QAT, dynamic with epochs) or stop (PTQ)."""
     cfg = ctx.stage_train()
-    scheme = scheme_of(spec)
+    scheme = scheme_of(spec, reduces_range(ctx.target))
     if not state.quantized:
         if isinstance(state.model, MultiExitNet):  # exits attached: one graph per part
             state.model = prepare_qat_parts(state.model, ctx.example_input(),
@@ -608,7 +633,7 @@ def apply_quantize(state: State, spec: QuantizeSpec, ctx: Context) -> State:
             keep_float(state.model, state.info["float_layers"])
     else:
         have = quant_scheme(state.model)
-        same = all(have[k] == scheme[k] for k in _TYPE_KEYS) and (
+        same = all(have.get(k, False) == scheme[k] for k in _TYPE_KEYS) and (
             (have["mode"] == "dynamic") == (spec.mode == "dynamic"))
         if not same or spec.mixed_precision is not None:
             raise RecipeError(

@@ -1,0 +1,65 @@
+"""Deployment targets: ``auto`` from the CPU flags, the weight range each target trains
+with, the kernels in words, and the parity verdict of a measured artifact."""
+
+from __future__ import annotations
+
+import pytest
+
+from pqd.recipe import recipe_from_dict
+from pqd.target import assess, kernels_in_words, reduces_range, resolve
+
+AVX2 = ["avx2"]
+VNNI = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
+
+
+def test_auto_follows_the_cpu_flags() -> None:
+    assert resolve("auto", VNNI) == "x86-vnni"
+    assert resolve("auto", ["avx2", "avx_vnni"]) == "x86-vnni"  # Alder Lake style VEX VNNI
+    assert resolve("auto", AVX2) in ("x86-avx2", "portable")  # portable off x86
+    for name in ("portable", "x86-avx2", "x86-vnni"):
+        assert resolve(name, AVX2) == name
+    with pytest.raises(ValueError, match="unknown target"):
+        resolve("arm-sve", AVX2)
+
+
+def test_only_the_vnni_target_trains_full_8bit_weights() -> None:
+    assert reduces_range("portable") and reduces_range("x86-avx2")
+    assert not reduces_range("x86-vnni")
+
+
+def test_portable_is_the_recipe_default() -> None:
+    recipe = recipe_from_dict({"model": {"name": "tiny_cnn"}})
+    assert recipe.export.target == "portable" and recipe.export.parity_min_agreement == 0.99
+
+
+def test_kernels_in_words_name_vnni_and_bf16() -> None:
+    assert "saturate" in kernels_in_words(AVX2) and "emulated" in kernels_in_words(AVX2)
+    words = kernels_in_words(VNNI)
+    assert "with VNNI" in words and "bf16 in hardware" in words
+
+
+def _artifact(agreement: float, pairs: int = 0) -> dict:
+    return {"runtimes": {"onnxruntime": {"parity": {
+        "samples": 1000, "top1_agreement": agreement, "max_abs_logit_diff": 1.2}}},
+        "saturation": {"pairs_at_risk": pairs, "layers": [], "checked_layers": 3,
+                       "max_pair_magnitude": 200 if pairs else 120}}
+
+
+def test_low_agreement_fails_parity_naming_the_runtime_and_figure() -> None:
+    verdict = assess(_artifact(0.943), "portable", VNNI, 0.99)
+    assert not verdict["parity_ok"]
+    [line] = verdict["parity_problems"]
+    assert "onnxruntime" in line and "94.30%" in line and "1000" in line
+    assert assess(_artifact(0.995), "portable", VNNI, 0.99) == {
+        "parity_ok": True, "parity_problems": []}
+
+
+def test_a_vnni_file_on_an_avx2_cpu_is_flagged_even_when_agreement_holds() -> None:
+    verdict = assess(_artifact(1.0, pairs=40), "x86-vnni", AVX2, 0.99)
+    assert not verdict["parity_ok"] and "x86-vnni" in verdict["parity_problems"][0]
+    # the same file on a VNNI CPU is fine; a portable file with no risky pairs is fine anywhere
+    assert assess(_artifact(1.0, pairs=40), "x86-vnni", VNNI, 0.99)["parity_ok"]
+    assert assess(_artifact(1.0), "portable", AVX2, 0.99)["parity_ok"]
+    # a file of unknown origin with saturating pairs, measured without VNNI
+    verdict = assess(_artifact(1.0, pairs=3), None, AVX2, 0.99)
+    assert not verdict["parity_ok"] and "3 weight pairs" in verdict["parity_problems"][0]
