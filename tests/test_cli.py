@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 import yaml
 
@@ -135,8 +136,15 @@ def test_run_writes_the_record_contract(tmp_path: Path, subset_dir: Path) -> Non
         assert lat["batch"] == 1 and 0 < lat["p50"] <= lat["p90"]
         assert set(lat["batches"]) == {"1", "8"}
         assert r["params"] >= r["nonzero_params"] > 0 and r["macs"] > 0 and r["bitops"] > 0
-        assert r["parity"]["top1_agreement"] >= 0.95
+        assert r["parity"]["top1_agreement"] >= 0.99 and r["parity_ok"], r["parity_problems"]
+    assert env_["kernels"] and isinstance(env_["cpu_flags"], list)
     base, final = record["baseline"], record["final"]
+    # the default portable target: 7-bit weights, nothing that saturates without VNNI
+    assert final["target"] == "portable" and base["target"] == "any"
+    assert final["saturation"]["pairs_at_risk"] == 0 and final["saturation"]["checked_layers"]
+    assert final["saturation"]["max_pair_magnitude"] <= 128
+    meta = {p.key: p.value for p in onnx.load(str(out / "final.onnx")).metadata_props}
+    assert meta["pqd.target"] == "portable" and meta["pqd.saturating_weight_pairs"] == "0"
     assert base["precision"] == "fp32" and final["precision"] == "int8"
     # sparsity read back from the int8 file holds at least every masked zero
     assert final["masked_sparsity"] == pytest.approx(0.6, abs=1e-3)
@@ -152,7 +160,8 @@ def test_run_writes_the_record_contract(tmp_path: Path, subset_dir: Path) -> Non
 
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
-    assert "| final | int8 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| final | int8 |" in report and "built for target **portable**" in report
 
 
 def test_torchaos_enum_constant_warning_is_dropped(caplog: pytest.LogCaptureFixture) -> None:

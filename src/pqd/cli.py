@@ -106,7 +106,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     record = run(recipe, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress,
                  resume=args.resume, fresh=args.fresh)
-    from pqd.report import SUMMARY_HEADER, summary_rows, table
+    from pqd.report import SUMMARY_HEADER, parity_warnings, summary_rows, table
 
     cmp_ = record["comparison"]
     print(table(SUMMARY_HEADER, summary_rows(record)))
@@ -115,6 +115,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"smaller, accuracy {-cmp_['accuracy_drop_points']:+.2f} points; "
           f"{record['timing_s']['total']:.0f} s in all")
     print(f"wrote {Path(args.out) / 'record.json'} and {Path(args.out) / 'report.md'}")
+    for line in parity_warnings(record):
+        print(f"pqd: warning: {line}", file=sys.stderr)
     return 0
 
 

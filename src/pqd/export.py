@@ -184,6 +184,17 @@ def global_average_pools(proto: onnx.ModelProto) -> int:
     return rewritten
 
 
+def set_metadata(path: str | Path, values: dict[str, str]) -> None:
+    """Add (or replace) ``metadata_props`` entries of the ONNX file at ``path``."""
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update(values)
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+
+
 def keep_initializers(graph: onnx.GraphProto, used: set[str]) -> None:
     """Remove ``graph``'s initializers whose names are not in ``used``."""
     keep = [i for i in graph.initializer if i.name in used]

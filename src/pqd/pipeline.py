@@ -35,6 +35,7 @@ from pqd.models.multi_exit import MultiExitNet
 from pqd.recipe import MeasureSpec, Recipe, dump_recipe
 from pqd.registry import STAGES
 from pqd.stages.base import Context, State
+from pqd.target import resolve as resolve_target
 from pqd.train import evaluate, fit
 
 RECORD_VERSION = 1
@@ -123,7 +124,8 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
 
         ctx = Context(recipe=recipe, data=data, device=device, teacher=model,
-                      progress=progress, out_dir=out, run=folder)
+                      progress=progress, out_dir=out, run=folder,
+                      target=resolve_target(recipe.export.target))
         # ---- baseline: train it or load it (or take it from an earlier, killed run)
         t0 = time.perf_counter()
         model.to(device)
@@ -198,6 +200,7 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
     from pqd.measure.artifacts import torch_reference
 
     t0 = time.perf_counter()
+    target = ctx.target if state.quantized else "any"  # a float file runs alike everywhere
     example = ctx.example_input().cpu()
     model.cpu()
     state.model.cpu()
@@ -216,6 +219,11 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
         final_path, final_torch = export_onnx(state.model, out / "final.onnx", example,
                                               quantized=state.quantized,
                                               opset=recipe.export.opset)
+    from pqd.export import set_metadata
+    from pqd.measure.saturation import saturation
+
+    set_metadata(final_path, {"pqd.target": target, "pqd.saturating_weight_pairs":
+                              str(saturation(final_path)["pairs_at_risk"])})
     export_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     references = {"baseline": torch_reference(base_torch, data, recipe.export.parity_samples),
@@ -235,8 +243,9 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
         "seed": recipe.seed,
         "device": str(device),
         "data": data.summary(),
-        "baseline": {"precision": "fp32", "val_accuracy": baseline_val, "source": source},
-        "final": {"precision": _precision(state),
+        "baseline": {"precision": "fp32", "target": "any", "val_accuracy": baseline_val,
+                     "source": source},
+        "final": {"precision": _precision(state), "target": target,
                   "val_accuracy": (stage_records[-1]["val_accuracy"] if stage_records
                                    else baseline_val),
                   "masked_sparsity": _masked_sparsity(state),
@@ -386,15 +395,20 @@ def _finish_record(pending: dict[str, Any], measured: dict[str, Any], measure_se
                    threads: int, where: str, total_seconds: float) -> dict[str, Any]:
     """The record.json of ``pqd run`` from a pending record and the measured artifacts."""
     from pqd.measure.env import environment
+    from pqd.target import assess
 
+    env = environment(threads)
+    min_agreement = pending["recipe"]["export"].get("parity_min_agreement", 0.99)
     baseline = {**measured["baseline"], **pending["baseline"]}
     final = {**measured["final"], **pending["final"]}
+    for art in (baseline, final):
+        art.update(assess(art, art.get("target"), env["cpu_flags"], min_agreement))
     timing = {k: pending["timing_s"][k] for k in ("baseline", "stages", "export")}
     timing.update(measure=round(measure_seconds, 2), total=round(total_seconds, 2))
     keys = ("pqd_version", "record_version", "name", "recipe", "order", "seed", "device")
     return {
         **{k: pending[k] for k in keys},
-        "environment": environment(threads),
+        "environment": env,
         "data": pending["data"],
         "baseline": baseline,
         "final": final,

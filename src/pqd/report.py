@@ -45,6 +45,43 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def parity_warnings(record: dict[str, Any]) -> list[str]:
+    """One line per artifact problem that makes its measured answers untrustworthy on this
+    machine (``parity_problems`` of the record, see :func:`pqd.target.assess`), with the fix."""
+    lines = []
+    for key in ("baseline", "final"):
+        art = record[key]
+        for problem in art.get("parity_problems", []):
+            lines.append(f"{key} ({art.get('artifact', key)}, built for target "
+                         f"{art.get('target', '?')}): {problem}; fix: rebuild it for this CPU "
+                         f"(export.target: portable, or auto on the deployment machine)")
+    return lines
+
+
+def target_section(record: dict[str, Any]) -> list[str]:
+    """The report's "Deployment target" section: what the INT8 file was built for, what this
+    CPU's kernels are, the saturation check read from the file and the parity verdict."""
+    final, env = record["final"], record["environment"]
+    sat = final.get("saturation") or {}
+    target = final.get("target", "?")
+    lines = ["## Deployment target", "",
+             f"- final.onnx built for target **{target}**; measured on a CPU with "
+             f"{env.get('kernels') or ', '.join(env['cpu_flags']) or 'unknown kernels'}."]
+    if sat.get("checked_layers"):
+        lines.append(
+            f"- int8 weight pairs that can saturate the int16 sums of x86 kernels without VNNI: "
+            f"{sat['pairs_at_risk']} (in {len(sat['layers'])} of {sat['checked_layers']} "
+            f"layers; largest same-sign pair |w_a| + |w_b| = {sat['max_pair_magnitude']}, "
+            f"safe up to 128)")
+    warnings = parity_warnings(record)
+    if "parity_ok" in final:
+        lines.append("- parity: " + ("ok (every runtime's top-1 agreement with the torch "
+                                     "model is within the threshold)" if not warnings
+                                     else "**FAILED**"))
+    lines += [f"  - {w}" for w in warnings]
+    return lines
+
+
 def render_markdown(record: dict[str, Any]) -> str:
     """The run's report.md."""
     final, cmp_ = record["final"], record["comparison"]
@@ -91,6 +128,7 @@ def render_markdown(record: dict[str, Any]) -> str:
                             f"{100 * res['parity']['top1_agreement']:.2f}%"])
     lines.append(table(["artifact", "runtime", "top-1", "p50 ms (b1)", "p90 ms (b1)",
                         "top-1 agreement with torch"], rt_rows))
+    lines += ["", *target_section(record)]
     libs = env["libraries"]
     lines += [
         "",
@@ -205,8 +243,9 @@ def search_rows(search: dict[str, Any]) -> list[list[str]]:
                          "", ""])
             continue
         sd = f"{100 * g['accuracy_std']:.2f}" if g["n"] > 1 else "-"
+        label = g["label"] if g.get("parity_ok", True) else f"{g['label']} (PARITY FAILED)"
         rows.append([
-            str(g.get("rank", "-")), g["kind"], g["label"],
+            str(g.get("rank", "-")), g["kind"], label,
             "/".join(map(str, g["epochs"])) or "-", f"{100 * g['accuracy_mean']:.2f}%", sd,
             f"{g['size_bytes'] / 1e6:.2f}", f"{g['latency_p50_ms']:.3f}",
             f"{g['latency_p90_ms']:.3f}", f"{g['speedup_vs_baseline']:.2f}x", g["precision"],

@@ -732,7 +732,7 @@ def _trial_result(trial: Trial, record: dict[str, Any] | None, error: str | None
         **out, "status": "done", "record": f"{trial.folder}/record.json",
         "accuracy": f["accuracy"], "val_accuracy": f.get("val_accuracy"),
         "size_bytes": f["size_bytes"], "precision": f["precision"], "sparsity": f["sparsity"],
-        "macs": f["macs"], "bitops": f["bitops"],
+        "macs": f["macs"], "bitops": f["bitops"], "parity_ok": f.get("parity_ok", True),
         "latency_ms": lat, "record_latency_ms": {"p50": f["latency_ms"]["p50"],
                                                  "p90": f["latency_ms"]["p90"]},
         "speedup_vs_baseline": (round(base_p50 / lat["p50"], 3) if lat and base_p50 else None),
@@ -768,6 +768,7 @@ def _aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "latency_p90_ms": round(mean([x["p90"] for x in lat]), 4) if lat else None,
         "precision": ok[0]["precision"],
         "sparsity": mean([e["sparsity"] for e in ok]),
+        "parity_ok": all(e.get("parity_ok", True) for e in ok),
     })
     return out
 

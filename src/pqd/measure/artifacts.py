@@ -1,7 +1,8 @@
 """Measure several ONNX artifacts side by side on every requested runtime.
 
 For each artifact: top-1 accuracy of the artifact itself on the test split,
-top-1 agreement with the torch model it was exported from (parity), bytes on
+top-1 agreement with the torch model it was exported from (parity), the int8 weight
+pairs that can saturate x86 kernels without VNNI (:mod:`pqd.measure.saturation`), bytes on
 disk, latency p50/p90 per batch size (interleaved with the other artifacts),
 and params / nonzero params / sparsity / MACs / BitOps read from the file.
 """
@@ -20,6 +21,7 @@ from pqd.export import parity, torch_predict
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.latency import compare_latency
 from pqd.measure.runtime import open_runner, ort_kernels, runtime_versions
+from pqd.measure.saturation import saturation
 from pqd.recipe import MeasureSpec
 
 
@@ -93,7 +95,7 @@ def measure_onnx(
         results[name] = {
             "artifact": path.name, "size_bytes": size_bytes(path),
             **{k: comp[k] for k in ("params", "nonzero_params", "sparsity", "macs", "bitops")},
-            "layers": comp["layers"], "runtimes": {},
+            "layers": comp["layers"], "saturation": saturation(path), "runtimes": {},
         }
         reference[name] = np.asarray(references[name], dtype=np.float32)
         n_par = len(reference[name])

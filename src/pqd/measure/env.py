@@ -52,10 +52,14 @@ def library_versions() -> dict[str, str]:
 
 def environment(threads: int) -> dict[str, Any]:
     """A JSON-ready description of this machine for the record."""
+    from pqd.target import kernels_in_words
+
     cuda = torch.cuda.is_available()
+    flags = cpu_flags()
     return {
         "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": flags,
+        "kernels": kernels_in_words(flags),
         "logical_cpus": os.cpu_count(),
         "measure_threads": threads,
         "torch_threads": torch.get_num_threads(),
