@@ -31,8 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 QAT_TRAIN = {"lr": 0.01, "warmup": 0.0, "schedule": "cosine"}
 
 # name -> (label, quantize stage options); QAT variants get --qat-epochs epochs
+# (an option "target" sets the deployment target, pqd.target; default portable: 7-bit weights)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "qat_pc": ("QAT, per-channel (default)", {"mode": "qat"}),
+    "qat_pc": ("QAT, per-channel (default: portable, 7-bit weights)", {"mode": "qat"}),
+    "qat_pc_vnni": ("QAT, per-channel, target x86-vnni (8-bit weights)",
+                    {"mode": "qat", "target": "x86-vnni"}),
+    "ptq_minmax_vnni": ("PTQ min-max, target x86-vnni (8-bit weights)",
+                        {"mode": "ptq", "target": "x86-vnni"}),
     "qat_pt": ("QAT, per-tensor", {"mode": "qat", "weights": {"granularity": "per_tensor"}}),
     "ptq_minmax": ("PTQ min-max", {"mode": "ptq"}),
     "ptq_percentile": ("PTQ percentile 99.99", {"mode": "ptq",
@@ -73,7 +78,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pqd.checkpoint import load_checkpoint, save_checkpoint
     from pqd.data import load_dataset, resolve_data_root
     from pqd.export import export_onnx
-    from pqd.measure.artifacts import measure_artifacts
+    from pqd.export import parity
+    from pqd.measure.artifacts import measure_artifacts, torch_reference
+    from pqd.measure.runtime import avx2_logits
     from pqd.measure.env import environment
     from pqd.models import build_model
     from pqd.pipeline import seed_everything
@@ -86,8 +93,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     names = args.variants or list(VARIANTS)
     stages = []
+    targets = []
     for n in names:
         opts = copy.deepcopy(VARIANTS[n][1])
+        targets.append(opts.pop("target", "portable"))
         train = opts["mode"] == "qat"
         stages.append({"stage": "quantize", **opts, "epochs": args.qat_epochs if train else 0,
                        **({"train": QAT_TRAIN} if train else {})})
@@ -132,6 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _log(f"{name}: {VARIANTS[name][0]}")
         t0 = time.perf_counter()
         ctx.stage_index = i
+        ctx.target = targets[i]
         seed_everything(ctx.stage_seed)
         state = apply_quantize(State(model=copy.deepcopy(model)), recipe.stages[i], ctx)
         seconds = time.perf_counter() - t0
@@ -148,6 +158,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = MeasureSpec(**recipe.measure.model_dump())
     measured = measure_artifacts(artifacts, data, spec, parity_samples=256, progress=False)
     base = measured["fp32"]
+    avx2 = {}
+    if args.avx2:  # the same files on AVX2 kernels (no VNNI: int16 pair sums saturate)
+        _log("running every file on OpenVINO capped at AVX2")
+        x = data.test_x.float().div(255.0).numpy()
+        for name, (path, deployed) in artifacts.items():
+            reference = torch_reference(deployed, data, None)
+            avx2[name] = parity(reference, avx2_logits(path, x, args.threads))
     for name, m in measured.items():
         ort = m["runtimes"]["onnxruntime"]
         rows[name].update({
@@ -156,6 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "speedup": base["latency_ms"]["p50"] / m["latency_ms"]["p50"],
             "size_ratio": base["size_bytes"] / m["size_bytes"],
             "kernels": ort.get("kernels", {}), "parity": m["parity"],
+            "saturation": m["saturation"], "avx2_parity": avx2.get(name),
             "macs": m["macs"], "bitops": m["bitops"],
         })
     return {"model": args.model, "baseline": str(args.checkpoint or f"{args.epochs} epochs"),
@@ -167,14 +185,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     """Markdown table, one row per variant, then the mixed-precision choice and setup."""
     header = ["variant", "precision", "top-1 test", "top-1 val", "MB", "p50 ms", "p90 ms",
-              "vs FP32 (ms)", "vs FP32 (MB)", "onnxruntime runs"]
+              "vs FP32 (ms)", "vs FP32 (MB)", "parity (this CPU)", "pairs at risk",
+              "parity (AVX2 kernels)", "onnxruntime runs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result["rows"].values():
+        avx2 = r.get("avx2_parity")
         lines.append("| " + " | ".join([
             r["label"], r.get("precision", "fp32"), f"{100 * r['accuracy']:.2f}%",
             f"{100 * r['val_accuracy']:.2f}%", f"{r['size_bytes'] / 1e6:.2f}",
             f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['speedup']:.2f}x",
-            f"{r['size_ratio']:.2f}x", kernel_summary(r["kernels"])]) + " |")
+            f"{r['size_ratio']:.2f}x", f"{100 * r['parity']['top1_agreement']:.2f}%",
+            str(r["saturation"]["pairs_at_risk"]),
+            "-" if avx2 is None else f"{100 * avx2['top1_agreement']:.2f}% "
+            f"(max {avx2['max_abs_logit_diff']:.3f})",
+            kernel_summary(r["kernels"])]) + " |")
     notes = []
     for r in result["rows"].values():
         if "mixed_precision" in r:
@@ -189,8 +213,12 @@ def table(result: dict[str, Any]) -> str:
                  f"{result['qat_epochs']} epochs; {result['data']['test']} test / "
                  f"{result['data']['val']} val images (CIFAR-10 subset); batch 1, "
                  f"{result['threads']} threads, onnxruntime "
-                 f"{env['libraries'].get('onnxruntime')}; {env['cpu']}; wall "
-                 f"{result['wall_s']:.0f} s")
+                 f"{env['libraries'].get('onnxruntime')}; {env['cpu']} "
+                 f"({', '.join(env['cpu_flags'])}); wall {result['wall_s']:.0f} s")
+    notes.append("- parity: top-1 agreement of the file (onnxruntime) with its torch model "
+                 "on the test split; pairs at risk: int8 weight pairs whose int16 sum can "
+                 "saturate on a CPU without VNNI (read from the file); parity (AVX2 kernels): "
+                 "the same file on OpenVINO with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA)")
     return "\n".join([*lines, "", *notes])
 
 
@@ -206,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None, help="else PQD_DATA_DIR")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quant-bench")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--no-avx2", dest="avx2", action="store_false",
+                    help="skip the AVX2-kernel parity column (needs OpenVINO)")
     args = ap.parse_args(argv)
     for category in (UserWarning, FutureWarning, DeprecationWarning):  # library chatter
         warnings.filterwarnings("ignore", category=category)

@@ -1,0 +1,158 @@
+"""What the portable target costs: the quickstart built for ``portable`` (7-bit weights,
+exact on every x86 CPU) and for ``x86-vnni`` (full 8-bit weights), side by side.
+
+    python benchmarks/targets.py                    # ~12 min on 2 cores
+    python benchmarks/targets.py --out runs/targets --recipe recipes/quickstart.yaml
+
+Runs the recipe once per target: the first run trains the baseline and every stage; the
+second reuses the first run's baseline and the steps before its first quantize stage (they
+do not depend on the target: ``pqd run --resume``) and trains the rest with the other
+weight range. Then, in ONE process: the FP32 file and both INT8 files timed in interleaved
+rounds at batch 1 (the speed-up of each INT8 file over the same FP32 file, and their
+ratio), each file's parity on this CPU (from its record), the int8 weight pairs that can
+saturate without VNNI (read from the file), and its parity on AVX2 kernels (OpenVINO with
+oneDNN capped at AVX2: the saturating ``vpmaddubsw`` path, on any newer x86 CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ("portable", "x86-vnni")
+
+
+def _log(msg: str) -> None:
+    print(f"[targets] {msg}", file=sys.stderr, flush=True)
+
+
+def train(recipe: Path, out: Path, data_dir: str | None) -> dict[str, float]:
+    """``pqd run`` once per target (the second resumes from a copy of the first's folder);
+    returns each command's wall seconds."""
+    walls: dict[str, float] = {}
+    for i, target in enumerate(TARGETS):
+        folder = out / target
+        cmd = [sys.executable, "-m", "pqd.cli", "run", str(recipe), "--out", str(folder),
+               "--no-progress", f"export.target={target}"]
+        if data_dir:
+            cmd += ["--data-dir", data_dir]
+        if i > 0 and not (folder / "record.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            first = out / TARGETS[0]
+            shutil.copytree(first, folder, ignore=shutil.ignore_patterns(
+                "*.onnx", "record.json", "report.md"))
+            cmd.append("--resume")
+        _log(f"pqd run, target {target}")
+        t0 = time.perf_counter()
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            raise SystemExit(f"benchmarks/targets.py: error: the {target} run failed")
+        walls[target] = round(time.perf_counter() - t0, 1)
+    return walls
+
+
+def measure(out: Path, data_dir: str | None, threads: int, repeats: int) -> dict[str, Any]:
+    """One panel over the FP32 file and both INT8 files, plus saturation and AVX2 parity."""
+    import numpy as np
+
+    from pqd.data import load_dataset, resolve_data_root
+    from pqd.export import parity
+    from pqd.measure.env import environment
+    from pqd.measure.runtime import avx2_logits, open_runner
+    from pqd.measure.saturation import saturation
+    from pqd.recipe import MeasureSpec
+    from pqd.search import latency_panel
+
+    records = {t: json.loads((out / t / "record.json").read_text()) for t in TARGETS}
+    rec = records[TARGETS[0]]["recipe"]
+    data = load_dataset(rec["data"]["dataset"], resolve_data_root(data_dir, rec["data"]["root"]),
+                        val_size=rec["data"]["val_size"], seed=rec["seed"], download=False)
+    paths = {"fp32": out / TARGETS[0] / "baseline.onnx",
+             **{t: out / t / "final.onnx" for t in TARGETS}}
+    spec = MeasureSpec(runtimes=["onnxruntime"], threads=threads, batch_sizes=[1],
+                       repeats=repeats, warmup=50)
+    _log("latency panel: FP32 and both INT8 files, interleaved")
+    panel = latency_panel(paths, spec, progress=False)
+    x = data.test_x.float().div(255.0).numpy()
+    rows: dict[str, Any] = {}
+    for t in TARGETS:
+        f = records[t]["final"]
+        _log(f"{t}: the file on AVX2 kernels (OpenVINO, ONEDNN_MAX_CPU_ISA=AVX2)")
+        native = open_runner("openvino", paths[t], threads).run
+        reference = np.concatenate(
+            [native(x[i:i + 256]) for i in range(0, len(x), 256)])
+        rows[t] = {
+            "accuracy": f["accuracy"], "val_accuracy": f["val_accuracy"],
+            "baseline_accuracy": records[t]["baseline"]["accuracy"],
+            "p50_ms": panel[t]["p50"], "speedup": panel["fp32"]["p50"] / panel[t]["p50"],
+            "parity": f["parity"], "parity_ok": f.get("parity_ok"),
+            "saturation": saturation(paths[t]),
+            "avx2_vs_native_openvino": parity(reference, avx2_logits(paths[t], x, threads)),
+            "size_bytes": f["size_bytes"],
+        }
+    return {"rows": rows, "fp32_p50_ms": panel["fp32"]["p50"],
+            "environment": environment(threads), "data": data.summary()}
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown table (one row per target) and the two ratios the issue asks for."""
+    header = ["target", "weights", "top-1 test", "top-1 val", "p50 ms (b1)", "vs FP32",
+              "parity (this CPU, onnxruntime)", "pairs at risk", "AVX2 kernels vs this CPU"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = result["rows"]
+    def agree(p: dict[str, Any]) -> str:
+        return f"{100 * p['top1_agreement']:.2f}% (max {p['max_abs_logit_diff']:.3f})"
+
+    for t, r in rows.items():
+        lines.append("| " + " | ".join([
+            t, "7-bit [-64, 63]" if t != "x86-vnni" else "8-bit [-128, 127]",
+            f"{100 * r['accuracy']:.2f}%", f"{100 * r['val_accuracy']:.2f}%",
+            f"{r['p50_ms']:.3f}", f"{r['speedup']:.2f}x",
+            agree(r["parity"]), str(r["saturation"]["pairs_at_risk"]),
+            agree(r["avx2_vs_native_openvino"]),
+        ]) + " |")
+    p, v = rows["portable"], rows["x86-vnni"]
+    env = result["environment"]
+    lines += [
+        "",
+        f"- portable keeps {100 * p['speedup'] / v['speedup']:.1f}% of the 8-bit file's "
+        f"speed-up over FP32 ({p['speedup']:.2f}x vs {v['speedup']:.2f}x; FP32 "
+        f"{result['fp32_p50_ms']:.3f} ms, all three files timed in one interleaved panel)",
+        f"- test top-1: portable {100 * (p['accuracy'] - v['accuracy']):+.2f} points vs 8-bit "
+        f"(baseline {100 * p['baseline_accuracy']:.2f}%; {result['data']['test']} test images, "
+        "a subset of CIFAR-10's test split)",
+        f"- {env['cpu']} ({', '.join(env['cpu_flags'])}); {env['measure_threads']} threads",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "quickstart.yaml")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "targets")
+    ap.add_argument("--data-dir", default=None, help="else PQD_DATA_DIR or the recipe's root")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=600, help="timed calls per file")
+    ap.add_argument("--json", type=Path, help="write every number here")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    walls = train(args.recipe, args.out, args.data_dir)
+    result = measure(args.out, args.data_dir, args.threads, args.repeats)
+    result.update(walls_s=walls, wall_s=round(time.perf_counter() - t0, 1))
+    print(table(result))
+    print(f"- wall {result['wall_s']:.0f} s (runs: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()) + ")")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
