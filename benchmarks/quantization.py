@@ -77,11 +77,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from pqd.checkpoint import load_checkpoint, save_checkpoint
     from pqd.data import load_dataset, resolve_data_root
-    from pqd.export import export_onnx
-    from pqd.export import parity
+    from pqd.export import export_onnx, parity
     from pqd.measure.artifacts import measure_artifacts, torch_reference
-    from pqd.measure.runtime import avx2_logits
     from pqd.measure.env import environment
+    from pqd.measure.runtime import avx2_logits
     from pqd.models import build_model
     from pqd.pipeline import seed_everything
     from pqd.recipe import MeasureSpec, recipe_from_dict

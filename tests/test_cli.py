@@ -164,6 +164,36 @@ def test_run_writes_the_record_contract(tmp_path: Path, subset_dir: Path) -> Non
     assert "| final | int8 |" in report and "built for target **portable**" in report
 
 
+@pytest.mark.integration
+def test_a_vnni_file_measured_without_vnni_is_flagged_in_one_line(
+        tmp_path: Path, subset_dir: Path, capsys, monkeypatch) -> None:
+    """A file built for x86-vnni (8-bit weights), measured where the CPU flags say AVX2 only:
+    parity_ok false, one warning line naming the target, the figure and the fix."""
+    import pqd.measure.env as env_mod
+
+    monkeypatch.setattr(env_mod, "cpu_flags", lambda: ["avx2"])
+    recipe = tiny(subset_dir, stages=[{"stage": "quantize", "mode": "ptq", "epochs": 0}],
+                  measure={"warmup": 1, "repeats": 5, "batch_sizes": [1],
+                           "runtimes": ["onnxruntime"]})
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--no-progress",
+                 "export.target=x86-vnni"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    warnings_ = [line for line in err if line.startswith("pqd: warning: ")]
+    assert len(warnings_) == 1, err
+    assert "x86-vnni" in warnings_[0] and "without VNNI" in warnings_[0]
+    assert "fix: rebuild" in warnings_[0]
+    record = json.loads((out / "record.json").read_text())
+    final = record["final"]
+    assert final["target"] == "x86-vnni" and final["parity_ok"] is False
+    assert final["saturation"]["pairs_at_risk"] > 0  # read from the 8-bit file
+    assert record["baseline"]["parity_ok"] is True  # the float file runs alike everywhere
+    assert record["environment"]["cpu_flags"] == ["avx2"]
+    assert "saturate" in record["environment"]["kernels"]
+    assert "**FAILED**" in (out / "report.md").read_text()
+
+
 def test_torchaos_enum_constant_warning_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
     from pqd.cli import _quiet_libraries
 
