@@ -328,33 +328,91 @@ def _ensure_files(name: str, root: Path, download: bool) -> None:
             f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}, "
             "or set data.download: true",
         )
+    _check_download_target(name, root)
+    created = [d for d in (root, *root.parents) if not d.exists()]  # deepest first
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        _remove_empty(created)
         raise DataError(f"{name} files are missing under {root} and the folder cannot be "
                         f"created ({e.strerror or e})", fix) from e
     try:
-        if name == "svhn":
-            for fname, url, md5 in (("train_32x32.mat", SVHN_TRAIN_URL, SVHN_TRAIN_MD5),
-                                    ("test_32x32.mat", SVHN_TEST_URL, SVHN_TEST_MD5)):
-                if not (root / fname).is_file():
-                    _fetch(url, root / fname, md5)
-        else:
-            url, md5 = (CIFAR10_URL, CIFAR10_MD5) if name == "cifar10" else (
-                CIFAR100_URL, CIFAR100_MD5)
-            archive = root / PurePosixPath(url).name
-            _fetch(url, archive, md5)
-            try:
-                safe_extract(archive, root)
-            finally:
-                archive.unlink(missing_ok=True)
+        _download(name, root)
     except _NetworkError as e:
+        _remove_empty(created)
         raise DataError(f"{name} files are missing under {root} and the download from "
                         f"{e.url} failed ({e.reason})", fix) from e
+    except BaseException:
+        _remove_empty(created)
+        raise
     still = [p for p in _required_files(name, root) if not p.is_file()]
     if still:
         raise DataError(f"the downloaded {name} archive did not provide {still[0]}",
                         f"place the official files under {root} yourself ({_holding(name)})")
+
+
+DOWNLOAD_MARKER = ".pqd-download"
+"""An (empty) file of this name in a data folder allows pqd to download into it even though
+the folder holds other things."""
+
+_DOWNLOAD_MB = {"cifar10": 163, "cifar100": 161, "svhn": 246}
+_OWN_ENTRIES = {_CIFAR10_DIR, _CIFAR100_DIR, *_SVHN_FILES, "cifar-10-python.tar.gz",
+                "cifar-100-python.tar.gz"}
+
+
+def _check_download_target(name: str, root: Path) -> None:
+    """Refuse to download into a folder that holds something else (a wrong ``--data-dir``).
+
+    Allowed: a missing or empty folder (hidden files aside), a folder holding only the data
+    sets pqd downloads, or one with a :data:`DOWNLOAD_MARKER` file.
+    """
+    if not root.is_dir() or (root / DOWNLOAD_MARKER).exists():
+        return
+    try:
+        other = sorted(e.name for e in root.iterdir()
+                       if not e.name.startswith(".") and e.name not in _OWN_ENTRIES)
+    except OSError as e:
+        raise DataError(f"{name} files are missing under {root}, which cannot be read "
+                        f"({e.strerror or e})", f"pass --data-dir DIR or set {ENV_DATA_DIR} "
+                        f"to a folder holding {_holding(name)}") from e
+    if not other:
+        return
+    url = SVHN_TRAIN_URL if name == "svhn" else (CIFAR10_URL if name == "cifar10"
+                                                  else CIFAR100_URL)
+    raise DataError(
+        f"{name} files are missing under {root} (no {_holding(name)}), which holds other "
+        f"things ({other[0]!r}{f' and {len(other) - 1} more' if len(other) > 1 else ''}): "
+        f"not downloading {name} (about {_DOWNLOAD_MB[name]} MB from {url}) into it",
+        f"pass --data-dir DIR or set {ENV_DATA_DIR} to the folder holding {_holding(name)}, "
+        f"or to a new or empty folder to download into; to download into {root} anyway, "
+        f"create the empty file {root / DOWNLOAD_MARKER}")
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) that are empty: what a failed download created."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return  # not empty, or not ours to remove: stop before its parents
+
+
+def _download(name: str, root: Path) -> None:
+    """Fetch ``name``'s official files into the existing folder ``root``."""
+    if name == "svhn":
+        for fname, url, md5 in (("train_32x32.mat", SVHN_TRAIN_URL, SVHN_TRAIN_MD5),
+                                ("test_32x32.mat", SVHN_TEST_URL, SVHN_TEST_MD5)):
+            if not (root / fname).is_file():
+                _fetch(url, root / fname, md5)
+    else:
+        url, md5 = (CIFAR10_URL, CIFAR10_MD5) if name == "cifar10" else (
+            CIFAR100_URL, CIFAR100_MD5)
+        archive = root / PurePosixPath(url).name
+        _fetch(url, archive, md5)
+        try:
+            safe_extract(archive, root)
+        finally:
+            archive.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- download
