@@ -165,3 +165,62 @@ def test_torchaos_enum_constant_warning_is_dropped(caplog: pytest.LogCaptureFixt
                     "as an opaque value type.", "<enum 'KernelPreference'>")
         log.warning("another pytree warning")
     assert [r.getMessage() for r in caplog.records] == ["another pytree warning"]
+
+
+def test_out_that_is_a_file_names_it_before_any_work(tmp_path: Path, capsys,
+                                                     subset_dir: Path) -> None:
+    path = write_recipe(tmp_path, tiny(subset_dir))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        line = one_error_line(capsys, main(["run", str(path), "--out", str(out)]))
+        assert f"cannot write {afile}: it or a folder above it is a file" in line
+        assert "free space" not in line and "finished steps" not in line
+    assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize(("readonly", "needle", "fix"), [
+    (True, "the file system is read-only", "on a writable file system"),
+    (False, "permission denied", "you may write to"),
+])
+def test_out_on_a_read_only_or_forbidden_folder(tmp_path: Path, capsys, monkeypatch,
+                                                subset_dir: Path, readonly: bool, needle: str,
+                                                fix: str) -> None:
+    import pqd.cli
+
+    path = write_recipe(tmp_path, tiny(subset_dir))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access, real_statvfs = os.access, os.statvfs
+
+    class Flags:
+        def __init__(self, p: object) -> None:
+            self.f_flag = real_statvfs(p).f_flag | (os.ST_RDONLY if readonly else 0)
+
+    # tests run as root here, where chmod does not stop writes: make the folder look locked
+    monkeypatch.setattr(pqd.cli.os, "access",
+                        lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    monkeypatch.setattr(pqd.cli.os, "statvfs", Flags)
+    line = one_error_line(capsys, main(["run", str(path), "--out", str(locked / "run")]))
+    assert f"cannot write {locked}: {needle}" in line and fix in line
+    assert "free space" not in line and not (locked / "run").exists()
+
+
+@pytest.mark.parametrize(("code", "needle"), [
+    (30, "the file system is read-only"),  # EROFS
+    (13, "permission denied"),  # EACCES
+    (28, "No space left on device writing"),  # ENOSPC
+])
+def test_storage_errors_while_running_name_the_cause(tmp_path: Path, capsys, monkeypatch,
+                                                     subset_dir: Path, code: int,
+                                                     needle: str) -> None:
+    import pqd.pipeline
+
+    def fail(*_: object, **__: object) -> None:
+        raise OSError(code, os.strerror(code), str(tmp_path / "o" / "baseline.safetensors"))
+
+    monkeypatch.setattr(pqd.pipeline, "run", fail)
+    path = write_recipe(tmp_path, tiny(subset_dir))
+    line = one_error_line(capsys, main(["run", str(path), "--out", str(tmp_path / "o")]))
+    assert needle in line and str(tmp_path / "o" / "baseline.safetensors") in line
+    assert ("free space" in line) == (code == 28)
