@@ -224,3 +224,22 @@ def test_storage_errors_while_running_name_the_cause(tmp_path: Path, capsys, mon
     line = one_error_line(capsys, main(["run", str(path), "--out", str(tmp_path / "o")]))
     assert needle in line and str(tmp_path / "o" / "baseline.safetensors") in line
     assert ("free space" in line) == (code == 28)
+
+
+@pytest.mark.parametrize(("runtimes", "installed", "needles"), [
+    (["auto"], [], ["no ONNX runtime is installed", "reinstall pqd, or pip install onnxruntime"]),
+    (["onnxruntime"], ["openvino"], ["onnxruntime is not installed", "reinstall pqd"]),
+    (["openvino"], ["onnxruntime"], ["openvino is not installed", "pip install 'pqd[openvino]'"]),
+])
+def test_a_missing_runtime_gets_the_right_install_advice(
+        tmp_path: Path, capsys, monkeypatch, subset_dir: Path, runtimes: list[str],
+        installed: list[str], needles: list[str]) -> None:
+    import pqd.measure
+
+    monkeypatch.setattr(pqd.measure, "available_runtimes", lambda: installed)
+    data = tiny(subset_dir)
+    data["measure"]["runtimes"] = runtimes
+    path = write_recipe(tmp_path, data)
+    line = one_error_line(capsys, main(["run", str(path), "--out", str(tmp_path / "o")]))
+    assert all(n in line for n in needles), line
+    assert "pip install onnxruntime (or pqd[openvino])" not in line

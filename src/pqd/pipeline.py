@@ -63,14 +63,18 @@ def check_runtimes(recipe: Recipe) -> list[str]:
     from pqd.measure import available_runtimes
 
     have = available_runtimes()
+    ort_fix = ("onnxruntime is a dependency of pqd, so the install is broken: reinstall pqd, "
+               "or pip install onnxruntime")
     if recipe.measure.runtimes == ["auto"]:
         if not have:
-            raise PqdError("no ONNX runtime is installed", "pip install onnxruntime")
+            raise PqdError("no ONNX runtime is installed (not even onnxruntime)", ort_fix)
         return have
     for rt in recipe.measure.runtimes:
         if rt not in have:
-            raise PqdError(f"measure.runtimes: {rt} is not installed",
-                           f"pip install {rt} (or pqd[openvino]), or remove it from the recipe")
+            fix = (f"{ort_fix}; or remove it from measure.runtimes" if rt == "onnxruntime" else
+                   f"pip install 'pqd[{rt}]' (or pip install {rt}), or remove it from "
+                   "measure.runtimes")
+            raise PqdError(f"measure.runtimes: {rt} is not installed", fix)
     return list(recipe.measure.runtimes)
 
 
