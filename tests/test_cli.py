@@ -243,3 +243,49 @@ def test_a_missing_runtime_gets_the_right_install_advice(
     line = one_error_line(capsys, main(["run", str(path), "--out", str(tmp_path / "o")]))
     assert all(n in line for n in needles), line
     assert "pip install onnxruntime (or pqd[openvino])" not in line
+
+
+def test_validate_checks_what_it_can_without_training(tmp_path: Path, capsys,
+                                                      subset_dir: Path, monkeypatch) -> None:
+    import torch
+
+    from pqd.models import build_model
+
+    monkeypatch.delenv("PQD_DATA_DIR", raising=False)
+    ckpt = tmp_path / "base.pt"
+    torch.save(build_model("tiny_cnn", 10, [0.5] * 3, [0.25] * 3).net.state_dict(), ckpt)
+    data = tiny(subset_dir, baseline={"checkpoint": str(ckpt)})
+    path = write_recipe(tmp_path, data)
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    checked = out.rsplit("ok:", 1)[1]
+    assert f"checked data: cifar10 files present and readable in {subset_dir}" in checked
+    assert "checked model: tiny_cnn builds" in checked and "10 logits" in checked
+    assert f"checked checkpoint: {ckpt} loads into the model" in checked
+    assert "checked runtimes: onnxruntime" in checked
+
+    # three things wrong at once: one line each, with its fix, and a non-zero exit
+    line_args = ["model.name=nosuch:build", f"baseline.checkpoint={tmp_path / 'gone.pt'}",
+                 f"data.root={tmp_path / 'nodata'}"]
+    assert main(["validate", str(path), *line_args, "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert "ok:" not in captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 3 and all(ln.startswith("pqd: error: ") and "fix:" in ln
+                                   for ln in lines), lines
+    assert f"files are missing under {tmp_path / 'nodata'}" in lines[0]
+    assert "'nosuch'" in lines[1] and "does not import" in lines[1]
+    assert "gone.pt' does not exist" in lines[2]
+
+
+def test_validate_catches_a_checkpoint_for_another_class_count(tmp_path: Path, capsys,
+                                                               subset_dir: Path) -> None:
+    import torch
+
+    from pqd.models import build_model
+
+    torch.save(build_model("tiny_cnn", 100, [0.5] * 3, [0.25] * 3).net.state_dict(),
+               tmp_path / "c100.pt")
+    path = write_recipe(tmp_path, tiny(subset_dir, baseline={"checkpoint": "c100.pt"}))
+    line = one_error_line(capsys, main(["validate", str(path), "--data-dir", str(subset_dir)]))
+    assert "another shape" in line and "100x" in line  # found relative to the recipe file

@@ -20,6 +20,7 @@ import pqd.data as data
 from pqd.data import (
     Dataset,
     Loader,
+    check_data,
     download_and_verify,
     load_dataset,
     resolve_data_root,
@@ -541,3 +542,23 @@ def test_no_download_into_a_folder_holding_other_things(
             (root / "cifar-100-python").mkdir(parents=True)
             (root / ".DS_Store").touch()
         assert load_dataset("cifar10", root, val_size=0, download=True).test_x.shape[0] > 0
+
+
+def test_check_data_reads_nothing_big_and_downloads_nothing(tmp_path: Path,
+                                                            subset_root: Path) -> None:
+    classes, text = check_data("cifar10", subset_root, download=False)
+    assert classes == 10 and "present and readable" in text
+    with pytest.raises(DataError, match=r"data folder .* does not exist"):
+        check_data("cifar10", tmp_path / "typo", download=True)
+    assert not (tmp_path / "typo").exists()
+    classes, text = check_data("cifar10", tmp_path / "data", download=True, explicit=False)
+    assert "will download it (about 163 MB)" in text and not (tmp_path / "data").exists()
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").touch()
+    with pytest.raises(DataError, match="not downloading cifar10"):
+        check_data("cifar10", tmp_path / "pics", download=True)
+    bad = tmp_path / "bad" / "cifar-10-batches-py"
+    shutil.copytree(subset_root / "cifar-10-batches-py", bad)
+    (bad / "batches.meta").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"batches\.meta"):
+        check_data("cifar10", bad.parent, download=False)

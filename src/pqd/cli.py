@@ -77,9 +77,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="Ray cluster address (host:port, ray://host:port, auto or local)")
     se.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    val = sub.add_parser("validate", help="check a recipe and print its resolved form")
+    val = sub.add_parser("validate", help="check a recipe (schema, data, model, checkpoint, "
+                         "runtimes; no training) and print its resolved form")
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*", metavar="key.path=value")
+    val.add_argument("--data-dir", default=None,
+                     help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
     val.add_argument("--quiet", action="store_true", help="print only the one-line summary")
 
     sens = sub.add_parser(
@@ -151,16 +154,25 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from pqd.pipeline import preflight
     from pqd.recipe import dump_recipe, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     epochs = sum(s.epochs for s in recipe.stages)
     base = (f"checkpoint {recipe.baseline.checkpoint}" if recipe.baseline.checkpoint
             else f"{recipe.baseline.epochs} baseline epochs")
+    passed, failed = preflight(recipe, args.data_dir)
     if not args.quiet:
         print(dump_recipe(recipe), end="")
+    for exc in failed:
+        print(f"pqd: error: {exc.line()}", file=sys.stderr)
+    if failed:
+        return 2
     print(f"ok: {args.recipe}: {recipe.model.name} on {recipe.data.dataset}, {base}, "
           f"stages {recipe.order()} ({epochs} epochs)")
+    if not args.quiet:
+        for line in passed:
+            print(f"  checked {line}")
     if recipe.search is not None:
         from pqd.search import search_plan_text
 

@@ -36,6 +36,7 @@ __all__ = [
     "Dataset",
     "Loader",
     "RestrictedUnpickler",
+    "check_data",
     "download_and_verify",
     "load_dataset",
     "resolve_data_root",
@@ -349,6 +350,63 @@ def _ensure_files(name: str, root: Path, download: bool) -> None:
     if still:
         raise DataError(f"the downloaded {name} archive did not provide {still[0]}",
                         f"place the official files under {root} yourself ({_holding(name)})")
+
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+"""Classes of the official data sets (``npz`` says its own)."""
+
+
+def check_data(name: str, root: str | Path, *, download: bool, explicit: bool = True
+               ) -> tuple[int, str]:
+    """Check data set ``name`` under ``root`` without downloading or loading it all: its
+    files are present and readable (class names parsed), or a download is allowed there.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        root: the data folder.
+        download: whether a missing data set may be downloaded (``data.download``).
+        explicit: ``root`` was given by the user (else it is pqd's default ``./data``); a
+            given folder that does not exist is an error even when downloads are allowed.
+
+    Returns:
+        The number of classes and a one-line description of what was found.
+    """
+    root = Path(os.path.abspath(Path(root).expanduser()))
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}", f"use one of {', '.join(DATASETS)}")
+    if name == "npz":
+        raw = _load_npz(root, 1, 1)
+        return len(raw.classes), f"npz files readable in {root} ({len(raw.classes)} classes)"
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data root {root} is a file, not a folder",
+                        f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding "
+                        f"{_holding(name)}")
+    files = _required_files(name, root)
+    missing = [p for p in files if not p.is_file()]
+    if not missing:
+        for path in files:
+            try:
+                with path.open("rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise DataError(f"{path} cannot be read ({e.strerror or e})",
+                                "fix its permissions, or download the data set again") from e
+        if name == "cifar10":
+            _label_names(files[-1], b"label_names", 10)
+        elif name == "cifar100":
+            _label_names(files[-1], b"fine_label_names", 100)
+        return NUM_CLASSES[name], f"{name} files present and readable in {root}"
+    where = f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}"
+    if not download:
+        raise DataError(f"{name} files are missing under {root} (no {missing[0]}) and "
+                        "download is off", f"{where}, or set data.download: true")
+    if explicit and not root.exists():
+        raise DataError(f"data folder {root} does not exist",
+                        f"{where}, or create the folder to have pqd run download {name} "
+                        f"(about {_DOWNLOAD_MB[name]} MB) into it")
+    _check_download_target(name, root)
+    return NUM_CLASSES[name], (f"{name} is not under {root} yet: pqd run will download it "
+                               f"(about {_DOWNLOAD_MB[name]} MB)")
 
 
 DOWNLOAD_MARKER = ".pqd-download"
