@@ -43,10 +43,12 @@ def recipes(baseline_epochs: int, stage_epochs: int, checkpoint: str,
     """The Recipe of every variant: the shipped YAML with epochs cut and stages swapped."""
     import yaml
 
-    from pqd.recipe import recipe_from_dict
+    from pqd.recipe import anchor_paths, recipe_from_dict
 
     def load(name: str) -> dict:
-        return yaml.safe_load((ROOT / "recipes" / name).read_text())
+        data = yaml.safe_load((ROOT / "recipes" / name).read_text())
+        anchor_paths(data, ROOT / "recipes")  # data.root is relative to the recipe file
+        return data
 
     e = stage_epochs
     dense, structured = load("resnet18-dense.yaml"), load("resnet18-structured.yaml")

@@ -204,3 +204,127 @@ def test_torchaos_enum_constant_warning_is_dropped(caplog: pytest.LogCaptureFixt
                     "as an opaque value type.", "<enum 'KernelPreference'>")
         log.warning("another pytree warning")
     assert [r.getMessage() for r in caplog.records] == ["another pytree warning"]
+
+
+def test_out_that_is_a_file_names_it_before_any_work(tmp_path: Path, capsys,
+                                                     subset_dir: Path) -> None:
+    path = write_recipe(tmp_path, tiny(subset_dir))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        line = one_error_line(capsys, main(["run", str(path), "--out", str(out)]))
+        assert f"cannot write {afile}: it or a folder above it is a file" in line
+        assert "free space" not in line and "finished steps" not in line
+    assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize(("readonly", "needle", "fix"), [
+    (True, "the file system is read-only", "on a writable file system"),
+    (False, "permission denied", "you may write to"),
+])
+def test_out_on_a_read_only_or_forbidden_folder(tmp_path: Path, capsys, monkeypatch,
+                                                subset_dir: Path, readonly: bool, needle: str,
+                                                fix: str) -> None:
+    import pqd.cli
+
+    path = write_recipe(tmp_path, tiny(subset_dir))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access, real_statvfs = os.access, os.statvfs
+
+    class Flags:
+        def __init__(self, p: object) -> None:
+            self.f_flag = real_statvfs(p).f_flag | (os.ST_RDONLY if readonly else 0)
+
+    # tests run as root here, where chmod does not stop writes: make the folder look locked
+    monkeypatch.setattr(pqd.cli.os, "access",
+                        lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    monkeypatch.setattr(pqd.cli.os, "statvfs", Flags)
+    line = one_error_line(capsys, main(["run", str(path), "--out", str(locked / "run")]))
+    assert f"cannot write {locked}: {needle}" in line and fix in line
+    assert "free space" not in line and not (locked / "run").exists()
+
+
+@pytest.mark.parametrize(("code", "needle"), [
+    (30, "the file system is read-only"),  # EROFS
+    (13, "permission denied"),  # EACCES
+    (28, "No space left on device writing"),  # ENOSPC
+])
+def test_storage_errors_while_running_name_the_cause(tmp_path: Path, capsys, monkeypatch,
+                                                     subset_dir: Path, code: int,
+                                                     needle: str) -> None:
+    import pqd.pipeline
+
+    def fail(*_: object, **__: object) -> None:
+        raise OSError(code, os.strerror(code), str(tmp_path / "o" / "baseline.safetensors"))
+
+    monkeypatch.setattr(pqd.pipeline, "run", fail)
+    path = write_recipe(tmp_path, tiny(subset_dir))
+    line = one_error_line(capsys, main(["run", str(path), "--out", str(tmp_path / "o")]))
+    assert needle in line and str(tmp_path / "o" / "baseline.safetensors") in line
+    assert ("free space" in line) == (code == 28)
+
+
+@pytest.mark.parametrize(("runtimes", "installed", "needles"), [
+    (["auto"], [], ["no ONNX runtime is installed", "reinstall pqd, or pip install onnxruntime"]),
+    (["onnxruntime"], ["openvino"], ["onnxruntime is not installed", "reinstall pqd"]),
+    (["openvino"], ["onnxruntime"], ["openvino is not installed", "pip install 'pqd[openvino]'"]),
+])
+def test_a_missing_runtime_gets_the_right_install_advice(
+        tmp_path: Path, capsys, monkeypatch, subset_dir: Path, runtimes: list[str],
+        installed: list[str], needles: list[str]) -> None:
+    import pqd.measure
+
+    monkeypatch.setattr(pqd.measure, "available_runtimes", lambda: installed)
+    data = tiny(subset_dir)
+    data["measure"]["runtimes"] = runtimes
+    path = write_recipe(tmp_path, data)
+    line = one_error_line(capsys, main(["run", str(path), "--out", str(tmp_path / "o")]))
+    assert all(n in line for n in needles), line
+    assert "pip install onnxruntime (or pqd[openvino])" not in line
+
+
+def test_validate_checks_what_it_can_without_training(tmp_path: Path, capsys,
+                                                      subset_dir: Path, monkeypatch) -> None:
+    import torch
+
+    from pqd.models import build_model
+
+    monkeypatch.delenv("PQD_DATA_DIR", raising=False)
+    ckpt = tmp_path / "base.pt"
+    torch.save(build_model("tiny_cnn", 10, [0.5] * 3, [0.25] * 3).net.state_dict(), ckpt)
+    data = tiny(subset_dir, baseline={"checkpoint": str(ckpt)})
+    path = write_recipe(tmp_path, data)
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    checked = out.rsplit("ok:", 1)[1]
+    assert f"checked data: cifar10 files present and readable in {subset_dir}" in checked
+    assert "checked model: tiny_cnn builds" in checked and "10 logits" in checked
+    assert f"checked checkpoint: {ckpt} loads into the model" in checked
+    assert "checked runtimes: onnxruntime" in checked
+
+    # three things wrong at once: one line each, with its fix, and a non-zero exit
+    line_args = ["model.name=nosuch:build", f"baseline.checkpoint={tmp_path / 'gone.pt'}",
+                 f"data.root={tmp_path / 'nodata'}"]
+    assert main(["validate", str(path), *line_args, "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert "ok:" not in captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 3 and all(ln.startswith("pqd: error: ") and "fix:" in ln
+                                   for ln in lines), lines
+    assert f"files are missing under {tmp_path / 'nodata'}" in lines[0]
+    assert "'nosuch'" in lines[1] and "does not import" in lines[1]
+    assert "gone.pt' does not exist" in lines[2]
+
+
+def test_validate_catches_a_checkpoint_for_another_class_count(tmp_path: Path, capsys,
+                                                               subset_dir: Path) -> None:
+    import torch
+
+    from pqd.models import build_model
+
+    torch.save(build_model("tiny_cnn", 100, [0.5] * 3, [0.25] * 3).net.state_dict(),
+               tmp_path / "c100.pt")
+    path = write_recipe(tmp_path, tiny(subset_dir, baseline={"checkpoint": "c100.pt"}))
+    line = one_error_line(capsys, main(["validate", str(path), "--data-dir", str(subset_dir)]))
+    assert "another shape" in line and "100x" in line  # found relative to the recipe file

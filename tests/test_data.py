@@ -20,6 +20,7 @@ import pqd.data as data
 from pqd.data import (
     Dataset,
     Loader,
+    check_data,
     download_and_verify,
     load_dataset,
     resolve_data_root,
@@ -264,7 +265,7 @@ def test_download_wrong_md5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     msg = str(ei.value)
     assert "cifar-10-python.tar.gz" in msg and actual in msg and "0" * 32 in msg
     assert "\n" not in msg
-    assert list(root.iterdir()) == []  # nothing extracted, no partial file left
+    assert not root.exists()  # nothing extracted, no partial file or folder left
 
     dest = tmp_path / "copy.tar.gz"
     with pytest.raises(DataError, match="md5"):
@@ -498,3 +499,66 @@ def test_no_leftover_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="failed"):
         download_and_verify((tmp_path / "nope").as_uri(), dest, "0" * 32)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_failed_download_leaves_no_folders_it_made(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "CIFAR10_URL", (tmp_path / "absent.tar.gz").as_uri())
+    (tmp_path / "kept").mkdir()
+    root = tmp_path / "kept" / "new" / "deeper"
+    with pytest.raises(DataError, match="failed"):
+        load_dataset("cifar10", root, download=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_no_download_into_a_folder_holding_other_things(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_cifar10(tmp_path / "src", n=4)
+    archive = make_tar(tmp_path / "cifar-10-python.tar.gz",
+                       {f"cifar-10-batches-py/{f}": folder / f for f in CIFAR10_FILES})
+    monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5_of(archive))
+    photos = tmp_path / "photos"  # a wrong --data-dir: the user's image folder
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"\xff\xd8 not really")
+    (photos / "dog.jpg").write_bytes(b"\xff\xd8 not really")
+    with pytest.raises(DataError) as ei:
+        load_dataset("cifar10", photos, val_size=0, download=True)
+    msg = ei.value.line()
+    assert "\n" not in msg and "'cat.jpg' and 1 more" in msg
+    assert archive.as_uri() in msg and "163 MB" in msg and str(photos) in msg
+    assert str(photos / ".pqd-download") in msg
+    assert sorted(p.name for p in photos.iterdir()) == ["cat.jpg", "dog.jpg"]  # untouched
+
+    (photos / ".pqd-download").touch()  # the user allows it
+    assert load_dataset("cifar10", photos, val_size=0, download=True).train_x.shape[0] > 0
+
+    # empty, missing and pqd-made folders (holding only data sets pqd fetches) need no marker
+    for root in (tmp_path / "empty", tmp_path / "missing", tmp_path / "shared"):
+        if root.name == "empty":
+            root.mkdir()
+        if root.name == "shared":
+            (root / "cifar-100-python").mkdir(parents=True)
+            (root / ".DS_Store").touch()
+        assert load_dataset("cifar10", root, val_size=0, download=True).test_x.shape[0] > 0
+
+
+def test_check_data_reads_nothing_big_and_downloads_nothing(tmp_path: Path,
+                                                            subset_root: Path) -> None:
+    classes, text = check_data("cifar10", subset_root, download=False)
+    assert classes == 10 and "present and readable" in text
+    with pytest.raises(DataError, match=r"data folder .* does not exist"):
+        check_data("cifar10", tmp_path / "typo", download=True)
+    assert not (tmp_path / "typo").exists()
+    classes, text = check_data("cifar10", tmp_path / "data", download=True, explicit=False)
+    assert "will download it (about 163 MB)" in text and not (tmp_path / "data").exists()
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").touch()
+    with pytest.raises(DataError, match="not downloading cifar10"):
+        check_data("cifar10", tmp_path / "pics", download=True)
+    bad = tmp_path / "bad" / "cifar-10-batches-py"
+    shutil.copytree(subset_root / "cifar-10-batches-py", bad)
+    (bad / "batches.meta").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"batches\.meta"):
+        check_data("cifar10", bad.parent, download=False)

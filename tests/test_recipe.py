@@ -153,3 +153,37 @@ def test_recipe_module_does_not_import_torch() -> None:
 def test_recipe_is_pure_data() -> None:
     r = Recipe.model_validate(BASE)
     assert isinstance(r.model_dump(mode="json")["stages"][0], dict)
+
+
+def test_relative_paths_in_a_recipe_file_are_relative_to_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "project" / "recipes"
+    folder.mkdir(parents=True)
+    p = folder / "r.yaml"
+    p.write_text(yaml.safe_dump({"model": {"name": "tiny_cnn"},
+                                 "data": {"root": "../data/cifar"},
+                                 "baseline": {"checkpoint": "ckpt/base.pt"}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = load_recipe(p)
+    assert r.data.root == str(tmp_path / "project" / "data" / "cifar")
+    assert r.baseline.checkpoint == str(folder / "ckpt" / "base.pt")
+    # the same recipe by a relative path: the same result
+    assert load_recipe(Path("..") / "project" / "recipes" / "r.yaml") == r
+    # on the command line a relative path is relative to the shell's folder
+    r2 = load_recipe(p, ["data.root=mine", "baseline.checkpoint=/abs/b.safetensors"])
+    assert r2.data.root == str(elsewhere / "mine")
+    assert r2.baseline.checkpoint == "/abs/b.safetensors"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_recipe(p, ["data.root=~/d"]).data.root == str(tmp_path / "d")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_find_the_data_from_any_folder(path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    checkout = Path(__file__).resolve().parents[1]
+    assert load_recipe(path).data.root == str(checkout.parent / "shared" / "data" /
+                                              "cifar-10-subset")

@@ -588,3 +588,85 @@ def test_ray_task_ships_the_checkpoint_and_returns_the_folder_with_driver_paths(
     assert json.loads((tmp_path / "pending.json").read_text()) == {"source": driver_path}
     assert (tmp_path / "recipe.yaml").read_text() == f"checkpoint: {driver_path}\n"
     assert not Path(seen["ckpt"]).exists()  # the task's temporary folder is gone
+
+
+def _listener(reply: bytes) -> tuple[socket.socket, int]:
+    """A TCP port that accepts, reads the client's first bytes, answers ``reply`` and closes:
+    something that listens but is not Ray."""
+    import contextlib
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = srv.accept()
+                with conn:
+                    conn.recv(64)
+                    conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def _search_recipe(tmp_path: Path) -> Path:
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text("model: {name: tiny_cnn}\nstages: [{stage: prune, sparsity: 0.5}, "
+                      "{stage: distill}]\nsearch: {}\n")
+    return recipe
+
+
+@pytest.mark.parametrize("reply", [b"", b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 400 Bad\r\n\r\n"])
+def test_a_port_that_is_not_ray_is_one_line_and_leaves_no_folder(tmp_path, capfd, reply):
+    pytest.importorskip("ray")
+    srv, port = _listener(reply)
+    try:
+        out = tmp_path / "o"
+        assert main(["search", str(_search_recipe(tmp_path)), "--out", str(out),
+                     "--executor", "ray", "--address", f"127.0.0.1:{port}"]) == 2
+    finally:
+        srv.close()
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"127.0.0.1:{port} answers, but not as a Ray cluster" in err
+    assert not out.exists()
+
+
+def test_an_unreachable_ray_leaves_no_folder(tmp_path, capfd):
+    pytest.importorskip("ray")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    out = tmp_path / "deep" / "o"
+    assert main(["search", str(_search_recipe(tmp_path)), "--out", str(out),
+                 "--executor", "ray", "--address", f"127.0.0.1:{port}"]) == 2
+    assert len(capfd.readouterr().err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_rays_own_logs_while_connecting_stay_off_the_terminal(tmp_path, capfd, monkeypatch):
+    """A cluster that answers gRPC but where ray.init fails (Ray's C++ core logs to fd 2)."""
+    import os
+    import sys
+    import types
+
+    import pqd.search as search
+
+    def init(**_: object) -> None:
+        os.write(2, b"[2026-12-01 01:01:28 W 3646] rpc_client.h:153: Failed to connect\n")
+        print("INFO worker.py:1841 -- Connecting to existing Ray cluster", file=sys.stderr)
+        raise ConnectionError("GCS did not answer")
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(search, "_check_reachable", lambda address: None)
+    out = tmp_path / "o"
+    assert main(["search", str(_search_recipe(tmp_path)), "--out", str(out),
+                 "--executor", "ray", "--address", "10.0.0.5:6379"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.splitlines() == [err] and err.startswith("pqd: error: cannot connect to Ray")
+    assert "GCS did not answer" in err and not out.exists()

@@ -77,9 +77,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="Ray cluster address (host:port, ray://host:port, auto or local)")
     se.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    val = sub.add_parser("validate", help="check a recipe and print its resolved form")
+    val = sub.add_parser("validate", help="check a recipe (schema, data, model, checkpoint, "
+                         "runtimes; no training) and print its resolved form")
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*", metavar="key.path=value")
+    val.add_argument("--data-dir", default=None,
+                     help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
     val.add_argument("--quiet", action="store_true", help="print only the one-line summary")
 
     sens = sub.add_parser(
@@ -104,6 +107,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pqd.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_out(args.out)
     record = run(recipe, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress,
                  resume=args.resume, fresh=args.fresh)
     from pqd.report import SUMMARY_HEADER, parity_warnings, summary_rows, table
@@ -133,6 +137,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from pqd.search import run_search
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_out(args.out)
     search = run_search(recipe, Path(args.out), data_dir=args.data_dir, executor=args.executor,
                         workers=args.workers, address=args.address,
                         progress=not args.no_progress)
@@ -151,16 +156,25 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from pqd.pipeline import preflight
     from pqd.recipe import dump_recipe, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     epochs = sum(s.epochs for s in recipe.stages)
     base = (f"checkpoint {recipe.baseline.checkpoint}" if recipe.baseline.checkpoint
             else f"{recipe.baseline.epochs} baseline epochs")
+    passed, failed = preflight(recipe, args.data_dir)
     if not args.quiet:
         print(dump_recipe(recipe), end="")
+    for exc in failed:
+        print(f"pqd: error: {exc.line()}", file=sys.stderr)
+    if failed:
+        return 2
     print(f"ok: {args.recipe}: {recipe.model.name} on {recipe.data.dataset}, {base}, "
           f"stages {recipe.order()} ({epochs} epochs)")
+    if not args.quiet:
+        for line in passed:
+            print(f"  checked {line}")
     if recipe.search is not None:
         from pqd.search import search_plan_text
 
@@ -173,6 +187,8 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from pqd.sensitivity import format_table, run_sensitivity
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.out:
+        check_out(args.out)
     result = run_sensitivity(recipe, args.out, data_dir=args.data_dir,
                              progress=not args.no_progress)
     print(format_table(result))
@@ -220,6 +236,48 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
                    errno.EFBIG, errno.EEXIST, errno.ENOTDIR}
 
 
+def storage_error(exc: OSError) -> PqdError:
+    """The one line for an OSError of :data:`_STORAGE_ERRNOS` while writing output: the real
+    cause (a file where a folder should be, read-only, forbidden, or full) and its fix.
+
+    Args:
+        exc: the error, with the path it was writing in ``filename`` when known.
+
+    Returns:
+        The error to print.
+    """
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return PqdError(f"cannot write{where}: it or a folder above it is a file, not a folder",
+                        "choose an --out that is a folder (new or existing), not a file")
+    if exc.errno == errno.EROFS:
+        return PqdError(f"cannot write{where}: the file system is read-only",
+                        "choose an --out on a writable file system")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PqdError(f"cannot write{where}: permission denied",
+                        "choose an --out you may write to, or change the folder's permissions")
+    return PqdError(f"{os.strerror(exc.errno or errno.ENOSPC)} writing{where}",
+                    "free space or choose an --out on another disk, then run the same command "
+                    "again: finished steps are kept")
+
+
+def check_out(out: str | Path) -> None:
+    """Refuse an ``--out`` that cannot become a writable folder, before any work is done
+    (nothing is created here).
+
+    Args:
+        out: the ``--out`` path.
+    """
+    path = Path(os.path.abspath(Path(out).expanduser()))
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise storage_error(OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing)))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        readonly = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        code = errno.EROFS if readonly else errno.EACCES
+        raise storage_error(OSError(code, os.strerror(code), str(existing)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pqd`` console script."""
     _quiet_libraries()
@@ -244,10 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in _STORAGE_ERRNOS:
             raise
-        where = f" writing {exc.filename}" if exc.filename else ""
-        print(f"pqd: error: {os.strerror(exc.errno)}{where}; fix: free "
-              "space or choose a writable --out, then run the same command again: finished "
-              "steps are kept", file=sys.stderr)
+        print(f"pqd: error: {storage_error(exc).line()}", file=sys.stderr)
         return 2
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "Dataset",
     "Loader",
     "RestrictedUnpickler",
+    "check_data",
     "download_and_verify",
     "load_dataset",
     "resolve_data_root",
@@ -328,33 +329,148 @@ def _ensure_files(name: str, root: Path, download: bool) -> None:
             f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}, "
             "or set data.download: true",
         )
+    _check_download_target(name, root)
+    created = [d for d in (root, *root.parents) if not d.exists()]  # deepest first
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        _remove_empty(created)
         raise DataError(f"{name} files are missing under {root} and the folder cannot be "
                         f"created ({e.strerror or e})", fix) from e
     try:
-        if name == "svhn":
-            for fname, url, md5 in (("train_32x32.mat", SVHN_TRAIN_URL, SVHN_TRAIN_MD5),
-                                    ("test_32x32.mat", SVHN_TEST_URL, SVHN_TEST_MD5)):
-                if not (root / fname).is_file():
-                    _fetch(url, root / fname, md5)
-        else:
-            url, md5 = (CIFAR10_URL, CIFAR10_MD5) if name == "cifar10" else (
-                CIFAR100_URL, CIFAR100_MD5)
-            archive = root / PurePosixPath(url).name
-            _fetch(url, archive, md5)
-            try:
-                safe_extract(archive, root)
-            finally:
-                archive.unlink(missing_ok=True)
+        _download(name, root)
     except _NetworkError as e:
+        _remove_empty(created)
         raise DataError(f"{name} files are missing under {root} and the download from "
                         f"{e.url} failed ({e.reason})", fix) from e
+    except BaseException:
+        _remove_empty(created)
+        raise
     still = [p for p in _required_files(name, root) if not p.is_file()]
     if still:
         raise DataError(f"the downloaded {name} archive did not provide {still[0]}",
                         f"place the official files under {root} yourself ({_holding(name)})")
+
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+"""Classes of the official data sets (``npz`` says its own)."""
+
+
+def check_data(name: str, root: str | Path, *, download: bool, explicit: bool = True
+               ) -> tuple[int, str]:
+    """Check data set ``name`` under ``root`` without downloading or loading it all: its
+    files are present and readable (class names parsed), or a download is allowed there.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        root: the data folder.
+        download: whether a missing data set may be downloaded (``data.download``).
+        explicit: ``root`` was given by the user (else it is pqd's default ``./data``); a
+            given folder that does not exist is an error even when downloads are allowed.
+
+    Returns:
+        The number of classes and a one-line description of what was found.
+    """
+    root = Path(os.path.abspath(Path(root).expanduser()))
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}", f"use one of {', '.join(DATASETS)}")
+    if name == "npz":
+        raw = _load_npz(root, 1, 1)
+        return len(raw.classes), f"npz files readable in {root} ({len(raw.classes)} classes)"
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data root {root} is a file, not a folder",
+                        f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding "
+                        f"{_holding(name)}")
+    files = _required_files(name, root)
+    missing = [p for p in files if not p.is_file()]
+    if not missing:
+        for path in files:
+            try:
+                with path.open("rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise DataError(f"{path} cannot be read ({e.strerror or e})",
+                                "fix its permissions, or download the data set again") from e
+        if name == "cifar10":
+            _label_names(files[-1], b"label_names", 10)
+        elif name == "cifar100":
+            _label_names(files[-1], b"fine_label_names", 100)
+        return NUM_CLASSES[name], f"{name} files present and readable in {root}"
+    where = f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}"
+    if not download:
+        raise DataError(f"{name} files are missing under {root} (no {missing[0]}) and "
+                        "download is off", f"{where}, or set data.download: true")
+    if explicit and not root.exists():
+        raise DataError(f"data folder {root} does not exist",
+                        f"{where}, or create the folder to have pqd run download {name} "
+                        f"(about {_DOWNLOAD_MB[name]} MB) into it")
+    _check_download_target(name, root)
+    return NUM_CLASSES[name], (f"{name} is not under {root} yet: pqd run will download it "
+                               f"(about {_DOWNLOAD_MB[name]} MB)")
+
+
+DOWNLOAD_MARKER = ".pqd-download"
+"""An (empty) file of this name in a data folder allows pqd to download into it even though
+the folder holds other things."""
+
+_DOWNLOAD_MB = {"cifar10": 163, "cifar100": 161, "svhn": 246}
+_OWN_ENTRIES = {_CIFAR10_DIR, _CIFAR100_DIR, *_SVHN_FILES, "cifar-10-python.tar.gz",
+                "cifar-100-python.tar.gz"}
+
+
+def _check_download_target(name: str, root: Path) -> None:
+    """Refuse to download into a folder that holds something else (a wrong ``--data-dir``).
+
+    Allowed: a missing or empty folder (hidden files aside), a folder holding only the data
+    sets pqd downloads, or one with a :data:`DOWNLOAD_MARKER` file.
+    """
+    if not root.is_dir() or (root / DOWNLOAD_MARKER).exists():
+        return
+    try:
+        other = sorted(e.name for e in root.iterdir()
+                       if not e.name.startswith(".") and e.name not in _OWN_ENTRIES)
+    except OSError as e:
+        raise DataError(f"{name} files are missing under {root}, which cannot be read "
+                        f"({e.strerror or e})", f"pass --data-dir DIR or set {ENV_DATA_DIR} "
+                        f"to a folder holding {_holding(name)}") from e
+    if not other:
+        return
+    url = SVHN_TRAIN_URL if name == "svhn" else (CIFAR10_URL if name == "cifar10"
+                                                  else CIFAR100_URL)
+    raise DataError(
+        f"{name} files are missing under {root} (no {_holding(name)}), which holds other "
+        f"things ({other[0]!r}{f' and {len(other) - 1} more' if len(other) > 1 else ''}): "
+        f"not downloading {name} (about {_DOWNLOAD_MB[name]} MB from {url}) into it",
+        f"pass --data-dir DIR or set {ENV_DATA_DIR} to the folder holding {_holding(name)}, "
+        f"or to a new or empty folder to download into; to download into {root} anyway, "
+        f"create the empty file {root / DOWNLOAD_MARKER}")
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) that are empty: what a failed download created."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return  # not empty, or not ours to remove: stop before its parents
+
+
+def _download(name: str, root: Path) -> None:
+    """Fetch ``name``'s official files into the existing folder ``root``."""
+    if name == "svhn":
+        for fname, url, md5 in (("train_32x32.mat", SVHN_TRAIN_URL, SVHN_TRAIN_MD5),
+                                ("test_32x32.mat", SVHN_TEST_URL, SVHN_TEST_MD5)):
+            if not (root / fname).is_file():
+                _fetch(url, root / fname, md5)
+    else:
+        url, md5 = (CIFAR10_URL, CIFAR10_MD5) if name == "cifar10" else (
+            CIFAR100_URL, CIFAR100_MD5)
+        archive = root / PurePosixPath(url).name
+        _fetch(url, archive, md5)
+        try:
+            safe_extract(archive, root)
+        finally:
+            archive.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- download

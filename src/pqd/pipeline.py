@@ -64,15 +64,79 @@ def check_runtimes(recipe: Recipe) -> list[str]:
     from pqd.measure import available_runtimes
 
     have = available_runtimes()
+    ort_fix = ("onnxruntime is a dependency of pqd, so the install is broken: reinstall pqd, "
+               "or pip install onnxruntime")
     if recipe.measure.runtimes == ["auto"]:
         if not have:
-            raise PqdError("no ONNX runtime is installed", "pip install onnxruntime")
+            raise PqdError("no ONNX runtime is installed (not even onnxruntime)", ort_fix)
         return have
     for rt in recipe.measure.runtimes:
         if rt not in have:
-            raise PqdError(f"measure.runtimes: {rt} is not installed",
-                           f"pip install {rt} (or pqd[openvino]), or remove it from the recipe")
+            fix = (f"{ort_fix}; or remove it from measure.runtimes" if rt == "onnxruntime" else
+                   f"pip install 'pqd[{rt}]' (or pip install {rt}), or remove it from "
+                   "measure.runtimes")
+            raise PqdError(f"measure.runtimes: {rt} is not installed", fix)
     return list(recipe.measure.runtimes)
+
+
+def preflight(recipe: Recipe, data_dir: str | None = None
+              ) -> tuple[list[str], list[PqdError]]:
+    """What ``pqd validate`` checks beyond the schema, without training: the data (present
+    and readable, or allowed to download), the model (imports, builds, gives one logit per
+    class), the baseline checkpoint (present, and loads into that model) and the runtimes.
+
+    Args:
+        recipe: the validated recipe.
+        data_dir: ``--data-dir`` (else ``$PQD_DATA_DIR``, else the recipe's ``data.root``).
+
+    Returns:
+        One line per check that passed, and the errors of those that failed.
+    """
+    from pqd.data import ENV_DATA_DIR, NUM_CLASSES, check_data, resolve_data_root
+    from pqd.models import build_model, check_output_shape
+
+    passed: list[str] = []
+    failed: list[PqdError] = []
+    root = resolve_data_root(data_dir, recipe.data.root)
+    explicit = any(v is not None and str(v).strip()
+                   for v in (data_dir, os.environ.get(ENV_DATA_DIR), recipe.data.root))
+    classes = NUM_CLASSES.get(recipe.data.dataset)
+    try:
+        classes, found = check_data(recipe.data.dataset, root, download=recipe.data.download,
+                                    explicit=explicit)
+        passed.append(f"data: {found}")
+    except PqdError as exc:
+        failed.append(exc)
+    model = None
+    if classes is not None:
+        try:
+            model = build_model(recipe.model.name, classes, (0.5,) * 3, (0.25,) * 3,
+                                **recipe.model.kwargs)
+            check_output_shape(model, classes)
+            params = sum(p.numel() for p in model.parameters())
+            passed.append(f"model: {recipe.model.name} builds ({params:,} parameters) and "
+                          f"gives {classes} logits per image")
+        except PqdError as exc:
+            failed.append(exc)
+            model = None
+    ckpt = recipe.baseline.checkpoint
+    if ckpt:
+        from pqd.checkpoint import load_checkpoint, read_state_dict
+
+        try:
+            if model is not None:
+                load_checkpoint(model, ckpt)
+                passed.append(f"checkpoint: {ckpt} loads into the model")
+            else:
+                read_state_dict(ckpt)
+                passed.append(f"checkpoint: {ckpt} is readable (not matched: no model)")
+        except PqdError as exc:
+            failed.append(exc)
+    try:
+        passed.append(f"runtimes: {', '.join(check_runtimes(recipe))}")
+    except PqdError as exc:
+        failed.append(exc)
+    return passed, failed
 
 
 def measure_spec(recipe: Recipe) -> MeasureSpec:

@@ -11,6 +11,7 @@ with one line naming the key path and the fix (:class:`pqd.errors.RecipeError`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -44,7 +45,8 @@ class AugmentSpec(Strict):
 
 
 class DataSpec(Strict):
-    """Data set and split. ``root`` is overridden by ``--data-dir`` or ``PQD_DATA_DIR``."""
+    """Data set and split. ``root`` (in a recipe file: relative to the file) is overridden by
+    ``--data-dir`` or ``PQD_DATA_DIR``."""
 
     dataset: Literal["cifar10", "cifar100", "svhn", "npz"] = "cifar10"
     root: str | None = None
@@ -104,7 +106,8 @@ def merge_train(base: TrainSpec, override: TrainOverride) -> TrainSpec:
 
 
 class BaselineSpec(Strict):
-    """Train the baseline (``epochs``) or load it (``checkpoint``: .safetensors or .pt)."""
+    """Train the baseline (``epochs``) or load it (``checkpoint``: .safetensors or a torch
+    state_dict file, see :func:`pqd.checkpoint.read_state_dict`)."""
 
     checkpoint: str | None = None
     epochs: int = Field(default=30, ge=0, le=10_000)
@@ -703,11 +706,35 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
                           "fix the YAML syntax (indentation, colons, quotes)") from None
     if data is None:
         data = {}
+    if isinstance(data, dict):
+        anchor_paths(data, p.parent)  # paths in the file: relative to the file
     if overrides:
         if not isinstance(data, dict):
             return recipe_from_dict(data, str(p))
         data = apply_overrides(data, overrides)
+        anchor_paths(data, Path.cwd())  # paths on the command line: relative to the shell
     return recipe_from_dict(data, str(p))
+
+
+RECIPE_PATHS = (("data", "root"), ("baseline", "checkpoint"))
+"""The recipe's file-system paths (section, key)."""
+
+
+def anchor_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative paths of :data:`RECIPE_PATHS` in plain recipe data absolute, taken
+    relative to ``folder`` (``~`` expanded); other values are left for validation.
+
+    Args:
+        data: the recipe as plain data (changed in place).
+        folder: the folder relative paths start from.
+    """
+    for section, key in RECIPE_PATHS:
+        node = data.get(section)
+        if not isinstance(node, dict) or not isinstance(node.get(key), str):
+            continue
+        value = os.path.expanduser(node[key].strip())
+        if value:
+            node[key] = os.path.normpath(os.path.join(os.path.abspath(folder), value))
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -36,6 +36,7 @@ over seeds, ranking, pairwise table, derived order or cycle, Pareto set, run cou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -48,7 +49,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -444,12 +445,48 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     if not sep or not port.isdigit():
         raise PqdError(f"Ray address {address!r} is not of the form host:port",
                        "give e.g. --address 10.0.0.5:6379, ray://host:10001 or local")
+    fix = ("start it with 'ray start --head' and pass its address, or use --address local "
+           "for a Ray instance on this machine")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(_HTTP2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except TimeoutError:
+        head = b""
     except OSError as exc:
         raise PqdError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc})",
-                       "start it with 'ray start --head' and pass its address, or use "
-                       "--address local for a Ray instance on this machine") from None
+                       fix) from None
+    if len(head) < 9 or head[3] != 0x04:  # a gRPC server answers with a SETTINGS frame
+        raise PqdError(f"{address} answers, but not as a Ray cluster (no gRPC reply within "
+                       f"{timeout_s:g} s)", f"check the port (Ray's default is 6379); {fix}")
+
+
+# HTTP/2 client preface and an empty SETTINGS frame: Ray (GCS and Ray Client) speaks gRPC
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send what is written to file descriptor 2 (Ray's C++ core and Python loggers print
+    there while connecting) to /dev/null for the duration; pqd says what matters itself."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 class _Executor:
@@ -483,7 +520,8 @@ class _Executor:
                 if self.address in (None, "local"):
                     kwargs["include_dashboard"] = False
                 try:
-                    ray.init(address=self.address, **kwargs)
+                    with _quiet_stderr():
+                        ray.init(address=self.address, **kwargs)
                 except Exception as exc:  # ConnectionError, RuntimeError, ValueError...
                     raise PqdError(
                         f"cannot connect to Ray at {self.address or 'auto'} "
@@ -584,7 +622,6 @@ def run_search(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = No
     executor = check_executor(executor, workers, address)
     check_runtimes(recipe)
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     data_root = str(resolve_data_root(data_dir, recipe.data.root))
     stats = {"trained": 0, "reused": 0, "failed": 0, "measured": 0}
     results: dict[str, dict[str, Any]] = {}  # key -> train result (this invocation)
@@ -601,6 +638,8 @@ def run_search(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = No
         stats["measured"] += 1
 
     with _Executor(executor, workers, address, data_root, progress) as ex:
+        out.mkdir(parents=True, exist_ok=True)  # only once the executor is up: nothing is
+        # left behind when it cannot start
         # ---- the shared baseline
         base = baseline_trial(recipe, data_root)
         base_dir = out / base.folder
