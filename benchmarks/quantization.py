@@ -5,7 +5,7 @@
     python benchmarks/quantization.py --variants qat_pc ptq_minmax --json out.json
 
 One baseline (FastNet-Q8 trained ``--epochs`` on the CIFAR-10 subset, or ``--checkpoint``)
-is quantized once per variant with the quantize stage itself (``apply_quantize`` with a
+is quantized once per variant with the quantize stage itself (``pqd.apply_stages`` with a
 ``QuantizeSpec``: calibration on the validation split, QAT fine-tuning where the variant
 trains), exported with ``export_onnx`` as the pipeline does, and all artifacts plus the FP32
 baseline are measured in ONE ``measure_artifacts`` call: top-1 of each ONNX file on the
@@ -75,18 +75,17 @@ def kernel_summary(kernels: dict[str, int]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from pqd.checkpoint import load_checkpoint, save_checkpoint
+    from pqd.checkpoint import save_checkpoint
     from pqd.data import load_dataset, resolve_data_root
+    from pqd.engine import apply_stages, baseline, seed_everything
     from pqd.export import export_onnx, parity
     from pqd.measure.artifacts import measure_artifacts, torch_reference
     from pqd.measure.env import environment
     from pqd.measure.runtime import avx2_logits
     from pqd.models import build_model
-    from pqd.pipeline import seed_everything
     from pqd.recipe import MeasureSpec, recipe_from_dict
-    from pqd.stages.base import Context, State
-    from pqd.stages.quantize import apply_quantize
-    from pqd.train import evaluate, fit, prepare_model
+    from pqd.stages.base import Context
+    from pqd.train import evaluate
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -114,19 +113,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(0)
     device = torch.device("cpu")
     model = build_model(args.model, data.num_classes, data.mean, data.std)
-    ctx = Context(recipe=recipe, data=data, device=device, teacher=model, progress=False)
+    ctx = Context(data=data, device=device, teacher=model, progress=False)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
-    else:
+    if not args.checkpoint:
         _log(f"training the {args.model} baseline for {args.epochs} epochs")
-        cfg = recipe.baseline_train()
-        prepare_model(model, cfg, device)
-        fit(model, ctx.loader("train", cfg.batch_size, seed=0, augment=True, shuffle=True),
-            cfg, args.epochs, device=device, desc="baseline", progress=False)
-        model.to(memory_format=torch.contiguous_format)
+    baseline(model, data, train=recipe.baseline_train(), epochs=recipe.baseline.epochs,
+             checkpoint=recipe.baseline.checkpoint, seed=0, augment=recipe.data.augment,
+             device=device)
+    if not args.checkpoint:
         save_checkpoint(model, out / "baseline.safetensors", {"recipe": recipe.name})
     baseline_s = time.perf_counter() - t0
     val = ctx.loader("val", 256)
@@ -139,10 +135,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for i, name in enumerate(names):
         _log(f"{name}: {VARIANTS[name][0]}")
         t0 = time.perf_counter()
-        ctx.stage_index = i
-        ctx.target = targets[i]
-        seed_everything(ctx.stage_seed)
-        state = apply_quantize(State(model=copy.deepcopy(model)), recipe.stages[i], ctx)
+        # each variant from the baseline, seeded as stage i of a run (seed + 1000 * (i + 1))
+        state = apply_stages(model, [recipe.stages[i]], data, model, train=recipe.train,
+                             seed=1000 * i, augment=recipe.data.augment, device=device,
+                             target=targets[i], threads=args.threads,
+                             fresh_model=lambda: build_model(args.model, data.num_classes,
+                                                             data.mean, data.std))
         seconds = time.perf_counter() - t0
         rows[name] = {"label": VARIANTS[name][0], "seconds": round(seconds, 1),
                       "val_accuracy": evaluate(state.model, val, device=device, progress=False),

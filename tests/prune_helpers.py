@@ -8,13 +8,11 @@ from typing import Any
 
 import torch
 
-import pqd.stages  # noqa: F401  (fills the stage registry)
+from helpers import Job
 from pqd.data import Dataset
 from pqd.models import build_model
 from pqd.recipe import recipe_from_dict
-from pqd.registry import STAGES
-from pqd.stages.base import Context, State
-from pqd.train import is_graph, prepare_model
+from pqd.stages.base import State
 
 
 def synthetic_data(n: int = 48, classes: int = 10, seed: int = 0) -> Dataset:
@@ -28,8 +26,9 @@ def synthetic_data(n: int = 48, classes: int = 10, seed: int = 0) -> Dataset:
 
 
 def make_ctx(stages: list[dict[str, Any]], model: str = "tiny_resnet",
-             **recipe: Any) -> tuple[Context, State]:
-    """A Context over synthetic data and a State holding a fresh (seeded) model."""
+             **recipe: Any) -> tuple[Job, State]:
+    """A job (reads like stage 0's Context) over synthetic data and a State holding a fresh
+    (seeded) model."""
     data = {"model": {"name": model}, "stages": stages,
             "train": {"batch_size": 16, "lr": 0.01, "channels_last": False}, **recipe}
     r = recipe_from_dict(data)
@@ -37,16 +36,9 @@ def make_ctx(stages: list[dict[str, Any]], model: str = "tiny_resnet",
     ds = synthetic_data()
     net = build_model(model, ds.num_classes, ds.mean, ds.std)
     teacher = copy.deepcopy(net).eval()
-    ctx = Context(recipe=r, data=ds, device=torch.device("cpu"), teacher=teacher, progress=False)
-    return ctx, State(model=net)
+    return Job(recipe=r, data=ds, teacher=teacher), State(model=net)
 
 
-def run_stages(ctx: Context, state: State) -> State:
-    """Apply the recipe's stages in order, as the pipeline does."""
-    for i, spec in enumerate(ctx.recipe.stages):
-        ctx.stage_index = i
-        state.info = {}
-        if not is_graph(state.model):
-            prepare_model(state.model, ctx.stage_train(), ctx.device)
-        state = STAGES[spec.stage](state, spec, ctx)
-    return state
+def run_stages(job: Job, state: State) -> State:
+    """Apply the recipe's stages in order, through the pipeline's loop."""
+    return job.run_stages(state)

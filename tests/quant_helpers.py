@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 from onnx import numpy_helper
 
+from helpers import Job
 from pqd.data import Dataset
 from pqd.models import build_model
 from pqd.recipe import recipe_from_dict
-from pqd.stages.base import Context
 
 CPU = torch.device("cpu")
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -51,14 +51,15 @@ def tiny(name: str = "tiny_cnn", seed: int = 0) -> nn.Module:
 
 
 def context(stages: list[dict[str, Any]], data: Dataset, teacher: nn.Module,
-            model: str = "tiny_cnn") -> Context:
-    """A Context over ``data`` for a recipe with ``stages`` (batch 32, fp32, no augment)."""
+            model: str = "tiny_cnn") -> Job:
+    """A job over ``data`` for a recipe with ``stages`` (batch 32, fp32, no augment); reads
+    like stage 0's Context."""
     recipe = recipe_from_dict({
         "model": {"name": model}, "stages": stages, "data": {"augment": {"crop_padding": 0,
                                                                         "flip": False}},
         "train": {"batch_size": 32, "lr": 0.05, "amp": "off", "channels_last": False},
     })
-    return Context(recipe=recipe, data=data, device=CPU, teacher=teacher, progress=False)
+    return Job(recipe=recipe, data=data, teacher=teacher)
 
 
 def label_with(model: nn.Module, data: Dataset) -> None:

@@ -61,7 +61,6 @@ def test_feature_loss_decreases_on_an_eager_student(loss: str) -> None:
     teacher = tiny(seed=2)
     ctx = context([{"stage": "distill", "epochs": 3, "features": {"loss": loss},
                     "train": {"lr": 0.05}}], data, teacher)
-    ctx.stage_index = 0
     student = tiny(seed=3)  # another init: features differ at the start
     names = set(dict(student.named_parameters()))
     state = apply_distill(State(model=student), ctx.recipe.stages[0], ctx)
@@ -77,7 +76,6 @@ def test_feature_kd_on_a_quantized_graph_leaves_the_export_unchanged(tmp_path) -
     teacher = tiny(seed=5)
     ctx = context([{"stage": "distill", "epochs": 1, "features": {"points": [1, 2]}}], data,
                   teacher)
-    ctx.stage_index = 0
     graph = prepare_qat(copy.deepcopy(teacher), EXAMPLE,
                         {**copy.deepcopy(DEFAULT_SCHEME), "mode": "ptq"})
     plain, _ = export_onnx(graph, tmp_path / "plain.onnx", EXAMPLE, quantized=True)

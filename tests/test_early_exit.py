@@ -13,14 +13,14 @@ import pytest
 import torch
 from onnx import helper
 
+from helpers import Job
 from pqd.data import Dataset
 from pqd.errors import RecipeError
 from pqd.exits_runtime import add_confidence_output
 from pqd.models import build_model
 from pqd.models.multi_exit import MultiExitNet, build_multi_exit, exit_costs
 from pqd.recipe import ExitTarget, recipe_from_dict
-from pqd.registry import STAGES
-from pqd.stages.base import Context, State
+from pqd.stages.base import State
 from pqd.stages.early_exit import (
     calibrate_thresholds,
     confidence,
@@ -177,19 +177,14 @@ def synthetic_data(n_train: int = 96, n_val: int = 32, n_test: int = 32) -> Data
                    tx, ty, vx, vy, ex, ey, Path("."))
 
 
-def run_stages(stages: list[dict], model: str = "tiny_cnn") -> tuple[State, Context]:
+def run_stages(stages: list[dict], model: str = "tiny_cnn") -> tuple[State, Job]:
     recipe = recipe_from_dict({"model": {"name": model}, "train": {"batch_size": 32,
                                "lr": 0.05, "amp": "off"}, "stages": stages})
     data = synthetic_data()
     torch.manual_seed(0)
     base = build_model(model, 10, data.mean, data.std)
-    ctx = Context(recipe=recipe, data=data, device=torch.device("cpu"),
-                  teacher=copy.deepcopy(base).eval(), progress=False)
-    state = State(model=base)
-    for i, spec in enumerate(recipe.stages):
-        ctx.stage_index = i
-        state = STAGES[spec.stage](state, spec, ctx)
-    return state, ctx
+    job = Job(recipe=recipe, data=data, teacher=copy.deepcopy(base).eval())
+    return job.run_stages(State(model=base)), job
 
 
 def test_heads_mode_freezes_the_backbone_and_trains_heads() -> None:

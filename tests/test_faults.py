@@ -28,13 +28,14 @@ import pqd.checkpoint
 import pqd.resume
 import pqd.stages  # (registers the stages)
 from conftest import tiny_recipe
+from helpers import Job
 from pqd.cli import main
 from pqd.data import Dataset
+from pqd.engine import baseline, frozen
 from pqd.models import build_model
 from pqd.pipeline import deterministic
-from pqd.registry import STAGES
 from pqd.resume import RunFolder, load_state, save_state
-from pqd.stages.base import Context, State
+from pqd.stages.base import State
 from pqd.stages.prune import prunable_parameters
 from pqd.stages.quantize import prepare_qat
 from pqd.train import TrainingDiverged, eval_mode, evaluate, fit, is_graph
@@ -90,7 +91,8 @@ def test_qat_graph_state_survives_a_file(tmp_path: Path, synth: Dataset) -> None
     save_state(tmp_path / "s.safetensors", "fp", State(model=graph, masks=masks, quantized=True))
 
     torch.manual_seed(123)  # a differently initialised fresh model
-    state = load_state(tmp_path / "s.safetensors", tiny_recipe([]), synth,
+    state = load_state(tmp_path / "s.safetensors",
+                       lambda: build_model("tiny_cnn", 4, synth.mean, synth.std),
                        lambda: torch.rand(2, 3, 32, 32))
     back, back_masks = state.model, state.masks
     assert state.quantized and is_graph(back) and sorted(back_masks) == sorted(names)
@@ -114,14 +116,11 @@ def test_a_channel_pruned_then_quantized_state_survives_a_file(tmp_path: Path,
                            "calibration_batches": 1}])
     torch.manual_seed(0)
     model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
-    ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=model, progress=False)
-    state = State(model=copy.deepcopy(model))
-    for i, spec in enumerate(recipe.stages):
-        ctx.stage_index = i
-        state = STAGES[spec.stage](state, spec, ctx)
+    job = Job(recipe=recipe, data=synth, teacher=model)
+    state = job.run_stages(State(model=copy.deepcopy(model)))
     assert state.structure and state.quantized
     save_state(tmp_path / "s.safetensors", "fp", state)
-    back = load_state(tmp_path / "s.safetensors", recipe, synth, ctx.example_input)
+    back = load_state(tmp_path / "s.safetensors", job.fresh_model, job.example_input)
     assert back.structure == state.structure and back.quantized
     want, got = state.model.state_dict(), back.model.state_dict()
     assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
@@ -144,10 +143,8 @@ def _one_stage(out: Path, synth: Dataset, stage: dict[str, Any]) -> tuple[State,
     model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
     folder = RunFolder.open(out, recipe)
     folder.start(fresh=False)
-    ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=copy.deepcopy(model).eval(),
-                  progress=False, run=folder)
-    ctx.stage_index = 0
-    return STAGES[stage["stage"]](State(model=copy.deepcopy(model)), recipe.stages[0], ctx), folder
+    job = Job(recipe=recipe, data=synth, teacher=copy.deepcopy(model).eval(), run=folder)
+    return job.run_stages(State(model=copy.deepcopy(model))), folder
 
 
 @pytest.mark.parametrize("case", list(STAGE_CASES))
@@ -404,16 +401,15 @@ def _compress(synth: Dataset) -> tuple[State, list[float]]:
                          train={"batch_size": 32, "lr": 0.05})  # amp auto: bf16 where fast
     with deterministic(recipe.seed, CPU):
         model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
-        ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=model, progress=False)
-        fit(model, ctx.loader("train", 32, seed=0, augment=True, shuffle=True),
-            recipe.baseline_train(), 1, device=CPU, progress=False)
-        ctx.teacher = copy.deepcopy(model).eval()
-        state, accs = State(model=model), []
-        for i, spec in enumerate(recipe.stages):
-            ctx.stage_index = i
-            torch.manual_seed(ctx.stage_seed)
-            state = STAGES[spec.stage](state, spec, ctx)
-            accs.append(evaluate(state.model, ctx.loader("val", 64), device=CPU, progress=False))
+        baseline(model, synth, train=recipe.baseline_train(), epochs=1, seed=0)
+        job = Job(recipe=recipe, data=synth, teacher=frozen(model))
+        accs: list[float] = []
+
+        def val(i: int, spec: Any, state: State, seconds: float) -> None:
+            accs.append(evaluate(state.model, job.loader("val", 64), device=CPU,
+                                 progress=False))
+
+        state = job.run_stages(State(model=model), on_stage=val)
     return state, accs
 
 

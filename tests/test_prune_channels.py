@@ -13,7 +13,7 @@ from pqd.errors import RecipeError
 from pqd.export import export_onnx
 from pqd.measure.complexity import onnx_complexity
 from pqd.models import build_model, check_output_shape
-from pqd.recipe import ModelSpec, recipe_from_dict
+from pqd.recipe import recipe_from_dict
 from pqd.stages.prune import magnitude_masks, prunable_parameters
 from pqd.stages.prune_channels import (
     apply_structure,
@@ -110,7 +110,7 @@ def test_surgery_shrinks_keeps_io_and_replays_on_a_fresh_model() -> None:
     # JSON-able records rebuild the same architecture; the weights then load and agree
     import json
 
-    again = rebuild_model(ModelSpec(name="tiny_resnet"), 10, MEAN, STD,
+    again = rebuild_model(build_model("tiny_resnet", 10, MEAN, STD),
                           json.loads(json.dumps(records)), EX)
     assert convs(again) == after
     again.load_state_dict(m.state_dict())
@@ -315,7 +315,6 @@ def test_latency_target_measures_the_exported_artifact(monkeypatch) -> None:
         {"stage": "prune_channels", "target": {"latency_ms": 5.0, "trials": 6},
          "round_to": None, "epochs": 0},
         {"stage": "quantize", "mode": "ptq", "epochs": 0}])
-    ctx.stage_index = 0
     from pqd.registry import STAGES
 
     state = STAGES["prune_channels"](state, ctx.recipe.stages[0], ctx)

@@ -54,7 +54,6 @@ def test_every_criterion_prunes_to_the_exact_sparsity_with_its_own_scores(
     ctx, state = make_ctx([{"stage": "prune", "sparsity": 0.6, "criterion": criterion,
                             "scope": "layer", "epochs": 0, "score_batches": 2}],
                           model="tiny_cnn")
-    ctx.stage_index = 0
     params = prunable_parameters(state.model)
     expected = importance.score(criterion, state.model, score_batches(ctx, 2),
                                 importance.cross_entropy, list(params))
@@ -72,7 +71,6 @@ def test_teacher_guided_scores_come_from_the_kd_loss() -> None:
     # student == teacher: the KD term has zero gradient, so Taylor-KD = 0.1 * Taylor-CE
     ctx, state = make_ctx([{"stage": "prune", "sparsity": 0.5, "criterion": "taylor",
                             "criterion_loss": "kd", "epochs": 0}], model="tiny_cnn")
-    ctx.stage_index = 0
     batches = score_batches(ctx, 2)
     kd = importance.taylor(state.model, batches, scoring_loss("kd", ctx))
     ce = importance.taylor(state.model, batches, scoring_loss("ce", ctx))

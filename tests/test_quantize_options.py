@@ -17,7 +17,6 @@ from pqd.measure.runtime import ort_kernels
 from pqd.recipe import MixedPrecisionSpec, recipe_from_dict
 from pqd.sensitivity import choose_mixed_precision, layer_sensitivity
 from pqd.stages.base import State
-from pqd.stages.prune import apply_prune
 from pqd.stages.quantize import (
     DEFAULT_SCHEME,
     apply_quantize,
@@ -285,13 +284,14 @@ def test_each_option_composes_with_pruning_before_and_after(option: str, tmp_pat
               {"stage": "prune", "sparsity": 0.6, "epochs": 1}]
     data = synthetic_data(seed=5)
     teacher = tiny(seed=6)
-    ctx = context(stages, data, teacher)
-    state = State(model=copy.deepcopy(teacher))
-    for i, spec in enumerate(ctx.recipe.stages):
-        ctx.stage_index = i
-        state = (apply_prune if spec.stage == "prune" else apply_quantize)(state, spec, ctx)
+    job = context(stages, data, teacher)
+    first: dict[str, torch.Tensor] = {}
+
+    def keep_first(i: int, spec, state: State, seconds: float) -> None:
         if i == 0:
-            first = {n: m.clone() for n, m in state.masks.items()}
+            first.update({n: m.clone() for n, m in state.masks.items()})
+
+    state = job.run_stages(State(model=copy.deepcopy(teacher)), on_stage=keep_first)
     assert state.quantized
     for n, m in first.items():  # pruned before quantization: still pruned after
         assert not (state.masks[n] & ~m).any()
@@ -309,7 +309,6 @@ def test_quantize_stage_calibrates_on_val_and_records_the_scheme() -> None:
     teacher = tiny(seed=8)
     ctx = context([{"stage": "quantize", "mode": "ptq", "epochs": 0,
                     "activations": {"observer": "entropy"}}], data, teacher)
-    ctx.stage_index = 0
     state = apply_quantize(State(model=copy.deepcopy(teacher)), ctx.recipe.stages[0], ctx)
     assert state.info["calibration_split"] == "val"
     assert state.info["calibration_images"] == 64  # the whole val split (2 batches of 32)

@@ -16,13 +16,13 @@ from onnx import numpy_helper
 
 import pqd.stages  # noqa: F401  (registers the stages)
 from conftest import tiny_recipe
+from helpers import Job
 from pqd.data import Dataset
 from pqd.export import export_onnx, parity
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.runtime import open_runner
 from pqd.models import build_model
-from pqd.registry import STAGES
-from pqd.stages.base import Context, State
+from pqd.stages.base import State
 from pqd.stages.prune import prunable_parameters
 from pqd.stages.quantize import unquantized_weights
 from pqd.train import is_graph
@@ -40,17 +40,14 @@ def fake_quantizers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "fake_quant_enabled")]
 
 
-def run_stages(order: tuple[str, ...], data: Dataset, seed: int = 0) -> tuple[State, Context]:
+def run_stages(order: tuple[str, ...], data: Dataset, seed: int = 0) -> tuple[State, Job]:
     """Apply ``order`` to a tiny_cnn as the pipeline does, checking invariants after each."""
     recipe = tiny_recipe([SPECS[s] for s in order], seed=seed)
     torch.manual_seed(seed)
     model = build_model("tiny_cnn", data.num_classes, data.mean, data.std)
-    ctx = Context(recipe=recipe, data=data, device=CPU, teacher=copy.deepcopy(model).eval(),
-                  progress=False)
-    state = State(model=model)
-    for i, spec in enumerate(recipe.stages):
-        ctx.stage_index = i
-        state = STAGES[spec.stage](state, spec, ctx)
+    job = Job(recipe=recipe, data=data, teacher=copy.deepcopy(model).eval())
+
+    def check(i: int, spec, state: State, seconds: float) -> None:
         params = dict(state.model.named_parameters())
         for name, keep in state.masks.items():  # pruned weights are exactly zero
             assert torch.count_nonzero(params[name].detach()[~keep]) == 0, (order, i, name)
@@ -61,7 +58,8 @@ def run_stages(order: tuple[str, ...], data: Dataset, seed: int = 0) -> tuple[St
             assert fqs and all(int(fq.fake_quant_enabled[0]) == 1 for fq in fqs)
         else:
             assert not state.quantized and not is_graph(state.model)
-    return state, ctx
+
+    return job.run_stages(State(model=model), on_stage=check), job
 
 
 def int8_weights(path: Path) -> list[np.ndarray]:
@@ -133,8 +131,7 @@ def test_quantize_twice_keeps_one_set_of_quantizers(synth: Dataset) -> None:
     state, ctx = run_stages(("quantize",), synth)
     n = len(fake_quantizers(state.model))
     ctx.recipe = tiny_recipe([SPECS["quantize"], SPECS["quantize"]])
-    ctx.stage_index = 1
-    state = STAGES["quantize"](state, ctx.recipe.stages[1], ctx)
+    state = ctx.run_stages(state, start=1)
     assert len(fake_quantizers(state.model)) == n
     assert "already quantized" in state.info["note"]
 
@@ -144,8 +141,7 @@ def test_prune_after_prune_only_adds_zeros(synth: Dataset) -> None:
     first = {k: v.clone() for k, v in state.masks.items()}
     ctx.recipe = tiny_recipe([SPECS["prune"], {**SPECS["prune"], "sparsity": 0.8,
                                                "schedule": "oneshot"}])
-    ctx.stage_index = 1
-    state = STAGES["prune"](state, ctx.recipe.stages[1], ctx)
+    state = ctx.run_stages(state, start=1)
     for name, keep in first.items():
         assert not (state.masks[name] & ~keep).any()  # nothing pruned comes back
     assert state.info["mask_sparsity"] == pytest.approx(0.8, abs=1e-3)

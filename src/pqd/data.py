@@ -38,6 +38,7 @@ __all__ = [
     "RestrictedUnpickler",
     "check_data",
     "download_and_verify",
+    "from_tensors",
     "load_dataset",
     "resolve_data_root",
     "safe_extract",
@@ -182,6 +183,110 @@ def load_dataset(
         train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y,
         test_x=raw.test_x, test_y=raw.test_y, root=raw.root,
     )
+
+
+Split = Any
+"""One split for :func:`from_tensors`: ``(images, labels)`` tensors or arrays, or a torch
+``Dataset`` of ``(image, label)`` pairs."""
+
+
+def _as_images(x: Any, split: str) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` from uint8 images or float images in [0, 1]."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach().cpu()
+    if x.ndim != 4:
+        raise DataError(f"{split} images have shape {tuple(x.shape)}, not [N, C, H, W]",
+                        "pass images as a 4-D tensor, channels first")
+    if x.dtype == torch.uint8:
+        return x.contiguous()
+    if not x.is_floating_point():
+        raise DataError(f"{split} images are {x.dtype}, neither uint8 nor float",
+                        "pass uint8 images (0..255) or float images in [0, 1]")
+    lo, hi = float(x.min()) if x.numel() else 0.0, float(x.max()) if x.numel() else 0.0
+    if lo < 0.0 or hi > 1.0:
+        raise DataError(f"{split} float images range over [{lo:.3g}, {hi:.3g}], not [0, 1]",
+                        "pass float images in [0, 1] (give the normalisation as mean/std)")
+    return (x.float() * 255.0).round().to(torch.uint8).contiguous()
+
+
+def _as_split(split: Split, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(uint8 images, int64 labels)`` of one split given as a pair or a torch Dataset."""
+    if isinstance(split, (tuple, list)) and len(split) == 2:
+        x, y = split
+    elif isinstance(split, torch.utils.data.Dataset):
+        pairs = [split[i] for i in range(len(split))]  # type: ignore[arg-type]
+        if not pairs:
+            raise DataError(f"the {name} Dataset is empty", f"give {name} images")
+        x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
+        y = torch.as_tensor([int(p[1]) for p in pairs])
+    else:
+        raise DataError(f"{name} is a {type(split).__name__}",
+                        f"pass {name}=(images, labels) or a torch Dataset of (image, label)")
+    images = _as_images(x, name)
+    labels = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    labels = labels.detach().cpu().to(torch.int64).reshape(-1)
+    if labels.shape[0] != images.shape[0]:
+        raise DataError(f"{name} has {images.shape[0]} images but {labels.shape[0]} labels",
+                        "give one label per image")
+    return images, labels
+
+
+def from_tensors(train: Split, val: Split | None = None, test: Split | None = None, *,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 num_classes: int | None = None, classes: list[str] | None = None,
+                 val_size: int | float = 0.1, seed: int = 0, name: str = "tensors"
+                 ) -> Dataset:
+    """A :class:`Dataset` from data in memory (for :func:`pqd.compress`/:func:`pqd.apply_stages`).
+
+    Images are uint8 (0..255) or float in [0, 1] (stored as uint8, i.e. rounded to 1/255
+    steps, as an image file would hold them), ``[N, C, H, W]``; labels are class ids.
+
+    Args:
+        train: the training split: ``(images, labels)`` or a torch ``Dataset`` of pairs.
+        val: the validation split (model selection, calibration); default: ``val_size`` of
+            ``train`` carved out (class-stratified, seeded by ``seed``).
+        test: the test split the record's accuracies are measured on (``pqd.compress``
+            needs it); default none.
+        mean, std: per-channel normalisation of images in [0, 1] that the model expects;
+            default identity (the model gets [0, 1] images). :func:`pqd.compress` puts it
+            inside the model (and the exported file).
+        num_classes: default ``max label + 1`` over the splits.
+        classes: class names (default ``"0"``, ``"1"``, ...).
+        val_size: count or fraction of ``train`` carved out when ``val`` is None (0: none).
+        seed: seed of that split.
+        name: the data set's name in the record.
+
+    Returns:
+        The :class:`Dataset`.
+    """
+    tx, ty = _as_split(train, "train")
+    if val is not None:
+        vx, vy = _as_split(val, "val")
+    else:
+        keep, held = stratified_split(ty, val_size, seed)
+        tx, ty, vx, vy = tx[keep], ty[keep], tx[held], ty[held]
+    if test is not None:
+        sx, sy = _as_split(test, "test")
+    else:
+        sx, sy = tx[:0], ty[:0]
+    c = int(tx.shape[1])
+    for other, n in ((vx, "val"), (sx, "test")):
+        if other.shape[0] and tuple(other.shape[1:]) != tuple(tx.shape[1:]):
+            raise DataError(f"{n} images are {tuple(other.shape[1:])}, train images "
+                            f"{tuple(tx.shape[1:])}", "give every split the same image shape")
+    mean = tuple(float(m) for m in mean) if mean is not None else (0.0,) * c
+    std = tuple(float(s) for s in std) if std is not None else (1.0,) * c
+    if len(mean) != c or len(std) != c:
+        raise DataError(f"mean/std have {len(mean)}/{len(std)} values for {c} channels",
+                        "give one mean and one std per channel")
+    labels = torch.cat([ty, vy, sy])
+    n_classes = num_classes or int(labels.max()) + 1
+    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+        raise DataError(f"labels range over {int(labels.min())}..{int(labels.max())} for "
+                        f"{n_classes} classes", "use class ids 0..num_classes-1")
+    return Dataset(name=name, num_classes=n_classes,
+                   classes=classes or [str(i) for i in range(n_classes)],
+                   mean=mean, std=std, train_x=tx, train_y=ty, val_x=vx, val_y=vy,  # type: ignore[arg-type]
+                   test_x=sx, test_y=sy, root=Path("(in memory)"))
 
 
 def stratified_split(

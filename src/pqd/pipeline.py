@@ -15,37 +15,30 @@ its record.json (``pqd search`` trains trials anywhere and measures them on its 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
-import random
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from pqd import __version__
-from pqd.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from pqd.checkpoint import atomic_write_text, save_checkpoint
+from pqd.engine import seed_everything
 from pqd.errors import PqdError
 from pqd.models.multi_exit import MultiExitNet
 from pqd.recipe import MeasureSpec, Recipe, dump_recipe
-from pqd.registry import STAGES
+from pqd.resume import RunFolder, load_state, note, save_state, step_name
 from pqd.stages.base import Context, State
 from pqd.target import resolve as resolve_target
-from pqd.train import evaluate, fit
+from pqd.train import evaluate
 
 RECORD_VERSION = 1
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,62 +153,82 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
     :func:`measure_run` measures the artifacts later, e.g. on another machine or after
     other trainings have finished (``pqd search`` measures on its driver, one run at a time).
     """
-    import pqd.stages  # noqa: F401  (fills the stage registry)
     from pqd.data import load_dataset, resolve_data_root
-    from pqd.models import build_model, check_output_shape
-    from pqd.resume import RunFolder, load_state, note, save_state, step_name
+    from pqd.models import build_model
 
     t_start = time.perf_counter()
     out = Path(out_dir)
     folder = RunFolder.open(out, recipe, resume=resume, fresh=fresh)
-    reused = [e["step"] for e in folder.steps]
     if folder.complete and measure:
         note(f"{out} already holds this recipe's complete run: nothing to do "
              "(--fresh runs it again)")
         return json.loads((out / "record.json").read_text(encoding="utf-8"))
     if measure:
         check_runtimes(recipe)
-    device = resolve_device(recipe.device)
+    resolve_device(recipe.device)
     root = resolve_data_root(data_dir, recipe.data.root)
     data = load_dataset(recipe.data.dataset, root, val_size=recipe.data.val_size,
                         seed=recipe.seed, download=recipe.data.download,
                         limit_train=recipe.data.limit_train, limit_test=recipe.data.limit_test)
+
+    def build() -> torch.nn.Module:
+        return build_model(recipe.model.name, data.num_classes, data.mean, data.std,
+                           **recipe.model.kwargs)
+
+    return execute(recipe, folder, data, build, build, progress=progress, measure=measure,
+                   fresh=fresh, t_start=t_start)
+
+
+def execute(recipe: Recipe, folder: RunFolder, data: Any, make_model: Callable[[], nn.Module],
+            fresh_model: Callable[[], nn.Module], *, progress: bool = True,
+            measure: bool = True, fresh: bool = False,
+            source: dict[str, Any] | None = None,
+            t_start: float | None = None) -> dict[str, Any]:
+    """The body of ``pqd run`` and :func:`pqd.compress`: baseline -> stages -> export ->
+    measure into ``folder`` (opened by the caller), on data already loaded.
+
+    Args:
+        recipe: the job (a recipe file's, or the one :func:`pqd.compress` builds).
+        folder: the opened run folder (what is finished, where to continue).
+        data: ``pqd.data.Dataset``.
+        make_model: builds the run's starting model (called once, after seeding).
+        fresh_model: builds fresh unpruned models like it (channel surgery, resume).
+        progress, measure, fresh: as :func:`run`.
+        source: the record's ``baseline.source`` when the model is taken as given.
+        t_start: when the job started (``time.perf_counter()``; default now).
+
+    Returns:
+        The record (or, with ``measure=False``, the pending record).
+    """
+    from pqd.engine import apply_stages, baseline, frozen
+    from pqd.models import check_output_shape
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    out = folder.out
+    reused = [e["step"] for e in folder.steps]
+    device = resolve_device(recipe.device)
+    target = resolve_target(recipe.export.target)
     with deterministic(recipe.seed, device) as determinism:
-        model = build_model(recipe.model.name, data.num_classes, data.mean, data.std,
-                            **recipe.model.kwargs)
+        model = make_model()
         check_output_shape(model, data.num_classes, int(data.train_x.shape[-1]))
         folder.start(fresh)
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+        ctx = Context(data=data, device=device, teacher=model, progress=progress)
 
-        ctx = Context(recipe=recipe, data=data, device=device, teacher=model,
-                      progress=progress, out_dir=out, run=folder,
-                      target=resolve_target(recipe.export.target))
         # ---- baseline: train it or load it (or take it from an earlier, killed run)
         t0 = time.perf_counter()
-        model.to(device)
         done = folder.entry(0)
-        if done is not None:
-            load_checkpoint(model, out / "baseline.safetensors")
-            model.to(device)
-        elif recipe.baseline.checkpoint:
-            load_checkpoint(model, recipe.baseline.checkpoint)
-            model.to(device)
-        else:
-            cfg = recipe.baseline_train()
-            train = ctx.loader("train", cfg.batch_size, seed=recipe.seed, augment=True,
-                               shuffle=True)
-            from pqd.train import prepare_model
-
-            prepare_model(model, cfg, device)
-            start, on_epoch = folder.epoch_hooks(0, model, {}, desc="baseline")
-            fit(model, train, cfg, recipe.baseline.epochs, device=device, desc="baseline",
-                progress=progress, resume=start, on_epoch=on_epoch)
-        model.to(memory_format=torch.contiguous_format)
+        baseline(model, data, train=recipe.baseline_train(), epochs=recipe.baseline.epochs,
+                 checkpoint=(out / "baseline.safetensors" if done is not None
+                             else recipe.baseline.checkpoint),
+                 seed=recipe.seed, augment=recipe.data.augment, device=device,
+                 progress=progress, run=folder)
         val_loader = ctx.loader("val", 256)
         if done is None:
             save_checkpoint(model, out / "baseline.safetensors", {"recipe": recipe.name})
-            source = ({"checkpoint": recipe.baseline.checkpoint} if recipe.baseline.checkpoint
-                      else {"trained_epochs": recipe.baseline.epochs})
+            source = source or ({"checkpoint": recipe.baseline.checkpoint}
+                                if recipe.baseline.checkpoint
+                                else {"trained_epochs": recipe.baseline.epochs})
             done = {"source": source, "seconds": round(time.perf_counter() - t0, 2),
                     "val_accuracy": evaluate(model, val_loader, device=device,
                                              progress=progress, desc="baseline val")}
@@ -224,32 +237,17 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
                                                   done["val_accuracy"])
 
         # ---- stages, in the recipe's order (finished ones come back from their checkpoints)
-        ctx.teacher = copy.deepcopy(model).eval()
-        for p in ctx.teacher.parameters():
-            p.requires_grad_(False)
         finished = max(0, min(len(folder.steps) - 1, len(recipe.stages)))
+        state = None
         if finished > 0:
-            state = load_state(out / folder.steps[finished]["checkpoint"], recipe, data,
+            state = load_state(out / folder.steps[finished]["checkpoint"], fresh_model,
                                ctx.example_input)
             state.model.to(device)
-        else:
-            state = State(model=copy.deepcopy(model))
         stage_records = [folder.entry(i + 1) for i in range(finished)]
-        for i in range(finished, len(recipe.stages)):
-            spec = recipe.stages[i]
-            ctx.stage_index = i
-            ctx.fit_calls = 0
-            seed_everything(ctx.stage_seed)
-            t0 = time.perf_counter()
-            state.info = {}
-            if not isinstance(state.model, torch.fx.GraphModule):
-                from pqd.train import prepare_model
 
-                prepare_model(state.model, ctx.stage_train(), device)
-            state = STAGES[spec.stage](state, spec, ctx)
-            seconds = time.perf_counter() - t0
+        def record_stage(i: int, spec: Any, state: State, seconds: float) -> None:
             val = evaluate(state.model, val_loader, device=device, progress=progress,
-                           desc=f"{ctx.stage_desc} val")
+                           desc=f"[{i + 1}/{len(recipe.stages)}] {spec.stage} val")
             entry = json.loads(json.dumps({
                 "index": i, "name": spec.stage, "config": spec.model_dump(mode="json"),
                 "seconds": round(seconds, 2), "val_accuracy": val, "info": state.info,
@@ -259,12 +257,18 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
             folder.finish(i + 1, f"checkpoints/{name}.safetensors", entry)
             stage_records.append(entry)
 
+        state = apply_stages(model, recipe.stages, data, frozen(model), train=recipe.train,
+                             seed=recipe.seed, augment=recipe.data.augment, device=device,
+                             target=target, threads=recipe.measure.threads,
+                             progress=progress, fresh_model=fresh_model, state=state,
+                             start=finished, run=folder, on_stage=record_stage)
+
     # ---- export both artifacts, then measure them side by side
     from pqd.export import export_onnx
     from pqd.measure.artifacts import torch_reference
 
     t0 = time.perf_counter()
-    target = ctx.target if state.quantized else "any"  # a float file runs alike everywhere
+    target = target if state.quantized else "any"  # a float file runs alike everywhere
     example = ctx.example_input().cpu()
     model.cpu()
     state.model.cpu()

@@ -144,7 +144,7 @@ class PruneSpec(StageBase):
     the weights, score and prune at initialisation (SNIP/GraSP), then train.
     """
 
-    stage: Literal["prune"]
+    stage: Literal["prune"] = "prune"
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
     structure: Literal["unstructured", "nm"] = "unstructured"
     n: int = Field(default=2, ge=1, le=64)  # N:M: weights kept in every group of m
@@ -225,7 +225,7 @@ class PruneChannelsSpec(StageBase):
     all groups with ``scope: global``); or ``target`` gives a MACs or latency budget.
     """
 
-    stage: Literal["prune_channels"]
+    stage: Literal["prune_channels"] = "prune_channels"
     ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
     target: ChannelTarget | None = None
     scope: Literal["layer", "global"] = "layer"
@@ -281,7 +281,7 @@ class QuantizeSpec(StageBase):
     """Quantization with PT2E: QAT (fake-quant + fine-tuning), PTQ (calibration only) or
     dynamic (weights INT8, activations quantized at run time)."""
 
-    stage: Literal["quantize"]
+    stage: Literal["quantize"] = "quantize"
     mode: Literal["qat", "ptq", "dynamic"] = "qat"
     calibration_batches: int = Field(default=8, ge=1, le=10_000)
     weights: WeightQuantSpec = Field(default_factory=WeightQuantSpec)
@@ -334,7 +334,7 @@ class DistillSpec(StageBase):
     """Knowledge distillation from the baseline (teacher) into the current student:
     logits (Hinton), optionally plus intermediate feature maps (``features``)."""
 
-    stage: Literal["distill"]
+    stage: Literal["distill"] = "distill"
     temperature: float = Field(default=4.0, gt=0.0, le=100.0)
     alpha: float = Field(default=0.9, ge=0.0, le=1.0)  # weight of the KD term
     features: FeatureKDSpec | None = None
@@ -368,7 +368,7 @@ class ExitTarget(Strict):
 class EarlyExitSpec(StageBase):
     """Exit heads after chosen ``features`` blocks, trained and calibrated (see stages doc)."""
 
-    stage: Literal["early_exit"]
+    stage: Literal["early_exit"] = "early_exit"
     positions: list[Annotated[int, Field(ge=0)]] | None = None  # None: the net's defaults
     head: ExitHeadSpec = Field(default_factory=ExitHeadSpec)
     mode: Literal["heads", "joint"] = "heads"  # heads: backbone frozen; joint: weighted loss

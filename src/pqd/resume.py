@@ -300,18 +300,27 @@ def save_state(path: Path, fingerprint: str, state: Any) -> None:
                           "structure": state.structure, "nm_layers": state.nm_layers})
 
 
-def load_state(path: Path, recipe: Recipe, data: Any, example: Callable[[], torch.Tensor]
-               ) -> Any:
-    """Rebuild the state :func:`save_state` wrote: a fresh model from the recipe pruned to the
-    saved channel structure, made a QAT graph by the same ``prepare_qat`` (and float layers)
-    when it was one, then the saved tensors loaded."""
+def load_state(path: Path, fresh_model: Callable[[], nn.Module],
+               example: Callable[[], torch.Tensor]) -> Any:
+    """Rebuild the state :func:`save_state` wrote: a fresh model (``fresh_model()``) pruned to
+    the saved channel structure, made a QAT graph by the same ``prepare_qat`` (and float
+    layers) when it was one, then the saved tensors loaded.
+
+    Args:
+        path: the step checkpoint.
+        fresh_model: builds a fresh unpruned eager model like the run's.
+        example: draws an example input batch (for channel surgery and ``prepare_qat``).
+
+    Returns:
+        The ``pqd.stages.State``.
+    """
     from pqd.stages.base import State
     from pqd.stages.prune_channels import rebuild_model
 
     tensors, meta = _load(path)
     structure = meta.get("structure") or []
-    model = rebuild_model(recipe.model, data.num_classes, data.mean, data.std, structure,
-                          example().cpu() if structure else None)
+    ex = example().cpu() if structure else None  # (drawn before the fresh weights)
+    model = rebuild_model(fresh_model(), structure, ex)
     quantized = bool(meta.get("quantized"))
     if quantized:
         from pqd.stages.quantize import keep_float, prepare_qat

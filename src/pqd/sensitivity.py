@@ -131,15 +131,15 @@ def run_sensitivity(recipe: Recipe, out: str | Path | None = None, *, data_dir: 
                     progress: bool = True) -> dict[str, Any]:
     """Baseline (trained or loaded) -> PTQ graph with the recipe's first quantize options ->
     per-layer sensitivity on the val split; writes ``sensitivity.json`` into ``out``."""
-    from pqd.checkpoint import load_checkpoint, save_checkpoint
+    from pqd.checkpoint import save_checkpoint
     from pqd.data import load_dataset, resolve_data_root
+    from pqd.engine import baseline, seed_everything
     from pqd.models import build_model
-    from pqd.pipeline import resolve_device, seed_everything
+    from pqd.pipeline import resolve_device
     from pqd.stages.base import Context
     from pqd.stages.quantize import calibrate, prepare_qat, scheme_of
     from pqd.target import reduces_range
     from pqd.target import resolve as resolve_target
-    from pqd.train import fit, prepare_model
 
     t0 = time.perf_counter()
     device = resolve_device(recipe.device)
@@ -155,21 +155,14 @@ def run_sensitivity(recipe: Recipe, out: str | Path | None = None, *, data_dir: 
     seed_everything(recipe.seed)
     model = build_model(recipe.model.name, data.num_classes, data.mean, data.std,
                         **recipe.model.kwargs).to(device)
-    ctx = Context(recipe=recipe, data=data, device=device, teacher=model, progress=progress,
+    ctx = Context(data=data, device=device, teacher=model, progress=progress,
                   target=resolve_target(recipe.export.target))
-    if recipe.baseline.checkpoint:
-        load_checkpoint(model, recipe.baseline.checkpoint)
-        model.to(device)
-    else:
-        cfg = recipe.baseline_train()
-        prepare_model(model, cfg, device)
-        fit(model, ctx.loader("train", cfg.batch_size, seed=recipe.seed, augment=True,
-                              shuffle=True), cfg, recipe.baseline.epochs, device=device,
-            desc="baseline", progress=progress)
-        model.to(memory_format=torch.contiguous_format)
-        if out is not None:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            save_checkpoint(model, Path(out) / "baseline.safetensors", {"recipe": recipe.name})
+    baseline(model, data, train=recipe.baseline_train(), epochs=recipe.baseline.epochs,
+             checkpoint=recipe.baseline.checkpoint, seed=recipe.seed,
+             augment=recipe.data.augment, device=device, progress=progress)
+    if out is not None and not recipe.baseline.checkpoint:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_checkpoint(model, Path(out) / "baseline.safetensors", {"recipe": recipe.name})
     spec = next((s for s in recipe.stages if isinstance(s, QuantizeSpec)),
                 QuantizeSpec(stage="quantize", mode="ptq", epochs=0))
     scheme = {**scheme_of(spec, reduces_range(ctx.target)),

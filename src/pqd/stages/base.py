@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
 from pqd.models.multi_exit import MultiExitNet
-from pqd.recipe import Recipe, TrainSpec
+from pqd.recipe import AugmentSpec, TrainSpec
 from pqd.train import FitResult, LossHook, StepHook, fit
 
 
@@ -52,35 +51,53 @@ class Stage(Protocol):
 
 @dataclass
 class Context:
-    """Everything a stage may use besides the state: data, device, teacher, settings."""
+    """What a stage reads besides the state and its spec: the data, the device, the teacher,
+    and its own settings (set by :func:`pqd.engine.apply_stages` before each stage). A stage
+    never sees the recipe nor the other stages.
 
-    recipe: Recipe
+    Attributes:
+        data: the typed data (``pqd.data.Dataset``: uint8 images, labels, mean/std).
+        device: where training runs.
+        teacher: the frozen model the run started from (KD target, reference MACs).
+        train: the stage's training settings (run settings merged with its overrides).
+        seed: the stage's seed (shuffling, augmentation, re-initialisation).
+        augment: training augmentation (random crop after padding, flip).
+        fresh_model: builds a fresh, unpruned eager model like the run's (random weights
+            from the current RNG): channel surgery replays on it, a QAT graph is unwrapped
+            into it, ``at_init`` pruning re-initialises from it.
+        quantize_later: this or a later stage quantizes (an INT8 latency target then
+            measures INT8 candidates).
+        threads: measurement threads (latency targets).
+        target: resolved deployment target (:mod:`pqd.target`): the INT8 weight range.
+        progress: show progress bars.
+        run: the run folder (:class:`pqd.resume.RunFolder`): per-epoch checkpoints and
+            resume inside a stage; None: neither.
+        step: the run-folder step of the stage (stage i is step i + 1).
+        desc: progress-bar label, e.g. ``[2/3] quantize``.
+        fit_calls: ``fit`` calls so far in the current stage (reset per stage).
+    """
+
     data: Any  # pqd.data.Dataset
     device: torch.device
     teacher: nn.Module
+    train: TrainSpec = field(default_factory=TrainSpec)
+    seed: int = 0
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    fresh_model: Callable[[], nn.Module] | None = None
+    quantize_later: bool = False
+    threads: int = 1
+    target: str = "portable"
     progress: bool = True
-    out_dir: Path | None = None
-    stage_index: int = -1  # set by the pipeline before each stage runs
-    run: Any = None  # pqd.resume.RunFolder: per-epoch checkpoints and resume (None: neither)
-    fit_calls: int = 0  # fit calls so far in the current stage (the pipeline resets it)
-    target: str = "portable"  # resolved deployment target (pqd.target): the weight range
+    run: Any = None
+    step: int = 0
+    desc: str = "baseline"
+    fit_calls: int = 0
 
-    @property
-    def stage_seed(self) -> int:
-        """Seed of the current stage's shuffling/augmentation (distinct per stage)."""
-        return self.recipe.seed + 1000 * (self.stage_index + 1)
-
-    @property
-    def stage_desc(self) -> str:
-        """Progress-bar label of the current stage, e.g. ``[2/3] quantize``."""
-        stages = self.recipe.stages
-        if 0 <= self.stage_index < len(stages):
-            return f"[{self.stage_index + 1}/{len(stages)}] {stages[self.stage_index].stage}"
-        return "baseline"
-
-    def stage_train(self) -> TrainSpec:
-        """Training settings of the current stage (recipe ``train`` + its overrides)."""
-        return self.recipe.stage_train(self.stage_index)
+    def new_model(self) -> nn.Module:
+        """A fresh unpruned eager model (see ``fresh_model``), on the CPU."""
+        if self.fresh_model is None:
+            raise RuntimeError("this stage needs Context.fresh_model (a fresh-model factory)")
+        return self.fresh_model()
 
     def loader(self, split: str, batch_size: int, *, seed: int = 0, augment: bool = False,
                shuffle: bool = False) -> Any:
@@ -89,7 +106,7 @@ class Context:
 
         x = getattr(self.data, f"{split}_x")
         y = getattr(self.data, f"{split}_y")
-        aug = self.recipe.data.augment
+        aug = self.augment
         return Loader(
             x, y, batch_size, shuffle=shuffle, augment=augment, crop_padding=aug.crop_padding,
             pad_mode=aug.pad_mode, flip=aug.flip, device=self.device, seed=seed,
@@ -129,7 +146,7 @@ class Context:
         self.fit_calls += 1
         resume, on_epoch = None, None
         if self.run is not None and epochs > 0 and after_step is None:
-            resume, on_epoch = self.run.epoch_hooks(self.stage_index + 1, state.model,
+            resume, on_epoch = self.run.epoch_hooks(self.step, state.model,
                                                     state.masks, hook_state, desc, call)
         keep = MaskKeeper(state.model, state.masks)
         keep(state.model)

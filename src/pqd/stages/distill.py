@@ -195,12 +195,12 @@ def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
 @register_stage("distill")
 def apply_distill(state: State, spec: DistillSpec, ctx: Context) -> State:
     """Fine-tune the student on ``alpha * KD + (1 - alpha) * CE`` (+ ``beta`` * feature KD)."""
-    cfg = ctx.stage_train()
+    cfg = ctx.train
     loss = kd_loss(ctx.teacher, spec.temperature, spec.alpha, cfg.label_smoothing,
                    device=ctx.device, amp=cfg.amp)
     if spec.features is None:
-        ctx.fit(state, cfg, spec.epochs, seed=ctx.stage_seed, loss_fn=loss,
-                desc=ctx.stage_desc)
+        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, loss_fn=loss,
+                desc=ctx.desc)
         return state
     fspec = spec.features
     points = feature_points(ctx.teacher, fspec)
@@ -226,8 +226,8 @@ def apply_distill(state: State, spec: DistillSpec, ctx: Context) -> State:
             log["history"].append(float(feat.detach()))
             return base + beta * feat
 
-        ctx.fit(state, cfg, spec.epochs, seed=ctx.stage_seed, loss_fn=combined,
-                desc=ctx.stage_desc, hook_state=log)
+        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, loss_fn=combined,
+                desc=ctx.desc, hook_state=log)
     history = log["history"]
     n = max(1, len(history) // 10)
     state.info["feature_kd"] = {

@@ -390,10 +390,10 @@ def apply_early_exit(state: State, spec: EarlyExitSpec, ctx: Context) -> State:
                      "temperature": spec.temperature, "alpha": spec.alpha}
     net.detach_heads = spec.mode == "heads"
     info: dict[str, Any] = {"positions": net.positions, "exits": net.num_exits}
-    cfg = ctx.stage_train()
+    cfg = ctx.train
     if whole_graph is not None:
         prepare_qat_parts(net, example, copy.deepcopy(quant_scheme(whole_graph)))
-        calib = ctx.loader("train", cfg.batch_size, seed=ctx.stage_seed, shuffle=True)
+        calib = ctx.loader("train", cfg.batch_size, seed=ctx.seed, shuffle=True)
         calibrate(net, calib, spec.calibration_batches, ctx.device)
         copied, total = carry_observers(whole_graph, [p for _, p in net.parts()])
         info["quantizers_carried_over"] = f"{copied}/{total}"
@@ -406,8 +406,8 @@ def apply_early_exit(state: State, spec: EarlyExitSpec, ctx: Context) -> State:
                        device=ctx.device, amp=cfg.amp)
     guard = frozen_backbone(net) if spec.mode == "heads" else contextlib.nullcontext()
     with guard:
-        ctx.fit(state, cfg, spec.epochs, seed=ctx.stage_seed, loss_fn=base,
-                desc=ctx.stage_desc)
+        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, loss_fn=base,
+                desc=ctx.desc)
     set_train(net, False)
     info.update(calibrate_net(net, ctx, spec.target))
     state.info.update(info)

@@ -180,8 +180,8 @@ def sparsity_of(masks: dict[str, torch.Tensor]) -> float:
 
 def score_batches(ctx: Context, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` training batches (no augmentation, stage-seeded shuffle) for scoring."""
-    batch = min(ctx.stage_train().batch_size, 128)
-    loader = ctx.loader("train", batch, seed=ctx.stage_seed, shuffle=True)
+    batch = min(ctx.train.batch_size, 128)
+    loader = ctx.loader("train", batch, seed=ctx.seed, shuffle=True)
     out = []
     for x, y in loader:
         out.append((x, y))
@@ -209,9 +209,9 @@ def reinitialize(state: State, ctx: Context) -> None:
     if is_graph(state.model):
         raise RecipeError("prune: at_init needs an unquantized model",
                           "put the prune stage before quantize")
-    torch.manual_seed(ctx.stage_seed)
-    fresh = rebuild_model(ctx.recipe.model, ctx.data.num_classes, ctx.data.mean, ctx.data.std,
-                          state.structure, ctx.example_input().cpu())
+    torch.manual_seed(ctx.seed)
+    example = ctx.example_input().cpu()  # (drawn before the fresh weights, as always)
+    fresh = rebuild_model(ctx.new_model(), state.structure, example)
     state.model.load_state_dict(fresh.state_dict())
 
 
@@ -258,7 +258,7 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
     if spec.at_init:
         reinitialize(state, ctx)
         params = {n: p for n, p in state.model.named_parameters() if n in params}
-    cfg = ctx.stage_train()
+    cfg = ctx.train
     batches = score_batches(ctx, spec.score_batches) if spec.criterion != "magnitude" else []
     loss = scoring_loss(spec.criterion_loss, ctx)
     tracker = (importance.MovementTracker(state.model, params)
@@ -290,11 +290,11 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
         MaskKeeper(state.model, new)(state.model)  # zero the newly pruned weights now
 
     target = spec.target_sparsity
-    seed = ctx.stage_seed
+    seed = ctx.seed
 
     def fit(epochs: int, on_step=None, round_index: int = 0, hook_state=None) -> None:
         ctx.fit(state, cfg, epochs, seed=seed + round_index, on_step=on_step,
-                after_step=tracker, desc=ctx.stage_desc, hook_state=hook_state)
+                after_step=tracker, desc=ctx.desc, hook_state=hook_state)
 
     if spec.rewind != "none":
         _prune_with_rewind(state, spec, ctx, update, fit, info)

@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 
 from pqd.errors import ModelError
-from pqd.recipe import ModelSpec, PruneChannelsSpec
+from pqd.recipe import PruneChannelsSpec
 from pqd.registry import register_stage
 from pqd.stages.base import Context, State
 from pqd.train import is_graph
@@ -258,25 +258,16 @@ def apply_structure(model: nn.Module, example: torch.Tensor,
     return model
 
 
-def build_plain(spec: ModelSpec, num_classes: int, mean: Sequence[float],
-                std: Sequence[float]) -> nn.Module:
-    """A fresh (unpruned) model as the recipe names it."""
-    from pqd.models import build_model
-
-    return build_model(spec.name, num_classes, mean, std, **spec.kwargs)
-
-
-def rebuild_model(spec: ModelSpec, num_classes: int, mean: Sequence[float],
-                  std: Sequence[float], structure: Sequence[Record],
+def rebuild_model(model: nn.Module, structure: Sequence[Record],
                   example: torch.Tensor | None = None) -> nn.Module:
-    """A fresh zoo model pruned to ``structure`` (e.g. ``State.structure``), CPU, fp32.
+    """``model`` (a fresh, unpruned eager model, e.g. ``Context.new_model()``) pruned to
+    ``structure`` (e.g. ``State.structure``), in place; returned.
 
-    Load a pruned checkpoint into it with ``load_state_dict``; ``example`` defaults to a
-    [2, C, 32, 32] input (C from the normalisation).
+    Load a pruned checkpoint into it with ``load_state_dict``; ``example`` (needed only when
+    ``structure`` is not empty) defaults to a [2, 3, 32, 32] input.
     """
-    model = build_plain(spec, num_classes, mean, std)
     if example is None:
-        example = torch.rand(2, len(list(mean)), 32, 32)
+        example = torch.rand(2, 3, 32, 32)
     return apply_structure(model, example, structure)
 
 
@@ -289,8 +280,7 @@ def eager_model(state: State, ctx: Context) -> nn.Module:
     if not is_graph(state.model):
         return state.model
     example = ctx.example_input().cpu()
-    eager = rebuild_model(ctx.recipe.model, ctx.data.num_classes, ctx.data.mean, ctx.data.std,
-                          state.structure, example)
+    eager = rebuild_model(ctx.new_model(), state.structure, example)
     graph_state = state.model.state_dict()
     own = eager.state_dict()
     missing = [k for k in own if k not in graph_state]
@@ -468,7 +458,7 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
         raise RecipeError("prune_channels cannot run after early_exit (channel surgery across "
                           "the exit segments is not supported)",
                           "put prune_channels before early_exit, or use prune (masks)")
-    cfg = ctx.stage_train()
+    cfg = ctx.train
     example = ctx.example_input()
     quantized = state.quantized
     eager = eager_model(state, ctx)
@@ -516,13 +506,13 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
             check_output_shape(eager, ctx.data.num_classes, int(example.shape[-1]))
             if quantized:
                 graph = prepare_qat(eager.cpu(), example.cpu()).to(ctx.device)
-                calib = ctx.loader("train", cfg.batch_size, seed=ctx.stage_seed + i,
+                calib = ctx.loader("train", cfg.batch_size, seed=ctx.seed + i,
                                    shuffle=True)
                 calibrate(graph, calib, spec.calibration_batches, ctx.device)
                 state.model = graph
             else:
                 state.model = prepare_model(eager, cfg, ctx.device)
-        ctx.fit(state, cfg, n_epochs, seed=ctx.stage_seed + i, desc=ctx.stage_desc)
+        ctx.fit(state, cfg, n_epochs, seed=ctx.seed + i, desc=ctx.desc)
     final = eager_model(state, ctx)
     info["macs_after"] = count_macs(final, example)
     info["macs_fraction_of_baseline"] = round(info["macs_after"] / base_macs, 4)
@@ -554,12 +544,12 @@ def _target_ratio(model: nn.Module, example: torch.Tensor, scores: dict[str, tor
                                      for t in tried]}
         return ratio
     int8 = target.precision == "int8" or (target.precision == "auto" and (
-        quantized or any(s.stage == "quantize" for s in ctx.recipe.stages[ctx.stage_index:])))
+        quantized or ctx.quantize_later))
     calib = []
     if int8:
-        loader = ctx.loader("train", 32, seed=ctx.stage_seed, shuffle=True)
+        loader = ctx.loader("train", 32, seed=ctx.seed, shuffle=True)
         calib = [(x.cpu(), y) for _, (x, y) in zip(range(2), loader, strict=False)]
-    threads = ctx.recipe.measure.threads
+    threads = ctx.threads
 
     def latency_at(r: float) -> float:
         m = prune_copy(model, example, scores, r, spec)[0] if r > 0 else model

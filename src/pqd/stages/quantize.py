@@ -605,14 +605,14 @@ def _calibration_loader(ctx: Context, spec: QuantizeSpec, batch_size: int):
         raise RecipeError(
             "quantize: PTQ calibration and mixed precision use the validation split, "
             "which is empty", "set data.val_size > 0")
-    return "train", ctx.loader("train", batch_size, seed=ctx.stage_seed, shuffle=True)
+    return "train", ctx.loader("train", batch_size, seed=ctx.seed, shuffle=True)
 
 
 @register_stage("quantize")
 def apply_quantize(state: State, spec: QuantizeSpec, ctx: Context) -> State:
     """Insert fake-quant (once), calibrate on val, choose mixed precision, then fine-tune
     (QAT, dynamic with epochs) or stop (PTQ)."""
-    cfg = ctx.stage_train()
+    cfg = ctx.train
     scheme = scheme_of(spec, reduces_range(ctx.target))
     if not state.quantized:
         if isinstance(state.model, MultiExitNet):  # exits attached: one graph per part
@@ -646,5 +646,5 @@ def apply_quantize(state: State, spec: QuantizeSpec, ctx: Context) -> State:
     state.info["scheme"] = {**quant_scheme(state.model)}
     state.info["precision"] = precision_label(quant_scheme(state.model))
     if spec.mode != "ptq":
-        ctx.fit(state, cfg, spec.epochs, seed=ctx.stage_seed, desc=ctx.stage_desc)
+        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, desc=ctx.desc)
     return state
