@@ -437,7 +437,17 @@ def _comparable(record: dict[str, Any]) -> dict[str, Any]:
         r[key].pop("latency_ms")
         for rt in r[key]["runtimes"].values():
             rt.pop("latency_ms", None)
-    return r
+    return _untimed(r)
+
+
+def _untimed(node: Any) -> Any:
+    """``node`` without timings at any depth (latencies and the speedups made of them)."""
+    if isinstance(node, dict):
+        return {k: _untimed(v) for k, v in node.items()
+                if "latency" not in k and not k.startswith("speedup")}
+    if isinstance(node, list):
+        return [_untimed(v) for v in node]
+    return node
 
 
 @pytest.mark.integration
@@ -493,3 +503,87 @@ def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(tmp_path: Pat
     assert not list((out / "checkpoints").glob("*.epoch.*"))
     # a third run of the same recipe has nothing left to do
     assert main(["run", str(recipe), "--out", str(out), "--no-progress"]) == 0
+
+
+# ------------------------------------------------------------- resume after every stage kind
+
+EVERY_KIND = [
+    {"stage": "prune_channels", "ratio": 0.25, "round_to": None, "epochs": 1},
+    {"stage": "prune", "sparsity": 0.5, "epochs": 1},
+    {"stage": "quantize", "epochs": 1, "calibration_batches": 1},
+    {"stage": "early_exit", "epochs": 1, "mode": "joint", "calibration_batches": 1},
+    {"stage": "distill", "epochs": 1},
+]
+
+
+def test_every_step_state_survives_a_file(tmp_path: Path, synth: Dataset) -> None:
+    """After each stage of a recipe with every kind (channel surgery, masks, QAT graph,
+    exits cut from that graph, KD on the exits), the state written to a file comes back with
+    the same form, tensors, exit settings and outputs."""
+    from pqd.models.multi_exit import MultiExitNet
+
+    recipe = tiny_recipe(EVERY_KIND)
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
+    job = Job(recipe=recipe, data=synth, teacher=frozen(model))
+    kinds: list[str] = []
+
+    def round_trip(i: int, spec: Any, state: State, seconds: float) -> None:
+        path = tmp_path / f"{i}.safetensors"
+        save_state(path, "fp", state)
+        back = load_state(path, job.fresh_model, job.example_input)
+        assert back.quantized == state.quantized and back.structure == state.structure
+        assert sorted(back.masks) == sorted(state.masks)
+        assert all(torch.equal(back.masks[n], m) for n, m in state.masks.items())
+        want, got = state.model.state_dict(), back.model.state_dict()
+        assert set(want) == set(got), (spec.stage, set(want) ^ set(got))
+        assert all(torch.equal(want[k], got[k]) for k in want), spec.stage
+        exits = isinstance(state.model, MultiExitNet)
+        assert isinstance(back.model, MultiExitNet) == exits
+        if exits:
+            for attr in ("positions", "thresholds", "exit_loss", "detach_heads", "confidence"):
+                assert getattr(back.model, attr) == getattr(state.model, attr), attr
+        x = torch.rand(4, 3, 32, 32)
+        with eval_mode(state.model), eval_mode(back.model):  # (memory formats may differ)
+            torch.testing.assert_close(back.model(x), state.model(x), rtol=1e-5, atol=1e-6)
+        kinds.append(spec.stage)
+
+    job.run_stages(State(model=model), on_stage=round_trip)
+    assert kinds == [s["stage"] for s in EVERY_KIND]
+
+
+@pytest.mark.integration
+def test_killed_after_every_step_of_every_stage_kind_resumes_to_the_same_record(
+        tmp_path: Path, subset_dir: Path, monkeypatch) -> None:
+    """A five-stage run (every stage kind) dies right after each step boundary in turn (the
+    step's checkpoint and progress written); each run of the same command continues after the
+    last finished step, and the last one's record equals an uninterrupted run's."""
+    from pqd.pipeline import run
+    from pqd.recipe import recipe_from_dict
+
+    data = real_recipe(subset_dir, EVERY_KIND, limit_train=128,
+                       train={"batch_size": 32, "lr": 0.05, "amp": "off"})
+    data["data"].update(val_size=32, limit_test=32)
+    data["measure"]["exit_latency_rounds"] = 1
+    recipe = recipe_from_dict(data)
+    whole = run(recipe, tmp_path / "whole", progress=False)
+
+    out = tmp_path / "killed"
+    real_finish = RunFolder.finish
+    for kill_after in range(len(EVERY_KIND) + 1):  # 0 = baseline, i = stage i
+        def finish(self: RunFolder, step: int, checkpoint: str, entry: dict[str, Any],
+                   _k: int = kill_after) -> None:
+            real_finish(self, step, checkpoint, entry)
+            if step == _k:
+                raise KeyboardInterrupt  # the process dies right after this boundary
+
+        monkeypatch.setattr(RunFolder, "finish", finish)
+        with pytest.raises(KeyboardInterrupt):
+            run(recipe, out, progress=False)
+        steps = [s["step"] for s in progress(out)["steps"]]
+        assert len(steps) == kill_after + 1 and not (out / "record.json").exists()
+    monkeypatch.setattr(RunFolder, "finish", real_finish)
+    again = run(recipe, out, progress=False)
+    assert again["resume"]["reused_steps"] == [s["step"] for s in progress(out)["steps"]]
+    assert _comparable(again) == _comparable(whole)
+    assert again["final"]["early_exit"]["thresholds"] and again["final"]["masked_sparsity"]

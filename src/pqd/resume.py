@@ -290,14 +290,31 @@ def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 def save_state(path: Path, fingerprint: str, state: Any) -> None:
     """The ``pqd.stages.base.State`` after a step: weights (graph or eager), masks, and what
     rebuilds its form: channel structure, N:M layers, the quantization scheme of a graph."""
+    from pqd.models.multi_exit import MultiExitNet
     from pqd.stages.quantize import quant_scheme
 
     model = state.model
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"mask.{k}": m for k, m in state.masks.items()})
+    exits = None
+    if isinstance(model, MultiExitNet):  # what rebuilds the exits around the backbone
+        exits = {"positions": model.positions, "num_classes": model.num_classes,
+                 "confidence": model.confidence,
+                 **model.head_config, "thresholds": model.thresholds,
+                 "exit_loss": model.exit_loss, "detach_heads": model.detach_heads,
+                 "part_schemes": _part_schemes(model) if state.quantized else None}
     _save(path, tensors, {"fingerprint": fingerprint, "quantized": state.quantized,
                           "scheme": quant_scheme(model) if state.quantized else None,
-                          "structure": state.structure, "nm_layers": state.nm_layers})
+                          "structure": state.structure, "nm_layers": state.nm_layers,
+                          "exits": exits})
+
+
+def _part_schemes(net: nn.Module) -> dict[str, Any]:
+    """The quantization scheme of each PT2E part of a multi-exit net, by part name."""
+    from pqd.stages.quantize import META_KEY
+
+    return {name: part.meta.get(META_KEY) for name, part in net.parts()  # type: ignore[attr-defined]
+            if isinstance(part, torch.fx.GraphModule)}
 
 
 def load_state(path: Path, fresh_model: Callable[[], nn.Module],
@@ -322,7 +339,10 @@ def load_state(path: Path, fresh_model: Callable[[], nn.Module],
     ex = example().cpu() if structure else None  # (drawn before the fresh weights)
     model = rebuild_model(fresh_model(), structure, ex)
     quantized = bool(meta.get("quantized"))
-    if quantized:
+    saved = _split(tensors, "model.")
+    if meta.get("exits"):
+        model = _rebuild_exits(model, meta, saved, example)
+    elif quantized:
         from pqd.stages.quantize import keep_float, prepare_qat
 
         scheme = dict(meta["scheme"])
@@ -330,10 +350,51 @@ def load_state(path: Path, fresh_model: Callable[[], nn.Module],
         model = prepare_qat(model, example().cpu(), {**scheme, "float_layers": []})
         if float_layers:
             keep_float(model, float_layers)
-    _load_strict(model, _split(tensors, "model."), path)
+    _load_strict(model, saved, path)
     masks = {k: m.to(torch.bool) for k, m in _split(tensors, "mask.").items()}
     return State(model=model, masks=masks, quantized=quantized, structure=list(structure),
                  nm_layers=dict(meta.get("nm_layers") or {}))
+
+
+def _rebuild_exits(eager: nn.Module, meta: dict[str, Any], saved: dict[str, torch.Tensor],
+                   example: Callable[[], torch.Tensor]) -> nn.Module:
+    """The multi-exit net an ``early_exit`` step left: the same exits cut from ``eager``,
+    each part made the same PT2E graph (float layers kept float) when it was one, and the
+    exits' settings (thresholds, how later stages train them) restored."""
+    import math
+
+    from pqd.models.multi_exit import build_multi_exit
+
+    exits = meta["exits"]
+    x = example().cpu()
+    net = build_multi_exit(eager, exits["positions"], exits["num_classes"], x,
+                           head_channels=exits["head_channels"],
+                           head_kernel=exits["head_kernel"], head_stride=exits["head_stride"],
+                           confidence=exits["confidence"])
+    schemes = exits.get("part_schemes")
+    if schemes:
+        from pqd.models.multi_exit import part_inputs
+        from pqd.stages.quantize import (
+            META_KEY,
+            keep_float,
+            prepare_qat,
+            tie_boundary_quantizers,
+        )
+
+        inputs = part_inputs(net, x)
+        for name, part in list(net.parts()):
+            net.set_part(name, prepare_qat(part, inputs[name],
+                                           {**schemes[name], "float_layers": []}))
+        tie_boundary_quantizers(net)
+        floats = sorted({n for s in schemes.values() for n in s.get("float_layers") or []})
+        if floats and set(net.state_dict()) != set(saved):  # their quantizers were removed
+            keep_float(net, floats)
+        for name, part in net.parts():
+            part.meta[META_KEY] = schemes[name]
+    net.thresholds = [math.inf if t is None else float(t) for t in exits["thresholds"]]
+    net.exit_loss = dict(exits["exit_loss"])
+    net.detach_heads = bool(exits["detach_heads"])
+    return net
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -119,6 +119,7 @@ class MultiExitNet(nn.Module):
         self.exit_logits: list[torch.Tensor] = []
         self.part_macs: dict[str, list[int]] = {"segments": [], "heads": []}
         self.exit_loss: dict[str, Any] = {}  # how later stages train the exits (see stage)
+        self.head_config: dict[str, int] = {}  # build_multi_exit's head_* arguments
 
     @property
     def num_exits(self) -> int:
@@ -245,6 +246,8 @@ def build_multi_exit(model: nn.Module, positions: Sequence[int] | None, num_clas
     heads = [ExitHead(int(s[1]), num_classes, head_channels, head_kernel, head_stride)
              for s in shapes]
     net = MultiExitNet(segments, heads, positions, num_classes, confidence)
+    net.head_config = {"head_channels": head_channels, "head_kernel": head_kernel,
+                       "head_stride": head_stride}
     net.to(param.device)
     net.part_macs = count_part_macs(net, example[:1])
     return net

@@ -373,8 +373,14 @@ def apply_early_exit(state: State, spec: EarlyExitSpec, ctx: Context) -> State:
         raise RecipeError("early_exit: the model already has exits",
                           "keep one early_exit stage")
     whole_graph = state.model if is_graph(state.model) else None
-    eager = eager_from_graph(whole_graph, ctx.teacher) if whole_graph is not None \
-        else state.model
+    eager = state.model
+    if whole_graph is not None:  # the eager net of the graph (channel-pruned: rebuilt so)
+        like = ctx.teacher
+        if state.structure:
+            from pqd.stages.prune_channels import rebuild_model
+
+            like = rebuild_model(ctx.new_model(), state.structure, ctx.example_input().cpu())
+        eager = eager_from_graph(whole_graph, like)
     eager.to(ctx.device)
     example = ctx.example_input()
     net = build_multi_exit(eager, spec.positions, ctx.data.num_classes, example,
