@@ -165,3 +165,26 @@ def test_torchaos_enum_constant_warning_is_dropped(caplog: pytest.LogCaptureFixt
                     "as an opaque value type.", "<enum 'KernelPreference'>")
         log.warning("another pytree warning")
     assert [r.getMessage() for r in caplog.records] == ["another pytree warning"]
+
+
+def test_import_pqd_is_quiet_about_known_harmless_messages() -> None:
+    """From Python (no CLI), preparing a QAT model prints none of torchao's / torch's
+    known-harmless messages, while the user's own warnings still show."""
+    code = ("import warnings, torch, pqd\n"
+            "from pqd.models import build_model\n"
+            "from pqd.stages.quantize import prepare_qat\n"
+            "m = build_model('tiny_cnn', 10, (0.5,) * 3, (0.25,) * 3)\n"
+            "g = prepare_qat(m, torch.rand(2, 3, 32, 32))\n"
+            "import copy; copy.deepcopy(g)\n"
+            "warnings.warn('users own warning', UserWarning)\n"
+            "warnings.warn('users own future', FutureWarning)\n"
+            "print('prepared')\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for noise in ("Failed to load", "_C_cutlass", "register_constant", "LeafSpec",
+                  "x86_inductor_quantizer"):
+        assert noise not in out
+    assert "users own warning" in out and "users own future" in out and "prepared" in out

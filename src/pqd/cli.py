@@ -22,24 +22,21 @@ import sys
 import warnings
 from pathlib import Path
 
+from pqd._quiet import quiet_known_noise
 from pqd.errors import PqdError
 
 
 def _quiet_libraries() -> None:
-    """Keep third-party import chatter (torchao's optional kernels) off the terminal."""
+    """Keep third-party chatter off the terminal: the known-harmless messages that
+    ``import pqd`` silences (:mod:`pqd._quiet`), and in the command every other
+    third-party warning too."""
+    quiet_known_noise()
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch").setLevel(logging.ERROR)  # torch's import resets this level
-    logging.getLogger("torch.utils._pytree").addFilter(_not_enum_register_constant)
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-
-
-def _not_enum_register_constant(record: logging.LogRecord) -> bool:
-    """Drop torch 2.13's warning that torchao registers an Enum as a pytree constant (printed
-    on every import of torchao's quantizers; nothing a pqd user can act on)."""
-    return "is an Enum subclass and is now natively supported" not in record.getMessage()
 
 
 def _parser() -> argparse.ArgumentParser:
