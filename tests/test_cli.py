@@ -188,3 +188,16 @@ def test_import_pqd_is_quiet_about_known_harmless_messages() -> None:
                   "x86_inductor_quantizer"):
         assert noise not in out
     assert "users own warning" in out and "users own future" in out and "prepared" in out
+
+
+def test_help_and_validate_read_as_plain_english(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "The pqd command" in out and "``" not in out
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "tiny_cnn"}, "baseline": {"epochs": 1},
+                                    "stages": [{"stage": "distill", "epochs": 1}]}))
+    assert main(["validate", str(path), "--quiet"]) == 0
+    line = capsys.readouterr().out
+    assert "1 baseline epoch," in line and "(1 epoch)" in line and "epochs" not in line

@@ -588,3 +588,15 @@ def test_ray_task_ships_the_checkpoint_and_returns_the_folder_with_driver_paths(
     assert json.loads((tmp_path / "pending.json").read_text()) == {"source": driver_path}
     assert (tmp_path / "recipe.yaml").read_text() == f"checkpoint: {driver_path}\n"
     assert not Path(seen["ckpt"]).exists()  # the task's temporary folder is gone
+
+
+def test_a_permutations_only_report_does_not_contradict_itself():
+    from pqd.report import render_search_markdown
+
+    search = fake_search({"p>q>d": 0.79})
+    search["pairwise"] = None  # search.mode: permutations
+    md = render_search_markdown(search, [])
+    assert "Pairwise search not run" in md and "Pairwise method:" not in md
+    assert "the pairwise method (not run) would need 6 two-stage runs" in md
+    both = render_search_markdown(fake_search({"p>q>d": 0.79}), [])
+    assert "Pairwise method: 6 two-stage runs" in both

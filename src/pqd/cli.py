@@ -40,7 +40,9 @@ def _quiet_libraries() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pqd", description=__doc__.split("\n\n")[0])
+    # the module doc's first paragraph, without its reST markup (``pqd`` -> pqd)
+    p = argparse.ArgumentParser(prog="pqd",
+                                description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a recipe: baseline, stages, export, measure")
@@ -103,13 +105,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     record = run(recipe, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress,
                  resume=args.resume, fresh=args.fresh)
-    from pqd.report import SUMMARY_HEADER, summary_rows, table
+    from pqd.report import SUMMARY_HEADER, points_text, speed_text, summary_rows, table
 
     cmp_ = record["comparison"]
     print(table(SUMMARY_HEADER, summary_rows(record)))
     print(f"\nfinal vs baseline ({record['final']['runtime']}): "
-          f"{cmp_['speedup_batch1_p50']:.2f}x faster at batch 1, {cmp_['size_ratio']:.2f}x "
-          f"smaller, accuracy {-cmp_['accuracy_drop_points']:+.2f} points; "
+          f"{speed_text(cmp_['speedup_batch1_p50'])} at batch 1, {cmp_['size_ratio']:.2f}x "
+          f"smaller, accuracy {points_text(-cmp_['accuracy_drop_points'])}; "
           f"{record['timing_s']['total']:.0f} s in all")
     print(f"wrote {Path(args.out) / 'record.json'} and {Path(args.out) / 'report.md'}")
     return 0
@@ -150,12 +152,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     epochs = sum(s.epochs for s in recipe.stages)
+    from pqd.report import plural
+
     base = (f"checkpoint {recipe.baseline.checkpoint}" if recipe.baseline.checkpoint
-            else f"{recipe.baseline.epochs} baseline epochs")
+            else plural(recipe.baseline.epochs, "baseline epoch"))
     if not args.quiet:
         print(dump_recipe(recipe), end="")
     print(f"ok: {args.recipe}: {recipe.model.name} on {recipe.data.dataset}, {base}, "
-          f"stages {recipe.order()} ({epochs} epochs)")
+          f"stages {recipe.order()} ({plural(epochs, 'epoch')})")
     if recipe.search is not None:
         from pqd.search import search_plan_text
 
