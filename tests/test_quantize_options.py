@@ -293,6 +293,8 @@ def test_each_option_composes_with_pruning_before_and_after(option: str, tmp_pat
         state = (apply_prune if spec.stage == "prune" else apply_quantize)(state, spec, ctx)
         if i == 0:
             first = {n: m.clone() for n, m in state.masks.items()}
+        if i == 1:
+            chosen = list(state.info.get("float_layers", []))
     assert state.quantized
     for n, m in first.items():  # pruned before quantization: still pruned after
         assert not (state.masks[n] & ~m).any()
@@ -301,8 +303,10 @@ def test_each_option_composes_with_pruning_before_and_after(option: str, tmp_pat
     masked_weights_are_zero(path, state.masks)
     scheme = quant_scheme(state.model)
     assert scheme["mode"] == OPTIONS[option]["mode"]
-    if option.startswith("qat_int4"):
-        assert len(scheme["float_layers"]) == 1
+    if option.startswith("qat_int4"):  # the layers mixed precision kept float stay float
+        # (with re-estimated BN statistics INT4 may lose nothing on these 64 val images,
+        # and then no layer needs to stay float)
+        assert scheme["float_layers"] == chosen and len(chosen) <= 1
 
 
 def test_quantize_stage_calibrates_on_val_and_records_the_scheme() -> None:
