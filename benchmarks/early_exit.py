@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def render(record: dict, wall_s: float | None) -> str:
     """Markdown tables and ratio lines for one record with ``final.early_exit``."""
-    from pqd.report import early_exit_rows, table
+    from pqd.report import early_exit_rows, points_text, table
 
     ee = record["final"].get("early_exit")
     if ee is None:
@@ -59,7 +59,7 @@ def render(record: dict, wall_s: float | None) -> str:
                  f"against final.onnx ({ee['speedup_p50']:.2f}x at p50), "
                  f"{seg['mean'] / lat['mean']:.2f}x against the same segment files run to "
                  "the end; accuracy "
-                 f"{0.0 - ee['accuracy_drop_points']:+.2f} points; thresholds calibrated on the "
+                 f"{points_text(-ee['accuracy_drop_points'])}; thresholds calibrated on the "
                  f"{record['data']['val']} validation images for {target}")
     b = record["baseline"]
     lines.append(f"- FP32 baseline.onnx: {100 * b['accuracy']:.2f}% top-1, p50 "

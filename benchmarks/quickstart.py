@@ -35,6 +35,8 @@ def rows(record: dict) -> list[list[str]]:
 
 def render(record: dict, wall_s: float | None) -> str:
     """The Markdown table and ratio lines for one record."""
+    from pqd.report import points_text, speed_text
+
     header = ["artifact", "precision", "runtime", "top-1", "MB", "p50 ms (b1)", "p90 ms (b1)",
               "sparsity"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -44,10 +46,10 @@ def render(record: dict, wall_s: float | None) -> str:
     for rt in f["runtimes"]:
         if rt in b["runtimes"]:
             ratio = b["runtimes"][rt]["latency_ms"]["p50"] / f["runtimes"][rt]["latency_ms"]["p50"]
-            lines.append(f"- {rt}: final is {ratio:.2f}x faster at batch 1 (p50)")
+            lines.append(f"- {rt}: final is {speed_text(ratio)} at batch 1 (p50)")
     drop = 100 * (b["accuracy"] - f["accuracy"])
     lines.append(f"- {b['size_bytes'] / f['size_bytes']:.2f}x smaller on disk; accuracy "
-                 f"{-drop:+.2f} points; sparsity read back from the INT8 file "
+                 f"{points_text(-drop)}; sparsity read back from the INT8 file "
                  f"{100 * f['sparsity']:.1f}%")
     t = record["timing_s"]
     lines.append(f"- pipeline time {t['total']:.0f} s (baseline {t['baseline']:.0f} s, stages "

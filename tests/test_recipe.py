@@ -187,3 +187,24 @@ def test_shipped_recipes_find_the_data_from_any_folder(path: Path,
     checkout = Path(__file__).resolve().parents[1]
     assert load_recipe(path).data.root == str(checkout.parent / "shared" / "data" /
                                               "cifar-10-subset")
+
+
+def test_null_turns_grad_checks_off_at_every_level() -> None:
+    """``max_grad_norm: null`` / ``grad_clip: null`` mean off in ``train`` and in a stage's
+    or the baseline's override (an unwritten field inherits), also after a dump and reload."""
+    recipe = recipe_from_dict({
+        "model": {"name": "tiny_cnn"}, "train": {"grad_clip": 5.0},
+        "baseline": {"train": {"max_grad_norm": None}},
+        "stages": [{"stage": "quantize", "train": {"max_grad_norm": None, "grad_clip": None,
+                                                   "lr": None}},
+                   {"stage": "distill", "train": {"lr": 0.01}}]})
+    for r in (recipe, recipe_from_dict(recipe.model_dump(mode="json")),
+              recipe_from_dict(yaml.safe_load(dump_recipe(recipe)))):
+        q, d, b = r.stage_train(0), r.stage_train(1), r.baseline_train()
+        assert (q.max_grad_norm, q.grad_clip, q.lr) == (None, None, r.train.lr)
+        assert (d.max_grad_norm, d.grad_clip, d.lr) == (1000.0, 5.0, 0.01)
+        assert (b.max_grad_norm, b.grad_clip) == (None, 5.0)
+    top = recipe_from_dict({"model": {"name": "tiny_cnn"}, "train": {"max_grad_norm": None},
+                            "stages": [{"stage": "distill"}]})
+    assert top.stage_train(0).max_grad_norm is None
+

@@ -670,3 +670,15 @@ def test_rays_own_logs_while_connecting_stay_off_the_terminal(tmp_path, capfd, m
     err = capfd.readouterr().err.strip()
     assert err.splitlines() == [err] and err.startswith("pqd: error: cannot connect to Ray")
     assert "GCS did not answer" in err and not out.exists()
+
+
+def test_a_permutations_only_report_does_not_contradict_itself():
+    from pqd.report import render_search_markdown
+
+    search = fake_search({"p>q>d": 0.79})
+    search["pairwise"] = None  # search.mode: permutations
+    md = render_search_markdown(search, [])
+    assert "Pairwise search not run" in md and "Pairwise method:" not in md
+    assert "the pairwise method (not run) would need 6 two-stage runs" in md
+    both = render_search_markdown(fake_search({"p>q>d": 0.79}), [])
+    assert "Pairwise method: 6 two-stage runs" in both

@@ -146,3 +146,32 @@ def test_autocast_choice() -> None:
     assert autocast_dtype("fp16", net, CPU) is None
     graph = torch.fx.symbolic_trace(net)
     assert autocast_dtype("bf16", graph, CPU) is None  # QAT graphs train in fp32
+
+
+def test_grad_norm_advice_names_what_can_change_the_outcome() -> None:
+    """At the first step the gradient does not depend on lr or grad_clip: the advice says so
+    and names the limit; at a later step lowering lr can help; null turns the check off."""
+    x, y = blobs(64)
+    cfg = TrainSpec(amp="off", channels_last=False, grad_clip=1.0, max_grad_norm=1e-9)
+    with pytest.raises(TrainingDiverged) as exc:
+        fit(small_net(), Batches(x, y, 16), cfg, 1, device=CPU, progress=False)
+    line = exc.value.line()
+    assert "step 1/4" in line and "lower the learning rate" not in line
+    assert "does not depend on the learning rate" in line and "max_grad_norm: null" in line
+
+    res = fit(small_net(), Batches(x, y, 16), cfg.model_copy(update={"max_grad_norm": None}),
+              1, device=CPU, progress=False)  # null: no limit
+    assert res.steps == 4
+
+    calls = {"n": 0}
+
+    def huge_second_loss(logits: torch.Tensor, yy: torch.Tensor, _x: torch.Tensor
+                         ) -> torch.Tensor:
+        calls["n"] += 1
+        loss = nn.functional.cross_entropy(logits, yy)
+        return loss * 1e9 if calls["n"] == 2 else loss
+
+    later = TrainSpec(amp="off", channels_last=False, max_grad_norm=1e6)
+    with pytest.raises(TrainingDiverged, match=r"step 2/4: .*fix: lower the learning rate"):
+        fit(small_net(), Batches(x, y, 16), later, 1, device=CPU, progress=False,
+            loss_fn=huge_second_loss)

@@ -27,7 +27,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from pqd._quiet import quiet_known_noise
+
 __version__ = "0.1.0"
+
+quiet_known_noise()  # torchao/torch messages pqd's calls trigger and users cannot act on
 
 _LAZY = {
     "compress": ("pqd.api", "compress"),

@@ -22,28 +22,27 @@ import sys
 import warnings
 from pathlib import Path
 
+from pqd._quiet import quiet_known_noise
 from pqd.errors import PqdError
 
 
 def _quiet_libraries() -> None:
-    """Keep third-party import chatter (torchao's optional kernels) off the terminal."""
+    """Keep third-party chatter off the terminal: the known-harmless messages that
+    ``import pqd`` silences (:mod:`pqd._quiet`), and in the command every other
+    third-party warning too."""
+    quiet_known_noise()
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch").setLevel(logging.ERROR)  # torch's import resets this level
-    logging.getLogger("torch.utils._pytree").addFilter(_not_enum_register_constant)
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 
-def _not_enum_register_constant(record: logging.LogRecord) -> bool:
-    """Drop torch 2.13's warning that torchao registers an Enum as a pytree constant (printed
-    on every import of torchao's quantizers; nothing a pqd user can act on)."""
-    return "is an Enum subclass and is now natively supported" not in record.getMessage()
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pqd", description=__doc__.split("\n\n")[0])
+    # the module doc's first paragraph, without its reST markup (``pqd`` -> pqd)
+    p = argparse.ArgumentParser(prog="pqd",
+                                description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a recipe: baseline, stages, export, measure")
@@ -110,13 +109,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_out(args.out)
     record = run(recipe, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress,
                  resume=args.resume, fresh=args.fresh)
-    from pqd.report import SUMMARY_HEADER, parity_warnings, summary_rows, table
+    from pqd.report import (
+        SUMMARY_HEADER,
+        parity_warnings,
+        points_text,
+        speed_text,
+        summary_rows,
+        table,
+    )
 
     cmp_ = record["comparison"]
     print(table(SUMMARY_HEADER, summary_rows(record)))
     print(f"\nfinal vs baseline ({record['final']['runtime']}): "
-          f"{cmp_['speedup_batch1_p50']:.2f}x faster at batch 1, {cmp_['size_ratio']:.2f}x "
-          f"smaller, accuracy {-cmp_['accuracy_drop_points']:+.2f} points; "
+          f"{speed_text(cmp_['speedup_batch1_p50'])} at batch 1, {cmp_['size_ratio']:.2f}x "
+          f"smaller, accuracy {points_text(-cmp_['accuracy_drop_points'])}; "
           f"{record['timing_s']['total']:.0f} s in all")
     print(f"wrote {Path(args.out) / 'record.json'} and {Path(args.out) / 'report.md'}")
     for line in parity_warnings(record):
@@ -161,8 +167,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     epochs = sum(s.epochs for s in recipe.stages)
+    from pqd.report import plural
+
     base = (f"checkpoint {recipe.baseline.checkpoint}" if recipe.baseline.checkpoint
-            else f"{recipe.baseline.epochs} baseline epochs")
+            else plural(recipe.baseline.epochs, "baseline epoch"))
     passed, failed = preflight(recipe, args.data_dir)
     if not args.quiet:
         print(dump_recipe(recipe), end="")
@@ -171,7 +179,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if failed:
         return 2
     print(f"ok: {args.recipe}: {recipe.model.name} on {recipe.data.dataset}, {base}, "
-          f"stages {recipe.order()} ({epochs} epochs)")
+          f"stages {recipe.order()} ({plural(epochs, 'epoch')})")
     if not args.quiet:
         for line in passed:
             print(f"  checked {line}")

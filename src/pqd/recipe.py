@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from pqd.errors import RecipeError
 
@@ -83,7 +91,12 @@ class TrainSpec(Strict):
 
 
 class TrainOverride(Strict):
-    """Same fields as :class:`TrainSpec`, all optional: only what is set overrides."""
+    """Same fields as :class:`TrainSpec`, all optional: only what is set overrides.
+
+    ``grad_clip: null`` / ``max_grad_norm: null`` written here turn that check off for this
+    stage (as they do in ``train``); a field that is not written inherits. Only written
+    fields are serialized, so a dumped recipe loads back with the same meaning.
+    """
 
     batch_size: int | None = Field(default=None, ge=1)
     optimizer: Literal["sgd", "adamw"] | None = None
@@ -99,10 +112,29 @@ class TrainOverride(Strict):
     grad_clip: float | None = Field(default=None, gt=0.0)
     max_grad_norm: float | None = Field(default=None, gt=0.0)
 
+    @model_serializer(mode="wrap")
+    def _written_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+
+# TrainSpec fields where null is a value (off), not "inherit"
+_NULL_MEANS_OFF = ("grad_clip", "max_grad_norm")
+
 
 def merge_train(base: TrainSpec, override: TrainOverride) -> TrainSpec:
-    """Return ``base`` with every field that ``override`` sets replaced."""
-    return TrainSpec(**{**base.model_dump(), **override.model_dump(exclude_none=True)})
+    """Return ``base`` with every field that ``override`` sets replaced.
+
+    Args:
+        base: the recipe's ``train`` section.
+        override: a stage's (or the baseline's) ``train`` section.
+
+    Returns:
+        The merged settings; an explicit null overrides only ``grad_clip`` and
+        ``max_grad_norm`` (off), elsewhere it inherits.
+    """
+    written = {k: v for k, v in override.model_dump().items()
+               if v is not None or k in _NULL_MEANS_OFF}
+    return TrainSpec(**{**base.model_dump(), **written})
 
 
 class BaselineSpec(Strict):

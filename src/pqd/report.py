@@ -18,6 +18,73 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def speed_text(ratio: float) -> str:
+    """``"1.19x faster"`` for a speedup ratio >= 1, ``"1.19x slower"`` (its inverse) below.
+
+    Args:
+        ratio: baseline latency / new latency (> 0).
+
+    Returns:
+        The phrase, two decimals.
+    """
+    if ratio <= 0 or not math.isfinite(ratio):
+        return f"{ratio:.2f}x the speed"
+    return f"{ratio:.2f}x faster" if ratio >= 1.0 else f"{1.0 / ratio:.2f}x slower"
+
+
+def points_text(points: float) -> str:
+    """A signed accuracy change in points with two decimals, never ``-0.00``.
+
+    Args:
+        points: the change in percentage points (positive: better).
+
+    Returns:
+        e.g. ``"+0.25 points"``, ``"0.00 points"``, ``"-1.50 points"``.
+    """
+    rounded = round(points, 2)
+    return "0.00 points" if rounded == 0 else f"{rounded:+.2f} points"
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 epoch"``, ``"2 epochs"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def noisy_latency(lat: dict[str, Any], factor: float = 2.0) -> bool:
+    """Whether a latency summary's p90 is more than ``factor`` times its p50 (other load on
+    the machine, frequency scaling: such numbers are not to be trusted)."""
+    return lat.get("p50", 0) > 0 and lat.get("p90", 0) > factor * lat["p50"]
+
+
+def notes_text(info: dict[str, Any]) -> str:
+    """A stage's ``info`` as readable text: ``key=value`` pairs, nested dicts flattened as
+    ``key: k=v, k=v`` and lists joined (empty ones say ``none``)."""
+    parts = []
+    for k, v in info.items():
+        if isinstance(v, dict):
+            inner = ", ".join(f"{ik}={_fmt_plain(iv)}" for ik, iv in v.items())
+            parts.append(f"{k}: {inner or 'none'}")
+        else:
+            parts.append(f"{k}={_fmt_plain(v)}")
+    return "; ".join(parts) or "-"
+
+
+def _fmt_plain(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return " ".join(_fmt(x) for x in v) if v else "none"
+    return _fmt(v)
+
+
+def kernel_summary(kernels: dict[str, int]) -> str:
+    """What decides INT8 speed in a runtime's optimized graph: convs left in float, Q/DQ
+    pairs (quantize/dequantize between float and int8 ops) and layout transposes."""
+    float_convs = sum(n for op, n in kernels.items() if op in ("Conv", "FusedConv"))
+    int8_convs = sum(n for op, n in kernels.items() if op in ("QLinearConv", "ConvInteger"))
+    qdq = min(kernels.get("QuantizeLinear", 0), kernels.get("DequantizeLinear", 0))
+    return (f"{int8_convs} INT8 convs, {float_convs} float convs, {qdq} Q/DQ pairs, "
+            f"{kernels.get('Transpose', 0)} transposes")
+
+
 def summary_rows(record: dict[str, Any]) -> list[list[str]]:
     """Rows of the baseline-vs-final table: artifact, precision, accuracy, MB, ms, sparsity."""
     rows = []
@@ -97,21 +164,22 @@ def render_markdown(record: dict[str, Any]) -> str:
         f"seed {record['seed']}.",
         "",
         f"Final vs baseline on {runtime} ({env['measure_threads']} threads): "
-        f"**{cmp_['speedup_batch1_p50']:.2f}x faster at batch 1**, "
+        f"**{speed_text(cmp_['speedup_batch1_p50'])} at batch 1**, "
         f"**{cmp_['size_ratio']:.2f}x smaller**, "
-        f"accuracy {-cmp_['accuracy_drop_points']:+.2f} points.",
+        f"accuracy {points_text(-cmp_['accuracy_drop_points'])}.",
         "",
         table(SUMMARY_HEADER, summary_rows(record)),
         "",
         "Accuracy is the artifact's own top-1 on the test split, run through the runtime; "
         "latency is wall-clock per call, both artifacts timed in interleaved rounds.",
         "",
+        *_speed_notes(record),
         "## Stages",
         "",
     ]
     stage_rows = [[str(s["index"] + 1), s["name"], str(s["config"].get("epochs", "-")),
                    f"{s['seconds']:.1f}", _pct(s["val_accuracy"]),
-                   ", ".join(f"{k}={_fmt(v)}" for k, v in s["info"].items()) or "-"]
+                   notes_text(s["info"])]
                   for s in record["stages"]]
     header = ["#", "stage", "epochs", "seconds", "val top-1", "notes"]
     no_stages = "(no stages: the final model is the baseline)"
@@ -128,6 +196,10 @@ def render_markdown(record: dict[str, Any]) -> str:
                             f"{100 * res['parity']['top1_agreement']:.2f}%"])
     lines.append(table(["artifact", "runtime", "top-1", "p50 ms (b1)", "p90 ms (b1)",
                         "top-1 agreement with torch"], rt_rows))
+    lines += ["", "Top-1 agreement: the share of test images where the ONNX file in this "
+              "runtime predicts the same class as its own torch model; 99% or more is normal "
+              "(INT8 rounding flips a few borderline images); less points at an export "
+              "problem or at a file built for another CPU (see Deployment target)."]
     lines += ["", *target_section(record)]
     libs = env["libraries"]
     lines += [
@@ -177,8 +249,7 @@ def early_exit_section(ee: dict[str, Any]) -> list[str]:
         f"calibrated on the validation split for {target} "
         f"({'met' if ee['target_met'] else 'NOT met'} on val). On the test split, against "
         f"the same weights with exits disabled: **mean batch-1 latency "
-        f"{ee['speedup_mean']:.2f}x faster**, accuracy {0.0 - ee['accuracy_drop_points']:+.2f} "
-        "points "
+        f"{speed_text(ee['speedup_mean'])}**, accuracy {points_text(-ee['accuracy_drop_points'])} "
         f"({_pct(ee['accuracy_with_exits'])} vs {_pct(ee['accuracy_no_exits'])}), expected "
         f"MACs {100 * ee['expected_macs_fraction']:.1f}% of the network.",
         "",
@@ -201,6 +272,24 @@ def early_exit_section(ee: dict[str, Any]) -> list[str]:
         f"{lat['samples'] // lat['rounds']} test images, rows taking turns); "
         f"{ee['runtime']}; files and thresholds in `{ee['manifest']}`.",
     ]
+    return lines
+
+
+def _speed_notes(record: dict[str, Any]) -> list[str]:
+    """Lines under the summary: a noisy-machine warning, and why INT8 is not faster."""
+    lines = []
+    noisy = [k for k in ("baseline", "final") if noisy_latency(record[k]["latency_ms"])]
+    if noisy:
+        lines += [f"Warning: the batch-1 p90 of {' and '.join(noisy)} is more than 2x its p50: "
+                  "other load on this machine disturbed the timing; measure again on an idle "
+                  "machine before trusting the speedup.", ""]
+    final = record["final"]
+    speedup = record["comparison"]["speedup_batch1_p50"]
+    kernels = final.get("runtimes", {}).get(final["runtime"], {}).get("kernels")
+    if "int8" in str(final.get("precision", "")) and speedup < 1.0 and kernels:
+        lines += [f"INT8 is not faster here. The optimized {final['runtime']} graph has "
+                  f"{kernel_summary(kernels)} (each float conv, Q/DQ pair and transpose is "
+                  "time spent outside the fused INT8 kernels).", ""]
     return lines
 
 
@@ -300,8 +389,12 @@ def derived_order_text(search: dict[str, Any]) -> str:
 def _runs_text(search: dict[str, Any]) -> str:
     runs = search["runs"]
     pm, ps = runs["pairwise_method"], runs["permutation_search"]
-    return (f"Pairwise method: {pm['runs']} two-stage runs ({pm['epochs']} epochs); full "
-            f"permutation search: {ps['runs']} runs ({ps['epochs']} epochs).")
+    pairwise = (f"{plural(pm['runs'], 'two-stage run')} ({plural(pm['epochs'], 'epoch')})")
+    full = f"{plural(ps['runs'], 'run')} ({plural(ps['epochs'], 'epoch')})"
+    if not search.get("pairwise"):  # permutations only: say what pairwise would have cost
+        return (f"Full permutation search: {full}; the pairwise method (not run) would "
+                f"need {pairwise}.")
+    return f"Pairwise method: {pairwise}; full permutation search: {full}."
 
 
 def _best_text(search: dict[str, Any]) -> list[str]:
@@ -314,8 +407,8 @@ def _best_text(search: dict[str, Any]) -> list[str]:
     for v in search.get("best_vs_references", []):
         ref = v["reference"].split(":", 1)[1]
         verdict = "dominates it" if v["best_dominates"] else "does not dominate it"
-        lines.append(f"- vs {ref} only: {v['accuracy_points']:+.2f} points, "
-                     f"{v['size_ratio']:.2f}x smaller, {v['speedup']:.2f}x faster: "
+        lines.append(f"- vs {ref} only: {points_text(v['accuracy_points'])}, "
+                     f"{v['size_ratio']:.2f}x smaller, {speed_text(v['speedup'])}: "
                      f"the best order {verdict}")
     return lines
 
@@ -331,8 +424,10 @@ def _search_intro(search: dict[str, Any]) -> list[str]:
         f"{runs['unique_runs']} runs ({runs['permutation']} full orders, {runs['pairwise']} "
         f"pairwise, {runs['reference']} single-technique, 1 baseline) for seed(s) "
         f"{', '.join(map(str, seeds))}. Budget per position: "
-        f"{', '.join(f'{b:g}%' for b in alloc['budget'])} of {alloc['total_epochs']} epochs "
-        f"= {'/'.join(map(str, alloc['permutation_epochs']))} epochs.",
+        f"{', '.join(f'{b:g}%' for b in alloc['budget'])} of "
+        f"{plural(alloc['total_epochs'], 'epoch')} = "
+        f"{'/'.join(map(str, alloc['permutation_epochs']))} "
+        f"{'epoch' if alloc['permutation_epochs'] == [1] else 'epochs'}.",
         derived_order_text(search),
         _runs_text(search),
         *_best_text(search),
@@ -418,6 +513,9 @@ def _place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str],
     w_char, h = fontsize * 0.62 * fig.dpi / 72, fontsize * 1.3 * fig.dpi / 72
     offsets = [(6, 4), (6, -12), (-6, 4), (-6, -12), (6, 14), (-6, 14), (6, -22), (-6, -22),
                (14, -4), (-14, -4), (6, 24), (6, -32)]
+    # then further out, one line height a step (points sharing a size stack their labels)
+    offsets += [(sx, sy * (24 + k * h)) for k in range(1, 40) for sy in (1, -1)
+                for sx in (6, -6)]
     for (px, py), label in sorted(zip(points, labels, strict=True), key=lambda t: -t[0][1]):
         w = w_char * len(label)
         best = None
@@ -431,6 +529,14 @@ def _place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str],
             if not clash and not hits_point:
                 best = (dx, dy, box)
                 break
+        if best is None:  # no spot clear of points: take the first clear of other labels
+            for dx, dy in offsets:
+                x0 = px + dx if dx > 0 else px + dx - w
+                box = (x0, py + dy, x0 + w, py + dy + h)
+                if not any(not (box[2] < b[0] or box[0] > b[2] or box[3] < b[1]
+                                or box[1] > b[3]) for b in placed):
+                    best = (dx, dy, box)
+                    break
         if best is None:
             dx, dy = offsets[0]
             x0 = px + dx

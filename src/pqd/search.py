@@ -1029,6 +1029,7 @@ def search_plan_text(recipe: Recipe) -> str:
     if perms and n == 2:
         pairs = 0  # with two stages the pairwise runs are the permutation runs
     per_seed = perms + pairs + (n if spec.references else 0)
+    pairwise = f", pairwise runs {'/'.join(map(str, alloc[:2]))}" if pairs else ""
     return (f"search: {spec.mode}, {per_seed * len(spec.seeds)} runs + 1 baseline "
             f"({len(spec.seeds)} seed(s)); epochs per position {'/'.join(map(str, alloc))} of "
-            f"{total}, pairwise runs {'/'.join(map(str, alloc[:2]))}")
+            f"{total}{pairwise}")

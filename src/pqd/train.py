@@ -54,6 +54,30 @@ DIVERGED_FIX = ("lower the learning rate (train.lr or the stage's train.lr) or s
                 "train.grad_clip, then run again with --resume: finished steps are kept")
 
 
+def grad_norm_fix(first: bool) -> str:
+    """The advice for a gradient norm above ``train.max_grad_norm``.
+
+    The norm is checked before ``train.grad_clip`` clips it, and the first step's gradient
+    comes from the weights the stage started with, whatever the learning rate: at the
+    first step only the limit itself can change the outcome.
+
+    Args:
+        first: the norm is the first step's of this training run.
+
+    Returns:
+        The fix text for :class:`TrainingDiverged`.
+    """
+    limit = ("raise train.max_grad_norm (the stage's train.max_grad_norm: null turns the "
+             "check off) if such norms are normal for this model")
+    if first:
+        return (f"the first step's gradient does not depend on the learning rate or "
+                f"train.grad_clip (clipping comes after this check): {limit}, then run "
+                "again with --resume: finished steps are kept")
+    return ("lower the learning rate (train.lr or the stage's train.lr) or " + limit
+            + " (train.grad_clip clips after this check), then run again with --resume: "
+            "finished steps are kept")
+
+
 @dataclass
 class FitProgress:
     """Where a ``fit`` stands after a whole epoch: enough to continue it exactly.
@@ -259,6 +283,7 @@ def fit(
         torch.set_rng_state(resume.rng)
         first_epoch, step = resume.epoch, resume.step
         result.losses = list(resume.losses)
+    first_step = step
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = autocast_dtype(cfg.amp, model, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -309,8 +334,7 @@ def fit(
                     raise TrainingDiverged(
                         f"{desc}: training diverged {where}: the gradient norm {norm:.4g} "
                         f"exceeds train.max_grad_norm={cfg.max_grad_norm:g}",
-                        DIVERGED_FIX + " (or raise train.max_grad_norm if such norms are "
-                        "normal for this model)")
+                        grad_norm_fix(step == first_step))
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()

@@ -352,6 +352,60 @@ def prepare_qat(model: nn.Module, example: torch.Tensor,
     return graph
 
 
+@torch.no_grad()
+def refresh_bn_stats(model: nn.Module, loader, batches: int, device: torch.device) -> int:
+    """Re-estimate every BatchNorm's running mean and variance as the plain average over
+    ``batches`` batches of ``loader`` (the rest of the model stays in eval mode).
+
+    Why before QAT: PT2E folds each BN into its conv with the *running* variance, the
+    activation ranges are calibrated with the running statistics, but QAT trains with the
+    batch statistics. After a short baseline the running averages lag far behind the
+    weights (momentum 0.1 remembers ~10 steps), so the train-mode activations overflow
+    the calibrated ranges, the clamped convs' outputs have a tiny batch variance, and
+    every BN's backward pass multiplies the gradient by gamma / that std: on a 50-conv
+    depthwise net (MobileNetV2) the first QAT gradient norm reached 1e5-1e10.
+    With statistics that match the weights the three agree. A well-trained baseline's
+    statistics barely change.
+
+    Args:
+        model: an eager model (a captured graph has no BN modules: nothing happens).
+        loader: yields ``(images, labels)`` batches.
+        batches: how many batches to average over.
+        device: where the model is.
+
+    Returns:
+        Images seen (0: the statistics were left as they were).
+    """
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    saved = [(m, m.momentum, copy.deepcopy(m.state_dict())) for m in bns]
+    was = model.training
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+        m.train()
+    forward = model.forward_all if isinstance(model, MultiExitNet) else model
+    seen = 0
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            if x.shape[0] < 2:  # one image has no batch variance
+                continue
+            forward(x.to(device))
+            seen += x.shape[0]
+    finally:
+        for m, momentum, state in saved:
+            m.momentum = momentum
+            if seen == 0:
+                m.load_state_dict(state)
+        model.train(was)
+    return seen
+
+
 def prepare_qat_parts(net: nn.Module, example: torch.Tensor,
                       scheme: dict[str, Any] | None = None) -> nn.Module:
     """Per-part QAT for a multi-exit net: every segment and head becomes its own PT2E graph
@@ -615,6 +669,10 @@ def apply_quantize(state: State, spec: QuantizeSpec, ctx: Context) -> State:
     cfg = ctx.train
     scheme = scheme_of(spec, reduces_range(ctx.target))
     if not state.quantized:
+        # QAT, or a later stage, trains the graph: see refresh_bn_stats
+        state.info["bn_stats_images"] = refresh_bn_stats(
+                state.model, ctx.loader("train", cfg.batch_size, seed=ctx.seed,
+                                        shuffle=True), spec.calibration_batches, ctx.device)
         if isinstance(state.model, MultiExitNet):  # exits attached: one graph per part
             state.model = prepare_qat_parts(state.model, ctx.example_input(),
                                             scheme).to(ctx.device)

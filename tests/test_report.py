@@ -1,0 +1,94 @@
+"""Report texts: speed and accuracy phrases, plurals, stage notes, the parity and speed
+notes under the summary, and labels in the plots that never overlap."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from pqd.report import (
+    _place_labels,
+    notes_text,
+    plural,
+    points_text,
+    render_markdown,
+    speed_text,
+)
+
+
+def test_speed_and_points_phrases() -> None:
+    assert speed_text(0.84) == "1.19x slower" and speed_text(2.07) == "2.07x faster"
+    assert speed_text(1.0) == "1.00x faster"
+    assert points_text(-0.001) == "0.00 points" and points_text(-0.0) == "0.00 points"
+    assert points_text(0.25) == "+0.25 points" and points_text(-1.5) == "-1.50 points"
+    assert plural(1, "epoch") == "1 epoch" and plural(2, "epoch") == "2 epochs"
+
+
+def test_stage_notes_are_text_not_a_python_dict() -> None:
+    info = {"calibration_split": "val", "scheme": {"mode": "qat", "float_layers": []},
+            "precision": "int8"}
+    text = notes_text(info)
+    assert "{" not in text and "[" not in text and "'" not in text
+    assert text == "calibration_split=val; scheme: mode=qat, float_layers=none; precision=int8"
+
+
+def record(speedup: float = 0.84, drop: float = 0.001, p50: float = 1.0, p90: float = 1.5,
+           kernels: dict[str, int] | None = None) -> dict[str, Any]:
+    """A run record with what render_markdown reads."""
+    lat = {"p50": p50, "p90": p90, "mean": p50, "batches": {"1": {"p50": p50}}}
+    rt = {"version": "1.0", "accuracy": 0.5, "latency_ms": lat,
+          "parity": {"top1_agreement": 0.995}, "kernels": kernels or {}}
+    art = {"precision": "int8", "accuracy": 0.5, "size_bytes": 1e6, "latency_ms": lat,
+           "sparsity": 0.0, "macs": 1e6, "bitops": 1e9, "runtime": "onnxruntime",
+           "runtimes": {"onnxruntime": rt}}
+    base = {**copy.deepcopy(art), "precision": "fp32",
+            "latency_ms": {**lat, "p50": 1.0, "p90": 1.1}}
+    return {"name": "r", "order": ["quantize"], "recipe": {"model": {"name": "m"}}, "seed": 0,
+            "data": {"name": "d", "train": 1, "val": 1, "test": 1},
+            "environment": {"measure_threads": 2, "cpu": "x", "logical_cpus": 2,
+                            "cpu_flags": [], "libraries": {}},
+            "comparison": {"speedup_batch1_p50": speedup, "size_ratio": 4.0,
+                           "accuracy_drop_points": drop},
+            "baseline": base, "final": art,
+            "stages": [{"index": 0, "name": "quantize", "config": {"epochs": 1},
+                        "seconds": 1.0, "val_accuracy": 0.5,
+                        "info": {"scheme": {"mode": "qat"}}}],
+            "timing_s": {k: 1.0 for k in ("baseline", "stages", "export", "measure", "total")}}
+
+
+def test_report_explains_slow_int8_parity_and_noise() -> None:
+    kernels = {"QLinearConv": 10, "Conv": 3, "QuantizeLinear": 4, "DequantizeLinear": 5,
+               "Transpose": 2}
+    md = render_markdown(record(speedup=0.84, drop=0.001, p50=1.0, p90=2.5, kernels=kernels))
+    assert "1.19x slower at batch 1" in md and "0.84x faster" not in md
+    assert "accuracy 0.00 points" in md and "-0.00" not in md
+    assert "INT8 is not faster here" in md
+    assert "10 INT8 convs, 3 float convs, 4 Q/DQ pairs, 2 transposes" in md
+    assert "p90 of final is more than 2x its p50" in md
+    assert "Top-1 agreement:" in md and "99% or more is normal" in md
+    assert "scheme: mode=qat" in md and "{'" not in md
+    calm = render_markdown(record(speedup=2.0, p50=1.0, p90=1.2, kernels=kernels))
+    assert "2.00x faster" in calm and "INT8 is not faster" not in calm
+    assert "more than 2x its p50" not in calm
+
+
+def test_labels_of_points_sharing_a_size_do_not_overlap() -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [2.0] * 12 + [8.0]
+    ys = [0.80 + 0.001 * i for i in range(12)] + [0.5]
+    ax.scatter(xs, ys)
+    labels = [f"prune -> quantize -> distill s{i}" for i in range(13)]
+    _place_labels(ax, xs, ys, labels)
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == 13
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b)
+    plt.close(fig)
