@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from pqd.measure.latency import compare_latency
     from pqd.measure.runtime import open_runner
     from pqd.models import build_model
+    from pqd.prune.channels import apply_structure, plan_records
+    from pqd.quant.pt2e import calibrate, prepare_qat
     from pqd.recipe import recipe_from_dict
-    from pqd.stages.prune_channels import apply_structure, plan_records
-    from pqd.stages.quantize import calibrate, prepare_qat
 
     t0 = time.perf_counter()
     torch.manual_seed(0)

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from pqd.checkpoint import save_checkpoint
+    from pqd.context import Context
     from pqd.data import load_dataset, resolve_data_root
     from pqd.engine import apply_stages, baseline, seed_everything
     from pqd.export import export_onnx, parity
@@ -84,7 +85,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pqd.measure.runtime import avx2_logits
     from pqd.models import build_model
     from pqd.recipe import MeasureSpec, recipe_from_dict
-    from pqd.stages.base import Context
     from pqd.train import evaluate
 
     t_start = time.perf_counter()

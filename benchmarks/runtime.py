@@ -235,7 +235,7 @@ def export_pair(model, out: Path, calib_batches: int = 4, batch: int = 32, seed:
     import torch
 
     from pqd.export import export_onnx
-    from pqd.stages.quantize import calibrate, prepare_qat
+    from pqd.quant.pt2e import calibrate, prepare_qat
 
     gen = torch.Generator().manual_seed(seed)
     example = torch.rand(2, *IMAGE, generator=gen)

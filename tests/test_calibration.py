@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pqd.calibration import TensorStats, entropy_threshold, percentile_range
+from pqd.quant.calibration import TensorStats, entropy_threshold, percentile_range
 
 N = 1_000_000
 

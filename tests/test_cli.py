@@ -196,9 +196,9 @@ def test_a_vnni_file_measured_without_vnni_is_flagged_in_one_line(
 
 
 def test_torchaos_enum_constant_warning_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
-    from pqd.cli import _quiet_libraries
+    from pqd._quiet import quiet_command
 
-    _quiet_libraries()
+    quiet_command()
     log = logging.getLogger("torch.utils._pytree")
     with caplog.at_level(logging.WARNING, logger="torch.utils._pytree"):
         log.warning("%s is an Enum subclass and is now natively supported by torch.compile "

@@ -9,14 +9,14 @@ import onnx
 import pytest
 import torch
 
+from helpers import CPU, context, synthetic_data, tiny
 from pqd.errors import RecipeError
 from pqd.export import export_onnx
+from pqd.quant.pt2e import DEFAULT_SCHEME, prepare_qat
 from pqd.recipe import FeatureKDSpec
-from pqd.stages.base import State
 from pqd.stages.distill import TAP_PREFIX, TAPS, apply_distill, capture, feature_points
-from pqd.stages.quantize import DEFAULT_SCHEME, prepare_qat
+from pqd.state import State
 from pqd.train import eval_mode
-from quant_helpers import CPU, context, synthetic_data, tiny
 
 EXAMPLE = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

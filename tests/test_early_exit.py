@@ -16,17 +16,12 @@ from onnx import helper
 from helpers import Job
 from pqd.data import Dataset
 from pqd.errors import RecipeError
-from pqd.exits_runtime import add_confidence_output
+from pqd.exits.heads import calibrate_thresholds, confidence, exit_assignment, exit_outcome
+from pqd.exits.runtime import add_confidence_output
 from pqd.models import build_model
 from pqd.models.multi_exit import MultiExitNet, build_multi_exit, exit_costs
 from pqd.recipe import ExitTarget, recipe_from_dict
-from pqd.stages.base import State
-from pqd.stages.early_exit import (
-    calibrate_thresholds,
-    confidence,
-    exit_assignment,
-    exit_outcome,
-)
+from pqd.state import State
 
 # ---------------------------------------------------------------------------- calibration
 
@@ -238,8 +233,8 @@ def test_quantize_before_exit_carries_quantizers_over() -> None:
 
 @pytest.mark.parametrize("name", ["tiny_cnn", "tiny_resnet"])
 def test_carried_quantizers_reproduce_the_whole_graph(name: str) -> None:
-    from pqd.stages.early_exit import carry_observers, eager_from_graph
-    from pqd.stages.quantize import calibrate, prepare_qat, prepare_qat_parts
+    from pqd.exits.heads import carry_observers, eager_from_graph
+    from pqd.quant.pt2e import calibrate, prepare_qat, prepare_qat_parts
     from pqd.train import eval_mode
 
     model = tiny(name)

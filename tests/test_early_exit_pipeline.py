@@ -17,7 +17,7 @@ import pytest
 import yaml
 from onnx import numpy_helper
 
-from pqd.exits_runtime import ExitRuntime, exit_graph
+from pqd.exits.runtime import ExitRuntime, exit_graph
 from pqd.measure.runtime import open_runner
 
 ORDERS = {

@@ -23,7 +23,7 @@ from pqd.measure.complexity import onnx_complexity
 from pqd.measure.latency import compare_latency
 from pqd.measure.runtime import open_runner, ort_kernels
 from pqd.models import build_model
-from pqd.stages.quantize import prepare_qat
+from pqd.quant.pt2e import prepare_qat
 from pqd.train import set_train
 
 # tiny_cnn, 4 classes, 32x32 (see pqd.models.tiny): conv 3->8 and 8->8 at 32x32, conv 8->16

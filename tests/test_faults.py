@@ -34,10 +34,10 @@ from pqd.data import Dataset
 from pqd.engine import baseline, frozen
 from pqd.models import build_model
 from pqd.pipeline import deterministic
+from pqd.prune.masks import prunable_parameters
+from pqd.quant.pt2e import prepare_qat
 from pqd.resume import RunFolder, load_state, save_state
-from pqd.stages.base import State
-from pqd.stages.prune import prunable_parameters
-from pqd.stages.quantize import prepare_qat
+from pqd.state import State
 from pqd.train import TrainingDiverged, eval_mode, evaluate, fit, is_graph
 
 CPU = torch.device("cpu")

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pqd import importance
-from pqd.importance import MovementTracker
+from pqd.prune import importance
+from pqd.prune.importance import MovementTracker
 
 
 def sum_loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pqd.stages.base import MaskKeeper
-from pqd.stages.prune import (
+from pqd.prune.masks import (
     cubic_sparsity,
     iterative_sparsities,
     magnitude_masks,
@@ -19,6 +18,7 @@ from pqd.stages.prune import (
     prunable_parameters,
     sparsity_of,
 )
+from pqd.state import MaskKeeper
 
 
 def known_weights() -> dict[str, torch.Tensor]:

@@ -9,13 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import make_ctx, run_stages
 from pqd.errors import RecipeError
 from pqd.export import export_onnx
 from pqd.measure.complexity import onnx_complexity
 from pqd.models import build_model, check_output_shape
-from pqd.recipe import recipe_from_dict
-from pqd.stages.prune import magnitude_masks, prunable_parameters
-from pqd.stages.prune_channels import (
+from pqd.prune.channels import (
     apply_structure,
     carry_masks,
     channel_groups,
@@ -27,8 +26,9 @@ from pqd.stages.prune_channels import (
     plan_records,
     rebuild_model,
 )
+from pqd.prune.masks import magnitude_masks, prunable_parameters
+from pqd.recipe import recipe_from_dict
 from pqd.train import is_graph
-from prune_helpers import make_ctx, run_stages
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 EX = torch.rand(2, 3, 32, 32)
@@ -260,7 +260,7 @@ def test_prune_channels_after_quantize_requantizes_keeps_masks_and_exports(tmp_p
 
 
 def test_iterative_channel_schedule_shrinks_each_round(monkeypatch) -> None:
-    from pqd.stages.base import Context
+    from pqd.context import Context
 
     widths: list[int] = []
     real = Context.fit

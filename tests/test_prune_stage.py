@@ -9,18 +9,13 @@ import itertools
 import pytest
 import torch
 
-from pqd import importance
+from helpers import make_ctx, run_stages
+from pqd.prune import importance
+from pqd.context import Context, score_batches, scoring_loss
 from pqd.errors import RecipeError
+from pqd.prune.masks import iterative_sparsities, prunable_parameters, sparsity_of
 from pqd.recipe import recipe_from_dict
-from pqd.stages.base import Context, State
-from pqd.stages.prune import (
-    iterative_sparsities,
-    prunable_parameters,
-    score_batches,
-    scoring_loss,
-    sparsity_of,
-)
-from prune_helpers import make_ctx, run_stages
+from pqd.state import State
 
 
 def spy_fit(ctx: Context, monkeypatch: pytest.MonkeyPatch, calls: list[dict]) -> None:

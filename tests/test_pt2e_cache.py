@@ -10,7 +10,7 @@ import torch
 from pqd import _pt2e_cache
 from pqd.export import int8_model
 from pqd.models import build_model
-from pqd.stages.quantize import prepare_qat
+from pqd.quant.pt2e import prepare_qat
 from pqd.train import set_train
 
 

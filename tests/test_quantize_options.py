@@ -11,24 +11,7 @@ import onnx
 import pytest
 import torch
 
-from pqd.errors import RecipeError
-from pqd.export import export_onnx
-from pqd.measure.runtime import ort_kernels
-from pqd.recipe import MixedPrecisionSpec, recipe_from_dict
-from pqd.sensitivity import choose_mixed_precision, layer_sensitivity
-from pqd.stages.base import State
-from pqd.stages.quantize import (
-    DEFAULT_SCHEME,
-    apply_quantize,
-    calibrate,
-    fake_quantizers,
-    keep_float,
-    prepare_qat,
-    quant_scheme,
-    quantized_layers,
-)
-from pqd.train import set_train
-from quant_helpers import (
+from helpers import (
     CPU,
     context,
     label_with,
@@ -37,6 +20,23 @@ from quant_helpers import (
     synthetic_data,
     tiny,
 )
+from pqd.errors import RecipeError
+from pqd.export import export_onnx
+from pqd.measure.runtime import ort_kernels
+from pqd.quant.pt2e import (
+    DEFAULT_SCHEME,
+    calibrate,
+    fake_quantizers,
+    keep_float,
+    prepare_qat,
+    quant_scheme,
+    quantized_layers,
+)
+from pqd.quant.sensitivity import choose_mixed_precision, layer_sensitivity
+from pqd.recipe import MixedPrecisionSpec, recipe_from_dict
+from pqd.stages.quantize import apply_quantize
+from pqd.state import State
+from pqd.train import set_train
 
 EXAMPLE = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 X_TEST = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
@@ -353,8 +353,8 @@ def test_mobilenetv2_qat_after_a_short_baseline_trains() -> None:
     first gradient norm was 1e8-1e10 (or 0: every activation clamped), so
     train.max_grad_norm stopped QAT at step 1, until the quantize stage re-estimated the
     statistics (refresh_bn_stats)."""
+    from helpers import MEAN, STD
     from pqd.models import build_model
-    from quant_helpers import MEAN, STD
 
     data = synthetic_data(n_train=160, n_val=64, n_test=32)
     torch.manual_seed(0)
@@ -388,7 +388,7 @@ def test_mobilenetv2_qat_after_a_short_baseline_trains() -> None:
 
 
 def test_refresh_bn_stats_sets_the_data_statistics() -> None:
-    from pqd.stages.quantize import refresh_bn_stats
+    from pqd.quant.pt2e import refresh_bn_stats
 
     model = tiny(seed=3)
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

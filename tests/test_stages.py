@@ -22,9 +22,9 @@ from pqd.export import export_onnx, parity
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.runtime import open_runner
 from pqd.models import build_model
-from pqd.stages.base import State
-from pqd.stages.prune import prunable_parameters
-from pqd.stages.quantize import unquantized_weights
+from pqd.prune.masks import prunable_parameters
+from pqd.quant.pt2e import unquantized_weights
+from pqd.state import State
 from pqd.train import is_graph
 
 CPU = torch.device("cpu")

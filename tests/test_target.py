@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from pqd.measure.env import kernels_in_words
 from pqd.recipe import recipe_from_dict
-from pqd.target import assess, kernels_in_words, reduces_range, resolve
+from pqd.target import assess, reduces_range, resolve
 
 AVX2 = ["avx2"]
 VNNI = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]

@@ -28,8 +28,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from pqd._quiet import quiet_known_noise
-
-__version__ = "0.1.0"
+from pqd._version import __version__
 
 quiet_known_noise()  # torchao/torch messages pqd's calls trigger and users cannot act on
 
@@ -38,7 +37,7 @@ _LAZY = {
     "CompressResult": ("pqd.api", "CompressResult"),
     "apply_stages": ("pqd.engine", "apply_stages"),
     "baseline": ("pqd.engine", "baseline"),
-    "State": ("pqd.stages.base", "State"),
+    "State": ("pqd.state", "State"),
     "Prune": ("pqd.recipe", "PruneSpec"),
     "PruneChannels": ("pqd.recipe", "PruneChannelsSpec"),
     "Quantize": ("pqd.recipe", "QuantizeSpec"),
@@ -66,7 +65,7 @@ if TYPE_CHECKING:
     from pqd.recipe import PruneChannelsSpec as PruneChannels
     from pqd.recipe import PruneSpec as Prune
     from pqd.recipe import QuantizeSpec as Quantize
-    from pqd.stages.base import State
+    from pqd.state import State
 
 
 def __getattr__(name: str) -> Any:

@@ -16,27 +16,12 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
-from pqd._quiet import quiet_known_noise
+from pqd._quiet import quiet_command
 from pqd.errors import PqdError
-
-
-def _quiet_libraries() -> None:
-    """Keep third-party chatter off the terminal: the known-harmless messages that
-    ``import pqd`` silences (:mod:`pqd._quiet`), and in the command every other
-    third-party warning too."""
-    quiet_known_noise()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch").setLevel(logging.ERROR)  # torch's import resets this level
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,8 +176,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from pqd.pipeline import run_sensitivity
+    from pqd.quant.sensitivity import format_table
     from pqd.recipe import load_recipe
-    from pqd.sensitivity import format_table, run_sensitivity
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.out:
@@ -288,7 +274,7 @@ def check_out(out: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pqd`` console script."""
-    _quiet_libraries()
+    quiet_command()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow options: `pqd run r.yaml --out X a.b=1`

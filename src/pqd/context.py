@@ -17,30 +17,11 @@ import torch
 import torch.nn as nn
 
 from pqd.models.multi_exit import MultiExitNet
+from pqd.prune.importance import LossFn, cross_entropy
+from pqd.prune.masks import KD_SCORE_ALPHA, KD_SCORE_TEMPERATURE
 from pqd.recipe import AugmentSpec, TrainSpec
-from pqd.train import FitResult, LossHook, StepHook, fit
-
-
-@dataclass
-class State:
-    """The model as the stages leave it.
-
-    ``masks`` maps parameter names to boolean keep-masks (False = held at zero);
-    names are the same on the eager model and on its PT2E graph.
-    ``quantized`` is True once fake-quantizers are in the graph (export gives INT8).
-    ``info`` collects per-stage facts for the record (e.g. achieved sparsity).
-    ``structure`` lists the channel-surgery steps applied so far (JSON-able records
-    ``{"layer", "channels", "kept"}``; :func:`pqd.stages.prune_channels.rebuild_model`
-    rebuilds the pruned architecture from a fresh model and them).
-    ``nm_layers`` maps parameter names pruned N:M to ``[n, m]`` (checked in the export).
-    """
-
-    model: nn.Module
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    quantized: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
-    structure: list[dict[str, Any]] = field(default_factory=list)
-    nm_layers: dict[str, list[int]] = field(default_factory=dict)
+from pqd.state import MaskKeeper, State
+from pqd.train import FitResult, LossHook, StepHook, fit, kd_loss
 
 
 class Stage(Protocol):
@@ -159,10 +140,10 @@ class Context:
 
         net = state.model
         exits = isinstance(net, MultiExitNet) and net.num_exits > 0
-        if exits:  # exits stay attached and keep training (see pqd.stages.early_exit)
-            from pqd.stages.early_exit import with_exit_losses
+        if exits:  # exits stay attached and keep training (see pqd.exits.heads)
+            from pqd.exits.heads import with_exit_losses
 
-            loss_fn = with_exit_losses(net, loss_fn, self, cfg)
+            loss_fn = with_exit_losses(net, loss_fn, self.teacher, cfg)
             net.collect_exits = True
         try:
             return fit(
@@ -176,24 +157,29 @@ class Context:
                 net.exit_logits = []
 
 
-class MaskKeeper:
-    """Zeroes every masked-out weight; called after every optimizer step.
+# ---- what the two pruning stages share: batches and a loss to score weights with
 
-    Holds the masks dict itself, not a copy, so masks a stage updates while
-    training (gradual pruning) take effect at the next step.
+
+def score_batches(ctx: Context, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` training batches (no augmentation, stage-seeded shuffle) for scoring."""
+    batch = min(ctx.train.batch_size, 128)
+    loader = ctx.loader("train", batch, seed=ctx.seed, shuffle=True)
+    out = []
+    for x, y in loader:
+        out.append((x, y))
+        if len(out) >= count:
+            break
+    return out
+
+
+def scoring_loss(kind: str, ctx: Context) -> LossFn:
+    """Cross-entropy, or the distill stage's KD loss against ``ctx.teacher`` (``kd``).
+
+    While the student still equals the teacher the KD term has zero gradient and the
+    scores come from its cross-entropy share (``1 - KD_SCORE_ALPHA``).
     """
+    if kind == "ce":
+        return cross_entropy
+    return kd_loss(ctx.teacher, KD_SCORE_TEMPERATURE, KD_SCORE_ALPHA, 0.0, device=ctx.device,
+                   amp="off")
 
-    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-        self.params = dict(model.named_parameters())
-        self.masks = masks
-        missing = sorted(set(masks) - set(self.params))
-        if missing:
-            raise RuntimeError(f"pruning masks name parameters the model lacks: {missing[:5]}")
-
-    @torch.no_grad()
-    def __call__(self, model: nn.Module) -> None:
-        for name, mask in self.masks.items():
-            p = self.params[name]
-            if mask.device != p.device:
-                mask = self.masks[name] = mask.to(p.device)
-            p.mul_(mask)

@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 from pydantic import TypeAdapter
 
+from pqd.context import Context
 from pqd.recipe import AugmentSpec, StageSpec, TrainSpec, merge_train
-from pqd.stages.base import Context, State
+from pqd.state import State
 
 StageHook = Callable[[int, Any, State, float], None]
 """``on_stage(index, spec, state, seconds)``: called after each stage (the pipeline

@@ -57,7 +57,7 @@ def int8_model(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def _scheme(model: nn.Module) -> dict[str, Any]:
-    from pqd.stages.quantize import quant_scheme
+    from pqd.quant.pt2e import quant_scheme
 
     return quant_scheme(model)
 
@@ -82,7 +82,7 @@ def deployable_model(model: nn.Module, quantized: bool) -> nn.Module:
 def _weights_only(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A converted copy of a dynamic-quant graph without its activation fake-quantizers:
     int8 weights (DequantizeLinear in ONNX) feeding float convs/linears."""
-    from pqd.stages.quantize import graphs_in, quantized_layers
+    from pqd.quant.pt2e import graphs_in, quantized_layers
 
     g = copy.deepcopy(graph)
     weight_fqs = {lq.weight_fq for lq in quantized_layers(g).values()}

@@ -27,14 +27,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pqd import __version__
+from pqd._version import __version__
 from pqd.checkpoint import atomic_write_text, save_checkpoint
+from pqd.context import Context
 from pqd.engine import seed_everything
 from pqd.errors import PqdError
 from pqd.models.multi_exit import MultiExitNet
-from pqd.recipe import MeasureSpec, Recipe, dump_recipe
+from pqd.quant.sensitivity import layer_sensitivity
+from pqd.recipe import MeasureSpec, QuantizeSpec, Recipe, dump_recipe
 from pqd.resume import RunFolder, load_state, note, save_state, step_name
-from pqd.stages.base import Context, State
+from pqd.state import State
 from pqd.target import resolve as resolve_target
 from pqd.train import evaluate
 
@@ -276,7 +278,7 @@ def execute(recipe: Recipe, folder: RunFolder, data: Any, make_model: Callable[[
                                         opset=recipe.export.opset)
     exits = isinstance(state.model, MultiExitNet)
     if exits:  # segment files + manifest; final.onnx = the segments chained, no heads
-        from pqd.exits_runtime import chain_segments, export_exits
+        from pqd.exits.runtime import chain_segments, export_exits
 
         manifest, final_torch = export_exits(state.model, out / "exits", example,
                                              quantized=state.quantized,
@@ -297,7 +299,7 @@ def execute(recipe: Recipe, folder: RunFolder, data: Any, make_model: Callable[[
     references = {"baseline": torch_reference(base_torch, data, recipe.export.parity_samples),
                   "final": torch_reference(final_torch, data, recipe.export.parity_samples)}
     if exits:
-        from pqd.exits_runtime import exit_references
+        from pqd.exits.runtime import exit_references
 
         references.update(exit_references(final_torch, data, recipe.export.parity_samples))
     reference_seconds = time.perf_counter() - t0
@@ -452,7 +454,7 @@ def _measure_exits(out: Path, recipe: Recipe, spec: MeasureSpec, data: Any,
     exit_spec = recipe.early_exit()
     if exit_spec is None:
         return
-    from pqd.exits_runtime import MANIFEST, measure_exits, references_of
+    from pqd.exits.runtime import MANIFEST, measure_exits, references_of
 
     measured["final"]["early_exit"] = measure_exits(
         out / "exits" / MANIFEST, out / "final.onnx", references_of(references), data, spec,
@@ -492,7 +494,7 @@ def _precision(state: State) -> str:
     """``fp32``, or the quantization scheme's label (``int8`` for the default U8S8)."""
     if not state.quantized:
         return "fp32"
-    from pqd.stages.quantize import precision_label, quant_scheme
+    from pqd.quant.pt2e import precision_label, quant_scheme
 
     return precision_label(quant_scheme(state.model))
 
@@ -516,7 +518,7 @@ def _sparsity_extras(state: State, final_path: Path, recipe: Recipe) -> dict[str
 
 
 def _masked_sparsity(state: State) -> float | None:
-    from pqd.stages.prune import sparsity_of
+    from pqd.prune.masks import sparsity_of
 
     return sparsity_of(state.masks) if state.masks else None
 
@@ -556,3 +558,59 @@ def _json_default(obj: Any) -> Any:
         return obj.tolist()
     warnings.warn(f"record: {type(obj).__name__} written as text", stacklevel=2)
     return str(obj)
+
+
+def run_sensitivity(recipe: Recipe, out: str | Path | None = None, *, data_dir: str | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """Baseline (trained or loaded) -> PTQ graph with the recipe's first quantize options ->
+    per-layer sensitivity on the val split; writes ``sensitivity.json`` into ``out``."""
+    from pqd.checkpoint import save_checkpoint
+    from pqd.context import Context
+    from pqd.data import load_dataset, resolve_data_root
+    from pqd.engine import baseline, seed_everything
+    from pqd.models import build_model
+    from pqd.pipeline import resolve_device
+    from pqd.quant.pt2e import calibrate, prepare_qat, scheme_of
+    from pqd.target import reduces_range
+    from pqd.target import resolve as resolve_target
+
+    t0 = time.perf_counter()
+    device = resolve_device(recipe.device)
+    data = load_dataset(recipe.data.dataset, resolve_data_root(data_dir, recipe.data.root),
+                        val_size=recipe.data.val_size, seed=recipe.seed,
+                        download=recipe.data.download, limit_train=recipe.data.limit_train,
+                        limit_test=recipe.data.limit_test)
+    if len(data.val_y) == 0:
+        from pqd.errors import RecipeError
+
+        raise RecipeError("sensitivity is measured on the validation split, which is empty",
+                          "set data.val_size > 0")
+    seed_everything(recipe.seed)
+    model = build_model(recipe.model.name, data.num_classes, data.mean, data.std,
+                        **recipe.model.kwargs).to(device)
+    ctx = Context(data=data, device=device, teacher=model, progress=progress,
+                  target=resolve_target(recipe.export.target))
+    baseline(model, data, train=recipe.baseline_train(), epochs=recipe.baseline.epochs,
+             checkpoint=recipe.baseline.checkpoint, seed=recipe.seed,
+             augment=recipe.data.augment, device=device, progress=progress)
+    if out is not None and not recipe.baseline.checkpoint:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_checkpoint(model, Path(out) / "baseline.safetensors", {"recipe": recipe.name})
+    spec = next((s for s in recipe.stages if isinstance(s, QuantizeSpec)),
+                QuantizeSpec(stage="quantize", mode="ptq", epochs=0))
+    scheme = {**scheme_of(spec, reduces_range(ctx.target)),
+              "mode": "ptq" if spec.mode != "dynamic" else "dynamic"}
+    graph = prepare_qat(model, ctx.example_input(), scheme).to(device)
+    val = ctx.loader("val", 256)
+    calibrate(graph, ctx.loader("val", recipe.train.batch_size), spec.calibration_batches,
+              device, scheme)
+    result = layer_sensitivity(graph, val, device)
+    result.update({"model": recipe.model.name, "scheme": scheme,
+                   "val_images": len(data.val_y),
+                   "baseline": recipe.baseline.checkpoint or "trained",
+                   "seconds": round(time.perf_counter() - t0, 2)})
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+

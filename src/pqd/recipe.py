@@ -11,9 +11,10 @@ with one line naming the key path and the fix (:class:`pqd.errors.RecipeError`).
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -22,6 +23,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    create_model,
     model_serializer,
     model_validator,
 )
@@ -98,23 +100,28 @@ class TrainOverride(Strict):
     fields are serialized, so a dumped recipe loads back with the same meaning.
     """
 
-    batch_size: int | None = Field(default=None, ge=1)
-    optimizer: Literal["sgd", "adamw"] | None = None
-    lr: float | None = Field(default=None, gt=0.0, le=10.0)
-    momentum: float | None = Field(default=None, ge=0.0, lt=1.0)
-    nesterov: bool | None = None
-    weight_decay: float | None = Field(default=None, ge=0.0, lt=1.0)
-    schedule: Literal["onecycle", "cosine", "constant"] | None = None
-    warmup: Fraction | None = None
-    label_smoothing: Fraction | None = None
-    amp: Literal["auto", "bf16", "fp16", "off"] | None = None
-    channels_last: bool | None = None
-    grad_clip: float | None = Field(default=None, gt=0.0)
-    max_grad_norm: float | None = Field(default=None, gt=0.0)
+    # the fields: TrainSpec's, each optional (None: inherit), made below from TrainSpec
 
     @model_serializer(mode="wrap")
     def _written_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+
+def _optional_fields(spec: type[BaseModel]) -> dict[str, Any]:
+    """``spec``'s fields as optional ones (default None) with the same constraints."""
+    fields = {}
+    for name, info in spec.model_fields.items():
+        optional = copy.copy(info)
+        optional.default = None
+        optional.default_factory = None
+        fields[name] = (info.annotation | None, optional)
+    return fields
+
+
+# same fields as TrainSpec, all optional
+TrainOverride = create_model(  # type: ignore[misc]
+    "TrainOverride", __base__=TrainOverride, __doc__=TrainOverride.__doc__,
+    **_optional_fields(TrainSpec))
 
 
 # TrainSpec fields where null is a value (off), not "inherit"
@@ -167,7 +174,7 @@ Criterion = Literal["magnitude", "taylor", "fisher", "snip", "grasp", "movement"
 class PruneSpec(StageBase):
     """Mask pruning: unstructured to ``sparsity``, or N:M (``n`` kept of every ``m``).
 
-    ``criterion`` scores weights (see :mod:`pqd.importance`; gradients from cross-entropy
+    ``criterion`` scores weights (see :mod:`pqd.prune.importance`; gradients from cross-entropy
     or, with ``criterion_loss: kd``, the KD loss against the teacher, on
     ``score_batches`` training batches). Schedules: ``oneshot``, ``gradual`` (cubic),
     ``iterative`` (``cycles`` prune/retrain rounds). ``rewind`` (lottery tickets):
@@ -425,7 +432,10 @@ class EarlyExitSpec(StageBase):
 
 StageSpec = Annotated[PruneSpec | PruneChannelsSpec | QuantizeSpec | DistillSpec | EarlyExitSpec,
                       Field(discriminator="stage")]
-STAGE_NAMES = ("prune", "prune_channels", "quantize", "distill", "early_exit")
+"""The stage set, declared here once: each spec's ``stage`` default is its name, and the
+module ``pqd.stages.<name>`` registers its ``apply`` under that name."""
+STAGE_SPECS: tuple[type[StageBase], ...] = get_args(get_args(StageSpec)[0])
+STAGE_NAMES: tuple[str, ...] = tuple(s.model_fields["stage"].default for s in STAGE_SPECS)
 
 
 class ExportSpec(Strict):
@@ -602,9 +612,7 @@ def _allowed_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
             field = current.model_fields.get(str(part))
             if field is None:
                 # discriminated stage union: the tag appears in loc
-                current = {"prune": PruneSpec, "prune_channels": PruneChannelsSpec,
-                           "quantize": QuantizeSpec, "distill": DistillSpec,
-                           "early_exit": EarlyExitSpec}.get(str(part))
+                current = dict(zip(STAGE_NAMES, STAGE_SPECS, strict=True)).get(str(part))
                 continue
             current = _inner_model(field.annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):

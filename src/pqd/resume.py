@@ -288,10 +288,10 @@ def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 
 def save_state(path: Path, fingerprint: str, state: Any) -> None:
-    """The ``pqd.stages.base.State`` after a step: weights (graph or eager), masks, and what
+    """The ``pqd.state.State`` after a step: weights (graph or eager), masks, and what
     rebuilds its form: channel structure, N:M layers, the quantization scheme of a graph."""
     from pqd.models.multi_exit import MultiExitNet
-    from pqd.stages.quantize import quant_scheme
+    from pqd.quant.pt2e import quant_scheme
 
     model = state.model
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -311,7 +311,7 @@ def save_state(path: Path, fingerprint: str, state: Any) -> None:
 
 def _part_schemes(net: nn.Module) -> dict[str, Any]:
     """The quantization scheme of each PT2E part of a multi-exit net, by part name."""
-    from pqd.stages.quantize import META_KEY
+    from pqd.quant.pt2e import META_KEY
 
     return {name: part.meta.get(META_KEY) for name, part in net.parts()  # type: ignore[attr-defined]
             if isinstance(part, torch.fx.GraphModule)}
@@ -331,8 +331,8 @@ def load_state(path: Path, fresh_model: Callable[[], nn.Module],
     Returns:
         The ``pqd.stages.State``.
     """
-    from pqd.stages.base import State
-    from pqd.stages.prune_channels import rebuild_model
+    from pqd.prune.channels import rebuild_model
+    from pqd.state import State
 
     tensors, meta = _load(path)
     structure = meta.get("structure") or []
@@ -343,7 +343,7 @@ def load_state(path: Path, fresh_model: Callable[[], nn.Module],
     if meta.get("exits"):
         model = _rebuild_exits(model, meta, saved, example)
     elif quantized:
-        from pqd.stages.quantize import keep_float, prepare_qat
+        from pqd.quant.pt2e import keep_float, prepare_qat
 
         scheme = dict(meta["scheme"])
         float_layers = list(scheme.get("float_layers") or [])
@@ -374,12 +374,7 @@ def _rebuild_exits(eager: nn.Module, meta: dict[str, Any], saved: dict[str, torc
     schemes = exits.get("part_schemes")
     if schemes:
         from pqd.models.multi_exit import part_inputs
-        from pqd.stages.quantize import (
-            META_KEY,
-            keep_float,
-            prepare_qat,
-            tie_boundary_quantizers,
-        )
+        from pqd.quant.pt2e import META_KEY, keep_float, prepare_qat, tie_boundary_quantizers
 
         inputs = part_inputs(net, x)
         for name, part in list(net.parts()):

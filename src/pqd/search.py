@@ -348,10 +348,10 @@ def train_trial(recipe_data: dict[str, Any], out_dir: str, data_dir: str | None,
     """
     import torch
 
-    from pqd.cli import _quiet_libraries
+    from pqd._quiet import quiet_command
     from pqd.pipeline import run
 
-    _quiet_libraries()
+    quiet_command()
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -834,16 +834,16 @@ def summarize(recipe: Recipe, out: Path, base: Trial, trials: list[Trial],
         raise PqdError(f"the search baseline in {out / base.folder} has no record",
                        "re-run the same 'pqd search' command")
     _say(f"latency panel: {len(records)} artifacts, batch 1, interleaved rounds")
-    spec = measure_spec(recipe)
+    mspec = measure_spec(recipe)
     panel = latency_panel({k: out / unique[k].folder / "final.onnx" for k in records},
-                          spec, progress=progress)
+                          mspec, progress=progress)
     base_p50 = panel[base.key]["p50"]
     base_entry = _trial_result(base, records[base.key], None, panel, base_p50)
     base_entry["source"] = records[base.key]["baseline"]["source"]
     entries = [_trial_result(t, records.get(t.key), errors.get(t.key), panel, base_p50)
                for t in trials]
     panel_info = {
-        "runtime": spec.runtimes[0], "threads": spec.threads,
+        "runtime": mspec.runtimes[0], "threads": mspec.threads,
         "batch": 1, "warmup": recipe.measure.warmup, "repeats": recipe.measure.repeats,
         "rounds": 10, **machine(),
         "where": "driver, sequential: all deployed artifacts timed side by side in "
@@ -863,7 +863,7 @@ def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, 
     ``status`` and, when done, ``accuracy`` (fraction), ``size_bytes``, ``latency_ms``
     (``{"p50", "p90"}`` in ms), ``precision`` and ``sparsity``.
     """
-    from pqd import __version__
+    from pqd._version import __version__
     from pqd.measure.env import environment
 
     spec = recipe.search

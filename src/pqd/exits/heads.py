@@ -47,11 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pqd.errors import RecipeError
-from pqd.models.multi_exit import MultiExitNet, build_multi_exit, exit_costs
-from pqd.recipe import EarlyExitSpec, ExitTarget, TrainSpec
-from pqd.registry import register_stage
-from pqd.stages.base import Context, State
-from pqd.train import LossHook, eval_mode, is_graph, set_train
+from pqd.models.multi_exit import MultiExitNet
+from pqd.recipe import ExitTarget, TrainSpec
+from pqd.train import LossHook, eval_mode, is_graph
 
 GRID_BUDGET = 200_000  # threshold combinations searched (per-exit grid = budget^(1/K))
 
@@ -188,7 +186,7 @@ def _kd(student: torch.Tensor, source: torch.Tensor, temperature: float) -> torc
                     reduction="batchmean", log_target=True) * temperature**2
 
 
-def with_exit_losses(net: MultiExitNet, base: LossHook | None, ctx: Context,
+def with_exit_losses(net: MultiExitNet, base: LossHook | None, teacher: nn.Module,
                      cfg: TrainSpec) -> LossHook:
     """``base`` (the stage's loss on the final logits; cross-entropy when None) plus the
     weighted exit losses set by the early_exit stage (``net.exit_loss``)."""
@@ -196,7 +194,6 @@ def with_exit_losses(net: MultiExitNet, base: LossHook | None, ctx: Context,
     weights = spec.get("weights") or [1.0] * net.num_exits
     distill, temperature, alpha = spec.get("distill", "none"), spec.get("temperature", 4.0), \
         spec.get("alpha", 0.5)
-    teacher = ctx.teacher
     smoothing = cfg.label_smoothing
 
     def loss(final: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -345,76 +342,3 @@ def exit_outputs(net: MultiExitNet, loader: Any, device: torch.device,
         np.zeros((0, len(y_all)))
     correct = np.stack([lg.argmax(1) == y_all for lg in per_exit])
     return conf, correct, y_all
-
-
-def calibrate_net(net: MultiExitNet, ctx: Context, target: ExitTarget) -> dict[str, Any]:
-    """Set ``net.thresholds`` from the validation split; returns what was found."""
-    conf, correct, _ = exit_outputs(net, ctx.loader("val", 256), ctx.device, net.confidence)
-    costs = exit_costs(net.part_macs)
-    full = float(sum(net.part_macs["segments"]))
-    found = calibrate_thresholds(conf, correct, costs, target, full)
-    net.thresholds = [float(t) for t in found["thresholds"]]
-    return {
-        "val_exit_accuracy": [float(c.mean()) for c in correct],
-        "val_accuracy_with_exits": found["accuracy"],
-        "val_exit_fractions": found["exit_fractions"],
-        "val_expected_macs_fraction": found["cost"] / full,
-        "thresholds": [t if math.isfinite(t) else None for t in net.thresholds],
-        "target_met": found["target_met"],
-    }
-
-
-@register_stage("early_exit")
-def apply_early_exit(state: State, spec: EarlyExitSpec, ctx: Context) -> State:
-    """Attach exit heads, train them (heads or joint), calibrate thresholds on val."""
-    from pqd.stages.quantize import calibrate, prepare_qat_parts, quant_scheme
-
-    if isinstance(state.model, MultiExitNet):
-        raise RecipeError("early_exit: the model already has exits",
-                          "keep one early_exit stage")
-    whole_graph = state.model if is_graph(state.model) else None
-    eager = state.model
-    if whole_graph is not None:  # the eager net of the graph (channel-pruned: rebuilt so)
-        like = ctx.teacher
-        if state.structure:
-            from pqd.stages.prune_channels import rebuild_model
-
-            like = rebuild_model(ctx.new_model(), state.structure, ctx.example_input().cpu())
-        eager = eager_from_graph(whole_graph, like)
-    eager.to(ctx.device)
-    example = ctx.example_input()
-    net = build_multi_exit(eager, spec.positions, ctx.data.num_classes, example,
-                           head_channels=spec.head.channels, head_kernel=spec.head.kernel_size,
-                           head_stride=spec.head.stride, confidence=spec.confidence)
-    if spec.weights is not None and len(spec.weights) != net.num_exits:
-        raise RecipeError(
-            f"early_exit: weights has {len(spec.weights)} entries for {net.num_exits} exits "
-            f"(positions {net.positions})", "give one weight per exit")
-    net.to(ctx.device)
-    state.masks = {net.name_of(n): m for n, m in state.masks.items()}
-    net.exit_loss = {"weights": spec.weights, "distill": spec.distill,
-                     "temperature": spec.temperature, "alpha": spec.alpha}
-    net.detach_heads = spec.mode == "heads"
-    info: dict[str, Any] = {"positions": net.positions, "exits": net.num_exits}
-    cfg = ctx.train
-    if whole_graph is not None:
-        prepare_qat_parts(net, example, copy.deepcopy(quant_scheme(whole_graph)))
-        calib = ctx.loader("train", cfg.batch_size, seed=ctx.seed, shuffle=True)
-        calibrate(net, calib, spec.calibration_batches, ctx.device)
-        copied, total = carry_observers(whole_graph, [p for _, p in net.parts()])
-        info["quantizers_carried_over"] = f"{copied}/{total}"
-    state.model = net
-    base: LossHook | None = None
-    if spec.mode == "joint" and spec.distill == "teacher":
-        from pqd.train import kd_loss
-
-        base = kd_loss(ctx.teacher, spec.temperature, spec.alpha, cfg.label_smoothing,
-                       device=ctx.device, amp=cfg.amp)
-    guard = frozen_backbone(net) if spec.mode == "heads" else contextlib.nullcontext()
-    with guard:
-        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, loss_fn=base,
-                desc=ctx.desc)
-    set_train(net, False)
-    info.update(calibrate_net(net, ctx, spec.target))
-    state.info.update(info)
-    return state

@@ -627,8 +627,8 @@ def measure_exits(manifest_path: str | Path, final_path: str | Path,
     back without heads). ``ref_logits``: the torch model's logits per exit on the first test
     images (:func:`exit_references`), for parity. ``spec`` is the recipe's MeasureSpec with
     runtimes resolved, ``target`` an ExitTarget."""
+    from pqd.exits.heads import calibrate_thresholds, exit_assignment
     from pqd.export import parity
-    from pqd.stages.early_exit import calibrate_thresholds, exit_assignment
 
     manifest_path = Path(manifest_path)
     manifest = json.loads(manifest_path.read_text())

@@ -88,7 +88,8 @@ class FastNetQ8(ZooNet):
                 not (p == "M" or (isinstance(p, int) and p > 0)) for p in plan):
             raise ValueError(f"plan {plan} must start with a width and hold widths > 0 or 'M'")
         layers: list[nn.Module] = [ConvBN(3, plan[0])]
-        in_ch, block = plan[0], []
+        in_ch = plan[0]
+        block: list[nn.Module] = []
         for p in plan[1:]:
             if p == "M":
                 layers.append(nn.Sequential(*block, nn.MaxPool2d(2)))

@@ -13,7 +13,7 @@ How it works, with Torch-Pruning (TP) 1.6 doing the surgery:
 1. ``DependencyGraph`` finds the groups of coupled channels (a conv's outputs, its BN, the
    next convs' inputs; every conv joined by a residual add; concatenations; depthwise
    convs follow their input). Each group is named by its root module.
-2. Scoring is separate: :mod:`pqd.importance` gives per-weight scores (any criterion), and
+2. Scoring is separate: :mod:`pqd.prune.importance` gives per-weight scores (any criterion), and
    :func:`group_scores` sums them over each channel's slices in every conv/linear of the
    group (``magnitude`` with ``p: 2`` is the group L2 norm, ``p: 1`` the group L1 norm).
 3. :func:`plan_channels` keeps the best channels: ``scope: layer`` keeps the same fraction
@@ -35,7 +35,7 @@ and timed on onnxruntime at batch 1; ``trials`` candidates at most, every one re
 Composition: after ``quantize`` the state holds a PT2E QAT graph, on which TP cannot
 operate. Its state_dict carries the eager parameter names, so the eager model is rebuilt
 (fresh zoo model + the recorded structure + the graph's eager entries), pruned, prepared
-for QAT again (:func:`pqd.stages.quantize.prepare_qat`) and its activation observers
+for QAT again (:func:`pqd.quant.pt2e.prepare_qat`) and its activation observers
 re-calibrated on ``calibration_batches`` training batches; ``state.quantized`` stays True.
 Unstructured masks are carried through surgery exactly (the same structure is replayed
 on a copy whose weights are the masks); N:M masks are re-imposed on layers whose input
@@ -60,8 +60,7 @@ import torch.nn as nn
 
 from pqd.errors import ModelError
 from pqd.recipe import PruneChannelsSpec
-from pqd.registry import register_stage
-from pqd.stages.base import Context, State
+from pqd.state import State
 from pqd.train import is_graph
 
 Record = dict[str, Any]
@@ -271,26 +270,6 @@ def rebuild_model(model: nn.Module, structure: Sequence[Record],
     return apply_structure(model, example, structure)
 
 
-def eager_model(state: State, ctx: Context) -> nn.Module:
-    """``state.model`` itself when eager; for a QAT graph, the eager model with its weights.
-
-    The graph's state_dict has every eager key (plus fake-quant buffers): a fresh model
-    rebuilt to ``state.structure`` loads them.
-    """
-    if not is_graph(state.model):
-        return state.model
-    example = ctx.example_input().cpu()
-    eager = rebuild_model(ctx.new_model(), state.structure, example)
-    graph_state = state.model.state_dict()
-    own = eager.state_dict()
-    missing = [k for k in own if k not in graph_state]
-    if missing:
-        raise ModelError(f"the QAT graph lacks eager weights {missing[:3]}",
-                         "prune channels before quantize for this model")
-    eager.load_state_dict({k: graph_state[k].detach().clone() for k in own})
-    return eager.to(ctx.device)
-
-
 def carry_masks(model: nn.Module, masks: dict[str, torch.Tensor], example: torch.Tensor,
                 records: Sequence[Record]) -> dict[str, torch.Tensor]:
     """The keep-masks of ``model`` after ``records`` are applied to it (exact slicing).
@@ -346,7 +325,7 @@ def artifact_latency_ms(model: nn.Module, example: torch.Tensor, *, int8: bool,
     from pqd.export import export_onnx
     from pqd.measure.latency import compare_latency
     from pqd.measure.runtime import open_runner
-    from pqd.stages.quantize import calibrate, prepare_qat
+    from pqd.quant.pt2e import calibrate, prepare_qat
 
     m = copy.deepcopy(model).cpu().float()
     example = example.cpu()
@@ -418,14 +397,14 @@ def plan_records(model: nn.Module, example: torch.Tensor, scores: dict[str, torc
             for root, kept in plan.items() if len(kept) < len(per_group[root])]
 
 
-def _weight_names(model: nn.Module) -> list[str]:
+def weight_names(model: nn.Module) -> list[str]:
     return [f"{n}.weight" for n, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def _reimpose_nm(state: State, model: nn.Module, info: dict[str, Any]) -> None:
+def reimpose_nm(state: State, model: nn.Module, info: dict[str, Any]) -> None:
     """Re-impose N:M masks on layers still eligible after surgery; drop the others."""
-    from pqd.stages.prune import nm_eligible, nm_masks
+    from pqd.prune.masks import nm_eligible, nm_masks
 
     params = dict(model.named_parameters())
     dropped = []
@@ -441,128 +420,3 @@ def _reimpose_nm(state: State, model: nn.Module, info: dict[str, Any]) -> None:
             w.mul_(state.masks[name])
     if dropped:
         info["nm_dropped"] = dropped
-
-
-@register_stage("prune_channels")
-def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) -> State:
-    """Remove channels (TP surgery) to ``spec.ratio`` or ``spec.target``, then fine-tune."""
-    from pqd import importance
-    from pqd.errors import RecipeError
-    from pqd.models import check_output_shape
-    from pqd.models.multi_exit import MultiExitNet
-    from pqd.stages.prune import score_batches, scoring_loss, split_epochs
-    from pqd.stages.quantize import calibrate, prepare_qat
-    from pqd.train import prepare_model
-
-    if isinstance(state.model, MultiExitNet):
-        raise RecipeError("prune_channels cannot run after early_exit (channel surgery across "
-                          "the exit segments is not supported)",
-                          "put prune_channels before early_exit, or use prune (masks)")
-    cfg = ctx.train
-    example = ctx.example_input()
-    quantized = state.quantized
-    eager = eager_model(state, ctx)
-    batches = score_batches(ctx, spec.score_batches) if spec.criterion != "magnitude" else []
-    loss = scoring_loss(spec.criterion_loss, ctx)
-
-    def scores_of(model: nn.Module) -> dict[str, torch.Tensor]:
-        return importance.score(spec.criterion, model, batches, loss, _weight_names(model))
-
-    base_macs = count_macs(ctx.teacher, example.to(next(ctx.teacher.parameters()).device))
-    start_macs = count_macs(eager, example)
-    info: dict[str, Any] = {"criterion": spec.criterion, "scope": spec.scope,
-                            "macs_baseline": base_macs, "macs_before": start_macs}
-    ratio = spec.ratio
-    if ratio is None:
-        assert spec.target is not None
-        scores = scores_of(eager)
-        ratio = _target_ratio(eager, example, scores, spec, ctx, quantized, base_macs, info)
-    info["ratio"] = ratio
-    # kept fraction of each group's stage-start channels after each round
-    rounds = [1.0 - ratio] if spec.schedule == "oneshot" else [
-        (1.0 - ratio) ** ((i + 1) / spec.cycles) for i in range(spec.cycles)]
-    epochs = [spec.epochs] if spec.schedule == "oneshot" else split_epochs(spec.epochs,
-                                                                           spec.cycles)
-    start_channels: dict[str, int] = {}
-    steps: list[Record] = []
-    for i, (kept_fraction, n_epochs) in enumerate(zip(rounds, epochs, strict=True)):
-        if i > 0:
-            eager = eager_model(state, ctx)
-        _, groups = channel_groups(eager, example, spec.exclude)
-        current = {root: len(g[0].idxs) for root, g in groups.items()}
-        if not start_channels:
-            start_channels = dict(current)
-        keep = {root: min(1.0, kept_fraction * start_channels.get(root, c) / c)
-                for root, c in current.items()}
-        records = plan_records(eager, example, scores_of(eager), keep, spec)
-        if records:  # else nothing to cut: the state (graph or eager) stays as it is
-            if state.masks:
-                state.masks = carry_masks(eager, state.masks, example, records)
-            apply_structure(eager, example, records)
-            state.structure = [*state.structure, *records]
-            steps.extend(records)
-            if state.nm_layers:
-                _reimpose_nm(state, eager, info)
-            check_output_shape(eager, ctx.data.num_classes, int(example.shape[-1]))
-            if quantized:
-                graph = prepare_qat(eager.cpu(), example.cpu()).to(ctx.device)
-                calib = ctx.loader("train", cfg.batch_size, seed=ctx.seed + i,
-                                   shuffle=True)
-                calibrate(graph, calib, spec.calibration_batches, ctx.device)
-                state.model = graph
-            else:
-                state.model = prepare_model(eager, cfg, ctx.device)
-        ctx.fit(state, cfg, n_epochs, seed=ctx.seed + i, desc=ctx.desc)
-    final = eager_model(state, ctx)
-    info["macs_after"] = count_macs(final, example)
-    info["macs_fraction_of_baseline"] = round(info["macs_after"] / base_macs, 4)
-    info["channels"] = {root: [start_channels.get(root, 0), len(rec["kept"])]
-                        for root, rec in {r["layer"]: r for r in steps}.items()}
-    info["surgery_steps"] = len(steps)
-    if quantized:
-        info["requantized"] = "eager weights recovered from the QAT graph, pruned, QAT " \
-                              "re-prepared and observers re-calibrated"
-    state.info.update(info)
-    return state
-
-
-def _target_ratio(model: nn.Module, example: torch.Tensor, scores: dict[str, torch.Tensor],
-                  spec: PruneChannelsSpec, ctx: Context, quantized: bool, base_macs: int,
-                  info: dict[str, Any]) -> float:
-    """Channel ratio meeting ``spec.target`` (MACs fraction or measured latency)."""
-    target = spec.target
-    assert target is not None
-    if target.macs is not None:
-        budget = target.macs * base_macs
-
-        def macs_at(r: float) -> float:
-            return float(count_macs(prune_copy(model, example, scores, r, spec)[0], example))
-
-        ratio, met, tried = find_ratio(macs_at, budget, spec.max_ratio, target.trials)
-        info["target"] = {"macs": target.macs, "budget_macs": int(budget), "met": met,
-                          "trials": [{"ratio": t["ratio"], "macs": int(t["value"])}
-                                     for t in tried]}
-        return ratio
-    int8 = target.precision == "int8" or (target.precision == "auto" and (
-        quantized or ctx.quantize_later))
-    calib = []
-    if int8:
-        loader = ctx.loader("train", 32, seed=ctx.seed, shuffle=True)
-        calib = [(x.cpu(), y) for _, (x, y) in zip(range(2), loader, strict=False)]
-    threads = ctx.threads
-
-    def latency_at(r: float) -> float:
-        m = prune_copy(model, example, scores, r, spec)[0] if r > 0 else model
-        return artifact_latency_ms(m, example, int8=int8, calibration=calib, threads=threads)
-
-    ratio, met, tried = find_ratio(latency_at, float(target.latency_ms), spec.max_ratio,
-                                   target.trials)
-    info["target"] = {"latency_ms": target.latency_ms, "precision": "int8" if int8 else "fp32",
-                      "met": met, "trials": [{"ratio": t["ratio"],
-                                              "latency_ms": round(t["value"], 4)}
-                                             for t in tried]}
-    if not met:
-        info["target"]["note"] = (f"even max_ratio {spec.max_ratio} missed the budget; "
-                                  "pruned to max_ratio")
-    return ratio
-

@@ -2,8 +2,8 @@
 
 Every criterion is a function ``score(model, batches, loss_fn, names) -> {name: scores}``
 returning one float tensor per named parameter, shaped like it; a HIGHER score means
-MORE important (kept longer). Masks (:mod:`pqd.stages.prune`) and channel surgery
-(:mod:`pqd.stages.prune_channels`) only ever read these dicts.
+MORE important (kept longer). Masks (:mod:`pqd.prune.masks`) and channel surgery
+(:mod:`pqd.prune.channels`) only ever read these dicts.
 
 ``batches`` is a list of ``(x, y)`` training batches, ``loss_fn(logits, y, x)`` the loss
 whose gradient the criterion uses (cross-entropy, or the KD loss against the teacher

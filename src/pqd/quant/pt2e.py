@@ -24,7 +24,7 @@ Options (``QuantizeSpec``; measured in ``benchmarks/quantization.py``):
   it as DequantizeLinear + float Conv, so it is smaller but slower than INT8).
 - ``activations``: asymmetric uint8 (U8S8, fused into QLinearConv) or symmetric int8
   (S8S8: onnxruntime 1.32 on x86 leaves those convs in float); the range comes from
-  ``pqd.calibration`` (minmax, percentile or entropy) on the validation split. In QAT
+  ``pqd.quant.calibration`` (minmax, percentile or entropy) on the validation split. In QAT
   with ``minmax`` the ranges then follow torchao's moving average; ``percentile`` and
   ``entropy`` ranges, and every PTQ range, are held fixed (later training adapts the
   weights to them, as NVIDIA's pytorch-quantization QAT does).
@@ -33,7 +33,7 @@ Options (``QuantizeSpec``; measured in ``benchmarks/quantization.py``):
   min/max, as onnxruntime's DynamicQuantizeLinear does at run time; exported as
   DynamicQuantizeLinear + ConvInteger / MatMulInteger.
 - ``mixed_precision``: layers ranked by the val-split accuracy drop of quantizing each
-  alone (:mod:`pqd.sensitivity`); the most sensitive stay float until the quantized
+  alone (:mod:`pqd.quant.sensitivity`); the most sensitive stay float until the quantized
   model's val drop is within ``max_drop_points``.
 
 The scheme is kept in ``graph.meta["pqd_quant"]`` (it survives deepcopy), which the export
@@ -53,13 +53,10 @@ import torch
 import torch.nn as nn
 
 from pqd import _pt2e_cache
-from pqd.calibration import TensorStats
 from pqd.errors import ModelError, RecipeError
 from pqd.models.multi_exit import MultiExitNet
+from pqd.quant.calibration import TensorStats
 from pqd.recipe import QuantizeSpec
-from pqd.registry import register_stage
-from pqd.stages.base import Context, State
-from pqd.target import reduces_range
 from pqd.train import set_train
 
 _ADD_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
@@ -70,7 +67,7 @@ ANNOTATION = "quantization_annotation"
 META_KEY = "pqd_quant"
 _EPS = 2**-12  # torchao's x86 default
 # scheme keys that change the quantized types (the rest: how ranges are set, which are float)
-_TYPE_KEYS = ("granularity", "weight_symmetric", "weight_bits", "activation_symmetric",
+TYPE_KEYS = ("granularity", "weight_symmetric", "weight_bits", "activation_symmetric",
               "reduce_range")
 
 # reduce_range: 8-bit weights kept in [-64, 63] (the portable target, see pqd.target)
@@ -194,7 +191,7 @@ def quantization_config(scheme: dict[str, Any]):  # -> (QuantizationConfig, weig
     if dynamic:
         act = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255,
                                qscheme=torch.per_tensor_affine, is_dynamic=False,
-                               observer_or_fake_quant_ctr=dynamic_fake_quantize().with_args())
+                               observer_or_fake_quant_ctr=dynamic_fake_quantize().with_args())  # type: ignore[attr-defined]
     elif scheme["activation_symmetric"]:
         act = QuantizationSpec(
             dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
@@ -241,7 +238,7 @@ def ort_quantizer(is_qat: bool = True, scheme: dict[str, Any] | None = None):
     scheme = scheme or DEFAULT_SCHEME
     static = scheme["mode"] != "dynamic"
     default = static and not scheme.get("reduce_range", False) and all(
-        scheme[k] == DEFAULT_SCHEME[k] for k in _TYPE_KEYS if k != "reduce_range")
+        scheme[k] == DEFAULT_SCHEME[k] for k in TYPE_KEYS if k != "reduce_range")
     if default:  # exactly torchao's x86 recipe (full 8-bit weights: the x86-vnni target)
         config, weight_qspec = get_default_x86_inductor_quantization_config(is_qat=is_qat), None
     else:
@@ -580,7 +577,7 @@ def calibrate(model: nn.Module, loader, batches: int, device: torch.device,
 
     The float network runs (fake-quant off); weight quantizers observe their weights;
     each static activation quantizer gets the range of ``scheme["observer"]`` over the
-    batches (:class:`pqd.calibration.TensorStats`). Afterwards fake-quant is on and
+    batches (:class:`pqd.quant.calibration.TensorStats`). Afterwards fake-quant is on and
     activation observers are off, except in QAT with minmax ranges, where torchao's
     moving average goes on tracking them during training.
     """
@@ -648,61 +645,3 @@ def calibrate(model: nn.Module, loader, batches: int, device: torch.device,
 
 
 # ---------------------------------------------------------------------------- the stage
-
-
-def _calibration_loader(ctx: Context, spec: QuantizeSpec, batch_size: int):
-    """The validation split (every choice pqd makes uses it); train only for QAT/dynamic
-    when the recipe has no validation split."""
-    if len(ctx.data.val_y) > 0:
-        return "val", ctx.loader("val", batch_size)
-    if spec.mode == "ptq" or spec.mixed_precision is not None:
-        raise RecipeError(
-            "quantize: PTQ calibration and mixed precision use the validation split, "
-            "which is empty", "set data.val_size > 0")
-    return "train", ctx.loader("train", batch_size, seed=ctx.seed, shuffle=True)
-
-
-@register_stage("quantize")
-def apply_quantize(state: State, spec: QuantizeSpec, ctx: Context) -> State:
-    """Insert fake-quant (once), calibrate on val, choose mixed precision, then fine-tune
-    (QAT, dynamic with epochs) or stop (PTQ)."""
-    cfg = ctx.train
-    scheme = scheme_of(spec, reduces_range(ctx.target))
-    if not state.quantized:
-        # QAT, or a later stage, trains the graph: see refresh_bn_stats
-        state.info["bn_stats_images"] = refresh_bn_stats(
-                state.model, ctx.loader("train", cfg.batch_size, seed=ctx.seed,
-                                        shuffle=True), spec.calibration_batches, ctx.device)
-        if isinstance(state.model, MultiExitNet):  # exits attached: one graph per part
-            state.model = prepare_qat_parts(state.model, ctx.example_input(),
-                                            scheme).to(ctx.device)
-        else:
-            state.model = prepare_qat(state.model, ctx.example_input(), scheme).to(ctx.device)
-        state.quantized = True
-        split, calib = _calibration_loader(ctx, spec, cfg.batch_size)
-        state.info["calibration_split"] = split
-        state.info["calibration_images"] = calibrate(
-            state.model, calib, spec.calibration_batches, ctx.device, scheme)
-        if spec.mixed_precision is not None:
-            from pqd.sensitivity import choose_mixed_precision
-
-            state.info.update(choose_mixed_precision(
-                state.model, ctx.loader("val", 256), ctx.device, spec.mixed_precision))
-            keep_float(state.model, state.info["float_layers"])
-    else:
-        have = quant_scheme(state.model)
-        same = all(have.get(k, False) == scheme[k] for k in _TYPE_KEYS) and (
-            (have["mode"] == "dynamic") == (spec.mode == "dynamic"))
-        if not same or spec.mixed_precision is not None:
-            raise RecipeError(
-                "quantize: the model is already quantized; a repeated quantize stage only "
-                "continues fine-tuning and cannot change the scheme or choose mixed precision",
-                "give it the same mode (static or dynamic) and weights/activations options, "
-                "without mixed_precision, or remove it")
-        state.info["note"] = "already quantized: this stage continues fine-tuning (no new " \
-                             "calibration)"
-    state.info["scheme"] = {**quant_scheme(state.model)}
-    state.info["precision"] = precision_label(quant_scheme(state.model))
-    if spec.mode != "ptq":
-        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, desc=ctx.desc)
-    return state

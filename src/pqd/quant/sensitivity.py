@@ -18,20 +18,13 @@ quantizer; in onnxruntime such a layer runs as a float Conv/Gemm.
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from pqd.recipe import MixedPrecisionSpec, QuantizeSpec, Recipe
-from pqd.stages.quantize import (
-    fake_quantizers,
-    float_layer_quantizers,
-    quantized_layers,
-)
+from pqd.quant.pt2e import fake_quantizers, float_layer_quantizers, quantized_layers
+from pqd.recipe import MixedPrecisionSpec
 from pqd.train import evaluate
 
 
@@ -125,58 +118,3 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{100 * result['quantized_accuracy']:.2f}% (val split, "
                  f"{result.get('val_images', '?')} images, before any QAT)")
     return "\n".join(lines)
-
-
-def run_sensitivity(recipe: Recipe, out: str | Path | None = None, *, data_dir: str | None = None,
-                    progress: bool = True) -> dict[str, Any]:
-    """Baseline (trained or loaded) -> PTQ graph with the recipe's first quantize options ->
-    per-layer sensitivity on the val split; writes ``sensitivity.json`` into ``out``."""
-    from pqd.checkpoint import save_checkpoint
-    from pqd.data import load_dataset, resolve_data_root
-    from pqd.engine import baseline, seed_everything
-    from pqd.models import build_model
-    from pqd.pipeline import resolve_device
-    from pqd.stages.base import Context
-    from pqd.stages.quantize import calibrate, prepare_qat, scheme_of
-    from pqd.target import reduces_range
-    from pqd.target import resolve as resolve_target
-
-    t0 = time.perf_counter()
-    device = resolve_device(recipe.device)
-    data = load_dataset(recipe.data.dataset, resolve_data_root(data_dir, recipe.data.root),
-                        val_size=recipe.data.val_size, seed=recipe.seed,
-                        download=recipe.data.download, limit_train=recipe.data.limit_train,
-                        limit_test=recipe.data.limit_test)
-    if len(data.val_y) == 0:
-        from pqd.errors import RecipeError
-
-        raise RecipeError("sensitivity is measured on the validation split, which is empty",
-                          "set data.val_size > 0")
-    seed_everything(recipe.seed)
-    model = build_model(recipe.model.name, data.num_classes, data.mean, data.std,
-                        **recipe.model.kwargs).to(device)
-    ctx = Context(data=data, device=device, teacher=model, progress=progress,
-                  target=resolve_target(recipe.export.target))
-    baseline(model, data, train=recipe.baseline_train(), epochs=recipe.baseline.epochs,
-             checkpoint=recipe.baseline.checkpoint, seed=recipe.seed,
-             augment=recipe.data.augment, device=device, progress=progress)
-    if out is not None and not recipe.baseline.checkpoint:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        save_checkpoint(model, Path(out) / "baseline.safetensors", {"recipe": recipe.name})
-    spec = next((s for s in recipe.stages if isinstance(s, QuantizeSpec)),
-                QuantizeSpec(stage="quantize", mode="ptq", epochs=0))
-    scheme = {**scheme_of(spec, reduces_range(ctx.target)),
-              "mode": "ptq" if spec.mode != "dynamic" else "dynamic"}
-    graph = prepare_qat(model, ctx.example_input(), scheme).to(device)
-    val = ctx.loader("val", 256)
-    calibrate(graph, ctx.loader("val", recipe.train.batch_size), spec.calibration_batches,
-              device, scheme)
-    result = layer_sensitivity(graph, val, device)
-    result.update({"model": recipe.model.name, "scheme": scheme,
-                   "val_images": len(data.val_y),
-                   "baseline": recipe.baseline.checkpoint or "trained",
-                   "seconds": round(time.perf_counter() - t0, 2)})
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result

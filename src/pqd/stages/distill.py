@@ -34,10 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pqd.context import Context
 from pqd.errors import RecipeError
 from pqd.recipe import DistillSpec, FeatureKDSpec
 from pqd.registry import register_stage
-from pqd.stages.base import Context, State
+from pqd.state import State
 from pqd.train import eval_mode, is_graph, kd_loss
 
 TAPS = "_pqd_feature_taps"
