@@ -129,6 +129,10 @@ def render_markdown(record: dict[str, Any]) -> str:
     lines.append(table(["artifact", "runtime", "top-1", "p50 ms (b1)", "p90 ms (b1)",
                         "top-1 agreement with torch"], rt_rows))
     lines += ["", *target_section(record)]
+    if final.get("audit"):
+        from pqd.report_audit import audit_section
+
+        lines += ["", *audit_section(record)]
     libs = env["libraries"]
     lines += [
         "",
