@@ -458,6 +458,9 @@ class SearchSpec(Strict):
     criterion: Literal["accuracy"] = "accuracy"
     tie_points: float = Field(default=0.5, ge=0.0, le=100.0)
     tie_latency: float = Field(default=0.10, ge=0.0, lt=1.0)
+    # flag a Pareto-front point whose worst class drops by more than this many points
+    # against the baseline (the audit's largest per-class drop); None: no flag
+    flag_class_drop: float | None = Field(default=None, ge=0.0, le=100.0)
 
     @model_validator(mode="after")
     def _seeds_unique(self) -> SearchSpec:

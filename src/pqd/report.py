@@ -382,6 +382,9 @@ def render_search_markdown(search: dict[str, Any], plots: list[str] | None = Non
         lines += [para, ""] if not para.startswith("- ") else [para]
     lines += ["", "## All results", "", table(SEARCH_HEADER, search_rows(search)), "",
               _results_note(search), ""]
+    from pqd.report_audit import search_audit_lines
+
+    lines += search_audit_lines(search)
     if search.get("pairwise"):
         lines += ["## Pairwise order wins", "", _pairwise_note(search), "",
                   table(PAIR_HEADER, pairwise_rows(search)), ""]

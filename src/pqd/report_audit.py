@@ -232,3 +232,35 @@ def write_audit_plots(record: dict[str, Any], out: str | Path) -> list[str]:
     _save(fig, out / RELIABILITY_PNG)
     written.append(RELIABILITY_PNG)
     return written
+
+
+def search_audit_lines(search: dict[str, Any]) -> list[str]:
+    """The search report's audit section: per order, top-1 next to the largest per-class
+    drop, disagreement with the baseline, ECE and mean corruption top-1 (whether some orders
+    cost more robustness than others at equal top-1), and the flagged frontier points."""
+    from pqd.report import _ordered_groups, table
+
+    groups = [g for g in _ordered_groups(search) if g.get("n") and g.get("audit")]
+    if not groups:
+        return []
+    rows = []
+    for g in groups:
+        a = g["audit"]
+        drop = a["worst_class_drop_points"]
+        rows.append([g["kind"], g["label"], _pct(g["accuracy_mean"]),
+                     "-" if drop is None else f"{drop:+.2f} ({a['worst_class']})",
+                     _pct(a["disagreement"]), _num(a["ece"]), _pct(a["corruption_accuracy"]),
+                     "FLAGGED" if g.get("class_drop_flag") else ""])
+    lines = ["## Audit per order", "",
+             "Largest per-class drop and disagreement are against the shared baseline; "
+             "worst case over seeds for the drop, means for the rest.", "",
+             table(["kind", "order", "top-1", "largest class drop (points)", "disagreement",
+                    "ECE", "corruption top-1", "flag"], rows), ""]
+    flag = search.get("class_drop_flag")
+    if flag:
+        names = [g["label"] for g in groups if g["id"] in flag["flagged"]]
+        lines += [(f"Flagged: Pareto-front point(s) {', '.join(names)} lose more than "
+                   f"{flag['threshold_points']:g} points on one class."
+                   if names else f"No Pareto-front point loses more than "
+                   f"{flag['threshold_points']:g} points on one class."), ""]
+    return lines
