@@ -210,3 +210,20 @@ def test_pqd_audit_on_a_folder_without_record(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "record.json does not exist" in err[0]
     assert "fix:" in err[0]
+
+
+def test_benchmark_table_of_an_audited_run(small_run, capsys) -> None:
+    import importlib.util
+
+    out, record, _ = small_run
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "audit.py"
+    spec = importlib.util.spec_from_file_location("bench_audit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    text = bench.render(record)
+    vs = record["final"]["audit"]["vs_baseline"]
+    assert f"{vs['disagreement']['count']}/40" in text
+    assert "peak memory, fresh process (MB)" in text and "CPU-ms per inference" in text
+    assert record["environment"]["cpu"] in text
+    assert bench.main(["--run", str(out / "missing")]) == 2
+    assert "record.json does not exist" in capsys.readouterr().err
