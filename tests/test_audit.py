@@ -231,3 +231,15 @@ def test_benchmark_table_of_an_audited_run(small_run, capsys) -> None:
     assert record["environment"]["cpu"] in text
     assert bench.main(["--run", str(out / "missing")]) == 2
     assert "record.json does not exist" in capsys.readouterr().err
+
+
+def test_search_reads_a_trials_audit(small_run) -> None:
+    from pqd.search import audit_summary
+
+    _, record, _ = small_run
+    s = audit_summary(record)
+    vs = record["final"]["audit"]["vs_baseline"]
+    assert s["worst_class_drop_points"] == vs["largest_class_drop"]["points"]
+    assert s["disagreement"] == vs["disagreement"]["fraction"]
+    assert s["corruption_accuracy"] == record["final"]["audit"]["corruptions"]["mean_accuracy"]
+    assert audit_summary({"final": {}}) is None  # a record from before the audit
