@@ -335,9 +335,11 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
 
     t0 = time.perf_counter()
     spec = measure_spec(recipe)
+    logits: dict[str, np.ndarray] = {}
     measured = measure_onnx({"baseline": base_path, "final": final_path}, references, data,
-                            spec, progress=progress)
+                            spec, progress=progress, logits_out=logits)
     _measure_exits(out, recipe, spec, data, references, measured, progress)
+    _audit(out, recipe, spec, data, measured, logits, progress)
     record = _finish_record(pending, measured, time.perf_counter() - t0 + reference_seconds,
                             recipe.measure.threads, "in-process, right after training",
                             time.perf_counter() - t_start)
@@ -428,9 +430,11 @@ def measure_run(run_dir: str | Path, *, data_dir: str | None = None, progress: b
     with np.load(out / REFERENCE_FILE) as refs:
         references = {k: refs[k] for k in refs.files}
     t0 = time.perf_counter()
+    logits: dict[str, np.ndarray] = {}
     measured = measure_onnx({"baseline": out / "baseline.onnx", "final": out / "final.onnx"},
-                            references, data, spec, progress=progress)
+                            references, data, spec, progress=progress, logits_out=logits)
     _measure_exits(out, recipe, spec, data, references, measured, progress)
+    _audit(out, recipe, spec, data, measured, logits, progress)
     seconds = time.perf_counter() - t0
     total = pending["timing_s"]["total"] + seconds
     record = _finish_record(pending, measured, seconds + pending["timing_s"]["reference"],
@@ -453,6 +457,23 @@ def _measure_exits(out: Path, recipe: Recipe, spec: MeasureSpec, data: Any,
     measured["final"]["early_exit"] = measure_exits(
         out / "exits" / MANIFEST, out / "final.onnx", references_of(references), data, spec,
         exit_spec.target, rounds=spec.exit_latency_rounds, progress=progress)
+
+
+def _audit(out: Path, recipe: Recipe, spec: MeasureSpec, data: Any, measured: dict[str, Any],
+           logits: dict[str, np.ndarray], progress: bool) -> None:
+    """The audit of both artifacts (:mod:`pqd.measure.audit`) into ``measured[name]["audit"]``
+    from the logits the accuracy came from; ``measure.audit: true`` adds corruptions, memory
+    and energy."""
+    from pqd.measure.audit import audit_artifacts
+
+    paths = {name: out / measured[name]["artifact"] for name in ("baseline", "final")}
+    audits = audit_artifacts(
+        paths, logits, data, spec, {n: measured[n]["latency_ms"] for n in paths},
+        full=spec.audit, seed=recipe.seed,
+        exits_manifest=out / "exits" / "manifest.json" if recipe.early_exit() else None,
+        progress=progress)
+    for name, a in audits.items():
+        measured[name]["audit"] = a
 
 
 def _finish_record(pending: dict[str, Any], measured: dict[str, Any], measure_seconds: float,
@@ -528,6 +549,10 @@ def compare(baseline: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
     for b, stats in lat_b.get("batches", {}).items():
         if b != "1" and b in lat_f.get("batches", {}):
             out[f"speedup_batch{b}_p50"] = round(stats["p50"] / lat_f["batches"][b]["p50"], 3)
+    if final.get("audit"):
+        from pqd.measure.audit import audit_comparison
+
+        out.update(audit_comparison(final["audit"]))
     ee = final.get("early_exit")
     if ee is not None:  # exits on vs off, same weights, timed over the whole test split
         out["early_exit_speedup_mean"] = round(ee["speedup_mean"], 3)
@@ -540,6 +565,10 @@ def write_record(record: dict[str, Any], out: Path) -> None:
     from pqd.report import render_markdown
 
     atomic_write_text(out / "record.json", json.dumps(record, indent=2, default=_json_default))
+    if record.get("final", {}).get("audit"):
+        from pqd.report_audit import write_audit_plots
+
+        write_audit_plots(record, out)
     atomic_write_text(out / "report.md", render_markdown(record))
 
 

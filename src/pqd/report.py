@@ -201,6 +201,10 @@ def render_markdown(record: dict[str, Any]) -> str:
               "(INT8 rounding flips a few borderline images); less points at an export "
               "problem or at a file built for another CPU (see Deployment target)."]
     lines += ["", *target_section(record)]
+    if final.get("audit"):
+        from pqd.report_audit import audit_section
+
+        lines += ["", *audit_section(record)]
     libs = env["libraries"]
     lines += [
         "",
@@ -473,6 +477,9 @@ def render_search_markdown(search: dict[str, Any], plots: list[str] | None = Non
         lines += [para, ""] if not para.startswith("- ") else [para]
     lines += ["", "## All results", "", table(SEARCH_HEADER, search_rows(search)), "",
               _results_note(search), ""]
+    from pqd.report_audit import search_audit_lines
+
+    lines += search_audit_lines(search)
     if search.get("pairwise"):
         lines += ["## Pairwise order wins", "", _pairwise_note(search), "",
                   table(PAIR_HEADER, pairwise_rows(search)), ""]
