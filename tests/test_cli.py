@@ -336,7 +336,7 @@ def test_import_pqd_is_quiet_about_known_harmless_messages() -> None:
     known-harmless messages, while the user's own warnings still show."""
     code = ("import warnings, torch, pqd\n"
             "from pqd.models import build_model\n"
-            "from pqd.stages.quantize import prepare_qat\n"
+            "from pqd.quant.pt2e import prepare_qat\n"
             "m = build_model('tiny_cnn', 10, (0.5,) * 3, (0.25,) * 3)\n"
             "g = prepare_qat(m, torch.rand(2, 3, 32, 32))\n"
             "import copy; copy.deepcopy(g)\n"

@@ -101,6 +101,11 @@ def check_exit_run(order: list[str], out: Path, record: dict, test_x: np.ndarray
     assert 0 < ee["expected_macs"] <= ee["full_macs"] + sum(ee["part_macs"]["heads"])
     assert ee["latency_ms"]["samples"] == record["data"]["test"] * ee["latency_ms"]["rounds"]
     assert record["comparison"]["early_exit_speedup_mean"] > 0
+    # the audit calibrates every exit head's deciding confidence on the test split
+    cal = record["final"]["audit"]["exit_calibration"]
+    assert [c["exit"] for c in cal] == list(range(k_exits))
+    assert all(0 <= c["confidence_ece"] <= 1 and sum(c["bin_count"]) == record["data"]["test"]
+               for c in cal)
     # every part quantized, heads included (the quantize stage came before or after)
     assert manifest["precision"] == "int8"
     for entry in (*manifest["segments"], *manifest["heads"]):

@@ -21,10 +21,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.measure",),                                              # measuring files
     ("pqd.prune",),                                                # importance, masks, surgery
     ("pqd.exits",),                                                # exit heads, exit runtime
+    ("pqd.measure.audit", "pqd.measure.corruptions"),              # audit (exits included)
     ("pqd.context",),                                              # what a stage reads
     ("pqd.stages",),                                               # one thin apply per file
     ("pqd.engine", "pqd.resume"),                                  # the stage loop, run folders
-    ("pqd.pipeline", "pqd.report"),                                # pqd run, records, reports
+    ("pqd.markdown",),                                             # report text pieces
+    ("pqd.pipeline", "pqd.report", "pqd.report_audit"),            # pqd run, records, reports
     ("pqd.api", "pqd.search"),                                     # pqd.compress, pqd search
     ("pqd.cli", "pqd"),                                            # the command, the package
 ]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from helpers import make_ctx, run_stages
-from pqd.prune import importance
 from pqd.context import Context, score_batches, scoring_loss
 from pqd.errors import RecipeError
+from pqd.prune import importance
 from pqd.prune.masks import iterative_sparsities, prunable_parameters, sparsity_of
 from pqd.recipe import recipe_from_dict
 from pqd.state import State

@@ -231,10 +231,12 @@ def test_cli_bad_search_exits_2_with_one_line(tmp_path, capsys):
 
 
 def fake_search(accuracy: dict[str, float], seeds: tuple[int, ...] = (0,),
-                failed: tuple[str, ...] = ()) -> dict[str, Any]:
+                failed: tuple[str, ...] = (), drops: dict[str, float] | None = None,
+                **search: Any) -> dict[str, Any]:
     """A search analysed from made-up results: accuracy by order 'p>q>d' (INT8 when q in it,
-    '' is the baseline), the orders in ``failed`` failed."""
-    recipe = search_recipe(total_epochs=5, budget=[20, 40, 40], seeds=list(seeds))
+    '' is the baseline), the orders in ``failed`` failed; ``drops``: each order's audit
+    (largest per-class drop in points, default 1)."""
+    recipe = search_recipe(total_epochs=5, budget=[20, 40, 40], seeds=list(seeds), **search)
     trials = plan_trials(recipe, "/c", "d", "/data")
 
     def entry(t: Trial, seed: int) -> dict[str, Any]:
@@ -249,7 +251,11 @@ def fake_search(accuracy: dict[str, float], seeds: tuple[int, ...] = (0,),
                 "size_bytes": 1_200_000 if int8 else 4_500_000,
                 "latency_ms": {"p50": 0.4 if int8 else 1.3, "p90": 0.5 if int8 else 1.5},
                 "precision": "int8" if int8 else "fp32",
-                "sparsity": 0.5 if "prune" in t.order else 0.0}
+                "sparsity": 0.5 if "prune" in t.order else 0.0,
+                "audit": None if drops is None else {
+                    "worst_class_drop_points": drops.get(name, 1.0) + seed,
+                    "worst_class": "cat", "disagreement": 0.05, "ece": 0.02,
+                    "corruption_accuracy": None}}
 
     base = Trial("baseline", (), 0, (30,), recipe, "basekey")
     entries = [entry(t, t.seed) for t in trials]
@@ -294,6 +300,27 @@ def test_analysis_reports_a_cycle_and_aggregates_seeds():
     assert group["n"] == 2 and group["seeds"] == [0, 1]
     assert group["accuracy_mean"] == pytest.approx(0.801)
     assert group["accuracy_std"] == pytest.approx(0.002 / 2**0.5)
+
+
+def test_frontier_points_losing_a_class_are_flagged():
+    from pqd.report import render_search_markdown
+
+    acc = {"p>q>d": 0.79, "d": 0.795, "": 0.78}
+    search = fake_search(acc, seeds=(0, 1), drops={"p>q>d": 2.5, "d": 0.5},
+                         flag_class_drop=3.0)
+    assert set(search["pareto"]) == {"reference:distill", "permutation:prune>quantize>distill"}
+    # worst case over the seeds: 2.5 + 1 > 3 points; distill-only 0.5 + 1 is not
+    assert search["class_drop_flag"] == {"threshold_points": 3.0,
+                                         "flagged": ["permutation:prune>quantize>distill"]}
+    group = next(g for g in search["groups"] if g["id"] == "permutation:prune>quantize>distill")
+    assert group["audit"]["worst_class_drop_points"] == 3.5 and group["class_drop_flag"]
+    text = render_search_markdown(search)
+    assert "## Audit per order" in text and "FLAGGED" in text
+    assert "Flagged: Pareto-front point(s) prune -> quantize -> distill" in text
+    # off by default; no audit, no section
+    plain = fake_search(acc)
+    assert plain["class_drop_flag"] is None and "Audit per order" not in (
+        render_search_markdown(plain))
 
 
 def test_derived_order_text_for_ties_and_partial_orders():

@@ -4,6 +4,7 @@
     pqd search recipes/search-quickstart.yaml --out runs/search [--workers N]
     pqd validate recipes/quickstart.yaml
     pqd report runs/quick            # or a search folder: re-renders from search.json
+    pqd audit runs/quick             # per-class damage, calibration, corruptions, memory
     pqd sensitivity recipes/quickstart.yaml --out runs/sens
     pqd models
 
@@ -81,6 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render a run's report.md from record.json, or a "
                          "search's reports from search.json")
     rep.add_argument("run_dir")
+
+    aud = sub.add_parser("audit", help="audit a run's deployed files beyond top-1: per-class "
+                         "damage, disagreement, calibration, corruptions, memory, CPU time")
+    aud.add_argument("run_dir", help="a folder written by 'pqd run'")
+    aud.add_argument("--data-dir", default=None,
+                     help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
+    aud.add_argument("--cheap", action="store_true",
+                     help="only per-class, disagreement, calibration and latency tails "
+                          "(no corruption suite, memory or energy probe)")
+    aud.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("models", help="list the model zoo")
     return p
@@ -218,6 +229,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from pqd.pipeline import audit_run
+    from pqd.report import table
+    from pqd.report_audit import audit_rows
+
+    record = audit_run(args.run_dir, data_dir=args.data_dir, full=not args.cheap,
+                       progress=not args.no_progress)
+    print(table(["", "baseline", "final"], audit_rows(record)))
+    out = Path(args.run_dir)
+    print(f"wrote the audit into {out / 'record.json'} and {out / 'report.md'}")
+    return 0
+
+
 def _cmd_models(_: argparse.Namespace) -> int:
     from pqd.registry import model_names
 
@@ -284,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     commands = {"run": _cmd_run, "search": _cmd_search, "validate": _cmd_validate,
-                "sensitivity": _cmd_sensitivity, "report": _cmd_report, "models": _cmd_models}
+                "sensitivity": _cmd_sensitivity, "report": _cmd_report, "models": _cmd_models,
+                "audit": _cmd_audit}
     try:
         return commands[args.command](args)
     except PqdError as exc:

@@ -341,9 +341,11 @@ def execute(recipe: Recipe, folder: RunFolder, data: Any, make_model: Callable[[
 
     t0 = time.perf_counter()
     spec = measure_spec(recipe)
+    logits: dict[str, np.ndarray] = {}
     measured = measure_onnx({"baseline": base_path, "final": final_path}, references, data,
-                            spec, progress=progress)
+                            spec, progress=progress, logits_out=logits)
     _measure_exits(out, recipe, spec, data, references, measured, progress)
+    _audit(out, recipe, spec, data, measured, logits, progress)
     record = _finish_record(pending, measured, time.perf_counter() - t0 + reference_seconds,
                             recipe.measure.threads, "in-process, right after training",
                             time.perf_counter() - t_start)
@@ -434,9 +436,11 @@ def measure_run(run_dir: str | Path, *, data_dir: str | None = None, progress: b
     with np.load(out / REFERENCE_FILE) as refs:
         references = {k: refs[k] for k in refs.files}
     t0 = time.perf_counter()
+    logits: dict[str, np.ndarray] = {}
     measured = measure_onnx({"baseline": out / "baseline.onnx", "final": out / "final.onnx"},
-                            references, data, spec, progress=progress)
+                            references, data, spec, progress=progress, logits_out=logits)
     _measure_exits(out, recipe, spec, data, references, measured, progress)
+    _audit(out, recipe, spec, data, measured, logits, progress)
     seconds = time.perf_counter() - t0
     total = pending["timing_s"]["total"] + seconds
     record = _finish_record(pending, measured, seconds + pending["timing_s"]["reference"],
@@ -459,6 +463,23 @@ def _measure_exits(out: Path, recipe: Recipe, spec: MeasureSpec, data: Any,
     measured["final"]["early_exit"] = measure_exits(
         out / "exits" / MANIFEST, out / "final.onnx", references_of(references), data, spec,
         exit_spec.target, rounds=spec.exit_latency_rounds, progress=progress)
+
+
+def _audit(out: Path, recipe: Recipe, spec: MeasureSpec, data: Any, measured: dict[str, Any],
+           logits: dict[str, np.ndarray], progress: bool) -> None:
+    """The audit of both artifacts (:mod:`pqd.measure.audit`) into ``measured[name]["audit"]``
+    from the logits the accuracy came from; ``measure.audit: true`` adds corruptions, memory
+    and energy."""
+    from pqd.measure.audit import audit_artifacts
+
+    paths = {name: out / measured[name]["artifact"] for name in ("baseline", "final")}
+    audits = audit_artifacts(
+        paths, logits, data, spec, {n: measured[n]["latency_ms"] for n in paths},
+        full=spec.audit, seed=recipe.seed,
+        exits_manifest=out / "exits" / "manifest.json" if recipe.early_exit() else None,
+        progress=progress)
+    for name, a in audits.items():
+        measured[name]["audit"] = a
 
 
 def _finish_record(pending: dict[str, Any], measured: dict[str, Any], measure_seconds: float,
@@ -534,6 +555,10 @@ def compare(baseline: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
     for b, stats in lat_b.get("batches", {}).items():
         if b != "1" and b in lat_f.get("batches", {}):
             out[f"speedup_batch{b}_p50"] = round(stats["p50"] / lat_f["batches"][b]["p50"], 3)
+    if final.get("audit"):
+        from pqd.measure.audit import audit_comparison
+
+        out.update(audit_comparison(final["audit"]))
     ee = final.get("early_exit")
     if ee is not None:  # exits on vs off, same weights, timed over the whole test split
         out["early_exit_speedup_mean"] = round(ee["speedup_mean"], 3)
@@ -546,6 +571,10 @@ def write_record(record: dict[str, Any], out: Path) -> None:
     from pqd.report import render_markdown
 
     atomic_write_text(out / "record.json", json.dumps(record, indent=2, default=_json_default))
+    if record.get("final", {}).get("audit"):
+        from pqd.report_audit import write_audit_plots
+
+        write_audit_plots(record, out)
     atomic_write_text(out / "report.md", render_markdown(record))
 
 
@@ -613,4 +642,77 @@ def run_sensitivity(recipe: Recipe, out: str | Path | None = None, *, data_dir: 
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def audit_run(run_dir: str | Path, *, data_dir: str | None = None, full: bool = True,
+              progress: bool = True, cache: Path | None = None) -> dict[str, Any]:
+    """Audit the artifacts of a finished ``pqd run`` folder and write the audit into its
+    record.json (and re-render report.md with the audit plots).
+
+    Re-reads record.json (recipe, primary runtime), loads the test split, runs
+    ``baseline.onnx`` and ``final.onnx`` on the primary runtime and computes
+    :func:`audit_artifacts` (``full``: with corruptions, memory and energy). Batch-1 tails
+    (p99 / max) are re-timed when the record predates them.
+
+    Args:
+        run_dir: the run folder.
+        data_dir: folder holding the data sets (else ``PQD_DATA_DIR``, the recipe's root).
+        full: corruption suite, memory and energy too.
+        progress: progress bars.
+        cache: the corruption cache folder (``None``: the default).
+
+    Returns:
+        The updated record.
+    """
+    from pqd.data import load_dataset, resolve_data_root
+    from pqd.errors import PqdError
+    from pqd.measure.artifacts import runtime_logits
+    from pqd.measure.audit import ARTIFACTS, attach, audit_artifacts, latency_tail
+    from pqd.measure.latency import compare_latency
+    from pqd.measure.runtime import open_runner
+    from pqd.recipe import recipe_from_dict
+
+    out = Path(run_dir)
+    path = out / "record.json"
+    if not path.is_file():
+        raise PqdError(f"{path} does not exist", "give a run folder written by 'pqd run'")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        recipe = recipe_from_dict(record["recipe"], str(path))
+        primary = record["final"]["runtime"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PqdError(f"{path} is not a complete pqd record ({type(exc).__name__}: {exc})",
+                       "re-run the recipe into that folder") from None
+    paths = {name: out / record[name]["artifact"] for name in ARTIFACTS}
+    for p in paths.values():
+        if not p.is_file():
+            raise PqdError(f"{p} does not exist", "re-run the recipe into that folder")
+    spec = measure_spec(recipe)
+    spec = spec.model_copy(update={"runtimes": [primary] + [r for r in spec.runtimes
+                                                            if r != primary]})
+    root = resolve_data_root(data_dir, recipe.data.root)
+    data = load_dataset(recipe.data.dataset, root, val_size=recipe.data.val_size,
+                        seed=recipe.seed, download=recipe.data.download,
+                        limit_train=recipe.data.limit_train, limit_test=recipe.data.limit_test)
+    logits = {}
+    runners = {}
+    for name, p in paths.items():
+        runners[name] = open_runner(primary, p, spec.threads)
+        logits[name] = runtime_logits(runners[name].run, data.test_x, spec.accuracy_batch_size,
+                                      f"{name} audit ({primary})", progress)
+    latency = {name: record[name].get("latency_ms", {}) for name in paths}
+    if any(latency_tail(v) is None for v in latency.values()):  # a record without p99
+        shape = (1, *(int(d) for d in data.test_x.shape[1:]))
+        stats = compare_latency({n: r.run for n, r in runners.items()}, shape,
+                                warmup=spec.warmup, repeats=spec.repeats, progress=progress,
+                                desc="audit latency batch 1")
+        latency = {n: {"batches": {"1": {**st.as_dict(), "source": "re-timed by pqd audit"}}}
+                   for n, st in stats.items()}
+    manifest = out / "exits" / "manifest.json"
+    audits = audit_artifacts(paths, logits, data, spec, latency, full=full, seed=recipe.seed,
+                             exits_manifest=manifest if record["final"].get("early_exit")
+                             else None, progress=progress, cache=cache)
+    attach(record, audits)
+    write_record(record, out)
+    return record
 

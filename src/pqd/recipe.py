@@ -466,6 +466,9 @@ class MeasureSpec(Strict):
     repeats: int = Field(default=300, ge=5)
     accuracy_batch_size: int = Field(default=256, ge=1)
     exit_latency_rounds: int = Field(default=3, ge=1, le=100)  # passes over the test split
+    # the full audit (pqd.measure.audit): corruption suite, peak memory and CPU-s/energy of a
+    # fresh process; per-class damage, disagreement, calibration and p99/max are always on
+    audit: bool = False
 
     @model_validator(mode="after")
     def _batch_one_first(self) -> MeasureSpec:
@@ -500,6 +503,9 @@ class SearchSpec(Strict):
     criterion: Literal["accuracy"] = "accuracy"
     tie_points: float = Field(default=0.5, ge=0.0, le=100.0)
     tie_latency: float = Field(default=0.10, ge=0.0, lt=1.0)
+    # flag a Pareto-front point whose worst class drops by more than this many points
+    # against the baseline (the audit's largest per-class drop); None: no flag
+    flag_class_drop: float | None = Field(default=None, ge=0.0, le=100.0)
 
     @model_validator(mode="after")
     def _seeds_unique(self) -> SearchSpec:

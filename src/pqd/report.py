@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pqd.markdown import KIND_ORDER, ordered_groups, table
+
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f}"
@@ -105,13 +107,6 @@ SUMMARY_HEADER = ["artifact", "precision", "top-1", "MB", "p50 ms (b1)", "p90 ms
                   "p50 ms (large b)", "sparsity", "MMACs", "GBitOps"]
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def parity_warnings(record: dict[str, Any]) -> list[str]:
     """One line per artifact problem that makes its measured answers untrustworthy on this
     machine (``parity_problems`` of the record, see :func:`pqd.target.assess`), with the fix."""
@@ -201,6 +196,10 @@ def render_markdown(record: dict[str, Any]) -> str:
               "(INT8 rounding flips a few borderline images); less points at an export "
               "problem or at a file built for another CPU (see Deployment target)."]
     lines += ["", *target_section(record)]
+    if final.get("audit"):
+        from pqd.report_audit import audit_section
+
+        lines += ["", *audit_section(record)]
     libs = env["libraries"]
     lines += [
         "",
@@ -308,24 +307,14 @@ KIND_STYLE = {  # kind -> (colour, marker, legend label)
     "pairwise": ("#ff7f0e", "^", "pairwise run (two stages)"),
     "reference": ("#2ca02c", "s", "single technique"),
 }
-KIND_ORDER = ("baseline", "permutation", "reference", "pairwise")
 SEARCH_HEADER = ["rank", "kind", "order", "epochs", "top-1", "± sd", "MB", "p50 ms", "p90 ms",
                  "speedup", "precision", "sparsity", "Pareto"]
-
-
-def _ordered_groups(search: dict[str, Any]) -> list[dict[str, Any]]:
-    """Groups in report order: baseline, permutations by rank, references, pairwise runs."""
-    groups = search["groups"]
-    ranked = {gid: i for i, gid in enumerate(search["ranking"])}
-    return sorted(groups, key=lambda g: (KIND_ORDER.index(g["kind"]),
-                                         ranked.get(g["id"], len(ranked)),
-                                         groups.index(g)))
 
 
 def search_rows(search: dict[str, Any]) -> list[list[str]]:
     """One row per kind and order (seeds aggregated): the search's summary table."""
     rows = []
-    for g in _ordered_groups(search):
+    for g in ordered_groups(search):
         if not g["n"]:
             rows.append([str(g.get("rank", "-")), g["kind"], g["label"],
                          "/".join(map(str, g["epochs"])), "failed", "", "", "", "", "", "",
@@ -473,6 +462,9 @@ def render_search_markdown(search: dict[str, Any], plots: list[str] | None = Non
         lines += [para, ""] if not para.startswith("- ") else [para]
     lines += ["", "## All results", "", table(SEARCH_HEADER, search_rows(search)), "",
               _results_note(search), ""]
+    from pqd.report_audit import search_audit_lines
+
+    lines += search_audit_lines(search)
     if search.get("pairwise"):
         lines += ["## Pairwise order wins", "", _pairwise_note(search), "",
                   table(PAIR_HEADER, pairwise_rows(search)), ""]
@@ -499,7 +491,7 @@ def _timing_text(search: dict[str, Any]) -> str:
 
 
 def _measured(search: dict[str, Any]) -> list[dict[str, Any]]:
-    return [g for g in _ordered_groups(search) if g["n"]]
+    return [g for g in ordered_groups(search) if g["n"]]
 
 
 def _place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str],

@@ -777,7 +777,21 @@ def _trial_result(trial: Trial, record: dict[str, Any] | None, error: str | None
         "speedup_vs_baseline": (round(base_p50 / lat["p50"], 3) if lat and base_p50 else None),
         "train_seconds": round(sum(record["timing_s"].get(k, 0.0)
                                    for k in ("baseline", "stages", "export")), 1),
+        "audit": audit_summary(record),
     }
+
+
+def audit_summary(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A trial's audit in brief (:mod:`pqd.measure.audit`): largest per-class drop vs the
+    baseline (points) and its class, disagreement (fraction), ECE, mean corruption top-1."""
+    a = record["final"].get("audit")
+    if not a or "vs_baseline" not in a:
+        return None
+    worst = a["vs_baseline"]["largest_class_drop"] or {}
+    return {"worst_class_drop_points": worst.get("points"), "worst_class": worst.get("class"),
+            "disagreement": a["vs_baseline"]["disagreement"]["fraction"],
+            "ece": a["calibration"]["ece"],
+            "corruption_accuracy": a.get("corruptions", {}).get("mean_accuracy")}
 
 
 def _aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -809,6 +823,19 @@ def _aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "sparsity": mean([e["sparsity"] for e in ok]),
         "parity_ok": all(e.get("parity_ok", True) for e in ok),
     })
+    audits = [e["audit"] for e in ok if e.get("audit")]
+    if len(audits) == len(ok):  # worst case over seeds; means of the rest
+        drops = [a["worst_class_drop_points"] for a in audits]
+        corr = [a["corruption_accuracy"] for a in audits]
+        out["audit"] = {
+            "worst_class_drop_points": max(d for d in drops if d is not None)
+            if any(d is not None for d in drops) else None,
+            "worst_class": max(audits, key=lambda a: a["worst_class_drop_points"] or 0.0
+                               )["worst_class"],
+            "disagreement": mean([a["disagreement"] for a in audits]),
+            "ece": mean([a["ece"] for a in audits]),
+            "corruption_accuracy": mean(corr) if None not in corr else None,
+        }
     return out
 
 
@@ -884,6 +911,13 @@ def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, 
     for i, g in enumerate(measured):
         g["pareto"] = i in front
     pareto = [measured[i]["id"] for i in front]
+    flagged = []
+    if spec.flag_class_drop is not None:  # frontier points that hurt one class too much
+        for i in front:
+            drop = (measured[i].get("audit") or {}).get("worst_class_drop_points")
+            if drop is not None and drop > spec.flag_class_drop:
+                measured[i]["class_drop_flag"] = True
+                flagged.append(measured[i]["id"])
 
     # ---- ranking of the permutations by the criterion
     perms = sorted((g for g in groups if g["kind"] == "permutation" and g["n"]),
@@ -950,6 +984,8 @@ def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, 
         "best": best["id"] if best else None,
         "best_vs_references": versus,
         "pareto": pareto,
+        "class_drop_flag": (None if spec.flag_class_drop is None else
+                            {"threshold_points": spec.flag_class_drop, "flagged": flagged}),
         "pairwise": pairwise,
         "runs": {
             "permutation": kinds.count("permutation"), "pairwise": kinds.count("pairwise"),

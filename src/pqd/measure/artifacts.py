@@ -81,10 +81,13 @@ def measure_onnx(
     spec: MeasureSpec,
     *,
     progress: bool = True,
+    logits_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Like :func:`measure_artifacts`, with the torch models' logits given (``references``:
     logits on the first N test images, from :func:`torch_reference`), so that the artifacts
-    can be measured in another process than the one that exported them."""
+    can be measured in another process than the one that exported them. ``logits_out``, if
+    given, receives each artifact's test-split logits on the primary runtime (for the audit,
+    :mod:`pqd.measure.audit`, without running the test split again)."""
     x, y = data.test_x, data.test_y.numpy()
     shape = tuple(int(d) for d in x.shape[1:])
     versions = runtime_versions()
@@ -105,6 +108,8 @@ def measure_onnx(
         for name, runner in runners.items():
             logits = runtime_logits(runner.run, x, spec.accuracy_batch_size,
                                     f"{name} accuracy ({rt})", progress)
+            if logits_out is not None and rt == spec.runtimes[0]:
+                logits_out[name] = logits
             results[name]["runtimes"][rt] = {
                 "version": versions.get(rt),
                 "settings": runner.settings,
@@ -129,7 +134,8 @@ def measure_onnx(
                 lat["batches"][str(b)] = {**st.as_dict(), "warmup": warmup}
                 if b == 1:
                     lat.update({"batch": 1, "p50": round(st.p50, 4), "p90": round(st.p90, 4),
-                                "mean": round(st.mean, 4)})
+                                "mean": round(st.mean, 4), "p99": round(st.p99, 4),
+                                "max": round(st.max, 4)})
     primary = spec.runtimes[0]
     for res in results.values():
         head = res["runtimes"][primary]
