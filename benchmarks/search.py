@@ -32,10 +32,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def render(search: dict, wall_s: float | None) -> str:
     """The Markdown tables and summary lines of one search.json."""
-    from pqd.report import PAIR_HEADER, _ordered_groups, derived_order_text, pairwise_rows
+    from pqd.markdown import ordered_groups
+    from pqd.report import PAIR_HEADER, derived_order_text, pairwise_rows
 
     rows = []
-    for g in _ordered_groups(search):
+    for g in ordered_groups(search):
         if not g["n"]:
             rows.append([str(g.get("rank", "-")), g["kind"], g["label"],
                          "/".join(map(str, g["epochs"])), "failed", "", "", "", "", ""])
