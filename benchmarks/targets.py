@@ -10,7 +10,8 @@ do not depend on the target: ``pqd run --resume``) and trains the rest with the 
 weight range. Then, in ONE process: the FP32 file and both INT8 files timed in interleaved
 rounds at batch 1, in panels that rotate which file goes first (p50: the median over
 panels; the speed-up of each INT8 file over the same FP32 file, and their ratio), each
-file's parity on this CPU (from its record), the int8 weight pairs that can saturate without VNNI (read from the file), and its parity on AVX2 kernels (OpenVINO with
+file's parity on this CPU (from its record), the int8 weight pairs that can saturate
+without VNNI (read from the file), and its parity on AVX2 kernels (OpenVINO with
 oneDNN capped at AVX2: the saturating ``vpmaddubsw`` path, on any newer x86 CPU).
 """
 
@@ -131,7 +132,8 @@ def table(result: dict[str, Any]) -> str:
         f"- portable keeps {100 * p['speedup'] / v['speedup']:.1f}% of the 8-bit file's "
         f"speed-up over FP32 ({p['speedup']:.2f}x vs {v['speedup']:.2f}x; FP32 "
         f"{result['fp32_p50_ms']:.3f} ms; p50 = median of "
-        f"{len(result['panels']['fp32']['panels'])} interleaved panels of the three files, each with another file first)",
+        f"{len(result['panels']['fp32']['panels'])} interleaved panels of the three files, "
+        "each with another file first)",
         f"- test top-1: portable {100 * (p['accuracy'] - v['accuracy']):+.2f} points vs 8-bit "
         f"(baseline {100 * p['baseline_accuracy']:.2f}%; {result['data']['test']} test images, "
         "a subset of CIFAR-10's test split)",
