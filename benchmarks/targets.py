@@ -8,9 +8,10 @@ Runs the recipe once per target: the first run trains the baseline and every sta
 second reuses the first run's baseline and the steps before its first quantize stage (they
 do not depend on the target: ``pqd run --resume``) and trains the rest with the other
 weight range. Then, in ONE process: the FP32 file and both INT8 files timed in interleaved
-rounds at batch 1 (the speed-up of each INT8 file over the same FP32 file, and their
-ratio), each file's parity on this CPU (from its record), the int8 weight pairs that can
-saturate without VNNI (read from the file), and its parity on AVX2 kernels (OpenVINO with
+rounds at batch 1, in panels that rotate which file goes first (p50: the median over
+panels; the speed-up of each INT8 file over the same FP32 file, and their ratio), each
+file's parity on this CPU (from its record), the int8 weight pairs that can saturate
+without VNNI (read from the file), and its parity on AVX2 kernels (OpenVINO with
 oneDNN capped at AVX2: the saturating ``vpmaddubsw`` path, on any newer x86 CPU).
 """
 
@@ -57,7 +58,8 @@ def train(recipe: Path, out: Path, data_dir: str | None) -> dict[str, float]:
     return walls
 
 
-def measure(out: Path, data_dir: str | None, threads: int, repeats: int) -> dict[str, Any]:
+def measure(out: Path, data_dir: str | None, threads: int, repeats: int,
+            panels: int = 3) -> dict[str, Any]:
     """One panel over the FP32 file and both INT8 files, plus saturation and AVX2 parity."""
     import numpy as np
 
@@ -77,8 +79,14 @@ def measure(out: Path, data_dir: str | None, threads: int, repeats: int) -> dict
              **{t: out / t / "final.onnx" for t in TARGETS}}
     spec = MeasureSpec(runtimes=["onnxruntime"], threads=threads, batch_sizes=[1],
                        repeats=repeats, warmup=50)
-    _log("latency panel: FP32 and both INT8 files, interleaved")
-    panel = latency_panel(paths, spec, progress=False)
+    _log(f"latency panels: FP32 and both INT8 files, interleaved, {panels} orders")
+    runs = []
+    names = list(paths)
+    for k in range(panels):  # rotate which file goes first; the median over panels
+        order = names[k % len(names):] + names[:k % len(names)]
+        runs.append(latency_panel({n: paths[n] for n in order}, spec, progress=False))
+    panel = {n: {"p50": float(np.median([r[n]["p50"] for r in runs])),
+                 "panels": [r[n]["p50"] for r in runs]} for n in names}
     x = data.test_x.float().div(255.0).numpy()
     rows: dict[str, Any] = {}
     for t in TARGETS:
@@ -96,7 +104,7 @@ def measure(out: Path, data_dir: str | None, threads: int, repeats: int) -> dict
             "avx2_vs_native_openvino": parity(reference, avx2_logits(paths[t], x, threads)),
             "size_bytes": f["size_bytes"],
         }
-    return {"rows": rows, "fp32_p50_ms": panel["fp32"]["p50"],
+    return {"rows": rows, "fp32_p50_ms": panel["fp32"]["p50"], "panels": panel,
             "environment": environment(threads), "data": data.summary()}
 
 
@@ -123,7 +131,9 @@ def table(result: dict[str, Any]) -> str:
         "",
         f"- portable keeps {100 * p['speedup'] / v['speedup']:.1f}% of the 8-bit file's "
         f"speed-up over FP32 ({p['speedup']:.2f}x vs {v['speedup']:.2f}x; FP32 "
-        f"{result['fp32_p50_ms']:.3f} ms, all three files timed in one interleaved panel)",
+        f"{result['fp32_p50_ms']:.3f} ms; p50 = median of "
+        f"{len(result['panels']['fp32']['panels'])} interleaved panels of the three files, "
+        "each with another file first)",
         f"- test top-1: portable {100 * (p['accuracy'] - v['accuracy']):+.2f} points vs 8-bit "
         f"(baseline {100 * p['baseline_accuracy']:.2f}%; {result['data']['test']} test images, "
         "a subset of CIFAR-10's test split)",
@@ -138,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "targets")
     ap.add_argument("--data-dir", default=None, help="else PQD_DATA_DIR or the recipe's root")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=600, help="timed calls per file")
+    ap.add_argument("--repeats", type=int, default=600, help="timed calls per file and panel")
+    ap.add_argument("--panels", type=int, default=3,
+                    help="latency panels, each with another file first; p50 = their median")
     ap.add_argument("--json", type=Path, help="write every number here")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     walls = train(args.recipe, args.out, args.data_dir)
-    result = measure(args.out, args.data_dir, args.threads, args.repeats)
+    result = measure(args.out, args.data_dir, args.threads, args.repeats, args.panels)
     result.update(walls_s=walls, wall_s=round(time.perf_counter() - t0, 1))
     print(table(result))
     print(f"- wall {result['wall_s']:.0f} s (runs: "
