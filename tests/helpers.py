@@ -43,38 +43,66 @@ class Job:
 
     def settings(self) -> dict[str, Any]:
         r = self.recipe
-        return {"train": r.train, "seed": r.seed, "augment": r.data.augment,
-                "device": self.device, "threads": r.measure.threads, "progress": False,
-                "fresh_model": self.fresh_model, "run": self.run}
+        return {
+            "train": r.train,
+            "seed": r.seed,
+            "augment": r.data.augment,
+            "device": self.device,
+            "threads": r.measure.threads,
+            "progress": False,
+            "fresh_model": self.fresh_model,
+            "run": self.run,
+        }
 
     @property
     def ctx(self) -> Context:
         if self.index >= len(self.recipe.stages):  # no such stage: the run's settings
             r = self.recipe
-            return Context(data=self.data, device=self.device, teacher=self.teacher,
-                           train=r.train, seed=r.seed, augment=r.data.augment,
-                           fresh_model=self.fresh_model, progress=False)
-        return stage_context(self.recipe.stages, self.index, self.data, self.teacher,
-                             **self.settings())
+            return Context(
+                data=self.data,
+                device=self.device,
+                teacher=self.teacher,
+                train=r.train,
+                seed=r.seed,
+                augment=r.data.augment,
+                fresh_model=self.fresh_model,
+                progress=False,
+            )
+        return stage_context(
+            self.recipe.stages, self.index, self.data, self.teacher, **self.settings()
+        )
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.ctx, name)
 
-    def run_stages(self, state: State, start: int = 0,
-                   on_stage: Callable[[int, Any, State, float], None] | None = None) -> State:
+    def run_stages(
+        self,
+        state: State,
+        start: int = 0,
+        on_stage: Callable[[int, Any, State, float], None] | None = None,
+    ) -> State:
         """Apply the recipe's stages from ``start`` to ``state`` (the pipeline's loop)."""
-        return apply_stages(state.model, self.recipe.stages, self.data, self.teacher,
-                            state=state, start=start, on_stage=on_stage, **self.settings())
+        return apply_stages(
+            state.model,
+            self.recipe.stages,
+            self.data,
+            self.teacher,
+            state=state,
+            start=start,
+            on_stage=on_stage,
+            **self.settings(),
+        )
 
 
 CPU = torch.device("cpu")
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
-def synthetic_data(n_train: int = 64, n_val: int = 64, n_test: int = 32, seed: int = 0,
-                   classes: int = 10) -> Dataset:
+def synthetic_data(
+    n_train: int = 64, n_val: int = 64, n_test: int = 32, seed: int = 0, classes: int = 10
+) -> Dataset:
     """uint8 32x32 images, each a random colour plus noise (so that even an untrained net's
     predictions vary between images), with random labels (replaceable: label_with)."""
     g = torch.Generator().manual_seed(seed)
@@ -86,9 +114,20 @@ def synthetic_data(n_train: int = 64, n_val: int = 64, n_test: int = 32, seed: i
         return x, torch.randint(0, classes, (n,), generator=g)
 
     (tx, ty), (vx, vy), (sx, sy) = split(n_train), split(n_val), split(n_test)
-    return Dataset(name="synthetic", num_classes=classes, classes=[str(i) for i in range(classes)],
-                   mean=MEAN, std=STD, train_x=tx, train_y=ty, val_x=vx, val_y=vy,
-                   test_x=sx, test_y=sy, root=Path("."))
+    return Dataset(
+        name="synthetic",
+        num_classes=classes,
+        classes=[str(i) for i in range(classes)],
+        mean=MEAN,
+        std=STD,
+        train_x=tx,
+        train_y=ty,
+        val_x=vx,
+        val_y=vy,
+        test_x=sx,
+        test_y=sy,
+        root=Path("."),
+    )
 
 
 def tiny(name: str = "tiny_cnn", seed: int = 0) -> nn.Module:
@@ -102,15 +141,19 @@ def tiny(name: str = "tiny_cnn", seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def context(stages: list[dict[str, Any]], data: Dataset, teacher: nn.Module,
-            model: str = "tiny_cnn") -> Job:
+def context(
+    stages: list[dict[str, Any]], data: Dataset, teacher: nn.Module, model: str = "tiny_cnn"
+) -> Job:
     """A job over ``data`` for a recipe with ``stages`` (batch 32, fp32, no augment); reads
     like stage 0's Context."""
-    recipe = recipe_from_dict({
-        "model": {"name": model}, "stages": stages, "data": {"augment": {"crop_padding": 0,
-                                                                        "flip": False}},
-        "train": {"batch_size": 32, "lr": 0.05, "amp": "off", "channels_last": False},
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": model},
+            "stages": stages,
+            "data": {"augment": {"crop_padding": 0, "flip": False}},
+            "train": {"batch_size": 32, "lr": 0.05, "amp": "off", "channels_last": False},
+        }
+    )
     return Job(recipe=recipe, data=data, teacher=teacher)
 
 
@@ -134,15 +177,22 @@ def onnx_weights(path: str | Path) -> list[dict[str, Any]]:
         if node.op_type not in ("Conv", "Gemm", "ConvInteger", "MatMulInteger"):
             continue
         name, dq = node.input[1], None
-        if name not in inits and producer.get(name) is not None \
-                and producer[name].op_type == "DequantizeLinear":
+        if (
+            name not in inits
+            and producer.get(name) is not None
+            and producer[name].op_type == "DequantizeLinear"
+        ):
             dq = producer[name]
             name = dq.input[0]
         if name not in inits:
             continue
         arr = numpy_helper.to_array(inits[name])
-        row = {"op": node.op_type, "node": node, "dtype": inits[name].data_type,
-               "weight": arr.astype(np.int8) if str(arr.dtype) == "int4" else arr}
+        row = {
+            "op": node.op_type,
+            "node": node,
+            "dtype": inits[name].data_type,
+            "weight": arr.astype(np.int8) if str(arr.dtype) == "int4" else arr,
+        }
         row["dequantized"] = row["weight"].astype(np.float64)
         if dq is not None:
             row["scale"] = numpy_helper.to_array(inits[dq.input[1]])
@@ -152,9 +202,10 @@ def onnx_weights(path: str | Path) -> list[dict[str, Any]]:
             shape = [1] * arr.ndim
             if row["scale"].ndim:
                 shape[axis] = -1
-            row["dequantized"] = (row["weight"].astype(np.float64)
-                                  - row["zero_point"].astype(np.float64).reshape(shape)) \
-                * row["scale"].astype(np.float64).reshape(shape)
+            row["dequantized"] = (
+                row["weight"].astype(np.float64)
+                - row["zero_point"].astype(np.float64).reshape(shape)
+            ) * row["scale"].astype(np.float64).reshape(shape)
         out.append(row)
     return out
 
@@ -173,17 +224,33 @@ def random_images(n: int = 48, classes: int = 10, seed: int = 0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, classes, (n,), generator=g)
-    return Dataset(name="synthetic", num_classes=classes, classes=[str(i) for i in range(classes)],
-                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), train_x=x, train_y=y,
-                   val_x=x[:16], val_y=y[:16], test_x=x[:16], test_y=y[:16], root=Path("."))
+    return Dataset(
+        name="synthetic",
+        num_classes=classes,
+        classes=[str(i) for i in range(classes)],
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        train_x=x,
+        train_y=y,
+        val_x=x[:16],
+        val_y=y[:16],
+        test_x=x[:16],
+        test_y=y[:16],
+        root=Path("."),
+    )
 
 
-def make_ctx(stages: list[dict[str, Any]], model: str = "tiny_resnet",
-             **recipe: Any) -> tuple[Job, State]:
+def make_ctx(
+    stages: list[dict[str, Any]], model: str = "tiny_resnet", **recipe: Any
+) -> tuple[Job, State]:
     """A job (reads like stage 0's Context) over synthetic data and a State holding a fresh
     (seeded) model."""
-    data = {"model": {"name": model}, "stages": stages,
-            "train": {"batch_size": 16, "lr": 0.01, "channels_last": False}, **recipe}
+    data = {
+        "model": {"name": model},
+        "stages": stages,
+        "train": {"batch_size": 16, "lr": 0.01, "channels_last": False},
+        **recipe,
+    }
     r = recipe_from_dict(data)
     torch.manual_seed(0)
     ds = random_images()

@@ -41,8 +41,14 @@ def test_readme_example_compresses_a_plain_sequential(tmp_path: Path, monkeypatc
     torch.manual_seed(0)
     x = torch.rand(320, 3, 16, 16)  # float images in [0, 1]
     y = (x.mean(dim=(1, 2, 3)) > 0.5).long()
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     scope = {"x": x, "y": y, "model": model}
     exec(compile(readme_example(), "README.md", "exec"), scope)
@@ -64,10 +70,14 @@ def test_readme_example_compresses_a_plain_sequential(tmp_path: Path, monkeypatc
     state = scope["state"]
     assert state.quantized and sorted(state.masks) == ["0.weight", "5.weight"]
     # a second call with the same model, data and settings finds the run complete
-    again = pqd.compress(model, scope["data"], scope["stages"], out="runs/nb",
-                         train={"batch_size": 32, "lr": 0.05},
-                         measure={"runtimes": ["onnxruntime"], "batch_sizes": [1],
-                                  "repeats": 20})
+    again = pqd.compress(
+        model,
+        scope["data"],
+        scope["stages"],
+        out="runs/nb",
+        train={"batch_size": 32, "lr": 0.05},
+        measure={"runtimes": ["onnxruntime"], "batch_sizes": [1], "repeats": 20},
+    )
     assert again.record == result.record
 
 
@@ -75,7 +85,12 @@ def test_stage_configs_are_the_recipe_specs() -> None:
     from pqd.recipe import DistillSpec, EarlyExitSpec, PruneChannelsSpec, PruneSpec, QuantizeSpec
 
     assert (pqd.Prune, pqd.PruneChannels, pqd.Quantize, pqd.Distill, pqd.EarlyExit) == (
-        PruneSpec, PruneChannelsSpec, QuantizeSpec, DistillSpec, EarlyExitSpec)
+        PruneSpec,
+        PruneChannelsSpec,
+        QuantizeSpec,
+        DistillSpec,
+        EarlyExitSpec,
+    )
     assert pqd.Prune(sparsity=0.3) == as_specs([{"stage": "prune", "sparsity": 0.3}])[0]
     with pytest.raises(ValueError):
         pqd.Prune(sparsity=0.3, typo=1)

@@ -12,23 +12,36 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # lower layers first; a module may import its own layer and the ones above it in this list
 LAYERS: list[tuple[str, ...]] = [
-    ("pqd.errors", "pqd._quiet", "pqd._version", "pqd.recipe", "pqd.checkpoint", "pqd.state",
-     "pqd.registry"),                                              # data and contracts
-    ("pqd.data", "pqd.models", "pqd.train", "pqd.measure.env", "pqd.target",
-     "pqd._pt2e_cache"),                                           # data, nets, training
-    ("pqd.quant",),                                                # PT2E, calibration, sensitivity
-    ("pqd.export",),                                               # ONNX files
-    ("pqd.measure",),                                              # measuring files
-    ("pqd.prune",),                                                # importance, masks, surgery
-    ("pqd.exits",),                                                # exit heads, exit runtime
-    ("pqd.measure.audit", "pqd.measure.corruptions"),              # audit (exits included)
-    ("pqd.context",),                                              # what a stage reads
-    ("pqd.stages",),                                               # one thin apply per file
-    ("pqd.engine", "pqd.resume"),                                  # the stage loop, run folders
-    ("pqd.markdown",),                                             # report text pieces
-    ("pqd.pipeline", "pqd.report", "pqd.report_audit"),            # pqd run, records, reports
-    ("pqd.api", "pqd.search"),                                     # pqd.compress, pqd search
-    ("pqd.cli", "pqd"),                                            # the command, the package
+    (
+        "pqd.errors",
+        "pqd._quiet",
+        "pqd._version",
+        "pqd.recipe",
+        "pqd.checkpoint",
+        "pqd.state",
+        "pqd.registry",
+    ),  # data and contracts
+    (
+        "pqd.data",
+        "pqd.models",
+        "pqd.train",
+        "pqd.measure.env",
+        "pqd.target",
+        "pqd._pt2e_cache",
+    ),  # data, nets, training
+    ("pqd.quant",),  # PT2E, calibration, sensitivity
+    ("pqd.export",),  # ONNX files
+    ("pqd.measure",),  # measuring files
+    ("pqd.prune",),  # importance, masks, surgery
+    ("pqd.exits",),  # exit heads, exit runtime
+    ("pqd.measure.audit", "pqd.measure.corruptions"),  # audit (exits included)
+    ("pqd.context",),  # what a stage reads
+    ("pqd.stages",),  # one thin apply per file
+    ("pqd.engine", "pqd.resume"),  # the stage loop, run folders
+    ("pqd.markdown",),  # report text pieces
+    ("pqd.pipeline", "pqd.report", "pqd.report_audit"),  # pqd run, records, reports
+    ("pqd.api", "pqd.search"),  # pqd.compress, pqd search
+    ("pqd.cli", "pqd"),  # the command, the package
 ]
 REGISTRY_CYCLE = {"pqd.registry", "pqd.models"}  # the zoo registers itself when imported
 
@@ -55,8 +68,10 @@ def import_graph() -> nx.DiGraph:
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 # ``from pkg import submodule`` imports the submodule; else the module itself
-                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods
-                           else node.module for a in node.names]
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module
+                    for a in node.names
+                ]
             for target in targets:
                 while target and target not in mods:
                     target = target.rpartition(".")[0]
@@ -87,14 +102,20 @@ def test_the_graph_sees_imports_inside_functions() -> None:
 
 
 def test_no_import_circle_but_the_model_registry() -> None:
-    circles = [sorted(c) for c in nx.strongly_connected_components(import_graph())
-               if len(c) > 1 and not all(in_registry_cycle(m) for m in c)]
+    circles = [
+        sorted(c)
+        for c in nx.strongly_connected_components(import_graph())
+        if len(c) > 1 and not all(in_registry_cycle(m) for m in c)
+    ]
     assert circles == []
 
 
 def test_imports_point_down_the_layers() -> None:
-    up = [f"{a} -> {b}" for a, b in import_graph().edges
-          if layer_of(b) > layer_of(a) and not (in_registry_cycle(a) and in_registry_cycle(b))]
+    up = [
+        f"{a} -> {b}"
+        for a, b in import_graph().edges
+        if layer_of(b) > layer_of(a) and not (in_registry_cycle(a) and in_registry_cycle(b))
+    ]
     assert up == []
 
 
@@ -102,10 +123,19 @@ def test_a_stage_imports_no_sibling_stage_nor_what_runs_it() -> None:
     graph = import_graph()
     stages = [m for m in graph if m.startswith("pqd.stages.")]
     assert sorted(m.rsplit(".", 1)[1] for m in stages) == [
-        "distill", "early_exit", "prune", "prune_channels", "quantize"]
-    bad = [f"{a} -> {b}" for a in stages for b in graph.successors(a)
-           if b.startswith("pqd.stages") or b in ("pqd.pipeline", "pqd.resume", "pqd.search",
-                                                  "pqd.cli", "pqd.engine", "pqd.api")]
+        "distill",
+        "early_exit",
+        "prune",
+        "prune_channels",
+        "quantize",
+    ]
+    bad = [
+        f"{a} -> {b}"
+        for a in stages
+        for b in graph.successors(a)
+        if b.startswith("pqd.stages")
+        or b in ("pqd.pipeline", "pqd.resume", "pqd.search", "pqd.cli", "pqd.engine", "pqd.api")
+    ]
     assert bad == []
 
 
@@ -115,5 +145,4 @@ def test_the_rules_can_fail() -> None:
     graph.add_edge("pqd.export", "pqd.stages.quantize")
     assert layer_of("pqd.stages.quantize") > layer_of("pqd.export")
     graph.add_edge("pqd.stages.quantize", "pqd.export")
-    assert any(len(c) > 1 and "pqd.export" in c
-               for c in nx.strongly_connected_components(graph))
+    assert any(len(c) > 1 and "pqd.export" in c for c in nx.strongly_connected_components(graph))

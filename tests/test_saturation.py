@@ -55,8 +55,9 @@ def _exported(tmp: Path, reduce_range: bool) -> Path:
         for _ in range(3):
             graph(torch.rand(16, 3, 32, 32))
     set_train(graph, False)
-    path, _ = export_onnx(graph, tmp / f"rr{int(reduce_range)}.onnx", torch.rand(2, 3, 32, 32),
-                          quantized=True)
+    path, _ = export_onnx(
+        graph, tmp / f"rr{int(reduce_range)}.onnx", torch.rand(2, 3, 32, 32), quantized=True
+    )
     return path
 
 

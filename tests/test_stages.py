@@ -80,16 +80,18 @@ def int8_weights(path: Path) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("order", ORDERS, ids="->".join)
 def test_every_order_keeps_masks_fake_quant_and_learned_scales(
-        order: tuple[str, ...], synth: Dataset, tmp_path: Path) -> None:
+    order: tuple[str, ...], synth: Dataset, tmp_path: Path
+) -> None:
     state, ctx = run_stages(order, synth)
     assert state.masks and state.quantized
     graph = state.model
     # the qparams QAT learned, computed before export (export must not recalibrate)
-    learned = sorted(float(fq.calculate_qparams()[0].reshape(-1)[0])
-                     for fq in fake_quantizers(graph)
-                     if fq.calculate_qparams()[0].numel() == 1)  # per-tensor = activations
-    path, deploy = export_onnx(graph, tmp_path / "final.onnx", ctx.example_input(),
-                               quantized=True)
+    learned = sorted(
+        float(fq.calculate_qparams()[0].reshape(-1)[0])
+        for fq in fake_quantizers(graph)
+        if fq.calculate_qparams()[0].numel() == 1
+    )  # per-tensor = activations
+    path, deploy = export_onnx(graph, tmp_path / "final.onnx", ctx.example_input(), quantized=True)
 
     # masks: every masked weight is zero in the exported int8 tensor, layer by layer
     names = list(prunable_parameters(graph))
@@ -98,7 +100,7 @@ def test_every_order_keeps_masks_fake_quant_and_learned_scales(
     for name, w in zip(names, weights, strict=True):
         keep = state.masks[name].numpy()
         if w.shape != keep.shape:  # the 3-channel stem is padded with zero input channels
-            assert w.shape[1] > keep.shape[1] and not w[:, keep.shape[1]:].any()
+            assert w.shape[1] > keep.shape[1] and not w[:, keep.shape[1] :].any()
             w = w[:, : keep.shape[1]]
         assert not w[~keep].any(), name
     masked = sum(int((~m).sum()) for m in state.masks.values())
@@ -109,8 +111,11 @@ def test_every_order_keeps_masks_fake_quant_and_learned_scales(
     # learned activation scales are the ones in the file
     proto = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    in_file = [float(inits[n.input[1]]) for n in proto.graph.node
-               if n.op_type == "QuantizeLinear" and inits[n.input[1]].size == 1]
+    in_file = [
+        float(inits[n.input[1]])
+        for n in proto.graph.node
+        if n.op_type == "QuantizeLinear" and inits[n.input[1]].size == 1
+    ]
     assert in_file
     for s in in_file:
         assert min(abs(s - t) / t for t in learned) < 1e-6, (s, learned)
@@ -118,7 +123,7 @@ def test_every_order_keeps_masks_fake_quant_and_learned_scales(
     # the artifact computes what the converted torch model computes
     runner = open_runner("onnxruntime", path, threads=1)
     x = synth.test_x.float() / 255
-    ort_logits = np.concatenate([runner.run(x[i:i + 16].numpy()) for i in range(0, len(x), 16)])
+    ort_logits = np.concatenate([runner.run(x[i : i + 16].numpy()) for i in range(0, len(x), 16)])
     with torch.no_grad():
         ref = deploy(x).numpy()
     par = parity(ref, ort_logits)
@@ -139,8 +144,9 @@ def test_quantize_twice_keeps_one_set_of_quantizers(synth: Dataset) -> None:
 def test_prune_after_prune_only_adds_zeros(synth: Dataset) -> None:
     state, ctx = run_stages(("prune",), synth)
     first = {k: v.clone() for k, v in state.masks.items()}
-    ctx.recipe = tiny_recipe([SPECS["prune"], {**SPECS["prune"], "sparsity": 0.8,
-                                               "schedule": "oneshot"}])
+    ctx.recipe = tiny_recipe(
+        [SPECS["prune"], {**SPECS["prune"], "sparsity": 0.8, "schedule": "oneshot"}]
+    )
     state = ctx.run_stages(state, start=1)
     for name, keep in first.items():
         assert not (state.masks[name] & ~keep).any()  # nothing pruned comes back

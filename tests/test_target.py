@@ -40,10 +40,19 @@ def test_kernels_in_words_name_vnni_and_bf16() -> None:
 
 
 def _artifact(agreement: float, pairs: int = 0) -> dict:
-    return {"runtimes": {"onnxruntime": {"parity": {
-        "samples": 1000, "top1_agreement": agreement, "max_abs_logit_diff": 1.2}}},
-        "saturation": {"pairs_at_risk": pairs, "layers": [], "checked_layers": 3,
-                       "max_pair_magnitude": 200 if pairs else 120}}
+    return {
+        "runtimes": {
+            "onnxruntime": {
+                "parity": {"samples": 1000, "top1_agreement": agreement, "max_abs_logit_diff": 1.2}
+            }
+        },
+        "saturation": {
+            "pairs_at_risk": pairs,
+            "layers": [],
+            "checked_layers": 3,
+            "max_pair_magnitude": 200 if pairs else 120,
+        },
+    }
 
 
 def test_low_agreement_fails_parity_naming_the_runtime_and_figure() -> None:
@@ -52,7 +61,9 @@ def test_low_agreement_fails_parity_naming_the_runtime_and_figure() -> None:
     [line] = verdict["parity_problems"]
     assert "onnxruntime" in line and "94.30%" in line and "1000" in line
     assert assess(_artifact(0.995), "portable", VNNI, 0.99) == {
-        "parity_ok": True, "parity_problems": []}
+        "parity_ok": True,
+        "parity_problems": [],
+    }
 
 
 def test_a_vnni_file_on_an_avx2_cpu_is_flagged_even_when_agreement_holds() -> None:

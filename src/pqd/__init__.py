@@ -50,9 +50,21 @@ _LAZY = {
 _SUBMODULES = ("data",)
 
 __all__ = [  # noqa: RUF022  (grouped as documented)
-    "__version__", "compress", "CompressResult", "apply_stages", "baseline", "State", "Prune",
-    "PruneChannels", "Quantize", "Distill", "EarlyExit", "TrainSpec", "ExportSpec",
-    "MeasureSpec", "data",
+    "__version__",
+    "compress",
+    "CompressResult",
+    "apply_stages",
+    "baseline",
+    "State",
+    "Prune",
+    "PruneChannels",
+    "Quantize",
+    "Distill",
+    "EarlyExit",
+    "TrainSpec",
+    "ExportSpec",
+    "MeasureSpec",
+    "data",
 ]
 
 if TYPE_CHECKING:

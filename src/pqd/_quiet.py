@@ -43,10 +43,16 @@ def quiet_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
             logger.addFilter(_DropMessage(text))
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    warnings.filterwarnings("ignore", category=UserWarning,
-                            module=r"torchao\.quantization\.pt2e\.quantizer\.x86_inductor_quantizer")
+    warnings.filterwarnings(
+        "ignore",
+        category=FutureWarning,
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    )
+    warnings.filterwarnings(
+        "ignore",
+        category=UserWarning,
+        module=r"torchao\.quantization\.pt2e\.quantizer\.x86_inductor_quantizer",
+    )
 
 
 def quiet_command() -> None:
@@ -60,4 +66,3 @@ def quiet_command() -> None:
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch").setLevel(logging.ERROR)  # torch's import resets this level
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-

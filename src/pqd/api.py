@@ -77,11 +77,22 @@ def wrap(model: nn.Module, data: Any) -> nn.Module:
     return Classifier(model, data.mean, data.std)
 
 
-def compress(model: nn.Module, data: Any, stages: Sequence[Any], out: str | Path, *,
-             train: TrainSpec | dict[str, Any] | None = None, baseline_epochs: int = 0,
-             seed: int = 0, device: str = "cpu", export: ExportSpec | dict[str, Any] | None = None,
-             measure: MeasureSpec | dict[str, Any] | None = None, name: str = "compress",
-             progress: bool = False, fresh: bool = False) -> CompressResult:
+def compress(
+    model: nn.Module,
+    data: Any,
+    stages: Sequence[Any],
+    out: str | Path,
+    *,
+    train: TrainSpec | dict[str, Any] | None = None,
+    baseline_epochs: int = 0,
+    seed: int = 0,
+    device: str = "cpu",
+    export: ExportSpec | dict[str, Any] | None = None,
+    measure: MeasureSpec | dict[str, Any] | None = None,
+    name: str = "compress",
+    progress: bool = False,
+    fresh: bool = False,
+) -> CompressResult:
     """Compress ``model`` with ``stages`` in order, export it to ONNX and measure it, as
     ``pqd run`` does: writes the run folder ``out`` and returns its record.
 
@@ -116,25 +127,42 @@ def compress(model: nn.Module, data: Any, stages: Sequence[Any], out: str | Path
     if isinstance(data, torch.utils.data.Dataset):
         data = from_tensors(train=data)
     if len(data.test_y) == 0:
-        raise DataError("pqd.compress measures the test split, which is empty",
-                        "pass test=(images, labels) to pqd.data.from_tensors")
+        raise DataError(
+            "pqd.compress measures the test split, which is empty",
+            "pass test=(images, labels) to pqd.data.from_tensors",
+        )
     net = wrap(model, data)
     train_spec = train if isinstance(train, TrainSpec) else TrainSpec(**(train or {}))
-    baseline_spec = (BaselineSpec(epochs=baseline_epochs) if baseline_epochs > 0
-                     else BaselineSpec.model_construct(checkpoint=None, epochs=0,
-                                                       train=TrainOverride()))
+    baseline_spec = (
+        BaselineSpec(epochs=baseline_epochs)
+        if baseline_epochs > 0
+        else BaselineSpec.model_construct(checkpoint=None, epochs=0, train=TrainOverride())
+    )
     kind = type(model)
     recipe = Recipe.model_construct(
-        name=name, seed=seed, device=device,
-        model=ModelSpec(name=f"python:{kind.__module__}.{kind.__qualname__}",
-                        kwargs={"given_sha256": _digest(net, data)}),
-        data=DataSpec.model_construct(dataset=data.name, root=None, val_size=len(data.val_y),
-                                      download=False, augment=DataSpec().augment,
-                                      limit_train=None, limit_test=None),
-        train=train_spec, baseline=baseline_spec, stages=as_specs(stages),
+        name=name,
+        seed=seed,
+        device=device,
+        model=ModelSpec(
+            name=f"python:{kind.__module__}.{kind.__qualname__}",
+            kwargs={"given_sha256": _digest(net, data)},
+        ),
+        data=DataSpec.model_construct(
+            dataset=data.name,
+            root=None,
+            val_size=len(data.val_y),
+            download=False,
+            augment=DataSpec().augment,
+            limit_train=None,
+            limit_test=None,
+        ),
+        train=train_spec,
+        baseline=baseline_spec,
+        stages=as_specs(stages),
         export=export if isinstance(export, ExportSpec) else ExportSpec(**(export or {})),
         measure=measure if isinstance(measure, MeasureSpec) else MeasureSpec(**(measure or {})),
-        search=None)
+        search=None,
+    )
     out_dir = Path(out)
     folder = RunFolder.open(out_dir, recipe, fresh=fresh)
     if folder.complete:
@@ -147,10 +175,21 @@ def compress(model: nn.Module, data: Any, stages: Sequence[Any], out: str | Path
         check_runtimes(recipe)
         template = fresh_copies(net)
         record = execute(
-            recipe, folder, data, lambda: _copy(net), template, progress=progress, fresh=fresh,
-            source=None if baseline_epochs > 0 else {"given": "the model passed to pqd.compress"})
-    return CompressResult(record=record, run_dir=out_dir, final_onnx=out_dir / "final.onnx",
-                          baseline_onnx=out_dir / "baseline.onnx")
+            recipe,
+            folder,
+            data,
+            lambda: _copy(net),
+            template,
+            progress=progress,
+            fresh=fresh,
+            source=None if baseline_epochs > 0 else {"given": "the model passed to pqd.compress"},
+        )
+    return CompressResult(
+        record=record,
+        run_dir=out_dir,
+        final_onnx=out_dir / "final.onnx",
+        baseline_onnx=out_dir / "baseline.onnx",
+    )
 
 
 def _copy(model: nn.Module) -> nn.Module:

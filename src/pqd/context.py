@@ -80,8 +80,15 @@ class Context:
             raise RuntimeError("this stage needs Context.fresh_model (a fresh-model factory)")
         return self.fresh_model()
 
-    def loader(self, split: str, batch_size: int, *, seed: int = 0, augment: bool = False,
-               shuffle: bool = False) -> Any:
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        augment: bool = False,
+        shuffle: bool = False,
+    ) -> Any:
         """A tensor-resident ``pqd.data.Loader`` over ``split`` (train | val | test)."""
         from pqd.data import Loader
 
@@ -89,8 +96,16 @@ class Context:
         y = getattr(self.data, f"{split}_y")
         aug = self.augment
         return Loader(
-            x, y, batch_size, shuffle=shuffle, augment=augment, crop_padding=aug.crop_padding,
-            pad_mode=aug.pad_mode, flip=aug.flip, device=self.device, seed=seed,
+            x,
+            y,
+            batch_size,
+            shuffle=shuffle,
+            augment=augment,
+            crop_padding=aug.crop_padding,
+            pad_mode=aug.pad_mode,
+            flip=aug.flip,
+            device=self.device,
+            seed=seed,
         )
 
     def example_input(self, batch: int = 2) -> torch.Tensor:
@@ -127,8 +142,9 @@ class Context:
         self.fit_calls += 1
         resume, on_epoch = None, None
         if self.run is not None and epochs > 0 and after_step is None:
-            resume, on_epoch = self.run.epoch_hooks(self.step, state.model,
-                                                    state.masks, hook_state, desc, call)
+            resume, on_epoch = self.run.epoch_hooks(
+                self.step, state.model, state.masks, hook_state, desc, call
+            )
         keep = MaskKeeper(state.model, state.masks)
         keep(state.model)
         train = self.loader("train", cfg.batch_size, seed=seed, augment=True, shuffle=True)
@@ -147,9 +163,18 @@ class Context:
             net.collect_exits = True
         try:
             return fit(
-                net, train, cfg, epochs, device=self.device, loss_fn=loss_fn,
-                after_step=after if hooks else None, on_step=on_step, desc=desc,
-                progress=self.progress, resume=resume, on_epoch=on_epoch,
+                net,
+                train,
+                cfg,
+                epochs,
+                device=self.device,
+                loss_fn=loss_fn,
+                after_step=after if hooks else None,
+                on_step=on_step,
+                desc=desc,
+                progress=self.progress,
+                resume=resume,
+                on_epoch=on_epoch,
             )
         finally:
             if exits:
@@ -180,6 +205,6 @@ def scoring_loss(kind: str, ctx: Context) -> LossFn:
     """
     if kind == "ce":
         return cross_entropy
-    return kd_loss(ctx.teacher, KD_SCORE_TEMPERATURE, KD_SCORE_ALPHA, 0.0, device=ctx.device,
-                   amp="off")
-
+    return kd_loss(
+        ctx.teacher, KD_SCORE_TEMPERATURE, KD_SCORE_ALPHA, 0.0, device=ctx.device, amp="off"
+    )

@@ -76,10 +76,19 @@ def as_specs(stages: Sequence[Any]) -> list[Any]:
     return [s if not isinstance(s, dict) else adapter.validate_python(s) for s in stages]
 
 
-def baseline(model: nn.Module, data: Any, *, train: TrainSpec, epochs: int,
-             checkpoint: str | Path | None = None, seed: int = 0,
-             augment: AugmentSpec | None = None, device: torch.device | None = None,
-             progress: bool = False, run: Any = None) -> nn.Module:
+def baseline(
+    model: nn.Module,
+    data: Any,
+    *,
+    train: TrainSpec,
+    epochs: int,
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    augment: AugmentSpec | None = None,
+    device: torch.device | None = None,
+    progress: bool = False,
+    run: Any = None,
+) -> nn.Module:
     """Train ``model`` for ``epochs`` on the train split, or load ``checkpoint`` into it;
     in place (also returned), left on ``device`` in the contiguous memory format.
 
@@ -108,45 +117,90 @@ def baseline(model: nn.Module, data: Any, *, train: TrainSpec, epochs: int,
         load_checkpoint(model, checkpoint)
         model.to(device)
     elif epochs > 0:
-        ctx = Context(data=data, device=device, teacher=model,
-                      augment=augment or AugmentSpec(), progress=progress)
+        ctx = Context(
+            data=data,
+            device=device,
+            teacher=model,
+            augment=augment or AugmentSpec(),
+            progress=progress,
+        )
         loader = ctx.loader("train", train.batch_size, seed=seed, augment=True, shuffle=True)
         prepare_model(model, train, device)
-        start, on_epoch = (run.epoch_hooks(0, model, {}, desc="baseline") if run is not None
-                           else (None, None))
-        fit(model, loader, train, epochs, device=device, desc="baseline", progress=progress,
-            resume=start, on_epoch=on_epoch)
+        start, on_epoch = (
+            run.epoch_hooks(0, model, {}, desc="baseline") if run is not None else (None, None)
+        )
+        fit(
+            model,
+            loader,
+            train,
+            epochs,
+            device=device,
+            desc="baseline",
+            progress=progress,
+            resume=start,
+            on_epoch=on_epoch,
+        )
     model.to(memory_format=torch.contiguous_format)
     return model
 
 
-def stage_context(stages: Sequence[Any], index: int, data: Any, teacher: nn.Module, *,
-                  train: TrainSpec, seed: int = 0, augment: AugmentSpec | None = None,
-                  device: torch.device | None = None, target: str = "portable",
-                  threads: int = 1, progress: bool = False,
-                  fresh_model: Callable[[], nn.Module] | None = None,
-                  run: Any = None) -> Context:
+def stage_context(
+    stages: Sequence[Any],
+    index: int,
+    data: Any,
+    teacher: nn.Module,
+    *,
+    train: TrainSpec,
+    seed: int = 0,
+    augment: AugmentSpec | None = None,
+    device: torch.device | None = None,
+    target: str = "portable",
+    threads: int = 1,
+    progress: bool = False,
+    fresh_model: Callable[[], nn.Module] | None = None,
+    run: Any = None,
+) -> Context:
     """The Context stage ``index`` of ``stages`` runs with (what it reads, nothing more):
     ``train`` merged with the stage's overrides, its seed, its label and whether it or a
     later stage quantizes. Arguments as :func:`apply_stages`."""
     spec = stages[index]
     return Context(
-        data=data, device=device or torch.device("cpu"), teacher=teacher,
-        train=merge_train(train, spec.train), seed=stage_seed(seed, index),
-        augment=augment or AugmentSpec(), fresh_model=fresh_model,
-        quantize_later=any(s.stage == "quantize" for s in stages[index:]), threads=threads,
-        target=target, progress=progress, run=run, step=index + 1,
-        desc=f"[{index + 1}/{len(stages)}] {spec.stage}")
+        data=data,
+        device=device or torch.device("cpu"),
+        teacher=teacher,
+        train=merge_train(train, spec.train),
+        seed=stage_seed(seed, index),
+        augment=augment or AugmentSpec(),
+        fresh_model=fresh_model,
+        quantize_later=any(s.stage == "quantize" for s in stages[index:]),
+        threads=threads,
+        target=target,
+        progress=progress,
+        run=run,
+        step=index + 1,
+        desc=f"[{index + 1}/{len(stages)}] {spec.stage}",
+    )
 
 
-def apply_stages(model: nn.Module, stages: Sequence[Any], data: Any,
-                 teacher: nn.Module | None = None, *, train: TrainSpec | dict[str, Any] | None
-                 = None, seed: int = 0, augment: AugmentSpec | None = None,
-                 device: torch.device | str | None = None, target: str = "portable",
-                 threads: int = 1, progress: bool = False,
-                 fresh_model: Callable[[], nn.Module] | None = None,
-                 state: State | None = None, start: int = 0, run: Any = None,
-                 on_stage: StageHook | None = None) -> State:
+def apply_stages(
+    model: nn.Module,
+    stages: Sequence[Any],
+    data: Any,
+    teacher: nn.Module | None = None,
+    *,
+    train: TrainSpec | dict[str, Any] | None = None,
+    seed: int = 0,
+    augment: AugmentSpec | None = None,
+    device: torch.device | str | None = None,
+    target: str = "portable",
+    threads: int = 1,
+    progress: bool = False,
+    fresh_model: Callable[[], nn.Module] | None = None,
+    state: State | None = None,
+    start: int = 0,
+    run: Any = None,
+    on_stage: StageHook | None = None,
+) -> State:
     """Apply ``stages`` in order to a copy of ``model`` (no export, no measurement).
 
     Stage ``i`` gets its own Context (:class:`pqd.stages.Context`): ``train`` merged with the
@@ -184,17 +238,28 @@ def apply_stages(model: nn.Module, stages: Sequence[Any], data: Any,
 
     specs = as_specs(stages)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    base = (train if isinstance(train, TrainSpec)
-            else TrainSpec(**(train or {})))
+    base = train if isinstance(train, TrainSpec) else TrainSpec(**(train or {}))
     if state is None:
         state = State(model=copy.deepcopy(model))
     teacher = teacher if teacher is not None else frozen(model)
     fresh_model = fresh_model or fresh_copies(model)
     for i in range(start, len(specs)):
         spec = specs[i]
-        ctx = stage_context(specs, i, data, teacher, train=base, seed=seed, augment=augment,
-                            device=dev, target=target, threads=threads, progress=progress,
-                            fresh_model=fresh_model, run=run)
+        ctx = stage_context(
+            specs,
+            i,
+            data,
+            teacher,
+            train=base,
+            seed=seed,
+            augment=augment,
+            device=dev,
+            target=target,
+            threads=threads,
+            progress=progress,
+            fresh_model=fresh_model,
+            run=run,
+        )
         seed_everything(ctx.seed)
         t0 = time.perf_counter()
         state.info = {}

@@ -20,7 +20,11 @@ def ordered_groups(search: dict[str, Any]) -> list[dict[str, Any]]:
     """Groups in report order: baseline, permutations by rank, references, pairwise runs."""
     groups = search["groups"]
     ranked = {gid: i for i, gid in enumerate(search["ranking"])}
-    return sorted(groups, key=lambda g: (KIND_ORDER.index(g["kind"]),
-                                         ranked.get(g["id"], len(ranked)),
-                                         groups.index(g)))
-
+    return sorted(
+        groups,
+        key=lambda g: (
+            KIND_ORDER.index(g["kind"]),
+            ranked.get(g["id"], len(ranked)),
+            groups.index(g),
+        ),
+    )

@@ -53,4 +53,3 @@ class MaskKeeper:
             if mask.device != p.device:
                 mask = self.masks[name] = mask.to(p.device)
             p.mul_(mask)
-

@@ -66,8 +66,9 @@ def _is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
-def assess(artifact: dict[str, Any], target: str | None, flags: list[str],
-           min_agreement: float) -> dict[str, Any]:
+def assess(
+    artifact: dict[str, Any], target: str | None, flags: list[str], min_agreement: float
+) -> dict[str, Any]:
     """The parity verdict of one measured artifact on this machine.
 
     Args:
@@ -90,13 +91,18 @@ def assess(artifact: dict[str, Any], target: str | None, flags: list[str],
                 f"{rt}: the file agrees with its torch model on only {100 * agree:.2f}% of "
                 f"{res['parity']['samples']} test images (max |logit diff| "
                 f"{res['parity']['max_abs_logit_diff']:.3g}; expected >= "
-                f"{100 * min_agreement:.0f}%)")
+                f"{100 * min_agreement:.0f}%)"
+            )
     x86_without_vnni = "avx2" in flags and not has_vnni(flags)
     sat = artifact.get("saturation") or {}
     if x86_without_vnni and target == "x86-vnni":
-        problems.append("built for target x86-vnni (8-bit weights) but measured on a CPU "
-                        "without VNNI, whose int16 pair sums can saturate")
+        problems.append(
+            "built for target x86-vnni (8-bit weights) but measured on a CPU "
+            "without VNNI, whose int16 pair sums can saturate"
+        )
     elif x86_without_vnni and sat.get("pairs_at_risk", 0) > 0:
-        problems.append(f"{sat['pairs_at_risk']} weight pairs can saturate the int16 sums "
-                        "of this CPU's INT8 kernels (no VNNI)")
+        problems.append(
+            f"{sat['pairs_at_risk']} weight pairs can saturate the int16 sums "
+            "of this CPU's INT8 kernels (no VNNI)"
+        )
     return {"parity_ok": not problems, "parity_problems": problems}

@@ -78,8 +78,9 @@ def exit_assignment(conf: np.ndarray, thresholds: Sequence[float]) -> np.ndarray
     return where
 
 
-def exit_outcome(conf: np.ndarray, correct: np.ndarray, costs: Sequence[float],
-                 thresholds: Sequence[float]) -> dict[str, Any]:
+def exit_outcome(
+    conf: np.ndarray, correct: np.ndarray, costs: Sequence[float], thresholds: Sequence[float]
+) -> dict[str, Any]:
     """Accuracy (fraction), mean cost and exit fractions under ``thresholds``.
 
     ``correct`` is [exits + 1, N] (the last row: the final head), ``costs`` per exit + final.
@@ -93,8 +94,13 @@ def exit_outcome(conf: np.ndarray, correct: np.ndarray, costs: Sequence[float],
     return {"accuracy": acc, "cost": cost, "exit_fractions": [float(f) for f in fractions]}
 
 
-def calibrate_thresholds(conf: np.ndarray, correct: np.ndarray, costs: Sequence[float],
-                         target: ExitTarget, full_cost: float) -> dict[str, Any]:
+def calibrate_thresholds(
+    conf: np.ndarray,
+    correct: np.ndarray,
+    costs: Sequence[float],
+    target: ExitTarget,
+    full_cost: float,
+) -> dict[str, Any]:
     """Per-exit thresholds meeting ``target`` on the given (validation) outputs.
 
     ``conf``: [K, N] confidences of the K exits; ``correct``: [K + 1, N] booleans (last row
@@ -114,9 +120,12 @@ def calibrate_thresholds(conf: np.ndarray, correct: np.ndarray, costs: Sequence[
     k_exits, n = conf.shape[0], correct.shape[1]
     ref_acc = float(correct[-1].mean()) if n else float("nan")
     if k_exits == 0 or n == 0:
-        return {"thresholds": [math.inf] * k_exits, "target_met": True,
-                "reference_accuracy": ref_acc,
-                **exit_outcome(conf, correct, costs, [math.inf] * k_exits)}
+        return {
+            "thresholds": [math.inf] * k_exits,
+            "target_met": True,
+            "reference_accuracy": ref_acc,
+            **exit_outcome(conf, correct, costs, [math.inf] * k_exits),
+        }
     per_exit = max(2, int(GRID_BUDGET ** (1.0 / k_exits)))
     grids = [_grid(conf[k], per_exit) for k in range(k_exits)]
     if target.max_drop_points is not None:
@@ -141,11 +150,11 @@ def calibrate_thresholds(conf: np.ndarray, correct: np.ndarray, costs: Sequence[
         last = k_exits - 1
         rem_conf = conf[last][remaining]
         leave = rem_conf[None, :] >= grids[last][:, None]  # [G, n_remaining]
-        acc = (acc_sum + leave @ correct_sum[last][remaining]
-               + (~leave) @ correct_sum[-1][remaining]) / n
+        acc = (
+            acc_sum + leave @ correct_sum[last][remaining] + (~leave) @ correct_sum[-1][remaining]
+        ) / n
         n_leave = leave.sum(1)
-        cost = (cost_sum + costs[last] * n_leave
-                + costs[-1] * (int(remaining.sum()) - n_leave)) / n
+        cost = (cost_sum + costs[last] * n_leave + costs[-1] * (int(remaining.sum()) - n_leave)) / n
         for g in range(len(grids[last])):
             thr = (*prefix, float(grids[last][g]))
             key_cheap = (cost[g], -acc[g])
@@ -163,8 +172,12 @@ def calibrate_thresholds(conf: np.ndarray, correct: np.ndarray, costs: Sequence[
                 best_key, best = key, thr
     met = best_key is not None
     chosen = list(best if met else cheapest)
-    return {"thresholds": chosen, "target_met": met, "reference_accuracy": ref_acc,
-            **exit_outcome(conf, correct, costs, chosen)}
+    return {
+        "thresholds": chosen,
+        "target_met": met,
+        "reference_accuracy": ref_acc,
+        **exit_outcome(conf, correct, costs, chosen),
+    }
 
 
 def _grid(values: np.ndarray, size: int) -> np.ndarray:
@@ -181,24 +194,37 @@ def _grid(values: np.ndarray, size: int) -> np.ndarray:
 
 
 def _kd(student: torch.Tensor, source: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(student / temperature, dim=1),
-                    F.log_softmax(source / temperature, dim=1),
-                    reduction="batchmean", log_target=True) * temperature**2
+    return (
+        F.kl_div(
+            F.log_softmax(student / temperature, dim=1),
+            F.log_softmax(source / temperature, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
 
 
-def with_exit_losses(net: MultiExitNet, base: LossHook | None, teacher: nn.Module,
-                     cfg: TrainSpec) -> LossHook:
+def with_exit_losses(
+    net: MultiExitNet, base: LossHook | None, teacher: nn.Module, cfg: TrainSpec
+) -> LossHook:
     """``base`` (the stage's loss on the final logits; cross-entropy when None) plus the
     weighted exit losses set by the early_exit stage (``net.exit_loss``)."""
     spec = net.exit_loss
     weights = spec.get("weights") or [1.0] * net.num_exits
-    distill, temperature, alpha = spec.get("distill", "none"), spec.get("temperature", 4.0), \
-        spec.get("alpha", 0.5)
+    distill, temperature, alpha = (
+        spec.get("distill", "none"),
+        spec.get("temperature", 4.0),
+        spec.get("alpha", 0.5),
+    )
     smoothing = cfg.label_smoothing
 
     def loss(final: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        total = (F.cross_entropy(final, y, label_smoothing=smoothing) if base is None
-                 else base(final, y, x))
+        total = (
+            F.cross_entropy(final, y, label_smoothing=smoothing)
+            if base is None
+            else base(final, y, x)
+        )
         source = None
         if distill == "final":
             source = final.detach().float()
@@ -272,12 +298,12 @@ def _fq_keys(graph: nn.Module) -> dict[str, list[tuple]]:
 
     out: dict[str, list[tuple]] = {}
     for node in graph.graph.nodes:
-        if node.op != "call_module" or not hasattr(graph.get_submodule(str(node.target)),
-                                                    "observer_enabled"):
+        if node.op != "call_module" or not hasattr(
+            graph.get_submodule(str(node.target)), "observer_enabled"
+        ):
             continue
         src = node.args[0]
-        users = tuple(sorted((where(u), u.args.index(node)) for u in node.users
-                             if node in u.args))
+        users = tuple(sorted((where(u), u.args.index(node)) for u in node.users if node in u.args))
         keys = [("both", where(src), users)]
         if src.op != "placeholder":
             keys.append(("producer", where(src)))
@@ -314,7 +340,8 @@ def carry_observers(source: nn.Module, parts: Sequence[nn.Module]) -> tuple[int,
                 src_state = source.get_submodule(hits[0]).state_dict()
                 dst_state = dst.state_dict()
                 if src_state.keys() != dst_state.keys() or any(
-                        src_state[k].shape != dst_state[k].shape for k in src_state):
+                    src_state[k].shape != dst_state[k].shape for k in src_state
+                ):
                     continue
                 dst.load_state_dict(src_state)
                 copied += 1
@@ -326,8 +353,9 @@ def carry_observers(source: nn.Module, parts: Sequence[nn.Module]) -> tuple[int,
 
 
 @torch.no_grad()
-def exit_outputs(net: MultiExitNet, loader: Any, device: torch.device,
-                 kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def exit_outputs(
+    net: MultiExitNet, loader: Any, device: torch.device, kind: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(confidences [K, N], correct [K + 1, N], targets [N]) of ``net`` on ``loader``
     (evaluation mode, fp32, observers frozen)."""
     logits: list[list[torch.Tensor]] = []
@@ -338,7 +366,10 @@ def exit_outputs(net: MultiExitNet, loader: Any, device: torch.device,
             ys.append(y.cpu())
     y_all = torch.cat(ys).numpy()
     per_exit = [torch.cat([b[k] for b in logits]).numpy() for k in range(net.num_exits + 1)]
-    conf = np.stack([confidence(lg, kind) for lg in per_exit[:-1]]) if net.num_exits else \
-        np.zeros((0, len(y_all)))
+    conf = (
+        np.stack([confidence(lg, kind) for lg in per_exit[:-1]])
+        if net.num_exits
+        else np.zeros((0, len(y_all)))
+    )
     correct = np.stack([lg.argmax(1) == y_all for lg in per_exit])
     return conf, correct, y_all

@@ -11,8 +11,17 @@ from typing import Any
 
 import torch
 
-_LIBS = ("torch", "torchao", "torch-pruning", "onnx", "onnxscript", "onnxruntime", "openvino",
-         "numpy", "pydantic")
+_LIBS = (
+    "torch",
+    "torchao",
+    "torch-pruning",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "openvino",
+    "numpy",
+    "pydantic",
+)
 
 
 def cpu_model() -> str:
@@ -81,14 +90,21 @@ def kernels_in_words(flags: list[str]) -> str:
     if not flags:
         return "no x86 SIMD flags read (not x86, or /proc/cpuinfo unreadable)"
     if has_vnni(flags):
-        int8 = ("INT8 with VNNI" + (" and AMX" if "amx_int8" in flags else "")
-                + " (int32 accumulation: 8-bit weights are exact)")
+        int8 = (
+            "INT8 with VNNI"
+            + (" and AMX" if "amx_int8" in flags else "")
+            + " (int32 accumulation: 8-bit weights are exact)"
+        )
     elif "avx2" in flags:
-        int8 = ("INT8 without VNNI (AVX2 vpmaddubsw: int16 pair sums saturate with 8-bit "
-                "weights; 7-bit weights are exact)")
+        int8 = (
+            "INT8 without VNNI (AVX2 vpmaddubsw: int16 pair sums saturate with 8-bit "
+            "weights; 7-bit weights are exact)"
+        )
     else:
         int8 = "INT8 without AVX2 or VNNI"
-    bf16 = ("bf16 in hardware" if "avx512_bf16" in flags or "amx_bf16" in flags
-            else "no bf16 in hardware (bf16 autocast is emulated and slow)")
+    bf16 = (
+        "bf16 in hardware"
+        if "avx512_bf16" in flags or "amx_bf16" in flags
+        else "no bf16 in hardware (bf16 autocast is emulated and slow)"
+    )
     return f"{int8}; {bf16}"
-

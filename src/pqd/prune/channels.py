@@ -73,8 +73,11 @@ Record = dict[str, Any]
 def output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
     """The last conv/linear module to run in a forward pass (the classifier's output)."""
     last: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: last.append(mod))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: last.append(mod))
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     try:
         with torch.no_grad(), _eval(model):
             model(example)
@@ -104,11 +107,12 @@ def dependency_graph(model: nn.Module, example: torch.Tensor):  # -> tp.Dependen
     import torch_pruning as tp
 
     if is_graph(model):
-        raise ModelError("channel surgery needs an eager model, got an exported graph",
-                         "rebuild the eager model first (see eager_model)")
+        raise ModelError(
+            "channel surgery needs an eager model, got an exported graph",
+            "rebuild the eager model first (see eager_model)",
+        )
     with _eval(model):
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example,
-                                                     verbose=False)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor, exclude: Sequence[str] = ()):
@@ -127,12 +131,15 @@ def channel_groups(model: nn.Module, example: torch.Tensor, exclude: Sequence[st
         ignored.append(out)
     norm = getattr(model, "norm", None)
     groups = {}
-    for group in dg.get_all_groups(ignored_layers=ignored,
-                                   root_module_types=[nn.Conv2d, nn.Linear]):
+    for group in dg.get_all_groups(
+        ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]
+    ):
         members = {dep.target.module for dep, _ in group}
         if norm is not None and norm in members:
-            raise ModelError("channel pruning would touch the in-graph normalisation 'norm'",
-                             "exclude the layers that feed it")
+            raise ModelError(
+                "channel pruning would touch the in-graph normalisation 'norm'",
+                "exclude the layers that feed it",
+            )
         groups[names[group[0].dep.target.module]] = group
     return dg, groups
 
@@ -140,8 +147,9 @@ def channel_groups(model: nn.Module, example: torch.Tensor, exclude: Sequence[st
 # ---------------------------------------------------------------------------- scoring
 
 
-def group_scores(group, weight_scores: dict[str, torch.Tensor], names: dict[nn.Module, str],
-                 dg, p: int = 1) -> torch.Tensor:
+def group_scores(
+    group, weight_scores: dict[str, torch.Tensor], names: dict[nn.Module, str], dg, p: int = 1
+) -> torch.Tensor:
     """Per-channel score of a TP group: the sum of per-weight scores over each channel's
     slices in every conv/linear of the group (output rows of producers, input columns of
     consumers). ``p = 2`` with squared-magnitude scores returns the group L2 norm.
@@ -182,9 +190,13 @@ def _round_keep(keep: float, channels: int, round_to: int | None) -> int:
     return int(min(channels, max(1, k)))
 
 
-def plan_channels(scores: dict[str, torch.Tensor], keep_fraction: float | dict[str, float],
-                  scope: str = "layer", round_to: int | None = None,
-                  max_ratio: float = 0.9) -> dict[str, list[int]]:
+def plan_channels(
+    scores: dict[str, torch.Tensor],
+    keep_fraction: float | dict[str, float],
+    scope: str = "layer",
+    round_to: int | None = None,
+    max_ratio: float = 0.9,
+) -> dict[str, list[int]]:
     """Kept channel indices (sorted) per group, from per-channel ``scores``.
 
     ``keep_fraction`` is the fraction of channels to keep (a float, or one per group,
@@ -196,8 +208,11 @@ def plan_channels(scores: dict[str, torch.Tensor], keep_fraction: float | dict[s
     """
     if not scores:
         return {}
-    fractions = (keep_fraction if isinstance(keep_fraction, dict)
-                 else dict.fromkeys(scores, float(keep_fraction)))
+    fractions = (
+        keep_fraction
+        if isinstance(keep_fraction, dict)
+        else dict.fromkeys(scores, float(keep_fraction))
+    )
     counts: dict[str, float] = {}
     if scope == "layer":
         counts = {n: fractions[n] * len(s) for n, s in scores.items()}
@@ -211,7 +226,7 @@ def plan_channels(scores: dict[str, torch.Tensor], keep_fraction: float | dict[s
         offset = 0
         for n, s in normed.items():
             floor = math.ceil((1.0 - max_ratio) * len(s))
-            counts[n] = max(int(kept[offset: offset + len(s)].sum()), floor)
+            counts[n] = max(int(kept[offset : offset + len(s)].sum()), floor)
             offset += len(s)
     else:
         raise ValueError(f"unknown scope {scope!r}")
@@ -226,8 +241,9 @@ def plan_channels(scores: dict[str, torch.Tensor], keep_fraction: float | dict[s
 # ---------------------------------------------------------------------------- surgery
 
 
-def apply_structure(model: nn.Module, example: torch.Tensor,
-                    records: Sequence[Record]) -> nn.Module:
+def apply_structure(
+    model: nn.Module, example: torch.Tensor, records: Sequence[Record]
+) -> nn.Module:
     """Prune ``model`` in place to the recorded structure (TP surgery, step by step).
 
     Each record keeps ``kept`` of the ``channels`` output channels of the group rooted at
@@ -241,24 +257,30 @@ def apply_structure(model: nn.Module, example: torch.Tensor,
     for rec in records:
         layer = modules.get(rec["layer"])
         if layer is None:
-            raise ModelError(f"pruned structure names layer {rec['layer']!r} that the model "
-                             "lacks", "rebuild it on the model it was recorded on")
+            raise ModelError(
+                f"pruned structure names layer {rec['layer']!r} that the model lacks",
+                "rebuild it on the model it was recorded on",
+            )
         pruner = dg.get_pruner_of_module(layer)
         channels = pruner.get_out_channels(layer)
         if channels != rec["channels"]:
-            raise ModelError(f"pruned structure expects {rec['channels']} channels at "
-                             f"{rec['layer']!r}, the model has {channels}",
-                             "rebuild it on the model it was recorded on")
+            raise ModelError(
+                f"pruned structure expects {rec['channels']} channels at "
+                f"{rec['layer']!r}, the model has {channels}",
+                "rebuild it on the model it was recorded on",
+            )
         kept = set(rec["kept"])
         pruned = [i for i in range(channels) if i not in kept]
         if pruned:
             dg.get_pruning_group(layer, pruner.prune_out_channels, pruned).prune(
-                record_history=False)
+                record_history=False
+            )
     return model
 
 
-def rebuild_model(model: nn.Module, structure: Sequence[Record],
-                  example: torch.Tensor | None = None) -> nn.Module:
+def rebuild_model(
+    model: nn.Module, structure: Sequence[Record], example: torch.Tensor | None = None
+) -> nn.Module:
     """``model`` (a fresh, unpruned eager model, e.g. ``Context.new_model()``) pruned to
     ``structure`` (e.g. ``State.structure``), in place; returned.
 
@@ -270,8 +292,12 @@ def rebuild_model(model: nn.Module, structure: Sequence[Record],
     return apply_structure(model, example, structure)
 
 
-def carry_masks(model: nn.Module, masks: dict[str, torch.Tensor], example: torch.Tensor,
-                records: Sequence[Record]) -> dict[str, torch.Tensor]:
+def carry_masks(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    example: torch.Tensor,
+    records: Sequence[Record],
+) -> dict[str, torch.Tensor]:
     """The keep-masks of ``model`` after ``records`` are applied to it (exact slicing).
 
     A copy of the (unpruned) model whose masked weights hold their masks as 0/1 goes
@@ -303,8 +329,11 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
         else:
             total[0] += per_image * mod.in_features
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     try:
         with torch.no_grad(), _eval(model):
             model(example)
@@ -314,9 +343,15 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     return total[0]
 
 
-def artifact_latency_ms(model: nn.Module, example: torch.Tensor, *, int8: bool,
-                        calibration: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
-                        threads: int = 2, repeats: int = 100) -> float:
+def artifact_latency_ms(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    int8: bool,
+    calibration: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    threads: int = 2,
+    repeats: int = 100,
+) -> float:
     """Batch-1 p50 latency (ms) on onnxruntime of ``model`` exported as it would ship.
 
     ``int8``: prepared for QAT on a copy, observers calibrated on ``calibration``
@@ -331,27 +366,42 @@ def artifact_latency_ms(model: nn.Module, example: torch.Tensor, *, int8: bool,
     example = example.cpu()
     if int8:
         m = prepare_qat(m, example)
-        calibrate(m, list(calibration) or [(torch.rand(8, *example.shape[1:]), None)],
-                  max(1, len(calibration)), torch.device("cpu"))
+        calibrate(
+            m,
+            list(calibration) or [(torch.rand(8, *example.shape[1:]), None)],
+            max(1, len(calibration)),
+            torch.device("cpu"),
+        )
     with tempfile.TemporaryDirectory() as tmp:
         path, _ = export_onnx(m, Path(tmp) / "candidate.onnx", example, quantized=int8)
         runner = open_runner("onnxruntime", path, threads)
-        stats = compare_latency({"candidate": runner.run}, (1, *example.shape[1:]),
-                                warmup=max(10, repeats // 5), repeats=repeats, rounds=2,
-                                progress=False)
+        stats = compare_latency(
+            {"candidate": runner.run},
+            (1, *example.shape[1:]),
+            warmup=max(10, repeats // 5),
+            repeats=repeats,
+            rounds=2,
+            progress=False,
+        )
     return stats["candidate"].p50
 
 
-def prune_copy(model: nn.Module, example: torch.Tensor, scores: dict[str, torch.Tensor],
-               ratio: float, spec: PruneChannelsSpec) -> tuple[nn.Module, list[Record]]:
+def prune_copy(
+    model: nn.Module,
+    example: torch.Tensor,
+    scores: dict[str, torch.Tensor],
+    ratio: float,
+    spec: PruneChannelsSpec,
+) -> tuple[nn.Module, list[Record]]:
     """A pruned copy of ``model`` at channel ``ratio`` (for target searches)."""
     m = copy.deepcopy(model)
     records = plan_records(m, example, scores, 1.0 - ratio, spec)
     return apply_structure(m, example, records), records
 
 
-def find_ratio(measure: Callable[[float], float], budget: float, hi: float,
-               trials: int) -> tuple[float, bool, list[dict[str, float]]]:
+def find_ratio(
+    measure: Callable[[float], float], budget: float, hi: float, trials: int
+) -> tuple[float, bool, list[dict[str, float]]]:
     """Smallest channel ratio in [0, hi] whose ``measure(ratio) <= budget`` (bisection).
 
     Assumes ``measure`` falls as the ratio grows; at most ``trials`` calls. Returns the
@@ -382,24 +432,33 @@ def find_ratio(measure: Callable[[float], float], budget: float, hi: float,
 # ---------------------------------------------------------------------------- the stage
 
 
-def plan_records(model: nn.Module, example: torch.Tensor, scores: dict[str, torch.Tensor],
-                 keep: float | dict[str, float], spec: PruneChannelsSpec) -> list[Record]:
+def plan_records(
+    model: nn.Module,
+    example: torch.Tensor,
+    scores: dict[str, torch.Tensor],
+    keep: float | dict[str, float],
+    spec: PruneChannelsSpec,
+) -> list[Record]:
     """Surgery records keeping ``keep`` of each group's current channels (see plan_channels)."""
     dg, groups = channel_groups(model, example, spec.exclude)
     names = {m: n for n, m in model.named_modules()}
     p = 2 if spec.criterion == "magnitude" and spec.p == 2 else 1
-    weight_scores = ({n: s.pow(2) for n, s in scores.items()} if p == 2 else scores)
+    weight_scores = {n: s.pow(2) for n, s in scores.items()} if p == 2 else scores
     per_group = {root: group_scores(g, weight_scores, names, dg, p) for root, g in groups.items()}
     if isinstance(keep, dict):
         keep = {root: keep.get(root, 1.0) for root in per_group}
     plan = plan_channels(per_group, keep, spec.scope, spec.round_to, spec.max_ratio)
-    return [{"layer": root, "channels": len(per_group[root]), "kept": kept}
-            for root, kept in plan.items() if len(kept) < len(per_group[root])]
+    return [
+        {"layer": root, "channels": len(per_group[root]), "kept": kept}
+        for root, kept in plan.items()
+        if len(kept) < len(per_group[root])
+    ]
 
 
 def weight_names(model: nn.Module) -> list[str]:
-    return [f"{n}.weight" for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
 
 
 def reimpose_nm(state: State, model: nn.Module, info: dict[str, Any]) -> None:

@@ -89,8 +89,10 @@ def masks_from_scores(
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if scope == "layer":
-        return {name: _keep_largest(s.detach().flatten(), sparsity).view_as(s)
-                for name, s in scores.items()}
+        return {
+            name: _keep_largest(s.detach().flatten(), sparsity).view_as(s)
+            for name, s in scores.items()
+        }
     if scope != "global":
         raise ValueError(f"unknown scope {scope!r}")
     names = list(scores)
@@ -126,8 +128,9 @@ def nm_eligible(weight: torch.Tensor, m: int) -> bool:
     return weight.ndim in (2, 4) and weight.shape[1] >= m and weight.shape[1] % m == 0
 
 
-def nm_masks(scores: dict[str, torch.Tensor], n: int, m: int,
-             zeros: int | None = None) -> dict[str, torch.Tensor]:
+def nm_masks(
+    scores: dict[str, torch.Tensor], n: int, m: int, zeros: int | None = None
+) -> dict[str, torch.Tensor]:
     """N:M keep-masks: in every group of ``m`` consecutive entries along dimension 1 (the
     input channels), the ``m - zeros`` best-scored stay (``zeros`` defaults to ``m - n``).
 
@@ -139,8 +142,7 @@ def nm_masks(scores: dict[str, torch.Tensor], n: int, m: int,
     masks = {}
     for name, s in scores.items():
         if not nm_eligible(s, m):
-            raise ValueError(f"{name}: input width {tuple(s.shape)[1:2]} is not a multiple "
-                             f"of {m}")
+            raise ValueError(f"{name}: input width {tuple(s.shape)[1:2]} is not a multiple of {m}")
         moved = s.detach().float().movedim(1, -1)  # [..., in]
         groups = moved.reshape(*moved.shape[:-1], -1, m)
         # stable ranking: ties keep the lower index
@@ -182,8 +184,9 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def rewind_to(model: nn.Module, point: dict[str, torch.Tensor],
-              masks: dict[str, torch.Tensor]) -> None:
+def rewind_to(
+    model: nn.Module, point: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+) -> None:
     """Reset ``model`` to the rewind ``point``, then zero the masked-out weights."""
     own = model.state_dict()
     for k, v in point.items():

@@ -61,20 +61,34 @@ from pqd.train import set_train
 
 _ADD_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 _RELU_OPS = {torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
-_WEIGHT_OPS = {torch.ops.aten.conv2d.default, torch.ops.aten.conv1d.default,
-               torch.ops.aten.linear.default}
+_WEIGHT_OPS = {
+    torch.ops.aten.conv2d.default,
+    torch.ops.aten.conv1d.default,
+    torch.ops.aten.linear.default,
+}
 ANNOTATION = "quantization_annotation"
 META_KEY = "pqd_quant"
 _EPS = 2**-12  # torchao's x86 default
 # scheme keys that change the quantized types (the rest: how ranges are set, which are float)
-TYPE_KEYS = ("granularity", "weight_symmetric", "weight_bits", "activation_symmetric",
-              "reduce_range")
+TYPE_KEYS = (
+    "granularity",
+    "weight_symmetric",
+    "weight_bits",
+    "activation_symmetric",
+    "reduce_range",
+)
 
 # reduce_range: 8-bit weights kept in [-64, 63] (the portable target, see pqd.target)
 DEFAULT_SCHEME: dict[str, Any] = {
-    "mode": "qat", "granularity": "per_channel", "weight_symmetric": True, "weight_bits": 8,
-    "activation_symmetric": False, "observer": "minmax", "percentile": 99.99,
-    "reduce_range": True, "float_layers": [],
+    "mode": "qat",
+    "granularity": "per_channel",
+    "weight_symmetric": True,
+    "weight_bits": 8,
+    "activation_symmetric": False,
+    "observer": "minmax",
+    "percentile": 99.99,
+    "reduce_range": True,
+    "float_layers": [],
 }
 
 
@@ -87,11 +101,15 @@ def scheme_of(spec: QuantizeSpec, reduce_range: bool = True) -> dict[str, Any]:
             see :mod:`pqd.target`); False: full 8-bit weights (``x86-vnni``).
     """
     return {
-        "mode": spec.mode, "granularity": spec.weights.granularity,
-        "weight_symmetric": spec.weights.symmetric, "weight_bits": spec.weights.bits,
+        "mode": spec.mode,
+        "granularity": spec.weights.granularity,
+        "weight_symmetric": spec.weights.symmetric,
+        "weight_bits": spec.weights.bits,
         "activation_symmetric": spec.activations.symmetric,
-        "observer": spec.activations.observer, "percentile": spec.activations.percentile,
-        "reduce_range": reduce_range, "float_layers": [],
+        "observer": spec.activations.observer,
+        "percentile": spec.activations.percentile,
+        "reduce_range": reduce_range,
+        "float_layers": [],
     }
 
 
@@ -130,8 +148,11 @@ def precision_label(scheme: dict[str, Any]) -> str:
         label = "int8-dynamic"
     else:
         act = "int8a" if scheme["activation_symmetric"] else "uint8a"
-        label = "int8" if scheme["weight_bits"] == 8 and act == "uint8a" else \
-            f"int{scheme['weight_bits']}w-{act}"
+        label = (
+            "int8"
+            if scheme["weight_bits"] == 8 and act == "uint8a"
+            else f"int{scheme['weight_bits']}w-{act}"
+        )
     n_float = len(scheme.get("float_layers", []))
     return label + (f"+fp32({n_float} layers)" if n_float else "")
 
@@ -189,19 +210,32 @@ def quantization_config(scheme: dict[str, Any]):  # -> (QuantizationConfig, weig
 
     dynamic = scheme["mode"] == "dynamic"
     if dynamic:
-        act = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255,
-                               qscheme=torch.per_tensor_affine, is_dynamic=False,
-                               observer_or_fake_quant_ctr=dynamic_fake_quantize().with_args())  # type: ignore[attr-defined]
+        act = QuantizationSpec(
+            dtype=torch.uint8,
+            quant_min=0,
+            quant_max=255,
+            qscheme=torch.per_tensor_affine,
+            is_dynamic=False,
+            observer_or_fake_quant_ctr=dynamic_fake_quantize().with_args(),  # type: ignore[attr-defined]
+        )
     elif scheme["activation_symmetric"]:
         act = QuantizationSpec(
-            dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
+            dtype=torch.int8,
+            quant_min=-128,
+            quant_max=127,
+            qscheme=torch.per_tensor_symmetric,
             is_dynamic=False,
-            observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(eps=_EPS))
+            observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(eps=_EPS),
+        )
     else:  # torchao's x86 default
         act = QuantizationSpec(
-            dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+            dtype=torch.uint8,
+            quant_min=0,
+            quant_max=255,
+            qscheme=torch.per_tensor_affine,
             is_dynamic=False,
-            observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(eps=_EPS))
+            observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(eps=_EPS),
+        )
     qmin, qmax = weight_range(scheme)
     per_channel = scheme["granularity"] == "per_channel"
 
@@ -213,10 +247,16 @@ def quantization_config(scheme: dict[str, Any]):  # -> (QuantizationConfig, weig
             qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
             obs = MovingAverageMinMaxObserver
         return QuantizationSpec(
-            dtype=torch.int8, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
-            ch_axis=0 if per_channel else None, is_dynamic=False,
+            dtype=torch.int8,
+            quant_min=qmin,
+            quant_max=qmax,
+            qscheme=qscheme,
+            ch_axis=0 if per_channel else None,
+            is_dynamic=False,
             observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
-                observer=obs, eps=_EPS))
+                observer=obs, eps=_EPS
+            ),
+        )
 
     config = QuantizationConfig(act, act, weight_spec(True), None, True)
     return config, weight_spec(scheme["weight_symmetric"])
@@ -237,8 +277,11 @@ def ort_quantizer(is_qat: bool = True, scheme: dict[str, Any] | None = None):
 
     scheme = scheme or DEFAULT_SCHEME
     static = scheme["mode"] != "dynamic"
-    default = static and not scheme.get("reduce_range", False) and all(
-        scheme[k] == DEFAULT_SCHEME[k] for k in TYPE_KEYS if k != "reduce_range")
+    default = (
+        static
+        and not scheme.get("reduce_range", False)
+        and all(scheme[k] == DEFAULT_SCHEME[k] for k in TYPE_KEYS if k != "reduce_range")
+    )
     if default:  # exactly torchao's x86 recipe (full 8-bit weights: the x86-vnni target)
         config, weight_qspec = get_default_x86_inductor_quantization_config(is_qat=is_qat), None
     else:
@@ -247,10 +290,17 @@ def ort_quantizer(is_qat: bool = True, scheme: dict[str, Any] | None = None):
     class OrtQDQQuantizer(X86InductorQuantizer):
         # conv(+bn)+add(+relu) fusions leave the conv output unquantized: onnxruntime
         # then keeps that conv in float. Skip them; the conv(+bn)(+relu) patterns apply.
-        def _annotate_qat_conv2d_bn_binary_unary(self, *a, **k): return None
-        def _annotate_qat_conv2d_bn_binary(self, *a, **k): return None
-        def _annotate_conv2d_binary_unary(self, *a, **k): return None
-        def _annotate_conv2d_binary(self, *a, **k): return None
+        def _annotate_qat_conv2d_bn_binary_unary(self, *a, **k):
+            return None
+
+        def _annotate_qat_conv2d_bn_binary(self, *a, **k):
+            return None
+
+        def _annotate_conv2d_binary_unary(self, *a, **k):
+            return None
+
+        def _annotate_conv2d_binary(self, *a, **k):
+            return None
 
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             super().annotate(model)
@@ -267,8 +317,11 @@ def ort_quantizer(is_qat: bool = True, scheme: dict[str, Any] | None = None):
                     continue
                 if node.target in _ADD_OPS:
                     _annotate_add(node, qspec, QuantizationAnnotation)
-                elif (node.target == torch.ops.aten.linear.default and ann is not None
-                      and ann.output_qspec is None):
+                elif (
+                    node.target == torch.ops.aten.linear.default
+                    and ann is not None
+                    and ann.output_qspec is None
+                ):
                     ann.output_qspec = qspec
             if not static:  # dynamic: only conv/linear inputs carry activation quantizers
                 for node in model.graph.nodes:
@@ -292,11 +345,13 @@ def _annotate_add(node: torch.fx.Node, qspec, annotation_cls) -> None:
     users = list(node.users)
     if len(users) == 1 and users[0].target in _RELU_OPS:
         node.meta[ANNOTATION] = annotation_cls(
-            input_qspec_map={a: qspec for a in inputs}, _annotated=True)
+            input_qspec_map={a: qspec for a in inputs}, _annotated=True
+        )
         users[0].meta[ANNOTATION] = annotation_cls(output_qspec=qspec, _annotated=True)
     else:
         node.meta[ANNOTATION] = annotation_cls(
-            input_qspec_map={a: qspec for a in inputs}, output_qspec=qspec, _annotated=True)
+            input_qspec_map={a: qspec for a in inputs}, output_qspec=qspec, _annotated=True
+        )
 
 
 def capture(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
@@ -315,26 +370,37 @@ def capture(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
 
 
 def _is_fake_quant(graph: torch.fx.GraphModule, node: Any) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_module" and hasattr(
-        graph.get_submodule(str(node.target)), "fake_quant_enabled")
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_module"
+        and hasattr(graph.get_submodule(str(node.target)), "fake_quant_enabled")
+    )
 
 
 def unquantized_weights(graph: torch.fx.GraphModule) -> list[str]:
     """Names of conv/linear nodes whose weight does not pass through a fake-quantizer."""
-    return [node.name for node in graph.graph.nodes
-            if node.op == "call_function" and node.target in _WEIGHT_OPS
-            and not _is_fake_quant(graph, node.args[1])]
+    return [
+        node.name
+        for node in graph.graph.nodes
+        if node.op == "call_function"
+        and node.target in _WEIGHT_OPS
+        and not _is_fake_quant(graph, node.args[1])
+    ]
 
 
-def prepare_qat(model: nn.Module, example: torch.Tensor,
-                scheme: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+def prepare_qat(
+    model: nn.Module, example: torch.Tensor, scheme: dict[str, Any] | None = None
+) -> torch.fx.GraphModule:
     """Capture ``model`` and insert fake-quantizers; every conv/linear weight must get one."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     _pt2e_cache.install()
     scheme = copy.deepcopy(scheme or DEFAULT_SCHEME)
-    bn_settings = {(m.eps, m.momentum) for m in model.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    bn_settings = {
+        (m.eps, m.momentum)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
     set_train(model, True)
     graph = prepare_qat_pt2e(capture(model, example), ort_quantizer(True, scheme))
     _restore_bn_settings(graph, bn_settings)
@@ -373,8 +439,11 @@ def refresh_bn_stats(model: nn.Module, loader, batches: int, device: torch.devic
     Returns:
         Images seen (0: the statistics were left as they were).
     """
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not bns:
         return 0
     saved = [(m, m.momentum, copy.deepcopy(m.state_dict())) for m in bns]
@@ -403,8 +472,9 @@ def refresh_bn_stats(model: nn.Module, loader, batches: int, device: torch.devic
     return seen
 
 
-def prepare_qat_parts(net: nn.Module, example: torch.Tensor,
-                      scheme: dict[str, Any] | None = None) -> nn.Module:
+def prepare_qat_parts(
+    net: nn.Module, example: torch.Tensor, scheme: dict[str, Any] | None = None
+) -> nn.Module:
     """Per-part QAT for a multi-exit net: every segment and head becomes its own PT2E graph
     with its own fake-quantizers (each part is exported to its own ONNX file). Parameter
     names do not change (a part keeps its internal names)."""
@@ -418,8 +488,11 @@ def prepare_qat_parts(net: nn.Module, example: torch.Tensor,
 
 
 def _fq_target(graph: torch.fx.GraphModule, node: Any) -> str | None:
-    if isinstance(node, torch.fx.Node) and node.op == "call_module" and hasattr(
-            graph.get_submodule(str(node.target)), "observer_enabled"):
+    if (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_module"
+        and hasattr(graph.get_submodule(str(node.target)), "observer_enabled")
+    ):
         return str(node.target)
     return None
 
@@ -515,9 +588,12 @@ def quantized_layers(model: nn.Module) -> dict[str, LayerQuant]:
             layers[f"{prefix}.{name}" if prefix else name] = LayerQuant(
                 name=f"{prefix}.{name}" if prefix else name,
                 op="linear" if node.target == torch.ops.aten.linear.default else "conv",
-                graph=graph, node=node,
+                graph=graph,
+                node=node,
                 weight_node=w if _is_fake_quant(graph, w) else None,
-                input_nodes=[x] if _is_fake_quant(graph, x) else [], prefix=prefix)
+                input_nodes=[x] if _is_fake_quant(graph, x) else [],
+                prefix=prefix,
+            )
     return layers
 
 
@@ -550,8 +626,10 @@ def keep_float(model: nn.Module, names: list[str]) -> None:
     from the graphs, so those layers train and export in float."""
     unknown = sorted(set(names) - set(quantized_layers(model)))
     if unknown:
-        raise RecipeError(f"quantize: no conv/linear layer named {unknown[0]!r}",
-                          "name layers as `pqd sensitivity` lists them")
+        raise RecipeError(
+            f"quantize: no conv/linear layer named {unknown[0]!r}",
+            "name layers as `pqd sensitivity` lists them",
+        )
     layers = quantized_layers(model)
     drop = float_layer_quantizers(model, names)
     for prefix, graph in graphs_in(model):
@@ -571,8 +649,13 @@ def keep_float(model: nn.Module, names: list[str]) -> None:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, loader, batches: int, device: torch.device,
-              scheme: dict[str, Any] | None = None) -> int:
+def calibrate(
+    model: nn.Module,
+    loader,
+    batches: int,
+    device: torch.device,
+    scheme: dict[str, Any] | None = None,
+) -> int:
     """Set every activation range from ``batches`` batches of ``loader``; returns images seen.
 
     The float network runs (fake-quant off); weight quantizers observe their weights;
@@ -584,8 +667,11 @@ def calibrate(model: nn.Module, loader, batches: int, device: torch.device,
     scheme = scheme or quant_scheme(model)
     weight_names = {lq.weight_fq for lq in quantized_layers(model).values() if lq.weight_fq}
     fqs = dict(fake_quantizers(model))
-    acts = {n: m for n, m in fqs.items() if n not in weight_names
-            and not getattr(m, "is_dynamic", False)}
+    acts = {
+        n: m
+        for n, m in fqs.items()
+        if n not in weight_names and not getattr(m, "is_dynamic", False)
+    }
     for name, m in fqs.items():
         m.fake_quant_enabled[0] = 0
         m.observer_enabled[0] = 1 if name in weight_names else 0
@@ -596,8 +682,10 @@ def calibrate(model: nn.Module, loader, batches: int, device: torch.device,
     multi = isinstance(model, MultiExitNet)
 
     def run(observe) -> int:
-        hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: observe(stats[n], args[0]))
-                 for n, m in acts.items()]
+        hooks = [
+            m.register_forward_pre_hook(lambda _m, args, n=n: observe(stats[n], args[0]))
+            for n, m in acts.items()
+        ]
         seen = 0
         try:
             for i, (x, _) in enumerate(loader):
@@ -623,8 +711,12 @@ def calibrate(model: nn.Module, loader, batches: int, device: torch.device,
         if s.hi < s.lo:  # never reached (dead branch): keep torchao's defaults
             continue
         nonneg = s.lo >= 0.0 and not symmetric
-        lo, hi = s.range(observer, symmetric=symmetric, levels=256 if nonneg else 128,
-                         percentile=scheme["percentile"])
+        lo, hi = s.range(
+            observer,
+            symmetric=symmetric,
+            levels=256 if nonneg else 128,
+            percentile=scheme["percentile"],
+        )
         obs = m.activation_post_process
         obs.min_val.resize_(()).fill_(lo)
         obs.max_val.resize_(()).fill_(hi)

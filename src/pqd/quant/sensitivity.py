@@ -65,15 +65,26 @@ def layer_sensitivity(model: nn.Module, loader: Any, device: torch.device) -> di
         for name, lq in layers.items():
             own = {fq for fq in [lq.weight_fq, *lq.input_fqs] if fq}
             acc = sw.accuracy(own)
-            rows.append({"layer": name, "op": lq.op, "accuracy": acc,
-                         "drop_points": round(100.0 * (float_acc - acc), 3)})
+            rows.append(
+                {
+                    "layer": name,
+                    "op": lq.op,
+                    "accuracy": acc,
+                    "drop_points": round(100.0 * (float_acc - acc), 3),
+                }
+            )
     ranking = [r["layer"] for r in sorted(rows, key=lambda r: -r["drop_points"])]
-    return {"float_accuracy": float_acc, "quantized_accuracy": full_acc, "layers": rows,
-            "ranking": ranking}
+    return {
+        "float_accuracy": float_acc,
+        "quantized_accuracy": full_acc,
+        "layers": rows,
+        "ranking": ranking,
+    }
 
 
-def choose_mixed_precision(model: nn.Module, loader: Any, device: torch.device,
-                           spec: MixedPrecisionSpec) -> dict[str, Any]:
+def choose_mixed_precision(
+    model: nn.Module, loader: Any, device: torch.device, spec: MixedPrecisionSpec
+) -> dict[str, Any]:
     """Layers to keep float: the most sensitive first, until the val drop <= budget.
 
     Returns ``sensitivity`` (see :func:`layer_sensitivity`), ``float_layers`` (the chosen
@@ -82,25 +93,38 @@ def choose_mixed_precision(model: nn.Module, loader: Any, device: torch.device,
     """
     sens = layer_sensitivity(model, loader, device)
     ranked = sens["ranking"]
-    limit = len(ranked) if spec.max_float_layers is None else min(spec.max_float_layers,
-                                                                  len(ranked))
+    limit = (
+        len(ranked) if spec.max_float_layers is None else min(spec.max_float_layers, len(ranked))
+    )
     float_acc = sens["float_accuracy"]
-    trace = [{"float_layers": 0, "val_accuracy": sens["quantized_accuracy"],
-              "drop_points": round(100.0 * (float_acc - sens["quantized_accuracy"]), 3)}]
+    trace = [
+        {
+            "float_layers": 0,
+            "val_accuracy": sens["quantized_accuracy"],
+            "drop_points": round(100.0 * (float_acc - sens["quantized_accuracy"]), 3),
+        }
+    ]
     k = 0
     with _Switch(model, loader, device) as sw:
         while trace[-1]["drop_points"] > spec.max_drop_points and k < limit:
             k += 1
             acc = sw.accuracy(set(sw.fqs) - float_layer_quantizers(model, ranked[:k]))
-            trace.append({"float_layers": k, "val_accuracy": acc,
-                          "drop_points": round(100.0 * (float_acc - acc), 3)})
+            trace.append(
+                {
+                    "float_layers": k,
+                    "val_accuracy": acc,
+                    "drop_points": round(100.0 * (float_acc - acc), 3),
+                }
+            )
     return {
         "sensitivity": sens,
         "float_layers": ranked[:k],
         "mixed_precision": {
-            "max_drop_points": spec.max_drop_points, "max_float_layers": spec.max_float_layers,
+            "max_drop_points": spec.max_drop_points,
+            "max_float_layers": spec.max_float_layers,
             "met_budget": trace[-1]["drop_points"] <= spec.max_drop_points,
-            "val_drop_points": trace[-1]["drop_points"], "trace": trace,
+            "val_drop_points": trace[-1]["drop_points"],
+            "trace": trace,
         },
     }
 
@@ -109,12 +133,18 @@ def format_table(result: dict[str, Any]) -> str:
     """The sensitivity table as text, most sensitive layer first."""
     rows = sorted(result["layers"], key=lambda r: result["ranking"].index(r["layer"]))
     width = max([5, *(len(r["layer"]) for r in rows)])
-    lines = [f"{'rank':>4}  {'layer':<{width}}  {'op':<6}  {'val top-1':>9}  {'drop (points)':>13}",
-             f"{'-' * 4}  {'-' * width}  {'-' * 6}  {'-' * 9}  {'-' * 13}"]
+    lines = [
+        f"{'rank':>4}  {'layer':<{width}}  {'op':<6}  {'val top-1':>9}  {'drop (points)':>13}",
+        f"{'-' * 4}  {'-' * width}  {'-' * 6}  {'-' * 9}  {'-' * 13}",
+    ]
     for i, r in enumerate(rows, 1):
-        lines.append(f"{i:>4}  {r['layer']:<{width}}  {r['op']:<6}  "
-                     f"{100 * r['accuracy']:>8.2f}%  {r['drop_points']:>13.2f}")
-    lines.append(f"\nfloat model {100 * result['float_accuracy']:.2f}%, every layer quantized "
-                 f"{100 * result['quantized_accuracy']:.2f}% (val split, "
-                 f"{result.get('val_images', '?')} images, before any QAT)")
+        lines.append(
+            f"{i:>4}  {r['layer']:<{width}}  {r['op']:<6}  "
+            f"{100 * r['accuracy']:>8.2f}%  {r['drop_points']:>13.2f}"
+        )
+    lines.append(
+        f"\nfloat model {100 * result['float_accuracy']:.2f}%, every layer quantized "
+        f"{100 * result['quantized_accuracy']:.2f}% (val split, "
+        f"{result.get('val_images', '?')} images, before any QAT)"
+    )
     return "\n".join(lines)

@@ -47,8 +47,7 @@ def apply_early_exit(state: State, spec: EarlyExitSpec, ctx: Context) -> State:
     from pqd.quant.pt2e import calibrate, prepare_qat_parts, quant_scheme
 
     if isinstance(state.model, MultiExitNet):
-        raise RecipeError("early_exit: the model already has exits",
-                          "keep one early_exit stage")
+        raise RecipeError("early_exit: the model already has exits", "keep one early_exit stage")
     whole_graph = state.model if is_graph(state.model) else None
     eager = state.model
     if whole_graph is not None:  # the eager net of the graph (channel-pruned: rebuilt so)
@@ -60,17 +59,30 @@ def apply_early_exit(state: State, spec: EarlyExitSpec, ctx: Context) -> State:
         eager = eager_from_graph(whole_graph, like)
     eager.to(ctx.device)
     example = ctx.example_input()
-    net = build_multi_exit(eager, spec.positions, ctx.data.num_classes, example,
-                           head_channels=spec.head.channels, head_kernel=spec.head.kernel_size,
-                           head_stride=spec.head.stride, confidence=spec.confidence)
+    net = build_multi_exit(
+        eager,
+        spec.positions,
+        ctx.data.num_classes,
+        example,
+        head_channels=spec.head.channels,
+        head_kernel=spec.head.kernel_size,
+        head_stride=spec.head.stride,
+        confidence=spec.confidence,
+    )
     if spec.weights is not None and len(spec.weights) != net.num_exits:
         raise RecipeError(
             f"early_exit: weights has {len(spec.weights)} entries for {net.num_exits} exits "
-            f"(positions {net.positions})", "give one weight per exit")
+            f"(positions {net.positions})",
+            "give one weight per exit",
+        )
     net.to(ctx.device)
     state.masks = {net.name_of(n): m for n, m in state.masks.items()}
-    net.exit_loss = {"weights": spec.weights, "distill": spec.distill,
-                     "temperature": spec.temperature, "alpha": spec.alpha}
+    net.exit_loss = {
+        "weights": spec.weights,
+        "distill": spec.distill,
+        "temperature": spec.temperature,
+        "alpha": spec.alpha,
+    }
     net.detach_heads = spec.mode == "heads"
     info: dict[str, Any] = {"positions": net.positions, "exits": net.num_exits}
     cfg = ctx.train
@@ -85,14 +97,18 @@ def apply_early_exit(state: State, spec: EarlyExitSpec, ctx: Context) -> State:
     if spec.mode == "joint" and spec.distill == "teacher":
         from pqd.train import kd_loss
 
-        base = kd_loss(ctx.teacher, spec.temperature, spec.alpha, cfg.label_smoothing,
-                       device=ctx.device, amp=cfg.amp)
+        base = kd_loss(
+            ctx.teacher,
+            spec.temperature,
+            spec.alpha,
+            cfg.label_smoothing,
+            device=ctx.device,
+            amp=cfg.amp,
+        )
     guard = frozen_backbone(net) if spec.mode == "heads" else contextlib.nullcontext()
     with guard:
-        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, loss_fn=base,
-                desc=ctx.desc)
+        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, loss_fn=base, desc=ctx.desc)
     set_train(net, False)
     info.update(calibrate_net(net, ctx, spec.target))
     state.info.update(info)
     return state
-

@@ -35,8 +35,9 @@ def reinitialize(state: State, ctx: Context) -> None:
     from pqd.prune.channels import rebuild_model
 
     if is_graph(state.model):
-        raise RecipeError("prune: at_init needs an unquantized model",
-                          "put the prune stage before quantize")
+        raise RecipeError(
+            "prune: at_init needs an unquantized model", "put the prune stage before quantize"
+        )
     torch.manual_seed(ctx.seed)
     example = ctx.example_input().cpu()  # (drawn before the fresh weights, as always)
     fresh = rebuild_model(ctx.new_model(), state.structure, example)
@@ -47,8 +48,11 @@ def reinitialize(state: State, ctx: Context) -> None:
 def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
     """Prune ``state.model`` to ``spec``'s target and fine-tune with masks held at zero."""
     params = prunable_parameters(state.model, spec.exclude)
-    info: dict[str, Any] = {"criterion": spec.criterion, "schedule": spec.schedule,
-                            "structure": spec.structure}
+    info: dict[str, Any] = {
+        "criterion": spec.criterion,
+        "schedule": spec.schedule,
+        "structure": spec.structure,
+    }
     if spec.structure == "nm":
         excluded = [n for n, p in params.items() if not nm_eligible(p, spec.m)]
         params = {n: p for n, p in params.items() if n not in excluded}
@@ -57,8 +61,11 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
     if not params:
         raise RecipeError(
             "prune: no prunable (conv/linear) weights left after 'exclude'"
-            + (f" and the N:M width rule (input width multiple of {spec.m})"
-               if spec.structure == "nm" else ""),
+            + (
+                f" and the N:M width rule (input width multiple of {spec.m})"
+                if spec.structure == "nm"
+                else ""
+            ),
             "loosen the exclude patterns",
         )
     if spec.at_init:
@@ -67,8 +74,9 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
     cfg = ctx.train
     batches = score_batches(ctx, spec.score_batches) if spec.criterion != "magnitude" else []
     loss = scoring_loss(spec.criterion_loss, ctx)
-    tracker = (importance.MovementTracker(state.model, params)
-               if spec.criterion == "movement" else None)
+    tracker = (
+        importance.MovementTracker(state.model, params) if spec.criterion == "movement" else None
+    )
 
     def scores_now() -> dict[str, torch.Tensor]:
         if tracker is not None and tracker.steps > 0:
@@ -86,8 +94,9 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
         for n, m in previous.items():
             scores[n] = scores[n].masked_fill(~m.to(scores[n].device), float("-inf"))
         if spec.structure == "nm":
-            new = nm_masks(scores, spec.n, spec.m, zeros=min(round(sparsity * spec.m),
-                                                             spec.m - spec.n))
+            new = nm_masks(
+                scores, spec.n, spec.m, zeros=min(round(sparsity * spec.m), spec.m - spec.n)
+            )
         else:
             new = masks_from_scores(scores, sparsity, spec.scope)
         for n, m in previous.items():
@@ -99,8 +108,16 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
     seed = ctx.seed
 
     def fit(epochs: int, on_step=None, round_index: int = 0, hook_state=None) -> None:
-        ctx.fit(state, cfg, epochs, seed=seed + round_index, on_step=on_step,
-                after_step=tracker, desc=ctx.desc, hook_state=hook_state)
+        ctx.fit(
+            state,
+            cfg,
+            epochs,
+            seed=seed + round_index,
+            on_step=on_step,
+            after_step=tracker,
+            desc=ctx.desc,
+            hook_state=hook_state,
+        )
 
     if spec.rewind != "none":
         _prune_with_rewind(state, spec, ctx, update, fit, info)
@@ -139,8 +156,9 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
     return state
 
 
-def _prune_with_rewind(state: State, spec: PruneSpec, ctx: Context, update, fit,
-                       info: dict[str, Any]) -> None:
+def _prune_with_rewind(
+    state: State, spec: PruneSpec, ctx: Context, update, fit, info: dict[str, Any]
+) -> None:
     """Train, prune, rewind survivors, retrain (once, or per iterative round)."""
     target = spec.target_sparsity
     if spec.schedule == "iterative":
@@ -165,6 +183,5 @@ def _prune_with_rewind(state: State, spec: PruneSpec, ctx: Context, update, fit,
         update(s)
         rewind_to(state.model, point["w"], state.masks)
         fit(e, round_index=i + 1)
-    info["rewind"] = (spec.rewind if spec.rewind == "stage_start"
-                      else f"epoch {spec.rewind_epoch}")
+    info["rewind"] = spec.rewind if spec.rewind == "stage_start" else f"epoch {spec.rewind_epoch}"
     info["sparsity_sequence"] = [round(s, 6) for s in sequence]

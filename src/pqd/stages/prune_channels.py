@@ -44,8 +44,10 @@ def eager_model(state: State, ctx: Context) -> nn.Module:
     own = eager.state_dict()
     missing = [k for k in own if k not in graph_state]
     if missing:
-        raise ModelError(f"the QAT graph lacks eager weights {missing[:3]}",
-                         "prune channels before quantize for this model")
+        raise ModelError(
+            f"the QAT graph lacks eager weights {missing[:3]}",
+            "prune channels before quantize for this model",
+        )
     eager.load_state_dict({k: graph_state[k].detach().clone() for k in own})
     return eager.to(ctx.device)
 
@@ -61,9 +63,11 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
     from pqd.train import prepare_model
 
     if isinstance(state.model, MultiExitNet):
-        raise RecipeError("prune_channels cannot run after early_exit (channel surgery across "
-                          "the exit segments is not supported)",
-                          "put prune_channels before early_exit, or use prune (masks)")
+        raise RecipeError(
+            "prune_channels cannot run after early_exit (channel surgery across "
+            "the exit segments is not supported)",
+            "put prune_channels before early_exit, or use prune (masks)",
+        )
     cfg = ctx.train
     example = ctx.example_input()
     quantized = state.quantized
@@ -76,8 +80,12 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
 
     base_macs = count_macs(ctx.teacher, example.to(next(ctx.teacher.parameters()).device))
     start_macs = count_macs(eager, example)
-    info: dict[str, Any] = {"criterion": spec.criterion, "scope": spec.scope,
-                            "macs_baseline": base_macs, "macs_before": start_macs}
+    info: dict[str, Any] = {
+        "criterion": spec.criterion,
+        "scope": spec.scope,
+        "macs_baseline": base_macs,
+        "macs_before": start_macs,
+    }
     ratio = spec.ratio
     if ratio is None:
         assert spec.target is not None
@@ -85,10 +93,12 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
         ratio = _target_ratio(eager, example, scores, spec, ctx, quantized, base_macs, info)
     info["ratio"] = ratio
     # kept fraction of each group's stage-start channels after each round
-    rounds = [1.0 - ratio] if spec.schedule == "oneshot" else [
-        (1.0 - ratio) ** ((i + 1) / spec.cycles) for i in range(spec.cycles)]
-    epochs = [spec.epochs] if spec.schedule == "oneshot" else split_epochs(spec.epochs,
-                                                                           spec.cycles)
+    rounds = (
+        [1.0 - ratio]
+        if spec.schedule == "oneshot"
+        else [(1.0 - ratio) ** ((i + 1) / spec.cycles) for i in range(spec.cycles)]
+    )
+    epochs = [spec.epochs] if spec.schedule == "oneshot" else split_epochs(spec.epochs, spec.cycles)
     start_channels: dict[str, int] = {}
     steps: list[Record] = []
     for i, (kept_fraction, n_epochs) in enumerate(zip(rounds, epochs, strict=True)):
@@ -98,8 +108,10 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
         current = {root: len(g[0].idxs) for root, g in groups.items()}
         if not start_channels:
             start_channels = dict(current)
-        keep = {root: min(1.0, kept_fraction * start_channels.get(root, c) / c)
-                for root, c in current.items()}
+        keep = {
+            root: min(1.0, kept_fraction * start_channels.get(root, c) / c)
+            for root, c in current.items()
+        }
         records = plan_records(eager, example, scores_of(eager), keep, spec)
         if records:  # else nothing to cut: the state (graph or eager) stays as it is
             if state.masks:
@@ -112,8 +124,7 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
             check_output_shape(eager, ctx.data.num_classes, int(example.shape[-1]))
             if quantized:
                 graph = prepare_qat(eager.cpu(), example.cpu()).to(ctx.device)
-                calib = ctx.loader("train", cfg.batch_size, seed=ctx.seed + i,
-                                   shuffle=True)
+                calib = ctx.loader("train", cfg.batch_size, seed=ctx.seed + i, shuffle=True)
                 calibrate(graph, calib, spec.calibration_batches, ctx.device)
                 state.model = graph
             else:
@@ -122,19 +133,30 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
     final = eager_model(state, ctx)
     info["macs_after"] = count_macs(final, example)
     info["macs_fraction_of_baseline"] = round(info["macs_after"] / base_macs, 4)
-    info["channels"] = {root: [start_channels.get(root, 0), len(rec["kept"])]
-                        for root, rec in {r["layer"]: r for r in steps}.items()}
+    info["channels"] = {
+        root: [start_channels.get(root, 0), len(rec["kept"])]
+        for root, rec in {r["layer"]: r for r in steps}.items()
+    }
     info["surgery_steps"] = len(steps)
     if quantized:
-        info["requantized"] = "eager weights recovered from the QAT graph, pruned, QAT " \
-                              "re-prepared and observers re-calibrated"
+        info["requantized"] = (
+            "eager weights recovered from the QAT graph, pruned, QAT "
+            "re-prepared and observers re-calibrated"
+        )
     state.info.update(info)
     return state
 
 
-def _target_ratio(model: nn.Module, example: torch.Tensor, scores: dict[str, torch.Tensor],
-                  spec: PruneChannelsSpec, ctx: Context, quantized: bool, base_macs: int,
-                  info: dict[str, Any]) -> float:
+def _target_ratio(
+    model: nn.Module,
+    example: torch.Tensor,
+    scores: dict[str, torch.Tensor],
+    spec: PruneChannelsSpec,
+    ctx: Context,
+    quantized: bool,
+    base_macs: int,
+    info: dict[str, Any],
+) -> float:
     """Channel ratio meeting ``spec.target`` (MACs fraction or measured latency)."""
     target = spec.target
     assert target is not None
@@ -145,12 +167,16 @@ def _target_ratio(model: nn.Module, example: torch.Tensor, scores: dict[str, tor
             return float(count_macs(prune_copy(model, example, scores, r, spec)[0], example))
 
         ratio, met, tried = find_ratio(macs_at, budget, spec.max_ratio, target.trials)
-        info["target"] = {"macs": target.macs, "budget_macs": int(budget), "met": met,
-                          "trials": [{"ratio": t["ratio"], "macs": int(t["value"])}
-                                     for t in tried]}
+        info["target"] = {
+            "macs": target.macs,
+            "budget_macs": int(budget),
+            "met": met,
+            "trials": [{"ratio": t["ratio"], "macs": int(t["value"])} for t in tried],
+        }
         return ratio
-    int8 = target.precision == "int8" or (target.precision == "auto" and (
-        quantized or ctx.quantize_later))
+    int8 = target.precision == "int8" or (
+        target.precision == "auto" and (quantized or ctx.quantize_later)
+    )
     calib = []
     if int8:
         loader = ctx.loader("train", 32, seed=ctx.seed, shuffle=True)
@@ -161,14 +187,17 @@ def _target_ratio(model: nn.Module, example: torch.Tensor, scores: dict[str, tor
         m = prune_copy(model, example, scores, r, spec)[0] if r > 0 else model
         return artifact_latency_ms(m, example, int8=int8, calibration=calib, threads=threads)
 
-    ratio, met, tried = find_ratio(latency_at, float(target.latency_ms), spec.max_ratio,
-                                   target.trials)
-    info["target"] = {"latency_ms": target.latency_ms, "precision": "int8" if int8 else "fp32",
-                      "met": met, "trials": [{"ratio": t["ratio"],
-                                              "latency_ms": round(t["value"], 4)}
-                                             for t in tried]}
+    ratio, met, tried = find_ratio(
+        latency_at, float(target.latency_ms), spec.max_ratio, target.trials
+    )
+    info["target"] = {
+        "latency_ms": target.latency_ms,
+        "precision": "int8" if int8 else "fp32",
+        "met": met,
+        "trials": [{"ratio": t["ratio"], "latency_ms": round(t["value"], 4)} for t in tried],
+    }
     if not met:
-        info["target"]["note"] = (f"even max_ratio {spec.max_ratio} missed the budget; "
-                                  "pruned to max_ratio")
+        info["target"]["note"] = (
+            f"even max_ratio {spec.max_ratio} missed the budget; pruned to max_ratio"
+        )
     return ratio
-
