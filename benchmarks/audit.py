@@ -4,7 +4,7 @@
     python benchmarks/audit.py --run runs/quick --reuse  # table of an audit already recorded
     python benchmarks/audit.py --search runs/search      # one row per audited search trial
 
-Runs the full audit (:func:`pqd.measure.audit.audit_run`: per-class damage, disagreement,
+Runs the full audit (:func:`pqd.pipeline.audit_run`: per-class damage, disagreement,
 calibration, the 11 x 5 corruption suite, peak memory and CPU-seconds of a fresh process) on
 the run's baseline.onnx and final.onnx, writes it into the run's record.json and report.md,
 and prints a Markdown table (baseline vs final) with the CPU it was measured on. ``--search``
@@ -30,9 +30,11 @@ def _pct(x: float | None) -> str:
 def cpu_line(record: dict[str, Any]) -> str:
     """The CPU the numbers were measured on (model name, flags that decide INT8 speed)."""
     env = record["environment"]
-    return (f"{env['cpu']}, {env['logical_cpus']} logical CPUs ("
-            f"{', '.join(env['cpu_flags']) or 'no AVX-512/VNNI flags'}), "
-            f"{env['measure_threads']} threads, {record['final']['audit']['runtime']}")
+    return (
+        f"{env['cpu']}, {env['logical_cpus']} logical CPUs ("
+        f"{', '.join(env['cpu_flags']) or 'no AVX-512/VNNI flags'}), "
+        f"{env['measure_threads']} threads, {record['final']['audit']['runtime']}"
+    )
 
 
 def rows(record: dict[str, Any]) -> list[list[str]]:
@@ -53,36 +55,71 @@ def rows(record: dict[str, Any]) -> list[list[str]]:
 
     out = [
         ["test top-1", *both(lambda a: _pct(a["accuracy"]))],
-        ["worst class top-1", *both(lambda a: f"{_pct(a['worst_class']['accuracy'])} "
-                                               f"({a['worst_class']['class']})")],
+        [
+            "worst class top-1",
+            *both(lambda a: f"{_pct(a['worst_class']['accuracy'])} ({a['worst_class']['class']})"),
+        ],
         ["largest per-class drop", "-", f"{worst['points']:+.2f} points ({worst['class']})"],
-        ["top-1 changed vs baseline", "-",
-         f"{dis['count']}/{dis['images']} ({_pct(dis['fraction'])}), "
-         f"{dis['right_before']} right before"],
+        [
+            "top-1 changed vs baseline",
+            "-",
+            f"{dis['count']}/{dis['images']} ({_pct(dis['fraction'])}), "
+            f"{dis['right_before']} right before",
+        ],
         ["ECE (15 bins)", *both(lambda a: f"{a['calibration']['ece']:.4f}")],
-        ["NLL / Brier", *both(lambda a: f"{a['calibration']['nll']:.3f} / "
-                                         f"{a['calibration']['brier']:.3f}")],
-        ["mean corruption top-1 (11 x 5)",
-         *both(lambda a: _pct(a["corruptions"]["mean_accuracy"]))],
+        [
+            "NLL / Brier",
+            *both(lambda a: f"{a['calibration']['nll']:.3f} / {a['calibration']['brier']:.3f}"),
+        ],
+        [
+            "mean corruption top-1 (11 x 5)",
+            *both(lambda a: _pct(a["corruptions"]["mean_accuracy"])),
+        ],
     ]
     c = vs.get("corruption")
     if c:
-        out.append(["corruption error vs baseline (CE / relative CE)", "1.000 / 1.000",
-                    f"{c['mean_ce']:.3f} / "
-                    + ("-" if c["mean_relative_ce"] is None else f"{c['mean_relative_ce']:.3f}")])
+        out.append(
+            [
+                "corruption error vs baseline (CE / relative CE)",
+                "1.000 / 1.000",
+                f"{c['mean_ce']:.3f} / "
+                + ("-" if c["mean_relative_ce"] is None else f"{c['mean_relative_ce']:.3f}"),
+            ]
+        )
     out += [
-        ["p50 / p99 / max ms (batch 1)",
-         *both(lambda a: f"{a['latency_ms_b1']['p50']:.3f} / {a['latency_ms_b1']['p99']:.3f} "
-                         f"/ {a['latency_ms_b1']['max']:.3f}")],
+        [
+            "p50 / p99 / max ms (batch 1)",
+            *both(
+                lambda a: (
+                    f"{a['latency_ms_b1']['p50']:.3f} / {a['latency_ms_b1']['p99']:.3f} "
+                    f"/ {a['latency_ms_b1']['max']:.3f}"
+                )
+            ),
+        ],
         ["weight bytes", *both(lambda a: f"{a['weight_bytes']:,}")],
-        ["peak memory, fresh process (MB)",
-         *both(lambda a: f"{a['memory']['peak_rss_bytes'] / 1e6:.1f} (file + session "
-                         f"{a['memory']['artifact_bytes'] / 1e6:.1f})")],
-        ["CPU-ms per inference, batch 1 (proxy)",
-         *both(lambda a: f"{1e3 * a['energy']['cpu_s_per_inference']:.3f}")],
-        ["joules per inference (RAPL)",
-         *both(lambda a: "null (not readable)" if a["energy"]["joules_per_inference"] is None
-               else f"{a['energy']['joules_per_inference']:.5f}")],
+        [
+            "peak memory, fresh process (MB)",
+            *both(
+                lambda a: (
+                    f"{a['memory']['peak_rss_bytes'] / 1e6:.1f} (file + session "
+                    f"{a['memory']['artifact_bytes'] / 1e6:.1f})"
+                )
+            ),
+        ],
+        [
+            "CPU-ms per inference, batch 1 (proxy)",
+            *both(lambda a: f"{1e3 * a['energy']['cpu_s_per_inference']:.3f}"),
+        ],
+        [
+            "joules per inference (RAPL)",
+            *both(
+                lambda a: (
+                    "null (not readable)"
+                    if a["energy"]["joules_per_inference"] is None
+                    else f"{a['energy']['joules_per_inference']:.5f}"
+                )
+            ),
+        ],
     ]
     return out
 
@@ -101,7 +138,7 @@ def render(record: dict[str, Any]) -> str:
 def search_rows(search_dir: Path, data_dir: str | None, reuse: bool) -> list[list[str]]:
     """Per finished trial of a search folder: order, top-1, largest class drop,
     disagreement, ECE, mean corruption top-1, relative CE."""
-    from pqd.measure.audit import audit_run
+    from pqd.pipeline import audit_run
 
     search = json.loads((search_dir / "search.json").read_text(encoding="utf-8"))
     out = []
@@ -115,11 +152,19 @@ def search_rows(search_dir: Path, data_dir: str | None, reuse: bool) -> list[lis
         f = record["final"]["audit"]
         vs = f["vs_baseline"]
         rel = vs["corruption"]["mean_relative_ce"]
-        out.append([t["kind"], t["label"], str(t["seed"]), _pct(f["accuracy"]),
-                    f"{vs['largest_class_drop']['points']:+.2f}",
-                    _pct(vs["disagreement"]["fraction"]), f"{f['calibration']['ece']:.4f}",
-                    _pct(f["corruptions"]["mean_accuracy"]),
-                    "-" if rel is None else f"{rel:.3f}"])
+        out.append(
+            [
+                t["kind"],
+                t["label"],
+                str(t["seed"]),
+                _pct(f["accuracy"]),
+                f"{vs['largest_class_drop']['points']:+.2f}",
+                _pct(vs["disagreement"]["fraction"]),
+                f"{f['calibration']['ece']:.4f}",
+                _pct(f["corruptions"]["mean_accuracy"]),
+                "-" if rel is None else f"{rel:.3f}",
+            ]
+        )
     return out
 
 
@@ -129,16 +174,28 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--run", type=Path, help="a 'pqd run' folder")
     where.add_argument("--search", type=Path, help="a 'pqd search' folder")
     ap.add_argument("--data-dir", default=None, help="folder holding the data sets")
-    ap.add_argument("--reuse", action="store_true",
-                    help="print the audit already in record.json (no new measurement)")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="print the audit already in record.json (no new measurement)",
+    )
     args = ap.parse_args(argv)
     from pqd.errors import PqdError
-    from pqd.measure.audit import audit_run
+    from pqd.pipeline import audit_run
 
     try:
         if args.search is not None:
-            header = ["kind", "order", "seed", "top-1", "largest class drop (points)",
-                      "disagreement", "ECE", "corruption top-1", "relative CE"]
+            header = [
+                "kind",
+                "order",
+                "seed",
+                "top-1",
+                "largest class drop (points)",
+                "disagreement",
+                "ECE",
+                "corruption top-1",
+                "relative CE",
+            ]
             body = search_rows(args.search, args.data_dir, args.reuse)
             print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
             print("\n".join("| " + " | ".join(r) + " |" for r in body))

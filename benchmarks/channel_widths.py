@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from pqd.measure.latency import compare_latency
     from pqd.measure.runtime import open_runner
     from pqd.models import build_model
+    from pqd.prune.channels import apply_structure, plan_records
+    from pqd.quant.pt2e import calibrate, prepare_qat
     from pqd.recipe import recipe_from_dict
-    from pqd.stages.prune_channels import apply_structure, plan_records
-    from pqd.stages.quantize import calibrate, prepare_qat
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -48,25 +48,32 @@ def main(argv: list[str] | None = None) -> int:
     example = torch.rand(2, 3, 32, 32)
     calib = [(torch.rand(32, 3, 32, 32), None) for _ in range(2)]
     scores = {n: p.detach().abs() for n, p in base.named_parameters() if p.ndim >= 2}
-    variants = {"dense": (0.0, None), "50% (x8 widths)": (0.5, None),
-                "45%, odd widths": (0.45, None), "45%, round_to 8": (0.45, 8),
-                "45%, round_to 16": (0.45, 16)}
+    variants = {
+        "dense": (0.0, None),
+        "50% (x8 widths)": (0.5, None),
+        "45%, odd widths": (0.45, None),
+        "45%, round_to 8": (0.45, 8),
+        "45%, round_to 16": (0.45, 16),
+    }
     paths, macs, widths = {}, {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="pqd-widths-"))
     for i, (name, (ratio, round_to)) in enumerate(variants.items()):
         m = copy.deepcopy(base)
         if ratio:
-            spec = recipe_from_dict({"model": {"name": "resnet18"}, "stages": [
-                {"stage": "prune_channels", "ratio": ratio, "round_to": round_to}]}).stages[0]
+            spec = recipe_from_dict(
+                {
+                    "model": {"name": "resnet18"},
+                    "stages": [{"stage": "prune_channels", "ratio": ratio, "round_to": round_to}],
+                }
+            ).stages[0]
             apply_structure(m, example, plan_records(m, example, scores, 1 - ratio, spec))
-        widths[name] = sorted({c.out_channels for c in m.modules()
-                               if isinstance(c, torch.nn.Conv2d)})
-        paths[f"{name} FP32"], _ = export_onnx(m, tmp / f"{i}_fp32.onnx", example,
-                                               quantized=False)
+        widths[name] = sorted(
+            {c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)}
+        )
+        paths[f"{name} FP32"], _ = export_onnx(m, tmp / f"{i}_fp32.onnx", example, quantized=False)
         g = prepare_qat(m, example)
         calibrate(g, calib, len(calib), torch.device("cpu"))
-        paths[f"{name} INT8"], _ = export_onnx(g, tmp / f"{i}_int8.onnx", example,
-                                               quantized=True)
+        paths[f"{name} INT8"], _ = export_onnx(g, tmp / f"{i}_int8.onnx", example, quantized=True)
         macs[name] = onnx_complexity(paths[f"{name} INT8"])["macs"]
         print(f"exported {name}: widths {widths[name]}", file=sys.stderr, flush=True)
     per_call = 0.1 / max(1, args.repeats // args.rounds)
@@ -74,19 +81,26 @@ def main(argv: list[str] | None = None) -> int:
     for i, (name, path) in enumerate(paths.items()):
         timed[name] = open_runner("onnxruntime", path, args.threads).run
         timed[f"_pause{i}"] = lambda _x, s=per_call: time.sleep(s)
-    stats = compare_latency(timed, (1, 3, 32, 32), warmup=50, repeats=args.repeats,
-                            rounds=args.rounds, progress=False)
+    stats = compare_latency(
+        timed, (1, 3, 32, 32), warmup=50, repeats=args.repeats, rounds=args.rounds, progress=False
+    )
     dense_rate = stats["dense INT8"].p50 / macs["dense"]
-    print("| variant | conv widths | MMACs | FP32 p50 ms | INT8 p50 ms | INT8 p90 ms | "
-          "INT8 ms per MAC vs dense |")
+    print(
+        "| variant | conv widths | MMACs | FP32 p50 ms | INT8 p50 ms | INT8 p90 ms | "
+        "INT8 ms per MAC vs dense |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in variants:
         s8, s32 = stats[f"{name} INT8"], stats[f"{name} FP32"]
-        print(f"| {name} | {'/'.join(map(str, widths[name]))} | {macs[name] / 1e6:.1f} | "
-              f"{s32.p50:.3f} | {s8.p50:.3f} | {s8.p90:.3f} | "
-              f"{s8.p50 / macs[name] / dense_rate:.2f}x |")
-    print(f"\nonnxruntime, batch 1, {args.threads} threads, {args.repeats} calls per file in "
-          f"{args.rounds} interleaved rounds; wall {time.perf_counter() - t0:.0f} s")
+        print(
+            f"| {name} | {'/'.join(map(str, widths[name]))} | {macs[name] / 1e6:.1f} | "
+            f"{s32.p50:.3f} | {s8.p50:.3f} | {s8.p90:.3f} | "
+            f"{s8.p50 / macs[name] / dense_rate:.2f}x |"
+        )
+    print(
+        f"\nonnxruntime, batch 1, {args.threads} threads, {args.repeats} calls per file in "
+        f"{args.rounds} interleaved rounds; wall {time.perf_counter() - t0:.0f} s"
+    )
     return 0
 
 

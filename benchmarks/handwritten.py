@@ -75,19 +75,27 @@ def batches(x: torch.Tensor, y: torch.Tensor, bs: int, train: bool, gen: torch.G
     """Float [0,1] batches; train: shuffled, random crop (reflect pad 2) and flip."""
     idx = torch.randperm(len(x), generator=gen) if train else torch.arange(len(x))
     for i in range(0, len(x), bs):
-        xb = x[idx[i:i + bs]].float().div_(255)
+        xb = x[idx[i : i + bs]].float().div_(255)
         if train:
             xb = F.pad(xb, (2, 2, 2, 2), mode="reflect")
             dx, dy = torch.randint(0, 5, (2,), generator=gen).tolist()
-            xb = xb[:, :, dy:dy + 32, dx:dx + 32]
+            xb = xb[:, :, dy : dy + 32, dx : dx + 32]
             flip = torch.rand(len(xb), generator=gen) < 0.5
             xb[flip] = xb[flip].flip(3)
-        yield xb.contiguous(memory_format=torch.channels_last), y[idx[i:i + bs]]
+        yield xb.contiguous(memory_format=torch.channels_last), y[idx[i : i + bs]]
 
 
-def train(model: nn.Module, data, epochs: int, lr: float, *, graph: bool = False,
-          masks: dict[str, torch.Tensor] | None = None, teacher: nn.Module | None = None,
-          seed: int = 0) -> None:
+def train(
+    model: nn.Module,
+    data,
+    epochs: int,
+    lr: float,
+    *,
+    graph: bool = False,
+    masks: dict[str, torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
+    seed: int = 0,
+) -> None:
     """SGD-Nesterov, linear decay; optional masks and KD (T=4, alpha=0.9)."""
     from torchao.quantization.pt2e import move_exported_model_to_train
 
@@ -111,8 +119,15 @@ def train(model: nn.Module, data, epochs: int, lr: float, *, graph: bool = False
             if teacher is not None:
                 with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
                     t = teacher(xb).float()
-                kd = F.kl_div(F.log_softmax(out / 4, 1), F.log_softmax(t / 4, 1),
-                              reduction="batchmean", log_target=True) * 16
+                kd = (
+                    F.kl_div(
+                        F.log_softmax(out / 4, 1),
+                        F.log_softmax(t / 4, 1),
+                        reduction="batchmean",
+                        log_target=True,
+                    )
+                    * 16
+                )
                 loss = 0.9 * kd + 0.1 * loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -130,8 +145,10 @@ def ort_accuracy(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    preds = [s.run(None, {s.get_inputs()[0].name: x[i:i + 256].float().div(255).numpy()})[0]
-             .argmax(1) for i in range(0, len(x), 256)]
+    preds = [
+        s.run(None, {s.get_inputs()[0].name: x[i : i + 256].float().div(255).numpy()})[0].argmax(1)
+        for i in range(0, len(x), 256)
+    ]
     return float((np.concatenate(preds) == y.numpy()).mean())
 
 
@@ -139,18 +156,30 @@ def onnx_export(model: nn.Module, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=1024)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.rand(2, 3, 32, 32),), str(path), dynamo=True,
-                          external_data=False, dynamic_shapes=({0: batch},),
-                          input_names=["input"], output_names=["logits"])
+        torch.onnx.export(
+            model,
+            (torch.rand(2, 3, 32, 32),),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=({0: batch},),
+            input_names=["input"],
+            output_names=["logits"],
+        )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "handwritten")
-    ap.add_argument("--data-dir", default=os.environ.get(
-        "PQD_DATA_DIR", str(ROOT.parent / "shared" / "data" / "cifar-10-subset")))
-    ap.add_argument("--epochs", type=int, nargs=4, default=[32, 2, 2, 2],
-                    metavar=("BASE", "PRUNE", "QAT", "KD"))
+    ap.add_argument(
+        "--data-dir",
+        default=os.environ.get(
+            "PQD_DATA_DIR", str(ROOT.parent / "shared" / "data" / "cifar-10-subset")
+        ),
+    )
+    ap.add_argument(
+        "--epochs", type=int, nargs=4, default=[32, 2, 2, 2], metavar=("BASE", "PRUNE", "QAT", "KD")
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -168,13 +197,15 @@ def main() -> int:
     data = load_dataset("cifar10", args.data_dir, val_size=500, seed=0, download=False)
     args.out.mkdir(parents=True, exist_ok=True)
     model = AirNet(torch.tensor(data.mean), torch.tensor(data.std)).to(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     e_base, e_prune, e_qat, e_kd = args.epochs
     train(model, data, e_base, 0.2)  # baseline
     model.eval()
     teacher = copy.deepcopy(model).eval()
-    onnx_export(copy.deepcopy(model).to(memory_format=torch.contiguous_format),
-                args.out / "fp32.onnx")
+    onnx_export(
+        copy.deepcopy(model).to(memory_format=torch.contiguous_format), args.out / "fp32.onnx"
+    )
 
     weights = {n: p for n, p in model.named_parameters() if p.ndim > 1}  # prune 50% global
     flat = torch.cat([p.detach().abs().flatten() for p in weights.values()])
@@ -186,10 +217,15 @@ def main() -> int:
     train(model, data, e_prune, 0.05, masks=masks, seed=1)
 
     model = model.to(memory_format=torch.contiguous_format).train()
-    ep = torch.export.export(model, (torch.rand(2, 3, 32, 32),),
-                             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), strict=True)
+    ep = torch.export.export(
+        model,
+        (torch.rand(2, 3, 32, 32),),
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        strict=True,
+    )
     quantizer = X86InductorQuantizer().set_global(
-        get_default_x86_inductor_quantization_config(is_qat=True))
+        get_default_x86_inductor_quantization_config(is_qat=True)
+    )
     qat = prepare_qat_pt2e(ep.module(), quantizer)
     train(qat, data, e_qat, 0.01, graph=True, masks=masks, seed=2)  # QAT
     train(qat, data, e_kd, 0.01, graph=True, masks=masks, teacher=teacher, seed=3)  # KD
@@ -204,7 +240,9 @@ def main() -> int:
         "fp32_accuracy": ort_accuracy(args.out / "fp32.onnx", data.test_x, data.test_y),
         "int8_accuracy": ort_accuracy(args.out / "int8.onnx", data.test_x, data.test_y),
         "epochs": dict(zip(("baseline", "prune", "qat", "kd"), args.epochs, strict=True)),
-        "sparsity": 0.5, "wall_s": round(wall, 1), "test_images": len(data.test_x),
+        "sparsity": 0.5,
+        "wall_s": round(wall, 1),
+        "test_images": len(data.test_x),
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -101,8 +101,10 @@ def _gemm_session(size: int, int8: bool, threads: int, seed: int = 0):
     if int8:  # uint8 activations with a zero point (as QLinearConv sees them), int8 weights
         a = rng.integers(0, 256, (size, size), dtype=np.uint8)
         b = rng.integers(-127, 128, (size, size), dtype=np.int8)
-        inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(np.array(128, np.uint8),
-                                                                          "a_zero_point")]
+        inits = [
+            numpy_helper.from_array(b, "B"),
+            numpy_helper.from_array(np.array(128, np.uint8), "a_zero_point"),
+        ]
         node = helper.make_node("MatMulInteger", ["A", "B", "a_zero_point"], ["Y"])
         a_type, y_type = TensorProto.UINT8, TensorProto.INT32
     else:
@@ -112,21 +114,31 @@ def _gemm_session(size: int, int8: bool, threads: int, seed: int = 0):
         node = helper.make_node("MatMul", ["A", "B"], ["Y"])
         a_type = y_type = TensorProto.FLOAT
     graph = helper.make_graph(
-        [node], "gemm", [helper.make_tensor_value_info("A", a_type, [size, size])],
-        [helper.make_tensor_value_info("Y", y_type, [size, size])], inits)
+        [node],
+        "gemm",
+        [helper.make_tensor_value_info("A", a_type, [size, size])],
+        [helper.make_tensor_value_info("Y", y_type, [size, size])],
+        inits,
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     proto.ir_version = 10
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), so,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        proto.SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
     return session, a
 
 
-def gemm_peaks(threads: int, sizes: Sequence[int] = GEMM_SIZES, repeats: int = 15,
-               warmup: int = 2, min_time_s: float = 0.5) -> dict[str, Any]:
+def gemm_peaks(
+    threads: int,
+    sizes: Sequence[int] = GEMM_SIZES,
+    repeats: int = 15,
+    warmup: int = 2,
+    min_time_s: float = 0.5,
+) -> dict[str, Any]:
     """Peak GEMM throughput (GMAC/s) of onnxruntime on this CPU with ``threads`` threads.
 
     For each square ``size`` (M = N = K), int8 (MatMulInteger, uint8 x int8 -> int32) and
@@ -151,8 +163,12 @@ def gemm_peaks(threads: int, sizes: Sequence[int] = GEMM_SIZES, repeats: int = 1
                 calls += 1
             by_size[size][kind] = size**3 / best / 1e9
             del session
-    out: dict[str, Any] = {"threads": threads, "repeats": repeats, "min_time_s": min_time_s,
-                           "by_size": by_size}
+    out: dict[str, Any] = {
+        "threads": threads,
+        "repeats": repeats,
+        "min_time_s": min_time_s,
+        "by_size": by_size,
+    }
     for kind in ("int8", "fp32"):
         size = max(by_size, key=lambda s, k=kind: by_size[s][k])
         out[kind], out[f"{kind}_size"] = by_size[size][kind], size
@@ -235,7 +251,7 @@ def export_pair(model, out: Path, calib_batches: int = 4, batch: int = 32, seed:
     import torch
 
     from pqd.export import export_onnx
-    from pqd.stages.quantize import calibrate, prepare_qat
+    from pqd.quant.pt2e import calibrate, prepare_qat
 
     gen = torch.Generator().manual_seed(seed)
     example = torch.rand(2, *IMAGE, generator=gen)
@@ -247,8 +263,10 @@ def export_pair(model, out: Path, calib_batches: int = 4, batch: int = 32, seed:
     calib = [(torch.rand(batch, *IMAGE, generator=gen), None) for _ in range(calib_batches)]
     calibrate(graph, calib, calib_batches, torch.device("cpu"))
     int8_path, int8_torch = export_onnx(graph, out / "int8.onnx", example, quantized=True)
-    _log(f"INT8 ONNX prepared, calibrated on {calib_batches * batch} random images and "
-         f"exported ({time.perf_counter() - t0:.0f} s)")
+    _log(
+        f"INT8 ONNX prepared, calibrated on {calib_batches * batch} random images and "
+        f"exported ({time.perf_counter() - t0:.0f} s)"
+    )
     return {"fp32": fp32_path, "int8": int8_path}, {"fp32": fp32_torch, "int8": int8_torch}
 
 
@@ -300,24 +318,39 @@ class Recorded:
 # ---------------------------------------------------------------------------- table
 def table(result: dict[str, Any]) -> str:
     """The printed report: one row per path, then peaks, floors and environment."""
-    header = ["path", "p50 ms", "p90 ms", "round p50s", "vs eager", "vs FP32 rt", "x floor",
-              "|dlogit|"]
+    header = [
+        "path",
+        "p50 ms",
+        "p90 ms",
+        "round p50s",
+        "vs eager",
+        "vs FP32 rt",
+        "x floor",
+        "|dlogit|",
+    ]
     body = []
     for r in result["rows"]:
-        body.append([
-            r["path"] + (" *" if r["path"] == result["eager_reference"] else ""),
-            f"{r['p50']:.3f}", f"{r['p90']:.3f}",
-            f"{min(r['round_p50s']):.2f}-{max(r['round_p50s']):.2f}",
-            f"{r['speedup_vs_eager']:.2f}x",
-            "-" if r["speedup_vs_fp32_same_runtime"] is None
-            else f"{r['speedup_vs_fp32_same_runtime']:.2f}x",
-            "-" if r["x_floor"] is None else f"{r['x_floor']:.1f}",
-            f"{r['max_abs_logit_diff']:.2g}"])
+        body.append(
+            [
+                r["path"] + (" *" if r["path"] == result["eager_reference"] else ""),
+                f"{r['p50']:.3f}",
+                f"{r['p90']:.3f}",
+                f"{min(r['round_p50s']):.2f}-{max(r['round_p50s']):.2f}",
+                f"{r['speedup_vs_eager']:.2f}x",
+                "-"
+                if r["speedup_vs_fp32_same_runtime"] is None
+                else f"{r['speedup_vs_fp32_same_runtime']:.2f}x",
+                "-" if r["x_floor"] is None else f"{r['x_floor']:.1f}",
+                f"{r['max_abs_logit_diff']:.2g}",
+            ]
+        )
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
     def fmt(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
 
     lines = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)]
     p, f, env = result["peaks"], result["floors_ms"], result["environment"]
@@ -344,11 +377,15 @@ def table(result: dict[str, Any]) -> str:
     lines += target_lines(result)
     others = result["other_load_cores"]
     if others is not None:
-        lines.append(f"others: {others['latency']:.2f} cores busy with other processes during "
-                     f"the latency run, {others['gemm']:.2f} during the GEMM peaks; wall "
-                     f"{result['wall_s']:.0f} s")
-    return "\n".join(textwrap.fill(line, WIDTH, subsequent_indent="  ") if len(line) > WIDTH
-                     else line for line in lines)
+        lines.append(
+            f"others: {others['latency']:.2f} cores busy with other processes during "
+            f"the latency run, {others['gemm']:.2f} during the GEMM peaks; wall "
+            f"{result['wall_s']:.0f} s"
+        )
+    return "\n".join(
+        textwrap.fill(line, WIDTH, subsequent_indent="  ") if len(line) > WIDTH else line
+        for line in lines
+    )
 
 
 def target_lines(result: dict[str, Any]) -> list[str]:
@@ -360,8 +397,13 @@ def target_lines(result: dict[str, Any]) -> list[str]:
     best = min(int8, key=lambda r: r["p50"])
     checks = [
         ("vs FP32 eager", best["speedup_vs_eager"], ">=", TARGETS["vs_eager"], "x"),
-        ("vs its FP32 file", best["speedup_vs_fp32_same_runtime"], ">=",
-         TARGETS["vs_fp32_runtime"], "x"),
+        (
+            "vs its FP32 file",
+            best["speedup_vs_fp32_same_runtime"],
+            ">=",
+            TARGETS["vs_fp32_runtime"],
+            "x",
+        ),
         ("x INT8 floor", best["x_floor"], "<=", TARGETS["x_floor"], ""),
     ]
     parts = []
@@ -369,13 +411,16 @@ def target_lines(result: dict[str, Any]) -> list[str]:
         if value is None:
             continue
         ok = value >= goal if op == ">=" else value <= goal
-        parts.append(f"{name} {value:.2f}{unit} ({op} {goal:g}{unit}: "
-                     f"{'met' if ok else 'NOT met'})")
+        parts.append(
+            f"{name} {value:.2f}{unit} ({op} {goal:g}{unit}: {'met' if ok else 'NOT met'})"
+        )
     eager = next(r for r in result["rows"] if r["path"] == result["eager_reference"])
     need = eager["p50"] / TARGETS["vs_eager"]
-    return [f"targets, best INT8 path {best['path']}: " + "; ".join(parts),
-            f"{TARGETS['vs_eager']:g}x vs eager needs an INT8 p50 <= {need:.2f} ms here = "
-            f"{need / result['floors_ms']['int8']:.2f}x the INT8 floor"]
+    return [
+        f"targets, best INT8 path {best['path']}: " + "; ".join(parts),
+        f"{TARGETS['vs_eager']:g}x vs eager needs an INT8 p50 <= {need:.2f} ms here = "
+        f"{need / result['floors_ms']['int8']:.2f}x the INT8 floor",
+    ]
 
 
 # ---------------------------------------------------------------------------- main
@@ -386,12 +431,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=300, help="timed calls per path")
     ap.add_argument("--warmup", type=int, default=50, help="untimed calls per path")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    ap.add_argument("--switch-pause-ms", type=float, default=100.0,
-                    help="idle time after each path's block in a round (0: none)")
-    ap.add_argument("--runtimes", nargs="+", choices=RUNTIMES,
-                    help="ONNX runtimes to time (default: every installed one)")
-    ap.add_argument("--gemm-sizes", type=int, nargs="+", default=list(GEMM_SIZES),
-                    help="square GEMM sizes for the peak (default %(default)s)")
+    ap.add_argument(
+        "--switch-pause-ms",
+        type=float,
+        default=100.0,
+        help="idle time after each path's block in a round (0: none)",
+    )
+    ap.add_argument(
+        "--runtimes",
+        nargs="+",
+        choices=RUNTIMES,
+        help="ONNX runtimes to time (default: every installed one)",
+    )
+    ap.add_argument(
+        "--gemm-sizes",
+        type=int,
+        nargs="+",
+        default=list(GEMM_SIZES),
+        help="square GEMM sizes for the peak (default %(default)s)",
+    )
     ap.add_argument("--out", type=Path, help="folder for the ONNX files (default: a temp dir)")
     ap.add_argument("--json", type=Path, help="write every number here")
     return ap.parse_args(argv)
@@ -416,8 +474,10 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "FP32 eager NCHW": eager_run(refs["fp32"], channels_last=False),
         "FP32 eager channels_last": eager_run(refs["fp32"], channels_last=True),
     }
-    meta: dict[str, tuple[str, str]] = {"FP32 eager NCHW": ("torch", "fp32"),
-                                        "FP32 eager channels_last": ("torch", "fp32")}
+    meta: dict[str, tuple[str, str]] = {
+        "FP32 eager NCHW": ("torch", "fp32"),
+        "FP32 eager channels_last": ("torch", "fp32"),
+    }
     for rt in args.runtimes:
         for prec in ("fp32", "int8"):
             name = f"{prec.upper()} ONNX {rt}"
@@ -428,16 +488,29 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     x = np.random.default_rng(1).random((4, *IMAGE), dtype=np.float32)
     with torch.inference_mode():
         ref_logits = {k: m(torch.from_numpy(x)).numpy() for k, m in refs.items()}
-    diffs = {name: float(np.abs(np.concatenate([run(x[i : i + 1]) for i in range(len(x))])
-                                - ref_logits[meta[name][1]]).max()) for name, run in runs.items()}
+    diffs = {
+        name: float(
+            np.abs(
+                np.concatenate([run(x[i : i + 1]) for i in range(len(x))])
+                - ref_logits[meta[name][1]]
+            ).max()
+        )
+        for name, run in runs.items()
+    }
 
     _log(f"timing {len(runs)} paths: {args.warmup} warm-up + {args.repeats} timed calls each")
     load = OtherLoad().start()
     recorded = {name: Recorded(run) for name, run in runs.items()}
-    stats = compare_latency(dict(recorded), (1, *IMAGE), warmup=args.warmup,
-                            repeats=args.repeats, rounds=args.rounds,
-                            switch_pause_ms=args.switch_pause_ms,
-                            progress=sys.stderr.isatty(), desc="latency batch 1")
+    stats = compare_latency(
+        dict(recorded),
+        (1, *IMAGE),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        rounds=args.rounds,
+        switch_pause_ms=args.switch_pause_ms,
+        progress=sys.stderr.isatty(),
+        desc="latency batch 1",
+    )
     other_latency = load.stop()
     _log("measuring GEMM peaks")
     load = OtherLoad().start()
@@ -450,28 +523,47 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     for name, st in stats.items():
         rt, prec = meta[name]
         fp32_same = f"FP32 ONNX {rt}"
-        rows.append({
-            "path": name, "runtime": rt, "precision": prec, **st.as_dict(),
-            "speedup_vs_eager": stats[eager_ref].p50 / st.p50,
-            "speedup_vs_fp32_same_runtime": (stats[fp32_same].p50 / st.p50
-                                             if fp32_same in stats else None),
-            "x_floor": st.p50 / floors[prec] if rt != "torch" else None,
-            "max_abs_logit_diff": diffs[name],
-            "round_p50s": recorded[name].round_p50s(args.repeats, args.rounds),
-            "first3_of_round_ms": recorded[name].first_of_round(args.repeats, args.rounds, 3),
-        })
+        rows.append(
+            {
+                "path": name,
+                "runtime": rt,
+                "precision": prec,
+                **st.as_dict(),
+                "speedup_vs_eager": stats[eager_ref].p50 / st.p50,
+                "speedup_vs_fp32_same_runtime": (
+                    stats[fp32_same].p50 / st.p50 if fp32_same in stats else None
+                ),
+                "x_floor": st.p50 / floors[prec] if rt != "torch" else None,
+                "max_abs_logit_diff": diffs[name],
+                "round_p50s": recorded[name].round_p50s(args.repeats, args.rounds),
+                "first3_of_round_ms": recorded[name].first_of_round(args.repeats, args.rounds, 3),
+            }
+        )
     return {
-        "model": args.model, "macs": macs, "params": comp["fp32"]["params"],
-        "macs_fp32_file": comp["fp32"]["macs"], "threads": args.threads, "batch": 1,
-        "warmup": args.warmup, "repeats": args.repeats, "rounds": args.rounds,
-        "samples": args.repeats, "switch_pause_ms": args.switch_pause_ms,
-        "runtimes": list(args.runtimes), "eager_reference": eager_ref,
+        "model": args.model,
+        "macs": macs,
+        "params": comp["fp32"]["params"],
+        "macs_fp32_file": comp["fp32"]["macs"],
+        "threads": args.threads,
+        "batch": 1,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+        "samples": args.repeats,
+        "switch_pause_ms": args.switch_pause_ms,
+        "runtimes": list(args.runtimes),
+        "eager_reference": eager_ref,
         "eager_layout": "channels_last" if "channels_last" in eager_ref else "NCHW",
-        "rows": rows, "peaks": {**peaks, "unit": "GMAC/s"}, "floors_ms": floors,
+        "rows": rows,
+        "peaks": {**peaks, "unit": "GMAC/s"},
+        "floors_ms": floors,
         "ref_logit_absmax": {k: float(np.abs(v).max()) for k, v in ref_logits.items()},
-        "artifacts": {k: {"path": str(p) if args.out else None, "bytes": p.stat().st_size}
-                      for k, p in paths.items()},
-        "other_load_cores": None if other_latency is None or other_gemm is None
+        "artifacts": {
+            k: {"path": str(p) if args.out else None, "bytes": p.stat().st_size}
+            for k, p in paths.items()
+        },
+        "other_load_cores": None
+        if other_latency is None or other_gemm is None
         else {"latency": other_latency, "gemm": other_gemm},
         "environment": environment(args.threads),
         "wall_s": time.perf_counter() - t_start,
@@ -487,18 +579,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.runtimes = installed
     missing = [rt for rt in args.runtimes if rt not in installed]
     if missing:
-        print(f"benchmarks/runtime.py: error: runtime {', '.join(missing)} is not installed "
-              f"(installed: {', '.join(installed) or 'none'}); pip install {' '.join(missing)}",
-              file=sys.stderr)
+        print(
+            f"benchmarks/runtime.py: error: runtime {', '.join(missing)} is not installed "
+            f"(installed: {', '.join(installed) or 'none'}); pip install {' '.join(missing)}",
+            file=sys.stderr,
+        )
         return 2
     if "onnxruntime" not in installed:
-        print("benchmarks/runtime.py: error: onnxruntime is not installed (the GEMM peaks "
-              "need it); pip install onnxruntime", file=sys.stderr)
+        print(
+            "benchmarks/runtime.py: error: onnxruntime is not installed (the GEMM peaks "
+            "need it); pip install onnxruntime",
+            file=sys.stderr,
+        )
         return 2
-    if args.threads < 1 or args.repeats < args.rounds or args.warmup < 0 or \
-            args.switch_pause_ms < 0:
-        print("benchmarks/runtime.py: error: need --threads >= 1, --repeats >= --rounds, "
-              "--warmup >= 0, --switch-pause-ms >= 0", file=sys.stderr)
+    if (
+        args.threads < 1
+        or args.repeats < args.rounds
+        or args.warmup < 0
+        or args.switch_pause_ms < 0
+    ):
+        print(
+            "benchmarks/runtime.py: error: need --threads >= 1, --repeats >= --rounds, "
+            "--warmup >= 0, --switch-pause-ms >= 0",
+            file=sys.stderr,
+        )
         return 2
     with tempfile.TemporaryDirectory(prefix="pqd-runtime-") as tmp:
         result = run(args, args.out or Path(tmp))

@@ -21,31 +21,66 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADER = ["rank", "kind", "order", "epochs", "top-1", "MB", "p50 ms (b1)", "speedup",
-          "sparsity", "Pareto"]
+HEADER = [
+    "rank",
+    "kind",
+    "order",
+    "epochs",
+    "top-1",
+    "MB",
+    "p50 ms (b1)",
+    "speedup",
+    "sparsity",
+    "Pareto",
+]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *["| " + " | ".join(r) + " |" for r in rows]]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
 
 
 def render(search: dict, wall_s: float | None) -> str:
     """The Markdown tables and summary lines of one search.json."""
-    from pqd.report import PAIR_HEADER, _ordered_groups, derived_order_text, pairwise_rows
+    from pqd.markdown import ordered_groups
+    from pqd.report import PAIR_HEADER, derived_order_text, pairwise_rows
 
     rows = []
-    for g in _ordered_groups(search):
+    for g in ordered_groups(search):
         if not g["n"]:
-            rows.append([str(g.get("rank", "-")), g["kind"], g["label"],
-                         "/".join(map(str, g["epochs"])), "failed", "", "", "", "", ""])
+            rows.append(
+                [
+                    str(g.get("rank", "-")),
+                    g["kind"],
+                    g["label"],
+                    "/".join(map(str, g["epochs"])),
+                    "failed",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
             continue
         sd = f" ± {100 * g['accuracy_std']:.2f}" if g["n"] > 1 else ""
-        rows.append([str(g.get("rank", "-")), g["kind"], g["label"],
-                     "/".join(map(str, g["epochs"])) or "-",
-                     f"{100 * g['accuracy_mean']:.2f}%{sd}", f"{g['size_bytes'] / 1e6:.3f}",
-                     f"{g['latency_p50_ms']:.3f}", f"{g['speedup_vs_baseline']:.2f}x",
-                     f"{100 * g['sparsity']:.0f}%", "yes" if g.get("pareto") else ""])
+        rows.append(
+            [
+                str(g.get("rank", "-")),
+                g["kind"],
+                g["label"],
+                "/".join(map(str, g["epochs"])) or "-",
+                f"{100 * g['accuracy_mean']:.2f}%{sd}",
+                f"{g['size_bytes'] / 1e6:.3f}",
+                f"{g['latency_p50_ms']:.3f}",
+                f"{g['speedup_vs_baseline']:.2f}x",
+                f"{100 * g['sparsity']:.0f}%",
+                "yes" if g.get("pareto") else "",
+            ]
+        )
     lines = _table(HEADER, rows)
     if search.get("pairwise"):
         lines += ["", *_table(PAIR_HEADER, pairwise_rows(search))]
@@ -64,16 +99,19 @@ def render(search: dict, wall_s: float | None) -> str:
         + (f"; command wall time {wall_s:.0f} s" if wall_s else ""),
         f"- latency: {panel['runtime']}, {panel['threads']} threads, batch 1, all artifacts "
         f"timed side by side on {panel['cpu']}; {search['data']['test']} test images"
-        + (" (a subset of the official test split)" if search["data"].get("subset_note")
-           else ""),
+        + (" (a subset of the official test split)" if search["data"].get("subset_note") else ""),
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--from", dest="source", type=Path,
-                    help="print the table of this search folder (or its search.json), no run")
+    ap.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        help="print the table of this search folder (or its search.json), no run",
+    )
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "search-quickstart.yaml")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "search")
     ap.add_argument("--workers", type=int, default=None, help="pass --workers N to pqd search")
@@ -82,8 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     source = args.source
     if source is None:
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "pqd.cli", "search", str(args.recipe), "--out",
-               str(args.out), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pqd.cli",
+            "search",
+            str(args.recipe),
+            "--out",
+            str(args.out),
+            "--no-progress",
+        ]
         if args.workers:
             cmd += ["--workers", str(args.workers)]
         if subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL).returncode != 0:
@@ -92,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         source = args.out
     path = source / "search.json" if source.is_dir() else source
     if not path.is_file():
-        print(f"benchmarks/search.py: error: {path} not found; run without --from",
-              file=sys.stderr)
+        print(f"benchmarks/search.py: error: {path} not found; run without --from", file=sys.stderr)
         return 2
     print(render(json.loads(path.read_text(encoding="utf-8")), wall))
     return 0

@@ -40,15 +40,25 @@ def train(recipe: Path, out: Path, data_dir: str | None) -> dict[str, float]:
     walls: dict[str, float] = {}
     for i, target in enumerate(TARGETS):
         folder = out / target
-        cmd = [sys.executable, "-m", "pqd.cli", "run", str(recipe), "--out", str(folder),
-               "--no-progress", f"export.target={target}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pqd.cli",
+            "run",
+            str(recipe),
+            "--out",
+            str(folder),
+            "--no-progress",
+            f"export.target={target}",
+        ]
         if data_dir:
             cmd += ["--data-dir", data_dir]
         if i > 0 and not (folder / "record.json").is_file():
             shutil.rmtree(folder, ignore_errors=True)
             first = out / TARGETS[0]
-            shutil.copytree(first, folder, ignore=shutil.ignore_patterns(
-                "*.onnx", "record.json", "report.md"))
+            shutil.copytree(
+                first, folder, ignore=shutil.ignore_patterns("*.onnx", "record.json", "report.md")
+            )
             cmd.append("--resume")
         _log(f"pqd run, target {target}")
         t0 = time.perf_counter()
@@ -58,8 +68,9 @@ def train(recipe: Path, out: Path, data_dir: str | None) -> dict[str, float]:
     return walls
 
 
-def measure(out: Path, data_dir: str | None, threads: int, repeats: int,
-            panels: int = 3) -> dict[str, Any]:
+def measure(
+    out: Path, data_dir: str | None, threads: int, repeats: int, panels: int = 3
+) -> dict[str, Any]:
     """One panel over the FP32 file and both INT8 files, plus saturation and AVX2 parity."""
     import numpy as np
 
@@ -73,58 +84,98 @@ def measure(out: Path, data_dir: str | None, threads: int, repeats: int,
 
     records = {t: json.loads((out / t / "record.json").read_text()) for t in TARGETS}
     rec = records[TARGETS[0]]["recipe"]
-    data = load_dataset(rec["data"]["dataset"], resolve_data_root(data_dir, rec["data"]["root"]),
-                        val_size=rec["data"]["val_size"], seed=rec["seed"], download=False)
-    paths = {"fp32": out / TARGETS[0] / "baseline.onnx",
-             **{t: out / t / "final.onnx" for t in TARGETS}}
-    spec = MeasureSpec(runtimes=["onnxruntime"], threads=threads, batch_sizes=[1],
-                       repeats=repeats, warmup=50)
+    data = load_dataset(
+        rec["data"]["dataset"],
+        resolve_data_root(data_dir, rec["data"]["root"]),
+        val_size=rec["data"]["val_size"],
+        seed=rec["seed"],
+        download=False,
+    )
+    paths = {
+        "fp32": out / TARGETS[0] / "baseline.onnx",
+        **{t: out / t / "final.onnx" for t in TARGETS},
+    }
+    spec = MeasureSpec(
+        runtimes=["onnxruntime"], threads=threads, batch_sizes=[1], repeats=repeats, warmup=50
+    )
     _log(f"latency panels: FP32 and both INT8 files, interleaved, {panels} orders")
     runs = []
     names = list(paths)
     for k in range(panels):  # rotate which file goes first; the median over panels
-        order = names[k % len(names):] + names[:k % len(names)]
+        order = names[k % len(names) :] + names[: k % len(names)]
         runs.append(latency_panel({n: paths[n] for n in order}, spec, progress=False))
-    panel = {n: {"p50": float(np.median([r[n]["p50"] for r in runs])),
-                 "panels": [r[n]["p50"] for r in runs]} for n in names}
+    panel = {
+        n: {
+            "p50": float(np.median([r[n]["p50"] for r in runs])),
+            "panels": [r[n]["p50"] for r in runs],
+        }
+        for n in names
+    }
     x = data.test_x.float().div(255.0).numpy()
     rows: dict[str, Any] = {}
     for t in TARGETS:
         f = records[t]["final"]
         _log(f"{t}: the file on AVX2 kernels (OpenVINO, ONEDNN_MAX_CPU_ISA=AVX2)")
         native = open_runner("openvino", paths[t], threads).run
-        reference = np.concatenate(
-            [native(x[i:i + 256]) for i in range(0, len(x), 256)])
+        reference = np.concatenate([native(x[i : i + 256]) for i in range(0, len(x), 256)])
         rows[t] = {
-            "accuracy": f["accuracy"], "val_accuracy": f["val_accuracy"],
+            "accuracy": f["accuracy"],
+            "val_accuracy": f["val_accuracy"],
             "baseline_accuracy": records[t]["baseline"]["accuracy"],
-            "p50_ms": panel[t]["p50"], "speedup": panel["fp32"]["p50"] / panel[t]["p50"],
-            "parity": f["parity"], "parity_ok": f.get("parity_ok"),
+            "p50_ms": panel[t]["p50"],
+            "speedup": panel["fp32"]["p50"] / panel[t]["p50"],
+            "parity": f["parity"],
+            "parity_ok": f.get("parity_ok"),
             "saturation": saturation(paths[t]),
             "avx2_vs_native_openvino": parity(reference, avx2_logits(paths[t], x, threads)),
             "size_bytes": f["size_bytes"],
         }
-    return {"rows": rows, "fp32_p50_ms": panel["fp32"]["p50"], "panels": panel,
-            "environment": environment(threads), "data": data.summary()}
+    return {
+        "rows": rows,
+        "fp32_p50_ms": panel["fp32"]["p50"],
+        "panels": panel,
+        "environment": environment(threads),
+        "data": data.summary(),
+    }
 
 
 def table(result: dict[str, Any]) -> str:
     """Markdown table (one row per target) and the two ratios the issue asks for."""
-    header = ["target", "weights", "top-1 test", "top-1 val", "p50 ms (b1)", "vs FP32",
-              "parity (this CPU, onnxruntime)", "pairs at risk", "AVX2 kernels vs this CPU"]
+    header = [
+        "target",
+        "weights",
+        "top-1 test",
+        "top-1 val",
+        "p50 ms (b1)",
+        "vs FP32",
+        "parity (this CPU, onnxruntime)",
+        "pairs at risk",
+        "AVX2 kernels vs this CPU",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = result["rows"]
+
     def agree(p: dict[str, Any]) -> str:
         return f"{100 * p['top1_agreement']:.2f}% (max {p['max_abs_logit_diff']:.3f})"
 
     for t, r in rows.items():
-        lines.append("| " + " | ".join([
-            t, "7-bit [-64, 63]" if t != "x86-vnni" else "8-bit [-128, 127]",
-            f"{100 * r['accuracy']:.2f}%", f"{100 * r['val_accuracy']:.2f}%",
-            f"{r['p50_ms']:.3f}", f"{r['speedup']:.2f}x",
-            agree(r["parity"]), str(r["saturation"]["pairs_at_risk"]),
-            agree(r["avx2_vs_native_openvino"]),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    t,
+                    "7-bit [-64, 63]" if t != "x86-vnni" else "8-bit [-128, 127]",
+                    f"{100 * r['accuracy']:.2f}%",
+                    f"{100 * r['val_accuracy']:.2f}%",
+                    f"{r['p50_ms']:.3f}",
+                    f"{r['speedup']:.2f}x",
+                    agree(r["parity"]),
+                    str(r["saturation"]["pairs_at_risk"]),
+                    agree(r["avx2_vs_native_openvino"]),
+                ]
+            )
+            + " |"
+        )
     p, v = rows["portable"], rows["x86-vnni"]
     env = result["environment"]
     lines += [
@@ -149,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None, help="else PQD_DATA_DIR or the recipe's root")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=600, help="timed calls per file and panel")
-    ap.add_argument("--panels", type=int, default=3,
-                    help="latency panels, each with another file first; p50 = their median")
+    ap.add_argument(
+        "--panels",
+        type=int,
+        default=3,
+        help="latency panels, each with another file first; p50 = their median",
+    )
     ap.add_argument("--json", type=Path, help="write every number here")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -158,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.out, args.data_dir, args.threads, args.repeats, args.panels)
     result.update(walls_s=walls, wall_s=round(time.perf_counter() - t0, 1))
     print(table(result))
-    print(f"- wall {result['wall_s']:.0f} s (runs: "
-          + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()) + ")")
+    print(
+        f"- wall {result['wall_s']:.0f} s (runs: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
+        + ")"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -39,10 +39,19 @@ def main() -> int:
     pqd_dir, hand_dir = args.out / "pqd", args.out / "handwritten"
     walls: dict[str, float | None] = {"pqd": None, "hand": None}
     if not args.reuse:
-        walls["pqd"] = timed([sys.executable, "-m", "pqd.cli", "run", "recipes/quickstart.yaml",
-                              "--out", str(pqd_dir), "--no-progress"])
-        walls["hand"] = timed([sys.executable, "benchmarks/handwritten.py", "--out",
-                               str(hand_dir)])
+        walls["pqd"] = timed(
+            [
+                sys.executable,
+                "-m",
+                "pqd.cli",
+                "run",
+                "recipes/quickstart.yaml",
+                "--out",
+                str(pqd_dir),
+                "--no-progress",
+            ]
+        )
+        walls["hand"] = timed([sys.executable, "benchmarks/handwritten.py", "--out", str(hand_dir)])
 
     from pqd.measure.artifacts import size_bytes
     from pqd.measure.latency import compare_latency
@@ -56,26 +65,36 @@ def main() -> int:
         "hand-written FP32": (hand_dir / "fp32.onnx", hand["fp32_accuracy"]),
         "hand-written INT8": (hand_dir / "int8.onnx", hand["int8_accuracy"]),
     }
-    runs = {name: open_runner("onnxruntime", path, threads=2).run
-            for name, (path, _) in files.items()}
-    stats = compare_latency(runs, (1, 3, 32, 32), warmup=100, repeats=args.repeats, rounds=10,
-                            desc="latency batch 1")
+    runs = {
+        name: open_runner("onnxruntime", path, threads=2).run for name, (path, _) in files.items()
+    }
+    stats = compare_latency(
+        runs, (1, 3, 32, 32), warmup=100, repeats=args.repeats, rounds=10, desc="latency batch 1"
+    )
     print("| artifact | top-1 (test) | MB | p50 ms (b1) | p90 ms (b1) | INT8 vs own FP32 |")
     print("|---|---|---|---|---|---|")
     for name, (path, acc) in files.items():
         own = stats[name.replace("INT8", "FP32")].p50 / stats[name].p50
-        print(f"| {name} | {100 * acc:.2f}% | {size_bytes(path) / 1e6:.2f} | "
-              f"{stats[name].p50:.3f} | {stats[name].p90:.3f} | "
-              + (f"{own:.2f}x |" if "INT8" in name else "- |"))
+        print(
+            f"| {name} | {100 * acc:.2f}% | {size_bytes(path) / 1e6:.2f} | "
+            f"{stats[name].p50:.3f} | {stats[name].p90:.3f} | "
+            + (f"{own:.2f}x |" if "INT8" in name else "- |")
+        )
     ratio = stats["hand-written INT8"].p50 / stats["pqd INT8"].p50
-    print(f"\n- pqd's INT8 artifact is {ratio:.2f}x faster at batch 1 than the hand-written one "
-          f"(p50, onnxruntime, 2 threads, {args.repeats} calls each in 10 interleaved rounds)")
-    print(f"- accuracy: pqd {100 * record['final']['accuracy']:.2f}% vs hand-written "
-          f"{100 * hand['int8_accuracy']:.2f}% on the same {hand['test_images']} test images "
-          "(a subset of CIFAR-10's test split)")
+    print(
+        f"\n- pqd's INT8 artifact is {ratio:.2f}x faster at batch 1 than the hand-written one "
+        f"(p50, onnxruntime, 2 threads, {args.repeats} calls each in 10 interleaved rounds)"
+    )
+    print(
+        f"- accuracy: pqd {100 * record['final']['accuracy']:.2f}% vs hand-written "
+        f"{100 * hand['int8_accuracy']:.2f}% on the same {hand['test_images']} test images "
+        "(a subset of CIFAR-10's test split)"
+    )
     if walls["pqd"] is not None:
-        print(f"- wall time: pqd {walls['pqd']:.0f} s vs hand-written {walls['hand']:.0f} s "
-              "(whole commands, one after the other)")
+        print(
+            f"- wall time: pqd {walls['pqd']:.0f} s vs hand-written {walls['hand']:.0f} s "
+            "(whole commands, one after the other)"
+        )
     return 0
 
 

@@ -13,12 +13,20 @@ from pqd.data import Dataset
 from pqd.recipe import Recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBSET_CANDIDATES = [ROOT.parent / "shared" / "data" / "cifar-10-subset",
-                     Path("/work/shared/data/cifar-10-subset")]
+SUBSET_CANDIDATES = [
+    ROOT.parent / "shared" / "data" / "cifar-10-subset",
+    Path("/work/shared/data/cifar-10-subset"),
+]
 
 
-def synthetic_dataset(n_train: int = 96, n_val: int = 32, n_test: int = 48, classes: int = 4,
-                      size: int = 32, seed: int = 0) -> Dataset:
+def synthetic_dataset(
+    n_train: int = 96,
+    n_val: int = 32,
+    n_test: int = 48,
+    classes: int = 4,
+    size: int = 32,
+    seed: int = 0,
+) -> Dataset:
     """uint8 images whose class sets the mean colour of one quadrant (learnable in a few steps)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -28,22 +36,37 @@ def synthetic_dataset(n_train: int = 96, n_val: int = 32, n_test: int = 48, clas
         half = size // 2
         for c in range(classes):
             r, q = divmod(c, 2)
-            x[y == c, c % 3, r * half:(r + 1) * half, q * half:(q + 1) * half] += 150
+            x[y == c, c % 3, r * half : (r + 1) * half, q * half : (q + 1) * half] += 150
         return x.clamp(0, 255).to(torch.uint8), y
 
     tx, ty = split(n_train)
     vx, vy = split(n_val)
     sx, sy = split(n_test)
-    return Dataset(name="synthetic", num_classes=classes, classes=[str(c) for c in range(classes)],
-                   mean=(0.3, 0.3, 0.3), std=(0.25, 0.25, 0.25), train_x=tx, train_y=ty,
-                   val_x=vx, val_y=vy, test_x=sx, test_y=sy, root=Path("."))
+    return Dataset(
+        name="synthetic",
+        num_classes=classes,
+        classes=[str(c) for c in range(classes)],
+        mean=(0.3, 0.3, 0.3),
+        std=(0.25, 0.25, 0.25),
+        train_x=tx,
+        train_y=ty,
+        val_x=vx,
+        val_y=vy,
+        test_x=sx,
+        test_y=sy,
+        root=Path("."),
+    )
 
 
 def tiny_recipe(stages: list[dict[str, Any]], model: str = "tiny_cnn", **extra: Any) -> Recipe:
     """A recipe for unit tests: tiny net, small batches, fp32, given stages."""
-    data = {"model": {"name": model}, "train": {"batch_size": 32, "lr": 0.05, "amp": "off"},
-            "baseline": {"epochs": 1}, "stages": stages,
-            "measure": {"warmup": 1, "repeats": 5, "batch_sizes": [1]}}
+    data = {
+        "model": {"name": model},
+        "train": {"batch_size": 32, "lr": 0.05, "amp": "off"},
+        "baseline": {"epochs": 1},
+        "stages": stages,
+        "measure": {"warmup": 1, "repeats": 5, "batch_sizes": [1]},
+    }
     data.update(extra)
     return recipe_from_dict(data)
 
@@ -57,8 +80,10 @@ def synth() -> Dataset:
 def subset_dir() -> Path:
     """The real CIFAR-10 subset: ``$PQD_DATA_DIR`` or the shared copy beside the checkout."""
     env = os.environ.get("PQD_DATA_DIR")
-    for root in ([Path(env)] if env else SUBSET_CANDIDATES):
+    for root in [Path(env)] if env else SUBSET_CANDIDATES:
         if (root / "cifar-10-batches-py").is_dir():
             return root
-    pytest.fail("the real CIFAR-10 subset is missing; set PQD_DATA_DIR to the folder holding "
-                "cifar-10-batches-py/")
+    pytest.fail(
+        "the real CIFAR-10 subset is missing; set PQD_DATA_DIR to the folder holding "
+        "cifar-10-batches-py/"
+    )

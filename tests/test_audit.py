@@ -93,8 +93,9 @@ def onnx_logits(path: Path, x_uint8: np.ndarray, batch: int) -> np.ndarray:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     x = x_uint8.astype(np.float32) / 255.0
-    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0]
-                           for i in range(0, len(x), batch)])
+    return np.concatenate(
+        [sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +105,24 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Pat
 
     tmp = tmp_path_factory.mktemp("audit")
     write_npz(tmp / "data.npz")
-    recipe = recipe_from_dict({
-        "name": "audit-test", "model": {"name": "tiny_cnn"},
-        "data": {"dataset": "npz", "root": str(tmp), "val_size": 40, "download": False},
-        "train": {"batch_size": 64, "lr": 0.05}, "baseline": {"epochs": 1},
-        "stages": [{"stage": "prune", "sparsity": 0.7, "epochs": 1}],  # (int8 export: +40 s)
-        "measure": {"batch_sizes": [1, 4], "warmup": 2, "repeats": 20,
-                    "runtimes": ["onnxruntime"], "audit": True, "accuracy_batch_size": 16},
-    })
+    recipe = recipe_from_dict(
+        {
+            "name": "audit-test",
+            "model": {"name": "tiny_cnn"},
+            "data": {"dataset": "npz", "root": str(tmp), "val_size": 40, "download": False},
+            "train": {"batch_size": 64, "lr": 0.05},
+            "baseline": {"epochs": 1},
+            "stages": [{"stage": "prune", "sparsity": 0.7, "epochs": 1}],  # (int8 export: +40 s)
+            "measure": {
+                "batch_sizes": [1, 4],
+                "warmup": 2,
+                "repeats": 20,
+                "runtimes": ["onnxruntime"],
+                "audit": True,
+                "accuracy_batch_size": 16,
+            },
+        }
+    )
     mp = pytest.MonkeyPatch()
     mp.setenv("PQD_CACHE_DIR", str(tmp / "cache"))
     mp.setattr(audit_mod, "PROBE_WINDOW_S", 0.4)
@@ -192,8 +203,7 @@ def test_pqd_audit_rewrites_the_record(small_run, capsys) -> None:
     for key in ("baseline", "final"):  # a record from before p99 existed
         del before[key]["latency_ms"]["batches"]["1"]["p99"]
     (out / "record.json").write_text(json.dumps(before))
-    assert main(["audit", str(out), "--cheap", "--no-progress",
-                 "--data-dir", str(tmp)]) == 0
+    assert main(["audit", str(out), "--cheap", "--no-progress", "--data-dir", str(tmp)]) == 0
     assert "ECE (15 bins)" in capsys.readouterr().out
     after = json.loads((out / "record.json").read_text())
     for key in ("baseline", "final"):
@@ -203,8 +213,10 @@ def test_pqd_audit_rewrites_the_record(small_run, capsys) -> None:
         assert "corruptions" not in a  # --cheap
         assert a["latency_ms_b1"]["source"] == "re-timed by pqd audit"
         assert a["latency_ms_b1"]["p50"] <= a["latency_ms_b1"]["p99"] <= a["latency_ms_b1"]["max"]
-    assert after["final"]["audit"]["vs_baseline"]["disagreement"] == record["final"]["audit"][
-        "vs_baseline"]["disagreement"]
+    assert (
+        after["final"]["audit"]["vs_baseline"]["disagreement"]
+        == record["final"]["audit"]["vs_baseline"]["disagreement"]
+    )
 
 
 def test_pqd_audit_on_a_folder_without_record(tmp_path: Path, capsys) -> None:

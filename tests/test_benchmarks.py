@@ -23,8 +23,7 @@ def bench():
 
 
 def test_gemm_peaks_and_floor_are_positive(bench):
-    peaks = bench.gemm_peaks(threads=1, sizes=(32, 64), repeats=2, warmup=1,
-                             min_time_s=0.0)
+    peaks = bench.gemm_peaks(threads=1, sizes=(32, 64), repeats=2, warmup=1, min_time_s=0.0)
     assert peaks["int8"] > 0 and peaks["fp32"] > 0
     assert peaks["int8_size"] in (32, 64) and set(peaks["by_size"]) == {32, 64}
     floors = bench.floors_ms(555_000_000, peaks)
@@ -42,30 +41,57 @@ def test_missing_runtime_exits_nonzero_with_one_line(bench, monkeypatch, capsys)
 
 
 def test_table_renders_every_row(bench):
-    row = {"p50": 2.0, "p90": 2.5, "speedup_vs_eager": 7.0, "max_abs_logit_diff": 0.01,
-           "round_p50s": [1.9, 2.1]}
+    row = {
+        "p50": 2.0,
+        "p90": 2.5,
+        "speedup_vs_eager": 7.0,
+        "max_abs_logit_diff": 0.01,
+        "round_p50s": [1.9, 2.1],
+    }
     result = {
         "rows": [
-            {**row, "path": "FP32 eager NCHW", "speedup_vs_fp32_same_runtime": None,
-             "x_floor": None},
-            {**row, "path": "INT8 ONNX onnxruntime", "speedup_vs_fp32_same_runtime": 3.5,
-             "x_floor": 1.3},
+            {
+                **row,
+                "path": "FP32 eager NCHW",
+                "speedup_vs_fp32_same_runtime": None,
+                "x_floor": None,
+            },
+            {
+                **row,
+                "path": "INT8 ONNX onnxruntime",
+                "speedup_vs_fp32_same_runtime": 3.5,
+                "x_floor": 1.3,
+            },
         ],
-        "eager_reference": "FP32 eager NCHW", "ref_logit_absmax": {"fp32": 1.0},
-        "model": "resnet18", "macs": 555_000_000, "params": 11_170_000, "samples": 300,
-        "rounds": 10, "warmup": 50, "threads": 2, "switch_pause_ms": 100.0,
+        "eager_reference": "FP32 eager NCHW",
+        "ref_logit_absmax": {"fp32": 1.0},
+        "model": "resnet18",
+        "macs": 555_000_000,
+        "params": 11_170_000,
+        "samples": 300,
+        "rounds": 10,
+        "warmup": 50,
+        "threads": 2,
+        "switch_pause_ms": 100.0,
         "peaks": {"threads": 2, "int8": 400.0, "int8_size": 512, "fp32": 100.0, "fp32_size": 256},
         "floors_ms": {"int8": 1.39, "fp32": 5.55, "ratio": 4.0},
-        "environment": {"cpu": "CPU", "cpu_flags": ["avx2"], "logical_cpus": 2,
-                        "libraries": {"torch": "2", "onnxruntime": "1"}},
-        "other_load_cores": {"latency": 0.0, "gemm": 0.0}, "wall_s": 60.0,
+        "environment": {
+            "cpu": "CPU",
+            "cpu_flags": ["avx2"],
+            "logical_cpus": 2,
+            "libraries": {"torch": "2", "onnxruntime": "1"},
+        },
+        "other_load_cores": {"latency": 0.0, "gemm": 0.0},
+        "wall_s": 60.0,
     }
     text = bench.table(result)
     assert "FP32 eager NCHW *" in text and "INT8 ONNX onnxruntime" in text
     assert "3.50x" in text and "1.90-2.10" in text
     assert max(map(len, text.splitlines())) <= 96 and "floor ratio (fp32/int8) 4.00x" in text
     flat = " ".join(line.strip() for line in text.splitlines())
-    assert ("vs FP32 eager 7.00x (>= 8x: NOT met); vs its FP32 file 3.50x (>= 3.5x: met); "
-            "x INT8 floor 1.30 (<= 1.5: met)") in flat
+    assert (
+        "vs FP32 eager 7.00x (>= 8x: NOT met); vs its FP32 file 3.50x (>= 3.5x: met); "
+        "x INT8 floor 1.30 (<= 1.5: met)"
+    ) in flat
     # eager p50 2.0 ms / 8 = 0.25 ms, 0.18x the 1.39 ms floor
     assert "needs an INT8 p50 <= 0.25 ms here = 0.18x the INT8 floor" in flat

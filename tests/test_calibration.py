@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pqd.calibration import TensorStats, entropy_threshold, percentile_range
+from pqd.quant.calibration import TensorStats, entropy_threshold, percentile_range
 
 N = 1_000_000
 
@@ -35,20 +35,21 @@ def test_minmax_is_the_observed_span_with_zero_inside() -> None:
 
 def test_percentile_of_uniform_is_the_quantile() -> None:
     u = torch.rand(N, generator=torch.Generator().manual_seed(1)) * 4.0  # U[0, 4]
-    lo, hi = stats_of(u, False).range("percentile", symmetric=False, levels=256,
-                                      percentile=99.0)
+    lo, hi = stats_of(u, False).range("percentile", symmetric=False, levels=256, percentile=99.0)
     assert lo == 0.0  # the lower quantile (0.04) is raised to include 0
     assert hi == pytest.approx(3.96, abs=0.01)
 
 
 def test_percentile_of_normal_matches_the_gaussian_quantile(normal: torch.Tensor) -> None:
     # |x| percentile 99.99 of N(0, 1): P(|x| < z) = 0.9999 -> z = 3.8906
-    lo, hi = stats_of(normal, True).range("percentile", symmetric=True, levels=128,
-                                          percentile=99.99)
+    lo, hi = stats_of(normal, True).range(
+        "percentile", symmetric=True, levels=128, percentile=99.99
+    )
     assert hi == -lo and hi == pytest.approx(3.8906, abs=0.06)
     # two-sided, asymmetric: 0.01% on each side -> z = 3.719
-    lo, hi = stats_of(normal, False).range("percentile", symmetric=False, levels=256,
-                                           percentile=99.99)
+    lo, hi = stats_of(normal, False).range(
+        "percentile", symmetric=False, levels=256, percentile=99.99
+    )
     assert lo == pytest.approx(-3.719, abs=0.06) and hi == pytest.approx(3.719, abs=0.06)
 
 

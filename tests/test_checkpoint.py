@@ -63,23 +63,32 @@ def test_corrupt_files(tmp_path: Path, content: bytes) -> None:
 
 
 def test_mismatch_and_missing(tmp_path: Path) -> None:
-    save_checkpoint(build_model("tiny_resnet", 10, [0.5] * 3, [0.25] * 3),
-                    tmp_path / "other.safetensors")
+    save_checkpoint(
+        build_model("tiny_resnet", 10, [0.5] * 3, [0.25] * 3), tmp_path / "other.safetensors"
+    )
     with pytest.raises(CheckpointError, match="does not match the model"):
         load_checkpoint(tiny(), tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match="does not exist"):
         read_state_dict(tmp_path / "nope.safetensors")
 
 
-def test_cli_refuses_a_hostile_baseline_in_one_line(tmp_path: Path, capsys,
-                                                    subset_dir: Path) -> None:
+def test_cli_refuses_a_hostile_baseline_in_one_line(
+    tmp_path: Path, capsys, subset_dir: Path
+) -> None:
     evil = tmp_path / "evil.pt"
     ran = tmp_path / MARKER
     evil.write_bytes(pickle.dumps(Payload(ran)))
-    recipe = {"model": {"name": "tiny_cnn"},
-              "data": {"root": str(subset_dir), "download": False, "limit_train": 300,
-                       "limit_test": 50, "val_size": 50},
-              "baseline": {"checkpoint": str(evil)}}
+    recipe = {
+        "model": {"name": "tiny_cnn"},
+        "data": {
+            "root": str(subset_dir),
+            "download": False,
+            "limit_train": 300,
+            "limit_test": 50,
+            "val_size": 50,
+        },
+        "baseline": {"checkpoint": str(evil)},
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
@@ -129,8 +138,10 @@ def _save_form(form: str, sd: dict[str, torch.Tensor], tmp_path: Path) -> Path:
         torch.save({f"_orig_mod.{k}": v for k, v in sd.items()}, tmp_path / "m.pt")
         return tmp_path / "m.pt"
     if form == "lightning.ckpt":
-        torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3},
-                   tmp_path / "m.ckpt")
+        torch.save(
+            {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3},
+            tmp_path / "m.ckpt",
+        )
         return tmp_path / "m.ckpt"
     from safetensors.torch import save_file
 
@@ -138,8 +149,16 @@ def _save_form(form: str, sd: dict[str, torch.Tensor], tmp_path: Path) -> Path:
     return tmp_path / "m.safetensors"
 
 
-FORMS = ["plain.pt", "wrapped.pth", "model_state_dict.pt", "model.bin", "ddp.pt",
-         "compiled.pt", "lightning.ckpt", "save_file.safetensors"]
+FORMS = [
+    "plain.pt",
+    "wrapped.pth",
+    "model_state_dict.pt",
+    "model.bin",
+    "ddp.pt",
+    "compiled.pt",
+    "lightning.ckpt",
+    "save_file.safetensors",
+]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -197,8 +216,7 @@ def test_a_class_count_mismatch_is_named_as_a_shape(tmp_path: Path) -> None:
 def test_other_architecture_names_first_missing_and_unexpected(tmp_path: Path) -> None:
     torch.save(_bare("tiny_resnet").state_dict(), tmp_path / "other.pt")
     with pytest.raises(CheckpointError) as err:
-        load_checkpoint(build_model("resnet20", 10, [0.5] * 3, [0.25] * 3),
-                        tmp_path / "other.pt")
+        load_checkpoint(build_model("resnet20", 10, [0.5] * 3, [0.25] * 3), tmp_path / "other.pt")
     line = err.value.line()
     assert "\n" not in line and "model.name" in line
     own = list(build_model("resnet20", 10, [0.5] * 3, [0.25] * 3).state_dict())

@@ -29,9 +29,17 @@ def write_recipe(tmp_path: Path, data: dict, name: str = "r.yaml") -> Path:
 def tiny(root: Path | str, **extra: object) -> dict:
     """A tiny real-data recipe: tiny_cnn on 600 subset images, one epoch per step."""
     data = {
-        "name": "tiny", "seed": 0, "model": {"name": "tiny_cnn"},
-        "data": {"dataset": "cifar10", "root": str(root), "val_size": 100, "download": False,
-                 "limit_train": 600, "limit_test": 200},
+        "name": "tiny",
+        "seed": 0,
+        "model": {"name": "tiny_cnn"},
+        "data": {
+            "dataset": "cifar10",
+            "root": str(root),
+            "val_size": 100,
+            "download": False,
+            "limit_train": 600,
+            "limit_test": 200,
+        },
         "train": {"batch_size": 64, "lr": 0.05},
         "baseline": {"epochs": 1},
         "stages": [
@@ -55,14 +63,17 @@ def one_error_line(capsys: pytest.CaptureFixture[str], code: int) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(("patch", "needle"), [
-    ({"stages": [{"stage": "prune", "sparsity": 1.5}]}, "stages.0.sparsity"),
-    ({"stages": [{"stage": "prune", "sparsity": 0.5, "epochs": -1}]}, "stages.0.epochs"),
-    ({"stages": [{"stage": "prunee"}]}, "unknown stage 'prunee'"),
-    ({"baseline": {"epocs": 3}}, "baseline.epocs"),
-    ({"train": {"lr": "fast"}}, "train.lr"),
-    ({"measure": {"runtimes": ["tensorrt"]}}, "measure.runtimes.0"),
-])
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"stages": [{"stage": "prune", "sparsity": 1.5}]}, "stages.0.sparsity"),
+        ({"stages": [{"stage": "prune", "sparsity": 0.5, "epochs": -1}]}, "stages.0.epochs"),
+        ({"stages": [{"stage": "prunee"}]}, "unknown stage 'prunee'"),
+        ({"baseline": {"epocs": 3}}, "baseline.epocs"),
+        ({"train": {"lr": "fast"}}, "train.lr"),
+        ({"measure": {"runtimes": ["tensorrt"]}}, "measure.runtimes.0"),
+    ],
+)
 def test_bad_recipe_is_one_line(tmp_path: Path, capsys, patch: dict, needle: str) -> None:
     path = write_recipe(tmp_path, {**tiny(tmp_path), **patch})
     for cmd in (["validate", str(path)], ["run", str(path), "--out", str(tmp_path / "o")]):
@@ -87,13 +98,17 @@ def test_missing_data_folder_is_one_line(tmp_path: Path, capsys, monkeypatch) ->
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize(("model", "needle"), [
-    ("resnet7", "unknown model 'resnet7'"),
-    ("no_such_pkg.nets:build", "does not import"),
-    ("collections:OrderedDict", "returned a OrderedDict, not an nn.Module"),
-])
-def test_bad_model_is_one_line(tmp_path: Path, capsys, subset_dir: Path, model: str,
-                               needle: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ("resnet7", "unknown model 'resnet7'"),
+        ("no_such_pkg.nets:build", "does not import"),
+        ("collections:OrderedDict", "returned a OrderedDict, not an nn.Module"),
+    ],
+)
+def test_bad_model_is_one_line(
+    tmp_path: Path, capsys, subset_dir: Path, model: str, needle: str
+) -> None:
     path = write_recipe(tmp_path, tiny(subset_dir, model={"name": model}))
     line = one_error_line(capsys, main(["run", str(path), "--out", str(tmp_path / "o")]))
     assert needle in line
@@ -117,9 +132,22 @@ def test_run_writes_the_record_contract(tmp_path: Path, subset_dir: Path) -> Non
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pqd.cli", "run", str(recipe), "--out", str(out),
-         "--no-progress", "stages.0.sparsity=0.6"],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "pqd.cli",
+            "run",
+            str(recipe),
+            "--out",
+            str(out),
+            "--no-progress",
+            "stages.0.sparsity=0.6",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"x (faster|slower) at batch 1", proc.stdout)
     record = json.loads((out / "record.json").read_text())
@@ -167,19 +195,23 @@ def test_run_writes_the_record_contract(tmp_path: Path, subset_dir: Path) -> Non
 
 @pytest.mark.integration
 def test_a_vnni_file_measured_without_vnni_is_flagged_in_one_line(
-        tmp_path: Path, subset_dir: Path, capsys, monkeypatch) -> None:
+    tmp_path: Path, subset_dir: Path, capsys, monkeypatch
+) -> None:
     """A file built for x86-vnni (8-bit weights), measured where the CPU flags say AVX2 only:
     parity_ok false, one warning line naming the target, the figure and the fix."""
     import pqd.measure.env as env_mod
 
     monkeypatch.setattr(env_mod, "cpu_flags", lambda: ["avx2"])
-    recipe = tiny(subset_dir, stages=[{"stage": "quantize", "mode": "ptq", "epochs": 0}],
-                  measure={"warmup": 1, "repeats": 5, "batch_sizes": [1],
-                           "runtimes": ["onnxruntime"]})
+    recipe = tiny(
+        subset_dir,
+        stages=[{"stage": "quantize", "mode": "ptq", "epochs": 0}],
+        measure={"warmup": 1, "repeats": 5, "batch_sizes": [1], "runtimes": ["onnxruntime"]},
+    )
     path = write_recipe(tmp_path, recipe)
     out = tmp_path / "run"
-    assert main(["run", str(path), "--out", str(out), "--no-progress",
-                 "export.target=x86-vnni"]) == 0
+    assert (
+        main(["run", str(path), "--out", str(out), "--no-progress", "export.target=x86-vnni"]) == 0
+    )
     err = capsys.readouterr().err.strip().splitlines()
     warnings_ = [line for line in err if line.startswith("pqd: warning: ")]
     assert len(warnings_) == 1, err
@@ -196,19 +228,23 @@ def test_a_vnni_file_measured_without_vnni_is_flagged_in_one_line(
 
 
 def test_torchaos_enum_constant_warning_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
-    from pqd.cli import _quiet_libraries
+    from pqd._quiet import quiet_command
 
-    _quiet_libraries()
+    quiet_command()
     log = logging.getLogger("torch.utils._pytree")
     with caplog.at_level(logging.WARNING, logger="torch.utils._pytree"):
-        log.warning("%s is an Enum subclass and is now natively supported by torch.compile "
-                    "as an opaque value type.", "<enum 'KernelPreference'>")
+        log.warning(
+            "%s is an Enum subclass and is now natively supported by torch.compile "
+            "as an opaque value type.",
+            "<enum 'KernelPreference'>",
+        )
         log.warning("another pytree warning")
     assert [r.getMessage() for r in caplog.records] == ["another pytree warning"]
 
 
-def test_out_that_is_a_file_names_it_before_any_work(tmp_path: Path, capsys,
-                                                     subset_dir: Path) -> None:
+def test_out_that_is_a_file_names_it_before_any_work(
+    tmp_path: Path, capsys, subset_dir: Path
+) -> None:
     path = write_recipe(tmp_path, tiny(subset_dir))
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -219,13 +255,16 @@ def test_out_that_is_a_file_names_it_before_any_work(tmp_path: Path, capsys,
     assert afile.read_text() == "x"
 
 
-@pytest.mark.parametrize(("readonly", "needle", "fix"), [
-    (True, "the file system is read-only", "on a writable file system"),
-    (False, "permission denied", "you may write to"),
-])
-def test_out_on_a_read_only_or_forbidden_folder(tmp_path: Path, capsys, monkeypatch,
-                                                subset_dir: Path, readonly: bool, needle: str,
-                                                fix: str) -> None:
+@pytest.mark.parametrize(
+    ("readonly", "needle", "fix"),
+    [
+        (True, "the file system is read-only", "on a writable file system"),
+        (False, "permission denied", "you may write to"),
+    ],
+)
+def test_out_on_a_read_only_or_forbidden_folder(
+    tmp_path: Path, capsys, monkeypatch, subset_dir: Path, readonly: bool, needle: str, fix: str
+) -> None:
     import pqd.cli
 
     path = write_recipe(tmp_path, tiny(subset_dir))
@@ -238,22 +277,26 @@ def test_out_on_a_read_only_or_forbidden_folder(tmp_path: Path, capsys, monkeypa
             self.f_flag = real_statvfs(p).f_flag | (os.ST_RDONLY if readonly else 0)
 
     # tests run as root here, where chmod does not stop writes: make the folder look locked
-    monkeypatch.setattr(pqd.cli.os, "access",
-                        lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    monkeypatch.setattr(
+        pqd.cli.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode)
+    )
     monkeypatch.setattr(pqd.cli.os, "statvfs", Flags)
     line = one_error_line(capsys, main(["run", str(path), "--out", str(locked / "run")]))
     assert f"cannot write {locked}: {needle}" in line and fix in line
     assert "free space" not in line and not (locked / "run").exists()
 
 
-@pytest.mark.parametrize(("code", "needle"), [
-    (30, "the file system is read-only"),  # EROFS
-    (13, "permission denied"),  # EACCES
-    (28, "No space left on device writing"),  # ENOSPC
-])
-def test_storage_errors_while_running_name_the_cause(tmp_path: Path, capsys, monkeypatch,
-                                                     subset_dir: Path, code: int,
-                                                     needle: str) -> None:
+@pytest.mark.parametrize(
+    ("code", "needle"),
+    [
+        (30, "the file system is read-only"),  # EROFS
+        (13, "permission denied"),  # EACCES
+        (28, "No space left on device writing"),  # ENOSPC
+    ],
+)
+def test_storage_errors_while_running_name_the_cause(
+    tmp_path: Path, capsys, monkeypatch, subset_dir: Path, code: int, needle: str
+) -> None:
     import pqd.pipeline
 
     def fail(*_: object, **__: object) -> None:
@@ -266,14 +309,31 @@ def test_storage_errors_while_running_name_the_cause(tmp_path: Path, capsys, mon
     assert ("free space" in line) == (code == 28)
 
 
-@pytest.mark.parametrize(("runtimes", "installed", "needles"), [
-    (["auto"], [], ["no ONNX runtime is installed", "reinstall pqd, or pip install onnxruntime"]),
-    (["onnxruntime"], ["openvino"], ["onnxruntime is not installed", "reinstall pqd"]),
-    (["openvino"], ["onnxruntime"], ["openvino is not installed", "pip install 'pqd[openvino]'"]),
-])
+@pytest.mark.parametrize(
+    ("runtimes", "installed", "needles"),
+    [
+        (
+            ["auto"],
+            [],
+            ["no ONNX runtime is installed", "reinstall pqd, or pip install onnxruntime"],
+        ),
+        (["onnxruntime"], ["openvino"], ["onnxruntime is not installed", "reinstall pqd"]),
+        (
+            ["openvino"],
+            ["onnxruntime"],
+            ["openvino is not installed", "pip install 'pqd[openvino]'"],
+        ),
+    ],
+)
 def test_a_missing_runtime_gets_the_right_install_advice(
-        tmp_path: Path, capsys, monkeypatch, subset_dir: Path, runtimes: list[str],
-        installed: list[str], needles: list[str]) -> None:
+    tmp_path: Path,
+    capsys,
+    monkeypatch,
+    subset_dir: Path,
+    runtimes: list[str],
+    installed: list[str],
+    needles: list[str],
+) -> None:
     import pqd.measure
 
     monkeypatch.setattr(pqd.measure, "available_runtimes", lambda: installed)
@@ -285,8 +345,9 @@ def test_a_missing_runtime_gets_the_right_install_advice(
     assert "pip install onnxruntime (or pqd[openvino])" not in line
 
 
-def test_validate_checks_what_it_can_without_training(tmp_path: Path, capsys,
-                                                      subset_dir: Path, monkeypatch) -> None:
+def test_validate_checks_what_it_can_without_training(
+    tmp_path: Path, capsys, subset_dir: Path, monkeypatch
+) -> None:
     import torch
 
     from pqd.models import build_model
@@ -305,27 +366,33 @@ def test_validate_checks_what_it_can_without_training(tmp_path: Path, capsys,
     assert "checked runtimes: onnxruntime" in checked
 
     # three things wrong at once: one line each, with its fix, and a non-zero exit
-    line_args = ["model.name=nosuch:build", f"baseline.checkpoint={tmp_path / 'gone.pt'}",
-                 f"data.root={tmp_path / 'nodata'}"]
+    line_args = [
+        "model.name=nosuch:build",
+        f"baseline.checkpoint={tmp_path / 'gone.pt'}",
+        f"data.root={tmp_path / 'nodata'}",
+    ]
     assert main(["validate", str(path), *line_args, "--quiet"]) == 2
     captured = capsys.readouterr()
     assert "ok:" not in captured.out
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 3 and all(ln.startswith("pqd: error: ") and "fix:" in ln
-                                   for ln in lines), lines
+    assert len(lines) == 3 and all(
+        ln.startswith("pqd: error: ") and "fix:" in ln for ln in lines
+    ), lines
     assert f"files are missing under {tmp_path / 'nodata'}" in lines[0]
     assert "'nosuch'" in lines[1] and "does not import" in lines[1]
     assert "gone.pt' does not exist" in lines[2]
 
 
-def test_validate_catches_a_checkpoint_for_another_class_count(tmp_path: Path, capsys,
-                                                               subset_dir: Path) -> None:
+def test_validate_catches_a_checkpoint_for_another_class_count(
+    tmp_path: Path, capsys, subset_dir: Path
+) -> None:
     import torch
 
     from pqd.models import build_model
 
-    torch.save(build_model("tiny_cnn", 100, [0.5] * 3, [0.25] * 3).net.state_dict(),
-               tmp_path / "c100.pt")
+    torch.save(
+        build_model("tiny_cnn", 100, [0.5] * 3, [0.25] * 3).net.state_dict(), tmp_path / "c100.pt"
+    )
     path = write_recipe(tmp_path, tiny(subset_dir, baseline={"checkpoint": "c100.pt"}))
     line = one_error_line(capsys, main(["validate", str(path), "--data-dir", str(subset_dir)]))
     assert "another shape" in line and "100x" in line  # found relative to the recipe file
@@ -334,22 +401,30 @@ def test_validate_catches_a_checkpoint_for_another_class_count(tmp_path: Path, c
 def test_import_pqd_is_quiet_about_known_harmless_messages() -> None:
     """From Python (no CLI), preparing a QAT model prints none of torchao's / torch's
     known-harmless messages, while the user's own warnings still show."""
-    code = ("import warnings, torch, pqd\n"
-            "from pqd.models import build_model\n"
-            "from pqd.stages.quantize import prepare_qat\n"
-            "m = build_model('tiny_cnn', 10, (0.5,) * 3, (0.25,) * 3)\n"
-            "g = prepare_qat(m, torch.rand(2, 3, 32, 32))\n"
-            "import copy; copy.deepcopy(g)\n"
-            "warnings.warn('users own warning', UserWarning)\n"
-            "warnings.warn('users own future', FutureWarning)\n"
-            "print('prepared')\n")
+    code = (
+        "import warnings, torch, pqd\n"
+        "from pqd.models import build_model\n"
+        "from pqd.quant.pt2e import prepare_qat\n"
+        "m = build_model('tiny_cnn', 10, (0.5,) * 3, (0.25,) * 3)\n"
+        "g = prepare_qat(m, torch.rand(2, 3, 32, 32))\n"
+        "import copy; copy.deepcopy(g)\n"
+        "warnings.warn('users own warning', UserWarning)\n"
+        "warnings.warn('users own future', FutureWarning)\n"
+        "print('prepared')\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    for noise in ("Failed to load", "_C_cutlass", "register_constant", "LeafSpec",
-                  "x86_inductor_quantizer"):
+    for noise in (
+        "Failed to load",
+        "_C_cutlass",
+        "register_constant",
+        "LeafSpec",
+        "x86_inductor_quantizer",
+    ):
         assert noise not in out
     assert "users own warning" in out and "users own future" in out and "prepared" in out
 
@@ -360,8 +435,15 @@ def test_help_and_validate_read_as_plain_english(tmp_path: Path, capsys) -> None
     out = capsys.readouterr().out
     assert "The pqd command" in out and "``" not in out
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"model": {"name": "tiny_cnn"}, "baseline": {"epochs": 1},
-                                    "stages": [{"stage": "distill", "epochs": 1}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "tiny_cnn"},
+                "baseline": {"epochs": 1},
+                "stages": [{"stage": "distill", "epochs": 1}],
+            }
+        )
+    )
     assert main(["validate", str(path), "--quiet"]) == 0
     line = capsys.readouterr().out
     assert "1 baseline epoch," in line and "(1 epoch)" in line and "epochs" not in line

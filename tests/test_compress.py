@@ -16,14 +16,22 @@ def int8_conv_model(path, sparsity: float, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     w = rng.integers(-127, 128, size=(256, 256, 3, 3), dtype=np.int8)
     w[rng.random(w.shape) < sparsity] = 0
-    inits = [numpy_helper.from_array(w, "w_q"),
-             numpy_helper.from_array(np.full(256, 0.01, np.float32), "w_scale"),
-             numpy_helper.from_array(np.zeros(256, np.int8), "w_zp")]
-    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], axis=0),
-             helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+    inits = [
+        numpy_helper.from_array(w, "w_q"),
+        numpy_helper.from_array(np.full(256, 0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(np.zeros(256, np.int8), "w_zp"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], axis=0),
+        helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256, 8, 8])], inits)
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256, 8, 8])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     onnx.save(model, str(path))
 

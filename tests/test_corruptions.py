@@ -28,8 +28,9 @@ def images() -> np.ndarray:
     out = []
     for k in range(6):
         base = 60 + 3 * xx + 2 * yy + 40 * ((xx // (4 + k)) % 2)
-        img = np.stack([base, base[::-1] * 0.8, 200 - base * 0.5]) + rng.integers(0, 20, (3, 32,
-                                                                                         32))
+        img = np.stack([base, base[::-1] * 0.8, 200 - base * 0.5]) + rng.integers(
+            0, 20, (3, 32, 32)
+        )
         out.append(np.clip(img, 0, 255))
     return np.asarray(out, dtype=np.uint8)
 
@@ -49,11 +50,11 @@ def test_same_seed_same_bytes_and_shape(images: np.ndarray, name: str) -> None:
     assert not np.array_equal(a, images)  # it changed something
 
 
-@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise",
-                                  "motion_blur", "fog"])
+@pytest.mark.parametrize(
+    "name", ["gaussian_noise", "shot_noise", "impulse_noise", "motion_blur", "fog"]
+)
 def test_random_corruptions_follow_the_seed(images: np.ndarray, name: str) -> None:
-    assert corrupt(images, name, 2, seed=0).tobytes() != corrupt(images, name, 2,
-                                                                 seed=1).tobytes()
+    assert corrupt(images, name, 2, seed=0).tobytes() != corrupt(images, name, 2, seed=1).tobytes()
 
 
 def test_brightness_raises_the_mean(images: np.ndarray) -> None:
@@ -68,8 +69,7 @@ def test_blur_lowers_high_frequency_energy(images: np.ndarray, name: str) -> Non
 
 
 def test_noise_adds_high_frequency_energy(images: np.ndarray) -> None:
-    assert high_freq_energy(corrupt(images, "gaussian_noise", 5)) > 1.5 * high_freq_energy(
-        images)
+    assert high_freq_energy(corrupt(images, "gaussian_noise", 5)) > 1.5 * high_freq_energy(images)
 
 
 def test_contrast_shrinks_the_spread_around_each_mean(images: np.ndarray) -> None:
@@ -84,16 +84,18 @@ def test_saturate_mild_severity_greys_out(images: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("severity,quality", [(1, 80), (5, 40)])
-def test_jpeg_is_pil_roundtrip_at_the_table_quality(images: np.ndarray, severity: int,
-                                                    quality: int) -> None:
+def test_jpeg_is_pil_roundtrip_at_the_table_quality(
+    images: np.ndarray, severity: int, quality: int
+) -> None:
     got = corrupt(images, "jpeg_compression", severity)
     for k in range(len(images)):
         buf = io.BytesIO()
         Image.fromarray(images[k].transpose(1, 2, 0)).save(buf, format="JPEG", quality=quality)
         want = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
         assert np.array_equal(got[k].transpose(1, 2, 0), want)
-    assert np.array_equal(jpeg_roundtrip(images[0].transpose(1, 2, 0), quality),
-                          got[0].transpose(1, 2, 0))
+    assert np.array_equal(
+        jpeg_roundtrip(images[0].transpose(1, 2, 0), quality), got[0].transpose(1, 2, 0)
+    )
 
 
 def test_pixelate_makes_blocks(images: np.ndarray) -> None:

@@ -43,8 +43,10 @@ def subset_root() -> Path:
     folder = root / "cifar-10-batches-py"
     missing = [f for f in CIFAR10_FILES if not (folder / f).is_file()]
     if missing:
-        pytest.fail(f"the CIFAR-10 subset is missing: no {folder / missing[0]}; set PQD_DATA_DIR "
-                    f"to a folder holding cifar-10-batches-py/ (shared copy: {SUBSET_DEFAULT})")
+        pytest.fail(
+            f"the CIFAR-10 subset is missing: no {folder / missing[0]}; set PQD_DATA_DIR "
+            f"to a folder holding cifar-10-batches-py/ (shared copy: {SUBSET_DEFAULT})"
+        )
     return root
 
 
@@ -63,10 +65,18 @@ def write_cifar10(root: Path, n: int = 20, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     for f in CIFAR10_FILES[:-1]:
-        _pickle({b"batch_label": f.encode(), b"labels": [int(v) for v in np.arange(n) % 10],
-                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}, folder / f)
-    _pickle({b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072},
-            folder / "batches.meta")
+        _pickle(
+            {
+                b"batch_label": f.encode(),
+                b"labels": [int(v) for v in np.arange(n) % 10],
+                b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            },
+            folder / f,
+        )
+    _pickle(
+        {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072},
+        folder / "batches.meta",
+    )
     return folder
 
 
@@ -122,12 +132,19 @@ def test_subset_loads(subset: Dataset, subset_root: Path) -> None:
     assert d.root == subset_root / "cifar-10-batches-py"
     summary = d.summary()
     note = summary.pop("subset_note")
-    assert summary == {"name": "cifar10", "train": 4670, "val": 500, "test": 1017,
-                       "num_classes": 10, "root": str(subset_root / "cifar-10-batches-py")}
+    assert summary == {
+        "name": "cifar10",
+        "train": 4670,
+        "val": 500,
+        "test": 1017,
+        "num_classes": 10,
+        "root": str(subset_root / "cifar-10-batches-py"),
+    }
     assert "1017 of the official 10000" in note and "NOT comparable" in note
     # pixels match the pickle, row-major RGB planes
-    raw = pickle.loads((subset_root / "cifar-10-batches-py" / "test_batch").read_bytes(),
-                       encoding="bytes")
+    raw = pickle.loads(
+        (subset_root / "cifar-10-batches-py" / "test_batch").read_bytes(), encoding="bytes"
+    )
     assert torch.equal(d.test_x[0], torch.from_numpy(raw[b"data"][0].reshape(3, 32, 32)))
     assert d.test_y.tolist() == list(raw[b"labels"])
 
@@ -156,8 +173,9 @@ def test_subset_split_stratified_and_deterministic(subset_root: Path) -> None:
 
 
 def test_limits(subset_root: Path, subset: Dataset) -> None:
-    d = load_dataset("cifar10", subset_root, val_size=30, download=False, limit_train=300,
-                     limit_test=100)
+    d = load_dataset(
+        "cifar10", subset_root, val_size=30, download=False, limit_train=300, limit_test=100
+    )
     assert (d.train_x.shape[0], d.val_x.shape[0], d.test_x.shape[0]) == (270, 30, 100)
     assert torch.equal(d.test_x, subset.test_x[:100])
     with pytest.raises(DataError, match="limit_train"):
@@ -167,8 +185,13 @@ def test_limits(subset_root: Path, subset: Dataset) -> None:
 @pytest.mark.parametrize("val_size", [5170, 6000, -1, 1.0, 1.5, -0.2, True, "10"])
 def test_impossible_val_size(subset_root: Path, val_size: object) -> None:
     with pytest.raises(DataError, match="val_size"):
-        load_dataset("cifar10", subset_root, val_size=val_size, download=False,  # type: ignore
-                     limit_train=None)
+        load_dataset(
+            "cifar10",
+            subset_root,
+            val_size=val_size,
+            download=False,  # type: ignore
+            limit_train=None,
+        )
 
 
 def test_unknown_name() -> None:
@@ -188,7 +211,7 @@ def test_hostile_pickle_refused(tmp_path: Path, evil: type) -> None:
         load_dataset("cifar10", tmp_path, download=False)
     msg = str(ei.value)
     assert "refusing to load" in msg and str(folder / "data_batch_1") in msg
-    assert ("posix.system" in msg or "nt.system" in msg or "builtins.eval" in msg)
+    assert "posix.system" in msg or "nt.system" in msg or "builtins.eval" in msg
     assert "\n" not in msg
     assert not marker.exists()
 
@@ -200,8 +223,9 @@ def test_numpy1_pickle_names(tmp_path: Path, subset_root: Path, subset: Dataset)
     raw = (folder / "test_batch").read_bytes()
     assert b"numpy._core.multiarray" in raw
     (folder / "test_batch").chmod(0o644)
-    (folder / "test_batch").write_bytes(raw.replace(b"numpy._core.multiarray",
-                                                    b"numpy.core.multiarray"))
+    (folder / "test_batch").write_bytes(
+        raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    )
     d = load_dataset("cifar10", tmp_path, val_size=0, download=False, limit_train=10)
     assert torch.equal(d.test_x, subset.test_x) and torch.equal(d.test_y, subset.test_y)
 
@@ -239,11 +263,14 @@ def test_missing_without_download(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- downloads
 
 
-def test_download_end_to_end(tmp_path: Path, subset_root: Path, subset: Dataset,
-                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_end_to_end(
+    tmp_path: Path, subset_root: Path, subset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = subset_root / "cifar-10-batches-py"
-    archive = make_tar(tmp_path / "cifar-10-python.tar.gz",
-                       {f"cifar-10-batches-py/{f}": src / f for f in CIFAR10_FILES})
+    archive = make_tar(
+        tmp_path / "cifar-10-python.tar.gz",
+        {f"cifar-10-batches-py/{f}": src / f for f in CIFAR10_FILES},
+    )
     monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
     monkeypatch.setattr(data, "CIFAR10_MD5", md5_of(archive))
     root = tmp_path / "data"
@@ -254,8 +281,10 @@ def test_download_end_to_end(tmp_path: Path, subset_root: Path, subset: Dataset,
 
 def test_download_wrong_md5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = write_cifar10(tmp_path / "src", n=4)
-    archive = make_tar(tmp_path / "cifar-10-python.tar.gz",
-                       {f"cifar-10-batches-py/{f}": folder / f for f in CIFAR10_FILES})
+    archive = make_tar(
+        tmp_path / "cifar-10-python.tar.gz",
+        {f"cifar-10-batches-py/{f}": folder / f for f in CIFAR10_FILES},
+    )
     actual = md5_of(archive)
     monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
     monkeypatch.setattr(data, "CIFAR10_MD5", "0" * 32)
@@ -288,8 +317,9 @@ def test_download_network_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_tar_traversal_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dest = tmp_path / "root"
     for bad in ("../evil.txt", "/tmp/pqd-evil-abs.txt", "cifar-10-batches-py/../../evil.txt"):
-        archive = make_tar(tmp_path / "bad.tar.gz", {"cifar-10-batches-py/ok.txt": b"fine",
-                                                     bad: b"evil"})
+        archive = make_tar(
+            tmp_path / "bad.tar.gz", {"cifar-10-batches-py/ok.txt": b"fine", bad: b"evil"}
+        )
         with pytest.raises(DataError, match="unsafe member path"):
             safe_extract(archive, dest)
         assert not (tmp_path / "evil.txt").exists() and not (dest / "cifar-10-batches-py").exists()
@@ -319,11 +349,21 @@ def test_cifar100(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     folder = tmp_path / "cifar-100-python"
     for split, n in (("train", 300), ("test", 50)):
-        _pickle({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 b"fine_labels": [i % 100 for i in range(n)],
-                 b"coarse_labels": [i % 20 for i in range(n)]}, folder / split)
-    _pickle({b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-             b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}, folder / "meta")
+        _pickle(
+            {
+                b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                b"fine_labels": [i % 100 for i in range(n)],
+                b"coarse_labels": [i % 20 for i in range(n)],
+            },
+            folder / split,
+        )
+    _pickle(
+        {
+            b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"c{i}".encode() for i in range(20)],
+        },
+        folder / "meta",
+    )
     d = load_dataset("cifar100", tmp_path, val_size=100, download=False)
     assert d.num_classes == 100 and d.classes[7] == "f7"
     assert (d.train_x.shape[0], d.val_x.shape[0], d.test_x.shape[0]) == (200, 100, 50)
@@ -356,13 +396,19 @@ def test_npz(tmp_path: Path, layout: str) -> None:
     y_train, y_test = np.arange(60) % 3, np.arange(10) % 3
     if layout == "nhwc-file":
         path = tmp_path / "mine.npz"
-        np.savez(path, x_train=x_train.transpose(0, 2, 3, 1), y_train=y_train,
-                 x_test=x_test.transpose(0, 2, 3, 1), y_test=y_test,
-                 classes=np.array(["a", "b", "c"]))
+        np.savez(
+            path,
+            x_train=x_train.transpose(0, 2, 3, 1),
+            y_train=y_train,
+            x_test=x_test.transpose(0, 2, 3, 1),
+            y_test=y_test,
+            classes=np.array(["a", "b", "c"]),
+        )
         root = path
     else:
-        np.savez(tmp_path / "data.npz", x_train=x_train, y_train=y_train, x_test=x_test,
-                 y_test=y_test)
+        np.savez(
+            tmp_path / "data.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test
+        )
         root = tmp_path
     d = load_dataset("npz", root, val_size=0.2, download=False)
     assert d.num_classes == 3
@@ -373,8 +419,13 @@ def test_npz(tmp_path: Path, layout: str) -> None:
     assert np.allclose(d.mean, expect.numpy(), atol=1e-5)
     assert d.root == tmp_path
 
-    np.savez(tmp_path / "bad.npz", x_train=x_train.astype(np.float32), y_train=y_train,
-             x_test=x_test, y_test=y_test)
+    np.savez(
+        tmp_path / "bad.npz",
+        x_train=x_train.astype(np.float32),
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+    )
     with pytest.raises(DataError, match="expected uint8"):
         load_dataset("npz", tmp_path / "bad.npz")
     with pytest.raises(DataError, match="no npz data set"):
@@ -431,18 +482,17 @@ def test_loader_shuffle_covers_epoch_and_is_deterministic() -> None:
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
         seen = torch.cat([yb for _, yb in ea])
         assert torch.equal(torch.sort(seen).values, torch.arange(103))  # each once
-    assert not torch.equal(torch.cat([yb for _, yb in epochs_a[0]]),
-                           torch.cat([yb for _, yb in epochs_a[1]]))  # advances per epoch
-    assert not torch.equal(torch.cat([yb for _, yb in epochs_a[0]]),
-                           torch.cat([yb for _, yb in c]))
+    assert not torch.equal(
+        torch.cat([yb for _, yb in epochs_a[0]]), torch.cat([yb for _, yb in epochs_a[1]])
+    )  # advances per epoch
+    assert not torch.equal(torch.cat([yb for _, yb in epochs_a[0]]), torch.cat([yb for _, yb in c]))
 
 
 @pytest.mark.parametrize("pad_mode", ["reflect", "zeros"])
 def test_loader_crop_and_flip(pad_mode: str) -> None:
     x, y = _images(64, 10, 12), torch.arange(64)
     p = 3
-    loader = Loader(x, y, 64, shuffle=True, augment=True, crop_padding=p, pad_mode=pad_mode,
-                    seed=1)
+    loader = Loader(x, y, 64, shuffle=True, augment=True, crop_padding=p, pad_mode=pad_mode, seed=1)
     xb, yb = next(iter(loader))
     assert xb.shape == (64, 3, 10, 12) and xb.dtype == torch.float32
     assert float(xb.min()) >= 0.0 and float(xb.max()) <= 1.0
@@ -501,8 +551,9 @@ def test_no_leftover_files(tmp_path: Path) -> None:
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_a_failed_download_leaves_no_folders_it_made(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_download_leaves_no_folders_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(data, "CIFAR10_URL", (tmp_path / "absent.tar.gz").as_uri())
     (tmp_path / "kept").mkdir()
     root = tmp_path / "kept" / "new" / "deeper"
@@ -513,10 +564,13 @@ def test_a_failed_download_leaves_no_folders_it_made(tmp_path: Path,
 
 
 def test_no_download_into_a_folder_holding_other_things(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = write_cifar10(tmp_path / "src", n=4)
-    archive = make_tar(tmp_path / "cifar-10-python.tar.gz",
-                       {f"cifar-10-batches-py/{f}": folder / f for f in CIFAR10_FILES})
+    archive = make_tar(
+        tmp_path / "cifar-10-python.tar.gz",
+        {f"cifar-10-batches-py/{f}": folder / f for f in CIFAR10_FILES},
+    )
     monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
     monkeypatch.setattr(data, "CIFAR10_MD5", md5_of(archive))
     photos = tmp_path / "photos"  # a wrong --data-dir: the user's image folder
@@ -544,8 +598,9 @@ def test_no_download_into_a_folder_holding_other_things(
         assert load_dataset("cifar10", root, val_size=0, download=True).test_x.shape[0] > 0
 
 
-def test_check_data_reads_nothing_big_and_downloads_nothing(tmp_path: Path,
-                                                            subset_root: Path) -> None:
+def test_check_data_reads_nothing_big_and_downloads_nothing(
+    tmp_path: Path, subset_root: Path
+) -> None:
     classes, text = check_data("cifar10", subset_root, download=False)
     assert classes == 10 and "present and readable" in text
     with pytest.raises(DataError, match=r"data folder .* does not exist"):

@@ -9,14 +9,14 @@ import onnx
 import pytest
 import torch
 
+from helpers import CPU, context, synthetic_data, tiny
 from pqd.errors import RecipeError
 from pqd.export import export_onnx
+from pqd.quant.pt2e import DEFAULT_SCHEME, prepare_qat
 from pqd.recipe import FeatureKDSpec
-from pqd.stages.base import State
 from pqd.stages.distill import TAP_PREFIX, TAPS, apply_distill, capture, feature_points
-from pqd.stages.quantize import DEFAULT_SCHEME, prepare_qat
+from pqd.state import State
 from pqd.train import eval_mode
-from quant_helpers import CPU, context, synthetic_data, tiny
 
 EXAMPLE = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -24,9 +24,14 @@ EXAMPLE = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 def test_default_points_are_the_exit_points_and_the_last_block() -> None:
     teacher = tiny()  # tiny_cnn: 3 blocks, default_exit_points [0, 1]
     assert feature_points(teacher, FeatureKDSpec()) == [
-        "net.features.0", "net.features.1", "net.features.2"]
+        "net.features.0",
+        "net.features.1",
+        "net.features.2",
+    ]
     assert feature_points(teacher, FeatureKDSpec(points=[-1, "net.features.1"])) == [
-        "net.features.2", "net.features.1"]
+        "net.features.2",
+        "net.features.1",
+    ]
     with pytest.raises(RecipeError, match="no block 7"):
         feature_points(teacher, FeatureKDSpec(points=[7]))
     with pytest.raises(RecipeError, match=r"no module 'net\.nope'"):
@@ -36,14 +41,19 @@ def test_default_points_are_the_exit_points_and_the_last_block() -> None:
 def test_graph_taps_see_the_same_features_as_eager_hooks() -> None:
     model = tiny()
     points = ["net.features.0", "net.features.1", "net.features.2"]
-    graph = prepare_qat(copy.deepcopy(model), EXAMPLE,
-                        {**copy.deepcopy(DEFAULT_SCHEME), "mode": "ptq"})
+    graph = prepare_qat(
+        copy.deepcopy(model), EXAMPLE, {**copy.deepcopy(DEFAULT_SCHEME), "mode": "ptq"}
+    )
     for _, m in graph.named_children():
         if hasattr(m, "fake_quant_enabled"):
             m.fake_quant_enabled[0] = 0  # float: the graph computes what the eager net does
     x = torch.rand(4, 3, 32, 32)
-    with capture(model, points) as eager, capture(graph, points) as taps, torch.no_grad(), \
-            eval_mode(graph):
+    with (
+        capture(model, points) as eager,
+        capture(graph, points) as taps,
+        torch.no_grad(),
+        eval_mode(graph),
+    ):
         model.eval()
         model(x)
         graph(x)
@@ -59,9 +69,11 @@ def test_graph_taps_see_the_same_features_as_eager_hooks() -> None:
 def test_feature_loss_decreases_on_an_eager_student(loss: str) -> None:
     data = synthetic_data(n_train=128, seed=1)
     teacher = tiny(seed=2)
-    ctx = context([{"stage": "distill", "epochs": 3, "features": {"loss": loss},
-                    "train": {"lr": 0.05}}], data, teacher)
-    ctx.stage_index = 0
+    ctx = context(
+        [{"stage": "distill", "epochs": 3, "features": {"loss": loss}, "train": {"lr": 0.05}}],
+        data,
+        teacher,
+    )
     student = tiny(seed=3)  # another init: features differ at the start
     names = set(dict(student.named_parameters()))
     state = apply_distill(State(model=student), ctx.recipe.stages[0], ctx)
@@ -75,11 +87,12 @@ def test_feature_loss_decreases_on_an_eager_student(loss: str) -> None:
 def test_feature_kd_on_a_quantized_graph_leaves_the_export_unchanged(tmp_path) -> None:
     data = synthetic_data(n_train=64, seed=4)
     teacher = tiny(seed=5)
-    ctx = context([{"stage": "distill", "epochs": 1, "features": {"points": [1, 2]}}], data,
-                  teacher)
-    ctx.stage_index = 0
-    graph = prepare_qat(copy.deepcopy(teacher), EXAMPLE,
-                        {**copy.deepcopy(DEFAULT_SCHEME), "mode": "ptq"})
+    ctx = context(
+        [{"stage": "distill", "epochs": 1, "features": {"points": [1, 2]}}], data, teacher
+    )
+    graph = prepare_qat(
+        copy.deepcopy(teacher), EXAMPLE, {**copy.deepcopy(DEFAULT_SCHEME), "mode": "ptq"}
+    )
     plain, _ = export_onnx(graph, tmp_path / "plain.onnx", EXAMPLE, quantized=True)
     state = apply_distill(State(model=graph, quantized=True), ctx.recipe.stages[0], ctx)
     info = state.info["feature_kd"]
@@ -102,13 +115,12 @@ def test_spatial_mismatch_is_a_recipe_error() -> None:
     from pqd.stages.distill import make_adapters
 
     with pytest.raises(RecipeError, match="spatial sizes must match"):
-        make_adapters({"p": torch.Size([1, 8, 16, 16])}, {"p": torch.Size([1, 8, 8, 8])},
-                      "fitnet")
-    adapters = make_adapters({"p": torch.Size([1, 4, 8, 8])}, {"p": torch.Size([1, 8, 8, 8])},
-                             "fitnet")
+        make_adapters({"p": torch.Size([1, 8, 16, 16])}, {"p": torch.Size([1, 8, 8, 8])}, "fitnet")
+    adapters = make_adapters(
+        {"p": torch.Size([1, 4, 8, 8])}, {"p": torch.Size([1, 8, 8, 8])}, "fitnet"
+    )
     assert adapters["p"].weight.shape == (8, 4, 1, 1)
-    same = make_adapters({"p": torch.Size([1, 8, 8, 8])}, {"p": torch.Size([1, 8, 8, 8])},
-                         "fitnet")
+    same = make_adapters({"p": torch.Size([1, 8, 8, 8])}, {"p": torch.Size([1, 8, 8, 8])}, "fitnet")
     x = torch.randn(2, 8, 8, 8)
     torch.testing.assert_close(same["p"](x), x)  # identity start
     assert CPU.type == "cpu"

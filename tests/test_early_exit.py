@@ -13,20 +13,15 @@ import pytest
 import torch
 from onnx import helper
 
+from helpers import Job
 from pqd.data import Dataset
 from pqd.errors import RecipeError
-from pqd.exits_runtime import add_confidence_output
+from pqd.exits.heads import calibrate_thresholds, confidence, exit_assignment, exit_outcome
+from pqd.exits.runtime import add_confidence_output
 from pqd.models import build_model
 from pqd.models.multi_exit import MultiExitNet, build_multi_exit, exit_costs
 from pqd.recipe import ExitTarget, recipe_from_dict
-from pqd.registry import STAGES
-from pqd.stages.base import Context, State
-from pqd.stages.early_exit import (
-    calibrate_thresholds,
-    confidence,
-    exit_assignment,
-    exit_outcome,
-)
+from pqd.state import State
 
 # ---------------------------------------------------------------------------- calibration
 
@@ -55,13 +50,13 @@ def test_macs_budget_maximises_accuracy() -> None:
     conf = np.array([[0.95, 0.9, 0.8, 0.7, 0.6, 0.5]])
     correct = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], bool)
     # cost with m inputs leaving early: (10 m + 100 (6 - m)) / 6 <= 70 -> m >= 2
-    found = calibrate_thresholds(conf, correct, [10, 100], ExitTarget(max_macs_fraction=0.7),
-                                 100)
+    found = calibrate_thresholds(conf, correct, [10, 100], ExitTarget(max_macs_fraction=0.7), 100)
     assert found["target_met"]
     # m = 2 or 3 keep accuracy 5/6 (the exit is right on its top 3); fewer MACs wins: m = 3
     assert found["thresholds"] == [0.8] and found["accuracy"] == pytest.approx(5 / 6)
-    impossible = calibrate_thresholds(conf, correct, [10, 100],
-                                      ExitTarget(max_macs_fraction=0.05), 100)
+    impossible = calibrate_thresholds(
+        conf, correct, [10, 100], ExitTarget(max_macs_fraction=0.05), 100
+    )
     assert not impossible["target_met"] and impossible["exit_fractions"] == [1.0, 0.0]
 
 
@@ -69,8 +64,7 @@ def test_two_exits_joint_search() -> None:
     # input i: exit 0 right on {0, 1}, exit 1 right on {0, 1, 2, 3}; the final right on all
     conf = np.array([[0.9, 0.9, 0.2, 0.2, 0.2, 0.2], [0.9, 0.9, 0.9, 0.9, 0.3, 0.3]])
     correct = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1] * 6], bool)
-    found = calibrate_thresholds(conf, correct, [1, 5, 10], ExitTarget(max_drop_points=0.0),
-                                 10)
+    found = calibrate_thresholds(conf, correct, [1, 5, 10], ExitTarget(max_drop_points=0.0), 10)
     assert found["thresholds"] == [0.9, 0.9]
     assert found["exit_fractions"] == pytest.approx([2 / 6, 2 / 6, 2 / 6])
     assert exit_assignment(conf, [0.9, 0.9]).tolist() == [0, 0, 1, 1, 2, 2]
@@ -90,8 +84,7 @@ def test_onnx_confidence_output_matches_numpy(kind: str) -> None:
 
     x = helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [None, 5])
     y = helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [None, 5])
-    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g", [x],
-                              [y])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g", [x], [y])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     add_confidence_output(proto, kind, 5)
     onnx.checker.check_model(proto)
@@ -128,12 +121,14 @@ def test_segments_equal_the_original_and_keep_names(name: str) -> None:
     # MACs: segments add up to the plain network; costs grow exit by exit
     from pqd.models.multi_exit import count_part_macs
 
-    full = count_part_macs(build_multi_exit(copy.deepcopy(model), [len(model.net.features) - 2],
-                                            10, x), x[:1])
+    full = count_part_macs(
+        build_multi_exit(copy.deepcopy(model), [len(model.net.features) - 2], 10, x), x[:1]
+    )
     assert sum(net.part_macs["segments"]) == sum(full["segments"])
     costs = exit_costs(net.part_macs)
     assert costs == sorted(costs) and costs[-1] == sum(net.part_macs["segments"]) + sum(
-        net.part_macs["heads"])
+        net.part_macs["heads"]
+    )
 
 
 def test_bad_positions_are_user_errors() -> None:
@@ -145,15 +140,29 @@ def test_bad_positions_are_user_errors() -> None:
         build_multi_exit(torch.nn.Linear(2, 2), [0], 10, torch.rand(2, 2))
 
 
-@pytest.mark.parametrize(("patch", "fix"), [
-    ({"stages": [{"stage": "early_exit"}, {"stage": "early_exit"}]}, "keep one"),
-    ({"stages": [{"stage": "early_exit", "positions": [0, 1], "weights": [1.0]}]},
-     "one weight per exit"),
-    ({"stages": [{"stage": "early_exit", "target": {}}]}, "exactly one"),
-    ({"stages": [{"stage": "early_exit", "target": {"max_drop_points": 1,
-                                                    "max_macs_fraction": 0.5}}]}, "exactly one"),
-    ({"stages": [{"stage": "early_exit", "head": {"kernel_size": 5}}]}, "1 or 3"),
-])
+@pytest.mark.parametrize(
+    ("patch", "fix"),
+    [
+        ({"stages": [{"stage": "early_exit"}, {"stage": "early_exit"}]}, "keep one"),
+        (
+            {"stages": [{"stage": "early_exit", "positions": [0, 1], "weights": [1.0]}]},
+            "one weight per exit",
+        ),
+        ({"stages": [{"stage": "early_exit", "target": {}}]}, "exactly one"),
+        (
+            {
+                "stages": [
+                    {
+                        "stage": "early_exit",
+                        "target": {"max_drop_points": 1, "max_macs_fraction": 0.5},
+                    }
+                ]
+            },
+            "exactly one",
+        ),
+        ({"stages": [{"stage": "early_exit", "head": {"kernel_size": 5}}]}, "1 or 3"),
+    ],
+)
 def test_recipe_rejects_bad_early_exit(patch: dict, fix: str) -> None:
     with pytest.raises(RecipeError) as err:
         recipe_from_dict({"model": {"name": "tiny_cnn"}, **patch})
@@ -169,43 +178,65 @@ def synthetic_data(n_train: int = 96, n_val: int = 32, n_test: int = 32) -> Data
 
     def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.arange(n) % 10
-        x = (y.view(-1, 1, 1, 1) * 25 + torch.randint(0, 30, (n, 3, 32, 32), generator=g))
+        x = y.view(-1, 1, 1, 1) * 25 + torch.randint(0, 30, (n, 3, 32, 32), generator=g)
         return x.clamp(0, 255).to(torch.uint8), y
 
     (tx, ty), (vx, vy), (ex, ey) = split(n_train), split(n_val), split(n_test)
-    return Dataset("synthetic", 10, [str(i) for i in range(10)], (0.5,) * 3, (0.25,) * 3,
-                   tx, ty, vx, vy, ex, ey, Path("."))
+    return Dataset(
+        "synthetic",
+        10,
+        [str(i) for i in range(10)],
+        (0.5,) * 3,
+        (0.25,) * 3,
+        tx,
+        ty,
+        vx,
+        vy,
+        ex,
+        ey,
+        Path("."),
+    )
 
 
-def run_stages(stages: list[dict], model: str = "tiny_cnn") -> tuple[State, Context]:
-    recipe = recipe_from_dict({"model": {"name": model}, "train": {"batch_size": 32,
-                               "lr": 0.05, "amp": "off"}, "stages": stages})
+def run_stages(stages: list[dict], model: str = "tiny_cnn") -> tuple[State, Job]:
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": model},
+            "train": {"batch_size": 32, "lr": 0.05, "amp": "off"},
+            "stages": stages,
+        }
+    )
     data = synthetic_data()
     torch.manual_seed(0)
     base = build_model(model, 10, data.mean, data.std)
-    ctx = Context(recipe=recipe, data=data, device=torch.device("cpu"),
-                  teacher=copy.deepcopy(base).eval(), progress=False)
-    state = State(model=base)
-    for i, spec in enumerate(recipe.stages):
-        ctx.stage_index = i
-        state = STAGES[spec.stage](state, spec, ctx)
-    return state, ctx
+    job = Job(recipe=recipe, data=data, teacher=copy.deepcopy(base).eval())
+    return job.run_stages(State(model=base)), job
 
 
 def test_heads_mode_freezes_the_backbone_and_trains_heads() -> None:
     state0, _ = run_stages([])
     before = {k: v.clone() for k, v in state0.model.state_dict().items()}
     torch.manual_seed(0)
-    state, _ = run_stages([{"stage": "early_exit", "epochs": 1, "mode": "heads",
-                            "head": {"channels": 4}, "distill": "final"}])
+    state, _ = run_stages(
+        [
+            {
+                "stage": "early_exit",
+                "epochs": 1,
+                "mode": "heads",
+                "head": {"channels": 4},
+                "distill": "final",
+            }
+        ]
+    )
     net = state.model
     assert isinstance(net, MultiExitNet) and net.num_exits == 2
     after = net.state_dict()
     for k, v in before.items():  # weights and BN statistics of the backbone unchanged
         seg = net.name_of(k)
         assert torch.equal(after[seg], v), seg
-    heads0 = build_multi_exit(copy.deepcopy(state0.model), None, 10, torch.rand(2, 3, 32, 32),
-                              head_channels=4)
+    heads0 = build_multi_exit(
+        copy.deepcopy(state0.model), None, 10, torch.rand(2, 3, 32, 32), head_channels=4
+    )
     assert not torch.equal(heads0.heads[0].layers[-1].weight, net.heads[0].layers[-1].weight)
     assert len(net.thresholds) == 2 and len(state.info["val_exit_accuracy"]) == 3
     assert all(p.requires_grad for p in net.parameters())  # the freeze was undone
@@ -214,16 +245,28 @@ def test_heads_mode_freezes_the_backbone_and_trains_heads() -> None:
 def test_joint_mode_trains_the_backbone() -> None:
     state0, _ = run_stages([])
     w0 = state0.model.net.features[0][0].weight.clone()
-    state, _ = run_stages([{"stage": "early_exit", "epochs": 1, "mode": "joint",
-                            "weights": [0.5, 1.0], "distill": "teacher"}])
+    state, _ = run_stages(
+        [
+            {
+                "stage": "early_exit",
+                "epochs": 1,
+                "mode": "joint",
+                "weights": [0.5, 1.0],
+                "distill": "teacher",
+            }
+        ]
+    )
     params = dict(state.model.named_parameters())
     assert not torch.equal(params["segments.0.net.features.0.0.weight"], w0)
 
 
 def test_prune_before_exit_masks_are_renamed_and_kept() -> None:
-    state, _ = run_stages([
-        {"stage": "prune", "sparsity": 0.5, "scope": "layer", "epochs": 0},
-        {"stage": "early_exit", "epochs": 1, "mode": "joint"}])
+    state, _ = run_stages(
+        [
+            {"stage": "prune", "sparsity": 0.5, "scope": "layer", "epochs": 0},
+            {"stage": "early_exit", "epochs": 1, "mode": "joint"},
+        ]
+    )
     params = dict(state.model.named_parameters())
     assert state.masks and all(n.startswith("segments.") for n in state.masks)
     for n, m in state.masks.items():
@@ -232,8 +275,12 @@ def test_prune_before_exit_masks_are_renamed_and_kept() -> None:
 
 
 def test_quantize_before_exit_carries_quantizers_over() -> None:
-    state, _ = run_stages([{"stage": "quantize", "epochs": 0, "calibration_batches": 2},
-                           {"stage": "early_exit", "epochs": 0}])
+    state, _ = run_stages(
+        [
+            {"stage": "quantize", "epochs": 0, "calibration_batches": 2},
+            {"stage": "early_exit", "epochs": 0},
+        ]
+    )
     net = state.model
     assert state.quantized and all(isinstance(p, torch.fx.GraphModule) for _, p in net.parts())
     copied, total = map(int, state.info["quantizers_carried_over"].split("/"))
@@ -243,8 +290,8 @@ def test_quantize_before_exit_carries_quantizers_over() -> None:
 
 @pytest.mark.parametrize("name", ["tiny_cnn", "tiny_resnet"])
 def test_carried_quantizers_reproduce_the_whole_graph(name: str) -> None:
-    from pqd.stages.early_exit import carry_observers, eager_from_graph
-    from pqd.stages.quantize import calibrate, prepare_qat, prepare_qat_parts
+    from pqd.exits.heads import carry_observers, eager_from_graph
+    from pqd.quant.pt2e import calibrate, prepare_qat, prepare_qat_parts
     from pqd.train import eval_mode
 
     model = tiny(name)

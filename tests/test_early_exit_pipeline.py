@@ -17,7 +17,7 @@ import pytest
 import yaml
 from onnx import numpy_helper
 
-from pqd.exits_runtime import ExitRuntime, exit_graph
+from pqd.exits.runtime import ExitRuntime, exit_graph
 from pqd.measure.runtime import open_runner
 
 ORDERS = {
@@ -42,15 +42,27 @@ EXIT = {  # one setting per order: modes, distillation sources and confidences a
 RUNTIMES = {"second": ["auto"]}  # every installed runtime (OpenVINO too) in one order only
 
 
-def recipe_for(order: list[str], exit_opts: dict, data: dict,
-               runtimes: list[str] | None = None) -> dict:
-    stages = [{"stage": "early_exit", "epochs": 1, **exit_opts} if s == "early_exit"
-              else STAGE[s] for s in order]
+def recipe_for(
+    order: list[str], exit_opts: dict, data: dict, runtimes: list[str] | None = None
+) -> dict:
+    stages = [
+        {"stage": "early_exit", "epochs": 1, **exit_opts} if s == "early_exit" else STAGE[s]
+        for s in order
+    ]
     return {
-        "name": "ee-test", "model": {"name": "tiny_cnn"}, "data": data,
-        "train": {"batch_size": 64, "lr": 0.05}, "baseline": {"epochs": 1}, "stages": stages,
-        "measure": {"batch_sizes": [1], "warmup": 2, "repeats": 5, "exit_latency_rounds": 1,
-                    "runtimes": runtimes or ["onnxruntime"]},
+        "name": "ee-test",
+        "model": {"name": "tiny_cnn"},
+        "data": data,
+        "train": {"batch_size": 64, "lr": 0.05},
+        "baseline": {"epochs": 1},
+        "stages": stages,
+        "measure": {
+            "batch_sizes": [1],
+            "warmup": 2,
+            "repeats": 5,
+            "exit_latency_rounds": 1,
+            "runtimes": runtimes or ["onnxruntime"],
+        },
     }
 
 
@@ -74,8 +86,9 @@ def run(request, tmp_path_factory) -> tuple[str, Path, dict]:
     tmp = tmp_path_factory.mktemp(request.param)
     write_npz(tmp / "data.npz")
     data = {"dataset": "npz", "root": str(tmp), "val_size": 40, "download": False}
-    recipe = recipe_from_dict(recipe_for(ORDERS[request.param], EXIT[request.param], data,
-                                         RUNTIMES.get(request.param)))
+    recipe = recipe_from_dict(
+        recipe_for(ORDERS[request.param], EXIT[request.param], data, RUNTIMES.get(request.param))
+    )
     record = pipeline_run(recipe, tmp / "run", data_dir=str(tmp), progress=False)
     return request.param, tmp / "run", record
 
@@ -83,8 +96,11 @@ def run(request, tmp_path_factory) -> tuple[str, Path, dict]:
 def int8_weights(path: Path) -> list[np.ndarray]:
     """Int8 weight initializers (QDQ) of an ONNX file."""
     proto = onnx.load(str(path))
-    return [numpy_helper.to_array(i) for i in proto.graph.initializer
-            if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    return [
+        numpy_helper.to_array(i)
+        for i in proto.graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2
+    ]
 
 
 def check_exit_run(order: list[str], out: Path, record: dict, test_x: np.ndarray) -> None:
@@ -104,8 +120,9 @@ def check_exit_run(order: list[str], out: Path, record: dict, test_x: np.ndarray
     # the audit calibrates every exit head's deciding confidence on the test split
     cal = record["final"]["audit"]["exit_calibration"]
     assert [c["exit"] for c in cal] == list(range(k_exits))
-    assert all(0 <= c["confidence_ece"] <= 1 and sum(c["bin_count"]) == record["data"]["test"]
-               for c in cal)
+    assert all(
+        0 <= c["confidence_ece"] <= 1 and sum(c["bin_count"]) == record["data"]["test"] for c in cal
+    )
     # every part quantized, heads included (the quantize stage came before or after)
     assert manifest["precision"] == "int8"
     for entry in (*manifest["segments"], *manifest["heads"]):
@@ -126,8 +143,9 @@ def check_exit_run(order: list[str], out: Path, record: dict, test_x: np.ndarray
     assert k == k_exits and np.allclose(one, logits[:1], atol=1e-4)
     heads_logits, heads_conf = rt.run_all(test_x)
     # the fused exit files (segment + head in one graph) give what the two files give
-    plain_logits, plain_conf = ExitRuntime(out / "exits" / "manifest.json",
-                                           fused=False).run_all(test_x)
+    plain_logits, plain_conf = ExitRuntime(out / "exits" / "manifest.json", fused=False).run_all(
+        test_x
+    )
     for a, b in zip([*heads_logits, *heads_conf], [*plain_logits, *plain_conf], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     check_exit_graph(out, manifest, ee, test_x, heads_logits, full(test_x))
@@ -142,20 +160,30 @@ def check_exit_run(order: list[str], out: Path, record: dict, test_x: np.ndarray
 
 def q_nodes(graph: onnx.GraphProto) -> int:
     """QuantizeLinear nodes in ``graph`` and its subgraphs."""
-    return sum((n.op_type == "QuantizeLinear") + sum(
-        q_nodes(a.g) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
-        for n in graph.node)
+    return sum(
+        (n.op_type == "QuantizeLinear")
+        + sum(q_nodes(a.g) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+        for n in graph.node
+    )
 
 
-def check_exit_graph(out: Path, manifest: dict, ee: dict, test_x: np.ndarray,
-                     heads_logits: list[np.ndarray], final_logits: np.ndarray) -> None:
+def check_exit_graph(
+    out: Path,
+    manifest: dict,
+    ee: dict,
+    test_x: np.ndarray,
+    heads_logits: list[np.ndarray],
+    final_logits: np.ndarray,
+) -> None:
     """exits.onnx (one graph, If nodes) stops where the part files stop, with their logits."""
     assert (out / "exits" / manifest["graph"]["file"]).is_file()
     assert manifest["graph"]["thresholds"] == manifest["thresholds"]
     assert ee["graph_agreement"] == 1.0 and ee["graph"]["file"] == "exits/exits.onnx"
     k_exits = len(manifest["heads"])
-    parts_q = sum(q_nodes(onnx.load(str(out / "exits" / e["file"])).graph)
-                  for e in (*manifest["segments"], *manifest["heads"]))
+    parts_q = sum(
+        q_nodes(onnx.load(str(out / "exits" / e["file"])).graph)
+        for e in (*manifest["segments"], *manifest["heads"])
+    )
     for k in range(k_exits + 1):  # force every input out at exit k (k_exits: the final head)
         thresholds = [2.0] * k_exits
         if k < k_exits:
@@ -164,9 +192,9 @@ def check_exit_graph(out: Path, manifest: dict, ee: dict, test_x: np.ndarray,
         run = open_runner("onnxruntime", path, 1, all_outputs=True).run
         want = heads_logits[k] if k < k_exits else final_logits
         for i in range(3):
-            logits, where = run(test_x[i: i + 1])
+            logits, where = run(test_x[i : i + 1])
             assert where.tolist() == [k]
-            np.testing.assert_allclose(logits, want[i: i + 1], atol=1e-5)
+            np.testing.assert_allclose(logits, want[i : i + 1], atol=1e-5)
         logits, where = run(test_x)  # a batch leaves together
         assert where.tolist() == [k]
         np.testing.assert_allclose(logits, want, atol=1e-5)
@@ -188,7 +216,8 @@ def test_early_exit_in_each_position(run) -> None:
     # the benchmark's table shows the one-graph artifact next to the part files and the
     # exits-disabled reference, with the record's speed-ups
     spec = importlib.util.spec_from_file_location(
-        "bench_early_exit", Path(__file__).parents[1] / "benchmarks" / "early_exit.py")
+        "bench_early_exit", Path(__file__).parents[1] / "benchmarks" / "early_exit.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     text = bench.render(record, None)
@@ -220,8 +249,13 @@ def test_cli_runs_early_exit_last_on_the_real_subset(tmp_path: Path) -> None:
     record = json.loads((out / "record.json").read_text())
     from pqd.data import load_dataset
 
-    test_x = load_dataset("cifar10", root, val_size=64, limit_train=256,
-                          limit_test=64).test_x[:16].numpy().astype(np.float32) / 255.0
+    test_x = (
+        load_dataset("cifar10", root, val_size=64, limit_train=256, limit_test=64)
+        .test_x[:16]
+        .numpy()
+        .astype(np.float32)
+        / 255.0
+    )
     check_exit_run(order, out, record, test_x)
     report = (out / "report.md").read_text()
     assert "## Early exit" in report

@@ -23,7 +23,7 @@ from pqd.measure.complexity import onnx_complexity
 from pqd.measure.latency import compare_latency
 from pqd.measure.runtime import open_runner, ort_kernels
 from pqd.models import build_model
-from pqd.stages.quantize import prepare_qat
+from pqd.quant.pt2e import prepare_qat
 from pqd.train import set_train
 
 # tiny_cnn, 4 classes, 32x32 (see pqd.models.tiny): conv 3->8 and 8->8 at 32x32, conv 8->16
@@ -57,8 +57,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("export")
     model = tiny()
     fp32, _ = export_onnx(model, out / "fp32.onnx", torch.rand(2, 3, 32, 32), quantized=False)
-    int8, _ = export_onnx(qat_graph(model), out / "int8.onnx", torch.rand(2, 3, 32, 32),
-                          quantized=True)
+    int8, _ = export_onnx(
+        qat_graph(model), out / "int8.onnx", torch.rand(2, 3, 32, 32), quantized=True
+    )
     return {"fp32": fp32, "int8": int8}
 
 
@@ -83,8 +84,11 @@ def test_stem_padding_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     padded, deploy = export_onnx(graph, tmp_path / "padded.onnx", x, quantized=True)
     monkeypatch.setattr(export_mod, "pad_input_channels", lambda proto, multiple=4: 0)
     plain, _ = export_onnx(graph, tmp_path / "plain.onnx", x, quantized=True)
-    stem = [numpy_helper.to_array(i) for i in onnx.load(str(padded)).graph.initializer
-            if len(i.dims) == 4 and i.dims[0] == 8]
+    stem = [
+        numpy_helper.to_array(i)
+        for i in onnx.load(str(padded)).graph.initializer
+        if len(i.dims) == 4 and i.dims[0] == 8
+    ]
     assert any(w.shape[1] == 4 and not w[:, 3].any() for w in stem)  # zero 4th channel
     batch = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
     a = open_runner("onnxruntime", padded, threads=1).run(batch)
@@ -95,8 +99,9 @@ def test_stem_padding_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert parity(ref, a)["top1_agreement"] >= 0.9
 
 
-def test_mean_pool_is_a_fused_global_average_pool(files: dict[str, Path], tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mean_pool_is_a_fused_global_average_pool(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for path in files.values():
         ops = [n.op_type for n in onnx.load(str(path)).graph.node]
         assert ops.count("GlobalAveragePool") == 1 and "ReduceMean" not in ops
@@ -108,8 +113,12 @@ def test_mean_pool_is_a_fused_global_average_pool(files: dict[str, Path], tmp_pa
         if not rewrite:
             monkeypatch.setattr(export_mod, "global_average_pools", lambda proto: 0)
         for name, model in (("fp32", tiny()), ("int8", graph)):
-            path, _ = export_onnx(model, tmp_path / f"{name}{rewrite}.onnx",
-                                  torch.rand(2, 3, 32, 32), quantized=name == "int8")
+            path, _ = export_onnx(
+                model,
+                tmp_path / f"{name}{rewrite}.onnx",
+                torch.rand(2, 3, 32, 32),
+                quantized=name == "int8",
+            )
             ops = [n.op_type for n in onnx.load(str(path)).graph.node]
             assert ("ReduceMean" in ops) is not rewrite
             outs[name, rewrite] = open_runner("onnxruntime", path, threads=1).run(x)
@@ -134,8 +143,9 @@ def test_sparsity_is_read_from_the_weights(tmp_path: Path) -> None:
     with torch.no_grad():
         w = model.net.features[1][0][0].weight  # the 8->8 conv: zero half of it
         w.view(-1)[: w.numel() // 2] = 0
-    path, _ = export_onnx(model, tmp_path / "sparse.onnx", torch.rand(2, 3, 32, 32),
-                          quantized=False)
+    path, _ = export_onnx(
+        model, tmp_path / "sparse.onnx", torch.rand(2, 3, 32, 32), quantized=False
+    )
     comp = onnx_complexity(path)
     assert comp["sparsity"] == pytest.approx((8 * 72 // 2) / TINY_WEIGHTS)
     assert comp["nonzero_params"] == comp["params"] - 8 * 72 // 2
@@ -155,10 +165,17 @@ def test_latency_stats_are_ordered_and_interleaved() -> None:
     def make(name: str):
         def run(x: np.ndarray) -> None:
             order.append(name)
+
         return run
 
-    stats = compare_latency({"a": make("a"), "b": make("b")}, (1, 3, 4, 4), warmup=2,
-                            repeats=10, rounds=5, progress=False)
+    stats = compare_latency(
+        {"a": make("a"), "b": make("b")},
+        (1, 3, 4, 4),
+        warmup=2,
+        repeats=10,
+        rounds=5,
+        progress=False,
+    )
     assert order[:4] == ["a", "a", "b", "b"]  # warm-up per artifact
     timed = order[4:]
     assert timed == (["a", "a", "b", "b"] * 5)  # 5 interleaved rounds of 2 calls each
@@ -177,24 +194,36 @@ def test_switch_pause_is_idle_and_untimed() -> None:
 
     runs = {"a": lambda x: None, "b": lambda x: None}
     t0 = time.perf_counter()
-    stats = compare_latency(runs, (1, 3, 4, 4), warmup=0, repeats=4, rounds=2,
-                            switch_pause_ms=50, progress=False)
+    stats = compare_latency(
+        runs, (1, 3, 4, 4), warmup=0, repeats=4, rounds=2, switch_pause_ms=50, progress=False
+    )
     assert time.perf_counter() - t0 >= 2 * 2 * 0.05  # a pause after each block of each round
     assert all(st.p90 < 5 for st in stats.values())  # ms: the pauses are not in the samples
 
 
-@pytest.mark.skipif(importlib.util.find_spec("openvino_telemetry") is None,
-                    reason="openvino telemetry not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("openvino_telemetry") is None,
+    reason="openvino telemetry not installed",
+)
 @pytest.mark.parametrize("through_pqd", [False, True])
 def test_openvino_is_imported_without_telemetry(tmp_path: Path, through_pqd: bool) -> None:
     """A plain ``import openvino`` consents to telemetry and writes ~/intel (checked, so the
     test can fail); pqd's import declines it and leaves HOME untouched."""
-    code = ("from pqd.measure.runtime import import_openvino; import_openvino()"
-            if through_pqd else "import openvino")
+    code = (
+        "from pqd.measure.runtime import import_openvino; import_openvino()"
+        if through_pqd
+        else "import openvino"
+    )
     code += "\nfrom openvino_telemetry.main import Telemetry\nprint(Telemetry().consent)"
     env = {**os.environ, "HOME": str(tmp_path)}
     env.pop("CI", None)  # openvino_telemetry declines by itself when CI=true
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, timeout=120).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split()
     assert out[-1] == str(not through_pqd)
     assert (tmp_path / "intel").exists() is (not through_pqd)

@@ -28,15 +28,16 @@ import pqd.checkpoint
 import pqd.resume
 import pqd.stages  # (registers the stages)
 from conftest import tiny_recipe
+from helpers import Job
 from pqd.cli import main
 from pqd.data import Dataset
+from pqd.engine import baseline, frozen
 from pqd.models import build_model
 from pqd.pipeline import deterministic
-from pqd.registry import STAGES
+from pqd.prune.masks import prunable_parameters
+from pqd.quant.pt2e import prepare_qat
 from pqd.resume import RunFolder, load_state, save_state
-from pqd.stages.base import Context, State
-from pqd.stages.prune import prunable_parameters
-from pqd.stages.quantize import prepare_qat
+from pqd.state import State
 from pqd.train import TrainingDiverged, eval_mode, evaluate, fit, is_graph
 
 CPU = torch.device("cpu")
@@ -50,13 +51,22 @@ def one_error_line(capsys: pytest.CaptureFixture[str], code: int) -> str:
     return lines[0]
 
 
-def real_recipe(root: Path | str, stages: list[dict[str, Any]], limit_train: int = 200,
-                **extra: Any) -> dict[str, Any]:
+def real_recipe(
+    root: Path | str, stages: list[dict[str, Any]], limit_train: int = 200, **extra: Any
+) -> dict[str, Any]:
     """tiny_cnn on a few subset images; measuring kept minimal."""
     data = {
-        "name": "faults", "seed": 0, "model": {"name": "tiny_cnn"},
-        "data": {"dataset": "cifar10", "root": str(root), "val_size": 50, "download": False,
-                 "limit_train": limit_train, "limit_test": 100},
+        "name": "faults",
+        "seed": 0,
+        "model": {"name": "tiny_cnn"},
+        "data": {
+            "dataset": "cifar10",
+            "root": str(root),
+            "val_size": 50,
+            "download": False,
+            "limit_train": limit_train,
+            "limit_test": 100,
+        },
         "train": {"batch_size": 64, "lr": 0.05},
         "baseline": {"epochs": 1},
         "stages": stages,
@@ -82,16 +92,18 @@ def test_qat_graph_state_survives_a_file(tmp_path: Path, synth: Dataset) -> None
     """A QAT graph comes back from (fresh eager model -> same prepare_qat -> saved tensors)
     with every buffer intact (observer eps included) and the same outputs."""
     torch.manual_seed(0)
-    graph = prepare_qat(build_model("tiny_cnn", 4, synth.mean, synth.std),
-                        torch.rand(2, 3, 32, 32))
+    graph = prepare_qat(build_model("tiny_cnn", 4, synth.mean, synth.std), torch.rand(2, 3, 32, 32))
     graph(torch.rand(8, 3, 32, 32))  # observers and BN statistics move
     names = list(prunable_parameters(graph))
     masks = {n: torch.rand_like(p) > 0.5 for n, p in prunable_parameters(graph).items()}
     save_state(tmp_path / "s.safetensors", "fp", State(model=graph, masks=masks, quantized=True))
 
     torch.manual_seed(123)  # a differently initialised fresh model
-    state = load_state(tmp_path / "s.safetensors", tiny_recipe([]), synth,
-                       lambda: torch.rand(2, 3, 32, 32))
+    state = load_state(
+        tmp_path / "s.safetensors",
+        lambda: build_model("tiny_cnn", 4, synth.mean, synth.std),
+        lambda: torch.rand(2, 3, 32, 32),
+    )
     back, back_masks = state.model, state.masks
     assert state.quantized and is_graph(back) and sorted(back_masks) == sorted(names)
     assert all(torch.equal(back_masks[n], masks[n]) for n in names)
@@ -104,24 +116,24 @@ def test_qat_graph_state_survives_a_file(tmp_path: Path, synth: Dataset) -> None
         assert torch.equal(graph(x), back(x))
 
 
-def test_a_channel_pruned_then_quantized_state_survives_a_file(tmp_path: Path,
-                                                              synth: Dataset) -> None:
+def test_a_channel_pruned_then_quantized_state_survives_a_file(
+    tmp_path: Path, synth: Dataset
+) -> None:
     """Structured surgery changes the architecture: the state comes back by replaying the
     recorded channel structure on a fresh model, then prepare_qat, then the tensors."""
-    recipe = tiny_recipe([{"stage": "prune_channels", "ratio": 0.5, "round_to": None,
-                           "epochs": 0},
-                          {"stage": "quantize", "mode": "ptq", "epochs": 0,
-                           "calibration_batches": 1}])
+    recipe = tiny_recipe(
+        [
+            {"stage": "prune_channels", "ratio": 0.5, "round_to": None, "epochs": 0},
+            {"stage": "quantize", "mode": "ptq", "epochs": 0, "calibration_batches": 1},
+        ]
+    )
     torch.manual_seed(0)
     model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
-    ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=model, progress=False)
-    state = State(model=copy.deepcopy(model))
-    for i, spec in enumerate(recipe.stages):
-        ctx.stage_index = i
-        state = STAGES[spec.stage](state, spec, ctx)
+    job = Job(recipe=recipe, data=synth, teacher=model)
+    state = job.run_stages(State(model=copy.deepcopy(model)))
     assert state.structure and state.quantized
     save_state(tmp_path / "s.safetensors", "fp", state)
-    back = load_state(tmp_path / "s.safetensors", recipe, synth, ctx.example_input)
+    back = load_state(tmp_path / "s.safetensors", job.fresh_model, job.example_input)
     assert back.structure == state.structure and back.quantized
     want, got = state.model.state_dict(), back.model.state_dict()
     assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
@@ -144,15 +156,14 @@ def _one_stage(out: Path, synth: Dataset, stage: dict[str, Any]) -> tuple[State,
     model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
     folder = RunFolder.open(out, recipe)
     folder.start(fresh=False)
-    ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=copy.deepcopy(model).eval(),
-                  progress=False, run=folder)
-    ctx.stage_index = 0
-    return STAGES[stage["stage"]](State(model=copy.deepcopy(model)), recipe.stages[0], ctx), folder
+    job = Job(recipe=recipe, data=synth, teacher=copy.deepcopy(model).eval(), run=folder)
+    return job.run_stages(State(model=copy.deepcopy(model))), folder
 
 
 @pytest.mark.parametrize("case", list(STAGE_CASES))
-def test_a_stage_killed_after_an_epoch_continues_exactly(tmp_path: Path, synth: Dataset,
-                                                         monkeypatch, case: str) -> None:
+def test_a_stage_killed_after_an_epoch_continues_exactly(
+    tmp_path: Path, synth: Dataset, monkeypatch, case: str
+) -> None:
     """A stage crashes after epoch 1 of 2 and continues from its epoch checkpoint: weights,
     masks and the stage's record info equal an uninterrupted stage's bit for bit."""
     stage = STAGE_CASES[case]
@@ -182,8 +193,7 @@ def test_a_stage_killed_after_an_epoch_continues_exactly(tmp_path: Path, synth: 
 def test_another_recipes_folder_is_refused(tmp_path: Path, capsys, subset_dir: Path) -> None:
     """--out holding a different recipe's run: one line naming what differs and the ways out;
     --resume keeps exactly the finished steps the change does not touch."""
-    stages = [{"stage": "prune", "sparsity": 0.5, "epochs": 1},
-              {"stage": "distill", "epochs": 1}]
+    stages = [{"stage": "prune", "sparsity": 0.5, "epochs": 1}, {"stage": "distill", "epochs": 1}]
     a = real_recipe(subset_dir, stages)
     out = tmp_path / "run"
     from pqd.recipe import recipe_from_dict
@@ -195,8 +205,9 @@ def test_another_recipes_folder_is_refused(tmp_path: Path, capsys, subset_dir: P
         folder.finish(step, f"x{step}", {"step": step})
     b = copy.deepcopy(a)
     b["stages"][1]["train"] = {"lr": 0.001}
-    line = one_error_line(capsys, main(["run", str(write(tmp_path / "b.yaml", b)),
-                                        "--out", str(out)]))
+    line = one_error_line(
+        capsys, main(["run", str(write(tmp_path / "b.yaml", b)), "--out", str(out)])
+    )
     assert f"--out {out} holds the run of a different recipe" in line
     assert "stages.1.train.lr" in line and "--resume" in line and "--fresh" in line
     kept = RunFolder.open(out, recipe_from_dict(b), resume=True)
@@ -222,8 +233,16 @@ def test_nan_loss_and_exploding_gradients_stop_with_one_line(synth: Dataset) -> 
         return loss * float("nan") if calls["n"] == 2 else loss
 
     with pytest.raises(TrainingDiverged) as exc:
-        fit(model, train, recipe.train, 2, device=CPU, loss_fn=nan_on_second_step,
-            desc="[1/2] distill", progress=False)
+        fit(
+            model,
+            train,
+            recipe.train,
+            2,
+            device=CPU,
+            loss_fn=nan_on_second_step,
+            desc="[1/2] distill",
+            progress=False,
+        )
     line = exc.value.line()
     assert "[1/2] distill: training diverged at epoch 1/2, step 2/6: the loss is nan" in line
     assert "fix: lower the learning rate" in line and "--resume" in line
@@ -234,12 +253,13 @@ def test_nan_loss_and_exploding_gradients_stop_with_one_line(synth: Dataset) -> 
 
 
 @pytest.mark.integration
-def test_a_diverging_stage_keeps_finished_steps(tmp_path: Path, capsys, subset_dir: Path
-                                                ) -> None:
+def test_a_diverging_stage_keeps_finished_steps(tmp_path: Path, capsys, subset_dir: Path) -> None:
     """A stage that diverges stops the run with one line; the finished steps and their
     checkpoints stay, no record.json appears; the fixed recipe continues with --resume."""
-    stages = [{"stage": "prune", "sparsity": 0.5, "epochs": 1},
-              {"stage": "quantize", "epochs": 1, "train": {"max_grad_norm": 1e-9}}]
+    stages = [
+        {"stage": "prune", "sparsity": 0.5, "epochs": 1},
+        {"stage": "quantize", "epochs": 1, "train": {"max_grad_norm": 1e-9}},
+    ]
     path = write(tmp_path / "r.yaml", real_recipe(subset_dir, stages))
     out = tmp_path / "run"
     line = one_error_line(capsys, main(["run", str(path), "--out", str(out), "--no-progress"]))
@@ -279,7 +299,8 @@ def test_atomic_writer_on_a_full_disk_leaves_the_old_file(tmp_path: Path, monkey
 
 
 def test_disk_full_mid_run_is_one_line_and_nothing_looks_complete(
-        tmp_path: Path, capsys, subset_dir: Path, monkeypatch) -> None:
+    tmp_path: Path, capsys, subset_dir: Path, monkeypatch
+) -> None:
     real = pqd.checkpoint.atomic_write_bytes
 
     def fills_up(path: Path, data: bytes) -> None:
@@ -300,9 +321,9 @@ def test_disk_full_mid_run_is_one_line_and_nothing_looks_complete(
     assert not list(out.rglob("*.tmp"))
 
 
-def test_malformed_yaml_and_wrong_model_output_are_one_line(tmp_path: Path, capsys,
-                                                            subset_dir: Path, monkeypatch
-                                                            ) -> None:
+def test_malformed_yaml_and_wrong_model_output_are_one_line(
+    tmp_path: Path, capsys, subset_dir: Path, monkeypatch
+) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: tiny_cnn\nstages: [\n")
     line = one_error_line(capsys, main(["validate", str(bad)]))
@@ -310,7 +331,8 @@ def test_malformed_yaml_and_wrong_model_output_are_one_line(tmp_path: Path, caps
     (tmp_path / "usernet.py").write_text(
         "import torch.nn as nn\n\n"
         "def build(num_classes=10, **kwargs):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 7))\n")
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 7))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     path = write(tmp_path / "r.yaml", real_recipe(subset_dir, [], model={"name": "usernet:build"}))
     line = one_error_line(capsys, main(["run", str(path), "--out", str(tmp_path / "o")]))
@@ -318,29 +340,77 @@ def test_malformed_yaml_and_wrong_model_output_are_one_line(tmp_path: Path, caps
     assert not (tmp_path / "o").exists()
 
 
-BASE = {"model": {"name": "tiny_cnn"}, "train": {"batch_size": 32, "lr": 0.05},
-        "baseline": {"epochs": 1},
-        "stages": [{"stage": "prune", "sparsity": 0.5}, {"stage": "quantize", "epochs": 1},
-                   {"stage": "distill", "alpha": 0.5}],
-        "measure": {"batch_sizes": [1, 8]}}
-PATHS = ["name", "seed", "device", "model", "model.name", "model.kwargs", "data",
-         "data.dataset", "data.val_size", "data.limit_train", "data.augment.crop_padding",
-         "data.augment.pad_mode", "train", "train.lr", "train.batch_size", "train.optimizer",
-         "train.momentum", "train.schedule", "train.warmup", "train.max_grad_norm",
-         "train.grad_clip", "baseline", "baseline.epochs", "baseline.checkpoint", "stages",
-         "stages.0", "stages.0.stage", "stages.0.sparsity", "stages.0.scope", "stages.0.epochs",
-         "stages.1.mode", "stages.1.calibration_batches", "stages.2.temperature",
-         "stages.2.alpha", "stages.2.train", "stages.2.train.lr", "export.opset",
-         "measure.runtimes", "measure.batch_sizes", "measure.threads", "measure.repeats"]
+BASE = {
+    "model": {"name": "tiny_cnn"},
+    "train": {"batch_size": 32, "lr": 0.05},
+    "baseline": {"epochs": 1},
+    "stages": [
+        {"stage": "prune", "sparsity": 0.5},
+        {"stage": "quantize", "epochs": 1},
+        {"stage": "distill", "alpha": 0.5},
+    ],
+    "measure": {"batch_sizes": [1, 8]},
+}
+PATHS = [
+    "name",
+    "seed",
+    "device",
+    "model",
+    "model.name",
+    "model.kwargs",
+    "data",
+    "data.dataset",
+    "data.val_size",
+    "data.limit_train",
+    "data.augment.crop_padding",
+    "data.augment.pad_mode",
+    "train",
+    "train.lr",
+    "train.batch_size",
+    "train.optimizer",
+    "train.momentum",
+    "train.schedule",
+    "train.warmup",
+    "train.max_grad_norm",
+    "train.grad_clip",
+    "baseline",
+    "baseline.epochs",
+    "baseline.checkpoint",
+    "stages",
+    "stages.0",
+    "stages.0.stage",
+    "stages.0.sparsity",
+    "stages.0.scope",
+    "stages.0.epochs",
+    "stages.1.mode",
+    "stages.1.calibration_batches",
+    "stages.2.temperature",
+    "stages.2.alpha",
+    "stages.2.train",
+    "stages.2.train.lr",
+    "export.opset",
+    "measure.runtimes",
+    "measure.batch_sizes",
+    "measure.threads",
+    "measure.repeats",
+]
 VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
-    | st.text(max_size=12) | st.sampled_from(["prune", "quantize", "qat", "onnxruntime", "1e-3",
-                                              "tiny_cnn", "global"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=3),
-    max_leaves=6)
-MUTATION = st.tuples(st.sampled_from(["set", "delete", "add"]),
-                     st.sampled_from(PATHS) | st.text(min_size=1, max_size=10), VALUES)
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["prune", "quantize", "qat", "onnxruntime", "1e-3", "tiny_cnn", "global"]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+MUTATION = st.tuples(
+    st.sampled_from(["set", "delete", "add"]),
+    st.sampled_from(PATHS) | st.text(min_size=1, max_size=10),
+    VALUES,
+)
 
 
 def _mutate(data: Any, op: str, path: str, value: Any) -> Any:
@@ -369,8 +439,11 @@ def _mutate(data: Any, op: str, path: str, value: Any) -> Any:
     return data
 
 
-@settings(max_examples=120, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(st.lists(MUTATION, min_size=1, max_size=4))
 def test_fuzzed_recipes_pass_or_fail_in_one_line(mutations: list[tuple[str, str, Any]]) -> None:
     """Random key changes, types and values: ``pqd validate`` accepts (exit 0) or rejects
@@ -399,21 +472,24 @@ def test_fuzzed_recipes_pass_or_fail_in_one_line(mutations: list[tuple[str, str,
 
 def _compress(synth: Dataset) -> tuple[State, list[float]]:
     """Baseline epoch + gradual prune + QAT + KD on tiny_cnn, as the pipeline seeds them."""
-    recipe = tiny_recipe([{"stage": "prune", "sparsity": 0.6, "schedule": "gradual", "epochs": 1},
-                          {"stage": "quantize", "epochs": 1}, {"stage": "distill", "epochs": 1}],
-                         train={"batch_size": 32, "lr": 0.05})  # amp auto: bf16 where fast
+    recipe = tiny_recipe(
+        [
+            {"stage": "prune", "sparsity": 0.6, "schedule": "gradual", "epochs": 1},
+            {"stage": "quantize", "epochs": 1},
+            {"stage": "distill", "epochs": 1},
+        ],
+        train={"batch_size": 32, "lr": 0.05},
+    )  # amp auto: bf16 where fast
     with deterministic(recipe.seed, CPU):
         model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
-        ctx = Context(recipe=recipe, data=synth, device=CPU, teacher=model, progress=False)
-        fit(model, ctx.loader("train", 32, seed=0, augment=True, shuffle=True),
-            recipe.baseline_train(), 1, device=CPU, progress=False)
-        ctx.teacher = copy.deepcopy(model).eval()
-        state, accs = State(model=model), []
-        for i, spec in enumerate(recipe.stages):
-            ctx.stage_index = i
-            torch.manual_seed(ctx.stage_seed)
-            state = STAGES[spec.stage](state, spec, ctx)
-            accs.append(evaluate(state.model, ctx.loader("val", 64), device=CPU, progress=False))
+        baseline(model, synth, train=recipe.baseline_train(), epochs=1, seed=0)
+        job = Job(recipe=recipe, data=synth, teacher=frozen(model))
+        accs: list[float] = []
+
+        def val(i: int, spec: Any, state: State, seconds: float) -> None:
+            accs.append(evaluate(state.model, job.loader("val", 64), device=CPU, progress=False))
+
+        state = job.run_stages(State(model=model), on_stage=val)
     return state, accs
 
 
@@ -441,23 +517,44 @@ def _comparable(record: dict[str, Any]) -> dict[str, Any]:
         r[key].pop("latency_ms")
         for rt in r[key]["runtimes"].values():
             rt.pop("latency_ms", None)
-    return r
+    return _untimed(r)
+
+
+def _untimed(node: Any) -> Any:
+    """``node`` without timings at any depth (latencies and the speedups made of them)."""
+    if isinstance(node, dict):
+        return {
+            k: _untimed(v)
+            for k, v in node.items()
+            if "latency" not in k and not k.startswith("speedup")
+        }
+    if isinstance(node, list):
+        return [_untimed(v) for v in node]
+    return node
 
 
 @pytest.mark.integration
-def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(tmp_path: Path,
-                                                                   subset_dir: Path) -> None:
-    stages = [{"stage": "prune", "sparsity": 0.5, "epochs": 1},
-              {"stage": "quantize", "epochs": 2},
-              {"stage": "distill", "epochs": 1}]
+def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(
+    tmp_path: Path, subset_dir: Path
+) -> None:
+    stages = [
+        {"stage": "prune", "sparsity": 0.5, "epochs": 1},
+        {"stage": "quantize", "epochs": 2},
+        {"stage": "distill", "epochs": 1},
+    ]
     recipe = write(tmp_path / "r.yaml", real_recipe(subset_dir, stages, limit_train=600))
     cmd = [sys.executable, "-m", "pqd.cli", "run", str(recipe), "--no-progress", "--out"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     ref_out, out = tmp_path / "whole", tmp_path / "killed"
-    ref = subprocess.Popen([*cmd, str(ref_out)], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen([*cmd, str(out)], env={**env, pqd.resume.PAUSE_ENV: "2:1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref = subprocess.Popen(
+        [*cmd, str(ref_out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    victim = subprocess.Popen(
+        [*cmd, str(out)],
+        env={**env, pqd.resume.PAUSE_ENV: "2:1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     paused = out / "checkpoints" / "02-quantize.epoch.safetensors.paused"
     deadline = time.monotonic() + 300
     while not paused.exists() and victim.poll() is None and time.monotonic() < deadline:
@@ -467,11 +564,12 @@ def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(tmp_path: Pat
     victim.wait(timeout=30)
     assert [s["step"] for s in progress(out)["steps"]] == ["00-baseline", "01-prune"]
     assert not (out / "record.json").exists()
-    finished = {p.name: p.stat().st_mtime_ns for p in
-                (out / "baseline.safetensors", out / "checkpoints" / "01-prune.safetensors")}
+    finished = {
+        p.name: p.stat().st_mtime_ns
+        for p in (out / "baseline.safetensors", out / "checkpoints" / "01-prune.safetensors")
+    }
 
-    resumed = subprocess.run([*cmd, str(out)], env=env, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run([*cmd, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "finished 00-baseline, 01-prune (not recomputed)" in resumed.stderr
     assert "[2/3] quantize: continuing after epoch 1" in resumed.stderr
@@ -482,12 +580,15 @@ def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(tmp_path: Pat
 
     whole = json.loads((ref_out / "record.json").read_text())
     again = json.loads((out / "record.json").read_text())
-    assert again["resume"] == {"reused_steps": ["00-baseline", "01-prune"],
-                               "continued_after_epoch": {"02-quantize": 1}}
+    assert again["resume"] == {
+        "reused_steps": ["00-baseline", "01-prune"],
+        "continued_after_epoch": {"02-quantize": 1},
+    }
     assert whole["resume"] == {"reused_steps": [], "continued_after_epoch": {}}
     assert _comparable(again) == _comparable(whole)
-    assert whole["determinism"]["seed"] == 0 and whole["determinism"][
-        "torch_deterministic_algorithms"]
+    assert (
+        whole["determinism"]["seed"] == 0 and whole["determinism"]["torch_deterministic_algorithms"]
+    )
     from safetensors.torch import load_file
 
     a = load_file(ref_out / "checkpoints" / "03-distill.safetensors")
@@ -497,3 +598,91 @@ def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(tmp_path: Pat
     assert not list((out / "checkpoints").glob("*.epoch.*"))
     # a third run of the same recipe has nothing left to do
     assert main(["run", str(recipe), "--out", str(out), "--no-progress"]) == 0
+
+
+# ------------------------------------------------------------- resume after every stage kind
+
+EVERY_KIND = [
+    {"stage": "prune_channels", "ratio": 0.25, "round_to": None, "epochs": 1},
+    {"stage": "prune", "sparsity": 0.5, "epochs": 1},
+    {"stage": "quantize", "epochs": 1, "calibration_batches": 1},
+    {"stage": "early_exit", "epochs": 1, "mode": "joint", "calibration_batches": 1},
+    {"stage": "distill", "epochs": 1},
+]
+
+
+def test_every_step_state_survives_a_file(tmp_path: Path, synth: Dataset) -> None:
+    """After each stage of a recipe with every kind (channel surgery, masks, QAT graph,
+    exits cut from that graph, KD on the exits), the state written to a file comes back with
+    the same form, tensors, exit settings and outputs."""
+    from pqd.models.multi_exit import MultiExitNet
+
+    recipe = tiny_recipe(EVERY_KIND)
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", synth.num_classes, synth.mean, synth.std)
+    job = Job(recipe=recipe, data=synth, teacher=frozen(model))
+    kinds: list[str] = []
+
+    def round_trip(i: int, spec: Any, state: State, seconds: float) -> None:
+        path = tmp_path / f"{i}.safetensors"
+        save_state(path, "fp", state)
+        back = load_state(path, job.fresh_model, job.example_input)
+        assert back.quantized == state.quantized and back.structure == state.structure
+        assert sorted(back.masks) == sorted(state.masks)
+        assert all(torch.equal(back.masks[n], m) for n, m in state.masks.items())
+        want, got = state.model.state_dict(), back.model.state_dict()
+        assert set(want) == set(got), (spec.stage, set(want) ^ set(got))
+        assert all(torch.equal(want[k], got[k]) for k in want), spec.stage
+        exits = isinstance(state.model, MultiExitNet)
+        assert isinstance(back.model, MultiExitNet) == exits
+        if exits:
+            for attr in ("positions", "thresholds", "exit_loss", "detach_heads", "confidence"):
+                assert getattr(back.model, attr) == getattr(state.model, attr), attr
+        x = torch.rand(4, 3, 32, 32)
+        with eval_mode(state.model), eval_mode(back.model):  # (memory formats may differ)
+            torch.testing.assert_close(back.model(x), state.model(x), rtol=1e-5, atol=1e-6)
+        kinds.append(spec.stage)
+
+    job.run_stages(State(model=model), on_stage=round_trip)
+    assert kinds == [s["stage"] for s in EVERY_KIND]
+
+
+@pytest.mark.integration
+def test_killed_after_every_step_of_every_stage_kind_resumes_to_the_same_record(
+    tmp_path: Path, subset_dir: Path, monkeypatch
+) -> None:
+    """A five-stage run (every stage kind) dies right after each step boundary in turn (the
+    step's checkpoint and progress written); each run of the same command continues after the
+    last finished step, and the last one's record equals an uninterrupted run's."""
+    from pqd.pipeline import run
+    from pqd.recipe import recipe_from_dict
+
+    data = real_recipe(
+        subset_dir, EVERY_KIND, limit_train=128, train={"batch_size": 32, "lr": 0.05, "amp": "off"}
+    )
+    data["data"].update(val_size=32, limit_test=32)
+    data["measure"]["exit_latency_rounds"] = 1
+    recipe = recipe_from_dict(data)
+    whole = run(recipe, tmp_path / "whole", progress=False)
+
+    out = tmp_path / "killed"
+    real_finish = RunFolder.finish
+    for kill_after in range(len(EVERY_KIND) + 1):  # 0 = baseline, i = stage i
+
+        def finish(
+            self: RunFolder, step: int, checkpoint: str, entry: dict[str, Any], _k: int = kill_after
+        ) -> None:
+            real_finish(self, step, checkpoint, entry)
+            if step == _k:
+                raise KeyboardInterrupt  # the process dies right after this boundary
+
+        monkeypatch.setattr(RunFolder, "finish", finish)
+        with pytest.raises(KeyboardInterrupt):
+            run(recipe, out, progress=False)
+        steps = [s["step"] for s in progress(out)["steps"]]
+        assert len(steps) == kill_after + 1 and not (out / "record.json").exists()
+    monkeypatch.setattr(RunFolder, "finish", real_finish)
+    again = run(recipe, out, progress=False)
+    assert again["resume"]["reused_steps"] == [s["step"] for s in progress(out)["steps"]]
+    assert _comparable(again) == _comparable(whole)
+    assert again["final"]["early_exit"]["thresholds"] and again["final"]["masked_sparsity"]

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pqd import importance
-from pqd.importance import MovementTracker
+from pqd.prune import importance
+from pqd.prune.importance import MovementTracker
 
 
 def sum_loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +107,9 @@ def test_grasp_matches_autograd_hvp_on_a_two_layer_net() -> None:
 
 def test_scores_leave_the_model_and_its_mode_unchanged() -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                        nn.LazyLinear(2))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)
+    )
     net(torch.randn(2, 3, 6, 6))
     net.train()
     before = copy.deepcopy(net.state_dict())

@@ -14,17 +14,35 @@ from pqd.models import Classifier, Normalize, build_model, check_output_shape
 from pqd.registry import MODELS, model_names
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-EXPECTED = {"resnet18", "resnet34", "resnet20", "resnet32", "resnet56", "wrn", "wrn28_10",
-            "wrn16_4", "vgg16_bn", "vgg19_bn", "mobilenetv2", "fastnet", "tiny_cnn",
-            "tiny_resnet"}
+EXPECTED = {
+    "resnet18",
+    "resnet34",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "wrn",
+    "wrn28_10",
+    "wrn16_4",
+    "vgg16_bn",
+    "vgg19_bn",
+    "mobilenetv2",
+    "fastnet",
+    "tiny_cnn",
+    "tiny_resnet",
+}
 HEAVY = {"resnet34", "wrn28_10", "vgg19_bn"}  # built, and run once at batch 1
 KWARGS = {"wrn": {"depth": 16, "widen_factor": 2}}  # its defaults are wrn28_10's
 SMALL_FASTNET = {"widths": (8, 16), "stem": 8}
 
 
 def make_user_net(num_classes: int = 10, hidden: int = 4) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, hidden, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Conv2d(3, hidden, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(hidden, num_classes),
+    )
 
 
 def not_a_module(num_classes: int = 10) -> str:
@@ -39,8 +57,11 @@ def conv_bn_problems(net: nn.Module) -> list[str]:
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(mods[node.target], nn.Conv2d):
             users = list(node.users)
-            ok = (len(users) == 1 and users[0].op == "call_module"
-                  and isinstance(mods[users[0].target], nn.BatchNorm2d))
+            ok = (
+                len(users) == 1
+                and users[0].op == "call_module"
+                and isinstance(mods[users[0].target], nn.BatchNorm2d)
+            )
             if not ok:
                 problems.append(f"{node.target} -> {[u.name for u in users]}")
     return problems
@@ -115,12 +136,16 @@ def test_param_counts() -> None:
     assert count("tiny_cnn") < 10_000 and count("tiny_resnet") < 10_000
 
 
-@pytest.mark.parametrize("name,kwargs", [("wrn", {"depth": 10, "widen_factor": 1}),
-                                         ("wrn", {"depth": 16, "widen_factor": 1,
-                                                  "dropout": 0.3}),
-                                         ("mobilenetv2", {"width_mult": 0.25}),
-                                         ("fastnet", {**SMALL_FASTNET, "extra_conv": True}),
-                                         ("resnet20", {"dropout": 0.1})])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("wrn", {"depth": 10, "widen_factor": 1}),
+        ("wrn", {"depth": 16, "widen_factor": 1, "dropout": 0.3}),
+        ("mobilenetv2", {"width_mult": 0.25}),
+        ("fastnet", {**SMALL_FASTNET, "extra_conv": True}),
+        ("resnet20", {"dropout": 0.1}),
+    ],
+)
 def test_kwargs_variants(name: str, kwargs: dict) -> None:
     model = build_model(name, 10, MEAN, STD, **kwargs)
     check_output_shape(model, 10)
@@ -139,8 +164,11 @@ def test_conv_bn_check_catches_a_pool_between_conv_and_bn() -> None:
     class PoolModule(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.conv, self.pool, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), \
-                nn.BatchNorm2d(4)
+            self.conv, self.pool, self.bn = (
+                nn.Conv2d(3, 4, 3, padding=1),
+                nn.MaxPool2d(2),
+                nn.BatchNorm2d(4),
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.bn(self.pool(self.conv(x)))
@@ -154,8 +182,10 @@ def test_conv_bn_check_catches_a_pool_between_conv_and_bn() -> None:
 
 
 # ~3 s each (torch.export); fastnet with extra_conv has every layer kind of the plain one
-@pytest.mark.parametrize("name,kwargs", [("tiny_cnn", {}), ("tiny_resnet", {}),
-                                         ("fastnet", {**SMALL_FASTNET, "extra_conv": True})])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("tiny_cnn", {}), ("tiny_resnet", {}), ("fastnet", {**SMALL_FASTNET, "extra_conv": True})],
+)
 def test_qat_prepare_quantizes_every_weight(name: str, kwargs: dict) -> None:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -166,15 +196,20 @@ def test_qat_prepare_quantizes_every_weight(name: str, kwargs: dict) -> None:
     torch.manual_seed(0)
     model = Classifier(MODELS[name](num_classes=10, **kwargs), MEAN, STD).train()
     batch = torch.export.Dim("batch", min=1, max=1024)
-    captured = torch.export.export(model, (torch.rand(2, 3, 32, 32),),
-                                   dynamic_shapes={"x": {0: batch}}, strict=True).module()
+    captured = torch.export.export(
+        model, (torch.rand(2, 3, 32, 32),), dynamic_shapes={"x": {0: batch}}, strict=True
+    ).module()
     quantizer = X86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=True))
     prepared = prepare_qat_pt2e(captured, quantizer)
 
     n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    weight_ops = [n for n in prepared.graph.nodes if n.op == "call_function" and n.target in
-                  (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)]
+    weight_ops = [
+        n
+        for n in prepared.graph.nodes
+        if n.op == "call_function"
+        and n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+    ]
     assert len(weight_ops) == n_convs + 1
     for node in weight_ops:
         w = node.args[1]

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pqd.stages.base import MaskKeeper
-from pqd.stages.prune import (
+from pqd.prune.masks import (
     cubic_sparsity,
     iterative_sparsities,
     magnitude_masks,
@@ -19,6 +18,7 @@ from pqd.stages.prune import (
     prunable_parameters,
     sparsity_of,
 )
+from pqd.state import MaskKeeper
 
 
 def known_weights() -> dict[str, torch.Tensor]:
@@ -36,8 +36,11 @@ def test_layer_magnitude_prunes_each_tensor_to_the_fraction() -> None:
     masks = magnitude_masks(known_weights(), 0.5, "layer")
     assert masks["a"].tolist() == [[False, False], [True, True]]
     assert masks["b"].tolist() == [[False, True]]
-    masks = magnitude_masks({"a": torch.tensor([4.0, 3.0, 2.0, 1.0]),
-                             "b": torch.tensor([40.0, 30.0, 20.0, 10.0])}, 0.25, "layer")
+    masks = magnitude_masks(
+        {"a": torch.tensor([4.0, 3.0, 2.0, 1.0]), "b": torch.tensor([40.0, 30.0, 20.0, 10.0])},
+        0.25,
+        "layer",
+    )
     assert masks["a"].tolist() == [True, True, True, False]
     assert masks["b"].tolist() == [True, True, True, False]
 

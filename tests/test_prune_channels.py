@@ -9,13 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import make_ctx, run_stages
 from pqd.errors import RecipeError
 from pqd.export import export_onnx
 from pqd.measure.complexity import onnx_complexity
 from pqd.models import build_model, check_output_shape
-from pqd.recipe import ModelSpec, recipe_from_dict
-from pqd.stages.prune import magnitude_masks, prunable_parameters
-from pqd.stages.prune_channels import (
+from pqd.prune.channels import (
     apply_structure,
     carry_masks,
     channel_groups,
@@ -27,8 +26,9 @@ from pqd.stages.prune_channels import (
     plan_records,
     rebuild_model,
 )
+from pqd.prune.masks import magnitude_masks, prunable_parameters
+from pqd.recipe import recipe_from_dict
 from pqd.train import is_graph
-from prune_helpers import make_ctx, run_stages
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 EX = torch.rand(2, 3, 32, 32)
@@ -40,8 +40,9 @@ def model(name: str = "tiny_resnet") -> nn.Module:
 
 
 def convs(m: nn.Module) -> dict[str, tuple[int, int]]:
-    return {n: (c.in_channels, c.out_channels) for n, c in m.named_modules()
-            if isinstance(c, nn.Conv2d)}
+    return {
+        n: (c.in_channels, c.out_channels) for n, c in m.named_modules() if isinstance(c, nn.Conv2d)
+    }
 
 
 def test_group_score_is_the_sum_over_producer_rows_and_consumer_columns() -> None:
@@ -51,8 +52,7 @@ def test_group_score_is_the_sum_over_producer_rows_and_consumer_columns() -> Non
     w = {n: p.detach().abs() for n, p in m.named_parameters() if p.ndim >= 2}
     root = "net.features.1.0.0"  # conv 8 -> 8 feeding conv 8 -> 16
     s = group_scores(groups[root], w, names, dg, p=1)
-    expected = (w[f"{root}.weight"].sum((1, 2, 3))
-                + w["net.features.2.0.0.weight"].sum((0, 2, 3)))
+    expected = w[f"{root}.weight"].sum((1, 2, 3)) + w["net.features.2.0.0.weight"].sum((0, 2, 3))
     assert torch.allclose(s.float(), expected)
     # the last conv's channels feed the classifier (columns of the linear weight)
     last = "net.features.2.0.0"
@@ -60,8 +60,12 @@ def test_group_score_is_the_sum_over_producer_rows_and_consumer_columns() -> Non
     expected = w[f"{last}.weight"].sum((1, 2, 3)) + w["net.classifier.2.weight"].sum(0)
     assert torch.allclose(s.float(), expected)
     l2 = group_scores(groups[last], {k: v**2 for k, v in w.items()}, names, dg, p=2)
-    assert torch.allclose(l2.float(), (w[f"{last}.weight"].pow(2).sum((1, 2, 3))
-                                       + w["net.classifier.2.weight"].pow(2).sum(0)).sqrt())
+    assert torch.allclose(
+        l2.float(),
+        (
+            w[f"{last}.weight"].pow(2).sum((1, 2, 3)) + w["net.classifier.2.weight"].pow(2).sum(0)
+        ).sqrt(),
+    )
 
 
 def test_residual_groups_couple_every_conv_joined_by_an_add() -> None:
@@ -70,23 +74,32 @@ def test_residual_groups_couple_every_conv_joined_by_an_add() -> None:
     names = {mod: n for n, mod in m.named_modules()}
     stem_group = {names.get(d.target.module) for d, _ in groups["net.features.0.0"]}
     # the stem's channels are added to block 1's output: both convs prune together
-    assert {"net.features.0.0", "net.features.1.conv2", "net.features.1.conv1",
-            "net.features.2.conv1", "net.features.2.shortcut.0"} <= stem_group
+    assert {
+        "net.features.0.0",
+        "net.features.1.conv2",
+        "net.features.1.conv1",
+        "net.features.2.conv1",
+        "net.features.2.shortcut.0",
+    } <= stem_group
     assert output_layer(m, EX) is m.net.classifier[2]
-    assert not any(names.get(d.target.module) == "net.classifier.2" and "out" in str(d.handler)
-                   for g in groups.values() for d, _ in g)
+    assert not any(
+        names.get(d.target.module) == "net.classifier.2" and "out" in str(d.handler)
+        for g in groups.values()
+        for d, _ in g
+    )
 
 
 def test_plan_layer_global_and_round_to() -> None:
-    scores = {"a": torch.tensor([4.0, 1.0, 3.0, 2.0]),
-              "b": torch.tensor([10.0, 40.0, 30.0, 20.0, 1.0, 2.0, 3.0, 4.0])}
+    scores = {
+        "a": torch.tensor([4.0, 1.0, 3.0, 2.0]),
+        "b": torch.tensor([10.0, 40.0, 30.0, 20.0, 1.0, 2.0, 3.0, 4.0]),
+    }
     assert plan_channels(scores, 0.5, "layer") == {"a": [0, 2], "b": [0, 1, 2, 3]}
     # global: scores divided by the group mean (a: 1.6 .4 1.2 .8; b: .73 2.9 2.2 1.5 ...),
     # the best 6 of 12 overall; raw scores would have kept none of a
     g = plan_channels(scores, 0.5, "global", max_ratio=0.9)
     assert g == {"a": [0, 2, 3], "b": [1, 2, 3]}
-    assert plan_channels(scores, 0.5, "layer", round_to=4) == {"a": [0, 1, 2, 3],
-                                                              "b": [0, 1, 2, 3]}
+    assert plan_channels(scores, 0.5, "layer", round_to=4) == {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3]}
     # max_ratio floors each group in global ranking
     low = {"a": torch.tensor([0.01, 0.01, 0.02, 0.01]), "b": torch.tensor([5.0, 6.0, 7.0, 8.0])}
     assert len(plan_channels(low, 0.5, "global", max_ratio=0.5)["a"]) == 2
@@ -95,8 +108,12 @@ def test_plan_layer_global_and_round_to() -> None:
 def test_surgery_shrinks_keeps_io_and_replays_on_a_fresh_model() -> None:
     m = model()
     scores = {n: p.detach().abs() for n, p in m.named_parameters() if p.ndim >= 2}
-    spec = recipe_from_dict({"model": {"name": "tiny_resnet"}, "stages": [
-        {"stage": "prune_channels", "ratio": 0.5, "round_to": None}]}).stages[0]
+    spec = recipe_from_dict(
+        {
+            "model": {"name": "tiny_resnet"},
+            "stages": [{"stage": "prune_channels", "ratio": 0.5, "round_to": None}],
+        }
+    ).stages[0]
     records = plan_records(m, EX, scores, 0.5, spec)
     before = convs(m)
     apply_structure(m, EX, records)
@@ -110,8 +127,9 @@ def test_surgery_shrinks_keeps_io_and_replays_on_a_fresh_model() -> None:
     # JSON-able records rebuild the same architecture; the weights then load and agree
     import json
 
-    again = rebuild_model(ModelSpec(name="tiny_resnet"), 10, MEAN, STD,
-                          json.loads(json.dumps(records)), EX)
+    again = rebuild_model(
+        build_model("tiny_resnet", 10, MEAN, STD), json.loads(json.dumps(records)), EX
+    )
     assert convs(again) == after
     again.load_state_dict(m.state_dict())
     again.eval()
@@ -128,8 +146,12 @@ def test_kept_channels_are_the_best_scored_ones() -> None:
         for c in range(8):
             conv.weight[c] = 0.01 * (c + 1) if c % 2 else 10.0 * (c + 1)  # even ones win
     scores = {n: p.detach().abs() for n, p in m.named_parameters() if p.ndim >= 2}
-    spec = recipe_from_dict({"model": {"name": "tiny_cnn"}, "stages": [
-        {"stage": "prune_channels", "ratio": 0.5, "round_to": None, "p": 1}]}).stages[0]
+    spec = recipe_from_dict(
+        {
+            "model": {"name": "tiny_cnn"},
+            "stages": [{"stage": "prune_channels", "ratio": 0.5, "round_to": None, "p": 1}],
+        }
+    ).stages[0]
     records = plan_records(m, EX, scores, 0.5, spec)
     rec = {r["layer"]: r for r in records}["net.features.1.0.0"]
     assert rec["kept"] == [0, 2, 4, 6] and rec["channels"] == 8
@@ -161,8 +183,12 @@ def test_concat_and_depthwise_are_pruned_consistently() -> None:
     torch.manual_seed(0)
     m = CatNet().eval()
     scores = {n: p.detach().abs() for n, p in m.named_parameters() if p.ndim >= 2}
-    spec = recipe_from_dict({"model": {"name": "tiny_cnn"}, "stages": [
-        {"stage": "prune_channels", "ratio": 0.5, "round_to": None}]}).stages[0]
+    spec = recipe_from_dict(
+        {
+            "model": {"name": "tiny_cnn"},
+            "stages": [{"stage": "prune_channels", "ratio": 0.5, "round_to": None}],
+        }
+    ).stages[0]
     records = plan_records(m, EX, scores, 0.5, spec)
     apply_structure(m, EX, records)
     assert m.a.out_channels + m.b.out_channels == m.dw.in_channels == m.dw.out_channels
@@ -179,8 +205,12 @@ def test_unstructured_masks_are_sliced_exactly_through_surgery() -> None:
         for n, p in params.items():
             p.mul_(masks[n])
     scores = {n: p.detach().abs() for n, p in params.items()}
-    spec = recipe_from_dict({"model": {"name": "tiny_resnet"}, "stages": [
-        {"stage": "prune_channels", "ratio": 0.5, "round_to": None}]}).stages[0]
+    spec = recipe_from_dict(
+        {
+            "model": {"name": "tiny_resnet"},
+            "stages": [{"stage": "prune_channels", "ratio": 0.5, "round_to": None}],
+        }
+    ).stages[0]
     records = plan_records(m, EX, scores, 0.5, spec)
     old_mask = masks["net.features.1.conv1.weight"].clone()
     new = carry_masks(m, masks, EX, records)
@@ -210,12 +240,14 @@ def test_find_ratio_bisects_to_the_smallest_meeting_ratio() -> None:
 
 
 def test_prune_channels_then_distill_then_quantize_keeps_masks() -> None:
-    ctx, state = make_ctx([
-        {"stage": "prune", "sparsity": 0.5, "epochs": 0},
-        {"stage": "prune_channels", "ratio": 0.5, "round_to": 4, "epochs": 1},
-        {"stage": "distill", "epochs": 1},
-        {"stage": "quantize", "mode": "ptq", "epochs": 0, "calibration_batches": 1},
-    ])
+    ctx, state = make_ctx(
+        [
+            {"stage": "prune", "sparsity": 0.5, "epochs": 0},
+            {"stage": "prune_channels", "ratio": 0.5, "round_to": 4, "epochs": 1},
+            {"stage": "distill", "epochs": 1},
+            {"stage": "quantize", "mode": "ptq", "epochs": 0, "calibration_batches": 1},
+        ]
+    )
     state = run_stages(ctx, state)
     assert state.quantized and is_graph(state.model)
     params = dict(state.model.named_parameters())
@@ -232,13 +264,20 @@ def test_prune_channels_then_distill_then_quantize_keeps_masks() -> None:
 def test_prune_channels_after_quantize_requantizes_keeps_masks_and_exports(tmp_path) -> None:
     from pqd.stages.prune_channels import eager_model
 
-    ctx, state = make_ctx([
-        {"stage": "distill", "epochs": 1},
-        {"stage": "prune", "sparsity": 0.5, "epochs": 0},
-        {"stage": "quantize", "mode": "ptq", "epochs": 0, "calibration_batches": 1},
-        {"stage": "prune_channels", "target": {"macs": 0.5}, "round_to": None, "epochs": 1,
-         "calibration_batches": 1},
-    ])
+    ctx, state = make_ctx(
+        [
+            {"stage": "distill", "epochs": 1},
+            {"stage": "prune", "sparsity": 0.5, "epochs": 0},
+            {"stage": "quantize", "mode": "ptq", "epochs": 0, "calibration_batches": 1},
+            {
+                "stage": "prune_channels",
+                "target": {"macs": 0.5},
+                "round_to": None,
+                "epochs": 1,
+                "calibration_batches": 1,
+            },
+        ]
+    )
     state = run_stages(ctx, state)
     assert state.quantized and is_graph(state.model)
     assert state.info["requantized"]
@@ -249,8 +288,7 @@ def test_prune_channels_after_quantize_requantizes_keeps_masks_and_exports(tmp_p
     for n, m in state.masks.items():
         assert m.shape == params[n].shape and torch.all(params[n][~m] == 0)
     # both artifacts export: INT8 from the re-prepared graph, FP32 from its eager weights
-    path, _ = export_onnx(state.model, tmp_path / "final.onnx", ctx.example_input(),
-                          quantized=True)
+    path, _ = export_onnx(state.model, tmp_path / "final.onnx", ctx.example_input(), quantized=True)
     comp = onnx_complexity(path)
     assert comp["sparsity"] > 0.4 and comp["macs"] == state.info["macs_after"]
     eager = eager_model(state, ctx)
@@ -260,7 +298,7 @@ def test_prune_channels_after_quantize_requantizes_keeps_masks_and_exports(tmp_p
 
 
 def test_iterative_channel_schedule_shrinks_each_round(monkeypatch) -> None:
-    from pqd.stages.base import Context
+    from pqd.context import Context
 
     widths: list[int] = []
     real = Context.fit
@@ -270,8 +308,18 @@ def test_iterative_channel_schedule_shrinks_each_round(monkeypatch) -> None:
         return real(self, state, cfg, epochs, **kw)
 
     monkeypatch.setattr(Context, "fit", fit)
-    ctx, state = make_ctx([{"stage": "prune_channels", "ratio": 0.75, "round_to": None,
-                            "schedule": "iterative", "cycles": 2, "epochs": 2}])
+    ctx, state = make_ctx(
+        [
+            {
+                "stage": "prune_channels",
+                "ratio": 0.75,
+                "round_to": None,
+                "schedule": "iterative",
+                "cycles": 2,
+                "epochs": 2,
+            }
+        ]
+    )
     state = run_stages(ctx, state)
     assert widths == [4, 2]  # 8 * 0.25^(1/2), then 8 * 0.25
     assert state.info["channels"]["net.features.0.0"] == [8, 2]
@@ -282,10 +330,15 @@ def test_channel_recipe_rules() -> None:
     with pytest.raises(RecipeError, match="exactly one of ratio or target"):
         recipe_from_dict({**base, "stages": [{"stage": "prune_channels"}]})
     with pytest.raises(RecipeError, match="exactly one of macs or latency_ms"):
-        recipe_from_dict({**base, "stages": [{"stage": "prune_channels",
-                                              "target": {"macs": 0.5, "latency_ms": 1.0}}]})
-    r = recipe_from_dict({**base, "stages": [{"stage": "prune_channels",
-                                              "target": {"latency_ms": 1.0}}]})
+        recipe_from_dict(
+            {
+                **base,
+                "stages": [{"stage": "prune_channels", "target": {"macs": 0.5, "latency_ms": 1.0}}],
+            }
+        )
+    r = recipe_from_dict(
+        {**base, "stages": [{"stage": "prune_channels", "target": {"latency_ms": 1.0}}]}
+    )
     assert r.stages[0].target.precision == "auto"
     copy.deepcopy(r)
 
@@ -294,9 +347,15 @@ def test_latency_target_measures_the_exported_artifact(monkeypatch) -> None:
     import pqd.stages.prune_channels as pc
 
     # a generous budget: the unpruned FP32 export already meets it (one real measurement)
-    ctx, state = make_ctx([{"stage": "prune_channels", "target": {"latency_ms": 1000.0,
-                                                                  "precision": "fp32"},
-                            "epochs": 0}])
+    ctx, state = make_ctx(
+        [
+            {
+                "stage": "prune_channels",
+                "target": {"latency_ms": 1000.0, "precision": "fp32"},
+                "epochs": 0,
+            }
+        ]
+    )
     state = run_stages(ctx, state)
     t = state.info["target"]
     assert t["met"] and state.info["ratio"] == 0.0 and t["precision"] == "fp32"
@@ -311,11 +370,17 @@ def test_latency_target_measures_the_exported_artifact(monkeypatch) -> None:
         return 10.0 * pc.count_macs(model, example) / 2_318_496
 
     monkeypatch.setattr(pc, "artifact_latency_ms", fake_latency)
-    ctx, state = make_ctx([
-        {"stage": "prune_channels", "target": {"latency_ms": 5.0, "trials": 6},
-         "round_to": None, "epochs": 0},
-        {"stage": "quantize", "mode": "ptq", "epochs": 0}])
-    ctx.stage_index = 0
+    ctx, state = make_ctx(
+        [
+            {
+                "stage": "prune_channels",
+                "target": {"latency_ms": 5.0, "trials": 6},
+                "round_to": None,
+                "epochs": 0,
+            },
+            {"stage": "quantize", "mode": "ptq", "epochs": 0},
+        ]
+    )
     from pqd.registry import STAGES
 
     state = STAGES["prune_channels"](state, ctx.recipe.stages[0], ctx)

@@ -9,18 +9,13 @@ import itertools
 import pytest
 import torch
 
-from pqd import importance
+from helpers import make_ctx, run_stages
+from pqd.context import Context, score_batches, scoring_loss
 from pqd.errors import RecipeError
+from pqd.prune import importance
+from pqd.prune.masks import iterative_sparsities, prunable_parameters, sparsity_of
 from pqd.recipe import recipe_from_dict
-from pqd.stages.base import Context, State
-from pqd.stages.prune import (
-    iterative_sparsities,
-    prunable_parameters,
-    score_batches,
-    scoring_loss,
-    sparsity_of,
-)
-from prune_helpers import make_ctx, run_stages
+from pqd.state import State
 
 
 def spy_fit(ctx: Context, monkeypatch: pytest.MonkeyPatch, calls: list[dict]) -> None:
@@ -29,9 +24,13 @@ def spy_fit(ctx: Context, monkeypatch: pytest.MonkeyPatch, calls: list[dict]) ->
     real = Context.fit
 
     def fit(self, state: State, cfg, epochs, **kw):
-        entry = {"weights": copy.deepcopy(state.model.state_dict()),
-                 "masks": {n: m.clone() for n, m in state.masks.items()},
-                 "sparsity": sparsity_of(state.masks), "epochs": epochs, "epoch_ends": {}}
+        entry = {
+            "weights": copy.deepcopy(state.model.state_dict()),
+            "masks": {n: m.clone() for n, m in state.masks.items()},
+            "sparsity": sparsity_of(state.masks),
+            "epochs": epochs,
+            "epoch_ends": {},
+        }
         calls.append(entry)
         inner = kw.get("on_step")
 
@@ -40,7 +39,8 @@ def spy_fit(ctx: Context, monkeypatch: pytest.MonkeyPatch, calls: list[dict]) ->
                 inner(step, total)
             if epochs and step % (total // epochs) == 0:
                 entry["epoch_ends"][step // (total // epochs)] = copy.deepcopy(
-                    state.model.state_dict())
+                    state.model.state_dict()
+                )
 
         kw["on_step"] = on_step
         return real(self, state, cfg, epochs, **kw)
@@ -50,14 +50,25 @@ def spy_fit(ctx: Context, monkeypatch: pytest.MonkeyPatch, calls: list[dict]) ->
 
 @pytest.mark.parametrize("criterion", importance.CRITERIA)
 def test_every_criterion_prunes_to_the_exact_sparsity_with_its_own_scores(
-        criterion: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    ctx, state = make_ctx([{"stage": "prune", "sparsity": 0.6, "criterion": criterion,
-                            "scope": "layer", "epochs": 0, "score_batches": 2}],
-                          model="tiny_cnn")
-    ctx.stage_index = 0
+    criterion: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx, state = make_ctx(
+        [
+            {
+                "stage": "prune",
+                "sparsity": 0.6,
+                "criterion": criterion,
+                "scope": "layer",
+                "epochs": 0,
+                "score_batches": 2,
+            }
+        ],
+        model="tiny_cnn",
+    )
     params = prunable_parameters(state.model)
-    expected = importance.score(criterion, state.model, score_batches(ctx, 2),
-                                importance.cross_entropy, list(params))
+    expected = importance.score(
+        criterion, state.model, score_batches(ctx, 2), importance.cross_entropy, list(params)
+    )
     state = run_stages(ctx, state)
     for name, mask in state.masks.items():
         k = round(0.6 * mask.numel())
@@ -70,9 +81,18 @@ def test_every_criterion_prunes_to_the_exact_sparsity_with_its_own_scores(
 
 def test_teacher_guided_scores_come_from_the_kd_loss() -> None:
     # student == teacher: the KD term has zero gradient, so Taylor-KD = 0.1 * Taylor-CE
-    ctx, state = make_ctx([{"stage": "prune", "sparsity": 0.5, "criterion": "taylor",
-                            "criterion_loss": "kd", "epochs": 0}], model="tiny_cnn")
-    ctx.stage_index = 0
+    ctx, state = make_ctx(
+        [
+            {
+                "stage": "prune",
+                "sparsity": 0.5,
+                "criterion": "taylor",
+                "criterion_loss": "kd",
+                "epochs": 0,
+            }
+        ],
+        model="tiny_cnn",
+    )
     batches = score_batches(ctx, 2)
     kd = importance.taylor(state.model, batches, scoring_loss("kd", ctx))
     ce = importance.taylor(state.model, batches, scoring_loss("ce", ctx))
@@ -87,8 +107,10 @@ def test_teacher_guided_scores_come_from_the_kd_loss() -> None:
 
 
 def test_iterative_schedule_hits_the_sparsity_sequence(monkeypatch) -> None:
-    ctx, state = make_ctx([{"stage": "prune", "sparsity": 0.875, "schedule": "iterative",
-                            "cycles": 3, "epochs": 3}], model="tiny_cnn")
+    ctx, state = make_ctx(
+        [{"stage": "prune", "sparsity": 0.875, "schedule": "iterative", "cycles": 3, "epochs": 3}],
+        model="tiny_cnn",
+    )
     calls: list[dict] = []
     spy_fit(ctx, monkeypatch, calls)
     state = run_stages(ctx, state)
@@ -112,9 +134,19 @@ def test_pruned_weights_never_come_back_whatever_later_scores_say(monkeypatch) -
         return {n: sign * ps[n].detach().abs() for n in names}
 
     monkeypatch.setattr(importance, "score", flipping)
-    ctx, state = make_ctx([{"stage": "prune", "sparsity": 0.75, "schedule": "iterative",
-                            "cycles": 2, "epochs": 2, "criterion": "taylor"}],
-                          model="tiny_cnn")
+    ctx, state = make_ctx(
+        [
+            {
+                "stage": "prune",
+                "sparsity": 0.75,
+                "schedule": "iterative",
+                "cycles": 2,
+                "epochs": 2,
+                "criterion": "taylor",
+            }
+        ],
+        model="tiny_cnn",
+    )
     calls: list[dict] = []
     spy_fit(ctx, monkeypatch, calls)
     state = run_stages(ctx, state)
@@ -126,9 +158,12 @@ def test_pruned_weights_never_come_back_whatever_later_scores_say(monkeypatch) -
 
 @pytest.mark.parametrize("rewind", ["stage_start", "epoch"])
 def test_rewind_resets_survivors_to_the_rewind_point_and_zeroes_the_pruned(
-        rewind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    ctx, state = make_ctx([{"stage": "prune", "sparsity": 0.7, "rewind": rewind,
-                            "rewind_epoch": 1, "epochs": 2}], model="tiny_cnn")
+    rewind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx, state = make_ctx(
+        [{"stage": "prune", "sparsity": 0.7, "rewind": rewind, "rewind_epoch": 1, "epochs": 2}],
+        model="tiny_cnn",
+    )
     start = copy.deepcopy(state.model.state_dict())
     calls: list[dict] = []
     spy_fit(ctx, monkeypatch, calls)
@@ -159,16 +194,28 @@ def test_gradual_movement_accumulates_during_training(monkeypatch) -> None:
         seen.append(self.steps)
 
     monkeypatch.setattr(importance.MovementTracker, "__call__", call)
-    ctx, state = make_ctx([{"stage": "prune", "sparsity": 0.5, "schedule": "gradual",
-                            "criterion": "movement", "epochs": 2}], model="tiny_cnn")
+    ctx, state = make_ctx(
+        [
+            {
+                "stage": "prune",
+                "sparsity": 0.5,
+                "schedule": "gradual",
+                "criterion": "movement",
+                "epochs": 2,
+            }
+        ],
+        model="tiny_cnn",
+    )
     state = run_stages(ctx, state)
     assert seen and seen[-1] == 2 * 3  # 48 images / batch 16, 2 epochs
     assert state.info["mask_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_at_init_reinitialises_then_prunes() -> None:
-    ctx, state = make_ctx([{"stage": "prune", "sparsity": 0.5, "criterion": "snip",
-                            "at_init": True, "epochs": 0}], model="tiny_cnn")
+    ctx, state = make_ctx(
+        [{"stage": "prune", "sparsity": 0.5, "criterion": "snip", "at_init": True, "epochs": 0}],
+        model="tiny_cnn",
+    )
     before = copy.deepcopy(state.model.state_dict())
     state = run_stages(ctx, state)
     w = "net.features.1.0.0.weight"
@@ -177,21 +224,22 @@ def test_at_init_reinitialises_then_prunes() -> None:
     assert sparsity_of(state.masks) == pytest.approx(0.5, abs=1e-3)
 
 
-def test_nm_2_4_survives_qat_and_the_int8_export_has_exactly_2_zeros_per_group(
-        tmp_path) -> None:
+def test_nm_2_4_survives_qat_and_the_int8_export_has_exactly_2_zeros_per_group(tmp_path) -> None:
     from pqd.export import export_onnx
     from pqd.measure.sparsity import nm_report, onnx_weights
 
-    ctx, state = make_ctx([
-        {"stage": "prune", "structure": "nm", "n": 2, "m": 4, "epochs": 0},
-        {"stage": "quantize", "mode": "qat", "epochs": 1, "calibration_batches": 2},
-    ])
+    ctx, state = make_ctx(
+        [
+            {"stage": "prune", "structure": "nm", "n": 2, "m": 4, "epochs": 0},
+            {"stage": "quantize", "mode": "qat", "epochs": 1, "calibration_batches": 2},
+        ]
+    )
     state = run_stages(ctx, state)
     assert "net.features.0.0.weight" not in state.nm_layers  # the 3-channel stem
-    assert set(state.nm_layers) == {n for n in prunable_parameters(state.model)
-                                    if n != "net.features.0.0.weight"}
-    path, _ = export_onnx(state.model, tmp_path / "final.onnx", ctx.example_input(),
-                          quantized=True)
+    assert set(state.nm_layers) == {
+        n for n in prunable_parameters(state.model) if n != "net.features.0.0.weight"
+    }
+    path, _ = export_onnx(state.model, tmp_path / "final.onnx", ctx.example_input(), quantized=True)
     report = nm_report(path, state.nm_layers)
     assert report["ok"] and report["layers"] == len(state.nm_layers)
     assert report["exact"] == report["groups"] > 0 and report["extra_zeros"] == 0
@@ -203,8 +251,9 @@ def test_nm_2_4_survives_qat_and_the_int8_export_has_exactly_2_zeros_per_group(
     # what the pipeline adds to record.json's final
     from pqd.pipeline import _sparsity_extras
 
-    recipe = ctx.recipe.model_copy(update={"export": ctx.recipe.export.model_copy(
-        update={"compress": True})})
+    recipe = ctx.recipe.model_copy(
+        update={"export": ctx.recipe.export.model_copy(update={"compress": True})}
+    )
     extras = _sparsity_extras(state, path, recipe)
     assert extras["nm_pattern"]["ok"] and extras["compression_ratio"] > 1.0
     assert (tmp_path / "final.onnx.xz").stat().st_size == extras["compressed_size_bytes"]
@@ -215,13 +264,38 @@ def test_nm_recipe_rules() -> None:
     with pytest.raises(RecipeError, match="n < m"):
         recipe_from_dict({**base, "stages": [{"stage": "prune", "structure": "nm", "n": 4}]})
     with pytest.raises(RecipeError, match="sparsity"):
-        recipe_from_dict({**base, "stages": [{"stage": "prune", "structure": "nm",
-                                              "sparsity": 0.7}]})
+        recipe_from_dict(
+            {**base, "stages": [{"stage": "prune", "structure": "nm", "sparsity": 0.7}]}
+        )
     with pytest.raises(RecipeError, match="needs a sparsity"):
         recipe_from_dict({**base, "stages": [{"stage": "prune"}]})
     with pytest.raises(RecipeError, match="rewind_epoch"):
-        recipe_from_dict({**base, "stages": [{"stage": "prune", "sparsity": 0.5, "epochs": 2,
-                                              "rewind": "epoch", "rewind_epoch": 3}]})
+        recipe_from_dict(
+            {
+                **base,
+                "stages": [
+                    {
+                        "stage": "prune",
+                        "sparsity": 0.5,
+                        "epochs": 2,
+                        "rewind": "epoch",
+                        "rewind_epoch": 3,
+                    }
+                ],
+            }
+        )
     with pytest.raises(RecipeError, match="epochs >= cycles"):
-        recipe_from_dict({**base, "stages": [{"stage": "prune", "sparsity": 0.5, "epochs": 2,
-                                              "schedule": "iterative", "cycles": 3}]})
+        recipe_from_dict(
+            {
+                **base,
+                "stages": [
+                    {
+                        "stage": "prune",
+                        "sparsity": 0.5,
+                        "epochs": 2,
+                        "schedule": "iterative",
+                        "cycles": 3,
+                    }
+                ],
+            }
+        )

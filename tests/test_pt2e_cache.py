@@ -10,7 +10,7 @@ import torch
 from pqd import _pt2e_cache
 from pqd.export import int8_model
 from pqd.models import build_model
-from pqd.stages.quantize import prepare_qat
+from pqd.quant.pt2e import prepare_qat
 from pqd.train import set_train
 
 
@@ -58,8 +58,11 @@ def prepare_qat_patched(model: torch.nn.Module, x: torch.Tensor) -> torch.fx.Gra
     """prepare_qat with the cache back in place (the fixture's monkeypatch is undone here)."""
     from torchao.quantization.pt2e import qat_utils, utils
 
-    saved = (utils._get_aten_graph_module_for_pattern,
-             qat_utils._get_aten_graph_module_for_pattern, qat_utils._fuse_conv_bn_qat_helper)
+    saved = (
+        utils._get_aten_graph_module_for_pattern,
+        qat_utils._get_aten_graph_module_for_pattern,
+        qat_utils._fuse_conv_bn_qat_helper,
+    )
     memo = _pt2e_cache._memoised(saved[0])
     utils._get_aten_graph_module_for_pattern = qat_utils._get_aten_graph_module_for_pattern = memo
     qat_utils._fuse_conv_bn_qat_helper = _pt2e_cache._skip_absent_convs(saved[2])
@@ -68,14 +71,18 @@ def prepare_qat_patched(model: torch.nn.Module, x: torch.Tensor) -> torch.fx.Gra
         assert memo.cache  # the patterns were traced through the cache
         return graph
     finally:
-        (utils._get_aten_graph_module_for_pattern,
-         qat_utils._get_aten_graph_module_for_pattern, qat_utils._fuse_conv_bn_qat_helper) = saved
+        (
+            utils._get_aten_graph_module_for_pattern,
+            qat_utils._get_aten_graph_module_for_pattern,
+            qat_utils._fuse_conv_bn_qat_helper,
+        ) = saved
 
 
 def test_cache_key_tells_patterns_apart() -> None:
     def make(flag: bool):
         def pattern(x):
             return x + 1 if flag else x - 1
+
         return pattern
 
     calls = []

@@ -21,11 +21,15 @@ RECIPE = {
     "train": {"batch_size": 64, "lr": 0.1},
     "baseline": {"epochs": 1},
     "stages": [
-        {"stage": "quantize", "mode": "ptq", "epochs": 0, "calibration_batches": 2,
-         "activations": {"observer": "entropy"},
-         "mixed_precision": {"max_drop_points": 0.0, "max_float_layers": 1}},
-        {"stage": "distill", "epochs": 1, "features": {"loss": "fitnet"},
-         "train": {"lr": 0.01}},
+        {
+            "stage": "quantize",
+            "mode": "ptq",
+            "epochs": 0,
+            "calibration_batches": 2,
+            "activations": {"observer": "entropy"},
+            "mixed_precision": {"max_drop_points": 0.0, "max_float_layers": 1},
+        },
+        {"stage": "distill", "epochs": 1, "features": {"loss": "fitnet"}, "train": {"lr": 0.01}},
     ],
     "measure": {"batch_sizes": [1], "warmup": 2, "repeats": 10},
 }
@@ -38,8 +42,10 @@ def test_cli_ptq_mixed_precision_feature_kd_then_sensitivity(tmp_path, capsys) -
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
     run = tmp_path / "run"
-    assert main(["run", str(recipe), "--out", str(run), "--data-dir", str(SUBSET),
-                 "--no-progress"]) == 0
+    assert (
+        main(["run", str(recipe), "--out", str(run), "--data-dir", str(SUBSET), "--no-progress"])
+        == 0
+    )
     record = json.loads((run / "record.json").read_text())
     quant, distill = record["stages"]
     assert quant["info"]["calibration_split"] == "val"
@@ -51,15 +57,31 @@ def test_cli_ptq_mixed_precision_feature_kd_then_sensitivity(tmp_path, capsys) -
     assert record["final"]["precision"] == ("int8+fp32(1 layers)" if floats else "int8")
     feat = distill["info"]["feature_kd"]
     assert feat["student_graph"] and feat["points"] == [
-        "net.features.0", "net.features.1", "net.features.2"]
+        "net.features.0",
+        "net.features.1",
+        "net.features.2",
+    ]
     kernels = record["final"]["runtimes"]["onnxruntime"]["kernels"]
     assert kernels.get("QLinearConv", 0) >= 3  # the quantized convs still fuse
     assert record["final"]["parity"]["top1_agreement"] >= 0.95
     capsys.readouterr()
 
     out = tmp_path / "sens"
-    assert main(["sensitivity", str(recipe), f"baseline.checkpoint={run / 'baseline.safetensors'}",
-                 "--out", str(out), "--data-dir", str(SUBSET), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sensitivity",
+                str(recipe),
+                f"baseline.checkpoint={run / 'baseline.safetensors'}",
+                "--out",
+                str(out),
+                "--data-dir",
+                str(SUBSET),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     result = json.loads((out / "sensitivity.json").read_text())
     assert result["val_images"] == 128 and result["scheme"]["observer"] == "entropy"

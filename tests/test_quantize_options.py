@@ -11,25 +11,7 @@ import onnx
 import pytest
 import torch
 
-from pqd.errors import RecipeError
-from pqd.export import export_onnx
-from pqd.measure.runtime import ort_kernels
-from pqd.recipe import MixedPrecisionSpec, recipe_from_dict
-from pqd.sensitivity import choose_mixed_precision, layer_sensitivity
-from pqd.stages.base import State
-from pqd.stages.prune import apply_prune
-from pqd.stages.quantize import (
-    DEFAULT_SCHEME,
-    apply_quantize,
-    calibrate,
-    fake_quantizers,
-    keep_float,
-    prepare_qat,
-    quant_scheme,
-    quantized_layers,
-)
-from pqd.train import set_train
-from quant_helpers import (
+from helpers import (
     CPU,
     context,
     label_with,
@@ -38,6 +20,23 @@ from quant_helpers import (
     synthetic_data,
     tiny,
 )
+from pqd.errors import RecipeError
+from pqd.export import export_onnx
+from pqd.measure.runtime import ort_kernels
+from pqd.quant.pt2e import (
+    DEFAULT_SCHEME,
+    calibrate,
+    fake_quantizers,
+    keep_float,
+    prepare_qat,
+    quant_scheme,
+    quantized_layers,
+)
+from pqd.quant.sensitivity import choose_mixed_precision, layer_sensitivity
+from pqd.recipe import MixedPrecisionSpec, recipe_from_dict
+from pqd.stages.quantize import apply_quantize
+from pqd.state import State
+from pqd.train import set_train
 
 EXAMPLE = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 X_TEST = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
@@ -55,8 +54,10 @@ VARIANTS = {
 
 def calib_batches(n: int = 3, seed: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.rand(16, 3, 32, 32, generator=g), torch.zeros(16, dtype=torch.long))
-            for _ in range(n)]
+    return [
+        (torch.rand(16, 3, 32, 32, generator=g), torch.zeros(16, dtype=torch.long))
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +154,12 @@ def test_dynamic_uses_integer_ops_on_the_trained_int8_weights(exported) -> None:
     assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
     conv_w = [w["weight"] for w in onnx_weights(path) if w["op"] == "ConvInteger"]
     converted = _weights_only(graph)  # the int8 integers torch trained / converted
-    torch_w = [t.numpy() for _, t in converted.named_buffers() if t.dtype == torch.int8
-               and t.dim() == 4]
-    torch_w += [getattr(converted, n).numpy() for n, _ in converted.named_children()
-                if False]  # (buffers hold every folded conv weight)
+    torch_w = [
+        t.numpy() for _, t in converted.named_buffers() if t.dtype == torch.int8 and t.dim() == 4
+    ]
+    torch_w += [
+        getattr(converted, n).numpy() for n, _ in converted.named_children() if False
+    ]  # (buffers hold every folded conv weight)
     assert len(conv_w) == CONVS
     for w in conv_w:
         assert w.dtype == np.int8 and np.abs(w).max() <= 127  # narrow symmetric range
@@ -171,8 +174,12 @@ def _input_quantizer(graph: torch.fx.GraphModule) -> torch.nn.Module:
 
 @pytest.mark.parametrize("observer", ["minmax", "percentile", "entropy"])
 def test_calibration_sets_the_observer_range_on_the_input(observer: str) -> None:
-    scheme = {**copy.deepcopy(DEFAULT_SCHEME), "mode": "ptq", "observer": observer,
-              "percentile": 99.0}
+    scheme = {
+        **copy.deepcopy(DEFAULT_SCHEME),
+        "mode": "ptq",
+        "observer": observer,
+        "percentile": 99.0,
+    }
     graph = prepare_qat(tiny(), EXAMPLE, scheme)
     batches = calib_batches()
     calibrate(graph, batches, 3, CPU, scheme)
@@ -222,7 +229,8 @@ def test_sensitivity_ranks_the_sensitive_layer_first(sensitive_graph) -> None:
     assert result["ranking"][0] == SENSITIVE
     drops = {r["layer"]: r["drop_points"] for r in result["layers"]}
     assert drops[SENSITIVE] > 50 and drops[SENSITIVE] > 5 * max(
-        v for k, v in drops.items() if k != SENSITIVE)
+        v for k, v in drops.items() if k != SENSITIVE
+    )
     # flags are restored: every quantizer is on again
     assert all(int(m.fake_quant_enabled[0]) for _, m in fake_quantizers(graph))
 
@@ -230,8 +238,12 @@ def test_sensitivity_ranks_the_sensitive_layer_first(sensitive_graph) -> None:
 def test_mixed_precision_keeps_exactly_the_chosen_layers_float(sensitive_graph, tmp_path) -> None:
     graph, ctx = sensitive_graph
     graph = copy.deepcopy(graph)
-    chosen = choose_mixed_precision(graph, ctx.loader("val", 48), CPU,
-                                    MixedPrecisionSpec(max_drop_points=0.0, max_float_layers=1))
+    chosen = choose_mixed_precision(
+        graph,
+        ctx.loader("val", 48),
+        CPU,
+        MixedPrecisionSpec(max_drop_points=0.0, max_float_layers=1),
+    )
     assert chosen["float_layers"] == [SENSITIVE]
     trace = chosen["mixed_precision"]["trace"]
     assert trace[1]["drop_points"] < trace[0]["drop_points"]  # keeping it float helps
@@ -258,21 +270,31 @@ def masked_weights_are_zero(path, masks: dict[str, torch.Tensor]) -> None:
     assert masks
     for name, mask in masks.items():
         m = mask.numpy()
-        cands = [a[:, : m.shape[1]] for a in stored
-                 if a.ndim == m.ndim and a.shape[0] == m.shape[0] and a.shape[2:] == m.shape[2:]
-                 and a.shape[1] >= m.shape[1]]
+        cands = [
+            a[:, : m.shape[1]]
+            for a in stored
+            if a.ndim == m.ndim
+            and a.shape[0] == m.shape[0]
+            and a.shape[2:] == m.shape[2:]
+            and a.shape[1] >= m.shape[1]
+        ]
         assert any(np.all(a[~m] == 0) for a in cands), name
 
 
 OPTIONS = {
-    "ptq_per_tensor_percentile_asym": {"mode": "ptq", "epochs": 0,
-                                       "weights": {"granularity": "per_tensor",
-                                                   "symmetric": False},
-                                       "activations": {"observer": "percentile"}},
-    "qat_int4_entropy_mixed": {"mode": "qat", "epochs": 1, "weights": {"bits": 4},
-                               "activations": {"observer": "entropy"},
-                               "mixed_precision": {"max_drop_points": 0.0,
-                                                   "max_float_layers": 1}},
+    "ptq_per_tensor_percentile_asym": {
+        "mode": "ptq",
+        "epochs": 0,
+        "weights": {"granularity": "per_tensor", "symmetric": False},
+        "activations": {"observer": "percentile"},
+    },
+    "qat_int4_entropy_mixed": {
+        "mode": "qat",
+        "epochs": 1,
+        "weights": {"bits": 4},
+        "activations": {"observer": "entropy"},
+        "mixed_precision": {"max_drop_points": 0.0, "max_float_layers": 1},
+    },
     "dynamic": {"mode": "dynamic", "epochs": 1},
 }
 
@@ -281,20 +303,24 @@ OPTIONS = {
 def test_each_option_composes_with_pruning_before_and_after(option: str, tmp_path) -> None:
     """prune 30% -> quantize(option) -> prune 60%: the masks of both prune stages (one on
     the eager model, one on the fake-quant graph) are exactly zero in the exported file."""
-    stages = [{"stage": "prune", "sparsity": 0.3, "epochs": 1},
-              {"stage": "quantize", **OPTIONS[option]},
-              {"stage": "prune", "sparsity": 0.6, "epochs": 1}]
+    stages = [
+        {"stage": "prune", "sparsity": 0.3, "epochs": 1},
+        {"stage": "quantize", **OPTIONS[option]},
+        {"stage": "prune", "sparsity": 0.6, "epochs": 1},
+    ]
     data = synthetic_data(seed=5)
     teacher = tiny(seed=6)
-    ctx = context(stages, data, teacher)
-    state = State(model=copy.deepcopy(teacher))
-    for i, spec in enumerate(ctx.recipe.stages):
-        ctx.stage_index = i
-        state = (apply_prune if spec.stage == "prune" else apply_quantize)(state, spec, ctx)
+    job = context(stages, data, teacher)
+    first: dict[str, torch.Tensor] = {}
+    chosen: list[str] = []
+
+    def keep_first(i: int, spec, state: State, seconds: float) -> None:
         if i == 0:
-            first = {n: m.clone() for n, m in state.masks.items()}
+            first.update({n: m.clone() for n, m in state.masks.items()})
         if i == 1:
-            chosen = list(state.info.get("float_layers", []))
+            chosen.extend(state.info.get("float_layers", []))
+
+    state = job.run_stages(State(model=copy.deepcopy(teacher)), on_stage=keep_first)
     assert state.quantized
     for n, m in first.items():  # pruned before quantization: still pruned after
         assert not (state.masks[n] & ~m).any()
@@ -312,17 +338,23 @@ def test_each_option_composes_with_pruning_before_and_after(option: str, tmp_pat
 def test_quantize_stage_calibrates_on_val_and_records_the_scheme() -> None:
     data = synthetic_data(seed=7)
     teacher = tiny(seed=8)
-    ctx = context([{"stage": "quantize", "mode": "ptq", "epochs": 0,
-                    "activations": {"observer": "entropy"}}], data, teacher)
-    ctx.stage_index = 0
+    ctx = context(
+        [{"stage": "quantize", "mode": "ptq", "epochs": 0, "activations": {"observer": "entropy"}}],
+        data,
+        teacher,
+    )
     state = apply_quantize(State(model=copy.deepcopy(teacher)), ctx.recipe.stages[0], ctx)
     assert state.info["calibration_split"] == "val"
     assert state.info["calibration_images"] == 64  # the whole val split (2 batches of 32)
     assert state.info["scheme"]["observer"] == "entropy"
     assert state.info["precision"] == "int8"
     # a repeated quantize stage may continue training, not change the scheme
-    again = recipe_from_dict({"model": {"name": "tiny_cnn"}, "stages": [
-        {"stage": "quantize", "mode": "ptq", "epochs": 0, "weights": {"bits": 4}}]})
+    again = recipe_from_dict(
+        {
+            "model": {"name": "tiny_cnn"},
+            "stages": [{"stage": "quantize", "mode": "ptq", "epochs": 0, "weights": {"bits": 4}}],
+        }
+    )
     with pytest.raises(RecipeError, match="already quantized"):
         apply_quantize(state, again.stages[0], ctx)
 
@@ -343,8 +375,9 @@ BAD = [
 @pytest.mark.parametrize(("patch", "fix"), BAD, ids=[str(b[0]) for b in BAD])
 def test_bad_quantize_options_give_one_line(patch: dict, fix: str) -> None:
     with pytest.raises(RecipeError) as err:
-        recipe_from_dict({"model": {"name": "tiny_cnn"},
-                          "stages": [{"stage": "quantize", **patch}]})
+        recipe_from_dict(
+            {"model": {"name": "tiny_cnn"}, "stages": [{"stage": "quantize", **patch}]}
+        )
     assert fix in str(err.value) and "\n" not in str(err.value)
 
 
@@ -353,8 +386,8 @@ def test_mobilenetv2_qat_after_a_short_baseline_trains() -> None:
     first gradient norm was 1e8-1e10 (or 0: every activation clamped), so
     train.max_grad_norm stopped QAT at step 1, until the quantize stage re-estimated the
     statistics (refresh_bn_stats)."""
+    from helpers import MEAN, STD
     from pqd.models import build_model
-    from quant_helpers import MEAN, STD
 
     data = synthetic_data(n_train=160, n_val=64, n_test=32)
     torch.manual_seed(0)
@@ -365,17 +398,19 @@ def test_mobilenetv2_qat_after_a_short_baseline_trains() -> None:
     # the stem BN's input variance on the train split (as refresh_bn_stats averages it)
     stem_bn, feats = model.net.features[0][1], []
     hook = stem_bn.register_forward_pre_hook(lambda _m, a: feats.append(a[0].var((0, 2, 3))))
-    ctx.stage_index = 0
     model.eval()
     with torch.no_grad():
-        for x, _ in ctx.loader("train", 32, seed=ctx.stage_seed, shuffle=True):
+        for x, _ in ctx.loader("train", 32, seed=ctx.seed, shuffle=True):
             model(x)
     hook.remove()
     data_var = torch.stack(feats).mean(0)
     state = apply_quantize(state, ctx.recipe.stages[0], ctx)
     assert state.info["bn_stats_images"] == 160
-    running_var = next(b for n, b in state.model.named_buffers()
-                       if "features_0_1_running_var" in n.replace(".", "_"))
+    running_var = next(
+        b
+        for n, b in state.model.named_buffers()
+        if "features_0_1_running_var" in n.replace(".", "_")
+    )
     assert torch.allclose(running_var, data_var, rtol=1e-3)  # not the 5-step moving average
     set_train(state.model, True)
     x, y = next(iter(ctx.loader("train", 32)))
@@ -384,12 +419,12 @@ def test_mobilenetv2_qat_after_a_short_baseline_trains() -> None:
     norm = float(torch.nn.utils.get_total_norm(grads))
     assert 1e-3 < norm < ctx.recipe.train.max_grad_norm
     state.model.zero_grad()
-    result = ctx.fit(state, ctx.stage_train(), 1, seed=1)  # the QAT epoch: no divergence
+    result = ctx.fit(state, ctx.train, 1, seed=1)  # the QAT epoch: no divergence
     assert result.steps == 5 and np.isfinite(result.losses).all()
 
 
 def test_refresh_bn_stats_sets_the_data_statistics() -> None:
-    from pqd.stages.quantize import refresh_bn_stats
+    from pqd.quant.pt2e import refresh_bn_stats
 
     model = tiny(seed=3)
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

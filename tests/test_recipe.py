@@ -45,9 +45,12 @@ def test_shipped_recipe_validates_and_round_trips(path: Path) -> None:
 
 def test_any_order_subset_and_repeats_are_accepted() -> None:
     data = copy.deepcopy(BASE)
-    data["stages"] = [{"stage": "distill"}, {"stage": "prune", "sparsity": 0.3},
-                      {"stage": "prune", "sparsity": 0.6}, {"stage": "quantize", "mode": "ptq",
-                                                            "epochs": 0}]
+    data["stages"] = [
+        {"stage": "distill"},
+        {"stage": "prune", "sparsity": 0.3},
+        {"stage": "prune", "sparsity": 0.6},
+        {"stage": "quantize", "mode": "ptq", "epochs": 0},
+    ]
     r = recipe_from_dict(data)
     assert r.order() == "distill -> prune -> prune -> quantize"
     assert isinstance(r.stages[1], PruneSpec)
@@ -56,8 +59,11 @@ def test_any_order_subset_and_repeats_are_accepted() -> None:
 
 BAD = [
     ({"stages": [{"stage": "prune", "sparsity": 1.5}]}, "stages.0.sparsity", "< 1"),
-    ({"stages": [{"stage": "prune", "sparsity": 0.5, "sparsty": 3}]}, "stages.0.sparsty",
-     "allowed: "),
+    (
+        {"stages": [{"stage": "prune", "sparsity": 0.5, "sparsty": 3}]},
+        "stages.0.sparsty",
+        "allowed: ",
+    ),
     ({"stages": [{"stage": "prun", "sparsity": 0.5}]}, "unknown stage 'prun'", "prune"),
     ({"stages": [{"sparsity": 0.5}]}, "stages.0", "stage: <name>"),
     ({"baseline": {"epochs": -1}}, "baseline.epochs", ">= 0"),
@@ -67,8 +73,11 @@ BAD = [
     ({"data": {"dataset": "imagenet"}}, "data.dataset", "cifar10"),
     ({"measure": {"batch_sizes": [8, 1]}}, "measure", "list 1 first"),
     ({"stages": [{"stage": "quantize", "mode": "ptq", "epochs": 3}]}, "stages.0", "epochs: 0"),
-    ({"stages": [{"stage": "prune", "sparsity": 0.5, "schedule": "gradual", "epochs": 0}]},
-     "stages.0", "oneshot"),
+    (
+        {"stages": [{"stage": "prune", "sparsity": 0.5, "schedule": "gradual", "epochs": 0}]},
+        "stages.0",
+        "oneshot",
+    ),
     ({"stages": "prune"}, "stages", "right type"),
     ({"measure": {"runtimes": ["tensorrt"]}}, "measure.runtimes.0", "onnxruntime"),
 ]
@@ -111,8 +120,16 @@ def test_non_mapping_and_missing_file(tmp_path: Path) -> None:
 def test_overrides_set_nested_keys_and_list_items(tmp_path: Path) -> None:
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(BASE))
-    r = load_recipe(p, ["stages.0.sparsity=0.7", "baseline.epochs=5", "train.lr=0.05",
-                        "model.kwargs.widths=[8, 16]", "measure.runtimes=[onnxruntime]"])
+    r = load_recipe(
+        p,
+        [
+            "stages.0.sparsity=0.7",
+            "baseline.epochs=5",
+            "train.lr=0.05",
+            "model.kwargs.widths=[8, 16]",
+            "measure.runtimes=[onnxruntime]",
+        ],
+    )
     assert r.stages[0].sparsity == 0.7
     assert r.baseline.epochs == 5
     assert r.train.lr == 0.05
@@ -150,19 +167,52 @@ def test_recipe_module_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_recipe_is_pure_data() -> None:
-    r = Recipe.model_validate(BASE)
-    assert isinstance(r.model_dump(mode="json")["stages"][0], dict)
+def test_a_recipe_round_trips_through_yaml_unchanged() -> None:
+    """A recipe is plain data: dumped to YAML and loaded back it is the same recipe, every
+    stage the same spec class with the same values (a field that did not survive the trip,
+    e.g. a non-JSON value or a stage losing its tag, fails here)."""
+    from pqd.recipe import STAGE_NAMES, STAGE_SPECS, dump_recipe
+
+    data = {
+        **BASE,
+        "stages": [
+            {"stage": "prune", "sparsity": 0.7, "schedule": "gradual", "train": {"lr": 0.01}},
+            {"stage": "prune_channels", "ratio": 0.25},
+            {
+                "stage": "quantize",
+                "mode": "ptq",
+                "epochs": 0,
+                "activations": {"observer": "percentile"},
+                "mixed_precision": {"max_drop_points": 1},
+            },
+            {"stage": "early_exit", "weights": [0.5, 2.0], "positions": [1, 2]},
+            {"stage": "distill", "features": {"loss": "fitnet"}, "train": {"grad_clip": None}},
+        ],
+    }
+    r = Recipe.model_validate(data)
+    back = recipe_from_dict(yaml.safe_load(dump_recipe(r)))
+    assert back == r and back.model_dump(mode="json") == r.model_dump(mode="json")
+    spec_of = dict(zip(STAGE_NAMES, STAGE_SPECS, strict=True))
+    assert [type(s) for s in back.stages] == [spec_of[s["stage"]] for s in data["stages"]]
+    assert back.stages[4].train.model_fields_set == {"grad_clip"}  # written null kept
+    assert back.stages[0].train.lr == 0.01 and back.stages[1].train.lr is None
 
 
 def test_relative_paths_in_a_recipe_file_are_relative_to_the_file(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "project" / "recipes"
     folder.mkdir(parents=True)
     p = folder / "r.yaml"
-    p.write_text(yaml.safe_dump({"model": {"name": "tiny_cnn"},
-                                 "data": {"root": "../data/cifar"},
-                                 "baseline": {"checkpoint": "ckpt/base.pt"}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "tiny_cnn"},
+                "data": {"root": "../data/cifar"},
+                "baseline": {"checkpoint": "ckpt/base.pt"},
+            }
+        )
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -180,31 +230,47 @@ def test_relative_paths_in_a_recipe_file_are_relative_to_the_file(
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_shipped_recipes_find_the_data_from_any_folder(path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       tmp_path: Path) -> None:
+def test_shipped_recipes_find_the_data_from_any_folder(
+    path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     checkout = Path(__file__).resolve().parents[1]
-    assert load_recipe(path).data.root == str(checkout.parent / "shared" / "data" /
-                                              "cifar-10-subset")
+    assert load_recipe(path).data.root == str(
+        checkout.parent / "shared" / "data" / "cifar-10-subset"
+    )
 
 
 def test_null_turns_grad_checks_off_at_every_level() -> None:
     """``max_grad_norm: null`` / ``grad_clip: null`` mean off in ``train`` and in a stage's
     or the baseline's override (an unwritten field inherits), also after a dump and reload."""
-    recipe = recipe_from_dict({
-        "model": {"name": "tiny_cnn"}, "train": {"grad_clip": 5.0},
-        "baseline": {"train": {"max_grad_norm": None}},
-        "stages": [{"stage": "quantize", "train": {"max_grad_norm": None, "grad_clip": None,
-                                                   "lr": None}},
-                   {"stage": "distill", "train": {"lr": 0.01}}]})
-    for r in (recipe, recipe_from_dict(recipe.model_dump(mode="json")),
-              recipe_from_dict(yaml.safe_load(dump_recipe(recipe)))):
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": "tiny_cnn"},
+            "train": {"grad_clip": 5.0},
+            "baseline": {"train": {"max_grad_norm": None}},
+            "stages": [
+                {
+                    "stage": "quantize",
+                    "train": {"max_grad_norm": None, "grad_clip": None, "lr": None},
+                },
+                {"stage": "distill", "train": {"lr": 0.01}},
+            ],
+        }
+    )
+    for r in (
+        recipe,
+        recipe_from_dict(recipe.model_dump(mode="json")),
+        recipe_from_dict(yaml.safe_load(dump_recipe(recipe))),
+    ):
         q, d, b = r.stage_train(0), r.stage_train(1), r.baseline_train()
         assert (q.max_grad_norm, q.grad_clip, q.lr) == (None, None, r.train.lr)
         assert (d.max_grad_norm, d.grad_clip, d.lr) == (1000.0, 5.0, 0.01)
         assert (b.max_grad_norm, b.grad_clip) == (None, 5.0)
-    top = recipe_from_dict({"model": {"name": "tiny_cnn"}, "train": {"max_grad_norm": None},
-                            "stages": [{"stage": "distill"}]})
+    top = recipe_from_dict(
+        {
+            "model": {"name": "tiny_cnn"},
+            "train": {"max_grad_norm": None},
+            "stages": [{"stage": "distill"}],
+        }
+    )
     assert top.stage_train(0).max_grad_norm is None
-

@@ -27,40 +27,90 @@ def test_speed_and_points_phrases() -> None:
 
 
 def test_stage_notes_are_text_not_a_python_dict() -> None:
-    info = {"calibration_split": "val", "scheme": {"mode": "qat", "float_layers": []},
-            "precision": "int8"}
+    info = {
+        "calibration_split": "val",
+        "scheme": {"mode": "qat", "float_layers": []},
+        "precision": "int8",
+    }
     text = notes_text(info)
     assert "{" not in text and "[" not in text and "'" not in text
     assert text == "calibration_split=val; scheme: mode=qat, float_layers=none; precision=int8"
 
 
-def record(speedup: float = 0.84, drop: float = 0.001, p50: float = 1.0, p90: float = 1.5,
-           kernels: dict[str, int] | None = None) -> dict[str, Any]:
+def record(
+    speedup: float = 0.84,
+    drop: float = 0.001,
+    p50: float = 1.0,
+    p90: float = 1.5,
+    kernels: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """A run record with what render_markdown reads."""
     lat = {"p50": p50, "p90": p90, "mean": p50, "batches": {"1": {"p50": p50}}}
-    rt = {"version": "1.0", "accuracy": 0.5, "latency_ms": lat,
-          "parity": {"top1_agreement": 0.995}, "kernels": kernels or {}}
-    art = {"precision": "int8", "accuracy": 0.5, "size_bytes": 1e6, "latency_ms": lat,
-           "sparsity": 0.0, "macs": 1e6, "bitops": 1e9, "runtime": "onnxruntime",
-           "runtimes": {"onnxruntime": rt}}
-    base = {**copy.deepcopy(art), "precision": "fp32",
-            "latency_ms": {**lat, "p50": 1.0, "p90": 1.1}}
-    return {"name": "r", "order": ["quantize"], "recipe": {"model": {"name": "m"}}, "seed": 0,
-            "data": {"name": "d", "train": 1, "val": 1, "test": 1},
-            "environment": {"measure_threads": 2, "cpu": "x", "logical_cpus": 2,
-                            "cpu_flags": [], "libraries": {}},
-            "comparison": {"speedup_batch1_p50": speedup, "size_ratio": 4.0,
-                           "accuracy_drop_points": drop},
-            "baseline": base, "final": art,
-            "stages": [{"index": 0, "name": "quantize", "config": {"epochs": 1},
-                        "seconds": 1.0, "val_accuracy": 0.5,
-                        "info": {"scheme": {"mode": "qat"}}}],
-            "timing_s": {k: 1.0 for k in ("baseline", "stages", "export", "measure", "total")}}
+    rt = {
+        "version": "1.0",
+        "accuracy": 0.5,
+        "latency_ms": lat,
+        "parity": {"top1_agreement": 0.995},
+        "kernels": kernels or {},
+    }
+    art = {
+        "precision": "int8",
+        "accuracy": 0.5,
+        "size_bytes": 1e6,
+        "latency_ms": lat,
+        "sparsity": 0.0,
+        "macs": 1e6,
+        "bitops": 1e9,
+        "runtime": "onnxruntime",
+        "runtimes": {"onnxruntime": rt},
+    }
+    base = {
+        **copy.deepcopy(art),
+        "precision": "fp32",
+        "latency_ms": {**lat, "p50": 1.0, "p90": 1.1},
+    }
+    return {
+        "name": "r",
+        "order": ["quantize"],
+        "recipe": {"model": {"name": "m"}},
+        "seed": 0,
+        "data": {"name": "d", "train": 1, "val": 1, "test": 1},
+        "environment": {
+            "measure_threads": 2,
+            "cpu": "x",
+            "logical_cpus": 2,
+            "cpu_flags": [],
+            "libraries": {},
+        },
+        "comparison": {
+            "speedup_batch1_p50": speedup,
+            "size_ratio": 4.0,
+            "accuracy_drop_points": drop,
+        },
+        "baseline": base,
+        "final": art,
+        "stages": [
+            {
+                "index": 0,
+                "name": "quantize",
+                "config": {"epochs": 1},
+                "seconds": 1.0,
+                "val_accuracy": 0.5,
+                "info": {"scheme": {"mode": "qat"}},
+            }
+        ],
+        "timing_s": {k: 1.0 for k in ("baseline", "stages", "export", "measure", "total")},
+    }
 
 
 def test_report_explains_slow_int8_parity_and_noise() -> None:
-    kernels = {"QLinearConv": 10, "Conv": 3, "QuantizeLinear": 4, "DequantizeLinear": 5,
-               "Transpose": 2}
+    kernels = {
+        "QLinearConv": 10,
+        "Conv": 3,
+        "QuantizeLinear": 4,
+        "DequantizeLinear": 5,
+        "Transpose": 2,
+    }
     md = render_markdown(record(speedup=0.84, drop=0.001, p50=1.0, p90=2.5, kernels=kernels))
     assert "1.19x slower at batch 1" in md and "0.84x faster" not in md
     assert "accuracy 0.00 points" in md and "-0.00" not in md
@@ -89,6 +139,6 @@ def test_labels_of_points_sharing_a_size_do_not_overlap() -> None:
     boxes = [t.get_window_extent() for t in ax.texts]
     assert len(boxes) == 13
     for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
+        for b in boxes[i + 1 :]:
             assert not a.overlaps(b)
     plt.close(fig)

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import onnx_weights, tiny
 from pqd.export import export_onnx
-from pqd.measure.env import cpu_flags
+from pqd.measure.env import cpu_flags, has_vnni
 from pqd.measure.runtime import avx2_logits, open_runner
 from pqd.measure.saturation import pairs_at_risk, saturation
-from pqd.stages.quantize import DEFAULT_SCHEME, prepare_qat, weight_range
-from pqd.target import has_vnni
+from pqd.quant.pt2e import DEFAULT_SCHEME, prepare_qat, weight_range
 from pqd.train import set_train
-from quant_helpers import onnx_weights, tiny
 
 
 def emulated_pair_sums(w: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,8 +55,9 @@ def _exported(tmp: Path, reduce_range: bool) -> Path:
         for _ in range(3):
             graph(torch.rand(16, 3, 32, 32))
     set_train(graph, False)
-    path, _ = export_onnx(graph, tmp / f"rr{int(reduce_range)}.onnx", torch.rand(2, 3, 32, 32),
-                          quantized=True)
+    path, _ = export_onnx(
+        graph, tmp / f"rr{int(reduce_range)}.onnx", torch.rand(2, 3, 32, 32), quantized=True
+    )
     return path
 
 

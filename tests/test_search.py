@@ -34,8 +34,9 @@ STAGES = [{"stage": "prune", "sparsity": 0.5}, {"stage": "quantize"}, {"stage": 
 
 
 def search_recipe(stages: list[dict[str, Any]] | None = None, **search: Any):
-    return recipe_from_dict({"name": "s", "model": {"name": "tiny_cnn"},
-                             "stages": stages or STAGES, "search": search})
+    return recipe_from_dict(
+        {"name": "s", "model": {"name": "tiny_cnn"}, "stages": stages or STAGES, "search": search}
+    )
 
 
 # ---------------------------------------------------------------------------- budgets, plans
@@ -84,8 +85,10 @@ def test_two_stage_pairwise_runs_are_the_permutation_runs_and_seeds_repeat():
 
 
 def test_ptq_keeps_zero_epochs_and_impossible_allocations_say_so():
-    stages = [{"stage": "prune", "sparsity": 0.5}, {"stage": "quantize", "mode": "ptq",
-                                                    "epochs": 0}]
+    stages = [
+        {"stage": "prune", "sparsity": 0.5},
+        {"stage": "quantize", "mode": "ptq", "epochs": 0},
+    ]
     trials = plan_trials(search_recipe(stages, total_epochs=4), "/c", "d", "/data")
     assert all(s.epochs == 0 for t in trials for s in t.recipe.stages if s.stage == "quantize")
     gradual = [{"stage": "prune", "sparsity": 0.5, "schedule": "gradual"}, {"stage": "distill"}]
@@ -97,8 +100,7 @@ def test_trial_key_ignores_names_and_paths_but_not_what_changes_results():
     recipe = search_recipe(total_epochs=5)
     a = plan_trials(recipe, "/one/ckpt", "digest", "/data")[0]
     b = plan_trials(recipe, "/moved/ckpt", "digest", "/data")[0]
-    assert a.key == b.key == trial_key(a.recipe.model_copy(update={"name": "x"}), "digest",
-                                       "/data")
+    assert a.key == b.key == trial_key(a.recipe.model_copy(update={"name": "x"}), "digest", "/data")
     assert plan_trials(recipe, "/one/ckpt", "other", "/data")[0].key != a.key
     assert plan_trials(recipe, "/one/ckpt", "digest", "/other")[0].key != a.key
     changed = search_recipe([{**STAGES[0], "sparsity": 0.6}, *STAGES[1:]], total_epochs=5)
@@ -117,8 +119,9 @@ def test_folder_status_done_trained_missing(tmp_path):
     assert folder_status(folder, t.key) == "missing"  # half-finished: no final.onnx
     (folder / "final.onnx").write_text("x")
     assert folder_status(folder, t.key) == "trained"
-    (folder / "record.json").write_text(json.dumps({"final": {"accuracy": 0.5,
-                                                              "latency_ms": {"p50": 1.0}}}))
+    (folder / "record.json").write_text(
+        json.dumps({"final": {"accuracy": 0.5, "latency_ms": {"p50": 1.0}}})
+    )
     assert folder_status(folder, t.key) == "done"
     assert folder_status(folder, "another-key") == "missing"
 
@@ -142,13 +145,22 @@ def test_topological_order_of_a_known_win_table():
 
 
 def test_topological_order_reports_a_cycle_and_forces_no_order():
-    edges = [("prune", "quantize"), ("quantize", "distill"), ("distill", "prune"),
-             ("prune", "exit"), ("quantize", "exit"), ("distill", "exit")]
+    edges = [
+        ("prune", "quantize"),
+        ("quantize", "distill"),
+        ("distill", "prune"),
+        ("prune", "exit"),
+        ("quantize", "exit"),
+        ("distill", "exit"),
+    ]
     got = topological_order(["prune", "quantize", "distill", "exit"], edges)
     assert got["order"] is None and not got["unique"]
     cycle = got["cycle"]
-    assert {tuple(e) for e in cycle} == {("prune", "quantize"), ("quantize", "distill"),
-                                         ("distill", "prune")}
+    assert {tuple(e) for e in cycle} == {
+        ("prune", "quantize"),
+        ("quantize", "distill"),
+        ("distill", "prune"),
+    }
     assert all(a[1] == b[0] for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True))
 
 
@@ -158,12 +170,14 @@ def test_topological_order_with_a_tie_is_not_unique():
 
 
 def test_pareto_front_of_known_points():
-    points = [(0.80, 4.0, 1.0),   # 0 baseline: most accurate
-              (0.79, 1.0, 0.4),   # 1 compressed: small and fast
-              (0.78, 1.0, 0.4),   # 2 dominated by 1
-              (0.79, 1.0, 0.5),   # 3 dominated by 1 (slower)
-              (0.70, 0.9, 0.6),   # 4 smallest
-              (0.60, 2.0, 2.0)]   # 5 dominated by everything
+    points = [
+        (0.80, 4.0, 1.0),  # 0 baseline: most accurate
+        (0.79, 1.0, 0.4),  # 1 compressed: small and fast
+        (0.78, 1.0, 0.4),  # 2 dominated by 1
+        (0.79, 1.0, 0.5),  # 3 dominated by 1 (slower)
+        (0.70, 0.9, 0.6),  # 4 smallest
+        (0.60, 2.0, 2.0),
+    ]  # 5 dominated by everything
     assert pareto_front(points) == [0, 1, 4]
     # latencies within 30% count as equal: 3 is no longer beaten by 1
     assert pareto_front(points, latency_tolerance=0.3) == [0, 1, 3, 4]
@@ -177,11 +191,13 @@ def test_pareto_front_of_known_points():
 
 
 def test_search_section_errors_are_one_line():
-    bad = [({"budget": [50, 50]}, "search.budget has 2 entries for 3 stages"),
-           ({"budget": [20, 40, 50]}, "search.budget sums to 110"),
-           ({"seeds": [1, 1]}, "lists a seed twice"),
-           ({"mode": "all"}, "search.mode"),
-           ({"executor": "ray"}, "search.executor: Extra inputs")]
+    bad = [
+        ({"budget": [50, 50]}, "search.budget has 2 entries for 3 stages"),
+        ({"budget": [20, 40, 50]}, "search.budget sums to 110"),
+        ({"seeds": [1, 1]}, "lists a seed twice"),
+        ({"mode": "all"}, "search.mode"),
+        ({"executor": "ray"}, "search.executor: Extra inputs"),
+    ]
     for search, text in bad:
         with pytest.raises(RecipeError, match=text) as err:
             search_recipe(**search)
@@ -205,14 +221,18 @@ def test_executor_errors(monkeypatch):
 
 def test_cli_bad_search_exits_2_with_one_line(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {name: tiny_cnn}\nstages: [{stage: prune, sparsity: 0.5}, "
-                      "{stage: distill}]\nsearch: {budget: [20, 40, 40]}\n")
+    recipe.write_text(
+        "model: {name: tiny_cnn}\nstages: [{stage: prune, sparsity: 0.5}, "
+        "{stage: distill}]\nsearch: {budget: [20, 40, 40]}\n"
+    )
     assert main(["search", str(recipe), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pqd: error:") and "budget has 3 entries for 2 stages" in err
     assert len(err.splitlines()) == 1
-    recipe.write_text("model: {name: tiny_cnn}\nstages: [{stage: prune, sparsity: 0.5}, "
-                      "{stage: distill}]\nsearch: {}\n")
+    recipe.write_text(
+        "model: {name: tiny_cnn}\nstages: [{stage: prune, sparsity: 0.5}, "
+        "{stage: distill}]\nsearch: {}\n"
+    )
     assert main(["search", str(recipe), "--out", str(tmp_path / "o"), "--executor", "x"]) == 2
     assert "unknown executor 'x'" in capsys.readouterr().err
     pytest.importorskip("ray")
@@ -220,8 +240,21 @@ def test_cli_bad_search_exits_2_with_one_line(tmp_path, capsys):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there now
-    assert main(["search", str(recipe), "--out", str(tmp_path / "o"), "--executor", "ray",
-                 "--address", f"127.0.0.1:{port}"]) == 2
+    assert (
+        main(
+            [
+                "search",
+                str(recipe),
+                "--out",
+                str(tmp_path / "o"),
+                "--executor",
+                "ray",
+                "--address",
+                f"127.0.0.1:{port}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "o" / "baseline").exists()
@@ -230,9 +263,13 @@ def test_cli_bad_search_exits_2_with_one_line(tmp_path, capsys):
 # ---------------------------------------------------------------------------- reports
 
 
-def fake_search(accuracy: dict[str, float], seeds: tuple[int, ...] = (0,),
-                failed: tuple[str, ...] = (), drops: dict[str, float] | None = None,
-                **search: Any) -> dict[str, Any]:
+def fake_search(
+    accuracy: dict[str, float],
+    seeds: tuple[int, ...] = (0,),
+    failed: tuple[str, ...] = (),
+    drops: dict[str, float] | None = None,
+    **search: Any,
+) -> dict[str, Any]:
     """A search analysed from made-up results: accuracy by order 'p>q>d' (INT8 when q in it,
     '' is the baseline), the orders in ``failed`` failed; ``drops``: each order's audit
     (largest per-class drop in points, default 1)."""
@@ -242,42 +279,88 @@ def fake_search(accuracy: dict[str, float], seeds: tuple[int, ...] = (0,),
     def entry(t: Trial, seed: int) -> dict[str, Any]:
         name = ">".join(s[0] for s in t.order)
         int8 = "quantize" in t.order
-        base = {"group": t.group, "kind": t.kind, "order": list(t.order),
-                "label": " -> ".join(t.order) or "baseline", "seed": seed,
-                "epochs": list(t.epochs), "key": t.key, "dir": t.folder}
+        base = {
+            "group": t.group,
+            "kind": t.kind,
+            "order": list(t.order),
+            "label": " -> ".join(t.order) or "baseline",
+            "seed": seed,
+            "epochs": list(t.epochs),
+            "key": t.key,
+            "dir": t.folder,
+        }
         if name in failed:
             return {**base, "status": "failed", "error": "loss became nan"}
-        return {**base, "status": "done", "accuracy": accuracy.get(name, 0.78) + 0.002 * seed,
-                "size_bytes": 1_200_000 if int8 else 4_500_000,
-                "latency_ms": {"p50": 0.4 if int8 else 1.3, "p90": 0.5 if int8 else 1.5},
-                "precision": "int8" if int8 else "fp32",
-                "sparsity": 0.5 if "prune" in t.order else 0.0,
-                "audit": None if drops is None else {
-                    "worst_class_drop_points": drops.get(name, 1.0) + seed,
-                    "worst_class": "cat", "disagreement": 0.05, "ece": 0.02,
-                    "corruption_accuracy": None}}
+        return {
+            **base,
+            "status": "done",
+            "accuracy": accuracy.get(name, 0.78) + 0.002 * seed,
+            "size_bytes": 1_200_000 if int8 else 4_500_000,
+            "latency_ms": {"p50": 0.4 if int8 else 1.3, "p90": 0.5 if int8 else 1.5},
+            "precision": "int8" if int8 else "fp32",
+            "sparsity": 0.5 if "prune" in t.order else 0.0,
+            "audit": None
+            if drops is None
+            else {
+                "worst_class_drop_points": drops.get(name, 1.0) + seed,
+                "worst_class": "cat",
+                "disagreement": 0.05,
+                "ece": 0.02,
+                "corruption_accuracy": None,
+            },
+        }
 
     base = Trial("baseline", (), 0, (30,), recipe, "basekey")
     entries = [entry(t, t.seed) for t in trials]
-    data = {"name": "cifar10", "train": 4670, "val": 500, "test": 1017,
-            "subset_note": "the test split holds 1017 of the official 10000 test images"}
+    data = {
+        "name": "cifar10",
+        "train": 4670,
+        "val": 500,
+        "test": 1017,
+        "subset_note": "the test split holds 1017 of the official 10000 test images",
+    }
     panel = {"runtime": "onnxruntime", "threads": 2, "host": "vm", "cpu": "AMD EPYC"}
-    search = analyse(recipe, entry(base, 0), entries, executor={"kind": "sequential"},
-                     panel=panel, data=data, unique_runs=16)
+    search = analyse(
+        recipe,
+        entry(base, 0),
+        entries,
+        executor={"kind": "sequential"},
+        panel=panel,
+        data=data,
+        unique_runs=16,
+    )
     search["runs"].update(trained_now=16, reused=0, failed=0)
     search["timing_s"] = {"train": 100.0, "measure": 20.0, "panel": 5.0, "total": 130.0}
     return search
 
 
 def test_analysis_ranks_derives_the_order_and_finds_the_frontier():
-    acc = {"p>q>d": 0.79, "p>d>q": 0.785, "q>p>d": 0.77, "q>d>p": 0.76, "d>p>q": 0.775,
-           "d>q>p": 0.765, "p>q": 0.78, "q>p": 0.77, "p>d": 0.75, "d>p": 0.74, "q>d": 0.76,
-           "d>q": 0.75, "p": 0.76, "q": 0.77, "d": 0.795, "": 0.78}
+    acc = {
+        "p>q>d": 0.79,
+        "p>d>q": 0.785,
+        "q>p>d": 0.77,
+        "q>d>p": 0.76,
+        "d>p>q": 0.775,
+        "d>q>p": 0.765,
+        "p>q": 0.78,
+        "q>p": 0.77,
+        "p>d": 0.75,
+        "d>p": 0.74,
+        "q>d": 0.76,
+        "d>q": 0.75,
+        "p": 0.76,
+        "q": 0.77,
+        "d": 0.795,
+        "": 0.78,
+    }
     search = fake_search(acc)
     pw = search["pairwise"]
     assert pw["order"] == ["prune", "quantize", "distill"] and pw["unique"]
     assert pw["cycle"] is None and sorted(map(tuple, pw["edges"])) == [
-        ("prune", "distill"), ("prune", "quantize"), ("quantize", "distill")]
+        ("prune", "distill"),
+        ("prune", "quantize"),
+        ("quantize", "distill"),
+    ]
     assert search["ranking"][0] == search["best"] == "permutation:prune>quantize>distill"
     # frontier: distill-only (FP32, most accurate) and the best INT8 order
     assert set(search["pareto"]) == {"reference:distill", "permutation:prune>quantize>distill"}
@@ -294,8 +377,11 @@ def test_analysis_reports_a_cycle_and_aggregates_seeds():
     search = fake_search(acc, seeds=(0, 1))
     pw = search["pairwise"]
     assert pw["order"] is None and len(pw["cycle"]) == 3
-    assert {tuple(e) for e in pw["cycle"]} == {("prune", "quantize"), ("quantize", "distill"),
-                                               ("distill", "prune")}
+    assert {tuple(e) for e in pw["cycle"]} == {
+        ("prune", "quantize"),
+        ("quantize", "distill"),
+        ("distill", "prune"),
+    }
     group = next(g for g in search["groups"] if g["id"] == "pairwise:prune>quantize")
     assert group["n"] == 2 and group["seeds"] == [0, 1]
     assert group["accuracy_mean"] == pytest.approx(0.801)
@@ -306,12 +392,13 @@ def test_frontier_points_losing_a_class_are_flagged():
     from pqd.report import render_search_markdown
 
     acc = {"p>q>d": 0.79, "d": 0.795, "": 0.78}
-    search = fake_search(acc, seeds=(0, 1), drops={"p>q>d": 2.5, "d": 0.5},
-                         flag_class_drop=3.0)
+    search = fake_search(acc, seeds=(0, 1), drops={"p>q>d": 2.5, "d": 0.5}, flag_class_drop=3.0)
     assert set(search["pareto"]) == {"reference:distill", "permutation:prune>quantize>distill"}
     # worst case over the seeds: 2.5 + 1 > 3 points; distill-only 0.5 + 1 is not
-    assert search["class_drop_flag"] == {"threshold_points": 3.0,
-                                         "flagged": ["permutation:prune>quantize>distill"]}
+    assert search["class_drop_flag"] == {
+        "threshold_points": 3.0,
+        "flagged": ["permutation:prune>quantize>distill"],
+    }
     group = next(g for g in search["groups"] if g["id"] == "permutation:prune>quantize>distill")
     assert group["audit"]["worst_class_drop_points"] == 3.5 and group["class_drop_flag"]
     text = render_search_markdown(search)
@@ -320,7 +407,8 @@ def test_frontier_points_losing_a_class_are_flagged():
     # off by default; no audit, no section
     plain = fake_search(acc)
     assert plain["class_drop_flag"] is None and "Audit per order" not in (
-        render_search_markdown(plain))
+        render_search_markdown(plain)
+    )
 
 
 def test_derived_order_text_for_ties_and_partial_orders():
@@ -354,8 +442,7 @@ def test_report_renders_from_a_stored_search_json(tmp_path, capsys):
 
 def test_failed_trials_lose_their_pair_and_are_listed(tmp_path):
     search = fake_search({"p>q": 0.70, "q>p": 0.80}, failed=("q>p",))
-    row = next(r for r in search["pairwise"]["table"] if {r["a"], r["b"]} == {"prune",
-                                                                             "quantize"})
+    row = next(r for r in search["pairwise"]["table"] if {r["a"], r["b"]} == {"prune", "quantize"})
     assert row["first"] == "prune" and row["decided_by"] == "the other run failed"
     from pqd.report import write_search_report
 
@@ -400,8 +487,10 @@ def sequential(tmp_path_factory, data_dir) -> tuple[Path, Path, dict[str, Any]]:
     recipe = root / "tiny.yaml"
     recipe.write_text(TINY)
     out = root / "seq"
-    assert main(["search", str(recipe), "--out", str(out), "--data-dir", data_dir,
-                 "--no-progress"]) == 0
+    assert (
+        main(["search", str(recipe), "--out", str(out), "--data-dir", data_dir, "--no-progress"])
+        == 0
+    )
     return recipe, out, json.loads((out / "search.json").read_text())
 
 
@@ -414,9 +503,15 @@ def test_cli_search_writes_every_order_frontier_pairwise_and_reports(sequential)
     _, out, search = sequential
     assert search["executor"] == {"kind": "sequential"}
     groups = {g["id"]: g for g in search["groups"]}
-    assert set(groups) == {"baseline", "permutation:prune>distill", "permutation:distill>prune",
-                           "pairwise:prune>distill", "pairwise:distill>prune",
-                           "reference:prune", "reference:distill"}
+    assert set(groups) == {
+        "baseline",
+        "permutation:prune>distill",
+        "permutation:distill>prune",
+        "pairwise:prune>distill",
+        "pairwise:distill>prune",
+        "reference:prune",
+        "reference:distill",
+    }
     for g in groups.values():
         assert 0.0 <= g["accuracy_mean"] <= 1.0 and g["size_bytes"] > 0
         assert g["latency_p50_ms"] > 0 and g["latency_p90_ms"] >= g["latency_p50_ms"]
@@ -439,8 +534,7 @@ def test_cli_search_writes_every_order_frontier_pairwise_and_reports(sequential)
 
 
 @pytest.mark.integration
-def test_rerun_reuses_finished_trials_and_redoes_half_finished_ones(sequential, tmp_path,
-                                                                    data_dir):
+def test_rerun_reuses_finished_trials_and_redoes_half_finished_ones(sequential, tmp_path, data_dir):
     recipe, seq, first = sequential
     out = tmp_path / "resume"
     shutil.copytree(seq, out)
@@ -465,9 +559,24 @@ def test_process_executor_matches_sequential(sequential, tmp_path, data_dir):
     out = tmp_path / "proc"
     out.mkdir()
     shutil.copytree(seq / "baseline", out / "baseline")  # the same shared baseline
-    assert main(["search", str(recipe), "--out", str(out), "--data-dir", data_dir,
-                 "--no-progress", "--workers", "2", "search.mode=permutations",
-                 "search.references=false"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(recipe),
+                "--out",
+                str(out),
+                "--data-dir",
+                data_dir,
+                "--no-progress",
+                "--workers",
+                "2",
+                "search.mode=permutations",
+                "search.references=false",
+            ]
+        )
+        == 0
+    )
     search = json.loads((out / "search.json").read_text())
     assert search["executor"] == {"kind": "processes", "workers": 2}
     got, want = _accuracies(search), _accuracies(first)
@@ -483,9 +592,24 @@ def test_ray_executor_matches_sequential(sequential, tmp_path, data_dir):
     shutil.copytree(seq / "baseline", out / "baseline")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        assert main(["search", str(recipe), "--out", str(out), "--data-dir", data_dir,
-                     "--no-progress", "--executor", "ray", "search.mode=permutations",
-                     "search.references=false"]) == 0
+        assert (
+            main(
+                [
+                    "search",
+                    str(recipe),
+                    "--out",
+                    str(out),
+                    "--data-dir",
+                    data_dir,
+                    "--no-progress",
+                    "--executor",
+                    "ray",
+                    "search.mode=permutations",
+                    "search.references=false",
+                ]
+            )
+            == 0
+        )
     finally:
         ray.shutdown()
     search = json.loads((out / "search.json").read_text())
@@ -556,8 +680,7 @@ class _FakeRay:
             info = tarfile.TarInfo("./pending.json")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        return {"ok": True, "seconds": 1.0, "host": "node", "threads": 1,
-                "files": buf.getvalue()}
+        return {"ok": True, "seconds": 1.0, "host": "node", "threads": 1, "files": buf.getvalue()}
 
 
 @pytest.mark.parametrize("gpus", [0, 2])
@@ -573,10 +696,14 @@ def test_ray_executor_asks_for_a_gpu_when_the_cluster_has_them(monkeypatch, tmp_
     trials = plan_trials(search_recipe(total_epochs=5), str(ckpt), "d", "/data")[:2]
     done = []
     with _Executor("ray", None, None, "/data", False) as ex:
-        ex.run([(t, tmp_path / t.folder) for t in trials],
-               lambda t, f, r: done.append((t.key, f, r)))
-        assert ex.describe() == {"kind": "ray", "address": "auto",
-                                 "gpus_per_trial": 1 if gpus else 0}
+        ex.run(
+            [(t, tmp_path / t.folder) for t in trials], lambda t, f, r: done.append((t.key, f, r))
+        )
+        assert ex.describe() == {
+            "kind": "ray",
+            "address": "auto",
+            "gpus_per_trial": 1 if gpus else 0,
+        }
     assert fake.options["num_gpus"] == (1 if gpus else 0) and fake.options["num_cpus"] == 1
     assert [c[1] for c in fake.calls] == ["/data", "/data"]
     assert all(c[2] == ("blob", 5) for c in fake.calls)  # the checkpoint travels as bytes
@@ -586,15 +713,19 @@ def test_ray_executor_asks_for_a_gpu_when_the_cluster_has_them(monkeypatch, tmp_
         assert "files" not in result
 
 
-def test_ray_task_ships_the_checkpoint_and_returns_the_folder_with_driver_paths(monkeypatch,
-                                                                                tmp_path):
+def test_ray_task_ships_the_checkpoint_and_returns_the_folder_with_driver_paths(
+    monkeypatch, tmp_path
+):
     import sys
     import types
 
     import pqd.search as search
 
-    ray = types.SimpleNamespace(get_runtime_context=lambda: types.SimpleNamespace(
-        get_assigned_resources=lambda: {"CPU": 2.0}))
+    ray = types.SimpleNamespace(
+        get_runtime_context=lambda: types.SimpleNamespace(
+            get_assigned_resources=lambda: {"CPU": 2.0}
+        )
+    )
     monkeypatch.setitem(sys.modules, "ray", ray)
     seen = {}
 
@@ -641,8 +772,10 @@ def _listener(reply: bytes) -> tuple[socket.socket, int]:
 
 def _search_recipe(tmp_path: Path) -> Path:
     recipe = tmp_path / "s.yaml"
-    recipe.write_text("model: {name: tiny_cnn}\nstages: [{stage: prune, sparsity: 0.5}, "
-                      "{stage: distill}]\nsearch: {}\n")
+    recipe.write_text(
+        "model: {name: tiny_cnn}\nstages: [{stage: prune, sparsity: 0.5}, "
+        "{stage: distill}]\nsearch: {}\n"
+    )
     return recipe
 
 
@@ -652,8 +785,21 @@ def test_a_port_that_is_not_ray_is_one_line_and_leaves_no_folder(tmp_path, capfd
     srv, port = _listener(reply)
     try:
         out = tmp_path / "o"
-        assert main(["search", str(_search_recipe(tmp_path)), "--out", str(out),
-                     "--executor", "ray", "--address", f"127.0.0.1:{port}"]) == 2
+        assert (
+            main(
+                [
+                    "search",
+                    str(_search_recipe(tmp_path)),
+                    "--out",
+                    str(out),
+                    "--executor",
+                    "ray",
+                    "--address",
+                    f"127.0.0.1:{port}",
+                ]
+            )
+            == 2
+        )
     finally:
         srv.close()
     err = capfd.readouterr().err.strip()
@@ -669,8 +815,21 @@ def test_an_unreachable_ray_leaves_no_folder(tmp_path, capfd):
     port = sock.getsockname()[1]
     sock.close()
     out = tmp_path / "deep" / "o"
-    assert main(["search", str(_search_recipe(tmp_path)), "--out", str(out),
-                 "--executor", "ray", "--address", f"127.0.0.1:{port}"]) == 2
+    assert (
+        main(
+            [
+                "search",
+                str(_search_recipe(tmp_path)),
+                "--out",
+                str(out),
+                "--executor",
+                "ray",
+                "--address",
+                f"127.0.0.1:{port}",
+            ]
+        )
+        == 2
+    )
     assert len(capfd.readouterr().err.strip().splitlines()) == 1
     assert not out.exists()
 
@@ -692,8 +851,21 @@ def test_rays_own_logs_while_connecting_stay_off_the_terminal(tmp_path, capfd, m
     monkeypatch.setitem(sys.modules, "ray", fake)
     monkeypatch.setattr(search, "_check_reachable", lambda address: None)
     out = tmp_path / "o"
-    assert main(["search", str(_search_recipe(tmp_path)), "--out", str(out),
-                 "--executor", "ray", "--address", "10.0.0.5:6379"]) == 2
+    assert (
+        main(
+            [
+                "search",
+                str(_search_recipe(tmp_path)),
+                "--out",
+                str(out),
+                "--executor",
+                "ray",
+                "--address",
+                "10.0.0.5:6379",
+            ]
+        )
+        == 2
+    )
     err = capfd.readouterr().err.strip()
     assert err.splitlines() == [err] and err.startswith("pqd: error: cannot connect to Ray")
     assert "GCS did not answer" in err and not out.exists()

@@ -16,15 +16,15 @@ from onnx import numpy_helper
 
 import pqd.stages  # noqa: F401  (registers the stages)
 from conftest import tiny_recipe
+from helpers import Job
 from pqd.data import Dataset
 from pqd.export import export_onnx, parity
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.runtime import open_runner
 from pqd.models import build_model
-from pqd.registry import STAGES
-from pqd.stages.base import Context, State
-from pqd.stages.prune import prunable_parameters
-from pqd.stages.quantize import unquantized_weights
+from pqd.prune.masks import prunable_parameters
+from pqd.quant.pt2e import unquantized_weights
+from pqd.state import State
 from pqd.train import is_graph
 
 CPU = torch.device("cpu")
@@ -40,17 +40,14 @@ def fake_quantizers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "fake_quant_enabled")]
 
 
-def run_stages(order: tuple[str, ...], data: Dataset, seed: int = 0) -> tuple[State, Context]:
+def run_stages(order: tuple[str, ...], data: Dataset, seed: int = 0) -> tuple[State, Job]:
     """Apply ``order`` to a tiny_cnn as the pipeline does, checking invariants after each."""
     recipe = tiny_recipe([SPECS[s] for s in order], seed=seed)
     torch.manual_seed(seed)
     model = build_model("tiny_cnn", data.num_classes, data.mean, data.std)
-    ctx = Context(recipe=recipe, data=data, device=CPU, teacher=copy.deepcopy(model).eval(),
-                  progress=False)
-    state = State(model=model)
-    for i, spec in enumerate(recipe.stages):
-        ctx.stage_index = i
-        state = STAGES[spec.stage](state, spec, ctx)
+    job = Job(recipe=recipe, data=data, teacher=copy.deepcopy(model).eval())
+
+    def check(i: int, spec, state: State, seconds: float) -> None:
         params = dict(state.model.named_parameters())
         for name, keep in state.masks.items():  # pruned weights are exactly zero
             assert torch.count_nonzero(params[name].detach()[~keep]) == 0, (order, i, name)
@@ -61,7 +58,8 @@ def run_stages(order: tuple[str, ...], data: Dataset, seed: int = 0) -> tuple[St
             assert fqs and all(int(fq.fake_quant_enabled[0]) == 1 for fq in fqs)
         else:
             assert not state.quantized and not is_graph(state.model)
-    return state, ctx
+
+    return job.run_stages(State(model=model), on_stage=check), job
 
 
 def int8_weights(path: Path) -> list[np.ndarray]:
@@ -82,16 +80,18 @@ def int8_weights(path: Path) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("order", ORDERS, ids="->".join)
 def test_every_order_keeps_masks_fake_quant_and_learned_scales(
-        order: tuple[str, ...], synth: Dataset, tmp_path: Path) -> None:
+    order: tuple[str, ...], synth: Dataset, tmp_path: Path
+) -> None:
     state, ctx = run_stages(order, synth)
     assert state.masks and state.quantized
     graph = state.model
     # the qparams QAT learned, computed before export (export must not recalibrate)
-    learned = sorted(float(fq.calculate_qparams()[0].reshape(-1)[0])
-                     for fq in fake_quantizers(graph)
-                     if fq.calculate_qparams()[0].numel() == 1)  # per-tensor = activations
-    path, deploy = export_onnx(graph, tmp_path / "final.onnx", ctx.example_input(),
-                               quantized=True)
+    learned = sorted(
+        float(fq.calculate_qparams()[0].reshape(-1)[0])
+        for fq in fake_quantizers(graph)
+        if fq.calculate_qparams()[0].numel() == 1
+    )  # per-tensor = activations
+    path, deploy = export_onnx(graph, tmp_path / "final.onnx", ctx.example_input(), quantized=True)
 
     # masks: every masked weight is zero in the exported int8 tensor, layer by layer
     names = list(prunable_parameters(graph))
@@ -100,7 +100,7 @@ def test_every_order_keeps_masks_fake_quant_and_learned_scales(
     for name, w in zip(names, weights, strict=True):
         keep = state.masks[name].numpy()
         if w.shape != keep.shape:  # the 3-channel stem is padded with zero input channels
-            assert w.shape[1] > keep.shape[1] and not w[:, keep.shape[1]:].any()
+            assert w.shape[1] > keep.shape[1] and not w[:, keep.shape[1] :].any()
             w = w[:, : keep.shape[1]]
         assert not w[~keep].any(), name
     masked = sum(int((~m).sum()) for m in state.masks.values())
@@ -111,8 +111,11 @@ def test_every_order_keeps_masks_fake_quant_and_learned_scales(
     # learned activation scales are the ones in the file
     proto = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    in_file = [float(inits[n.input[1]]) for n in proto.graph.node
-               if n.op_type == "QuantizeLinear" and inits[n.input[1]].size == 1]
+    in_file = [
+        float(inits[n.input[1]])
+        for n in proto.graph.node
+        if n.op_type == "QuantizeLinear" and inits[n.input[1]].size == 1
+    ]
     assert in_file
     for s in in_file:
         assert min(abs(s - t) / t for t in learned) < 1e-6, (s, learned)
@@ -120,7 +123,7 @@ def test_every_order_keeps_masks_fake_quant_and_learned_scales(
     # the artifact computes what the converted torch model computes
     runner = open_runner("onnxruntime", path, threads=1)
     x = synth.test_x.float() / 255
-    ort_logits = np.concatenate([runner.run(x[i:i + 16].numpy()) for i in range(0, len(x), 16)])
+    ort_logits = np.concatenate([runner.run(x[i : i + 16].numpy()) for i in range(0, len(x), 16)])
     with torch.no_grad():
         ref = deploy(x).numpy()
     par = parity(ref, ort_logits)
@@ -133,8 +136,7 @@ def test_quantize_twice_keeps_one_set_of_quantizers(synth: Dataset) -> None:
     state, ctx = run_stages(("quantize",), synth)
     n = len(fake_quantizers(state.model))
     ctx.recipe = tiny_recipe([SPECS["quantize"], SPECS["quantize"]])
-    ctx.stage_index = 1
-    state = STAGES["quantize"](state, ctx.recipe.stages[1], ctx)
+    state = ctx.run_stages(state, start=1)
     assert len(fake_quantizers(state.model)) == n
     assert "already quantized" in state.info["note"]
 
@@ -142,10 +144,10 @@ def test_quantize_twice_keeps_one_set_of_quantizers(synth: Dataset) -> None:
 def test_prune_after_prune_only_adds_zeros(synth: Dataset) -> None:
     state, ctx = run_stages(("prune",), synth)
     first = {k: v.clone() for k, v in state.masks.items()}
-    ctx.recipe = tiny_recipe([SPECS["prune"], {**SPECS["prune"], "sparsity": 0.8,
-                                               "schedule": "oneshot"}])
-    ctx.stage_index = 1
-    state = STAGES["prune"](state, ctx.recipe.stages[1], ctx)
+    ctx.recipe = tiny_recipe(
+        [SPECS["prune"], {**SPECS["prune"], "sparsity": 0.8, "schedule": "oneshot"}]
+    )
+    state = ctx.run_stages(state, start=1)
     for name, keep in first.items():
         assert not (state.masks[name] & ~keep).any()  # nothing pruned comes back
     assert state.info["mask_sparsity"] == pytest.approx(0.8, abs=1e-3)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from pqd.measure.env import kernels_in_words
 from pqd.recipe import recipe_from_dict
-from pqd.target import assess, kernels_in_words, reduces_range, resolve
+from pqd.target import assess, reduces_range, resolve
 
 AVX2 = ["avx2"]
 VNNI = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
@@ -39,10 +40,19 @@ def test_kernels_in_words_name_vnni_and_bf16() -> None:
 
 
 def _artifact(agreement: float, pairs: int = 0) -> dict:
-    return {"runtimes": {"onnxruntime": {"parity": {
-        "samples": 1000, "top1_agreement": agreement, "max_abs_logit_diff": 1.2}}},
-        "saturation": {"pairs_at_risk": pairs, "layers": [], "checked_layers": 3,
-                       "max_pair_magnitude": 200 if pairs else 120}}
+    return {
+        "runtimes": {
+            "onnxruntime": {
+                "parity": {"samples": 1000, "top1_agreement": agreement, "max_abs_logit_diff": 1.2}
+            }
+        },
+        "saturation": {
+            "pairs_at_risk": pairs,
+            "layers": [],
+            "checked_layers": 3,
+            "max_pair_magnitude": 200 if pairs else 120,
+        },
+    }
 
 
 def test_low_agreement_fails_parity_naming_the_runtime_and_figure() -> None:
@@ -51,7 +61,9 @@ def test_low_agreement_fails_parity_naming_the_runtime_and_figure() -> None:
     [line] = verdict["parity_problems"]
     assert "onnxruntime" in line and "94.30%" in line and "1000" in line
     assert assess(_artifact(0.995), "portable", VNNI, 0.99) == {
-        "parity_ok": True, "parity_problems": []}
+        "parity_ok": True,
+        "parity_problems": [],
+    }
 
 
 def test_a_vnni_file_on_an_avx2_cpu_is_flagged_even_when_agreement_holds() -> None:

@@ -46,8 +46,14 @@ def blobs(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def small_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
@@ -91,9 +97,16 @@ def test_fit_learns_and_evaluate_reports_fraction() -> None:
 def test_hooks_run_every_step() -> None:
     x, y = blobs(64)
     calls: list[str] = []
-    fit(small_net(), Batches(x, y, 16), TrainSpec(amp="off", channels_last=False), 2,
-        device=CPU, progress=False, on_step=lambda s, t: calls.append(f"on{s}/{t}"),
-        after_step=lambda m: calls.append("after"))
+    fit(
+        small_net(),
+        Batches(x, y, 16),
+        TrainSpec(amp="off", channels_last=False),
+        2,
+        device=CPU,
+        progress=False,
+        on_step=lambda s, t: calls.append(f"on{s}/{t}"),
+        after_step=lambda m: calls.append("after"),
+    )
     assert calls[:2] == ["on0/8", "after"] and len(calls) == 16
 
 
@@ -101,8 +114,14 @@ def test_divergence_is_reported_as_user_error() -> None:
     x, y = blobs(64)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(TrainingDiverged, match="fix: lower the learning rate"):
-        fit(small_net(), Batches(x, y, 64), TrainSpec(amp="off", channels_last=False), 1,
-            device=CPU, progress=False)
+        fit(
+            small_net(),
+            Batches(x, y, 64),
+            TrainSpec(amp="off", channels_last=False),
+            1,
+            device=CPU,
+            progress=False,
+        )
 
 
 def test_kd_loss_is_ce_when_alpha_zero_and_zero_kl_for_identical_logits() -> None:
@@ -114,7 +133,8 @@ def test_kd_loss_is_ce_when_alpha_zero_and_zero_kl_for_identical_logits() -> Non
     assert loss(logits, y, x).item() == pytest.approx(0.0, abs=1e-6)
     ce_only = kd_loss(teacher, 4.0, 0.0, 0.0, device=CPU, amp="off")
     assert ce_only(logits, y, x).item() == pytest.approx(
-        nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+        nn.functional.cross_entropy(logits, y).item(), rel=1e-6
+    )
     other = kd_loss(teacher, 4.0, 1.0, 0.0, device=CPU, amp="off")(torch.zeros_like(logits), y, x)
     assert other.item() > 0
 
@@ -159,19 +179,31 @@ def test_grad_norm_advice_names_what_can_change_the_outcome() -> None:
     assert "step 1/4" in line and "lower the learning rate" not in line
     assert "does not depend on the learning rate" in line and "max_grad_norm: null" in line
 
-    res = fit(small_net(), Batches(x, y, 16), cfg.model_copy(update={"max_grad_norm": None}),
-              1, device=CPU, progress=False)  # null: no limit
+    res = fit(
+        small_net(),
+        Batches(x, y, 16),
+        cfg.model_copy(update={"max_grad_norm": None}),
+        1,
+        device=CPU,
+        progress=False,
+    )  # null: no limit
     assert res.steps == 4
 
     calls = {"n": 0}
 
-    def huge_second_loss(logits: torch.Tensor, yy: torch.Tensor, _x: torch.Tensor
-                         ) -> torch.Tensor:
+    def huge_second_loss(logits: torch.Tensor, yy: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
         calls["n"] += 1
         loss = nn.functional.cross_entropy(logits, yy)
         return loss * 1e9 if calls["n"] == 2 else loss
 
     later = TrainSpec(amp="off", channels_last=False, max_grad_norm=1e6)
     with pytest.raises(TrainingDiverged, match=r"step 2/4: .*fix: lower the learning rate"):
-        fit(small_net(), Batches(x, y, 16), later, 1, device=CPU, progress=False,
-            loss_fn=huge_second_loss)
+        fit(
+            small_net(),
+            Batches(x, y, 16),
+            later,
+            1,
+            device=CPU,
+            progress=False,
+            loss_fn=huge_second_loss,
+        )

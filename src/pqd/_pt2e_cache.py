@@ -60,11 +60,16 @@ def _memoised(trace: Callable[..., torch.fx.GraphModule]) -> Callable[..., torch
     cache: dict[Hashable, torch.fx.GraphModule] = {}
 
     @functools.wraps(trace)
-    def wrapper(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool = False,
-                **kwargs: Any) -> torch.fx.GraphModule:
+    def wrapper(
+        pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool = False, **kwargs: Any
+    ) -> torch.fx.GraphModule:
         try:
-            key = (_pattern_key(pattern), _describe(tuple(example_inputs)), is_cuda,
-                   _describe(kwargs))
+            key = (
+                _pattern_key(pattern),
+                _describe(tuple(example_inputs)),
+                is_cuda,
+                _describe(kwargs),
+            )
         except TypeError:  # something unhashable: trace as torchao would
             return trace(pattern, example_inputs, is_cuda, **kwargs)
         if key not in cache:
@@ -77,11 +82,13 @@ def _memoised(trace: Callable[..., torch.fx.GraphModule]) -> Callable[..., torch
 
 def _skip_absent_convs(helper: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(helper)
-    def wrapper(m: torch.fx.GraphModule, conv_fn: Callable[..., Any], *args: Any,
-                **kwargs: Any) -> Any:
+    def wrapper(
+        m: torch.fx.GraphModule, conv_fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
         ops = _CONV_OPS.get(conv_fn)
-        if ops is not None and not any(n.op == "call_function" and n.target in ops
-                                       for n in m.graph.nodes):
+        if ops is not None and not any(
+            n.op == "call_function" and n.target in ops for n in m.graph.nodes
+        ):
             return m
         return helper(m, conv_fn, *args, **kwargs)
 
@@ -99,15 +106,18 @@ def install() -> bool:
         return False
     names = ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")
     if not hasattr(utils, "_get_aten_graph_module_for_pattern") or not all(
-            hasattr(qat_utils, n) for n in names):
+        hasattr(qat_utils, n) for n in names
+    ):
         return False
     aten = torch.ops.aten
-    _CONV_OPS.update({
-        F.conv1d: {aten.conv1d.default, aten.conv1d.padding},
-        F.conv2d: {aten.conv2d.default, aten.conv2d.padding},
-        F.conv_transpose1d: {aten.conv_transpose1d.default},
-        F.conv_transpose2d: {aten.conv_transpose2d.input},
-    })
+    _CONV_OPS.update(
+        {
+            F.conv1d: {aten.conv1d.default, aten.conv1d.padding},
+            F.conv2d: {aten.conv2d.default, aten.conv2d.padding},
+            F.conv_transpose1d: {aten.conv_transpose1d.default},
+            F.conv_transpose2d: {aten.conv_transpose2d.input},
+        }
+    )
     traced = _memoised(utils._get_aten_graph_module_for_pattern)
     utils._get_aten_graph_module_for_pattern = traced
     qat_utils._get_aten_graph_module_for_pattern = traced

@@ -9,7 +9,7 @@ other warnings of the same libraries, still show.
 - torch 2.13 logs that torchao registers an Enum as a pytree constant (``register_constant``
   deprecation), on every import of torchao's quantizers;
 - torchao's X86InductorQuantizer warns while pqd annotates (skipped configs, unquantized
-  max-pool inputs): pqd re-annotates those nodes itself (see :mod:`pqd.stages.quantize`);
+  max-pool inputs): pqd re-annotates those nodes itself (see :mod:`pqd.quant.pt2e`);
 - torch's pytree warns ``isinstance(treespec, LeafSpec)`` is deprecated whenever torchao's
   graphs are deep-copied.
 """
@@ -17,6 +17,7 @@ other warnings of the same libraries, still show.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 _LOGGED = (
@@ -42,7 +43,26 @@ def quiet_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
             logger.addFilter(_DropMessage(text))
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    warnings.filterwarnings("ignore", category=UserWarning,
-                            module=r"torchao\.quantization\.pt2e\.quantizer\.x86_inductor_quantizer")
+    warnings.filterwarnings(
+        "ignore",
+        category=FutureWarning,
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    )
+    warnings.filterwarnings(
+        "ignore",
+        category=UserWarning,
+        module=r"torchao\.quantization\.pt2e\.quantizer\.x86_inductor_quantizer",
+    )
+
+
+def quiet_command() -> None:
+    """Keep third-party chatter off the terminal: the known-harmless messages that
+    ``import pqd`` silences (:mod:`pqd._quiet`), and in the command every other
+    third-party warning too."""
+    quiet_known_noise()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch").setLevel(logging.ERROR)  # torch's import resets this level
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")

@@ -102,8 +102,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist",
-                              "give the path of a .safetensors, .pt, .pth or .bin file")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist",
+            "give the path of a .safetensors, .pt, .pth or .bin file",
+        )
     if _is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -111,8 +113,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file "
-                                  f"({exc})", "re-save it with pqd or safetensors") from None
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is not a valid safetensors file ({exc})",
+                "re-save it with pqd or safetensors",
+            ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for code payloads, others for corrupt files
@@ -122,14 +126,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        found = (f"a dict with keys {', '.join(map(str, list(obj)[:5]))}"
-                 if isinstance(obj, dict) and obj else f"a {type(obj).__name__}")
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
+        found = (
+            f"a dict with keys {', '.join(map(str, list(obj)[:5]))}"
+            if isinstance(obj, dict) and obj
+            else f"a {type(obj).__name__}"
+        )
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds no state_dict of tensors (it holds {found})",
-            "save model.state_dict() itself, or nest it under 'state_dict' "
-            "(safetensors preferred)")
+            "save model.state_dict() itself, or nest it under 'state_dict' (safetensors preferred)",
+        )
     return obj
 
 
@@ -146,32 +156,32 @@ def _refusal(path: Path, exc: Exception) -> CheckpointError:
             "them could run arbitrary code",
             "if you trust it, load it in Python and re-save its weights: "
             "torch.save(model.state_dict(), 'model.pt') or "
-            "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')")
+            "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')",
+        )
     first = " ".join(text.split())[:160]
     return CheckpointError(
         f"refusing checkpoint {str(path)!r}: it is corrupt or not a torch/safetensors file "
         f"({type(exc).__name__}: {first})",
-        "give a file written by torch.save(model.state_dict(), ...) or safetensors")
+        "give a file written by torch.save(model.state_dict(), ...) or safetensors",
+    )
 
 
-def _own_candidates(state: dict[str, torch.Tensor], own: set[str]
-                    ) -> list[dict[str, torch.Tensor]]:
+def _own_candidates(state: dict[str, torch.Tensor], own: set[str]) -> list[dict[str, torch.Tensor]]:
     """Ways to name ``state``'s keys as the model does, most likely first: wrapper prefixes
     (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``) removed, then a bare network's
     keys put under the Classifier's ``net.``; a prefix every key shares (Lightning's
     ``model.``) removed as a last resort."""
     stripped = dict(state)
     while True:
-        prefix = next((p for p in _MODULE_PREFIXES if all(k.startswith(p) for k in stripped)),
-                      None)
+        prefix = next((p for p in _MODULE_PREFIXES if all(k.startswith(p) for k in stripped)), None)
         if prefix is None:
             break
-        stripped = {k[len(prefix):]: v for k, v in stripped.items()}
+        stripped = {k[len(prefix) :]: v for k, v in stripped.items()}
     bases = [stripped]
     keys = list(stripped)
     first = keys[0].split(".", 1)[0] + "." if keys and "." in keys[0] else None
     if first and all(k.startswith(first) for k in keys):
-        bases.append({k[len(first):]: v for k, v in stripped.items()})
+        bases.append({k[len(first) :]: v for k, v in stripped.items()})
     wraps = any(k.startswith("net.") for k in own)
     out = []
     for base in bases:
@@ -217,20 +227,25 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     if missing or unexpected or wrong:
         parts = []
         if wrong:
-            parts.append(f"{len(wrong)} with another shape (first: {wrong[0]} is "
-                         f"{_shape(state[wrong[0]])} in the checkpoint, "
-                         f"{_shape(own[wrong[0]])} in the model)")
+            parts.append(
+                f"{len(wrong)} with another shape (first: {wrong[0]} is "
+                f"{_shape(state[wrong[0]])} in the checkpoint, "
+                f"{_shape(own[wrong[0]])} in the model)"
+            )
         if missing:
             parts.append(f"{len(missing)} missing from the checkpoint (first: {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} not in the model (first: {unexpected[0]})")
-        fix = ("build the model the checkpoint was trained as: the same model.name and "
-               "model.kwargs, and a data set with as many classes"
-               if wrong and not (missing or unexpected) else
-               "set model.name/model.kwargs to the architecture the checkpoint was saved from "
-               "(pqd reads a plain state_dict, its 'state_dict'/'model' wrappers and DDP's "
-               "'module.' prefix)")
-        raise CheckpointError(f"checkpoint {str(path)!r} does not match the model: "
-                              + "; ".join(parts), fix)
+        fix = (
+            "build the model the checkpoint was trained as: the same model.name and "
+            "model.kwargs, and a data set with as many classes"
+            if wrong and not (missing or unexpected)
+            else "set model.name/model.kwargs to the architecture the checkpoint was saved from "
+            "(pqd reads a plain state_dict, its 'state_dict'/'model' wrappers and DDP's "
+            "'module.' prefix)"
+        )
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the model: " + "; ".join(parts), fix
+        )
     model.load_state_dict(state)
     return model

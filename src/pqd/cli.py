@@ -17,95 +17,128 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
-from pqd._quiet import quiet_known_noise
+from pqd._quiet import quiet_command
 from pqd.errors import PqdError
-
-
-def _quiet_libraries() -> None:
-    """Keep third-party chatter off the terminal: the known-harmless messages that
-    ``import pqd`` silences (:mod:`pqd._quiet`), and in the command every other
-    third-party warning too."""
-    quiet_known_noise()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch").setLevel(logging.ERROR)  # torch's import resets this level
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 
 def _parser() -> argparse.ArgumentParser:
     # the module doc's first paragraph, without its reST markup (``pqd`` -> pqd)
-    p = argparse.ArgumentParser(prog="pqd",
-                                description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = argparse.ArgumentParser(prog="pqd", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a recipe: baseline, stages, export, measure")
     run.add_argument("recipe", help="YAML recipe")
-    run.add_argument("overrides", nargs="*", metavar="key.path=value",
-                     help="override recipe values, e.g. stages.0.sparsity=0.7")
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="override recipe values, e.g. stages.0.sparsity=0.7",
+    )
     run.add_argument("--out", required=True, help="run folder (created)")
-    run.add_argument("--data-dir", default=None,
-                     help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
+    run.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     again = run.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue the run in --out even if the recipe changed: finished "
-                            "steps the change does not touch are kept (the same recipe "
-                            "resumes without this flag)")
-    again.add_argument("--fresh", action="store_true",
-                       help="discard the run in --out (its checkpoints too) and start over")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out even if the recipe changed: finished "
+        "steps the change does not touch are kept (the same recipe "
+        "resumes without this flag)",
+    )
+    again.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the run in --out (its checkpoints too) and start over",
+    )
 
     se = sub.add_parser("search", help="run every stage order (and pairwise), rank, report")
     se.add_argument("recipe", help="YAML recipe with a search: section")
-    se.add_argument("overrides", nargs="*", metavar="key.path=value",
-                    help="override recipe values, e.g. search.total_epochs=6")
+    se.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="override recipe values, e.g. search.total_epochs=6",
+    )
     se.add_argument("--out", required=True, help="search folder (created; re-run to resume)")
-    se.add_argument("--data-dir", default=None,
-                    help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
-    se.add_argument("--executor", default="sequential",
-                    help="sequential (default), processes or ray")
-    se.add_argument("--workers", type=int, default=None,
-                    help="train N trials at once in local processes (implies processes)")
-    se.add_argument("--address", default=None,
-                    help="Ray cluster address (host:port, ray://host:port, auto or local)")
+    se.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
+    )
+    se.add_argument(
+        "--executor", default="sequential", help="sequential (default), processes or ray"
+    )
+    se.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="train N trials at once in local processes (implies processes)",
+    )
+    se.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (host:port, ray://host:port, auto or local)",
+    )
     se.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    val = sub.add_parser("validate", help="check a recipe (schema, data, model, checkpoint, "
-                         "runtimes; no training) and print its resolved form")
+    val = sub.add_parser(
+        "validate",
+        help="check a recipe (schema, data, model, checkpoint, "
+        "runtimes; no training) and print its resolved form",
+    )
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*", metavar="key.path=value")
-    val.add_argument("--data-dir", default=None,
-                     help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
+    val.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
+    )
     val.add_argument("--quiet", action="store_true", help="print only the one-line summary")
 
     sens = sub.add_parser(
-        "sensitivity", help="accuracy drop of quantizing each layer alone (val split)")
+        "sensitivity", help="accuracy drop of quantizing each layer alone (val split)"
+    )
     sens.add_argument("recipe", help="YAML recipe (its first quantize stage sets the options)")
     sens.add_argument("overrides", nargs="*", metavar="key.path=value")
     sens.add_argument("--out", default=None, help="folder for sensitivity.json (created)")
-    sens.add_argument("--data-dir", default=None,
-                      help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
+    sens.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
+    )
     sens.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    rep = sub.add_parser("report", help="re-render a run's report.md from record.json, or a "
-                         "search's reports from search.json")
+    rep = sub.add_parser(
+        "report",
+        help="re-render a run's report.md from record.json, or a search's reports from search.json",
+    )
     rep.add_argument("run_dir")
 
-    aud = sub.add_parser("audit", help="audit a run's deployed files beyond top-1: per-class "
-                         "damage, disagreement, calibration, corruptions, memory, CPU time")
+    aud = sub.add_parser(
+        "audit",
+        help="audit a run's deployed files beyond top-1: per-class "
+        "damage, disagreement, calibration, corruptions, memory, CPU time",
+    )
     aud.add_argument("run_dir", help="a folder written by 'pqd run'")
-    aud.add_argument("--data-dir", default=None,
-                     help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)")
-    aud.add_argument("--cheap", action="store_true",
-                     help="only per-class, disagreement, calibration and latency tails "
-                          "(no corruption suite, memory or energy probe)")
+    aud.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
+    )
+    aud.add_argument(
+        "--cheap",
+        action="store_true",
+        help="only per-class, disagreement, calibration and latency tails "
+        "(no corruption suite, memory or energy probe)",
+    )
     aud.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("models", help="list the model zoo")
@@ -118,8 +151,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_out(args.out)
-    record = run(recipe, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress,
-                 resume=args.resume, fresh=args.fresh)
+    record = run(
+        recipe,
+        Path(args.out),
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+        resume=args.resume,
+        fresh=args.fresh,
+    )
     from pqd.report import (
         SUMMARY_HEADER,
         parity_warnings,
@@ -131,10 +170,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cmp_ = record["comparison"]
     print(table(SUMMARY_HEADER, summary_rows(record)))
-    print(f"\nfinal vs baseline ({record['final']['runtime']}): "
-          f"{speed_text(cmp_['speedup_batch1_p50'])} at batch 1, {cmp_['size_ratio']:.2f}x "
-          f"smaller, accuracy {points_text(-cmp_['accuracy_drop_points'])}; "
-          f"{record['timing_s']['total']:.0f} s in all")
+    print(
+        f"\nfinal vs baseline ({record['final']['runtime']}): "
+        f"{speed_text(cmp_['speedup_batch1_p50'])} at batch 1, {cmp_['size_ratio']:.2f}x "
+        f"smaller, accuracy {points_text(-cmp_['accuracy_drop_points'])}; "
+        f"{record['timing_s']['total']:.0f} s in all"
+    )
     print(f"wrote {Path(args.out) / 'record.json'} and {Path(args.out) / 'report.md'}")
     for line in parity_warnings(record):
         print(f"pqd: warning: {line}", file=sys.stderr)
@@ -155,9 +196,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_out(args.out)
-    search = run_search(recipe, Path(args.out), data_dir=args.data_dir, executor=args.executor,
-                        workers=args.workers, address=args.address,
-                        progress=not args.no_progress)
+    search = run_search(
+        recipe,
+        Path(args.out),
+        data_dir=args.data_dir,
+        executor=args.executor,
+        workers=args.workers,
+        address=args.address,
+        progress=not args.no_progress,
+    )
     print(table(SEARCH_HEADER, search_rows(search)))
     if search.get("pairwise"):
         print()
@@ -165,8 +212,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     print()
     print(derived_order_text(search).replace("**", ""))
     runs = search["runs"]
-    print(f"{runs['unique_runs']} runs ({runs['trained_now']} trained now, {runs['reused']} "
-          f"reused, {runs['failed']} failed); {search['timing_s']['total']:.0f} s in all")
+    print(
+        f"{runs['unique_runs']} runs ({runs['trained_now']} trained now, {runs['reused']} "
+        f"reused, {runs['failed']} failed); {search['timing_s']['total']:.0f} s in all"
+    )
     out = Path(args.out)
     print(f"wrote {out / 'search.json'}, {out / 'report.html'} and {out / 'report.md'}")
     return 0
@@ -180,8 +229,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     epochs = sum(s.epochs for s in recipe.stages)
     from pqd.report import plural
 
-    base = (f"checkpoint {recipe.baseline.checkpoint}" if recipe.baseline.checkpoint
-            else plural(recipe.baseline.epochs, "baseline epoch"))
+    base = (
+        f"checkpoint {recipe.baseline.checkpoint}"
+        if recipe.baseline.checkpoint
+        else plural(recipe.baseline.epochs, "baseline epoch")
+    )
     passed, failed = preflight(recipe, args.data_dir)
     if not args.quiet:
         print(dump_recipe(recipe), end="")
@@ -189,8 +241,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"pqd: error: {exc.line()}", file=sys.stderr)
     if failed:
         return 2
-    print(f"ok: {args.recipe}: {recipe.model.name} on {recipe.data.dataset}, {base}, "
-          f"stages {recipe.order()} ({plural(epochs, 'epoch')})")
+    print(
+        f"ok: {args.recipe}: {recipe.model.name} on {recipe.data.dataset}, {base}, "
+        f"stages {recipe.order()} ({plural(epochs, 'epoch')})"
+    )
     if not args.quiet:
         for line in passed:
             print(f"  checked {line}")
@@ -202,14 +256,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from pqd.pipeline import run_sensitivity
+    from pqd.quant.sensitivity import format_table
     from pqd.recipe import load_recipe
-    from pqd.sensitivity import format_table, run_sensitivity
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.out:
         check_out(args.out)
-    result = run_sensitivity(recipe, args.out, data_dir=args.data_dir,
-                             progress=not args.no_progress)
+    result = run_sensitivity(
+        recipe, args.out, data_dir=args.data_dir, progress=not args.no_progress
+    )
     print(format_table(result))
     if args.out:
         print(f"wrote {Path(args.out) / 'sensitivity.json'}")
@@ -230,26 +286,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     path = Path(args.run_dir) / "record.json"
     if not path.is_file():
-        raise PqdError(f"{path} does not exist",
-                       "give a run folder written by 'pqd run' or a 'pqd search' folder")
+        raise PqdError(
+            f"{path} does not exist",
+            "give a run folder written by 'pqd run' or a 'pqd search' folder",
+        )
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         text = render_markdown(record)
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise PqdError(f"{path} is not a complete pqd record ({type(exc).__name__}: {exc})",
-                       "re-run the recipe into that folder") from None
+        raise PqdError(
+            f"{path} is not a complete pqd record ({type(exc).__name__}: {exc})",
+            "re-run the recipe into that folder",
+        ) from None
     atomic_write_text(path.with_name("report.md"), text)
     print(text)
     return 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from pqd.measure.audit import audit_run
+    from pqd.pipeline import audit_run
     from pqd.report import table
     from pqd.report_audit import audit_rows
 
-    record = audit_run(args.run_dir, data_dir=args.data_dir, full=not args.cheap,
-                       progress=not args.no_progress)
+    record = audit_run(
+        args.run_dir, data_dir=args.data_dir, full=not args.cheap, progress=not args.no_progress
+    )
     print(table(["", "baseline", "final"], audit_rows(record)))
     out = Path(args.run_dir)
     print(f"wrote the audit into {out / 'record.json'} and {out / 'report.md'}")
@@ -264,8 +325,16 @@ def _cmd_models(_: argparse.Namespace) -> int:
 
 
 # disk full, quota, read-only or forbidden --out, file too large, --out is a file
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                   errno.EFBIG, errno.EEXIST, errno.ENOTDIR}
+_STORAGE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EFBIG,
+    errno.EEXIST,
+    errno.ENOTDIR,
+}
 
 
 def storage_error(exc: OSError) -> PqdError:
@@ -280,17 +349,25 @@ def storage_error(exc: OSError) -> PqdError:
     """
     where = f" {exc.filename}" if exc.filename else ""
     if exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        return PqdError(f"cannot write{where}: it or a folder above it is a file, not a folder",
-                        "choose an --out that is a folder (new or existing), not a file")
+        return PqdError(
+            f"cannot write{where}: it or a folder above it is a file, not a folder",
+            "choose an --out that is a folder (new or existing), not a file",
+        )
     if exc.errno == errno.EROFS:
-        return PqdError(f"cannot write{where}: the file system is read-only",
-                        "choose an --out on a writable file system")
+        return PqdError(
+            f"cannot write{where}: the file system is read-only",
+            "choose an --out on a writable file system",
+        )
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return PqdError(f"cannot write{where}: permission denied",
-                        "choose an --out you may write to, or change the folder's permissions")
-    return PqdError(f"{os.strerror(exc.errno or errno.ENOSPC)} writing{where}",
-                    "free space or choose an --out on another disk, then run the same command "
-                    "again: finished steps are kept")
+        return PqdError(
+            f"cannot write{where}: permission denied",
+            "choose an --out you may write to, or change the folder's permissions",
+        )
+    return PqdError(
+        f"{os.strerror(exc.errno or errno.ENOSPC)} writing{where}",
+        "free space or choose an --out on another disk, then run the same command "
+        "again: finished steps are kept",
+    )
 
 
 def check_out(out: str | Path) -> None:
@@ -312,18 +389,27 @@ def check_out(out: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pqd`` console script."""
-    _quiet_libraries()
+    quiet_command()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow options: `pqd run r.yaml --out X a.b=1`
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-")
-                                                     for e in extra):
+    if (
+        extra
+        and hasattr(args, "overrides")
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    commands = {"run": _cmd_run, "search": _cmd_search, "validate": _cmd_validate,
-                "sensitivity": _cmd_sensitivity, "report": _cmd_report, "models": _cmd_models,
-                "audit": _cmd_audit}
+    commands = {
+        "run": _cmd_run,
+        "search": _cmd_search,
+        "validate": _cmd_validate,
+        "sensitivity": _cmd_sensitivity,
+        "report": _cmd_report,
+        "models": _cmd_models,
+        "audit": _cmd_audit,
+    }
     try:
         return commands[args.command](args)
     except PqdError as exc:

@@ -38,6 +38,7 @@ __all__ = [
     "RestrictedUnpickler",
     "check_data",
     "download_and_verify",
+    "from_tensors",
     "load_dataset",
     "resolve_data_root",
     "safe_extract",
@@ -178,9 +179,156 @@ def load_dataset(
     else:
         mean, std = raw.mean, raw.std
     return Dataset(
-        name=name, num_classes=len(raw.classes), classes=list(raw.classes), mean=mean, std=std,
-        train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y,
-        test_x=raw.test_x, test_y=raw.test_y, root=raw.root,
+        name=name,
+        num_classes=len(raw.classes),
+        classes=list(raw.classes),
+        mean=mean,
+        std=std,
+        train_x=train_x,
+        train_y=train_y,
+        val_x=val_x,
+        val_y=val_y,
+        test_x=raw.test_x,
+        test_y=raw.test_y,
+        root=raw.root,
+    )
+
+
+Split = Any
+"""One split for :func:`from_tensors`: ``(images, labels)`` tensors or arrays, or a torch
+``Dataset`` of ``(image, label)`` pairs."""
+
+
+def _as_images(x: Any, split: str) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` from uint8 images or float images in [0, 1]."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach().cpu()
+    if x.ndim != 4:
+        raise DataError(
+            f"{split} images have shape {tuple(x.shape)}, not [N, C, H, W]",
+            "pass images as a 4-D tensor, channels first",
+        )
+    if x.dtype == torch.uint8:
+        return x.contiguous()
+    if not x.is_floating_point():
+        raise DataError(
+            f"{split} images are {x.dtype}, neither uint8 nor float",
+            "pass uint8 images (0..255) or float images in [0, 1]",
+        )
+    lo, hi = float(x.min()) if x.numel() else 0.0, float(x.max()) if x.numel() else 0.0
+    if lo < 0.0 or hi > 1.0:
+        raise DataError(
+            f"{split} float images range over [{lo:.3g}, {hi:.3g}], not [0, 1]",
+            "pass float images in [0, 1] (give the normalisation as mean/std)",
+        )
+    return (x.float() * 255.0).round().to(torch.uint8).contiguous()
+
+
+def _as_split(split: Split, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(uint8 images, int64 labels)`` of one split given as a pair or a torch Dataset."""
+    if isinstance(split, (tuple, list)) and len(split) == 2:
+        x, y = split
+    elif isinstance(split, torch.utils.data.Dataset):
+        pairs = [split[i] for i in range(len(split))]  # type: ignore[arg-type]
+        if not pairs:
+            raise DataError(f"the {name} Dataset is empty", f"give {name} images")
+        x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
+        y = torch.as_tensor([int(p[1]) for p in pairs])
+    else:
+        raise DataError(
+            f"{name} is a {type(split).__name__}",
+            f"pass {name}=(images, labels) or a torch Dataset of (image, label)",
+        )
+    images = _as_images(x, name)
+    labels = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    labels = labels.detach().cpu().to(torch.int64).reshape(-1)
+    if labels.shape[0] != images.shape[0]:
+        raise DataError(
+            f"{name} has {images.shape[0]} images but {labels.shape[0]} labels",
+            "give one label per image",
+        )
+    return images, labels
+
+
+def from_tensors(
+    train: Split,
+    val: Split | None = None,
+    test: Split | None = None,
+    *,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    num_classes: int | None = None,
+    classes: list[str] | None = None,
+    val_size: int | float = 0.1,
+    seed: int = 0,
+    name: str = "tensors",
+) -> Dataset:
+    """A :class:`Dataset` from data in memory (for :func:`pqd.compress`/:func:`pqd.apply_stages`).
+
+    Images are uint8 (0..255) or float in [0, 1] (stored as uint8, i.e. rounded to 1/255
+    steps, as an image file would hold them), ``[N, C, H, W]``; labels are class ids.
+
+    Args:
+        train: the training split: ``(images, labels)`` or a torch ``Dataset`` of pairs.
+        val: the validation split (model selection, calibration); default: ``val_size`` of
+            ``train`` carved out (class-stratified, seeded by ``seed``).
+        test: the test split the record's accuracies are measured on (``pqd.compress``
+            needs it); default none.
+        mean, std: per-channel normalisation of images in [0, 1] that the model expects;
+            default identity (the model gets [0, 1] images). :func:`pqd.compress` puts it
+            inside the model (and the exported file).
+        num_classes: default ``max label + 1`` over the splits.
+        classes: class names (default ``"0"``, ``"1"``, ...).
+        val_size: count or fraction of ``train`` carved out when ``val`` is None (0: none).
+        seed: seed of that split.
+        name: the data set's name in the record.
+
+    Returns:
+        The :class:`Dataset`.
+    """
+    tx, ty = _as_split(train, "train")
+    if val is not None:
+        vx, vy = _as_split(val, "val")
+    else:
+        keep, held = stratified_split(ty, val_size, seed)
+        tx, ty, vx, vy = tx[keep], ty[keep], tx[held], ty[held]
+    if test is not None:
+        sx, sy = _as_split(test, "test")
+    else:
+        sx, sy = tx[:0], ty[:0]
+    c = int(tx.shape[1])
+    for other, n in ((vx, "val"), (sx, "test")):
+        if other.shape[0] and tuple(other.shape[1:]) != tuple(tx.shape[1:]):
+            raise DataError(
+                f"{n} images are {tuple(other.shape[1:])}, train images {tuple(tx.shape[1:])}",
+                "give every split the same image shape",
+            )
+    mean = tuple(float(m) for m in mean) if mean is not None else (0.0,) * c
+    std = tuple(float(s) for s in std) if std is not None else (1.0,) * c
+    if len(mean) != c or len(std) != c:
+        raise DataError(
+            f"mean/std have {len(mean)}/{len(std)} values for {c} channels",
+            "give one mean and one std per channel",
+        )
+    labels = torch.cat([ty, vy, sy])
+    n_classes = num_classes or int(labels.max()) + 1
+    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+        raise DataError(
+            f"labels range over {int(labels.min())}..{int(labels.max())} for {n_classes} classes",
+            "use class ids 0..num_classes-1",
+        )
+    return Dataset(
+        name=name,
+        num_classes=n_classes,
+        classes=classes or [str(i) for i in range(n_classes)],
+        mean=mean,
+        std=std,
+        train_x=tx,
+        train_y=ty,
+        val_x=vx,
+        val_y=vy,  # type: ignore[arg-type]
+        test_x=sx,
+        test_y=sy,
+        root=Path("(in memory)"),
     )
 
 
@@ -252,8 +400,10 @@ def _check_limit(what: str, value: int | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DataError(f"{what} must be a positive integer, got {value!r}",
-                        f"set {what} to N >= 1 or leave it unset")
+        raise DataError(
+            f"{what} must be a positive integer, got {value!r}",
+            f"set {what} to N >= 1 or leave it unset",
+        )
     return value
 
 
@@ -315,14 +465,17 @@ def _holding(name: str) -> str:
 def _ensure_files(name: str, root: Path, download: bool) -> None:
     """Make sure ``name``'s official files are under ``root``; download them if allowed."""
     if root.exists() and not root.is_dir():
-        raise DataError(f"data root {root} is a file, not a folder",
-                        f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding "
-                        f"{_holding(name)}")
+        raise DataError(
+            f"data root {root} is a file, not a folder",
+            f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}",
+        )
     missing = [p for p in _required_files(name, root) if not p.is_file()]
     if not missing:
         return
-    fix = (f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}, "
-           "or allow network access")
+    fix = (
+        f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}, "
+        "or allow network access"
+    )
     if not download:
         raise DataError(
             f"{name} files are missing under {root} (no {missing[0]}) and download is off",
@@ -335,29 +488,38 @@ def _ensure_files(name: str, root: Path, download: bool) -> None:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         _remove_empty(created)
-        raise DataError(f"{name} files are missing under {root} and the folder cannot be "
-                        f"created ({e.strerror or e})", fix) from e
+        raise DataError(
+            f"{name} files are missing under {root} and the folder cannot be "
+            f"created ({e.strerror or e})",
+            fix,
+        ) from e
     try:
         _download(name, root)
     except _NetworkError as e:
         _remove_empty(created)
-        raise DataError(f"{name} files are missing under {root} and the download from "
-                        f"{e.url} failed ({e.reason})", fix) from e
+        raise DataError(
+            f"{name} files are missing under {root} and the download from "
+            f"{e.url} failed ({e.reason})",
+            fix,
+        ) from e
     except BaseException:
         _remove_empty(created)
         raise
     still = [p for p in _required_files(name, root) if not p.is_file()]
     if still:
-        raise DataError(f"the downloaded {name} archive did not provide {still[0]}",
-                        f"place the official files under {root} yourself ({_holding(name)})")
+        raise DataError(
+            f"the downloaded {name} archive did not provide {still[0]}",
+            f"place the official files under {root} yourself ({_holding(name)})",
+        )
 
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 """Classes of the official data sets (``npz`` says its own)."""
 
 
-def check_data(name: str, root: str | Path, *, download: bool, explicit: bool = True
-               ) -> tuple[int, str]:
+def check_data(
+    name: str, root: str | Path, *, download: bool, explicit: bool = True
+) -> tuple[int, str]:
     """Check data set ``name`` under ``root`` without downloading or loading it all: its
     files are present and readable (class names parsed), or a download is allowed there.
 
@@ -378,9 +540,10 @@ def check_data(name: str, root: str | Path, *, download: bool, explicit: bool = 
         raw = _load_npz(root, 1, 1)
         return len(raw.classes), f"npz files readable in {root} ({len(raw.classes)} classes)"
     if root.exists() and not root.is_dir():
-        raise DataError(f"data root {root} is a file, not a folder",
-                        f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding "
-                        f"{_holding(name)}")
+        raise DataError(
+            f"data root {root} is a file, not a folder",
+            f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}",
+        )
     files = _required_files(name, root)
     missing = [p for p in files if not p.is_file()]
     if not missing:
@@ -389,8 +552,10 @@ def check_data(name: str, root: str | Path, *, download: bool, explicit: bool = 
                 with path.open("rb") as f:
                     f.read(1)
             except OSError as e:
-                raise DataError(f"{path} cannot be read ({e.strerror or e})",
-                                "fix its permissions, or download the data set again") from e
+                raise DataError(
+                    f"{path} cannot be read ({e.strerror or e})",
+                    "fix its permissions, or download the data set again",
+                ) from e
         if name == "cifar10":
             _label_names(files[-1], b"label_names", 10)
         elif name == "cifar100":
@@ -398,15 +563,20 @@ def check_data(name: str, root: str | Path, *, download: bool, explicit: bool = 
         return NUM_CLASSES[name], f"{name} files present and readable in {root}"
     where = f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}"
     if not download:
-        raise DataError(f"{name} files are missing under {root} (no {missing[0]}) and "
-                        "download is off", f"{where}, or set data.download: true")
+        raise DataError(
+            f"{name} files are missing under {root} (no {missing[0]}) and download is off",
+            f"{where}, or set data.download: true",
+        )
     if explicit and not root.exists():
-        raise DataError(f"data folder {root} does not exist",
-                        f"{where}, or create the folder to have pqd run download {name} "
-                        f"(about {_DOWNLOAD_MB[name]} MB) into it")
+        raise DataError(
+            f"data folder {root} does not exist",
+            f"{where}, or create the folder to have pqd run download {name} "
+            f"(about {_DOWNLOAD_MB[name]} MB) into it",
+        )
     _check_download_target(name, root)
-    return NUM_CLASSES[name], (f"{name} is not under {root} yet: pqd run will download it "
-                               f"(about {_DOWNLOAD_MB[name]} MB)")
+    return NUM_CLASSES[name], (
+        f"{name} is not under {root} yet: pqd run will download it (about {_DOWNLOAD_MB[name]} MB)"
+    )
 
 
 DOWNLOAD_MARKER = ".pqd-download"
@@ -414,8 +584,13 @@ DOWNLOAD_MARKER = ".pqd-download"
 the folder holds other things."""
 
 _DOWNLOAD_MB = {"cifar10": 163, "cifar100": 161, "svhn": 246}
-_OWN_ENTRIES = {_CIFAR10_DIR, _CIFAR100_DIR, *_SVHN_FILES, "cifar-10-python.tar.gz",
-                "cifar-100-python.tar.gz"}
+_OWN_ENTRIES = {
+    _CIFAR10_DIR,
+    _CIFAR100_DIR,
+    *_SVHN_FILES,
+    "cifar-10-python.tar.gz",
+    "cifar-100-python.tar.gz",
+}
 
 
 def _check_download_target(name: str, root: Path) -> None:
@@ -427,23 +602,27 @@ def _check_download_target(name: str, root: Path) -> None:
     if not root.is_dir() or (root / DOWNLOAD_MARKER).exists():
         return
     try:
-        other = sorted(e.name for e in root.iterdir()
-                       if not e.name.startswith(".") and e.name not in _OWN_ENTRIES)
+        other = sorted(
+            e.name
+            for e in root.iterdir()
+            if not e.name.startswith(".") and e.name not in _OWN_ENTRIES
+        )
     except OSError as e:
-        raise DataError(f"{name} files are missing under {root}, which cannot be read "
-                        f"({e.strerror or e})", f"pass --data-dir DIR or set {ENV_DATA_DIR} "
-                        f"to a folder holding {_holding(name)}") from e
+        raise DataError(
+            f"{name} files are missing under {root}, which cannot be read ({e.strerror or e})",
+            f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}",
+        ) from e
     if not other:
         return
-    url = SVHN_TRAIN_URL if name == "svhn" else (CIFAR10_URL if name == "cifar10"
-                                                  else CIFAR100_URL)
+    url = SVHN_TRAIN_URL if name == "svhn" else (CIFAR10_URL if name == "cifar10" else CIFAR100_URL)
     raise DataError(
         f"{name} files are missing under {root} (no {_holding(name)}), which holds other "
         f"things ({other[0]!r}{f' and {len(other) - 1} more' if len(other) > 1 else ''}): "
         f"not downloading {name} (about {_DOWNLOAD_MB[name]} MB from {url}) into it",
         f"pass --data-dir DIR or set {ENV_DATA_DIR} to the folder holding {_holding(name)}, "
         f"or to a new or empty folder to download into; to download into {root} anyway, "
-        f"create the empty file {root / DOWNLOAD_MARKER}")
+        f"create the empty file {root / DOWNLOAD_MARKER}",
+    )
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -458,13 +637,14 @@ def _remove_empty(folders: list[Path]) -> None:
 def _download(name: str, root: Path) -> None:
     """Fetch ``name``'s official files into the existing folder ``root``."""
     if name == "svhn":
-        for fname, url, md5 in (("train_32x32.mat", SVHN_TRAIN_URL, SVHN_TRAIN_MD5),
-                                ("test_32x32.mat", SVHN_TEST_URL, SVHN_TEST_MD5)):
+        for fname, url, md5 in (
+            ("train_32x32.mat", SVHN_TRAIN_URL, SVHN_TRAIN_MD5),
+            ("test_32x32.mat", SVHN_TEST_URL, SVHN_TEST_MD5),
+        ):
             if not (root / fname).is_file():
                 _fetch(url, root / fname, md5)
     else:
-        url, md5 = (CIFAR10_URL, CIFAR10_MD5) if name == "cifar10" else (
-            CIFAR100_URL, CIFAR100_MD5)
+        url, md5 = (CIFAR10_URL, CIFAR10_MD5) if name == "cifar10" else (CIFAR100_URL, CIFAR100_MD5)
         archive = root / PurePosixPath(url).name
         _fetch(url, archive, md5)
         try:
@@ -495,9 +675,10 @@ def download_and_verify(url: str, dest: Path, md5: str) -> Path:
     try:
         return _fetch(url, Path(dest), md5)
     except _NetworkError as e:
-        raise DataError(f"download of {e.url} failed ({e.reason})",
-                        f"check the network connection, or put the file at {dest} yourself"
-                        ) from e
+        raise DataError(
+            f"download of {e.url} failed ({e.reason})",
+            f"check the network connection, or put the file at {dest} yourself",
+        ) from e
 
 
 def _fetch(url: str, dest: Path, md5: str) -> Path:
@@ -526,8 +707,7 @@ def _fetch(url: str, dest: Path, md5: str) -> Path:
             raise DataError(
                 f"downloaded file {dest.name} from {url} is corrupt: md5 {actual}, "
                 f"expected {md5.lower()}",
-                "retry the download, or fetch the official file yourself and place it at "
-                f"{dest}",
+                f"retry the download, or fetch the official file yourself and place it at {dest}",
             )
         os.replace(tmp, dest)
     finally:
@@ -564,14 +744,19 @@ def safe_extract(archive: Path, dest: Path) -> None:
             raise DataError(f"archive {archive} is corrupt ({e})", fix) from e
         for m in members:
             p = PurePosixPath(m.name)
-            if m.name.startswith(("/", "\\")) or p.is_absolute() or ".." in p.parts or (
-                len(m.name) > 1 and m.name[1] == ":"
+            if (
+                m.name.startswith(("/", "\\"))
+                or p.is_absolute()
+                or ".." in p.parts
+                or (len(m.name) > 1 and m.name[1] == ":")
             ):
-                raise DataError(f"refusing to extract {archive}: unsafe member path {m.name!r}",
-                                fix)
+                raise DataError(
+                    f"refusing to extract {archive}: unsafe member path {m.name!r}", fix
+                )
             if not (m.isfile() or m.isdir()):
                 raise DataError(
-                    f"refusing to extract {archive}: member {m.name!r} is a link or device", fix)
+                    f"refusing to extract {archive}: member {m.name!r} is a link or device", fix
+                )
         dest.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".pqd-extract-", dir=dest))
         try:
@@ -611,8 +796,20 @@ def _numpy_scalar() -> Any:
 
 
 _SAFE_BUILTINS = frozenset(
-    {"dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int", "float",
-     "bool", "complex"}
+    {
+        "dict",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "bytes",
+        "bytearray",
+        "str",
+        "int",
+        "float",
+        "bool",
+        "complex",
+    }
 )
 
 
@@ -659,8 +856,9 @@ def _read_pickle(path: Path) -> Any:
     except DataError:
         raise
     except OSError as e:
-        raise DataError(f"cannot read {path} ({e.strerror or e})",
-                        "check the file's permissions") from e
+        raise DataError(
+            f"cannot read {path} ({e.strerror or e})", "check the file's permissions"
+        ) from e
     except Exception as e:  # any other failure means a corrupt file
         raise DataError(
             f"{path} is corrupt or truncated ({type(e).__name__}: {e})",
@@ -678,11 +876,17 @@ def _cifar_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.nda
         keys = ", ".join(sorted(repr(k) for k in d)[:8])
         raise DataError(f"{path} lacks the keys b'data' and {label_key!r} (has {keys})", fix)
     data, labels = d[b"data"], d[label_key]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or (
-        data.shape[1] != 3 * 32 * 32
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or (data.shape[1] != 3 * 32 * 32)
     ):
-        desc = (f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray)
-                else type(data).__name__)
+        desc = (
+            f"{data.dtype} {list(data.shape)}"
+            if isinstance(data, np.ndarray)
+            else type(data).__name__
+        )
         raise DataError(f"{path}: b'data' is {desc}, expected uint8 [N, 3072]", fix)
     try:
         y = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -691,8 +895,10 @@ def _cifar_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.nda
     if y.shape[0] != data.shape[0]:
         raise DataError(f"{path}: {data.shape[0]} images but {y.shape[0]} labels", fix)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise DataError(f"{path}: labels outside 0..{num_classes - 1} "
-                        f"(found {int(y.min())}..{int(y.max())})", fix)
+        raise DataError(
+            f"{path}: labels outside 0..{num_classes - 1} (found {int(y.min())}..{int(y.max())})",
+            fix,
+        )
     return data.reshape(-1, 3, 32, 32), y
 
 
@@ -718,8 +924,10 @@ def _label_names(path: Path, key: bytes, num_classes: int) -> list[str]:
     meta = _read_pickle(path)
     names = meta.get(key) if isinstance(meta, dict) else None
     if not isinstance(names, list) or len(names) != num_classes:
-        raise DataError(f"{path} lacks {key!r} with {num_classes} class names",
-                        "delete it and download the official archive again")
+        raise DataError(
+            f"{path} lacks {key!r} with {num_classes} class names",
+            "delete it and download the official archive again",
+        )
     return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
 
 
@@ -749,8 +957,7 @@ def _svhn_split(path: Path, limit: int | None) -> tuple[torch.Tensor, torch.Tens
     try:
         mat = scipy.io.loadmat(str(path), variable_names=["X", "y"])
     except Exception as e:  # scipy raises many types for bad files
-        raise DataError(f"{path} is not a readable .mat file ({type(e).__name__}: {e})",
-                        fix) from e
+        raise DataError(f"{path} is not a readable .mat file ({type(e).__name__}: {e})", fix) from e
     x, y = mat.get("X"), mat.get("y")
     if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[2] != 3 or x.dtype != np.uint8:
         desc = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else "missing"
@@ -778,79 +985,98 @@ def _load_svhn(root: Path, limit_train: int | None, limit_test: int | None) -> _
 
 def _load_npz(root: Path, limit_train: int | None, limit_test: int | None) -> _Raw:
     path = root if root.suffix == ".npz" and not root.is_dir() else root / "data.npz"
-    keys_fix = ("save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=..., "
-                "classes=np.array([...]))")
+    keys_fix = (
+        "save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=..., "
+        "classes=np.array([...]))"
+    )
     if not path.is_file():
-        raise DataError(f"no npz data set at {path}",
-                        f"pass --data-dir pointing at a .npz file or a folder holding data.npz; "
-                        f"{keys_fix}")
+        raise DataError(
+            f"no npz data set at {path}",
+            f"pass --data-dir pointing at a .npz file or a folder holding data.npz; {keys_fix}",
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
             if missing:
-                raise DataError(f"{path} lacks {', '.join(missing)} (has {', '.join(z.files)})",
-                                keys_fix)
+                raise DataError(
+                    f"{path} lacks {', '.join(missing)} (has {', '.join(z.files)})", keys_fix
+                )
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
             classes_arr = z["classes"] if "classes" in z.files else None
     except DataError:
         raise
     except ValueError as e:
         if "pickle" in str(e).lower():
-            raise DataError(f"{path} holds object arrays (pickled data), which pqd refuses",
-                            "store classes as a string array: classes=np.array(names, dtype=str)"
-                            ) from e
+            raise DataError(
+                f"{path} holds object arrays (pickled data), which pqd refuses",
+                "store classes as a string array: classes=np.array(names, dtype=str)",
+            ) from e
         raise DataError(f"{path} is not a readable .npz ({e})", keys_fix) from e
     except Exception as e:  # zipfile/OSError/EOF: corrupt file
-        raise DataError(f"{path} is not a readable .npz ({type(e).__name__}: {e})",
-                        keys_fix) from e
+        raise DataError(f"{path} is not a readable .npz ({type(e).__name__}: {e})", keys_fix) from e
 
     tx = _npz_images(path, "x_train", arrays["x_train"])
     ex = _npz_images(path, "x_test", arrays["x_test"])
     if tx.shape[1:] != ex.shape[1:]:
-        raise DataError(f"{path}: x_train images are {list(tx.shape[1:])} but x_test images are "
-                        f"{list(ex.shape[1:])}", "give both splits the same image size")
+        raise DataError(
+            f"{path}: x_train images are {list(tx.shape[1:])} but x_test images are "
+            f"{list(ex.shape[1:])}",
+            "give both splits the same image size",
+        )
     ty = _npz_labels(path, "y_train", arrays["y_train"], tx.shape[0])
     ey = _npz_labels(path, "y_test", arrays["y_test"], ex.shape[0])
     top = int(max(ty.max(initial=-1), ey.max(initial=-1)))
     if classes_arr is not None:
         classes = [str(c) for c in np.asarray(classes_arr).reshape(-1).tolist()]
         if top >= len(classes):
-            raise DataError(f"{path}: label {top} but only {len(classes)} classes",
-                            "list every class in `classes` or fix the labels")
+            raise DataError(
+                f"{path}: label {top} but only {len(classes)} classes",
+                "list every class in `classes` or fix the labels",
+            )
     else:
         classes = [str(i) for i in range(top + 1)]
     if len(classes) < 2:
-        raise DataError(f"{path}: only {len(classes)} class(es)",
-                        "a classifier needs at least two classes")
+        raise DataError(
+            f"{path}: only {len(classes)} class(es)", "a classifier needs at least two classes"
+        )
     if limit_train is not None:
         tx, ty = tx[:limit_train], ty[:limit_train]
     if limit_test is not None:
         ex, ey = ex[:limit_test], ey[:limit_test]
     return _Raw(
-        torch.from_numpy(np.ascontiguousarray(tx)), torch.from_numpy(np.ascontiguousarray(ty)),
-        torch.from_numpy(np.ascontiguousarray(ex)), torch.from_numpy(np.ascontiguousarray(ey)),
-        classes, path.parent,
+        torch.from_numpy(np.ascontiguousarray(tx)),
+        torch.from_numpy(np.ascontiguousarray(ty)),
+        torch.from_numpy(np.ascontiguousarray(ex)),
+        torch.from_numpy(np.ascontiguousarray(ey)),
+        classes,
+        path.parent,
     )
 
 
 def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
     """``x`` as uint8 ``[N, 3, H, W]`` (accepts ``[N, H, W, 3]`` too)."""
     if x.dtype != np.uint8:
-        raise DataError(f"{path}: {key} is {x.dtype}, expected uint8 images",
-                        f"convert it, e.g. {key}=(x * 255).round().astype(np.uint8)")
+        raise DataError(
+            f"{path}: {key} is {x.dtype}, expected uint8 images",
+            f"convert it, e.g. {key}=(x * 255).round().astype(np.uint8)",
+        )
     if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
         return x.transpose(0, 3, 1, 2)
     if x.ndim == 4 and x.shape[1] == 3:
         return x
-    raise DataError(f"{path}: {key} has shape {list(x.shape)}, expected [N, H, W, 3] or "
-                    "[N, 3, H, W] RGB images",
-                    "store RGB images (repeat grayscale to 3 channels)")
+    raise DataError(
+        f"{path}: {key} has shape {list(x.shape)}, expected [N, H, W, 3] or "
+        "[N, 3, H, W] RGB images",
+        "store RGB images (repeat grayscale to 3 channels)",
+    )
 
 
 def _npz_labels(path: Path, key: str, y: np.ndarray, n: int) -> np.ndarray:
     if y.dtype.kind not in "iu" or y.size != n or y.ndim > 2:
-        raise DataError(f"{path}: {key} must hold {n} integer labels (got {y.dtype} "
-                        f"{list(y.shape)})", f"store {key} as an int array of shape [{n}]")
+        raise DataError(
+            f"{path}: {key} must hold {n} integer labels (got {y.dtype} {list(y.shape)})",
+            f"store {key} as an int array of shape [{n}]",
+        )
     y = y.reshape(-1).astype(np.int64)
     if y.size and y.min() < 0:
         raise DataError(f"{path}: {key} has negative labels", "use labels 0..K-1")
@@ -948,8 +1174,9 @@ class Loader:
             offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=self._gen)
             flips = torch.rand(n, generator=self._gen) < 0.5 if self.flip else None
         self.epoch += 1
-        return self._batches(*(None if t is None else t.to(self.device)
-                               for t in (order, offsets, flips)))
+        return self._batches(
+            *(None if t is None else t.to(self.device) for t in (order, offsets, flips))
+        )
 
     def _batches(
         self, order: torch.Tensor | None, offsets: torch.Tensor | None, flips: torch.Tensor | None
@@ -964,16 +1191,18 @@ class Loader:
                 idx = order[start:end]
                 xb, yb = self.x[idx], self.y[idx]
             if offsets is not None:
-                out = self._augment(xb, offsets[start:end],
-                                    None if flips is None else flips[start:end])
+                out = self._augment(
+                    xb, offsets[start:end], None if flips is None else flips[start:end]
+                )
             else:
                 out = xb.to(torch.float32).div_(255.0)
             if self.channels_last:
                 out = out.contiguous(memory_format=torch.channels_last)
             yield out, yb
 
-    def _augment(self, xb: torch.Tensor, off: torch.Tensor, flips: torch.Tensor | None
-                 ) -> torch.Tensor:
+    def _augment(
+        self, xb: torch.Tensor, off: torch.Tensor, flips: torch.Tensor | None
+    ) -> torch.Tensor:
         """Random crop (pad ``crop_padding``, take an HxW window) + flip, as one gather.
 
         Output pixel (i, j) of image k reads padded pixel (oy_k + i, ox_k + j), i.e. original

@@ -57,7 +57,7 @@ def int8_model(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def _scheme(model: nn.Module) -> dict[str, Any]:
-    from pqd.stages.quantize import quant_scheme
+    from pqd.quant.pt2e import quant_scheme
 
     return quant_scheme(model)
 
@@ -82,15 +82,18 @@ def deployable_model(model: nn.Module, quantized: bool) -> nn.Module:
 def _weights_only(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A converted copy of a dynamic-quant graph without its activation fake-quantizers:
     int8 weights (DequantizeLinear in ONNX) feeding float convs/linears."""
-    from pqd.stages.quantize import graphs_in, quantized_layers
+    from pqd.quant.pt2e import graphs_in, quantized_layers
 
     g = copy.deepcopy(graph)
     weight_fqs = {lq.weight_fq for lq in quantized_layers(g).values()}
     for prefix, sub in graphs_in(g):
         for node in list(sub.graph.nodes):
             qual = f"{prefix}.{node.target}" if prefix else str(node.target)
-            if node.op == "call_module" and qual not in weight_fqs and hasattr(
-                    sub.get_submodule(str(node.target)), "fake_quant_enabled"):
+            if (
+                node.op == "call_module"
+                and qual not in weight_fqs
+                and hasattr(sub.get_submodule(str(node.target)), "fake_quant_enabled")
+            ):
                 node.replace_all_uses_with(node.args[0])
                 sub.graph.erase_node(node)
                 sub.delete_submodule(str(node.target))
@@ -98,8 +101,15 @@ def _weights_only(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return int8_model(g)
 
 
-def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, quantized: bool,
-                opset: int = 20, output_name: str = OUTPUT_NAME) -> tuple[Path, nn.Module]:
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    example: torch.Tensor,
+    *,
+    quantized: bool,
+    opset: int = 20,
+    output_name: str = OUTPUT_NAME,
+) -> tuple[Path, nn.Module]:
     """Write ``model`` to ``path`` as ONNX; returns the path and the exported torch model.
 
     ``example`` must have batch >= 2. ``quantized`` states are converted first, as their
@@ -118,8 +128,14 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, qu
     batch = torch.export.Dim("batch", min=1, max=4096)
     with _quiet(), torch.no_grad():
         torch.onnx.export(
-            traced, (example,), str(path), dynamo=True, external_data=False,
-            dynamic_shapes=({0: batch},), input_names=[INPUT_NAME], output_names=[output_name],
+            traced,
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=({0: batch},),
+            input_names=[INPUT_NAME],
+            output_names=[output_name],
             opset_version=opset,
         )
     proto = onnx.load(str(path))
@@ -160,8 +176,10 @@ def global_average_pools(proto: onnx.ModelProto) -> int:
     """
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     try:
-        ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
-                 onnx.shape_inference.infer_shapes(proto).graph.value_info}
+        ranks = {
+            v.name: len(v.type.tensor_type.shape.dim)
+            for v in onnx.shape_inference.infer_shapes(proto).graph.value_info
+        }
     except Exception:  # no shapes inferred: leave the graph as it is
         return 0
     ranks.update({v.name: len(v.type.tensor_type.shape.dim) for v in proto.graph.input})
@@ -171,16 +189,24 @@ def global_average_pools(proto: onnx.ModelProto) -> int:
             continue
         attrs = {a.name: a.i for a in node.attribute}
         axes = inits.get(node.input[1])
-        if (ranks.get(node.input[0]) != 4 or axes is None or attrs.get("keepdims", 1) != 1
-                or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]):
+        if (
+            ranks.get(node.input[0]) != 4
+            or axes is None
+            or attrs.get("keepdims", 1) != 1
+            or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]
+        ):
             continue
-        gap = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
-                               name=f"{node.name}_gap")
+        gap = helper.make_node(
+            "GlobalAveragePool", [node.input[0]], list(node.output), name=f"{node.name}_gap"
+        )
         proto.graph.node.remove(node)
         proto.graph.node.insert(i, gap)
         rewritten += 1
-    keep_initializers(proto.graph, {name for node in proto.graph.node for name in node.input}
-                      | {o.name for o in proto.graph.output})  # drops the axes tensors
+    keep_initializers(
+        proto.graph,
+        {name for node in proto.graph.node for name in node.input}
+        | {o.name for o in proto.graph.output},
+    )  # drops the axes tensors
     return rewritten
 
 
@@ -231,8 +257,7 @@ def pad_input_channels(proto: onnx.ModelProto, multiple: int = 4) -> int:
             continue
         channels = w_init.dims[1]
         extra = -channels % multiple
-        shared = any(consumers.get(n) != 1
-                     for n in (conv.input[0], x_dq.input[0], w_dq.input[0]))
+        shared = any(consumers.get(n) != 1 for n in (conv.input[0], x_dq.input[0], w_dq.input[0]))
         if not extra or shared:
             continue
         w = numpy_helper.to_array(w_init)
@@ -240,9 +265,15 @@ def pad_input_channels(proto: onnx.ModelProto, multiple: int = 4) -> int:
         w_init.CopyFrom(numpy_helper.from_array(w, w_init.name))
         pads_name, out_name = f"{q.name}_channel_pads", f"{q.input[0]}_channel_padded"
         proto.graph.initializer.append(
-            numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64), pads_name))
-        pad = helper.make_node("Pad", [q.input[0], pads_name], [out_name],
-                               name=f"{q.name}_channel_pad", mode="constant")
+            numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64), pads_name)
+        )
+        pad = helper.make_node(
+            "Pad",
+            [q.input[0], pads_name],
+            [out_name],
+            name=f"{q.name}_channel_pad",
+            mode="constant",
+        )
         q.input[0] = out_name
         pads_before[q.name] = pad
         padded += 1
@@ -279,9 +310,14 @@ def _weight_dq(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     by output name."""
     inits = {i.name: i for i in proto.graph.initializer}
     ints = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4)
-    return {n.output[0]: n for n in proto.graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] in inits
-            and inits[n.input[0]].data_type in ints and len(inits[n.input[0]].dims) >= 2}
+    return {
+        n.output[0]: n
+        for n in proto.graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in inits
+        and inits[n.input[0]].data_type in ints
+        and len(inits[n.input[0]].dims) >= 2
+    }
 
 
 def pack_int4_weights(proto: onnx.ModelProto) -> int:
@@ -322,12 +358,20 @@ def dynamic_integer_ops(proto: onnx.ModelProto) -> int:
     nodes: list[onnx.NodeProto] = []
     done = 0
     for node in proto.graph.node:
-        dq = dqs.get(node.input[1]) if node.op_type in ("Conv", "Gemm") and len(
-            node.input) > 1 else None
+        dq = (
+            dqs.get(node.input[1])
+            if node.op_type in ("Conv", "Gemm") and len(node.input) > 1
+            else None
+        )
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if dq is None or (node.op_type == "Gemm" and (
-                attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
-                or attrs.get("beta", 1.0) != 1.0)):
+        if dq is None or (
+            node.op_type == "Gemm"
+            and (
+                attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0
+                or attrs.get("beta", 1.0) != 1.0
+            )
+        ):
             nodes.append(node)
             continue
         w = numpy_helper.to_array(inits[dq.input[0]])
@@ -337,26 +381,44 @@ def dynamic_integer_ops(proto: onnx.ModelProto) -> int:
             raise RuntimeError(f"dynamic export needs symmetric int8 weights ({dq.input[0]})")
         p = f"{node.name or node.output[0]}_dyn"
         x = node.input[0]
-        nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [f"{p}_xq", f"{p}_xs",
-                                                                      f"{p}_xz"], name=f"{p}_q"))
+        nodes.append(
+            helper.make_node(
+                "DynamicQuantizeLinear", [x], [f"{p}_xq", f"{p}_xs", f"{p}_xz"], name=f"{p}_q"
+            )
+        )
         wz = _const(proto, np.array(0, np.int8), f"{p}_wz")
         if node.op_type == "Conv":
             out_ch = w.shape[0]
-            nodes.append(helper.make_node("ConvInteger", [f"{p}_xq", dq.input[0], f"{p}_xz", wz],
-                                          [f"{p}_acc"], name=f"{p}_conv", **attrs))
+            nodes.append(
+                helper.make_node(
+                    "ConvInteger",
+                    [f"{p}_xq", dq.input[0], f"{p}_xz", wz],
+                    [f"{p}_acc"],
+                    name=f"{p}_conv",
+                    **attrs,
+                )
+            )
             shape = (1, out_ch, *([1] * (w.ndim - 2)))
         else:
             wt = w.T if attrs.get("transB", 0) else w  # MatMulInteger wants [K, N]
             out_ch = wt.shape[1]
             wname = _const(proto, np.ascontiguousarray(wt), f"{p}_w")
-            nodes.append(helper.make_node("MatMulInteger", [f"{p}_xq", wname, f"{p}_xz", wz],
-                                          [f"{p}_acc"], name=f"{p}_matmul"))
+            nodes.append(
+                helper.make_node(
+                    "MatMulInteger",
+                    [f"{p}_xq", wname, f"{p}_xz", wz],
+                    [f"{p}_acc"],
+                    name=f"{p}_matmul",
+                )
+            )
             shape = (1, out_ch)
-        ws = _const(proto, np.broadcast_to(scale.reshape(-1), (out_ch,)).reshape(shape).copy(),
-                    f"{p}_ws")
+        ws = _const(
+            proto, np.broadcast_to(scale.reshape(-1), (out_ch,)).reshape(shape).copy(), f"{p}_ws"
+        )
         nodes += [
-            helper.make_node("Cast", [f"{p}_acc"], [f"{p}_accf"], to=onnx.TensorProto.FLOAT,
-                             name=f"{p}_cast"),
+            helper.make_node(
+                "Cast", [f"{p}_acc"], [f"{p}_accf"], to=onnx.TensorProto.FLOAT, name=f"{p}_cast"
+            ),
             helper.make_node("Mul", [f"{p}_xs", ws], [f"{p}_s"], name=f"{p}_scale"),
         ]
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -365,21 +427,26 @@ def dynamic_integer_ops(proto: onnx.ModelProto) -> int:
             if b is None:
                 raise RuntimeError(f"dynamic export needs a constant bias ({bias})")
             bname = _const(proto, b.astype(np.float32).reshape(shape), f"{p}_b")
-            nodes += [helper.make_node("Mul", [f"{p}_accf", f"{p}_s"], [f"{p}_y"],
-                                       name=f"{p}_mul"),
-                      helper.make_node("Add", [f"{p}_y", bname], [node.output[0]],
-                                       name=f"{p}_bias")]
+            nodes += [
+                helper.make_node("Mul", [f"{p}_accf", f"{p}_s"], [f"{p}_y"], name=f"{p}_mul"),
+                helper.make_node("Add", [f"{p}_y", bname], [node.output[0]], name=f"{p}_bias"),
+            ]
         else:
-            nodes.append(helper.make_node("Mul", [f"{p}_accf", f"{p}_s"], [node.output[0]],
-                                          name=f"{p}_mul"))
+            nodes.append(
+                helper.make_node("Mul", [f"{p}_accf", f"{p}_s"], [node.output[0]], name=f"{p}_mul")
+            )
         done += 1
     used = {i for n in nodes for i in n.input}
-    nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear"
-                                      and n.output[0] in dqs and n.output[0] not in used)]
+    nodes = [
+        n
+        for n in nodes
+        if not (n.op_type == "DequantizeLinear" and n.output[0] in dqs and n.output[0] not in used)
+    ]
     proto.graph.ClearField("node")
     proto.graph.node.extend(nodes)
-    keep_initializers(proto.graph,
-                      {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output})
+    keep_initializers(
+        proto.graph, {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output}
+    )
     proto.graph.ClearField("value_info")
     return done
 
@@ -431,5 +498,9 @@ def compress_artifact(path: str | Path, preset: int = 9) -> dict[str, Any]:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         ort.InferenceSession(restored, so, providers=["CPUExecutionProvider"])
-    return {"compressed_path": path.name + ".xz", "compressed_size_bytes": packed_size,
-            "compression_ratio": round(raw_size / packed_size, 3), "codec": "xz (lzma)"}
+    return {
+        "compressed_path": path.name + ".xz",
+        "compressed_size_bytes": packed_size,
+        "compression_ratio": round(raw_size / packed_size, 3),
+        "codec": "xz (lzma)",
+    }

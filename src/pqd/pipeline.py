@@ -15,44 +15,40 @@ its record.json (``pqd search`` trains trials anywhere and measures them on its 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
-import random
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from pqd import __version__
-from pqd.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from pqd._version import __version__
+from pqd.checkpoint import atomic_write_text, save_checkpoint
+from pqd.context import Context
+from pqd.engine import seed_everything
 from pqd.errors import PqdError
 from pqd.models.multi_exit import MultiExitNet
-from pqd.recipe import MeasureSpec, Recipe, dump_recipe
-from pqd.registry import STAGES
-from pqd.stages.base import Context, State
+from pqd.quant.sensitivity import layer_sensitivity
+from pqd.recipe import MeasureSpec, QuantizeSpec, Recipe, dump_recipe
+from pqd.resume import RunFolder, load_state, note, save_state, step_name
+from pqd.state import State
 from pqd.target import resolve as resolve_target
-from pqd.train import evaluate, fit
+from pqd.train import evaluate
 
 RECORD_VERSION = 1
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise PqdError("device 'cuda' was asked for but no CUDA GPU is visible",
-                       "set device: auto or cpu")
+        raise PqdError(
+            "device 'cuda' was asked for but no CUDA GPU is visible", "set device: auto or cpu"
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -64,23 +60,27 @@ def check_runtimes(recipe: Recipe) -> list[str]:
     from pqd.measure import available_runtimes
 
     have = available_runtimes()
-    ort_fix = ("onnxruntime is a dependency of pqd, so the install is broken: reinstall pqd, "
-               "or pip install onnxruntime")
+    ort_fix = (
+        "onnxruntime is a dependency of pqd, so the install is broken: reinstall pqd, "
+        "or pip install onnxruntime"
+    )
     if recipe.measure.runtimes == ["auto"]:
         if not have:
             raise PqdError("no ONNX runtime is installed (not even onnxruntime)", ort_fix)
         return have
     for rt in recipe.measure.runtimes:
         if rt not in have:
-            fix = (f"{ort_fix}; or remove it from measure.runtimes" if rt == "onnxruntime" else
-                   f"pip install 'pqd[{rt}]' (or pip install {rt}), or remove it from "
-                   "measure.runtimes")
+            fix = (
+                f"{ort_fix}; or remove it from measure.runtimes"
+                if rt == "onnxruntime"
+                else f"pip install 'pqd[{rt}]' (or pip install {rt}), or remove it from "
+                "measure.runtimes"
+            )
             raise PqdError(f"measure.runtimes: {rt} is not installed", fix)
     return list(recipe.measure.runtimes)
 
 
-def preflight(recipe: Recipe, data_dir: str | None = None
-              ) -> tuple[list[str], list[PqdError]]:
+def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[list[str], list[PqdError]]:
     """What ``pqd validate`` checks beyond the schema, without training: the data (present
     and readable, or allowed to download), the model (imports, builds, gives one logit per
     class), the baseline checkpoint (present, and loads into that model) and the runtimes.
@@ -98,24 +98,30 @@ def preflight(recipe: Recipe, data_dir: str | None = None
     passed: list[str] = []
     failed: list[PqdError] = []
     root = resolve_data_root(data_dir, recipe.data.root)
-    explicit = any(v is not None and str(v).strip()
-                   for v in (data_dir, os.environ.get(ENV_DATA_DIR), recipe.data.root))
+    explicit = any(
+        v is not None and str(v).strip()
+        for v in (data_dir, os.environ.get(ENV_DATA_DIR), recipe.data.root)
+    )
     classes = NUM_CLASSES.get(recipe.data.dataset)
     try:
-        classes, found = check_data(recipe.data.dataset, root, download=recipe.data.download,
-                                    explicit=explicit)
+        classes, found = check_data(
+            recipe.data.dataset, root, download=recipe.data.download, explicit=explicit
+        )
         passed.append(f"data: {found}")
     except PqdError as exc:
         failed.append(exc)
     model = None
     if classes is not None:
         try:
-            model = build_model(recipe.model.name, classes, (0.5,) * 3, (0.25,) * 3,
-                                **recipe.model.kwargs)
+            model = build_model(
+                recipe.model.name, classes, (0.5,) * 3, (0.25,) * 3, **recipe.model.kwargs
+            )
             check_output_shape(model, classes)
             params = sum(p.numel() for p in model.parameters())
-            passed.append(f"model: {recipe.model.name} builds ({params:,} parameters) and "
-                          f"gives {classes} logits per image")
+            passed.append(
+                f"model: {recipe.model.name} builds ({params:,} parameters) and "
+                f"gives {classes} logits per image"
+            )
         except PqdError as exc:
             failed.append(exc)
             model = None
@@ -145,9 +151,16 @@ def measure_spec(recipe: Recipe) -> MeasureSpec:
     return recipe.measure.model_copy(update={"runtimes": check_runtimes(recipe)})
 
 
-def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
-        progress: bool = True, measure: bool = True, resume: bool = False,
-        fresh: bool = False) -> dict[str, Any]:
+def run(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    data_dir: str | None = None,
+    progress: bool = True,
+    measure: bool = True,
+    resume: bool = False,
+    fresh: bool = False,
+) -> dict[str, Any]:
     """Run the whole job; returns the record (also written to ``out_dir/record.json``).
 
     Every finished step is checkpointed into ``out_dir`` (see :mod:`pqd.resume`): running the
@@ -160,140 +173,239 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
     :func:`measure_run` measures the artifacts later, e.g. on another machine or after
     other trainings have finished (``pqd search`` measures on its driver, one run at a time).
     """
-    import pqd.stages  # noqa: F401  (fills the stage registry)
     from pqd.data import load_dataset, resolve_data_root
-    from pqd.models import build_model, check_output_shape
-    from pqd.resume import RunFolder, load_state, note, save_state, step_name
+    from pqd.models import build_model
 
     t_start = time.perf_counter()
     out = Path(out_dir)
     folder = RunFolder.open(out, recipe, resume=resume, fresh=fresh)
-    reused = [e["step"] for e in folder.steps]
     if folder.complete and measure:
-        note(f"{out} already holds this recipe's complete run: nothing to do "
-             "(--fresh runs it again)")
+        note(
+            f"{out} already holds this recipe's complete run: nothing to do (--fresh runs it again)"
+        )
         return json.loads((out / "record.json").read_text(encoding="utf-8"))
     if measure:
         check_runtimes(recipe)
-    device = resolve_device(recipe.device)
+    resolve_device(recipe.device)
     root = resolve_data_root(data_dir, recipe.data.root)
-    data = load_dataset(recipe.data.dataset, root, val_size=recipe.data.val_size,
-                        seed=recipe.seed, download=recipe.data.download,
-                        limit_train=recipe.data.limit_train, limit_test=recipe.data.limit_test)
+    data = load_dataset(
+        recipe.data.dataset,
+        root,
+        val_size=recipe.data.val_size,
+        seed=recipe.seed,
+        download=recipe.data.download,
+        limit_train=recipe.data.limit_train,
+        limit_test=recipe.data.limit_test,
+    )
+
+    def build() -> torch.nn.Module:
+        return build_model(
+            recipe.model.name, data.num_classes, data.mean, data.std, **recipe.model.kwargs
+        )
+
+    return execute(
+        recipe,
+        folder,
+        data,
+        build,
+        build,
+        progress=progress,
+        measure=measure,
+        fresh=fresh,
+        t_start=t_start,
+    )
+
+
+def execute(
+    recipe: Recipe,
+    folder: RunFolder,
+    data: Any,
+    make_model: Callable[[], nn.Module],
+    fresh_model: Callable[[], nn.Module],
+    *,
+    progress: bool = True,
+    measure: bool = True,
+    fresh: bool = False,
+    source: dict[str, Any] | None = None,
+    t_start: float | None = None,
+) -> dict[str, Any]:
+    """The body of ``pqd run`` and :func:`pqd.compress`: baseline -> stages -> export ->
+    measure into ``folder`` (opened by the caller), on data already loaded.
+
+    Args:
+        recipe: the job (a recipe file's, or the one :func:`pqd.compress` builds).
+        folder: the opened run folder (what is finished, where to continue).
+        data: ``pqd.data.Dataset``.
+        make_model: builds the run's starting model (called once, after seeding).
+        fresh_model: builds fresh unpruned models like it (channel surgery, resume).
+        progress, measure, fresh: as :func:`run`.
+        source: the record's ``baseline.source`` when the model is taken as given.
+        t_start: when the job started (``time.perf_counter()``; default now).
+
+    Returns:
+        The record (or, with ``measure=False``, the pending record).
+    """
+    from pqd.engine import apply_stages, baseline, frozen
+    from pqd.models import check_output_shape
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    out = folder.out
+    reused = [e["step"] for e in folder.steps]
+    device = resolve_device(recipe.device)
+    target = resolve_target(recipe.export.target)
     with deterministic(recipe.seed, device) as determinism:
-        model = build_model(recipe.model.name, data.num_classes, data.mean, data.std,
-                            **recipe.model.kwargs)
+        model = make_model()
         check_output_shape(model, data.num_classes, int(data.train_x.shape[-1]))
         folder.start(fresh)
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+        ctx = Context(data=data, device=device, teacher=model, progress=progress)
 
-        ctx = Context(recipe=recipe, data=data, device=device, teacher=model,
-                      progress=progress, out_dir=out, run=folder,
-                      target=resolve_target(recipe.export.target))
         # ---- baseline: train it or load it (or take it from an earlier, killed run)
         t0 = time.perf_counter()
-        model.to(device)
         done = folder.entry(0)
-        if done is not None:
-            load_checkpoint(model, out / "baseline.safetensors")
-            model.to(device)
-        elif recipe.baseline.checkpoint:
-            load_checkpoint(model, recipe.baseline.checkpoint)
-            model.to(device)
-        else:
-            cfg = recipe.baseline_train()
-            train = ctx.loader("train", cfg.batch_size, seed=recipe.seed, augment=True,
-                               shuffle=True)
-            from pqd.train import prepare_model
-
-            prepare_model(model, cfg, device)
-            start, on_epoch = folder.epoch_hooks(0, model, {}, desc="baseline")
-            fit(model, train, cfg, recipe.baseline.epochs, device=device, desc="baseline",
-                progress=progress, resume=start, on_epoch=on_epoch)
-        model.to(memory_format=torch.contiguous_format)
+        baseline(
+            model,
+            data,
+            train=recipe.baseline_train(),
+            epochs=recipe.baseline.epochs,
+            checkpoint=(
+                out / "baseline.safetensors" if done is not None else recipe.baseline.checkpoint
+            ),
+            seed=recipe.seed,
+            augment=recipe.data.augment,
+            device=device,
+            progress=progress,
+            run=folder,
+        )
         val_loader = ctx.loader("val", 256)
         if done is None:
             save_checkpoint(model, out / "baseline.safetensors", {"recipe": recipe.name})
-            source = ({"checkpoint": recipe.baseline.checkpoint} if recipe.baseline.checkpoint
-                      else {"trained_epochs": recipe.baseline.epochs})
-            done = {"source": source, "seconds": round(time.perf_counter() - t0, 2),
-                    "val_accuracy": evaluate(model, val_loader, device=device,
-                                             progress=progress, desc="baseline val")}
+            source = source or (
+                {"checkpoint": recipe.baseline.checkpoint}
+                if recipe.baseline.checkpoint
+                else {"trained_epochs": recipe.baseline.epochs}
+            )
+            done = {
+                "source": source,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "val_accuracy": evaluate(
+                    model, val_loader, device=device, progress=progress, desc="baseline val"
+                ),
+            }
             folder.finish(0, "baseline.safetensors", done)
-        source, baseline_seconds, baseline_val = (done["source"], done["seconds"],
-                                                  done["val_accuracy"])
+        source, baseline_seconds, baseline_val = (
+            done["source"],
+            done["seconds"],
+            done["val_accuracy"],
+        )
 
         # ---- stages, in the recipe's order (finished ones come back from their checkpoints)
-        ctx.teacher = copy.deepcopy(model).eval()
-        for p in ctx.teacher.parameters():
-            p.requires_grad_(False)
         finished = max(0, min(len(folder.steps) - 1, len(recipe.stages)))
+        state = None
         if finished > 0:
-            state = load_state(out / folder.steps[finished]["checkpoint"], recipe, data,
-                               ctx.example_input)
+            state = load_state(
+                out / folder.steps[finished]["checkpoint"], fresh_model, ctx.example_input
+            )
             state.model.to(device)
-        else:
-            state = State(model=copy.deepcopy(model))
         stage_records = [folder.entry(i + 1) for i in range(finished)]
-        for i in range(finished, len(recipe.stages)):
-            spec = recipe.stages[i]
-            ctx.stage_index = i
-            ctx.fit_calls = 0
-            seed_everything(ctx.stage_seed)
-            t0 = time.perf_counter()
-            state.info = {}
-            if not isinstance(state.model, torch.fx.GraphModule):
-                from pqd.train import prepare_model
 
-                prepare_model(state.model, ctx.stage_train(), device)
-            state = STAGES[spec.stage](state, spec, ctx)
-            seconds = time.perf_counter() - t0
-            val = evaluate(state.model, val_loader, device=device, progress=progress,
-                           desc=f"{ctx.stage_desc} val")
-            entry = json.loads(json.dumps({
-                "index": i, "name": spec.stage, "config": spec.model_dump(mode="json"),
-                "seconds": round(seconds, 2), "val_accuracy": val, "info": state.info,
-            }, default=_json_default))
+        def record_stage(i: int, spec: Any, state: State, seconds: float) -> None:
+            val = evaluate(
+                state.model,
+                val_loader,
+                device=device,
+                progress=progress,
+                desc=f"[{i + 1}/{len(recipe.stages)}] {spec.stage} val",
+            )
+            entry = json.loads(
+                json.dumps(
+                    {
+                        "index": i,
+                        "name": spec.stage,
+                        "config": spec.model_dump(mode="json"),
+                        "seconds": round(seconds, 2),
+                        "val_accuracy": val,
+                        "info": state.info,
+                    },
+                    default=_json_default,
+                )
+            )
             name = step_name(recipe, i + 1)
             save_state(out / "checkpoints" / f"{name}.safetensors", folder.prints[i + 1], state)
             folder.finish(i + 1, f"checkpoints/{name}.safetensors", entry)
             stage_records.append(entry)
+
+        state = apply_stages(
+            model,
+            recipe.stages,
+            data,
+            frozen(model),
+            train=recipe.train,
+            seed=recipe.seed,
+            augment=recipe.data.augment,
+            device=device,
+            target=target,
+            threads=recipe.measure.threads,
+            progress=progress,
+            fresh_model=fresh_model,
+            state=state,
+            start=finished,
+            run=folder,
+            on_stage=record_stage,
+        )
 
     # ---- export both artifacts, then measure them side by side
     from pqd.export import export_onnx
     from pqd.measure.artifacts import torch_reference
 
     t0 = time.perf_counter()
-    target = ctx.target if state.quantized else "any"  # a float file runs alike everywhere
+    target = target if state.quantized else "any"  # a float file runs alike everywhere
     example = ctx.example_input().cpu()
     model.cpu()
     state.model.cpu()
-    base_path, base_torch = export_onnx(model, out / "baseline.onnx", example, quantized=False,
-                                        opset=recipe.export.opset)
+    base_path, base_torch = export_onnx(
+        model, out / "baseline.onnx", example, quantized=False, opset=recipe.export.opset
+    )
     exits = isinstance(state.model, MultiExitNet)
     if exits:  # segment files + manifest; final.onnx = the segments chained, no heads
-        from pqd.exits_runtime import chain_segments, export_exits
+        from pqd.exits.runtime import chain_segments, export_exits
 
-        manifest, final_torch = export_exits(state.model, out / "exits", example,
-                                             quantized=state.quantized,
-                                             opset=recipe.export.opset)
-        final_path = chain_segments([out / "exits" / s["file"] for s in manifest["segments"]],
-                                    out / "final.onnx")
+        manifest, final_torch = export_exits(
+            state.model,
+            out / "exits",
+            example,
+            quantized=state.quantized,
+            opset=recipe.export.opset,
+        )
+        final_path = chain_segments(
+            [out / "exits" / s["file"] for s in manifest["segments"]], out / "final.onnx"
+        )
     else:
-        final_path, final_torch = export_onnx(state.model, out / "final.onnx", example,
-                                              quantized=state.quantized,
-                                              opset=recipe.export.opset)
+        final_path, final_torch = export_onnx(
+            state.model,
+            out / "final.onnx",
+            example,
+            quantized=state.quantized,
+            opset=recipe.export.opset,
+        )
     from pqd.export import set_metadata
     from pqd.measure.saturation import saturation
 
-    set_metadata(final_path, {"pqd.target": target, "pqd.saturating_weight_pairs":
-                              str(saturation(final_path)["pairs_at_risk"])})
+    set_metadata(
+        final_path,
+        {
+            "pqd.target": target,
+            "pqd.saturating_weight_pairs": str(saturation(final_path)["pairs_at_risk"]),
+        },
+    )
     export_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    references = {"baseline": torch_reference(base_torch, data, recipe.export.parity_samples),
-                  "final": torch_reference(final_torch, data, recipe.export.parity_samples)}
+    references = {
+        "baseline": torch_reference(base_torch, data, recipe.export.parity_samples),
+        "final": torch_reference(final_torch, data, recipe.export.parity_samples),
+    }
     if exits:
-        from pqd.exits_runtime import exit_references
+        from pqd.exits.runtime import exit_references
 
         references.update(exit_references(final_torch, data, recipe.export.parity_samples))
     reference_seconds = time.perf_counter() - t0
@@ -307,13 +419,19 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
         "seed": recipe.seed,
         "device": str(device),
         "data": data.summary(),
-        "baseline": {"precision": "fp32", "target": "any", "val_accuracy": baseline_val,
-                     "source": source},
-        "final": {"precision": _precision(state), "target": target,
-                  "val_accuracy": (stage_records[-1]["val_accuracy"] if stage_records
-                                   else baseline_val),
-                  "masked_sparsity": _masked_sparsity(state),
-                  **_sparsity_extras(state, final_path, recipe)},
+        "baseline": {
+            "precision": "fp32",
+            "target": "any",
+            "val_accuracy": baseline_val,
+            "source": source,
+        },
+        "final": {
+            "precision": _precision(state),
+            "target": target,
+            "val_accuracy": (stage_records[-1]["val_accuracy"] if stage_records else baseline_val),
+            "masked_sparsity": _masked_sparsity(state),
+            **_sparsity_extras(state, final_path, recipe),
+        },
         "stages": stage_records,
         "determinism": determinism,
         "resume": {"reused_steps": reused, "continued_after_epoch": folder.continued},
@@ -336,13 +454,24 @@ def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
     t0 = time.perf_counter()
     spec = measure_spec(recipe)
     logits: dict[str, np.ndarray] = {}
-    measured = measure_onnx({"baseline": base_path, "final": final_path}, references, data,
-                            spec, progress=progress, logits_out=logits)
+    measured = measure_onnx(
+        {"baseline": base_path, "final": final_path},
+        references,
+        data,
+        spec,
+        progress=progress,
+        logits_out=logits,
+    )
     _measure_exits(out, recipe, spec, data, references, measured, progress)
     _audit(out, recipe, spec, data, measured, logits, progress)
-    record = _finish_record(pending, measured, time.perf_counter() - t0 + reference_seconds,
-                            recipe.measure.threads, "in-process, right after training",
-                            time.perf_counter() - t_start)
+    record = _finish_record(
+        pending,
+        measured,
+        time.perf_counter() - t0 + reference_seconds,
+        recipe.measure.threads,
+        "in-process, right after training",
+        time.perf_counter() - t_start,
+    )
     write_record(record, out)
     folder.mark_complete()
     return record
@@ -357,8 +486,10 @@ def deterministic(seed: int, device: torch.device) -> Iterator[dict[str, Any]]:
     masks and accuracies (checked in tests/test_faults.py). ``warn_only``: an op without a
     deterministic kernel warns instead of failing the run.
     """
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled())
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -370,16 +501,17 @@ def deterministic(seed: int, device: torch.device) -> Iterator[dict[str, Any]]:
         yield {
             "seed": seed,
             "stage_seeds": "seed + 1000 * (stage index + 1); data order and augmentation use "
-                           "per-loader generators seeded from these",
+            "per-loader generators seeded from these",
             "torch_deterministic_algorithms": True,
             "deterministic_warn_only": True,
             "cudnn_benchmark": False,
             "cudnn_deterministic": True,
             "torch_threads": torch.get_num_threads(),
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-            if device.type == "cuda" else None,
+            if device.type == "cuda"
+            else None,
             "scope": "identical results for the same recipe, seed, machine, thread count and "
-                     "library versions",
+            "library versions",
         }
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
@@ -403,8 +535,13 @@ def machine() -> dict[str, Any]:
     return {"host": socket.gethostname(), "cpu": cpu_model(), "logical_cpus": os.cpu_count()}
 
 
-def measure_run(run_dir: str | Path, *, data_dir: str | None = None, progress: bool = True,
-                where: str = "driver, sequential") -> dict[str, Any]:
+def measure_run(
+    run_dir: str | Path,
+    *,
+    data_dir: str | None = None,
+    progress: bool = True,
+    where: str = "driver, sequential",
+) -> dict[str, Any]:
     """Measure a run that ``run(..., measure=False)`` trained and exported; completes it.
 
     Reads ``pending.json`` and the stored torch logits, measures ``baseline.onnx`` and
@@ -418,49 +555,88 @@ def measure_run(run_dir: str | Path, *, data_dir: str | None = None, progress: b
     out = Path(run_dir)
     pending_path = out / PENDING_FILE
     if not pending_path.is_file():
-        raise PqdError(f"{pending_path} does not exist",
-                       "give a run folder written by run(..., measure=False)")
+        raise PqdError(
+            f"{pending_path} does not exist", "give a run folder written by run(..., measure=False)"
+        )
     pending = json.loads(pending_path.read_text(encoding="utf-8"))
     recipe = recipe_from_dict(pending["recipe"], str(pending_path))
     spec = measure_spec(recipe)
     root = resolve_data_root(data_dir, recipe.data.root)
-    data = load_dataset(recipe.data.dataset, root, val_size=recipe.data.val_size,
-                        seed=recipe.seed, download=recipe.data.download,
-                        limit_train=recipe.data.limit_train, limit_test=recipe.data.limit_test)
+    data = load_dataset(
+        recipe.data.dataset,
+        root,
+        val_size=recipe.data.val_size,
+        seed=recipe.seed,
+        download=recipe.data.download,
+        limit_train=recipe.data.limit_train,
+        limit_test=recipe.data.limit_test,
+    )
     with np.load(out / REFERENCE_FILE) as refs:
         references = {k: refs[k] for k in refs.files}
     t0 = time.perf_counter()
     logits: dict[str, np.ndarray] = {}
-    measured = measure_onnx({"baseline": out / "baseline.onnx", "final": out / "final.onnx"},
-                            references, data, spec, progress=progress, logits_out=logits)
+    measured = measure_onnx(
+        {"baseline": out / "baseline.onnx", "final": out / "final.onnx"},
+        references,
+        data,
+        spec,
+        progress=progress,
+        logits_out=logits,
+    )
     _measure_exits(out, recipe, spec, data, references, measured, progress)
     _audit(out, recipe, spec, data, measured, logits, progress)
     seconds = time.perf_counter() - t0
     total = pending["timing_s"]["total"] + seconds
-    record = _finish_record(pending, measured, seconds + pending["timing_s"]["reference"],
-                            recipe.measure.threads, where, total)
+    record = _finish_record(
+        pending,
+        measured,
+        seconds + pending["timing_s"]["reference"],
+        recipe.measure.threads,
+        where,
+        total,
+    )
     write_record(record, out)
     pending_path.unlink(missing_ok=True)
     return record
 
 
-def _measure_exits(out: Path, recipe: Recipe, spec: MeasureSpec, data: Any,
-                   references: dict[str, np.ndarray], measured: dict[str, Any],
-                   progress: bool) -> None:
+def _measure_exits(
+    out: Path,
+    recipe: Recipe,
+    spec: MeasureSpec,
+    data: Any,
+    references: dict[str, np.ndarray],
+    measured: dict[str, Any],
+    progress: bool,
+) -> None:
     """With an early_exit stage: calibrate and measure the exits (``exits/manifest.json``)
     next to ``final.onnx`` (the same weights, exits disabled); into ``measured["final"]``."""
     exit_spec = recipe.early_exit()
     if exit_spec is None:
         return
-    from pqd.exits_runtime import MANIFEST, measure_exits, references_of
+    from pqd.exits.runtime import MANIFEST, measure_exits, references_of
 
     measured["final"]["early_exit"] = measure_exits(
-        out / "exits" / MANIFEST, out / "final.onnx", references_of(references), data, spec,
-        exit_spec.target, rounds=spec.exit_latency_rounds, progress=progress)
+        out / "exits" / MANIFEST,
+        out / "final.onnx",
+        references_of(references),
+        data,
+        spec,
+        exit_spec.target,
+        rounds=spec.exit_latency_rounds,
+        progress=progress,
+    )
 
 
-def _audit(out: Path, recipe: Recipe, spec: MeasureSpec, data: Any, measured: dict[str, Any],
-           logits: dict[str, np.ndarray], progress: bool) -> None:
+def _audit(
+    out: Path,
+    recipe: Recipe,
+    spec: MeasureSpec,
+    data: Any,
+    measured: dict[str, Any],
+    logits: dict[str, np.ndarray],
+    progress: bool,
+) -> None:
     """The audit of both artifacts (:mod:`pqd.measure.audit`) into ``measured[name]["audit"]``
     from the logits the accuracy came from; ``measure.audit: true`` adds corruptions, memory
     and energy."""
@@ -468,16 +644,28 @@ def _audit(out: Path, recipe: Recipe, spec: MeasureSpec, data: Any, measured: di
 
     paths = {name: out / measured[name]["artifact"] for name in ("baseline", "final")}
     audits = audit_artifacts(
-        paths, logits, data, spec, {n: measured[n]["latency_ms"] for n in paths},
-        full=spec.audit, seed=recipe.seed,
+        paths,
+        logits,
+        data,
+        spec,
+        {n: measured[n]["latency_ms"] for n in paths},
+        full=spec.audit,
+        seed=recipe.seed,
         exits_manifest=out / "exits" / "manifest.json" if recipe.early_exit() else None,
-        progress=progress)
+        progress=progress,
+    )
     for name, a in audits.items():
         measured[name]["audit"] = a
 
 
-def _finish_record(pending: dict[str, Any], measured: dict[str, Any], measure_seconds: float,
-                   threads: int, where: str, total_seconds: float) -> dict[str, Any]:
+def _finish_record(
+    pending: dict[str, Any],
+    measured: dict[str, Any],
+    measure_seconds: float,
+    threads: int,
+    where: str,
+    total_seconds: float,
+) -> dict[str, Any]:
     """The record.json of ``pqd run`` from a pending record and the measured artifacts."""
     from pqd.measure.env import environment
     from pqd.target import assess
@@ -509,7 +697,7 @@ def _precision(state: State) -> str:
     """``fp32``, or the quantization scheme's label (``int8`` for the default U8S8)."""
     if not state.quantized:
         return "fp32"
-    from pqd.stages.quantize import precision_label, quant_scheme
+    from pqd.quant.pt2e import precision_label, quant_scheme
 
     return precision_label(quant_scheme(state.model))
 
@@ -533,7 +721,7 @@ def _sparsity_extras(state: State, final_path: Path, recipe: Recipe) -> dict[str
 
 
 def _masked_sparsity(state: State) -> float | None:
-    from pqd.stages.prune import sparsity_of
+    from pqd.prune.masks import sparsity_of
 
     return sparsity_of(state.masks) if state.masks else None
 
@@ -581,3 +769,203 @@ def _json_default(obj: Any) -> Any:
         return obj.tolist()
     warnings.warn(f"record: {type(obj).__name__} written as text", stacklevel=2)
     return str(obj)
+
+
+def run_sensitivity(
+    recipe: Recipe,
+    out: str | Path | None = None,
+    *,
+    data_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Baseline (trained or loaded) -> PTQ graph with the recipe's first quantize options ->
+    per-layer sensitivity on the val split; writes ``sensitivity.json`` into ``out``."""
+    from pqd.checkpoint import save_checkpoint
+    from pqd.context import Context
+    from pqd.data import load_dataset, resolve_data_root
+    from pqd.engine import baseline, seed_everything
+    from pqd.models import build_model
+    from pqd.pipeline import resolve_device
+    from pqd.quant.pt2e import calibrate, prepare_qat, scheme_of
+    from pqd.target import reduces_range
+    from pqd.target import resolve as resolve_target
+
+    t0 = time.perf_counter()
+    device = resolve_device(recipe.device)
+    data = load_dataset(
+        recipe.data.dataset,
+        resolve_data_root(data_dir, recipe.data.root),
+        val_size=recipe.data.val_size,
+        seed=recipe.seed,
+        download=recipe.data.download,
+        limit_train=recipe.data.limit_train,
+        limit_test=recipe.data.limit_test,
+    )
+    if len(data.val_y) == 0:
+        from pqd.errors import RecipeError
+
+        raise RecipeError(
+            "sensitivity is measured on the validation split, which is empty",
+            "set data.val_size > 0",
+        )
+    seed_everything(recipe.seed)
+    model = build_model(
+        recipe.model.name, data.num_classes, data.mean, data.std, **recipe.model.kwargs
+    ).to(device)
+    ctx = Context(
+        data=data,
+        device=device,
+        teacher=model,
+        progress=progress,
+        target=resolve_target(recipe.export.target),
+    )
+    baseline(
+        model,
+        data,
+        train=recipe.baseline_train(),
+        epochs=recipe.baseline.epochs,
+        checkpoint=recipe.baseline.checkpoint,
+        seed=recipe.seed,
+        augment=recipe.data.augment,
+        device=device,
+        progress=progress,
+    )
+    if out is not None and not recipe.baseline.checkpoint:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_checkpoint(model, Path(out) / "baseline.safetensors", {"recipe": recipe.name})
+    spec = next(
+        (s for s in recipe.stages if isinstance(s, QuantizeSpec)),
+        QuantizeSpec(stage="quantize", mode="ptq", epochs=0),
+    )
+    scheme = {
+        **scheme_of(spec, reduces_range(ctx.target)),
+        "mode": "ptq" if spec.mode != "dynamic" else "dynamic",
+    }
+    graph = prepare_qat(model, ctx.example_input(), scheme).to(device)
+    val = ctx.loader("val", 256)
+    calibrate(
+        graph, ctx.loader("val", recipe.train.batch_size), spec.calibration_batches, device, scheme
+    )
+    result = layer_sensitivity(graph, val, device)
+    result.update(
+        {
+            "model": recipe.model.name,
+            "scheme": scheme,
+            "val_images": len(data.val_y),
+            "baseline": recipe.baseline.checkpoint or "trained",
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def audit_run(
+    run_dir: str | Path,
+    *,
+    data_dir: str | None = None,
+    full: bool = True,
+    progress: bool = True,
+    cache: Path | None = None,
+) -> dict[str, Any]:
+    """Audit the artifacts of a finished ``pqd run`` folder and write the audit into its
+    record.json (and re-render report.md with the audit plots).
+
+    Re-reads record.json (recipe, primary runtime), loads the test split, runs
+    ``baseline.onnx`` and ``final.onnx`` on the primary runtime and computes
+    :func:`audit_artifacts` (``full``: with corruptions, memory and energy). Batch-1 tails
+    (p99 / max) are re-timed when the record predates them.
+
+    Args:
+        run_dir: the run folder.
+        data_dir: folder holding the data sets (else ``PQD_DATA_DIR``, the recipe's root).
+        full: corruption suite, memory and energy too.
+        progress: progress bars.
+        cache: the corruption cache folder (``None``: the default).
+
+    Returns:
+        The updated record.
+    """
+    from pqd.data import load_dataset, resolve_data_root
+    from pqd.errors import PqdError
+    from pqd.measure.artifacts import runtime_logits
+    from pqd.measure.audit import ARTIFACTS, attach, audit_artifacts, latency_tail
+    from pqd.measure.latency import compare_latency
+    from pqd.measure.runtime import open_runner
+    from pqd.recipe import recipe_from_dict
+
+    out = Path(run_dir)
+    path = out / "record.json"
+    if not path.is_file():
+        raise PqdError(f"{path} does not exist", "give a run folder written by 'pqd run'")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        recipe = recipe_from_dict(record["recipe"], str(path))
+        primary = record["final"]["runtime"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PqdError(
+            f"{path} is not a complete pqd record ({type(exc).__name__}: {exc})",
+            "re-run the recipe into that folder",
+        ) from None
+    paths = {name: out / record[name]["artifact"] for name in ARTIFACTS}
+    for p in paths.values():
+        if not p.is_file():
+            raise PqdError(f"{p} does not exist", "re-run the recipe into that folder")
+    spec = measure_spec(recipe)
+    spec = spec.model_copy(
+        update={"runtimes": [primary] + [r for r in spec.runtimes if r != primary]}
+    )
+    root = resolve_data_root(data_dir, recipe.data.root)
+    data = load_dataset(
+        recipe.data.dataset,
+        root,
+        val_size=recipe.data.val_size,
+        seed=recipe.seed,
+        download=recipe.data.download,
+        limit_train=recipe.data.limit_train,
+        limit_test=recipe.data.limit_test,
+    )
+    logits = {}
+    runners = {}
+    for name, p in paths.items():
+        runners[name] = open_runner(primary, p, spec.threads)
+        logits[name] = runtime_logits(
+            runners[name].run,
+            data.test_x,
+            spec.accuracy_batch_size,
+            f"{name} audit ({primary})",
+            progress,
+        )
+    latency = {name: record[name].get("latency_ms", {}) for name in paths}
+    if any(latency_tail(v) is None for v in latency.values()):  # a record without p99
+        shape = (1, *(int(d) for d in data.test_x.shape[1:]))
+        stats = compare_latency(
+            {n: r.run for n, r in runners.items()},
+            shape,
+            warmup=spec.warmup,
+            repeats=spec.repeats,
+            progress=progress,
+            desc="audit latency batch 1",
+        )
+        latency = {
+            n: {"batches": {"1": {**st.as_dict(), "source": "re-timed by pqd audit"}}}
+            for n, st in stats.items()
+        }
+    manifest = out / "exits" / "manifest.json"
+    audits = audit_artifacts(
+        paths,
+        logits,
+        data,
+        spec,
+        latency,
+        full=full,
+        seed=recipe.seed,
+        exits_manifest=manifest if record["final"].get("early_exit") else None,
+        progress=progress,
+        cache=cache,
+    )
+    attach(record, audits)
+    write_record(record, out)
+    return record

@@ -11,9 +11,10 @@ with one line naming the key path and the fix (:class:`pqd.errors.RecipeError`).
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -22,6 +23,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    create_model,
     model_serializer,
     model_validator,
 )
@@ -98,23 +100,31 @@ class TrainOverride(Strict):
     fields are serialized, so a dumped recipe loads back with the same meaning.
     """
 
-    batch_size: int | None = Field(default=None, ge=1)
-    optimizer: Literal["sgd", "adamw"] | None = None
-    lr: float | None = Field(default=None, gt=0.0, le=10.0)
-    momentum: float | None = Field(default=None, ge=0.0, lt=1.0)
-    nesterov: bool | None = None
-    weight_decay: float | None = Field(default=None, ge=0.0, lt=1.0)
-    schedule: Literal["onecycle", "cosine", "constant"] | None = None
-    warmup: Fraction | None = None
-    label_smoothing: Fraction | None = None
-    amp: Literal["auto", "bf16", "fp16", "off"] | None = None
-    channels_last: bool | None = None
-    grad_clip: float | None = Field(default=None, gt=0.0)
-    max_grad_norm: float | None = Field(default=None, gt=0.0)
+    # the fields: TrainSpec's, each optional (None: inherit), made below from TrainSpec
 
     @model_serializer(mode="wrap")
     def _written_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+
+def _optional_fields(spec: type[BaseModel]) -> dict[str, Any]:
+    """``spec``'s fields as optional ones (default None) with the same constraints."""
+    fields = {}
+    for name, info in spec.model_fields.items():
+        optional = copy.copy(info)
+        optional.default = None
+        optional.default_factory = None
+        fields[name] = (info.annotation | None, optional)
+    return fields
+
+
+# same fields as TrainSpec, all optional
+TrainOverride = create_model(  # type: ignore[misc]
+    "TrainOverride",
+    __base__=TrainOverride,
+    __doc__=TrainOverride.__doc__,
+    **_optional_fields(TrainSpec),
+)
 
 
 # TrainSpec fields where null is a value (off), not "inherit"
@@ -132,8 +142,9 @@ def merge_train(base: TrainSpec, override: TrainOverride) -> TrainSpec:
         The merged settings; an explicit null overrides only ``grad_clip`` and
         ``max_grad_norm`` (off), elsewhere it inherits.
     """
-    written = {k: v for k, v in override.model_dump().items()
-               if v is not None or k in _NULL_MEANS_OFF}
+    written = {
+        k: v for k, v in override.model_dump().items() if v is not None or k in _NULL_MEANS_OFF
+    }
     return TrainSpec(**{**base.model_dump(), **written})
 
 
@@ -167,7 +178,7 @@ Criterion = Literal["magnitude", "taylor", "fisher", "snip", "grasp", "movement"
 class PruneSpec(StageBase):
     """Mask pruning: unstructured to ``sparsity``, or N:M (``n`` kept of every ``m``).
 
-    ``criterion`` scores weights (see :mod:`pqd.importance`; gradients from cross-entropy
+    ``criterion`` scores weights (see :mod:`pqd.prune.importance`; gradients from cross-entropy
     or, with ``criterion_loss: kd``, the KD loss against the teacher, on
     ``score_batches`` training batches). Schedules: ``oneshot``, ``gradual`` (cubic),
     ``iterative`` (``cycles`` prune/retrain rounds). ``rewind`` (lottery tickets):
@@ -176,7 +187,7 @@ class PruneSpec(StageBase):
     the weights, score and prune at initialisation (SNIP/GraSP), then train.
     """
 
-    stage: Literal["prune"]
+    stage: Literal["prune"] = "prune"
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
     structure: Literal["unstructured", "nm"] = "unstructured"
     n: int = Field(default=2, ge=1, le=64)  # N:M: weights kept in every group of m
@@ -195,32 +206,42 @@ class PruneSpec(StageBase):
     @model_validator(mode="after")
     def _coherent(self) -> PruneSpec:
         if self.structure == "unstructured" and self.sparsity is None:
-            raise ValueError("unstructured pruning needs a sparsity; fix: add e.g. "
-                             "sparsity: 0.5, or use structure: nm")
+            raise ValueError(
+                "unstructured pruning needs a sparsity; fix: add e.g. "
+                "sparsity: 0.5, or use structure: nm"
+            )
         if self.structure == "nm":
             if self.n >= self.m:
                 raise ValueError(f"N:M needs n < m (got {self.n}:{self.m}); fix: e.g. n: 2, m: 4")
             implied = 1.0 - self.n / self.m
             if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
-                raise ValueError(f"{self.n}:{self.m} sparsity is {implied:g}, not "
-                                 f"{self.sparsity:g}; fix: drop sparsity for structure: nm")
+                raise ValueError(
+                    f"{self.n}:{self.m} sparsity is {implied:g}, not "
+                    f"{self.sparsity:g}; fix: drop sparsity for structure: nm"
+                )
         if self.schedule == "gradual" and self.epochs == 0:
             raise ValueError(
                 "schedule 'gradual' needs epochs > 0; fix: set epochs or use schedule: oneshot"
             )
         if self.schedule == "iterative" and self.epochs < self.cycles:
-            raise ValueError(f"schedule 'iterative' retrains epochs/cycles per cycle (epochs "
-                             f"{self.epochs} < cycles {self.cycles}); fix: set epochs >= cycles")
+            raise ValueError(
+                f"schedule 'iterative' retrains epochs/cycles per cycle (epochs "
+                f"{self.epochs} < cycles {self.cycles}); fix: set epochs >= cycles"
+            )
         if self.rewind != "none":
             if self.schedule == "gradual" or self.at_init:
-                raise ValueError("rewind works with schedule oneshot or iterative, without "
-                                 "at_init; fix: drop rewind or change the schedule")
+                raise ValueError(
+                    "rewind works with schedule oneshot or iterative, without "
+                    "at_init; fix: drop rewind or change the schedule"
+                )
             first = self.epochs if self.schedule == "oneshot" else self.epochs // self.cycles
             if first == 0:
                 raise ValueError("rewind needs a training pass before pruning; fix: set epochs > 0")
             if self.rewind == "epoch" and self.rewind_epoch > first:
-                raise ValueError(f"rewind_epoch {self.rewind_epoch} is past the first training "
-                                 f"pass ({first} epochs); fix: use rewind_epoch <= {first}")
+                raise ValueError(
+                    f"rewind_epoch {self.rewind_epoch} is past the first training "
+                    f"pass ({first} epochs); fix: use rewind_epoch <= {first}"
+                )
         if self.at_init and self.schedule != "oneshot":
             raise ValueError("at_init prunes once at initialisation; fix: use schedule: oneshot")
         return self
@@ -245,8 +266,9 @@ class ChannelTarget(Strict):
     @model_validator(mode="after")
     def _exactly_one(self) -> ChannelTarget:
         if (self.macs is None) == (self.latency_ms is None):
-            raise ValueError("give exactly one of macs or latency_ms; fix: e.g. target: "
-                             "{macs: 0.5}")
+            raise ValueError(
+                "give exactly one of macs or latency_ms; fix: e.g. target: {macs: 0.5}"
+            )
         return self
 
 
@@ -257,7 +279,7 @@ class PruneChannelsSpec(StageBase):
     all groups with ``scope: global``); or ``target`` gives a MACs or latency budget.
     """
 
-    stage: Literal["prune_channels"]
+    stage: Literal["prune_channels"] = "prune_channels"
     ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
     target: ChannelTarget | None = None
     scope: Literal["layer", "global"] = "layer"
@@ -275,14 +297,19 @@ class PruneChannelsSpec(StageBase):
     @model_validator(mode="after")
     def _ratio_or_target(self) -> PruneChannelsSpec:
         if (self.ratio is None) == (self.target is None):
-            raise ValueError("give exactly one of ratio or target; fix: e.g. ratio: 0.5 or "
-                             "target: {macs: 0.5}")
+            raise ValueError(
+                "give exactly one of ratio or target; fix: e.g. ratio: 0.5 or target: {macs: 0.5}"
+            )
         if self.ratio is not None and self.ratio > self.max_ratio:
-            raise ValueError(f"ratio {self.ratio} exceeds max_ratio {self.max_ratio}; fix: "
-                             "lower ratio or raise max_ratio")
+            raise ValueError(
+                f"ratio {self.ratio} exceeds max_ratio {self.max_ratio}; fix: "
+                "lower ratio or raise max_ratio"
+            )
         if self.schedule == "iterative" and self.epochs < self.cycles:
-            raise ValueError(f"schedule 'iterative' retrains epochs/cycles per cycle (epochs "
-                             f"{self.epochs} < cycles {self.cycles}); fix: set epochs >= cycles")
+            raise ValueError(
+                f"schedule 'iterative' retrains epochs/cycles per cycle (epochs "
+                f"{self.epochs} < cycles {self.cycles}); fix: set epochs >= cycles"
+            )
         return self
 
 
@@ -313,7 +340,7 @@ class QuantizeSpec(StageBase):
     """Quantization with PT2E: QAT (fake-quant + fine-tuning), PTQ (calibration only) or
     dynamic (weights INT8, activations quantized at run time)."""
 
-    stage: Literal["quantize"]
+    stage: Literal["quantize"] = "quantize"
     mode: Literal["qat", "ptq", "dynamic"] = "qat"
     calibration_batches: int = Field(default=8, ge=1, le=10_000)
     weights: WeightQuantSpec = Field(default_factory=WeightQuantSpec)
@@ -330,14 +357,18 @@ class QuantizeSpec(StageBase):
             if self.activations != ActivationQuantSpec():
                 raise ValueError(
                     "mode 'dynamic' quantizes activations at run time (uint8, per-batch min/max): "
-                    "activation options do not apply; fix: remove 'activations' or use ptq/qat")
+                    "activation options do not apply; fix: remove 'activations' or use ptq/qat"
+                )
             if self.weights.bits != 8 or not self.weights.symmetric:
                 raise ValueError(
                     "mode 'dynamic' exports through onnxruntime's quantize_dynamic, which takes "
-                    "symmetric 8-bit weights; fix: set weights.bits: 8 and weights.symmetric: true")
+                    "symmetric 8-bit weights; fix: set weights.bits: 8 and weights.symmetric: true"
+                )
             if self.mixed_precision is not None:
-                raise ValueError("mixed_precision is chosen for static quantization; fix: use "
-                                 "mode ptq or qat, or remove mixed_precision")
+                raise ValueError(
+                    "mixed_precision is chosen for static quantization; fix: use "
+                    "mode ptq or qat, or remove mixed_precision"
+                )
         return self
 
 
@@ -366,7 +397,7 @@ class DistillSpec(StageBase):
     """Knowledge distillation from the baseline (teacher) into the current student:
     logits (Hinton), optionally plus intermediate feature maps (``features``)."""
 
-    stage: Literal["distill"]
+    stage: Literal["distill"] = "distill"
     temperature: float = Field(default=4.0, gt=0.0, le=100.0)
     alpha: float = Field(default=0.9, ge=0.0, le=1.0)  # weight of the KD term
     features: FeatureKDSpec | None = None
@@ -392,15 +423,17 @@ class ExitTarget(Strict):
     @model_validator(mode="after")
     def _exactly_one(self) -> ExitTarget:
         if (self.max_drop_points is None) == (self.max_macs_fraction is None):
-            raise ValueError("give exactly one of max_drop_points and max_macs_fraction; fix: "
-                             "e.g. target: {max_drop_points: 1.0}")
+            raise ValueError(
+                "give exactly one of max_drop_points and max_macs_fraction; fix: "
+                "e.g. target: {max_drop_points: 1.0}"
+            )
         return self
 
 
 class EarlyExitSpec(StageBase):
     """Exit heads after chosen ``features`` blocks, trained and calibrated (see stages doc)."""
 
-    stage: Literal["early_exit"]
+    stage: Literal["early_exit"] = "early_exit"
     positions: list[Annotated[int, Field(ge=0)]] | None = None  # None: the net's defaults
     head: ExitHeadSpec = Field(default_factory=ExitHeadSpec)
     mode: Literal["heads", "joint"] = "heads"  # heads: backbone frozen; joint: weighted loss
@@ -416,16 +449,26 @@ class EarlyExitSpec(StageBase):
     def _weights_match_positions(self) -> EarlyExitSpec:
         if self.positions is not None and len(set(self.positions)) != len(self.positions):
             raise ValueError("positions lists a block twice; fix: list each position once")
-        if (self.weights is not None and self.positions is not None
-                and len(self.weights) != len(self.positions)):
-            raise ValueError(f"weights has {len(self.weights)} entries for "
-                             f"{len(self.positions)} positions; fix: give one weight per exit")
+        if (
+            self.weights is not None
+            and self.positions is not None
+            and len(self.weights) != len(self.positions)
+        ):
+            raise ValueError(
+                f"weights has {len(self.weights)} entries for "
+                f"{len(self.positions)} positions; fix: give one weight per exit"
+            )
         return self
 
 
-StageSpec = Annotated[PruneSpec | PruneChannelsSpec | QuantizeSpec | DistillSpec | EarlyExitSpec,
-                      Field(discriminator="stage")]
-STAGE_NAMES = ("prune", "prune_channels", "quantize", "distill", "early_exit")
+StageSpec = Annotated[
+    PruneSpec | PruneChannelsSpec | QuantizeSpec | DistillSpec | EarlyExitSpec,
+    Field(discriminator="stage"),
+]
+"""The stage set, declared here once: each spec's ``stage`` default is its name, and the
+module ``pqd.stages.<name>`` registers its ``apply`` under that name."""
+STAGE_SPECS: tuple[type[StageBase], ...] = get_args(get_args(StageSpec)[0])
+STAGE_NAMES: tuple[str, ...] = tuple(s.model_fields["stage"].default for s in STAGE_SPECS)
 
 
 class ExportSpec(Strict):
@@ -467,8 +510,10 @@ class MeasureSpec(Strict):
         if len(set(self.runtimes)) != len(self.runtimes):
             raise ValueError("runtimes lists a runtime twice; fix: list each runtime once")
         if "auto" in self.runtimes and len(self.runtimes) > 1:
-            raise ValueError("runtimes: 'auto' already means every installed runtime; "
-                             "fix: give [auto] alone or name the runtimes")
+            raise ValueError(
+                "runtimes: 'auto' already means every installed runtime; "
+                "fix: give [auto] alone or name the runtimes"
+            )
         return self
 
 
@@ -488,7 +533,8 @@ class SearchSpec(Strict):
     total_epochs: int | None = Field(default=None, ge=0, le=10_000)
     budget: list[Annotated[float, Field(ge=0.0, le=100.0)]] | None = None
     seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
-        default_factory=lambda: [0], min_length=1)
+        default_factory=lambda: [0], min_length=1
+    )
     references: bool = True
     criterion: Literal["accuracy"] = "accuracy"
     tie_points: float = Field(default=0.5, ge=0.0, le=100.0)
@@ -525,27 +571,36 @@ class Recipe(Strict):
             return self
         names = [s.stage for s in self.stages]
         if len(names) < 2:
-            raise ValueError(f"search needs at least 2 stages to order (the recipe has "
-                             f"{len(names)}); fix: list 2 or more stages under stages:")
+            raise ValueError(
+                f"search needs at least 2 stages to order (the recipe has "
+                f"{len(names)}); fix: list 2 or more stages under stages:"
+            )
         if len(set(names)) != len(names):
-            raise ValueError(f"search orders distinct stages, but {' -> '.join(names)} repeats "
-                             "one; fix: list each stage once (set its epochs via the budget)")
+            raise ValueError(
+                f"search orders distinct stages, but {' -> '.join(names)} repeats "
+                "one; fix: list each stage once (set its epochs via the budget)"
+            )
         budget = self.search.budget
         if budget is not None:
             if len(budget) != len(names):
                 raise ValueError(
                     f"search.budget has {len(budget)} entries for {len(names)} stages; fix: "
-                    f"give one percentage per position, e.g. {_even_budget(len(names))}")
+                    f"give one percentage per position, e.g. {_even_budget(len(names))}"
+                )
             if abs(sum(budget) - 100.0) > 0.1:
-                raise ValueError(f"search.budget sums to {sum(budget):g}, not 100; fix: give "
-                                 "percentages of search.total_epochs that add up to 100")
+                raise ValueError(
+                    f"search.budget sums to {sum(budget):g}, not 100; fix: give "
+                    "percentages of search.total_epochs that add up to 100"
+                )
         return self
 
     @model_validator(mode="after")
     def _one_early_exit(self) -> Recipe:
         if sum(s.stage == "early_exit" for s in self.stages) > 1:
-            raise ValueError("early_exit appears more than once; fix: keep one early_exit stage "
-                             "(later stages keep training its exits)")
+            raise ValueError(
+                "early_exit appears more than once; fix: keep one early_exit stage "
+                "(later stages keep training its exits)"
+            )
         return self
 
     def early_exit(self) -> EarlyExitSpec | None:
@@ -586,8 +641,12 @@ def _fix_for(err: dict[str, Any], model: type[BaseModel] | None) -> str:
         return f"add 'stage: <name>' with one of {', '.join(STAGE_NAMES)}"
     if kind == "missing":
         return "add it"
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
-              "less_than_equal": "<="}
+    bounds = {
+        "greater_than": ">",
+        "greater_than_equal": ">=",
+        "less_than": "<",
+        "less_than_equal": "<=",
+    }
     if kind in bounds:
         limit = next(iter(ctx.values()), "?")
         return f"use a value {bounds[kind]} {limit}"
@@ -608,9 +667,7 @@ def _allowed_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
             field = current.model_fields.get(str(part))
             if field is None:
                 # discriminated stage union: the tag appears in loc
-                current = {"prune": PruneSpec, "prune_channels": PruneChannelsSpec,
-                           "quantize": QuantizeSpec, "distill": DistillSpec,
-                           "early_exit": EarlyExitSpec}.get(str(part))
+                current = dict(zip(STAGE_NAMES, STAGE_SPECS, strict=True)).get(str(part))
                 continue
             current = _inner_model(field.annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):
@@ -740,8 +797,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "malformed YAML"
-        raise RecipeError(f"{p}: malformed YAML{where}: {problem}",
-                          "fix the YAML syntax (indentation, colons, quotes)") from None
+        raise RecipeError(
+            f"{p}: malformed YAML{where}: {problem}",
+            "fix the YAML syntax (indentation, colons, quotes)",
+        ) from None
     if data is None:
         data = {}
     if isinstance(data, dict):

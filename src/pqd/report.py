@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pqd.markdown import KIND_ORDER, ordered_groups, table
+
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f}"
@@ -81,8 +83,10 @@ def kernel_summary(kernels: dict[str, int]) -> str:
     float_convs = sum(n for op, n in kernels.items() if op in ("Conv", "FusedConv"))
     int8_convs = sum(n for op, n in kernels.items() if op in ("QLinearConv", "ConvInteger"))
     qdq = min(kernels.get("QuantizeLinear", 0), kernels.get("DequantizeLinear", 0))
-    return (f"{int8_convs} INT8 convs, {float_convs} float convs, {qdq} Q/DQ pairs, "
-            f"{kernels.get('Transpose', 0)} transposes")
+    return (
+        f"{int8_convs} INT8 convs, {float_convs} float convs, {qdq} Q/DQ pairs, "
+        f"{kernels.get('Transpose', 0)} transposes"
+    )
 
 
 def summary_rows(record: dict[str, Any]) -> list[list[str]]:
@@ -93,23 +97,35 @@ def summary_rows(record: dict[str, Any]) -> list[list[str]]:
         lat = r["latency_ms"]
         big = [b for b in lat.get("batches", {}) if b != "1"]
         big_txt = f"{lat['batches'][big[0]]['p50']:.2f} (b{big[0]})" if big else "-"
-        rows.append([
-            key, r["precision"], _pct(r["accuracy"]), _mb(r["size_bytes"]),
-            f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", big_txt, _pct(r["sparsity"]),
-            f"{r['macs'] / 1e6:.1f}", f"{r['bitops'] / 1e9:.2f}",
-        ])
+        rows.append(
+            [
+                key,
+                r["precision"],
+                _pct(r["accuracy"]),
+                _mb(r["size_bytes"]),
+                f"{lat['p50']:.3f}",
+                f"{lat['p90']:.3f}",
+                big_txt,
+                _pct(r["sparsity"]),
+                f"{r['macs'] / 1e6:.1f}",
+                f"{r['bitops'] / 1e9:.2f}",
+            ]
+        )
     return rows
 
 
-SUMMARY_HEADER = ["artifact", "precision", "top-1", "MB", "p50 ms (b1)", "p90 ms (b1)",
-                  "p50 ms (large b)", "sparsity", "MMACs", "GBitOps"]
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+SUMMARY_HEADER = [
+    "artifact",
+    "precision",
+    "top-1",
+    "MB",
+    "p50 ms (b1)",
+    "p90 ms (b1)",
+    "p50 ms (large b)",
+    "sparsity",
+    "MMACs",
+    "GBitOps",
+]
 
 
 def parity_warnings(record: dict[str, Any]) -> list[str]:
@@ -119,9 +135,11 @@ def parity_warnings(record: dict[str, Any]) -> list[str]:
     for key in ("baseline", "final"):
         art = record[key]
         for problem in art.get("parity_problems", []):
-            lines.append(f"{key} ({art.get('artifact', key)}, built for target "
-                         f"{art.get('target', '?')}): {problem}; fix: rebuild it for this CPU "
-                         f"(export.target: portable, or auto on the deployment machine)")
+            lines.append(
+                f"{key} ({art.get('artifact', key)}, built for target "
+                f"{art.get('target', '?')}): {problem}; fix: rebuild it for this CPU "
+                f"(export.target: portable, or auto on the deployment machine)"
+            )
     return lines
 
 
@@ -131,20 +149,29 @@ def target_section(record: dict[str, Any]) -> list[str]:
     final, env = record["final"], record["environment"]
     sat = final.get("saturation") or {}
     target = final.get("target", "?")
-    lines = ["## Deployment target", "",
-             f"- final.onnx built for target **{target}**; measured on a CPU with "
-             f"{env.get('kernels') or ', '.join(env['cpu_flags']) or 'unknown kernels'}."]
+    lines = [
+        "## Deployment target",
+        "",
+        f"- final.onnx built for target **{target}**; measured on a CPU with "
+        f"{env.get('kernels') or ', '.join(env['cpu_flags']) or 'unknown kernels'}.",
+    ]
     if sat.get("checked_layers"):
         lines.append(
             f"- int8 weight pairs that can saturate the int16 sums of x86 kernels without VNNI: "
             f"{sat['pairs_at_risk']} (in {len(sat['layers'])} of {sat['checked_layers']} "
             f"layers; largest same-sign pair |w_a| + |w_b| = {sat['max_pair_magnitude']}, "
-            f"safe up to 128)")
+            f"safe up to 128)"
+        )
     warnings = parity_warnings(record)
     if "parity_ok" in final:
-        lines.append("- parity: " + ("ok (every runtime's top-1 agreement with the torch "
-                                     "model is within the threshold)" if not warnings
-                                     else "**FAILED**"))
+        lines.append(
+            "- parity: "
+            + (
+                "ok (every runtime's top-1 agreement with the torch model is within the threshold)"
+                if not warnings
+                else "**FAILED**"
+            )
+        )
     lines += [f"  - {w}" for w in warnings]
     return lines
 
@@ -177,10 +204,17 @@ def render_markdown(record: dict[str, Any]) -> str:
         "## Stages",
         "",
     ]
-    stage_rows = [[str(s["index"] + 1), s["name"], str(s["config"].get("epochs", "-")),
-                   f"{s['seconds']:.1f}", _pct(s["val_accuracy"]),
-                   notes_text(s["info"])]
-                  for s in record["stages"]]
+    stage_rows = [
+        [
+            str(s["index"] + 1),
+            s["name"],
+            str(s["config"].get("epochs", "-")),
+            f"{s['seconds']:.1f}",
+            _pct(s["val_accuracy"]),
+            notes_text(s["info"]),
+        ]
+        for s in record["stages"]
+    ]
     header = ["#", "stage", "epochs", "seconds", "val top-1", "notes"]
     no_stages = "(no stages: the final model is the baseline)"
     lines.append(table(header, stage_rows) if stage_rows else no_stages)
@@ -191,15 +225,36 @@ def render_markdown(record: dict[str, Any]) -> str:
     for key in ("baseline", "final"):
         for rt, res in record[key]["runtimes"].items():
             lat = res["latency_ms"]
-            rt_rows.append([key, f"{rt} {res['version']}", _pct(res["accuracy"]),
-                            f"{lat['p50']:.3f}", f"{lat['p90']:.3f}",
-                            f"{100 * res['parity']['top1_agreement']:.2f}%"])
-    lines.append(table(["artifact", "runtime", "top-1", "p50 ms (b1)", "p90 ms (b1)",
-                        "top-1 agreement with torch"], rt_rows))
-    lines += ["", "Top-1 agreement: the share of test images where the ONNX file in this "
-              "runtime predicts the same class as its own torch model; 99% or more is normal "
-              "(INT8 rounding flips a few borderline images); less points at an export "
-              "problem or at a file built for another CPU (see Deployment target)."]
+            rt_rows.append(
+                [
+                    key,
+                    f"{rt} {res['version']}",
+                    _pct(res["accuracy"]),
+                    f"{lat['p50']:.3f}",
+                    f"{lat['p90']:.3f}",
+                    f"{100 * res['parity']['top1_agreement']:.2f}%",
+                ]
+            )
+    lines.append(
+        table(
+            [
+                "artifact",
+                "runtime",
+                "top-1",
+                "p50 ms (b1)",
+                "p90 ms (b1)",
+                "top-1 agreement with torch",
+            ],
+            rt_rows,
+        )
+    )
+    lines += [
+        "",
+        "Top-1 agreement: the share of test images where the ONNX file in this "
+        "runtime predicts the same class as its own torch model; 99% or more is normal "
+        "(INT8 rounding flips a few borderline images); less points at an export "
+        "problem or at a file built for another CPU (see Deployment target).",
+    ]
     lines += ["", *target_section(record)]
     if final.get("audit"):
         from pqd.report_audit import audit_section
@@ -234,11 +289,16 @@ def early_exit_rows(ee: dict[str, Any]) -> list[list[str]]:
     for k in range(n + 1):
         run += macs["segments"][k] + (macs["heads"][k] if k < n else 0)
         t = ee["thresholds"][k] if k < n else None
-        rows.append([
-            f"exit {k}" if k < n else "final", str(ee["positions"][k]) if k < n else "-",
-            ("never" if t is None else f"{t:.3f}") if k < n else "-",
-            _pct(ee["per_exit_accuracy"][k]), _pct(ee["exit_fractions"][k]),
-            f"{run / 1e6:.1f}"])
+        rows.append(
+            [
+                f"exit {k}" if k < n else "final",
+                str(ee["positions"][k]) if k < n else "-",
+                ("never" if t is None else f"{t:.3f}") if k < n else "-",
+                _pct(ee["per_exit_accuracy"][k]),
+                _pct(ee["exit_fractions"][k]),
+                f"{run / 1e6:.1f}",
+            ]
+        )
     return rows
 
 
@@ -257,20 +317,53 @@ def early_exit_section(ee: dict[str, Any]) -> list[str]:
         f"({_pct(ee['accuracy_with_exits'])} vs {_pct(ee['accuracy_no_exits'])}), expected "
         f"MACs {100 * ee['expected_macs_fraction']:.1f}% of the network.",
         "",
-        table(["head", "after block", "threshold", "test top-1 of head", "leave here",
-               "MMACs to here"], early_exit_rows(ee)),
+        table(
+            [
+                "head",
+                "after block",
+                "threshold",
+                "test top-1 of head",
+                "leave here",
+                "MMACs to here",
+            ],
+            early_exit_rows(ee),
+        ),
         "",
-        table(["batch-1 latency over the test split (ms)", "mean", "p50", "p90"], [
-            ["with exits: exits.onnx (one graph, If nodes)", f"{lat['mean']:.3f}",
-             f"{lat['p50']:.3f}", f"{lat['p90']:.3f}"],
-            *([["with exits: part files called in turn", f"{f['mean']:.3f}",
-                f"{f['p50']:.3f}", f"{f['p90']:.3f}"]]
-              if (f := ee.get("files_latency_ms")) else []),
-            ["exits disabled: final.onnx (reference)", f"{ref['mean']:.3f}",
-             f"{ref['p50']:.3f}", f"{ref['p90']:.3f}"],
-            ["exits disabled: segments back to back", f"{seg['mean']:.3f}",
-             f"{seg['p50']:.3f}", f"{seg['p90']:.3f}"],
-        ]),
+        table(
+            ["batch-1 latency over the test split (ms)", "mean", "p50", "p90"],
+            [
+                [
+                    "with exits: exits.onnx (one graph, If nodes)",
+                    f"{lat['mean']:.3f}",
+                    f"{lat['p50']:.3f}",
+                    f"{lat['p90']:.3f}",
+                ],
+                *(
+                    [
+                        [
+                            "with exits: part files called in turn",
+                            f"{f['mean']:.3f}",
+                            f"{f['p50']:.3f}",
+                            f"{f['p90']:.3f}",
+                        ]
+                    ]
+                    if (f := ee.get("files_latency_ms"))
+                    else []
+                ),
+                [
+                    "exits disabled: final.onnx (reference)",
+                    f"{ref['mean']:.3f}",
+                    f"{ref['p50']:.3f}",
+                    f"{ref['p90']:.3f}",
+                ],
+                [
+                    "exits disabled: segments back to back",
+                    f"{seg['mean']:.3f}",
+                    f"{seg['p50']:.3f}",
+                    f"{seg['p90']:.3f}",
+                ],
+            ],
+        ),
         "",
         f"Each image is one call, {lat['samples']} calls per row ({lat['rounds']} passes over "
         f"{lat['samples'] // lat['rounds']} test images, rows taking turns); "
@@ -284,16 +377,22 @@ def _speed_notes(record: dict[str, Any]) -> list[str]:
     lines = []
     noisy = [k for k in ("baseline", "final") if noisy_latency(record[k]["latency_ms"])]
     if noisy:
-        lines += [f"Warning: the batch-1 p90 of {' and '.join(noisy)} is more than 2x its p50: "
-                  "other load on this machine disturbed the timing; measure again on an idle "
-                  "machine before trusting the speedup.", ""]
+        lines += [
+            f"Warning: the batch-1 p90 of {' and '.join(noisy)} is more than 2x its p50: "
+            "other load on this machine disturbed the timing; measure again on an idle "
+            "machine before trusting the speedup.",
+            "",
+        ]
     final = record["final"]
     speedup = record["comparison"]["speedup_batch1_p50"]
     kernels = final.get("runtimes", {}).get(final["runtime"], {}).get("kernels")
     if "int8" in str(final.get("precision", "")) and speedup < 1.0 and kernels:
-        lines += [f"INT8 is not faster here. The optimized {final['runtime']} graph has "
-                  f"{kernel_summary(kernels)} (each float conv, Q/DQ pair and transpose is "
-                  "time spent outside the fused INT8 kernels).", ""]
+        lines += [
+            f"INT8 is not faster here. The optimized {final['runtime']} graph has "
+            f"{kernel_summary(kernels)} (each float conv, Q/DQ pair and transpose is "
+            "time spent outside the fused INT8 kernels).",
+            "",
+        ]
     return lines
 
 
@@ -312,49 +411,85 @@ KIND_STYLE = {  # kind -> (colour, marker, legend label)
     "pairwise": ("#ff7f0e", "^", "pairwise run (two stages)"),
     "reference": ("#2ca02c", "s", "single technique"),
 }
-KIND_ORDER = ("baseline", "permutation", "reference", "pairwise")
-SEARCH_HEADER = ["rank", "kind", "order", "epochs", "top-1", "± sd", "MB", "p50 ms", "p90 ms",
-                 "speedup", "precision", "sparsity", "Pareto"]
-
-
-def _ordered_groups(search: dict[str, Any]) -> list[dict[str, Any]]:
-    """Groups in report order: baseline, permutations by rank, references, pairwise runs."""
-    groups = search["groups"]
-    ranked = {gid: i for i, gid in enumerate(search["ranking"])}
-    return sorted(groups, key=lambda g: (KIND_ORDER.index(g["kind"]),
-                                         ranked.get(g["id"], len(ranked)),
-                                         groups.index(g)))
+SEARCH_HEADER = [
+    "rank",
+    "kind",
+    "order",
+    "epochs",
+    "top-1",
+    "± sd",
+    "MB",
+    "p50 ms",
+    "p90 ms",
+    "speedup",
+    "precision",
+    "sparsity",
+    "Pareto",
+]
 
 
 def search_rows(search: dict[str, Any]) -> list[list[str]]:
     """One row per kind and order (seeds aggregated): the search's summary table."""
     rows = []
-    for g in _ordered_groups(search):
+    for g in ordered_groups(search):
         if not g["n"]:
-            rows.append([str(g.get("rank", "-")), g["kind"], g["label"],
-                         "/".join(map(str, g["epochs"])), "failed", "", "", "", "", "", "",
-                         "", ""])
+            rows.append(
+                [
+                    str(g.get("rank", "-")),
+                    g["kind"],
+                    g["label"],
+                    "/".join(map(str, g["epochs"])),
+                    "failed",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
             continue
         sd = f"{100 * g['accuracy_std']:.2f}" if g["n"] > 1 else "-"
         label = g["label"] if g.get("parity_ok", True) else f"{g['label']} (PARITY FAILED)"
-        rows.append([
-            str(g.get("rank", "-")), g["kind"], label,
-            "/".join(map(str, g["epochs"])) or "-", f"{100 * g['accuracy_mean']:.2f}%", sd,
-            f"{g['size_bytes'] / 1e6:.2f}", f"{g['latency_p50_ms']:.3f}",
-            f"{g['latency_p90_ms']:.3f}", f"{g['speedup_vs_baseline']:.2f}x", g["precision"],
-            f"{100 * g['sparsity']:.0f}%", "yes" if g.get("pareto") else "",
-        ])
+        rows.append(
+            [
+                str(g.get("rank", "-")),
+                g["kind"],
+                label,
+                "/".join(map(str, g["epochs"])) or "-",
+                f"{100 * g['accuracy_mean']:.2f}%",
+                sd,
+                f"{g['size_bytes'] / 1e6:.2f}",
+                f"{g['latency_p50_ms']:.3f}",
+                f"{g['latency_p90_ms']:.3f}",
+                f"{g['speedup_vs_baseline']:.2f}x",
+                g["precision"],
+                f"{100 * g['sparsity']:.0f}%",
+                "yes" if g.get("pareto") else "",
+            ]
+        )
     return rows
 
 
-PAIR_HEADER = ["pair (A, B)", "A -> B top-1", "B -> A top-1", "A -> B minus B -> A",
-               "A -> B p50 ms", "B -> A p50 ms", "goes first", "decided by"]
+PAIR_HEADER = [
+    "pair (A, B)",
+    "A -> B top-1",
+    "B -> A top-1",
+    "A -> B minus B -> A",
+    "A -> B p50 ms",
+    "B -> A p50 ms",
+    "goes first",
+    "decided by",
+]
 
 
 def pairwise_rows(search: dict[str, Any]) -> list[list[str]]:
     """One row per stage pair: both orders' accuracy and latency, and the decision."""
     rows = []
     for r in (search.get("pairwise") or {}).get("table", []):
+
         def acc(x: float | None) -> str:
             return "failed" if x is None else f"{100 * x:.2f}%"
 
@@ -362,9 +497,18 @@ def pairwise_rows(search: dict[str, Any]) -> list[list[str]]:
             return "-" if x is None else f"{x:.3f}"
 
         margin = "-" if r["margin_points"] is None else f"{r['margin_points']:+.2f} pts"
-        rows.append([f"{r['a']}, {r['b']}", acc(r["ab_accuracy"]), acc(r["ba_accuracy"]),
-                     margin, ms(r["ab_p50_ms"]), ms(r["ba_p50_ms"]), r["first"] or "tie",
-                     r["decided_by"]])
+        rows.append(
+            [
+                f"{r['a']}, {r['b']}",
+                acc(r["ab_accuracy"]),
+                acc(r["ba_accuracy"]),
+                margin,
+                ms(r["ab_p50_ms"]),
+                ms(r["ba_p50_ms"]),
+                r["first"] or "tie",
+                r["decided_by"],
+            ]
+        )
     return rows
 
 
@@ -375,29 +519,36 @@ def derived_order_text(search: dict[str, Any]) -> str:
         return "Pairwise search not run (search.mode: permutations)."
     if pw["cycle"]:
         cyc = ", ".join(f"{a} before {b}" for a, b in pw["cycle"])
-        return (f"Pairwise wins form a cycle ({cyc}): they contradict each other, so no "
-                "order is derived.")
+        return (
+            f"Pairwise wins form a cycle ({cyc}): they contradict each other, so no "
+            "order is derived."
+        )
     if not pw["edges"]:
-        return ("Every pair tied under the criterion (both orders of each pair within "
-                f"{search['criterion']['tie_points']:g} points and "
-                f"{100 * search['criterion']['tie_latency']:g}% latency): the pairwise "
-                "results prefer no order.")
+        return (
+            "Every pair tied under the criterion (both orders of each pair within "
+            f"{search['criterion']['tie_points']:g} points and "
+            f"{100 * search['criterion']['tie_latency']:g}% latency): the pairwise "
+            "results prefer no order."
+        )
     if pw["unique"]:
         return f"Pairwise order: **{' -> '.join(pw['order'])}**."
     wins = ", ".join(f"{a} before {b}" for a, b in pw["edges"])
     tied = ", ".join(f"{a} / {b}" for a, b in pw["ties"])
-    return (f"Pairwise wins give a partial order ({wins}; tied: {tied}); one order "
-            f"consistent with it: **{' -> '.join(pw['order'])}** (not unique).")
+    return (
+        f"Pairwise wins give a partial order ({wins}; tied: {tied}); one order "
+        f"consistent with it: **{' -> '.join(pw['order'])}** (not unique)."
+    )
 
 
 def _runs_text(search: dict[str, Any]) -> str:
     runs = search["runs"]
     pm, ps = runs["pairwise_method"], runs["permutation_search"]
-    pairwise = (f"{plural(pm['runs'], 'two-stage run')} ({plural(pm['epochs'], 'epoch')})")
+    pairwise = f"{plural(pm['runs'], 'two-stage run')} ({plural(pm['epochs'], 'epoch')})"
     full = f"{plural(ps['runs'], 'run')} ({plural(ps['epochs'], 'epoch')})"
     if not search.get("pairwise"):  # permutations only: say what pairwise would have cost
-        return (f"Full permutation search: {full}; the pairwise method (not run) would "
-                f"need {pairwise}.")
+        return (
+            f"Full permutation search: {full}; the pairwise method (not run) would need {pairwise}."
+        )
     return f"Pairwise method: {pairwise}; full permutation search: {full}."
 
 
@@ -405,15 +556,19 @@ def _best_text(search: dict[str, Any]) -> list[str]:
     best = next((g for g in search["groups"] if g["id"] == search.get("best")), None)
     if best is None:
         return []
-    lines = [f"Best order by the criterion: **{best['label']}** "
-             f"({100 * best['accuracy_mean']:.2f}% top-1, {best['size_bytes'] / 1e6:.2f} MB, "
-             f"{best['latency_p50_ms']:.3f} ms p50)."]
+    lines = [
+        f"Best order by the criterion: **{best['label']}** "
+        f"({100 * best['accuracy_mean']:.2f}% top-1, {best['size_bytes'] / 1e6:.2f} MB, "
+        f"{best['latency_p50_ms']:.3f} ms p50)."
+    ]
     for v in search.get("best_vs_references", []):
         ref = v["reference"].split(":", 1)[1]
         verdict = "dominates it" if v["best_dominates"] else "does not dominate it"
-        lines.append(f"- vs {ref} only: {points_text(v['accuracy_points'])}, "
-                     f"{v['size_ratio']:.2f}x smaller, {speed_text(v['speedup'])}: "
-                     f"the best order {verdict}")
+        lines.append(
+            f"- vs {ref} only: {points_text(v['accuracy_points'])}, "
+            f"{v['size_ratio']:.2f}x smaller, {speed_text(v['speedup'])}: "
+            f"the best order {verdict}"
+        )
     return lines
 
 
@@ -440,33 +595,42 @@ def _search_intro(search: dict[str, Any]) -> list[str]:
 
 def _results_note(search: dict[str, Any]) -> str:
     panel = search["latency_panel"]
-    return (f"top-1: the deployed artifact's own accuracy on the test split (mean over seeds, "
-            f"± sample sd). Latency: batch-1 wall clock on {panel['runtime']} with "
-            f"{panel['threads']} threads, every artifact timed side by side in one interleaved "
-            f"panel on {panel['host']} ({panel['cpu']}); speedup vs the FP32 baseline in that "
-            f"panel. Pareto: not dominated in (top-1 up, MB down, p50 down), latencies within "
-            f"{100 * search['criterion']['tie_latency']:g}% and sizes within 1% counted as "
-            "equal.")
+    return (
+        f"top-1: the deployed artifact's own accuracy on the test split (mean over seeds, "
+        f"± sample sd). Latency: batch-1 wall clock on {panel['runtime']} with "
+        f"{panel['threads']} threads, every artifact timed side by side in one interleaved "
+        f"panel on {panel['host']} ({panel['cpu']}); speedup vs the FP32 baseline in that "
+        f"panel. Pareto: not dominated in (top-1 up, MB down, p50 down), latencies within "
+        f"{100 * search['criterion']['tie_latency']:g}% and sizes within 1% counted as "
+        "equal."
+    )
 
 
 def _pairwise_note(search: dict[str, Any]) -> str:
-    return (f"Criterion: {search['criterion']['text']}. Each pairwise run gets "
-            f"{'/'.join(map(str, search['allocation']['pairwise_epochs']))} epochs (the first "
-            "two positions of a full order).")
+    return (
+        f"Criterion: {search['criterion']['text']}. Each pairwise run gets "
+        f"{'/'.join(map(str, search['allocation']['pairwise_epochs']))} epochs (the first "
+        "two positions of a full order)."
+    )
 
 
 def _footer(search: dict[str, Any]) -> list[str]:
-    lines = [f"Per-trial records: `trials/*/record.json` (`baseline/record.json` for the "
-             f"baseline); everything here is rendered from `search.json`. Time: "
-             f"{_timing_text(search)}."]
+    lines = [
+        f"Per-trial records: `trials/*/record.json` (`baseline/record.json` for the "
+        f"baseline); everything here is rendered from `search.json`. Time: "
+        f"{_timing_text(search)}."
+    ]
     if search["data"].get("subset_note"):
         lines.append(f"Note: {search['data']['subset_note']}")
     return lines
 
 
 def _failed_lines(search: dict[str, Any]) -> list[str]:
-    return [f"{t['kind']} {t['label']} seed {t['seed']}: {t.get('error')}"
-            for t in search["trials"] if t["status"] != "done"]
+    return [
+        f"{t['kind']} {t['label']} seed {t['seed']}: {t.get('error')}"
+        for t in search["trials"]
+        if t["status"] != "done"
+    ]
 
 
 def render_search_markdown(search: dict[str, Any], plots: list[str] | None = None) -> str:
@@ -475,14 +639,27 @@ def render_search_markdown(search: dict[str, Any], plots: list[str] | None = Non
     lines = [f"# pqd search: {search['name']}", ""]
     for para in intro:
         lines += [para, ""] if not para.startswith("- ") else [para]
-    lines += ["", "## All results", "", table(SEARCH_HEADER, search_rows(search)), "",
-              _results_note(search), ""]
+    lines += [
+        "",
+        "## All results",
+        "",
+        table(SEARCH_HEADER, search_rows(search)),
+        "",
+        _results_note(search),
+        "",
+    ]
     from pqd.report_audit import search_audit_lines
 
     lines += search_audit_lines(search)
     if search.get("pairwise"):
-        lines += ["## Pairwise order wins", "", _pairwise_note(search), "",
-                  table(PAIR_HEADER, pairwise_rows(search)), ""]
+        lines += [
+            "## Pairwise order wins",
+            "",
+            _pairwise_note(search),
+            "",
+            table(PAIR_HEADER, pairwise_rows(search)),
+            "",
+        ]
     failed = _failed_lines(search)
     if failed:
         lines += ["## Failed trials", "", *[f"- {f}" for f in failed], ""]
@@ -497,20 +674,23 @@ def _timing_text(search: dict[str, Any]) -> str:
     t = search.get("timing_s") or {}
     if not t:
         return "-"
-    return (f"{t['total']:.0f} s in all (training {t['train']:.0f} s, measuring "
-            f"{t['measure']:.0f} s, latency panel {t['panel']:.0f} s; {search['runs']['reused']} "
-            f"runs reused, {search['runs']['trained_now']} trained now)")
+    return (
+        f"{t['total']:.0f} s in all (training {t['train']:.0f} s, measuring "
+        f"{t['measure']:.0f} s, latency panel {t['panel']:.0f} s; {search['runs']['reused']} "
+        f"runs reused, {search['runs']['trained_now']} trained now)"
+    )
 
 
 # ---------------------------------------------------------------------------- plots
 
 
 def _measured(search: dict[str, Any]) -> list[dict[str, Any]]:
-    return [g for g in _ordered_groups(search) if g["n"]]
+    return [g for g in ordered_groups(search) if g["n"]]
 
 
-def _place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str],
-                  fontsize: float = 7.5) -> None:
+def _place_labels(
+    ax: Any, xs: list[float], ys: list[float], labels: list[str], fontsize: float = 7.5
+) -> None:
     """Label points, trying a few offsets per label so labels do not overlap (greedy)."""
     fig = ax.figure
     fig.canvas.draw()
@@ -518,21 +698,35 @@ def _place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str],
     placed: list[tuple[float, float, float, float]] = []
     points = [tuple(to_px((x, y))) for x, y in zip(xs, ys, strict=True)]
     w_char, h = fontsize * 0.62 * fig.dpi / 72, fontsize * 1.3 * fig.dpi / 72
-    offsets = [(6, 4), (6, -12), (-6, 4), (-6, -12), (6, 14), (-6, 14), (6, -22), (-6, -22),
-               (14, -4), (-14, -4), (6, 24), (6, -32)]
+    offsets = [
+        (6, 4),
+        (6, -12),
+        (-6, 4),
+        (-6, -12),
+        (6, 14),
+        (-6, 14),
+        (6, -22),
+        (-6, -22),
+        (14, -4),
+        (-14, -4),
+        (6, 24),
+        (6, -32),
+    ]
     # then further out, one line height a step (points sharing a size stack their labels)
-    offsets += [(sx, sy * (24 + k * h)) for k in range(1, 40) for sy in (1, -1)
-                for sx in (6, -6)]
+    offsets += [(sx, sy * (24 + k * h)) for k in range(1, 40) for sy in (1, -1) for sx in (6, -6)]
     for (px, py), label in sorted(zip(points, labels, strict=True), key=lambda t: -t[0][1]):
         w = w_char * len(label)
         best = None
         for dx, dy in offsets:
             x0 = px + dx if dx > 0 else px + dx - w
             box = (x0, py + dy, x0 + w, py + dy + h)
-            clash = any(not (box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3])
-                        for b in placed)
-            hits_point = any(box[0] - 2 < qx < box[2] + 2 and box[1] - 2 < qy < box[3] + 2
-                             for qx, qy in points)
+            clash = any(
+                not (box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3])
+                for b in placed
+            )
+            hits_point = any(
+                box[0] - 2 < qx < box[2] + 2 and box[1] - 2 < qy < box[3] + 2 for qx, qy in points
+            )
             if not clash and not hits_point:
                 best = (dx, dy, box)
                 break
@@ -540,8 +734,10 @@ def _place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str],
             for dx, dy in offsets:
                 x0 = px + dx if dx > 0 else px + dx - w
                 box = (x0, py + dy, x0 + w, py + dy + h)
-                if not any(not (box[2] < b[0] or box[0] > b[2] or box[3] < b[1]
-                                or box[1] > b[3]) for b in placed):
+                if not any(
+                    not (box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3])
+                    for b in placed
+                ):
                     best = (dx, dy, box)
                     break
         if best is None:
@@ -550,15 +746,21 @@ def _place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str],
             best = (dx, dy, (x0, py + dy, x0 + w, py + dy + h))
         dx, dy, box = best
         placed.append(box)
-        ax.annotate(label, (ax.transData.inverted().transform((px, py))),
-                    xytext=(dx, dy + h / 3), textcoords="offset pixels", fontsize=fontsize,
-                    ha="left" if dx > 0 else "right", va="center", color="#333333")
+        ax.annotate(
+            label,
+            (ax.transData.inverted().transform((px, py))),
+            xytext=(dx, dy + h / 3),
+            textcoords="offset pixels",
+            fontsize=fontsize,
+            ha="left" if dx > 0 else "right",
+            va="center",
+            color="#333333",
+        )
 
 
 def _front_2d(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The staircase of points not dominated in (x down, y up), sorted by x."""
-    front = [p for p in points
-             if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points)]
+    front = [p for p in points if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points)]
     return sorted(set(front))
 
 
@@ -578,23 +780,46 @@ def _scatter(search: dict[str, Any], x_key: str, x_label: str, title: str) -> by
         if not pts:
             continue
         colour, marker, label = KIND_STYLE[kind]
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
-                    yerr=[100 * p[2]["accuracy_std"] for p in pts],
-                    fmt=marker, color=colour, ms=13 if kind == "baseline" else 8, capsize=3,
-                    alpha=0.9, label=label, zorder=3)
+        ax.errorbar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            yerr=[100 * p[2]["accuracy_std"] for p in pts],
+            fmt=marker,
+            color=colour,
+            ms=13 if kind == "baseline" else 8,
+            capsize=3,
+            alpha=0.9,
+            label=label,
+            zorder=3,
+        )
     pareto = [(x, y) for x, y, g in zip(xs, ys, groups, strict=True) if g.get("pareto")]
     if pareto:
-        ax.scatter([p[0] for p in pareto], [p[1] for p in pareto], s=260, facecolors="none",
-                   edgecolors="#d62728", linewidths=1.6, zorder=4,
-                   label="Pareto-optimal (top-1, size, latency)")
+        ax.scatter(
+            [p[0] for p in pareto],
+            [p[1] for p in pareto],
+            s=260,
+            facecolors="none",
+            edgecolors="#d62728",
+            linewidths=1.6,
+            zorder=4,
+            label="Pareto-optimal (top-1, size, latency)",
+        )
     front = _front_2d(list(zip(xs, ys, strict=True)))
     if len(front) > 1:
         fx, fy = [front[0][0]], [front[0][1]]
         for x, y in front[1:]:
             fx += [x, x]
             fy += [fy[-1], y]
-        ax.plot(fx, fy, "--", color="#d62728", alpha=0.6, lw=1.2, zorder=2,
-                label=f"frontier in this plane ({x_label.split(' ')[0].lower()} vs top-1)")
+        ax.plot(
+            fx,
+            fy,
+            "--",
+            color="#d62728",
+            alpha=0.6,
+            lw=1.2,
+            zorder=2,
+            label=f"frontier in this plane ({x_label.split(' ')[0].lower()} vs top-1)",
+        )
     _place_labels(ax, xs, ys, [g["short"] for g in groups])
     ax.set_xlabel(x_label)
     ax.set_ylabel("test top-1 (%)")
@@ -607,8 +832,14 @@ def _scatter(search: dict[str, Any], x_key: str, x_label: str, title: str) -> by
     ypad = (yhi - ylo) * 0.15 or 1.0
     ax.set_ylim(ylo - ypad, yhi + ypad)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
-    fig.text(0.01, 0.01, "labels: P prune, Q quantize (INT8 QAT), D distill ... in the order "
-             "applied; error bars: sd over seeds", fontsize=7, color="#555555")
+    fig.text(
+        0.01,
+        0.01,
+        "labels: P prune, Q quantize (INT8 QAT), D distill ... in the order "
+        "applied; error bars: sd over seeds",
+        fontsize=7,
+        color="#555555",
+    )
     return _png(fig)
 
 
@@ -620,14 +851,19 @@ def _bars(search: dict[str, Any]) -> bytes:
 
     groups = list(reversed(_measured(search)))  # first row on top
     tag = {"baseline": "", "permutation": "", "reference": " (only)", "pairwise": " (pair)"}
-    labels = [("baseline" if g["kind"] == "baseline" else g["short"]) + tag[g["kind"]]
-              + (" *" if g.get("pareto") else "") for g in groups]
+    labels = [
+        ("baseline" if g["kind"] == "baseline" else g["short"])
+        + tag[g["kind"]]
+        + (" *" if g.get("pareto") else "")
+        for g in groups
+    ]
     colours = [KIND_STYLE[g["kind"]][0] for g in groups]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 0.42 * len(groups) + 1.6), dpi=110,
-                             sharey=True)
-    specs = [("accuracy_mean", 100.0, "test top-1 (%)", "{:.1f}"),
-             ("latency_p50_ms", 1.0, "batch-1 p50 latency (ms)", "{:.3f}"),
-             ("size_bytes", 1e-6, "size on disk (MB)", "{:.2f}")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 0.42 * len(groups) + 1.6), dpi=110, sharey=True)
+    specs = [
+        ("accuracy_mean", 100.0, "test top-1 (%)", "{:.1f}"),
+        ("latency_p50_ms", 1.0, "batch-1 p50 latency (ms)", "{:.3f}"),
+        ("size_bytes", 1e-6, "size on disk (MB)", "{:.2f}"),
+    ]
     for ax, (key, k, title, fmt) in zip(axes, specs, strict=True):
         vals = [g[key] * k for g in groups]
         ax.barh(range(len(groups)), vals, color=colours, alpha=0.85)
@@ -643,13 +879,23 @@ def _bars(search: dict[str, Any]) -> bytes:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(groups)))
     axes[0].set_yticklabels(labels, fontsize=8)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_STYLE[k][0])
-               for k in KIND_ORDER if any(g["kind"] == k for g in groups)]
-    fig.legend(handles, [KIND_STYLE[k][2] for k in KIND_ORDER
-                         if any(g["kind"] == k for g in groups)],
-               loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle("Every order: accuracy, latency, size (full orders ranked best first; "
-                 "* Pareto-optimal)", fontsize=11)
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=KIND_STYLE[k][0])
+        for k in KIND_ORDER
+        if any(g["kind"] == k for g in groups)
+    ]
+    fig.legend(
+        handles,
+        [KIND_STYLE[k][2] for k in KIND_ORDER if any(g["kind"] == k for g in groups)],
+        loc="lower center",
+        ncol=4,
+        fontsize=8,
+        frameon=False,
+    )
+    fig.suptitle(
+        "Every order: accuracy, latency, size (full orders ranked best first; * Pareto-optimal)",
+        fontsize=11,
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     return _png(fig)
 
@@ -664,8 +910,13 @@ def _win_graph(search: dict[str, Any]) -> bytes:
     pw = search["pairwise"]
     names = search["stages"]
     n = len(names)
-    pos = {s: (math.cos(math.pi / 2 - 2 * math.pi * i / n),
-               math.sin(math.pi / 2 - 2 * math.pi * i / n)) for i, s in enumerate(names)}
+    pos = {
+        s: (
+            math.cos(math.pi / 2 - 2 * math.pi * i / n),
+            math.sin(math.pi / 2 - 2 * math.pi * i / n),
+        )
+        for i, s in enumerate(names)
+    }
     fig, ax = plt.subplots(figsize=(6.4, 6.4), dpi=110)
     cycle = {tuple(e) for e in (pw.get("cycle") or [])}
     margins = {(r["a"], r["b"]): r for r in pw["table"]}
@@ -673,25 +924,48 @@ def _win_graph(search: dict[str, Any]) -> bytes:
     for a, b in pw["edges"]:
         (x0, y0), (x1, y1) = pos[a], pos[b]
         colour = "#d62728" if (a, b) in cycle else "#1f77b4"
-        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=22,
-                                     lw=2.2, color=colour, shrinkA=radius * 140,
-                                     shrinkB=radius * 140, zorder=2))
+        ax.add_patch(
+            FancyArrowPatch(
+                (x0, y0),
+                (x1, y1),
+                arrowstyle="-|>",
+                mutation_scale=22,
+                lw=2.2,
+                color=colour,
+                shrinkA=radius * 140,
+                shrinkB=radius * 140,
+                zorder=2,
+            )
+        )
         r = margins.get((a, b)) or margins.get((b, a))
         mx, my = (x0 + x1) / 2, (y0 + y1) / 2
         if r["decided_by"] == "accuracy" and r["margin_points"] is not None:
             note = f"+{abs(r['margin_points']):.2f} pts"
         else:
             note = r["decided_by"]
-        ax.text(mx, my, note, ha="center", va="center", fontsize=9,
-                bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.9})
+        ax.text(
+            mx,
+            my,
+            note,
+            ha="center",
+            va="center",
+            fontsize=9,
+            bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.9},
+        )
     for a, b in pw["ties"]:
         (x0, y0), (x1, y1) = pos[a], pos[b]
         ax.plot([x0, x1], [y0, y1], "--", color="#888888", lw=1.5, zorder=1)
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2, "tie", ha="center", va="center", fontsize=9,
-                bbox={"boxstyle": "round", "fc": "white", "ec": "#888888"})
+        ax.text(
+            (x0 + x1) / 2,
+            (y0 + y1) / 2,
+            "tie",
+            ha="center",
+            va="center",
+            fontsize=9,
+            bbox={"boxstyle": "round", "fc": "white", "ec": "#888888"},
+        )
     for s, (x, y) in pos.items():
-        ax.add_patch(plt.Circle((x, y), radius, color="#f2f2f2", ec="#333333", lw=1.5,
-                                zorder=3))
+        ax.add_patch(plt.Circle((x, y), radius, color="#f2f2f2", ec="#333333", lw=1.5, zorder=3))
         ax.text(x, y, s, ha="center", va="center", fontsize=11, zorder=4)
     ax.set_xlim(-1.45, 1.45)
     ax.set_ylim(-1.55, 1.45)
@@ -704,9 +978,15 @@ def _win_graph(search: dict[str, Any]) -> bytes:
     else:
         head = "order: " + " -> ".join(pw["order"]) + ("" if pw["unique"] else " (not unique)")
     ax.set_title(f"Pairwise wins; {head}", fontsize=11)
-    ax.text(0, -1.45, "arrow A -> B: running A before B won (A->B beat B->A);\nlabel: top-1 "
-            "margin of the winning order, or what decided it", ha="center", fontsize=8.5,
-            color="#444444")
+    ax.text(
+        0,
+        -1.45,
+        "arrow A -> B: running A before B won (A->B beat B->A);\nlabel: top-1 "
+        "margin of the winning order, or what decided it",
+        ha="center",
+        fontsize=8.5,
+        color="#444444",
+    )
     return _png(fig)
 
 
@@ -726,10 +1006,15 @@ def search_plots(search: dict[str, Any]) -> dict[str, bytes]:
     if not _measured(search):
         return {}
     plots = {
-        "accuracy_latency.png": _scatter(search, "latency_p50_ms", "batch-1 p50 latency (ms)",
-                                         "Accuracy vs latency of every deployed artifact"),
-        "accuracy_size.png": _scatter(search, "size_bytes", "size on disk (MB)",
-                                      "Accuracy vs size of every deployed artifact"),
+        "accuracy_latency.png": _scatter(
+            search,
+            "latency_p50_ms",
+            "batch-1 p50 latency (ms)",
+            "Accuracy vs latency of every deployed artifact",
+        ),
+        "accuracy_size.png": _scatter(
+            search, "size_bytes", "size on disk (MB)", "Accuracy vs size of every deployed artifact"
+        ),
         "orders.png": _bars(search),
     }
     if search.get("pairwise"):
@@ -744,8 +1029,9 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     import html
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-                   for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -764,33 +1050,49 @@ def render_search_html(search: dict[str, Any], plots: dict[str, bytes]) -> str:
     import html
 
     def para(text: str) -> str:
-        return f"<li>{_md_inline(text[2:])}</li>" if text.startswith("- ") else (
-            f"<p>{_md_inline(text)}</p>")
+        return (
+            f"<li>{_md_inline(text[2:])}</li>"
+            if text.startswith("- ")
+            else (f"<p>{_md_inline(text)}</p>")
+        )
 
-    parts = [f"<h1>pqd search: {html.escape(search['name'])}</h1>",
-             *[para(t) for t in _search_intro(search)],
-             "<h2>All results</h2>", _html_table(SEARCH_HEADER, search_rows(search)),
-             para(_results_note(search))]
+    parts = [
+        f"<h1>pqd search: {html.escape(search['name'])}</h1>",
+        *[para(t) for t in _search_intro(search)],
+        "<h2>All results</h2>",
+        _html_table(SEARCH_HEADER, search_rows(search)),
+        para(_results_note(search)),
+    ]
     if search.get("pairwise"):
-        parts += ["<h2>Pairwise order wins</h2>", para(_pairwise_note(search)),
-                  _html_table(PAIR_HEADER, pairwise_rows(search))]
+        parts += [
+            "<h2>Pairwise order wins</h2>",
+            para(_pairwise_note(search)),
+            _html_table(PAIR_HEADER, pairwise_rows(search)),
+        ]
     failed = _failed_lines(search)
     if failed:
         parts += ["<h2>Failed trials</h2>", *[para(f"- {f}") for f in failed]]
     parts.append("<h2>Plots</h2>")
-    parts += [f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
-              f'{base64.b64encode(data).decode("ascii")}"><figcaption>{html.escape(name)}'
-              "</figcaption></figure>" for name, data in plots.items()]
+    parts += [
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(data).decode("ascii")}"><figcaption>{html.escape(name)}'
+        "</figcaption></figure>"
+        for name, data in plots.items()
+    ]
     parts += [para(t) for t in _footer(search)]
-    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;"
-             "padding:0 1em;color:#222}table{border-collapse:collapse;font-size:13px;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "td:nth-child(2),td:nth-child(3),th{text-align:left}tr:nth-child(even)"
-             "{background:#f6f6f6}img{max-width:100%;border:1px solid #ddd}"
-             "figure{margin:1.5em 0}figcaption{font-size:12px;color:#666}code{font-size:12px}")
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
-            f"<title>pqd search: {html.escape(search['name'])}</title><style>{style}</style>"
-            "</head><body>" + "\n".join(parts) + "</body></html>\n")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;"
+        "padding:0 1em;color:#222}table{border-collapse:collapse;font-size:13px;"
+        "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:nth-child(2),td:nth-child(3),th{text-align:left}tr:nth-child(even)"
+        "{background:#f6f6f6}img{max-width:100%;border:1px solid #ddd}"
+        "figure{margin:1.5em 0}figcaption{font-size:12px;color:#666}code{font-size:12px}"
+    )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>pqd search: {html.escape(search['name'])}</title><style>{style}</style>"
+        "</head><body>" + "\n".join(parts) + "</body></html>\n"
+    )
 
 
 def write_search_report(search: dict[str, Any], out: Any) -> dict[str, bytes]:

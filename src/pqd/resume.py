@@ -48,9 +48,19 @@ from pqd.train import FitProgress
 PROGRESS = "progress.json"
 PROGRESS_VERSION = 1
 # what a run writes into its folder; --fresh removes exactly these
-RUN_FILES = ("progress.json", "record.json", "report.md", "recipe.yaml", "baseline.safetensors",
-             "baseline.onnx", "baseline.onnx.data", "final.onnx", "final.onnx.data",
-             "pending.json", "reference_logits.npz")
+RUN_FILES = (
+    "progress.json",
+    "record.json",
+    "report.md",
+    "recipe.yaml",
+    "baseline.safetensors",
+    "baseline.onnx",
+    "baseline.onnx.data",
+    "final.onnx",
+    "final.onnx.data",
+    "pending.json",
+    "reference_logits.npz",
+)
 # test hook: "STEP:EPOCH" (STEP 0 = baseline, i = stage i) pauses after that epoch's checkpoint
 PAUSE_ENV = "PQD_TEST_PAUSE_AFTER_EPOCH"
 
@@ -72,8 +82,14 @@ def _relevant(recipe: Recipe) -> dict[str, Any]:
     """The recipe parts every trained step depends on (data paths aside)."""
     d = recipe.model_dump(mode="json")
     data = {k: v for k, v in d["data"].items() if k not in ("root", "download")}
-    return {"seed": d["seed"], "device": d["device"], "model": d["model"], "data": data,
-            "train": d["train"], "baseline": d["baseline"]}
+    return {
+        "seed": d["seed"],
+        "device": d["device"],
+        "model": d["model"],
+        "data": data,
+        "train": d["train"],
+        "baseline": d["baseline"],
+    }
 
 
 def fingerprints(recipe: Recipe) -> list[str]:
@@ -84,8 +100,9 @@ def fingerprints(recipe: Recipe) -> list[str]:
     prints = []
     for i in range(len(stages) + 1):
         quantized = any(s["stage"] == "quantize" for s in stages[:i])
-        prints.append(_sha({**base, "stages": stages[:i], **({"target": target} if quantized
-                                                             else {})}))
+        prints.append(
+            _sha({**base, "stages": stages[:i], **({"target": target} if quantized else {})})
+        )
     return prints
 
 
@@ -130,8 +147,9 @@ class RunFolder:
     continued: dict[str, int] = field(default_factory=dict)  # step -> epoch it continued from
 
     @classmethod
-    def open(cls, out: Path, recipe: Recipe, *, resume: bool = False,
-             fresh: bool = False) -> RunFolder:
+    def open(
+        cls, out: Path, recipe: Recipe, *, resume: bool = False, fresh: bool = False
+    ) -> RunFolder:
         """Read ``out``'s progress and decide what to keep (see module doc); refuses another
         recipe's run unless ``resume`` or ``fresh``. Writes nothing."""
         folder = cls(out=out, recipe=recipe, prints=fingerprints(recipe))
@@ -158,8 +176,9 @@ class RunFolder:
             if i >= len(folder.prints) or entry.get("fingerprint") != folder.prints[i]:
                 break
             folder.steps.append(entry)
-        folder.complete = (same and bool(progress.get("complete"))
-                           and (out / "record.json").is_file())
+        folder.complete = (
+            same and bool(progress.get("complete")) and (out / "record.json").is_file()
+        )
         return folder
 
     def _read_progress(self) -> dict[str, Any] | None:
@@ -169,17 +188,21 @@ class RunFolder:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-            raise RunFolderError(f"{path} is unreadable ({type(exc).__name__})",
-                                 "run with --fresh to start over in that folder") from None
+            raise RunFolderError(
+                f"{path} is unreadable ({type(exc).__name__})",
+                "run with --fresh to start over in that folder",
+            ) from None
         return data if isinstance(data, dict) else None
 
     def _refuse(self, changed: list[str], *, resumable: bool) -> None:
-        shown = ", ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3
-                                          else "")
+        shown = ", ".join(changed[:3]) + (
+            f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+        )
         keep = ", --resume to keep its finished steps that the change does not touch"
         raise RunFolderError(
             f"--out {self.out} holds the run of a different recipe (differs in: {shown})",
-            f"use another --out{keep if resumable else ''}, or --fresh to start over in it")
+            f"use another --out{keep if resumable else ''}, or --fresh to start over in it",
+        )
 
     # ------------------------------------------------------------------ writing
 
@@ -195,21 +218,34 @@ class RunFolder:
             (self.out / name).unlink(missing_ok=True)
         self._write(complete=False)
         if self.steps:
-            note(f"resuming {self.recipe.name!r} in {self.out}: finished "
-                 + ", ".join(e["step"] for e in self.steps) + " (not recomputed)")
+            note(
+                f"resuming {self.recipe.name!r} in {self.out}: finished "
+                + ", ".join(e["step"] for e in self.steps)
+                + " (not recomputed)"
+            )
 
     def _write(self, *, complete: bool) -> None:
         recipe = self.recipe.model_dump(mode="json")
-        data = {"progress_version": PROGRESS_VERSION, "name": self.recipe.name,
-                "recipe_sha256": _sha(recipe), "recipe": recipe, "complete": complete,
-                "steps": self.steps}
+        data = {
+            "progress_version": PROGRESS_VERSION,
+            "name": self.recipe.name,
+            "recipe_sha256": _sha(recipe),
+            "recipe": recipe,
+            "complete": complete,
+            "steps": self.steps,
+        }
         atomic_write_text(self.out / PROGRESS, json.dumps(data, indent=2))
 
     def finish(self, step: int, checkpoint: str, entry: dict[str, Any]) -> None:
         """Record step ``step`` as finished (its checkpoint is already on disk)."""
-        self.steps.append({"step": step_name(self.recipe, step),
-                           "fingerprint": self.prints[step], "checkpoint": checkpoint,
-                           "record": entry})
+        self.steps.append(
+            {
+                "step": step_name(self.recipe, step),
+                "fingerprint": self.prints[step],
+                "checkpoint": checkpoint,
+                "record": entry,
+            }
+        )
         self._write(complete=False)
         path = epoch_path(self.out, self.recipe, step)
         path.unlink(missing_ok=True)
@@ -223,9 +259,15 @@ class RunFolder:
         """The record entry of finished step ``step``, else None."""
         return self.steps[step]["record"] if step < len(self.steps) else None
 
-    def epoch_hooks(self, step: int, model: nn.Module, masks: dict[str, torch.Tensor],
-                    hook_state: dict[str, Any] | None = None, desc: str = "", call: int = 0,
-                    ) -> tuple[FitProgress | None, Callable[[FitProgress], None]]:
+    def epoch_hooks(
+        self,
+        step: int,
+        model: nn.Module,
+        masks: dict[str, torch.Tensor],
+        hook_state: dict[str, Any] | None = None,
+        desc: str = "",
+        call: int = 0,
+    ) -> tuple[FitProgress | None, Callable[[FitProgress], None]]:
         """(progress to resume ``fit`` from or None, ``on_epoch`` saver) for fit call ``call``
         of step ``step``.
 
@@ -238,8 +280,10 @@ class RunFolder:
             start = load_epoch(path, fingerprint, model, masks, hook_state)
             if start is not None:
                 self.continued[step_name(self.recipe, step)] = start.epoch
-                note(f"{desc or step_name(self.recipe, step)}: continuing after epoch "
-                     f"{start.epoch} (from {path.name})")
+                note(
+                    f"{desc or step_name(self.recipe, step)}: continuing after epoch "
+                    f"{start.epoch} (from {path.name})"
+                )
 
         def on_epoch(progress: FitProgress) -> None:
             save_epoch(path, fingerprint, model, masks, progress, hook_state)
@@ -278,59 +322,160 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             meta = json.loads((f.metadata() or {}).get("pqd", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({exc})",
-                              "run with --fresh to start over") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is unreadable ({exc})", "run with --fresh to start over"
+        ) from None
     return tensors, meta
 
 
 def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def save_state(path: Path, fingerprint: str, state: Any) -> None:
-    """The ``pqd.stages.base.State`` after a step: weights (graph or eager), masks, and what
+    """The ``pqd.state.State`` after a step: weights (graph or eager), masks, and what
     rebuilds its form: channel structure, N:M layers, the quantization scheme of a graph."""
-    from pqd.stages.quantize import quant_scheme
+    from pqd.models.multi_exit import MultiExitNet
+    from pqd.quant.pt2e import quant_scheme
 
     model = state.model
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"mask.{k}": m for k, m in state.masks.items()})
-    _save(path, tensors, {"fingerprint": fingerprint, "quantized": state.quantized,
-                          "scheme": quant_scheme(model) if state.quantized else None,
-                          "structure": state.structure, "nm_layers": state.nm_layers})
+    exits = None
+    if isinstance(model, MultiExitNet):  # what rebuilds the exits around the backbone
+        exits = {
+            "positions": model.positions,
+            "num_classes": model.num_classes,
+            "confidence": model.confidence,
+            **model.head_config,
+            "thresholds": model.thresholds,
+            "exit_loss": model.exit_loss,
+            "detach_heads": model.detach_heads,
+            "part_schemes": _part_schemes(model) if state.quantized else None,
+        }
+    _save(
+        path,
+        tensors,
+        {
+            "fingerprint": fingerprint,
+            "quantized": state.quantized,
+            "scheme": quant_scheme(model) if state.quantized else None,
+            "structure": state.structure,
+            "nm_layers": state.nm_layers,
+            "exits": exits,
+        },
+    )
 
 
-def load_state(path: Path, recipe: Recipe, data: Any, example: Callable[[], torch.Tensor]
-               ) -> Any:
-    """Rebuild the state :func:`save_state` wrote: a fresh model from the recipe pruned to the
-    saved channel structure, made a QAT graph by the same ``prepare_qat`` (and float layers)
-    when it was one, then the saved tensors loaded."""
-    from pqd.stages.base import State
-    from pqd.stages.prune_channels import rebuild_model
+def _part_schemes(net: nn.Module) -> dict[str, Any]:
+    """The quantization scheme of each PT2E part of a multi-exit net, by part name."""
+    from pqd.quant.pt2e import META_KEY
+
+    return {
+        name: part.meta.get(META_KEY)
+        for name, part in net.parts()  # type: ignore[attr-defined]
+        if isinstance(part, torch.fx.GraphModule)
+    }
+
+
+def load_state(
+    path: Path, fresh_model: Callable[[], nn.Module], example: Callable[[], torch.Tensor]
+) -> Any:
+    """Rebuild the state :func:`save_state` wrote: a fresh model (``fresh_model()``) pruned to
+    the saved channel structure, made a QAT graph by the same ``prepare_qat`` (and float
+    layers) when it was one, then the saved tensors loaded.
+
+    Args:
+        path: the step checkpoint.
+        fresh_model: builds a fresh unpruned eager model like the run's.
+        example: draws an example input batch (for channel surgery and ``prepare_qat``).
+
+    Returns:
+        The ``pqd.stages.State``.
+    """
+    from pqd.prune.channels import rebuild_model
+    from pqd.state import State
 
     tensors, meta = _load(path)
     structure = meta.get("structure") or []
-    model = rebuild_model(recipe.model, data.num_classes, data.mean, data.std, structure,
-                          example().cpu() if structure else None)
+    ex = example().cpu() if structure else None  # (drawn before the fresh weights)
+    model = rebuild_model(fresh_model(), structure, ex)
     quantized = bool(meta.get("quantized"))
-    if quantized:
-        from pqd.stages.quantize import keep_float, prepare_qat
+    saved = _split(tensors, "model.")
+    if meta.get("exits"):
+        model = _rebuild_exits(model, meta, saved, example)
+    elif quantized:
+        from pqd.quant.pt2e import keep_float, prepare_qat
 
         scheme = dict(meta["scheme"])
         float_layers = list(scheme.get("float_layers") or [])
         model = prepare_qat(model, example().cpu(), {**scheme, "float_layers": []})
         if float_layers:
             keep_float(model, float_layers)
-    _load_strict(model, _split(tensors, "model."), path)
+    _load_strict(model, saved, path)
     masks = {k: m.to(torch.bool) for k, m in _split(tensors, "mask.").items()}
-    return State(model=model, masks=masks, quantized=quantized, structure=list(structure),
-                 nm_layers=dict(meta.get("nm_layers") or {}))
+    return State(
+        model=model,
+        masks=masks,
+        quantized=quantized,
+        structure=list(structure),
+        nm_layers=dict(meta.get("nm_layers") or {}),
+    )
+
+
+def _rebuild_exits(
+    eager: nn.Module,
+    meta: dict[str, Any],
+    saved: dict[str, torch.Tensor],
+    example: Callable[[], torch.Tensor],
+) -> nn.Module:
+    """The multi-exit net an ``early_exit`` step left: the same exits cut from ``eager``,
+    each part made the same PT2E graph (float layers kept float) when it was one, and the
+    exits' settings (thresholds, how later stages train them) restored."""
+    import math
+
+    from pqd.models.multi_exit import build_multi_exit
+
+    exits = meta["exits"]
+    x = example().cpu()
+    net = build_multi_exit(
+        eager,
+        exits["positions"],
+        exits["num_classes"],
+        x,
+        head_channels=exits["head_channels"],
+        head_kernel=exits["head_kernel"],
+        head_stride=exits["head_stride"],
+        confidence=exits["confidence"],
+    )
+    schemes = exits.get("part_schemes")
+    if schemes:
+        from pqd.models.multi_exit import part_inputs
+        from pqd.quant.pt2e import META_KEY, keep_float, prepare_qat, tie_boundary_quantizers
+
+        inputs = part_inputs(net, x)
+        for name, part in list(net.parts()):
+            net.set_part(
+                name, prepare_qat(part, inputs[name], {**schemes[name], "float_layers": []})
+            )
+        tie_boundary_quantizers(net)
+        floats = sorted({n for s in schemes.values() for n in s.get("float_layers") or []})
+        if floats and set(net.state_dict()) != set(saved):  # their quantizers were removed
+            keep_float(net, floats)
+        for name, part in net.parts():
+            part.meta[META_KEY] = schemes[name]
+    net.thresholds = [math.inf if t is None else float(t) for t in exits["thresholds"]]
+    net.exit_loss = dict(exits["exit_loss"])
+    net.detach_heads = bool(exits["detach_heads"])
+    return net
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     own = model.state_dict()
-    mismatch = CheckpointError(f"checkpoint {str(path)!r} does not match the recipe's model",
-                               "run with --fresh to start over")
+    mismatch = CheckpointError(
+        f"checkpoint {str(path)!r} does not match the recipe's model",
+        "run with --fresh to start over",
+    )
     if set(own) != set(state):
         raise mismatch
     # Module versions travel in state_dict()._metadata, which a tensor file drops; without
@@ -344,8 +489,14 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
         raise mismatch from None
 
 
-def save_epoch(path: Path, fingerprint: str, model: nn.Module, masks: dict[str, torch.Tensor],
-               progress: FitProgress, hook_state: dict[str, Any] | None) -> None:
+def save_epoch(
+    path: Path,
+    fingerprint: str,
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    progress: FitProgress,
+    hook_state: dict[str, Any] | None,
+) -> None:
     """Mid-step checkpoint after an epoch (see :class:`pqd.train.FitProgress`)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"mask.{k}": m for k, m in masks.items()})
@@ -363,14 +514,28 @@ def save_epoch(path: Path, fingerprint: str, model: nn.Module, masks: dict[str, 
     if progress.loader is not None:
         tensors["rng.loader"] = progress.loader["generator"]
         loader_meta = {k: v for k, v in progress.loader.items() if k != "generator"}
-    _save(path, tensors, {"fingerprint": fingerprint, "epoch": progress.epoch,
-                          "step": progress.step, "losses": progress.losses,
-                          "optimizer": opt_meta, "loader": loader_meta,
-                          "hook_state": hook_state})
+    _save(
+        path,
+        tensors,
+        {
+            "fingerprint": fingerprint,
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "losses": progress.losses,
+            "optimizer": opt_meta,
+            "loader": loader_meta,
+            "hook_state": hook_state,
+        },
+    )
 
 
-def load_epoch(path: Path, fingerprint: str, model: nn.Module, masks: dict[str, torch.Tensor],
-               hook_state: dict[str, Any] | None) -> FitProgress | None:
+def load_epoch(
+    path: Path,
+    fingerprint: str,
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    hook_state: dict[str, Any] | None,
+) -> FitProgress | None:
     """Restore what :func:`save_epoch` wrote into ``model``/``masks``/``hook_state``; None
     (and nothing restored) when another recipe wrote it."""
     tensors, meta = _load(path)
@@ -379,8 +544,9 @@ def load_epoch(path: Path, fingerprint: str, model: nn.Module, masks: dict[str, 
     _load_strict(model, _split(tensors, "model."), path)
     masks.clear()
     params = dict(model.named_parameters())
-    masks.update({k: m.to(torch.bool).to(params[k].device)
-                  for k, m in _split(tensors, "mask.").items()})
+    masks.update(
+        {k: m.to(torch.bool).to(params[k].device) for k, m in _split(tensors, "mask.").items()}
+    )
     if hook_state is not None and meta.get("hook_state"):
         hook_state.update(meta["hook_state"])
     opt = meta["optimizer"]
@@ -391,6 +557,11 @@ def load_epoch(path: Path, fingerprint: str, model: nn.Module, masks: dict[str, 
     loader = None
     if meta.get("loader") is not None:
         loader = {**meta["loader"], "generator": tensors["rng.loader"]}
-    return FitProgress(epoch=int(meta["epoch"]), step=int(meta["step"]),
-                       optimizer={"state": state, "param_groups": opt["param_groups"]},
-                       loader=loader, rng=tensors["rng.torch"], losses=list(meta["losses"]))
+    return FitProgress(
+        epoch=int(meta["epoch"]),
+        step=int(meta["step"]),
+        optimizer={"state": state, "param_groups": opt["param_groups"]},
+        loader=loader,
+        rng=tensors["rng.torch"],
+        losses=list(meta["losses"]),
+    )

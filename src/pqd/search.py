@@ -90,11 +90,14 @@ def search_budget(recipe: Recipe) -> tuple[int, list[float]]:
     """``(total_epochs, budget)`` of a search recipe, defaults filled in."""
     spec = recipe.search
     if spec is None:
-        raise PqdError(f"recipe {recipe.name!r} has no search: section",
-                       "add search: {total_epochs: ..., budget: [...]} or use 'pqd run'")
+        raise PqdError(
+            f"recipe {recipe.name!r} has no search: section",
+            "add search: {total_epochs: ..., budget: [...]} or use 'pqd run'",
+        )
     n = len(recipe.stages)
-    total = spec.total_epochs if spec.total_epochs is not None else sum(
-        s.epochs for s in recipe.stages)
+    total = (
+        spec.total_epochs if spec.total_epochs is not None else sum(s.epochs for s in recipe.stages)
+    )
     budget = list(spec.budget) if spec.budget is not None else [100.0 / n] * n
     return total, budget
 
@@ -145,8 +148,11 @@ def trial_key(recipe: Recipe, checkpoint_digest: str | None, data_root: str) -> 
     data.pop("search", None)
     if data["baseline"].get("checkpoint"):
         data["baseline"]["checkpoint"] = checkpoint_digest
-    blob = json.dumps({"v": KEY_VERSION, "recipe": data, "data_root": data_root},
-                      sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(
+        {"v": KEY_VERSION, "recipe": data, "data_root": data_root},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
@@ -167,12 +173,24 @@ def baseline_trial(recipe: Recipe, data_root: str) -> Trial:
     base = recipe_from_dict(data, "search baseline")
     ckpt = base.baseline.checkpoint
     digest = file_digest(ckpt) if ckpt and Path(ckpt).is_file() else ckpt
-    return Trial("baseline", (), recipe.seed, (recipe.baseline.epochs,) if not ckpt else (),
-                 base, trial_key(base, digest, data_root))
+    return Trial(
+        "baseline",
+        (),
+        recipe.seed,
+        (recipe.baseline.epochs,) if not ckpt else (),
+        base,
+        trial_key(base, digest, data_root),
+    )
 
 
-def trial_recipe(recipe: Recipe, order: Sequence[int], epochs: Sequence[int], seed: int,
-                 checkpoint: str, name: str) -> Recipe:
+def trial_recipe(
+    recipe: Recipe,
+    order: Sequence[int],
+    epochs: Sequence[int],
+    seed: int,
+    checkpoint: str,
+    name: str,
+) -> Recipe:
     """The search recipe's stages ``order`` (indices) with ``epochs`` per position, ``seed``,
     loading ``checkpoint``; PTQ stages keep 0 epochs (they calibrate only)."""
     data = recipe.model_dump(mode="json")
@@ -191,11 +209,13 @@ def trial_recipe(recipe: Recipe, order: Sequence[int], epochs: Sequence[int], se
         raise RecipeError(
             f"search: trial {order_label([recipe.stages[i].stage for i in order])} with "
             f"epochs {list(epochs)} is not a valid recipe ({exc.problem})",
-            "raise search.total_epochs or the budget share of that position") from None
+            "raise search.total_epochs or the budget share of that position",
+        ) from None
 
 
-def plan_trials(recipe: Recipe, checkpoint: str, checkpoint_digest: str,
-                data_root: str) -> list[Trial]:
+def plan_trials(
+    recipe: Recipe, checkpoint: str, checkpoint_digest: str, data_root: str
+) -> list[Trial]:
     """Every trial entry of the search, in run order: permutations, pairwise, references."""
     spec = recipe.search
     assert spec is not None
@@ -216,17 +236,25 @@ def plan_trials(recipe: Recipe, checkpoint: str, checkpoint_digest: str,
             order = tuple(names[i] for i in idx)
             name = f"{recipe.name}-{'-'.join(order)}-s{seed}"
             r = trial_recipe(recipe, idx, epochs, seed, checkpoint, name)
-            trials.append(Trial(kind, order, seed, tuple(epochs), r,
-                                trial_key(r, checkpoint_digest, data_root)))
+            trials.append(
+                Trial(
+                    kind, order, seed, tuple(epochs), r, trial_key(r, checkpoint_digest, data_root)
+                )
+            )
     return trials
 
 
 # ---------------------------------------------------------------------------- decisions
 
 
-def decide_pair(acc_ab: float | None, acc_ba: float | None, lat_ab: float | None,
-                lat_ba: float | None, tie_points: float, tie_latency: float
-                ) -> tuple[str | None, str]:
+def decide_pair(
+    acc_ab: float | None,
+    acc_ba: float | None,
+    lat_ab: float | None,
+    lat_ba: float | None,
+    tie_points: float,
+    tie_latency: float,
+) -> tuple[str | None, str]:
     """Which order of a pair wins: ``"ab"``, ``"ba"`` or ``None`` (tie), and what decided.
 
     Accuracies are fractions (``None``: the run failed); higher wins when the difference is
@@ -247,8 +275,7 @@ def decide_pair(acc_ab: float | None, acc_ba: float | None, lat_ab: float | None
     return None, "tie"
 
 
-def topological_order(nodes: Sequence[str], edges: Sequence[tuple[str, str]]
-                      ) -> dict[str, Any]:
+def topological_order(nodes: Sequence[str], edges: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Sort ``nodes`` so that every edge ``(a, b)`` ("a before b") points forward.
 
     Returns ``{"order": [...] or None, "unique": bool, "cycle": [[a, b], ...] or None}``.
@@ -281,13 +308,19 @@ def topological_order(nodes: Sequence[str], edges: Sequence[tuple[str, str]]
     while v not in walk:
         walk.append(v)
         v = pred[v][0]
-    cycle = list(reversed(walk[walk.index(v):]))
-    return {"order": None, "unique": False,
-            "cycle": [[cycle[i], cycle[(i + 1) % len(cycle)]] for i in range(len(cycle))]}
+    cycle = list(reversed(walk[walk.index(v) :]))
+    return {
+        "order": None,
+        "unique": False,
+        "cycle": [[cycle[i], cycle[(i + 1) % len(cycle)]] for i in range(len(cycle))],
+    }
 
 
-def pareto_front(points: Sequence[tuple[float, float, float]],
-                 latency_tolerance: float = 0.0, size_tolerance: float = 0.0) -> list[int]:
+def pareto_front(
+    points: Sequence[tuple[float, float, float]],
+    latency_tolerance: float = 0.0,
+    size_tolerance: float = 0.0,
+) -> list[int]:
     """Indices of the Pareto-optimal points among ``(accuracy, size, latency)`` tuples.
 
     Higher accuracy, smaller size and lower latency are better. A point is dominated when
@@ -295,14 +328,18 @@ def pareto_front(points: Sequence[tuple[float, float, float]],
     the fraction ``latency_tolerance`` (``size_tolerance``) of each other count as equal,
     so timing noise and a few bytes of file metadata decide nothing.
     """
+
     def dominates(j: tuple[float, float, float], i: tuple[float, float, float]) -> bool:
         ts, tl = size_tolerance, latency_tolerance
         no_worse = j[0] >= i[0] and j[1] <= i[1] * (1 + ts) and j[2] <= i[2] * (1 + tl)
         better = j[0] > i[0] or j[1] < i[1] * (1 - ts) or j[2] < i[2] * (1 - tl)
         return no_worse and better
 
-    return [i for i, p in enumerate(points)
-            if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+    return [
+        i
+        for i, p in enumerate(points)
+        if not any(dominates(q, p) for j, q in enumerate(points) if j != i)
+    ]
 
 
 # ---------------------------------------------------------------------------- trial folders
@@ -334,13 +371,28 @@ def _reset_folder(folder: Path, trial: Trial) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    atomic_write_text(folder / TRIAL_FILE, json.dumps(
-        {"key": trial.key, "name": trial.recipe.name, "order": list(trial.order),
-         "seed": trial.seed, "epochs": list(trial.epochs)}, indent=2))
+    atomic_write_text(
+        folder / TRIAL_FILE,
+        json.dumps(
+            {
+                "key": trial.key,
+                "name": trial.recipe.name,
+                "order": list(trial.order),
+                "seed": trial.seed,
+                "epochs": list(trial.epochs),
+            },
+            indent=2,
+        ),
+    )
 
 
-def train_trial(recipe_data: dict[str, Any], out_dir: str, data_dir: str | None,
-                progress: bool = False, threads: int | None = None) -> dict[str, Any]:
+def train_trial(
+    recipe_data: dict[str, Any],
+    out_dir: str,
+    data_dir: str | None,
+    progress: bool = False,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Train and export one run into ``out_dir`` without measuring it (executor entry point).
 
     A :class:`PqdError` (e.g. the loss diverged) is returned as ``{"ok": False, "error"}``
@@ -348,25 +400,37 @@ def train_trial(recipe_data: dict[str, Any], out_dir: str, data_dir: str | None,
     """
     import torch
 
-    from pqd.cli import _quiet_libraries
+    from pqd._quiet import quiet_command
     from pqd.pipeline import run
 
-    _quiet_libraries()
+    quiet_command()
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     info = {"host": socket.gethostname(), "threads": torch.get_num_threads()}
     try:
-        run(recipe_from_dict(recipe_data, "trial"), out_dir, data_dir=data_dir,
-            progress=progress, measure=False)
+        run(
+            recipe_from_dict(recipe_data, "trial"),
+            out_dir,
+            data_dir=data_dir,
+            progress=progress,
+            measure=False,
+        )
     except PqdError as exc:
-        return {**info, "ok": False, "error": exc.line(), "problem": exc.problem,
-                "fix": exc.fix, "seconds": round(time.perf_counter() - t0, 2)}
+        return {
+            **info,
+            "ok": False,
+            "error": exc.line(),
+            "problem": exc.problem,
+            "fix": exc.fix,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
     return {**info, "ok": True, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _ray_train_trial(recipe_data: dict[str, Any], data_dir: str | None,
-                     checkpoint: bytes | None) -> dict[str, Any]:
+def _ray_train_trial(
+    recipe_data: dict[str, Any], data_dir: str | None, checkpoint: bytes | None
+) -> dict[str, Any]:
     """Ray task: train one run in a temporary folder and return it as tar bytes, so the
     driver needs no file system shared with the cluster. The baseline checkpoint travels as
     bytes when the node does not hold the driver's path."""
@@ -380,15 +444,21 @@ def _ray_train_trial(recipe_data: dict[str, Any], data_dir: str | None,
         if checkpoint is not None and original and not Path(original).is_file():
             local = str(tmp / "baseline-checkpoint.safetensors")
             Path(local).write_bytes(checkpoint)
-            recipe_data = {**recipe_data,
-                           "baseline": {**recipe_data["baseline"], "checkpoint": local}}
+            recipe_data = {
+                **recipe_data,
+                "baseline": {**recipe_data["baseline"], "checkpoint": local},
+            }
         result = train_trial(recipe_data, str(tmp / "run"), data_dir, False, max(1, cpus))
         if local != original:  # the records name the driver's checkpoint path
             for name in ("pending.json", "recipe.yaml"):
                 path = tmp / "run" / name
                 if path.is_file():
-                    path.write_text(path.read_text(encoding="utf-8").replace(
-                        json.dumps(local)[1:-1], json.dumps(original)[1:-1]), encoding="utf-8")
+                    path.write_text(
+                        path.read_text(encoding="utf-8").replace(
+                            json.dumps(local)[1:-1], json.dumps(original)[1:-1]
+                        ),
+                        encoding="utf-8",
+                    )
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
             tar.add(tmp / "run", arcname=".")
@@ -402,8 +472,10 @@ def _safe_extract(data: bytes, dest: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         for m in tar.getmembers():
             if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in m.name:
-                raise PqdError(f"a Ray task returned an unsafe path {m.name!r}",
-                               "check the cluster's pqd installation")
+                raise PqdError(
+                    f"a Ray task returned an unsafe path {m.name!r}",
+                    "check the cluster's pqd installation",
+                )
         if hasattr(tarfile, "data_filter"):
             tar.extractall(dest, filter="data")
         else:  # Python < 3.10.12 / 3.11.4: the members were checked above
@@ -418,21 +490,26 @@ def check_executor(executor: str, workers: int | None, address: str | None) -> s
     if executor == "sequential" and workers is not None and workers > 1:
         executor = "processes"
     if executor not in EXECUTORS:
-        raise PqdError(f"unknown executor {executor!r}",
-                       f"use one of {', '.join(EXECUTORS)} (--executor)")
+        raise PqdError(
+            f"unknown executor {executor!r}", f"use one of {', '.join(EXECUTORS)} (--executor)"
+        )
     if workers is not None and workers < 1:
-        raise PqdError(f"--workers {workers} is not a number of processes",
-                       "give --workers 1 or more")
+        raise PqdError(
+            f"--workers {workers} is not a number of processes", "give --workers 1 or more"
+        )
     if address is not None and executor != "ray":
-        raise PqdError(f"--address is for the Ray executor, but the executor is {executor}",
-                       "add --executor ray or drop --address")
+        raise PqdError(
+            f"--address is for the Ray executor, but the executor is {executor}",
+            "add --executor ray or drop --address",
+        )
     if executor == "ray":
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise PqdError("--executor ray needs the ray package, which is not installed",
-                           "pip install 'pqd[ray]' (or pip install ray), or use --workers N"
-                           ) from None
+            raise PqdError(
+                "--executor ray needs the ray package, which is not installed",
+                "pip install 'pqd[ray]' (or pip install ray), or use --workers N",
+            ) from None
     return executor
 
 
@@ -443,10 +520,14 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     target = address.split("://", 1)[-1]
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
-        raise PqdError(f"Ray address {address!r} is not of the form host:port",
-                       "give e.g. --address 10.0.0.5:6379, ray://host:10001 or local")
-    fix = ("start it with 'ray start --head' and pass its address, or use --address local "
-           "for a Ray instance on this machine")
+        raise PqdError(
+            f"Ray address {address!r} is not of the form host:port",
+            "give e.g. --address 10.0.0.5:6379, ray://host:10001 or local",
+        )
+    fix = (
+        "start it with 'ray start --head' and pass its address, or use --address local "
+        "for a Ray instance on this machine"
+    )
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
             sock.settimeout(timeout_s)
@@ -460,11 +541,14 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     except TimeoutError:
         head = b""
     except OSError as exc:
-        raise PqdError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc})",
-                       fix) from None
+        raise PqdError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc})", fix
+        ) from None
     if len(head) < 9 or head[3] != 0x04:  # a gRPC server answers with a SETTINGS frame
-        raise PqdError(f"{address} answers, but not as a Ray cluster (no gRPC reply within "
-                       f"{timeout_s:g} s)", f"check the port (Ray's default is 6379); {fix}")
+        raise PqdError(
+            f"{address} answers, but not as a Ray cluster (no gRPC reply within {timeout_s:g} s)",
+            f"check the port (Ray's default is 6379); {fix}",
+        )
 
 
 # HTTP/2 client preface and an empty SETTINGS frame: Ray (GCS and Ray Client) speaks gRPC
@@ -493,8 +577,9 @@ class _Executor:
     """Runs ``train_trial`` for a list of (trial, folder) pairs; ``local`` executors write
     into the folders directly, Ray returns each folder as bytes."""
 
-    def __init__(self, kind: str, workers: int | None, address: str | None,
-                 data_root: str, progress: bool) -> None:
+    def __init__(
+        self, kind: str, workers: int | None, address: str | None, data_root: str, progress: bool
+    ) -> None:
         self.kind, self.data_root, self.progress = kind, data_root, progress
         self.workers = workers or (1 if kind == "sequential" else (os.cpu_count() or 1))
         self.address = address
@@ -527,7 +612,8 @@ class _Executor:
                         f"cannot connect to Ray at {self.address or 'auto'} "
                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
                         "start the cluster with 'ray start --head' and pass its address, or "
-                        "use --address local") from None
+                        "use --address local",
+                    ) from None
                 self._ray_started = True
             self.ray_gpus = float(ray.cluster_resources().get("GPU", 0))
         return self
@@ -538,34 +624,57 @@ class _Executor:
 
             ray.shutdown()
 
-    def run(self, jobs: list[tuple[Trial, Path]],
-            done: Callable[[Trial, Path, dict[str, Any]], None], *, local_first: bool = False
-            ) -> None:
+    def run(
+        self,
+        jobs: list[tuple[Trial, Path]],
+        done: Callable[[Trial, Path, dict[str, Any]], None],
+        *,
+        local_first: bool = False,
+    ) -> None:
         """Train every job; ``done(trial, folder, result)`` runs here as each one finishes.
         ``local_first``: run in this process even for the process executor (the baseline)."""
         if not jobs:
             return
         if self.kind == "sequential" or (local_first and self.kind == "processes"):
             for trial, folder in jobs:
-                done(trial, folder, train_trial(trial.recipe.model_dump(mode="json"),
-                                                str(folder), self.data_root, self.progress))
+                done(
+                    trial,
+                    folder,
+                    train_trial(
+                        trial.recipe.model_dump(mode="json"),
+                        str(folder),
+                        self.data_root,
+                        self.progress,
+                    ),
+                )
         elif self.kind == "processes":
             self._run_processes(jobs, done)
         else:
             self._run_ray(jobs, done)
 
-    def _run_processes(self, jobs: list[tuple[Trial, Path]],
-                       done: Callable[[Trial, Path, dict[str, Any]], None]) -> None:
+    def _run_processes(
+        self, jobs: list[tuple[Trial, Path]], done: Callable[[Trial, Path, dict[str, Any]], None]
+    ) -> None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         workers = min(self.workers, len(jobs))
         threads = max(1, (os.cpu_count() or 1) // workers)
-        pool = ProcessPoolExecutor(max_workers=workers,
-                                   mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        )
         try:
-            futures = {pool.submit(train_trial, t.recipe.model_dump(mode="json"), str(f),
-                                   self.data_root, False, threads): (t, f) for t, f in jobs}
+            futures = {
+                pool.submit(
+                    train_trial,
+                    t.recipe.model_dump(mode="json"),
+                    str(f),
+                    self.data_root,
+                    False,
+                    threads,
+                ): (t, f)
+                for t, f in jobs
+            }
             for fut in as_completed(futures):
                 trial, folder = futures[fut]
                 done(trial, folder, fut.result())
@@ -574,20 +683,25 @@ class _Executor:
             raise
         pool.shutdown()
 
-    def _run_ray(self, jobs: list[tuple[Trial, Path]],
-                 done: Callable[[Trial, Path, dict[str, Any]], None]) -> None:
+    def _run_ray(
+        self, jobs: list[tuple[Trial, Path]], done: Callable[[Trial, Path, dict[str, Any]], None]
+    ) -> None:
         import ray
 
         task = ray.remote(_ray_train_trial).options(
-            num_cpus=1, num_gpus=1 if self.ray_gpus >= 1 else 0, max_retries=1)
+            num_cpus=1, num_gpus=1 if self.ray_gpus >= 1 else 0, max_retries=1
+        )
         blobs: dict[str, Any] = {}
         pending = {}
         for trial, folder in jobs:
             ckpt = trial.recipe.baseline.checkpoint
             if ckpt and ckpt not in blobs:
                 blobs[ckpt] = ray.put(Path(ckpt).read_bytes())
-            ref = task.remote(trial.recipe.model_dump(mode="json"), self.data_root,
-                              blobs.get(ckpt) if ckpt else None)
+            ref = task.remote(
+                trial.recipe.model_dump(mode="json"),
+                self.data_root,
+                blobs.get(ckpt) if ckpt else None,
+            )
             pending[ref] = (trial, folder)
         try:
             while pending:
@@ -609,9 +723,16 @@ def _say(msg: str) -> None:
     print(f"pqd search: {msg}", file=sys.stderr, flush=True)
 
 
-def run_search(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
-               executor: str = "sequential", workers: int | None = None,
-               address: str | None = None, progress: bool = True) -> dict[str, Any]:
+def run_search(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    data_dir: str | None = None,
+    executor: str = "sequential",
+    workers: int | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) the search of ``recipe`` into ``out_dir``; returns search.json's data."""
     from pqd.data import resolve_data_root
     from pqd.pipeline import check_runtimes
@@ -631,9 +752,13 @@ def run_search(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = No
         from pqd.pipeline import measure_run
 
         t0 = time.perf_counter()
-        measure_run(folder, data_dir=data_root, progress=progress,
-                    where=f"driver ({socket.gethostname()}), sequential: one run at a time, "
-                          "never while a trial trains")
+        measure_run(
+            folder,
+            data_dir=data_root,
+            progress=progress,
+            where=f"driver ({socket.gethostname()}), sequential: one run at a time, "
+            "never while a trial trains",
+        )
         timing["measure"] += time.perf_counter() - t0
         stats["measured"] += 1
 
@@ -650,8 +775,9 @@ def run_search(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = No
             _say(f"baseline: {what} into {base_dir}")
             _reset_folder(base_dir, base)
             t0 = time.perf_counter()
-            ex.run([(base, base_dir)], lambda t, f, r: results.__setitem__(t.key, r),
-                   local_first=True)
+            ex.run(
+                [(base, base_dir)], lambda t, f, r: results.__setitem__(t.key, r), local_first=True
+            )
             timing["train"] += time.perf_counter() - t0
             failure = results[base.key]
             if not failure["ok"]:
@@ -678,18 +804,25 @@ def run_search(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = No
                 stats["reused"] += 1
             else:
                 todo.append((t, out / t.folder))
-        _say(f"{len(trials)} trials ({_count(trials)}) in {len(runs)} runs, "
-             f"{len(runs) - len(todo)} reused; executor {executor}")
+        _say(
+            f"{len(trials)} trials ({_count(trials)}) in {len(runs)} runs, "
+            f"{len(runs) - len(todo)} reused; executor {executor}"
+        )
 
         n_todo = len(todo)
 
         def finished(trial: Trial, folder: Path, result: dict[str, Any]) -> None:
             results[trial.key] = result
             i = len([k for k in results if k != base.key])
-            what = (f"{result['seconds']:.0f} s on {result['host']}" if result["ok"]
-                    else f"FAILED: {result['error']}")
-            _say(f"[{i}/{n_todo}] {trial.kind} {order_label(trial.order)} seed {trial.seed} "
-                 f"(epochs {'/'.join(map(str, trial.epochs))}): {what}")
+            what = (
+                f"{result['seconds']:.0f} s on {result['host']}"
+                if result["ok"]
+                else f"FAILED: {result['error']}"
+            )
+            _say(
+                f"[{i}/{n_todo}] {trial.kind} {order_label(trial.order)} seed {trial.seed} "
+                f"(epochs {'/'.join(map(str, trial.epochs))}): {what}"
+            )
             if result["ok"]:
                 stats["trained"] += 1
                 if executor == "sequential":
@@ -715,27 +848,32 @@ def run_search(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = No
     t0 = time.perf_counter()
     search = summarize(recipe, out, base, trials, executor_info, progress=progress)
     timing["panel"] = time.perf_counter() - t0
-    search["runs"].update(trained_now=stats["trained"], reused=stats["reused"],
-                          failed=stats["failed"])
-    search["timing_s"] = {"train": round(timing["train"], 1),
-                          "measure": round(timing["measure"], 1),
-                          "panel": round(timing["panel"], 1),
-                          "total": round(time.perf_counter() - t_start, 1)}
+    search["runs"].update(
+        trained_now=stats["trained"], reused=stats["reused"], failed=stats["failed"]
+    )
+    search["timing_s"] = {
+        "train": round(timing["train"], 1),
+        "measure": round(timing["measure"], 1),
+        "panel": round(timing["panel"], 1),
+        "total": round(time.perf_counter() - t_start, 1),
+    }
     write_search(search, out)
     return search
 
 
 def _count(trials: Sequence[Trial]) -> str:
     kinds = [t.kind for t in trials]
-    return ", ".join(f"{kinds.count(k)} {k}" for k in ("permutation", "pairwise", "reference")
-                     if k in kinds)
+    return ", ".join(
+        f"{kinds.count(k)} {k}" for k in ("permutation", "pairwise", "reference") if k in kinds
+    )
 
 
 # ---------------------------------------------------------------------------- summary
 
 
-def latency_panel(paths: dict[str, Path], spec: Any, *, rounds: int = 10,
-                  progress: bool = True) -> dict[str, dict[str, float]]:
+def latency_panel(
+    paths: dict[str, Path], spec: Any, *, rounds: int = 10, progress: bool = True
+) -> dict[str, dict[str, float]]:
     """Batch-1 latency (ms) of every artifact, timed here in interleaved rounds, one call at
     a time, on the recipe's primary runtime and threads."""
     import onnx
@@ -749,34 +887,60 @@ def latency_panel(paths: dict[str, Path], spec: Any, *, rounds: int = 10,
     dims = onnx.load(str(next(iter(paths.values())))).graph.input[0].type.tensor_type.shape.dim
     shape = (1, *(int(d.dim_value) for d in dims[1:]))
     runners = {name: open_runner(runtime, p, spec.threads, batch=1) for name, p in paths.items()}
-    stats = compare_latency({name: r.run for name, r in runners.items()}, shape,
-                            warmup=spec.warmup, repeats=spec.repeats, rounds=rounds,
-                            progress=progress, desc="latency panel (batch 1)")
-    return {name: {"p50": round(st.p50, 4), "p90": round(st.p90, 4), "mean": round(st.mean, 4)}
-            for name, st in stats.items()}
+    stats = compare_latency(
+        {name: r.run for name, r in runners.items()},
+        shape,
+        warmup=spec.warmup,
+        repeats=spec.repeats,
+        rounds=rounds,
+        progress=progress,
+        desc="latency panel (batch 1)",
+    )
+    return {
+        name: {"p50": round(st.p50, 4), "p90": round(st.p90, 4), "mean": round(st.mean, 4)}
+        for name, st in stats.items()
+    }
 
 
-def _trial_result(trial: Trial, record: dict[str, Any] | None, error: str | None,
-                  panel: dict[str, dict[str, float]], base_p50: float | None) -> dict[str, Any]:
+def _trial_result(
+    trial: Trial,
+    record: dict[str, Any] | None,
+    error: str | None,
+    panel: dict[str, dict[str, float]],
+    base_p50: float | None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "group": trial.group, "kind": trial.kind, "order": list(trial.order),
-        "label": order_label(trial.order), "seed": trial.seed, "epochs": list(trial.epochs),
-        "key": trial.key, "dir": trial.folder,
+        "group": trial.group,
+        "kind": trial.kind,
+        "order": list(trial.order),
+        "label": order_label(trial.order),
+        "seed": trial.seed,
+        "epochs": list(trial.epochs),
+        "key": trial.key,
+        "dir": trial.folder,
     }
     if record is None:
         return {**out, "status": "failed", "error": error or "no record"}
     f = record["final"]
     lat = panel.get(trial.key)
     return {
-        **out, "status": "done", "record": f"{trial.folder}/record.json",
-        "accuracy": f["accuracy"], "val_accuracy": f.get("val_accuracy"),
-        "size_bytes": f["size_bytes"], "precision": f["precision"], "sparsity": f["sparsity"],
-        "macs": f["macs"], "bitops": f["bitops"], "parity_ok": f.get("parity_ok", True),
-        "latency_ms": lat, "record_latency_ms": {"p50": f["latency_ms"]["p50"],
-                                                 "p90": f["latency_ms"]["p90"]},
+        **out,
+        "status": "done",
+        "record": f"{trial.folder}/record.json",
+        "accuracy": f["accuracy"],
+        "val_accuracy": f.get("val_accuracy"),
+        "size_bytes": f["size_bytes"],
+        "precision": f["precision"],
+        "sparsity": f["sparsity"],
+        "macs": f["macs"],
+        "bitops": f["bitops"],
+        "parity_ok": f.get("parity_ok", True),
+        "latency_ms": lat,
+        "record_latency_ms": {"p50": f["latency_ms"]["p50"], "p90": f["latency_ms"]["p90"]},
         "speedup_vs_baseline": (round(base_p50 / lat["p50"], 3) if lat and base_p50 else None),
-        "train_seconds": round(sum(record["timing_s"].get(k, 0.0)
-                                   for k in ("baseline", "stages", "export")), 1),
+        "train_seconds": round(
+            sum(record["timing_s"].get(k, 0.0) for k in ("baseline", "stages", "export")), 1
+        ),
         "audit": audit_summary(record),
     }
 
@@ -788,19 +952,27 @@ def audit_summary(record: dict[str, Any]) -> dict[str, Any] | None:
     if not a or "vs_baseline" not in a:
         return None
     worst = a["vs_baseline"]["largest_class_drop"] or {}
-    return {"worst_class_drop_points": worst.get("points"), "worst_class": worst.get("class"),
-            "disagreement": a["vs_baseline"]["disagreement"]["fraction"],
-            "ece": a["calibration"]["ece"],
-            "corruption_accuracy": a.get("corruptions", {}).get("mean_accuracy")}
+    return {
+        "worst_class_drop_points": worst.get("points"),
+        "worst_class": worst.get("class"),
+        "disagreement": a["vs_baseline"]["disagreement"]["fraction"],
+        "ece": a["calibration"]["ece"],
+        "corruption_accuracy": a.get("corruptions", {}).get("mean_accuracy"),
+    }
 
 
 def _aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [e for e in entries if e["status"] == "done"]
     first = entries[0]
     out: dict[str, Any] = {
-        "id": first["group"], "kind": first["kind"], "order": first["order"],
-        "label": first["label"], "short": short_label(first["order"]),
-        "epochs": first["epochs"], "seeds": [e["seed"] for e in entries], "n": len(ok),
+        "id": first["group"],
+        "kind": first["kind"],
+        "order": first["order"],
+        "label": first["label"],
+        "short": short_label(first["order"]),
+        "epochs": first["epochs"],
+        "seeds": [e["seed"] for e in entries],
+        "n": len(ok),
         "failed": len(entries) - len(ok),
     }
     if not ok:
@@ -810,28 +982,37 @@ def _aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
         return sum(xs) / len(xs)
 
     accs = [e["accuracy"] for e in ok]
-    std = (math.sqrt(sum((a - mean(accs)) ** 2 for a in accs) / (len(accs) - 1))
-           if len(accs) > 1 else 0.0)
+    std = (
+        math.sqrt(sum((a - mean(accs)) ** 2 for a in accs) / (len(accs) - 1))
+        if len(accs) > 1
+        else 0.0
+    )
     lat = [e["latency_ms"] for e in ok if e["latency_ms"]]
-    out.update({
-        "accuracy_mean": mean(accs), "accuracy_std": std,
-        "accuracy_min": min(accs), "accuracy_max": max(accs),
-        "size_bytes": round(mean([e["size_bytes"] for e in ok])),
-        "latency_p50_ms": round(mean([x["p50"] for x in lat]), 4) if lat else None,
-        "latency_p90_ms": round(mean([x["p90"] for x in lat]), 4) if lat else None,
-        "precision": ok[0]["precision"],
-        "sparsity": mean([e["sparsity"] for e in ok]),
-        "parity_ok": all(e.get("parity_ok", True) for e in ok),
-    })
+    out.update(
+        {
+            "accuracy_mean": mean(accs),
+            "accuracy_std": std,
+            "accuracy_min": min(accs),
+            "accuracy_max": max(accs),
+            "size_bytes": round(mean([e["size_bytes"] for e in ok])),
+            "latency_p50_ms": round(mean([x["p50"] for x in lat]), 4) if lat else None,
+            "latency_p90_ms": round(mean([x["p90"] for x in lat]), 4) if lat else None,
+            "precision": ok[0]["precision"],
+            "sparsity": mean([e["sparsity"] for e in ok]),
+            "parity_ok": all(e.get("parity_ok", True) for e in ok),
+        }
+    )
     audits = [e["audit"] for e in ok if e.get("audit")]
     if len(audits) == len(ok):  # worst case over seeds; means of the rest
         drops = [a["worst_class_drop_points"] for a in audits]
         corr = [a["corruption_accuracy"] for a in audits]
         out["audit"] = {
             "worst_class_drop_points": max(d for d in drops if d is not None)
-            if any(d is not None for d in drops) else None,
-            "worst_class": max(audits, key=lambda a: a["worst_class_drop_points"] or 0.0
-                               )["worst_class"],
+            if any(d is not None for d in drops)
+            else None,
+            "worst_class": max(audits, key=lambda a: a["worst_class_drop_points"] or 0.0)[
+                "worst_class"
+            ],
             "disagreement": mean([a["disagreement"] for a in audits]),
             "ece": mean([a["ece"] for a in audits]),
             "corruption_accuracy": mean(corr) if None not in corr else None,
@@ -839,8 +1020,15 @@ def _aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def summarize(recipe: Recipe, out: Path, base: Trial, trials: list[Trial],
-              executor: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
+def summarize(
+    recipe: Recipe,
+    out: Path,
+    base: Trial,
+    trials: list[Trial],
+    executor: dict[str, Any],
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
     """search.json's data from the finished run folders, with a fresh latency panel."""
     from pqd.pipeline import machine, measure_spec
 
@@ -855,34 +1043,59 @@ def summarize(recipe: Recipe, out: Path, base: Trial, trials: list[Trial],
             records[key] = json.loads((folder / "record.json").read_text(encoding="utf-8"))
         else:
             failed = folder / "failed.json"
-            errors[key] = (json.loads(failed.read_text(encoding="utf-8")).get("error", "?")
-                           if failed.is_file() else "not finished")
+            errors[key] = (
+                json.loads(failed.read_text(encoding="utf-8")).get("error", "?")
+                if failed.is_file()
+                else "not finished"
+            )
     if base.key not in records:
-        raise PqdError(f"the search baseline in {out / base.folder} has no record",
-                       "re-run the same 'pqd search' command")
+        raise PqdError(
+            f"the search baseline in {out / base.folder} has no record",
+            "re-run the same 'pqd search' command",
+        )
     _say(f"latency panel: {len(records)} artifacts, batch 1, interleaved rounds")
-    spec = measure_spec(recipe)
-    panel = latency_panel({k: out / unique[k].folder / "final.onnx" for k in records},
-                          spec, progress=progress)
+    mspec = measure_spec(recipe)
+    panel = latency_panel(
+        {k: out / unique[k].folder / "final.onnx" for k in records}, mspec, progress=progress
+    )
     base_p50 = panel[base.key]["p50"]
     base_entry = _trial_result(base, records[base.key], None, panel, base_p50)
     base_entry["source"] = records[base.key]["baseline"]["source"]
-    entries = [_trial_result(t, records.get(t.key), errors.get(t.key), panel, base_p50)
-               for t in trials]
+    entries = [
+        _trial_result(t, records.get(t.key), errors.get(t.key), panel, base_p50) for t in trials
+    ]
     panel_info = {
-        "runtime": spec.runtimes[0], "threads": spec.threads,
-        "batch": 1, "warmup": recipe.measure.warmup, "repeats": recipe.measure.repeats,
-        "rounds": 10, **machine(),
+        "runtime": mspec.runtimes[0],
+        "threads": mspec.threads,
+        "batch": 1,
+        "warmup": recipe.measure.warmup,
+        "repeats": recipe.measure.repeats,
+        "rounds": 10,
+        **machine(),
         "where": "driver, sequential: all deployed artifacts timed side by side in "
-                 "interleaved rounds after every trial finished",
+        "interleaved rounds after every trial finished",
     }
-    return analyse(recipe, base_entry, entries, executor=executor, panel=panel_info,
-                   data=records[base.key]["data"], unique_runs=len(unique))
+    return analyse(
+        recipe,
+        base_entry,
+        entries,
+        executor=executor,
+        panel=panel_info,
+        data=records[base.key]["data"],
+        unique_runs=len(unique),
+    )
 
 
-def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, Any]], *,
-            executor: dict[str, Any], panel: dict[str, Any], data: dict[str, Any],
-            unique_runs: int) -> dict[str, Any]:
+def analyse(
+    recipe: Recipe,
+    base_entry: dict[str, Any],
+    entries: list[dict[str, Any]],
+    *,
+    executor: dict[str, Any],
+    panel: dict[str, Any],
+    data: dict[str, Any],
+    unique_runs: int,
+) -> dict[str, Any]:
     """search.json's data from per-trial results (no I/O): groups over seeds, Pareto set,
     ranking of the full orders, pairwise table with the derived order or cycle, run counts.
 
@@ -890,7 +1103,7 @@ def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, 
     ``status`` and, when done, ``accuracy`` (fraction), ``size_bytes``, ``latency_ms``
     (``{"p50", "p90"}`` in ms), ``precision`` and ``sparsity``.
     """
-    from pqd import __version__
+    from pqd._version import __version__
     from pqd.measure.env import environment
 
     spec = recipe.search
@@ -901,13 +1114,17 @@ def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, 
         groups_by_id.setdefault(e["group"], []).append(e)
     groups = [_aggregate(es) for es in groups_by_id.values()]
     for g in groups:
-        g["speedup_vs_baseline"] = (round(base_p50 / g["latency_p50_ms"], 3)
-                                    if g.get("latency_p50_ms") else None)
+        g["speedup_vs_baseline"] = (
+            round(base_p50 / g["latency_p50_ms"], 3) if g.get("latency_p50_ms") else None
+        )
 
     # ---- Pareto set over every measured group (baseline, orders, pairs, references)
     measured = [g for g in groups if g["n"]]
-    front = pareto_front([(g["accuracy_mean"], g["size_bytes"], g["latency_p50_ms"])
-                          for g in measured], spec.tie_latency, SIZE_TOLERANCE)
+    front = pareto_front(
+        [(g["accuracy_mean"], g["size_bytes"], g["latency_p50_ms"]) for g in measured],
+        spec.tie_latency,
+        SIZE_TOLERANCE,
+    )
     for i, g in enumerate(measured):
         g["pareto"] = i in front
     pareto = [measured[i]["id"] for i in front]
@@ -920,12 +1137,15 @@ def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, 
                 flagged.append(measured[i]["id"])
 
     # ---- ranking of the permutations by the criterion
-    perms = sorted((g for g in groups if g["kind"] == "permutation" and g["n"]),
-                   key=lambda g: (-g["accuracy_mean"], g["latency_p50_ms"]))
+    perms = sorted(
+        (g for g in groups if g["kind"] == "permutation" and g["n"]),
+        key=lambda g: (-g["accuracy_mean"], g["latency_p50_ms"]),
+    )
     for rank, g in enumerate(perms, 1):
         g["rank"] = rank
-        g["tied_with_best"] = (100 * (perms[0]["accuracy_mean"] - g["accuracy_mean"])
-                               <= spec.tie_points)
+        g["tied_with_best"] = (
+            100 * (perms[0]["accuracy_mean"] - g["accuracy_mean"]) <= spec.tie_points
+        )
 
     names = [s.stage for s in recipe.stages]
     n = len(names)
@@ -935,23 +1155,34 @@ def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, 
     pairwise = None
     if spec.mode in ("pairwise", "both"):
         pairwise = _pairwise(names, by_id, spec)
-        pairwise.update(runs=n * (n - 1) * len(spec.seeds),
-                        epochs=n * (n - 1) * len(spec.seeds) * sum(alloc[:2]))
+        pairwise.update(
+            runs=n * (n - 1) * len(spec.seeds),
+            epochs=n * (n - 1) * len(spec.seeds) * sum(alloc[:2]),
+        )
     best = perms[0] if perms else None
     versus = []
     if best is not None:
         for g in groups:
             if g["kind"] == "reference" and g["n"]:
-                versus.append({
-                    "reference": g["id"],
-                    "accuracy_points": round(100 * (best["accuracy_mean"] - g["accuracy_mean"]), 2),
-                    "size_ratio": round(g["size_bytes"] / best["size_bytes"], 3),
-                    "speedup": round(g["latency_p50_ms"] / best["latency_p50_ms"], 3),
-                    "best_dominates": pareto_front(
-                        [(g["accuracy_mean"], g["size_bytes"], g["latency_p50_ms"]),
-                         (best["accuracy_mean"], best["size_bytes"], best["latency_p50_ms"])],
-                        spec.tie_latency, SIZE_TOLERANCE) == [1],
-                })
+                versus.append(
+                    {
+                        "reference": g["id"],
+                        "accuracy_points": round(
+                            100 * (best["accuracy_mean"] - g["accuracy_mean"]), 2
+                        ),
+                        "size_ratio": round(g["size_bytes"] / best["size_bytes"], 3),
+                        "speedup": round(g["latency_p50_ms"] / best["latency_p50_ms"], 3),
+                        "best_dominates": pareto_front(
+                            [
+                                (g["accuracy_mean"], g["size_bytes"], g["latency_p50_ms"]),
+                                (best["accuracy_mean"], best["size_bytes"], best["latency_p50_ms"]),
+                            ],
+                            spec.tie_latency,
+                            SIZE_TOLERANCE,
+                        )
+                        == [1],
+                    }
+                )
     kinds = [e["kind"] for e in entries]
     seeds = len(spec.seeds)
     env = environment(recipe.measure.threads)
@@ -962,18 +1193,26 @@ def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, 
         "recipe": recipe.model_dump(mode="json"),
         "stages": names,
         "criterion": {
-            "metric": spec.criterion, "tie_points": spec.tie_points,
+            "metric": spec.criterion,
+            "tie_points": spec.tie_points,
             "tie_latency": spec.tie_latency,
-            "text": (f"higher test top-1 wins; within {spec.tie_points:g} points it is a tie, "
-                     f"broken by batch-1 p50 latency lower by more than "
-                     f"{100 * spec.tie_latency:g}%; else the pair ties"),
+            "text": (
+                f"higher test top-1 wins; within {spec.tie_points:g} points it is a tie, "
+                f"broken by batch-1 p50 latency lower by more than "
+                f"{100 * spec.tie_latency:g}%; else the pair ties"
+            ),
         },
         "allocation": {
-            "total_epochs": total, "budget": budget, "permutation_epochs": alloc,
-            "pairwise_epochs": alloc[:2], "reference_epochs": total,
-            "note": ("position i of every order gets budget[i] % of total_epochs; a pairwise "
-                     "run A->B gets the epochs of the first two positions, i.e. it is the "
-                     "A->B prefix of the permutation runs; a reference gets all of them"),
+            "total_epochs": total,
+            "budget": budget,
+            "permutation_epochs": alloc,
+            "pairwise_epochs": alloc[:2],
+            "reference_epochs": total,
+            "note": (
+                "position i of every order gets budget[i] % of total_epochs; a pairwise "
+                "run A->B gets the epochs of the first two positions, i.e. it is the "
+                "A->B prefix of the permutation runs; a reference gets all of them"
+            ),
         },
         "executor": executor,
         "data": data,
@@ -984,17 +1223,26 @@ def analyse(recipe: Recipe, base_entry: dict[str, Any], entries: list[dict[str, 
         "best": best["id"] if best else None,
         "best_vs_references": versus,
         "pareto": pareto,
-        "class_drop_flag": (None if spec.flag_class_drop is None else
-                            {"threshold_points": spec.flag_class_drop, "flagged": flagged}),
+        "class_drop_flag": (
+            None
+            if spec.flag_class_drop is None
+            else {"threshold_points": spec.flag_class_drop, "flagged": flagged}
+        ),
         "pairwise": pairwise,
         "runs": {
-            "permutation": kinds.count("permutation"), "pairwise": kinds.count("pairwise"),
-            "reference": kinds.count("reference"), "baseline": 1,
+            "permutation": kinds.count("permutation"),
+            "pairwise": kinds.count("pairwise"),
+            "reference": kinds.count("reference"),
+            "baseline": 1,
             "unique_runs": unique_runs,
-            "permutation_search": {"runs": math.factorial(n) * seeds,
-                                   "epochs": math.factorial(n) * seeds * total},
-            "pairwise_method": {"runs": n * (n - 1) * seeds,
-                                "epochs": n * (n - 1) * seeds * sum(alloc[:2])},
+            "permutation_search": {
+                "runs": math.factorial(n) * seeds,
+                "epochs": math.factorial(n) * seeds * total,
+            },
+            "pairwise_method": {
+                "runs": n * (n - 1) * seeds,
+                "epochs": n * (n - 1) * seeds * sum(alloc[:2]),
+            },
         },
         "latency_panel": panel,
         "environment": env,
@@ -1009,25 +1257,43 @@ def _pairwise(names: list[str], groups: dict[str, dict[str, Any]], spec: Any) ->
         winner, why = decide_pair(
             ab.get("accuracy_mean") if ab.get("n") else None,
             ba.get("accuracy_mean") if ba.get("n") else None,
-            ab.get("latency_p50_ms"), ba.get("latency_p50_ms"),
-            spec.tie_points, spec.tie_latency)
+            ab.get("latency_p50_ms"),
+            ba.get("latency_p50_ms"),
+            spec.tie_points,
+            spec.tie_latency,
+        )
         first = {"ab": a, "ba": b, None: None}[winner]
         if first is not None:
             edges.append([first, b if first == a else a])
         else:
             ties.append([a, b])
-        rows.append({
-            "a": a, "b": b,
-            "ab_accuracy": ab.get("accuracy_mean"), "ba_accuracy": ba.get("accuracy_mean"),
-            "ab_accuracy_std": ab.get("accuracy_std"), "ba_accuracy_std": ba.get("accuracy_std"),
-            "ab_p50_ms": ab.get("latency_p50_ms"), "ba_p50_ms": ba.get("latency_p50_ms"),
-            "first": first, "decided_by": why,
-            "margin_points": (round(100 * (ab["accuracy_mean"] - ba["accuracy_mean"]), 2)
-                              if ab.get("n") and ba.get("n") else None),
-        })
+        rows.append(
+            {
+                "a": a,
+                "b": b,
+                "ab_accuracy": ab.get("accuracy_mean"),
+                "ba_accuracy": ba.get("accuracy_mean"),
+                "ab_accuracy_std": ab.get("accuracy_std"),
+                "ba_accuracy_std": ba.get("accuracy_std"),
+                "ab_p50_ms": ab.get("latency_p50_ms"),
+                "ba_p50_ms": ba.get("latency_p50_ms"),
+                "first": first,
+                "decided_by": why,
+                "margin_points": (
+                    round(100 * (ab["accuracy_mean"] - ba["accuracy_mean"]), 2)
+                    if ab.get("n") and ba.get("n")
+                    else None
+                ),
+            }
+        )
     topo = topological_order(names, [tuple(e) for e in edges])
-    return {"table": rows, "edges": edges, "ties": ties, **topo,
-            "edge_meaning": "an edge [a, b] means running a before b won (a->b beat b->a)"}
+    return {
+        "table": rows,
+        "edges": edges,
+        "ties": ties,
+        **topo,
+        "edge_meaning": "an edge [a, b] means running a before b won (a->b beat b->a)",
+    }
 
 
 def write_search(search: dict[str, Any], out: Path) -> None:
@@ -1045,11 +1311,16 @@ def load_search(out: str | Path) -> dict[str, Any]:
     try:
         search = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise PqdError(f"{path} is not a readable search.json ({type(exc).__name__})",
-                       "re-run the same 'pqd search' command into that folder") from None
+        raise PqdError(
+            f"{path} is not a readable search.json ({type(exc).__name__})",
+            "re-run the same 'pqd search' command into that folder",
+        ) from None
     if search.get("search_version") != SEARCH_VERSION:
-        raise PqdError(f"{path} has search_version {search.get('search_version')!r}, "
-                       f"this pqd reads {SEARCH_VERSION}", "re-run 'pqd search' with this pqd")
+        raise PqdError(
+            f"{path} has search_version {search.get('search_version')!r}, "
+            f"this pqd reads {SEARCH_VERSION}",
+            "re-run 'pqd search' with this pqd",
+        )
     return search
 
 
@@ -1066,6 +1337,8 @@ def search_plan_text(recipe: Recipe) -> str:
         pairs = 0  # with two stages the pairwise runs are the permutation runs
     per_seed = perms + pairs + (n if spec.references else 0)
     pairwise = f", pairwise runs {'/'.join(map(str, alloc[:2]))}" if pairs else ""
-    return (f"search: {spec.mode}, {per_seed * len(spec.seeds)} runs + 1 baseline "
-            f"({len(spec.seeds)} seed(s)); epochs per position {'/'.join(map(str, alloc))} of "
-            f"{total}{pairwise}")
+    return (
+        f"search: {spec.mode}, {per_seed * len(spec.seeds)} runs + 1 baseline "
+        f"({len(spec.seeds)} seed(s)); epochs per position {'/'.join(map(str, alloc))} of "
+        f"{total}{pairwise}"
+    )

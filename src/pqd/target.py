@@ -27,16 +27,12 @@ from __future__ import annotations
 import platform
 from typing import Any
 
+from pqd.measure.env import cpu_flags, has_vnni
+
 TARGETS = ("portable", "x86-avx2", "x86-vnni", "auto")
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # 7-bit weights: 255 * (64 + 64) = 32640 <= 32767, no int16 pair can overflow
 REDUCED_WEIGHT_RANGE = (-64, 63)
 FULL_WEIGHT_RANGE = (-128, 127)
-
-
-def has_vnni(flags: list[str]) -> bool:
-    """True when the CPU flags name an int32-accumulating u8 x s8 instruction."""
-    return any(f in flags for f in VNNI_FLAGS)
 
 
 def resolve(target: str, flags: list[str] | None = None) -> str:
@@ -55,8 +51,6 @@ def resolve(target: str, flags: list[str] | None = None) -> str:
     if target != "auto":
         return target
     if flags is None:
-        from pqd.measure.env import cpu_flags
-
         flags = cpu_flags()
     if has_vnni(flags):
         return "x86-vnni"
@@ -72,25 +66,9 @@ def _is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
-def kernels_in_words(flags: list[str]) -> str:
-    """What the CPU flags mean for the kernels that run the artifacts, in one sentence."""
-    if not flags:
-        return "no x86 SIMD flags read (not x86, or /proc/cpuinfo unreadable)"
-    if has_vnni(flags):
-        int8 = ("INT8 with VNNI" + (" and AMX" if "amx_int8" in flags else "")
-                + " (int32 accumulation: 8-bit weights are exact)")
-    elif "avx2" in flags:
-        int8 = ("INT8 without VNNI (AVX2 vpmaddubsw: int16 pair sums saturate with 8-bit "
-                "weights; 7-bit weights are exact)")
-    else:
-        int8 = "INT8 without AVX2 or VNNI"
-    bf16 = ("bf16 in hardware" if "avx512_bf16" in flags or "amx_bf16" in flags
-            else "no bf16 in hardware (bf16 autocast is emulated and slow)")
-    return f"{int8}; {bf16}"
-
-
-def assess(artifact: dict[str, Any], target: str | None, flags: list[str],
-           min_agreement: float) -> dict[str, Any]:
+def assess(
+    artifact: dict[str, Any], target: str | None, flags: list[str], min_agreement: float
+) -> dict[str, Any]:
     """The parity verdict of one measured artifact on this machine.
 
     Args:
@@ -113,13 +91,18 @@ def assess(artifact: dict[str, Any], target: str | None, flags: list[str],
                 f"{rt}: the file agrees with its torch model on only {100 * agree:.2f}% of "
                 f"{res['parity']['samples']} test images (max |logit diff| "
                 f"{res['parity']['max_abs_logit_diff']:.3g}; expected >= "
-                f"{100 * min_agreement:.0f}%)")
+                f"{100 * min_agreement:.0f}%)"
+            )
     x86_without_vnni = "avx2" in flags and not has_vnni(flags)
     sat = artifact.get("saturation") or {}
     if x86_without_vnni and target == "x86-vnni":
-        problems.append("built for target x86-vnni (8-bit weights) but measured on a CPU "
-                        "without VNNI, whose int16 pair sums can saturate")
+        problems.append(
+            "built for target x86-vnni (8-bit weights) but measured on a CPU "
+            "without VNNI, whose int16 pair sums can saturate"
+        )
     elif x86_without_vnni and sat.get("pairs_at_risk", 0) > 0:
-        problems.append(f"{sat['pairs_at_risk']} weight pairs can saturate the int16 sums "
-                        "of this CPU's INT8 kernels (no VNNI)")
+        problems.append(
+            f"{sat['pairs_at_risk']} weight pairs can saturate the int16 sums "
+            "of this CPU's INT8 kernels (no VNNI)"
+        )
     return {"parity_ok": not problems, "parity_problems": problems}

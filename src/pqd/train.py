@@ -50,8 +50,10 @@ class TrainingDiverged(PqdError):
     ``train.max_grad_norm``: the stage stops instead of training on garbage."""
 
 
-DIVERGED_FIX = ("lower the learning rate (train.lr or the stage's train.lr) or set "
-                "train.grad_clip, then run again with --resume: finished steps are kept")
+DIVERGED_FIX = (
+    "lower the learning rate (train.lr or the stage's train.lr) or set "
+    "train.grad_clip, then run again with --resume: finished steps are kept"
+)
 
 
 def grad_norm_fix(first: bool) -> str:
@@ -67,15 +69,22 @@ def grad_norm_fix(first: bool) -> str:
     Returns:
         The fix text for :class:`TrainingDiverged`.
     """
-    limit = ("raise train.max_grad_norm (the stage's train.max_grad_norm: null turns the "
-             "check off) if such norms are normal for this model")
+    limit = (
+        "raise train.max_grad_norm (the stage's train.max_grad_norm: null turns the "
+        "check off) if such norms are normal for this model"
+    )
     if first:
-        return (f"the first step's gradient does not depend on the learning rate or "
-                f"train.grad_clip (clipping comes after this check): {limit}, then run "
-                "again with --resume: finished steps are kept")
-    return ("lower the learning rate (train.lr or the stage's train.lr) or " + limit
-            + " (train.grad_clip clips after this check), then run again with --resume: "
-            "finished steps are kept")
+        return (
+            f"the first step's gradient does not depend on the learning rate or "
+            f"train.grad_clip (clipping comes after this check): {limit}, then run "
+            "again with --resume: finished steps are kept"
+        )
+    return (
+        "lower the learning rate (train.lr or the stage's train.lr) or "
+        + limit
+        + " (train.grad_clip clips after this check), then run again with --resume: "
+        "finished steps are kept"
+    )
 
 
 @dataclass
@@ -289,8 +298,15 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     channels_last = cfg.channels_last and not has_graph(model)
     set_train(model, True)
-    bar = tqdm(total=total, initial=step, desc=desc, unit="step", disable=not progress,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc=desc,
+        unit="step",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
     try:
         for epoch in range(first_epoch, epochs):
             loss_sum, n = 0.0, 0
@@ -313,7 +329,8 @@ def fit(
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"{desc}: training diverged {where}: the loss is {loss.item()}",
-                        DIVERGED_FIX)
+                        DIVERGED_FIX,
+                    )
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -329,12 +346,14 @@ def fit(
                 if scaler is None and not math.isfinite(norm):
                     raise TrainingDiverged(
                         f"{desc}: training diverged {where}: the gradient norm is {norm}",
-                        DIVERGED_FIX)
+                        DIVERGED_FIX,
+                    )
                 if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
                     raise TrainingDiverged(
                         f"{desc}: training diverged {where}: the gradient norm {norm:.4g} "
                         f"exceeds train.max_grad_norm={cfg.max_grad_norm:g}",
-                        grad_norm_fix(step == first_step))
+                        grad_norm_fix(step == first_step),
+                    )
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
@@ -349,10 +368,16 @@ def fit(
                 bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.3f}")
             result.losses.append(loss_sum / max(1, n))
             if on_epoch is not None:
-                on_epoch(FitProgress(
-                    epoch=epoch + 1, step=step, optimizer=opt.state_dict(),
-                    loader=train.state_dict() if hasattr(train, "state_dict") else None,
-                    rng=torch.get_rng_state(), losses=list(result.losses)))
+                on_epoch(
+                    FitProgress(
+                        epoch=epoch + 1,
+                        step=step,
+                        optimizer=opt.state_dict(),
+                        loader=train.state_dict() if hasattr(train, "state_dict") else None,
+                        rng=torch.get_rng_state(),
+                        losses=list(result.losses),
+                    )
+                )
     finally:
         bar.close()
         set_train(model, False)

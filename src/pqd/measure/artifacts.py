@@ -68,10 +68,16 @@ def measure_artifacts(
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Results per artifact name; the first runtime in ``spec.runtimes`` is the headline."""
-    references = {name: torch_reference(model, data, parity_samples)
-                  for name, (_, model) in artifacts.items()}
-    return measure_onnx({name: path for name, (path, _) in artifacts.items()}, references,
-                        data, spec, progress=progress)
+    references = {
+        name: torch_reference(model, data, parity_samples) for name, (_, model) in artifacts.items()
+    }
+    return measure_onnx(
+        {name: path for name, (path, _) in artifacts.items()},
+        references,
+        data,
+        spec,
+        progress=progress,
+    )
 
 
 def measure_onnx(
@@ -96,9 +102,12 @@ def measure_onnx(
     for name, path in artifacts.items():
         comp = onnx_complexity(path)
         results[name] = {
-            "artifact": path.name, "size_bytes": size_bytes(path),
+            "artifact": path.name,
+            "size_bytes": size_bytes(path),
             **{k: comp[k] for k in ("params", "nonzero_params", "sparsity", "macs", "bitops")},
-            "layers": comp["layers"], "saturation": saturation(path), "runtimes": {},
+            "layers": comp["layers"],
+            "saturation": saturation(path),
+            "runtimes": {},
         }
         reference[name] = np.asarray(references[name], dtype=np.float32)
         n_par = len(reference[name])
@@ -106,36 +115,53 @@ def measure_onnx(
     for rt in spec.runtimes:
         runners = {name: open_runner(rt, path, spec.threads) for name, path in artifacts.items()}
         for name, runner in runners.items():
-            logits = runtime_logits(runner.run, x, spec.accuracy_batch_size,
-                                    f"{name} accuracy ({rt})", progress)
+            logits = runtime_logits(
+                runner.run, x, spec.accuracy_batch_size, f"{name} accuracy ({rt})", progress
+            )
             if logits_out is not None and rt == spec.runtimes[0]:
                 logits_out[name] = logits
             results[name]["runtimes"][rt] = {
                 "version": versions.get(rt),
                 "settings": runner.settings,
                 "accuracy": float((logits.argmax(1) == y).mean()),
-                "parity": parity(reference[name], logits[:len(reference[name])]),
+                "parity": parity(reference[name], logits[: len(reference[name])]),
             }
             if rt == "onnxruntime":  # which kernels run: fused INT8 ops or float ones
                 results[name]["runtimes"][rt]["kernels"] = ort_kernels(artifacts[name])
         for b in spec.batch_sizes:
             warmup = warmup_for(b, spec.warmup)
-            timed = runners if rt != "openvino" else {
-                name: open_runner(rt, path, spec.threads, batch=b)
-                for name, path in artifacts.items()}
+            timed = (
+                runners
+                if rt != "openvino"
+                else {
+                    name: open_runner(rt, path, spec.threads, batch=b)
+                    for name, path in artifacts.items()
+                }
+            )
             stats = compare_latency(
-                {name: r.run for name, r in timed.items()}, (b, *shape),
+                {name: r.run for name, r in timed.items()},
+                (b, *shape),
                 warmup=warmup,
-                repeats=repeats_for(b, spec.repeats), progress=progress,
-                desc=f"latency batch {b} ({rt})")
+                repeats=repeats_for(b, spec.repeats),
+                progress=progress,
+                desc=f"latency batch {b} ({rt})",
+            )
             for name, st in stats.items():
                 lat = results[name]["runtimes"][rt].setdefault(
-                    "latency_ms", {"runtime": rt, "threads": spec.threads, "batches": {}})
+                    "latency_ms", {"runtime": rt, "threads": spec.threads, "batches": {}}
+                )
                 lat["batches"][str(b)] = {**st.as_dict(), "warmup": warmup}
                 if b == 1:
-                    lat.update({"batch": 1, "p50": round(st.p50, 4), "p90": round(st.p90, 4),
-                                "mean": round(st.mean, 4), "p99": round(st.p99, 4),
-                                "max": round(st.max, 4)})
+                    lat.update(
+                        {
+                            "batch": 1,
+                            "p50": round(st.p50, 4),
+                            "p90": round(st.p90, 4),
+                            "mean": round(st.mean, 4),
+                            "p99": round(st.p99, 4),
+                            "max": round(st.max, 4),
+                        }
+                    )
     primary = spec.runtimes[0]
     for res in results.values():
         head = res["runtimes"][primary]

@@ -21,7 +21,7 @@ baseline (Hendrycks & Dietterich's CE and relative CE). With early exits, ``fina
 also has ``exit_calibration``: the same calibration of every exit head's confidence (the one
 that decides the exit) against that head's correctness.
 
-    from pqd.measure.audit import audit_run
+    from pqd.pipeline import audit_run
     record = audit_run("runs/quick")   # pqd audit runs/quick
 """
 
@@ -64,8 +64,9 @@ def per_class_accuracy(pred: np.ndarray, y: np.ndarray, classes: list[str]) -> d
     return out
 
 
-def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
-                ) -> dict[str, Any]:
+def reliability(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
+) -> dict[str, Any]:
     """Expected calibration error of ``confidence`` against ``correct`` over ``bins``
     equal-width bins (``lower < conf <= upper``; a confidence of 0 goes to the first bin),
     with each bin's count, mean confidence and accuracy (``None`` for an empty bin)."""
@@ -87,8 +88,13 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BIN
         else:
             confs.append(None)
             accs.append(None)
-    return {"bins": bins, "ece": float(ece), "bin_count": counts, "bin_confidence": confs,
-            "bin_accuracy": accs}
+    return {
+        "bins": bins,
+        "ece": float(ece),
+        "bin_count": counts,
+        "bin_confidence": confs,
+        "bin_accuracy": accs,
+    }
 
 
 def calibration(logits: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> dict[str, Any]:
@@ -105,28 +111,36 @@ def calibration(logits: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> dict
     return {"ece": rel.pop("ece"), "nll": float(nll), "brier": float(brier), **rel}
 
 
-def disagreement(pred_base: np.ndarray, pred_final: np.ndarray, y: np.ndarray,
-                 classes: list[str]) -> dict[str, Any]:
+def disagreement(
+    pred_base: np.ndarray, pred_final: np.ndarray, y: np.ndarray, classes: list[str]
+) -> dict[str, Any]:
     """The test images whose top-1 differs between baseline and final: how many, the
     fraction, how many of them the baseline had right (and final now gets wrong), how many
     final fixed, and the count per true class (class names)."""
     diff = pred_base != pred_final
     right_before = diff & (pred_base == y)
     fixed = diff & (pred_final == y)
-    by_class = {name: int(diff[y == k].sum()) for k, name in enumerate(classes)
-                if (y == k).any()}
-    return {"count": int(diff.sum()), "fraction": float(diff.mean()),
-            "right_before": int(right_before.sum()), "fixed": int(fixed.sum()),
-            "images": len(y), "by_class": by_class}
+    by_class = {name: int(diff[y == k].sum()) for k, name in enumerate(classes) if (y == k).any()}
+    return {
+        "count": int(diff.sum()),
+        "fraction": float(diff.mean()),
+        "right_before": int(right_before.sum()),
+        "fixed": int(fixed.sum()),
+        "images": len(y),
+        "by_class": by_class,
+    }
 
 
 def class_damage(base: dict[str, float], final: dict[str, float]) -> dict[str, Any]:
     """Per-class drop in points (baseline minus final) and the largest one."""
     drops = {k: round(100 * (base[k] - final[k]), 4) for k in base if k in final}
     worst = max(drops, key=lambda k: drops[k]) if drops else None
-    return {"per_class_drop_points": drops,
-            "largest_class_drop": ({"class": worst, "points": drops[worst]}
-                                   if worst is not None else None)}
+    return {
+        "per_class_drop_points": drops,
+        "largest_class_drop": (
+            {"class": worst, "points": drops[worst]} if worst is not None else None
+        ),
+    }
 
 
 def _worst(per_class: dict[str, float]) -> dict[str, Any] | None:
@@ -137,11 +151,19 @@ def _worst(per_class: dict[str, float]) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------- corruptions
-def corruption_accuracy(run: Any, images: np.ndarray, y: np.ndarray, *, seed: int = 0,
-                        names: list[str] | None = None,
-                        severities: tuple[int, ...] = SEVERITIES, batch_size: int = 256,
-                        cache: Path | None = None, progress: bool = False,
-                        desc: str = "corruptions") -> dict[str, Any]:
+def corruption_accuracy(
+    run: Any,
+    images: np.ndarray,
+    y: np.ndarray,
+    *,
+    seed: int = 0,
+    names: list[str] | None = None,
+    severities: tuple[int, ...] = SEVERITIES,
+    batch_size: int = 256,
+    cache: Path | None = None,
+    progress: bool = False,
+    desc: str = "corruptions",
+) -> dict[str, Any]:
     """Top-1 of ``run`` (float32 NCHW in [0, 1] -> logits) on every corrupted copy of
     ``images`` (uint8 NCHW); ``accuracy[name]`` lists severities 1..5, ``mean_accuracy``
     averages all of them."""
@@ -149,25 +171,33 @@ def corruption_accuracy(run: Any, images: np.ndarray, y: np.ndarray, *, seed: in
 
     names = list(names or CORRUPTIONS)
     acc: dict[str, list[float]] = {}
-    bar = tqdm(total=len(names) * len(severities), desc=desc, disable=not progress,
-               leave=False)
+    bar = tqdm(total=len(names) * len(severities), desc=desc, disable=not progress, leave=False)
     for name in names:
         acc[name] = []
         for s in severities:
             xs = corrupted_set(images, name, s, seed, cache)
-            pred = np.concatenate([np.asarray(run(xs[i:i + batch_size].astype(np.float32)
-                                                  / 255.0)).argmax(1)
-                                   for i in range(0, len(xs), batch_size)])
+            pred = np.concatenate(
+                [
+                    np.asarray(run(xs[i : i + batch_size].astype(np.float32) / 255.0)).argmax(1)
+                    for i in range(0, len(xs), batch_size)
+                ]
+            )
             acc[name].append(float((pred == y).mean()))
             bar.update(1)
     bar.close()
     flat = [a for v in acc.values() for a in v]
-    return {"seed": seed, "severities": list(severities), "images": len(y),
-            "accuracy": acc, "mean_accuracy": float(np.mean(flat)) if flat else None}
+    return {
+        "seed": seed,
+        "severities": list(severities),
+        "images": len(y),
+        "accuracy": acc,
+        "mean_accuracy": float(np.mean(flat)) if flat else None,
+    }
 
 
-def corruption_errors(base: dict[str, Any], final: dict[str, Any], clean_base: float,
-                      clean_final: float) -> dict[str, Any]:
+def corruption_errors(
+    base: dict[str, Any], final: dict[str, Any], clean_base: float, clean_final: float
+) -> dict[str, Any]:
     """Final vs baseline corruption error per corruption: ``ce`` = sum of final's top-1
     errors over severities / the baseline's (Hendrycks & Dietterich's CE with the baseline
     as the reference model), ``relative_ce`` = the same over the errors added to each
@@ -185,11 +215,15 @@ def corruption_errors(base: dict[str, Any], final: dict[str, Any], clean_base: f
         rel[name] = df / db if db > 0 else None
     ok_ce = [v for v in ce.values() if v is not None]
     ok_rel = [v for v in rel.values() if v is not None]
-    return {"ce": ce, "relative_ce": rel,
-            "mean_ce": float(np.mean(ok_ce)) if ok_ce else None,
-            "mean_relative_ce": float(np.mean(ok_rel)) if ok_rel else None,
-            "mean_accuracy_drop_points": round(
-                100 * (base["mean_accuracy"] - final["mean_accuracy"]), 4)}
+    return {
+        "ce": ce,
+        "relative_ce": rel,
+        "mean_ce": float(np.mean(ok_ce)) if ok_ce else None,
+        "mean_relative_ce": float(np.mean(ok_rel)) if ok_rel else None,
+        "mean_accuracy_drop_points": round(
+            100 * (base["mean_accuracy"] - final["mean_accuracy"]), 4
+        ),
+    }
 
 
 # ---------------------------------------------------------------- size, memory, energy
@@ -208,8 +242,10 @@ RAPL_ROOT = Path("/sys/class/powercap")
 def rapl_zones(root: Path = RAPL_ROOT) -> tuple[dict[str, Path], str | None]:
     """The readable RAPL package zones (``intel-rapl:N/energy_uj``), or ``{}`` and why not."""
     if not root.is_dir():
-        return {}, (f"{root} does not exist (no powercap driver: a virtual machine, a "
-                    "container without it, or a CPU without RAPL)")
+        return {}, (
+            f"{root} does not exist (no powercap driver: a virtual machine, a "
+            "container without it, or a CPU without RAPL)"
+        )
     zones = sorted(p for p in root.glob("intel-rapl:*") if p.name.count(":") == 1)
     if not zones:
         return {}, f"{root} has no intel-rapl package zones"
@@ -220,8 +256,10 @@ def rapl_zones(root: Path = RAPL_ROOT) -> tuple[dict[str, Path], str | None]:
             int(f.read_text())
             found[z.name] = f
         except (OSError, ValueError) as exc:
-            why = (f"{f} is not readable ({type(exc).__name__}: {exc}); since Linux 5.10 "
-                   "energy_uj is root-only: run as root or chmod it")
+            why = (
+                f"{f} is not readable ({type(exc).__name__}: {exc}); since Linux 5.10 "
+                "energy_uj is root-only: run as root or chmod it"
+            )
     return (found, None) if found else ({}, why)
 
 
@@ -281,9 +319,15 @@ print("PQD_PROBE " + json.dumps(out))
 """
 
 
-def process_probe(path: str | Path, runtime: str, threads: int, batches: list[int],
-                  shape: tuple[int, ...], window_s: float = 2.0, timeout: float = 600
-                  ) -> dict[str, Any]:
+def process_probe(
+    path: str | Path,
+    runtime: str,
+    threads: int,
+    batches: list[int],
+    shape: tuple[int, ...],
+    window_s: float = 2.0,
+    timeout: float = 600,
+) -> dict[str, Any]:
     """Peak memory and CPU time / energy of a fresh process that loads ``path`` on
     ``runtime`` and runs it at every batch size in ``batches``.
 
@@ -310,9 +354,19 @@ def process_probe(path: str | Path, runtime: str, threads: int, batches: list[in
     from pqd.measure import runtime as runtime_module
 
     zones, reason = rapl_zones()
-    cmd = [sys.executable, "-c", _PROBE, runtime_module.__file__, str(path), runtime,
-           str(threads), json.dumps(list(batches)), json.dumps(list(shape)), str(window_s),
-           json.dumps({k: str(v) for k, v in zones.items()})]
+    cmd = [
+        sys.executable,
+        "-c",
+        _PROBE,
+        runtime_module.__file__,
+        str(path),
+        runtime,
+        str(threads),
+        json.dumps(list(batches)),
+        json.dumps(list(shape)),
+        str(window_s),
+        json.dumps({k: str(v) for k, v in zones.items()}),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PQD_PROBE ")]
@@ -324,30 +378,40 @@ def process_probe(path: str | Path, runtime: str, threads: int, batches: list[in
         "peak_rss_bytes": raw["peak_rss_bytes"],
         "rss_after_import_bytes": raw["rss_after_import_bytes"],
         "artifact_bytes": raw["peak_rss_bytes"] - raw["peak_after_import_bytes"],
-        "batches": list(batches), "runtime": runtime, "threads": threads,
+        "batches": list(batches),
+        "runtime": runtime,
+        "threads": threads,
         "how": "VmHWM (peak resident set) of a fresh process: runtime imported, file loaded, "
-               "5 calls per batch size; artifact_bytes = peak minus the peak right after the "
-               "import (the file, the session and its arenas)",
+        "5 calls per batch size; artifact_bytes = peak minus the peak right after the "
+        "import (the file, the session and its arenas)",
     }
     windows = {}
     for b, w in raw["windows"].items():
         calls, images = max(w["calls"], 1), max(w["images"], 1)
         joules = None if w["energy_uj"] is None else w["energy_uj"] / 1e6
-        windows[b] = {**{k: w[k] for k in ("calls", "images", "window_s", "cpu_s")},
-                      "cpu_s_per_call": w["cpu_s"] / calls,
-                      "cpu_s_per_image": w["cpu_s"] / images,
-                      "wall_s_per_call": w["window_s"] / calls,
-                      "joules_per_call": None if joules is None else joules / calls,
-                      "joules_per_image": None if joules is None else joules / images}
+        windows[b] = {
+            **{k: w[k] for k in ("calls", "images", "window_s", "cpu_s")},
+            "cpu_s_per_call": w["cpu_s"] / calls,
+            "cpu_s_per_image": w["cpu_s"] / images,
+            "wall_s_per_call": w["window_s"] / calls,
+            "joules_per_call": None if joules is None else joules / calls,
+            "joules_per_image": None if joules is None else joules / images,
+        }
     one = windows.get("1") or next(iter(windows.values()))
     energy = {
         "joules_per_inference": one["joules_per_call"],
-        "rapl": {"readable": bool(zones), "zones": sorted(zones), "reason": reason,
-                 "note": "RAPL counts the whole CPU package (other processes too)"},
+        "rapl": {
+            "readable": bool(zones),
+            "zones": sorted(zones),
+            "reason": reason,
+            "note": "RAPL counts the whole CPU package (other processes too)",
+        },
         "cpu_s_per_inference": one["cpu_s_per_call"],
         "proxy": "cpu_s_per_inference: process CPU time (all threads) over the timed "
-                 "window / calls at batch 1 -- a measured proxy for energy, not joules",
-        "batches": windows, "runtime": runtime, "threads": threads,
+        "window / calls at batch 1 -- a measured proxy for energy, not joules",
+        "batches": windows,
+        "runtime": runtime,
+        "threads": threads,
     }
     return {"memory": memory, "energy": energy}
 
@@ -361,35 +425,51 @@ def latency_tail(latency_ms: dict[str, Any]) -> dict[str, Any] | None:
     return {k: b1[k] for k in ("p50", "p90", "p99", "max", "samples", "source") if k in b1}
 
 
-def exit_calibration(manifest: Path, runtime: str, threads: int, data: Any,
-                     batch_size: int, progress: bool) -> list[dict[str, Any]]:
+def exit_calibration(
+    manifest: Path, runtime: str, threads: int, data: Any, batch_size: int, progress: bool
+) -> list[dict[str, Any]]:
     """Calibration of each exit head's confidence (the value compared with its threshold)
     against the correctness of that head's top-1, on the test split, plus the head's NLL and
     Brier score."""
-    from pqd.exits_runtime import ExitRuntime, all_exit_outputs
+    from pqd.exits.runtime import ExitRuntime, all_exit_outputs
 
     heads = json.loads(manifest.read_text())["heads"]
     rt = ExitRuntime(manifest, runtime, threads, thresholds=[float("inf")] * len(heads))
-    logits, conf = all_exit_outputs(rt, data.test_x, batch_size, "exit calibration",
-                                    progress)
+    logits, conf = all_exit_outputs(rt, data.test_x, batch_size, "exit calibration", progress)
     y = data.test_y.numpy()
     out = []
     for k in range(len(conf)):
         cal = calibration(logits[k], y)
         rel = reliability(conf[k], logits[k].argmax(1) == y)
-        out.append({"exit": k, "accuracy": float((logits[k].argmax(1) == y).mean()),
-                    "confidence_ece": rel["ece"], "nll": cal["nll"], "brier": cal["brier"],
-                    "softmax_ece": cal["ece"], "bin_count": rel["bin_count"],
-                    "bin_confidence": rel["bin_confidence"],
-                    "bin_accuracy": rel["bin_accuracy"]})
+        out.append(
+            {
+                "exit": k,
+                "accuracy": float((logits[k].argmax(1) == y).mean()),
+                "confidence_ece": rel["ece"],
+                "nll": cal["nll"],
+                "brier": cal["brier"],
+                "softmax_ece": cal["ece"],
+                "bin_count": rel["bin_count"],
+                "bin_confidence": rel["bin_confidence"],
+                "bin_accuracy": rel["bin_accuracy"],
+            }
+        )
     return out
 
 
-def audit_artifacts(paths: dict[str, Path], logits: dict[str, np.ndarray], data: Any,
-                    spec: Any, latency: dict[str, dict[str, Any]] | None = None, *,
-                    full: bool = False, seed: int = 0, exits_manifest: Path | None = None,
-                    progress: bool = False, cache: Path | None = None
-                    ) -> dict[str, dict[str, Any]]:
+def audit_artifacts(
+    paths: dict[str, Path],
+    logits: dict[str, np.ndarray],
+    data: Any,
+    spec: Any,
+    latency: dict[str, dict[str, Any]] | None = None,
+    *,
+    full: bool = False,
+    seed: int = 0,
+    exits_manifest: Path | None = None,
+    progress: bool = False,
+    cache: Path | None = None,
+) -> dict[str, dict[str, Any]]:
     """The ``audit`` of each artifact (see the module doc).
 
     Args:
@@ -420,9 +500,11 @@ def audit_artifacts(paths: dict[str, Path], logits: dict[str, np.ndarray], data:
         preds[name] = lg.argmax(1)
         pc = per_class_accuracy(preds[name], y, classes)
         a: dict[str, Any] = {
-            "runtime": primary, "images": len(y),
+            "runtime": primary,
+            "images": len(y),
             "accuracy": float((preds[name] == y).mean()),
-            "per_class_accuracy": pc, "worst_class": _worst(pc),
+            "per_class_accuracy": pc,
+            "worst_class": _worst(pc),
             "calibration": calibration(lg, y),
             "weight_bytes": weight_bytes(path),
         }
@@ -433,26 +515,44 @@ def audit_artifacts(paths: dict[str, Path], logits: dict[str, np.ndarray], data:
             t0 = time.perf_counter()
             runner = open_runner(primary, path, spec.threads)
             a["corruptions"] = corruption_accuracy(
-                runner.run, data.test_x.numpy(), y, seed=seed,
-                batch_size=spec.accuracy_batch_size, cache=cache, progress=progress,
-                desc=f"{name} corruptions")
+                runner.run,
+                data.test_x.numpy(),
+                y,
+                seed=seed,
+                batch_size=spec.accuracy_batch_size,
+                cache=cache,
+                progress=progress,
+                desc=f"{name} corruptions",
+            )
             a["corruptions"]["seconds"] = round(time.perf_counter() - t0, 2)
             shape = tuple(int(d) for d in data.test_x.shape[1:])
-            a.update(process_probe(path, primary, spec.threads, list(spec.batch_sizes),
-                                   shape, window_s=PROBE_WINDOW_S))
+            a.update(
+                process_probe(
+                    path,
+                    primary,
+                    spec.threads,
+                    list(spec.batch_sizes),
+                    shape,
+                    window_s=PROBE_WINDOW_S,
+                )
+            )
         out[name] = a
     if exits_manifest is not None and "final" in out and exits_manifest.is_file():
         out["final"]["exit_calibration"] = exit_calibration(
-            exits_manifest, primary, spec.threads, data, spec.accuracy_batch_size, progress)
+            exits_manifest, primary, spec.threads, data, spec.accuracy_batch_size, progress
+        )
     if "baseline" in out and "final" in out:
         b, f = out["baseline"], out["final"]
-        vs = {**class_damage(b["per_class_accuracy"], f["per_class_accuracy"]),
-              "disagreement": disagreement(preds["baseline"], preds["final"], y, classes),
-              "ece_change": f["calibration"]["ece"] - b["calibration"]["ece"],
-              "nll_change": f["calibration"]["nll"] - b["calibration"]["nll"]}
+        vs = {
+            **class_damage(b["per_class_accuracy"], f["per_class_accuracy"]),
+            "disagreement": disagreement(preds["baseline"], preds["final"], y, classes),
+            "ece_change": f["calibration"]["ece"] - b["calibration"]["ece"],
+            "nll_change": f["calibration"]["nll"] - b["calibration"]["nll"],
+        }
         if "corruptions" in b and "corruptions" in f:
-            vs["corruption"] = corruption_errors(b["corruptions"], f["corruptions"],
-                                                 b["accuracy"], f["accuracy"])
+            vs["corruption"] = corruption_errors(
+                b["corruptions"], f["corruptions"], b["accuracy"], f["accuracy"]
+            )
         f["vs_baseline"] = vs
     return out
 
@@ -463,10 +563,12 @@ def audit_comparison(final_audit: dict[str, Any]) -> dict[str, Any]:
     if not vs:
         return {}
     worst = vs["largest_class_drop"]
-    out = {"worst_class_drop_points": worst["points"] if worst else None,
-           "worst_class_drop_class": worst["class"] if worst else None,
-           "disagreement": round(vs["disagreement"]["fraction"], 6),
-           "ece_change": round(vs["ece_change"], 6)}
+    out = {
+        "worst_class_drop_points": worst["points"] if worst else None,
+        "worst_class_drop_class": worst["class"] if worst else None,
+        "disagreement": round(vs["disagreement"]["fraction"], 6),
+        "ece_change": round(vs["ece_change"], 6),
+    }
     if "corruption" in vs:
         out["corruption_accuracy_drop_points"] = vs["corruption"]["mean_accuracy_drop_points"]
         out["mean_relative_ce"] = vs["corruption"]["mean_relative_ce"]
@@ -480,77 +582,4 @@ def attach(record: dict[str, Any], audits: dict[str, dict[str, Any]]) -> dict[st
         record[name]["audit"] = a
     if "final" in audits:
         record.setdefault("comparison", {}).update(audit_comparison(audits["final"]))
-    return record
-
-
-def audit_run(run_dir: str | Path, *, data_dir: str | None = None, full: bool = True,
-              progress: bool = True, cache: Path | None = None) -> dict[str, Any]:
-    """Audit the artifacts of a finished ``pqd run`` folder and write the audit into its
-    record.json (and re-render report.md with the audit plots).
-
-    Re-reads record.json (recipe, primary runtime), loads the test split, runs
-    ``baseline.onnx`` and ``final.onnx`` on the primary runtime and computes
-    :func:`audit_artifacts` (``full``: with corruptions, memory and energy). Batch-1 tails
-    (p99 / max) are re-timed when the record predates them.
-
-    Args:
-        run_dir: the run folder.
-        data_dir: folder holding the data sets (else ``PQD_DATA_DIR``, the recipe's root).
-        full: corruption suite, memory and energy too.
-        progress: progress bars.
-        cache: the corruption cache folder (``None``: the default).
-
-    Returns:
-        The updated record.
-    """
-    from pqd.data import load_dataset, resolve_data_root
-    from pqd.errors import PqdError
-    from pqd.measure.artifacts import runtime_logits
-    from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import open_runner
-    from pqd.pipeline import measure_spec, write_record
-    from pqd.recipe import recipe_from_dict
-
-    out = Path(run_dir)
-    path = out / "record.json"
-    if not path.is_file():
-        raise PqdError(f"{path} does not exist", "give a run folder written by 'pqd run'")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        recipe = recipe_from_dict(record["recipe"], str(path))
-        primary = record["final"]["runtime"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise PqdError(f"{path} is not a complete pqd record ({type(exc).__name__}: {exc})",
-                       "re-run the recipe into that folder") from None
-    paths = {name: out / record[name]["artifact"] for name in ARTIFACTS}
-    for p in paths.values():
-        if not p.is_file():
-            raise PqdError(f"{p} does not exist", "re-run the recipe into that folder")
-    spec = measure_spec(recipe)
-    spec = spec.model_copy(update={"runtimes": [primary] + [r for r in spec.runtimes
-                                                            if r != primary]})
-    root = resolve_data_root(data_dir, recipe.data.root)
-    data = load_dataset(recipe.data.dataset, root, val_size=recipe.data.val_size,
-                        seed=recipe.seed, download=recipe.data.download,
-                        limit_train=recipe.data.limit_train, limit_test=recipe.data.limit_test)
-    logits = {}
-    runners = {}
-    for name, p in paths.items():
-        runners[name] = open_runner(primary, p, spec.threads)
-        logits[name] = runtime_logits(runners[name].run, data.test_x, spec.accuracy_batch_size,
-                                      f"{name} audit ({primary})", progress)
-    latency = {name: record[name].get("latency_ms", {}) for name in paths}
-    if any(latency_tail(v) is None for v in latency.values()):  # a record without p99
-        shape = (1, *(int(d) for d in data.test_x.shape[1:]))
-        stats = compare_latency({n: r.run for n, r in runners.items()}, shape,
-                                warmup=spec.warmup, repeats=spec.repeats, progress=progress,
-                                desc="audit latency batch 1")
-        latency = {n: {"batches": {"1": {**st.as_dict(), "source": "re-timed by pqd audit"}}}
-                   for n, st in stats.items()}
-    manifest = out / "exits" / "manifest.json"
-    audits = audit_artifacts(paths, logits, data, spec, latency, full=full, seed=recipe.seed,
-                             exits_manifest=manifest if record["final"].get("early_exit")
-                             else None, progress=progress, cache=cache)
-    attach(record, audits)
-    write_record(record, out)
     return record

@@ -57,8 +57,10 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
     proto = _with_batch_one(onnx.load(str(path)))
     inits = {i.name: i for i in proto.graph.initializer}
     producer = {out: node for node in proto.graph.node for out in node.output}
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in list(proto.graph.value_info) + list(proto.graph.output)}
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in list(proto.graph.value_info) + list(proto.graph.output)
+    }
 
     def const(name: str) -> tuple[np.ndarray | None, int]:
         """(array, bits) of a constant input, following DequantizeLinear/Identity back."""
@@ -90,7 +92,6 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
         quantizers = ("DequantizeLinear", "DynamicQuantizeLinear")
         return 8 if node is not None and node.op_type in quantizers else 32
 
-
     layers = []
     for node in proto.graph.node:
         if node.op_type not in _COMPUTE or len(node.input) < 2:
@@ -113,15 +114,22 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
             outputs = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else int(w.size // k)
         macs = per_output * outputs
         a_bits = act_bits(node.input[0])
-        layers.append({
-            "name": node.name, "op": node.op_type, "weight_shape": list(w.shape),
-            "params": int(w.size + (bias.size if bias is not None else 0)),
-            "nonzero": int(np.count_nonzero(w))
-            + (int(np.count_nonzero(bias)) if bias is not None else 0),
-            "weights": int(w.size), "zero_weights": int(w.size - np.count_nonzero(w)),
-            "macs": macs, "weight_bits": w_bits, "activation_bits": a_bits,
-            "bitops": macs * w_bits * a_bits,
-        })
+        layers.append(
+            {
+                "name": node.name,
+                "op": node.op_type,
+                "weight_shape": list(w.shape),
+                "params": int(w.size + (bias.size if bias is not None else 0)),
+                "nonzero": int(np.count_nonzero(w))
+                + (int(np.count_nonzero(bias)) if bias is not None else 0),
+                "weights": int(w.size),
+                "zero_weights": int(w.size - np.count_nonzero(w)),
+                "macs": macs,
+                "weight_bits": w_bits,
+                "activation_bits": a_bits,
+                "bitops": macs * w_bits * a_bits,
+            }
+        )
     weights = sum(layer["weights"] for layer in layers)
     zeros = sum(layer["zero_weights"] for layer in layers)
     return {

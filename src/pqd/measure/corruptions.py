@@ -92,8 +92,9 @@ def _defocus_blur(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray
     return correlate(x, k[None, :, :, None], mode="mirror")
 
 
-def motion_kernel_offsets(radius: int, sigma: float, angle_deg: float
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def motion_kernel_offsets(
+    radius: int, sigma: float, angle_deg: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Taps of a one-sided motion blur: weights (Gaussian in the distance, from the pixel
     itself outwards) and integer (dy, dx) offsets along ``angle_deg``; ``2 * radius + 1``
     taps, as ImageMagick's MotionBlurImage lays them out."""
@@ -135,8 +136,7 @@ def plasma_fractal(size: int, decay: float, rng: np.random.Generator) -> np.ndar
         # square step: centre = mean of the 4 corners + noise
         total = corners + np.roll(corners, -1, axis=0)
         total = total + np.roll(total, -1, axis=1)
-        m[half:size:step, half:size:step] = total / 4 + amp * rng.uniform(-amp, amp,
-                                                                          total.shape)
+        m[half:size:step, half:size:step] = total / 4 + amp * rng.uniform(-amp, amp, total.shape)
         # diamond step: edge midpoints = mean of 2 corners + 2 centres + noise
         centres = m[half:size:step, half:size:step]
         top = centres + np.roll(centres, 1, axis=0) + corners + np.roll(corners, -1, axis=1)
@@ -209,8 +209,14 @@ def _pixelate(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     h, w = u8.shape[1:3]
     c = _PIXELATE[s - 1]
     small = (int(w * c), int(h * c))
-    out = [np.asarray(Image.fromarray(im).resize(small, Image.Resampling.BOX)
-                      .resize((w, h), Image.Resampling.BOX)) for im in u8]
+    out = [
+        np.asarray(
+            Image.fromarray(im)
+            .resize(small, Image.Resampling.BOX)
+            .resize((w, h), Image.Resampling.BOX)
+        )
+        for im in u8
+    ]
     return np.stack(out).astype(np.float64) / 255
 
 
@@ -273,8 +279,9 @@ def images_key(images: np.ndarray, seed: int) -> str:
     return h.hexdigest()[:20]
 
 
-def corrupted_set(images: np.ndarray, name: str, severity: int, seed: int = 0,
-                  cache: Path | None = None) -> np.ndarray:
+def corrupted_set(
+    images: np.ndarray, name: str, severity: int, seed: int = 0, cache: Path | None = None
+) -> np.ndarray:
     """:func:`corrupt`, read from / written to the cache (``cache``: a folder; ``None``:
     :func:`cache_dir`). A damaged cache file is regenerated."""
     folder = (cache or cache_dir()) / images_key(images, seed)

@@ -11,8 +11,17 @@ from typing import Any
 
 import torch
 
-_LIBS = ("torch", "torchao", "torch-pruning", "onnx", "onnxscript", "onnxruntime", "openvino",
-         "numpy", "pydantic")
+_LIBS = (
+    "torch",
+    "torchao",
+    "torch-pruning",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "openvino",
+    "numpy",
+    "pydantic",
+)
 
 
 def cpu_model() -> str:
@@ -52,7 +61,6 @@ def library_versions() -> dict[str, str]:
 
 def environment(threads: int) -> dict[str, Any]:
     """A JSON-ready description of this machine for the record."""
-    from pqd.target import kernels_in_words
 
     cuda = torch.cuda.is_available()
     flags = cpu_flags()
@@ -67,3 +75,36 @@ def environment(threads: int) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "libraries": library_versions(),
     }
+
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def has_vnni(flags: list[str]) -> bool:
+    """True when the CPU flags name an int32-accumulating u8 x s8 instruction."""
+    return any(f in flags for f in VNNI_FLAGS)
+
+
+def kernels_in_words(flags: list[str]) -> str:
+    """What the CPU flags mean for the kernels that run the artifacts, in one sentence."""
+    if not flags:
+        return "no x86 SIMD flags read (not x86, or /proc/cpuinfo unreadable)"
+    if has_vnni(flags):
+        int8 = (
+            "INT8 with VNNI"
+            + (" and AMX" if "amx_int8" in flags else "")
+            + " (int32 accumulation: 8-bit weights are exact)"
+        )
+    elif "avx2" in flags:
+        int8 = (
+            "INT8 without VNNI (AVX2 vpmaddubsw: int16 pair sums saturate with 8-bit "
+            "weights; 7-bit weights are exact)"
+        )
+    else:
+        int8 = "INT8 without AVX2 or VNNI"
+    bf16 = (
+        "bf16 in hardware"
+        if "avx512_bf16" in flags or "amx_bf16" in flags
+        else "no bf16 in hardware (bf16 autocast is emulated and slow)"
+    )
+    return f"{int8}; {bf16}"

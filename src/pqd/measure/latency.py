@@ -77,7 +77,13 @@ def compare_latency(
     for name, s in samples.items():
         ms = np.asarray(s) * 1e3
         out[name] = LatencyStats(
-            batch=input_shape[0], p50=float(np.percentile(ms, 50)),
-            p90=float(np.percentile(ms, 90)), mean=float(ms.mean()), min=float(ms.min()),
-            samples=len(ms), p99=float(np.percentile(ms, 99)), max=float(ms.max()))
+            batch=input_shape[0],
+            p50=float(np.percentile(ms, 50)),
+            p90=float(np.percentile(ms, 90)),
+            mean=float(ms.mean()),
+            min=float(ms.min()),
+            samples=len(ms),
+            p99=float(np.percentile(ms, 99)),
+            max=float(ms.max()),
+        )
     return out

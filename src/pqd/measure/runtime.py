@@ -44,8 +44,15 @@ def runtime_versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in available_runtimes()}
 
 
-def open_runner(runtime: str, path: str | Path, threads: int, batch: int | None = None, *,
-                all_outputs: bool = False, spinning: bool = True) -> Runner:
+def open_runner(
+    runtime: str,
+    path: str | Path,
+    threads: int,
+    batch: int | None = None,
+    *,
+    all_outputs: bool = False,
+    spinning: bool = True,
+) -> Runner:
     """Load ``path`` on ``runtime``; ``batch`` fixes the batch (OpenVINO compiles it static).
 
     ``run(x)`` returns the first output, or the list of all outputs with ``all_outputs``.
@@ -79,9 +86,17 @@ def _ort(path: Path, threads: int, all_outputs: bool = False, spinning: bool = T
     def run_all(x: np.ndarray) -> list[np.ndarray]:
         return session.run(None, {name: x})
 
-    return Runner("onnxruntime", run_all if all_outputs else run, {
-        "intra_op_threads": threads, "inter_op_threads": 1, "graph_optimization": "all",
-        "provider": "CPUExecutionProvider", "spinning": spinning})
+    return Runner(
+        "onnxruntime",
+        run_all if all_outputs else run,
+        {
+            "intra_op_threads": threads,
+            "inter_op_threads": 1,
+            "graph_optimization": "all",
+            "provider": "CPUExecutionProvider",
+            "spinning": spinning,
+        },
+    )
 
 
 def ort_kernels(path: str | Path, threads: int = 1) -> dict[str, int]:
@@ -140,8 +155,12 @@ def _openvino(path: Path, threads: int, batch: int | None, all_outputs: bool = F
         shape = list(model.input(0).get_partial_shape())
         shape[0] = batch
         model.reshape({model.input(0): ov.PartialShape(shape)})
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-              "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+    config = {
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": 1,
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
 
@@ -152,8 +171,11 @@ def _openvino(path: Path, threads: int, batch: int | None, all_outputs: bool = F
         result = request.infer({0: x})
         return [result[i] for i in range(len(compiled.outputs))]
 
-    return Runner("openvino", run_all if all_outputs else run, {
-        "threads": threads, "streams": 1, "precision_hint": "f32", "static_batch": batch})
+    return Runner(
+        "openvino",
+        run_all if all_outputs else run,
+        {"threads": threads, "streams": 1, "precision_hint": "f32", "static_batch": batch},
+    )
 
 
 _AVX2_SCRIPT = """
@@ -167,8 +189,9 @@ np.save(sys.argv[4], np.concatenate([run(x[i:i + step]) for i in range(0, len(x)
 """
 
 
-def avx2_logits(path: str | Path, x: np.ndarray, threads: int = 2,
-                batch_size: int = 256) -> np.ndarray:
+def avx2_logits(
+    path: str | Path, x: np.ndarray, threads: int = 2, batch_size: int = 256
+) -> np.ndarray:
     """The artifact's outputs as a CPU without VNNI computes them, on this machine.
 
     OpenVINO's CPU plugin (oneDNN) honours ``ONEDNN_MAX_CPU_ISA``: capped at ``AVX2`` it
@@ -194,8 +217,21 @@ def avx2_logits(path: str | Path, x: np.ndarray, threads: int = 2,
         np.save(src, np.ascontiguousarray(x, dtype=np.float32))
         env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
         proc = subprocess.run(
-            [sys.executable, "-c", _AVX2_SCRIPT, str(path), str(threads), str(src), str(dst),
-             str(batch_size)], env=env, capture_output=True, text=True, timeout=1800)
+            [
+                sys.executable,
+                "-c",
+                _AVX2_SCRIPT,
+                str(path),
+                str(threads),
+                str(src),
+                str(dst),
+                str(batch_size),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"the AVX2 OpenVINO run of {path} failed: {tail}")

@@ -83,8 +83,11 @@ def saturation(path_or_proto: str | Path | onnx.ModelProto) -> dict[str, Any]:
         "checked_layers": int, "max_pair_magnitude": int}``; the largest pair
         ``|w_a| + |w_b|`` (one sign) over the checked weights, 0 for a float file.
     """
-    proto = (path_or_proto if isinstance(path_or_proto, onnx.ModelProto)
-             else onnx.load(str(path_or_proto)))
+    proto = (
+        path_or_proto
+        if isinstance(path_or_proto, onnx.ModelProto)
+        else onnx.load(str(path_or_proto))
+    )
     inits = {i.name: i for i in proto.graph.initializer}
     producer = {out: node for node in proto.graph.node for out in node.output}
     total, layers, checked, worst = 0, [], 0, 0
@@ -113,5 +116,9 @@ def saturation(path_or_proto: str | Path | onnx.ModelProto) -> dict[str, Any]:
         if n:
             total += n
             layers.append(node.name or init.name)
-    return {"pairs_at_risk": total, "layers": layers, "checked_layers": checked,
-            "max_pair_magnitude": worst}
+    return {
+        "pairs_at_risk": total,
+        "layers": layers,
+        "checked_layers": checked,
+        "max_pair_magnitude": worst,
+    }

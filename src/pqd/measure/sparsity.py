@@ -48,8 +48,10 @@ def onnx_weights(path: str | Path) -> dict[str, np.ndarray]:
         w, init_name = const(node.input[1])
         if w is None:
             continue
-        if node.op_type == "MatMul" or (node.op_type == "Gemm" and not any(
-                a.name == "transB" and a.i == 1 for a in node.attribute)):
+        if node.op_type == "MatMul" or (
+            node.op_type == "Gemm"
+            and not any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        ):
             w = w.T
         if node.op_type == "Conv" and (extra := channel_padding(node.input[0], producer, const)):
             w = w[:, : w.shape[1] - extra]
@@ -91,9 +93,19 @@ def nm_report(path: str | Path, layers: dict[str, list[int] | tuple[int, int]]) 
             continue
         zeros = nm_groups(w, m)
         per_layer[name] = {
-            "groups": int(zeros.size), "exact": int((zeros == m - n).sum()),
-            "violations": int((zeros < m - n).sum()), "extra_zeros": int((zeros > m - n).sum())}
-    totals = {k: sum(v[k] for v in per_layer.values())
-              for k in ("groups", "exact", "violations", "extra_zeros")}
-    return {**totals, "layers": len(per_layer), "missing": missing,
-            "ok": totals["violations"] == 0 and not missing, "per_layer": per_layer}
+            "groups": int(zeros.size),
+            "exact": int((zeros == m - n).sum()),
+            "violations": int((zeros < m - n).sum()),
+            "extra_zeros": int((zeros > m - n).sum()),
+        }
+    totals = {
+        k: sum(v[k] for v in per_layer.values())
+        for k in ("groups", "exact", "violations", "extra_zeros")
+    }
+    return {
+        **totals,
+        "layers": len(per_layer),
+        "missing": missing,
+        "ok": totals["violations"] == 0 and not missing,
+        "per_layer": per_layer,
+    }

@@ -43,8 +43,10 @@ class Normalize(nn.Module):
                 "give one mean and one std per input channel",
             )
         if not bool((std_t > 0).all()):
-            raise ModelError(f"normalization std {list(std)} has a value <= 0",
-                             "give a positive std per input channel")
+            raise ModelError(
+                f"normalization std {list(std)} has a value <= 0",
+                "give a positive std per input channel",
+            )
         self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
         self.register_buffer("std", std_t.view(1, -1, 1, 1))
 
@@ -64,8 +66,9 @@ class Classifier(nn.Module):
         return self.net(self.norm(x))
 
 
-def build_model(name: str, num_classes: int, mean: Sequence[float], std: Sequence[float],
-                **kwargs: Any) -> Classifier:
+def build_model(
+    name: str, num_classes: int, mean: Sequence[float], std: Sequence[float], **kwargs: Any
+) -> Classifier:
     """Build zoo model ``name`` (or a ``module:callable`` user model) wrapped in a Classifier.
 
     The builder is called as ``fn(num_classes=num_classes, **kwargs)``; a ``TypeError`` or
@@ -83,8 +86,10 @@ def build_model(name: str, num_classes: int, mean: Sequence[float], std: Sequenc
             "check model.kwargs against the builder's signature and allowed values",
         ) from None
     if not isinstance(net, nn.Module):
-        raise ModelError(f"model {name!r} returned a {type(net).__name__}, not an nn.Module",
-                         "make the builder return a torch.nn.Module")
+        raise ModelError(
+            f"model {name!r} returned a {type(net).__name__}, not an nn.Module",
+            "make the builder return a torch.nn.Module",
+        )
     return Classifier(net, mean, std)
 
 

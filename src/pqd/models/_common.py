@@ -20,8 +20,9 @@ import torch.nn as nn
 class ZooNet(nn.Module):
     """``features`` then ``classifier``; ``default_exit_points`` index into ``features``."""
 
-    def __init__(self, features: nn.Sequential, classifier: nn.Module,
-                 default_exit_points: list[int]) -> None:
+    def __init__(
+        self, features: nn.Sequential, classifier: nn.Module, default_exit_points: list[int]
+    ) -> None:
         super().__init__()
         self.features = features
         self.classifier = classifier
@@ -34,11 +35,25 @@ class ZooNet(nn.Module):
 class ConvBN(nn.Sequential):
     """conv (bias=False) -> BatchNorm2d -> optional activation module."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1,
-                 groups: int = 1, act: type[nn.Module] | None = nn.ReLU) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        act: type[nn.Module] | None = nn.ReLU,
+    ) -> None:
         layers: list[nn.Module] = [
-            nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=(kernel_size - 1) // 2,
-                      groups=groups, bias=False),
+            nn.Conv2d(
+                in_ch,
+                out_ch,
+                kernel_size,
+                stride=stride,
+                padding=(kernel_size - 1) // 2,
+                groups=groups,
+                bias=False,
+            ),
             nn.BatchNorm2d(out_ch),
         ]
         if act is not None:

@@ -47,8 +47,13 @@ class FastBlock(nn.Module):
 class FastNet(ZooNet):
     """Stem then one :class:`FastBlock` per width (each halves the resolution)."""
 
-    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 128, 256),
-                 stem: int = 32, extra_conv: bool = False) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        widths: Sequence[int] = (64, 128, 256),
+        stem: int = 32,
+        extra_conv: bool = False,
+    ) -> None:
         widths = tuple(int(w) for w in widths)
         if not widths or min(widths) < 1 or stem < 1:
             raise ValueError(f"widths {widths} and stem {stem} must be positive and non-empty")
@@ -57,14 +62,20 @@ class FastNet(ZooNet):
         for w in widths:
             layers.append(FastBlock(in_ch, w, extra_conv))
             in_ch = w
-        super().__init__(nn.Sequential(*layers), pool_linear(in_ch, num_classes),
-                         spaced_exits(len(widths)))
+        super().__init__(
+            nn.Sequential(*layers), pool_linear(in_ch, num_classes), spaced_exits(len(widths))
+        )
         init_weights(self)
 
 
 @register_model
-def fastnet(num_classes: int = 10, widths: Sequence[int] = (64, 128, 256), stem: int = 32,
-            extra_conv: bool = False, **kwargs) -> nn.Module:
+def fastnet(
+    num_classes: int = 10,
+    widths: Sequence[int] = (64, 128, 256),
+    stem: int = 32,
+    extra_conv: bool = False,
+    **kwargs,
+) -> nn.Module:
     """FastNet: 1.17 M params, 85.8 MMACs at 32x32 (defaults; see module doc)."""
     return FastNet(num_classes, widths, stem, extra_conv, **kwargs)
 
@@ -81,14 +92,21 @@ class FastNetQ8(ZooNet):
     such a tail ``"M", 512, 512, 512`` (222 MMACs).
     """
 
-    def __init__(self, num_classes: int = 10,
-                 plan: Sequence[int | str] = (24, 64, "M", 128, 128, "M", 256, 256)) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        plan: Sequence[int | str] = (24, 64, "M", 128, 128, "M", 256, 256),
+    ) -> None:
         plan = list(plan)
-        if not plan or not isinstance(plan[0], int) or any(
-                not (p == "M" or (isinstance(p, int) and p > 0)) for p in plan):
+        if (
+            not plan
+            or not isinstance(plan[0], int)
+            or any(not (p == "M" or (isinstance(p, int) and p > 0)) for p in plan)
+        ):
             raise ValueError(f"plan {plan} must start with a width and hold widths > 0 or 'M'")
         layers: list[nn.Module] = [ConvBN(3, plan[0])]
-        in_ch, block = plan[0], []
+        in_ch = plan[0]
+        block: list[nn.Module] = []
         for p in plan[1:]:
             if p == "M":
                 layers.append(nn.Sequential(*block, nn.MaxPool2d(2)))
@@ -98,15 +116,18 @@ class FastNetQ8(ZooNet):
                 in_ch = p
         if block:
             layers.append(nn.Sequential(*block))
-        super().__init__(nn.Sequential(*layers), pool_linear(in_ch, num_classes),
-                         spaced_exits(len(layers) - 1))
+        super().__init__(
+            nn.Sequential(*layers), pool_linear(in_ch, num_classes), spaced_exits(len(layers) - 1)
+        )
         init_weights(self)
 
 
 @register_model
-def fastnet_q8(num_classes: int = 10,
-               plan: Sequence[int | str] = (24, 64, "M", 128, 128, "M", 256, 256),
-               **kwargs) -> nn.Module:
+def fastnet_q8(
+    num_classes: int = 10,
+    plan: Sequence[int | str] = (24, 64, "M", 128, 128, "M", 256, 256),
+    **kwargs,
+) -> nn.Module:
     """FastNet-Q8: 1.12 M params, 128.1 MMACs at 32x32; about 3.1x faster as INT8 than FP32
     in onnxruntime at batch 1 on 2 cores here (fastnet: 2.7x)."""
     return FastNetQ8(num_classes, plan, **kwargs)

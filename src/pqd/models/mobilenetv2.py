@@ -19,8 +19,15 @@ from pqd.models._common import ConvBN, ZooNet, init_weights, pool_linear, spaced
 from pqd.registry import register_model
 
 # (expansion, out channels, blocks, stride of the first block)
-_CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-        (6, 160, 3, 2), (6, 320, 1, 1))
+_CFG = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 def _divisible(v: float, divisor: int = 8) -> int:
@@ -68,8 +75,9 @@ class MobileNetV2(ZooNet):
                 in_ch = out_ch
         n_blocks = len(layers) - 1
         layers.append(ConvBN(in_ch, last, kernel_size=1, act=nn.ReLU6))
-        super().__init__(nn.Sequential(*layers), pool_linear(last, num_classes),
-                         spaced_exits(n_blocks))
+        super().__init__(
+            nn.Sequential(*layers), pool_linear(last, num_classes), spaced_exits(n_blocks)
+        )
         init_weights(self)
         for m in self.modules():
             if isinstance(m, nn.Linear):

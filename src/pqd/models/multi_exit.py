@@ -44,8 +44,12 @@ class Segment(nn.Module):
     """``features[start:stop]`` of a Classifier (``norm`` first when ``start == 0``, the
     ``classifier`` last when it is the final segment), under the original names."""
 
-    def __init__(self, blocks: dict[int, nn.Module], norm: nn.Module | None = None,
-                 classifier: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        blocks: dict[int, nn.Module],
+        norm: nn.Module | None = None,
+        classifier: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.has_norm = norm is not None
         self.has_classifier = classifier is not None
@@ -76,8 +80,14 @@ class Segment(nn.Module):
 class ExitHead(nn.Module):
     """``[conv-bn-relu] -> global average pool -> flatten -> linear`` (INT8-friendly)."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 0,
-                 kernel_size: int = 3, stride: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int = 0,
+        kernel_size: int = 3,
+        stride: int = 1,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_channels
@@ -101,9 +111,14 @@ class MultiExitNet(nn.Module):
     (> 1: never). ``part_macs`` holds MACs per image of each segment and head.
     """
 
-    def __init__(self, segments: Sequence[nn.Module], heads: Sequence[nn.Module],
-                 positions: Sequence[int], num_classes: int,
-                 confidence: str = "max_softmax") -> None:
+    def __init__(
+        self,
+        segments: Sequence[nn.Module],
+        heads: Sequence[nn.Module],
+        positions: Sequence[int],
+        num_classes: int,
+        confidence: str = "max_softmax",
+    ) -> None:
         super().__init__()
         if len(heads) != len(segments) - 1:
             raise ValueError(f"{len(segments)} segments need {len(segments) - 1} heads")
@@ -119,6 +134,7 @@ class MultiExitNet(nn.Module):
         self.exit_logits: list[torch.Tensor] = []
         self.part_macs: dict[str, list[int]] = {"segments": [], "heads": []}
         self.exit_loss: dict[str, Any] = {}  # how later stages train the exits (see stage)
+        self.head_config: dict[str, int] = {}  # build_multi_exit's head_* arguments
 
     @property
     def num_exits(self) -> int:
@@ -196,8 +212,10 @@ def resolve_positions(net: nn.Module, positions: Sequence[int] | None) -> list[i
     n = len(net.features)
     chosen = list(net.default_exit_points) if positions is None else list(positions)
     if not chosen:
-        raise ModelError("early_exit: the model has no default exit points",
-                         "list exit positions, e.g. positions: [1, 2]")
+        raise ModelError(
+            "early_exit: the model has no default exit points",
+            "list exit positions, e.g. positions: [1, 2]",
+        )
     bad = [p for p in chosen if not 0 <= p < n - 1]
     if bad or len(set(chosen)) != len(chosen):
         raise ModelError(
@@ -210,8 +228,9 @@ def resolve_positions(net: nn.Module, positions: Sequence[int] | None) -> list[i
 
 
 @torch.no_grad()
-def feature_shapes(model: nn.Module, positions: Sequence[int],
-                   example: torch.Tensor) -> list[torch.Size]:
+def feature_shapes(
+    model: nn.Module, positions: Sequence[int], example: torch.Tensor
+) -> list[torch.Size]:
     """Shapes of ``features[p]``'s output for each exit position (one forward)."""
     shapes, x = {}, model.norm(example)
     for i, block in enumerate(model.net.features):
@@ -221,9 +240,16 @@ def feature_shapes(model: nn.Module, positions: Sequence[int],
     return [shapes[p] for p in positions]
 
 
-def build_multi_exit(model: nn.Module, positions: Sequence[int] | None, num_classes: int,
-                     example: torch.Tensor, head_channels: int = 0, head_kernel: int = 3,
-                     head_stride: int = 1, confidence: str = "max_softmax") -> MultiExitNet:
+def build_multi_exit(
+    model: nn.Module,
+    positions: Sequence[int] | None,
+    num_classes: int,
+    example: torch.Tensor,
+    head_channels: int = 0,
+    head_kernel: int = 3,
+    head_stride: int = 1,
+    confidence: str = "max_softmax",
+) -> MultiExitNet:
     """Cut a Classifier(ZooNet) after ``positions`` (None: the net's default exit points);
     the segments share its modules. ``example`` is an input batch (its shape matters)."""
     check_zoo_classifier(model)
@@ -239,12 +265,22 @@ def build_multi_exit(model: nn.Module, positions: Sequence[int] | None, num_clas
     segments = []
     for k in range(len(bounds) - 1):
         blocks = {i: features[i] for i in range(bounds[k] + 1, bounds[k + 1] + 1)}
-        segments.append(Segment(blocks, norm=model.norm if k == 0 else None,
-                                classifier=model.net.classifier if k == len(bounds) - 2
-                                else None))
-    heads = [ExitHead(int(s[1]), num_classes, head_channels, head_kernel, head_stride)
-             for s in shapes]
+        segments.append(
+            Segment(
+                blocks,
+                norm=model.norm if k == 0 else None,
+                classifier=model.net.classifier if k == len(bounds) - 2 else None,
+            )
+        )
+    heads = [
+        ExitHead(int(s[1]), num_classes, head_channels, head_kernel, head_stride) for s in shapes
+    ]
     net = MultiExitNet(segments, heads, positions, num_classes, confidence)
+    net.head_config = {
+        "head_channels": head_channels,
+        "head_kernel": head_kernel,
+        "head_stride": head_stride,
+    }
     net.to(param.device)
     net.part_macs = count_part_macs(net, example[:1])
     return net
@@ -259,8 +295,10 @@ def part_inputs(net: MultiExitNet, example: torch.Tensor) -> dict[str, torch.Ten
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for name, part in net.parts():
+
         def pre(_m: nn.Module, args: tuple, name: str = name) -> None:
             seen[name] = args[0].detach().clone().contiguous()
+
         handles.append(part.register_forward_pre_hook(pre))
     try:
         with torch.no_grad(), eval_mode(net):

@@ -40,7 +40,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.shortcut: nn.Module = (
             ConvBN(in_ch, out_ch, kernel_size=1, stride=stride, act=None)
-            if stride != 1 or in_ch != out_ch else nn.Identity()
+            if stride != 1 or in_ch != out_ch
+            else nn.Identity()
         )
         self.relu2 = nn.ReLU()
 
@@ -58,11 +59,19 @@ class ResNet(ZooNet):
     first starts with a stride-2 block. ``features`` = stem, then one child per block.
     """
 
-    def __init__(self, blocks: Sequence[int], widths: Sequence[int], num_classes: int = 10,
-                 stem_width: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[int],
+        widths: Sequence[int],
+        num_classes: int = 10,
+        stem_width: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         if len(blocks) != len(widths) or not blocks or min(blocks) < 1:
-            raise ValueError(f"blocks {tuple(blocks)} and widths {tuple(widths)} must be "
-                             "non-empty, of equal length, with at least one block per stage")
+            raise ValueError(
+                f"blocks {tuple(blocks)} and widths {tuple(widths)} must be "
+                "non-empty, of equal length, with at least one block per stage"
+            )
         stem = widths[0] if stem_width is None else stem_width
         layers: list[nn.Module] = [ConvBN(3, stem)]
         in_ch = stem
@@ -70,8 +79,9 @@ class ResNet(ZooNet):
             for j in range(n):
                 layers.append(BasicBlock(in_ch, w, 2 if i > 0 and j == 0 else 1, dropout))
                 in_ch = w
-        super().__init__(nn.Sequential(*layers), pool_linear(in_ch, num_classes),
-                         spaced_exits(sum(blocks)))
+        super().__init__(
+            nn.Sequential(*layers), pool_linear(in_ch, num_classes), spaced_exits(sum(blocks))
+        )
         init_weights(self)
 
 

@@ -34,8 +34,11 @@ class VGG(ZooNet):
                 in_ch = w
             group.append(nn.MaxPool2d(2))
             layers.append(nn.Sequential(*group))
-        super().__init__(nn.Sequential(*layers), pool_linear(in_ch, num_classes),
-                         spaced_exits(len(layers), offset=0))
+        super().__init__(
+            nn.Sequential(*layers),
+            pool_linear(in_ch, num_classes),
+            spaced_exits(len(layers), offset=0),
+        )
         init_weights(self)
 
 

@@ -22,8 +22,9 @@ from pqd.registry import register_model
 class WideResNet(ResNet):
     """WRN-``depth``-``widen_factor`` (post-activation, see module doc)."""
 
-    def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, dropout: float = 0.0
+    ) -> None:
         if depth < 10 or (depth - 4) % 6 != 0 or widen_factor < 1:
             raise ModelError(
                 f"wrn: depth={depth}, widen_factor={widen_factor} is not a Wide ResNet",
@@ -31,13 +32,15 @@ class WideResNet(ResNet):
             )
         n = (depth - 4) // 6
         k = widen_factor
-        super().__init__((n, n, n), (16 * k, 32 * k, 64 * k), num_classes, stem_width=16,
-                         dropout=dropout)
+        super().__init__(
+            (n, n, n), (16 * k, 32 * k, 64 * k), num_classes, stem_width=16, dropout=dropout
+        )
 
 
 @register_model
-def wrn(num_classes: int = 10, depth: int = 28, widen_factor: int = 10, dropout: float = 0.0,
-        **kwargs) -> nn.Module:
+def wrn(
+    num_classes: int = 10, depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, **kwargs
+) -> nn.Module:
     """Wide ResNet of any ``depth`` (6n+4) and ``widen_factor``; dropout between the convs."""
     return WideResNet(depth, widen_factor, num_classes, dropout, **kwargs)
 

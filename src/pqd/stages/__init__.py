@@ -1,15 +1,16 @@
-"""Compression stages: one file per technique, each registered by name.
+"""Compression stages: one thin file per technique (``pqd.stages.<name>``, the names of
+:data:`pqd.recipe.STAGE_SPECS`), each registering its ``apply(state, spec, ctx)``.
 
 Importing this package fills ``pqd.registry.STAGES``.
 """
 
-from pqd.stages import (  # noqa: F401  (registration)
-    distill,
-    early_exit,
-    prune,
-    prune_channels,
-    quantize,
-)
-from pqd.stages.base import Context, MaskKeeper, State
+import importlib
+
+from pqd.context import Context
+from pqd.recipe import STAGE_NAMES
+from pqd.state import MaskKeeper, State
+
+for _name in STAGE_NAMES:  # registration
+    importlib.import_module(f"pqd.stages.{_name}")
 
 __all__ = ["Context", "MaskKeeper", "State"]

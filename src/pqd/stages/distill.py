@@ -34,10 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pqd.context import Context
 from pqd.errors import RecipeError
 from pqd.recipe import DistillSpec, FeatureKDSpec
 from pqd.registry import register_stage
-from pqd.stages.base import Context, State
+from pqd.state import State
 from pqd.train import eval_mode, is_graph, kd_loss
 
 TAPS = "_pqd_feature_taps"
@@ -48,12 +49,13 @@ def feature_points(teacher: nn.Module, spec: FeatureKDSpec) -> list[str]:
     """Module paths (in the teacher) where features are matched."""
     features = getattr(getattr(teacher, "net", None), "features", None)
     if spec.points is None:
-        exits = getattr(teacher.net, "default_exit_points", None) if features is not None \
-            else None
+        exits = getattr(teacher.net, "default_exit_points", None) if features is not None else None
         if features is None or exits is None:
             raise RecipeError(
                 "distill.features: the model is not a zoo net with net.features, so there "
-                "are no default feature points", "list features.points as module names")
+                "are no default feature points",
+                "list features.points as module names",
+            )
         idx = sorted(set(exits) | {len(features) - 1})
         return [f"net.features.{i}" for i in idx]
     names = []
@@ -61,15 +63,19 @@ def feature_points(teacher: nn.Module, spec: FeatureKDSpec) -> list[str]:
         if isinstance(p, int):
             if features is None or not -len(features) <= p < len(features):
                 n = 0 if features is None else len(features)
-                raise RecipeError(f"distill.features.points: no block {p} in net.features "
-                                  f"({n} blocks)", "give block indices within range")
+                raise RecipeError(
+                    f"distill.features.points: no block {p} in net.features ({n} blocks)",
+                    "give block indices within range",
+                )
             names.append(f"net.features.{p % len(features)}")
         else:
             try:
                 teacher.get_submodule(p)
             except AttributeError:
-                raise RecipeError(f"distill.features.points: the model has no module {p!r}",
-                                  "give module names such as net.features.3") from None
+                raise RecipeError(
+                    f"distill.features.points: the model has no module {p!r}",
+                    "give module names such as net.features.3",
+                ) from None
             names.append(p)
     return list(dict.fromkeys(names))
 
@@ -101,14 +107,20 @@ def _output_node(graph: torch.fx.GraphModule, path: str) -> torch.fx.Node:
     for node in graph.graph.nodes:
         mod = _module_path(node)
         val = node.meta.get("val")
-        if (node.op == "call_function" and mod is not None
-                and (mod == path or mod.startswith(path + "."))
-                and isinstance(val, torch.Tensor) and val.is_floating_point()
-                and val.dim() >= 2):
+        if (
+            node.op == "call_function"
+            and mod is not None
+            and (mod == path or mod.startswith(path + "."))
+            and isinstance(val, torch.Tensor)
+            and val.is_floating_point()
+            and val.dim() >= 2
+        ):
             found = node
     if found is None:
-        raise RecipeError(f"distill.features: no node of module {path!r} in the student graph",
-                          "give feature points that exist in the model")
+        raise RecipeError(
+            f"distill.features: no node of module {path!r} in the student graph",
+            "give feature points that exist in the model",
+        )
     return found
 
 
@@ -143,10 +155,11 @@ def capture(model: nn.Module, points: list[str]) -> Iterator[dict[str, _Tap]]:
             try:
                 mod = model.get_submodule(p)
             except AttributeError:
-                raise RecipeError(f"distill.features: the student has no module {p!r}",
-                                  "give feature points that exist in the student") from None
-            handles.append(mod.register_forward_hook(
-                lambda _m, _i, out, t=taps[p]: t.forward(out)))
+                raise RecipeError(
+                    f"distill.features: the student has no module {p!r}",
+                    "give feature points that exist in the student",
+                ) from None
+            handles.append(mod.register_forward_hook(lambda _m, _i, out, t=taps[p]: t.forward(out)))
         try:
             yield taps
         finally:
@@ -155,8 +168,9 @@ def capture(model: nn.Module, points: list[str]) -> Iterator[dict[str, _Tap]]:
             delattr(model, TAPS)
 
 
-def make_adapters(student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size],
-                  kind: str) -> dict[str, nn.Module]:
+def make_adapters(
+    student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size], kind: str
+) -> dict[str, nn.Module]:
     """Per point: a 1x1-conv adapter student channels -> teacher channels (``fitnet``;
     identity-initialised when the counts match) or ``nn.Identity`` (attention transfer)."""
     adapters: dict[str, nn.Module] = {}
@@ -166,7 +180,8 @@ def make_adapters(student_shapes: dict[str, torch.Size], teacher_shapes: dict[st
             raise RecipeError(
                 f"distill.features: at {p} the student's map is {list(s[1:])} and the "
                 f"teacher's {list(t[1:])}; spatial sizes must match",
-                "choose feature points where student and teacher have the same resolution")
+                "choose feature points where student and teacher have the same resolution",
+            )
         adapters[p] = nn.Identity()
         if kind == "fitnet":
             conv = nn.Conv2d(s[1], t[1], 1, bias=False)
@@ -177,8 +192,9 @@ def make_adapters(student_shapes: dict[str, torch.Size], teacher_shapes: dict[st
     return adapters
 
 
-def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
-                 adapters: list[nn.Module], kind: str) -> torch.Tensor:
+def feature_loss(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], adapters: list[nn.Module], kind: str
+) -> torch.Tensor:
     """Sum over points of the FitNets MSE (after adapters) or the attention-transfer loss."""
     total = torch.zeros((), device=teacher[0].device)
     for s, t, adapter in zip(student, teacher, adapters, strict=True):
@@ -195,12 +211,17 @@ def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
 @register_stage("distill")
 def apply_distill(state: State, spec: DistillSpec, ctx: Context) -> State:
     """Fine-tune the student on ``alpha * KD + (1 - alpha) * CE`` (+ ``beta`` * feature KD)."""
-    cfg = ctx.stage_train()
-    loss = kd_loss(ctx.teacher, spec.temperature, spec.alpha, cfg.label_smoothing,
-                   device=ctx.device, amp=cfg.amp)
+    cfg = ctx.train
+    loss = kd_loss(
+        ctx.teacher,
+        spec.temperature,
+        spec.alpha,
+        cfg.label_smoothing,
+        device=ctx.device,
+        amp=cfg.amp,
+    )
     if spec.features is None:
-        ctx.fit(state, cfg, spec.epochs, seed=ctx.stage_seed, loss_fn=loss,
-                desc=ctx.stage_desc)
+        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, loss_fn=loss, desc=ctx.desc)
         return state
     fspec = spec.features
     points = feature_points(ctx.teacher, fspec)
@@ -211,8 +232,11 @@ def apply_distill(state: State, spec: DistillSpec, ctx: Context) -> State:
         with torch.no_grad(), eval_mode(student):
             student(x)
             ctx.teacher(x)
-        adapters = make_adapters({p: s_taps[p].value.shape for p in points},
-                                 {p: t_taps[p].value.shape for p in points}, fspec.loss)
+        adapters = make_adapters(
+            {p: s_taps[p].value.shape for p in points},
+            {p: t_taps[p].value.shape for p in points},
+            fspec.loss,
+        )
         for p in points:
             s_taps[p].adapter = adapters[p].to(ctx.device)
         # the per-step feature losses; checkpointed with each epoch (hook_state) for resume
@@ -220,20 +244,27 @@ def apply_distill(state: State, spec: DistillSpec, ctx: Context) -> State:
 
         def combined(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             base = loss(logits, y, x)  # runs the teacher: its taps fill
-            feat = feature_loss([s_taps[p].value for p in points],
-                                [t_taps[p].value for p in points],
-                                [s_taps[p].adapter for p in points], fspec.loss)
+            feat = feature_loss(
+                [s_taps[p].value for p in points],
+                [t_taps[p].value for p in points],
+                [s_taps[p].adapter for p in points],
+                fspec.loss,
+            )
             log["history"].append(float(feat.detach()))
             return base + beta * feat
 
-        ctx.fit(state, cfg, spec.epochs, seed=ctx.stage_seed, loss_fn=combined,
-                desc=ctx.stage_desc, hook_state=log)
+        ctx.fit(
+            state, cfg, spec.epochs, seed=ctx.seed, loss_fn=combined, desc=ctx.desc, hook_state=log
+        )
     history = log["history"]
     n = max(1, len(history) // 10)
     state.info["feature_kd"] = {
-        "points": points, "loss": fspec.loss, "beta": beta,
+        "points": points,
+        "loss": fspec.loss,
+        "beta": beta,
         "adapter_params": sum(p.numel() for a in adapters.values() for p in a.parameters()),
-        "student_graph": is_graph(student), "steps": len(history),
+        "student_graph": is_graph(student),
+        "steps": len(history),
         "feature_loss_first": sum(history[:n]) / n if history else None,
         "feature_loss_last": sum(history[-n:]) / n if history else None,
     }

@@ -1,653 +1,26 @@
-"""Quantization with PT2E (torchao): QAT, PTQ (calibration only) or dynamic.
-
-prepare -> calibrate on the validation split -> the shared fine-tune loop -> (convert at
-export). The model is captured with ``torch.export(strict=True)`` (non-strict capture
-leaves no ``source_fn_stack`` and the quantizer silently skips every conv), then
-``prepare_qat_pt2e`` inserts fake-quantizers and simulates BN folding. Every conv/linear
-weight is checked to carry a fake-quantizer (unless mixed precision keeps it float).
-
-The default recipe is torchao's X86InductorQuantizer one (activations asymmetric uint8
-per tensor, weights symmetric int8 per output channel, BN folded), with the weights kept
-in 7 bits ([-64, 63]) unless the deployment target has VNNI (``reduce_range`` in the
-scheme, from ``ctx.target``; see :mod:`pqd.target`), re-annotated for
-onnxruntime's QDQ fusions: each conv output gets its own quantizer instead of fusing
-conv+add, residual adds are quantized on both inputs and output (QLinearAdd), and the
-linear output is quantized (QGemm). Measured on ResNet-18, CIFAR, batch 1, 2 threads:
-the X86 annotation left 8 of 20 convs in float in onnxruntime (7.9 ms); this one fuses
-all 20 (1.8 ms).
-
-Options (``QuantizeSpec``; measured in ``benchmarks/quantization.py``):
-
-- ``weights``: per-channel or per-tensor, symmetric or asymmetric (torchao's quantizers
-  accept only symmetric weight schemes: the asymmetric spec is swapped in after
-  annotation), 8 or 4 bits (INT4 is stored as INT4 in the file; onnxruntime 1.32 runs
-  it as DequantizeLinear + float Conv, so it is smaller but slower than INT8).
-- ``activations``: asymmetric uint8 (U8S8, fused into QLinearConv) or symmetric int8
-  (S8S8: onnxruntime 1.32 on x86 leaves those convs in float); the range comes from
-  ``pqd.calibration`` (minmax, percentile or entropy) on the validation split. In QAT
-  with ``minmax`` the ranges then follow torchao's moving average; ``percentile`` and
-  ``entropy`` ranges, and every PTQ range, are held fixed (later training adapts the
-  weights to them, as NVIDIA's pytorch-quantization QAT does).
-- ``mode: dynamic``: weights int8 (narrow range [-127, 127], so the file's integers are
-  exactly the trained ones) and activations fake-quantized with each batch's own
-  min/max, as onnxruntime's DynamicQuantizeLinear does at run time; exported as
-  DynamicQuantizeLinear + ConvInteger / MatMulInteger.
-- ``mixed_precision``: layers ranked by the val-split accuracy drop of quantizing each
-  alone (:mod:`pqd.sensitivity`); the most sensitive stay float until the quantized
-  model's val drop is within ``max_drop_points``.
-
-The scheme is kept in ``graph.meta["pqd_quant"]`` (it survives deepcopy), which the export
-reads. PTQ and dynamic graphs are fake-quant graphs like QAT ones, so a later stage (KD,
-pruning) can fine-tune them with quantization on.
-"""
+"""The quantize stage: insert fake-quant once, calibrate, mixed precision, QAT
+(the machinery: :mod:`pqd.quant`)."""
 
 from __future__ import annotations
 
-import copy
-import functools
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-import torch.nn as nn
-
-from pqd import _pt2e_cache
-from pqd.calibration import TensorStats
-from pqd.errors import ModelError, RecipeError
+from pqd.context import Context
+from pqd.errors import RecipeError
 from pqd.models.multi_exit import MultiExitNet
+from pqd.quant.pt2e import (
+    TYPE_KEYS,
+    calibrate,
+    keep_float,
+    precision_label,
+    prepare_qat,
+    prepare_qat_parts,
+    quant_scheme,
+    refresh_bn_stats,
+    scheme_of,
+)
 from pqd.recipe import QuantizeSpec
 from pqd.registry import register_stage
-from pqd.stages.base import Context, State
+from pqd.state import State
 from pqd.target import reduces_range
-from pqd.train import set_train
-
-_ADD_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
-_RELU_OPS = {torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
-_WEIGHT_OPS = {torch.ops.aten.conv2d.default, torch.ops.aten.conv1d.default,
-               torch.ops.aten.linear.default}
-ANNOTATION = "quantization_annotation"
-META_KEY = "pqd_quant"
-_EPS = 2**-12  # torchao's x86 default
-# scheme keys that change the quantized types (the rest: how ranges are set, which are float)
-_TYPE_KEYS = ("granularity", "weight_symmetric", "weight_bits", "activation_symmetric",
-              "reduce_range")
-
-# reduce_range: 8-bit weights kept in [-64, 63] (the portable target, see pqd.target)
-DEFAULT_SCHEME: dict[str, Any] = {
-    "mode": "qat", "granularity": "per_channel", "weight_symmetric": True, "weight_bits": 8,
-    "activation_symmetric": False, "observer": "minmax", "percentile": 99.99,
-    "reduce_range": True, "float_layers": [],
-}
-
-
-def scheme_of(spec: QuantizeSpec, reduce_range: bool = True) -> dict[str, Any]:
-    """The quantization scheme of a quantize stage as plain data (kept on the graph).
-
-    Args:
-        spec: the stage's options.
-        reduce_range: 7-bit weights (the deployment target has no VNNI or is unknown;
-            see :mod:`pqd.target`); False: full 8-bit weights (``x86-vnni``).
-    """
-    return {
-        "mode": spec.mode, "granularity": spec.weights.granularity,
-        "weight_symmetric": spec.weights.symmetric, "weight_bits": spec.weights.bits,
-        "activation_symmetric": spec.activations.symmetric,
-        "observer": spec.activations.observer, "percentile": spec.activations.percentile,
-        "reduce_range": reduce_range, "float_layers": [],
-    }
-
-
-def weight_range(scheme: dict[str, Any]) -> tuple[int, int]:
-    """``(quant_min, quant_max)`` of the scheme's integer weights.
-
-    INT4 is [-8, 7]; dynamic weights are narrow and symmetric (onnxruntime's integer ops);
-    ``reduce_range`` keeps 8-bit weights in 7 bits so that no pair of them can saturate
-    the int16 sums of x86 kernels without VNNI. Schemes saved before ``reduce_range``
-    existed were full 8-bit.
-    """
-    reduced = bool(scheme.get("reduce_range", False))
-    if scheme["weight_bits"] == 4:
-        return -8, 7
-    if scheme["mode"] == "dynamic":
-        return (-63, 63) if reduced else (-127, 127)
-    return (-64, 63) if reduced else (-128, 127)
-
-
-def graphs_in(model: nn.Module) -> list[tuple[str, torch.fx.GraphModule]]:
-    """``(name, graph)`` for every PT2E graph in ``model`` (the model itself when it is one)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.fx.GraphModule)]
-
-
-def quant_scheme(model: nn.Module) -> dict[str, Any]:
-    """The scheme stored on the model's (first) quantized graph; the default if none is."""
-    for _, g in graphs_in(model):
-        if META_KEY in g.meta:
-            return g.meta[META_KEY]
-    return copy.deepcopy(DEFAULT_SCHEME)
-
-
-def precision_label(scheme: dict[str, Any]) -> str:
-    """Short text for the record: ``int8``, ``int8-dynamic``, ``int4w-uint8a``, ``+fp32``..."""
-    if scheme["mode"] == "dynamic":
-        label = "int8-dynamic"
-    else:
-        act = "int8a" if scheme["activation_symmetric"] else "uint8a"
-        label = "int8" if scheme["weight_bits"] == 8 and act == "uint8a" else \
-            f"int{scheme['weight_bits']}w-{act}"
-    n_float = len(scheme.get("float_layers", []))
-    return label + (f"+fp32({n_float} layers)" if n_float else "")
-
-
-# ---------------------------------------------------------------------------- quantizer
-
-
-@functools.cache
-def dynamic_fake_quantize() -> type:
-    """The dynamic activation fake-quantizer class (built on first use: torchao is imported
-    lazily, it takes over a second)."""
-    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
-
-    class _DynamicActFakeQuantize(FakeQuantizeBase):
-        """uint8 fake-quant whose range is each call's own min/max (with 0 inside), as
-        onnxruntime's DynamicQuantizeLinear computes it at run time. Gradients pass straight
-        through inside the range. There is nothing to observe: ``observer_enabled`` (shared
-        eval switch) changes nothing."""
-
-        def __init__(self, **_: Any) -> None:
-            super().__init__()
-            self.dtype = torch.uint8
-            self.is_dynamic = True
-
-        def calculate_qparams(self, **_: Any):
-            raise RuntimeError("dynamic fake-quant has no fixed qparams")
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if not int(self.fake_quant_enabled[0]):
-                return x
-            v = x.detach()
-            lo = torch.clamp(v.min(), max=0.0).float()
-            hi = torch.clamp(v.max(), min=0.0).float()
-            scale = torch.clamp((hi - lo) / 255.0, min=1e-12).reshape(1)
-            zp = torch.clamp(torch.round(-lo / scale), 0, 255).to(torch.int32).reshape(1)
-            return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
-
-    return _DynamicActFakeQuantize
-
-
-def quantization_config(scheme: dict[str, Any]):  # -> (QuantizationConfig, weight spec)
-    """torchao QAT config for ``scheme``, and the weight spec to put on every conv/linear.
-
-    The second item differs from the config's weight spec only for asymmetric weights:
-    torchao's quantizers reject asymmetric weight schemes, so the config carries the
-    symmetric twin and :func:`ort_quantizer` swaps the real one in after annotation.
-    """
-    from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
-    from torchao.quantization.pt2e.observer import (
-        MovingAverageMinMaxObserver,
-        MovingAveragePerChannelMinMaxObserver,
-    )
-    from torchao.quantization.pt2e.quantizer import QuantizationSpec
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import QuantizationConfig
-
-    dynamic = scheme["mode"] == "dynamic"
-    if dynamic:
-        act = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255,
-                               qscheme=torch.per_tensor_affine, is_dynamic=False,
-                               observer_or_fake_quant_ctr=dynamic_fake_quantize().with_args())
-    elif scheme["activation_symmetric"]:
-        act = QuantizationSpec(
-            dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
-            is_dynamic=False,
-            observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(eps=_EPS))
-    else:  # torchao's x86 default
-        act = QuantizationSpec(
-            dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
-            is_dynamic=False,
-            observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(eps=_EPS))
-    qmin, qmax = weight_range(scheme)
-    per_channel = scheme["granularity"] == "per_channel"
-
-    def weight_spec(symmetric: bool) -> Any:
-        if per_channel:
-            qscheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
-            obs = MovingAveragePerChannelMinMaxObserver
-        else:
-            qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
-            obs = MovingAverageMinMaxObserver
-        return QuantizationSpec(
-            dtype=torch.int8, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
-            ch_axis=0 if per_channel else None, is_dynamic=False,
-            observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
-                observer=obs, eps=_EPS))
-
-    config = QuantizationConfig(act, act, weight_spec(True), None, True)
-    return config, weight_spec(scheme["weight_symmetric"])
-
-
-def ort_quantizer(is_qat: bool = True, scheme: dict[str, Any] | None = None):
-    """The X86InductorQuantizer recipe, annotated for onnxruntime QDQ fusion (see module doc).
-
-    ``scheme`` (default: U8S8 per-channel int8) picks the weight/activation specs; in
-    dynamic mode only conv/linear inputs and weights are quantized, as onnxruntime's
-    integer ops do.
-    """
-    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
-
-    scheme = scheme or DEFAULT_SCHEME
-    static = scheme["mode"] != "dynamic"
-    default = static and not scheme.get("reduce_range", False) and all(
-        scheme[k] == DEFAULT_SCHEME[k] for k in _TYPE_KEYS if k != "reduce_range")
-    if default:  # exactly torchao's x86 recipe (full 8-bit weights: the x86-vnni target)
-        config, weight_qspec = get_default_x86_inductor_quantization_config(is_qat=is_qat), None
-    else:
-        config, weight_qspec = quantization_config(scheme)
-
-    class OrtQDQQuantizer(X86InductorQuantizer):
-        # conv(+bn)+add(+relu) fusions leave the conv output unquantized: onnxruntime
-        # then keeps that conv in float. Skip them; the conv(+bn)(+relu) patterns apply.
-        def _annotate_qat_conv2d_bn_binary_unary(self, *a, **k): return None
-        def _annotate_qat_conv2d_bn_binary(self, *a, **k): return None
-        def _annotate_conv2d_binary_unary(self, *a, **k): return None
-        def _annotate_conv2d_binary(self, *a, **k): return None
-
-        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            super().annotate(model)
-            qspec = self.global_config.input_activation
-            for node in model.graph.nodes:
-                if node.op != "call_function":
-                    continue
-                ann = node.meta.get(ANNOTATION)
-                if node.target in _WEIGHT_OPS and ann is not None and weight_qspec is not None:
-                    w = node.args[1]
-                    if ann.input_qspec_map.get(w) is not None:
-                        ann.input_qspec_map[w] = weight_qspec
-                if not static:
-                    continue
-                if node.target in _ADD_OPS:
-                    _annotate_add(node, qspec, QuantizationAnnotation)
-                elif (node.target == torch.ops.aten.linear.default and ann is not None
-                      and ann.output_qspec is None):
-                    ann.output_qspec = qspec
-            if not static:  # dynamic: only conv/linear inputs carry activation quantizers
-                for node in model.graph.nodes:
-                    ann = node.meta.get(ANNOTATION)
-                    if ann is not None and node.target not in _WEIGHT_OPS:
-                        ann.input_qspec_map = {}
-                        ann.output_qspec = None
-            return model
-
-    quantizer = OrtQDQQuantizer()
-    quantizer.set_global(config)
-    return quantizer
-
-
-def _annotate_add(node: torch.fx.Node, qspec, annotation_cls) -> None:
-    val = node.meta.get("val")
-    inputs = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
-    # only float tensor adds (BN's num_batches_tracked += 1 is an add too)
-    if val is None or not getattr(val, "is_floating_point", lambda: False)() or len(inputs) != 2:
-        return
-    users = list(node.users)
-    if len(users) == 1 and users[0].target in _RELU_OPS:
-        node.meta[ANNOTATION] = annotation_cls(
-            input_qspec_map={a: qspec for a in inputs}, _annotated=True)
-        users[0].meta[ANNOTATION] = annotation_cls(output_qspec=qspec, _annotated=True)
-    else:
-        node.meta[ANNOTATION] = annotation_cls(
-            input_qspec_map={a: qspec for a in inputs}, output_qspec=qspec, _annotated=True)
-
-
-def capture(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
-    """``torch.export`` (strict, dynamic batch) of ``model`` as a GraphModule."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    model = model.to(memory_format=torch.contiguous_format)
-    try:
-        ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=True)
-    except Exception as exc:
-        raise ModelError(
-            f"quantize: torch.export could not capture the model ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})",
-            "remove data-dependent control flow and padding='same' from forward()",
-        ) from None
-    return ep.module()
-
-
-def _is_fake_quant(graph: torch.fx.GraphModule, node: Any) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_module" and hasattr(
-        graph.get_submodule(str(node.target)), "fake_quant_enabled")
-
-
-def unquantized_weights(graph: torch.fx.GraphModule) -> list[str]:
-    """Names of conv/linear nodes whose weight does not pass through a fake-quantizer."""
-    return [node.name for node in graph.graph.nodes
-            if node.op == "call_function" and node.target in _WEIGHT_OPS
-            and not _is_fake_quant(graph, node.args[1])]
-
-
-def prepare_qat(model: nn.Module, example: torch.Tensor,
-                scheme: dict[str, Any] | None = None) -> torch.fx.GraphModule:
-    """Capture ``model`` and insert fake-quantizers; every conv/linear weight must get one."""
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-
-    _pt2e_cache.install()
-    scheme = copy.deepcopy(scheme or DEFAULT_SCHEME)
-    bn_settings = {(m.eps, m.momentum) for m in model.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    set_train(model, True)
-    graph = prepare_qat_pt2e(capture(model, example), ort_quantizer(True, scheme))
-    _restore_bn_settings(graph, bn_settings)
-    missing = unquantized_weights(graph)
-    if missing:
-        raise ModelError(
-            f"quantize: {len(missing)} conv/linear layers got no INT8 weight quantizer "
-            f"({', '.join(missing[:4])})",
-            "use conv -> BatchNorm -> ReLU blocks with numeric padding (see pqd.models)",
-        )
-    graph.meta[META_KEY] = scheme
-    return graph
-
-
-@torch.no_grad()
-def refresh_bn_stats(model: nn.Module, loader, batches: int, device: torch.device) -> int:
-    """Re-estimate every BatchNorm's running mean and variance as the plain average over
-    ``batches`` batches of ``loader`` (the rest of the model stays in eval mode).
-
-    Why before QAT: PT2E folds each BN into its conv with the *running* variance, the
-    activation ranges are calibrated with the running statistics, but QAT trains with the
-    batch statistics. After a short baseline the running averages lag far behind the
-    weights (momentum 0.1 remembers ~10 steps), so the train-mode activations overflow
-    the calibrated ranges, the clamped convs' outputs have a tiny batch variance, and
-    every BN's backward pass multiplies the gradient by gamma / that std: on a 50-conv
-    depthwise net (MobileNetV2) the first QAT gradient norm reached 1e5-1e10.
-    With statistics that match the weights the three agree. A well-trained baseline's
-    statistics barely change.
-
-    Args:
-        model: an eager model (a captured graph has no BN modules: nothing happens).
-        loader: yields ``(images, labels)`` batches.
-        batches: how many batches to average over.
-        device: where the model is.
-
-    Returns:
-        Images seen (0: the statistics were left as they were).
-    """
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return 0
-    saved = [(m, m.momentum, copy.deepcopy(m.state_dict())) for m in bns]
-    was = model.training
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches seen
-        m.train()
-    forward = model.forward_all if isinstance(model, MultiExitNet) else model
-    seen = 0
-    try:
-        for i, (x, _) in enumerate(loader):
-            if i >= batches:
-                break
-            if x.shape[0] < 2:  # one image has no batch variance
-                continue
-            forward(x.to(device))
-            seen += x.shape[0]
-    finally:
-        for m, momentum, state in saved:
-            m.momentum = momentum
-            if seen == 0:
-                m.load_state_dict(state)
-        model.train(was)
-    return seen
-
-
-def prepare_qat_parts(net: nn.Module, example: torch.Tensor,
-                      scheme: dict[str, Any] | None = None) -> nn.Module:
-    """Per-part QAT for a multi-exit net: every segment and head becomes its own PT2E graph
-    with its own fake-quantizers (each part is exported to its own ONNX file). Parameter
-    names do not change (a part keeps its internal names)."""
-    from pqd.models.multi_exit import part_inputs
-
-    inputs = part_inputs(net, example)
-    for name, part in list(net.parts()):
-        net.set_part(name, prepare_qat(part, inputs[name], scheme))
-    tie_boundary_quantizers(net)
-    return net
-
-
-def _fq_target(graph: torch.fx.GraphModule, node: Any) -> str | None:
-    if isinstance(node, torch.fx.Node) and node.op == "call_module" and hasattr(
-            graph.get_submodule(str(node.target)), "observer_enabled"):
-        return str(node.target)
-    return None
-
-
-def tie_boundary_quantizers(net: nn.Module) -> int:
-    """Make the next segment and the head read a segment's output with the segment's own
-    output fake-quantizer (one shared module): at a boundary the INT8 files then
-    dequantize and re-quantize with the same scale, which is exact, so the segments run
-    one by one give the same numbers as the same segments chained into one graph.
-    Returns how many input quantizers now share their producer's."""
-    tied = 0
-    for k in range(len(net.segments) - 1):
-        seg = net.segments[k]
-        output = next(n for n in seg.graph.nodes if n.op == "output")
-        produced = output.args[0]
-        src = _fq_target(seg, produced[0] if isinstance(produced, (tuple, list)) else produced)
-        if src is None:
-            continue  # the segment ends in float: the next parts keep their own quantizers
-        shared = seg.get_submodule(src)
-        for reader in (net.segments[k + 1], net.heads[k]):
-            placeholder = next(n for n in reader.graph.nodes if n.op == "placeholder")
-            fqs = [t for u in placeholder.users if (t := _fq_target(reader, u))]
-            if len(fqs) == 1:
-                reader.set_submodule(fqs[0], shared)  # type: ignore[attr-defined]
-                tied += 1
-    return tied
-
-
-def _restore_bn_settings(graph: torch.fx.GraphModule, settings: set[tuple[float, float]]) -> None:
-    """prepare_qat_pt2e's conv-BN fusion resets BN momentum/eps to 0.1/1e-5: put them back."""
-    if len(settings) != 1:
-        return  # mixed settings cannot be mapped back node by node; keep torchao's
-    eps, momentum = next(iter(settings))
-    if (eps, momentum) == (1e-5, 0.1):
-        return
-    for node in graph.graph.nodes:
-        if node.op == "call_function" and "batch_norm" in str(node.target):
-            args = list(node.args)
-            # aten.batch_norm / _native_batch_norm_legit: (..., training, momentum, eps)
-            if len(args) >= 3 and isinstance(args[-1], float) and isinstance(args[-2], float):
-                args[-2], args[-1] = momentum, eps
-                node.args = tuple(args)
-    graph.recompile()
-
-
-# ---------------------------------------------------------------------------- layers
-
-
-@dataclass
-class LayerQuant:
-    """The fake-quantizers of one conv/linear layer in a prepared graph.
-
-    ``weight_fq`` / ``input_fqs`` are model-qualified fake-quantizer names (as
-    :func:`fake_quantizers` yields them); ``*_node`` are their call_module nodes.
-    """
-
-    name: str  # eager module path, e.g. net.features.1.0.0
-    op: str  # conv | linear
-    graph: torch.fx.GraphModule
-    node: torch.fx.Node
-    weight_node: torch.fx.Node | None
-    input_nodes: list[torch.fx.Node] = field(default_factory=list)
-    prefix: str = ""
-
-    def qualified(self, node: torch.fx.Node) -> str:
-        return f"{self.prefix}.{node.target}" if self.prefix else str(node.target)
-
-    @property
-    def weight_fq(self) -> str | None:
-        return None if self.weight_node is None else self.qualified(self.weight_node)
-
-    @property
-    def input_fqs(self) -> list[str]:
-        return [self.qualified(n) for n in self.input_nodes]
-
-
-def _module_path(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return node.name
-    return str(list(stack.values())[-1][0])
-
-
-def quantized_layers(model: nn.Module) -> dict[str, LayerQuant]:
-    """Every conv/linear layer of the model's graphs, by eager module path (in graph order)."""
-    layers: dict[str, LayerQuant] = {}
-    for prefix, graph in graphs_in(model):
-        for node in graph.graph.nodes:
-            if node.op != "call_function" or node.target not in _WEIGHT_OPS:
-                continue
-            name = _module_path(node)
-            w, x = node.args[1], node.args[0]
-            layers[f"{prefix}.{name}" if prefix else name] = LayerQuant(
-                name=f"{prefix}.{name}" if prefix else name,
-                op="linear" if node.target == torch.ops.aten.linear.default else "conv",
-                graph=graph, node=node,
-                weight_node=w if _is_fake_quant(graph, w) else None,
-                input_nodes=[x] if _is_fake_quant(graph, x) else [], prefix=prefix)
-    return layers
-
-
-def fake_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(model-qualified name, module)`` for every fake-quantizer in the model's graphs."""
-    for prefix, graph in graphs_in(model):
-        for name, mod in graph.named_children():
-            if hasattr(mod, "fake_quant_enabled"):
-                yield (f"{prefix}.{name}" if prefix else name), mod
-
-
-def float_layer_quantizers(model: nn.Module, names: list[str]) -> set[str]:
-    """The fake-quantizers that keeping ``names`` in float removes: their weights', and
-    their inputs' where every consumer of that input is kept float too."""
-    layers = quantized_layers(model)
-    chosen = {layers[n].node for n in names}
-    out: set[str] = set()
-    for n in names:
-        lq = layers[n]
-        if lq.weight_node is not None:
-            out.add(lq.qualified(lq.weight_node))
-        for fq in lq.input_nodes:
-            if all(u in chosen for u in fq.users):
-                out.add(lq.qualified(fq))
-    return out
-
-
-def keep_float(model: nn.Module, names: list[str]) -> None:
-    """Remove the fake-quantizers of layers ``names`` (see :func:`float_layer_quantizers`)
-    from the graphs, so those layers train and export in float."""
-    unknown = sorted(set(names) - set(quantized_layers(model)))
-    if unknown:
-        raise RecipeError(f"quantize: no conv/linear layer named {unknown[0]!r}",
-                          "name layers as `pqd sensitivity` lists them")
-    layers = quantized_layers(model)
-    drop = float_layer_quantizers(model, names)
-    for prefix, graph in graphs_in(model):
-        for node in list(graph.graph.nodes):
-            qual = f"{prefix}.{node.target}" if prefix else str(node.target)
-            if node.op == "call_module" and qual in drop:
-                node.replace_all_uses_with(node.args[0])
-                graph.graph.erase_node(node)
-                graph.delete_submodule(str(node.target))
-        graph.recompile()
-        scheme = graph.meta.setdefault(META_KEY, copy.deepcopy(DEFAULT_SCHEME))
-        chosen = set(scheme.get("float_layers", [])) | set(names)
-        scheme["float_layers"] = [n for n in layers if n in chosen and layers[n].graph is graph]
-
-
-# ---------------------------------------------------------------------------- calibration
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, loader, batches: int, device: torch.device,
-              scheme: dict[str, Any] | None = None) -> int:
-    """Set every activation range from ``batches`` batches of ``loader``; returns images seen.
-
-    The float network runs (fake-quant off); weight quantizers observe their weights;
-    each static activation quantizer gets the range of ``scheme["observer"]`` over the
-    batches (:class:`pqd.calibration.TensorStats`). Afterwards fake-quant is on and
-    activation observers are off, except in QAT with minmax ranges, where torchao's
-    moving average goes on tracking them during training.
-    """
-    scheme = scheme or quant_scheme(model)
-    weight_names = {lq.weight_fq for lq in quantized_layers(model).values() if lq.weight_fq}
-    fqs = dict(fake_quantizers(model))
-    acts = {n: m for n, m in fqs.items() if n not in weight_names
-            and not getattr(m, "is_dynamic", False)}
-    for name, m in fqs.items():
-        m.fake_quant_enabled[0] = 0
-        m.observer_enabled[0] = 1 if name in weight_names else 0
-    stats = {n: TensorStats() for n in acts}
-    observer = scheme["observer"]
-    symmetric = scheme["activation_symmetric"]
-    set_train(model, False)
-    multi = isinstance(model, MultiExitNet)
-
-    def run(observe) -> int:
-        hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: observe(stats[n], args[0]))
-                 for n, m in acts.items()]
-        seen = 0
-        try:
-            for i, (x, _) in enumerate(loader):
-                if i >= batches:
-                    break
-                if multi:
-                    model.forward_all(x.to(device))  # the exit heads' quantizers too
-                else:
-                    model(x.to(device))
-                seen += x.shape[0]
-        finally:
-            for h in hooks:
-                h.remove()
-        return seen
-
-    seen = run(lambda s, x: s.observe_range(x))
-    if observer != "minmax":
-        for s in stats.values():
-            s.start_histogram(symmetric or observer == "entropy")
-        run(lambda s, x: s.observe_histogram(x))
-    for name, m in acts.items():
-        s = stats[name]
-        if s.hi < s.lo:  # never reached (dead branch): keep torchao's defaults
-            continue
-        nonneg = s.lo >= 0.0 and not symmetric
-        lo, hi = s.range(observer, symmetric=symmetric, levels=256 if nonneg else 128,
-                         percentile=scheme["percentile"])
-        obs = m.activation_post_process
-        obs.min_val.resize_(()).fill_(lo)
-        obs.max_val.resize_(()).fill_(hi)
-        scale, zp = obs.calculate_qparams()
-        m.scale.resize_(scale.shape).copy_(scale)
-        m.zero_point.resize_(zp.shape).copy_(zp)
-    for name in weight_names:  # the fused observer computes qparams only with fake-quant on
-        m = fqs[name]
-        scale, zp = m.calculate_qparams()
-        m.scale.resize_(scale.shape).copy_(scale)
-        m.zero_point.resize_(zp.shape).copy_(zp)
-    track = scheme["mode"] == "qat" and observer == "minmax"
-    for name, m in fqs.items():
-        m.fake_quant_enabled[0] = 1
-        if name in acts:
-            m.observer_enabled[0] = 1 if track else 0
-    return seen
-
-
-# ---------------------------------------------------------------------------- the stage
 
 
 def _calibration_loader(ctx: Context, spec: QuantizeSpec, batch_size: int):
@@ -658,51 +31,62 @@ def _calibration_loader(ctx: Context, spec: QuantizeSpec, batch_size: int):
     if spec.mode == "ptq" or spec.mixed_precision is not None:
         raise RecipeError(
             "quantize: PTQ calibration and mixed precision use the validation split, "
-            "which is empty", "set data.val_size > 0")
-    return "train", ctx.loader("train", batch_size, seed=ctx.stage_seed, shuffle=True)
+            "which is empty",
+            "set data.val_size > 0",
+        )
+    return "train", ctx.loader("train", batch_size, seed=ctx.seed, shuffle=True)
 
 
 @register_stage("quantize")
 def apply_quantize(state: State, spec: QuantizeSpec, ctx: Context) -> State:
     """Insert fake-quant (once), calibrate on val, choose mixed precision, then fine-tune
     (QAT, dynamic with epochs) or stop (PTQ)."""
-    cfg = ctx.stage_train()
+    cfg = ctx.train
     scheme = scheme_of(spec, reduces_range(ctx.target))
     if not state.quantized:
         # QAT, or a later stage, trains the graph: see refresh_bn_stats
         state.info["bn_stats_images"] = refresh_bn_stats(
-                state.model, ctx.loader("train", cfg.batch_size, seed=ctx.stage_seed,
-                                        shuffle=True), spec.calibration_batches, ctx.device)
+            state.model,
+            ctx.loader("train", cfg.batch_size, seed=ctx.seed, shuffle=True),
+            spec.calibration_batches,
+            ctx.device,
+        )
         if isinstance(state.model, MultiExitNet):  # exits attached: one graph per part
-            state.model = prepare_qat_parts(state.model, ctx.example_input(),
-                                            scheme).to(ctx.device)
+            state.model = prepare_qat_parts(state.model, ctx.example_input(), scheme).to(ctx.device)
         else:
             state.model = prepare_qat(state.model, ctx.example_input(), scheme).to(ctx.device)
         state.quantized = True
         split, calib = _calibration_loader(ctx, spec, cfg.batch_size)
         state.info["calibration_split"] = split
         state.info["calibration_images"] = calibrate(
-            state.model, calib, spec.calibration_batches, ctx.device, scheme)
+            state.model, calib, spec.calibration_batches, ctx.device, scheme
+        )
         if spec.mixed_precision is not None:
-            from pqd.sensitivity import choose_mixed_precision
+            from pqd.quant.sensitivity import choose_mixed_precision
 
-            state.info.update(choose_mixed_precision(
-                state.model, ctx.loader("val", 256), ctx.device, spec.mixed_precision))
+            state.info.update(
+                choose_mixed_precision(
+                    state.model, ctx.loader("val", 256), ctx.device, spec.mixed_precision
+                )
+            )
             keep_float(state.model, state.info["float_layers"])
     else:
         have = quant_scheme(state.model)
-        same = all(have.get(k, False) == scheme[k] for k in _TYPE_KEYS) and (
-            (have["mode"] == "dynamic") == (spec.mode == "dynamic"))
+        same = all(have.get(k, False) == scheme[k] for k in TYPE_KEYS) and (
+            (have["mode"] == "dynamic") == (spec.mode == "dynamic")
+        )
         if not same or spec.mixed_precision is not None:
             raise RecipeError(
                 "quantize: the model is already quantized; a repeated quantize stage only "
                 "continues fine-tuning and cannot change the scheme or choose mixed precision",
                 "give it the same mode (static or dynamic) and weights/activations options, "
-                "without mixed_precision, or remove it")
-        state.info["note"] = "already quantized: this stage continues fine-tuning (no new " \
-                             "calibration)"
+                "without mixed_precision, or remove it",
+            )
+        state.info["note"] = (
+            "already quantized: this stage continues fine-tuning (no new calibration)"
+        )
     state.info["scheme"] = {**quant_scheme(state.model)}
     state.info["precision"] = precision_label(quant_scheme(state.model))
     if spec.mode != "ptq":
-        ctx.fit(state, cfg, spec.epochs, seed=ctx.stage_seed, desc=ctx.stage_desc)
+        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, desc=ctx.desc)
     return state

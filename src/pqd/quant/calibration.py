@@ -66,8 +66,9 @@ class TensorStats:
         h = torch.histc(v.cpu(), bins=len(self.hist), min=self.span_lo, max=self.span_hi)
         self.hist += h.double()
 
-    def range(self, observer: str, *, symmetric: bool, levels: int,
-              percentile: float = 99.99) -> tuple[float, float]:
+    def range(
+        self, observer: str, *, symmetric: bool, levels: int, percentile: float = 99.99
+    ) -> tuple[float, float]:
         """The (low, high) quantization range by ``observer`` (minmax | percentile | entropy)."""
         lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
         if symmetric:
@@ -79,8 +80,9 @@ class TensorStats:
             raise RuntimeError(f"observer {observer!r} needs a histogram (pass 2)")
         hist = self.hist.numpy()
         if observer == "percentile":
-            return percentile_range(hist, self.span_lo, self.span_hi, percentile,
-                                    magnitude=self.symmetric)
+            return percentile_range(
+                hist, self.span_lo, self.span_hi, percentile, magnitude=self.symmetric
+            )
         if observer == "entropy":
             if not self.symmetric:
                 raise RuntimeError("entropy calibration works on a histogram of |x|")
@@ -104,8 +106,9 @@ def _quantile(hist: np.ndarray, lo: float, hi: float, q: float) -> float:
     return lo + (i + min(max(frac, 0.0), 1.0)) * width
 
 
-def percentile_range(hist: np.ndarray, lo: float, hi: float, percentile: float, *,
-                     magnitude: bool) -> tuple[float, float]:
+def percentile_range(
+    hist: np.ndarray, lo: float, hi: float, percentile: float, *, magnitude: bool
+) -> tuple[float, float]:
     """Range clipped at ``percentile`` (e.g. 99.99) from a histogram over ``[lo, hi]``.
 
     ``magnitude``: the histogram is of ``|x|``: returns ``(-t, t)`` with ``t`` its

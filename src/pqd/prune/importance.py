@@ -2,8 +2,8 @@
 
 Every criterion is a function ``score(model, batches, loss_fn, names) -> {name: scores}``
 returning one float tensor per named parameter, shaped like it; a HIGHER score means
-MORE important (kept longer). Masks (:mod:`pqd.stages.prune`) and channel surgery
-(:mod:`pqd.stages.prune_channels`) only ever read these dicts.
+MORE important (kept longer). Masks (:mod:`pqd.prune.masks`) and channel surgery
+(:mod:`pqd.prune.channels`) only ever read these dicts.
 
 ``batches`` is a list of ``(x, y)`` training batches, ``loss_fn(logits, y, x)`` the loss
 whose gradient the criterion uses (cross-entropy, or the KD loss against the teacher
@@ -68,8 +68,9 @@ def _params(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Param
     return {n: params[n] for n in names}
 
 
-def _batch_grads(model: nn.Module, batches: Batches, loss_fn: LossFn,
-                 params: dict[str, nn.Parameter]) -> Iterable[dict[str, torch.Tensor]]:
+def _batch_grads(
+    model: nn.Module, batches: Batches, loss_fn: LossFn, params: dict[str, nn.Parameter]
+) -> Iterable[dict[str, torch.Tensor]]:
     """Yield ``{name: gradient}`` of ``loss_fn`` for each batch (fp32, eval mode)."""
     if not batches:
         raise ValueError("gradient-based criteria need at least one batch")
@@ -79,12 +80,18 @@ def _batch_grads(model: nn.Module, batches: Batches, loss_fn: LossFn,
             x, y = x.to(device), y.to(device)
             loss = loss_fn(model(x).float(), y, x)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            yield {n: (torch.zeros_like(p) if g is None else g.detach())
-                   for (n, p), g in zip(params.items(), grads, strict=True)}
+            yield {
+                n: (torch.zeros_like(p) if g is None else g.detach())
+                for (n, p), g in zip(params.items(), grads, strict=True)
+            }
 
 
-def mean_gradient(model: nn.Module, batches: Batches, loss_fn: LossFn = cross_entropy,
-                  names: Iterable[str] | None = None) -> Scores:
+def mean_gradient(
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: LossFn = cross_entropy,
+    names: Iterable[str] | None = None,
+) -> Scores:
     """Mean over ``batches`` of the loss gradient of each named parameter."""
     params = _params(model, names)
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
@@ -94,23 +101,35 @@ def mean_gradient(model: nn.Module, batches: Batches, loss_fn: LossFn = cross_en
     return {n: t / len(batches) for n, t in total.items()}
 
 
-def magnitude(model: nn.Module, batches: Batches | None = None, loss_fn: LossFn | None = None,
-              names: Iterable[str] | None = None) -> Scores:
+def magnitude(
+    model: nn.Module,
+    batches: Batches | None = None,
+    loss_fn: LossFn | None = None,
+    names: Iterable[str] | None = None,
+) -> Scores:
     """``|w|`` (needs no data)."""
     del batches, loss_fn
     return {n: p.detach().abs().float() for n, p in _params(model, names).items()}
 
 
-def taylor(model: nn.Module, batches: Batches, loss_fn: LossFn = cross_entropy,
-           names: Iterable[str] | None = None) -> Scores:
+def taylor(
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: LossFn = cross_entropy,
+    names: Iterable[str] | None = None,
+) -> Scores:
     """``|w * g|``: first-order estimate of the loss change when ``w`` is set to zero."""
     params = _params(model, names)
     g = mean_gradient(model, batches, loss_fn, params)
     return {n: (p.detach().float() * g[n]).abs() for n, p in params.items()}
 
 
-def fisher(model: nn.Module, batches: Batches, loss_fn: LossFn = cross_entropy,
-           names: Iterable[str] | None = None) -> Scores:
+def fisher(
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: LossFn = cross_entropy,
+    names: Iterable[str] | None = None,
+) -> Scores:
     """``0.5 * mean_b (w * g_b)^2``: the empirical Fisher of a multiplicative weight mask."""
     params = _params(model, names)
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
@@ -120,16 +139,24 @@ def fisher(model: nn.Module, batches: Batches, loss_fn: LossFn = cross_entropy,
     return {n: 0.5 * t / len(batches) for n, t in total.items()}
 
 
-def snip(model: nn.Module, batches: Batches, loss_fn: LossFn = cross_entropy,
-         names: Iterable[str] | None = None) -> Scores:
+def snip(
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: LossFn = cross_entropy,
+    names: Iterable[str] | None = None,
+) -> Scores:
     """``|w * g|`` normalised to sum to 1 over all scored weights (connection sensitivity)."""
     raw = taylor(model, batches, loss_fn, names)
     total = sum(float(s.sum()) for s in raw.values())
     return {n: s / total if total > 0 else s for n, s in raw.items()}
 
 
-def grasp(model: nn.Module, batches: Batches, loss_fn: LossFn = cross_entropy,
-          names: Iterable[str] | None = None) -> Scores:
+def grasp(
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: LossFn = cross_entropy,
+    names: Iterable[str] | None = None,
+) -> Scores:
     """``w * (H g)``: Hessian-gradient product of the loss, ``g`` the mean gradient.
 
     ``H g`` is the gradient of ``g . grad L(w)`` (``g`` held constant), averaged over the
@@ -145,8 +172,9 @@ def grasp(model: nn.Module, batches: Batches, loss_fn: LossFn = cross_entropy,
             x, y = x.to(device), y.to(device)
             loss = loss_fn(model(x).float(), y, x)
             grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
-            z = sum((gr * g[n]).sum() for n, gr in zip(params, grads, strict=True)
-                    if gr is not None)
+            z = sum(
+                (gr * g[n]).sum() for n, gr in zip(params, grads, strict=True) if gr is not None
+            )
             if not isinstance(z, torch.Tensor) or not z.requires_grad:
                 continue  # no parameter reached the loss twice-differentiably
             second = torch.autograd.grad(z, plist, allow_unused=True)
@@ -156,8 +184,12 @@ def grasp(model: nn.Module, batches: Batches, loss_fn: LossFn = cross_entropy,
     return {n: p.detach().float() * hg[n] / len(batches) for n, p in params.items()}
 
 
-def movement(model: nn.Module, batches: Batches, loss_fn: LossFn = cross_entropy,
-             names: Iterable[str] | None = None) -> Scores:
+def movement(
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: LossFn = cross_entropy,
+    names: Iterable[str] | None = None,
+) -> Scores:
     """``-sum_b w * g_b``: how much one gradient step per batch would move ``w`` away from 0."""
     params = _params(model, names)
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
@@ -168,13 +200,22 @@ def movement(model: nn.Module, batches: Batches, loss_fn: LossFn = cross_entropy
 
 
 SCORERS: dict[str, Callable[..., Scores]] = {
-    "magnitude": magnitude, "taylor": taylor, "fisher": fisher, "snip": snip, "grasp": grasp,
+    "magnitude": magnitude,
+    "taylor": taylor,
+    "fisher": fisher,
+    "snip": snip,
+    "grasp": grasp,
     "movement": movement,
 }
 
 
-def score(criterion: str, model: nn.Module, batches: Batches | None,
-          loss_fn: LossFn = cross_entropy, names: Iterable[str] | None = None) -> Scores:
+def score(
+    criterion: str,
+    model: nn.Module,
+    batches: Batches | None,
+    loss_fn: LossFn = cross_entropy,
+    names: Iterable[str] | None = None,
+) -> Scores:
     """Scores of ``criterion`` (one of :data:`CRITERIA`) for the named parameters."""
     if criterion not in SCORERS:
         raise ValueError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
@@ -192,8 +233,9 @@ class MovementTracker:
 
     def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
         self.params = _params(model, names)
-        self.scores: Scores = {n: torch.zeros_like(p, dtype=torch.float32)
-                               for n, p in self.params.items()}
+        self.scores: Scores = {
+            n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()
+        }
         self.steps = 0
 
     @torch.no_grad()

@@ -1,0 +1,148 @@
+"""pqd's house: imports point down the layers, and there is no import circle but the model
+registry's. The graph holds every import of every module, those inside functions included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx  # (a torch dependency)
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# lower layers first; a module may import its own layer and the ones above it in this list
+LAYERS: list[tuple[str, ...]] = [
+    (
+        "pqd.errors",
+        "pqd._quiet",
+        "pqd._version",
+        "pqd.recipe",
+        "pqd.checkpoint",
+        "pqd.state",
+        "pqd.registry",
+    ),  # data and contracts
+    (
+        "pqd.data",
+        "pqd.models",
+        "pqd.train",
+        "pqd.measure.env",
+        "pqd.target",
+        "pqd._pt2e_cache",
+    ),  # data, nets, training
+    ("pqd.quant",),  # PT2E, calibration, sensitivity
+    ("pqd.export",),  # ONNX files
+    ("pqd.measure",),  # measuring files
+    ("pqd.prune",),  # importance, masks, surgery
+    ("pqd.exits",),  # exit heads, exit runtime
+    ("pqd.measure.audit", "pqd.measure.corruptions"),  # audit (exits included)
+    ("pqd.context",),  # what a stage reads
+    ("pqd.stages",),  # one thin apply per file
+    ("pqd.engine", "pqd.resume"),  # the stage loop, run folders
+    ("pqd.markdown",),  # report text pieces
+    ("pqd.pipeline", "pqd.report", "pqd.report_audit"),  # pqd run, records, reports
+    ("pqd.api", "pqd.search"),  # pqd.compress, pqd search
+    ("pqd.cli", "pqd"),  # the command, the package
+]
+REGISTRY_CYCLE = {"pqd.registry", "pqd.models"}  # the zoo registers itself when imported
+
+
+def module_names() -> dict[str, Path]:
+    out = {}
+    for path in (SRC / "pqd").rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def import_graph() -> nx.DiGraph:
+    """Module -> imported pqd module, for every import statement anywhere in the file."""
+    mods = module_names()
+    graph = nx.DiGraph()
+    for name, path in mods.items():
+        graph.add_node(name)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # ``from pkg import submodule`` imports the submodule; else the module itself
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module
+                    for a in node.names
+                ]
+            for target in targets:
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph.add_edge(name, target)
+    return graph
+
+
+def layer_of(module: str) -> int:
+    best = (-1, -1)  # (prefix length, layer): the most specific entry wins
+    for i, layer in enumerate(LAYERS):
+        for prefix in layer:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best[0]:
+                best = (len(prefix), i)
+    assert best[1] >= 0, f"{module} is in no layer: add it to LAYERS"
+    return best[1]
+
+
+def in_registry_cycle(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in REGISTRY_CYCLE)
+
+
+def test_the_graph_sees_imports_inside_functions() -> None:
+    graph = import_graph()
+    # pipeline imports the exits runtime only inside a function (an early-exit run)
+    assert graph.has_edge("pqd.pipeline", "pqd.exits.runtime")
+    assert graph.number_of_edges() > 150
+
+
+def test_no_import_circle_but_the_model_registry() -> None:
+    circles = [
+        sorted(c)
+        for c in nx.strongly_connected_components(import_graph())
+        if len(c) > 1 and not all(in_registry_cycle(m) for m in c)
+    ]
+    assert circles == []
+
+
+def test_imports_point_down_the_layers() -> None:
+    up = [
+        f"{a} -> {b}"
+        for a, b in import_graph().edges
+        if layer_of(b) > layer_of(a) and not (in_registry_cycle(a) and in_registry_cycle(b))
+    ]
+    assert up == []
+
+
+def test_a_stage_imports_no_sibling_stage_nor_what_runs_it() -> None:
+    graph = import_graph()
+    stages = [m for m in graph if m.startswith("pqd.stages.")]
+    assert sorted(m.rsplit(".", 1)[1] for m in stages) == [
+        "distill",
+        "early_exit",
+        "prune",
+        "prune_channels",
+        "quantize",
+    ]
+    bad = [
+        f"{a} -> {b}"
+        for a in stages
+        for b in graph.successors(a)
+        if b.startswith("pqd.stages")
+        or b in ("pqd.pipeline", "pqd.resume", "pqd.search", "pqd.cli", "pqd.engine", "pqd.api")
+    ]
+    assert bad == []
+
+
+def test_the_rules_can_fail() -> None:
+    """The checks above see a forbidden edge and a circle when one is there."""
+    graph = import_graph()
+    graph.add_edge("pqd.export", "pqd.stages.quantize")
+    assert layer_of("pqd.stages.quantize") > layer_of("pqd.export")
+    graph.add_edge("pqd.stages.quantize", "pqd.export")
+    assert any(len(c) > 1 and "pqd.export" in c for c in nx.strongly_connected_components(graph))
