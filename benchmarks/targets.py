@@ -34,7 +34,9 @@ def _log(msg: str) -> None:
     print(f"[targets] {msg}", file=sys.stderr, flush=True)
 
 
-def train(recipe: Path, out: Path, data_dir: str | None) -> dict[str, float]:
+def train(
+    recipe: Path, out: Path, data_dir: str | None, overrides: list[str] | None = None
+) -> dict[str, float]:
     """``pqd run`` once per target (the second resumes from a copy of the first's folder);
     returns each command's wall seconds."""
     walls: dict[str, float] = {}
@@ -49,6 +51,7 @@ def train(recipe: Path, out: Path, data_dir: str | None) -> dict[str, float]:
             "--out",
             str(folder),
             "--no-progress",
+            *(overrides or []),
             f"export.target={target}",
         ]
         if data_dir:
@@ -207,9 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         help="latency panels, each with another file first; p50 = their median",
     )
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for both runs, e.g. --set seed=1 "
+        "--set baseline.checkpoint=runs/targets/portable/baseline.safetensors",
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    walls = train(args.recipe, args.out, args.data_dir)
+    walls = train(args.recipe, args.out, args.data_dir, args.set)
     result = measure(args.out, args.data_dir, args.threads, args.repeats, args.panels)
     result.update(walls_s=walls, wall_s=round(time.perf_counter() - t0, 1))
     print(table(result))
