@@ -43,6 +43,30 @@ from pqd.train import evaluate
 RECORD_VERSION = 1
 
 
+def recipe_data(recipe: Recipe, data_dir: str | None = None) -> Any:
+    """The recipe's data set (``pqd.data.Dataset``), from ``data_dir`` (else
+    ``PQD_DATA_DIR``, else ``data.root``), split and limited as the recipe says.
+
+    Args:
+        recipe: the job (its ``data`` section and ``seed``, which carves the val split).
+        data_dir: a folder given on the command line, or None.
+
+    Returns:
+        The loaded data set.
+    """
+    from pqd.data import load_dataset, resolve_data_root
+
+    return load_dataset(
+        recipe.data.dataset,
+        resolve_data_root(data_dir, recipe.data.root),
+        val_size=recipe.data.val_size,
+        seed=recipe.seed,
+        download=recipe.data.download,
+        limit_train=recipe.data.limit_train,
+        limit_test=recipe.data.limit_test,
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -173,7 +197,6 @@ def run(
     :func:`measure_run` measures the artifacts later, e.g. on another machine or after
     other trainings have finished (``pqd search`` measures on its driver, one run at a time).
     """
-    from pqd.data import load_dataset, resolve_data_root
     from pqd.models import build_model
 
     t_start = time.perf_counter()
@@ -187,16 +210,7 @@ def run(
     if measure:
         check_runtimes(recipe)
     resolve_device(recipe.device)
-    root = resolve_data_root(data_dir, recipe.data.root)
-    data = load_dataset(
-        recipe.data.dataset,
-        root,
-        val_size=recipe.data.val_size,
-        seed=recipe.seed,
-        download=recipe.data.download,
-        limit_train=recipe.data.limit_train,
-        limit_test=recipe.data.limit_test,
-    )
+    data = recipe_data(recipe, data_dir)
 
     def build() -> torch.nn.Module:
         return build_model(
@@ -548,7 +562,6 @@ def measure_run(
     ``final.onnx`` side by side as ``pqd run`` does, writes ``record.json`` + ``report.md``
     and removes ``pending.json``. ``where`` is recorded in ``record["measurement"]``.
     """
-    from pqd.data import load_dataset, resolve_data_root
     from pqd.measure.artifacts import measure_onnx
     from pqd.recipe import recipe_from_dict
 
@@ -561,16 +574,7 @@ def measure_run(
     pending = json.loads(pending_path.read_text(encoding="utf-8"))
     recipe = recipe_from_dict(pending["recipe"], str(pending_path))
     spec = measure_spec(recipe)
-    root = resolve_data_root(data_dir, recipe.data.root)
-    data = load_dataset(
-        recipe.data.dataset,
-        root,
-        val_size=recipe.data.val_size,
-        seed=recipe.seed,
-        download=recipe.data.download,
-        limit_train=recipe.data.limit_train,
-        limit_test=recipe.data.limit_test,
-    )
+    data = recipe_data(recipe, data_dir)
     with np.load(out / REFERENCE_FILE) as refs:
         references = {k: refs[k] for k in refs.files}
     t0 = time.perf_counter()
@@ -782,7 +786,6 @@ def run_sensitivity(
     per-layer sensitivity on the val split; writes ``sensitivity.json`` into ``out``."""
     from pqd.checkpoint import save_checkpoint
     from pqd.context import Context
-    from pqd.data import load_dataset, resolve_data_root
     from pqd.engine import baseline, seed_everything
     from pqd.models import build_model
     from pqd.pipeline import resolve_device
@@ -792,15 +795,7 @@ def run_sensitivity(
 
     t0 = time.perf_counter()
     device = resolve_device(recipe.device)
-    data = load_dataset(
-        recipe.data.dataset,
-        resolve_data_root(data_dir, recipe.data.root),
-        val_size=recipe.data.val_size,
-        seed=recipe.seed,
-        download=recipe.data.download,
-        limit_train=recipe.data.limit_train,
-        limit_test=recipe.data.limit_test,
-    )
+    data = recipe_data(recipe, data_dir)
     if len(data.val_y) == 0:
         from pqd.errors import RecipeError
 
@@ -888,7 +883,6 @@ def audit_run(
     Returns:
         The updated record.
     """
-    from pqd.data import load_dataset, resolve_data_root
     from pqd.errors import PqdError
     from pqd.measure.artifacts import runtime_logits
     from pqd.measure.audit import ARTIFACTS, attach, audit_artifacts, latency_tail
@@ -917,16 +911,7 @@ def audit_run(
     spec = spec.model_copy(
         update={"runtimes": [primary] + [r for r in spec.runtimes if r != primary]}
     )
-    root = resolve_data_root(data_dir, recipe.data.root)
-    data = load_dataset(
-        recipe.data.dataset,
-        root,
-        val_size=recipe.data.val_size,
-        seed=recipe.seed,
-        download=recipe.data.download,
-        limit_train=recipe.data.limit_train,
-        limit_test=recipe.data.limit_test,
-    )
+    data = recipe_data(recipe, data_dir)
     logits = {}
     runners = {}
     for name, p in paths.items():
