@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from onnx import helper, numpy_helper
 
-from pqd import _pt2e_cache
+import pqd._pt2e_cache as _pt2e_cache
 from pqd.train import set_train
 
 INPUT_NAME = "input"

@@ -139,7 +139,7 @@ def set_train(model: nn.Module, train: bool) -> None:
             move_exported_model_to_train,
         )
 
-        from pqd import _pt2e_cache
+        import pqd._pt2e_cache as _pt2e_cache
 
         _pt2e_cache.install()  # the switch re-traces patterns: trace them once
 

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pqd import _pt2e_cache
+import pqd._pt2e_cache as _pt2e_cache
 from pqd.errors import ModelError, RecipeError
 from pqd.models.multi_exit import MultiExitNet
 from pqd.quant.calibration import TensorStats

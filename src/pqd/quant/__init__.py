@@ -1,0 +1,2 @@
+"""Quantization machinery: the PT2E scheme and quantizer, range calibration, layer
+sensitivity. The quantize stage (:mod:`pqd.stages.quantize`) is a thin layer over it."""
