@@ -20,7 +20,13 @@ from tqdm.auto import tqdm
 from pqd.export import parity, torch_predict
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.latency import compare_latency
-from pqd.measure.runtime import open_runner, ort_kernels, runtime_versions
+from pqd.measure.runtime import (
+    float_islands,
+    open_runner,
+    ort_kernels,
+    ort_optimized,
+    runtime_versions,
+)
 from pqd.measure.saturation import saturation
 from pqd.recipe import MeasureSpec
 
@@ -127,7 +133,9 @@ def measure_onnx(
                 "parity": parity(reference[name], logits[: len(reference[name])]),
             }
             if rt == "onnxruntime":  # which kernels run: fused INT8 ops or float ones
-                results[name]["runtimes"][rt]["kernels"] = ort_kernels(artifacts[name])
+                optimized = ort_optimized(artifacts[name])
+                results[name]["runtimes"][rt]["kernels"] = ort_kernels("", proto=optimized)
+                results[name]["runtimes"][rt].update(float_islands(optimized))
         for b in spec.batch_sizes:
             warmup = warmup_for(b, spec.warmup)
             timed = (
