@@ -227,3 +227,54 @@ def test_openvino_is_imported_without_telemetry(tmp_path: Path, through_pqd: boo
     ).stdout.split()
     assert out[-1] == str(not through_pqd)
     assert (tmp_path / "intel").exists() is (not through_pqd)
+
+
+# ops that onnxruntime 1.32 has no integer kernel for (activations); everything else must
+# run in integer in an INT8 file
+ACTIVATION_ISLANDS = {"HardSigmoid", "Mul", "Sigmoid", "Gelu", "QuickGelu"}
+
+
+def blocks_int8(tmp_path: Path, data, name: str) -> tuple[Path, torch.nn.Module]:
+    """tiny_blocks (depthwise, grouped, squeeze-excite, concat, residuals, pools), prepared,
+    calibrated on real images and exported as INT8."""
+    from pqd.quant.pt2e import calibrate
+
+    torch.manual_seed(0)
+    model = build_model("tiny_blocks", data.num_classes, data.mean, data.std).eval()
+    x = data.train_x[:32].float() / 255
+    graph = prepare_qat(model, x[:2])
+    loader = [(x[i : i + 16], None) for i in (0, 16)]
+    calibrate(graph, loader, 2, torch.device("cpu"))
+    return export_onnx(graph, tmp_path / f"{name}.onnx", x[:2], quantized=True)
+
+
+def test_mobile_blocks_run_as_integer_kernels(
+    tmp_path: Path, subset_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pqd.data import load_dataset
+    from pqd.measure.runtime import float_islands, ort_optimized
+
+    data = load_dataset("cifar10", subset_dir, download=False, limit_train=64, limit_test=64)
+    path, deploy = blocks_int8(tmp_path, data, "fixed")
+    optimized = ort_optimized(path)
+    kernels = ort_kernels(path, proto=optimized)
+    islands = float_islands(optimized)
+    float_ops = {row["op"]: row["count"] for row in islands["float_ops"]}
+    assert kernels["QLinearConv"] == 10 and not {"Conv", "FusedConv"} & set(kernels)
+    assert set(float_ops) <= ACTIVATION_ISLANDS, float_ops  # no float conv, pool, cat, add
+    assert kernels["QLinearMul"] == 1  # the squeeze-excite gate
+    assert kernels["QLinearConcat"] == 1 and kernels["QLinearAdd"] == 2
+    assert kernels["NhwcMaxPool"] == 1 and "MaxPool" not in kernels  # uint8 max pool
+    assert islands["transposes"] <= 2  # the input's and the classifier's
+    assert all(row["why"] for row in islands["float_ops"])
+    x = data.test_x.float().numpy() / 255
+    with torch.no_grad():
+        ref = deploy(torch.from_numpy(x)).numpy()
+    assert parity(ref, open_runner("onnxruntime", path, threads=1).run(x))["top1_agreement"] >= 0.9
+
+    # the x86 recipe alone: the same net keeps float convs and the float gate
+    monkeypatch.setattr("pqd.quant.pt2e.close_float_islands", lambda *a, **k: 0)
+    before = float_islands(ort_optimized(blocks_int8(tmp_path, data, "x86")[0]))
+    ops = {row["op"] for row in before["float_ops"]}
+    assert {"Conv", "FusedConv"} & ops and "Mul" in ops
+    assert before["transposes"] > islands["transposes"]

@@ -142,3 +142,36 @@ def test_labels_of_points_sharing_a_size_do_not_overlap() -> None:
         for b in boxes[i + 1 :]:
             assert not a.overlaps(b)
     plt.close(fig)
+
+
+def test_report_names_the_fastest_runtime_per_batch_and_float_ops() -> None:
+    from pqd.measure.artifacts import fastest_runtimes
+
+    rec = record()
+    final = rec["final"]
+
+    def lat(p1: float, p64: float) -> dict[str, Any]:
+        return {"batches": {"1": {"p50": p1}, "64": {"p50": p64}}, "p50": p1, "p90": p1}
+
+    ov = copy.deepcopy(final["runtimes"]["onnxruntime"])
+    final["runtimes"]["onnxruntime"]["latency_ms"] = lat(1.0, 30.0)
+    final["runtimes"]["onnxruntime"]["settings"] = {"intra_op_threads": 2}
+    final["runtimes"]["onnxruntime"]["float_ops"] = [
+        {"op": "HardSigmoid", "count": 2, "why": "no integer HardSwish kernel"}
+    ]
+    final["runtimes"]["onnxruntime"]["transposes"] = 2
+    ov["latency_ms"], ov["settings"] = lat(0.8, 35.0), {"threads": 2, "static_batch": 1}
+    final["runtimes"]["openvino"] = ov
+    fastest = fastest_runtimes(final["runtimes"])
+    assert fastest["1"]["runtime"] == "openvino" and fastest["1"]["p50_ms"] == 0.8
+    assert fastest["64"]["runtime"] == "onnxruntime"
+    assert fastest["1"]["settings"] == {"threads": 2, "static_batch": 1}
+    assert fastest["64"]["others_p50_ms"] == {"openvino": 35.0}
+    final["fastest"] = fastest
+    md = render_markdown(rec)
+    assert "Deploy with openvino" in md  # ties go to batch 1's winner
+    assert "batch 1 (openvino 0.800 ms vs onnxruntime 1.000)" in md
+    assert "64 (onnxruntime 30.000 ms vs openvino 35.000)" in md
+    assert "HardSigmoid x2 (no integer HardSwish kernel); 2 layout transposes" in md
+    final["fastest"]["1"] = {**fastest["64"], "p50_ms": 0.5}
+    assert "Deploy with onnxruntime" in render_markdown(rec)

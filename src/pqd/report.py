@@ -248,6 +248,7 @@ def render_markdown(record: dict[str, Any]) -> str:
             rt_rows,
         )
     )
+    lines += deploy_lines(final)
     lines += [
         "",
         "Top-1 agreement: the share of test images where the ONNX file in this "
@@ -369,6 +370,32 @@ def early_exit_section(ee: dict[str, Any]) -> list[str]:
         f"{lat['samples'] // lat['rounds']} test images, rows taking turns); "
         f"{ee['runtime']}; files and thresholds in `{ee['manifest']}`.",
     ]
+    return lines
+
+
+def deploy_lines(final: dict[str, Any]) -> list[str]:
+    """ "Deploy with X" for the final artifact (the runtime fastest at most measured batch
+    sizes), each batch's winner with its settings, and what onnxruntime runs in float."""
+    fastest = final.get("fastest") or {}
+    if not fastest:
+        return []
+    votes = [f["runtime"] for f in fastest.values()]
+    pick = max(dict.fromkeys(votes), key=votes.count)
+    lines = ["", f"Deploy with {pick}: the fastest runtime for the final artifact at batch "]
+    lines[-1] += ", ".join(
+        f"{b} ({f['runtime']} {f['p50_ms']:.3f} ms"
+        + "".join(f" vs {rt} {v:.3f}" for rt, v in f["others_p50_ms"].items())
+        + ")"
+        for b, f in fastest.items()
+    )
+    lines[-1] += f". Settings: {notes_text(fastest[next(iter(fastest))]['settings'])}."
+    ort = final.get("runtimes", {}).get("onnxruntime", {})
+    if "float_ops" in ort and "int8" in str(final.get("precision", "")):
+        ops = "; ".join(f"{r['op']} x{r['count']} ({r['why']})" for r in ort["float_ops"])
+        lines.append(
+            f"onnxruntime runs in float: {ops or 'nothing (every op is integer)'}; "
+            f"{ort['transposes']} layout transposes."
+        )
     return lines
 
 

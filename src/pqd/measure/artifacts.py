@@ -20,7 +20,13 @@ from tqdm.auto import tqdm
 from pqd.export import parity, torch_predict
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.latency import compare_latency
-from pqd.measure.runtime import open_runner, ort_kernels, runtime_versions
+from pqd.measure.runtime import (
+    float_islands,
+    open_runner,
+    ort_kernels,
+    ort_optimized,
+    runtime_versions,
+)
 from pqd.measure.saturation import saturation
 from pqd.recipe import MeasureSpec
 
@@ -127,7 +133,9 @@ def measure_onnx(
                 "parity": parity(reference[name], logits[: len(reference[name])]),
             }
             if rt == "onnxruntime":  # which kernels run: fused INT8 ops or float ones
-                results[name]["runtimes"][rt]["kernels"] = ort_kernels(artifacts[name])
+                optimized = ort_optimized(artifacts[name])
+                results[name]["runtimes"][rt]["kernels"] = ort_kernels("", proto=optimized)
+                results[name]["runtimes"][rt].update(float_islands(optimized))
         for b in spec.batch_sizes:
             warmup = warmup_for(b, spec.warmup)
             timed = (
@@ -164,9 +172,39 @@ def measure_onnx(
                     )
     primary = spec.runtimes[0]
     for res in results.values():
+        res["fastest"] = fastest_runtimes(res["runtimes"])
         head = res["runtimes"][primary]
         res["accuracy"] = head["accuracy"]
         res["latency_ms"] = head["latency_ms"]
         res["parity"] = head["parity"]
         res["runtime"] = primary
     return results
+
+
+def fastest_runtimes(runtimes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The runtime with the lowest p50 at each measured batch size, and how it was set up.
+
+    Args:
+        runtimes: one artifact's ``runtimes`` record (per runtime: ``latency_ms.batches``
+            with p50 in ms, and the ``settings`` it was opened with).
+
+    Returns:
+        ``{batch: {"runtime", "p50_ms", "settings", "others_p50_ms": {runtime: p50}}}``
+        (batch as text, as in the record).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    batches = {b for r in runtimes.values() for b in r.get("latency_ms", {}).get("batches", {})}
+    for b in sorted(batches, key=int):
+        p50 = {
+            rt: r["latency_ms"]["batches"][b]["p50"]
+            for rt, r in runtimes.items()
+            if b in r.get("latency_ms", {}).get("batches", {})
+        }
+        best = min(p50, key=lambda rt: p50[rt])
+        out[b] = {
+            "runtime": best,
+            "p50_ms": p50[best],
+            "settings": runtimes[best].get("settings", {}),
+            "others_p50_ms": {rt: v for rt, v in p50.items() if rt != best},
+        }
+    return out

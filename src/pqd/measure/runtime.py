@@ -99,11 +99,10 @@ def _ort(path: Path, threads: int, all_outputs: bool = False, spinning: bool = T
     )
 
 
-def ort_kernels(path: str | Path, threads: int = 1) -> dict[str, int]:
-    """Op counts of the graph onnxruntime really runs (after its graph optimizations,
-    e.g. QDQ Conv groups fused into QLinearConv; float convs show as Conv/FusedConv)."""
+def ort_optimized(path: str | Path, threads: int = 1) -> Any:
+    """The ONNX graph onnxruntime really runs (after its graph optimizations, e.g. QDQ
+    Conv groups fused into QLinearConv, NCHW -> NHWC layout), as an ``onnx.ModelProto``."""
     import tempfile
-    from collections import Counter
 
     import onnx
     import onnxruntime as ort
@@ -115,8 +114,99 @@ def ort_kernels(path: str | Path, threads: int = 1) -> dict[str, int]:
         so.log_severity_level = 3
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        proto = onnx.load(so.optimized_model_filepath, load_external_data=False)
+        return onnx.load(so.optimized_model_filepath, load_external_data=False)
+
+
+def ort_kernels(path: str | Path, threads: int = 1, proto: Any = None) -> dict[str, int]:
+    """Op counts of the graph onnxruntime really runs (:func:`ort_optimized`, or ``proto``
+    when already optimized; float convs show as Conv/FusedConv)."""
+    from collections import Counter
+
+    proto = proto if proto is not None else ort_optimized(path, threads)
     return dict(sorted(Counter(n.op_type for n in proto.graph.node).items()))
+
+
+# ops whose output is an integer tensor in onnxruntime's optimized graph
+_INT_OUT = {
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+    "QLinearSoftmax",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
+    "QLinearConcat",
+    "QLinearMatMul",
+    "QLinearWhere",
+    "ConvInteger",
+    "MatMulInteger",
+}
+# moving or reshaping data: never counted as a float island of their own
+_LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+_WHY = {
+    "Conv": "float conv: a quantizer is missing on its input, weight or output",
+    "FusedConv": "float conv: a quantizer is missing on its input, weight or output",
+    "Gemm": "float linear: a quantizer is missing on its input, weight or output",
+    "MatMul": "float matmul: a quantizer is missing on its input or weight",
+    "HardSigmoid": "no integer HardSigmoid / HardSwish kernel in onnxruntime",
+    "HardSwish": "no integer HardSwish kernel in onnxruntime",
+    "Gelu": "no integer GELU kernel in onnxruntime",
+    "QuickGelu": "no integer SiLU / QuickGelu kernel in onnxruntime",
+    "Erf": "no integer GELU kernel in onnxruntime",
+    "Tanh": "no integer Tanh kernel in onnxruntime",
+    "Sigmoid": "the sigmoid inside SiLU (x * sigmoid(x) is one activation, no quantizer between)",
+    "Mul": "the product inside HardSwish / SiLU (x * gate(x)), or a product of two "
+    "tensors without quantizers",
+    "MaxPool": "float max pool: its input and output quantizers differ",
+    "Concat": "float concat: an input or the output has no quantizer",
+    "Add": "float add: an input or the output has no quantizer",
+}
+
+
+def float_islands(proto: Any) -> dict[str, Any]:
+    """Where an onnxruntime-optimized QDQ graph (:func:`ort_optimized`) leaves integer
+    arithmetic: each op that runs on a dequantized (float) tensor, and the layout
+    transposes.
+
+    Float tensors before the first QuantizeLinear (the input normalization) and the
+    final DequantizeLinear are not islands. An elementwise op next to another island op
+    (e.g. the ``Mul`` of ``x * HardSigmoid(x)``) is listed with it.
+
+    Args:
+        proto: an ``onnx.ModelProto`` as onnxruntime optimized it.
+
+    Returns:
+        ``float_ops``: ``[{op, count, why}]`` (empty: every op between the first
+        quantization and the logits runs in integer); ``transposes``: Transpose count.
+    """
+    from collections import Counter
+
+    inits = {i.name for i in proto.graph.initializer}
+    dequantized: set[str] = set()  # float tensors computed from a dequantized activation
+    islands: Counter[str] = Counter()
+    for node in proto.graph.node:
+        acts = [i for i in node.input if i and i not in inits]
+        if node.op_type == "DequantizeLinear":
+            if acts:  # an activation (weights are initializers)
+                dequantized.update(node.output)
+            continue
+        if node.op_type in _INT_OUT or (node.op_type == "QGemm" and len(node.input) > 7):
+            continue
+        if any(i in dequantized for i in acts):
+            dequantized.update(node.output)
+            if node.op_type not in _LAYOUT and node.op_type != "QuantizeLinear":
+                islands[node.op_type] += 1
+    ops = [
+        {"op": op, "count": n, "why": _WHY.get(op, "elementwise op on a float tensor")}
+        for op, n in sorted(islands.items())
+    ]
+    return {
+        "float_ops": ops,
+        "transposes": sum(n.op_type == "Transpose" for n in proto.graph.node),
+    }
 
 
 def import_openvino() -> Any:

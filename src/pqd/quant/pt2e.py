@@ -323,6 +323,8 @@ def ort_quantizer(is_qat: bool = True, scheme: dict[str, Any] | None = None):
                     and ann.output_qspec is None
                 ):
                     ann.output_qspec = qspec
+            if static:
+                close_float_islands(model, qspec, QuantizationAnnotation)
             if not static:  # dynamic: only conv/linear inputs carry activation quantizers
                 for node in model.graph.nodes:
                     ann = node.meta.get(ANNOTATION)
@@ -352,6 +354,105 @@ def _annotate_add(node: torch.fx.Node, qspec, annotation_cls) -> None:
         node.meta[ANNOTATION] = annotation_cls(
             input_qspec_map={a: qspec for a in inputs}, output_qspec=qspec, _annotated=True
         )
+
+
+def _is_float_tensor(node: Any) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val is not None and getattr(val, "is_floating_point", lambda: False)()
+
+
+def _edge_quantized(producer: torch.fx.Node, consumer: torch.fx.Node) -> bool:
+    ann, own = producer.meta.get(ANNOTATION), consumer.meta.get(ANNOTATION)
+    return (ann is not None and ann.output_qspec is not None) or (
+        own is not None and own.input_qspec_map.get(producer) is not None
+    )
+
+
+def _quantize_edge(producer: Any, consumer: torch.fx.Node, qspec, annotation_cls) -> None:
+    """Quantize the tensor ``producer`` -> ``consumer``: at the producer's output when the
+    quantizer annotated the producer (a conv whose activation it fused, a BN output),
+    otherwise on the consumer's input."""
+    if not _is_float_tensor(producer) or _edge_quantized(producer, consumer):
+        return
+    ann = producer.meta.get(ANNOTATION)
+    if ann is not None and producer.op == "call_function":
+        ann.output_qspec = qspec
+        ann._annotated = True
+        return
+    own = consumer.meta.setdefault(ANNOTATION, annotation_cls(_annotated=True))
+    own.input_qspec_map[producer] = qspec
+
+
+# activations that onnxruntime cannot fold into a QLinearConv (relu / relu6 / hardtanh it
+# can: their range is the output quantizer's); quantizing their input and output lets the
+# conv before them and the op after them run in integer
+_UNARY_OPS = {
+    getattr(torch.ops.aten, f"{name}{suffix}").default
+    for name in ("hardswish", "silu", "hardsigmoid", "sigmoid", "tanh")
+    for suffix in ("", "_")
+} | {torch.ops.aten.gelu.default}
+_MUL_OPS = {torch.ops.aten.mul.Tensor, torch.ops.aten.mul_.Tensor}
+_MAXPOOL_OPS = {torch.ops.aten.max_pool2d.default}
+
+
+def close_float_islands(model: torch.fx.GraphModule, qspec, annotation_cls) -> int:
+    """Annotate the blocks of mobile nets that torchao's x86 recipe leaves float in a QDQ
+    file, so that onnxruntime fuses them into integer kernels.
+
+    - conv -> hardswish / SiLU / GELU / sigmoid / hardsigmoid: the x86 recipe quantizes
+      only the activation's output (its own kernels fuse the activation into the conv);
+      onnxruntime has no such fusion and then runs the conv in float. The conv output is
+      quantized too (QLinearConv), and so is the activation's output.
+    - ``x * gate`` of two tensors (squeeze-excite): both inputs and the output (QLinearMul).
+    - ``torch.cat``: every input and the output (QLinearConcat).
+    - max pooling whose input is already quantized: the output shares that quantizer, and
+      its own input quantizer is dropped; same scale on both sides lets onnxruntime run
+      MaxPool on the uint8 tensor (it drops the Q/DQ pair only when the two are equal).
+
+    Args:
+        model: the captured graph, after the x86 annotation.
+        qspec: the activation QuantizationSpec.
+        annotation_cls: torchao's QuantizationAnnotation.
+
+    Returns:
+        How many nodes were (re)annotated.
+    """
+    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
+
+    done = 0
+    for node in model.graph.nodes:
+        if node.op != "call_function" or not _is_float_tensor(node):
+            continue
+        if node.target in _UNARY_OPS or node.target in _MUL_OPS:
+            inputs = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+            if node.target in _MUL_OPS and not (
+                len(inputs) == 2 and all(_is_float_tensor(a) for a in inputs)
+            ):
+                continue  # a scale by a constant: no integer op to gain
+            inputs = inputs[:1] if node.target in _UNARY_OPS else inputs
+        elif node.target == torch.ops.aten.cat.default:
+            inputs = [a for a in node.args[0] if isinstance(a, torch.fx.Node)]
+        elif node.target in _MAXPOOL_OPS:
+            src = node.args[0]
+            src_ann = src.meta.get(ANNOTATION) if isinstance(src, torch.fx.Node) else None
+            if src_ann is None or src_ann.output_qspec is None:
+                continue
+            ann = node.meta.setdefault(ANNOTATION, annotation_cls(_annotated=True))
+            ann.input_qspec_map.pop(src, None)
+            ann._annotated = True
+            ann.output_qspec = SharedQuantizationSpec(src)
+            done += 1
+            continue
+        else:
+            continue
+        for a in inputs:
+            _quantize_edge(a, node, qspec, annotation_cls)
+        ann = node.meta.setdefault(ANNOTATION, annotation_cls(_annotated=True))
+        if ann.output_qspec is None:
+            ann.output_qspec = qspec
+        ann._annotated = True
+        done += 1
+    return done
 
 
 def capture(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
