@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.export",),  # ONNX files
     ("pqd.measure",),  # measuring files
     ("pqd.prune",),  # importance, masks, surgery
+    ("pqd.latency_model",),  # measured per-layer tables of the target CPU (pqd plan)
     ("pqd.exits",),  # exit heads, exit runtime
     ("pqd.measure.audit", "pqd.measure.corruptions"),  # audit (exits included)
     ("pqd.context",),  # what a stage reads
