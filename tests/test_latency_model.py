@@ -10,39 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import pqd.latency_model as lmod
-from helpers import tiny
+from helpers import fake_latency, tiny
 from pqd.latency_model import LatencyModel, bilinear, fit_overhead, monotone
 
 EXAMPLE = torch.rand(2, 3, 32, 32)
-
-
-def fake_timing(monkeypatch, noise: float = 0.0, seed: int = 0) -> dict[str, int]:
-    """Replace every measurement by a MACs-based time (+ multiplicative noise); counts calls."""
-    from pqd.prune.channels import count_macs
-
-    calls = {"pieces": 0, "networks": 0}
-    rng = np.random.default_rng(seed)
-
-    def pieces(self, missing):
-        calls["pieces"] += len(missing)
-        out = {}
-        for key, (lay, cin, cout) in missing.items():
-            module, example = lmod.piece_module(lay, cin, cout)
-            macs = count_macs(module, example[:1]) if lay.kind == "conv" else cin * cout
-            out[key] = (0.01 + macs * 1e-7) * (1 + noise * rng.uniform(-1, 1))
-        return out
-
-    def networks(self, candidates):
-        calls["networks"] += len(candidates)
-        return {
-            n: 0.02 + count_macs(self.candidate_model(r), self.example[:1]) * 1e-7
-            for n, r in candidates.items()
-        }
-
-    monkeypatch.setattr(LatencyModel, "_measure_pieces", pieces)
-    monkeypatch.setattr(LatencyModel, "measure", networks)
-    return calls
 
 
 def test_widths_match_real_surgery() -> None:
@@ -65,7 +36,7 @@ def test_widths_match_real_surgery() -> None:
 def test_prediction_never_falls_when_a_width_grows_even_with_noisy_pieces(
     monkeypatch, tmp_path
 ) -> None:
-    fake_timing(monkeypatch, noise=0.5)  # pieces 50% noisy: the raw table is not monotone
+    fake_latency(monkeypatch, noise=0.5)  # pieces 50% noisy: the raw table is not monotone
     lm = LatencyModel(
         tiny("tiny_resnet"), EXAMPLE, levels=(0.25, 0.5, 0.75, 1.0), round_to=2, cache_dir=tmp_path
     ).build()
@@ -87,7 +58,7 @@ def test_cache_is_keyed_by_machine_and_runtime_version(monkeypatch, tmp_path) ->
     import pqd.measure.env as env
     import pqd.measure.runtime as rt
 
-    calls = fake_timing(monkeypatch)
+    calls = fake_latency(monkeypatch)
     net = tiny("tiny_cnn")
     first = LatencyModel(net, EXAMPLE, levels=(0.5, 1.0), cache_dir=tmp_path).build()
     n_pieces = calls["pieces"]
@@ -116,7 +87,7 @@ def test_cache_is_keyed_by_machine_and_runtime_version(monkeypatch, tmp_path) ->
     monkeypatch.undo()
 
     # a file under this name whose fingerprint differs is not trusted
-    fake_timing(monkeypatch)
+    fake_latency(monkeypatch)
     text = first.cache_file.read_text()
     first.cache_file.write_text(text.replace('"threads": 2', '"threads": 64'))
     rebuilt = LatencyModel(net, EXAMPLE, levels=(0.5, 1.0), cache_dir=tmp_path).build()
@@ -124,7 +95,7 @@ def test_cache_is_keyed_by_machine_and_runtime_version(monkeypatch, tmp_path) ->
 
 
 def test_fastest_and_dense_are_the_grid_ends(monkeypatch, tmp_path) -> None:
-    fake_timing(monkeypatch)
+    fake_latency(monkeypatch)
     lm = LatencyModel(tiny("tiny_resnet"), EXAMPLE, round_to=2, cache_dir=tmp_path).build()
     dense, fastest = lm.predict({}), lm.predict(lm.uniform(lm.levels[0]))
     assert fastest < dense

@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.engine", "pqd.resume"),  # the stage loop, run folders
     ("pqd.markdown",),  # report text pieces
     ("pqd.pipeline", "pqd.report", "pqd.report_audit"),  # pqd run, records, reports
-    ("pqd.api", "pqd.search"),  # pqd.compress, pqd search
+    ("pqd.api", "pqd.search", "pqd.planner"),  # pqd.compress, pqd search, pqd plan
     ("pqd.cli", "pqd"),  # the command, the package
 ]
 REGISTRY_CYCLE = {"pqd.registry", "pqd.models"}  # the zoo registers itself when imported
