@@ -262,3 +262,46 @@ def make_ctx(
 def run_stages(job: Job, state: State) -> State:
     """Apply the recipe's stages in order, through the pipeline's loop."""
     return job.run_stages(state)
+
+
+def fake_latency(monkeypatch: Any, noise: float = 0.0, seed: int = 0) -> dict[str, int]:
+    """Replace the latency model's measurements (pieces, whole candidates) and the final
+    latency panel by a MACs-based time, ``0.02 + MACs * 1e-7`` ms for networks (pieces
+    ``0.01 + MACs * 1e-7``, times ``1 + noise * U(-1, 1)``), so that budgets are exact on a
+    shared machine. Returns the call counts (``pieces``, ``networks``, ``panel``)."""
+    import pqd.latency_model as lmod
+    import pqd.search as search
+    from pqd.measure.complexity import onnx_complexity
+    from pqd.prune.channels import count_macs
+
+    calls = {"pieces": 0, "networks": 0, "panel": 0}
+    rng = np.random.default_rng(seed)
+
+    def pieces(self: Any, missing: dict[str, Any]) -> dict[str, float]:
+        calls["pieces"] += len(missing)
+        out = {}
+        for key, (lay, cin, cout) in missing.items():
+            module, example = lmod.piece_module(lay, cin, cout)
+            macs = count_macs(module, example[:1]) if lay.kind == "conv" else cin * cout
+            out[key] = (0.01 + macs * 1e-7) * (1 + noise * rng.uniform(-1, 1))
+        return out
+
+    def networks(self: Any, candidates: dict[str, Any]) -> dict[str, float]:
+        calls["networks"] += len(candidates)
+        return {
+            n: 0.02 + count_macs(self.candidate_model(r), self.example[:1]) * 1e-7
+            for n, r in candidates.items()
+        }
+
+    def panel(paths: dict[str, Path], spec: Any, **_: Any) -> dict[str, dict[str, float]]:
+        calls["panel"] += len(paths)
+        out = {}
+        for name, p in paths.items():
+            ms = 0.02 + onnx_complexity(p)["macs"] * 1e-7
+            out[name] = {"p50": ms, "p90": ms, "mean": ms}
+        return out
+
+    monkeypatch.setattr(lmod.LatencyModel, "_measure_pieces", pieces)
+    monkeypatch.setattr(lmod.LatencyModel, "measure", networks)
+    monkeypatch.setattr(search, "latency_panel", panel)
+    return calls

@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.export",),  # ONNX files
     ("pqd.measure",),  # measuring files
     ("pqd.prune",),  # importance, masks, surgery
+    ("pqd.latency_model",),  # measured per-layer tables of the target CPU (pqd plan)
     ("pqd.exits",),  # exit heads, exit runtime
     ("pqd.measure.audit", "pqd.measure.corruptions"),  # audit (exits included)
     ("pqd.context",),  # what a stage reads
@@ -40,7 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.engine", "pqd.resume"),  # the stage loop, run folders
     ("pqd.markdown",),  # report text pieces
     ("pqd.pipeline", "pqd.report", "pqd.report_audit"),  # pqd run, records, reports
-    ("pqd.api", "pqd.search"),  # pqd.compress, pqd search
+    ("pqd.api", "pqd.search", "pqd.planner"),  # pqd.compress, pqd search, pqd plan
     ("pqd.cli", "pqd"),  # the command, the package
 ]
 REGISTRY_CYCLE = {"pqd.registry", "pqd.models"}  # the zoo registers itself when imported

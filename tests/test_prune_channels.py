@@ -327,7 +327,7 @@ def test_iterative_channel_schedule_shrinks_each_round(monkeypatch) -> None:
 
 def test_channel_recipe_rules() -> None:
     base = {"model": {"name": "tiny_cnn"}}
-    with pytest.raises(RecipeError, match="exactly one of ratio or target"):
+    with pytest.raises(RecipeError, match="exactly one of ratio, target or ratios"):
         recipe_from_dict({**base, "stages": [{"stage": "prune_channels"}]})
     with pytest.raises(RecipeError, match="exactly one of macs or latency_ms"):
         recipe_from_dict(
@@ -341,6 +341,53 @@ def test_channel_recipe_rules() -> None:
     )
     assert r.stages[0].target.precision == "auto"
     copy.deepcopy(r)
+
+
+def test_per_group_ratios_cut_each_named_group_alone() -> None:
+    ctx, state = make_ctx(
+        [
+            {
+                "stage": "prune_channels",
+                "ratios": {"net.features.2.conv1": 0.5, "net.features.0.0": 0.25},
+                "round_to": 2,
+                "epochs": 0,
+            }
+        ]
+    )
+    state = run_stages(ctx, state)
+    w = {n: p.shape for n, p in state.model.named_parameters()}
+    assert w["net.features.2.conv1.weight"][0] == 8  # 16 * (1 - 0.5)
+    assert w["net.features.0.0.weight"][0] == 6  # 8 * (1 - 0.25)
+    assert w["net.features.1.conv1.weight"][:2] == (8, 6)  # own group whole, input cut
+    assert w["net.features.2.shortcut.0.weight"][0] == 16  # not named: kept
+    assert state.info["ratios"] == {"net.features.2.conv1": 0.5, "net.features.0.0": 0.25}
+    assert "ratio" not in state.info
+
+    ctx, state = make_ctx([{"stage": "prune_channels", "ratios": {"net.nope": 0.5}, "epochs": 0}])
+    with pytest.raises(RecipeError, match="which roots no channel group"):
+        run_stages(ctx, state)
+
+
+def test_per_group_ratio_rules() -> None:
+    base = {"model": {"name": "tiny_cnn"}}
+    with pytest.raises(RecipeError, match="exactly one of ratio, target or ratios"):
+        recipe_from_dict(
+            {**base, "stages": [{"stage": "prune_channels", "ratio": 0.5, "ratios": {"a": 0.1}}]}
+        )
+    with pytest.raises(RecipeError, match="above max_ratio"):
+        recipe_from_dict(
+            {
+                **base,
+                "stages": [{"stage": "prune_channels", "ratios": {"a": 0.8}, "max_ratio": 0.5}],
+            }
+        )
+    with pytest.raises(RecipeError, match="scope: layer"):
+        recipe_from_dict(
+            {
+                **base,
+                "stages": [{"stage": "prune_channels", "ratios": {"a": 0.1}, "scope": "global"}],
+            }
+        )
 
 
 def test_latency_target_measures_the_exported_artifact(monkeypatch) -> None:

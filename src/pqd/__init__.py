@@ -14,6 +14,8 @@ The Python API (the CLI's ``pqd run`` goes through the same functions)::
 - :func:`apply_stages` (:mod:`pqd.engine`): the stage loop alone; returns the
   :class:`~pqd.stages.State` (model, masks, quantized flag, per-stage info).
 - :func:`baseline`: train a model or load a checkpoint into it.
+- :func:`plan` (:mod:`pqd.planner`): the most accurate model under a latency budget on this
+  CPU, from a measured latency model (``pqd plan``).
 - ``Prune``, ``PruneChannels``, ``Quantize``, ``Distill``, ``EarlyExit``: the stage configs,
   the very classes a recipe's ``stages:`` entries are validated into.
 - ``TrainSpec``, ``ExportSpec``, ``MeasureSpec``: the recipe's ``train``, ``export`` and
@@ -35,6 +37,7 @@ quiet_known_noise()  # torchao/torch messages pqd's calls trigger and users cann
 _LAZY = {
     "compress": ("pqd.api", "compress"),
     "CompressResult": ("pqd.api", "CompressResult"),
+    "plan": ("pqd.planner", "plan"),
     "apply_stages": ("pqd.engine", "apply_stages"),
     "baseline": ("pqd.engine", "baseline"),
     "State": ("pqd.state", "State"),
@@ -53,6 +56,7 @@ __all__ = [  # noqa: RUF022  (grouped as documented)
     "__version__",
     "compress",
     "CompressResult",
+    "plan",
     "apply_stages",
     "baseline",
     "State",
@@ -71,6 +75,7 @@ if TYPE_CHECKING:
     from pqd import data
     from pqd.api import CompressResult, compress
     from pqd.engine import apply_stages, baseline
+    from pqd.planner import plan
     from pqd.recipe import DistillSpec as Distill
     from pqd.recipe import EarlyExitSpec as EarlyExit
     from pqd.recipe import ExportSpec, MeasureSpec, TrainSpec

@@ -2,6 +2,7 @@
 
     pqd run recipes/quickstart.yaml --out runs/quick [key.path=value ...]
     pqd search recipes/search-quickstart.yaml --out runs/search [--workers N]
+    pqd plan recipes/resnet18-structured.yaml --latency-ms 1.5 --out runs/plan
     pqd validate recipes/quickstart.yaml
     pqd report runs/quick            # or a search folder: re-renders from search.json
     pqd audit runs/quick             # per-class damage, calibration, corruptions, memory
@@ -88,6 +89,33 @@ def _parser() -> argparse.ArgumentParser:
         help="Ray cluster address (host:port, ray://host:port, auto or local)",
     )
     se.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    pl = sub.add_parser(
+        "plan", help="the most accurate model under a latency budget on this CPU (measured)"
+    )
+    pl.add_argument("recipe", help="YAML recipe: the template (model, data, baseline, stages)")
+    pl.add_argument("overrides", nargs="*", metavar="key.path=value")
+    pl.add_argument("--latency-ms", type=float, required=True, help="batch-1 p50 budget (ms)")
+    pl.add_argument("--size-mb", type=float, default=None, help="weights budget (MB)")
+    pl.add_argument("--threads", type=int, default=None, help="runtime threads (recipe's)")
+    pl.add_argument("--runtime", default=None, help="onnxruntime (default) or openvino")
+    pl.add_argument("-k", type=int, default=3, help="candidates trained for real (3)")
+    pl.add_argument(
+        "--validate",
+        type=int,
+        default=20,
+        help="random whole candidates measured for the latency model's error (20)",
+    )
+    pl.add_argument("--out", required=True, help="plan folder (created; re-run to resume)")
+    pl.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
+    )
+    pl.add_argument("--executor", default="sequential", help="sequential, processes or ray")
+    pl.add_argument("--workers", type=int, default=None, help="local training processes")
+    pl.add_argument("--address", default=None, help="Ray cluster address")
+    pl.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     val = sub.add_parser(
         "validate",
@@ -218,6 +246,47 @@ def _cmd_search(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     print(f"wrote {out / 'search.json'}, {out / 'report.html'} and {out / 'report.md'}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pqd.planner import plan
+    from pqd.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_out(args.out)
+    result = plan(
+        recipe,
+        args.latency_ms,
+        Path(args.out),
+        size_mb=args.size_mb,
+        threads=args.threads,
+        runtime=args.runtime,
+        k=args.k,
+        validate=args.validate,
+        data_dir=args.data_dir,
+        executor=args.executor,
+        workers=args.workers,
+        address=args.address,
+        progress=not args.no_progress,
+    )
+    p, c = result["pick"], result["counts"]
+    v = result["latency_model"]["validation"]
+    if v:
+        print(
+            f"latency model error: median {100 * v['median_error']:.1f}%, worst "
+            f"{100 * v['worst_error']:.1f}% over {v['n']} candidates"
+        )
+    print(
+        f"{c['estimated']} candidates estimated, {c['feasible']} feasible, {c['trained']} trained"
+    )
+    print(
+        f"pick: {p['measured_ms']:.3f} ms (budget {args.latency_ms:g}; dense "
+        f"{result['dense_ms']:.3f}), val top-1 {100 * (p['val_accuracy'] or 0):.2f}%, "
+        f"test top-1 {100 * p['accuracy']:.2f}%"
+    )
+    out = Path(args.out)
+    print(f"wrote {out / 'plan.json'}, {out / 'report.md'} and {out / 'pick.yaml'}")
     return 0
 
 
@@ -404,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "run": _cmd_run,
         "search": _cmd_search,
+        "plan": _cmd_plan,
         "validate": _cmd_validate,
         "sensitivity": _cmd_sensitivity,
         "report": _cmd_report,

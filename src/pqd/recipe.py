@@ -276,12 +276,15 @@ class PruneChannelsSpec(StageBase):
     """Structured channel pruning with surgery (Torch-Pruning): a smaller dense network.
 
     ``ratio`` is the fraction of channels removed (per group with ``scope: layer``, over
-    all groups with ``scope: global``); or ``target`` gives a MACs or latency budget.
+    all groups with ``scope: global``); or ``target`` gives a MACs or latency budget; or
+    ``ratios`` gives one fraction per channel group, keyed by the group's root module name
+    (groups not named keep every channel; ``pqd plan`` writes these).
     """
 
     stage: Literal["prune_channels"] = "prune_channels"
     ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
     target: ChannelTarget | None = None
+    ratios: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
     scope: Literal["layer", "global"] = "layer"
     max_ratio: float = Field(default=0.9, gt=0.0, lt=1.0)  # no group loses more than this
     round_to: int | None = Field(default=8, ge=1, le=512)  # kept channels multiple of this
@@ -296,15 +299,29 @@ class PruneChannelsSpec(StageBase):
 
     @model_validator(mode="after")
     def _ratio_or_target(self) -> PruneChannelsSpec:
-        if (self.ratio is None) == (self.target is None):
+        given = [self.ratio is not None, self.target is not None, self.ratios is not None]
+        if sum(given) != 1:
             raise ValueError(
-                "give exactly one of ratio or target; fix: e.g. ratio: 0.5 or target: {macs: 0.5}"
+                "give exactly one of ratio, target or ratios; fix: e.g. ratio: 0.5, "
+                "target: {macs: 0.5} or ratios: {features.0.0: 0.25}"
             )
         if self.ratio is not None and self.ratio > self.max_ratio:
             raise ValueError(
                 f"ratio {self.ratio} exceeds max_ratio {self.max_ratio}; fix: "
                 "lower ratio or raise max_ratio"
             )
+        if self.ratios is not None:
+            over = {g: r for g, r in self.ratios.items() if r > self.max_ratio}
+            if over:
+                group, r = next(iter(over.items()))
+                raise ValueError(
+                    f"ratios: group {group!r} has {r}, above max_ratio {self.max_ratio}; "
+                    "fix: lower it or raise max_ratio"
+                )
+            if self.scope != "layer":
+                raise ValueError(
+                    "ratios sets each group's fraction itself; fix: use scope: layer with ratios"
+                )
         if self.schedule == "iterative" and self.epochs < self.cycles:
             raise ValueError(
                 f"schedule 'iterative' retrains epochs/cycles per cycle (epochs "

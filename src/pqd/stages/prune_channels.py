@@ -54,7 +54,8 @@ def eager_model(state: State, ctx: Context) -> nn.Module:
 
 @register_stage("prune_channels")
 def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) -> State:
-    """Remove channels (TP surgery) to ``spec.ratio`` or ``spec.target``, then fine-tune."""
+    """Remove channels (TP surgery) to ``spec.ratio``, ``spec.ratios`` (per group) or
+    ``spec.target``, then fine-tune."""
     from pqd.models import check_output_shape
     from pqd.models.multi_exit import MultiExitNet
     from pqd.prune import importance
@@ -86,22 +87,31 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
         "macs_baseline": base_macs,
         "macs_before": start_macs,
     }
+    # removed fraction of each group's stage-start channels: one for all, or one per group
+    ratios: dict[str, float] | None = None
     ratio = spec.ratio
-    if ratio is None:
+    if spec.ratios is not None:
+        ratios = _group_ratios(eager, example, spec)
+        info["ratios"] = dict(spec.ratios)
+        ratio = None
+    elif ratio is None:
         assert spec.target is not None
         scores = scores_of(eager)
         ratio = _target_ratio(eager, example, scores, spec, ctx, quantized, base_macs, info)
-    info["ratio"] = ratio
-    # kept fraction of each group's stage-start channels after each round
-    rounds = (
-        [1.0 - ratio]
-        if spec.schedule == "oneshot"
-        else [(1.0 - ratio) ** ((i + 1) / spec.cycles) for i in range(spec.cycles)]
-    )
+    if ratio is not None:
+        info["ratio"] = ratio
+    # kept fraction of each group's stage-start channels after each round (a group's own
+    # ratio when ``ratios`` names it)
+    n_rounds = 1 if spec.schedule == "oneshot" else spec.cycles
+
+    def kept_after(i: int, root: str) -> float:
+        r = ratios.get(root, 0.0) if ratios is not None else float(ratio or 0.0)
+        return (1.0 - r) ** ((i + 1) / n_rounds)
+
     epochs = [spec.epochs] if spec.schedule == "oneshot" else split_epochs(spec.epochs, spec.cycles)
     start_channels: dict[str, int] = {}
     steps: list[Record] = []
-    for i, (kept_fraction, n_epochs) in enumerate(zip(rounds, epochs, strict=True)):
+    for i, n_epochs in enumerate(epochs):
         if i > 0:
             eager = eager_model(state, ctx)
         _, groups = channel_groups(eager, example, spec.exclude)
@@ -109,7 +119,7 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
         if not start_channels:
             start_channels = dict(current)
         keep = {
-            root: min(1.0, kept_fraction * start_channels.get(root, c) / c)
+            root: min(1.0, kept_after(i, root) * start_channels.get(root, c) / c)
             for root, c in current.items()
         }
         records = plan_records(eager, example, scores_of(eager), keep, spec)
@@ -145,6 +155,23 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
         )
     state.info.update(info)
     return state
+
+
+def _group_ratios(
+    model: nn.Module, example: torch.Tensor, spec: PruneChannelsSpec
+) -> dict[str, float]:
+    """``spec.ratios`` checked against the model's channel groups (root module names)."""
+    assert spec.ratios is not None
+    _, groups = channel_groups(model, example, spec.exclude)
+    unknown = sorted(set(spec.ratios) - set(groups))
+    if unknown:
+        known = ", ".join(sorted(groups)[:6]) + (", ..." if len(groups) > 6 else "")
+        raise RecipeError(
+            f"prune_channels ratios names {unknown[0]!r}, which roots no channel group of "
+            "this model",
+            f"key ratios by group root module names ({known})",
+        )
+    return dict(spec.ratios)
 
 
 def _target_ratio(

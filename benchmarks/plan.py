@@ -1,0 +1,232 @@
+"""``pqd plan`` against what a user does by hand, at budgets measured in the same run.
+
+    python benchmarks/plan.py                                  # ResNet-18, CIFAR subset
+    python benchmarks/plan.py --recipe recipes/quickstart.yaml # FastNet-Q8 (its prune stage
+                                                               #  is kept; a prune_channels
+                                                               #  stage is put first)
+    python benchmarks/plan.py model.name=mypkg.nets:small_net  # a user model
+    python benchmarks/plan.py --quick                          # smoke test: tiny net, seconds
+
+1. The dense model's INT8 file is exported and timed here (batch 1 p50, the recipe's runtime
+   and threads); the budgets are ``--fractions`` (default 0.5 and 0.25) of it.
+2. For each budget, ``pqd plan`` runs (one shared baseline per budget folder; the latency
+   tables are cached per machine, so later budgets measure no pieces).
+3. By hand: uniform ``prune_channels`` at the smallest ratio (0.05 steps) whose whole file
+   meets the budget when measured, then the recipe's other stages (e.g. INT8 QAT + KD) from
+   the same baseline checkpoint, with the same total epochs as every plan candidate.
+4. The pick's and the hand-made final files are timed side by side; printed per budget:
+   measured p50 of both, test top-1 of both, whether the pick is at least as accurate at
+   equal or lower latency (5% timing noise allowed), the latency model's error (median and
+   worst), candidates estimated / trained, and the wall time.
+
+A model that pqd cannot build or plan (e.g. ``module:callable`` that is not importable)
+ends with one line ``plan benchmark: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = [
+    "model.name=tiny_resnet",
+    "data.limit_train=256",
+    "data.limit_test=64",
+    "data.val_size=64",
+    "baseline.epochs=1",
+    "train.batch_size=32",
+    "train.amp='off'",
+    "stages.0.epochs=1",
+    "stages.0.round_to=2",
+    "stages.1.epochs=0",
+    "stages.2.epochs=0",
+    "export.parity_samples=32",
+    "export.compress=false",
+    "measure.warmup=2",
+    "measure.repeats=20",
+]
+
+
+def hand_ratio(lm: Any, budget: float, max_ratio: float, tolerance: float) -> tuple[float, float]:
+    """Smallest uniform ratio (0.05 steps) whose whole file meets ``budget`` when measured:
+    ``(ratio, measured ms)``; the largest ratio tried when none does."""
+    steps = [round(0.05 * i, 2) for i in range(1, int(max_ratio / 0.05) + 1)]
+    measured = lm.measure({f"{r:g}": lm.uniform(1.0 - r) for r in steps})
+    for r in steps:
+        if measured[f"{r:g}"] <= budget * (1 + tolerance):
+            return r, measured[f"{r:g}"]
+    return steps[-1], measured[f"{steps[-1]:g}"]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from pqd.latency_model import LEVELS, LatencyModel
+    from pqd.models import build_model
+    from pqd.pipeline import recipe_data
+    from pqd.pipeline import run as run_recipe
+    from pqd.planner import PlanError, plan, template
+    from pqd.recipe import load_recipe, recipe_from_dict
+    from pqd.search import latency_panel
+
+    t0 = time.perf_counter()
+    overrides = [*(QUICK if args.quick else []), *args.overrides]
+    recipe = load_recipe(args.recipe, overrides)
+    out = Path(args.out)
+    levels = (0.5, 1.0) if args.quick else LEVELS
+    timing = {"warmup": 2, "repeats": 20, "rounds": 2} if args.quick else None
+    runtime = next((r for r in recipe.measure.runtimes if r != "auto"), "onnxruntime")
+    threads = recipe.measure.threads
+    base_data, index, precision = template(recipe, runtime, threads)
+    pc = base_data["stages"][index]
+    data = recipe_data(recipe, args.data_dir)
+    example = torch.rand(2, 3, *data.train_x.shape[-2:])
+    fresh = build_model(
+        recipe.model.name, data.num_classes, data.mean, data.std, **recipe.model.kwargs
+    )
+    lm = LatencyModel(
+        fresh,
+        example,
+        runtime=runtime,
+        threads=threads,
+        precision=precision,
+        levels=levels,
+        round_to=pc.get("round_to", 8),
+        exclude=tuple(pc.get("exclude", [])),
+        cache_dir=args.cache_dir,
+        **(timing or {}),
+    ).build()
+    dense = lm.measure({"dense": {}})["dense"]
+    print(f"dense {precision.upper()} p50: {dense:.3f} ms ({runtime}, {threads} threads)")
+    rows = []
+    for frac in args.fractions:
+        budget = frac * dense
+        row: dict[str, Any] = {"fraction": frac, "budget_ms": round(budget, 4)}
+        folder = out / f"plan-{frac:g}"
+        try:
+            result = plan(
+                recipe,
+                budget,
+                folder,
+                k=args.k,
+                validate=args.validate,
+                n_random=200 if args.quick else 2000,
+                levels=levels,
+                data_dir=args.data_dir,
+                cache_dir=args.cache_dir,
+                timing=timing,
+                progress=not args.no_progress,
+            )
+        except PlanError as exc:
+            row["plan_error"] = exc.line()
+            rows.append(row)
+            continue
+        pick = result["pick"]
+        v = result["latency_model"]["validation"] or {}
+        row.update(
+            counts=result["counts"],
+            model_error={"median": v.get("median_error"), "worst": v.get("worst_error")},
+            pick={"ratios": pick["ratios"], "val": pick["val_accuracy"], "test": pick["accuracy"]},
+        )
+        # by hand: uniform ratio meeting the budget, same stages, same baseline checkpoint
+        ratio, _ = hand_ratio(lm, budget, pc.get("max_ratio", 0.9), 0.05)
+        hand = json.loads(json.dumps(base_data))
+        hand["name"] = f"{recipe.name}-hand-{frac:g}"
+        stage = hand["stages"][index]
+        stage.pop("ratios", None)
+        stage["ratio"] = ratio
+        hand["baseline"] = {
+            **hand["baseline"],
+            "checkpoint": str(folder.resolve() / "baseline" / "baseline.safetensors"),
+        }
+        hand_dir = out / f"hand-{frac:g}"
+        record = run_recipe(
+            recipe_from_dict(hand, "hand-made"),
+            hand_dir,
+            data_dir=args.data_dir,
+            progress=not args.no_progress,
+        )
+        panel = latency_panel(
+            {"pick": folder / pick["dir"] / "final.onnx", "hand": hand_dir / "final.onnx"},
+            recipe.measure.model_copy(update={"runtimes": [runtime], "threads": threads}),
+            progress=not args.no_progress,
+        )
+        row["hand"] = {
+            "ratio": ratio,
+            "val": record["final"].get("val_accuracy"),
+            "test": record["final"]["accuracy"],
+        }
+        row["pick"]["p50_ms"] = panel["pick"]["p50"]
+        row["hand"]["p50_ms"] = panel["hand"]["p50"]
+        row["pick_within_budget"] = panel["pick"]["p50"] <= budget * 1.05
+        row["pick_wins"] = (
+            row["pick"]["test"] >= row["hand"]["test"]
+            and panel["pick"]["p50"] <= panel["hand"]["p50"] * 1.05
+        )
+        rows.append(row)
+    return {"dense_ms": dense, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def render(result: dict[str, Any]) -> str:
+    """One Markdown table, a line per budget, and the summary lines."""
+    head = (
+        "| budget | pick p50 | pick top-1 | hand ratio | hand p50 | hand top-1 | pick wins |"
+        " model error (median / worst) | estimated / trained |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in result["rows"]:
+        budget = f"{r['fraction']:g}x = {r['budget_ms']:.3f} ms"
+        if "plan_error" in r:
+            lines.append(f"| {budget} | {r['plan_error']} | | | | | | | |")
+            continue
+        p, h, e, c = r["pick"], r["hand"], r["model_error"], r["counts"]
+        err = (
+            f"{100 * e['median']:.1f}% / {100 * e['worst']:.1f}%"
+            if e["median"] is not None
+            else "-"
+        )
+        lines.append(
+            f"| {budget} | {p['p50_ms']:.3f} ms | {100 * p['test']:.2f}% | {h['ratio']:g} | "
+            f"{h['p50_ms']:.3f} ms | {100 * h['test']:.2f}% | "
+            f"{'yes' if r['pick_wins'] else 'NO'} | {err} | {c['estimated']} / {c['trained']} |"
+        )
+    lines.append(f"\ndense p50 {result['dense_ms']:.3f} ms; wall time {result['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "resnet18-structured.yaml"))
+    p.add_argument("--out", default="runs/bench-plan")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25])
+    p.add_argument("-k", type=int, default=3)
+    p.add_argument("--validate", type=int, default=20)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--quick", action="store_true", help="tiny net, tiny data: a smoke test")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick and "--validate" not in (argv or sys.argv):
+        args.validate = 2
+    from pqd.errors import PqdError
+
+    try:
+        result = run(args)
+    except PqdError as exc:
+        print(f"plan benchmark: error: {exc.line()}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,652 @@
+"""``pqd plan``: the most accurate model under a latency budget on this CPU.
+
+    result = plan(load_recipe("recipes/resnet18-structured.yaml"), latency_ms=1.5,
+                  out="runs/plan")
+    result["pick"]["measured_ms"], result["pick"]["accuracy"]
+
+The recipe is the template: its stages run for every trained candidate, with its
+``prune_channels`` stage (one is put first, 1 epoch, when it has none) given per-group
+``ratios``; a static ``quantize`` stage makes the target INT8, else FP32. Steps:
+
+1. **Latency model** (:class:`pqd.latency_model.LatencyModel`): measured lookup tables of
+   exported pieces on the chosen runtime and threads, cached per machine and runtime; its
+   error on ``validate`` random whole candidates (median, worst) is reported.
+2. **Honest refusals**, from whole networks timed side by side here: the dense model already
+   meets the budget (nothing to prune), or even the fastest candidate (every group at the
+   lowest level) misses it; each is one line naming the measured latency.
+3. **Candidates**: per-group keep levels (the table's levels and their midpoints): uniform
+   ones, a greedy path (step down the group that loses least importance per predicted ms
+   saved) and random ones. Each gets a predicted latency and size and a cheap accuracy
+   estimate: the share of the baseline's channel importance it removes (group L2 norms,
+   :func:`pqd.prune.channels.group_scores`), weighted by group width. Feasible ones
+   (predicted p50 <= budget, predicted size <= ``size_mb``) are ranked by it.
+4. **Training**: the best ``k`` are trained for real through the normal pipeline (the
+   template's stages: prune_channels with explicit ratios, then e.g. QAT and KD from the
+   one shared baseline) on the search executors (sequential, processes, Ray), into run
+   folders keyed by their resolved recipe: running the same command again resumes.
+5. **Measuring and the pick**: each run is measured as ``pqd run`` does, then all final
+   files are timed once more side by side; the pick is the best validation top-1 among
+   those within the budget (``tolerance``, default 5%, allows timing noise); its test top-1
+   is reported, and its recipe is written as ``pick.yaml`` (``pqd run pick.yaml`` redoes it).
+
+Writes ``DIR/plan.json``, ``DIR/report.md``, ``DIR/plots/*.png`` and ``DIR/pick.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pqd.errors import PqdError, RecipeError
+from pqd.latency_model import LEVELS, LatencyModel, Ratios
+from pqd.recipe import Recipe, dump_recipe, recipe_from_dict
+
+PLAN_FILE = "plan.json"
+PICK_FILE = "pick.yaml"
+PLAN_VERSION = 1
+
+
+class PlanError(PqdError):
+    """The budget cannot be planned for (already met, or below every candidate)."""
+
+
+def _say(msg: str) -> None:
+    print(f"pqd plan: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- template
+
+
+def template(recipe: Recipe, runtime: str, threads: int) -> tuple[dict[str, Any], int, str]:
+    """The recipe as plain data for the candidates: measured on ``runtime`` with ``threads``
+    at batch 1, and a ``prune_channels`` stage (inserted first with 1 epoch if absent).
+
+    Returns:
+        ``(recipe data, index of the prune_channels stage, precision "int8" | "fp32")``.
+    """
+    data = recipe.model_dump(mode="json")
+    data.pop("search", None)
+    stages = data["stages"]
+    kinds = [s["stage"] for s in stages]
+    if "early_exit" in kinds:
+        raise RecipeError(
+            "pqd plan does not search early-exit thresholds yet",
+            "remove the early_exit stage from the recipe to plan its channels and precision",
+        )
+    if kinds.count("prune_channels") > 1:
+        raise RecipeError(
+            "pqd plan sets the ratios of one prune_channels stage, the recipe has "
+            f"{kinds.count('prune_channels')}",
+            "keep one prune_channels stage",
+        )
+    quant = [s for s in stages if s["stage"] == "quantize"]
+    if any(q.get("mode") == "dynamic" for q in quant):
+        raise RecipeError(
+            "pqd plan models static INT8 (QAT or PTQ) or FP32 files, not dynamic quantization",
+            "use quantize mode qat or ptq",
+        )
+    if "prune_channels" not in kinds:
+        stages.insert(0, {"stage": "prune_channels", "ratios": {}, "epochs": 1})
+    index = [s["stage"] for s in stages].index("prune_channels")
+    pc = stages[index]
+    for key in ("ratio", "target"):
+        pc.pop(key, None)
+    pc["ratios"] = {}
+    pc["scope"] = "layer"
+    data["measure"] = {
+        **data["measure"],
+        "runtimes": [runtime],
+        "threads": threads,
+        "batch_sizes": [1],
+    }
+    return data, index, "int8" if quant else "fp32"
+
+
+def candidate_recipe(
+    base: dict[str, Any], index: int, ratios: Ratios, name: str, checkpoint: str
+) -> Recipe:
+    """The template with ``ratios`` (groups at 0 left out) in its prune_channels stage."""
+    data = copy.deepcopy(base)
+    data["name"] = name
+    data["stages"][index]["ratios"] = {g: r for g, r in sorted(ratios.items()) if r > 0}
+    data["baseline"] = {**data["baseline"], "checkpoint": checkpoint}
+    return recipe_from_dict(data, f"plan candidate {name}")
+
+
+# ---------------------------------------------------------------------------- estimate
+
+
+def importance_curves(model: Any, example: Any, exclude: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Per group root: the cumulative share of the group's importance (group L2 norms of the
+    baseline's weights) that removing its ``n`` weakest channels loses, for n = 0..C."""
+    from pqd.prune.channels import channel_groups, group_scores, weight_names
+
+    dg, groups = channel_groups(model, example, exclude)
+    names = {m: n for n, m in model.named_modules()}
+    params = dict(model.named_parameters())
+    scores = {n: params[n].detach().pow(2) for n in weight_names(model) if n in params}
+    out = {}
+    for root, g in groups.items():
+        s = np.sort(group_scores(g, scores, names, dg, p=2).numpy())
+        total = float(s.sum()) or 1.0
+        out[root] = np.concatenate([[0.0], np.cumsum(s) / total])
+    return out
+
+
+def importance_lost(lm: LatencyModel, curves: dict[str, np.ndarray], ratios: Ratios) -> float:
+    """Cheap accuracy estimate (lower is better): the importance share each group loses at
+    the candidate's kept widths, averaged with the groups' channel counts as weights."""
+    from pqd.latency_model import kept_channels
+
+    total = sum(lm.groups.values())
+    lost = 0.0
+    for root, c in lm.groups.items():
+        k = kept_channels(c, float(ratios.get(root, 0.0)), lm.round_to)
+        lost += c / total * float(curves[root][c - k])
+    return lost
+
+
+# ---------------------------------------------------------------------------- candidates
+
+
+def search_levels(levels: tuple[float, ...]) -> list[float]:
+    """The table's keep levels and the midpoints between them."""
+    mids = [(a + b) / 2 for a, b in itertools.pairwise(levels)]
+    return sorted({round(v, 6) for v in (*levels, *mids)})
+
+
+def generate(
+    lm: LatencyModel,
+    estimate: Callable[[Ratios], float],
+    n_random: int,
+    seed: int,
+) -> list[Ratios]:
+    """Uniform candidates, a greedy path down from dense, and random ones (deduplicated)."""
+    levels = search_levels(lm.levels)
+    groups = list(lm.groups)
+    seen: dict[tuple[float, ...], Ratios] = {}
+
+    def add(keep: dict[str, float]) -> None:
+        r = {g: round(1.0 - keep[g], 6) for g in groups}
+        seen.setdefault(tuple(r[g] for g in groups), r)
+
+    for v in levels:
+        add(dict.fromkeys(groups, v))
+    # greedy: least importance lost per predicted ms saved, one level at a time
+    idx = dict.fromkeys(groups, len(levels) - 1)
+
+    def ratios_of(ix: dict[str, int]) -> Ratios:
+        return {g: round(1.0 - levels[i], 6) for g, i in ix.items()}
+
+    while any(i > 0 for i in idx.values()):
+        now = ratios_of(idx)
+        t_now, e_now = lm.predict(now), estimate(now)
+        best, best_cost = None, float("inf")
+        for g in groups:
+            if idx[g] == 0:
+                continue
+            trial = {**idx, g: idx[g] - 1}
+            r = ratios_of(trial)
+            saved = t_now - lm.predict(r)
+            cost = (estimate(r) - e_now) / max(saved, 1e-9)
+            if cost < best_cost:
+                best, best_cost = g, cost
+        assert best is not None
+        idx[best] -= 1
+        add({g: levels[i] for g, i in idx.items()})
+    rng = np.random.default_rng(seed)
+    for _ in range(n_random):
+        add({g: float(rng.choice(levels)) for g in groups})
+    return list(seen.values())
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+def plan(
+    recipe: Recipe | str | Path,
+    latency_ms: float,
+    out: str | Path,
+    *,
+    size_mb: float | None = None,
+    threads: int | None = None,
+    runtime: str | None = None,
+    k: int = 3,
+    validate: int = 20,
+    n_random: int = 2000,
+    levels: tuple[float, ...] = LEVELS,
+    tolerance: float = 0.05,
+    data_dir: str | None = None,
+    executor: str = "sequential",
+    workers: int | None = None,
+    address: str | None = None,
+    cache_dir: str | Path | None = None,
+    timing: dict[str, int] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Plan (or resume planning) the most accurate candidate within ``latency_ms``.
+
+    Args:
+        recipe: the template job (model, data, baseline, stages; see module doc), or the
+            path of its YAML file.
+        latency_ms: budget, batch-1 p50 in milliseconds of the exported file.
+        out: plan folder (created; the same call again resumes).
+        size_mb: optional budget on the weights' size (MB, 1e6 bytes), predicted.
+        threads: runtime threads (default: the recipe's ``measure.threads``).
+        runtime: ``onnxruntime`` or ``openvino`` (default: the recipe's first runtime).
+        k: candidates trained for real.
+        validate: random whole candidates measured to report the latency model's error
+            (0: none).
+        n_random: random candidates estimated besides the uniform and greedy ones.
+        levels: keep fractions of the latency tables (ascending, ending at 1.0).
+        tolerance: fraction over the budget a measured pick may run (timing noise).
+        data_dir: folder holding the data sets.
+        executor, workers, address: as ``pqd search`` (sequential, processes, Ray).
+        cache_dir: latency cache folder (default ``PQD_CACHE_DIR`` or ~/.cache/pqd/latency).
+        timing: ``{"warmup", "repeats", "rounds"}`` of the latency model's panels.
+        progress: progress bars and lines.
+
+    Returns:
+        plan.json's data (the pick under ``"pick"``).
+    """
+    import torch
+
+    from pqd.data import resolve_data_root
+    from pqd.measure.runtime import available_runtimes
+    from pqd.models import build_model
+    from pqd.pipeline import recipe_data
+    from pqd.search import check_executor
+
+    t_start = time.perf_counter()
+    if not isinstance(recipe, Recipe):
+        from pqd.recipe import load_recipe
+
+        recipe = load_recipe(recipe)
+    if not latency_ms > 0:
+        raise PqdError(f"--latency-ms {latency_ms} is not a budget", "give milliseconds > 0")
+    if k < 1:
+        raise PqdError(f"k {k} trains no candidate", "give k of 1 or more")
+    executor = check_executor(executor, workers, address)
+    runtime = runtime or next((r for r in recipe.measure.runtimes if r != "auto"), "onnxruntime")
+    if runtime not in available_runtimes():
+        raise PqdError(
+            f"runtime {runtime!r} is not installed",
+            f"pip install {runtime}, or use --runtime onnxruntime",
+        )
+    threads = threads or recipe.measure.threads
+    base_data, index, precision = template(recipe, runtime, threads)
+    pc = base_data["stages"][index]
+    out_dir = Path(out).resolve()
+    data = recipe_data(recipe, data_dir)
+    data_root = str(resolve_data_root(data_dir, recipe.data.root))
+    example = torch.rand(2, 3, *data.train_x.shape[-2:])
+    fresh = build_model(
+        recipe.model.name, data.num_classes, data.mean, data.std, **recipe.model.kwargs
+    )
+    say = _say if progress else (lambda _m: None)
+
+    # ---- 1. the latency model
+    lm = LatencyModel(
+        fresh,
+        example,
+        runtime=runtime,
+        threads=threads,
+        precision=precision,
+        levels=levels,
+        round_to=pc.get("round_to", 8),
+        exclude=tuple(pc.get("exclude", [])),
+        cache_dir=cache_dir,
+        say=say,
+        **(timing or {}),
+    ).build()
+    validation = lm.validate(validate) if validate > 0 else None
+    if validation:
+        say(
+            f"latency model error over {validation['n']} random candidates: median "
+            f"{100 * validation['median_error']:.1f}%, worst {100 * validation['worst_error']:.1f}%"
+        )
+
+    # ---- 2. refusals, from whole networks timed side by side
+    fastest = lm.uniform(lm.levels[0])
+    ends = lm.measure({"dense": {}, "fastest": fastest})
+    label = precision.upper()
+    if ends["dense"] <= latency_ms:
+        raise PlanError(
+            f"budget {latency_ms:g} ms is already met by the dense {label} model (measured p50 "
+            f"{ends['dense']:.3f} ms on {runtime}, {threads} threads): nothing to prune",
+            "run the recipe without channel pruning (pqd run), or give a smaller --latency-ms",
+        )
+    if ends["fastest"] > latency_ms * (1 + tolerance):
+        raise PlanError(
+            f"budget {latency_ms:g} ms is below every candidate: the fastest measured (every "
+            f"channel group at keep {lm.levels[0]:g}) runs in {ends['fastest']:.3f} ms "
+            f"({label}, {runtime}, {threads} threads)",
+            f"give --latency-ms {ends['fastest']:.3f} or more",
+        )
+
+    # ---- 3. the shared baseline (trained once, or the recipe's checkpoint)
+    from pqd.search import _Executor, _reset_folder, baseline_trial, file_digest, folder_status
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {"trained_now": 0, "reused": 0, "failed": 0}
+    plain = recipe.model_copy(update={"search": None})
+    with _Executor(executor, workers, address, data_root, progress) as ex:
+        base = baseline_trial(plain, data_root)
+        base_dir = out_dir / base.folder
+        results: dict[str, dict[str, Any]] = {}
+        if folder_status(base_dir, base.key) == "missing":
+            say(f"baseline into {base_dir}")
+            _reset_folder(base_dir, base)
+            ex.run(
+                [(base, base_dir)], lambda t, f, r: results.__setitem__(t.key, r), local_first=True
+            )
+            if not results[base.key]["ok"]:
+                raise PqdError(
+                    f"plan baseline: {results[base.key]['problem']}", results[base.key]["fix"]
+                )
+        checkpoint = base_dir / "baseline.safetensors"
+
+        # ---- 4. candidates and their estimates
+        from pqd.checkpoint import load_checkpoint
+
+        trained_base = load_checkpoint(copy.deepcopy(fresh), checkpoint).cpu().eval()
+        curves = importance_curves(trained_base, example, tuple(pc.get("exclude", [])))
+
+        def estimate(r: Ratios) -> float:
+            return importance_lost(lm, curves, r)
+
+        cands = generate(lm, estimate, n_random, recipe.seed)
+        rows: list[dict[str, Any]] = []
+        for r in cands:
+            pred = lm.predict(r)
+            size = lm.predict_size_mb(r)
+            feasible = pred <= latency_ms and (size_mb is None or size <= size_mb)
+            rows.append(
+                {
+                    "ratios": r,
+                    "predicted_ms": round(pred, 5),
+                    "predicted_size_mb": round(size, 4),
+                    "importance_lost": round(estimate(r), 6),
+                    "feasible": feasible,
+                }
+            )
+        feasible = sorted(
+            (row for row in rows if row["feasible"]),
+            key=lambda row: (row["importance_lost"], row["predicted_ms"]),
+        )
+        if not feasible:  # the model's error: the fastest measured met the budget
+            fastest_row = min(rows, key=lambda row: float(row["predicted_ms"]))
+            fastest_row["feasible"] = True
+            feasible = [fastest_row]
+        chosen = feasible[:k]
+        say(
+            f"{len(rows)} candidates estimated, {sum(r['feasible'] for r in rows)} feasible by "
+            f"the latency model; training the best {len(chosen)}"
+        )
+
+        # ---- 5. training through the normal pipeline, resumable
+        from pqd.search import Trial, trial_key
+
+        digest = file_digest(checkpoint)
+        trials = []
+        for i, row in enumerate(chosen):
+            job = candidate_recipe(
+                base_data, index, row["ratios"], f"{recipe.name}-plan-{i}", str(checkpoint)
+            )
+            order = tuple(s.stage for s in job.stages)
+            epochs = tuple(s.epochs for s in job.stages)
+            key = trial_key(job, digest, data_root)
+            trials.append(Trial("plan", order, job.seed, epochs, job, key))
+            row["key"] = trials[-1].key
+        todo, to_measure = [], []
+        for t in trials:
+            folder = out_dir / _plan_folder(t)
+            st = folder_status(folder, t.key)
+            if st == "done":
+                counts["reused"] += 1
+            elif st == "trained":
+                counts["reused"] += 1
+                to_measure.append(folder)
+            else:
+                _reset_folder(folder, t)
+                todo.append((t, folder))
+
+        def finished(trial: Any, folder: Path, result: dict[str, Any]) -> None:
+            if result["ok"]:
+                counts["trained_now"] += 1
+                to_measure.append(folder)
+                say(f"trained {folder.name} in {result['seconds']:.0f} s")
+            else:
+                counts["failed"] += 1
+                say(f"{folder.name} FAILED: {result['error']}")
+
+        ex.run(todo, finished)
+    from pqd.pipeline import measure_run
+    from pqd.search import latency_panel
+
+    for folder in to_measure:
+        measure_run(folder, data_dir=data_root, progress=progress)
+
+    # ---- 6. one panel of every final file, then the pick
+    finals = {
+        t.key: out_dir / _plan_folder(t) / "final.onnx"
+        for t in trials
+        if (out_dir / _plan_folder(t) / "record.json").is_file()
+    }
+    spec = recipe.measure.model_copy(update={"runtimes": [runtime], "threads": threads})
+    panel = latency_panel(finals, spec, progress=progress)
+    trained = []
+    for row, t in zip(chosen, trials, strict=True):
+        folder = out_dir / _plan_folder(t)
+        entry: dict[str, Any] = {**row, "dir": str(folder.relative_to(out_dir))}
+        rec_path = folder / "record.json"
+        if rec_path.is_file() and t.key in panel:
+            final = json.loads(rec_path.read_text(encoding="utf-8"))["final"]
+            entry.update(
+                status="done",
+                measured_ms=panel[t.key]["p50"],
+                accuracy=final["accuracy"],
+                val_accuracy=final.get("val_accuracy"),
+                size_bytes=final["size_bytes"],
+            )
+        else:
+            entry["status"] = "failed"
+        trained.append(entry)
+    ok = [e for e in trained if e["status"] == "done"]
+    within = [e for e in ok if e["measured_ms"] <= latency_ms * (1 + tolerance)]
+    pick = (
+        max(within, key=lambda e: (e["val_accuracy"] or 0.0, -e["measured_ms"])) if within else None
+    )
+    result: dict[str, Any] = {
+        "version": PLAN_VERSION,
+        "recipe": recipe.name,
+        "model": recipe.model.name,
+        "budget": {"latency_ms": latency_ms, "size_mb": size_mb, "tolerance": tolerance},
+        "runtime": runtime,
+        "threads": threads,
+        "precision": precision,
+        "latency_model": {**lm.describe(), "validation": validation},
+        "dense_ms": round(ends["dense"], 5),
+        "fastest_ms": round(ends["fastest"], 5),
+        "counts": {
+            "estimated": len(rows),
+            "feasible": sum(r["feasible"] for r in rows),
+            "trained": len(trained),
+            **counts,
+        },
+        "candidates": rows,
+        "trained": trained,
+        "pick": pick,
+        "executor": executor,
+        "timing_s": {"total": round(time.perf_counter() - t_start, 1)},
+    }
+    if pick is not None:
+        pick_trial = next(t for t in trials if t.key == pick["key"])
+        text = dump_recipe(pick_trial.recipe)
+        (out_dir / PICK_FILE).write_text(
+            f"# pqd plan's pick for {latency_ms:g} ms ({runtime}, {threads} threads): "
+            f"pqd run {PICK_FILE} --out DIR reproduces it\n{text}",
+            encoding="utf-8",
+        )
+        result["pick_recipe"] = PICK_FILE
+    write_plan(result, out_dir)
+    if pick is None:
+        closest = min(ok, key=lambda e: e["measured_ms"]) if ok else None
+        raise PlanError(
+            f"no trained candidate met {latency_ms:g} ms when measured"
+            + (f" (fastest: {closest['measured_ms']:.3f} ms)" if closest else " (all failed)"),
+            f"see {out_dir / 'report.md'}; raise --latency-ms or -k, or re-run on a quieter "
+            "machine",
+        )
+    return result
+
+
+def _plan_folder(trial: Any) -> str:
+    return f"trials/plan-{trial.key[:12]}"
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def write_plan(result: dict[str, Any], out: Path) -> None:
+    """``plan.json``, ``report.md`` and ``plots/*.png`` of a plan."""
+    from pqd.checkpoint import atomic_write_text
+
+    plots = _plots(result, out)
+    atomic_write_text(out / PLAN_FILE, json.dumps(result, indent=1))
+    atomic_write_text(out / "report.md", report_markdown(result, plots))
+
+
+def _plots(result: dict[str, Any], out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = out / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {}
+    points = []
+    val = (result["latency_model"].get("validation") or {}).get("candidates", [])
+    points += [("validation", c["predicted_ms"], c["measured_ms"]) for c in val]
+    points += [
+        ("trained", e["predicted_ms"], e["measured_ms"])
+        for e in result["trained"]
+        if e.get("status") == "done"
+    ]
+    if points:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        for kind, marker in (("validation", "o"), ("trained", "s")):
+            xs = [p[1] for p in points if p[0] == kind]
+            ys = [p[2] for p in points if p[0] == kind]
+            if xs:
+                ax.scatter(xs, ys, marker=marker, label=kind)
+        lo = min(min(p[1], p[2]) for p in points)
+        hi = max(max(p[1], p[2]) for p in points)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="exact")
+        ax.axhline(result["budget"]["latency_ms"], color="r", lw=0.8, label="budget")
+        ax.set_xlabel("predicted p50 (ms)")
+        ax.set_ylabel("measured p50 (ms)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "latency.png", dpi=110)
+        plt.close(fig)
+        made["latency"] = "plots/latency.png"
+    cands = result["candidates"]
+    if cands:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.scatter(
+            [c["predicted_ms"] for c in cands],
+            [c["importance_lost"] for c in cands],
+            s=4,
+            alpha=0.4,
+            label="estimated",
+        )
+        tr = [e for e in result["trained"] if "predicted_ms" in e]
+        ax.scatter(
+            [e["predicted_ms"] for e in tr],
+            [e["importance_lost"] for e in tr],
+            marker="s",
+            color="k",
+            label="trained",
+        )
+        ax.axvline(result["budget"]["latency_ms"], color="r", lw=0.8, label="budget")
+        ax.set_xlabel("predicted p50 (ms)")
+        ax.set_ylabel("importance lost (lower: better)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "frontier.png", dpi=110)
+        plt.close(fig)
+        made["frontier"] = "plots/frontier.png"
+    return made
+
+
+def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
+    """The plan's report: budget, latency model error, trained candidates, the pick."""
+    b = result["budget"]
+    lm = result["latency_model"]
+    v = lm.get("validation")
+    c = result["counts"]
+    lines = [
+        f"# pqd plan: {result['model']} under {b['latency_ms']:g} ms",
+        "",
+        f"Target: {result['precision'].upper()} on {result['runtime']}, {result['threads']} "
+        f"threads, batch 1 p50. Dense {result['precision'].upper()}: "
+        f"{result['dense_ms']:.3f} ms; fastest candidate: {result['fastest_ms']:.3f} ms "
+        "(both measured in this run).",
+        "",
+        "## Latency model",
+        "",
+        f"{lm['pieces']} pieces ({lm['pieces_measured_now']} measured now, the rest from "
+        f"`{lm['cache_file']}`), overhead {lm['overhead_ms']:.4f} ms, scale {lm['scale']:.3f}.",
+    ]
+    if v:
+        lines.append(
+            f"Error against {v['n']} random whole candidates: median "
+            f"{100 * v['median_error']:.1f}%, worst {100 * v['worst_error']:.1f}%."
+        )
+    if "latency" in plots:
+        lines += ["", f"![predicted vs measured]({plots['latency']})"]
+    lines += [
+        "",
+        "## Candidates",
+        "",
+        f"{c['estimated']} estimated, {c['feasible']} feasible by the model, {c['trained']} "
+        f"trained ({c['trained_now']} now, {c['reused']} reused, "
+        f"{c['failed']} failed).",
+    ]
+    if "frontier" in plots:
+        lines += ["", f"![estimate vs predicted latency]({plots['frontier']})"]
+    lines += [
+        "",
+        "| # | predicted ms | measured ms | importance lost | val top-1 | test top-1 | size KB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, e in enumerate(result["trained"]):
+        if e.get("status") != "done":
+            lines.append(f"| {i} | {e['predicted_ms']:.3f} | failed | | | | |")
+            continue
+        lines.append(
+            f"| {i} | {e['predicted_ms']:.3f} | {e['measured_ms']:.3f} | "
+            f"{e['importance_lost']:.4f} | {100 * (e['val_accuracy'] or 0):.2f} | "
+            f"{100 * e['accuracy']:.2f} | {e['size_bytes'] / 1e3:.1f} |"
+        )
+    p = result.get("pick")
+    lines += ["", "## Pick", ""]
+    if p:
+        lines.append(
+            f"`{p['dir']}`: measured {p['measured_ms']:.3f} ms (budget {b['latency_ms']:g}), "
+            f"val top-1 {100 * (p['val_accuracy'] or 0):.2f}%, test top-1 "
+            f"{100 * p['accuracy']:.2f}%. Recipe: `{PICK_FILE}` (`pqd run {PICK_FILE} --out DIR`)."
+        )
+    else:
+        lines.append("No trained candidate met the budget when measured.")
+    return "\n".join(lines) + "\n"

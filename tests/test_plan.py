@@ -1,0 +1,144 @@
+"""pqd plan: refusals in one line, candidates, real training of the best few through the
+pipeline, the pick, its reproducible recipe, resume. Latencies come from a MACs-based fake
+(helpers.fake_latency) so budgets are exact on a shared machine; the latency model's own
+measurements are tested in test_latency_model.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import fake_latency, tiny
+from pqd.cli import main
+from pqd.latency_model import LatencyModel
+from pqd.planner import generate, plan, search_levels, template
+from pqd.recipe import load_recipe, recipe_from_dict
+
+TINY = """\
+name: tiny-plan
+model: {name: tiny_cnn}
+data: {dataset: cifar10, val_size: 64, limit_train: 256, limit_test: 64}
+train: {batch_size: 32, lr: 0.05, amp: "off"}
+baseline: {epochs: 1}
+stages:
+  - {stage: prune_channels, ratio: 0.5, round_to: 2, epochs: 1}
+  - {stage: quantize, mode: qat, epochs: 1}
+export: {parity_samples: 32}
+measure: {runtimes: [onnxruntime], batch_sizes: [1], warmup: 2, repeats: 10}
+"""
+
+
+@pytest.fixture()
+def recipe_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def test_template_gets_a_prune_channels_stage_and_the_target() -> None:
+    r = recipe_from_dict({"model": {"name": "tiny_cnn"}, "stages": [{"stage": "distill"}]})
+    data, index, precision = template(r, "onnxruntime", 4)
+    assert index == 0 and data["stages"][0]["stage"] == "prune_channels"
+    assert precision == "fp32" and data["measure"]["threads"] == 4
+    r = recipe_from_dict(
+        {
+            "model": {"name": "tiny_cnn"},
+            "stages": [{"stage": "quantize"}, {"stage": "prune_channels", "ratio": 0.5}],
+        }
+    )
+    data, index, precision = template(r, "onnxruntime", 2)
+    assert index == 1 and precision == "int8" and "ratio" not in data["stages"][1]
+    with pytest.raises(Exception, match="early-exit"):
+        template(
+            recipe_from_dict({"model": {"name": "tiny_cnn"}, "stages": [{"stage": "early_exit"}]}),
+            "onnxruntime",
+            2,
+        )
+
+
+def test_candidates_cover_uniform_greedy_and_random(monkeypatch, tmp_path) -> None:
+    fake_latency(monkeypatch)
+    lm = LatencyModel(
+        tiny("tiny_resnet"), torch.rand(2, 3, 32, 32), round_to=2, cache_dir=tmp_path
+    ).build()
+    cands = generate(lm, lambda r: sum(r.values()), n_random=20, seed=0)
+    keys = [tuple(sorted(c.items())) for c in cands]
+    assert len(keys) == len(set(keys))  # deduplicated
+    levels = search_levels(lm.levels)
+    for v in levels:  # every uniform candidate
+        assert lm.uniform(v) in cands
+    assert all(1 - r in [pytest.approx(v) for v in levels] for c in cands for r in c.values())
+    assert len(cands) > len(levels)
+
+
+def test_refusals_are_one_line_and_write_nothing(monkeypatch, tmp_path, recipe_file, capsys):
+    fake_latency(monkeypatch)
+    monkeypatch.setenv("PQD_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "plan"
+    args = ["plan", str(recipe_file), "--out", str(out), "--validate", "0", "--no-progress"]
+    assert main([*args, "--latency-ms", "50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "already met by the dense INT8 model (measured p50" in err and "fix:" in err
+    assert main([*args, "--latency-ms", "0.001"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "below every candidate: the fastest measured" in err
+    fastest = float(err.split("runs in ")[1].split(" ms")[0])
+    assert fastest > 0.001 and f"--latency-ms {fastest:.3f}" in err
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_plan_trains_the_best_few_picks_within_budget_and_resumes(
+    monkeypatch, tmp_path, recipe_file, subset_dir
+) -> None:
+    calls = fake_latency(monkeypatch)
+    out = tmp_path / "plan"
+    kwargs = {
+        "k": 2,
+        "validate": 2,
+        "n_random": 40,
+        "levels": (0.5, 1.0),
+        "data_dir": str(subset_dir),
+        "cache_dir": tmp_path / "cache",
+        "progress": False,
+    }
+    budget = 0.095  # fake ms: dense tiny_cnn 0.13, every group at half width about 0.05
+    result = plan(load_recipe(recipe_file), budget, out, **kwargs)
+    c = result["counts"]
+    assert (
+        c["trained"] == c["trained_now"] == 2
+        and c["estimated"] > 2
+        and 2 <= c["feasible"] <= c["estimated"]
+    )
+    assert all(row["predicted_ms"] <= budget for row in result["candidates"] if row["feasible"])
+    pick = result["pick"]
+    assert pick is not None and pick["measured_ms"] <= budget * 1.05
+    done = [e for e in result["trained"] if e["status"] == "done"]
+    assert pick["val_accuracy"] == max(e["val_accuracy"] for e in done)
+    assert result["dense_ms"] > budget > result["fastest_ms"]
+    assert result["latency_model"]["validation"]["n"] == 2
+
+    # the pick's recipe reproduces it: same ratios, loads as a normal recipe
+    rerun = load_recipe(out / "pick.yaml")
+    pc = next(s for s in rerun.stages if s.stage == "prune_channels")
+    assert pc.ratios == {g: r for g, r in pick["ratios"].items() if r > 0}
+    record = json.loads((out / pick["dir"] / "record.json").read_text())
+    assert record["final"]["macs"] < record["baseline"]["macs"]
+    assert (out / "plots" / "latency.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text()
+    assert "## Pick" in md and f"{pick['measured_ms']:.3f} ms" in md
+    assert json.loads((out / "plan.json").read_text())["pick"]["key"] == pick["key"]
+
+    # the same call again: nothing trained, nothing measured for the tables
+    pieces = calls["pieces"]
+    again = plan(load_recipe(recipe_file), budget, out, **kwargs)
+    assert again["counts"]["reused"] == 2 and again["counts"]["trained_now"] == 0
+    assert calls["pieces"] == pieces
+    assert again["pick"]["key"] == pick["key"]
+    assert np.isclose(again["pick"]["accuracy"], pick["accuracy"])
