@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import threading
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -129,8 +128,8 @@ def _classes(root: Path, on_bad_image: str) -> tuple[list[str], list[str]]:
     return classes, empty
 
 
-def _listing(folder: Path, classes: list[str]) -> _Listing:
-    unknown = [n for n in _subdirs(folder) if n not in classes]
+def _listing(folder: Path, classes: list[str], ignore: Sequence[str] = ()) -> _Listing:
+    unknown = [n for n in _subdirs(folder) if n not in classes and n not in ignore]
     if unknown:
         raise DataError(
             f"{folder} has class folder {unknown[0]!r}"
@@ -160,7 +159,7 @@ def check_folder(root: str | Path, on_bad_image: str = "error") -> tuple[int, st
     """
     root = Path(os.path.abspath(Path(root).expanduser()))
     classes, empty = _classes(root, on_bad_image)
-    n = len(_listing(root / "train", classes).files)
+    n = len(_listing(root / "train", classes, empty).files)
     extra = [s for s in ("val", "test") if (root / s).is_dir()]
     for s in extra:
         _listing(root / s, classes)
@@ -295,10 +294,8 @@ def _decode_split(
             out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, 3, size, size))
 
             def work(i: int) -> None:
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("error")  # e.g. a decompression bomb
-                        out[i] = decode_image(listing.files[i], size)
+                try:  # (no warnings.catch_warnings here: it is process-wide, not per thread)
+                    out[i] = decode_image(listing.files[i], size)
                 except Exception as e:  # Pillow raises many types for bad files
                     with lock:
                         bad[i] = f"{type(e).__name__}: {e}".splitlines()[0][:120]
@@ -436,7 +433,7 @@ def from_folder(
     classes, empty = _classes(root, on_bad_image)
     cache = _cache_root(root, cache_dir)
 
-    train_list = _listing(root / "train", classes)
+    train_list = _listing(root / "train", classes, empty)
     keep = _limit(train_list.labels, limit_train, seed)
     train_list = _Listing(
         train_list.folder, [train_list.files[i] for i in keep], train_list.labels[keep]
