@@ -442,3 +442,24 @@ def test_png_folder_at_32_matches_the_cifar_reader(
     assert acc["b"] == acc["a"]  # the checkpoint trained in "a", measured on each reader's test
     assert acc["b"] > 0.2  # a trained model (chance: 0.1), so wrong labels would show
     capsys.readouterr()
+
+
+def test_loader_benchmark_prints_its_table(capsys) -> None:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loader.py"
+    spec = importlib.util.spec_from_file_location("bench_loader", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+        args = ["--sizes", "16,24", "--images", "40", "--models", "tiny_cnn", "--steps", "1"]
+        assert bench.main([*args, "--batch", "8"]) == 0
+    finally:
+        sys.modules.pop(spec.name, None)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 16x16") or "24x24" in line]
+    assert len(rows) == 2 and all(float(r.split("|")[-2].strip(" x")) > 0 for r in rows)
+    assert "CPU: " in out
