@@ -305,3 +305,30 @@ def fake_latency(monkeypatch: Any, noise: float = 0.0, seed: int = 0) -> dict[st
     monkeypatch.setattr(lmod.LatencyModel, "measure", networks)
     monkeypatch.setattr(search, "latency_panel", panel)
     return calls
+
+
+def write_image_folder(
+    root: Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    *,
+    size: int | None = None,
+    formats: tuple[str, ...] = ("png",),
+) -> list[Path]:
+    """Write uint8 ``[N, 3, H, W]`` images as files ``root/<class>/<index>.<format>`` (index
+    zero-padded, formats taken in turn), upscaled to ``size`` x ``size`` (bicubic) when
+    given; PNG is lossless, JPEG at quality 95. Returns the paths, in image order."""
+    from PIL import Image
+
+    paths = []
+    for i, (img, y) in enumerate(zip(images, labels.tolist(), strict=True)):
+        pil = Image.fromarray(img.permute(1, 2, 0).contiguous().numpy())
+        if size is not None and pil.size != (size, size):
+            pil = pil.resize((size, size), Image.Resampling.BICUBIC)
+        fmt = formats[i % len(formats)]
+        path = root / classes[y] / f"{i:05d}.{fmt}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pil.save(path, quality=95) if fmt in ("jpg", "jpeg", "webp") else pil.save(path)
+        paths.append(path)
+    return paths

@@ -138,6 +138,8 @@ def test_subset_loads(subset: Dataset, subset_root: Path) -> None:
         "val": 500,
         "test": 1017,
         "num_classes": 10,
+        "classes": d.classes,
+        "image_size": [32, 32],
         "root": str(subset_root / "cifar-10-batches-py"),
     }
     assert "1017 of the official 10000" in note and "NOT comparable" in note

@@ -61,7 +61,8 @@ def _digest(model: nn.Module, data: Any) -> str:
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     for split in ("train", "val", "test"):
         for t in (getattr(data, f"{split}_x"), getattr(data, f"{split}_y")):
-            h.update(t.contiguous().numpy().tobytes())
+            for s in range(0, max(1, int(t.shape[0])), 4096):  # chunks: memory-mapped data
+                h.update(t[s : s + 4096].contiguous().numpy().tobytes())
     h.update(repr((data.mean, data.std)).encode())
     return h.hexdigest()[:16]
 
@@ -150,7 +151,10 @@ def compress(
         data=DataSpec.model_construct(
             dataset=data.name,
             root=None,
+            image_size=data.image_size,
             val_size=len(data.val_y),
+            test_size=len(data.test_y),
+            on_bad_image=data.info.get("on_bad_image", "error"),
             download=False,
             augment=DataSpec().augment,
             limit_train=None,

@@ -1,6 +1,8 @@
-"""Data sets (CIFAR-10/100, SVHN, your own ``.npz``) and a tensor-resident batch loader.
+"""Data sets (CIFAR-10/100, SVHN, your own ``.npz``, image folders) and a tensor-resident
+batch loader.
 
-Images are kept as uint8 ``[N, 3, H, W]`` tensors; :class:`Loader` converts each batch to
+Images are kept as uint8 ``[N, 3, H, W]`` tensors (for image folders: views of a
+memory-mapped cache, see :mod:`pqd.folder`); :class:`Loader` converts each batch to
 float32 in [0, 1] and augments it on the fly on the target device. Normalisation is *not*
 done here: the model does it inside its graph, with :attr:`Dataset.mean` / :attr:`Dataset.std`.
 
@@ -22,14 +24,17 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
 
 from pqd.errors import DataError
+
+if TYPE_CHECKING:
+    from pqd.folder import from_folder
 
 __all__ = [
     "DATASETS",
@@ -38,6 +43,7 @@ __all__ = [
     "RestrictedUnpickler",
     "check_data",
     "download_and_verify",
+    "from_folder",
     "from_tensors",
     "load_dataset",
     "resolve_data_root",
@@ -45,7 +51,7 @@ __all__ = [
     "stratified_split",
 ]
 
-DATASETS = ("cifar10", "cifar100", "svhn", "npz")
+DATASETS = ("cifar10", "cifar100", "svhn", "npz", "folder")
 """Names accepted by :func:`load_dataset`."""
 
 ENV_DATA_DIR = "PQD_DATA_DIR"
@@ -102,9 +108,17 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     root: Path
+    info: dict[str, Any] = field(default_factory=dict)
+    """What the reader adds to :meth:`summary` (an image folder: splits, cache, skipped files)."""
+
+    @property
+    def image_size(self) -> int:
+        """Side of the (square) images, in pixels (the width when they are not square)."""
+        return int(self.train_x.shape[-1])
 
     def summary(self) -> dict[str, Any]:
-        """Name, split sizes (images), number of classes and root folder, JSON-ready.
+        """Name, split sizes (images), number of classes, class names, image size (pixels)
+        and root folder, plus the reader's :attr:`info`, JSON-ready.
 
         ``subset_note`` warns when the test split is smaller than the official one,
         because accuracies on a subset are not comparable with published numbers.
@@ -115,7 +129,10 @@ class Dataset:
             "val": int(self.val_x.shape[0]),
             "test": int(self.test_x.shape[0]),
             "num_classes": int(self.num_classes),
+            "classes": list(self.classes),
+            "image_size": [int(self.train_x.shape[-2]), int(self.train_x.shape[-1])],
             "root": str(self.root),
+            **self.info,
         }
         official = OFFICIAL_TEST_SIZES.get(self.name)
         if official is not None and out["test"] < official:
@@ -150,16 +167,36 @@ def load_dataset(
     download: bool = True,
     limit_train: int | None = None,
     limit_test: int | None = None,
+    image_size: int | None = None,
+    test_size: int | float = 0.1,
+    on_bad_image: str = "error",
+    progress: bool = False,
 ) -> Dataset:
     """Load data set ``name`` from ``root`` (official layouts), downloading it if allowed.
 
     ``val_size`` is a count (int >= 1) or a fraction (0 < f < 1) of the official training
     images, carved out stratified by class with ``seed``; 0 means no validation split.
     ``limit_train`` / ``limit_test`` keep the first N images of each official split (before
-    the validation split), for tiny runs.
+    the validation split), for tiny runs. ``image_size`` (pixels; default: the data's own,
+    32 for CIFAR/SVHN) resizes the images (short side, then center crop). ``folder`` is
+    :func:`from_folder` (``test_size``, ``on_bad_image`` and ``progress`` are its own).
     """
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}", f"use one of {', '.join(DATASETS)}")
+    if name == "folder":
+        from pqd.folder import from_folder
+
+        return from_folder(
+            root,
+            image_size=image_size,
+            val_size=val_size,
+            test_size=test_size,
+            seed=seed,
+            on_bad_image=on_bad_image,
+            limit_train=limit_train,
+            limit_test=limit_test,
+            progress=progress,
+        )
     limit_train = _check_limit("limit_train", limit_train)
     limit_test = _check_limit("limit_test", limit_test)
     root = Path(os.path.abspath(Path(root).expanduser()))
@@ -174,6 +211,9 @@ def load_dataset(
     train_idx, val_idx = stratified_split(raw.train_y, val_size, seed)
     train_x, train_y = raw.train_x[train_idx], raw.train_y[train_idx]
     val_x, val_y = raw.train_x[val_idx], raw.train_y[val_idx]
+    test_x = raw.test_x
+    if image_size is not None and tuple(train_x.shape[-2:]) != (image_size, image_size):
+        train_x, val_x, test_x = (resize_images(x, image_size) for x in (train_x, val_x, test_x))
     if raw.mean is None or raw.std is None:
         mean, std = _channel_stats(train_x)
     else:
@@ -188,10 +228,28 @@ def load_dataset(
         train_y=train_y,
         val_x=val_x,
         val_y=val_y,
-        test_x=raw.test_x,
+        test_x=test_x,
         test_y=raw.test_y,
         root=raw.root,
     )
+
+
+def resize_images(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """uint8 images ``[N, C, H, W]`` resized so the short side is ``size`` (bilinear,
+    antialiased), then center-cropped to ``size`` x ``size`` pixels; uint8 again."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
+        raise DataError(f"image_size {size!r} is not a side in pixels", "use 8..4096")
+    n, c, h, w = x.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    out = torch.empty(n, c, size, size, dtype=torch.uint8)
+    for s in range(0, n, chunk):
+        part = torch.nn.functional.interpolate(
+            x[s : s + chunk].float(), size=(nh, nw), mode="bilinear", antialias=True
+        )
+        out[s : s + chunk] = part[:, :, top : top + size, left : left + size].round().clamp(0, 255)
+    return out
 
 
 Split = Any
@@ -518,7 +576,12 @@ NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 
 
 def check_data(
-    name: str, root: str | Path, *, download: bool, explicit: bool = True
+    name: str,
+    root: str | Path,
+    *,
+    download: bool,
+    explicit: bool = True,
+    on_bad_image: str = "error",
 ) -> tuple[int, str]:
     """Check data set ``name`` under ``root`` without downloading or loading it all: its
     files are present and readable (class names parsed), or a download is allowed there.
@@ -529,6 +592,7 @@ def check_data(
         download: whether a missing data set may be downloaded (``data.download``).
         explicit: ``root`` was given by the user (else it is pqd's default ``./data``); a
             given folder that does not exist is an error even when downloads are allowed.
+        on_bad_image: an image folder's ``data.on_bad_image`` (empty class folders).
 
     Returns:
         The number of classes and a one-line description of what was found.
@@ -536,6 +600,10 @@ def check_data(
     root = Path(os.path.abspath(Path(root).expanduser()))
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}", f"use one of {', '.join(DATASETS)}")
+    if name == "folder":
+        from pqd.folder import check_folder
+
+        return check_folder(root, on_bad_image)
     if name == "npz":
         raw = _load_npz(root, 1, 1)
         return len(raw.classes), f"npz files readable in {root} ({len(raw.classes)} classes)"
@@ -1086,10 +1154,19 @@ def _npz_labels(path: Path, key: str, y: np.ndarray, n: int) -> np.ndarray:
 # --------------------------------------------------------------------------- loader
 
 
+RESIZED_CROP_FROM = 64
+"""Image side (pixels) from which ``crop="auto"`` means a random resized crop (below it:
+a random crop after padding, as for CIFAR)."""
+
+
 class Loader:
-    """Tensor-resident batches: uint8 images live on ``device``; each batch is converted to
-    float32 in [0, 1] and augmented on the fly on that device (random crop with padding +
-    horizontal flip). No workers, no PIL.
+    """Tensor-resident batches: uint8 images live on ``device`` (on the CPU they may be views
+    of a memory-mapped file); each batch is converted to float32 in [0, 1] and augmented on
+    the fly on that device: ``crop="pad"`` takes a random crop after padding (CIFAR style),
+    ``crop="resized"`` a random resized crop (a random area fraction in ``[min_scale, 1]``
+    of the image, aspect ratio in [3/4, 4/3], scaled back to the full size, bilinear: the
+    ImageNet-style crop), then a horizontal flip. ``crop="auto"`` chooses ``resized`` for
+    images of :data:`RESIZED_CROP_FROM` pixels or more. No workers, no PIL.
 
     All randomness (shuffle order, crop offsets, flips) comes from the Loader's own
     ``torch.Generator`` seeded with ``seed``; each ``iter()`` draws one epoch's worth up front,
@@ -1112,6 +1189,8 @@ class Loader:
         device: str | torch.device = "cpu",
         seed: int = 0,
         channels_last: bool = False,
+        crop: str = "pad",
+        min_scale: float = 0.25,
     ) -> None:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"x must be uint8 [N, C, H, W], got {x.dtype} {list(x.shape)}")
@@ -1122,9 +1201,15 @@ class Loader:
         if pad_mode not in ("reflect", "zeros"):
             raise ValueError(f"pad_mode must be 'reflect' or 'zeros', got {pad_mode!r}")
         h, w = int(x.shape[2]), int(x.shape[3])
+        if crop not in ("auto", "pad", "resized"):
+            raise ValueError(f"crop must be 'auto', 'pad' or 'resized', got {crop!r}")
+        if crop == "auto":
+            crop = "resized" if min(h, w) >= RESIZED_CROP_FROM else "pad"
+        if not 0.0 < min_scale <= 1.0:
+            raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
-        if augment and pad_mode == "reflect" and crop_padding >= min(h, w):
+        if augment and crop == "pad" and pad_mode == "reflect" and crop_padding >= min(h, w):
             raise DataError(
                 f"crop_padding {crop_padding} is too large for {h}x{w} images with reflect padding",
                 f"set data.augment.crop_padding below {min(h, w)} or pad_mode: zeros",
@@ -1134,7 +1219,9 @@ class Loader:
         self.y = y.to(self.device, torch.int64)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
-        self.augment = augment and (crop_padding > 0 or flip)
+        self.crop = crop
+        self.min_scale = float(min_scale)
+        self.augment = augment and (crop == "resized" or crop_padding > 0 or flip)
         self.crop_padding = int(crop_padding)
         self.pad_mode = pad_mode
         self.flip = flip
@@ -1170,7 +1257,10 @@ class Loader:
         # Draw the whole epoch's randomness now (CPU generator, then one copy to the device).
         order = torch.randperm(n, generator=self._gen) if self.shuffle else None
         offsets = flips = None
-        if self.augment:
+        if self.augment and self.crop == "resized":
+            offsets = self._resized_boxes(n)
+            flips = torch.rand(n, generator=self._gen) < 0.5 if self.flip else None
+        elif self.augment:
             offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=self._gen)
             flips = torch.rand(n, generator=self._gen) < 0.5 if self.flip else None
         self.epoch += 1
@@ -1190,7 +1280,11 @@ class Loader:
             else:
                 idx = order[start:end]
                 xb, yb = self.x[idx], self.y[idx]
-            if offsets is not None:
+            if offsets is not None and self.crop == "resized":
+                out = self._resized_crop(
+                    xb, offsets[start:end], None if flips is None else flips[start:end]
+                )
+            elif offsets is not None:
                 out = self._augment(
                     xb, offsets[start:end], None if flips is None else flips[start:end]
                 )
@@ -1199,6 +1293,35 @@ class Loader:
             if self.channels_last:
                 out = out.contiguous(memory_format=torch.channels_last)
             yield out, yb
+
+    def _resized_boxes(self, n: int) -> torch.Tensor:
+        """``[n, 4]`` crop boxes (width, height, center x, center y) in the [-1, 1] image
+        coordinates of ``grid_sample``: area fraction uniform in [min_scale, 1], log aspect
+        ratio uniform in [log 3/4, log 4/3], the box inside the image."""
+        area = torch.empty(n).uniform_(self.min_scale, 1.0, generator=self._gen)
+        log_r = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=self._gen)
+        ratio = log_r.exp()
+        bw = (area * ratio).sqrt().clamp(max=1.0)  # fractions of the side
+        bh = (area / ratio).sqrt().clamp(max=1.0)
+        cx = (torch.rand(n, generator=self._gen) * 2 - 1) * (1 - bw)
+        cy = (torch.rand(n, generator=self._gen) * 2 - 1) * (1 - bh)
+        return torch.stack([bw, bh, cx, cy], dim=1)
+
+    def _resized_crop(
+        self, xb: torch.Tensor, box: torch.Tensor, flips: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Each image's box (:meth:`_resized_boxes`) scaled to the full size (bilinear),
+        mirrored where ``flips``: one batched ``affine_grid`` + ``grid_sample``."""
+        bsz, c, h, w = xb.shape
+        theta = torch.zeros(bsz, 2, 3, device=xb.device)
+        sx = box[:, 0] if flips is None else torch.where(flips, -box[:, 0], box[:, 0])
+        theta[:, 0, 0], theta[:, 0, 2] = sx, box[:, 2]
+        theta[:, 1, 1], theta[:, 1, 2] = box[:, 1], box[:, 3]
+        grid = torch.nn.functional.affine_grid(theta, [bsz, c, h, w], align_corners=False)
+        src = xb.to(torch.float32).div_(255.0)
+        return torch.nn.functional.grid_sample(
+            src, grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
 
     def _augment(
         self, xb: torch.Tensor, off: torch.Tensor, flips: torch.Tensor | None
@@ -1232,3 +1355,13 @@ def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
     """Map indices in [-(n-1), 2n-2] into [0, n) by reflection without repeating the edge."""
     i = i.abs()
     return torch.where(i >= n, 2 * (n - 1) - i, i)
+
+
+def __getattr__(name: str) -> Any:
+    """``from_folder`` lives in :mod:`pqd.folder` (which builds on this module): imported
+    on first use, so either module can be imported first."""
+    if name == "from_folder":
+        from pqd.folder import from_folder
+
+        return from_folder
+    raise AttributeError(f"module 'pqd.data' has no attribute {name!r}")

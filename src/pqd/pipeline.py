@@ -43,13 +43,14 @@ from pqd.train import evaluate
 RECORD_VERSION = 1
 
 
-def recipe_data(recipe: Recipe, data_dir: str | None = None) -> Any:
+def recipe_data(recipe: Recipe, data_dir: str | None = None, progress: bool = False) -> Any:
     """The recipe's data set (``pqd.data.Dataset``), from ``data_dir`` (else
     ``PQD_DATA_DIR``, else ``data.root``), split and limited as the recipe says.
 
     Args:
         recipe: the job (its ``data`` section and ``seed``, which carves the val split).
         data_dir: a folder given on the command line, or None.
+        progress: show a progress bar while an image folder is decoded (on a terminal).
 
     Returns:
         The loaded data set.
@@ -64,6 +65,10 @@ def recipe_data(recipe: Recipe, data_dir: str | None = None) -> Any:
         download=recipe.data.download,
         limit_train=recipe.data.limit_train,
         limit_test=recipe.data.limit_test,
+        image_size=recipe.data.image_size,
+        test_size=recipe.data.test_size,
+        on_bad_image=recipe.data.on_bad_image,
+        progress=progress,
     )
 
 
@@ -117,6 +122,7 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[list[str], l
         One line per check that passed, and the errors of those that failed.
     """
     from pqd.data import ENV_DATA_DIR, NUM_CLASSES, check_data, resolve_data_root
+    from pqd.folder import DEFAULT_IMAGE_SIZE
     from pqd.models import build_model, check_output_shape
 
     passed: list[str] = []
@@ -129,7 +135,11 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[list[str], l
     classes = NUM_CLASSES.get(recipe.data.dataset)
     try:
         classes, found = check_data(
-            recipe.data.dataset, root, download=recipe.data.download, explicit=explicit
+            recipe.data.dataset,
+            root,
+            download=recipe.data.download,
+            explicit=explicit,
+            on_bad_image=recipe.data.on_bad_image,
         )
         passed.append(f"data: {found}")
     except PqdError as exc:
@@ -140,7 +150,10 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[list[str], l
             model = build_model(
                 recipe.model.name, classes, (0.5,) * 3, (0.25,) * 3, **recipe.model.kwargs
             )
-            check_output_shape(model, classes)
+            size = recipe.data.image_size or (
+                DEFAULT_IMAGE_SIZE if recipe.data.dataset == "folder" else 32
+            )
+            check_output_shape(model, classes, size)
             params = sum(p.numel() for p in model.parameters())
             passed.append(
                 f"model: {recipe.model.name} builds ({params:,} parameters) and "
@@ -210,7 +223,7 @@ def run(
     if measure:
         check_runtimes(recipe)
     resolve_device(recipe.device)
-    data = recipe_data(recipe, data_dir)
+    data = recipe_data(recipe, data_dir, progress)
 
     def build() -> torch.nn.Module:
         return build_model(
@@ -410,8 +423,10 @@ def execute(
         {
             "pqd.target": target,
             "pqd.saturating_weight_pairs": str(saturation(final_path)["pairs_at_risk"]),
+            "pqd.classes": json.dumps(list(data.classes)),
         },
     )
+    set_metadata(base_path, {"pqd.classes": json.dumps(list(data.classes))})
     export_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     references = {

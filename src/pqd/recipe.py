@@ -47,20 +47,32 @@ class ModelSpec(Strict):
 
 
 class AugmentSpec(Strict):
-    """Training augmentation: random crop after padding, horizontal flip."""
+    """Training augmentation: a random crop, then a horizontal flip. ``crop``: ``pad`` (a
+    random crop after ``crop_padding`` pixels of padding, CIFAR style), ``resized`` (a random
+    resized crop: area fraction in [``min_scale``, 1], ImageNet style) or ``auto`` (``resized``
+    for images of 64 pixels or more, else ``pad``)."""
 
+    crop: Literal["auto", "pad", "resized"] = "auto"
     crop_padding: int = Field(default=4, ge=0, le=16)
     pad_mode: Literal["reflect", "zeros"] = "reflect"
+    min_scale: float = Field(default=0.25, gt=0.0, le=1.0)
     flip: bool = True
 
 
 class DataSpec(Strict):
     """Data set and split. ``root`` (in a recipe file: relative to the file) is overridden by
-    ``--data-dir`` or ``PQD_DATA_DIR``."""
+    ``--data-dir`` or ``PQD_DATA_DIR``. ``folder``: ``root/train/<class>/*`` image files
+    (optional ``root/val/``, ``root/test/``; else ``test_size`` then ``val_size`` carved from
+    train); ``image_size``: side in pixels the images are resized to (default: 32 for
+    CIFAR/SVHN, the file's own for npz, 64 for folders); ``on_bad_image``: ``error`` or
+    ``skip`` undecodable files and empty class folders (folders only)."""
 
-    dataset: Literal["cifar10", "cifar100", "svhn", "npz"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "svhn", "npz", "folder"] = "cifar10"
     root: str | None = None
+    image_size: int | None = Field(default=None, ge=8, le=4096)
     val_size: Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0.0, lt=1.0)] = 500
+    test_size: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    on_bad_image: Literal["error", "skip"] = "error"
     download: bool = True
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     limit_train: int | None = Field(default=None, ge=1)
