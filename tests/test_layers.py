@@ -21,6 +21,8 @@ LAYERS: list[tuple[str, ...]] = [
         "pqd.state",
         "pqd.registry",
     ),  # data and contracts
+    ("pqd.dataset",),  # the in-memory data set, splits
+    ("pqd.folder",),  # image folders (decoded once into a memory-mapped cache)
     (
         "pqd.data",
         "pqd.models",

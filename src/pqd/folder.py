@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pqd.data import Dataset, _channel_stats, _check_limit, stratified_split
+from pqd.dataset import Dataset, _channel_stats, _check_limit, stratified_split
 from pqd.errors import DataError
 
 __all__ = [
