@@ -3,6 +3,7 @@ with integer kernels (QGemm for every linear), and parity with the converted tor
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,79 @@ def test_int8_export_runs_every_linear_as_qgemm_with_parity(tmp_path: Path, subs
     # measured 98.4% agreement and 15% of logits off by more than 1e-4
     assert parity(ref, got)["top1_agreement"] >= 0.95
     assert float((np.abs(ref - got) > 1e-4).mean()) <= 0.3
+
+
+# ---------------------------------------------------------------------------- pruning
+
+
+def _magnitude(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().abs() for n, p in model.named_parameters() if n.endswith("weight")}
+
+
+def test_head_pruning_removes_whole_heads_for_real(tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from pqd.export import export_onnx
+    from pqd.prune.channels import apply_structure, plan_records
+    from pqd.recipe import PruneChannelsSpec
+
+    model = vit(num_heads=4).eval()  # dim 32: 4 heads of 8
+    x = torch.rand(4, 3, 32, 32)
+    spec = PruneChannelsSpec(ratio=0.5, exclude=["net.features.0.*"])
+    records = plan_records(model, x[:2], _magnitude(model), 0.5, spec)
+    by_layer = {r["layer"]: r for r in records}
+    qkv = by_layer["net.features.1.attn.qkv"]
+    kept = qkv["kept"]
+    assert len(kept) == 3 * 2 * 8  # 2 of 4 heads, in q, k and v
+    heads = sorted({(c % 32) // 8 for c in kept})
+    assert len(heads) == 2 and all(c // 32 in (0, 1, 2) for c in kept)
+    # reference: the unpruned block with the dropped heads' projection inputs zeroed
+    dropped = [h for h in range(4) if h not in heads]
+    block = copy.deepcopy(model.net.features[1])
+    with torch.no_grad():
+        for h in dropped:
+            block.attn.proj.weight[:, h * 8 : (h + 1) * 8] = 0
+        tokens = torch.randn(3, 17, 32)
+        want = block.attn(block.norm1(tokens))
+    params, macs = sum(p.numel() for p in model.parameters()), count_macs(model, x[:1])
+    apply_structure(model, x[:2], [qkv])
+    attn = model.net.features[1].attn
+    assert attn.num_heads == 2 and attn.qkv.weight.shape == (48, 32)
+    assert attn.proj.weight.shape == (32, 16)  # dense and smaller, not masked
+    with torch.no_grad():
+        torch.testing.assert_close(attn(block.norm1(tokens)), want, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) < params
+    assert count_macs(model, x[:1]) < macs
+    # the exported graph has 2 heads in block 1 (qkv Gemm rows = 3 x heads x head_dim)
+    path, _ = export_onnx(model, tmp_path / "pruned.onnx", x, quantized=False)
+    proto = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    qkv_rows = sorted(inits[n.input[1]].shape[0] for n in proto.graph.node if n.op_type == "Gemm")
+    assert qkv_rows.count(48) == 1 and qkv_rows.count(96) == 1  # block 1: 2 heads, block 2: 4
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(ort_logits(path, x.numpy()), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_mlp_units_and_heads_pruned_by_the_plan() -> None:
+    from pqd.prune.channels import apply_structure, plan_records
+    from pqd.recipe import PruneChannelsSpec
+
+    model = vit(num_heads=4).eval()
+    x = torch.rand(2, 3, 32, 32)
+    spec = PruneChannelsSpec(ratio=0.5, round_to=8, exclude=["net.features.0.*"])
+    records = plan_records(model, x, _magnitude(model), 0.5, spec)
+    apply_structure(model, x, records)
+    for block in model.net.features[1:]:
+        assert block.attn.num_heads == 2
+        assert block.mlp.fc1.out_features == 32 and block.mlp.fc2.in_features == 32
+    assert model(x).shape == (2, 10)
+
+
+def test_unstructured_pruning_masks_linear_weights_only() -> None:
+    from pqd.prune.masks import prunable_parameters
+
+    names = set(prunable_parameters(vit()))
+    assert "net.features.1.attn.qkv.weight" in names and "net.features.2.mlp.fc2.weight" in names
+    assert not any("pos_embed" in n or "cls_token" in n for n in names)

@@ -54,15 +54,18 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
-        self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = TokenLinear(dim, 3 * dim)
         self.proj = TokenLinear(dim, dim)
 
+    @property
+    def num_heads(self) -> int:
+        """Heads left: read from the qkv weight, which head pruning narrows by whole heads."""
+        return self.qkv.out_features // (3 * self.head_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        # head count and width from the weights: Torch-Pruning's head surgery changes them
-        inner = self.qkv.out_features // 3
+        inner = self.num_heads * self.head_dim
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, d]
         attn = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))
