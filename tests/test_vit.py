@@ -203,3 +203,27 @@ def test_unstructured_pruning_masks_linear_weights_only() -> None:
     names = set(prunable_parameters(vit()))
     assert "net.features.1.attn.qkv.weight" in names and "net.features.2.mlp.fc2.weight" in names
     assert not any("pos_embed" in n or "cls_token" in n for n in names)
+
+
+# ---------------------------------------------------------------------------- early exit
+
+
+def test_early_exit_reads_the_class_token_after_chosen_blocks() -> None:
+    from pqd.models.multi_exit import build_multi_exit, exit_costs
+    from pqd.models.vit import ClassTokenHead
+
+    model = vit(depth=3).eval()
+    x = torch.rand(4, 3, 32, 32)
+    net = build_multi_exit(model, [1, 2], 10, x)
+    assert all(isinstance(h, ClassTokenHead) for h in net.heads)
+    with torch.no_grad():
+        outs = net.forward_all(x)
+        torch.testing.assert_close(outs[-1], model(x))  # exits off: the original network
+        # exit 0 is the class-token head on block 1's tokens
+        tokens = model.net.features[1](model.net.features[0](model.norm(x)))
+        torch.testing.assert_close(outs[0], net.heads[0](tokens))
+    assert [o.shape for o in outs] == [(4, 10)] * 3
+    # costs count every token of every linear: leaving after block 1 is cheaper than at the end
+    costs = exit_costs(net.part_macs)
+    assert costs[0] < costs[1] < costs[2]
+    assert net.part_macs["segments"][1] == 17 * 4 * 32 * 32 + 17 * 2 * 32 * 64  # one block
