@@ -8,7 +8,8 @@ Zoo (params / MACs at 32x32, 10 classes): resnet18 11.17 M / 555 M, resnet34 21.
 1.16 G, resnet20 0.27 M / 41 M, resnet32 0.47 M / 69 M, resnet56 0.86 M / 126 M,
 wrn28_10 36.5 M / 5.24 G, wrn16_4 2.75 M / 393 M (``wrn`` takes depth, widen_factor),
 vgg16_bn 14.7 M / 313 M, vgg19_bn 20.0 M / 398 M, mobilenetv2 2.24 M / 88 M,
-fastnet 1.17 M / 86 M, tiny_cnn 2.2 k / 1.1 M, tiny_resnet 5.3 k / 2.3 M.
+fastnet 1.17 M / 86 M, tiny_cnn 2.2 k / 1.1 M, tiny_resnet 5.3 k / 2.3 M; vision
+transformers (pqd.models.vit): vit_small 1.91 M / 145 M, vit_tiny 24 k / 1.1 M.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from pqd.errors import ModelError
-from pqd.models import fastnet, mobilenetv2, resnet, tiny, vgg, wrn  # noqa: F401  (registers)
+from pqd.models import fastnet, mobilenetv2, resnet, tiny, vgg, vit, wrn  # noqa: F401  (registers)
 from pqd.models._common import ZooNet
 from pqd.registry import resolve_model_fn
 

@@ -272,8 +272,13 @@ def build_multi_exit(
                 classifier=model.net.classifier if k == len(bounds) - 2 else None,
             )
         )
+    # a net may build its own exit heads (a ViT reads the class token: ViT.exit_head)
+    make_head = getattr(model.net, "exit_head", None)
     heads = [
-        ExitHead(int(s[1]), num_classes, head_channels, head_kernel, head_stride) for s in shapes
+        make_head(s, num_classes)
+        if make_head is not None
+        else ExitHead(int(s[1]), num_classes, head_channels, head_kernel, head_stride)
+        for s in shapes
     ]
     net = MultiExitNet(segments, heads, positions, num_classes, confidence)
     net.head_config = {
@@ -318,8 +323,9 @@ def count_part_macs(net: MultiExitNet, example: torch.Tensor) -> dict[str, list[
         if isinstance(module, nn.Conv2d):
             per_out = module.weight[0].numel()
             counts[module] = counts.get(module, 0) + per_out * output[0].numel()
-        else:
-            counts[module] = counts.get(module, 0) + module.weight.numel()
+        else:  # a linear: once per row (per token for a transformer's [B, N, D] input)
+            rows = output[0].numel() // output.shape[-1] if output.dim() > 2 else 1
+            counts[module] = counts.get(module, 0) + module.weight.numel() * rows
 
     mods = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     handles = [m.register_forward_hook(hook) for m in mods]

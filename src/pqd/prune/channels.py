@@ -27,6 +27,11 @@ Never pruned: the output layer (the last conv/linear to run: its outputs are the
 classes), the image channels (a network input has no producer), and ``norm`` (the
 in-graph normalisation holds buffers only and sits outside every group; checked).
 
+Attention (a module with a ``qkv`` linear and a ``head_dim``, as in :mod:`pqd.models.vit`):
+its qkv group is planned by whole heads (:func:`attention_heads`; the head score is the sum
+over the head's q, k and v channels, ``round_to`` does not apply, at least one head stays),
+so surgery removes heads from qkv and the projection; MLP hidden units are ordinary groups.
+
 Targets: ``ratio`` (fraction of channels removed), or ``target: {macs: f}`` (bisection on
 the ratio until conv+linear MACs <= f x the baseline's), or ``target: {latency_ms: x}``
 (bisection on the ratio, each candidate exported to ONNX, FP32 or INT8 as it will ship,
@@ -447,12 +452,50 @@ def plan_records(
     per_group = {root: group_scores(g, weight_scores, names, dg, p) for root, g in groups.items()}
     if isinstance(keep, dict):
         keep = {root: keep.get(root, 1.0) for root in per_group}
-    plan = plan_channels(per_group, keep, spec.scope, spec.round_to, spec.max_ratio)
+    heads = attention_heads(model)
+    per_head = {r: head_scores(s, heads[r]) for r, s in per_group.items() if r in heads}
+    channels = {r: s for r, s in per_group.items() if r not in heads}
+    plan = plan_channels(channels, _only(keep, channels), spec.scope, spec.round_to, spec.max_ratio)
+    kept_heads = plan_channels(per_head, _only(keep, per_head), spec.scope, None, spec.max_ratio)
+    for root, hs in kept_heads.items():
+        plan[root] = head_channels(hs, len(per_head[root]), heads[root])
     return [
         {"layer": root, "channels": len(per_group[root]), "kept": kept}
         for root, kept in plan.items()
         if len(kept) < len(per_group[root])
     ]
+
+
+def attention_heads(model: nn.Module) -> dict[str, int]:
+    """``{qkv linear name: head width}`` for every attention module of ``model``: a module
+    with a ``qkv`` linear (outputs ``[3, heads, head_dim]``, as in timm and
+    :mod:`pqd.models.vit`) and a ``head_dim``. Their channel groups are pruned by whole
+    heads: the same heads in q, k and v, and the projection's matching inputs."""
+    return {
+        f"{n}.qkv": int(m.head_dim)
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "head_dim")
+    }
+
+
+def head_scores(channel_scores: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Per-head score: the sum of a qkv group's channel scores over each head's q, k and v
+    slices (channels laid out ``[3, heads, head_dim]``)."""
+    return channel_scores.reshape(3, -1, head_dim).sum(dim=(0, 2))
+
+
+def head_channels(kept_heads: Sequence[int], heads: int, head_dim: int) -> list[int]:
+    """qkv output channels (sorted) of the ``kept_heads`` among ``heads`` heads."""
+    return sorted(
+        j * heads * head_dim + h * head_dim + i
+        for j in range(3)
+        for h in kept_heads
+        for i in range(head_dim)
+    )
+
+
+def _only(keep: float | dict[str, float], groups: dict[str, Any]) -> float | dict[str, float]:
+    return {r: keep[r] for r in groups} if isinstance(keep, dict) else keep
 
 
 def weight_names(model: nn.Module) -> list[str]:

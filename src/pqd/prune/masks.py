@@ -65,12 +65,16 @@ KD_SCORE_ALPHA = 0.9
 def prunable_parameters(
     model: nn.Module, exclude: list[str] | None = None
 ) -> dict[str, nn.Parameter]:
-    """Conv/linear weights (ndim >= 2) by name, minus names matching ``exclude`` patterns."""
+    """Conv/linear weights (``*.weight`` with ndim >= 2) by name, minus names matching
+    ``exclude`` patterns. Other parameters of rank >= 2 (a ViT's class token and position
+    embedding) are not weights of a layer and are never pruned."""
     exclude = exclude or []
     return {
         name: p
         for name, p in model.named_parameters()
-        if p.ndim >= 2 and not any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
+        if p.ndim >= 2
+        and name.rsplit(".", 1)[-1] == "weight"
+        and not any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
     }
 
 

@@ -341,8 +341,15 @@ def ort_quantizer(is_qat: bool = True, scheme: dict[str, Any] | None = None):
 def _annotate_add(node: torch.fx.Node, qspec, annotation_cls) -> None:
     val = node.meta.get("val")
     inputs = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
-    # only float tensor adds (BN's num_batches_tracked += 1 is an add too)
-    if val is None or not getattr(val, "is_floating_point", lambda: False)() or len(inputs) != 2:
+    # only float tensor adds (BN's num_batches_tracked += 1 is an add too) of two
+    # activations: a parameter added in (a ViT's position embedding) stays float, else it
+    # would be folded into a uint8 constant
+    if (
+        val is None
+        or not getattr(val, "is_floating_point", lambda: False)()
+        or len(inputs) != 2
+        or any(a.op == "get_attr" for a in inputs)
+    ):
         return
     users = list(node.users)
     if len(users) == 1 and users[0].target in _RELU_OPS:
