@@ -521,12 +521,13 @@ def _comparable(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _untimed(node: Any) -> Any:
-    """``node`` without timings at any depth (latencies and the speedups made of them)."""
+    """``node`` without timings at any depth (latencies, the speedups made of them and the
+    fastest runtime they pick)."""
     if isinstance(node, dict):
         return {
             k: _untimed(v)
             for k, v in node.items()
-            if "latency" not in k and not k.startswith("speedup")
+            if "latency" not in k and not k.startswith("speedup") and k != "fastest"
         }
     if isinstance(node, list):
         return [_untimed(v) for v in node]
