@@ -20,7 +20,16 @@ import torch
 import torch.nn as nn
 
 from pqd.errors import ModelError
-from pqd.models import fastnet, mobilenetv2, resnet, tiny, vgg, wrn  # noqa: F401  (registers)
+from pqd.models import (  # noqa: F401  (registers)
+    fastnet,
+    imagenet,
+    mobilenetv2,
+    mobilenetv3,
+    resnet,
+    tiny,
+    vgg,
+    wrn,
+)
 from pqd.models._common import ZooNet
 from pqd.registry import resolve_model_fn
 
