@@ -9,6 +9,11 @@ Zoo (params / MACs at 32x32, 10 classes): resnet18 11.17 M / 555 M, resnet34 21.
 wrn28_10 36.5 M / 5.24 G, wrn16_4 2.75 M / 393 M (``wrn`` takes depth, widen_factor),
 vgg16_bn 14.7 M / 313 M, vgg19_bn 20.0 M / 398 M, mobilenetv2 2.24 M / 88 M,
 fastnet 1.17 M / 86 M, tiny_cnn 2.2 k / 1.1 M, tiny_resnet 5.3 k / 2.3 M.
+
+ImageNet-style, torchvision's layout and names (params for 1000 classes / MACs at
+224x224): resnet18_imagenet 11.69 M / 1.81 G, resnet34_imagenet 21.80 M / 3.66 G,
+resnet50_imagenet 25.56 M / 4.09 G, mobilenetv2_imagenet 3.50 M / 301 M,
+mobilenetv3_small 2.54 M / 57 M, mobilenetv3_large 5.48 M / 217 M.
 """
 
 from __future__ import annotations
