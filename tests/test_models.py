@@ -359,3 +359,78 @@ def test_imagenet_nets_at_real_resolutions() -> None:
     check_output_shape(build_model("mobilenetv2_imagenet", 10, MEAN, STD, width_mult=0.25), 10, 64)
     with pytest.raises(ModelError):
         build_model("resnet18_imagenet", 10, MEAN, STD, width=0)
+
+
+def upsampled_subset(root, size: int = 64, n_train: int = 64):
+    """Real CIFAR-10 subset images resized to ``size`` x ``size`` (bilinear), as pqd data."""
+    import pqd
+    from pqd.data import load_dataset
+
+    ds = load_dataset(
+        "cifar10", root, val_size=32, limit_train=n_train, limit_test=32, download=False
+    )
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x.float() / 255, size=size, mode="bilinear", align_corners=False)
+
+    return pqd.data.from_tensors(
+        train=(up(ds.train_x), ds.train_y),
+        val=(up(ds.val_x), ds.val_y),
+        test=(up(ds.test_x), ds.test_y),
+        mean=ds.mean,
+        std=ds.std,
+        num_classes=10,
+    )
+
+
+IMAGENET_SMALL = {  # tiny widths: the layouts and block kinds of the real nets
+    "resnet18_imagenet": {"width": 8},
+    "resnet50_imagenet": {"width": 8},
+    "mobilenetv2_imagenet": {"width_mult": 0.25},
+    "mobilenetv3_small": {"width_mult": 0.25},
+}
+
+
+FULL_CHAIN = {"resnet18_imagenet", "mobilenetv3_small"}
+"""Nets that run every stage; the others (same block kinds: bottleneck, inverted residual)
+run the structure-sensitive ones (prune_channels, quantize, early_exit), to keep time."""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", sorted(IMAGENET_SMALL))
+def test_stages_run_on_imagenet_nets_at_64x64(name: str, subset_dir) -> None:
+    """prune -> prune_channels -> quantize -> distill (feature KD) -> early_exit at 64x64."""
+    import pqd
+    from pqd.models.multi_exit import MultiExitNet
+
+    data = upsampled_subset(subset_dir)
+    torch.manual_seed(0)
+    model = build_model(name, 10, data.mean, data.std, **IMAGENET_SMALL[name])
+    full = name in FULL_CHAIN
+    stages = [
+        *([pqd.Prune(sparsity=0.5, epochs=1)] if full else []),
+        pqd.PruneChannels(ratio=0.25, epochs=1 if full else 0),
+        pqd.Quantize(epochs=1 if full else 0, calibration_batches=1),
+        *([pqd.Distill(epochs=1, features={})] if full else []),
+        pqd.EarlyExit(epochs=1, mode="heads"),
+    ]
+    infos: dict[str, dict] = {}
+
+    def keep(i: int, spec, state, seconds: float) -> None:
+        infos[type(spec).__name__] = dict(state.info)
+
+    state = pqd.apply_stages(
+        model, stages, data, train={"batch_size": 32, "lr": 0.01}, on_stage=keep
+    )
+    net = state.model
+    assert isinstance(net, MultiExitNet) and state.quantized and state.structure
+    assert net.positions == model.net.default_exit_points
+    if full:
+        assert infos["DistillSpec"]["feature_kd"]["points"] == [
+            f"net.features.{i}"
+            for i in [*model.net.default_exit_points, len(model.net.features) - 1]
+        ]
+        assert state.masks  # unstructured masks carried through surgery and exits
+    with torch.no_grad():  # the 64x64 images run through every exit to 10 logits
+        outs = net.eval().forward_all(data.test_x[:2].float() / 255)
+    assert [tuple(o.shape) for o in outs] == [(2, 10)] * (net.num_exits + 1)
