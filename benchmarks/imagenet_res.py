@@ -2,6 +2,7 @@
 
     python benchmarks/imagenet_res.py                      # 64x64 and 224x224
     python benchmarks/imagenet_res.py --sizes 64 --limit-train 64 --out runs/imres
+    python benchmarks/imagenet_res.py --records runs/imres/s64 runs/imres2/s224   # table only
 
 For each size, ``resnet18_imagenet`` (torchvision's layout, 1000 -> 10 classes) goes
 through ``pqd.compress`` with prune (50% unstructured) -> quantize (INT8 QAT) -> distill on
@@ -16,6 +17,7 @@ ONNX files' batch-1 p50 on onnxruntime, side by side, with the speed-up, and the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -108,8 +110,12 @@ def run_size(size: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         },
         fresh=True,
     )
-    wall = time.perf_counter() - t0
-    b, f = result.record["baseline"], result.record["final"]
+    return row_of(result.record, size, time.perf_counter() - t0)
+
+
+def row_of(record: dict[str, Any], size: int, wall: float) -> dict[str, Any]:
+    """The table's figures from one run's record.json."""
+    b, f = record["baseline"], record["final"]
     return {
         "size": size,
         "macs": b["macs"],
@@ -119,7 +125,7 @@ def run_size(size: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "int8_acc": f["accuracy"],
         "precision": f["precision"],
         "wall_s": wall,
-        "threads": result.record["environment"]["measure_threads"],
+        "threads": record["environment"]["measure_threads"],
     }
 
 
@@ -156,7 +162,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--data-dir", default=None, help="the CIFAR-10 subset folder")
     ap.add_argument("--out", default="runs/imagenet_res")
+    ap.add_argument(
+        "--records",
+        nargs="+",
+        default=None,
+        help="no run: the table of finished runs' "
+        "folders (OUT/s64 ...; the size is read from the folder name)",
+    )
     args = ap.parse_args(argv)
+    if args.records:
+        rows = []
+        for folder in map(Path, args.records):
+            record = json.loads((folder / "record.json").read_text())
+            size = int(folder.name.lstrip("s"))
+            rows.append(row_of(record, size, record["timing_s"]["total"]))
+        print(render(rows, cpu_line()))
+        return 0
     root = subset_root(args.data_dir)
     rows = []
     for size in args.sizes:
