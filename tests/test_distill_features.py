@@ -38,6 +38,14 @@ def test_default_points_are_the_exit_points_and_the_last_block() -> None:
         feature_points(teacher, FeatureKDSpec(points=["net.nope"]))
 
 
+def test_default_points_of_a_bare_network_following_the_exit_protocol() -> None:
+    bare = tiny().net  # features + classifier + default_exit_points, no Classifier around
+    assert feature_points(bare, FeatureKDSpec()) == ["features.0", "features.1", "features.2"]
+    assert feature_points(bare, FeatureKDSpec(points=[1])) == ["features.1"]
+    with pytest.raises(RecipeError, match="no features"):
+        feature_points(torch.nn.Sequential(torch.nn.Flatten()), FeatureKDSpec())
+
+
 def test_graph_taps_see_the_same_features_as_eager_hooks() -> None:
     model = tiny()
     points = ["net.features.0", "net.features.1", "net.features.2"]

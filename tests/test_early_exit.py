@@ -136,8 +136,9 @@ def test_bad_positions_are_user_errors() -> None:
 
     with pytest.raises(ModelError, match="positions"):
         build_multi_exit(tiny(), [2], 10, torch.rand(2, 3, 32, 32))  # after the last block
-    with pytest.raises(ModelError, match="zoo net"):
+    with pytest.raises(ModelError, match="exit protocol") as info:
         build_multi_exit(torch.nn.Linear(2, 2), [0], 10, torch.rand(2, 2))
+    assert "`features`" in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -310,3 +311,79 @@ def test_carried_quantizers_reproduce_the_whole_graph(name: str) -> None:
     with torch.no_grad(), eval_mode(net), eval_mode(whole):
         # segment boundaries quantize twice with the same scale: still the same numbers
         assert torch.allclose(net(x), whole(x), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- user models
+
+
+class ProtocolNet(torch.nn.Module):
+    """A user model that is no ZooNet but follows the early-exit protocol."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8, skew: bool = False) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)),
+            nn.Sequential(nn.Conv2d(width, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width)),
+            nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU()),
+        )
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes)
+        )
+        self.default_exit_points = [0, 1]
+        self.skew = skew
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.classifier(self.features(x))
+        return out * 2 if self.skew else out
+
+
+def protocol_net(num_classes: int = 10, **kwargs) -> torch.nn.Module:
+    return ProtocolNet(num_classes, **kwargs)
+
+
+def test_user_model_following_the_protocol_goes_through_early_exit() -> None:
+    from pqd.models import ZooNet
+
+    state, job = run_stages(
+        [{"stage": "early_exit", "epochs": 1, "mode": "heads", "head": {"channels": 8}}],
+        model=f"{__name__}:protocol_net",
+    )
+    net = state.model
+    assert isinstance(net, MultiExitNet) and not isinstance(job.teacher.net, ZooNet)
+    assert net.positions == [0, 1] and net.num_exits == 2
+    x = job.data.test_x[:4].float() / 255
+    with torch.no_grad():  # heads mode: the backbone is the teacher's, op for op
+        torch.testing.assert_close(net.eval()(x), job.teacher(x))
+    assert len(state.info["thresholds"]) == 2
+
+
+def test_bare_protocol_network_is_cut_under_its_own_names() -> None:
+    torch.manual_seed(0)
+    model = ProtocolNet().eval()  # no Classifier around it (identity normalisation)
+    x = torch.rand(4, 3, 32, 32)
+    net = build_multi_exit(model, [1], 10, x).eval()
+    assert torch.equal(net(x), model(x))
+    params = dict(net.named_parameters())
+    for n, p in model.named_parameters():
+        assert params[net.name_of(n)] is p
+    assert net.name_of("features.0.0.weight") == "segments.0.features.0.0.weight"
+
+
+def test_protocol_violations_name_the_protocol() -> None:
+    from pqd.errors import ModelError
+
+    x = torch.rand(2, 3, 32, 32)
+    skewed = build_model(f"{__name__}:protocol_net", 10, (0.5,) * 3, (0.25,) * 3, skew=True)
+    with pytest.raises(ModelError) as info:  # forward is not classifier(features(x))
+        build_multi_exit(skewed, None, 10, x)
+    msg = str(info.value)
+    assert "classifier(features(x))" in msg and "default_exit_points" in msg and "\n" not in msg
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    with pytest.raises(ModelError, match=r"exit protocol.*no `features`"):
+        build_multi_exit(plain, [0], 10, x)
+    no_defaults = ProtocolNet()
+    del no_defaults.default_exit_points
+    with pytest.raises(ModelError, match="no default exit points"):
+        build_multi_exit(no_defaults, None, 10, x)
+    assert build_multi_exit(no_defaults, [0], 10, x).positions == [0]  # positions: given

@@ -12,6 +12,13 @@ import torch.nn.functional as F
 from pqd.errors import ModelError
 from pqd.models import Classifier, Normalize, build_model, check_output_shape
 from pqd.registry import MODELS, model_names
+from torchvision_helpers import (
+    mobilenet_v2_layout,
+    mobilenet_v3_small_layout,
+    random_state,
+    resnet_forward,
+    resnet_layout,
+)
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 EXPECTED = {
@@ -29,8 +36,18 @@ EXPECTED = {
     "fastnet",
     "tiny_cnn",
     "tiny_resnet",
+    "resnet18_imagenet",
+    "resnet34_imagenet",
+    "resnet50_imagenet",
+    "mobilenetv2_imagenet",
+    "mobilenetv3_small",
+    "mobilenetv3_large",
 }
-HEAVY = {"resnet34", "wrn28_10", "vgg19_bn"}  # built, and run once at batch 1
+HEAVY = {"resnet34", "wrn28_10", "vgg19_bn", "resnet34_imagenet", "resnet50_imagenet"}
+# built, and run once at batch 1
+SE_NETS = {"mobilenetv3_small", "mobilenetv3_large"}
+"""torchvision's MobileNetV3: squeeze-excite convs carry a bias and no BN, and hardswish
+is its activation (outside the INT8 rules by design; see pqd.models.mobilenetv3)."""
 KWARGS = {"wrn": {"depth": 16, "widen_factor": 2}}  # its defaults are wrn28_10's
 SMALL_FASTNET = {"widths": (8, 16), "stem": 8}
 
@@ -73,11 +90,11 @@ def int8_rule_problems(name: str, net: nn.Module) -> list[str]:
         if isinstance(m, nn.Conv2d):
             if isinstance(m.padding, str):
                 problems.append(f"{mod_name}: padding={m.padding!r}")
-            if m.bias is not None:
+            if m.bias is not None and not (name in SE_NETS and ".fc" in mod_name):
                 problems.append(f"{mod_name}: conv bias before BN")
-        if isinstance(m, (nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU)):
+        if isinstance(m, (nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU)) and name not in SE_NETS:
             problems.append(f"{mod_name}: {type(m).__name__}")
-        if isinstance(m, nn.ReLU6) and name != "mobilenetv2":
+        if isinstance(m, nn.ReLU6) and not name.startswith("mobilenetv2"):
             problems.append(f"{mod_name}: ReLU6 outside MobileNetV2")
         if isinstance(m, nn.ReLU) and m.inplace:
             problems.append(f"{mod_name}: inplace ReLU")
@@ -101,7 +118,8 @@ def test_zoo_contract(name: str) -> None:
     assert isinstance(exits, list) and exits == sorted(set(exits))
     assert all(isinstance(i, int) and 0 <= i < len(net.features) - 1 for i in exits)
     assert len(exits) >= 1
-    assert conv_bn_problems(net) == []
+    se_convs = [p for p in conv_bn_problems(net) if ".fc1 " in p or ".fc2 " in p]
+    assert conv_bn_problems(net) == (se_convs if name in SE_NETS else [])
     assert int8_rule_problems(name, net) == []
     # forward == classifier(features(x)), and the wrapper normalizes
     x = torch.rand(1 if name in HEAVY else 2, 3, 32, 32)
@@ -254,3 +272,165 @@ def test_check_output_shape_rejects_wrong_outputs_and_keeps_modes() -> None:
     assert model.training and not model.net[0].training and model.net[4].training
     with pytest.raises(ModelError):  # too small for five 2x2 max-pools
         check_output_shape(build_model("vgg16_bn", 10, MEAN, STD), 10, image_size=16)
+
+
+# ---------------------------------------------------------------- ImageNet-style, torchvision names
+
+TORCHVISION = {
+    # zoo name: (torchvision layout, torchvision's parameter count for 1000 classes)
+    "resnet18_imagenet": (lambda: resnet_layout((2, 2, 2, 2), False), 11_689_512),
+    "resnet34_imagenet": (lambda: resnet_layout((3, 4, 6, 3), False), 21_797_672),
+    "resnet50_imagenet": (lambda: resnet_layout((3, 4, 6, 3), True), 25_557_032),
+    "mobilenetv2_imagenet": (mobilenet_v2_layout, 3_504_872),
+    "mobilenetv3_small": (mobilenet_v3_small_layout, 2_542_856),
+}
+
+
+def own_names(net: nn.Module, keys: list[str]) -> list[str]:
+    """The zoo names of torchvision keys (ZooNet.own_key_of, identity where it knows none)."""
+    return [net.own_key_of(k) or k for k in keys]
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+def test_torchvision_state_dict_loads_as_is(name: str) -> None:
+    layout_fn, n_params = TORCHVISION[name]
+    layout = layout_fn()
+    net = MODELS[name](num_classes=1000)
+    own = net.state_dict()
+    # the same tensors: every torchvision key names one own entry of the same shape
+    assert sorted(own_names(net, list(layout))) == sorted(own)
+    for tv_key, own_key in zip(layout, own_names(net, list(layout)), strict=True):
+        assert tuple(own[own_key].shape) == layout[tv_key], tv_key
+    assert sum(p.numel() for p in net.parameters()) == n_params
+    if not name.startswith("resnet"):  # MobileNets: torchvision's names are the own names
+        assert list(own) == list(layout)
+    state = random_state(layout)
+    result = net.load_state_dict(state)  # strict, as a torchvision user would call it
+    assert not result.missing_keys and not result.unexpected_keys
+    after = net.state_dict()
+    for tv_key, own_key in zip(layout, own_names(net, list(layout)), strict=True):
+        assert torch.equal(after[own_key], state[tv_key]), tv_key
+    assert set(state) == set(layout)  # the caller's dict is not changed
+
+
+@pytest.mark.parametrize(
+    "name,bottleneck", [("resnet18_imagenet", False), ("resnet50_imagenet", True)]
+)
+def test_imagenet_resnet_computes_torchvisions_function(name: str, bottleneck: bool) -> None:
+    layout = TORCHVISION[name][0]()
+    state = random_state(layout, seed=1)
+    net = MODELS[name](num_classes=1000)
+    net.load_state_dict(state)
+    x = torch.rand(2, 3, 32 if bottleneck else 64, 32 if bottleneck else 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), resnet_forward(state, x, bottleneck))
+
+
+def test_torchvision_checkpoint_file_loads_through_pqd(tmp_path) -> None:
+    from pqd.checkpoint import load_checkpoint
+    from pqd.errors import CheckpointError
+
+    state = random_state(TORCHVISION["resnet18_imagenet"][0]())
+    path = tmp_path / "resnet18.pth"
+    torch.save({"epoch": 90, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    model = build_model("resnet18_imagenet", 1000, MEAN, STD)
+    load_checkpoint(model, path)
+    got = model.state_dict()
+    assert torch.equal(got["net.features.0.0.weight"], state["conv1.weight"])
+    assert torch.equal(
+        got["net.features.3.downsample.0.weight"], state["layer2.0.downsample.0.weight"]
+    )
+    assert torch.equal(got["net.classifier.2.bias"], state["fc.bias"])
+    assert torch.equal(got["norm.mean"], torch.tensor(MEAN).view(1, 3, 1, 1))
+    # a checkpoint for 1000 classes into a 10-class model: one line naming the layer
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(build_model("resnet18_imagenet", 10, MEAN, STD), path)
+    msg = str(info.value)
+    assert "\n" not in msg and "classifier.2.weight" in msg and "1000x512" in msg
+
+
+def test_imagenet_nets_at_real_resolutions() -> None:
+    net = MODELS["resnet18_imagenet"](num_classes=10, width=8).eval()
+    with torch.no_grad():
+        for size, final in ((64, 2), (224, 7)):
+            x = torch.rand(1, 3, size, size)
+            assert net.features(x).shape[-1] == final  # 32x reduction, as torchvision's
+            assert net(x).shape == (1, 10)
+    check_output_shape(build_model("mobilenetv2_imagenet", 10, MEAN, STD, width_mult=0.25), 10, 64)
+    with pytest.raises(ModelError):
+        build_model("resnet18_imagenet", 10, MEAN, STD, width=0)
+
+
+def upsampled_subset(root, size: int = 64, n_train: int = 64):
+    """Real CIFAR-10 subset images resized to ``size`` x ``size`` (bilinear), as pqd data."""
+    import pqd
+    from pqd.data import load_dataset
+
+    ds = load_dataset(
+        "cifar10", root, val_size=32, limit_train=n_train, limit_test=32, download=False
+    )
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x.float() / 255, size=size, mode="bilinear", align_corners=False)
+
+    return pqd.data.from_tensors(
+        train=(up(ds.train_x), ds.train_y),
+        val=(up(ds.val_x), ds.val_y),
+        test=(up(ds.test_x), ds.test_y),
+        mean=ds.mean,
+        std=ds.std,
+        num_classes=10,
+    )
+
+
+IMAGENET_SMALL = {  # tiny widths: the layouts and block kinds of the real nets
+    "resnet18_imagenet": {"width": 8},
+    "resnet50_imagenet": {"width": 8},
+    "mobilenetv2_imagenet": {"width_mult": 0.25},
+    "mobilenetv3_small": {"width_mult": 0.25},
+}
+
+
+FULL_CHAIN = {"resnet18_imagenet", "mobilenetv3_small"}
+"""Nets that run every stage; the others (same block kinds: bottleneck, inverted residual)
+run the structure-sensitive ones (prune_channels, quantize, early_exit), to keep time."""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", sorted(IMAGENET_SMALL))
+def test_stages_run_on_imagenet_nets_at_64x64(name: str, subset_dir) -> None:
+    """prune -> prune_channels -> quantize -> distill (feature KD) -> early_exit at 64x64."""
+    import pqd
+    from pqd.models.multi_exit import MultiExitNet
+
+    data = upsampled_subset(subset_dir)
+    torch.manual_seed(0)
+    model = build_model(name, 10, data.mean, data.std, **IMAGENET_SMALL[name])
+    full = name in FULL_CHAIN
+    stages = [
+        *([pqd.Prune(sparsity=0.5, epochs=1)] if full else []),
+        pqd.PruneChannels(ratio=0.25, epochs=1 if full else 0),
+        pqd.Quantize(epochs=1 if full else 0, calibration_batches=1),
+        *([pqd.Distill(epochs=1, features={})] if full else []),
+        pqd.EarlyExit(epochs=1, mode="heads"),
+    ]
+    infos: dict[str, dict] = {}
+
+    def keep(i: int, spec, state, seconds: float) -> None:
+        infos[type(spec).__name__] = dict(state.info)
+
+    state = pqd.apply_stages(
+        model, stages, data, train={"batch_size": 32, "lr": 0.01}, on_stage=keep
+    )
+    net = state.model
+    assert isinstance(net, MultiExitNet) and state.quantized and state.structure
+    assert net.positions == model.net.default_exit_points
+    if full:
+        assert infos["DistillSpec"]["feature_kd"]["points"] == [
+            f"net.features.{i}"
+            for i in [*model.net.default_exit_points, len(model.net.features) - 1]
+        ]
+        assert state.masks  # unstructured masks carried through surgery and exits
+    with torch.no_grad():  # the 64x64 images run through every exit to 10 logits
+        outs = net.eval().forward_all(data.test_x[:2].float() / 255)
+    assert [tuple(o.shape) for o in outs] == [(2, 10)] * (net.num_exits + 1)

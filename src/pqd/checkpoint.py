@@ -194,6 +194,28 @@ def _own_candidates(state: dict[str, torch.Tensor], own: set[str]) -> list[dict[
     return out
 
 
+def _own_layout(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with keys of another layout renamed by the submodules that know it
+    (``own_key_of``: the ImageNet ResNets take torchvision's ``layer1.0.conv1.weight``);
+    other keys unchanged."""
+    renamers = [
+        (f"{name}." if name else "", fn)
+        for name, m in model.named_modules()
+        if callable(fn := getattr(m, "own_key_of", None))
+    ]
+    if not renamers:
+        return state
+    out = {}
+    for key, value in state.items():
+        for prefix, fn in renamers:
+            own = fn(key[len(prefix) :]) if key.startswith(prefix) else None
+            if own is not None:
+                key = prefix + own
+                break
+        out[key] = value
+    return out
+
+
 def _shape(t: torch.Tensor | torch.Size) -> str:
     shape = t.shape if isinstance(t, torch.Tensor) else t
     return "x".join(str(d) for d in shape) or "scalar"
@@ -204,8 +226,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 
     Besides pqd's own files (keys ``net.*``, ``norm.*``), a plain state_dict of the network
     (``torch.save(net.state_dict(), ...)``) loads, also with DDP's ``module.`` prefix and in
-    the wrappers :func:`read_state_dict` accepts. The normalisation buffers come from the
-    data set unless the checkpoint holds them.
+    the wrappers :func:`read_state_dict` accepts, and in torchvision's key layout for the
+    ImageNet-style zoo nets (``layer1.0.conv1.weight``, ``fc.weight``). The normalisation
+    buffers come from the data set unless the checkpoint holds them.
 
     Args:
         model: the pqd Classifier (or any module) to fill.
@@ -216,7 +239,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    candidates = _own_candidates(state, set(own))
+    candidates = [_own_layout(c, model) for c in _own_candidates(state, set(own))]
     state = max(candidates, key=lambda c: len(set(c) & set(own)))  # first of the best
     for k in own:  # normalisation buffers come from the data set, not the checkpoint
         if k.startswith("norm.") and k not in state:

@@ -10,6 +10,11 @@ wrn28_10 36.5 M / 5.24 G, wrn16_4 2.75 M / 393 M (``wrn`` takes depth, widen_fac
 vgg16_bn 14.7 M / 313 M, vgg19_bn 20.0 M / 398 M, mobilenetv2 2.24 M / 88 M,
 fastnet 1.17 M / 86 M, tiny_cnn 2.2 k / 1.1 M, tiny_resnet 5.3 k / 2.3 M; vision
 transformers (pqd.models.vit): vit_small 1.91 M / 145 M, vit_tiny 24 k / 1.1 M.
+
+ImageNet-style, torchvision's layout and names (params for 1000 classes / MACs at
+224x224): resnet18_imagenet 11.69 M / 1.81 G, resnet34_imagenet 21.80 M / 3.66 G,
+resnet50_imagenet 25.56 M / 4.09 G, mobilenetv2_imagenet 3.50 M / 301 M,
+mobilenetv3_small 2.54 M / 57 M, mobilenetv3_large 5.48 M / 217 M.
 """
 
 from __future__ import annotations
@@ -21,7 +26,17 @@ import torch
 import torch.nn as nn
 
 from pqd.errors import ModelError
-from pqd.models import fastnet, mobilenetv2, resnet, tiny, vgg, vit, wrn  # noqa: F401  (registers)
+from pqd.models import (  # noqa: F401  (registers)
+    fastnet,
+    imagenet,
+    mobilenetv2,
+    mobilenetv3,
+    resnet,
+    tiny,
+    vgg,
+    vit,
+    wrn,
+)
 from pqd.models._common import ZooNet
 from pqd.registry import resolve_model_fn
 

@@ -13,6 +13,8 @@ followed by a ReLU, no data-dependent control flow in ``forward``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -30,6 +32,21 @@ class ZooNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    def own_key_of(self, key: str) -> str | None:
+        """This net's name for parameter/buffer ``key`` of another layout (e.g. torchvision's
+        ``layer1.0.conv1.weight``), or None when ``key`` is not such a name. The zoo nets
+        whose own names differ from torchvision's override this; the default knows none."""
+        return None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # rename keys of the other layout (own_key_of) before nn.Module loads: so that
+        # load_state_dict takes a torchvision state_dict as is (the children load after this)
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            own = self.own_key_of(key[len(prefix) :])
+            if own is not None and prefix + own not in state_dict:
+                state_dict[prefix + own] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class ConvBN(nn.Sequential):
@@ -64,6 +81,15 @@ class ConvBN(nn.Sequential):
 def pool_linear(in_features: int, num_classes: int) -> nn.Sequential:
     """Global average pool -> flatten -> linear (the classifier of every zoo net)."""
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_features, num_classes))
+
+
+class PooledHead(nn.Sequential):
+    """Global average pool and flatten, then the given layers (a classifier whose layers keep
+    torchvision's indices: ``PooledHead(nn.Dropout(0.2), nn.Linear(...))`` has
+    ``1.weight`` as torchvision's MobileNet ``classifier.1.weight``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 def spaced_exits(n_blocks: int, offset: int = 1) -> list[int]:

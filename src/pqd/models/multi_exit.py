@@ -1,7 +1,10 @@
 """A multi-exit network made of segments: what the ``early_exit`` stage builds.
 
-A :class:`~pqd.models.Classifier` around a :class:`~pqd.models.ZooNet` is cut after the
-chosen ``features`` blocks (``positions``)::
+A model that follows the early-exit protocol (:func:`exit_parts`: ``features`` as an
+``nn.Sequential`` of blocks, ``classifier``, ``forward(x) == classifier(features(x))``,
+optional ``default_exit_points``; every :class:`~pqd.models.ZooNet` does, and user models
+may), inside a :class:`~pqd.models.Classifier` or bare, is cut after the chosen
+``features`` blocks (``positions``)::
 
     segments[0] = norm + features[0 .. p0]          heads[0]: exit 0 after segment 0
     segments[1] = features[p0+1 .. p1]              heads[1]: exit 1 after segment 1
@@ -13,7 +16,8 @@ disabled it is the original network, op for op. With ``collect_exits`` set (trai
 calibration) it also runs every head and keeps their logits in ``exit_logits``.
 
 Names: a segment holds the original submodules under their original paths
-(``net.features.3``, ``net.classifier``, ``norm``), so parameter ``X`` of the plain
+(``net.features.3``, ``net.classifier``, ``norm``; ``features.3``, ``classifier`` for a
+bare network), so parameter ``X`` of the plain
 Classifier is ``segments.k.X`` here (:meth:`MultiExitNet.name_of`), and it stays so
 when a segment or head becomes a PT2E QAT graph of its own (quantization is applied per
 part when exits exist: each part is exported to its own ONNX file anyway).
@@ -42,38 +46,48 @@ class _Namespace(nn.Module):
 
 class Segment(nn.Module):
     """``features[start:stop]`` of a Classifier (``norm`` first when ``start == 0``, the
-    ``classifier`` last when it is the final segment), under the original names."""
+    ``classifier`` last when it is the final segment), under the original names: below
+    ``net.`` (``root``) for a Classifier, at the top for a bare network (``root=""``)."""
 
     def __init__(
         self,
         blocks: dict[int, nn.Module],
         norm: nn.Module | None = None,
         classifier: nn.Module | None = None,
+        root: str = "net",
     ) -> None:
         super().__init__()
         self.has_norm = norm is not None
         self.has_classifier = classifier is not None
+        self.root = root
         if norm is not None:
             self.norm = norm
-        self.net = _Namespace()
-        self.net.features = _Namespace()
+        holder: nn.Module = self
+        if root:
+            holder = _Namespace()
+            self.add_module(root, holder)
+        holder.features = _Namespace()
         for i, block in blocks.items():
-            self.net.features.add_module(str(i), block)
+            holder.features.add_module(str(i), block)
         if classifier is not None:
-            self.net.classifier = classifier
+            holder.classifier = classifier
+
+    def _holder(self) -> nn.Module:
+        return getattr(self, self.root) if self.root else self
 
     @property
     def block_indices(self) -> list[int]:
         """Indices into the original ``features`` held by this segment."""
-        return [int(name) for name, _ in self.net.features.named_children()]
+        return [int(name) for name, _ in self._holder().features.named_children()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        holder = self._holder()
         if self.has_norm:
             x = self.norm(x)
-        for block in self.net.features.children():
+        for block in holder.features.children():
             x = block(x)
         if self.has_classifier:
-            x = self.net.classifier(x)
+            x = holder.classifier(x)
         return x
 
 
@@ -196,25 +210,103 @@ def _names(module: nn.Module) -> set[str]:
     return {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
 
 
-def check_zoo_classifier(model: nn.Module) -> None:
-    """Raise unless ``model`` is a Classifier around a ZooNet (features + classifier)."""
-    from pqd.models import Classifier, ZooNet
+PROTOCOL = (
+    "give the network (the model, or the net your builder returns) `features`, an "
+    "nn.Sequential of blocks, and `classifier`, mapping the last block's output to logits, "
+    "with forward(x) == classifier(features(x)), and optionally `default_exit_points` "
+    "(indices into features; else give positions:): README 'Early exit on your own model'"
+)
+"""The fix named when a model does not follow the early-exit protocol."""
 
-    if not (isinstance(model, Classifier) and isinstance(model.net, ZooNet)):
+
+def exit_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module, str]:
+    """``(norm, network, root)`` of a model that follows the early-exit protocol.
+
+    The protocol (any ``nn.Module``, zoo nets and user models alike): the network has
+
+    * ``features``: an ``nn.Sequential`` of at least two blocks,
+    * ``classifier``: a module mapping the last block's output to logits,
+    * ``forward(x) == classifier(features(x))`` (checked on a batch by
+      :func:`build_multi_exit`),
+    * optionally ``default_exit_points``: indices into ``features`` after which an exit
+      head goes (else the stage's ``positions`` are needed).
+
+    The network is ``model.net`` of a :class:`~pqd.models.Classifier` (``norm`` then
+    ``net``; root ``"net"``) or ``model`` itself (no normalisation in front; root ``""``).
+    A :class:`~pqd.models.ZooNet` follows it by construction.
+
+    Raises:
+        ModelError: naming the protocol, when ``features`` or ``classifier`` is missing.
+    """
+    from pqd.models import Classifier
+
+    norm: nn.Module | None = None
+    net, root = model, ""
+    if isinstance(model, Classifier):
+        norm, net, root = model.norm, model.net, "net"
+    features = getattr(net, "features", None)
+    classifier = getattr(net, "classifier", None)
+    if not isinstance(features, nn.Sequential) or len(features) < 2:
+        found = (
+            f"a {type(features).__name__} of {len(features)} block(s)"
+            if isinstance(features, nn.Sequential)
+            else "no"
+            if features is None
+            else f"a {type(features).__name__}"
+        )
         raise ModelError(
-            "early_exit: the model is not a zoo net (Normalize + features + classifier)",
-            "use a zoo model (pqd models) or return a pqd.models.ZooNet from your builder",
+            f"early_exit: {type(net).__name__} does not follow the exit protocol: it has "
+            f"{found} `features` (an nn.Sequential of two or more blocks is needed)",
+            PROTOCOL,
+        )
+    if not isinstance(classifier, nn.Module):
+        raise ModelError(
+            f"early_exit: {type(net).__name__} does not follow the exit protocol: it has no "
+            "`classifier` module",
+            PROTOCOL,
+        )
+    return norm, net, root
+
+
+@torch.no_grad()
+def check_protocol_forward(model: nn.Module, example: torch.Tensor) -> None:
+    """Raise unless ``model(example)`` equals norm -> features -> classifier on it (eval
+    mode; every module's train flag restored): segments cut from ``features`` must
+    reproduce the model."""
+    norm, net, _ = exit_parts(model)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        full = model(example)
+        x = norm(example) if norm is not None else example
+        parts = net.classifier(net.features(x))
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+    same = (
+        isinstance(full, torch.Tensor)
+        and isinstance(parts, torch.Tensor)
+        and full.shape == parts.shape
+        and torch.allclose(full, parts, rtol=1e-4, atol=1e-5)
+    )
+    if not same:
+        raise ModelError(
+            f"early_exit: {type(net).__name__} does not follow the exit protocol: its forward "
+            "differs from classifier(features(x)) on a batch",
+            PROTOCOL,
         )
 
 
 def resolve_positions(net: nn.Module, positions: Sequence[int] | None) -> list[int]:
     """Validated, sorted exit positions (indices into ``net.features``)."""
     n = len(net.features)
-    chosen = list(net.default_exit_points) if positions is None else list(positions)
+    defaults = getattr(net, "default_exit_points", None)
+    chosen = list(defaults or []) if positions is None else list(positions)
     if not chosen:
         raise ModelError(
             "early_exit: the model has no default exit points",
-            "list exit positions, e.g. positions: [1, 2]",
+            "list exit positions, e.g. positions: [1, 2], or give the network a "
+            "default_exit_points list",
         )
     bad = [p for p in chosen if not 0 <= p < n - 1]
     if bad or len(set(chosen)) != len(chosen):
@@ -232,8 +324,9 @@ def feature_shapes(
     model: nn.Module, positions: Sequence[int], example: torch.Tensor
 ) -> list[torch.Size]:
     """Shapes of ``features[p]``'s output for each exit position (one forward)."""
-    shapes, x = {}, model.norm(example)
-    for i, block in enumerate(model.net.features):
+    norm, net, _ = exit_parts(model)
+    shapes, x = {}, norm(example) if norm is not None else example
+    for i, block in enumerate(net.features):
         x = block(x)
         if i in positions:
             shapes[i] = x.shape
@@ -250,15 +343,18 @@ def build_multi_exit(
     head_stride: int = 1,
     confidence: str = "max_softmax",
 ) -> MultiExitNet:
-    """Cut a Classifier(ZooNet) after ``positions`` (None: the net's default exit points);
-    the segments share its modules. ``example`` is an input batch (its shape matters)."""
-    check_zoo_classifier(model)
-    positions = resolve_positions(model.net, positions)
-    features = model.net.features
-    was_training = model.training
-    model.eval()
+    """Cut a model that follows the exit protocol (:func:`exit_parts`: a zoo net, or a user
+    model with ``features`` and ``classifier``) after ``positions`` (None: the net's
+    ``default_exit_points``); the segments share its modules. ``example`` is an input batch
+    (its shape matters)."""
+    norm, net_in, root = exit_parts(model)
+    positions = resolve_positions(net_in, positions)
+    features = net_in.features
     param = next(model.parameters())
     example = example[:2].to(param.device)
+    check_protocol_forward(model, example)
+    was_training = model.training
+    model.eval()
     shapes = feature_shapes(model, positions, example)
     model.train(was_training)
     bounds = [-1, *positions, len(features) - 1]
@@ -268,8 +364,9 @@ def build_multi_exit(
         segments.append(
             Segment(
                 blocks,
-                norm=model.norm if k == 0 else None,
-                classifier=model.net.classifier if k == len(bounds) - 2 else None,
+                norm=norm if k == 0 else None,
+                classifier=net_in.classifier if k == len(bounds) - 2 else None,
+                root=root,
             )
         )
     # a net may build its own exit heads (a ViT reads the class token: ViT.exit_head)

@@ -46,28 +46,36 @@ TAP_PREFIX = "_pqd_feature_tap_"
 
 
 def feature_points(teacher: nn.Module, spec: FeatureKDSpec) -> list[str]:
-    """Module paths (in the teacher) where features are matched."""
-    features = getattr(getattr(teacher, "net", None), "features", None)
+    """Module paths (in the teacher) where features are matched. Block indices and the
+    default points need the early-exit protocol's ``features`` (an ``nn.Sequential``) and
+    ``default_exit_points`` on the network: ``teacher.net`` of a Classifier, else the
+    teacher itself."""
+    inner = getattr(teacher, "net", None)
+    root = "net." if isinstance(inner, nn.Module) else ""
+    base = inner if root else teacher
+    features = getattr(base, "features", None)
+    if not isinstance(features, nn.Sequential):
+        features = None
     if spec.points is None:
-        exits = getattr(teacher.net, "default_exit_points", None) if features is not None else None
+        exits = getattr(base, "default_exit_points", None) if features is not None else None
         if features is None or exits is None:
             raise RecipeError(
-                "distill.features: the model is not a zoo net with net.features, so there "
-                "are no default feature points",
+                f"distill.features: the model has no {root}features (nn.Sequential) with "
+                "default_exit_points, so there are no default feature points",
                 "list features.points as module names",
             )
         idx = sorted(set(exits) | {len(features) - 1})
-        return [f"net.features.{i}" for i in idx]
+        return [f"{root}features.{i}" for i in idx]
     names = []
     for p in spec.points:
         if isinstance(p, int):
             if features is None or not -len(features) <= p < len(features):
                 n = 0 if features is None else len(features)
                 raise RecipeError(
-                    f"distill.features.points: no block {p} in net.features ({n} blocks)",
+                    f"distill.features.points: no block {p} in {root}features ({n} blocks)",
                     "give block indices within range",
                 )
-            names.append(f"net.features.{p % len(features)}")
+            names.append(f"{root}features.{p % len(features)}")
         else:
             try:
                 teacher.get_submodule(p)
