@@ -370,7 +370,7 @@ def build_multi_exit(
             )
         )
     # a net may build its own exit heads (a ViT reads the class token: ViT.exit_head)
-    make_head = getattr(model.net, "exit_head", None)
+    make_head = getattr(net_in, "exit_head", None)
     heads = [
         make_head(s, num_classes)
         if make_head is not None
