@@ -95,3 +95,31 @@ def test_table_renders_every_row(bench):
     ) in flat
     # eager p50 2.0 ms / 8 = 0.25 ms, 0.18x the 1.39 ms floor
     assert "needs an INT8 p50 <= 0.25 ms here = 0.18x the INT8 floor" in flat
+
+
+def test_vit_int8_benchmark_times_both_files_and_names_the_integer_kernels(tmp_path):
+    import json
+
+    path = ROOT / "benchmarks" / "vit_int8.py"
+    spec = importlib.util.spec_from_file_location("bench_vit_int8", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "vit.json"
+    args = ["--model", "vit_tiny", "--batches", "1", "4", "--repeats", "4", "--rounds", "2"]
+    assert module.main([*args, "--profile", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["latency_ms"]) == {"1", "4"}
+    for by_arm in result["latency_ms"].values():
+        assert set(by_arm) == {"fp32", "int8"}
+        assert all(0 < v["min"] <= v["p50"] for v in by_arm.values())
+    int8, fp32 = result["files"]["int8"], result["files"]["fp32"]
+    # vit_tiny: 2 blocks of 4 linears + the head; 2 attention matmuls per block; 3 tokenizer convs
+    assert int8["integer"] == {
+        "QGemm": 9,
+        "QLinearMatMul": 2,
+        "MatMulIntegerToFloat": 2,
+        "QLinearConv": 3,
+    }
+    assert int8["float"] == {} and fp32["integer"] == {} and fp32["float"]["Gemm"] == 9
+    assert "QGemm" in result["profile_ms"]["int8"] and "Gemm" in result["profile_ms"]["fp32"]
+    assert result["environment"]["cpu"]

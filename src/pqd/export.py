@@ -146,6 +146,7 @@ def export_onnx(
         pad_input_channels(proto)
         if not scheme["activation_symmetric"]:
             check_u8s8(proto)
+        quantize_float_output_gemm_biases(proto)  # after the check: int32 biases
         if scheme["weight_bits"] == 4:
             pack_int4_weights(proto)
     strip_debug_metadata(proto)
@@ -318,6 +319,67 @@ def _weight_dq(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
         and inits[n.input[0]].data_type in ints
         and len(inits[n.input[0]].dims) >= 2
     }
+
+
+def quantize_float_output_gemm_biases(proto: onnx.ModelProto) -> int:
+    """Give a float-output quantized linear an int32 bias, so onnxruntime runs it as QGemm.
+
+    ``DequantizeLinear(x), DequantizeLinear(W) -> Gemm`` with a float bias initializer and
+    no QuantizeLinear after it (a transformer's linear that feeds the float residual
+    stream or GELU, :func:`pqd.quant.pt2e.transformer_float_paths`) stays a float Gemm in
+    onnxruntime 1.32: its QDQ Gemm fusion reads a bias only through an int32
+    DequantizeLinear. The bias becomes ``round(b / (s_x * s_W))`` in int32 behind such a
+    DequantizeLinear (scale ``s_x * s_W``, per output channel where ``W`` is), the
+    layout QGemm adds in its int32 accumulator; the error is at most half an accumulator
+    step per output. Returns how many biases were rewritten.
+    """
+    inits = {i.name: i for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    weight_dqs = _weight_dq(proto)
+    quantize_inputs = {n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    done = 0
+    new_nodes: list[tuple[int, onnx.NodeProto]] = []
+    for index, node in enumerate(proto.graph.node):
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        act = producer.get(node.input[0])
+        wdq = weight_dqs.get(node.input[1])
+        if (
+            node.output[0] in quantize_inputs
+            or act is None
+            or act.op_type != "DequantizeLinear"
+            or wdq is None
+            or attrs.get("transB", 0) != 1
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+            or act.input[1] not in inits
+            or wdq.input[1] not in inits
+        ):
+            continue
+        s_x = numpy_helper.to_array(inits[act.input[1]]).astype(np.float64)
+        s_w = numpy_helper.to_array(inits[wdq.input[1]]).astype(np.float64)
+        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        if s_x.size != 1 or s_w.size not in (1, bias.size) or bias.ndim != 1:
+            continue
+        scale = (s_x.reshape(()) * s_w).astype(np.float32)
+        q = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        name = f"{node.name or node.output[0]}_bias"
+        q_name = _const(proto, q, f"{name}_int32")
+        scale = scale.reshape(-1) if scale.size > 1 else scale.reshape(())
+        s_name = _const(proto, scale, f"{name}_scale")
+        dq = helper.make_node(
+            "DequantizeLinear", [q_name, s_name], [f"{name}_dq"], name=f"{name}_dq", axis=0
+        )
+        new_nodes.append((index, dq))
+        node.input[2] = dq.output[0]
+        done += 1
+    for index, dq in reversed(new_nodes):
+        proto.graph.node.insert(index, dq)
+    if done:
+        used = {i for n in proto.graph.node for i in n.input}
+        keep_initializers(proto.graph, used | {o.name for o in proto.graph.output})
+    return done
 
 
 def pack_int4_weights(proto: onnx.ModelProto) -> int:

@@ -12,8 +12,8 @@ INT8 rules: every linear runs on a 2-D ``[B * tokens, features]`` input
 (:class:`TokenLinear`), which ONNX exports as Gemm and onnxruntime fuses with its
 QuantizeLinear/DequantizeLinear into QGemm (a linear on 3-D tokens exports as MatMul
 then a bias Add, which is not the DequantizeLinear -> Gemm -> QuantizeLinear group that
-the fusion looks for). The attention matmuls stay float (torchao's x86 recipe leaves
-them unannotated). Attention is
+the fusion looks for). The attention matmuls read quantized inputs (see
+:func:`pqd.quant.pt2e.transformer_float_paths`). Attention is
 written out (one qkv linear, two matmuls, softmax, output projection): no
 ``scaled_dot_product_attention``, whose fused op neither PT2E nor the ONNX runtimes
 quantize. Heads are the leading split of q/k/v features (``num_heads`` x ``head_dim``),
@@ -68,7 +68,9 @@ class Attention(nn.Module):
         inner = self.num_heads * self.head_dim
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, d]
-        attn = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))
+        # scaled after the product: q and k reach the matmul as the qkv linear quantized
+        # them, so onnxruntime runs it on integers (a scale before it would be requantized)
+        attn = torch.matmul(q, k.transpose(-2, -1)) * self.head_dim**-0.5
         attn = attn.softmax(dim=-1)
         out = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, inner)
         return self.proj(out)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -325,6 +326,7 @@ def ort_quantizer(is_qat: bool = True, scheme: dict[str, Any] | None = None):
                     ann.output_qspec = qspec
             if static:
                 close_float_islands(model, qspec, QuantizationAnnotation)
+                transformer_float_paths(model, qspec, QuantizationAnnotation)
             if not static:  # dynamic: only conv/linear inputs carry activation quantizers
                 for node in model.graph.nodes:
                     ann = node.meta.get(ANNOTATION)
@@ -459,6 +461,110 @@ def close_float_islands(model: torch.fx.GraphModule, qspec, annotation_cls) -> i
             ann.output_qspec = qspec
         ann._annotated = True
         done += 1
+    return done
+
+
+# ops that only move or view a tensor: a quantizer passes through them unchanged
+_VIEW_OPS = {
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.view.default,
+    torch.ops.aten.permute.default,
+    torch.ops.aten.transpose.int,
+    torch.ops.aten.unbind.int,
+    torch.ops.aten.select.int,
+    operator.getitem,
+}
+_SOFTMAX_OPS = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
+
+
+def _through_views(node: Any) -> Any:
+    """The node that ``node`` views (reshape / permute / unbind ...), or ``node`` itself."""
+    while isinstance(node, torch.fx.Node) and node.target in _VIEW_OPS:
+        node = node.args[0]
+    return node
+
+
+def _users_through_views(node: torch.fx.Node, target: Any) -> bool:
+    """Whether every use of ``node``, looking through views, is a ``target`` call that
+    quantizes that input itself."""
+    users = list(node.users)
+    while users:
+        user = users.pop()
+        if user.target in _VIEW_OPS:
+            users += list(user.users)
+            continue
+        ann = user.meta.get(ANNOTATION)
+        if user.target != target or ann is None or not ann.input_qspec_map:
+            return False
+    return True
+
+
+def transformer_float_paths(model: torch.fx.GraphModule, qspec, annotation_cls) -> int:
+    """Place a transformer's quantizers where onnxruntime runs integer kernels and nowhere
+    else (ViT: :mod:`pqd.models.vit`); convs and conv-net blocks are left as they are.
+
+    - residual stream in float: an add of a linear's output (the attention projection,
+      the MLP's fc2) to the stream is a float Add, and that linear's output is not
+      quantized (QGemm with a float output). The stream then meets LayerNorm without a
+      DequantizeLinear, and each block drops a requantize of the stream (QLinearAdd)
+      whose rounding onnxruntime and torch compute differently.
+    - linear -> GELU: the linear's output stays float (QGemm writes float, GELU reads it,
+      the GELU output is quantized once, for the next linear).
+    - attention: softmax's output is quantized, so ``attn @ v`` reads two quantized
+      tensors and writes the quantized input of the projection (QLinearMatMul);
+      ``q @ k^T`` reads the qkv linear's quantized output (MatMulIntegerToFloat).
+
+    Args:
+        model: the captured graph, after the x86 annotation and :func:`close_float_islands`.
+        qspec: the activation QuantizationSpec.
+        annotation_cls: torchao's QuantizationAnnotation.
+
+    Returns:
+        How many nodes were (re)annotated.
+    """
+    done = 0
+
+    def float_output(linear: torch.fx.Node) -> None:
+        ann = linear.meta.get(ANNOTATION)
+        if ann is not None:
+            ann.output_qspec = None
+
+    for node in model.graph.nodes:
+        if node.op != "call_function" or not _is_float_tensor(node):
+            continue
+        if node.target in _ADD_OPS:
+            inputs = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+            linears = [
+                _through_views(a)
+                for a in inputs
+                if _through_views(a).target == torch.ops.aten.linear.default
+            ]
+            if not linears or len(inputs) != 2:
+                continue
+            node.meta.pop(ANNOTATION, None)  # float add, float stream
+            for lin in linears:
+                float_output(lin)
+            done += 1
+        elif node.target == torch.ops.aten.gelu.default:
+            src = _through_views(node.args[0])
+            if src.target != torch.ops.aten.linear.default:
+                continue
+            float_output(src)
+            ann = node.meta.get(ANNOTATION)
+            if ann is not None:
+                ann.input_qspec_map.pop(node.args[0], None)
+                # the next linear quantizes the GELU output on its own input edge (behind
+                # the 2-D view): a quantizer here as well would requantize it
+                if _users_through_views(node, torch.ops.aten.linear.default):
+                    ann.output_qspec = None
+            done += 1
+        elif node.target in _SOFTMAX_OPS:
+            if not any(u.target == torch.ops.aten.matmul.default for u in node.users):
+                continue
+            ann = node.meta.setdefault(ANNOTATION, annotation_cls(_annotated=True))
+            ann.output_qspec = qspec
+            ann._annotated = True
+            done += 1
     return done
 
 
