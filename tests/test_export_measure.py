@@ -229,9 +229,9 @@ def test_openvino_is_imported_without_telemetry(tmp_path: Path, through_pqd: boo
     assert (tmp_path / "intel").exists() is (not through_pqd)
 
 
-# ops that onnxruntime 1.32 has no integer kernel for (activations); everything else must
-# run in integer in an INT8 file
-ACTIVATION_ISLANDS = {"HardSigmoid", "Mul", "Sigmoid", "Gelu", "QuickGelu"}
+# ops that onnxruntime 1.32 has no integer kernel for (hardswish = x * HardSigmoid(x),
+# GELU); everything else must run in integer in an INT8 file
+ACTIVATION_ISLANDS = {"HardSigmoid", "Mul", "Gelu", "QuickGelu"}
 
 
 def blocks_int8(tmp_path: Path, data, name: str) -> tuple[Path, torch.nn.Module]:
@@ -262,7 +262,8 @@ def test_mobile_blocks_run_as_integer_kernels(
     float_ops = {row["op"]: row["count"] for row in islands["float_ops"]}
     assert kernels["QLinearConv"] == 10 and not {"Conv", "FusedConv"} & set(kernels)
     assert set(float_ops) <= ACTIVATION_ISLANDS, float_ops  # no float conv, pool, cat, add
-    assert kernels["QLinearMul"] == 1  # the squeeze-excite gate
+    # the squeeze-excite gate, and SiLU as QLinearSigmoid then QLinearMul (x * sigmoid(x))
+    assert kernels["QLinearMul"] == 2 and kernels["QLinearSigmoid"] == 1
     assert kernels["QLinearConcat"] == 1 and kernels["QLinearAdd"] == 2
     assert kernels["NhwcMaxPool"] == 1 and "MaxPool" not in kernels  # uint8 max pool
     assert islands["transposes"] <= 2  # the input's and the classifier's

@@ -302,6 +302,12 @@ def ort_quantizer(is_qat: bool = True, scheme: dict[str, Any] | None = None):
         def _annotate_conv2d_binary(self, *a, **k):
             return None
 
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().transform_for_annotation(model)
+            if static:
+                split_silu(model)
+            return model
+
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             super().annotate(model)
             qspec = self.global_config.input_activation
@@ -400,6 +406,44 @@ _UNARY_OPS = {
 } | {torch.ops.aten.gelu.default}
 _MUL_OPS = {torch.ops.aten.mul.Tensor, torch.ops.aten.mul_.Tensor}
 _MAXPOOL_OPS = {torch.ops.aten.max_pool2d.default}
+
+
+_SILU_OPS = {torch.ops.aten.silu.default, torch.ops.aten.silu_.default}
+_KEPT_META = ("val", "tensor_meta", "stack_trace")
+
+
+def split_silu(model: torch.fx.GraphModule) -> int:
+    """Rewrite each ``silu(x)`` as ``x * sigmoid(x)`` (the same function), so that
+    :func:`close_float_islands` can quantize the sigmoid's output between the two.
+
+    ONNX has no SiLU op: it exports as ``Sigmoid`` then ``Mul`` with no quantizer in
+    between, and onnxruntime runs both in float on a dequantized tensor. With the gate
+    quantized, onnxruntime runs ``QLinearSigmoid`` (a 256-entry lookup table) and
+    ``QLinearMul`` on uint8 tensors instead.
+
+    Args:
+        model: the captured graph, before annotation; rewritten in place.
+
+    Returns:
+        How many SiLUs were split.
+    """
+    done = 0
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target not in _SILU_OPS:
+            continue
+        x = node.args[0]
+        with model.graph.inserting_before(node):
+            gate = model.graph.call_function(torch.ops.aten.sigmoid.default, (x,))
+            prod = model.graph.call_function(torch.ops.aten.mul.Tensor, (x, gate))
+        for new in (gate, prod):  # not its module stack: no conv-bn-SiLU fusion
+            new.meta = {k: node.meta[k] for k in _KEPT_META if k in node.meta}
+        node.replace_all_uses_with(prod)
+        model.graph.erase_node(node)
+        done += 1
+    if done:
+        model.graph.lint()
+        model.recompile()
+    return done
 
 
 def close_float_islands(model: torch.fx.GraphModule, qspec, annotation_cls) -> int:
