@@ -229,9 +229,9 @@ def test_openvino_is_imported_without_telemetry(tmp_path: Path, through_pqd: boo
     assert (tmp_path / "intel").exists() is (not through_pqd)
 
 
-# ops that onnxruntime 1.32 has no integer kernel for (hardswish = x * HardSigmoid(x),
-# GELU); everything else must run in integer in an INT8 file
-ACTIVATION_ISLANDS = {"HardSigmoid", "Mul", "Gelu", "QuickGelu"}
+# ops that onnxruntime 1.32 has no integer kernel for (GELU); everything else must run in
+# integer in an INT8 file
+ACTIVATION_ISLANDS = {"Gelu", "QuickGelu"}
 
 
 def blocks_int8(tmp_path: Path, data, name: str) -> tuple[Path, torch.nn.Module]:
@@ -262,9 +262,12 @@ def test_mobile_blocks_run_as_integer_kernels(
     float_ops = {row["op"]: row["count"] for row in islands["float_ops"]}
     assert kernels["QLinearConv"] == 10 and not {"Conv", "FusedConv"} & set(kernels)
     assert set(float_ops) <= ACTIVATION_ISLANDS, float_ops  # no float conv, pool, cat, add
-    # the squeeze-excite gate, and SiLU as QLinearSigmoid then QLinearMul (x * sigmoid(x))
-    assert kernels["QLinearMul"] == 2 and kernels["QLinearSigmoid"] == 1
-    assert kernels["QLinearConcat"] == 1 and kernels["QLinearAdd"] == 2
+    # the squeeze-excite gate, SiLU as QLinearSigmoid then QLinearMul (x * sigmoid(x)),
+    # hardswish as QLinearAdd (x + 3 saturating on [0, 6]) then QLinearMul, twice
+    assert kernels["QLinearMul"] == 4 and kernels["QLinearSigmoid"] == 1
+    assert not {"HardSigmoid", "HardSwish", "Clip"} & set(kernels), kernels
+    # the concat; the two residuals and the x + 3 of 2 hardswish and the hardsigmoid gate
+    assert kernels["QLinearConcat"] == 1 and kernels["QLinearAdd"] == 2 + 3
     assert kernels["NhwcMaxPool"] == 1 and "MaxPool" not in kernels  # uint8 max pool
     assert islands["transposes"] <= 2  # the input's and the classifier's
     assert all(row["why"] for row in islands["float_ops"])

@@ -52,8 +52,76 @@ def int8_model(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     prepared = copy.deepcopy(graph)
     set_train(prepared, False)
     converted = convert_pt2e(prepared)
+    drop_requantize(converted)
     set_train(converted, False)
     return converted
+
+
+def _qdq_args(node: Any, kind: str) -> tuple[Any, float, int] | None:
+    """``(input, scale, zero point)`` of a uint8 per-tensor ``kind`` (quantize /
+    dequantize) node with constant qparams, else None."""
+    if (
+        not isinstance(node, torch.fx.Node)
+        or node.op != "call_function"
+        or f"{kind}_per_tensor" not in str(node.target)
+        or len(node.args) < 6
+        or not isinstance(node.args[1], float)
+        or node.args[5] != torch.uint8
+    ):
+        return None
+    return node.args[0], node.args[1], int(node.args[2])
+
+
+def drop_requantize(graph: torch.fx.GraphModule) -> int:
+    """Remove ``quantize(dequantize(q, s) [clamped to its own range] / k, s / k)`` chains
+    (zero point 0), which give back the integers ``q`` unchanged: the ``/ 6`` of
+    :func:`pqd.quant.pt2e.split_hard_gates`. Without them onnxruntime sees
+    ``QLinearAdd -> QLinearMul`` instead of a float ``Div`` between Q/DQ pairs.
+
+    Args:
+        graph: a converted PT2E graph; changed in place.
+
+    Returns:
+        How many chains were removed.
+    """
+    done = 0
+    for node in list(graph.graph.nodes):
+        outer = _qdq_args(node, "quantize")
+        if outer is None or outer[2] != 0:
+            continue
+        div = outer[0]
+        if (
+            not isinstance(div, torch.fx.Node)
+            or div.target != torch.ops.aten.div.Tensor
+            or not isinstance(div.args[1], float)
+            or len(div.users) != 1
+        ):
+            continue
+        src = div.args[0]
+        clamp = None
+        if isinstance(src, torch.fx.Node) and src.target == torch.ops.aten.clamp.default:
+            clamp, src = src, src.args[0]
+        inner = _qdq_args(src, "dequantize")
+        if inner is None or inner[2] != 0 or len(src.users) != 1:
+            continue
+        k, s_in, s_out = div.args[1], inner[1], outer[1]
+        if abs(s_in / k - s_out) > 1e-6 * s_out:
+            continue
+        if clamp is not None:  # the clamp must not cut the dequantized range [0, 255 s]
+            lo, hi = [*clamp.args[1:3], None, None][:2]
+            if (lo is not None and lo > 0) or (hi is not None and hi < 255 * s_in - 1e-6):
+                continue
+            if len(clamp.users) != 1:
+                continue
+        node.replace_all_uses_with(inner[0])
+        for dead in (node, div, clamp, src):
+            if dead is not None:
+                graph.graph.erase_node(dead)
+        done += 1
+    if done:
+        graph.graph.lint()
+        graph.recompile()
+    return done
 
 
 def _scheme(model: nn.Module) -> dict[str, Any]:
@@ -290,14 +358,19 @@ def pad_input_channels(proto: onnx.ModelProto, multiple: int = 4) -> int:
 
 
 def check_u8s8(proto: onnx.ModelProto) -> None:
-    """Raise unless every weight is int8 and every activation uint8 in the QDQ graph."""
+    """Raise unless every weight is int8 and every activation uint8 in the QDQ graph
+    (scalar constants added to activations are uint8, like the activation)."""
     inits = {i.name: i for i in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type != "DequantizeLinear":
             continue
         src = node.input[0]
         if src in inits:
-            if inits[src].data_type != onnx.TensorProto.INT8:
+            init = inits[src]
+            scalar = int(np.prod(init.dims)) <= 1
+            if scalar and init.data_type == onnx.TensorProto.UINT8:
+                continue  # a constant operand of an activation op (the + 3 of a hard gate)
+            if init.data_type != onnx.TensorProto.INT8:
                 raise RuntimeError(f"weight {src} is not int8 in the exported QDQ graph")
         elif len(node.input) > 2 and node.input[2] in inits:
             zp = inits[node.input[2]]
