@@ -282,3 +282,30 @@ def test_mobile_blocks_run_as_integer_kernels(
     ops = {row["op"] for row in before["float_ops"]}
     assert {"Conv", "FusedConv"} & ops and "Mul" in ops
     assert before["transposes"] > islands["transposes"]
+
+
+@pytest.mark.parametrize(
+    ("scale_out", "clamp_hi", "dropped"),
+    [(1 / 255, 6.0, True), (1 / 200, 6.0, False), (1 / 255, 3.0, False)],
+)
+def test_drop_requantize_removes_only_integer_identities(
+    scale_out: float, clamp_hi: float, dropped: bool
+) -> None:
+    """``quantize(clamp(dequantize(q, 6/255)) / 6, 1/255)`` gives back ``q`` for every code,
+    so it goes; a different output scale or a clamp that cuts the range changes the
+    integers, so the chain stays."""
+    import torchao.quantization.pt2e  # noqa: F401  (registers quantized_decomposed)
+
+    qd = torch.ops.quantized_decomposed
+
+    def chain(q: torch.Tensor) -> torch.Tensor:
+        d = qd.dequantize_per_tensor.default(q, 6 / 255, 0, 0, 255, torch.uint8)
+        g = torch.ops.aten.div.Tensor(torch.ops.aten.clamp.default(d, 0.0, clamp_hi), 6.0)
+        return qd.quantize_per_tensor.default(g, scale_out, 0, 0, 255, torch.uint8)
+
+    graph = torch.fx.symbolic_trace(chain)
+    codes = torch.arange(256, dtype=torch.uint8)
+    before = graph(codes)
+    assert export_mod.drop_requantize(graph) == int(dropped)
+    assert torch.equal(graph(codes), before)  # same integers either way
+    assert torch.equal(before, codes) is dropped
