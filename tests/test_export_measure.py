@@ -309,3 +309,31 @@ def test_drop_requantize_removes_only_integer_identities(
     assert export_mod.drop_requantize(graph) == int(dropped)
     assert torch.equal(graph(codes), before)  # same integers either way
     assert torch.equal(before, codes) is dropped
+
+
+def test_grouped_convs_are_stored_dense_with_the_same_outputs_and_counts(
+    tmp_path: Path, subset_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tiny_blocks' 4-group conv gets a block-diagonal dense weight: the same logits on
+    onnxruntime, still a QLinearConv, and the same params / MACs / sparsity counted."""
+    from pqd.data import load_dataset
+
+    data = load_dataset("cifar10", subset_dir, download=False, limit_train=64, limit_test=64)
+    densify = export_mod.densify_grouped_convs
+    monkeypatch.setattr(export_mod, "densify_grouped_convs", lambda *a, **k: {})
+    grouped, _ = blocks_int8(tmp_path, data, "grouped")
+    proto = onnx.load(str(grouped))
+    done = densify(proto)
+    assert list(done.values()) == [4]  # the grouped conv; not the depthwise ones
+    conv = next(n for n in proto.graph.node if n.name in done)
+    assert next(a.i for a in conv.attribute if a.name == "group") == 1
+    dense = tmp_path / "dense.onnx"
+    onnx.save(proto, str(dense))
+    x = data.test_x.float().numpy() / 255
+    a = open_runner("onnxruntime", grouped, threads=1).run(x)
+    b = open_runner("onnxruntime", dense, threads=1).run(x)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert ort_kernels(dense)["QLinearConv"] == 10
+    ca, cb = onnx_complexity(grouped), onnx_complexity(dense)
+    for key in ("params", "macs", "sparsity"):
+        assert ca[key] == cb[key], key

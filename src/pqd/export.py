@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -212,6 +213,7 @@ def export_onnx(
         dynamic_integer_ops(proto)
     elif scheme is not None:
         pad_input_channels(proto)
+        densify_grouped_convs(proto)
         if not scheme["activation_symmetric"]:
             check_u8s8(proto)
         if scheme["weight_bits"] == 4:
@@ -355,6 +357,63 @@ def pad_input_channels(proto: onnx.ModelProto, multiple: int = 4) -> int:
             proto.graph.node.append(node)
         proto.graph.ClearField("value_info")  # shapes of the old narrow tensors are stale
     return padded
+
+
+DENSIFIED_KEY = "pqd.densified_groups"  # metadata: {conv node name: groups it had}
+
+
+def densify_grouped_convs(proto: onnx.ModelProto, max_groups: int = 8) -> dict[str, int]:
+    """Give each grouped (not depthwise) QDQ conv with at most ``max_groups`` groups a dense
+    block-diagonal weight (the off-block weights are the zero point: exactly 0.0).
+
+    onnxruntime's ``QLinearConv`` runs grouped convs group by group on small GEMMs: on
+    tiny_blocks' 16 -> 32, 4-group 3x3 conv it takes 2.3x the float conv's time, the
+    dense conv (4x the MACs, all zeros off the blocks) less than the float one. The
+    outputs are the same numbers. The densified convs are listed in the file's metadata
+    (:data:`DENSIFIED_KEY`) so that MACs and sparsity are counted as grouped.
+
+    Args:
+        proto: a static QDQ model; changed in place.
+        max_groups: densify up to this many groups (the MACs grow by the group count).
+
+    Returns:
+        ``{conv node name: groups}`` of the densified convs.
+    """
+    inits = {i.name: i for i in proto.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    weights = _weight_dq(proto)
+    done: dict[str, int] = {}
+    for node in proto.graph.node:
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        dq = weights.get(node.input[1]) if node.op_type == "Conv" else None
+        if dq is None or not 1 < groups <= max_groups or uses.get(dq.input[0]) != 1:
+            continue
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        cout, cin_g = w.shape[:2]
+        if w.dtype not in (np.int8, np.uint8) or cout % groups:
+            continue
+        zp = np.zeros(cout, dtype=w.dtype)
+        if len(dq.input) > 2 and dq.input[2]:
+            zp = np.broadcast_to(numpy_helper.to_array(inits[dq.input[2]]), (cout,))
+        dense = np.empty((cout, cin_g * groups, *w.shape[2:]), dtype=w.dtype)
+        dense[...] = zp.reshape(-1, *[1] * (w.ndim - 1))
+        per = cout // groups
+        for g in range(groups):
+            rows = slice(g * per, (g + 1) * per)
+            dense[rows, g * cin_g : (g + 1) * cin_g] = w[rows]
+        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(dense, dq.input[0]))
+        for a in node.attribute:
+            if a.name == "group":
+                a.i = 1
+        done[node.name] = groups
+    if done:
+        meta = {p.key: p for p in proto.metadata_props}
+        entry = meta.get(DENSIFIED_KEY) or proto.metadata_props.add(key=DENSIFIED_KEY)
+        entry.value = json.dumps(done, sort_keys=True)
+    return done
 
 
 def check_u8s8(proto: onnx.ModelProto) -> None:
