@@ -4,10 +4,12 @@
     python benchmarks/mobile_int8.py --json mobile.json --models tiny_blocks
 
 For each model (random weights, BN statistics from random images, as
-``benchmarks/runtime.py`` builds them) three files are exported: FP32, INT8 with
-torchao's x86 annotation only (``x86``: :func:`pqd.quant.pt2e.close_float_islands`
-switched off, what pqd shipped before) and INT8 as pqd annotates it now (``pqd``). On
-every installed runtime and each batch size, one ``compare_latency`` call times the three
+``benchmarks/runtime.py`` builds them) four files are exported: FP32, INT8 with
+torchao's x86 annotation only (``x86``: pqd's passes :data:`ISLAND_PASSES` switched off),
+INT8 with float activations (``fact``: :func:`pqd.quant.pt2e.close_float_islands` on,
+SiLU / hardswish / hardsigmoid not split, so onnxruntime runs them in float) and INT8 as
+pqd exports it now (``pqd``). On
+every installed runtime and each batch size, one ``compare_latency`` call times them
 side by side (interleaved rounds). Per file: onnxruntime's kernels after its graph
 optimizations (integer convs, float convs, Q/DQ left, layout transposes, the ops left in
 float and why), and OpenVINO's runtime-model op types with their execution precisions.
@@ -29,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import runtime as rt_bench  # benchmarks/runtime.py
 
-ARMS = ("fp32", "int8_x86", "int8_pqd")
+ARMS = ("fp32", "int8_x86", "int8_fact", "int8_pqd")
+ISLAND_PASSES = ("close_float_islands", "split_silu", "split_hard_gates")
 
 
 def openvino_ops(path: Path, threads: int) -> dict[str, int]:
@@ -53,19 +56,32 @@ def openvino_ops(path: Path, threads: int) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def export_arms(model_name: str, out: Path) -> dict[str, Path]:
-    """The FP32 file and the two INT8 files of ``model_name``."""
+def _export_without(model: Any, out: Path, passes: tuple[str, ...]) -> Path:
+    """The INT8 file of ``model`` with the named :mod:`pqd.quant.pt2e` passes switched off."""
     import pqd.quant.pt2e as pt2e
 
+    originals = {p: getattr(pt2e, p) for p in passes}
+    for p in passes:
+        setattr(pt2e, p, lambda *a, **k: 0)
+    try:
+        return rt_bench.export_pair(model, out)[0]["int8"]
+    finally:
+        for p, fn in originals.items():
+            setattr(pt2e, p, fn)
+
+
+def export_arms(model_name: str, out: Path) -> dict[str, Path]:
+    """The FP32 file and the three INT8 files of ``model_name``: torchao's x86 annotation
+    alone (``int8_x86``), with pqd's island annotation but SiLU / hardswish / hardsigmoid
+    left whole, i.e. float on onnxruntime (``int8_fact``), and as pqd exports it now."""
     model = rt_bench.build(model_name)
     paths, _ = rt_bench.export_pair(model, out / "pqd")
-    original = pt2e.close_float_islands
-    pt2e.close_float_islands = lambda *a, **k: 0  # type: ignore[assignment]
-    try:
-        x86, _ = rt_bench.export_pair(model, out / "x86")
-    finally:
-        pt2e.close_float_islands = original  # type: ignore[assignment]
-    return {"fp32": paths["fp32"], "int8_x86": x86["int8"], "int8_pqd": paths["int8"]}
+    return {
+        "fp32": paths["fp32"],
+        "int8_x86": _export_without(model, out / "x86", ISLAND_PASSES),
+        "int8_fact": _export_without(model, out / "fact", ISLAND_PASSES[1:]),
+        "int8_pqd": paths["int8"],
+    }
 
 
 def kernel_summary(path: Path) -> dict[str, Any]:
@@ -131,17 +147,15 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     """One row per model x runtime x batch: p50s, INT8 speed-ups, kernel counts."""
     lines = [
-        "model        runtime      batch  fp32 ms  x86 ms  pqd ms  x86 x  pqd x",
-        "-----------  -----------  -----  -------  ------  ------  -----  -----",
+        "model        runtime      batch  fp32 ms  x86 ms  fact ms  pqd ms  x86 x  fact x  pqd x",
+        "-----------  -----------  -----  -------  ------  -------  ------  -----  ------  -----",
     ]
     for name, rec in result["models"].items():
         for rt, by_batch in rec["latency_ms"].items():
             for b, p in by_batch.items():
-                lines.append(
-                    f"{name:<11}  {rt:<11}  {b:>5}  {p['fp32']:7.3f}  {p['int8_x86']:6.3f}  "
-                    f"{p['int8_pqd']:6.3f}  {p['fp32'] / p['int8_x86']:4.2f}x  "
-                    f"{p['fp32'] / p['int8_pqd']:4.2f}x"
-                )
+                ms = "  ".join(f"{p[a]:6.3f}" for a in ARMS[1:])
+                ups = "  ".join(f"{p['fp32'] / p[a]:4.2f}x" for a in ARMS[1:])
+                lines.append(f"{name:<11}  {rt:<11}  {b:>5}  {p['fp32']:7.3f}  {ms}  {ups}")
     lines.append("")
     lines.append("onnxruntime kernels: int convs / float convs / Q / DQ / transposes; float ops")
     for name, rec in result["models"].items():

@@ -127,6 +127,43 @@ def test_report_on_a_folder_without_record(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.integration
+def test_a_user_model_with_mobile_blocks_gets_an_all_integer_int8_file(
+    tmp_path: Path, subset_dir: Path
+) -> None:
+    """The held-out style of user model (depthwise convs, concat, a squeeze-excite gate,
+    SiLU, ``torch.add`` and ``+`` residuals; tests/user_blocks.py) as ``module:callable``
+    through prune -> quantize -> distill with the real CLI: onnxruntime runs every conv,
+    the gate and the activations of its INT8 file as integer kernels."""
+    recipe = tiny(subset_dir, model={"name": "user_blocks:build"})
+    recipe["measure"]["runtimes"] = ["onnxruntime"]
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "pqd.cli", "run", str(path), "--out", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((out / "record.json").read_text())
+    assert record["recipe"]["model"]["name"] == "user_blocks:build"
+    assert [s["name"] for s in record["stages"]] == ["prune", "quantize", "distill"]
+    final = record["final"]
+    assert final["precision"] == "int8" and final["parity_ok"], final["parity_problems"]
+    ort = final["runtimes"]["onnxruntime"]
+    kernels = ort["kernels"]
+    assert kernels.get("QLinearConv") == 12, kernels  # every conv, depthwise and gate convs
+    assert not {"Conv", "FusedConv"} & set(kernels), kernels  # no float conv
+    # the gate (QLinearSigmoid, QLinearMul), SiLU (the same two), cat, both residuals
+    assert kernels.get("QLinearSigmoid") == 4 and kernels.get("QLinearMul") == 4, kernels
+    assert kernels.get("QLinearConcat") == 1 and kernels.get("QLinearAdd") == 3, kernels
+    assert ort["float_ops"] == [], ort["float_ops"]  # nothing runs on a dequantized tensor
+
+
+@pytest.mark.integration
 def test_run_writes_the_record_contract(tmp_path: Path, subset_dir: Path) -> None:
     recipe = write_recipe(tmp_path, tiny(subset_dir))
     out = tmp_path / "run"

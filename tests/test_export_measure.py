@@ -229,9 +229,9 @@ def test_openvino_is_imported_without_telemetry(tmp_path: Path, through_pqd: boo
     assert (tmp_path / "intel").exists() is (not through_pqd)
 
 
-# ops that onnxruntime 1.32 has no integer kernel for (activations); everything else must
-# run in integer in an INT8 file
-ACTIVATION_ISLANDS = {"HardSigmoid", "Mul", "Sigmoid", "Gelu", "QuickGelu"}
+# ops that onnxruntime 1.32 has no integer kernel for (GELU); everything else must run in
+# integer in an INT8 file
+ACTIVATION_ISLANDS = {"Gelu", "QuickGelu"}
 
 
 def blocks_int8(tmp_path: Path, data, name: str) -> tuple[Path, torch.nn.Module]:
@@ -262,8 +262,12 @@ def test_mobile_blocks_run_as_integer_kernels(
     float_ops = {row["op"]: row["count"] for row in islands["float_ops"]}
     assert kernels["QLinearConv"] == 10 and not {"Conv", "FusedConv"} & set(kernels)
     assert set(float_ops) <= ACTIVATION_ISLANDS, float_ops  # no float conv, pool, cat, add
-    assert kernels["QLinearMul"] == 1  # the squeeze-excite gate
-    assert kernels["QLinearConcat"] == 1 and kernels["QLinearAdd"] == 2
+    # the squeeze-excite gate, SiLU as QLinearSigmoid then QLinearMul (x * sigmoid(x)),
+    # hardswish as QLinearAdd (x + 3 saturating on [0, 6]) then QLinearMul, twice
+    assert kernels["QLinearMul"] == 4 and kernels["QLinearSigmoid"] == 1
+    assert not {"HardSigmoid", "HardSwish", "Clip"} & set(kernels), kernels
+    # the concat; the two residuals and the x + 3 of 2 hardswish and the hardsigmoid gate
+    assert kernels["QLinearConcat"] == 1 and kernels["QLinearAdd"] == 2 + 3
     assert kernels["NhwcMaxPool"] == 1 and "MaxPool" not in kernels  # uint8 max pool
     assert islands["transposes"] <= 2  # the input's and the classifier's
     assert all(row["why"] for row in islands["float_ops"])
@@ -278,3 +282,58 @@ def test_mobile_blocks_run_as_integer_kernels(
     ops = {row["op"] for row in before["float_ops"]}
     assert {"Conv", "FusedConv"} & ops and "Mul" in ops
     assert before["transposes"] > islands["transposes"]
+
+
+@pytest.mark.parametrize(
+    ("scale_out", "clamp_hi", "dropped"),
+    [(1 / 255, 6.0, True), (1 / 200, 6.0, False), (1 / 255, 3.0, False)],
+)
+def test_drop_requantize_removes_only_integer_identities(
+    scale_out: float, clamp_hi: float, dropped: bool
+) -> None:
+    """``quantize(clamp(dequantize(q, 6/255)) / 6, 1/255)`` gives back ``q`` for every code,
+    so it goes; a different output scale or a clamp that cuts the range changes the
+    integers, so the chain stays."""
+    import torchao.quantization.pt2e  # noqa: F401  (registers quantized_decomposed)
+
+    qd = torch.ops.quantized_decomposed
+
+    def chain(q: torch.Tensor) -> torch.Tensor:
+        d = qd.dequantize_per_tensor.default(q, 6 / 255, 0, 0, 255, torch.uint8)
+        g = torch.ops.aten.div.Tensor(torch.ops.aten.clamp.default(d, 0.0, clamp_hi), 6.0)
+        return qd.quantize_per_tensor.default(g, scale_out, 0, 0, 255, torch.uint8)
+
+    graph = torch.fx.symbolic_trace(chain)
+    codes = torch.arange(256, dtype=torch.uint8)
+    before = graph(codes)
+    assert export_mod.drop_requantize(graph) == int(dropped)
+    assert torch.equal(graph(codes), before)  # same integers either way
+    assert torch.equal(before, codes) is dropped
+
+
+def test_grouped_convs_are_stored_dense_with_the_same_outputs_and_counts(
+    tmp_path: Path, subset_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tiny_blocks' 4-group conv gets a block-diagonal dense weight: the same logits on
+    onnxruntime, still a QLinearConv, and the same params / MACs / sparsity counted."""
+    from pqd.data import load_dataset
+
+    data = load_dataset("cifar10", subset_dir, download=False, limit_train=64, limit_test=64)
+    densify = export_mod.densify_grouped_convs
+    monkeypatch.setattr(export_mod, "densify_grouped_convs", lambda *a, **k: {})
+    grouped, _ = blocks_int8(tmp_path, data, "grouped")
+    proto = onnx.load(str(grouped))
+    done = densify(proto)
+    assert list(done.values()) == [4]  # the grouped conv; not the depthwise ones
+    conv = next(n for n in proto.graph.node if n.name in done)
+    assert next(a.i for a in conv.attribute if a.name == "group") == 1
+    dense = tmp_path / "dense.onnx"
+    onnx.save(proto, str(dense))
+    x = data.test_x.float().numpy() / 255
+    a = open_runner("onnxruntime", grouped, threads=1).run(x)
+    b = open_runner("onnxruntime", dense, threads=1).run(x)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert ort_kernels(dense)["QLinearConv"] == 10
+    ca, cb = onnx_complexity(grouped), onnx_complexity(dense)
+    for key in ("params", "macs", "sparsity"):
+        assert ca[key] == cb[key], key

@@ -9,11 +9,13 @@ separate Add and is not counted in its params.) MACs are per image (batch 1); Bi
 MACs x weight bits x activation bits. Sparsity is the fraction of exactly-zero weight
 entries (biases excluded) as stored in the file (integers minus their zero point). Zero
 input channels that export adds for kernel speed (see
-``pqd.export.pad_input_channels``) are not counted.
+``pqd.export.pad_input_channels``) are not counted, nor the off-block zeros of grouped
+convs stored dense (``pqd.export.densify_grouped_convs``): they count as grouped.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,9 +54,21 @@ def channel_padding(name: str, producer: dict[str, Any], const: Callable[[str], 
     return 0
 
 
+def grouped_weight(w: np.ndarray, groups: int) -> np.ndarray:
+    """The ``[C_out, C_in / groups, kh, kw]`` weight of a conv that
+    :func:`pqd.export.densify_grouped_convs` stored dense (block-diagonal)."""
+    cout, cin = w.shape[:2]
+    per, cin_g = cout // groups, cin // groups
+    return np.concatenate(
+        [w[g * per : (g + 1) * per, g * cin_g : (g + 1) * cin_g] for g in range(groups)]
+    )
+
+
 def onnx_complexity(path: str | Path) -> dict[str, Any]:
     """Totals and a per-layer table for the compute layers of the ONNX file at ``path``."""
     proto = _with_batch_one(onnx.load(str(path)))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    densified = json.loads(meta.get("pqd.densified_groups", "{}"))
     inits = {i.name: i for i in proto.graph.initializer}
     producer = {out: node for node in proto.graph.node for out in node.output}
     shapes = {
@@ -102,6 +116,8 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
         conv = node.op_type in ("Conv", "ConvInteger")
         if node.op_type == "Conv" and (extra := channel_padding(node.input[0], producer, const)):
             w = w[:, : w.shape[1] - extra]
+        if node.op_type == "Conv" and node.name in densified:  # back to its groups' blocks
+            w = grouped_weight(w, densified[node.name])
         has_bias = len(node.input) > 2 and node.input[2] and node.op_type not in _INTEGER
         bias = const(node.input[2])[0] if has_bias else None
         out_shape = shapes.get(node.output[0], [])

@@ -303,6 +303,13 @@ def ort_quantizer(is_qat: bool = True, scheme: dict[str, Any] | None = None):
         def _annotate_conv2d_binary(self, *a, **k):
             return None
 
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().transform_for_annotation(model)
+            if static:
+                split_silu(model)
+                split_hard_gates(model)
+            return model
+
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             super().annotate(model)
             qspec = self.global_config.input_activation
@@ -404,6 +411,141 @@ _MUL_OPS = {torch.ops.aten.mul.Tensor, torch.ops.aten.mul_.Tensor}
 _MAXPOOL_OPS = {torch.ops.aten.max_pool2d.default}
 
 
+_SILU_OPS = {torch.ops.aten.silu.default, torch.ops.aten.silu_.default}
+_KEPT_META = ("val", "tensor_meta", "stack_trace")
+
+
+def split_silu(model: torch.fx.GraphModule) -> int:
+    """Rewrite each ``silu(x)`` as ``x * sigmoid(x)`` (the same function), so that
+    :func:`close_float_islands` can quantize the sigmoid's output between the two.
+
+    ONNX has no SiLU op: it exports as ``Sigmoid`` then ``Mul`` with no quantizer in
+    between, and onnxruntime runs both in float on a dequantized tensor. With the gate
+    quantized, onnxruntime runs ``QLinearSigmoid`` (a 256-entry lookup table) and
+    ``QLinearMul`` on uint8 tensors instead.
+
+    Args:
+        model: the captured graph, before annotation; rewritten in place.
+
+    Returns:
+        How many SiLUs were split.
+    """
+    done = 0
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target not in _SILU_OPS:
+            continue
+        x = node.args[0]
+        with model.graph.inserting_before(node):
+            gate = model.graph.call_function(torch.ops.aten.sigmoid.default, (x,))
+            prod = model.graph.call_function(torch.ops.aten.mul.Tensor, (x, gate))
+        for new in (gate, prod):  # not its module stack: no conv-bn-SiLU fusion
+            new.meta = {k: node.meta[k] for k in _KEPT_META if k in node.meta}
+        node.replace_all_uses_with(prod)
+        model.graph.erase_node(node)
+        done += 1
+    if done:
+        model.graph.lint()
+        model.recompile()
+    return done
+
+
+_HARD_OPS = {
+    getattr(torch.ops.aten, f"{name}{suffix}").default
+    for name in ("hardswish", "hardsigmoid")
+    for suffix in ("", "_")
+}
+HARD_GATE = "pqd_hard_gate"  # node.meta tag: "add3" / "relu6" / "div6" (split_hard_gates)
+
+
+def split_hard_gates(model: torch.fx.GraphModule) -> int:
+    """Rewrite ``hardsigmoid(x)`` as ``relu6(x + 3) / 6`` and ``hardswish(x)`` as
+    ``x * (relu6(x + 3) / 6)`` (the same functions), tagged for :func:`close_float_islands`.
+
+    onnxruntime has no integer HardSigmoid / HardSwish (it runs them as float HardSigmoid
+    and Mul on a dequantized tensor). Quantized with fixed ranges (``x + 3`` on [0, 6], the
+    gate on [0, 1], both with zero point 0) the uint8 codes of ``relu6(x + 3)`` and of the
+    gate are the same integers: :func:`pqd.export.drop_requantize` then removes the
+    ``/ 6`` and onnxruntime runs ``QLinearAdd`` (the saturation to uint8 is the relu6) and
+    ``QLinearMul``.
+
+    Args:
+        model: the captured graph, before annotation; rewritten in place.
+
+    Returns:
+        How many hardswish / hardsigmoid nodes were split.
+    """
+    done = 0
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target not in _HARD_OPS:
+            continue
+        x = node.args[0]
+        name = f"_pqd_three_{done}"
+        model.register_buffer(name, torch.tensor(3.0))
+        graph = model.graph
+        with graph.inserting_before(node):
+            three = graph.get_attr(name)
+            t = graph.call_function(torch.ops.aten.add.Tensor, (x, three))
+            r = graph.call_function(torch.ops.aten.clamp.default, (t, 0.0, 6.0))
+            gate = graph.call_function(torch.ops.aten.div.Tensor, (r, 6.0))
+            out = gate
+            if "hardswish" in str(node.target):
+                out = graph.call_function(torch.ops.aten.mul.Tensor, (x, gate))
+        val = node.meta.get("val")
+        three.meta = (
+            {"val": torch.empty((), dtype=val.dtype, device=val.device)} if val is not None else {}
+        )
+        roles = [(t, "add3"), (r, "relu6"), (gate, "div6")] + (
+            [(out, None)] if out is not gate else []
+        )
+        for new, tag in roles:
+            new.meta = {k: node.meta[k] for k in _KEPT_META if k in node.meta}
+            if tag is not None:
+                new.meta[HARD_GATE] = tag
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        done += 1
+    if done:
+        model.graph.lint()
+        model.recompile()
+    return done
+
+
+def _fixed_uint8(hi: float):
+    """A fixed uint8 quantizer on [0, ``hi``], zero point 0."""
+    from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec
+
+    return FixedQParamsQuantizationSpec(
+        dtype=torch.uint8,
+        scale=hi / 255,
+        zero_point=0,
+        quant_min=0,
+        quant_max=255,
+        qscheme=torch.per_tensor_affine,
+    )
+
+
+def _annotate_hard_gate(node: torch.fx.Node, qspec, annotation_cls) -> None:
+    """``x + 3`` -> uint8 on [0, 6]; ``relu6`` unquantized (the saturation is the clamp);
+    ``/ 6`` -> uint8 on [0, 1] (see :func:`split_hard_gates`)."""
+    tag = node.meta[HARD_GATE]
+    ann = annotation_cls(_annotated=True)
+    if tag == "add3":
+        x, three = node.args[0], node.args[1]
+        _quantize_edge(x, node, qspec, annotation_cls)
+        own = node.meta.get(ANNOTATION)
+        if own is not None:
+            ann.input_qspec_map.update(own.input_qspec_map)
+        ann.input_qspec_map[three] = qspec
+        ann.output_qspec = _fixed_uint8(6.0)
+    elif tag == "div6":
+        ann.output_qspec = _fixed_uint8(1.0)
+        for user in node.users:  # the fixed range quantizes the edge, not a learned one
+            own = user.meta.get(ANNOTATION)
+            if own is not None:
+                own.input_qspec_map.pop(node, None)
+    node.meta[ANNOTATION] = ann
+
+
 def close_float_islands(model: torch.fx.GraphModule, qspec, annotation_cls) -> int:
     """Annotate the blocks of mobile nets that torchao's x86 recipe leaves float in a QDQ
     file, so that onnxruntime fuses them into integer kernels.
@@ -431,6 +573,10 @@ def close_float_islands(model: torch.fx.GraphModule, qspec, annotation_cls) -> i
     done = 0
     for node in model.graph.nodes:
         if node.op != "call_function" or not _is_float_tensor(node):
+            continue
+        if HARD_GATE in node.meta:
+            _annotate_hard_gate(node, qspec, annotation_cls)
+            done += 1
             continue
         if node.target in _UNARY_OPS or node.target in _MUL_OPS:
             inputs = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
@@ -884,7 +1030,9 @@ def calibrate(
     acts = {
         n: m
         for n, m in fqs.items()
-        if n not in weight_names and not getattr(m, "is_dynamic", False)
+        if n not in weight_names
+        and not getattr(m, "is_dynamic", False)
+        and hasattr(getattr(m, "activation_post_process", None), "min_val")  # not fixed
     }
     for name, m in fqs.items():
         m.fake_quant_enabled[0] = 0
