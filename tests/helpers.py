@@ -5,9 +5,12 @@ and a job (recipe + data + teacher) whose stages run through the one stage loop
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -332,3 +335,15 @@ def write_image_folder(
         pil.save(path, quality=95) if fmt in ("jpg", "jpeg", "webp") else pil.save(path)
         paths.append(path)
     return paths
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/NAME.py`` imported as module ``bench_NAME`` (registered in
+    ``sys.modules``, where dataclasses and pickling inside it look their module up)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

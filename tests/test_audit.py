@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from helpers import load_benchmark
 from pqd.measure import audit as audit_mod
 from pqd.measure.audit import (
     calibration,
@@ -229,13 +230,8 @@ def test_pqd_audit_on_a_folder_without_record(tmp_path: Path, capsys) -> None:
 
 
 def test_benchmark_table_of_an_audited_run(small_run, capsys) -> None:
-    import importlib.util
-
     out, record, _ = small_run
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "audit.py"
-    spec = importlib.util.spec_from_file_location("bench_audit", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("audit")
     text = bench.render(record)
     vs = record["final"]["audit"]["vs_baseline"]
     assert f"{vs['disagreement']['count']}/40" in text

@@ -3,24 +3,18 @@ speed-up, names the CPU and says the accuracies are not meaningful."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = ROOT / "benchmarks" / "imagenet_res.py"
-    spec = importlib.util.spec_from_file_location("bench_imagenet_res", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load_benchmark("imagenet_res")
 
 
 def test_table_has_fp32_and_int8_side_by_side(bench) -> None:

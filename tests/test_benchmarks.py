@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = ROOT / "benchmarks" / "runtime.py"
-    spec = importlib.util.spec_from_file_location("bench_runtime", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load_benchmark("runtime")
 
 
 def test_gemm_peaks_and_floor_are_positive(bench):
@@ -100,10 +94,7 @@ def test_table_renders_every_row(bench):
 def test_vit_int8_benchmark_times_both_files_and_names_the_integer_kernels(tmp_path):
     import json
 
-    path = ROOT / "benchmarks" / "vit_int8.py"
-    spec = importlib.util.spec_from_file_location("bench_vit_int8", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("vit_int8")
     out = tmp_path / "vit.json"
     args = ["--model", "vit_tiny", "--batches", "1", "4", "--repeats", "4", "--rounds", "2"]
     assert module.main([*args, "--profile", "--json", str(out)]) == 0

@@ -5,7 +5,6 @@ files, thresholds calibrated, manifest written, and the runtime reproducing the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,6 +16,7 @@ import pytest
 import yaml
 from onnx import numpy_helper
 
+from helpers import load_benchmark
 from pqd.exits.runtime import ExitRuntime, exit_graph
 from pqd.measure.runtime import open_runner
 
@@ -215,11 +215,7 @@ def test_early_exit_in_each_position(run) -> None:
         assert "quantizers_carried_over" in info
     # the benchmark's table shows the one-graph artifact next to the part files and the
     # exits-disabled reference, with the record's speed-ups
-    spec = importlib.util.spec_from_file_location(
-        "bench_early_exit", Path(__file__).parents[1] / "benchmarks" / "early_exit.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("early_exit")
     text = bench.render(record, None)
     ee = record["final"]["early_exit"]
     assert "exits.onnx" in text and "final.onnx (reference)" in text

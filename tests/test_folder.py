@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 import pqd
-from helpers import write_image_folder
+from helpers import load_benchmark, write_image_folder
 from pqd import folder as pf
 from pqd.cli import main
 from pqd.data import Dataset, Loader, load_dataset, resize_images
@@ -445,20 +445,9 @@ def test_png_folder_at_32_matches_the_cifar_reader(
 
 
 def test_loader_benchmark_prints_its_table(capsys) -> None:
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loader.py"
-    spec = importlib.util.spec_from_file_location("bench_loader", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    try:
-        spec.loader.exec_module(bench)
-        args = ["--sizes", "16,24", "--images", "40", "--models", "tiny_cnn", "--steps", "1"]
-        assert bench.main([*args, "--batch", "8"]) == 0
-    finally:
-        sys.modules.pop(spec.name, None)
+    bench = load_benchmark("loader")
+    args = ["--sizes", "16,24", "--images", "40", "--models", "tiny_cnn", "--steps", "1"]
+    assert bench.main([*args, "--batch", "8"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 16x16") or "24x24" in line]
     assert len(rows) == 2 and all(float(r.split("|")[-2].strip(" x")) > 0 for r in rows)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import load_benchmark
 from pqd.cli import main
 from pqd.errors import PqdError, RecipeError
 from pqd.recipe import recipe_from_dict
@@ -622,12 +623,7 @@ def test_ray_executor_matches_sequential(sequential, tmp_path, data_dir):
 
 
 def test_benchmark_prints_the_table_of_a_stored_search(tmp_path, capsys):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "search.py"
-    spec = importlib.util.spec_from_file_location("bench_search", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("search")
     search = fake_search({"p>q>d": 0.79, "p": 0.70})
     (tmp_path / "search.json").write_text(json.dumps(search))
     assert bench.main(["--from", str(tmp_path)]) == 0
