@@ -144,5 +144,7 @@ def test_real_pieces_and_validation_on_a_tiny_net(tmp_path) -> None:
     for row in report["candidates"]:
         assert row["measured_ms"] > 0
         err = abs(row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"]
-        assert row["error"] == pytest.approx(err, abs=1e-4)
+        # the record rounds ms to 5 decimals: at ~0.02 ms that moves the error by ~1e-3
+        rounding = 1e-5 * (1 + row["predicted_ms"] / row["measured_ms"]) / row["measured_ms"]
+        assert row["error"] == pytest.approx(err, abs=rounding + 1e-5)
     assert report["worst_error"] >= report["median_error"] >= 0
