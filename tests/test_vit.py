@@ -198,6 +198,10 @@ def test_head_pruning_removes_whole_heads_for_real(tmp_path: Path) -> None:
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     qkv_rows = sorted(inits[n.input[1]].shape[0] for n in proto.graph.node if n.op_type == "Gemm")
     assert qkv_rows.count(48) == 1 and qkv_rows.count(96) == 1  # block 1: 2 heads, block 2: 4
+    # the record's MACs, read from the file, count every token of the 2-D linears
+    from pqd.measure.complexity import onnx_complexity
+
+    assert onnx_complexity(path)["macs"] == count_macs(model, x[:1])
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(ort_logits(path, x.numpy()), ref, atol=1e-4, rtol=1e-4)

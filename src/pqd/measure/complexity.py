@@ -6,7 +6,8 @@ integer initializer (8 bits; 4 for INT4), otherwise as float (32 bits; ConvInteg
 int8 weights: 8); an activation input counts 8 bits when it comes from a
 DequantizeLinear or DynamicQuantizeLinear, else 32. (A dynamic layer's bias sits in a
 separate Add and is not counted in its params.) MACs are per image (batch 1); BitOps =
-MACs x weight bits x activation bits. Sparsity is the fraction of exactly-zero weight
+MACs x weight bits x activation bits (a linear on a 2-D ``[tokens, features]`` view
+counts every token row). Sparsity is the fraction of exactly-zero weight
 entries (biases excluded) as stored in the file (integers minus their zero point). Zero
 input channels that export adds for kernel speed (see
 ``pqd.export.pad_input_channels``) are not counted, nor the off-block zeros of grouped
@@ -127,7 +128,13 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
         else:
             k = w.shape[0] if node.op_type != "Gemm" or not _trans_b(node) else w.shape[1]
             per_output = int(k)
-            outputs = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else int(w.size // k)
+            # batch is 1 here, so every output row is this image's: a linear on a 2-D
+            # [tokens, features] view (the ViT's) counts all its token rows
+            known = bool(out_shape) and all(d > 0 for d in out_shape)
+            if known:
+                outputs = int(np.prod(out_shape))
+            else:
+                outputs = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else int(w.size // k)
         macs = per_output * outputs
         a_bits = act_bits(node.input[0])
         layers.append(
