@@ -52,17 +52,6 @@ QUICK = [
 ]
 
 
-def hand_ratio(lm: Any, budget: float, max_ratio: float, tolerance: float) -> tuple[float, float]:
-    """Smallest uniform ratio (0.05 steps) whose whole file meets ``budget`` when measured:
-    ``(ratio, measured ms)``; the largest ratio tried when none does."""
-    steps = [round(0.05 * i, 2) for i in range(1, int(max_ratio / 0.05) + 1)]
-    measured = lm.measure({f"{r:g}": lm.uniform(1.0 - r) for r in steps})
-    for r in steps:
-        if measured[f"{r:g}"] <= budget * (1 + tolerance):
-            return r, measured[f"{r:g}"]
-    return steps[-1], measured[f"{steps[-1]:g}"]
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -70,7 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pqd.models import build_model
     from pqd.pipeline import recipe_data
     from pqd.pipeline import run as run_recipe
-    from pqd.planner import PlanError, plan, template
+    from pqd.planner import PlanError, plan, ratio_steps, template, uniform_by_measurement
     from pqd.recipe import load_recipe, recipe_from_dict
     from pqd.search import latency_panel
 
@@ -131,10 +120,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row.update(
             counts=result["counts"],
             model_error={"median": v.get("median_error"), "worst": v.get("worst_error")},
-            pick={"ratios": pick["ratios"], "val": pick["val_accuracy"], "test": pick["accuracy"]},
+            pick={
+                "ratios": pick["ratios"],
+                "val": pick["val_accuracy"],
+                "test": pick["accuracy"],
+                "uniform_reference": pick.get("uniform_reference"),
+            },
         )
         # by hand: uniform ratio meeting the budget, same stages, same baseline checkpoint
-        ratio, _ = hand_ratio(lm, budget, pc.get("max_ratio", 0.9), 0.05)
+        ratio, _ = uniform_by_measurement(lm, budget, ratio_steps(pc.get("max_ratio", 0.9)), 0.05)
         hand = json.loads(json.dumps(base_data))
         hand["name"] = f"{recipe.name}-hand-{frac:g}"
         stage = hand["stages"][index]

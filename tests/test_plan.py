@@ -15,7 +15,7 @@ import torch
 from helpers import fake_latency, tiny
 from pqd.cli import main
 from pqd.latency_model import LatencyModel
-from pqd.planner import generate, plan, search_levels, template
+from pqd.planner import generate, plan, ratio_steps, search_levels, template
 from pqd.recipe import load_recipe, recipe_from_dict
 
 TINY = """\
@@ -71,8 +71,12 @@ def test_candidates_cover_uniform_greedy_and_random(monkeypatch, tmp_path) -> No
     levels = search_levels(lm.levels)
     for v in levels:  # every uniform candidate
         assert lm.uniform(v) in cands
-    assert all(1 - r in [pytest.approx(v) for v in levels] for c in cands for r in c.values())
-    assert len(cands) > len(levels)
+    for r in ratio_steps(0.9):  # and uniform at 0.05 steps, down to the table's lowest level
+        assert (lm.uniform(1 - r) in cands) == (1 - r >= levels[0] - 1e-9)
+    mixed = [c for c in cands if len(set(c.values())) > 1]
+    assert mixed and all(
+        1 - r in [pytest.approx(v) for v in levels] for c in mixed for r in c.values()
+    )
 
 
 def test_refusals_are_one_line_and_write_nothing(monkeypatch, tmp_path, recipe_file, capsys):
@@ -111,8 +115,17 @@ def test_plan_trains_the_best_few_picks_within_budget_and_resumes(
     budget = 0.095  # fake ms: dense tiny_cnn 0.13, every group at half width about 0.05
     result = plan(load_recipe(recipe_file), budget, out, **kwargs)
     c = result["counts"]
+    trained = result["trained"]
+    refs = [e for e in trained if e.get("uniform_reference") is not None]
+    assert len(refs) == 1 and len(trained) in (2, 3)  # k planned (or fewer) + the reference
+    assert set(refs[0]["ratios"].values()) == {refs[0]["uniform_reference"]}
+    assert refs[0]["premeasured_ms"] <= budget * 1.05  # measured whole, like a user would
+    planned = [e for e in trained if e.get("uniform_reference") is None]
+    assert all(e["premeasured_ms"] <= budget * 1.05 for e in planned)
+    abn = [e["abn_accuracy"] for e in planned]
+    assert abn == sorted(abn, reverse=True) and all(0 <= a <= 1 for a in abn)
     assert (
-        c["trained"] == c["trained_now"] == 2
+        c["trained"] == c["trained_now"] == len(trained)
         and c["estimated"] > 2
         and 2 <= c["feasible"] <= c["estimated"]
     )
@@ -138,7 +151,29 @@ def test_plan_trains_the_best_few_picks_within_budget_and_resumes(
     # the same call again: nothing trained, nothing measured for the tables
     pieces = calls["pieces"]
     again = plan(load_recipe(recipe_file), budget, out, **kwargs)
-    assert again["counts"]["reused"] == 2 and again["counts"]["trained_now"] == 0
+    assert again["counts"]["reused"] == len(trained) and again["counts"]["trained_now"] == 0
     assert calls["pieces"] == pieces
     assert again["pick"]["key"] == pick["key"]
     assert np.isclose(again["pick"]["accuracy"], pick["accuracy"])
+
+
+def test_adaptive_bn_accuracy_recalibrates_a_pruned_copy_only(synth) -> None:
+    """Unpruned and without calibration images it is the model's own val top-1; pruned, it
+    re-estimates BN statistics on a copy and leaves the baseline untouched."""
+    from pqd.planner import adaptive_bn_accuracy
+    from pqd.recipe import PruneChannelsSpec
+
+    model = tiny("tiny_cnn").eval()
+    x, y = synth.val_x[:96], synth.val_y[:96]
+    with torch.no_grad():
+        own = float((model(x.float() / 255).argmax(1) == y).float().mean())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = PruneChannelsSpec(ratios={}, round_to=2)
+    empty = synth.train_x[:0]
+    assert adaptive_bn_accuracy(model, x[:2].float() / 255, {}, spec, empty, x, y) == own
+    groups = LatencyModel(model, x[:2].float() / 255, round_to=2).groups
+    half = dict.fromkeys(groups, 0.5)
+    est = adaptive_bn_accuracy(model, x[:2].float() / 255, half, spec, synth.train_x[:64], x, y)
+    assert 0.0 <= est <= 1.0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the baseline is untouched

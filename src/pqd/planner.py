@@ -15,12 +15,17 @@ The recipe is the template: its stages run for every trained candidate, with its
    meets the budget (nothing to prune), or even the fastest candidate (every group at the
    lowest level) misses it; each is one line naming the measured latency.
 3. **Candidates**: per-group keep levels (the table's levels and their midpoints): uniform
-   ones, a greedy path (step down the group that loses least importance per predicted ms
-   saved) and random ones. Each gets a predicted latency and size and a cheap accuracy
-   estimate: the share of the baseline's channel importance it removes (group L2 norms,
-   :func:`pqd.prune.channels.group_scores`), weighted by group width. Feasible ones
-   (predicted p50 <= budget, predicted size <= ``size_mb``) are ranked by it.
-4. **Training**: the best ``k`` are trained for real through the normal pipeline (the
+   ones (also at 0.05 steps), a greedy path (step down the group that loses least
+   importance per predicted ms saved) and random ones. Each gets a predicted latency and
+   size and a cheap accuracy estimate: the share of the baseline's channel importance it
+   removes (group L2 norms, :func:`pqd.prune.channels.group_scores`), weighted by group
+   width. Feasible ones (predicted p50 <= budget, predicted size <= ``size_mb``) are ranked
+   by it; the best ``screen`` are re-ranked by a better, dearer estimate: their
+   adaptive-BN validation top-1 (:func:`adaptive_bn_accuracy`). The best ``2 k`` of those
+   are exported whole and timed, and the best ``k`` within the budget are trained, with
+   **the uniform reference**: uniform pruning at the smallest ratio whose whole file meets
+   the budget when measured, what a user would do by hand.
+4. **Training**: the chosen are trained for real through the normal pipeline (the
    template's stages: prune_channels with explicit ratios, then e.g. QAT and KD from the
    one shared baseline) on the search executors (sequential, processes, Ray), into run
    folders keyed by their resolved recipe: running the same command again resumes.
@@ -154,6 +159,84 @@ def importance_lost(lm: LatencyModel, curves: dict[str, np.ndarray], ratios: Rat
     return lost
 
 
+def adaptive_bn_accuracy(
+    model: Any,
+    example: Any,
+    ratios: Ratios,
+    spec: Any,
+    calib_x: Any,
+    val_x: Any,
+    val_y: Any,
+    batch_size: int = 128,
+) -> float:
+    """Accuracy estimate of a candidate without training (EagleEye's adaptive BN, Li et al.
+    2020): the trained baseline pruned by surgery to ``ratios`` (magnitude scores, the
+    stage's rounding), its BatchNorm statistics re-estimated on ``calib_x``, then its top-1
+    on ``val_x``. Pruning shifts every later layer's input statistics; with the stale ones
+    the pruned nets all look equally broken, with fresh ones their order follows the
+    fine-tuned accuracy far better than weight norms do.
+
+    Args:
+        model: the trained baseline (eager, left unchanged).
+        example: an input batch for the dependency graph.
+        ratios: removed fraction per group root (absent: 0).
+        spec: the template's ``PruneChannelsSpec`` (exclude, round_to, scope, heads).
+        calib_x, val_x: uint8 images ``[N, 3, H, W]``; val_y: labels ``[N]``.
+        batch_size: images per forward pass.
+
+    Returns:
+        Validation top-1 as a fraction (0-1).
+    """
+    import torch
+
+    from pqd.prune import importance
+    from pqd.prune.channels import apply_structure, plan_records, weight_names
+
+    m = copy.deepcopy(model).cpu().eval()
+    keep = {g: 1.0 - float(r) for g, r in ratios.items() if r > 0}
+    if keep:
+        scores = importance.score("magnitude", m, None, names=weight_names(m))
+        apply_structure(m, example, plan_records(m, example, scores, keep, spec))
+    bns = [x for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        if bns and len(calib_x):
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None  # cumulative average over the calibration images
+                bn.train()
+            for i in range(0, len(calib_x), batch_size):
+                m(calib_x[i : i + batch_size].float() / 255)
+            for bn in bns:
+                bn.eval()
+        right = 0
+        for i in range(0, len(val_x), batch_size):
+            pred = m(val_x[i : i + batch_size].float() / 255).argmax(1)
+            right += int((pred == val_y[i : i + batch_size]).sum())
+    return right / max(1, len(val_x))
+
+
+def uniform_by_measurement(
+    lm: LatencyModel, budget_ms: float, ratios: list[float], tolerance: float
+) -> tuple[float, float]:
+    """What a user does by hand: the smallest of ``ratios`` (uniform over every group) whose
+    whole exported file meets ``budget_ms`` when measured here (all timed in one panel).
+
+    Returns:
+        ``(ratio, measured ms)``; the largest ratio and its time when none meets it.
+    """
+    steps = sorted(ratios)
+    measured = lm.measure({f"{r:g}": lm.uniform(1.0 - r) for r in steps})
+    for r in steps:
+        if measured[f"{r:g}"] <= budget_ms * (1 + tolerance):
+            return r, measured[f"{r:g}"]
+    return steps[-1], measured[f"{steps[-1]:g}"]
+
+
+def ratio_steps(max_ratio: float, step: float = 0.05) -> list[float]:
+    """Uniform ratios ``step, 2 step, ...`` up to ``max_ratio``."""
+    return [round(step * i, 2) for i in range(1, int(max_ratio / step + 1e-9) + 1)]
+
+
 # ---------------------------------------------------------------------------- candidates
 
 
@@ -178,8 +261,9 @@ def generate(
         r = {g: round(1.0 - keep[g], 6) for g in groups}
         seen.setdefault(tuple(r[g] for g in groups), r)
 
-    for v in levels:
-        add(dict.fromkeys(groups, v))
+    for v in sorted({*levels, *(round(1.0 - r, 6) for r in ratio_steps(0.9))}):
+        if v >= levels[0]:
+            add(dict.fromkeys(groups, v))
     # greedy: least importance lost per predicted ms saved, one level at a time
     idx = dict.fromkeys(groups, len(levels) - 1)
 
@@ -222,6 +306,8 @@ def plan(
     k: int = 3,
     validate: int = 20,
     n_random: int = 2000,
+    screen: int = 16,
+    calib_images: int = 512,
     levels: tuple[float, ...] = LEVELS,
     tolerance: float = 0.05,
     data_dir: str | None = None,
@@ -246,6 +332,9 @@ def plan(
         validate: random whole candidates measured to report the latency model's error
             (0: none).
         n_random: random candidates estimated besides the uniform and greedy ones.
+        screen: feasible candidates (best by importance lost) whose adaptive-BN validation
+            accuracy ranks them for training.
+        calib_images: training images re-estimating BatchNorm statistics per screened one.
         levels: keep fractions of the latency tables (ascending, ending at 1.0).
         tolerance: fraction over the budget a measured pick may run (timing noise).
         data_dir: folder holding the data sets.
@@ -386,10 +475,60 @@ def plan(
             fastest_row = min(rows, key=lambda row: float(row["predicted_ms"]))
             fastest_row["feasible"] = True
             feasible = [fastest_row]
-        chosen = feasible[:k]
+        # the best by importance, re-ranked by their adaptive-BN validation accuracy
+        from pqd.recipe import PruneChannelsSpec
+
+        spec = PruneChannelsSpec.model_validate(pc)
+        rng = np.random.default_rng(recipe.seed)
+        perm = rng.permutation(len(data.train_x))
+        calib_x = data.train_x[np.sort(perm[:calib_images])]
+        val_x, val_y = data.val_x, data.val_y
+        if not len(val_x):  # no validation split: training images the BN pass did not see
+            rest = np.sort(perm[calib_images : calib_images + 500])
+            val_x, val_y = data.train_x[rest], data.train_y[rest]
+        screened = feasible[:screen]
+        say(f"adaptive-BN accuracy of the {len(screened)} best by importance")
+        for row in screened:
+            row["abn_accuracy"] = round(
+                adaptive_bn_accuracy(
+                    trained_base, example, row["ratios"], spec, calib_x, val_x, val_y
+                ),
+                5,
+            )
+        ranked = sorted(screened, key=lambda row: (-row["abn_accuracy"], row["predicted_ms"]))
+        # the best few measured whole before training: the latency model's error must not
+        # put an over-budget candidate in training
+        head = ranked[: 2 * k]
+        times = lm.measure({str(i): row["ratios"] for i, row in enumerate(head)})
+        for i, row in enumerate(head):
+            row["premeasured_ms"] = round(times[str(i)], 5)
+        chosen = [r for r in head if r["premeasured_ms"] <= latency_ms * (1 + tolerance)][:k]
+        if not chosen:
+            chosen = [min(head, key=lambda row: row["premeasured_ms"])]
+        # and always the hand-made answer: uniform pruning at the measured ratio that meets
+        # the budget (so the pick, by validation top-1, is never a worse bet than it)
+        steps = ratio_steps(spec.max_ratio)
+        guess = next((r for r in steps if lm.predict(lm.uniform(1.0 - r)) <= latency_ms), steps[-1])
+        window = [r for r in steps if guess - 0.1 - 1e-9 <= r <= guess + 0.15 + 1e-9]
+        ref_ratio, ref_ms = uniform_by_measurement(lm, latency_ms, window, tolerance)
+        ref = lm.uniform(1.0 - ref_ratio)
+        same = next((r for r in rows if r["ratios"] == ref), None)
+        ref_row = same or {
+            "ratios": ref,
+            "predicted_ms": round(lm.predict(ref), 5),
+            "predicted_size_mb": round(lm.predict_size_mb(ref), 4),
+            "importance_lost": round(estimate(ref), 6),
+            "feasible": True,
+        }
+        if same is None:
+            rows.append(ref_row)
+        ref_row.update(uniform_reference=ref_ratio, premeasured_ms=round(ref_ms, 5))
+        if all(r["ratios"] != ref for r in chosen):
+            chosen.append(ref_row)
         say(
             f"{len(rows)} candidates estimated, {sum(r['feasible'] for r in rows)} feasible by "
-            f"the latency model; training the best {len(chosen)}"
+            f"the latency model; training {len(chosen)} (uniform reference: ratio "
+            f"{ref_ratio:g}, measured {ref_ms:.3f} ms)"
         )
 
         # ---- 5. training through the normal pipeline, resumable
@@ -627,16 +766,23 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
         lines += ["", f"![estimate vs predicted latency]({plots['frontier']})"]
     lines += [
         "",
-        "| # | predicted ms | measured ms | importance lost | val top-1 | test top-1 | size KB |",
-        "|---|---|---|---|---|---|---|",
+        "| # | kind | predicted ms | measured ms | importance lost | adaptive-BN val top-1 |"
+        " val top-1 | test top-1 | size KB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, e in enumerate(result["trained"]):
+        kind = (
+            f"uniform {e['uniform_reference']:g} (by hand)"
+            if e.get("uniform_reference") is not None
+            else "planned"
+        )
+        abn = f"{100 * e['abn_accuracy']:.2f}" if e.get("abn_accuracy") is not None else "-"
         if e.get("status") != "done":
-            lines.append(f"| {i} | {e['predicted_ms']:.3f} | failed | | | | |")
+            lines.append(f"| {i} | {kind} | {e['predicted_ms']:.3f} | failed | | {abn} | | | |")
             continue
         lines.append(
-            f"| {i} | {e['predicted_ms']:.3f} | {e['measured_ms']:.3f} | "
-            f"{e['importance_lost']:.4f} | {100 * (e['val_accuracy'] or 0):.2f} | "
+            f"| {i} | {kind} | {e['predicted_ms']:.3f} | {e['measured_ms']:.3f} | "
+            f"{e['importance_lost']:.4f} | {abn} | {100 * (e['val_accuracy'] or 0):.2f} | "
             f"{100 * e['accuracy']:.2f} | {e['size_bytes'] / 1e3:.1f} |"
         )
     p = result.get("pick")
