@@ -132,3 +132,36 @@ def test_spatial_mismatch_is_a_recipe_error() -> None:
     x = torch.randn(2, 8, 8, 8)
     torch.testing.assert_close(same["p"](x), x)  # identity start
     assert CPU.type == "cpu"
+
+
+@pytest.mark.parametrize("loss", ["fitnet", "attention"])
+def test_feature_kd_per_block_on_a_vit(loss: str) -> None:
+    """Transformer blocks give [N, tokens, dim]: a linear adapter over dim, the loss falls."""
+    data = synthetic_data(n_train=128, seed=1)
+    teacher = tiny("vit_tiny", seed=2)
+    points = feature_points(teacher, FeatureKDSpec())
+    ctx = context(
+        [{"stage": "distill", "epochs": 3, "features": {"loss": loss}, "train": {"lr": 0.01}}],
+        data,
+        teacher,
+        model="vit_tiny",
+    )
+    student = tiny("vit_tiny", seed=3)
+    names = set(dict(student.named_parameters()))
+    state = apply_distill(State(model=student), ctx.recipe.stages[0], ctx)
+    info = state.info["feature_kd"]
+    assert info["feature_loss_last"] < 0.8 * info["feature_loss_first"]
+    dim = teacher.net.features[1].norm1.normalized_shape[0]
+    assert info["adapter_params"] == (len(points) * dim * dim if loss == "fitnet" else 0)
+    assert set(dict(state.model.named_parameters())) == names
+
+
+def test_token_count_mismatch_is_a_recipe_error() -> None:
+    from pqd.stages.distill import make_adapters
+
+    with pytest.raises(RecipeError, match="token counts must match"):
+        make_adapters({"p": torch.Size([1, 17, 32])}, {"p": torch.Size([1, 65, 32])}, "fitnet")
+    adapters = make_adapters(
+        {"p": torch.Size([1, 17, 24])}, {"p": torch.Size([1, 17, 32])}, "fitnet"
+    )
+    assert adapters["p"].weight.shape == (32, 24)

@@ -8,7 +8,8 @@ baseline, frozen in eval mode (Hinton et al., 2015).
 Feature KD (``features:``) adds ``beta * sum_points L(student_i, teacher_i)`` where
 ``L`` is FitNets' MSE after a learned 1x1-conv adapter from the student's channels to the
 teacher's (Romero et al., 2015; the adapter starts as the identity when the channel
-counts match) or attention transfer's distance between normalised spatial attention
+counts match; for a transformer block's ``[N, tokens, dim]`` output a linear adapter over
+``dim``) or attention transfer's distance between normalised spatial attention
 maps (Zagoruyko & Komodakis, 2017; no adapter). Points default to the zoo net's
 ``default_exit_points`` plus its last block (``net.features.<i>``).
 
@@ -176,42 +177,56 @@ def capture(model: nn.Module, points: list[str]) -> Iterator[dict[str, _Tap]]:
             delattr(model, TAPS)
 
 
+def _tokens(shape: torch.Size | tuple[int, ...]) -> bool:
+    """A ``[N, tokens, dim]`` sequence (a transformer block's output) rather than a
+    ``[N, C, H, W]`` map: its channels are the last axis."""
+    return len(shape) == 3
+
+
 def make_adapters(
     student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size], kind: str
 ) -> dict[str, nn.Module]:
     """Per point: a 1x1-conv adapter student channels -> teacher channels (``fitnet``;
-    identity-initialised when the counts match) or ``nn.Identity`` (attention transfer)."""
+    identity-initialised when the counts match), a linear one over the last axis for a
+    token sequence ``[N, T, D]``, or ``nn.Identity`` (attention transfer)."""
     adapters: dict[str, nn.Module] = {}
     for p, s in student_shapes.items():
         t = teacher_shapes[p]
-        if s[2:] != t[2:]:
+        tokens = _tokens(s) and _tokens(t)
+        if (s[1:-1] != t[1:-1]) if tokens else (len(s) != len(t) or s[2:] != t[2:]):
+            what = "token counts" if tokens else "spatial sizes"
             raise RecipeError(
                 f"distill.features: at {p} the student's map is {list(s[1:])} and the "
-                f"teacher's {list(t[1:])}; spatial sizes must match",
+                f"teacher's {list(t[1:])}; {what} must match",
                 "choose feature points where student and teacher have the same resolution",
             )
         adapters[p] = nn.Identity()
         if kind == "fitnet":
-            conv = nn.Conv2d(s[1], t[1], 1, bias=False)
-            if s[1] == t[1]:
+            cs, ct = (s[-1], t[-1]) if tokens else (s[1], t[1])
+            layer: nn.Module = (
+                nn.Linear(cs, ct, bias=False) if tokens else nn.Conv2d(cs, ct, 1, bias=False)
+            )
+            if cs == ct:
                 with torch.no_grad():
-                    conv.weight.copy_(torch.eye(s[1]).view(s[1], s[1], 1, 1))
-            adapters[p] = conv
+                    layer.weight.copy_(torch.eye(cs).view_as(layer.weight))
+            adapters[p] = layer
     return adapters
 
 
 def feature_loss(
     student: list[torch.Tensor], teacher: list[torch.Tensor], adapters: list[nn.Module], kind: str
 ) -> torch.Tensor:
-    """Sum over points of the FitNets MSE (after adapters) or the attention-transfer loss."""
+    """Sum over points of the FitNets MSE (after adapters) or the attention-transfer loss
+    (a map's channels are its axis 1, a token sequence's its last axis)."""
     total = torch.zeros((), device=teacher[0].device)
     for s, t, adapter in zip(student, teacher, adapters, strict=True):
         s, t = s.float(), t.float().detach()
         if kind == "fitnet":
             total = total + F.mse_loss(adapter(s), t)
         else:
-            at_s = F.normalize(s.pow(2).mean(1).flatten(1))
-            at_t = F.normalize(t.pow(2).mean(1).flatten(1))
+            dim = -1 if _tokens(s.shape) else 1
+            at_s = F.normalize(s.pow(2).mean(dim).flatten(1))
+            at_t = F.normalize(t.pow(2).mean(dim).flatten(1))
             total = total + (at_s - at_t).pow(2).mean()
     return total
 
