@@ -169,14 +169,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     """One Markdown table, a line per budget, and the summary lines."""
     head = (
-        "| budget | pick p50 | pick top-1 | hand ratio | hand p50 | hand top-1 | pick wins |"
+        "| budget | pick | pick p50 | pick top-1 | hand ratio | hand p50 | hand top-1 | pick wins |"
         " model error (median / worst) | estimated / trained |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in result["rows"]:
         budget = f"{r['fraction']:g}x = {r['budget_ms']:.3f} ms"
         if "plan_error" in r:
-            lines.append(f"| {budget} | {r['plan_error']} | | | | | | | |")
+            lines.append(f"| {budget} | {r['plan_error']} | | | | | | | | |")
             continue
         p, h, e, c = r["pick"], r["hand"], r["model_error"], r["counts"]
         err = (
@@ -184,8 +184,11 @@ def render(result: dict[str, Any]) -> str:
             if e["median"] is not None
             else "-"
         )
+        ref = p.get("uniform_reference")
+        kind = f"uniform {ref:g}" if ref is not None else "planned"
         lines.append(
-            f"| {budget} | {p['p50_ms']:.3f} ms | {100 * p['test']:.2f}% | {h['ratio']:g} | "
+            f"| {budget} | {kind} | {p['p50_ms']:.3f} ms | {100 * p['test']:.2f}% | "
+            f"{h['ratio']:g} | "
             f"{h['p50_ms']:.3f} ms | {100 * h['test']:.2f}% | "
             f"{'yes' if r['pick_wins'] else 'NO'} | {err} | {c['estimated']} / {c['trained']} |"
         )

@@ -177,3 +177,32 @@ def test_adaptive_bn_accuracy_recalibrates_a_pruned_copy_only(synth) -> None:
     assert 0.0 <= est <= 1.0
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the baseline is untouched
+
+
+def test_plan_benchmark_table_names_the_pick_and_the_refusals() -> None:
+    from helpers import load_benchmark
+
+    bench = load_benchmark("plan")
+    row = {
+        "fraction": 0.5,
+        "budget_ms": 0.2,
+        "counts": {"estimated": 900, "trained": 3},
+        "model_error": {"median": 0.1, "worst": 0.2},
+        "pick": {"p50_ms": 0.19, "test": 0.75, "uniform_reference": 0.4},
+        "hand": {"ratio": 0.4, "p50_ms": 0.195, "test": 0.75},
+        "pick_wins": True,
+    }
+    refused = {"fraction": 0.25, "budget_ms": 0.1, "plan_error": "below every candidate"}
+    text = bench.render({"dense_ms": 0.4, "rows": [row, refused], "wall_s": 12.0})
+    lines = text.splitlines()
+    assert lines[0].count("|") == lines[2].count("|") == lines[3].count("|") == 11
+    assert "| uniform 0.4 | 0.190 ms | 75.00% | 0.4 | 0.195 ms | 75.00% | yes |" in lines[2]
+    assert "below every candidate" in lines[3]
+    planned = bench.render(
+        {
+            "dense_ms": 0.4,
+            "rows": [{**row, "pick": {**row["pick"], "uniform_reference": None}}],
+            "wall_s": 1.0,
+        }
+    )
+    assert "| planned |" in planned
