@@ -53,13 +53,15 @@ QUICK = [
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from pqd.latency_model import LEVELS, LatencyModel
-    from pqd.models import build_model
-    from pqd.pipeline import recipe_data
+    from pqd.latency_model import LEVELS
     from pqd.pipeline import run as run_recipe
-    from pqd.planner import PlanError, plan, ratio_steps, template, uniform_by_measurement
+    from pqd.planner import (
+        PlanError,
+        plan,
+        ratio_steps,
+        setup_latency_model,
+        uniform_by_measurement,
+    )
     from pqd.recipe import load_recipe, recipe_from_dict
     from pqd.search import latency_panel
 
@@ -70,26 +72,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     levels = (0.5, 1.0) if args.quick else LEVELS
     timing = {"warmup": 2, "repeats": 20, "rounds": 2} if args.quick else None
     runtime = next((r for r in recipe.measure.runtimes if r != "auto"), "onnxruntime")
-    threads = recipe.measure.threads
-    base_data, index, precision = template(recipe, runtime, threads)
-    pc = base_data["stages"][index]
-    data = recipe_data(recipe, args.data_dir)
-    example = torch.rand(2, 3, *data.train_x.shape[-2:])
-    fresh = build_model(
-        recipe.model.name, data.num_classes, data.mean, data.std, **recipe.model.kwargs
-    )
-    lm = LatencyModel(
-        fresh,
-        example,
-        runtime=runtime,
-        threads=threads,
-        precision=precision,
-        levels=levels,
-        round_to=pc.get("round_to", 8),
-        exclude=tuple(pc.get("exclude", [])),
+    setup = setup_latency_model(
+        recipe,
+        runtime,
+        recipe.measure.threads,
+        levels,
+        data_dir=args.data_dir,
         cache_dir=args.cache_dir,
-        **(timing or {}),
-    ).build()
+        timing=timing,
+    )
+    base_data, index, precision, pc, lm = (
+        setup.base_data,
+        setup.index,
+        setup.precision,
+        setup.stage,
+        setup.lm,
+    )
+    threads = recipe.measure.threads
     dense = lm.measure({"dense": {}})["dense"]
     print(f"dense {precision.upper()} p50: {dense:.3f} ms ({runtime}, {threads} threads)")
     rows = []

@@ -45,6 +45,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +296,85 @@ def generate(
 # ---------------------------------------------------------------------------- the plan
 
 
+@dataclass
+class PlanSetup:
+    """What a plan (and the plan benchmark) builds before choosing candidates.
+
+    Attributes:
+        base_data: the recipe as data, with ``prune_channels`` at ``index``.
+        index: position of the ``prune_channels`` stage.
+        precision: ``int8`` or ``fp32``, the precision the latency tables time.
+        stage: the ``prune_channels`` stage's data (``base_data["stages"][index]``).
+        data: the loaded data set.
+        example: a random input batch of 2 at the data's resolution.
+        fresh: an untrained model of the recipe.
+        lm: the built latency model.
+    """
+
+    base_data: dict[str, Any]
+    index: int
+    precision: str
+    stage: dict[str, Any]
+    data: Any
+    example: Any
+    fresh: Any
+    lm: LatencyModel
+
+
+def setup_latency_model(
+    recipe: Recipe,
+    runtime: str,
+    threads: int,
+    levels: tuple[float, ...] = LEVELS,
+    *,
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    timing: dict[str, int] | None = None,
+    say: Callable[[str], None] | None = None,
+) -> PlanSetup:
+    """Load the data, build the recipe's model and its measured latency model (cached).
+
+    Args:
+        recipe: a recipe with one ``prune_channels`` stage.
+        runtime: ``onnxruntime`` or ``openvino``.
+        threads: intra-op threads of every timing.
+        levels: keep fractions of the latency tables (ascending, ending at 1.0).
+        data_dir: folder holding the data sets.
+        cache_dir: latency cache folder (default ``PQD_CACHE_DIR`` or ~/.cache/pqd/latency).
+        timing: ``{"warmup", "repeats", "rounds"}`` of the latency model's panels.
+        say: a one-line progress callback (default: silent).
+
+    Returns:
+        The :class:`PlanSetup`.
+    """
+    import torch
+
+    from pqd.models import build_model
+    from pqd.pipeline import recipe_data
+
+    base_data, index, precision = template(recipe, runtime, threads)
+    pc = base_data["stages"][index]
+    data = recipe_data(recipe, data_dir)
+    example = torch.rand(2, 3, *data.train_x.shape[-2:])
+    fresh = build_model(
+        recipe.model.name, data.num_classes, data.mean, data.std, **recipe.model.kwargs
+    )
+    lm = LatencyModel(
+        fresh,
+        example,
+        runtime=runtime,
+        threads=threads,
+        precision=precision,
+        levels=levels,
+        round_to=pc.get("round_to", 8),
+        exclude=tuple(pc.get("exclude", [])),
+        cache_dir=cache_dir,
+        say=say,
+        **(timing or {}),
+    ).build()
+    return PlanSetup(base_data, index, precision, pc, data, example, fresh, lm)
+
+
 def plan(
     recipe: Recipe | str | Path,
     latency_ms: float,
@@ -346,12 +426,9 @@ def plan(
     Returns:
         plan.json's data (the pick under ``"pick"``).
     """
-    import torch
 
     from pqd.data import resolve_data_root
     from pqd.measure.runtime import available_runtimes
-    from pqd.models import build_model
-    from pqd.pipeline import recipe_data
     from pqd.search import check_executor
 
     t_start = time.perf_counter()
@@ -371,31 +448,23 @@ def plan(
             f"pip install {runtime}, or use --runtime onnxruntime",
         )
     threads = threads or recipe.measure.threads
-    base_data, index, precision = template(recipe, runtime, threads)
-    pc = base_data["stages"][index]
     out_dir = Path(out).resolve()
-    data = recipe_data(recipe, data_dir)
     data_root = str(resolve_data_root(data_dir, recipe.data.root))
-    example = torch.rand(2, 3, *data.train_x.shape[-2:])
-    fresh = build_model(
-        recipe.model.name, data.num_classes, data.mean, data.std, **recipe.model.kwargs
-    )
     say = _say if progress else (lambda _m: None)
 
     # ---- 1. the latency model
-    lm = LatencyModel(
-        fresh,
-        example,
-        runtime=runtime,
-        threads=threads,
-        precision=precision,
-        levels=levels,
-        round_to=pc.get("round_to", 8),
-        exclude=tuple(pc.get("exclude", [])),
+    setup = setup_latency_model(
+        recipe,
+        runtime,
+        threads,
+        levels,
+        data_dir=data_dir,
         cache_dir=cache_dir,
+        timing=timing,
         say=say,
-        **(timing or {}),
-    ).build()
+    )
+    base_data, index, precision, pc = setup.base_data, setup.index, setup.precision, setup.stage
+    data, example, fresh, lm = setup.data, setup.example, setup.fresh, setup.lm
     validation = lm.validate(validate) if validate > 0 else None
     if validation:
         say(
