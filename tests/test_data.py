@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import pqd.data as data
+from helpers import write_image_folder
 from pqd.data import (
     Dataset,
     Loader,
@@ -619,3 +620,40 @@ def test_check_data_reads_nothing_big_and_downloads_nothing(
     (bad / "batches.meta").write_bytes(b"junk")
     with pytest.raises(DataError, match=r"batches\.meta"):
         check_data("cifar10", bad.parent, download=False)
+
+
+def test_run_seed_does_not_move_the_splits(subset_root: Path, tmp_path: Path) -> None:
+    """Runs of seeds 0 and 1 that share a baseline (a multi-seed search) see the baseline's
+    val split, and a folder's carved test split: otherwise seed 1 validates and tests on
+    images the baseline trained on. ``data.split_seed`` alone moves them."""
+    from pqd.pipeline import recipe_data
+    from pqd.recipe import Recipe
+
+    def data_of(seed: int, split_seed: int, dataset: str, root: Path) -> Dataset:
+        recipe = Recipe.model_validate(
+            {
+                "name": "split",
+                "seed": seed,
+                "model": {"name": "tiny_cnn"},
+                "data": {
+                    "dataset": dataset,
+                    "root": str(root),
+                    "val_size": 0.1,
+                    "split_seed": split_seed,
+                    "download": False,
+                },
+                "stages": [],
+            }
+        )
+        return recipe_data(recipe, str(root))  # the folder given, not $PQD_DATA_DIR
+
+    a, b, c = (data_of(s, ss, "cifar10", subset_root) for s, ss in ((0, 0), (1, 0), (0, 1)))
+    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.train_y, b.train_y)
+    assert not torch.equal(a.val_x, c.val_x)
+
+    images = (torch.arange(60 * 3 * 8 * 8) % 251).to(torch.uint8).reshape(60, 3, 8, 8)
+    labels = torch.arange(60) % 3
+    write_image_folder(tmp_path / "train", images, labels, ["a", "b", "c"])
+    f0, f1, f2 = (data_of(s, ss, "folder", tmp_path) for s, ss in ((0, 0), (1, 0), (0, 1)))
+    assert torch.equal(f0.test_x, f1.test_x) and torch.equal(f0.val_x, f1.val_x)
+    assert not torch.equal(f0.test_x, f2.test_x)

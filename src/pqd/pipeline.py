@@ -48,7 +48,7 @@ def recipe_data(recipe: Recipe, data_dir: str | None = None, progress: bool = Fa
     ``PQD_DATA_DIR``, else ``data.root``), split and limited as the recipe says.
 
     Args:
-        recipe: the job (its ``data`` section and ``seed``, which carves the val split).
+        recipe: the job (its ``data`` section; ``data.split_seed`` carves the splits).
         data_dir: a folder given on the command line, or None.
         progress: show a progress bar while an image folder is decoded (on a terminal).
 
@@ -61,7 +61,7 @@ def recipe_data(recipe: Recipe, data_dir: str | None = None, progress: bool = Fa
         recipe.data.dataset,
         resolve_data_root(data_dir, recipe.data.root),
         val_size=recipe.data.val_size,
-        seed=recipe.seed,
+        seed=recipe.data.split_seed,
         download=recipe.data.download,
         limit_train=recipe.data.limit_train,
         limit_test=recipe.data.limit_test,

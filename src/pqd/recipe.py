@@ -65,7 +65,10 @@ class DataSpec(Strict):
     (optional ``root/val/``, ``root/test/``; else ``test_size`` then ``val_size`` carved from
     train); ``image_size``: side in pixels the images are resized to (default: 32 for
     CIFAR/SVHN, the file's own for npz, 64 for folders); ``on_bad_image``: ``error`` or
-    ``skip`` undecodable files and empty class folders (folders only)."""
+    ``skip`` undecodable files and empty class folders (folders only); ``split_seed``: the
+    seed of every carved split (val, a folder's test, ``limit_*`` subsets). It is not the
+    run's ``seed``: runs of several seeds that share a baseline must share its split, or
+    the later seeds validate (and, for a folder, test) on images the baseline trained on."""
 
     dataset: Literal["cifar10", "cifar100", "svhn", "npz", "folder"] = "cifar10"
     root: str | None = None
@@ -73,6 +76,7 @@ class DataSpec(Strict):
     val_size: Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0.0, lt=1.0)] = 500
     test_size: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     on_bad_image: Literal["error", "skip"] = "error"
+    split_seed: int = Field(default=0, ge=0)
     download: bool = True
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     limit_train: int | None = Field(default=None, ge=1)
