@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "search-quickstart.yaml")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "search")
     ap.add_argument("--workers", type=int, default=None, help="pass --workers N to pqd search")
+    ap.add_argument("--fresh", action="store_true", help="pass --fresh to pqd search")
     args = ap.parse_args(argv)
     wall = None
     source = args.source
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.workers:
             cmd += ["--workers", str(args.workers)]
+        if args.fresh:
+            cmd += ["--fresh"]
         if subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL).returncode != 0:
             return 1
         wall = time.perf_counter() - t0

@@ -555,6 +555,32 @@ def test_rerun_reuses_finished_trials_and_redoes_half_finished_ones(sequential, 
 
 
 @pytest.mark.integration
+def test_another_recipes_finished_baseline_is_refused_unless_fresh(
+    sequential, tmp_path, data_dir, capsys
+):
+    """A re-run with a changed baseline (here: another epoch count) would delete the finished
+    baseline and orphan its trials: refused in one line with nothing written; --fresh
+    retrains it, and the first recipe's trial folders stay."""
+    recipe, seq, _ = sequential
+    out = tmp_path / "other"
+    shutil.copytree(seq, out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    argv = ["search", str(recipe), "--out", str(out), "--data-dir", data_dir, "--no-progress"]
+    changed = [*argv, "baseline.epochs=1", "search.mode=permutations", "search.references=false"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds the finished baseline of another" in err
+    assert "--fresh" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert main([*changed, "--fresh"]) == 0
+    search = json.loads((out / "search.json").read_text())
+    assert search["runs"]["trained_now"] == 3  # the baseline and the two orders
+    assert {p.name for p in (seq / "trials").iterdir()} <= {
+        p.name for p in (out / "trials").iterdir()
+    }
+
+
+@pytest.mark.integration
 def test_process_executor_matches_sequential(sequential, tmp_path, data_dir):
     recipe, seq, first = sequential
     out = tmp_path / "proc"

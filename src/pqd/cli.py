@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     se.add_argument("--out", required=True, help="search folder (created; re-run to resume)")
     se.add_argument(
+        "--fresh",
+        action="store_true",
+        help="retrain the baseline in --out when another recipe's finished baseline is there",
+    )
+    se.add_argument(
         "--data-dir",
         default=None,
         help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
@@ -232,6 +237,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         workers=args.workers,
         address=args.address,
         progress=not args.no_progress,
+        fresh=args.fresh,
     )
     print(table(SEARCH_HEADER, search_rows(search)))
     if search.get("pairwise"):

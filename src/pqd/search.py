@@ -365,6 +365,23 @@ def folder_status(folder: Path, key: str) -> str:
     return "trained" if all((folder / f).is_file() for f in needed) else "missing"
 
 
+def refuse_other_baseline(folder: Path, key: str) -> None:
+    """Raise a one-line PqdError when ``folder`` holds a finished, measured baseline of a
+    recipe other than ``key``'s: training this recipe's baseline would delete it (and
+    orphan the trials trained from it). A half-finished one is simply redone."""
+    try:
+        old = json.loads((folder / TRIAL_FILE).read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(old, str) and old != key and folder_status(folder, old) == "done":
+        raise PqdError(
+            f"{folder} holds the finished baseline of another search recipe (key {old}; "
+            f"this recipe's is {key}): training this one there would delete it",
+            "use another --out, or --fresh to retrain the baseline in this folder "
+            "(trial folders are kept per recipe)",
+        )
+
+
 def _reset_folder(folder: Path, trial: Trial) -> None:
     from pqd.checkpoint import atomic_write_text
 
@@ -732,8 +749,13 @@ def run_search(
     workers: int | None = None,
     address: str | None = None,
     progress: bool = True,
+    fresh: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) the search of ``recipe`` into ``out_dir``; returns search.json's data."""
+    """Run (or resume) the search of ``recipe`` into ``out_dir``; returns search.json's data.
+
+    A finished baseline of another recipe in ``out_dir`` is refused (one line, nothing
+    written) unless ``fresh``, which retrains the baseline there; trial folders are keyed by
+    their recipe, so other recipes' trials stay where they are."""
     from pqd.data import resolve_data_root
     from pqd.pipeline import check_runtimes
 
@@ -744,6 +766,9 @@ def run_search(
     check_runtimes(recipe)
     out = Path(out_dir).resolve()
     data_root = str(resolve_data_root(data_dir, recipe.data.root))
+    base = baseline_trial(recipe, data_root)
+    if not fresh:
+        refuse_other_baseline(out / base.folder, base.key)
     stats = {"trained": 0, "reused": 0, "failed": 0, "measured": 0}
     results: dict[str, dict[str, Any]] = {}  # key -> train result (this invocation)
     timing = {"train": 0.0, "measure": 0.0}
@@ -766,7 +791,6 @@ def run_search(
         out.mkdir(parents=True, exist_ok=True)  # only once the executor is up: nothing is
         # left behind when it cannot start
         # ---- the shared baseline
-        base = baseline_trial(recipe, data_root)
         base_dir = out / base.folder
         status = folder_status(base_dir, base.key)
         if status == "missing":
