@@ -360,6 +360,11 @@ def test_storage_errors_while_running_name_the_cause(
             ["onnxruntime"],
             ["openvino is not installed", "pip install 'pqd[openvino]'"],
         ),
+        (
+            ["onnxruntime", "openvino-ir"],
+            ["onnxruntime"],
+            ["openvino (for openvino-ir) is not installed", "remove openvino-ir from"],
+        ),
     ],
 )
 def test_a_missing_runtime_gets_the_right_install_advice(

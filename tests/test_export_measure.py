@@ -17,13 +17,21 @@ import torch
 from onnx import numpy_helper
 
 import pqd.export as export_mod
+from helpers import random_images
 from pqd.export import export_onnx, parity
-from pqd.measure.artifacts import repeats_for, size_bytes, warmup_for
+from pqd.measure.artifacts import (
+    keep_ir_if_faster,
+    measure_onnx,
+    repeats_for,
+    size_bytes,
+    warmup_for,
+)
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.latency import compare_latency
-from pqd.measure.runtime import open_runner, ort_kernels
+from pqd.measure.runtime import export_openvino_ir, open_runner, openvino_ir_paths, ort_kernels
 from pqd.models import build_model
 from pqd.quant.pt2e import prepare_qat
+from pqd.recipe import MeasureSpec
 from pqd.train import set_train
 
 # tiny_cnn, 4 classes, 32x32 (see pqd.models.tiny): conv 3->8 and 8->8 at 32x32, conv 8->16
@@ -284,6 +292,47 @@ def test_mobile_blocks_run_as_integer_kernels(
     assert before["transposes"] > islands["transposes"]
 
 
+class HardswishHead(torch.nn.Module):
+    """MobileNetV3's classifier: pooled features -> linear -> hardswish -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.act = torch.nn.Hardswish()
+        self.fc2 = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1)
+        x = x.flatten(1)
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_a_linear_hardswish_linear_classifier_runs_in_integer(tmp_path: Path) -> None:
+    """The hard gate's ``x + 3`` after a linear is not a transformer's residual add: both
+    linears run as QGemm, the gate as QLinearAdd + QLinearMul, nothing in float."""
+    from pqd.measure.runtime import float_islands, ort_optimized
+    from pqd.quant.pt2e import calibrate
+
+    torch.manual_seed(0)
+    x = torch.rand(32, 3, 8, 8)
+    graph = prepare_qat(HardswishHead().eval(), x[:2])
+    calibrate(graph, [(x[:16], None), (x[16:], None)], 2, torch.device("cpu"))
+    path, deploy = export_onnx(graph, tmp_path / "head.onnx", x[:2], quantized=True)
+    optimized = ort_optimized(path)
+    kernels = ort_kernels(path, proto=optimized)
+    assert kernels.get("QGemm") == 2 and "Gemm" not in kernels, kernels
+    assert not {"Add", "Clip", "Div", "Mul"} & set(kernels), kernels
+    assert kernels.get("QLinearAdd") == 1 and kernels.get("QLinearMul") == 1, kernels
+    head = {"Gemm", "Add", "Clip", "Div", "Mul"}
+    assert not head & {row["op"] for row in float_islands(optimized)["float_ops"]}
+    with torch.no_grad():
+        ref = deploy(x).numpy()
+    got = open_runner("onnxruntime", path, threads=1).run(x.numpy())
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize(
     ("scale_out", "clamp_hi", "dropped"),
     [(1 / 255, 6.0, True), (1 / 200, 6.0, False), (1 / 255, 3.0, False)],
@@ -337,3 +386,87 @@ def test_grouped_convs_are_stored_dense_with_the_same_outputs_and_counts(
     ca, cb = onnx_complexity(grouped), onnx_complexity(dense)
     for key in ("params", "macs", "sparsity"):
         assert ca[key] == cb[key], key
+
+
+needs_openvino = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="openvino not installed"
+)
+
+
+@needs_openvino
+def test_openvino_ir_runs_the_int8_file_it_was_converted_from(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The IR keeps INT8 weights int8 and FP32 weights fp32 (no fp16 compression), and gives
+    OpenVINO's answer on the ONNX file."""
+    fp32_path = tmp_path / "fp32.onnx"
+    fp32_path.write_bytes(files["fp32"].read_bytes())
+    assert export_openvino_ir(fp32_path).with_suffix(".bin").stat().st_size >= 4 * TINY_WEIGHTS
+    onnx_path = tmp_path / "int8.onnx"
+    onnx_path.write_bytes(files["int8"].read_bytes())
+    xml = export_openvino_ir(onnx_path)
+    assert (xml, xml.with_suffix(".bin")) == openvino_ir_paths(onnx_path)
+    # int8 weights stay one byte each (dequantized to fp32 they would take 4 * TINY_WEIGHTS)
+    assert xml.with_suffix(".bin").stat().st_size < 2 * TINY_WEIGHTS + 4 * 4 * TINY_BIASES + 512
+    x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    ir = open_runner("openvino-ir", onnx_path, 1, batch=4)
+    from_onnx = open_runner("openvino", onnx_path, 1, batch=4)
+    assert ir.settings["file"] == xml.name
+    np.testing.assert_allclose(ir.run(x), from_onnx.run(x), atol=1e-5)
+
+
+def _ov_times(onnx_ms: float, ir_ms: float) -> dict[str, dict]:
+    def rec(p50: float) -> dict:
+        return {"latency_ms": {"batches": {"1": {"p50": p50}}}}
+
+    return {"openvino": rec(onnx_ms), "openvino-ir": rec(ir_ms)}
+
+
+@needs_openvino
+@pytest.mark.parametrize(("ir_ms", "kept"), [(0.97, False), (1.2, False), (0.9, True)])
+def test_ir_files_are_kept_only_where_they_run_faster(
+    files: dict[str, Path], tmp_path: Path, ir_ms: float, kept: bool
+) -> None:
+    onnx_path = tmp_path / "int8.onnx"
+    onnx_path.write_bytes(files["int8"].read_bytes())
+    xml, binary = openvino_ir_paths(export_openvino_ir(onnx_path))
+    got = keep_ir_if_faster(onnx_path, _ov_times(1.0, ir_ms), noise=0.05)
+    assert got["kept"] is kept
+    assert got["p50_ratio"] == {"1": pytest.approx(ir_ms)}
+    assert xml.exists() is kept and binary.exists() is kept
+    assert onnx_path.exists()
+
+
+@needs_openvino
+def test_a_deleted_ir_is_never_the_runtime_to_deploy_with(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Measured side by side, the IR and the ONNX file on OpenVINO: the record has both, and
+    ``fastest`` names openvino-ir only where its files were kept."""
+    onnx_path = tmp_path / "int8.onnx"
+    onnx_path.write_bytes(files["int8"].read_bytes())
+    data = random_images(classes=4)
+    spec = MeasureSpec(runtimes=["openvino", "openvino-ir"], batch_sizes=[1], warmup=2, repeats=5)
+    ref = ort_logits_of(files["int8"], data.test_x)
+    res = measure_onnx({"int8": onnx_path}, {"int8": ref}, data, spec, progress=False)["int8"]
+    rts = res["runtimes"]
+    assert rts["openvino-ir"]["parity"] == rts["openvino"]["parity"]
+    assert rts["openvino-ir"]["settings"]["file"] == "int8.xml"
+    ir = res["openvino_ir"]
+    assert openvino_ir_paths(onnx_path)[0].exists() is ir["kept"]
+    assert (res["fastest"]["1"]["runtime"] == "openvino-ir") <= ir["kept"]
+
+
+def ort_logits_of(path: Path, x_uint8: torch.Tensor) -> np.ndarray:
+    run = open_runner("onnxruntime", path, 1).run
+    return np.asarray(run(x_uint8.float().div(255.0).numpy()))
+
+
+def test_parity_counts_an_exact_tie_at_the_artifacts_top_as_agreement() -> None:
+    """Quantized logits can tie at the top: the artifact's argmax is then arbitrary, so the
+    torch model's class among the tied ones agrees; one step below it does not."""
+    ref = np.array([[1.0, 0.9, 0.0], [0.2, 0.8, 0.1], [0.3, 0.2, 0.1]], dtype=np.float32)
+    art = np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.4, 0.5, 0.0]], dtype=np.float32)
+    got = parity(ref, art)
+    assert got["top1_agreement"] == pytest.approx(2 / 3) and got["tied_top1"] == 1
+    assert got["samples"] == 3 and got["max_abs_logit_diff"] == pytest.approx(0.5)

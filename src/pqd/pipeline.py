@@ -98,14 +98,17 @@ def check_runtimes(recipe: Recipe) -> list[str]:
             raise PqdError("no ONNX runtime is installed (not even onnxruntime)", ort_fix)
         return have
     for rt in recipe.measure.runtimes:
+        if rt == "openvino-ir" and "openvino" in have:
+            continue
         if rt not in have:
             fix = (
                 f"{ort_fix}; or remove it from measure.runtimes"
                 if rt == "onnxruntime"
-                else f"pip install 'pqd[{rt}]' (or pip install {rt}), or remove it from "
-                "measure.runtimes"
+                else "pip install 'pqd[openvino]' (or pip install openvino), or remove "
+                f"{rt} from measure.runtimes"
             )
-            raise PqdError(f"measure.runtimes: {rt} is not installed", fix)
+            what = "openvino (for openvino-ir)" if rt == "openvino-ir" else rt
+            raise PqdError(f"measure.runtimes: {what} is not installed", fix)
     return list(recipe.measure.runtimes)
 
 

@@ -44,7 +44,7 @@ from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
 from pqd.export import INPUT_NAME, OUTPUT_NAME, export_onnx, keep_initializers
-from pqd.measure.runtime import open_runner
+from pqd.measure.runtime import open_runner, static_batch
 
 MANIFEST = "manifest.json"
 FEATURES_NAME = "output"
@@ -844,7 +844,7 @@ def measure_exits(
         fractions = (np.bincount(where, minlength=len(thresholds) + 1) / len(y_test)).tolist()
         exp_macs, _ = _expected(entries, "macs", fractions, thresholds)
         exp_bitops, full_bitops = _expected(entries, "bitops", fractions, thresholds)
-        one = 1 if name == "openvino" else None
+        one = 1 if static_batch(name) else None
         lat_rt = (
             rt
             if one is None

@@ -23,9 +23,11 @@ from pqd.measure.latency import compare_latency
 from pqd.measure.runtime import (
     float_islands,
     open_runner,
+    openvino_ir_paths,
     ort_kernels,
     ort_optimized,
     runtime_versions,
+    static_batch,
 )
 from pqd.measure.saturation import saturation
 from pqd.recipe import MeasureSpec
@@ -140,7 +142,7 @@ def measure_onnx(
             warmup = warmup_for(b, spec.warmup)
             timed = (
                 runners
-                if rt != "openvino"
+                if not static_batch(rt)
                 else {
                     name: open_runner(rt, path, spec.threads, batch=b)
                     for name, path in artifacts.items()
@@ -171,14 +173,56 @@ def measure_onnx(
                         }
                     )
     primary = spec.runtimes[0]
-    for res in results.values():
-        res["fastest"] = fastest_runtimes(res["runtimes"])
+    for name, res in results.items():
+        shipped = res["runtimes"]
+        if "openvino-ir" in shipped:
+            res["openvino_ir"] = keep_ir_if_faster(artifacts[name], shipped)
+            if not res["openvino_ir"]["kept"]:  # deleted: not a way to deploy it
+                shipped = {rt: r for rt, r in shipped.items() if rt != "openvino-ir"}
+        res["fastest"] = fastest_runtimes(shipped)
         head = res["runtimes"][primary]
         res["accuracy"] = head["accuracy"]
         res["latency_ms"] = head["latency_ms"]
         res["parity"] = head["parity"]
         res["runtime"] = primary
     return results
+
+
+def keep_ir_if_faster(
+    onnx_path: Path, runtimes: dict[str, dict[str, Any]], noise: float = 0.05
+) -> dict[str, Any]:
+    """Keep the OpenVINO IR (``.xml``/``.bin`` beside ``onnx_path``) only where it runs faster.
+
+    OpenVINO compiles the IR and the ONNX file it came from to the same runtime graph, so
+    they usually time the same; the IR files are kept when their p50 is more than ``noise``
+    below the ONNX file's at some measured batch size (both on OpenVINO, same settings),
+    and deleted otherwise (the ``openvino-ir`` timings stay in the record).
+
+    Args:
+        onnx_path: the ONNX artifact the IR was converted from.
+        runtimes: the artifact's ``runtimes`` record with ``openvino`` and ``openvino-ir``.
+        noise: relative p50 difference (fraction) below which the two count as equal.
+
+    Returns:
+        ``{"kept": bool, "files": [...], "size_bytes", "p50_ratio": {batch: ir / onnx}}``.
+    """
+    xml, binary = openvino_ir_paths(onnx_path)
+    ir_b = runtimes["openvino-ir"].get("latency_ms", {}).get("batches", {})
+    onnx_b = runtimes.get("openvino", {}).get("latency_ms", {}).get("batches", {})
+    ratio = {b: ir_b[b]["p50"] / onnx_b[b]["p50"] for b in ir_b if b in onnx_b}
+    # without an ONNX timing to beat, the IR is what was asked for: keep it
+    kept = not ratio or any(r < 1 - noise for r in ratio.values())
+    size = sum(f.stat().st_size for f in (xml, binary) if f.exists())
+    if not kept:
+        for f in (xml, binary):
+            f.unlink(missing_ok=True)
+    return {
+        "kept": kept,
+        "files": [xml.name, binary.name] if kept else [],
+        "size_bytes": size,
+        "p50_ratio": {b: round(r, 4) for b, r in ratio.items()},
+        "noise": noise,
+    }
 
 
 def fastest_runtimes(runtimes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
