@@ -221,8 +221,15 @@ def _log(msg: str) -> None:
     print(f"[runtime] {msg}", file=sys.stderr, flush=True)
 
 
-def build(model_name: str, seed: int = 0, bn_batches: int = 8, batch: int = 64):
-    """The Classifier with random weights and BN running stats from random [0, 1] images."""
+def build(
+    model_name: str,
+    seed: int = 0,
+    bn_batches: int = 8,
+    batch: int = 64,
+    image: tuple[int, int, int] = IMAGE,
+):
+    """The Classifier with random weights and BN running stats from random [0, 1] images
+    of shape ``image`` (C, H, W)."""
     import torch
     import torch.nn as nn
 
@@ -239,28 +246,36 @@ def build(model_name: str, seed: int = 0, bn_batches: int = 8, batch: int = 64):
     model.train()
     with torch.no_grad():
         for _ in range(bn_batches):
-            model(torch.rand(batch, *IMAGE))
+            model(torch.rand(batch, *image))
     for m, momentum in zip(bns, momenta, strict=True):
         m.momentum = momentum
     model.eval()
     return model
 
 
-def export_pair(model, out: Path, calib_batches: int = 4, batch: int = 32, seed: int = 0):
-    """FP32 and INT8 ONNX files of ``model`` the pipeline's way; (paths, torch references)."""
+def export_pair(
+    model,
+    out: Path,
+    calib_batches: int = 4,
+    batch: int = 32,
+    seed: int = 0,
+    image: tuple[int, int, int] = IMAGE,
+):
+    """FP32 and INT8 ONNX files of ``model`` the pipeline's way, for inputs of shape
+    ``image`` (C, H, W); (paths, torch references)."""
     import torch
 
     from pqd.export import export_onnx
     from pqd.quant.pt2e import calibrate, prepare_qat
 
     gen = torch.Generator().manual_seed(seed)
-    example = torch.rand(2, *IMAGE, generator=gen)
+    example = torch.rand(2, *image, generator=gen)
     t0 = time.perf_counter()
     fp32_path, fp32_torch = export_onnx(model, out / "fp32.onnx", example, quantized=False)
     _log(f"FP32 ONNX exported ({time.perf_counter() - t0:.0f} s)")
     t0 = time.perf_counter()
     graph = prepare_qat(copy.deepcopy(model), example)
-    calib = [(torch.rand(batch, *IMAGE, generator=gen), None) for _ in range(calib_batches)]
+    calib = [(torch.rand(batch, *image, generator=gen), None) for _ in range(calib_batches)]
     calibrate(graph, calib, calib_batches, torch.device("cpu"))
     int8_path, int8_torch = export_onnx(graph, out / "int8.onnx", example, quantized=True)
     _log(
