@@ -9,8 +9,9 @@
 
 1. The dense model's INT8 file is exported and timed here (batch 1 p50, the recipe's runtime
    and threads); the budgets are ``--fractions`` (default 0.5 and 0.25) of it.
-2. For each budget, ``pqd plan`` runs (one shared baseline per budget folder; the latency
-   tables are cached per machine, so later budgets measure no pieces).
+2. For each budget, ``pqd plan`` runs (the first budget trains the baseline, later budgets
+   load its checkpoint; the latency tables are cached per machine, so later budgets measure
+   no pieces).
 3. By hand: uniform ``prune_channels`` at the smallest ratio (0.05 steps) whose whole file
    meets the budget when measured, then the recipe's other stages (e.g. INT8 QAT + KD) from
    the same baseline checkpoint, with the same total epochs as every plan candidate.
@@ -114,6 +115,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["plan_error"] = exc.line()
             rows.append(row)
             continue
+        finally:  # later budgets load this baseline instead of training their own
+            trained = folder / "baseline" / "baseline.safetensors"
+            if recipe.baseline.checkpoint is None and trained.is_file():
+                shared = f"baseline.checkpoint={trained.resolve()}"
+                recipe = load_recipe(args.recipe, [*overrides, shared])
         pick = result["pick"]
         v = result["latency_model"]["validation"] or {}
         row.update(
