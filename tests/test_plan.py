@@ -15,7 +15,7 @@ import torch
 from helpers import fake_latency, tiny
 from pqd.cli import main
 from pqd.latency_model import LatencyModel
-from pqd.planner import generate, plan, ratio_steps, search_levels, template
+from pqd.planner import generate, plan, ratio_steps, recalibrated, search_levels, template
 from pqd.recipe import load_recipe, recipe_from_dict
 
 TINY = """\
@@ -206,3 +206,19 @@ def test_plan_benchmark_table_names_the_pick_and_the_refusals() -> None:
         }
     )
     assert "| planned |" in planned
+
+
+def test_an_under_predicting_model_is_scaled_by_what_the_whole_files_measured() -> None:
+    """ResNet-18 here: the 4 best candidates all measured over the budget (the model said
+    0.85 ms, the file ran 1.08-1.17 ms), and an over-budget one was trained. The next try
+    scales every prediction by the median measured / predicted ratio."""
+    rows = [{"predicted_ms": p} for p in (0.9, 0.95, 0.6, 0.75, 0.85)]
+    measured = rows[:2]
+    measured[0]["premeasured_ms"], measured[1]["premeasured_ms"] = 1.17, 1.14  # 1.3x, 1.2x
+    more = recalibrated(rows, measured, latency_ms=1.0)
+    assert [r["predicted_ms"] for r in more] == [0.6, 0.75]  # x 1.25 <= 1.0; 0.85 x 1.25 > 1
+    assert all(r["scale"] == 1.25 for r in more)
+    # a model that over-predicts, or nothing measured: nothing new to try
+    measured[0]["premeasured_ms"], measured[1]["premeasured_ms"] = 0.8, 0.9
+    assert recalibrated(rows, measured, latency_ms=1.0) == []
+    assert recalibrated(rows, [], latency_ms=1.0) == []
