@@ -243,7 +243,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from pqd.measure.complexity import onnx_complexity
     from pqd.measure.env import environment
     from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import available_runtimes, open_runner, static_batch
+    from pqd.measure.runtime import available_runtimes, open_runner, runtime_package, static_batch
 
     t_start = time.perf_counter()
     result: dict[str, Any] = {
@@ -256,8 +256,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     result["gemm_peak_gmacs"] = {"int8": peaks["int8"], "fp32": peaks["fp32"]}
     result["floor_ratio"] = peaks["int8"] / peaks["fp32"]
     have = available_runtimes()
-    have += ["openvino-ir"] if "openvino" in have else []
-    runtimes = [r for r in args.runtimes if r in have]
+    runtimes = [r for r in args.runtimes if runtime_package(r) in have]
     for size in args.sizes:
         image = (3, size, size)
         for base in args.models:

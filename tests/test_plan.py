@@ -213,12 +213,11 @@ def test_an_under_predicting_model_is_scaled_by_what_the_whole_files_measured() 
     0.85 ms, the file ran 1.08-1.17 ms), and an over-budget one was trained. The next try
     scales every prediction by the median measured / predicted ratio."""
     rows = [{"predicted_ms": p} for p in (0.9, 0.95, 0.6, 0.75, 0.85)]
-    measured = rows[:2]
-    measured[0]["premeasured_ms"], measured[1]["premeasured_ms"] = 1.17, 1.14  # 1.3x, 1.2x
-    more = recalibrated(rows, measured, latency_ms=1.0)
+    rows[0]["premeasured_ms"], rows[1]["premeasured_ms"] = 1.17, 1.14  # 1.3x, 1.2x
+    more = recalibrated(rows, latency_ms=1.0)
     assert [r["predicted_ms"] for r in more] == [0.6, 0.75]  # x 1.25 <= 1.0; 0.85 x 1.25 > 1
     assert all(r["scale"] == 1.25 for r in more)
     # a model that over-predicts, or nothing measured: nothing new to try
-    measured[0]["premeasured_ms"], measured[1]["premeasured_ms"] = 0.8, 0.9
-    assert recalibrated(rows, measured, latency_ms=1.0) == []
-    assert recalibrated(rows, [], latency_ms=1.0) == []
+    rows[0]["premeasured_ms"], rows[1]["premeasured_ms"] = 0.8, 0.9
+    assert recalibrated(rows, latency_ms=1.0) == []
+    assert recalibrated([{"predicted_ms": 0.5}], latency_ms=1.0) == []

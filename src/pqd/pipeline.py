@@ -87,6 +87,7 @@ def check_runtimes(recipe: Recipe) -> list[str]:
     """The runtimes to measure on (``auto``: every installed one); fails before any training
     if a requested runtime is not installed."""
     from pqd.measure import available_runtimes
+    from pqd.measure.runtime import runtime_package
 
     have = available_runtimes()
     ort_fix = (
@@ -98,16 +99,15 @@ def check_runtimes(recipe: Recipe) -> list[str]:
             raise PqdError("no ONNX runtime is installed (not even onnxruntime)", ort_fix)
         return have
     for rt in recipe.measure.runtimes:
-        if rt == "openvino-ir" and "openvino" in have:
-            continue
-        if rt not in have:
+        package = runtime_package(rt)
+        if package not in have:
             fix = (
                 f"{ort_fix}; or remove it from measure.runtimes"
                 if rt == "onnxruntime"
                 else "pip install 'pqd[openvino]' (or pip install openvino), or remove "
                 f"{rt} from measure.runtimes"
             )
-            what = "openvino (for openvino-ir)" if rt == "openvino-ir" else rt
+            what = rt if package == rt else f"{package} (for {rt})"
             raise PqdError(f"measure.runtimes: {what} is not installed", fix)
     return list(recipe.measure.runtimes)
 

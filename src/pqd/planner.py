@@ -375,30 +375,33 @@ def setup_latency_model(
     return PlanSetup(base_data, index, precision, pc, data, example, fresh, lm)
 
 
-def recalibrated(
-    feasible: list[dict[str, Any]], measured: list[dict[str, Any]], latency_ms: float
-) -> list[dict[str, Any]]:
+def recalibrated(feasible: list[dict[str, Any]], latency_ms: float) -> list[dict[str, Any]]:
     """Candidates to try when the whole files measured over the budget: the latency model's
-    median measured / predicted ratio over ``measured`` scales every prediction, and the
-    not yet measured candidates whose scaled prediction meets the budget are returned in
-    ``feasible``'s order, each with its ``scale``.
+    median measured / predicted ratio over the rows already timed whole (``premeasured_ms``)
+    scales every prediction, and the not yet timed candidates whose scaled prediction meets
+    the budget are returned in ``feasible``'s order, each with its ``scale``.
 
     Args:
-        feasible: candidate rows (``predicted_ms``), best first by the cheap estimate.
-        measured: rows with ``premeasured_ms`` (whole files timed).
+        feasible: candidate rows (``predicted_ms``, ``premeasured_ms`` once timed whole),
+            best first by the cheap estimate.
         latency_ms: the budget (ms).
 
     Returns:
         The rows to screen next (empty when the model did not under-predict).
     """
-    ratios = [r["premeasured_ms"] / r["predicted_ms"] for r in measured if r["predicted_ms"] > 0]
+    ratios = [
+        r["premeasured_ms"] / r["predicted_ms"]
+        for r in feasible
+        if "premeasured_ms" in r and r["predicted_ms"] > 0
+    ]
     if not ratios:
         return []
     scale = float(np.median(ratios))
     if scale <= 1.0:
         return []
-    seen = {id(r) for r in measured}
-    out = [r for r in feasible if id(r) not in seen and r["predicted_ms"] * scale <= latency_ms]
+    out = [
+        r for r in feasible if "premeasured_ms" not in r and r["predicted_ms"] * scale <= latency_ms
+    ]
     for r in out:
         r["scale"] = round(scale, 4)
     return out
@@ -603,13 +606,11 @@ def plan(
             times = lm.measure({str(i): row["ratios"] for i, row in enumerate(head)})
             for i, row in enumerate(head):
                 row["premeasured_ms"] = round(times[str(i)], 5)
-            measured.extend(head)
             return [r for r in head if r["premeasured_ms"] <= latency_ms * (1 + tolerance)]
 
-        measured: list[dict[str, Any]] = []
         chosen = screen_and_measure(feasible)[:k]
         if len(chosen) < k:  # the model under-predicted near the budget: once more, scaled
-            more = recalibrated(feasible, measured, latency_ms)
+            more = recalibrated(feasible, latency_ms)
             if more:
                 say(f"latency model under-predicted by {more[0]['scale']:.2f}x: re-screening")
                 chosen += screen_and_measure(more)[: k - len(chosen)]

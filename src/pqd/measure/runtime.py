@@ -34,6 +34,11 @@ class Runner:
 OPENVINO_RUNTIMES = ("openvino", "openvino-ir")
 
 
+def runtime_package(runtime: str) -> str:
+    """The installed package a runtime name needs (``openvino-ir`` is OpenVINO's)."""
+    return "openvino" if runtime in OPENVINO_RUNTIMES else runtime
+
+
 def static_batch(runtime: str) -> bool:
     """Whether ``runtime`` compiles a static batch size (OpenVINO, from ONNX or IR)."""
     return runtime in OPENVINO_RUNTIMES

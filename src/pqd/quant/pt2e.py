@@ -688,7 +688,7 @@ def transformer_float_paths(model: torch.fx.GraphModule, qspec, annotation_cls) 
             # a hard gate's ``x + 3`` after a linear (MobileNetV3's classifier) and any add
             # of a constant are not the residual stream: they stay integer
             constant = any(a.op == "get_attr" for a in inputs)
-            if not linears or len(inputs) != 2 or constant or HARD_GATE in node.meta:
+            if not linears or len(inputs) != 2 or constant:
                 continue
             node.meta.pop(ANNOTATION, None)  # float add, float stream
             for lin in linears:
