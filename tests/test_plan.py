@@ -122,8 +122,12 @@ def test_plan_trains_the_best_few_picks_within_budget_and_resumes(
     assert refs[0]["premeasured_ms"] <= budget * 1.05  # measured whole, like a user would
     planned = [e for e in trained if e.get("uniform_reference") is None]
     assert all(e["premeasured_ms"] <= budget * 1.05 for e in planned)
-    abn = [e["abn_accuracy"] for e in planned]
-    assert abn == sorted(abn, reverse=True) and all(0 <= a <= 1 for a in abn)
+    abn = [e["abn_loss"] for e in planned]  # ranked by their adaptive-BN validation loss
+    assert abn == sorted(abn) and all(0 <= e["abn_accuracy"] <= 1 for e in planned)
+    sens = json.loads((out / "sensitivity.json").read_text())["curves"]
+    assert set(sens["groups"]) == set(result["candidates"][0]["ratios"])
+    assert all(e["estimated_loss"] >= sens["dense"] for e in trained)
+    assert result["latency_model"]["near_budget_scale"] > 0
     assert (
         c["trained"] == c["trained_now"] == len(trained)
         and c["estimated"] > 2
@@ -146,6 +150,9 @@ def test_plan_trains_the_best_few_picks_within_budget_and_resumes(
     assert (out / "plots" / "latency.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
     assert "## Pick" in md and f"{pick['measured_ms']:.3f} ms" in md
+    page = (out / "report.html").read_text()  # self-contained: the plots inside, no links
+    assert page.count("data:image/png;base64,") == 2 and 'plots/latency.png"' not in page
+    assert "<table>" in page and f"{pick['measured_ms']:.3f} ms" in page
     assert json.loads((out / "plan.json").read_text())["pick"]["key"] == pick["key"]
 
     # the same call again: nothing trained, nothing measured for the tables
@@ -221,3 +228,49 @@ def test_an_under_predicting_model_is_scaled_by_what_the_whole_files_measured() 
     rows[0]["premeasured_ms"], rows[1]["premeasured_ms"] = 0.8, 0.9
     assert recalibrated(rows, latency_ms=1.0) == []
     assert recalibrated([{"predicted_ms": 0.5}], latency_ms=1.0) == []
+
+
+def test_sensitivity_adds_each_groups_own_loss_increase() -> None:
+    from pqd.planner import sensitivity_loss
+
+    curves = {
+        "dense": 1.0,
+        "levels": [0.25, 0.5, 1.0],
+        "groups": {"a": [3.0, 2.0, 1.0], "b": [1.5, 0.9, 1.0]},  # b at 0.5: noise below dense
+    }
+    assert sensitivity_loss(curves, {}) == 1.0
+    assert sensitivity_loss(curves, {"a": 0.5}) == pytest.approx(2.0)
+    assert sensitivity_loss(curves, {"a": 0.25}) == pytest.approx(1.5)  # linear in between
+    assert sensitivity_loss(curves, {"a": 0.5, "b": 0.75}) == pytest.approx(2.5)
+    assert sensitivity_loss(curves, {"b": 0.5}) == 1.0  # a loss below dense adds nothing
+
+
+def test_whole_files_are_scaled_to_the_dense_time_the_budget_was_set_against() -> None:
+    """A VM that runs 10% slower in a later panel slows the dense file alike: the scaled
+    times stay on the budget's scale, and the uniform pick does not move."""
+    from pqd.planner import DENSE, first_within, measure_against_dense
+
+    class Slower:
+        def measure(self, cands: dict) -> dict:
+            return {n: 1.1 * (2.0 if n == DENSE else 2.0 * (1 - float(n))) for n in cands}
+
+    times = measure_against_dense(Slower(), {"0.4": {}, "0.5": {}}, dense_ms=2.0)  # type: ignore[arg-type]
+    assert times == pytest.approx({"0.4": 1.2, "0.5": 1.0})
+    assert first_within([0.4, 0.5], times, 1.0, 0.05) == (0.5, pytest.approx(1.0))
+    assert first_within([0.4, 0.5], times, 0.5, 0.05)[0] == 0.5  # none: the largest
+    raw = Slower().measure({"0.5": {}})
+    assert first_within([0.5], raw, 1.0, 0.05)[1] > 1.05  # unscaled it would miss
+
+
+def test_plan_benchmark_refuses_a_user_model_it_cannot_import_in_one_line(
+    tmp_path, capsys
+) -> None:
+    from helpers import load_benchmark
+
+    bench = load_benchmark("plan")
+    out = tmp_path / "bench"
+    code = bench.main(["--quick", "--out", str(out), "model.name=no_such_pkg.nets:build"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("plan benchmark: error:") and "no_such_pkg" in err
+    assert not (out / "bench.json").exists()

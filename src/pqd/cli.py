@@ -292,7 +292,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         f"test top-1 {100 * p['accuracy']:.2f}%"
     )
     out = Path(args.out)
-    print(f"wrote {out / 'plan.json'}, {out / 'report.md'} and {out / 'pick.yaml'}")
+    print(f"wrote {out / 'plan.json'}, {out / 'report.md'}, report.html and {out / 'pick.yaml'}")
     return 0
 
 

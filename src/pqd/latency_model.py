@@ -695,8 +695,14 @@ class LatencyModel:
                 )
                 for i, (name, r) in enumerate(candidates.items())
             }
+            # whole files are few and decide what is trained: at least 4 interleaved rounds
+            timing = {
+                **self.timing,
+                "rounds": max(4, self.timing["rounds"]),
+                "repeats": max(100, self.timing["repeats"]),
+            }
             return time_files(
-                paths, dict.fromkeys(paths, shape), self.runtime, self.threads, **self.timing
+                paths, dict.fromkeys(paths, shape), self.runtime, self.threads, **timing
             )
 
     def random_candidate(self, rng: np.random.Generator, levels: Iterable[float] = ()) -> Ratios:

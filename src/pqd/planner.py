@@ -13,18 +13,23 @@ The recipe is the template: its stages run for every trained candidate, with its
    error on ``validate`` random whole candidates (median, worst) is reported.
 2. **Honest refusals**, from whole networks timed side by side here: the dense model already
    meets the budget (nothing to prune), or even the fastest candidate (every group at the
-   lowest level) misses it; each is one line naming the measured latency.
+   lowest level) misses it; each is one line naming the measured latency. Every later panel
+   of whole files also times the dense network and is scaled to the dense time the budget was
+   set against (:func:`measure_against_dense`): a VM drifting during a plan moves all files
+   alike.
 3. **Candidates**: per-group keep levels (the table's levels and their midpoints): uniform
-   ones (also at 0.05 steps), a greedy path (step down the group that loses least
-   importance per predicted ms saved) and random ones. Each gets a predicted latency and
-   size and a cheap accuracy estimate: the share of the baseline's channel importance it
-   removes (group L2 norms, :func:`pqd.prune.channels.group_scores`), weighted by group
-   width. Feasible ones (predicted p50 <= budget, predicted size <= ``size_mb``) are ranked
-   by it; the best ``screen`` are re-ranked by a better, dearer estimate: their
-   adaptive-BN validation top-1 (:func:`adaptive_bn_accuracy`). The best ``2 k`` of those
-   are exported whole and timed, and the best ``k`` within the budget are trained, with
-   **the uniform reference**: uniform pruning at the smallest ratio whose whole file meets
-   the budget when measured, what a user would do by hand.
+   ones (also at 0.05 steps), a greedy path (step down the group that adds least estimated
+   loss per predicted ms saved) and random ones. The cheap accuracy estimate is a
+   per-group **sensitivity analysis** (:func:`sensitivity_curves`): the adaptive-BN
+   validation loss of the baseline with one group pruned to each level, summed over groups
+   (:func:`sensitivity_loss`). First **the uniform reference** is measured: uniform pruning
+   at the smallest ratio (0.05 steps) whose whole file meets the budget, what a user would
+   do by hand; those uniform files also calibrate the latency model near the budget
+   (median measured / predicted). Candidates predicted within the budget (and ``size_mb``)
+   are ranked by the estimate; the best ``screen`` are re-ranked by a dearer one: their
+   joint adaptive-BN validation loss (:func:`adaptive_bn_eval`, EagleEye). The best
+   ``max(2k, 4)`` of those are exported whole and timed, and the best ``k`` within the
+   budget are trained with the uniform reference.
 4. **Training**: the chosen are trained for real through the normal pipeline (the
    template's stages: prune_channels with explicit ratios, then e.g. QAT and KD from the
    one shared baseline) on the search executors (sequential, processes, Ray), into run
@@ -34,7 +39,8 @@ The recipe is the template: its stages run for every trained candidate, with its
    those within the budget (``tolerance``, default 5%, allows timing noise); its test top-1
    is reported, and its recipe is written as ``pick.yaml`` (``pqd run pick.yaml`` redoes it).
 
-Writes ``DIR/plan.json``, ``DIR/report.md``, ``DIR/plots/*.png`` and ``DIR/pick.yaml``.
+Writes ``DIR/plan.json``, ``DIR/report.md``, ``DIR/report.html`` (self-contained),
+``DIR/plots/*.png`` and ``DIR/pick.yaml``.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from pqd.recipe import Recipe, dump_recipe, recipe_from_dict
 
 PLAN_FILE = "plan.json"
 PICK_FILE = "pick.yaml"
+SENSITIVITY_FILE = "sensitivity.json"
 PLAN_VERSION = 1
 
 
@@ -130,36 +137,6 @@ def candidate_recipe(
 # ---------------------------------------------------------------------------- estimate
 
 
-def importance_curves(model: Any, example: Any, exclude: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Per group root: the cumulative share of the group's importance (group L2 norms of the
-    baseline's weights) that removing its ``n`` weakest channels loses, for n = 0..C."""
-    from pqd.prune.channels import channel_groups, group_scores, weight_names
-
-    dg, groups = channel_groups(model, example, exclude)
-    names = {m: n for n, m in model.named_modules()}
-    params = dict(model.named_parameters())
-    scores = {n: params[n].detach().pow(2) for n in weight_names(model) if n in params}
-    out = {}
-    for root, g in groups.items():
-        s = np.sort(group_scores(g, scores, names, dg, p=2).numpy())
-        total = float(s.sum()) or 1.0
-        out[root] = np.concatenate([[0.0], np.cumsum(s) / total])
-    return out
-
-
-def importance_lost(lm: LatencyModel, curves: dict[str, np.ndarray], ratios: Ratios) -> float:
-    """Cheap accuracy estimate (lower is better): the importance share each group loses at
-    the candidate's kept widths, averaged with the groups' channel counts as weights."""
-    from pqd.latency_model import kept_channels
-
-    total = sum(lm.groups.values())
-    lost = 0.0
-    for root, c in lm.groups.items():
-        k = kept_channels(c, float(ratios.get(root, 0.0)), lm.round_to)
-        lost += c / total * float(curves[root][c - k])
-    return lost
-
-
 def adaptive_bn_accuracy(
     model: Any,
     example: Any,
@@ -170,6 +147,20 @@ def adaptive_bn_accuracy(
     val_y: Any,
     batch_size: int = 128,
 ) -> float:
+    """Validation top-1 (fraction) of :func:`adaptive_bn_eval`."""
+    return adaptive_bn_eval(model, example, ratios, spec, calib_x, val_x, val_y, batch_size)[0]
+
+
+def adaptive_bn_eval(
+    model: Any,
+    example: Any,
+    ratios: Ratios,
+    spec: Any,
+    calib_x: Any,
+    val_x: Any,
+    val_y: Any,
+    batch_size: int = 128,
+) -> tuple[float, float]:
     """Accuracy estimate of a candidate without training (EagleEye's adaptive BN, Li et al.
     2020): the trained baseline pruned by surgery to ``ratios`` (magnitude scores, the
     stage's rounding), its BatchNorm statistics re-estimated on ``calib_x``, then its top-1
@@ -186,7 +177,8 @@ def adaptive_bn_accuracy(
         batch_size: images per forward pass.
 
     Returns:
-        Validation top-1 as a fraction (0-1).
+        ``(validation top-1 as a fraction 0-1, mean validation cross-entropy in nats)``; the
+        loss moves smoothly where the top-1 of a few hundred images is noise.
     """
     import torch
 
@@ -209,28 +201,132 @@ def adaptive_bn_accuracy(
                 m(calib_x[i : i + batch_size].float() / 255)
             for bn in bns:
                 bn.eval()
-        right = 0
+        right, loss = 0, 0.0
         for i in range(0, len(val_x), batch_size):
-            pred = m(val_x[i : i + batch_size].float() / 255).argmax(1)
-            right += int((pred == val_y[i : i + batch_size]).sum())
-    return right / max(1, len(val_x))
+            logits = m(val_x[i : i + batch_size].float() / 255)
+            y = val_y[i : i + batch_size]
+            right += int((logits.argmax(1) == y).sum())
+            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+    n = max(1, len(val_x))
+    return right / n, loss / n
+
+
+def sensitivity_curves(
+    lm: LatencyModel,
+    evaluate: Callable[[Ratios], float],
+    levels: list[float],
+    say: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any]:
+    """Per-group pruning sensitivity: ``evaluate`` (e.g. the adaptive-BN validation loss) of
+    the baseline with one group at a time pruned to each keep level, the others dense.
+
+    Args:
+        lm: the latency model (its ``groups``).
+        evaluate: candidate ratios -> loss (lower is better).
+        levels: keep fractions to evaluate (those below 1.0 are used).
+        say: progress lines.
+
+    Returns:
+        ``{"dense": loss, "levels": [...ascending keeps, 1.0], "groups": {root: [loss per
+        level]}}``.
+    """
+    keeps = [*sorted({round(v, 6) for v in levels if v < 1.0}), 1.0]
+    dense = evaluate({})
+    out: dict[str, Any] = {"dense": round(dense, 6), "levels": keeps, "groups": {}}
+    for i, root in enumerate(lm.groups):
+        losses = [evaluate({root: round(1.0 - v, 6)}) for v in keeps[:-1]]
+        out["groups"][root] = [round(x, 6) for x in [*losses, dense]]
+        say(f"sensitivity {i + 1}/{len(lm.groups)}: {root}")
+    return out
+
+
+def sensitivity_loss(curves: dict[str, Any], ratios: Ratios) -> float:
+    """Cheap accuracy estimate (lower is better): the baseline's validation loss plus the sum
+    of each group's own loss increase at its keep fraction (linear between measured levels;
+    additive across groups, as layer-wise sensitivity analysis assumes)."""
+    keeps = curves["levels"]
+    total = float(curves["dense"])
+    for root, losses in curves["groups"].items():
+        keep = 1.0 - float(ratios.get(root, 0.0))
+        total += max(0.0, float(np.interp(keep, keeps, losses)) - float(curves["dense"]))
+    return total
+
+
+def _cached_sensitivity(
+    path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """The sensitivity curves in ``path`` when computed for the same ``key`` (baseline
+    checkpoint digest, calibration), else computed and written there (a resumed plan does
+    not evaluate them again)."""
+    from pqd.checkpoint import atomic_write_text
+
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("key") == key:
+                return dict(saved["curves"])
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: computed again and rewritten
+    curves = compute()
+    atomic_write_text(path, json.dumps({"key": key, "curves": curves}, indent=1))
+    return curves
+
+
+DENSE = "__dense__"
+
+
+def measure_against_dense(
+    lm: LatencyModel, candidates: dict[str, Ratios], dense_ms: float | None
+) -> dict[str, float]:
+    """Whole candidates timed in one panel with the dense network, each scaled by
+    ``dense_ms`` / the dense network's p50 in this panel: a VM that slows down or speeds up
+    between panels (the dense ResNet-18 file moved 9% within one run here) moves every file
+    alike, so times from panels minutes apart stay comparable with a budget set earlier.
+
+    Args:
+        lm: the latency model (exports and times whole candidates).
+        candidates: name -> ratios.
+        dense_ms: the dense p50 (ms) the budget was set against; None: no scaling.
+
+    Returns:
+        name -> p50 in ms, on the scale of ``dense_ms``.
+    """
+    if dense_ms is None:
+        return lm.measure(candidates)
+    times = lm.measure({DENSE: {}, **candidates})
+    drift = dense_ms / times.pop(DENSE)
+    return {n: t * drift for n, t in times.items()}
 
 
 def uniform_by_measurement(
-    lm: LatencyModel, budget_ms: float, ratios: list[float], tolerance: float
+    lm: LatencyModel,
+    budget_ms: float,
+    ratios: list[float],
+    tolerance: float,
+    dense_ms: float | None = None,
 ) -> tuple[float, float]:
     """What a user does by hand: the smallest of ``ratios`` (uniform over every group) whose
-    whole exported file meets ``budget_ms`` when measured here (all timed in one panel).
+    whole exported file meets ``budget_ms`` when measured here (all timed in one panel; with
+    ``dense_ms``, against the dense network as :func:`measure_against_dense` does).
 
     Returns:
         ``(ratio, measured ms)``; the largest ratio and its time when none meets it.
     """
     steps = sorted(ratios)
-    measured = lm.measure({f"{r:g}": lm.uniform(1.0 - r) for r in steps})
-    for r in steps:
+    measured = measure_against_dense(lm, {f"{r:g}": lm.uniform(1.0 - r) for r in steps}, dense_ms)
+    return first_within(steps, measured, budget_ms, tolerance)
+
+
+def first_within(
+    steps: list[float], measured: dict[str, float], budget_ms: float, tolerance: float
+) -> tuple[float, float]:
+    """The smallest ratio of ``steps`` whose measured time (``measured[f"{r:g}"]``, ms) is
+    within ``budget_ms`` (plus ``tolerance``): ``(ratio, ms)``; else the largest ratio's."""
+    for r in sorted(steps):
         if measured[f"{r:g}"] <= budget_ms * (1 + tolerance):
             return r, measured[f"{r:g}"]
-    return steps[-1], measured[f"{steps[-1]:g}"]
+    last = max(steps)
+    return last, measured[f"{last:g}"]
 
 
 def ratio_steps(max_ratio: float, step: float = 0.05) -> list[float]:
@@ -265,7 +361,7 @@ def generate(
     for v in sorted({*levels, *(round(1.0 - r, 6) for r in ratio_steps(0.9))}):
         if v >= levels[0]:
             add(dict.fromkeys(groups, v))
-    # greedy: least importance lost per predicted ms saved, one level at a time
+    # greedy: least estimated loss added per predicted ms saved, one level at a time
     idx = dict.fromkeys(groups, len(levels) - 1)
 
     def ratios_of(ix: dict[str, int]) -> Ratios:
@@ -375,7 +471,9 @@ def setup_latency_model(
     return PlanSetup(base_data, index, precision, pc, data, example, fresh, lm)
 
 
-def recalibrated(feasible: list[dict[str, Any]], latency_ms: float) -> list[dict[str, Any]]:
+def recalibrated(
+    feasible: list[dict[str, Any]], latency_ms: float, above: float = 1.0
+) -> list[dict[str, Any]]:
     """Candidates to try when the whole files measured over the budget: the latency model's
     median measured / predicted ratio over the rows already timed whole (``premeasured_ms``)
     scales every prediction, and the not yet timed candidates whose scaled prediction meets
@@ -385,9 +483,10 @@ def recalibrated(feasible: list[dict[str, Any]], latency_ms: float) -> list[dict
         feasible: candidate rows (``predicted_ms``, ``premeasured_ms`` once timed whole),
             best first by the cheap estimate.
         latency_ms: the budget (ms).
+        above: the scale the rows were already screened with (1.0: the raw model).
 
     Returns:
-        The rows to screen next (empty when the model did not under-predict).
+        The rows to screen next (empty when the whole files did not under-run ``above``).
     """
     ratios = [
         r["premeasured_ms"] / r["predicted_ms"]
@@ -397,7 +496,7 @@ def recalibrated(feasible: list[dict[str, Any]], latency_ms: float) -> list[dict
     if not ratios:
         return []
     scale = float(np.median(ratios))
-    if scale <= 1.0:
+    if scale <= above:
         return []
     out = [
         r for r in feasible if "premeasured_ms" not in r and r["predicted_ms"] * scale <= latency_ms
@@ -419,9 +518,10 @@ def plan(
     validate: int = 20,
     n_random: int = 2000,
     screen: int = 16,
-    calib_images: int = 512,
+    calib_images: int = 256,
     levels: tuple[float, ...] = LEVELS,
     tolerance: float = 0.05,
+    dense_ms: float | None = None,
     data_dir: str | None = None,
     executor: str = "sequential",
     workers: int | None = None,
@@ -444,11 +544,15 @@ def plan(
         validate: random whole candidates measured to report the latency model's error
             (0: none).
         n_random: random candidates estimated besides the uniform and greedy ones.
-        screen: feasible candidates (best by importance lost) whose adaptive-BN validation
-            accuracy ranks them for training.
+        screen: feasible candidates (best by the sensitivity estimate) whose adaptive-BN
+            validation loss ranks them for training.
         calib_images: training images re-estimating BatchNorm statistics per screened one.
         levels: keep fractions of the latency tables (ascending, ending at 1.0).
         tolerance: fraction over the budget a measured pick may run (timing noise).
+        dense_ms: the dense model's p50 (ms) the budget was set against, measured earlier
+            (e.g. a benchmark's 0.5x of it); default: measured at the start. Every later
+            panel times the dense network too and is scaled to it, so a machine that drifts
+            during the plan does not move candidates across the budget.
         data_dir: folder holding the data sets.
         executor, workers, address: as ``pqd search`` (sequential, processes, Ray).
         cache_dir: latency cache folder (default ``PQD_CACHE_DIR`` or ~/.cache/pqd/latency).
@@ -507,6 +611,9 @@ def plan(
     # ---- 2. refusals, from whole networks timed side by side
     fastest = lm.uniform(lm.levels[0])
     ends = lm.measure({"dense": {}, "fastest": fastest})
+    if dense_ms is not None:  # the dense time the budget was set against: this panel on it
+        ends = {"dense": dense_ms, "fastest": ends["fastest"] * dense_ms / ends["dense"]}
+    dense_ref = ends["dense"]  # every later panel is scaled to it (measure_against_dense)
     label = precision.upper()
     if ends["dense"] <= latency_ms:
         raise PlanError(
@@ -546,39 +653,10 @@ def plan(
 
         # ---- 4. candidates and their estimates
         from pqd.checkpoint import load_checkpoint
-
-        trained_base = load_checkpoint(copy.deepcopy(fresh), checkpoint).cpu().eval()
-        curves = importance_curves(trained_base, example, tuple(pc.get("exclude", [])))
-
-        def estimate(r: Ratios) -> float:
-            return importance_lost(lm, curves, r)
-
-        cands = generate(lm, estimate, n_random, recipe.seed)
-        rows: list[dict[str, Any]] = []
-        for r in cands:
-            pred = lm.predict(r)
-            size = lm.predict_size_mb(r)
-            feasible = pred <= latency_ms and (size_mb is None or size <= size_mb)
-            rows.append(
-                {
-                    "ratios": r,
-                    "predicted_ms": round(pred, 5),
-                    "predicted_size_mb": round(size, 4),
-                    "importance_lost": round(estimate(r), 6),
-                    "feasible": feasible,
-                }
-            )
-        feasible = sorted(
-            (row for row in rows if row["feasible"]),
-            key=lambda row: (row["importance_lost"], row["predicted_ms"]),
-        )
-        if not feasible:  # the model's error: the fastest measured met the budget
-            fastest_row = min(rows, key=lambda row: float(row["predicted_ms"]))
-            fastest_row["feasible"] = True
-            feasible = [fastest_row]
-        # the best by importance, re-ranked by their adaptive-BN validation accuracy
         from pqd.recipe import PruneChannelsSpec
 
+        digest = file_digest(checkpoint)
+        trained_base = load_checkpoint(copy.deepcopy(fresh), checkpoint).cpu().eval()
         spec = PruneChannelsSpec.model_validate(pc)
         rng = np.random.default_rng(recipe.seed)
         perm = rng.permutation(len(data.train_x))
@@ -588,45 +666,92 @@ def plan(
             rest = np.sort(perm[calib_images : calib_images + 500])
             val_x, val_y = data.train_x[rest], data.train_y[rest]
 
+        def abn(r: Ratios) -> tuple[float, float]:
+            return adaptive_bn_eval(trained_base, example, r, spec, calib_x, val_x, val_y)
+
+        sens = _cached_sensitivity(
+            out_dir / SENSITIVITY_FILE,
+            {"checkpoint": digest, "calib_images": calib_images, "levels": list(lm.levels)},
+            lambda: sensitivity_curves(lm, lambda r: abn(r)[1], search_levels(lm.levels), say),
+        )
+
+        def estimate(r: Ratios) -> float:
+            return sensitivity_loss(sens, r)
+
+        cands = generate(lm, estimate, n_random, recipe.seed)
+
+        # what a user does by hand, measured first: uniform pruning at the smallest ratio
+        # whose whole file meets the budget; its window of uniform files near the budget also
+        # calibrates the model there (scale = median measured / predicted)
+        steps = ratio_steps(spec.max_ratio)
+        guess = next((r for r in steps if lm.predict(lm.uniform(1.0 - r)) <= latency_ms), steps[-1])
+        window = [r for r in steps if guess - 0.1 - 1e-9 <= r <= guess + 0.15 + 1e-9]
+        uniform_ms = measure_against_dense(
+            lm, {f"{r:g}": lm.uniform(1.0 - r) for r in window}, dense_ref
+        )
+        ref_ratio, ref_ms = first_within(window, uniform_ms, latency_ms, tolerance)
+        scale = float(
+            np.median([uniform_ms[f"{r:g}"] / lm.predict(lm.uniform(1.0 - r)) for r in window])
+        )
+        rows: list[dict[str, Any]] = []
+        for r in cands:
+            pred = lm.predict(r)
+            size = lm.predict_size_mb(r)
+            feasible = pred * scale <= latency_ms and (size_mb is None or size <= size_mb)
+            rows.append(
+                {
+                    "ratios": r,
+                    "predicted_ms": round(pred, 5),
+                    "calibrated_ms": round(pred * scale, 5),
+                    "predicted_size_mb": round(size, 4),
+                    "estimated_loss": round(estimate(r), 6),
+                    "feasible": feasible,
+                }
+            )
+        feasible = sorted(
+            (row for row in rows if row["feasible"]),
+            key=lambda row: (row["estimated_loss"], row["predicted_ms"]),
+        )
+        if not feasible:  # the model's error: the fastest measured met the budget
+            fastest_row = min(rows, key=lambda row: float(row["predicted_ms"]))
+            fastest_row["feasible"] = True
+            feasible = [fastest_row]
+
         def screen_and_measure(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            """Adaptive-BN ranking of the ``screen`` best of ``pool`` by importance, and the
-            best ``2k`` of those measured whole (the latency model's error must not put an
-            over-budget candidate in training); the ones within the budget, best first."""
+            """Adaptive-BN ranking (validation loss) of the ``screen`` best of ``pool`` by
+            the sensitivity estimate, and the best ``max(2k, 4)`` of those measured whole
+            (the latency model's error must not put an over-budget candidate in training);
+            the ones within the budget, best first."""
             screened = pool[:screen]
-            say(f"adaptive-BN accuracy of the {len(screened)} best by importance")
+            say(f"adaptive-BN validation of the {len(screened)} best by sensitivity")
             for row in screened:
-                row["abn_accuracy"] = round(
-                    adaptive_bn_accuracy(
-                        trained_base, example, row["ratios"], spec, calib_x, val_x, val_y
-                    ),
-                    5,
-                )
-            ranked = sorted(screened, key=lambda row: (-row["abn_accuracy"], row["predicted_ms"]))
-            head = ranked[: 2 * k]
-            times = lm.measure({str(i): row["ratios"] for i, row in enumerate(head)})
+                acc, loss = abn(row["ratios"])
+                row["abn_accuracy"], row["abn_loss"] = round(acc, 5), round(loss, 5)
+            ranked = sorted(screened, key=lambda row: (row["abn_loss"], row["predicted_ms"]))
+            head = ranked[: max(2 * k, 4)]
+            times = measure_against_dense(
+                lm, {str(i): row["ratios"] for i, row in enumerate(head)}, dense_ref
+            )
             for i, row in enumerate(head):
                 row["premeasured_ms"] = round(times[str(i)], 5)
             return [r for r in head if r["premeasured_ms"] <= latency_ms * (1 + tolerance)]
 
         chosen = screen_and_measure(feasible)[:k]
-        if len(chosen) < k:  # the model under-predicted near the budget: once more, scaled
-            more = recalibrated(feasible, latency_ms)
+        if len(chosen) < k:  # the model under-predicted these: once more, scaled
+            more = recalibrated(feasible, latency_ms, above=scale)
             if more:
                 say(f"latency model under-predicted by {more[0]['scale']:.2f}x: re-screening")
                 chosen += screen_and_measure(more)[: k - len(chosen)]
-        # and always the hand-made answer: uniform pruning at the measured ratio that meets
-        # the budget (so the pick, by validation top-1, is never a worse bet than it)
-        steps = ratio_steps(spec.max_ratio)
-        guess = next((r for r in steps if lm.predict(lm.uniform(1.0 - r)) <= latency_ms), steps[-1])
-        window = [r for r in steps if guess - 0.1 - 1e-9 <= r <= guess + 0.15 + 1e-9]
-        ref_ratio, ref_ms = uniform_by_measurement(lm, latency_ms, window, tolerance)
+        # and always the hand-made answer (so the pick, by validation top-1, is never a worse
+        # bet than it)
         ref = lm.uniform(1.0 - ref_ratio)
         same = next((r for r in rows if r["ratios"] == ref), None)
         ref_row = same or {
             "ratios": ref,
             "predicted_ms": round(lm.predict(ref), 5),
+            "calibrated_ms": round(lm.predict(ref) * scale, 5),
             "predicted_size_mb": round(lm.predict_size_mb(ref), 4),
-            "importance_lost": round(estimate(ref), 6),
+            "estimated_loss": round(estimate(ref), 6),
             "feasible": True,
         }
         if same is None:
@@ -636,14 +761,13 @@ def plan(
             chosen.append(ref_row)
         say(
             f"{len(rows)} candidates estimated, {sum(r['feasible'] for r in rows)} feasible by "
-            f"the latency model; training {len(chosen)} (uniform reference: ratio "
-            f"{ref_ratio:g}, measured {ref_ms:.3f} ms)"
+            f"the latency model (x{scale:.3f} from the uniform files); training {len(chosen)} "
+            f"(uniform reference: ratio {ref_ratio:g}, measured {ref_ms:.3f} ms)"
         )
 
         # ---- 5. training through the normal pipeline, resumable
         from pqd.search import Trial, trial_key
 
-        digest = file_digest(checkpoint)
         trials = []
         for i, row in enumerate(chosen):
             job = candidate_recipe(
@@ -689,8 +813,17 @@ def plan(
         for t in trials
         if (out_dir / _plan_folder(t) / "record.json").is_file()
     }
-    spec = recipe.measure.model_copy(update={"runtimes": [runtime], "threads": threads})
-    panel = latency_panel(finals, spec, progress=progress)
+    # with the dense network (exported as the latency model does): its p50 here scales the
+    # panel to the dense time the budget was set against
+    from pqd.latency_model import export_as_shipped
+
+    dense_file = out_dir / "reference" / "dense.onnx"
+    if not dense_file.is_file():
+        dense_file.parent.mkdir(parents=True, exist_ok=True)
+        export_as_shipped(lm.candidate_model({}), example, dense_file, int8=precision == "int8")
+    measure_spec = recipe.measure.model_copy(update={"runtimes": [runtime], "threads": threads})
+    panel = latency_panel({DENSE: dense_file, **finals}, measure_spec, progress=progress)
+    drift = dense_ref / panel.pop(DENSE)["p50"]
     trained = []
     for row, t in zip(chosen, trials, strict=True):
         folder = out_dir / _plan_folder(t)
@@ -700,7 +833,8 @@ def plan(
             final = json.loads(rec_path.read_text(encoding="utf-8"))["final"]
             entry.update(
                 status="done",
-                measured_ms=panel[t.key]["p50"],
+                measured_ms=round(panel[t.key]["p50"] * drift, 5),
+                measured_raw_ms=panel[t.key]["p50"],
                 accuracy=final["accuracy"],
                 val_accuracy=final.get("val_accuracy"),
                 size_bytes=final["size_bytes"],
@@ -721,8 +855,9 @@ def plan(
         "runtime": runtime,
         "threads": threads,
         "precision": precision,
-        "latency_model": {**lm.describe(), "validation": validation},
+        "latency_model": {**lm.describe(), "validation": validation, "near_budget_scale": scale},
         "dense_ms": round(ends["dense"], 5),
+        "final_panel_drift": round(drift, 4),
         "fastest_ms": round(ends["fastest"], 5),
         "counts": {
             "estimated": len(rows),
@@ -765,12 +900,16 @@ def _plan_folder(trial: Any) -> str:
 
 
 def write_plan(result: dict[str, Any], out: Path) -> None:
-    """``plan.json``, ``report.md`` and ``plots/*.png`` of a plan."""
+    """``plan.json``, ``report.md``, a self-contained ``report.html`` and ``plots/*.png``."""
     from pqd.checkpoint import atomic_write_text
+    from pqd.markdown import markdown_html
 
     plots = _plots(result, out)
+    text = report_markdown(result, plots)
     atomic_write_text(out / PLAN_FILE, json.dumps(result, indent=1))
-    atomic_write_text(out / "report.md", report_markdown(result, plots))
+    atomic_write_text(out / "report.md", text)
+    images = {rel: (out / rel).read_bytes() for rel in plots.values()}
+    atomic_write_text(out / "report.html", markdown_html(text, images))
 
 
 def _plots(result: dict[str, Any], out: Path) -> dict[str, str]:
@@ -813,7 +952,7 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         ax.scatter(
             [c["predicted_ms"] for c in cands],
-            [c["importance_lost"] for c in cands],
+            [c["estimated_loss"] for c in cands],
             s=4,
             alpha=0.4,
             label="estimated",
@@ -821,14 +960,14 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, str]:
         tr = [e for e in result["trained"] if "predicted_ms" in e]
         ax.scatter(
             [e["predicted_ms"] for e in tr],
-            [e["importance_lost"] for e in tr],
+            [e["estimated_loss"] for e in tr],
             marker="s",
             color="k",
             label="trained",
         )
         ax.axvline(result["budget"]["latency_ms"], color="r", lw=0.8, label="budget")
         ax.set_xlabel("predicted p50 (ms)")
-        ax.set_ylabel("importance lost (lower: better)")
+        ax.set_ylabel("estimated val loss (sensitivity; lower: better)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(folder / "frontier.png", dpi=110)
@@ -861,6 +1000,13 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
             f"Error against {v['n']} random whole candidates: median "
             f"{100 * v['median_error']:.1f}%, worst {100 * v['worst_error']:.1f}%."
         )
+    if lm.get("near_budget_scale") is not None:
+        lines.append(
+            f"Near the budget the uniform files measured {lm['near_budget_scale']:.3f}x the "
+            "prediction; feasibility used the scaled prediction. Whole-file times are scaled "
+            "to the dense time the budget was set against (this panel's dense file ran "
+            f"{1 / result.get('final_panel_drift', 1.0):.3f}x it)."
+        )
     if "latency" in plots:
         lines += ["", f"![predicted vs measured]({plots['latency']})"]
     lines += [
@@ -875,7 +1021,7 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
         lines += ["", f"![estimate vs predicted latency]({plots['frontier']})"]
     lines += [
         "",
-        "| # | kind | predicted ms | measured ms | importance lost | adaptive-BN val top-1 |"
+        "| # | kind | predicted ms | measured ms | estimated loss | adaptive-BN val top-1 |"
         " val top-1 | test top-1 | size KB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -891,7 +1037,7 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
             continue
         lines.append(
             f"| {i} | {kind} | {e['predicted_ms']:.3f} | {e['measured_ms']:.3f} | "
-            f"{e['importance_lost']:.4f} | {abn} | {100 * (e['val_accuracy'] or 0):.2f} | "
+            f"{e['estimated_loss']:.4f} | {abn} | {100 * (e['val_accuracy'] or 0):.2f} | "
             f"{100 * e['accuracy']:.2f} | {e['size_bytes'] / 1e3:.1f} |"
         )
     p = result.get("pick")

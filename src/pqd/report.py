@@ -9,7 +9,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pqd.markdown import KIND_ORDER, ordered_groups, table
+from pqd.markdown import (
+    KIND_ORDER,
+    html_figure,
+    html_page,
+    html_table,
+    md_inline,
+    ordered_groups,
+    table,
+)
 
 
 def _mb(n: float) -> str:
@@ -1052,74 +1060,37 @@ def search_plots(search: dict[str, Any]) -> dict[str, bytes]:
 # ---------------------------------------------------------------------------- HTML
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    import html
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _md_inline(text: str) -> str:
-    """Markdown **bold** and `code` of one line as HTML."""
-    import html
-    import re
-
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-
 def render_search_html(search: dict[str, Any], plots: dict[str, bytes]) -> str:
     """A self-contained report.html: the tables and the plots as embedded base64 PNGs."""
-    import base64
     import html
 
     def para(text: str) -> str:
         return (
-            f"<li>{_md_inline(text[2:])}</li>"
+            f"<li>{md_inline(text[2:])}</li>"
             if text.startswith("- ")
-            else (f"<p>{_md_inline(text)}</p>")
+            else (f"<p>{md_inline(text)}</p>")
         )
 
     parts = [
         f"<h1>pqd search: {html.escape(search['name'])}</h1>",
         *[para(t) for t in _search_intro(search)],
         "<h2>All results</h2>",
-        _html_table(SEARCH_HEADER, search_rows(search)),
+        html_table(SEARCH_HEADER, search_rows(search)),
         para(_results_note(search)),
     ]
     if search.get("pairwise"):
         parts += [
             "<h2>Pairwise order wins</h2>",
             para(_pairwise_note(search)),
-            _html_table(PAIR_HEADER, pairwise_rows(search)),
+            html_table(PAIR_HEADER, pairwise_rows(search)),
         ]
     failed = _failed_lines(search)
     if failed:
         parts += ["<h2>Failed trials</h2>", *[para(f"- {f}") for f in failed]]
     parts.append("<h2>Plots</h2>")
-    parts += [
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
-        f'{base64.b64encode(data).decode("ascii")}"><figcaption>{html.escape(name)}'
-        "</figcaption></figure>"
-        for name, data in plots.items()
-    ]
+    parts += [html_figure(name, data) for name, data in plots.items()]
     parts += [para(t) for t in _footer(search)]
-    style = (
-        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;"
-        "padding:0 1em;color:#222}table{border-collapse:collapse;font-size:13px;"
-        "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:nth-child(2),td:nth-child(3),th{text-align:left}tr:nth-child(even)"
-        "{background:#f6f6f6}img{max-width:100%;border:1px solid #ddd}"
-        "figure{margin:1.5em 0}figcaption{font-size:12px;color:#666}code{font-size:12px}"
-    )
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<title>pqd search: {html.escape(search['name'])}</title><style>{style}</style>"
-        "</head><body>" + "\n".join(parts) + "</body></html>\n"
-    )
+    return html_page(f"pqd search: {search['name']}", parts)
 
 
 def write_search_report(search: dict[str, Any], out: Any) -> dict[str, bytes]:
