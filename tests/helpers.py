@@ -304,6 +304,11 @@ def fake_latency(monkeypatch: Any, noise: float = 0.0, seed: int = 0) -> dict[st
             out[name] = {"p50": ms, "p90": ms, "mean": ms}
         return out
 
+    def files(self: Any, paths: dict[str, Path]) -> dict[str, float]:
+        calls["panel"] += len(paths)
+        return {name: 0.02 + onnx_complexity(p)["macs"] * 1e-7 for name, p in paths.items()}
+
+    monkeypatch.setattr(lmod.LatencyModel, "time_paths", files)
     monkeypatch.setattr(lmod.LatencyModel, "_measure_pieces", pieces)
     monkeypatch.setattr(lmod.LatencyModel, "measure", networks)
     monkeypatch.setattr(search, "latency_panel", panel)

@@ -202,17 +202,23 @@ def test_plan_benchmark_table_names_the_pick_and_the_refusals() -> None:
     refused = {"fraction": 0.25, "budget_ms": 0.1, "plan_error": "below every candidate"}
     text = bench.render({"dense_ms": 0.4, "rows": [row, refused], "wall_s": 12.0})
     lines = text.splitlines()
-    assert lines[0].count("|") == lines[2].count("|") == lines[3].count("|") == 11
-    assert "| uniform 0.4 | 0.190 ms | 75.00% | 0.4 | 0.195 ms | 75.00% | yes |" in lines[2]
-    assert "below every candidate" in lines[3]
-    planned = bench.render(
-        {
-            "dense_ms": 0.4,
-            "rows": [{**row, "pick": {**row["pick"], "uniform_reference": None}}],
-            "wall_s": 1.0,
-        }
+    assert lines[0].count("|") == lines[2].count("|") == lines[3].count("|") == 13
+    assert (
+        "| uniform 0.4 | 0.190 ms | 75.00% | 0.4 | 0.195 ms | 75.00% | NO | - | yes |" in lines[2]
     )
-    assert "| planned |" in planned
+    assert "below every candidate" in lines[3]
+    slower = {  # more accurate within the budget, but slower than the hand-made file
+        **row,
+        "pick": {**row["pick"], "p50_ms": 0.25, "test": 0.8, "uniform_reference": None},
+        "pick_wins": False,
+        "more_accurate_within_budget": True,
+    }
+    iso = {"p50_ms": 0.19, "hand_p50_ms": 0.195, "test": 0.76, "uniform_reference": None}
+    both = bench.render(
+        {"dense_ms": 0.4, "rows": [slower, {**slower, "iso": {**iso, "wins": True}}], "wall_s": 1}
+    ).splitlines()
+    assert "| planned | 0.250 ms | 80.00% |" in both[2] and "| yes | - | NO |" in both[2]
+    assert "| yes | planned: 0.190 / 0.195 ms, 76.00% | yes |" in both[3]
 
 
 def test_an_under_predicting_model_is_scaled_by_what_the_whole_files_measured() -> None:
@@ -262,9 +268,7 @@ def test_whole_files_are_scaled_to_the_dense_time_the_budget_was_set_against() -
     assert first_within([0.5], raw, 1.0, 0.05)[1] > 1.05  # unscaled it would miss
 
 
-def test_plan_benchmark_refuses_a_user_model_it_cannot_import_in_one_line(
-    tmp_path, capsys
-) -> None:
+def test_plan_benchmark_refuses_a_user_model_it_cannot_import_in_one_line(tmp_path, capsys) -> None:
     from helpers import load_benchmark
 
     bench = load_benchmark("plan")
@@ -274,3 +278,69 @@ def test_plan_benchmark_refuses_a_user_model_it_cannot_import_in_one_line(
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("plan benchmark: error:") and "no_such_pkg" in err
     assert not (out / "bench.json").exists()
+
+
+@pytest.mark.parametrize("bias", [0.6, 1.0, 1.6])
+def test_the_uniform_reference_is_the_full_scan_answer_when_the_model_is_off(bias) -> None:
+    """ResNet-18 at 0.25x here: the model over-predicted small nets 1.6x, the window around
+    its guess held only 0.8-0.9, and the reference became 0.8 where 0.75 met the budget.
+    The window now moves until the step below the answer has been timed over the budget."""
+    from pqd.planner import ratio_steps, uniform_by_measurement, uniform_reference
+
+    class Lm:
+        def __init__(self) -> None:
+            self.groups = {"a": 64, "b": 128}
+            self.timed: list[str] = []
+
+        def uniform(self, keep: float) -> dict:
+            return dict.fromkeys(self.groups, round(1.0 - keep, 6))
+
+        def true_ms(self, r: dict) -> float:
+            keep = 1.0 - r.get("a", 0.0)
+            return 0.02 + keep * keep if keep > 0.22 else 0.5  # a kernel cliff at keep 0.2
+
+        def predict(self, r: dict) -> float:
+            return bias * self.true_ms(r)
+
+        def measure(self, cands: dict) -> dict:
+            self.timed += list(cands)
+            return {n: self.true_ms(r) for n, r in cands.items()}
+
+    steps = ratio_steps(0.9)
+    for budget in (0.08, 0.3, 0.6, 0.9, 0.01):
+        lm = Lm()
+        ratio, ms, measured = uniform_reference(lm, budget, steps, 0.0, None)  # type: ignore[arg-type]
+        full = uniform_by_measurement(Lm(), budget, steps, 0.0)  # type: ignore[arg-type]
+        assert (ratio, ms) == pytest.approx(full)
+        assert set(measured) == set(lm.timed) and len(lm.timed) == len(set(lm.timed))
+        if budget == 0.01:  # none meets it: the most pruned step
+            assert ratio == steps[-1] and ms > budget
+
+
+@pytest.mark.integration
+def test_plan_benchmark_runs_the_budget_the_hand_made_run_and_equal_latency(
+    monkeypatch, tmp_path, subset_dir
+) -> None:
+    """The whole benchmark on the tiny quick recipe with exact (MACs-based) latencies: the
+    budget's plan, the hand-made uniform run, the plan at the hand-made file's p50, one table."""
+    from helpers import load_benchmark
+
+    fake_latency(monkeypatch)
+    bench = load_benchmark("plan")
+    out = tmp_path / "bench"
+    args = ["--quick", "--out", str(out), "--data-dir", str(subset_dir), "--no-progress"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--fractions", "0.7", "-k", "1"]
+    assert bench.main(args) == 0
+    result = json.loads((out / "bench.json").read_text())
+    row = result["rows"][0]
+    assert "plan_error" not in row, row
+    assert row["pick_within_budget"] and row["pick"]["p50_ms"] <= row["budget_ms"] * 1.05
+    assert row["hand"]["p50_ms"] <= row["budget_ms"] * 1.05 and 0 < row["hand"]["ratio"] < 1
+    iso = row["iso"]
+    assert "plan_error" not in iso, iso
+    assert iso["budget_ms"] == pytest.approx(row["hand"]["p50_ms"], rel=1e-3)
+    assert iso["p50_ms"] <= iso["budget_ms"] * 1.05
+    assert iso["wins"] == (
+        iso["test"] >= row["hand"]["test"] and iso["p50_ms"] <= iso["hand_p50_ms"] * 1.05
+    )
+    assert (out / "plan-0.7-iso" / "report.html").is_file()

@@ -317,6 +317,57 @@ def uniform_by_measurement(
     return first_within(steps, measured, budget_ms, tolerance)
 
 
+def uniform_reference(
+    lm: LatencyModel,
+    budget_ms: float,
+    steps: list[float],
+    tolerance: float,
+    dense_ms: float | None,
+    width: float = 0.1,
+) -> tuple[float, float, dict[str, float]]:
+    """:func:`uniform_by_measurement` without exporting every step: a window of steps around
+    the latency model's guess is measured; while the answer sits at the window's lower end
+    (or no step meets the budget), the next window below (above) it is measured, until the
+    step below the answer has been timed too, over the budget.
+
+    Args:
+        lm: the latency model.
+        budget_ms: the budget (ms).
+        steps: uniform ratios, ascending (e.g. :func:`ratio_steps`).
+        tolerance: fraction over the budget a measured time may run.
+        dense_ms: as :func:`measure_against_dense`.
+        width: the window's half width (in ratio).
+
+    Returns:
+        ``(ratio, its measured ms, {f"{ratio:g}": measured ms of every step timed})``.
+    """
+    measured: dict[str, float] = {}
+    guess = next((r for r in steps if lm.predict(lm.uniform(1.0 - r)) <= budget_ms), steps[-1])
+    for _ in range(len(steps)):
+        window = [
+            r
+            for r in steps
+            if guess - width - 1e-9 <= r <= guess + width + 1e-9 and f"{r:g}" not in measured
+        ]
+        if window:
+            measured.update(
+                measure_against_dense(lm, {f"{r:g}": lm.uniform(1.0 - r) for r in window}, dense_ms)
+            )
+        timed = [r for r in steps if f"{r:g}" in measured]
+        ratio, ms = first_within(timed, measured, budget_ms, tolerance)
+        if ms <= budget_ms * (1 + tolerance):
+            below = [r for r in steps if r < ratio]
+            if not below or f"{below[-1]:g}" in measured:
+                break  # the step below was timed over the budget (or there is none)
+            guess = ratio - width  # the next window ends just below the answer
+        else:
+            above = [r for r in steps if r > max(timed)]
+            if not above:
+                break  # even the most pruned step misses it
+            guess = above[0] + width  # the next window starts just above the last timed
+    return ratio, ms, measured
+
+
 def first_within(
     steps: list[float], measured: dict[str, float], budget_ms: float, tolerance: float
 ) -> tuple[float, float]:
@@ -683,15 +734,11 @@ def plan(
         # what a user does by hand, measured first: uniform pruning at the smallest ratio
         # whose whole file meets the budget; its window of uniform files near the budget also
         # calibrates the model there (scale = median measured / predicted)
-        steps = ratio_steps(spec.max_ratio)
-        guess = next((r for r in steps if lm.predict(lm.uniform(1.0 - r)) <= latency_ms), steps[-1])
-        window = [r for r in steps if guess - 0.1 - 1e-9 <= r <= guess + 0.15 + 1e-9]
-        uniform_ms = measure_against_dense(
-            lm, {f"{r:g}": lm.uniform(1.0 - r) for r in window}, dense_ref
+        ref_ratio, ref_ms, uniform_ms = uniform_reference(
+            lm, latency_ms, ratio_steps(spec.max_ratio), tolerance, dense_ref
         )
-        ref_ratio, ref_ms = first_within(window, uniform_ms, latency_ms, tolerance)
         scale = float(
-            np.median([uniform_ms[f"{r:g}"] / lm.predict(lm.uniform(1.0 - r)) for r in window])
+            np.median([t / lm.predict(lm.uniform(1.0 - float(r))) for r, t in uniform_ms.items()])
         )
         rows: list[dict[str, Any]] = []
         for r in cands:
@@ -802,7 +849,6 @@ def plan(
 
         ex.run(todo, finished)
     from pqd.pipeline import measure_run
-    from pqd.search import latency_panel
 
     for folder in to_measure:
         measure_run(folder, data_dir=data_root, progress=progress)
@@ -821,9 +867,8 @@ def plan(
     if not dense_file.is_file():
         dense_file.parent.mkdir(parents=True, exist_ok=True)
         export_as_shipped(lm.candidate_model({}), example, dense_file, int8=precision == "int8")
-    measure_spec = recipe.measure.model_copy(update={"runtimes": [runtime], "threads": threads})
-    panel = latency_panel({DENSE: dense_file, **finals}, measure_spec, progress=progress)
-    drift = dense_ref / panel.pop(DENSE)["p50"]
+    panel = lm.time_paths({DENSE: dense_file, **finals})  # as every whole file before
+    drift = dense_ref / panel.pop(DENSE)
     trained = []
     for row, t in zip(chosen, trials, strict=True):
         folder = out_dir / _plan_folder(t)
@@ -833,8 +878,8 @@ def plan(
             final = json.loads(rec_path.read_text(encoding="utf-8"))["final"]
             entry.update(
                 status="done",
-                measured_ms=round(panel[t.key]["p50"] * drift, 5),
-                measured_raw_ms=panel[t.key]["p50"],
+                measured_ms=round(panel[t.key] * drift, 5),
+                measured_raw_ms=round(panel[t.key], 5),
                 accuracy=final["accuracy"],
                 val_accuracy=final.get("val_accuracy"),
                 size_bytes=final["size_bytes"],
