@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setup.lm,
     )
     threads = recipe.measure.threads
-    dense = lm.measure({"dense": {}})["dense"]
+    dense = args.dense_ms or lm.measure({"dense": {}})["dense"]
     print(f"dense {precision.upper()} p50: {dense:.3f} ms ({runtime}, {threads} threads)")
     rows = []
     for frac in args.fractions:
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **hand["baseline"],
             "checkpoint": str(folder.resolve() / "baseline" / "baseline.safetensors"),
         }
-        hand_dir = out / f"hand-{frac:g}"
+        hand_dir = out / f"hand-{frac:g}-ratio-{ratio:g}"
         record = run_recipe(
             recipe_from_dict(hand, "hand-made"),
             hand_dir,
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "pick": folder / pick["dir"] / "final.onnx",
                 "hand": hand_dir / "final.onnx",
-                "dense": folder / "reference" / "dense.onnx",
+                "dense": folder / result["dense_file"],
             }
         )
         drift = dense / panel["dense"]
@@ -188,8 +188,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             and row["pick"]["p50_ms"] <= row["hand"]["p50_ms"] * 1.05
         )
         if args.iso:  # the planner asked for the hand-made file's own latency
-            row["iso"] = iso_row(args, recipe, out, frac, row, hand_dir, folder, dense, lm)
+            dense_file = folder / result["dense_file"]
+            row["iso"] = iso_row(
+                args, recipe, out, frac, row, hand_dir, folder, dense_file, dense, lm
+            )
         rows.append(row)
+        partial = {"dense_ms": dense, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+        (out / "bench.json").write_text(json.dumps(partial, indent=1), encoding="utf-8")
     return {"dense_ms": dense, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -201,6 +206,7 @@ def iso_row(
     row: dict[str, Any],
     hand_dir: Path,
     folder: Path,
+    dense_file: Path,
     dense: float,
     lm: Any,
 ) -> dict[str, Any]:
@@ -221,7 +227,7 @@ def iso_row(
             recipe,
             budget,
             iso_dir,
-            k=args.k,
+            k=args.iso_k or args.k,
             validate=0,
             n_random=200 if args.quick else 2000,
             levels=(0.5, 1.0) if args.quick else LEVELS,
@@ -238,7 +244,7 @@ def iso_row(
         {
             "pick": iso_dir / pick["dir"] / "final.onnx",
             "hand": hand_dir / "final.onnx",
-            "dense": folder / "reference" / "dense.onnx",
+            "dense": dense_file,
         }
     )
     drift = dense / panel["dense"]
@@ -324,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--quick", action="store_true", help="tiny net, tiny data: a smoke test")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--dense-ms",
+        type=float,
+        default=None,
+        help="the dense p50 the budgets are fractions of (default: measured now; give the "
+        "earlier run's to resume it: its budgets, candidates and runs)",
+    )
+    p.add_argument("--iso-k", type=int, default=None, help="-k of the equal-latency plans (-k)")
     p.add_argument(
         "--no-iso",
         dest="iso",

@@ -292,7 +292,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         f"test top-1 {100 * p['accuracy']:.2f}%"
     )
     out = Path(args.out)
-    print(f"wrote {out / 'plan.json'}, {out / 'report.md'}, report.html and {out / 'pick.yaml'}")
+    written = ", ".join(str(out / f) for f in ("plan.json", "report.md", "report.html"))
+    print(f"wrote {written} and {out / 'pick.yaml'}")
     return 0
 
 

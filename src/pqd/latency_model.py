@@ -55,6 +55,9 @@ import torch.nn as nn
 from pqd.errors import PqdError
 
 TABLE_VERSION = 1
+WHOLE_FILE_TIMING = {"warmup": 50, "rounds": 4, "block": 100}
+"""Whole-file timing (:meth:`LatencyModel.time_paths`): warm-up calls, interleaved rounds and
+calls per file per round (steady state; short blocks bias small files against large ones)."""
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 """Keep fractions of the lookup grid (and of the planner's candidates), the dense 1.0 last."""
 ENV_CACHE_DIR = "PQD_CACHE_DIR"
@@ -456,9 +459,10 @@ class LatencyModel:
         return self.cache_dir / f"latency-{self.key}.json"
 
     def architecture_key(self) -> str:
-        """Hash of the layer list (families, widths, groups): the fit's cache key."""
+        """Hash of the layer list (families, widths, groups), the levels and the whole-file
+        timing protocol: the fit's cache key (a fit timed another way is fitted again)."""
         blob = json.dumps([asdict(lay) for lay in self.layers], sort_keys=True)
-        extra = json.dumps([self.levels, self.round_to], sort_keys=True)
+        extra = json.dumps([self.levels, self.round_to, WHOLE_FILE_TIMING], sort_keys=True)
         return hashlib.sha256((blob + extra).encode("utf-8")).hexdigest()[:16]
 
     def widths(self, ratios: Ratios) -> dict[str, tuple[int, int]]:
@@ -711,10 +715,11 @@ class LatencyModel:
             name -> p50 in milliseconds.
         """
         shape = (1, *self.example.shape[1:])
+        rounds = max(WHOLE_FILE_TIMING["rounds"], self.timing["rounds"])
         timing = {
-            "warmup": max(50, self.timing["warmup"]),
-            "rounds": max(4, self.timing["rounds"]),
-            "repeats": max(400, self.timing["repeats"]),
+            "warmup": max(WHOLE_FILE_TIMING["warmup"], self.timing["warmup"]),
+            "rounds": rounds,
+            "repeats": max(WHOLE_FILE_TIMING["block"] * rounds, self.timing["repeats"]),
         }
         return time_files(paths, dict.fromkeys(paths, shape), self.runtime, self.threads, **timing)
 

@@ -25,7 +25,8 @@ The recipe is the template: its stages run for every trained candidate, with its
    (:func:`sensitivity_loss`). First **the uniform reference** is measured: uniform pruning
    at the smallest ratio (0.05 steps) whose whole file meets the budget, what a user would
    do by hand; those uniform files also calibrate the latency model near the budget
-   (median measured / predicted). Candidates predicted within the budget (and ``size_mb``)
+   (median measured / predicted). Candidates whose prediction, so scaled, meets the budget
+   (and ``size_mb``)
    are ranked by the estimate; the best ``screen`` are re-ranked by a dearer one: their
    joint adaptive-BN validation loss (:func:`adaptive_bn_eval`, EagleEye). The best
    ``max(2k, 4)`` of those are exported whole and timed, and the best ``k`` within the
@@ -64,6 +65,7 @@ from pqd.recipe import Recipe, dump_recipe, recipe_from_dict
 PLAN_FILE = "plan.json"
 PICK_FILE = "pick.yaml"
 SENSITIVITY_FILE = "sensitivity.json"
+SELECTION_FILE = "selection.json"
 PLAN_VERSION = 1
 
 
@@ -252,24 +254,24 @@ def sensitivity_loss(curves: dict[str, Any], ratios: Ratios) -> float:
     return total
 
 
-def _cached_sensitivity(
+def _cached_json(
     path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
-    """The sensitivity curves in ``path`` when computed for the same ``key`` (baseline
-    checkpoint digest, calibration), else computed and written there (a resumed plan does
-    not evaluate them again)."""
+    """What ``compute`` returned when ``path`` holds it for the same ``key`` (e.g. the
+    sensitivity curves of the same baseline checkpoint, calibration, groups, rounding and
+    data), else computed and written there: a resumed plan does not evaluate it again."""
     from pqd.checkpoint import atomic_write_text
 
     if path.is_file():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
             if saved.get("key") == key:
-                return dict(saved["curves"])
+                return dict(saved["value"])
         except (ValueError, KeyError, TypeError):
             pass  # unreadable: computed again and rewritten
-    curves = compute()
-    atomic_write_text(path, json.dumps({"key": key, "curves": curves}, indent=1))
-    return curves
+    value = compute()
+    atomic_write_text(path, json.dumps({"key": key, "value": value}, indent=1))
+    return value
 
 
 DENSE = "__dense__"
@@ -341,13 +343,17 @@ def uniform_reference(
     Returns:
         ``(ratio, its measured ms, {f"{ratio:g}": measured ms of every step timed})``.
     """
+    if not steps:
+        raise PqdError("no uniform ratio to measure", "give prune_channels max_ratio >= 0.05")
     measured: dict[str, float] = {}
     guess = next((r for r in steps if lm.predict(lm.uniform(1.0 - r)) <= budget_ms), steps[-1])
+    must: list[float] = []
     for _ in range(len(steps)):
         window = [
             r
             for r in steps
-            if guess - width - 1e-9 <= r <= guess + width + 1e-9 and f"{r:g}" not in measured
+            if (guess - width - 1e-9 <= r <= guess + width + 1e-9 or r in must)
+            and f"{r:g}" not in measured
         ]
         if window:
             measured.update(
@@ -359,13 +365,25 @@ def uniform_reference(
             below = [r for r in steps if r < ratio]
             if not below or f"{below[-1]:g}" in measured:
                 break  # the step below was timed over the budget (or there is none)
-            guess = ratio - width  # the next window ends just below the answer
+            guess, must = ratio - width, [below[-1]]  # the next window: just below it
         else:
             above = [r for r in steps if r > max(timed)]
             if not above:
                 break  # even the most pruned step misses it
-            guess = above[0] + width  # the next window starts just above the last timed
+            guess, must = above[0] + width, [above[0]]  # the next: just above the last
     return ratio, ms, measured
+
+
+def near_budget_scale(lm: LatencyModel, uniform_ms: dict[str, float], ratio: float) -> float:
+    """Median measured / predicted over the uniform files timed within 0.1 of ``ratio`` whose
+    keep is inside the latency tables (below the lowest level the prediction is clamped, so
+    its ratio says nothing about the model); 1.0 when none is."""
+    inside = [
+        t / lm.predict(lm.uniform(1.0 - float(r)))
+        for r, t in uniform_ms.items()
+        if 1.0 - float(r) >= lm.levels[0] - 1e-9 and abs(float(r) - ratio) <= 0.1 + 1e-9
+    ]
+    return float(np.median(inside)) if inside else 1.0
 
 
 def first_within(
@@ -537,7 +555,8 @@ def recalibrated(
         above: the scale the rows were already screened with (1.0: the raw model).
 
     Returns:
-        The rows to screen next (empty when the whole files did not under-run ``above``).
+        The rows to screen next (empty when the timed rows' median measured / predicted
+        ratio does not exceed ``above``).
     """
     ratios = [
         r["premeasured_ms"] / r["predicted_ms"]
@@ -720,92 +739,137 @@ def plan(
         def abn(r: Ratios) -> tuple[float, float]:
             return adaptive_bn_eval(trained_base, example, r, spec, calib_x, val_x, val_y)
 
-        sens = _cached_sensitivity(
+        sens = _cached_json(
             out_dir / SENSITIVITY_FILE,
-            {"checkpoint": digest, "calib_images": calib_images, "levels": list(lm.levels)},
+            {
+                "checkpoint": digest,
+                "calib_images": calib_images,
+                "seed": recipe.seed,
+                "levels": list(lm.levels),
+                "groups": dict(lm.groups),
+                "round_to": spec.round_to,
+                "exclude": list(spec.exclude),
+                "data": recipe.data.model_dump(mode="json"),
+                "val_images": len(val_x),
+            },
             lambda: sensitivity_curves(lm, lambda r: abn(r)[1], search_levels(lm.levels), say),
         )
 
         def estimate(r: Ratios) -> float:
             return sensitivity_loss(sens, r)
 
-        cands = generate(lm, estimate, n_random, recipe.seed)
+        def select() -> dict[str, Any]:
+            """Steps 3-4 (candidates, estimates, the uniform reference, screening, whole-file
+            timing): the rows and which are trained."""
+            cands = generate(lm, estimate, n_random, recipe.seed)
 
-        # what a user does by hand, measured first: uniform pruning at the smallest ratio
-        # whose whole file meets the budget; its window of uniform files near the budget also
-        # calibrates the model there (scale = median measured / predicted)
-        ref_ratio, ref_ms, uniform_ms = uniform_reference(
-            lm, latency_ms, ratio_steps(spec.max_ratio), tolerance, dense_ref
-        )
-        scale = float(
-            np.median([t / lm.predict(lm.uniform(1.0 - float(r))) for r, t in uniform_ms.items()])
-        )
-        rows: list[dict[str, Any]] = []
-        for r in cands:
-            pred = lm.predict(r)
-            size = lm.predict_size_mb(r)
-            feasible = pred * scale <= latency_ms and (size_mb is None or size <= size_mb)
-            rows.append(
-                {
-                    "ratios": r,
-                    "predicted_ms": round(pred, 5),
-                    "calibrated_ms": round(pred * scale, 5),
-                    "predicted_size_mb": round(size, 4),
-                    "estimated_loss": round(estimate(r), 6),
-                    "feasible": feasible,
-                }
+            # what a user does by hand, measured first: uniform pruning at the smallest ratio
+            # whose whole file meets the budget; its window of uniform files near the budget also
+            # calibrates the model there (scale = median measured / predicted)
+            ref_ratio, ref_ms, uniform_ms = uniform_reference(
+                lm, latency_ms, ratio_steps(spec.max_ratio), tolerance, dense_ref
             )
-        feasible = sorted(
-            (row for row in rows if row["feasible"]),
-            key=lambda row: (row["estimated_loss"], row["predicted_ms"]),
-        )
-        if not feasible:  # the model's error: the fastest measured met the budget
-            fastest_row = min(rows, key=lambda row: float(row["predicted_ms"]))
-            fastest_row["feasible"] = True
-            feasible = [fastest_row]
-
-        def screen_and_measure(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            """Adaptive-BN ranking (validation loss) of the ``screen`` best of ``pool`` by
-            the sensitivity estimate, and the best ``max(2k, 4)`` of those measured whole
-            (the latency model's error must not put an over-budget candidate in training);
-            the ones within the budget, best first."""
-            screened = pool[:screen]
-            say(f"adaptive-BN validation of the {len(screened)} best by sensitivity")
-            for row in screened:
-                acc, loss = abn(row["ratios"])
-                row["abn_accuracy"], row["abn_loss"] = round(acc, 5), round(loss, 5)
-            ranked = sorted(screened, key=lambda row: (row["abn_loss"], row["predicted_ms"]))
-            head = ranked[: max(2 * k, 4)]
-            times = measure_against_dense(
-                lm, {str(i): row["ratios"] for i, row in enumerate(head)}, dense_ref
+            scale = near_budget_scale(lm, uniform_ms, ref_ratio)
+            rows: list[dict[str, Any]] = []
+            for r in cands:
+                pred = lm.predict(r)
+                size = lm.predict_size_mb(r)
+                feasible = pred * scale <= latency_ms and (size_mb is None or size <= size_mb)
+                rows.append(
+                    {
+                        "ratios": r,
+                        "predicted_ms": round(pred, 5),
+                        "calibrated_ms": round(pred * scale, 5),
+                        "predicted_size_mb": round(size, 4),
+                        "estimated_loss": round(estimate(r), 6),
+                        "feasible": feasible,
+                    }
+                )
+            feasible = sorted(
+                (row for row in rows if row["feasible"]),
+                key=lambda row: (row["estimated_loss"], row["predicted_ms"]),
             )
-            for i, row in enumerate(head):
-                row["premeasured_ms"] = round(times[str(i)], 5)
-            return [r for r in head if r["premeasured_ms"] <= latency_ms * (1 + tolerance)]
+            if not feasible:  # the model's error: the fastest measured met the budget
+                fastest_row = min(rows, key=lambda row: float(row["predicted_ms"]))
+                fastest_row["feasible"] = True
+                feasible = [fastest_row]
 
-        chosen = screen_and_measure(feasible)[:k]
-        if len(chosen) < k:  # the model under-predicted these: once more, scaled
-            more = recalibrated(feasible, latency_ms, above=scale)
-            if more:
-                say(f"latency model under-predicted by {more[0]['scale']:.2f}x: re-screening")
-                chosen += screen_and_measure(more)[: k - len(chosen)]
-        # and always the hand-made answer (so the pick, by validation top-1, is never a worse
-        # bet than it)
-        ref = lm.uniform(1.0 - ref_ratio)
-        same = next((r for r in rows if r["ratios"] == ref), None)
-        ref_row = same or {
-            "ratios": ref,
-            "predicted_ms": round(lm.predict(ref), 5),
-            "calibrated_ms": round(lm.predict(ref) * scale, 5),
-            "predicted_size_mb": round(lm.predict_size_mb(ref), 4),
-            "estimated_loss": round(estimate(ref), 6),
-            "feasible": True,
-        }
-        if same is None:
-            rows.append(ref_row)
-        ref_row.update(uniform_reference=ref_ratio, premeasured_ms=round(ref_ms, 5))
-        if all(r["ratios"] != ref for r in chosen):
-            chosen.append(ref_row)
+            def screen_and_measure(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                """Adaptive-BN ranking (validation loss) of the ``screen`` best of ``pool`` by
+                the sensitivity estimate, and the best ``max(2k, 4)`` of those measured whole
+                (the latency model's error must not put an over-budget candidate in training);
+                the ones within the budget, best first."""
+                screened = pool[:screen]
+                say(f"adaptive-BN validation of the {len(screened)} best by sensitivity")
+                for row in screened:
+                    acc, loss = abn(row["ratios"])
+                    row["abn_accuracy"], row["abn_loss"] = round(acc, 5), round(loss, 5)
+                ranked = sorted(screened, key=lambda row: (row["abn_loss"], row["predicted_ms"]))
+                head = ranked[: max(2 * k, 4)]
+                times = measure_against_dense(
+                    lm, {str(i): row["ratios"] for i, row in enumerate(head)}, dense_ref
+                )
+                for i, row in enumerate(head):
+                    row["premeasured_ms"] = round(times[str(i)], 5)
+                return [r for r in head if r["premeasured_ms"] <= latency_ms * (1 + tolerance)]
+
+            chosen = screen_and_measure(feasible)[:k]
+            if len(chosen) < k:  # the model under-predicted these: once more, scaled
+                more = recalibrated(feasible, latency_ms, above=scale)
+                if more:
+                    say(f"latency model under-predicted by {more[0]['scale']:.2f}x: re-screening")
+                    chosen += screen_and_measure(more)[: k - len(chosen)]
+            # and always the hand-made answer (so the pick, by validation top-1, is never a worse
+            # bet than it)
+            ref = lm.uniform(1.0 - ref_ratio)
+            same = next((r for r in rows if r["ratios"] == ref), None)
+            ref_row = same or {
+                "ratios": ref,
+                "predicted_ms": round(lm.predict(ref), 5),
+                "calibrated_ms": round(lm.predict(ref) * scale, 5),
+                "predicted_size_mb": round(lm.predict_size_mb(ref), 4),
+                "estimated_loss": round(estimate(ref), 6),
+                "feasible": True,
+            }
+            if same is None:
+                rows.append(ref_row)
+            ref_row.update(uniform_reference=ref_ratio, premeasured_ms=round(ref_ms, 5))
+            if all(r["ratios"] != ref for r in chosen):
+                chosen.append(ref_row)
+            return {
+                "rows": rows,
+                "chosen": [next(i for i, r in enumerate(rows) if r is c) for c in chosen],
+                "scale": scale,
+                "ref_ratio": ref_ratio,
+                "ref_ms": ref_ms,
+            }
+
+        # a resumed plan trains what it chose before (timings on a noisy machine would
+        # choose again, differently, and leave trained runs out of the pick)
+        selection = _cached_json(
+            out_dir / SELECTION_FILE,
+            {
+                "checkpoint": digest,
+                "latency_ms": latency_ms,
+                "size_mb": size_mb,
+                "k": k,
+                "screen": screen,
+                "n_random": n_random,
+                "calib_images": calib_images,
+                "tolerance": tolerance,
+                "seed": recipe.seed,
+                "architecture": lm.architecture_key(),
+                "machine": lm.key,
+            },
+            select,
+        )
+        rows = selection["rows"]
+        chosen = [rows[i] for i in selection["chosen"]]
+        scale, ref_ratio, ref_ms = (
+            selection["scale"],
+            selection["ref_ratio"],
+            selection["ref_ms"],
+        )
         say(
             f"{len(rows)} candidates estimated, {sum(r['feasible'] for r in rows)} feasible by "
             f"the latency model (x{scale:.3f} from the uniform files); training {len(chosen)} "
@@ -863,7 +927,7 @@ def plan(
     # panel to the dense time the budget was set against
     from pqd.latency_model import export_as_shipped
 
-    dense_file = out_dir / "reference" / "dense.onnx"
+    dense_file = out_dir / "reference" / f"dense-{precision}-{lm.architecture_key()}.onnx"
     if not dense_file.is_file():
         dense_file.parent.mkdir(parents=True, exist_ok=True)
         export_as_shipped(lm.candidate_model({}), example, dense_file, int8=precision == "int8")
@@ -903,6 +967,7 @@ def plan(
         "latency_model": {**lm.describe(), "validation": validation, "near_budget_scale": scale},
         "dense_ms": round(ends["dense"], 5),
         "final_panel_drift": round(drift, 4),
+        "dense_file": str(dense_file.relative_to(out_dir)),
         "fastest_ms": round(ends["fastest"], 5),
         "counts": {
             "estimated": len(rows),
@@ -996,22 +1061,22 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, str]:
     if cands:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         ax.scatter(
-            [c["predicted_ms"] for c in cands],
+            [c["calibrated_ms"] for c in cands],
             [c["estimated_loss"] for c in cands],
             s=4,
             alpha=0.4,
             label="estimated",
         )
-        tr = [e for e in result["trained"] if "predicted_ms" in e]
+        tr = [e for e in result["trained"] if "calibrated_ms" in e]
         ax.scatter(
-            [e["predicted_ms"] for e in tr],
+            [e["calibrated_ms"] for e in tr],
             [e["estimated_loss"] for e in tr],
             marker="s",
             color="k",
             label="trained",
         )
         ax.axvline(result["budget"]["latency_ms"], color="r", lw=0.8, label="budget")
-        ax.set_xlabel("predicted p50 (ms)")
+        ax.set_xlabel("predicted p50, scaled near the budget (ms)")
         ax.set_ylabel("estimated val loss (sensitivity; lower: better)")
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -1033,7 +1098,8 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
         f"Target: {result['precision'].upper()} on {result['runtime']}, {result['threads']} "
         f"threads, batch 1 p50. Dense {result['precision'].upper()}: "
         f"{result['dense_ms']:.3f} ms; fastest candidate: {result['fastest_ms']:.3f} ms "
-        "(both measured in this run).",
+        "(measured in this run; with `dense_ms` given, dense is the caller's time and the "
+        "fastest is scaled to it).",
         "",
         "## Latency model",
         "",
