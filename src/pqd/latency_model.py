@@ -54,10 +54,11 @@ import torch.nn as nn
 
 from pqd.errors import PqdError
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: pieces timed in steady-state blocks, as whole files
 WHOLE_FILE_TIMING = {"warmup": 50, "rounds": 4, "block": 100}
-"""Whole-file timing (:meth:`LatencyModel.time_paths`): warm-up calls, interleaved rounds and
-calls per file per round (steady state; short blocks bias small files against large ones)."""
+"""Timing of every latency-model panel, pieces and whole files (:meth:`LatencyModel.time_paths`):
+warm-up calls, interleaved rounds and calls per file per round (steady state; short blocks
+bias small files against large ones)."""
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 """Keep fractions of the lookup grid (and of the planner's candidates), the dense 1.0 last."""
 ENV_CACHE_DIR = "PQD_CACHE_DIR"
@@ -619,7 +620,9 @@ class LatencyModel:
                         module, example, Path(tmp) / f"p{start + i}.onnx", int8=self._int8
                     )
                     shapes[key] = (1, *example.shape[1:])
-                out.update(time_files(paths, shapes, self.runtime, self.threads, **self.timing))
+                out.update(
+                    time_files(paths, shapes, self.runtime, self.threads, **self._steady_timing())
+                )
                 for p in paths.values():
                     p.unlink(missing_ok=True)
         return out
@@ -715,13 +718,19 @@ class LatencyModel:
             name -> p50 in milliseconds.
         """
         shape = (1, *self.example.shape[1:])
+        return time_files(
+            paths, dict.fromkeys(paths, shape), self.runtime, self.threads, **self._steady_timing()
+        )
+
+    def _steady_timing(self) -> dict[str, int]:
+        """The timing of every panel, pieces and whole files alike (one protocol: a model
+        of pieces timed otherwise than the files it predicts was off by 50% here)."""
         rounds = max(WHOLE_FILE_TIMING["rounds"], self.timing["rounds"])
-        timing = {
+        return {
             "warmup": max(WHOLE_FILE_TIMING["warmup"], self.timing["warmup"]),
             "rounds": rounds,
             "repeats": max(WHOLE_FILE_TIMING["block"] * rounds, self.timing["repeats"]),
         }
-        return time_files(paths, dict.fromkeys(paths, shape), self.runtime, self.threads, **timing)
 
     def random_candidate(self, rng: np.random.Generator, levels: Iterable[float] = ()) -> Ratios:
         """Each group at a random keep level (of ``levels``, default the grid's)."""
