@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pqd.pipeline import run as run_recipe
     from pqd.planner import (
         PlanError,
+        files_against_dense,
         plan,
         ratio_steps,
         setup_latency_model,
@@ -99,7 +100,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     threads = recipe.measure.threads
     dense = args.dense_ms or lm.measure({"dense": {}})["dense"]
     print(f"dense {precision.upper()} p50: {dense:.3f} ms ({runtime}, {threads} threads)")
-    rows = []
+    rows: list[dict[str, Any]] = []
+
+    def summary() -> dict[str, Any]:
+        return {"dense_ms": dense, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+
     for frac in args.fractions:
         budget = frac * dense
         row: dict[str, Any] = {"fraction": frac, "budget_ms": round(budget, 4)}
@@ -162,23 +167,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         # one panel with the dense file, on the scale of the dense p50 the budget was set from
         # (the VM drifts within a run), timed as the planner times whole files
-        panel = lm.time_paths(
-            {
-                "pick": folder / pick["dir"] / "final.onnx",
-                "hand": hand_dir / "final.onnx",
-                "dense": folder / result["dense_file"],
-            }
-        )
-        drift = dense / panel["dense"]
-        row["final_dense_raw_ms"] = panel["dense"]
+        dense_file = folder / result["dense_file"]
+        finals = {"pick": folder / pick["dir"] / "final.onnx", "hand": hand_dir / "final.onnx"}
+        panel, dense_raw = files_against_dense(lm, finals, dense_file, dense)
+        row["final_dense_raw_ms"] = dense_raw
         row["hand"] = {
             "ratio": ratio,
             "val": record["final"].get("val_accuracy"),
             "test": record["final"]["accuracy"],
         }
         for name in ("pick", "hand"):
-            row[name]["p50_ms"] = panel[name] * drift
-            row[name]["raw_p50_ms"] = panel[name]
+            row[name]["p50_ms"] = panel[name]
+            row[name]["raw_p50_ms"] = panel[name] * dense_raw / dense
         row["pick_within_budget"] = row["pick"]["p50_ms"] <= budget * 1.05
         row["more_accurate_within_budget"] = (
             row["pick_within_budget"] and row["pick"]["test"] >= row["hand"]["test"]
@@ -188,14 +188,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             and row["pick"]["p50_ms"] <= row["hand"]["p50_ms"] * 1.05
         )
         if args.iso:  # the planner asked for the hand-made file's own latency
-            dense_file = folder / result["dense_file"]
             row["iso"] = iso_row(
                 args, recipe, out, frac, row, hand_dir, folder, dense_file, dense, lm
             )
         rows.append(row)
-        partial = {"dense_ms": dense, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
-        (out / "bench.json").write_text(json.dumps(partial, indent=1), encoding="utf-8")
-    return {"dense_ms": dense, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+        (out / "bench.json").write_text(json.dumps(summary(), indent=1), encoding="utf-8")
+    return summary()
 
 
 def iso_row(
@@ -213,7 +211,7 @@ def iso_row(
     """``pqd plan`` at the hand-made file's measured p50 (equal latency), its pick timed
     beside the hand-made file: at least as accurate at equal or lower latency?"""
     from pqd.latency_model import LEVELS
-    from pqd.planner import SENSITIVITY_FILE, PlanError, plan
+    from pqd.planner import SENSITIVITY_FILE, PlanError, files_against_dense, plan
 
     budget = row["hand"]["p50_ms"]
     iso_dir = out / f"plan-{frac:g}-iso"
@@ -240,15 +238,9 @@ def iso_row(
     except PlanError as exc:
         return {"budget_ms": round(budget, 4), "plan_error": exc.line()}
     pick = result["pick"]
-    panel = lm.time_paths(
-        {
-            "pick": iso_dir / pick["dir"] / "final.onnx",
-            "hand": hand_dir / "final.onnx",
-            "dense": dense_file,
-        }
-    )
-    drift = dense / panel["dense"]
-    p50, hand = panel["pick"] * drift, panel["hand"] * drift
+    finals = {"pick": iso_dir / pick["dir"] / "final.onnx", "hand": hand_dir / "final.onnx"}
+    panel, _ = files_against_dense(lm, finals, dense_file, dense)
+    p50, hand = panel["pick"], panel["hand"]
     return {
         "budget_ms": round(budget, 4),
         "test": pick["accuracy"],

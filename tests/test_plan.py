@@ -171,7 +171,7 @@ def test_plan_trains_the_best_few_picks_within_budget_and_resumes(
 def test_adaptive_bn_accuracy_recalibrates_a_pruned_copy_only(synth) -> None:
     """Unpruned and without calibration images it is the model's own val top-1; pruned, it
     re-estimates BN statistics on a copy and leaves the baseline untouched."""
-    from pqd.planner import adaptive_bn_accuracy
+    from pqd.planner import adaptive_bn_eval
     from pqd.recipe import PruneChannelsSpec
 
     model = tiny("tiny_cnn").eval()
@@ -181,10 +181,10 @@ def test_adaptive_bn_accuracy_recalibrates_a_pruned_copy_only(synth) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     spec = PruneChannelsSpec(ratios={}, round_to=2)
     empty = synth.train_x[:0]
-    assert adaptive_bn_accuracy(model, x[:2].float() / 255, {}, spec, empty, x, y) == own
+    assert adaptive_bn_eval(model, x[:2].float() / 255, {}, spec, empty, x, y)[0] == own
     groups = LatencyModel(model, x[:2].float() / 255, round_to=2).groups
     half = dict.fromkeys(groups, 0.5)
-    est = adaptive_bn_accuracy(model, x[:2].float() / 255, half, spec, synth.train_x[:64], x, y)
+    est = adaptive_bn_eval(model, x[:2].float() / 255, half, spec, synth.train_x[:64], x, y)[0]
     assert 0.0 <= est <= 1.0
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the baseline is untouched

@@ -139,20 +139,6 @@ def candidate_recipe(
 # ---------------------------------------------------------------------------- estimate
 
 
-def adaptive_bn_accuracy(
-    model: Any,
-    example: Any,
-    ratios: Ratios,
-    spec: Any,
-    calib_x: Any,
-    val_x: Any,
-    val_y: Any,
-    batch_size: int = 128,
-) -> float:
-    """Validation top-1 (fraction) of :func:`adaptive_bn_eval`."""
-    return adaptive_bn_eval(model, example, ratios, spec, calib_x, val_x, val_y, batch_size)[0]
-
-
 def adaptive_bn_eval(
     model: Any,
     example: Any,
@@ -298,6 +284,26 @@ def measure_against_dense(
     times = lm.measure({DENSE: {}, **candidates})
     drift = dense_ms / times.pop(DENSE)
     return {n: t * drift for n, t in times.items()}
+
+
+def files_against_dense(
+    lm: LatencyModel, paths: dict[str, Path], dense_file: Path, dense_ms: float
+) -> tuple[dict[str, float], float]:
+    """Exported files timed in one panel (:meth:`LatencyModel.time_paths`) with the dense
+    file, scaled as :func:`measure_against_dense` scales candidates.
+
+    Args:
+        lm: the latency model (its runtime, threads and timing).
+        paths: name -> ONNX file.
+        dense_file: the dense network's file.
+        dense_ms: the dense p50 (ms) the budget was set against.
+
+    Returns:
+        ``(name -> p50 in ms on the scale of dense_ms, the dense file's raw p50 in ms)``.
+    """
+    raw = lm.time_paths({DENSE: dense_file, **paths})
+    dense_raw = raw.pop(DENSE)
+    return {n: t * dense_ms / dense_raw for n, t in raw.items()}, dense_raw
 
 
 def uniform_by_measurement(
@@ -931,8 +937,8 @@ def plan(
     if not dense_file.is_file():
         dense_file.parent.mkdir(parents=True, exist_ok=True)
         export_as_shipped(lm.candidate_model({}), example, dense_file, int8=precision == "int8")
-    panel = lm.time_paths({DENSE: dense_file, **finals})  # as every whole file before
-    drift = dense_ref / panel.pop(DENSE)
+    panel, dense_raw = files_against_dense(lm, finals, dense_file, dense_ref)
+    drift = dense_ref / dense_raw
     trained = []
     for row, t in zip(chosen, trials, strict=True):
         folder = out_dir / _plan_folder(t)
@@ -942,8 +948,8 @@ def plan(
             final = json.loads(rec_path.read_text(encoding="utf-8"))["final"]
             entry.update(
                 status="done",
-                measured_ms=round(panel[t.key] * drift, 5),
-                measured_raw_ms=round(panel[t.key], 5),
+                measured_ms=round(panel[t.key], 5),
+                measured_raw_ms=round(panel[t.key] / drift, 5),
                 accuracy=final["accuracy"],
                 val_accuracy=final.get("val_accuracy"),
                 size_bytes=final["size_bytes"],
