@@ -10,8 +10,9 @@
 1. The dense model's INT8 file is exported and timed here (batch 1 p50, the recipe's runtime
    and threads); the budgets are ``--fractions`` (default 0.5 and 0.25) of it.
 2. For each budget, ``pqd plan`` runs (the first budget trains the baseline, later budgets
-   load its checkpoint; the latency tables are cached per machine, so later budgets measure
-   no pieces).
+   load its checkpoint and start from its sensitivity analysis and trained candidates, see
+   ``share_work``; the latency tables are cached per machine, so later budgets measure no
+   pieces).
 3. By hand: uniform ``prune_channels`` at the smallest ratio (0.05 steps) whose whole file
    meets the budget when measured, then the recipe's other stages (e.g. INT8 QAT + KD) from
    the same baseline checkpoint, with the same total epochs as every plan candidate.
@@ -105,10 +106,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def summary() -> dict[str, Any]:
         return {"dense_ms": dense, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
 
+    first: Path | None = None  # the first budget's plan folder: later ones start from it
     for frac in args.fractions:
         budget = frac * dense
         row: dict[str, Any] = {"fraction": frac, "budget_ms": round(budget, 4)}
         folder = out / f"plan-{frac:g}"
+        if first is not None:
+            share_work(first, folder)
+        first = first or folder
         try:
             result = plan(
                 recipe,
@@ -196,6 +201,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary()
 
 
+def share_work(src: Path, dest: Path) -> None:
+    """Seed plan folder ``dest`` with what plan folder ``src`` computed for the same
+    baseline: the sensitivity analysis (its file is keyed by the checkpoint's digest, the
+    groups and the data, so a plan recomputes it when anything differs) and the trained
+    candidates (a trial folder is named by the key of everything that decides its result, so
+    a plan reuses one it chooses again, e.g. the uniform reference at the hand-made ratio,
+    instead of training it twice)."""
+    from pqd.planner import SENSITIVITY_FILE
+
+    sens = src / SENSITIVITY_FILE
+    if sens.is_file() and not (dest / SENSITIVITY_FILE).is_file():
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sens, dest / SENSITIVITY_FILE)
+    for trial in sorted((src / "trials").glob("plan-*")):
+        if (trial / "record.json").is_file() and not (dest / "trials" / trial.name).exists():
+            shutil.copytree(trial, dest / "trials" / trial.name)
+
+
 def iso_row(
     args: argparse.Namespace,
     recipe: Any,
@@ -211,15 +234,11 @@ def iso_row(
     """``pqd plan`` at the hand-made file's measured p50 (equal latency), its pick timed
     beside the hand-made file: at least as accurate at equal or lower latency?"""
     from pqd.latency_model import LEVELS
-    from pqd.planner import SENSITIVITY_FILE, PlanError, files_against_dense, plan
+    from pqd.planner import PlanError, files_against_dense, plan
 
     budget = row["hand"]["p50_ms"]
     iso_dir = out / f"plan-{frac:g}-iso"
-    # same baseline, same sensitivity analysis (its file is keyed by the checkpoint's digest)
-    sens = folder / SENSITIVITY_FILE
-    if sens.is_file() and not (iso_dir / SENSITIVITY_FILE).is_file():
-        iso_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(sens, iso_dir / SENSITIVITY_FILE)
+    share_work(folder, iso_dir)
     try:
         result = plan(
             recipe,
@@ -249,6 +268,7 @@ def iso_row(
         "p50_ms": p50,
         "hand_p50_ms": hand,
         "trained": result["counts"]["trained"],
+        "reused": result["counts"]["reused"],  # trained for the budget's plan already
         "wins": pick["accuracy"] >= row["hand"]["test"] and p50 <= hand * 1.05,
     }
 

@@ -284,6 +284,28 @@ def test_plan_benchmark_refuses_a_user_model_it_cannot_import_in_one_line(tmp_pa
     assert not (out / "bench.json").exists()
 
 
+def test_later_plans_start_from_the_first_ones_sensitivity_and_trained_runs(tmp_path) -> None:
+    """share_work copies the sensitivity file and finished trial folders, never a half-trained
+    one, and never over what the later plan folder already holds."""
+    from helpers import load_benchmark
+    from pqd.planner import SENSITIVITY_FILE
+
+    bench = load_benchmark("plan")
+    src, dest = tmp_path / "plan-0.5", tmp_path / "plan-0.25"
+    (src / "trials" / "plan-done").mkdir(parents=True)
+    (src / "trials" / "plan-half").mkdir(parents=True)
+    (src / SENSITIVITY_FILE).write_text('{"key": 1}')
+    (src / "trials" / "plan-done" / "record.json").write_text("{}")
+    (src / "trials" / "plan-half" / "trial.json").write_text("{}")
+    bench.share_work(src, dest)
+    assert (dest / SENSITIVITY_FILE).read_text() == '{"key": 1}'
+    assert (dest / "trials" / "plan-done" / "record.json").is_file()
+    assert not (dest / "trials" / "plan-half").exists()
+    (src / SENSITIVITY_FILE).write_text('{"key": 2}')
+    bench.share_work(src, dest)
+    assert (dest / SENSITIVITY_FILE).read_text() == '{"key": 1}'
+
+
 @pytest.mark.parametrize("bias", [0.6, 1.0, 1.6])
 def test_the_uniform_reference_is_the_full_scan_answer_when_the_model_is_off(bias) -> None:
     """ResNet-18 at 0.25x here: the model over-predicted small nets 1.6x, the window around
@@ -347,4 +369,6 @@ def test_plan_benchmark_runs_the_budget_the_hand_made_run_and_equal_latency(
     assert iso["wins"] == (
         iso["test"] >= row["hand"]["test"] and iso["p50_ms"] <= iso["hand_p50_ms"] * 1.05
     )
+    # its uniform reference is the hand-made ratio the budget's plan trained already
+    assert iso["reused"] >= 1
     assert (out / "plan-0.7-iso" / "report.html").is_file()
