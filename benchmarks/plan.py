@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except PlanError as exc:
             row["plan_error"] = exc.line()
             rows.append(row)
+            (out / "bench.json").write_text(json.dumps(summary(), indent=1), encoding="utf-8")
             continue
         finally:  # later budgets load this baseline instead of training their own
             trained = folder / "baseline" / "baseline.safetensors"
