@@ -106,6 +106,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def summary() -> dict[str, Any]:
         return {"dense_ms": dense, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
 
+    def save() -> None:  # after each budget: a run stopped later keeps what it measured
+        (out / "bench.json").write_text(json.dumps(summary(), indent=1), encoding="utf-8")
+
     first: Path | None = None  # the first budget's plan folder: later ones start from it
     for frac in args.fractions:
         budget = frac * dense
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except PlanError as exc:
             row["plan_error"] = exc.line()
             rows.append(row)
-            (out / "bench.json").write_text(json.dumps(summary(), indent=1), encoding="utf-8")
+            save()
             continue
         finally:  # later budgets load this baseline instead of training their own
             trained = folder / "baseline" / "baseline.safetensors"
@@ -198,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args, recipe, out, frac, row, hand_dir, folder, dense_file, dense, lm
             )
         rows.append(row)
-        (out / "bench.json").write_text(json.dumps(summary(), indent=1), encoding="utf-8")
+        save()
     return summary()
 
 
