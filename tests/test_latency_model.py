@@ -80,8 +80,17 @@ def test_cache_is_keyed_by_machine_and_runtime_version(monkeypatch, tmp_path) ->
     assert calls["pieces"] == 2 * n_pieces
     monkeypatch.setattr(rt, "runtime_versions", real_versions)
 
-    # another CPU (flags): another file
-    monkeypatch.setattr(env, "cpu_flags", lambda: ["avx2"])
+    # another CPU (flags): another file; the other CPU differs from this one in VNNI
+    flags = env.cpu_flags()
+    other_flags = (
+        [f for f in flags if f != "avx512_vnni"]
+        if "avx512_vnni" in flags
+        else [
+            *flags,
+            "avx512_vnni",
+        ]
+    )
+    monkeypatch.setattr(env, "cpu_flags", lambda: other_flags)
     cpu = LatencyModel(net, EXAMPLE, levels=(0.5, 1.0), cache_dir=tmp_path)
     assert cpu.cache_file not in (first.cache_file, other.cache_file)
     monkeypatch.undo()

@@ -137,16 +137,16 @@ SUMMARY_HEADER = [
 
 
 def parity_warnings(record: dict[str, Any]) -> list[str]:
-    """One line per artifact problem that makes its measured answers untrustworthy on this
-    machine (``parity_problems`` of the record, see :func:`pqd.target.assess`), with the fix."""
+    """One line per artifact whose measured answers are untrustworthy on this machine: its
+    ``parity_problems`` (see :func:`pqd.target.assess`, cause first) joined, with the fix."""
     lines = []
     for key in ("baseline", "final"):
         art = record[key]
-        for problem in art.get("parity_problems", []):
+        if problems := art.get("parity_problems", []):
             lines.append(
                 f"{key} ({art.get('artifact', key)}, built for target "
-                f"{art.get('target', '?')}): {problem}; fix: rebuild it for this CPU "
-                f"(export.target: portable, or auto on the deployment machine)"
+                f"{art.get('target', '?')}): {'; '.join(problems)}; fix: rebuild it for this "
+                f"CPU (export.target: portable, or auto on the deployment machine)"
             )
     return lines
 

@@ -84,17 +84,9 @@ def assess(
         CPU without VNNI, or a file built for ``x86-vnni`` measured on such a CPU.
     """
     problems = []
-    for rt, res in artifact.get("runtimes", {}).items():
-        agree = res["parity"]["top1_agreement"]
-        if agree < min_agreement:
-            problems.append(
-                f"{rt}: the file agrees with its torch model on only {100 * agree:.2f}% of "
-                f"{res['parity']['samples']} test images (max |logit diff| "
-                f"{res['parity']['max_abs_logit_diff']:.3g}; expected >= "
-                f"{100 * min_agreement:.0f}%)"
-            )
     x86_without_vnni = "avx2" in flags and not has_vnni(flags)
     sat = artifact.get("saturation") or {}
+    # the cause first, then what it did to the answers
     if x86_without_vnni and target == "x86-vnni":
         problems.append(
             "built for target x86-vnni (8-bit weights) but measured on a CPU "
@@ -105,4 +97,13 @@ def assess(
             f"{sat['pairs_at_risk']} weight pairs can saturate the int16 sums "
             "of this CPU's INT8 kernels (no VNNI)"
         )
+    for rt, res in artifact.get("runtimes", {}).items():
+        agree = res["parity"]["top1_agreement"]
+        if agree < min_agreement:
+            problems.append(
+                f"{rt}: the file agrees with its torch model on only {100 * agree:.2f}% of "
+                f"{res['parity']['samples']} test images (max |logit diff| "
+                f"{res['parity']['max_abs_logit_diff']:.3g}; expected >= "
+                f"{100 * min_agreement:.0f}%)"
+            )
     return {"parity_ok": not problems, "parity_problems": problems}
