@@ -16,11 +16,13 @@
 3. By hand: uniform ``prune_channels`` at the smallest ratio (0.05 steps) whose whole file
    meets the budget when measured, then the recipe's other stages (e.g. INT8 QAT + KD) from
    the same baseline checkpoint, with the same total epochs as every plan candidate.
-4. The pick's and the hand-made final files are timed side by side with the dense file, and
-   scaled to the dense p50 of step 1 (the VM drifts within a run); printed per budget:
-   measured p50 of both, test top-1 of both, whether the pick (within the budget, 5% timing
-   noise allowed) is at least as accurate, the latency model's error (median and worst),
-   candidates estimated / trained, and the wall time.
+4. The pick's and the hand-made final files are timed side by side with the dense file,
+   scaled to the dense p50 of step 1 (the VM drifts within a run), in several panels whose
+   median counts (one panel can be off by more than the tolerance on a shared VM). Printed
+   per budget: measured p50 of both and their spread over the panels, test top-1 of both,
+   whether the pick (within the budget, 5% timing noise allowed) is at least as accurate,
+   the latency model's error (median and worst), candidates estimated / trained, and the
+   wall time.
 5. Equal latency (``--no-iso`` skips it): the hand-made file uses less of the budget than the
    pick when the uniform steps jump (ResNet-18: ratio 0.45 ran over 0.5x, 0.5 well under),
    so ``pqd plan`` runs once more with the hand-made file's measured p50 as the budget, and
@@ -178,16 +180,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # (the VM drifts within a run), timed as the planner times whole files
         dense_file = folder / result["dense_file"]
         finals = {"pick": folder / pick["dir"] / "final.onnx", "hand": hand_dir / "final.onnx"}
-        panel, dense_raw = files_against_dense(lm, finals, dense_file, dense)
-        row["final_dense_raw_ms"] = dense_raw
+        timed = files_against_dense(lm, finals, dense_file, dense)
+        row["final_dense_raw_ms"] = timed.dense_raw_ms
         row["hand"] = {
             "ratio": ratio,
             "val": record["final"].get("val_accuracy"),
             "test": record["final"]["accuracy"],
         }
         for name in ("pick", "hand"):
-            row[name]["p50_ms"] = panel[name]
-            row[name]["raw_p50_ms"] = panel[name] * dense_raw / dense
+            row[name]["p50_ms"] = timed.ms[name]
+            row[name]["raw_p50_ms"] = timed.ms[name] * timed.dense_raw_ms / dense
+            row[name]["spread"] = timed.spread[name]
         row["pick_within_budget"] = row["pick"]["p50_ms"] <= budget * 1.05
         row["more_accurate_within_budget"] = (
             row["pick_within_budget"] and row["pick"]["test"] >= row["hand"]["test"]
@@ -262,8 +265,8 @@ def iso_row(
         return {"budget_ms": round(budget, 4), "plan_error": exc.line()}
     pick = result["pick"]
     finals = {"pick": iso_dir / pick["dir"] / "final.onnx", "hand": hand_dir / "final.onnx"}
-    panel, _ = files_against_dense(lm, finals, dense_file, dense)
-    p50, hand = panel["pick"], panel["hand"]
+    timed = files_against_dense(lm, finals, dense_file, dense)
+    p50, hand = timed.ms["pick"], timed.ms["hand"]
     return {
         "budget_ms": round(budget, 4),
         "test": pick["accuracy"],
@@ -271,6 +274,7 @@ def iso_row(
         "uniform_reference": pick.get("uniform_reference"),
         "p50_ms": p50,
         "hand_p50_ms": hand,
+        "spread": {"pick": timed.spread["pick"], "hand": timed.spread["hand"]},
         "trained": result["counts"]["trained"],
         "reused": result["counts"]["reused"],  # trained for the budget's plan already
         "wins": pick["accuracy"] >= row["hand"]["test"] and p50 <= hand * 1.05,
@@ -279,6 +283,8 @@ def iso_row(
 
 def render(result: dict[str, Any]) -> str:
     """One Markdown table, a line per budget, and the summary lines."""
+    from pqd.planner import FINAL_PANELS
+
     head = (
         "| budget | pick | pick p50 | pick top-1 | hand ratio | hand p50 | hand top-1 |"
         " more accurate within budget | plan at the hand's p50: pick p50 / hand p50, top-1 |"
@@ -329,6 +335,16 @@ def render(result: dict[str, Any]) -> str:
             f"{r['pick']['raw_p50_ms']:.3f} ms, hand {r['hand']['raw_p50_ms']:.3f} ms raw"
             for r in result["rows"]
             if "final_dense_raw_ms" in r
+        )
+    )
+    lines.append(
+        f"each p50 is the median of {FINAL_PANELS} such panels; spread over them "
+        "((max - min) / median): "
+        + "; ".join(
+            f"{r['fraction']:g}x: pick {100 * r['pick']['spread']:.1f}%, hand "
+            f"{100 * r['hand']['spread']:.1f}%"
+            for r in result["rows"]
+            if "spread" in r.get("pick", {})
         )
     )
     return "\n".join(lines)

@@ -272,6 +272,36 @@ def test_whole_files_are_scaled_to_the_dense_time_the_budget_was_set_against() -
     assert first_within([0.5], raw, 1.0, 0.05)[1] > 1.05  # unscaled it would miss
 
 
+def test_whole_files_take_the_median_of_panels_each_scaled_by_its_own_dense_file(
+    tmp_path,
+) -> None:
+    """Panels where the whole VM slows (dense too) change nothing; one panel where only the
+    pick ran 20% slow (noise) moves neither the median nor the decision, and the spread
+    names it."""
+    from pqd.planner import DENSE, files_against_dense
+
+    class Panels:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def time_paths(self, paths: dict) -> dict:
+            slow = [1.0, 1.3, 1.0, 0.9, 1.0][self.calls]  # the VM's speed in this panel
+            noise = 1.2 if self.calls == 1 else 1.0  # the pick alone, in one panel
+            self.calls += 1
+            assert next(iter(paths)) == DENSE
+            times = {DENSE: 4.0 * slow, "pick": 1.0 * slow * noise, "hand": 0.9 * slow}
+            return {n: times[n] for n in paths}
+
+    lm = Panels()
+    timed = files_against_dense(lm, {"pick": tmp_path, "hand": tmp_path}, tmp_path, 2.0)  # type: ignore[arg-type]
+    assert lm.calls == 5
+    assert timed.ms == pytest.approx({"pick": 0.5, "hand": 0.45})
+    assert timed.dense_raw_ms == pytest.approx(4.0)
+    assert timed.spread["pick"] == pytest.approx(0.2) and timed.spread["hand"] == pytest.approx(0)
+    one = files_against_dense(Panels(), {"pick": tmp_path}, tmp_path, 2.0, panels=1)  # type: ignore[arg-type]
+    assert one.ms == pytest.approx({"pick": 0.5}) and one.spread == {"pick": 0.0}
+
+
 def test_plan_benchmark_refuses_a_user_model_it_cannot_import_in_one_line(tmp_path, capsys) -> None:
     from helpers import load_benchmark
 
