@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -223,7 +224,16 @@ def share_work(src: Path, dest: Path) -> None:
         shutil.copyfile(sens, dest / SENSITIVITY_FILE)
     for trial in sorted((src / "trials").glob("plan-*")):
         if (trial / "record.json").is_file() and not (dest / "trials" / trial.name).exists():
-            shutil.copytree(trial, dest / "trials" / trial.name)
+            # hard links: a finished trial is only read (pqd writes by atomic rename), and a
+            # ResNet-18 trial holds 90 MB of baseline checkpoint and file
+            shutil.copytree(trial, dest / "trials" / trial.name, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dest: str) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dest)
 
 
 def iso_row(

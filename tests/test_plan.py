@@ -331,6 +331,10 @@ def test_later_plans_start_from_the_first_ones_sensitivity_and_trained_runs(tmp_
     assert (dest / SENSITIVITY_FILE).read_text() == '{"key": 1}'
     assert (dest / "trials" / "plan-done" / "record.json").is_file()
     assert not (dest / "trials" / "plan-half").exists()
+    # the finished trial's files are shared, not copied (same file system here)
+    assert (dest / "trials" / "plan-done" / "record.json").samefile(
+        src / "trials" / "plan-done" / "record.json"
+    )
     (src / SENSITIVITY_FILE).write_text('{"key": 2}')
     bench.share_work(src, dest)
     assert (dest / SENSITIVITY_FILE).read_text() == '{"key": 1}'
