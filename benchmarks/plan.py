@@ -66,6 +66,7 @@ QUICK = [
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pqd.checkpoint import atomic_write_text
     from pqd.latency_model import LEVELS
     from pqd.pipeline import run as run_recipe
     from pqd.planner import (
@@ -110,7 +111,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"dense_ms": dense, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
 
     def save() -> None:  # after each budget: a run stopped later keeps what it measured
-        (out / "bench.json").write_text(json.dumps(summary(), indent=1), encoding="utf-8")
+        # by atomic rename, as pqd writes: a copy of the folder made with hard links (cp -al)
+        # keeps its own bench.json
+        atomic_write_text(out / "bench.json", json.dumps(summary(), indent=1))
 
     first: Path | None = None  # the first budget's plan folder: later ones start from it
     for frac in args.fractions:
