@@ -613,17 +613,8 @@ def widened(
     measured = measured_scale(rows)
     if measured is None or measured >= scale * (1 - tolerance):
         return []
-    out = sorted(
-        (
-            r
-            for r in rows
-            if "premeasured_ms" not in r and r["predicted_ms"] * measured <= latency_ms
-        ),
-        key=lambda r: (r["estimated_loss"], r["predicted_ms"]),
-    )
-    for r in out:
-        r["scale"] = round(measured, 4)
-    return out
+    best_first = sorted(rows, key=lambda r: (r["estimated_loss"], r["predicted_ms"]))
+    return _admitted(best_first, latency_ms, measured)
 
 
 def recalibrated(
@@ -647,9 +638,13 @@ def recalibrated(
     scale = measured_scale(feasible)
     if scale is None or scale <= above:
         return []
-    out = [
-        r for r in feasible if "premeasured_ms" not in r and r["predicted_ms"] * scale <= latency_ms
-    ]
+    return _admitted(feasible, latency_ms, scale)
+
+
+def _admitted(pool: list[dict[str, Any]], latency_ms: float, scale: float) -> list[dict[str, Any]]:
+    """The rows of ``pool`` not yet timed whole whose prediction times ``scale`` meets the
+    budget (ms), in ``pool``'s order, each tagged with that ``scale``."""
+    out = [r for r in pool if "premeasured_ms" not in r and r["predicted_ms"] * scale <= latency_ms]
     for r in out:
         r["scale"] = round(scale, 4)
     return out
@@ -881,8 +876,9 @@ def plan(
                 screened = pool[:screen]
                 say(f"adaptive-BN validation of the {len(screened)} best by sensitivity")
                 for row in screened:
-                    acc, loss = abn(row["ratios"])
-                    row["abn_accuracy"], row["abn_loss"] = round(acc, 5), round(loss, 5)
+                    if "abn_loss" not in row:  # a re-screen meets rows the first one ranked
+                        acc, loss = abn(row["ratios"])
+                        row["abn_accuracy"], row["abn_loss"] = round(acc, 5), round(loss, 5)
                 ranked = sorted(screened, key=lambda row: (row["abn_loss"], row["predicted_ms"]))
                 head = ranked[: max(2 * k, 4)]
                 times = measure_against_dense(
