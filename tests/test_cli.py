@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import yaml
@@ -203,6 +204,22 @@ def test_run_writes_the_record_contract(tmp_path: Path, subset_dir: Path) -> Non
         assert set(lat["batches"]) == {"1", "8"}
         assert r["params"] >= r["nonzero_params"] > 0 and r["macs"] > 0 and r["bitops"] > 0
         assert r["parity"]["top1_agreement"] >= 0.99 and r["parity_ok"], r["parity_problems"]
+        lo, hi = r["accuracy_ci"]  # Wilson on the test images
+        assert lo < r["accuracy"] < hi and r["test_images"] == record["data"]["test"]
+    # the paired comparison agrees with the per-image predictions the run keeps
+    preds = np.load(out / "predictions.npz")
+    right_f, right_b = preds["final"] == preds["labels"], preds["baseline"] == preds["labels"]
+    assert right_f.mean() == pytest.approx(record["final"]["accuracy"])
+    paired = record["comparison"]["paired"]
+    assert paired["a_only"] == int((right_f & ~right_b).sum())
+    assert paired["b_only"] == int((~right_f & right_b).sum())
+    assert paired["ci_low"] <= paired["difference"] <= paired["ci_high"]
+    assert paired["verdict"] in ("tie", "final better", "baseline better")
+    assert "McNemar p =" in proc.stdout
+    val = np.load(out / "val_predictions.npz")
+    assert (val["final"] == val["labels"]).mean() == pytest.approx(
+        record["final"]["val_accuracy"], abs=0.01
+    )
     assert env_["kernels"] and isinstance(env_["cpu_flags"], list)
     base, final = record["baseline"], record["final"]
     # the default portable target: 7-bit weights, nothing that saturates without VNNI
@@ -228,6 +245,7 @@ def test_run_writes_the_record_contract(tmp_path: Path, subset_dir: Path) -> Non
     assert main(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "| final | int8 |" in report and "built for target **portable**" in report
+    assert "final vs baseline on the same" in report and "McNemar p =" in report
 
 
 @pytest.mark.integration

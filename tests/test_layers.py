@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
         "pqd.checkpoint",
         "pqd.state",
         "pqd.registry",
-    ),  # data and contracts
+        "pqd.stats",
+    ),  # data and contracts, statistics
     ("pqd.dataset",),  # the in-memory data set, splits
     ("pqd.folder",),  # image folders (decoded once into a memory-mapped cache)
     (

@@ -440,3 +440,35 @@ def test_plan_benchmark_runs_the_budget_the_hand_made_run_and_equal_latency(
     # its uniform reference is the hand-made ratio the budget's plan trained already
     assert iso["reused"] >= 1
     assert (out / "plan-0.7-iso" / "report.html").is_file()
+
+
+def _val_predictions(folder: Path, right: int, n: int = 1000, start: int = 0) -> None:
+    """A run folder whose final model gets ``right`` of ``n`` validation images right: the
+    images ``start`` to ``start + right``."""
+    folder.mkdir(parents=True)
+    labels = np.arange(n) % 10
+    i = np.arange(n)
+    final = np.where((i >= start) & (i < start + right), labels, (labels + 1) % 10)
+    np.savez(folder / "val_predictions.npz", labels=labels, final=final)
+
+
+def test_pick_is_planned_only_beyond_noise(tmp_path: Path) -> None:
+    from pqd.planner import choose_pick
+
+    _val_predictions(tmp_path / "u", 800)
+    _val_predictions(tmp_path / "near", 806, start=20)  # 26 right, 20 wrong vs u: noise
+    _val_predictions(tmp_path / "far", 840)  # 40 images better: beyond noise
+    uniform = {"dir": "u", "val_accuracy": 0.800, "measured_ms": 1.0, "uniform_reference": 0.5}
+    near = {"dir": "near", "val_accuracy": 0.806, "measured_ms": 0.9}
+    far = {"dir": "far", "val_accuracy": 0.840, "measured_ms": 1.0}
+    pick, rule = choose_pick([uniform, near], tmp_path)
+    assert pick is uniform and rule["rule"].startswith("uniform reference")
+    (c,) = rule["validation_vs_uniform"]
+    assert (c["a_only"], c["b_only"], c["beyond_noise"]) == (26, 20, False)
+    pick, rule = choose_pick([uniform, near, far], tmp_path)
+    assert pick is far and rule["rule"].startswith("planned candidate")
+    # Holm over the two planned ones: the far one still clears it, the near one does not
+    assert [c["beyond_noise"] for c in rule["validation_vs_uniform"]] == [False, True]
+    # no uniform reference within the budget: the best by validation
+    assert choose_pick([near, far], tmp_path)[0] is far
+    assert choose_pick([], tmp_path) == (None, {"rule": "no candidate met the budget"})

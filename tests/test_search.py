@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -131,12 +132,47 @@ def test_folder_status_done_trained_missing(tmp_path):
 
 
 def test_decide_pair_accuracy_then_latency_then_tie():
-    assert decide_pair(0.80, 0.78, 1.0, 0.5, 0.5, 0.1) == ("ab", "accuracy")
-    assert decide_pair(0.78, 0.80, 0.5, 1.0, 0.5, 0.1) == ("ba", "accuracy")
-    assert decide_pair(0.800, 0.798, 1.0, 0.5, 0.5, 0.1) == ("ba", "latency")
-    assert decide_pair(0.800, 0.798, 1.0, 0.95, 0.5, 0.1) == (None, "tie")
-    assert decide_pair(None, 0.5, 1.0, 1.0, 0.5, 0.1) == ("ba", "the other run failed")
-    assert decide_pair(None, None, None, None, 0.5, 0.1) == (None, "both runs failed")
+    from types import SimpleNamespace
+
+    from pqd.stats import compare_over_seeds
+
+    spec = SimpleNamespace(alpha=0.05, min_effect_points=0.0, tie_latency=0.1)
+    n = 1000
+    a = np.arange(n) < 800
+    b_far = np.arange(n) < 760  # a alone right on 40 images: p ~ 1e-12
+    b_near = np.arange(n) < 798  # 2 images apart: no evidence
+    far, near = compare_over_seeds([(a, b_far)]), compare_over_seeds([(a, b_near)])
+    assert decide_pair(True, True, far, far["p_value"], 1.0, 0.5, spec) == ("ab", "accuracy")
+    back = compare_over_seeds([(b_far, a)])
+    assert decide_pair(True, True, back, back["p_value"], 0.5, 1.0, spec) == ("ba", "accuracy")
+    assert decide_pair(True, True, near, near["p_value"], 1.0, 0.5, spec) == ("ba", "latency")
+    assert decide_pair(True, True, near, near["p_value"], 1.0, 0.95, spec) == (None, "tie")
+    # significant alone, not after a correction that lifts p over alpha
+    assert decide_pair(True, True, far, 0.06, 1.0, 0.95, spec) == (None, "tie")
+    # the smallest effect worth reporting
+    big = SimpleNamespace(alpha=0.05, min_effect_points=5.0, tie_latency=0.1)
+    assert decide_pair(True, True, far, far["p_value"], 1.0, 0.95, big) == (None, "tie")
+    assert decide_pair(False, True, None, None, 1.0, 1.0, spec) == ("ba", "the other run failed")
+    assert decide_pair(False, False, None, None, None, None, spec) == (None, "both runs failed")
+
+
+def test_pair_that_flips_between_seeds_ties():
+    """Seed 0 favours A->B by 4 points, seed 1 favours B->A by 4: pooled the images cancel,
+    and no seed-level interval excludes 0."""
+    from pqd.stats import compare_over_seeds, decide
+
+    n = 2000
+    hi, lo = np.arange(n) < 1640, np.arange(n) < 1560
+    c = compare_over_seeds([(hi, lo), (lo, hi)])
+    assert c["dominant"] == "seed spread" and c["seed_ci"][0] < 0 < c["seed_ci"][1]
+    assert c["heterogeneity_p"] < 1e-6
+    assert decide(c, c["p_value"]) == "tie"
+    # two seeds agreeing at +4 and +3 points: within what the images explain (Cochran's Q),
+    # so the 4,000 pooled paired images decide: a clear win
+    mid = np.arange(n) < 1580
+    c2 = compare_over_seeds([(hi, lo), (hi, mid)])
+    assert c2["heterogeneity_p"] > 0.05
+    assert decide(c2, c2["p_value"]) == "a"
 
 
 def test_topological_order_of_a_known_win_table():
@@ -313,6 +349,14 @@ def fake_search(
 
     base = Trial("baseline", (), 0, (30,), recipe, "basekey")
     entries = [entry(t, t.seed) for t in trials]
+    # per-image correctness consistent with each accuracy: the first round(acc * n) images
+    # (nested sets, so two orders differ on exactly the images between their counts)
+    n_test = 1017
+    correct = {
+        e["key"]: np.arange(n_test) < round(e["accuracy"] * n_test)
+        for e in [entry(base, 0), *entries]
+        if e["status"] == "done"
+    }
     data = {
         "name": "cifar10",
         "train": 4670,
@@ -329,6 +373,7 @@ def fake_search(
         panel=panel,
         data=data,
         unique_runs=16,
+        correct=correct,
     )
     search["runs"].update(trained_now=16, reused=0, failed=0)
     search["timing_s"] = {"train": 100.0, "measure": 20.0, "panel": 5.0, "total": 130.0}

@@ -194,6 +194,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     from pqd.report import (
         SUMMARY_HEADER,
+        paired_text,
         parity_warnings,
         points_text,
         speed_text,
@@ -209,6 +210,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"smaller, accuracy {points_text(-cmp_['accuracy_drop_points'])}; "
         f"{record['timing_s']['total']:.0f} s in all"
     )
+    if cmp_.get("paired"):
+        print(paired_text(cmp_["paired"]))
     print(f"wrote {Path(args.out) / 'record.json'} and {Path(args.out) / 'report.md'}")
     for line in parity_warnings(record):
         print(f"pqd: warning: {line}", file=sys.stderr)

@@ -37,8 +37,9 @@ from pqd.quant.sensitivity import layer_sensitivity
 from pqd.recipe import MeasureSpec, QuantizeSpec, Recipe, dump_recipe
 from pqd.resume import RunFolder, load_state, note, save_state, step_name
 from pqd.state import State
+from pqd.stats import compare_paired
 from pqd.target import resolve as resolve_target
-from pqd.train import evaluate
+from pqd.train import evaluate, predict
 
 RECORD_VERSION = 1
 
@@ -384,6 +385,18 @@ def execute(
             on_stage=record_stage,
         )
 
+    # the final model's answer on every validation image: the planner's pick rule compares
+    # candidates image by image on the validation split (pqd.stats), never on the test split
+    val_logits, val_y = predict(
+        state.model, val_loader, device=device, progress=progress, desc="final val"
+    )
+    if len(val_y):
+        np.savez_compressed(
+            out / VAL_PREDICTIONS_FILE,
+            labels=val_y.numpy().astype(np.int16),
+            final=val_logits.argmax(1).numpy().astype(np.int16),
+        )
+
     # ---- export both artifacts, then measure them side by side
     from pqd.export import export_onnx
     from pqd.measure.artifacts import torch_reference
@@ -496,9 +509,11 @@ def execute(
     )
     _measure_exits(out, recipe, spec, data, references, measured, progress)
     _audit(out, recipe, spec, data, measured, logits, progress)
+    paired = save_predictions(out, logits, data.test_y.numpy(), recipe.seed)
     record = _finish_record(
         pending,
         measured,
+        paired,
         time.perf_counter() - t0 + reference_seconds,
         recipe.measure.threads,
         "in-process, right after training",
@@ -607,11 +622,13 @@ def measure_run(
     )
     _measure_exits(out, recipe, spec, data, references, measured, progress)
     _audit(out, recipe, spec, data, measured, logits, progress)
+    paired = save_predictions(out, logits, data.test_y.numpy(), recipe.seed)
     seconds = time.perf_counter() - t0
     total = pending["timing_s"]["total"] + seconds
     record = _finish_record(
         pending,
         measured,
+        paired,
         seconds + pending["timing_s"]["reference"],
         recipe.measure.threads,
         where,
@@ -680,9 +697,62 @@ def _audit(
         measured[name]["audit"] = a
 
 
+PREDICTIONS_FILE = "predictions.npz"
+"""Per test image: the true class (``labels``) and each artifact's predicted class on the
+primary runtime (``baseline``, ``final``), so that runs on the same test images can be
+compared image by image (:func:`pqd.stats.compare_paired`) long after they were measured."""
+
+
+def save_predictions(
+    out: Path, logits: dict[str, np.ndarray], labels: np.ndarray, seed: int
+) -> dict[str, Any]:
+    """Write :data:`PREDICTIONS_FILE` and compare final against baseline image by image.
+
+    Args:
+        out: the run folder.
+        logits: test-split logits per artifact on the primary runtime.
+        labels: the test split's true classes.
+        seed: the bootstrap's seed (the run's).
+
+    Returns:
+        The paired comparison (final minus baseline, fractions) with its verdict.
+    """
+    preds = {name: v.argmax(1).astype(np.int16) for name, v in logits.items()}
+    np.savez_compressed(out / PREDICTIONS_FILE, labels=labels.astype(np.int16), **preds)
+    paired = compare_paired(preds["final"], preds["baseline"], labels, seed=seed)
+    return {**paired.as_dict(), "verdict": paired.verdict("final", "baseline")}
+
+
+VAL_PREDICTIONS_FILE = "val_predictions.npz"
+"""Per validation image: the true class (``labels``) and the final torch model's predicted
+class (``final``), written after the stages (the planner's pick rule reads it)."""
+
+
+def load_predictions(run_dir: str | Path, split: str = "test") -> dict[str, np.ndarray] | None:
+    """A run folder's per-image predictions, or None when the run has none (measured before
+    pqd wrote them, or no validation split).
+
+    Args:
+        run_dir: the run folder.
+        split: ``"test"`` (:data:`PREDICTIONS_FILE`: ``labels``, ``baseline``, ``final`` on the
+            primary runtime) or ``"val"`` (:data:`VAL_PREDICTIONS_FILE`: ``labels``,
+            ``final`` of the torch model).
+
+    Returns:
+        Arrays by name.
+    """
+    name = PREDICTIONS_FILE if split == "test" else VAL_PREDICTIONS_FILE
+    path = Path(run_dir) / name
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
 def _finish_record(
     pending: dict[str, Any],
     measured: dict[str, Any],
+    paired: dict[str, Any],
     measure_seconds: float,
     threads: int,
     where: str,
@@ -707,7 +777,7 @@ def _finish_record(
         "data": pending["data"],
         "baseline": baseline,
         "final": final,
-        "comparison": compare(baseline, final),
+        "comparison": {**compare(baseline, final), "paired": paired},
         "stages": pending["stages"],
         "timing_s": timing,
         "measurement": {**machine(), "where": where, "trained_on": pending["trained_on"]},

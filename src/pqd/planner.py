@@ -40,9 +40,12 @@ The recipe is the template: its stages run for every trained candidate, with its
    one shared baseline) on the search executors (sequential, processes, Ray), into run
    folders keyed by their resolved recipe: running the same command again resumes.
 5. **Measuring and the pick**: each run is measured as ``pqd run`` does, then all final
-   files are timed once more side by side; the pick is the best validation top-1 among
-   those within the budget (``tolerance``, default 5%, allows timing noise); its test top-1
-   is reported, and its recipe is written as ``pick.yaml`` (``pqd run pick.yaml`` redoes it).
+   files are timed once more side by side; among those within the budget (``tolerance``,
+   default 5%, allows timing noise) a planned network is picked only when it beats the
+   uniform reference on the validation images beyond noise (paired McNemar, Holm over the
+   planned ones: :func:`choose_pick`), else the uniform reference is; the pick's test top-1
+   is reported with its paired comparison against the uniform reference, and its recipe is
+   written as ``pick.yaml`` (``pqd run pick.yaml`` redoes it).
 
 Writes ``DIR/plan.json``, ``DIR/report.md``, ``DIR/report.html`` (self-contained),
 ``DIR/plots/*.png`` and ``DIR/pick.yaml``.
@@ -65,6 +68,7 @@ import numpy as np
 from pqd.errors import PqdError, RecipeError
 from pqd.latency_model import LEVELS, LatencyModel, Ratios
 from pqd.recipe import Recipe, dump_recipe, recipe_from_dict
+from pqd.stats import ALPHA, compare_paired, holm
 
 PLAN_FILE = "plan.json"
 PICK_FILE = "pick.yaml"
@@ -1038,9 +1042,7 @@ def plan(
         trained.append(entry)
     ok = [e for e in trained if e["status"] == "done"]
     within = [e for e in ok if e["measured_ms"] <= latency_ms * (1 + tolerance)]
-    pick = (
-        max(within, key=lambda e: (e["val_accuracy"] or 0.0, -e["measured_ms"])) if within else None
-    )
+    pick, pick_rule = choose_pick(within, out_dir)
     result: dict[str, Any] = {
         "version": PLAN_VERSION,
         "recipe": recipe.name,
@@ -1064,6 +1066,7 @@ def plan(
         "candidates": rows,
         "trained": trained,
         "pick": pick,
+        "pick_rule": pick_rule,
         "executor": executor,
         "timing_s": {"total": round(time.perf_counter() - t_start, 1)},
     }
@@ -1086,6 +1089,98 @@ def plan(
             "machine",
         )
     return result
+
+
+def choose_pick(
+    within: list[dict[str, Any]], out_dir: Path, alpha: float = ALPHA
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The pick among the trained candidates that met the budget when measured.
+
+    A planned candidate is picked only when its validation top-1 beats the uniform reference
+    (the answer by hand) beyond noise: a paired comparison on the same validation images,
+    exact McNemar, Holm-corrected over the planned candidates within the budget. The best
+    of those by validation top-1 (then speed) is the pick; when none is, the uniform
+    reference is. Without a uniform reference within the budget, the best by validation
+    top-1. The pick's test top-1 is compared with the uniform reference's too (paired, on
+    the test images), for the report: the test split never chooses.
+
+    Args:
+        within: trained, measured entries within the budget (``val_accuracy``,
+            ``measured_ms``, ``dir`` relative to ``out_dir``, ``uniform_reference`` for the
+            hand-made one).
+        out_dir: the plan folder.
+        alpha: family-wise level.
+
+    Returns:
+        ``(pick, rule)``: the pick's entry (or None) and what decided, with the comparisons.
+    """
+    from pqd.pipeline import load_predictions
+
+    def best(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return max(rows, key=lambda e: (e["val_accuracy"] or 0.0, -e["measured_ms"]))
+
+    if not within:
+        return None, {"rule": "no candidate met the budget"}
+    uniform = next((e for e in within if e.get("uniform_reference") is not None), None)
+    planned = [e for e in within if e is not uniform]
+    if uniform is None or not planned:
+        return best(within), {"rule": "best validation top-1 (no uniform reference to beat)"}
+    ref_val = load_predictions(out_dir / uniform["dir"], "val")
+    tested: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for e in planned:
+        val = load_predictions(out_dir / e["dir"], "val")
+        if val is None or ref_val is None or len(val["labels"]) != len(ref_val["labels"]):
+            continue
+        vs = compare_paired(val["final"], ref_val["final"], val["labels"])
+        tested.append((e, vs.as_dict()))
+    if not tested:
+        return best(within), {"rule": "best validation top-1 (no validation predictions)"}
+    adjusted = holm([c["p_value"] for _, c in tested])
+    beyond = []
+    comparisons = []
+    for (e, c), p_adj in zip(tested, adjusted, strict=True):
+        wins = p_adj < alpha and c["difference"] > 0
+        comparisons.append({"dir": e["dir"], **c, "p_holm": round(p_adj, 6), "beyond_noise": wins})
+        if wins:
+            beyond.append(e)
+    pick = best(beyond) if beyond else uniform
+    rule = {
+        "rule": (
+            "planned candidate: validation top-1 above the uniform reference beyond noise"
+            if beyond
+            else "uniform reference: no planned candidate beat it beyond noise on validation"
+        ),
+        "alpha": alpha,
+        "validation_vs_uniform": comparisons,
+    }
+    if pick is not uniform:
+        test_pick = load_predictions(out_dir / pick["dir"])
+        test_ref = load_predictions(out_dir / uniform["dir"])
+        if test_pick is not None and test_ref is not None:
+            t = compare_paired(test_pick["final"], test_ref["final"], test_pick["labels"])
+            rule["test_vs_uniform"] = {**t.as_dict(), "verdict": t.verdict("pick", "uniform")}
+    return pick, rule
+
+
+def _pick_rule_lines(rule: dict[str, Any]) -> list[str]:
+    """The report's account of why the pick was picked (:func:`choose_pick`)."""
+    from pqd.report import paired_text, points_text
+
+    if not rule:
+        return []
+    lines = [f"Why: {rule['rule']}."]
+    for c in rule.get("validation_vs_uniform", []):
+        lines.append(
+            f"- `{c['dir']}` vs the uniform reference on {c['n']} validation images: "
+            f"{points_text(100 * c['difference'])} (95% CI {100 * c['ci_low']:+.2f} to "
+            f"{100 * c['ci_high']:+.2f}), {c['a_only']} vs {c['b_only']} images only one gets "
+            f"right, McNemar p = {c['p_value']:.3g} (Holm {c['p_holm']:.3g}): "
+            + ("beyond noise" if c["beyond_noise"] else "within noise")
+        )
+    t = rule.get("test_vs_uniform")
+    if t:
+        lines += ["", paired_text(t, "pick", "uniform reference") + "."]
+    return lines
 
 
 def _plan_folder(trial: Any) -> str:
@@ -1250,6 +1345,7 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
             f"val top-1 {100 * (p['val_accuracy'] or 0):.2f}%, test top-1 "
             f"{100 * p['accuracy']:.2f}%. Recipe: `{PICK_FILE}` (`pqd run {PICK_FILE} --out DIR`)."
         )
+        lines += ["", *_pick_rule_lines(result.get("pick_rule") or {})]
     else:
         lines.append("No trained candidate met the budget when measured.")
     return "\n".join(lines) + "\n"

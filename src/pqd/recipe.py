@@ -558,9 +558,11 @@ class SearchSpec(Strict):
     stage of every order gets ``budget[0]`` %, whatever stage it is); ``None`` splits evenly.
     ``total_epochs`` ``None`` means the sum of the stages' own ``epochs``. Every trial uses
     the one shared baseline, data and seed; ``seeds`` repeats every trial (mean and spread).
-    ``criterion``: higher test top-1 wins; differences within ``tie_points`` accuracy points
-    are ties, broken by batch-1 p50 latency when it differs by more than ``tie_latency``
-    (a fraction), else the pair is a tie.
+    ``criterion``: higher test top-1 wins when the paired comparison of the two orders on
+    the same test images is significant at ``alpha`` (exact McNemar pooled over seeds,
+    Holm-corrected over the pairs; :mod:`pqd.stats`) and at least ``min_effect_points``
+    (the smallest difference worth reporting); otherwise batch-1 p50 latency decides when
+    it differs by more than ``tie_latency`` (a fraction), else the pair is a tie.
     """
 
     mode: Literal["permutations", "pairwise", "both"] = "both"
@@ -571,11 +573,24 @@ class SearchSpec(Strict):
     )
     references: bool = True
     criterion: Literal["accuracy"] = "accuracy"
-    tie_points: float = Field(default=0.5, ge=0.0, le=100.0)
+    alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+    min_effect_points: float = Field(default=0.0, ge=0.0, le=100.0)
     tie_latency: float = Field(default=0.10, ge=0.0, lt=1.0)
     # flag a Pareto-front point whose worst class drops by more than this many points
     # against the baseline (the audit's largest per-class drop); None: no flag
     flag_class_drop: float | None = Field(default=None, ge=0.0, le=100.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tie_points_gone(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tie_points" in data:
+            raise ValueError(
+                "search.tie_points is gone: two orders now tie unless a paired test on the "
+                "same test images says otherwise; fix: delete tie_points (set "
+                "min_effect_points for the smallest difference worth reporting, alpha for "
+                "the test's level)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _seeds_unique(self) -> SearchSpec:

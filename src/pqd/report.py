@@ -55,6 +55,39 @@ def points_text(points: float) -> str:
     return "0.00 points" if rounded == 0 else f"{rounded:+.2f} points"
 
 
+def ci_text(ci: Any) -> str:
+    """A 95% interval of fractions as ``"[76.3, 81.2]"`` (percent, one decimal); ``""`` when
+    the record has none (measured before pqd wrote intervals)."""
+    if not ci:
+        return ""
+    return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def paired_text(p: dict[str, Any] | None, a: str = "final", b: str = "baseline") -> str:
+    """One sentence on a paired comparison (:func:`pqd.stats.compare_paired` as a dict).
+
+    Args:
+        p: the comparison (fractions), or None.
+        a: the name of the first model (the difference is a minus b).
+        b: the name of the second model.
+
+    Returns:
+        e.g. ``"final vs baseline on the same 10000 test images: +0.20 points (95% CI -0.31 to
+        +0.71), 52 images only final gets right, 32 only baseline (McNemar p = 0.037):
+        final better"``; ``""`` for None.
+    """
+    if not p:
+        return ""
+    verdict = p.get("verdict", "tie")
+    verdict = "a tie at the 5% level" if verdict == "tie" else verdict
+    return (
+        f"{a} vs {b} on the same {p['n']} test images: {points_text(100 * p['difference'])} "
+        f"(95% CI {100 * p['ci_low']:+.2f} to {100 * p['ci_high']:+.2f}), "
+        f"{p['a_only']} images only {a} gets right, {p['b_only']} only {b} "
+        f"(McNemar p = {p['p_value']:.3g}): {verdict}"
+    )
+
+
 def plural(n: int, word: str) -> str:
     """``"1 epoch"``, ``"2 epochs"``."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
@@ -109,7 +142,7 @@ def summary_rows(record: dict[str, Any]) -> list[list[str]]:
             [
                 key,
                 r["precision"],
-                _pct(r["accuracy"]),
+                f"{_pct(r['accuracy'])} {ci_text(r.get('accuracy_ci'))}".strip(),
                 _mb(r["size_bytes"]),
                 f"{lat['p50']:.3f}",
                 f"{lat['p90']:.3f}",
@@ -125,7 +158,7 @@ def summary_rows(record: dict[str, Any]) -> list[list[str]]:
 SUMMARY_HEADER = [
     "artifact",
     "precision",
-    "top-1",
+    "top-1 [95% CI]",
     "MB",
     "p50 ms (b1)",
     "p90 ms (b1)",
@@ -205,9 +238,11 @@ def render_markdown(record: dict[str, Any]) -> str:
         "",
         table(SUMMARY_HEADER, summary_rows(record)),
         "",
-        "Accuracy is the artifact's own top-1 on the test split, run through the runtime; "
-        "latency is wall-clock per call, both artifacts timed in interleaved rounds.",
+        "Accuracy is the artifact's own top-1 on the test split, run through the runtime, "
+        "with its 95% Wilson interval; latency is wall-clock per call, both artifacts timed in "
+        "interleaved rounds.",
         "",
+        *([paired_text(cmp_["paired"]) + ".", ""] if cmp_.get("paired") else []),
         *_speed_notes(record),
         "## Stages",
         "",
@@ -452,6 +487,7 @@ SEARCH_HEADER = [
     "order",
     "epochs",
     "top-1",
+    "95% CI",
     "± sd",
     "MB",
     "p50 ms",
@@ -483,6 +519,7 @@ def search_rows(search: dict[str, Any]) -> list[list[str]]:
                     "",
                     "",
                     "",
+                    "",
                 ]
             )
             continue
@@ -495,6 +532,7 @@ def search_rows(search: dict[str, Any]) -> list[list[str]]:
                 label,
                 "/".join(map(str, g["epochs"])) or "-",
                 f"{100 * g['accuracy_mean']:.2f}%",
+                ci_text(g.get("accuracy_ci")) or "-",
                 sd,
                 f"{g['size_bytes'] / 1e6:.2f}",
                 f"{g['latency_p50_ms']:.3f}",
@@ -513,6 +551,8 @@ PAIR_HEADER = [
     "A -> B top-1",
     "B -> A top-1",
     "A -> B minus B -> A",
+    "95% CI",
+    "p (Holm)",
     "A -> B p50 ms",
     "B -> A p50 ms",
     "goes first",
@@ -532,12 +572,16 @@ def pairwise_rows(search: dict[str, Any]) -> list[list[str]]:
             return "-" if x is None else f"{x:.3f}"
 
         margin = "-" if r["margin_points"] is None else f"{r['margin_points']:+.2f} pts"
+        pr = r.get("paired")
+        ci = "-" if not pr else f"{100 * pr['ci_low']:+.2f} to {100 * pr['ci_high']:+.2f}"
         rows.append(
             [
                 f"{r['a']}, {r['b']}",
                 acc(r["ab_accuracy"]),
                 acc(r["ba_accuracy"]),
                 margin,
+                ci,
+                "-" if not pr else f"{pr['p_holm']:.3g}",
                 ms(r["ab_p50_ms"]),
                 ms(r["ba_p50_ms"]),
                 r["first"] or "tie",
@@ -560,9 +604,9 @@ def derived_order_text(search: dict[str, Any]) -> str:
         )
     if not pw["edges"]:
         return (
-            "Every pair tied under the criterion (both orders of each pair within "
-            f"{search['criterion']['tie_points']:g} points and "
-            f"{100 * search['criterion']['tie_latency']:g}% latency): the pairwise "
+            "Every pair tied under the criterion (no accuracy difference significant at "
+            f"{search['criterion'].get('alpha', 0.05):g} after Holm's correction, latencies "
+            f"within {100 * search['criterion']['tie_latency']:g}%): the pairwise "
             "results prefer no order."
         )
     if pw["unique"]:
@@ -632,7 +676,8 @@ def _results_note(search: dict[str, Any]) -> str:
     panel = search["latency_panel"]
     return (
         f"top-1: the deployed artifact's own accuracy on the test split (mean over seeds, "
-        f"± sample sd). Latency: batch-1 wall clock on {panel['runtime']} with "
+        f"± sample sd over seeds; 95% CI: Wilson on the test images of all seeds pooled, "
+        f"test-set noise only). Latency: batch-1 wall clock on {panel['runtime']} with "
         f"{panel['threads']} threads, every artifact timed side by side in one interleaved "
         f"panel on {panel['host']} ({panel['cpu']}); speedup vs the FP32 baseline in that "
         f"panel. Pareto: not dominated in (top-1 up, MB down, p50 down), latencies within "
@@ -645,8 +690,32 @@ def _pairwise_note(search: dict[str, Any]) -> str:
     return (
         f"Criterion: {search['criterion']['text']}. Each pairwise run gets "
         f"{'/'.join(map(str, search['allocation']['pairwise_epochs']))} epochs (the first "
-        "two positions of a full order)."
+        "two positions of a full order). 95% CI: paired bootstrap of A -> B minus B -> A "
+        "over the test images of every seed; p (Holm): exact McNemar on the images only one "
+        "order gets right, adjusted over the pairs."
+        + "".join(f" {line}" for line in _unresolved_text(search))
     )
+
+
+def _unresolved_text(search: dict[str, Any]) -> list[str]:
+    """For each tied pair with a measured difference: how many test images (per seed) or
+    seeds would resolve it at the observed effect (80% power)."""
+    out = []
+    for r in (search.get("pairwise") or {}).get("table", []):
+        pr = r.get("paired")
+        if r["first"] is not None or not pr or not pr["difference"]:
+            continue
+        need = []
+        if pr.get("images_to_resolve"):
+            need.append(f"{pr['images_to_resolve']} test images per seed")
+        if pr.get("seeds_to_resolve"):
+            need.append(f"{pr['seeds_to_resolve']} seeds")
+        if need:
+            out.append(
+                f"{r['a']} / {r['b']} ({points_text(100 * pr['difference'])}) would need about "
+                f"{' or '.join(need)} to resolve at that effect."
+            )
+    return out
 
 
 def _footer(search: dict[str, Any]) -> list[str]:

@@ -54,10 +54,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pqd.errors import PqdError, RecipeError
 from pqd.recipe import Recipe, recipe_from_dict
+from pqd.stats import compare_over_seeds, decide, holm, seed_summary, wilson_interval
 
-SEARCH_VERSION = 1
+SEARCH_VERSION = 2
 KEY_VERSION = 1  # bump when a change makes old trial folders unusable
 EXECUTORS = ("sequential", "processes", "ray")
 TRIAL_FILE = "trial.json"
@@ -248,31 +251,71 @@ def plan_trials(
 
 
 def decide_pair(
-    acc_ab: float | None,
-    acc_ba: float | None,
+    ab_done: bool,
+    ba_done: bool,
+    comparison: dict[str, Any] | None,
+    p_adjusted: float | None,
     lat_ab: float | None,
     lat_ba: float | None,
-    tie_points: float,
-    tie_latency: float,
+    spec: Any,
 ) -> tuple[str | None, str]:
     """Which order of a pair wins: ``"ab"``, ``"ba"`` or ``None`` (tie), and what decided.
 
-    Accuracies are fractions (``None``: the run failed); higher wins when the difference is
-    more than ``tie_points`` accuracy points, else lower batch-1 p50 latency (ms) wins when
-    it is lower by more than the fraction ``tie_latency``, else it is a tie.
+    Accuracy decides when the paired comparison of A->B against B->A on the same test
+    images (:func:`pqd.stats.compare_over_seeds`) is significant at ``spec.alpha`` after
+    Holm's correction over the pairs (``p_adjusted``), holds across seeds where the seeds
+    spread more than the images explain, and is at least ``spec.min_effect_points``
+    (:func:`pqd.stats.decide`). Otherwise a batch-1 p50 latency (ms) lower by more than the
+    fraction ``spec.tie_latency`` wins; otherwise the pair ties.
+
+    Args:
+        ab_done: the A->B runs finished (on at least one seed).
+        ba_done: the B->A runs finished.
+        comparison: A->B against B->A, or None without per-image predictions.
+        p_adjusted: the comparison's Holm-adjusted McNemar p-value.
+        lat_ab: A->B's batch-1 p50 (ms), or None.
+        lat_ba: B->A's batch-1 p50 (ms), or None.
+        spec: the recipe's ``search`` section.
+
+    Returns:
+        ``(winner, decided_by)``.
     """
-    if acc_ab is None or acc_ba is None:
-        if acc_ab is None and acc_ba is None:
+    if not ab_done or not ba_done:
+        if not ab_done and not ba_done:
             return None, "both runs failed"
-        return ("ba" if acc_ab is None else "ab"), "the other run failed"
-    diff = 100.0 * (acc_ab - acc_ba)
-    if abs(diff) > tie_points:
-        return ("ab" if diff > 0 else "ba"), "accuracy"
+        return ("ba" if not ab_done else "ab"), "the other run failed"
+    if comparison is not None and p_adjusted is not None:
+        verdict = decide(comparison, p_adjusted, spec.alpha, spec.min_effect_points / 100.0)
+        if verdict != "tie":
+            return ("ab" if verdict == "a" else "ba"), "accuracy"
     if lat_ab is not None and lat_ba is not None and max(lat_ab, lat_ba) > 0:
         rel = (lat_ba - lat_ab) / max(lat_ab, lat_ba)
-        if abs(rel) > tie_latency:
+        if abs(rel) > spec.tie_latency:
             return ("ab" if rel > 0 else "ba"), "latency"
-    return None, "tie"
+    return None, "tie" if comparison is not None else "tie (no per-image predictions)"
+
+
+def paired_groups(
+    a: list[dict[str, Any]], b: list[dict[str, Any]], correct: dict[str, np.ndarray]
+) -> dict[str, Any] | None:
+    """Group a against group b on the same test images, seed by seed.
+
+    Args:
+        a: group a's trial entries (one per seed; ``key``, ``seed``, ``status``).
+        b: group b's trial entries.
+        correct: per-image correctness (bool) by trial key.
+
+    Returns:
+        :func:`pqd.stats.compare_over_seeds` over the seeds both finished with predictions,
+        or None when there is no such seed.
+    """
+    by_seed = {e["seed"]: e for e in b if e.get("status") == "done" and e["key"] in correct}
+    pairs = [
+        (correct[e["key"]], correct[by_seed[e["seed"]]["key"]])
+        for e in a
+        if e.get("status") == "done" and e["key"] in correct and e["seed"] in by_seed
+    ]
+    return compare_over_seeds(pairs) if pairs else None
 
 
 def topological_order(nodes: Sequence[str], edges: Sequence[tuple[str, str]]) -> dict[str, Any]:
@@ -985,7 +1028,7 @@ def audit_summary(record: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
+def _aggregate(entries: list[dict[str, Any]], test_images: int = 0) -> dict[str, Any]:
     ok = [e for e in entries if e["status"] == "done"]
     first = entries[0]
     out: dict[str, Any] = {
@@ -1026,6 +1069,12 @@ def _aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
             "parity_ok": all(e.get("parity_ok", True) for e in ok),
         }
     )
+    if test_images:  # test-set noise: Wilson on the images of every seed pooled
+        right = round(sum(accs) * test_images)
+        lo, hi = wilson_interval(right, test_images * len(accs))
+        out["accuracy_ci"] = [round(lo, 6), round(hi, 6)]
+        if len(accs) > 1:
+            out["over_seeds"] = seed_summary(accs, test_images)
     audits = [e["audit"] for e in ok if e.get("audit")]
     if len(audits) == len(ok):  # worst case over seeds; means of the rest
         drops = [a["worst_class_drop_points"] for a in audits]
@@ -1083,6 +1132,13 @@ def summarize(
         {k: out / unique[k].folder / "final.onnx" for k in records}, mspec, progress=progress
     )
     base_p50 = panel[base.key]["p50"]
+    from pqd.pipeline import load_predictions
+
+    correct: dict[str, np.ndarray] = {}
+    for key in records:
+        preds = load_predictions(out / unique[key].folder)
+        if preds is not None:
+            correct[key] = preds["final"] == preds["labels"]
     base_entry = _trial_result(base, records[base.key], None, panel, base_p50)
     base_entry["source"] = records[base.key]["baseline"]["source"]
     entries = [
@@ -1107,6 +1163,7 @@ def summarize(
         panel=panel_info,
         data=records[base.key]["data"],
         unique_runs=len(unique),
+        correct=correct,
     )
 
 
@@ -1119,13 +1176,17 @@ def analyse(
     panel: dict[str, Any],
     data: dict[str, Any],
     unique_runs: int,
+    correct: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """search.json's data from per-trial results (no I/O): groups over seeds, Pareto set,
     ranking of the full orders, pairwise table with the derived order or cycle, run counts.
 
     Each entry holds ``group``, ``kind``, ``order``, ``label``, ``seed``, ``epochs``,
-    ``status`` and, when done, ``accuracy`` (fraction), ``size_bytes``, ``latency_ms``
-    (``{"p50", "p90"}`` in ms), ``precision`` and ``sparsity``.
+    ``key``, ``status`` and, when done, ``accuracy`` (fraction), ``size_bytes``,
+    ``latency_ms`` (``{"p50", "p90"}`` in ms), ``precision`` and ``sparsity``. ``correct``
+    holds each trial's per-image correctness on the test split by trial key: the pairwise
+    decisions and the ties with the best order are paired tests on it (without it every
+    accuracy comparison is a tie).
     """
     from pqd._version import __version__
     from pqd.measure.env import environment
@@ -1136,7 +1197,8 @@ def analyse(
     groups_by_id: dict[str, list[dict[str, Any]]] = {}
     for e in [base_entry, *entries]:
         groups_by_id.setdefault(e["group"], []).append(e)
-    groups = [_aggregate(es) for es in groups_by_id.values()]
+    correct = correct or {}
+    groups = [_aggregate(es, data.get("test", 0)) for es in groups_by_id.values()]
     for g in groups:
         g["speedup_vs_baseline"] = (
             round(base_p50 / g["latency_p50_ms"], 3) if g.get("latency_p50_ms") else None
@@ -1165,11 +1227,7 @@ def analyse(
         (g for g in groups if g["kind"] == "permutation" and g["n"]),
         key=lambda g: (-g["accuracy_mean"], g["latency_p50_ms"]),
     )
-    for rank, g in enumerate(perms, 1):
-        g["rank"] = rank
-        g["tied_with_best"] = (
-            100 * (perms[0]["accuracy_mean"] - g["accuracy_mean"]) <= spec.tie_points
-        )
+    _rank_against_best(perms, groups_by_id, correct, spec)
 
     names = [s.stage for s in recipe.stages]
     n = len(names)
@@ -1178,7 +1236,7 @@ def analyse(
     by_id = {g["id"]: g for g in groups}
     pairwise = None
     if spec.mode in ("pairwise", "both"):
-        pairwise = _pairwise(names, by_id, spec)
+        pairwise = _pairwise(names, by_id, groups_by_id, correct, spec)
         pairwise.update(
             runs=n * (n - 1) * len(spec.seeds),
             epochs=n * (n - 1) * len(spec.seeds) * sum(alloc[:2]),
@@ -1218,12 +1276,21 @@ def analyse(
         "stages": names,
         "criterion": {
             "metric": spec.criterion,
-            "tie_points": spec.tie_points,
+            "alpha": spec.alpha,
+            "min_effect_points": spec.min_effect_points,
             "tie_latency": spec.tie_latency,
             "text": (
-                f"higher test top-1 wins; within {spec.tie_points:g} points it is a tie, "
-                f"broken by batch-1 p50 latency lower by more than "
-                f"{100 * spec.tie_latency:g}%; else the pair ties"
+                "higher test top-1 wins when the paired comparison on the same test images "
+                f"is significant at {spec.alpha:g} (exact McNemar pooled over seeds, Holm's "
+                "correction over the pairs; where seeds spread more than the images explain, "
+                "the per-seed t-interval must exclude 0 too)"
+                + (
+                    f" and at least {spec.min_effect_points:g} points"
+                    if spec.min_effect_points
+                    else ""
+                )
+                + "; otherwise batch-1 p50 latency lower by more than "
+                f"{100 * spec.tie_latency:g}% wins; else the pair ties"
             ),
         },
         "allocation": {
@@ -1273,18 +1340,60 @@ def analyse(
     }
 
 
-def _pairwise(names: list[str], groups: dict[str, dict[str, Any]], spec: Any) -> dict[str, Any]:
+def _rank_against_best(
+    perms: list[dict[str, Any]],
+    entries: dict[str, list[dict[str, Any]]],
+    correct: dict[str, np.ndarray],
+    spec: Any,
+) -> None:
+    """Rank the full orders (sorted best first) and mark those the best does not beat:
+    paired comparisons of the best against each other order, Holm over them."""
+    if not perms:
+        return
+    best = perms[0]
+    others = [(g, paired_groups(entries[best["id"]], entries[g["id"]], correct)) for g in perms[1:]]
+    tested = [c for _, c in others if c is not None]
+    adjusted = iter(holm([float(c["p_value"]) for c in tested]))
+    best.update(rank=1, tied_with_best=True)
+    for rank, (g, c) in enumerate(others, 2):
+        g["rank"] = rank
+        if c is None:
+            g["tied_with_best"] = True
+            continue
+        p_adj = next(adjusted)
+        g["vs_best"] = {**c, "p_holm": round(p_adj, 6)}
+        g["tied_with_best"] = decide(c, p_adj, spec.alpha, spec.min_effect_points / 100.0) != "a"
+
+
+def _pairwise(
+    names: list[str],
+    groups: dict[str, dict[str, Any]],
+    entries: dict[str, list[dict[str, Any]]],
+    correct: dict[str, np.ndarray],
+    spec: Any,
+) -> dict[str, Any]:
     """The pairwise table, the win graph's edges, and the topological order or the cycle."""
+    pairs = list(itertools.combinations(names, 2))
+    comparisons = [
+        paired_groups(
+            entries.get(f"pairwise:{a}>{b}", []), entries.get(f"pairwise:{b}>{a}", []), correct
+        )
+        for a, b in pairs
+    ]
+    tested = [c for c in comparisons if c is not None]
+    adjusted = iter(holm([float(c["p_value"]) for c in tested]))
     rows, edges, ties = [], [], []
-    for a, b in itertools.combinations(names, 2):
+    for (a, b), comp in zip(pairs, comparisons, strict=True):
         ab, ba = groups.get(f"pairwise:{a}>{b}", {}), groups.get(f"pairwise:{b}>{a}", {})
+        p_adj = next(adjusted) if comp is not None else None
         winner, why = decide_pair(
-            ab.get("accuracy_mean") if ab.get("n") else None,
-            ba.get("accuracy_mean") if ba.get("n") else None,
+            bool(ab.get("n")),
+            bool(ba.get("n")),
+            comp,
+            p_adj,
             ab.get("latency_p50_ms"),
             ba.get("latency_p50_ms"),
-            spec.tie_points,
-            spec.tie_latency,
+            spec,
         )
         first = {"ab": a, "ba": b, None: None}[winner]
         if first is not None:
@@ -1308,6 +1417,7 @@ def _pairwise(names: list[str], groups: dict[str, dict[str, Any]], spec: Any) ->
                     if ab.get("n") and ba.get("n")
                     else None
                 ),
+                "paired": None if comp is None else {**comp, "p_holm": round(p_adj or 1.0, 6)},
             }
         )
     topo = topological_order(names, [tuple(e) for e in edges])

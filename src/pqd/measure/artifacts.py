@@ -31,6 +31,7 @@ from pqd.measure.runtime import (
 )
 from pqd.measure.saturation import saturation
 from pqd.recipe import MeasureSpec
+from pqd.stats import wilson_interval
 
 
 def size_bytes(path: Path) -> int:
@@ -128,10 +129,12 @@ def measure_onnx(
             )
             if logits_out is not None and rt == spec.runtimes[0]:
                 logits_out[name] = logits
+            correct = int((logits.argmax(1) == y).sum())
             results[name]["runtimes"][rt] = {
                 "version": versions.get(rt),
                 "settings": runner.settings,
-                "accuracy": float((logits.argmax(1) == y).mean()),
+                "accuracy": correct / len(y),
+                "accuracy_ci": [round(v, 6) for v in wilson_interval(correct, len(y))],
                 "parity": parity(reference[name], logits[: len(reference[name])]),
             }
             if rt == "onnxruntime":  # which kernels run: fused INT8 ops or float ones
@@ -182,6 +185,8 @@ def measure_onnx(
         res["fastest"] = fastest_runtimes(shipped)
         head = res["runtimes"][primary]
         res["accuracy"] = head["accuracy"]
+        res["accuracy_ci"] = head["accuracy_ci"]
+        res["test_images"] = len(y)
         res["latency_ms"] = head["latency_ms"]
         res["parity"] = head["parity"]
         res["runtime"] = primary
