@@ -19,6 +19,7 @@ import torch.nn as nn
 from pqd.models.multi_exit import MultiExitNet
 from pqd.prune.importance import LossFn, cross_entropy
 from pqd.prune.masks import KD_SCORE_ALPHA, KD_SCORE_TEMPERATURE
+from pqd.quant.qat_train import qat_steps
 from pqd.recipe import AugmentSpec, TrainSpec
 from pqd.state import MaskKeeper, State
 from pqd.train import FitResult, LossHook, StepHook, fit, kd_loss
@@ -127,9 +128,15 @@ class Context:
         after_step: StepHook | None = None,
         desc: str = "train",
         hook_state: dict[str, Any] | None = None,
+        freeze_at: float | None = None,
     ) -> FitResult:
         """Fine-tune ``state.model`` on the train split, keeping pruned weights at zero
         (and, on a multi-exit net, training its exits alongside: ``with_exit_losses``).
+
+        A QAT graph trains through the fast views of :mod:`pqd.quant.qat_train` (bf16 where
+        the CPU has it; the folded conv once frozen); ``freeze_at`` (fraction of this fit's
+        steps) freezes its observers and BN statistics there. What happened goes into
+        ``state.info["qat_training"]``.
 
         ``after_step`` (e.g. a movement-score tracker) runs after the masks are re-applied.
 
@@ -163,6 +170,7 @@ class Context:
 
             loss_fn = with_exit_losses(net, loss_fn, self.teacher, cfg)
             net.collect_exits = True
+        steps = qat_steps(net, freeze_at)
         try:
             return fit(
                 net,
@@ -177,8 +185,11 @@ class Context:
                 progress=self.progress,
                 resume=resume,
                 on_epoch=on_epoch,
+                steps=steps,
             )
         finally:
+            if steps is not None:
+                state.info["qat_training"] = steps.info()
             if exits:
                 net.collect_exits = False
                 net.exit_logits = []

@@ -88,5 +88,6 @@ def apply_quantize(state: State, spec: QuantizeSpec, ctx: Context) -> State:
     state.info["scheme"] = {**quant_scheme(state.model)}
     state.info["precision"] = precision_label(quant_scheme(state.model))
     if spec.mode != "ptq":
-        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, desc=ctx.desc)
+        freeze_at = spec.freeze_after if spec.mode == "qat" else None  # dynamic: per batch
+        ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, desc=ctx.desc, freeze_at=freeze_at)
     return state
