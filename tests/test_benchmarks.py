@@ -114,3 +114,46 @@ def test_vit_int8_benchmark_times_both_files_and_names_the_integer_kernels(tmp_p
     assert int8["float"] == {} and fp32["integer"] == {} and fp32["float"]["Gemm"] == 9
     assert "QGemm" in result["profile_ms"]["int8"] and "Gemm" in result["profile_ms"]["fp32"]
     assert result["environment"]["cpu"]
+
+
+JPG = ROOT.parent / "shared" / "data" / "cifar-10-jpg"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (JPG / "train").is_dir(), reason="the whole CIFAR-10 as JPEG is absent")
+def test_headline_runs_the_full_scale_recipe_on_a_few_hundred_folder_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full-scale recipe's code path (image folders, carved validation, the official test
+    folder, every stage, both runtimes' statistics) on 400 train and 300 test JPEGs."""
+    import json
+
+    monkeypatch.setenv("PQD_CACHE_DIR", str(tmp_path / "cache"))
+    bench = load_benchmark("headline")
+    small = [
+        "data.limit_train=400",
+        "data.limit_test=300",
+        "data.val_size=100",
+        "baseline.epochs=1",
+        "stages.0.epochs=1",
+        "stages.2.epochs=1",
+        "measure.runtimes=[onnxruntime]",
+        "measure.batch_sizes=[1,8]",
+    ]
+    args = ["--out", str(tmp_path / "run"), "--results", str(tmp_path / "res")]
+    assert bench.main([*args, "--data-dir", str(JPG), *small]) == 0
+    s = json.loads((tmp_path / "res" / "cifar10.json").read_text())
+    assert s["data"]["train"] == 300 and s["data"]["val"] == 100 and s["data"]["test"] == 300
+    assert s["order"] == ["prune", "quantize", "distill"]
+    final = s["artifacts"]["final"]["runtimes"]["onnxruntime"]
+    lo, hi = final["accuracy_ci"]
+    assert lo < final["accuracy"] < hi and hi - lo > 0.05  # 300 images: a wide interval
+    p = s["paired"]
+    assert p["n"] == 300 and p["ci_low"] <= p["difference"] <= p["ci_high"]
+    assert s["speedup"]["onnxruntime"]["1"] > 0 and set(s["seconds"]) >= {"baseline", "export"}
+    page = (tmp_path / "res" / "cifar10.md").read_text()
+    assert "JPEG files" in page and "McNemar p =" in page and s["cpu"] in page
+    # the page is rendered from the JSON alone
+    (tmp_path / "res" / "cifar10.md").unlink()
+    assert bench.main(["--render", "--results", str(tmp_path / "res")]) == 0
+    assert (tmp_path / "res" / "cifar10.md").read_text() == page

@@ -214,7 +214,7 @@ def test_cache_is_reused_memory_mapped_and_renewed_on_change(
         os.utime(some, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def test_cache_falls_back_when_the_root_cannot_hold_it(
+def test_cache_goes_to_the_user_cache_folder_never_the_data(
     photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(pf.CACHE_DIR_ENV, raising=False)
@@ -223,10 +223,15 @@ def test_cache_falls_back_when_the_root_cannot_hold_it(
     (root / "train").mkdir(parents=True)
     for c in ("a", "b"):
         (root / "train" / c).symlink_to(sorted((photos / "test").iterdir())[0])
-    (root / ".pqd-cache").write_text("a file where the cache folder would go")
     d = pf.from_folder(root, image_size=16, val_size=2, test_size=2)
     assert d.summary()["cache"] == str(tmp_path / "xdg" / "pqd")
     assert list((tmp_path / "xdg" / "pqd").glob("*.u8"))
+    assert sorted(p.name for p in root.iterdir()) == ["train"]  # nothing written in the data
+    (tmp_path / "xdg").rename(tmp_path / "gone")
+    (tmp_path / "xdg").write_text("a file where the cache folder would go")
+    with pytest.raises(DataError, match="cannot be written") as e:
+        pf.from_folder(root, image_size=16, val_size=2, test_size=2)
+    assert pf.CACHE_DIR_ENV in e.value.fix
 
 
 def test_carved_splits_are_stratified_disjoint_and_recorded(photos: Path, tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ again, and the :class:`pqd.data.Dataset` tensors are views of it, so data larger
 works (the OS pages it in). Files that cannot be decoded (corrupt, truncated) stop the load
 with one line naming them, or with ``on_bad_image="skip"`` are left out and counted.
 
-Cache folder: ``cache_dir``, else ``$PQD_CACHE_DIR``, else ``root/.pqd-cache`` when it can be
-written, else ``$XDG_CACHE_HOME/pqd`` (``~/.cache/pqd``). Deleting it is always safe.
+Cache folder: ``cache_dir``, else ``$PQD_CACHE_DIR``, else the user's cache folder
+``$XDG_CACHE_HOME/pqd`` (``~/.cache/pqd``); never inside the data folder unless asked (the
+data may be shared or read-only). Deleting it is always safe.
 """
 
 from __future__ import annotations
@@ -205,22 +206,20 @@ def _cache_root(root: Path, cache_dir: str | Path | None) -> Path:
                 f"pass a writable cache_dir or set {CACHE_DIR_ENV} to a writable folder",
             ) from e
         return chosen
-    candidates = [root / ".pqd-cache"]
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    candidates.append(Path(xdg) / "pqd")
-    for c in candidates:
-        try:
-            c.mkdir(parents=True, exist_ok=True)
-            probe = c / f".probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-            return c
-        except OSError:
-            continue
-    raise DataError(
-        f"no writable folder for the decoded-image cache ({', '.join(map(str, candidates))})",
-        f"set {CACHE_DIR_ENV} to a writable folder",
-    )
+    chosen = Path(xdg) / "pqd"
+    try:
+        chosen.mkdir(parents=True, exist_ok=True)
+        probe = chosen / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DataError(
+            f"the user cache folder {chosen} for decoded images cannot be written "
+            f"({e.strerror or e})",
+            f"set {CACHE_DIR_ENV} to a writable folder (or data.cache_dir in Python)",
+        ) from e
+    return chosen
 
 
 def _key(parts: Sequence[Any]) -> str:
