@@ -100,8 +100,125 @@ def render(search: dict, wall_s: float | None) -> str:
         f"- latency: {panel['runtime']}, {panel['threads']} threads, batch 1, all artifacts "
         f"timed side by side on {panel['cpu']}; {search['data']['test']} test images"
         + (" (a subset of the official test split)" if search["data"].get("subset_note") else ""),
+        "",
+        "Published claims, judged by this search's paired tests:",
+        *claims_text(search),
     ]
     return "\n".join(lines)
+
+
+CLAIMS = (
+    (
+        "Prune-Quantize-Distill (Zhou & Shen, 2026)",
+        "prune -> quantize -> distill is the best of the six orders",
+        ("best", ("prune", "quantize", "distill")),
+    ),
+    (
+        "Order of Compression (Shen et al., 2024)",
+        "pairwise runs and a topological sort give distill -> prune -> quantize",
+        ("edges", (("distill", "prune"), ("prune", "quantize"), ("distill", "quantize"))),
+    ),
+    (
+        "Harma et al. (ICLR 2025)",
+        "sparsify before quantize",
+        ("edges", (("prune", "quantize"),)),
+    ),
+    (
+        "Kim et al. (ICLR 2026)",
+        "the weaker perturbation first: INT8 quantize before heavy pruning",
+        ("edges", (("quantize", "prune"),)),
+    ),
+)
+
+
+def _pair_row(search: dict, a: str, b: str) -> dict | None:
+    for r in (search.get("pairwise") or {}).get("table", []):
+        if {r["a"], r["b"]} == {a, b}:
+            return r
+    return None
+
+
+def _pts(fraction: float) -> str:
+    """Signed points with two decimals, never ``-0.00``."""
+    return f"{round(100 * fraction, 2) + 0.0:+.2f}"
+
+
+def _p(value: float) -> str:
+    return "< 1e-6" if value < 1e-6 else f"{value:.3g}"
+
+
+def _pair_stat(search: dict, a: str, b: str) -> str:
+    """The paired statistic of "a before b" (a->b minus b->a), in points."""
+    r = _pair_row(search, a, b)
+    if r is None or not r.get("paired"):
+        return f"{a} / {b}: not measured"
+    p, sign = r["paired"], (1 if r["a"] == a else -1)
+    lo, hi = sorted((sign * p["ci_low"], sign * p["ci_high"]))
+    return (
+        f"{a} before {b}: {_pts(sign * p['difference'])} points "
+        f"(95% CI {_pts(lo)} to {_pts(hi)}, McNemar p (Holm) {_p(p['p_holm'])}, "
+        f"{p['seeds']} seed(s) x {p['n']} images)"
+    )
+
+
+def claims(search: dict) -> list[dict]:
+    """Each published claim: ``supported``, ``contradicted`` or ``undecided`` by this search's
+    paired tests (a pairwise edge exists only where the test is significant after Holm's
+    correction; the best order counts only where no other order ties with it)."""
+    out = []
+    edges = {tuple(e) for e in (search.get("pairwise") or {}).get("edges", [])}
+    for source, text, (kind, what) in CLAIMS:
+        if kind == "edges":
+            pairs = list(what)
+            if not search.get("pairwise"):
+                verdict, stats = "undecided", ["pairwise runs not in this search"]
+            else:
+                agree = [pr for pr in pairs if pr in edges]
+                against = [pr for pr in pairs if (pr[1], pr[0]) in edges]
+                verdict = (
+                    "contradicted"
+                    if against
+                    else "supported"
+                    if len(agree) == len(pairs)
+                    else "undecided"
+                )
+                stats = [_pair_stat(search, a, b) for a, b in pairs]
+        else:
+            groups = {tuple(g["order"]): g for g in search["groups"] if g["kind"] == "permutation"}
+            g = groups.get(tuple(what))
+            if g is None or not g.get("n"):
+                verdict, stats = "undecided", ["that order was not measured"]
+            else:
+                others = [o for o in groups.values() if o is not g and o.get("n")]
+                if g.get("rank") == 1:
+                    verdict = (
+                        "supported"
+                        if others and not any(o.get("tied_with_best") for o in others)
+                        else "undecided"
+                    )
+                else:
+                    verdict = "undecided" if g.get("tied_with_best") else "contradicted"
+                vs = g.get("vs_best")
+                stats = [
+                    f"rank {g.get('rank')} of {len(groups)}, {100 * g['accuracy_mean']:.2f}%"
+                    + (
+                        f"; vs the best order {_pts(-vs['difference'])} points (95% CI "
+                        f"{_pts(-vs['ci_high'])} to {_pts(-vs['ci_low'])}, McNemar p "
+                        f"(Holm) {_p(vs['p_holm'])})"
+                        if vs
+                        else ""
+                    )
+                ]
+        out.append({"source": source, "claim": text, "verdict": verdict, "statistics": stats})
+    return out
+
+
+def claims_text(search: dict) -> list[str]:
+    """One Markdown bullet per published claim with its verdict and statistic."""
+    return [
+        f"- {c['source']}, *{c['claim']}*: **{c['verdict']}** ({'; '.join(c['statistics'])})"
+        for c in claims(search)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -948,3 +948,33 @@ def test_a_permutations_only_report_does_not_contradict_itself():
     assert "the pairwise method (not run) would need 6 two-stage runs" in md
     both = render_search_markdown(fake_search({"p>q>d": 0.79}), [])
     assert "Pairwise method: 6 two-stage runs" in both
+
+
+def test_benchmark_judges_the_published_claims_by_the_paired_tests():
+    bench = load_benchmark("search")
+    # P->Q->D clearly best; pairwise: prune before quantize by 5 points, distill before
+    # prune by 5, quantize / distill tied
+    acc = {
+        "p>q>d": 0.80,
+        "p>d>q": 0.74,
+        "q>p>d": 0.74,
+        "q>d>p": 0.74,
+        "d>p>q": 0.74,
+        "d>q>p": 0.74,
+        "p>q": 0.80,
+        "q>p": 0.75,
+        "d>p": 0.80,
+        "p>d": 0.75,
+    }
+    verdicts = {c["source"].split(" (")[0]: c for c in bench.claims(fake_search(acc))}
+    assert verdicts["Prune-Quantize-Distill"]["verdict"] == "supported"
+    assert verdicts["Harma et al."]["verdict"] == "supported"
+    assert verdicts["Kim et al."]["verdict"] == "contradicted"
+    assert verdicts["Kim et al."]["statistics"][0].startswith(
+        "quantize before prune: -5.01 points (95% CI -6.39 to -3.74, McNemar p (Holm) < 1e-6"
+    )
+    # D->P and P->Q hold, D->Q is a tie: Order of Compression's full order is undecided
+    assert verdicts["Order of Compression"]["verdict"] == "undecided"
+    # every order equal: nothing decided
+    flat = {c["source"]: c["verdict"] for c in bench.claims(fake_search({}))}
+    assert set(flat.values()) == {"undecided"}
