@@ -14,6 +14,7 @@ A re-run with the same --out resumes: finished trials are reused.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import subprocess
 import sys
@@ -26,7 +27,7 @@ HEADER = [
     "kind",
     "order",
     "epochs",
-    "top-1",
+    "top-1 ± sd [95% CI]",
     "MB",
     "p50 ms (b1)",
     "speedup",
@@ -46,7 +47,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render(search: dict, wall_s: float | None) -> str:
     """The Markdown tables and summary lines of one search.json."""
     from pqd.markdown import ordered_groups
-    from pqd.report import PAIR_HEADER, derived_order_text, pairwise_rows
+    from pqd.report import PAIR_HEADER, ci_text, derived_order_text, pairwise_rows
 
     rows = []
     for g in ordered_groups(search):
@@ -73,7 +74,7 @@ def render(search: dict, wall_s: float | None) -> str:
                 g["kind"],
                 g["label"],
                 "/".join(map(str, g["epochs"])) or "-",
-                f"{100 * g['accuracy_mean']:.2f}%{sd}",
+                f"{100 * g['accuracy_mean']:.2f}%{sd} {ci_text(g.get('accuracy_ci'))}".strip(),
                 f"{g['size_bytes'] / 1e6:.3f}",
                 f"{g['latency_p50_ms']:.3f}",
                 f"{g['speedup_vs_baseline']:.2f}x",
@@ -233,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "search")
     ap.add_argument("--workers", type=int, default=None, help="pass --workers N to pqd search")
     ap.add_argument("--fresh", action="store_true", help="pass --fresh to pqd search")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="also write the page and the claims as DIR/<search name>.md and .json "
+        "(e.g. docs/results)",
+    )
     args = ap.parse_args(argv)
     wall = None
     source = args.source
@@ -260,7 +268,30 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         print(f"benchmarks/search.py: error: {path} not found; run without --from", file=sys.stderr)
         return 2
-    print(render(json.loads(path.read_text(encoding="utf-8")), wall))
+    search = json.loads(path.read_text(encoding="utf-8"))
+    page = render(search, wall)
+    print(page)
+    if args.results is not None:
+        env = search["environment"]
+        flags = [f for f in env["cpu_flags"] if f.startswith(("avx", "amx"))]
+        head = (
+            f"# Order search: {search['name']}\n\n`{' '.join(['python', *sys.argv])}` on "
+            f"{datetime.date.today().isoformat()}: pqd {search['pqd_version']}, {env['cpu']} "
+            f"({', '.join(flags)}); seeds {search['recipe']['search']['seeds']}"
+            + (
+                "; CIFAR-10 as JPEG files (pixels differ from the official files by about "
+                "6/255: accuracies are close to, not equal to, published figures)"
+                if search["recipe"]["data"]["dataset"] == "folder"
+                else ""
+            )
+            + ".\n\n"
+        )
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / f"{search['name']}.md").write_text(head + page + "\n", encoding="utf-8")
+        (args.results / f"{search['name']}.json").write_text(
+            json.dumps({"claims": claims(search), "groups": search["groups"]}, indent=2) + "\n",
+            encoding="utf-8",
+        )
     return 0
 
 

@@ -699,8 +699,11 @@ def test_benchmark_prints_the_table_of_a_stored_search(tmp_path, capsys):
     (tmp_path / "search.json").write_text(json.dumps(search))
     assert bench.main(["--from", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| 1 | permutation | prune -> quantize -> distill | 1/2/2 | 79.00% | 1.200 |" in out
-    assert "| - | reference | prune | 5 | 70.00% | 4.500 | 1.300 | 1.00x | 50% |  |" in out
+    row = "| 1 | permutation | prune -> quantize -> distill | 1/2/2 | 79.00% [76.3, 81.4] | 1.200 |"
+    assert row in out  # Wilson on 1017 images: 803 right
+    assert (
+        "| - | reference | prune | 5 | 70.00% [67.1, 72.7] | 4.500 | 1.300 | 1.00x | 50% |" in out
+    )
     assert "pairwise method: 6 two-stage runs (18 epochs)" in out
     assert bench.main(["--from", str(tmp_path / "nothing")]) == 2
 
