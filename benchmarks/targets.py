@@ -74,7 +74,8 @@ def train(
 def measure(
     out: Path, data_dir: str | None, threads: int, repeats: int, panels: int = 3
 ) -> dict[str, Any]:
-    """One panel over the FP32 file and both INT8 files, plus saturation and AVX2 parity."""
+    """One panel over the FP32 file and both INT8 files, plus saturation and AVX2 parity, and
+    the two INT8 files compared image by image (paired bootstrap, exact McNemar)."""
     import numpy as np
 
     from pqd.data import load_dataset, resolve_data_root
@@ -123,6 +124,7 @@ def measure(
         reference = np.concatenate([native(x[i : i + 256]) for i in range(0, len(x), 256)])
         rows[t] = {
             "accuracy": f["accuracy"],
+            "accuracy_ci": f.get("accuracy_ci"),
             "val_accuracy": f["val_accuracy"],
             "baseline_accuracy": records[t]["baseline"]["accuracy"],
             "p50_ms": panel[t]["p50"],
@@ -133,8 +135,19 @@ def measure(
             "avx2_vs_native_openvino": parity(reference, avx2_logits(paths[t], x, threads)),
             "size_bytes": f["size_bytes"],
         }
+    from pqd.pipeline import load_predictions
+    from pqd.stats import compare_paired
+
+    preds = {t: load_predictions(out / t) for t in TARGETS}
+    paired = None
+    if all(p is not None for p in preds.values()):
+        a, b = preds["portable"], preds["x86-vnni"]
+        assert a is not None and b is not None
+        c = compare_paired(a["final"], b["final"], a["labels"])
+        paired = {**c.as_dict(), "verdict": c.verdict("portable", "8-bit")}
     return {
         "rows": rows,
+        "paired": paired,
         "fp32_p50_ms": panel["fp32"]["p50"],
         "panels": panel,
         "environment": environment(threads),
@@ -144,6 +157,8 @@ def measure(
 
 def table(result: dict[str, Any]) -> str:
     """Markdown table (one row per target) and the two ratios the issue asks for."""
+    from pqd.report import ci_text, paired_text
+
     header = [
         "target",
         "weights",
@@ -168,7 +183,7 @@ def table(result: dict[str, Any]) -> str:
                 [
                     t,
                     "7-bit [-64, 63]" if t != "x86-vnni" else "8-bit [-128, 127]",
-                    f"{100 * r['accuracy']:.2f}%",
+                    f"{100 * r['accuracy']:.2f}% {ci_text(r.get('accuracy_ci'))}".strip(),
                     f"{100 * r['val_accuracy']:.2f}%",
                     f"{r['p50_ms']:.3f}",
                     f"{r['speedup']:.2f}x",
@@ -188,9 +203,14 @@ def table(result: dict[str, Any]) -> str:
         f"{result['fp32_p50_ms']:.3f} ms; p50 = median of "
         f"{len(result['panels']['fp32']['panels'])} interleaved panels of the three files, "
         "each with another file first)",
-        f"- test top-1: portable {100 * (p['accuracy'] - v['accuracy']):+.2f} points vs 8-bit "
-        f"(baseline {100 * p['baseline_accuracy']:.2f}%; {result['data']['test']} test images, "
-        "a subset of CIFAR-10's test split)",
+        (
+            f"- {paired_text(result['paired'], 'portable', '8-bit')}"
+            if result.get("paired")
+            else f"- test top-1: portable {100 * (p['accuracy'] - v['accuracy']):+.2f} points "
+            "vs 8-bit (no per-image predictions: not compared pairwise)"
+        )
+        + f" (baseline {100 * p['baseline_accuracy']:.2f}%; {result['data']['test']} test images"
+        + (f"; {result['data']['subset_note']})" if result["data"].get("subset_note") else ")"),
         f"- {env['cpu']} ({', '.join(env['cpu_flags'])}); {env['measure_threads']} threads",
     ]
     return "\n".join(lines)

@@ -75,3 +75,41 @@ def test_a_vnni_file_on_an_avx2_cpu_is_flagged_even_when_agreement_holds() -> No
     # a file of unknown origin with saturating pairs, measured without VNNI
     verdict = assess(_artifact(1.0, pairs=3), None, AVX2, 0.99)
     assert not verdict["parity_ok"] and "3 weight pairs" in verdict["parity_problems"][0]
+
+
+def test_targets_benchmark_compares_the_two_files_image_by_image() -> None:
+    import numpy as np
+
+    from helpers import load_benchmark
+    from pqd.stats import compare_paired
+
+    bench = load_benchmark("targets")
+    y = np.arange(1000) % 10
+    portable, vnni = y.copy(), y.copy()
+    portable[:30] = (y[:30] + 1) % 10  # portable wrong on 30 images vnni gets right
+    vnni[500:505] = (y[500:505] + 1) % 10  # and right on 5 it gets wrong
+    c = compare_paired(portable, vnni, y)
+    row = {
+        "accuracy": 0.97,
+        "accuracy_ci": [0.96, 0.98],
+        "val_accuracy": 0.9,
+        "baseline_accuracy": 0.95,
+        "p50_ms": 0.3,
+        "speedup": 3.0,
+        "parity": {"top1_agreement": 1.0, "max_abs_logit_diff": 0.0},
+        "saturation": {"pairs_at_risk": 0},
+        "avx2_vs_native_openvino": {"top1_agreement": 1.0, "max_abs_logit_diff": 0.0},
+    }
+    result = {
+        "rows": {"portable": row, "x86-vnni": {**row, "accuracy": 0.995}},
+        "paired": {**c.as_dict(), "verdict": c.verdict("portable", "8-bit")},
+        "fp32_p50_ms": 0.9,
+        "panels": {"fp32": {"panels": [0.9, 0.9, 0.9]}},
+        "environment": {"cpu": "AMD EPYC", "cpu_flags": ["avx2"], "measure_threads": 2},
+        "data": {"test": 1000},
+    }
+    text = bench.table(result)
+    assert "| portable | 7-bit [-64, 63] | 97.00% [96.0, 98.0] |" in text
+    assert "30 images only 8-bit gets right" not in text  # a is portable: its own count first
+    assert "5 images only portable gets right, 30 only 8-bit" in text
+    assert "8-bit better" in text and "McNemar p =" in text
