@@ -79,8 +79,8 @@ def measure(
     import numpy as np
 
     from pqd.data import load_dataset, resolve_data_root
-    from pqd.export import parity
     from pqd.measure.env import environment
+    from pqd.measure.parity import parity
     from pqd.measure.runtime import avx2_logits, open_runner
     from pqd.measure.saturation import saturation
     from pqd.recipe import MeasureSpec

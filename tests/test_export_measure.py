@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 import pqd.export as export_mod
 from helpers import random_images
-from pqd.export import export_onnx, parity
+from pqd.export import export_onnx
 from pqd.measure.artifacts import (
     keep_ir_if_faster,
     measure_onnx,
@@ -28,6 +28,7 @@ from pqd.measure.artifacts import (
 )
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.latency import compare_latency
+from pqd.measure.parity import parity
 from pqd.measure.runtime import export_openvino_ir, open_runner, openvino_ir_paths, ort_kernels
 from pqd.models import build_model
 from pqd.quant.pt2e import prepare_qat

@@ -32,9 +32,9 @@ LAYERS: list[tuple[str, ...]] = [
         "pqd.target",
         "pqd._pt2e_cache",
     ),  # data, nets, training
+    ("pqd.measure",),  # measuring files: accuracy, parity, size, latency
     ("pqd.quant",),  # PT2E, calibration, sensitivity
     ("pqd.export",),  # ONNX files
-    ("pqd.measure",),  # measuring files
     ("pqd.prune",),  # importance, masks, surgery
     ("pqd.latency_model",),  # measured per-layer tables of the target CPU (pqd plan)
     ("pqd.exits",),  # exit heads, exit runtime

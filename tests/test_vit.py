@@ -103,7 +103,8 @@ def subset(subset_dir: Path):
 
 
 def test_int8_export_runs_every_linear_as_qgemm_with_parity(tmp_path: Path, subset) -> None:
-    from pqd.export import export_onnx, parity, torch_predict
+    from pqd.export import export_onnx
+    from pqd.measure.parity import parity, torch_predict
     from pqd.measure.runtime import ort_kernels
 
     model = quick_trained(subset)

@@ -757,7 +757,7 @@ def measure_exits(
     images (:func:`exit_references`), for parity. ``spec`` is the recipe's MeasureSpec with
     runtimes resolved, ``target`` an ExitTarget."""
     from pqd.exits.heads import calibrate_thresholds, exit_assignment
-    from pqd.export import parity
+    from pqd.measure.parity import parity
 
     manifest_path = Path(manifest_path)
     manifest = json.loads(manifest_path.read_text())

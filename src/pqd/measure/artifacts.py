@@ -17,9 +17,9 @@ import numpy as np
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from pqd.export import parity, torch_predict
 from pqd.measure.complexity import onnx_complexity
 from pqd.measure.latency import compare_latency
+from pqd.measure.parity import parity, torch_predict
 from pqd.measure.runtime import (
     float_islands,
     open_runner,
