@@ -4,6 +4,7 @@ lines the real parser accepts, and no commit hashes. Fast: reads files, builds t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 from pathlib import Path
 
@@ -145,6 +146,22 @@ def test_the_command_check_can_fail(line: str, ok: bool) -> None:
     name, rest = PQD_LINE.match(line).groups()  # type: ignore[union-attr]
     known = name in subs and all(f in subs[name]._option_string_actions for f in FLAG.findall(rest))
     assert known is ok
+
+
+def test_architecture_page_lists_the_layers_of_the_layer_test() -> None:
+    """docs/architecture.md's layer table names the modules of tests/test_layers.py's
+    LAYERS, layer by layer, in order (someone moving a layer updates both)."""
+    spec = importlib.util.spec_from_file_location("_layers", ROOT / "tests" / "test_layers.py")
+    assert spec is not None and spec.loader is not None
+    layers_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layers_test)
+    documented = []
+    for row in (DOCS / "architecture.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].isdigit():
+            names = re.split(r"(?<=`):", cells[1], maxsplit=1)[0]
+            documented.append(tuple(re.findall(r"`(pqd[\w.]*)`", names)))
+    assert documented == [tuple(layer) for layer in layers_test.LAYERS]
 
 
 def test_no_commit_hashes() -> None:
