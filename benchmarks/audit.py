@@ -1,4 +1,4 @@
-"""The README's audit table: what compression cost the quickstart beyond top-1.
+"""The audit table: what compression cost the quickstart beyond top-1.
 
     python benchmarks/audit.py --run runs/quick          # audit a finished run folder, print
     python benchmarks/audit.py --run runs/quick --reuse  # table of an audit already recorded

@@ -1,4 +1,4 @@
-"""The README's early-exit table: run recipes/early-exit.yaml and print exits on vs off.
+"""The early-exit table: run recipes/early-exit.yaml and print exits on vs off.
 
     python benchmarks/early_exit.py                  # runs `pqd run recipes/early-exit.yaml`
     python benchmarks/early_exit.py --record runs/early-exit/record.json   # a past run

@@ -13,7 +13,7 @@ test split (onnxruntime), bytes on disk, batch-1 latency p50/p90 in interleaved 
 the kernels onnxruntime really runs after its graph optimizations (``QLinearConv`` = fused
 INT8 conv; ``Conv``/``FusedConv`` = float conv). Ratios are against the FP32 file of the
 same run. ``val`` is the fake-quant torch model's top-1 on the validation split (what
-mixed precision and every other choice see). The README table comes from this script.
+mixed precision and every other choice see).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README's results table: run the quickstart recipe and print baseline vs final.
+"""The quickstart results table: run the quickstart recipe and print baseline vs final.
 
     python benchmarks/quickstart.py                 # runs `pqd run recipes/quickstart.yaml`
     python benchmarks/quickstart.py --record runs/quick/record.json   # table of a past run

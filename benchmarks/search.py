@@ -1,4 +1,4 @@
-"""The README's "Order search" table: run the shipped search and print its summary.
+"""The order search table: run the shipped search and print its summary.
 
     python benchmarks/search.py                   # runs pqd search recipes/search-quickstart.yaml
     python benchmarks/search.py --from runs/search   # the table of a finished search

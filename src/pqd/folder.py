@@ -217,7 +217,7 @@ def _cache_root(root: Path, cache_dir: str | Path | None) -> Path:
         raise DataError(
             f"the user cache folder {chosen} for decoded images cannot be written "
             f"({e.strerror or e})",
-            f"set {CACHE_DIR_ENV} to a writable folder (or data.cache_dir in Python)",
+            f"set {CACHE_DIR_ENV} to a writable folder (or pass cache_dir to pqd.data.from_folder)",
         ) from e
     return chosen
 

@@ -294,7 +294,7 @@ def measure_against_dense(
     return {n: t * drift for n, t in times.items()}
 
 
-FINAL_PANELS = 5  # panels of whole trained files; their median decides (VM noise, see README)
+FINAL_PANELS = 5  # panels of whole trained files; their median decides (VM noise, see docs/plan.md)
 
 
 class FilePanel(NamedTuple):

@@ -347,7 +347,7 @@ class PruneChannelsSpec(StageBase):
 
 
 class WeightQuantSpec(Strict):
-    """How conv/linear weights are quantized (signed integers; see README "Quantization")."""
+    """How conv/linear weights are quantized (signed integers; see docs/stages/quantize.md)."""
 
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
     symmetric: bool = True  # False: int8 with a zero point (onnxruntime fuses it too)

@@ -57,6 +57,8 @@ RUN_FILES = (
     "baseline.onnx",
     "baseline.onnx.data",
     "final.onnx",
+    "predictions.npz",
+    "val_predictions.npz",
     "final.onnx.data",
     "pending.json",
     "reference_logits.npz",

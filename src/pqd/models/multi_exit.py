@@ -214,7 +214,7 @@ PROTOCOL = (
     "give the network (the model, or the net your builder returns) `features`, an "
     "nn.Sequential of blocks, and `classifier`, mapping the last block's output to logits, "
     "with forward(x) == classifier(features(x)), and optionally `default_exit_points` "
-    "(indices into features; else give positions:): README 'Early exit on your own model'"
+    "(indices into features; else give positions:): docs/stages/early_exit.md"
 )
 """The fix named when a model does not follow the early-exit protocol."""
 
