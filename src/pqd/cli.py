@@ -26,26 +26,72 @@ from pqd._quiet import quiet_command
 from pqd.errors import PqdError
 
 
+def _options(
+    recipe: str | None = None,
+    overrides: str | None = None,
+    data: bool = False,
+    progress: bool = False,
+    executors: bool = False,
+) -> list[argparse.ArgumentParser]:
+    """Parent parsers holding the options several subcommands share, declared once.
+
+    Args:
+        recipe: help of the positional recipe argument (None: no recipe).
+        overrides: help of the ``key.path=value`` overrides (None: no overrides; "" for none).
+        data: add ``--data-dir``.
+        progress: add ``--no-progress``.
+        executors: add ``--executor``, ``--workers`` and ``--address``.
+
+    Returns:
+        The parents for ``add_parser(..., parents=...)``.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    if recipe is not None:
+        p.add_argument("recipe", help=recipe)
+    if overrides is not None:
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help=overrides or None)
+    if data:
+        p.add_argument(
+            "--data-dir",
+            default=None,
+            help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
+        )
+    if executors:
+        p.add_argument(
+            "--executor", default="sequential", help="sequential (default), processes or ray"
+        )
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help="train N trials at once in local processes (implies processes)",
+        )
+        p.add_argument(
+            "--address",
+            default=None,
+            help="Ray cluster address (host:port, ray://host:port, auto or local)",
+        )
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return [p]
+
+
 def _parser() -> argparse.ArgumentParser:
     # the module doc's first paragraph, without its reST markup (``pqd`` -> pqd)
     p = argparse.ArgumentParser(prog="pqd", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a recipe: baseline, stages, export, measure")
-    run.add_argument("recipe", help="YAML recipe")
-    run.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.path=value",
-        help="override recipe values, e.g. stages.0.sparsity=0.7",
+    run = sub.add_parser(
+        "run",
+        help="run a recipe: baseline, stages, export, measure",
+        parents=_options(
+            "YAML recipe",
+            "override recipe values, e.g. stages.0.sparsity=0.7",
+            data=True,
+            progress=True,
+        ),
     )
     run.add_argument("--out", required=True, help="run folder (created)")
-    run.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
-    )
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
     again = run.add_mutually_exclusive_group()
     again.add_argument(
         "--resume",
@@ -60,13 +106,16 @@ def _parser() -> argparse.ArgumentParser:
         help="discard the run in --out (its checkpoints too) and start over",
     )
 
-    se = sub.add_parser("search", help="run every stage order (and pairwise), rank, report")
-    se.add_argument("recipe", help="YAML recipe with a search: section")
-    se.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.path=value",
-        help="override recipe values, e.g. search.total_epochs=6",
+    se = sub.add_parser(
+        "search",
+        help="run every stage order (and pairwise), rank, report",
+        parents=_options(
+            "YAML recipe with a search: section",
+            "override recipe values, e.g. search.total_epochs=6",
+            data=True,
+            progress=True,
+            executors=True,
+        ),
     )
     se.add_argument("--out", required=True, help="search folder (created; re-run to resume)")
     se.add_argument(
@@ -74,32 +123,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="retrain the baseline in --out when another recipe's finished baseline is there",
     )
-    se.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
-    )
-    se.add_argument(
-        "--executor", default="sequential", help="sequential (default), processes or ray"
-    )
-    se.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="train N trials at once in local processes (implies processes)",
-    )
-    se.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster address (host:port, ray://host:port, auto or local)",
-    )
-    se.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     pl = sub.add_parser(
-        "plan", help="the most accurate model under a latency budget on this CPU (measured)"
+        "plan",
+        help="the most accurate model under a latency budget on this CPU (measured)",
+        parents=_options(
+            "YAML recipe: the template (model, data, baseline, stages)",
+            "",
+            data=True,
+            progress=True,
+            executors=True,
+        ),
     )
-    pl.add_argument("recipe", help="YAML recipe: the template (model, data, baseline, stages)")
-    pl.add_argument("overrides", nargs="*", metavar="key.path=value")
     pl.add_argument("--latency-ms", type=float, required=True, help="batch-1 p50 budget (ms)")
     pl.add_argument("--size-mb", type=float, default=None, help="weights budget (MB)")
     pl.add_argument("--threads", type=int, default=None, help="runtime threads (recipe's)")
@@ -112,42 +147,23 @@ def _parser() -> argparse.ArgumentParser:
         help="random whole candidates measured for the latency model's error (20)",
     )
     pl.add_argument("--out", required=True, help="plan folder (created; re-run to resume)")
-    pl.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
-    )
-    pl.add_argument("--executor", default="sequential", help="sequential, processes or ray")
-    pl.add_argument("--workers", type=int, default=None, help="local training processes")
-    pl.add_argument("--address", default=None, help="Ray cluster address")
-    pl.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     val = sub.add_parser(
         "validate",
         help="check a recipe (schema, data, model, checkpoint, "
         "runtimes; no training) and print its resolved form",
-    )
-    val.add_argument("recipe")
-    val.add_argument("overrides", nargs="*", metavar="key.path=value")
-    val.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
+        parents=_options("YAML recipe", "", data=True),
     )
     val.add_argument("--quiet", action="store_true", help="print only the one-line summary")
 
     sens = sub.add_parser(
-        "sensitivity", help="accuracy drop of quantizing each layer alone (val split)"
+        "sensitivity",
+        help="accuracy drop of quantizing each layer alone (val split)",
+        parents=_options(
+            "YAML recipe (its first quantize stage sets the options)", "", data=True, progress=True
+        ),
     )
-    sens.add_argument("recipe", help="YAML recipe (its first quantize stage sets the options)")
-    sens.add_argument("overrides", nargs="*", metavar="key.path=value")
     sens.add_argument("--out", default=None, help="folder for sensitivity.json (created)")
-    sens.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
-    )
-    sens.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     rep = sub.add_parser(
         "report",
@@ -159,20 +175,15 @@ def _parser() -> argparse.ArgumentParser:
         "audit",
         help="audit a run's deployed files beyond top-1: per-class "
         "damage, disagreement, calibration, corruptions, memory, CPU time",
+        parents=_options(data=True, progress=True),
     )
     aud.add_argument("run_dir", help="a folder written by 'pqd run'")
-    aud.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
-    )
     aud.add_argument(
         "--cheap",
         action="store_true",
         help="only per-class, disagreement, calibration and latency tails "
         "(no corruption suite, memory or energy probe)",
     )
-    aud.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("models", help="list the model zoo")
     return p
