@@ -34,6 +34,7 @@ import argparse
 import copy
 import datetime
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -84,20 +85,20 @@ def step_flops(model: nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def time_fit(model: nn.Module, batches: Batches, cfg: Any, **kw: Any) -> float:
-    """Images/s of :func:`pqd.train.fit` over ``batches`` after one warm-up pass of 2."""
+def fit_seconds(model: nn.Module, batches: Batches, cfg: Any, **kw: Any) -> float:
+    """Seconds of one :func:`pqd.train.fit` epoch over ``batches``."""
     from pqd.train import fit
 
-    warm = Batches(batches.batches[:2])
-    fit(model, warm, cfg, 1, device=torch.device("cpu"), progress=False, **kw)
     t = time.perf_counter()
     fit(model, batches, cfg, 1, device=torch.device("cpu"), progress=False, **kw)
-    images = sum(len(y) for _, y in batches.batches)
-    return images / (time.perf_counter() - t)
+    return time.perf_counter() - t
 
 
 def measure_model(name: str, data: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Images/s per step kind of one zoo model (see the module doc)."""
+    """Images/s per step kind of one zoo model (see the module doc): every step kind is set
+    up first, warmed up on 2 batches, then timed in ``args.rounds`` interleaved rounds (one
+    epoch over the batches per kind and round); the median round counts, the spread is
+    (max - min) / median."""
     from pqd.models import build_model
     from pqd.prune.masks import magnitude_masks, prunable_parameters
     from pqd.quant.pt2e import prepare_qat
@@ -116,32 +117,51 @@ def measure_model(name: str, data: Any, args: argparse.Namespace) -> dict[str, A
     model = build_model(name, 10, data.mean, data.std)
     bf16 = autocast_dtype("auto", model, torch.device("cpu")) == torch.bfloat16
     flops = step_flops(model, xs[: args.batch]) / args.batch  # per image
-    out: dict[str, Any] = {"model": name, "train_flops_per_image": flops, "bf16": bf16, "steps": {}}
-
-    def record(step: str, ips: float, in_bf16: bool) -> None:
-        out["steps"][step] = {"images_per_s": round(ips, 1), "bf16": in_bf16}
-        print(f"  {name} {step}: {ips:.0f} images/s", flush=True)
-
-    record("float", time_fit(copy.deepcopy(model), batches, cfg), bf16)
-    pruned = copy.deepcopy(model)
-    masks = magnitude_masks(prunable_parameters(pruned), 0.5)
-    keep = MaskKeeper(pruned, masks)
-    record("prune", time_fit(pruned, batches, cfg, after_step=keep), bf16)
     example = xs[:2]
+    pruned = copy.deepcopy(model)
+    keep = MaskKeeper(pruned, magnitude_masks(prunable_parameters(pruned), 0.5))
     graph = prepare_qat(copy.deepcopy(model), example)
-    record("qat fp32 graph", time_fit(graph, batches, cfg), False)
-    graph = prepare_qat(copy.deepcopy(model), example)
-    record("qat", time_fit(graph, batches, cfg, steps=qat_steps(graph, 0.1)), bf16)
+    fast = prepare_qat(copy.deepcopy(model), example)
     frozen = prepare_qat(copy.deepcopy(model), example)
     freeze(frozen)
-    record("qat frozen", time_fit(frozen, batches, cfg, steps=qat_steps(frozen, None)), bf16)
     teacher = copy.deepcopy(model).eval()
-    loss = kd_loss(teacher, 4.0, 0.9, 0.0, device=torch.device("cpu"))
-    record(
-        "distill",
-        time_fit(frozen, batches, cfg, steps=qat_steps(frozen, None), loss_fn=loss),
-        bf16,
-    )
+    kd = kd_loss(teacher, 4.0, 0.9, 0.0, device=torch.device("cpu"))
+    kinds: dict[str, tuple[nn.Module, dict[str, Any], bool]] = {
+        "float": (copy.deepcopy(model), {}, bf16),
+        "prune": (pruned, {"after_step": keep}, bf16),
+        "qat fp32 graph": (graph, {}, False),
+        # a fresh copy of the unfrozen graph every round: 10% live, then frozen
+        "qat": (fast, {}, bf16),
+        "qat frozen": (frozen, {"steps": qat_steps(frozen, None)}, bf16),
+        "distill": (frozen, {"steps": qat_steps(frozen, None), "loss_fn": kd}, bf16),
+    }
+
+    def runner(kind: str) -> tuple[nn.Module, dict[str, Any]]:
+        net, kw, _ = kinds[kind]
+        if kind == "qat":
+            net = copy.deepcopy(fast)
+            kw = {"steps": qat_steps(net, 0.1)}
+        return net, kw
+
+    warm = Batches(batches.batches[:2])
+    for kind in kinds:
+        net, kw = runner(kind)
+        fit_seconds(net, warm, cfg, **kw)
+    seconds: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(args.rounds):
+        for kind in kinds:
+            net, kw = runner(kind)
+            seconds[kind].append(fit_seconds(net, batches, cfg, **kw))
+    images = sum(len(y) for _, y in batches.batches)
+    out: dict[str, Any] = {"model": name, "train_flops_per_image": flops, "bf16": bf16, "steps": {}}
+    for kind, (_, _, in_bf16) in kinds.items():
+        med = statistics.median(seconds[kind])
+        out["steps"][kind] = {
+            "images_per_s": round(images / med, 1),
+            "spread": round((max(seconds[kind]) - min(seconds[kind])) / med, 3),
+            "bf16": in_bf16,
+        }
+        print(f"  {name} {kind}: {images / med:.0f} images/s", flush=True)
     return out
 
 
@@ -187,6 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "batch": args.batch,
         "batches": args.batches,
+        "rounds": args.rounds,
         "images": "real CIFAR-10 training images, 32 px",
         "peak_gflops": {k: round(v, 1) for k, v in peak.items()},
         "loader_images_per_s": round(loader_speed(data, args), 1),
@@ -211,13 +232,14 @@ def render(result: dict[str, Any]) -> str:
         f"`{result['command']}` on {result['date']}: pqd {result['pqd_version']}, torch "
         f"{result['torch']}, {result['cpu']} ({', '.join(result['cpu_flags'])}), "
         f"{result['threads']} threads, batch {result['batch']}, {result['batches']} batches of "
-        f"{result['images']}.",
+        f"{result['images']}, every step kind timed in {result.get('rounds', 1)} interleaved "
+        "rounds (the median round; spread: (max - min) / median).",
         "",
         f"Peak of this CPU in the same run (2048^3 matmul, forward + backward): {peak}. "
         f"Loader (one augmented epoch): {result['loader_images_per_s']:.0f} images/s.",
         "",
-        "| model | step | images/s | epoch time vs float | of peak | convs in |",
-        "|---|---|---|---|---|---|",
+        "| model | step | images/s | epoch time vs float | of peak | convs in | spread |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in result["models"]:
         for step in STEPS:
@@ -226,7 +248,8 @@ def render(result: dict[str, Any]) -> str:
                 continue
             lines.append(
                 f"| {m['model']} | {step} | {st['images_per_s']:.0f} | {st['vs_float']:.2f}x | "
-                f"{100 * st['of_peak']:.1f}% | {'bf16' if st['bf16'] else 'fp32'} |"
+                f"{100 * st['of_peak']:.1f}% | {'bf16' if st['bf16'] else 'fp32'} | "
+                f"{100 * st.get('spread', 0):.0f}% |"
             )
     lines += [
         "",
@@ -244,7 +267,8 @@ def render(result: dict[str, Any]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["fastnet_q8", "resnet18", "vit_small"])
-    p.add_argument("--batches", type=int, default=12)
+    p.add_argument("--batches", type=int, default=6, help="batches per timed epoch")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median counts)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: the subset)")
