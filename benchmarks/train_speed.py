@@ -232,8 +232,13 @@ def render(result: dict[str, Any]) -> str:
         f"`{result['command']}` on {result['date']}: pqd {result['pqd_version']}, torch "
         f"{result['torch']}, {result['cpu']} ({', '.join(result['cpu_flags'])}), "
         f"{result['threads']} threads, batch {result['batch']}, {result['batches']} batches of "
-        f"{result['images']}, every step kind timed in {result.get('rounds', 1)} interleaved "
-        "rounds (the median round; spread: (max - min) / median).",
+        f"{result['images']}, "
+        + (
+            f"every step kind timed in {result['rounds']} interleaved rounds (the median "
+            "round; spread: (max - min) / median)."
+            if result.get("rounds")
+            else "every step kind timed once, one after the other (no spread measured)."
+        ),
         "",
         f"Peak of this CPU in the same run (2048^3 matmul, forward + backward): {peak}. "
         f"Loader (one augmented epoch): {result['loader_images_per_s']:.0f} images/s.",
@@ -249,7 +254,7 @@ def render(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {m['model']} | {step} | {st['images_per_s']:.0f} | {st['vs_float']:.2f}x | "
                 f"{100 * st['of_peak']:.1f}% | {'bf16' if st['bf16'] else 'fp32'} | "
-                f"{100 * st.get('spread', 0):.0f}% |"
+                + (f"{100 * st['spread']:.0f}% |" if "spread" in st else "- |")
             )
     lines += [
         "",

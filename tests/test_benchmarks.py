@@ -157,3 +157,32 @@ def test_headline_runs_the_full_scale_recipe_on_a_few_hundred_folder_images(
     (tmp_path / "res" / "cifar10.md").unlink()
     assert bench.main(["--render", "--results", str(tmp_path / "res")]) == 0
     assert (tmp_path / "res" / "cifar10.md").read_text() == page
+
+
+def test_train_speed_page_renders_ratios_against_float_from_its_json() -> None:
+    bench = load_benchmark("train_speed")
+    steps = {
+        "float": {"images_per_s": 400.0, "bf16": True, "vs_float": 1.0, "of_peak": 0.9},
+        "qat": {"images_per_s": 300.0, "bf16": True, "vs_float": 1.33, "of_peak": 0.6},
+    }
+    result = {
+        "command": "python benchmarks/train_speed.py",
+        "date": "2026-12-06",
+        "pqd_version": "0.1.0",
+        "torch": "2.13.0+cpu",
+        "cpu": "AMD EPYC",
+        "cpu_flags": ["avx2", "avx512_bf16"],
+        "threads": 2,
+        "batch": 128,
+        "batches": 6,
+        "rounds": 3,
+        "images": "real CIFAR-10 training images, 32 px",
+        "peak_gflops": {"fp32": 160.0, "bf16": 370.0},
+        "loader_images_per_s": 2e5,
+        "models": [{"model": "fastnet_q8", "steps": steps}],
+    }
+    steps["qat"]["spread"] = 0.05
+    page = bench.render(result)
+    assert "| fastnet_q8 | qat | 300 | 1.33x | 60.0% | bf16 | 5% |" in page
+    assert "| fastnet_q8 | float | 400 | 1.00x | 90.0% | bf16 | - |" in page
+    assert "3 interleaved rounds" in page and "AMD EPYC (avx2, avx512_bf16)" in page
