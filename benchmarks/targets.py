@@ -135,7 +135,7 @@ def measure(
             "avx2_vs_native_openvino": parity(reference, avx2_logits(paths[t], x, threads)),
             "size_bytes": f["size_bytes"],
         }
-    from pqd.pipeline import load_predictions
+    from pqd.record import load_predictions
     from pqd.stats import compare_paired
 
     preds = {t: load_predictions(out / t) for t in TARGETS}

@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.stages",),  # one thin apply per file
     ("pqd.engine", "pqd.resume"),  # the stage loop, run folders
     ("pqd.markdown",),  # report text pieces
-    ("pqd.pipeline", "pqd.report", "pqd.report_audit"),  # pqd run, records, reports
+    ("pqd.pipeline", "pqd.record", "pqd.report", "pqd.report_audit"),  # pqd run, records
     ("pqd.api", "pqd.search", "pqd.planner"),  # pqd.compress, pqd search, pqd plan
     ("pqd.cli", "pqd"),  # the command, the package
 ]

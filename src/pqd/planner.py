@@ -1114,7 +1114,7 @@ def choose_pick(
     Returns:
         ``(pick, rule)``: the pick's entry (or None) and what decided, with the comparisons.
     """
-    from pqd.pipeline import load_predictions
+    from pqd.record import load_predictions
 
     def best(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return max(rows, key=lambda e: (e["val_accuracy"] or 0.0, -e["measured_ms"]))

@@ -1103,7 +1103,8 @@ def summarize(
     progress: bool = True,
 ) -> dict[str, Any]:
     """search.json's data from the finished run folders, with a fresh latency panel."""
-    from pqd.pipeline import machine, measure_spec
+    from pqd.pipeline import measure_spec
+    from pqd.record import machine
 
     spec = recipe.search
     assert spec is not None
@@ -1132,7 +1133,7 @@ def summarize(
         {k: out / unique[k].folder / "final.onnx" for k in records}, mspec, progress=progress
     )
     base_p50 = panel[base.key]["p50"]
-    from pqd.pipeline import load_predictions
+    from pqd.record import load_predictions
 
     correct: dict[str, np.ndarray] = {}
     for key in records:
