@@ -410,7 +410,9 @@ def test_stages_run_on_imagenet_nets_at_64x64(name: str, subset_dir) -> None:
     stages = [
         *([pqd.Prune(sparsity=0.5, epochs=1)] if full else []),
         pqd.PruneChannels(ratio=0.25, epochs=1 if full else 0),
-        pqd.Quantize(epochs=1 if full else 0, calibration_batches=1),
+        # untrained nets: their BN statistics mean nothing yet, so they stay live through QAT
+        # (freezing them is the standard recipe's second phase for a trained model)
+        pqd.Quantize(epochs=1 if full else 0, calibration_batches=1, freeze_after=None),
         *([pqd.Distill(epochs=1, features={})] if full else []),
         pqd.EarlyExit(epochs=1, mode="heads"),
     ]

@@ -143,7 +143,15 @@ def test_plan_trains_the_best_few_picks_within_budget_and_resumes(
     pick = result["pick"]
     assert pick is not None and pick["measured_ms"] <= budget * 1.05
     done = [e for e in result["trained"] if e["status"] == "done"]
-    assert pick["val_accuracy"] == max(e["val_accuracy"] for e in done)
+    rule = result["pick_rule"]  # a planned pick only beyond noise over the uniform reference
+    beyond = {c["dir"] for c in rule["validation_vs_uniform"] if c["beyond_noise"]}
+    if beyond:
+        assert pick["dir"] in beyond
+        assert pick["val_accuracy"] == max(e["val_accuracy"] for e in done if e["dir"] in beyond)
+    else:
+        assert pick.get("uniform_reference") is not None
+        assert rule["rule"].startswith("uniform reference")
+    assert len(rule["validation_vs_uniform"]) == len(done) - 1
     assert result["dense_ms"] > budget > result["fastest_ms"]
     assert result["latency_model"]["validation"]["n"] == 2
 

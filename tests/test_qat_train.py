@@ -88,7 +88,7 @@ def test_steps_freeze_at_the_fraction_and_the_state_survives_a_reload() -> None:
     assert not is_frozen(g) and steps.module_at(4, 10) is first
     later = steps.module_at(5, 10)
     assert is_frozen(g) and "batch_norm" not in later.code
-    assert steps.info() == {"frozen_at_step": 5, "folded_conv_bn": 3}
+    assert steps.info() == {"freeze_step": 5, "folded_conv_bn": 3}
     # frozen is the observers' state: it travels with the state dict
     g2 = _graph(seed=1)
     g2.load_state_dict(g.state_dict())
@@ -114,7 +114,7 @@ def test_a_graph_trained_through_the_views_exports_a_matching_int8_file(tmp_path
     steps = qat_steps(g, 0.25)
     res = fit(g, Loader(), cfg, 2, device=torch.device("cpu"), progress=False, steps=steps)
     assert res.steps == 8 and is_frozen(g)
-    assert steps is not None and steps.info()["frozen_at_step"] == 2
+    assert steps is not None and steps.info()["freeze_step"] == 2
     path, conv = export_onnx(g, tmp_path / "q.onnx", torch.rand(2, 3, 32, 32), quantized=True)
     assert all("scale" in w for w in onnx_weights(path))  # every weight through DequantizeLinear
     x = torch.rand(32, 3, 32, 32)

@@ -141,17 +141,14 @@ class QatSteps:
         self.freeze_at = freeze_at
         self.views: dict[bool, fx.GraphModule] = {}
         self.folded = 0
-        self.frozen_at_step: int | None = None
+        self.freeze_step: int | None = None  # planned, so a resumed run records the same
 
     def module_at(self, step: int, total: int) -> nn.Module:
         """The module to run at optimizer step ``step`` of ``total`` (0-based)."""
-        if (
-            self.freeze_at is not None
-            and not is_frozen(self.graph)
-            and step >= round(self.freeze_at * total)
-        ):
-            freeze(self.graph)
-            self.frozen_at_step = step
+        if self.freeze_at is not None:
+            self.freeze_step = round(self.freeze_at * total)
+            if not is_frozen(self.graph) and step >= self.freeze_step:
+                freeze(self.graph)
         frozen = is_frozen(self.graph)
         if frozen not in self.views:
             self.views[frozen], folded = training_view(self.graph, frozen_bn=frozen)
@@ -159,8 +156,10 @@ class QatSteps:
         return self.views[frozen]
 
     def info(self) -> dict[str, int | None]:
-        """For the stage's record: when the graph froze and how many conv-BN pairs folded."""
-        return {"frozen_at_step": self.frozen_at_step, "folded_conv_bn": self.folded}
+        """For the stage's record: the step at which this training froze the graph (None: it
+        did not freeze it here) and how many conv-BN pairs the frozen view folded. Both are
+        the same whether the training ran through or was resumed mid-way."""
+        return {"freeze_step": self.freeze_step, "folded_conv_bn": self.folded}
 
 
 def qat_steps(model: nn.Module, freeze_at: float | None) -> StepModules | None:
