@@ -318,6 +318,13 @@ def paired_groups(
     return compare_over_seeds(pairs) if pairs else None
 
 
+def holm_adjusted(comparisons: Sequence[dict[str, Any] | None]) -> list[float | None]:
+    """Holm-adjusted McNemar p-values of a family of comparisons, in their order; None where
+    a comparison is missing (it is not part of the family)."""
+    adjusted = iter(holm([float(c["p_value"]) for c in comparisons if c is not None]))
+    return [None if c is None else next(adjusted) for c in comparisons]
+
+
 def topological_order(nodes: Sequence[str], edges: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Sort ``nodes`` so that every edge ``(a, b)`` ("a before b") points forward.
 
@@ -1353,15 +1360,13 @@ def _rank_against_best(
         return
     best = perms[0]
     others = [(g, paired_groups(entries[best["id"]], entries[g["id"]], correct)) for g in perms[1:]]
-    tested = [c for _, c in others if c is not None]
-    adjusted = iter(holm([float(c["p_value"]) for c in tested]))
+    adjusted = holm_adjusted([c for _, c in others])
     best.update(rank=1, tied_with_best=True)
-    for rank, (g, c) in enumerate(others, 2):
+    for rank, ((g, c), p_adj) in enumerate(zip(others, adjusted, strict=True), 2):
         g["rank"] = rank
-        if c is None:
+        if c is None or p_adj is None:
             g["tied_with_best"] = True
             continue
-        p_adj = next(adjusted)
         g["vs_best"] = {**c, "p_holm": round(p_adj, 6)}
         g["tied_with_best"] = decide(c, p_adj, spec.alpha, spec.min_effect_points / 100.0) != "a"
 
@@ -1381,12 +1386,10 @@ def _pairwise(
         )
         for a, b in pairs
     ]
-    tested = [c for c in comparisons if c is not None]
-    adjusted = iter(holm([float(c["p_value"]) for c in tested]))
+    adjusted = holm_adjusted(comparisons)
     rows, edges, ties = [], [], []
-    for (a, b), comp in zip(pairs, comparisons, strict=True):
+    for (a, b), comp, p_adj in zip(pairs, comparisons, adjusted, strict=True):
         ab, ba = groups.get(f"pairwise:{a}>{b}", {}), groups.get(f"pairwise:{b}>{a}", {})
-        p_adj = next(adjusted) if comp is not None else None
         winner, why = decide_pair(
             bool(ab.get("n")),
             bool(ba.get("n")),
