@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pqd.export import export_onnx
-    from pqd.measure.complexity import onnx_complexity
-    from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import open_runner
+    from pqd.measurement.complexity import onnx_complexity
+    from pqd.measurement.latency import compare_latency
+    from pqd.measurement.runtime import open_runner
     from pqd.models import build_model
+    from pqd.onnx_export import export_onnx
     from pqd.prune.channels import apply_structure, plan_records
     from pqd.quant.pt2e import calibrate, prepare_qat
     from pqd.recipe import recipe_from_dict

@@ -33,8 +33,8 @@ SUBSET = [
 
 
 def cpu_line() -> str:
-    """``lscpu``'s model name and the INT8-relevant flags (pqd.measure.env's list)."""
-    from pqd.measure.env import cpu_flags, cpu_model
+    """``lscpu``'s model name and the INT8-relevant flags (pqd.measurement.env's list)."""
+    from pqd.measurement.env import cpu_flags, cpu_model
 
     name = cpu_model()
     try:

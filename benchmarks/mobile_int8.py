@@ -67,7 +67,7 @@ def _text(value: Any) -> str:
 
 def openvino_ops(path: Path, threads: int) -> dict[str, int]:
     """``"<layer type>/<exec precision>"`` counts of OpenVINO's compiled (runtime) model."""
-    from pqd.measure.runtime import import_openvino
+    from pqd.measurement.runtime import import_openvino
 
     ov = import_openvino()
     core = ov.Core()
@@ -122,7 +122,7 @@ def export_arms(
 
 def kernel_summary(path: Path) -> dict[str, Any]:
     """Integer / float convs, Q/DQ left, transposes and float ops in onnxruntime's graph."""
-    from pqd.measure.runtime import float_islands, ort_kernels, ort_optimized
+    from pqd.measurement.runtime import float_islands, ort_kernels, ort_optimized
 
     proto = ort_optimized(path)
     k = ort_kernels(path, proto=proto)
@@ -167,7 +167,7 @@ def ort_profile(path: Path, image: tuple[int, int, int], threads: int, calls: in
     import numpy as np
     import onnxruntime as ort
 
-    from pqd.measure.runtime import ort_optimized
+    from pqd.measurement.runtime import ort_optimized
 
     proto = ort_optimized(path)
     inits = {i.name: i for i in proto.graph.initializer}
@@ -240,10 +240,15 @@ def latency_calls(batch: int, image: tuple[int, int, int], repeats: int) -> tupl
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from pqd.measure.complexity import onnx_complexity
-    from pqd.measure.env import environment
-    from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import available_runtimes, open_runner, runtime_package, static_batch
+    from pqd.measurement.complexity import onnx_complexity
+    from pqd.measurement.env import environment
+    from pqd.measurement.latency import compare_latency
+    from pqd.measurement.runtime import (
+        available_runtimes,
+        open_runner,
+        runtime_package,
+        static_batch,
+    )
 
     t_start = time.perf_counter()
     result: dict[str, Any] = {

@@ -115,8 +115,8 @@ def run_all(
 
 def measure(out: Path, threads: int, repeats: int, rounds: int) -> dict:
     """Time every final artifact and the FP32 baseline side by side; collect the records."""
-    from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import open_runner
+    from pqd.measurement.latency import compare_latency
+    from pqd.measurement.runtime import open_runner
 
     records = {
         n: json.loads((out / n / "record.json").read_text())

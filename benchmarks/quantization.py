@@ -104,12 +104,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pqd.context import Context
     from pqd.data import load_dataset, resolve_data_root
     from pqd.engine import apply_stages, baseline, seed_everything
-    from pqd.export import export_onnx
-    from pqd.measure.artifacts import measure_artifacts, torch_reference
-    from pqd.measure.env import environment
-    from pqd.measure.parity import parity
-    from pqd.measure.runtime import avx2_logits
+    from pqd.measurement.artifacts import measure_artifacts, torch_reference
+    from pqd.measurement.env import environment
+    from pqd.measurement.parity import parity
+    from pqd.measurement.runtime import avx2_logits
     from pqd.models import build_model
+    from pqd.onnx_export import export_onnx
     from pqd.recipe import MeasureSpec, recipe_from_dict
     from pqd.train import evaluate
 

@@ -13,7 +13,7 @@ rounds) then times, at batch 1 on a float [0, 1] NCHW input:
 - FP32 PyTorch eager, ``torch.set_num_threads(threads)`` + ``inference_mode``, in both
   NCHW and channels_last; the faster one (by p50 in this run) is the eager reference;
 - the FP32 and the INT8 ONNX file on every requested runtime (onnxruntime, OpenVINO with
-  a static batch-1 shape), opened with ``pqd.measure.runtime.open_runner``.
+  a static batch-1 shape), opened with ``pqd.measurement.runtime.open_runner``.
 
 Between one path's block and the next, every round idles ``--switch-pause-ms`` (100 ms,
 ``compare_latency``'s untimed pause). Without it,
@@ -265,7 +265,7 @@ def export_pair(
     ``image`` (C, H, W); (paths, torch references)."""
     import torch
 
-    from pqd.export import export_onnx
+    from pqd.onnx_export import export_onnx
     from pqd.quant.pt2e import calibrate, prepare_qat
 
     gen = torch.Generator().manual_seed(seed)
@@ -473,10 +473,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import torch
 
-    from pqd.measure.complexity import onnx_complexity
-    from pqd.measure.env import environment
-    from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import open_runner
+    from pqd.measurement.complexity import onnx_complexity
+    from pqd.measurement.env import environment
+    from pqd.measurement.latency import compare_latency
+    from pqd.measurement.runtime import open_runner
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -586,7 +586,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pqd.measure.runtime import available_runtimes
+    from pqd.measurement.runtime import available_runtimes
 
     args = parse_args(argv)
     installed = available_runtimes()

@@ -79,10 +79,10 @@ def measure(
     import numpy as np
 
     from pqd.data import load_dataset, resolve_data_root
-    from pqd.measure.env import environment
-    from pqd.measure.parity import parity
-    from pqd.measure.runtime import avx2_logits, open_runner
-    from pqd.measure.saturation import saturation
+    from pqd.measurement.env import environment
+    from pqd.measurement.parity import parity
+    from pqd.measurement.runtime import avx2_logits, open_runner
+    from pqd.measurement.saturation import saturation
     from pqd.recipe import MeasureSpec
     from pqd.search import latency_panel
 

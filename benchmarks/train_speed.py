@@ -180,7 +180,7 @@ def loader_speed(data: Any, args: argparse.Namespace) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pqd._version import __version__
     from pqd.data import load_dataset
-    from pqd.measure.env import environment
+    from pqd.measurement.env import environment
 
     torch.set_num_threads(args.threads)
     root = args.data_dir or str(ROOT.parent / "shared" / "data" / "cifar-10-subset")

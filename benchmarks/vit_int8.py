@@ -37,7 +37,7 @@ FLOAT_OPS = ("Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Conv", "FusedConv")
 
 def kernel_summary(path: Path) -> dict[str, Any]:
     """Integer and float matmul/conv kernels and the Q/DQ nodes onnxruntime runs."""
-    from pqd.measure.runtime import ort_kernels
+    from pqd.measurement.runtime import ort_kernels
 
     k = ort_kernels(path)
     return {
@@ -84,9 +84,9 @@ def profile_ops(path: Path, threads: int, batch: int, calls: int = 5) -> dict[st
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from pqd.measure.env import environment
-    from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import open_runner
+    from pqd.measurement.env import environment
+    from pqd.measurement.latency import compare_latency
+    from pqd.measurement.runtime import open_runner
 
     result: dict[str, Any] = {
         "model": args.model,

@@ -53,9 +53,9 @@ def main() -> int:
         )
         walls["hand"] = timed([sys.executable, "benchmarks/handwritten.py", "--out", str(hand_dir)])
 
-    from pqd.measure.artifacts import size_bytes
-    from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import open_runner
+    from pqd.measurement.artifacts import size_bytes
+    from pqd.measurement.latency import compare_latency
+    from pqd.measurement.runtime import open_runner
 
     record = json.loads((pqd_dir / "record.json").read_text())
     hand = json.loads((hand_dir / "result.json").read_text())

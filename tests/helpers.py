@@ -274,7 +274,7 @@ def fake_latency(monkeypatch: Any, noise: float = 0.0, seed: int = 0) -> dict[st
     shared machine. Returns the call counts (``pieces``, ``networks``, ``panel``)."""
     import pqd.latency_model as lmod
     import pqd.search as search
-    from pqd.measure.complexity import onnx_complexity
+    from pqd.measurement.complexity import onnx_complexity
     from pqd.prune.channels import count_macs
 
     calls = {"pieces": 0, "networks": 0, "panel": 0}

@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from helpers import load_benchmark
-from pqd.measure import audit as audit_mod
-from pqd.measure.audit import (
+from pqd.measurement import audit as audit_mod
+from pqd.measurement.audit import (
     calibration,
     class_damage,
     corruption_errors,

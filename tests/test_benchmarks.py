@@ -26,7 +26,7 @@ def test_gemm_peaks_and_floor_are_positive(bench):
 
 
 def test_missing_runtime_exits_nonzero_with_one_line(bench, monkeypatch, capsys):
-    import pqd.measure.runtime as rt
+    import pqd.measurement.runtime as rt
 
     monkeypatch.setattr(rt, "available_runtimes", lambda: ["onnxruntime"])
     assert bench.main(["--runtimes", "openvino"]) != 0

@@ -254,7 +254,7 @@ def test_a_vnni_file_measured_without_vnni_is_flagged_in_one_line(
 ) -> None:
     """A file built for x86-vnni (8-bit weights), measured where the CPU flags say AVX2 only:
     parity_ok false, one warning line naming the target, the figure and the fix."""
-    import pqd.measure.env as env_mod
+    import pqd.measurement.env as env_mod
 
     monkeypatch.setattr(env_mod, "cpu_flags", lambda: ["avx2"])
     recipe = tiny(
@@ -394,9 +394,9 @@ def test_a_missing_runtime_gets_the_right_install_advice(
     installed: list[str],
     needles: list[str],
 ) -> None:
-    import pqd.measure
+    import pqd.measurement
 
-    monkeypatch.setattr(pqd.measure, "available_runtimes", lambda: installed)
+    monkeypatch.setattr(pqd.measurement, "available_runtimes", lambda: installed)
     data = tiny(subset_dir)
     data["measure"]["runtimes"] = runtimes
     path = write_recipe(tmp_path, data)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pqd.export import compress_artifact
+from pqd.onnx_export import compress_artifact
 
 
 def int8_conv_model(path, sparsity: float, seed: int = 0) -> None:

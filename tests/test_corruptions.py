@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pqd.measure.corruptions import (
+from pqd.measurement.corruptions import (
     CORRUPTIONS,
     corrupt,
     corrupted_set,

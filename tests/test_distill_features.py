@@ -11,7 +11,7 @@ import torch
 
 from helpers import CPU, context, synthetic_data, tiny
 from pqd.errors import RecipeError
-from pqd.export import export_onnx
+from pqd.onnx_export import export_onnx
 from pqd.quant.pt2e import DEFAULT_SCHEME, prepare_qat
 from pqd.recipe import FeatureKDSpec
 from pqd.stages.distill import TAP_PREFIX, TAPS, apply_distill, capture, feature_points

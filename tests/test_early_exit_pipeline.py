@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from helpers import load_benchmark
 from pqd.exits.runtime import ExitRuntime, exit_graph
-from pqd.measure.runtime import open_runner
+from pqd.measurement.runtime import open_runner
 
 ORDERS = {
     "first": ["early_exit", "prune", "quantize", "distill"],
@@ -221,7 +221,7 @@ def test_early_exit_in_each_position(run) -> None:
     assert "exits.onnx" in text and "final.onnx (reference)" in text
     assert f"{ee['speedup_mean']:.2f}x" in text and f"{ee['speedup_mean_files']:.2f}x" in text
     if name in RUNTIMES:  # exits measured on every installed runtime
-        from pqd.measure import available_runtimes
+        from pqd.measurement import available_runtimes
 
         runtimes = record["final"]["early_exit"]["runtimes"]
         assert list(runtimes) == available_runtimes()

@@ -16,21 +16,21 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-import pqd.export as export_mod
+import pqd.onnx_export as export_mod
 from helpers import random_images
-from pqd.export import export_onnx
-from pqd.measure.artifacts import (
+from pqd.measurement.artifacts import (
     keep_ir_if_faster,
     measure_onnx,
     repeats_for,
     size_bytes,
     warmup_for,
 )
-from pqd.measure.complexity import onnx_complexity
-from pqd.measure.latency import compare_latency
-from pqd.measure.parity import parity
-from pqd.measure.runtime import export_openvino_ir, open_runner, openvino_ir_paths, ort_kernels
+from pqd.measurement.complexity import onnx_complexity
+from pqd.measurement.latency import compare_latency
+from pqd.measurement.parity import parity
+from pqd.measurement.runtime import export_openvino_ir, open_runner, openvino_ir_paths, ort_kernels
 from pqd.models import build_model
+from pqd.onnx_export import export_onnx
 from pqd.quant.pt2e import prepare_qat
 from pqd.recipe import MeasureSpec
 from pqd.train import set_train
@@ -219,7 +219,7 @@ def test_openvino_is_imported_without_telemetry(tmp_path: Path, through_pqd: boo
     """A plain ``import openvino`` consents to telemetry and writes ~/intel (checked, so the
     test can fail); pqd's import declines it and leaves HOME untouched."""
     code = (
-        "from pqd.measure.runtime import import_openvino; import_openvino()"
+        "from pqd.measurement.runtime import import_openvino; import_openvino()"
         if through_pqd
         else "import openvino"
     )
@@ -261,7 +261,7 @@ def test_mobile_blocks_run_as_integer_kernels(
     tmp_path: Path, subset_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pqd.data import load_dataset
-    from pqd.measure.runtime import float_islands, ort_optimized
+    from pqd.measurement.runtime import float_islands, ort_optimized
 
     data = load_dataset("cifar10", subset_dir, download=False, limit_train=64, limit_test=64)
     path, deploy = blocks_int8(tmp_path, data, "fixed")
@@ -313,7 +313,7 @@ class HardswishHead(torch.nn.Module):
 def test_a_linear_hardswish_linear_classifier_runs_in_integer(tmp_path: Path) -> None:
     """The hard gate's ``x + 3`` after a linear is not a transformer's residual add: both
     linears run as QGemm, the gate as QLinearAdd + QLinearMul, nothing in float."""
-    from pqd.measure.runtime import float_islands, ort_optimized
+    from pqd.measurement.runtime import float_islands, ort_optimized
     from pqd.quant.pt2e import calibrate
 
     torch.manual_seed(0)

@@ -55,8 +55,8 @@ def test_prediction_never_falls_when_a_width_grows_even_with_noisy_pieces(
 
 
 def test_cache_is_keyed_by_machine_and_runtime_version(monkeypatch, tmp_path) -> None:
-    import pqd.measure.env as env
-    import pqd.measure.runtime as rt
+    import pqd.measurement.env as env
+    import pqd.measurement.runtime as rt
 
     calls = fake_latency(monkeypatch)
     net = tiny("tiny_cnn")

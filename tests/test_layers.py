@@ -28,17 +28,17 @@ LAYERS: list[tuple[str, ...]] = [
         "pqd.data",
         "pqd.models",
         "pqd.train",
-        "pqd.measure.env",
+        "pqd.measurement.env",
         "pqd.target",
         "pqd._pt2e_cache",
     ),  # data, nets, training
-    ("pqd.measure",),  # measuring files: accuracy, parity, size, latency
+    ("pqd.measurement",),  # measuring files: accuracy, parity, size, latency
     ("pqd.quant",),  # PT2E, calibration, sensitivity
-    ("pqd.export",),  # ONNX files
+    ("pqd.onnx_export",),  # ONNX files
     ("pqd.prune",),  # importance, masks, surgery
     ("pqd.latency_model",),  # measured per-layer tables of the target CPU (pqd plan)
     ("pqd.exits",),  # exit heads, exit runtime
-    ("pqd.measure.audit", "pqd.measure.corruptions"),  # audit (exits included)
+    ("pqd.measurement.audit", "pqd.measurement.corruptions"),  # audit (exits included)
     ("pqd.context",),  # what a stage reads
     ("pqd.stages",),  # one thin apply per file
     ("pqd.engine", "pqd.resume"),  # the stage loop, run folders
@@ -146,7 +146,9 @@ def test_a_stage_imports_no_sibling_stage_nor_what_runs_it() -> None:
 def test_the_rules_can_fail() -> None:
     """The checks above see a forbidden edge and a circle when one is there."""
     graph = import_graph()
-    graph.add_edge("pqd.export", "pqd.stages.quantize")
-    assert layer_of("pqd.stages.quantize") > layer_of("pqd.export")
-    graph.add_edge("pqd.stages.quantize", "pqd.export")
-    assert any(len(c) > 1 and "pqd.export" in c for c in nx.strongly_connected_components(graph))
+    graph.add_edge("pqd.onnx_export", "pqd.stages.quantize")
+    assert layer_of("pqd.stages.quantize") > layer_of("pqd.onnx_export")
+    graph.add_edge("pqd.stages.quantize", "pqd.onnx_export")
+    assert any(
+        len(c) > 1 and "pqd.onnx_export" in c for c in nx.strongly_connected_components(graph)
+    )

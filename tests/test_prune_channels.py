@@ -11,9 +11,9 @@ import torch.nn as nn
 
 from helpers import make_ctx, run_stages
 from pqd.errors import RecipeError
-from pqd.export import export_onnx
-from pqd.measure.complexity import onnx_complexity
+from pqd.measurement.complexity import onnx_complexity
 from pqd.models import build_model, check_output_shape
+from pqd.onnx_export import export_onnx
 from pqd.prune.channels import (
     apply_structure,
     carry_masks,

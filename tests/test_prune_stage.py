@@ -225,8 +225,8 @@ def test_at_init_reinitialises_then_prunes() -> None:
 
 
 def test_nm_2_4_survives_qat_and_the_int8_export_has_exactly_2_zeros_per_group(tmp_path) -> None:
-    from pqd.export import export_onnx
-    from pqd.measure.sparsity import nm_report, onnx_weights
+    from pqd.measurement.sparsity import nm_report, onnx_weights
+    from pqd.onnx_export import export_onnx
 
     ctx, state = make_ctx(
         [

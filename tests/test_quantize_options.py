@@ -21,8 +21,8 @@ from helpers import (
     tiny,
 )
 from pqd.errors import RecipeError
-from pqd.export import export_onnx
-from pqd.measure.runtime import ort_kernels
+from pqd.measurement.runtime import ort_kernels
+from pqd.onnx_export import export_onnx
 from pqd.quant.pt2e import (
     DEFAULT_SCHEME,
     calibrate,
@@ -144,7 +144,7 @@ def test_int4_weights_are_stored_as_int4_in_range(exported) -> None:
 
 
 def test_dynamic_uses_integer_ops_on_the_trained_int8_weights(exported) -> None:
-    from pqd.export import _weights_only
+    from pqd.onnx_export import _weights_only
 
     path, _, graph = exported["dynamic"]
     proto = onnx.load(str(path))

@@ -145,7 +145,7 @@ def test_labels_of_points_sharing_a_size_do_not_overlap() -> None:
 
 
 def test_report_names_the_fastest_runtime_per_batch_and_float_ops() -> None:
-    from pqd.measure.artifacts import fastest_runtimes
+    from pqd.measurement.artifacts import fastest_runtimes
 
     rec = record()
     final = rec["final"]

@@ -1,4 +1,4 @@
-"""The saturation check (pqd.measure.saturation) against an emulation of the AVX2 int16 pair
+"""The saturation check (pqd.measurement.saturation) against an emulation of the AVX2 int16 pair
 sums, on exported files of both weight ranges, and against real AVX2 kernels: OpenVINO's
 oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA``) runs the AVX2 kernels on a VNNI CPU."""
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from helpers import onnx_weights, tiny
-from pqd.export import export_onnx
-from pqd.measure.env import cpu_flags, has_vnni
-from pqd.measure.runtime import avx2_logits, open_runner
-from pqd.measure.saturation import pairs_at_risk, saturation
+from pqd.measurement.env import cpu_flags, has_vnni
+from pqd.measurement.runtime import avx2_logits, open_runner
+from pqd.measurement.saturation import pairs_at_risk, saturation
+from pqd.onnx_export import export_onnx
 from pqd.quant.pt2e import DEFAULT_SCHEME, prepare_qat, weight_range
 from pqd.train import set_train
 

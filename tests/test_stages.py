@@ -18,11 +18,11 @@ import pqd.stages  # noqa: F401  (registers the stages)
 from conftest import tiny_recipe
 from helpers import Job
 from pqd.data import Dataset
-from pqd.export import export_onnx
-from pqd.measure.complexity import onnx_complexity
-from pqd.measure.parity import parity
-from pqd.measure.runtime import open_runner
+from pqd.measurement.complexity import onnx_complexity
+from pqd.measurement.parity import parity
+from pqd.measurement.runtime import open_runner
 from pqd.models import build_model
+from pqd.onnx_export import export_onnx
 from pqd.prune.masks import prunable_parameters
 from pqd.quant.pt2e import unquantized_weights
 from pqd.state import State

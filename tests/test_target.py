@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pqd.measure.env import kernels_in_words
+from pqd.measurement.env import kernels_in_words
 from pqd.recipe import recipe_from_dict
 from pqd.target import assess, reduces_range, resolve
 

@@ -103,9 +103,9 @@ def subset(subset_dir: Path):
 
 
 def test_int8_export_runs_every_linear_as_qgemm_with_parity(tmp_path: Path, subset) -> None:
-    from pqd.export import export_onnx
-    from pqd.measure.parity import parity, torch_predict
-    from pqd.measure.runtime import ort_kernels
+    from pqd.measurement.parity import parity, torch_predict
+    from pqd.measurement.runtime import ort_kernels
+    from pqd.onnx_export import export_onnx
 
     model = quick_trained(subset)
     images = subset.val_x
@@ -144,7 +144,7 @@ def test_int8_export_runs_every_linear_as_qgemm_with_parity(tmp_path: Path, subs
 
 def _dequantized_inputs(path: Path, ops: tuple[str, ...]) -> int:
     """How many ``ops`` nodes of onnxruntime's optimized graph read a DequantizeLinear."""
-    from pqd.measure.runtime import ort_optimized
+    from pqd.measurement.runtime import ort_optimized
 
     proto = ort_optimized(path)
     dq = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
@@ -162,7 +162,7 @@ def test_head_pruning_removes_whole_heads_for_real(tmp_path: Path) -> None:
     import onnx
     from onnx import numpy_helper
 
-    from pqd.export import export_onnx
+    from pqd.onnx_export import export_onnx
     from pqd.prune.channels import apply_structure, plan_records
     from pqd.recipe import PruneChannelsSpec
 
@@ -200,7 +200,7 @@ def test_head_pruning_removes_whole_heads_for_real(tmp_path: Path) -> None:
     qkv_rows = sorted(inits[n.input[1]].shape[0] for n in proto.graph.node if n.op_type == "Gemm")
     assert qkv_rows.count(48) == 1 and qkv_rows.count(96) == 1  # block 1: 2 heads, block 2: 4
     # the record's MACs, read from the file, count every token of the 2-D linears
-    from pqd.measure.complexity import onnx_complexity
+    from pqd.measurement.complexity import onnx_complexity
 
     assert onnx_complexity(path)["macs"] == count_macs(model, x[:1])
     with torch.no_grad():

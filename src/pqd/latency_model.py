@@ -13,7 +13,7 @@ without exporting each one. This module measures instead of counting:
    p50 of a one-layer ONNX piece (conv -> BN -> ReLU, or linear) at a grid of input x output
    widths (the ``levels`` keep fractions of the full widths, rounded like the stage). Pieces
    are exported as they ship: INT8 through the PT2E QAT prepare + calibrate + QDQ export path
-   (:func:`pqd.quant.pt2e.prepare_qat`, :func:`pqd.export.export_onnx`), or FP32; they are
+   (:func:`pqd.quant.pt2e.prepare_qat`, :func:`pqd.onnx_export.export_onnx`), or FP32; they are
    timed on the chosen runtime and thread count, interleaved (:func:`compare_latency`).
    Between grid points a layer's time is bilinear in its widths, on a table made monotone
    (running maximum along both width axes), so the prediction never falls when a width grows.
@@ -85,8 +85,8 @@ def fingerprint(runtime: str, threads: int, precision: str, opset: int = 20) -> 
         CPU model, CPU flags, runtime, runtime version, threads, precision, opset and the
         table format version (JSON-ready).
     """
-    from pqd.measure.env import cpu_flags, cpu_model
-    from pqd.measure.runtime import runtime_versions
+    from pqd.measurement.env import cpu_flags, cpu_model
+    from pqd.measurement.runtime import runtime_versions
 
     versions = runtime_versions()
     if runtime not in versions:
@@ -285,7 +285,7 @@ def export_as_shipped(
 ) -> Path:
     """Export ``model`` to ``path`` as the pipeline ships it: INT8 (PT2E QAT graph on a copy,
     observers calibrated on random inputs, QDQ export) or FP32."""
-    from pqd.export import export_onnx
+    from pqd.onnx_export import export_onnx
     from pqd.quant.pt2e import calibrate, prepare_qat
 
     m = copy.deepcopy(model).cpu().float()
@@ -323,8 +323,8 @@ def time_files(
     Returns:
         name -> p50 in milliseconds.
     """
-    from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import open_runner
+    from pqd.measurement.latency import compare_latency
+    from pqd.measurement.runtime import open_runner
 
     out: dict[str, float] = {}
     # one panel per input shape (compare_latency feeds one input to every file)

@@ -92,8 +92,8 @@ def resolve_device(name: str) -> torch.device:
 def check_runtimes(recipe: Recipe) -> list[str]:
     """The runtimes to measure on (``auto``: every installed one); fails before any training
     if a requested runtime is not installed."""
-    from pqd.measure import available_runtimes
-    from pqd.measure.runtime import runtime_package
+    from pqd.measurement import available_runtimes
+    from pqd.measurement.runtime import runtime_package
 
     have = available_runtimes()
     ort_fix = (
@@ -403,8 +403,8 @@ def execute(
         )
 
     # ---- export both artifacts, then measure them side by side
-    from pqd.export import export_onnx
-    from pqd.measure.artifacts import torch_reference
+    from pqd.measurement.artifacts import torch_reference
+    from pqd.onnx_export import export_onnx
 
     t0 = time.perf_counter()
     target = target if state.quantized else "any"  # a float file runs alike everywhere
@@ -436,8 +436,8 @@ def execute(
             quantized=state.quantized,
             opset=recipe.export.opset,
         )
-    from pqd.export import set_metadata
-    from pqd.measure.saturation import saturation
+    from pqd.measurement.saturation import saturation
+    from pqd.onnx_export import set_metadata
 
     set_metadata(
         final_path,
@@ -499,7 +499,7 @@ def execute(
         atomic_write_text(out / PENDING_FILE, json.dumps(pending, indent=2, default=json_default))
         return pending
 
-    from pqd.measure.artifacts import measure_onnx
+    from pqd.measurement.artifacts import measure_onnx
 
     t0 = time.perf_counter()
     spec = measure_spec(recipe)
@@ -590,7 +590,7 @@ def measure_run(
     ``final.onnx`` side by side as ``pqd run`` does, writes ``record.json`` + ``report.md``
     and removes ``pending.json``. ``where`` is recorded in ``record["measurement"]``.
     """
-    from pqd.measure.artifacts import measure_onnx
+    from pqd.measurement.artifacts import measure_onnx
     from pqd.recipe import recipe_from_dict
 
     out = Path(run_dir)
@@ -671,10 +671,10 @@ def _audit(
     logits: dict[str, np.ndarray],
     progress: bool,
 ) -> None:
-    """The audit of both artifacts (:mod:`pqd.measure.audit`) into ``measured[name]["audit"]``
+    """The audit of both artifacts (:mod:`pqd.measurement.audit`) into ``measured[name]["audit"]``
     from the logits the accuracy came from; ``measure.audit: true`` adds corruptions, memory
     and energy."""
-    from pqd.measure.audit import audit_artifacts
+    from pqd.measurement.audit import audit_artifacts
 
     paths = {name: out / measured[name]["artifact"] for name in ("baseline", "final")}
     audits = audit_artifacts(
@@ -707,11 +707,11 @@ def _sparsity_extras(state: State, final_path: Path, recipe: Recipe) -> dict[str
     ``compression_ratio``, ...) and the pruned architecture (``structure``)."""
     extras: dict[str, Any] = {}
     if state.nm_layers:
-        from pqd.measure.sparsity import nm_report
+        from pqd.measurement.sparsity import nm_report
 
         extras["nm_pattern"] = nm_report(final_path, state.nm_layers)
     if recipe.export.compress:
-        from pqd.export import compress_artifact
+        from pqd.onnx_export import compress_artifact
 
         extras.update(compress_artifact(final_path))
     if state.structure:
@@ -834,10 +834,10 @@ def audit_run(
         The updated record.
     """
     from pqd.errors import PqdError
-    from pqd.measure.artifacts import runtime_logits
-    from pqd.measure.audit import ARTIFACTS, attach, audit_artifacts, latency_tail
-    from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import open_runner
+    from pqd.measurement.artifacts import runtime_logits
+    from pqd.measurement.audit import ARTIFACTS, attach, audit_artifacts, latency_tail
+    from pqd.measurement.latency import compare_latency
+    from pqd.measurement.runtime import open_runner
     from pqd.recipe import recipe_from_dict
 
     out = Path(run_dir)

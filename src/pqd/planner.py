@@ -712,7 +712,7 @@ def plan(
     """
 
     from pqd.data import resolve_data_root
-    from pqd.measure.runtime import available_runtimes
+    from pqd.measurement.runtime import available_runtimes
     from pqd.search import check_executor
 
     t_start = time.perf_counter()

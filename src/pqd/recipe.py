@@ -537,7 +537,7 @@ class MeasureSpec(Strict):
     repeats: int = Field(default=300, ge=5)
     accuracy_batch_size: int = Field(default=256, ge=1)
     exit_latency_rounds: int = Field(default=3, ge=1, le=100)  # passes over the test split
-    # the full audit (pqd.measure.audit): corruption suite, peak memory and CPU-s/energy of a
+    # the full audit (pqd.measurement.audit): corruption suite, peak memory and CPU-s/energy of a
     # fresh process; per-class damage, disagreement, calibration and p99/max are always on
     audit: bool = False
 

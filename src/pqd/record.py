@@ -28,7 +28,7 @@ def machine() -> dict[str, Any]:
     import os
     import socket
 
-    from pqd.measure.env import cpu_model
+    from pqd.measurement.env import cpu_model
 
     return {"host": socket.gethostname(), "cpu": cpu_model(), "logical_cpus": os.cpu_count()}
 
@@ -95,7 +95,7 @@ def finish_record(
     total_seconds: float,
 ) -> dict[str, Any]:
     """The record.json of ``pqd run`` from a pending record and the measured artifacts."""
-    from pqd.measure.env import environment
+    from pqd.measurement.env import environment
     from pqd.target import assess
 
     env = environment(threads)
@@ -133,7 +133,7 @@ def compare(baseline: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
         if b != "1" and b in lat_f.get("batches", {}):
             out[f"speedup_batch{b}_p50"] = round(stats["p50"] / lat_f["batches"][b]["p50"], 3)
     if final.get("audit"):
-        from pqd.measure.audit import audit_comparison
+        from pqd.measurement.audit import audit_comparison
 
         out.update(audit_comparison(final["audit"]))
     ee = final.get("early_exit")

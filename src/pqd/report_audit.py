@@ -1,4 +1,4 @@
-"""The audit part of a run's report.md (:mod:`pqd.measure.audit`): tables and PNG plots
+"""The audit part of a run's report.md (:mod:`pqd.measurement.audit`): tables and PNG plots
 rendered from record.json (``baseline.audit`` / ``final.audit``), written next to report.md:
 
 - ``audit_per_class.png``: per-class test top-1, baseline vs final;

@@ -952,8 +952,8 @@ def latency_panel(
     a time, on the recipe's primary runtime and threads."""
     import onnx
 
-    from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import open_runner
+    from pqd.measurement.latency import compare_latency
+    from pqd.measurement.runtime import open_runner
 
     if not paths:
         return {}
@@ -1020,7 +1020,7 @@ def _trial_result(
 
 
 def audit_summary(record: dict[str, Any]) -> dict[str, Any] | None:
-    """A trial's audit in brief (:mod:`pqd.measure.audit`): largest per-class drop vs the
+    """A trial's audit in brief (:mod:`pqd.measurement.audit`): largest per-class drop vs the
     baseline (points) and its class, disagreement (fraction), ECE, mean corruption top-1."""
     a = record["final"].get("audit")
     if not a or "vs_baseline" not in a:
@@ -1197,7 +1197,7 @@ def analyse(
     accuracy comparison is a tie).
     """
     from pqd._version import __version__
-    from pqd.measure.env import environment
+    from pqd.measurement.env import environment
 
     spec = recipe.search
     assert spec is not None

@@ -27,7 +27,7 @@ from __future__ import annotations
 import platform
 from typing import Any
 
-from pqd.measure.env import cpu_flags, has_vnni
+from pqd.measurement.env import cpu_flags, has_vnni
 
 TARGETS = ("portable", "x86-avx2", "x86-vnni", "auto")
 # 7-bit weights: 255 * (64 + 64) = 32640 <= 32767, no int16 pair can overflow
@@ -41,7 +41,7 @@ def resolve(target: str, flags: list[str] | None = None) -> str:
     Args:
         target: one of :data:`TARGETS`.
         flags: the CPU flags that decide ``auto`` (default: this machine's, from
-            :func:`pqd.measure.env.cpu_flags`).
+            :func:`pqd.measurement.env.cpu_flags`).
 
     Returns:
         ``portable``, ``x86-avx2`` or ``x86-vnni``.

@@ -43,8 +43,8 @@ import torch.nn as nn
 from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
-from pqd.export import INPUT_NAME, OUTPUT_NAME, export_onnx, keep_initializers
-from pqd.measure.runtime import open_runner, static_batch
+from pqd.measurement.runtime import open_runner, static_batch
+from pqd.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, keep_initializers
 
 MANIFEST = "manifest.json"
 FEATURES_NAME = "output"
@@ -100,8 +100,8 @@ def export_exits(
     Returns the manifest and the deployable torch copy of ``net`` (INT8-converted parts
     when quantized) whose ``forward_all`` the files reproduce.
     """
-    from pqd.measure.artifacts import size_bytes
-    from pqd.measure.complexity import onnx_complexity
+    from pqd.measurement.artifacts import size_bytes
+    from pqd.measurement.complexity import onnx_complexity
     from pqd.models.multi_exit import part_inputs
 
     out = Path(out_dir)
@@ -176,7 +176,7 @@ def write_graph(manifest: dict[str, Any], out_dir: str | Path) -> None:
     """(Re)write ``exits.onnx`` for the manifest's thresholds and record it in the
     manifest (in place; the caller writes the manifest)."""
     path = exit_graph(out_dir, manifest, thresholds_of(manifest), Path(out_dir) / GRAPH_FILE)
-    from pqd.measure.artifacts import size_bytes
+    from pqd.measurement.artifacts import size_bytes
 
     manifest["graph"] = {
         "file": path.name,
@@ -757,7 +757,7 @@ def measure_exits(
     images (:func:`exit_references`), for parity. ``spec`` is the recipe's MeasureSpec with
     runtimes resolved, ``target`` an ExitTarget."""
     from pqd.exits.heads import calibrate_thresholds, exit_assignment
-    from pqd.measure.parity import parity
+    from pqd.measurement.parity import parity
 
     manifest_path = Path(manifest_path)
     manifest = json.loads(manifest_path.read_text())

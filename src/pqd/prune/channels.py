@@ -362,9 +362,9 @@ def artifact_latency_ms(
     ``int8``: prepared for QAT on a copy, observers calibrated on ``calibration``
     batches, exported as INT8 QDQ; else exported FP32.
     """
-    from pqd.export import export_onnx
-    from pqd.measure.latency import compare_latency
-    from pqd.measure.runtime import open_runner
+    from pqd.measurement.latency import compare_latency
+    from pqd.measurement.runtime import open_runner
+    from pqd.onnx_export import export_onnx
     from pqd.quant.pt2e import calibrate, prepare_qat
 
     m = copy.deepcopy(model).cpu().float()

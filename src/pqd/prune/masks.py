@@ -18,7 +18,7 @@ Structures:
   weight, i.e. for a linear ``W[out, in]`` groups ``W[o, k*m:(k+1)*m]``, for a conv
   ``W[out, in, kh, kw]`` groups ``W[o, k*m:(k+1)*m, y, x]`` at every (o, y, x).
   The exported ONNX weights have the same layout, and
-  :func:`pqd.measure.sparsity.nm_report` checks the pattern there. Layers whose
+  :func:`pqd.measurement.sparsity.nm_report` checks the pattern there. Layers whose
   input width (per group) is not a multiple of ``m`` are excluded and reported
   (the RGB stem: 3 channels; depthwise convs: 1).
 

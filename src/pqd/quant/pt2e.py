@@ -464,7 +464,7 @@ def split_hard_gates(model: torch.fx.GraphModule) -> int:
     onnxruntime has no integer HardSigmoid / HardSwish (it runs them as float HardSigmoid
     and Mul on a dequantized tensor). Quantized with fixed ranges (``x + 3`` on [0, 6], the
     gate on [0, 1], both with zero point 0) the uint8 codes of ``relu6(x + 3)`` and of the
-    gate are the same integers: :func:`pqd.export.drop_requantize` then removes the
+    gate are the same integers: :func:`pqd.onnx_export.drop_requantize` then removes the
     ``/ 6`` and onnxruntime runs ``QLinearAdd`` (the saturation to uint8 is the relu6) and
     ``QLinearMul``.
 

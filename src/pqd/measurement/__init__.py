@@ -4,9 +4,9 @@ Proxies (params, MACs, BitOps, sparsity) are read from the ONNX file and
 reported beside the measurements, never instead of them.
 """
 
-from pqd.measure.complexity import onnx_complexity
-from pqd.measure.latency import LatencyStats, compare_latency
-from pqd.measure.runtime import Runner, available_runtimes, open_runner, runtime_versions
+from pqd.measurement.complexity import onnx_complexity
+from pqd.measurement.latency import LatencyStats, compare_latency
+from pqd.measurement.runtime import Runner, available_runtimes, open_runner, runtime_versions
 
 __all__ = [
     "LatencyStats",

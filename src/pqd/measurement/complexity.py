@@ -10,8 +10,8 @@ MACs x weight bits x activation bits (a linear on a 2-D ``[tokens, features]`` v
 counts every token row). Sparsity is the fraction of exactly-zero weight
 entries (biases excluded) as stored in the file (integers minus their zero point). Zero
 input channels that export adds for kernel speed (see
-``pqd.export.pad_input_channels``) are not counted, nor the off-block zeros of grouped
-convs stored dense (``pqd.export.densify_grouped_convs``): they count as grouped.
+``pqd.onnx_export.pad_input_channels``) are not counted, nor the off-block zeros of grouped
+convs stored dense (``pqd.onnx_export.densify_grouped_convs``): they count as grouped.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def channel_padding(name: str, producer: dict[str, Any], const: Callable[[str], 
 
 def grouped_weight(w: np.ndarray, groups: int) -> np.ndarray:
     """The ``[C_out, C_in / groups, kh, kw]`` weight of a conv that
-    :func:`pqd.export.densify_grouped_convs` stored dense (block-diagonal)."""
+    :func:`pqd.onnx_export.densify_grouped_convs` stored dense (block-diagonal)."""
     cout, cin = w.shape[:2]
     per, cin_g = cout // groups, cin // groups
     return np.concatenate(

@@ -8,7 +8,7 @@ the initializer name in FP32 files; in INT8 files the folded bias is named
 
 The N:M axis is the weight's dimension 1 (input channels), the same in torch and
 ONNX layouts: groups ``W[o, k*m:(k+1)*m, y, x]``. Zero input channels that export
-adds to the INT8 stem (:func:`pqd.export.pad_input_channels`) are cut off first.
+adds to the INT8 stem (:func:`pqd.onnx_export.pad_input_channels`) are cut off first.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pqd.measure.complexity import channel_padding
+from pqd.measurement.complexity import channel_padding
 
 _COMPUTE = {"Conv", "Gemm", "MatMul"}
 

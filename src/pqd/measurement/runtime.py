@@ -323,7 +323,7 @@ def export_openvino_ir(onnx_path: Path) -> Path:
 _AVX2_SCRIPT = """
 import sys
 import numpy as np
-from pqd.measure.runtime import open_runner
+from pqd.measurement.runtime import open_runner
 run = open_runner("openvino", sys.argv[1], int(sys.argv[2])).run
 x = np.load(sys.argv[3])
 step = int(sys.argv[5])

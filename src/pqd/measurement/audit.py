@@ -9,7 +9,7 @@ For each artifact (``baseline`` FP32 and ``final``) on the primary runtime, ``au
 - ``latency_ms_b1``: batch-1 p50 / p90 / p99 / max (ms);
 - ``weight_bytes``: bytes of the file's initializers (weights, biases, quantization params);
 - with ``full`` (``measure.audit: true`` or ``pqd audit``): ``corruptions`` (top-1 per
-  corruption and severity of :mod:`pqd.measure.corruptions`, and the mean), ``memory`` (peak
+  corruption and severity of :mod:`pqd.measurement.corruptions`, and the mean), ``memory`` (peak
   resident memory of a fresh process that loads the file and runs every measured batch size)
   and ``energy`` (RAPL joules per inference where readable, else ``null`` with the reason,
   and CPU-seconds per inference over a timed window as the measured proxy).
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from pqd.measure.corruptions import CORRUPTIONS, SEVERITIES, corrupted_set
+from pqd.measurement.corruptions import CORRUPTIONS, SEVERITIES, corrupted_set
 
 ECE_BINS = 15
 PROBE_WINDOW_S = 2.0  # seconds of timed calls per artifact in the memory/energy probe
@@ -331,7 +331,7 @@ def process_probe(
     """Peak memory and CPU time / energy of a fresh process that loads ``path`` on
     ``runtime`` and runs it at every batch size in ``batches``.
 
-    The child imports only the runtime and :mod:`pqd.measure.runtime` (no torch), so its
+    The child imports only the runtime and :mod:`pqd.measurement.runtime` (no torch), so its
     peak resident memory (``VmHWM`` of /proc/self/status: heap, the runtime's arenas, mapped
     libraries; not ``ru_maxrss``, which a child inherits from its parent) is what a
     deployment process costs; ``artifact_bytes`` = peak minus the memory right after
@@ -351,7 +351,7 @@ def process_probe(
     Returns:
         ``{"memory": {...}, "energy": {...}}`` for the record (bytes, seconds, joules).
     """
-    from pqd.measure import runtime as runtime_module
+    from pqd.measurement import runtime as runtime_module
 
     zones, reason = rapl_zones()
     cmd = [
@@ -488,7 +488,7 @@ def audit_artifacts(
     Returns:
         ``{name: audit}``; ``final`` holds ``vs_baseline`` when both were audited.
     """
-    from pqd.measure.runtime import open_runner
+    from pqd.measurement.runtime import open_runner
 
     y = data.test_y.numpy()
     classes = list(data.classes)

@@ -2,7 +2,7 @@
 
 For each artifact: top-1 accuracy of the artifact itself on the test split,
 top-1 agreement with the torch model it was exported from (parity), the int8 weight
-pairs that can saturate x86 kernels without VNNI (:mod:`pqd.measure.saturation`), bytes on
+pairs that can saturate x86 kernels without VNNI (:mod:`pqd.measurement.saturation`), bytes on
 disk, latency p50/p90 per batch size (interleaved with the other artifacts),
 and params / nonzero params / sparsity / MACs / BitOps read from the file.
 """
@@ -17,10 +17,10 @@ import numpy as np
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from pqd.measure.complexity import onnx_complexity
-from pqd.measure.latency import compare_latency
-from pqd.measure.parity import parity, torch_predict
-from pqd.measure.runtime import (
+from pqd.measurement.complexity import onnx_complexity
+from pqd.measurement.latency import compare_latency
+from pqd.measurement.parity import parity, torch_predict
+from pqd.measurement.runtime import (
     float_islands,
     open_runner,
     openvino_ir_paths,
@@ -29,7 +29,7 @@ from pqd.measure.runtime import (
     runtime_versions,
     static_batch,
 )
-from pqd.measure.saturation import saturation
+from pqd.measurement.saturation import saturation
 from pqd.recipe import MeasureSpec
 from pqd.stats import wilson_interval
 
@@ -102,7 +102,7 @@ def measure_onnx(
     logits on the first N test images, from :func:`torch_reference`), so that the artifacts
     can be measured in another process than the one that exported them. ``logits_out``, if
     given, receives each artifact's test-split logits on the primary runtime (for the audit,
-    :mod:`pqd.measure.audit`, without running the test split again)."""
+    :mod:`pqd.measurement.audit`, without running the test split again)."""
     x, y = data.test_x, data.test_y.numpy()
     shape = tuple(int(d) for d in x.shape[1:])
     versions = runtime_versions()
