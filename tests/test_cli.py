@@ -99,6 +99,89 @@ def test_missing_data_folder_is_one_line(tmp_path: Path, capsys, monkeypatch) ->
     assert not (tmp_path / "o").exists()
 
 
+def _two_class_folder(root: Path) -> Path:
+    """A tiny image folder (train/ and test/, two classes of 4 PNGs each)."""
+    import torch
+
+    from helpers import write_image_folder
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        x = torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8)
+        write_image_folder(root / split, x, torch.arange(8) % 2, ["a", "b"])
+    return root
+
+
+def test_data_root_on_the_command_line_wins_over_the_environment(
+    tmp_path: Path, capsys, monkeypatch, subset_dir: Path
+) -> None:
+    """PQD_DATA_DIR (set for CIFAR) neither replaces an image folder's data.root= on the
+    command line nor the recipe's own data.root; an error names where the folder came from
+    and a fix other than what the user just did."""
+    monkeypatch.setenv("PQD_DATA_DIR", str(subset_dir))
+    monkeypatch.setenv("PQD_CACHE_DIR", str(tmp_path / "cache"))
+    photos = _two_class_folder(tmp_path / "photos")
+    recipe = tiny(tmp_path / "gone")
+    recipe["data"] = {"dataset": "folder", "root": str(tmp_path / "gone"), "image_size": 16}
+    path = write_recipe(tmp_path, recipe)
+    assert main(["validate", str(path), f"data.root={photos}", "--quiet"]) == 0
+    assert f"ok: {path}" in capsys.readouterr().out
+
+    line = one_error_line(capsys, main(["validate", str(path), "--quiet"]))
+    assert f"image folder {tmp_path / 'gone'} does not exist" in line
+    assert "(the data folder is the recipe's data.root)" in line
+    assert "set data.root in the recipe to the folder holding train/<class>/" in line
+
+    line = one_error_line(capsys, main(["validate", str(path), f"data.root={tmp_path / 'x'}"]))
+    assert "given as data.root= on the command line" in line
+    assert "check the path after data.root=" in line and "pass ROOT as data.root" not in line
+
+    line = one_error_line(capsys, main(["validate", str(path), "--data-dir", str(subset_dir)]))
+    assert (
+        f"{subset_dir} has no train/ folder (the data folder is the one given with --data-dir)"
+        in line
+    )
+
+    # the variable is the fallback of a recipe that names no folder
+    del recipe["data"]["root"]
+    path = write_recipe(tmp_path, recipe)
+    line = one_error_line(capsys, main(["validate", str(path), "--quiet"]))
+    assert f"{subset_dir} has no train/ folder (the data folder is the one in PQD_DATA_DIR" in line
+    assert "point PQD_DATA_DIR at the folder holding train/<class>/" in line
+
+
+def test_named_data_folder_is_never_downloaded_into_unless_asked(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import pqd.data
+
+    tried: list[str] = []
+    monkeypatch.setattr(pqd.data, "_fetch", lambda url, *a: tried.append(url))
+    monkeypatch.delenv("PQD_DATA_DIR", raising=False)
+    recipe = tiny(tmp_path / "nowhere")
+    del recipe["data"]["download"]  # the default
+    path = write_recipe(tmp_path, recipe)
+    line = one_error_line(capsys, main(["run", str(path), "--out", str(tmp_path / "o")]))
+    assert "cifar10 files are missing" in line and "downloads only when asked" in line
+    assert "add --download (or set data.download: true)" in line
+    assert not tried and not (tmp_path / "nowhere").exists() and not (tmp_path / "o").exists()
+
+    # asked for: validate says the run will download it (nothing is fetched by validate)
+    assert main(["validate", str(path), "--download"]) == 0
+    assert "will download it" in capsys.readouterr().out
+    assert main(["validate", str(path), "data.download=true", "--quiet"]) == 0
+    assert not tried
+
+    # no folder named anywhere: the official data set may go into pqd's default ./data
+    monkeypatch.chdir(tmp_path)
+    del recipe["data"]["root"]
+    path = write_recipe(tmp_path, recipe)
+    assert main(["validate", str(path)]) == 0
+    assert f"not under {tmp_path / 'data'} yet: pqd run will download it" in (
+        capsys.readouterr().out
+    )
+
+
 @pytest.mark.parametrize(
     ("model", "needle"),
     [

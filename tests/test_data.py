@@ -28,7 +28,7 @@ from pqd.data import (
     safe_extract,
     stratified_split,
 )
-from pqd.errors import DataError
+from pqd.errors import DataError, DataRootError
 
 SUBSET_DEFAULT = "/work/shared/data/cifar-10-subset"
 CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
@@ -260,6 +260,7 @@ def test_missing_without_download(tmp_path: Path) -> None:
     assert "\n" not in msg
     assert str(root / "cifar-10-batches-py" / "data_batch_1") in msg
     assert "PQD_DATA_DIR" in msg and "--data-dir" in msg
+    assert "--download" in msg  # says how to ask for a download
     assert not root.exists()
 
 
@@ -441,9 +442,54 @@ def test_resolve_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert resolve_data_root(None, None) == tmp_path / "data"
     assert resolve_data_root(None, "rec") == tmp_path / "rec"
     monkeypatch.setenv("PQD_DATA_DIR", "~/envdir")
-    assert resolve_data_root(None, "rec") == Path.home() / "envdir"
+    assert resolve_data_root(None, None) == Path.home() / "envdir"
     assert resolve_data_root("cli", "rec") == tmp_path / "cli"
     assert resolve_data_root("cli", None).is_absolute()
+
+
+def test_data_root_precedence_flag_recipe_env_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One order for every data set: --data-dir, data.root (command line or recipe), then
+    PQD_DATA_DIR, then ./data; the recipe's own folder is not overridden by the variable."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PQD_DATA_DIR", str(tmp_path / "env"))
+    got = data.data_root("cli", "rec", "override")
+    assert (got.path, got.source) == (tmp_path / "cli", "flag")
+    got = data.data_root(None, "rec", "override")
+    assert (got.path, got.source) == (tmp_path / "rec", "override")
+    got = data.data_root(None, "rec")
+    assert (got.path, got.source) == (tmp_path / "rec", "recipe")  # before: env won
+    got = data.data_root(None, "  ")
+    assert (got.path, got.source) == (tmp_path / "env", "env")
+    monkeypatch.delenv("PQD_DATA_DIR")
+    got = data.data_root(None, None)
+    assert (got.path, got.source) == (tmp_path / "data", "default")
+    # only pqd's default folder is downloaded into unless a download is asked for
+    assert got.download(None) and not data.data_root(None, "rec").download(None)
+    assert data.data_root(None, "rec").download(True) and not got.download(False)
+
+
+@pytest.mark.parametrize(
+    ("source", "said", "not_the_same_again"),
+    [
+        ("flag", "given with --data-dir", "check the path after --data-dir"),
+        ("override", "given as data.root= on the command line", "check the path after data.root="),
+        ("recipe", "the recipe's data.root", "set data.root in the recipe"),
+        ("env", "is the one in PQD_DATA_DIR", "point PQD_DATA_DIR at"),
+        ("default", "pqd's default ./data", "name a folder holding"),
+    ],
+)
+def test_missing_files_error_names_where_the_folder_came_from(
+    tmp_path: Path, source: str, said: str, not_the_same_again: str
+) -> None:
+    root = data.DataRoot(tmp_path / "nowhere", source)
+    with pytest.raises(DataRootError) as ei:
+        load_dataset("cifar10", root.path)  # download is off unless asked for
+    line = root.explain(ei.value).line()
+    assert said in line and not_the_same_again in line and "cifar-10-batches-py/" in line
+    assert "--download" in line and "data.download: true" in line  # how to ask for one
+    assert not root.path.exists()
 
 
 # --------------------------------------------------------------------------- loader

@@ -54,8 +54,15 @@ def _options(
         p.add_argument(
             "--data-dir",
             default=None,
-            help="folder holding the data sets (else PQD_DATA_DIR, recipe data.root)",
+            help="folder holding the data set (wins over data.root, then PQD_DATA_DIR)",
         )
+        if overrides is not None:
+            p.add_argument(
+                "--download",
+                action="store_true",
+                help="download a missing official data set (cifar10, cifar100, svhn) into "
+                "the data folder (same as data.download=true)",
+            )
     if executors:
         p.add_argument(
             "--executor", default="sequential", help="sequential (default), processes or ray"
@@ -491,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "download", False):
+        args.overrides = [*args.overrides, "data.download=true"]
     commands = {
         "run": _cmd_run,
         "search": _cmd_search,

@@ -39,17 +39,19 @@ from pqd.dataset import (  # noqa: F401  (re-exported: pqd.data is the data API)
     _val_count,
     stratified_split,
 )
-from pqd.errors import DataError
+from pqd.errors import DataError, DataRootError
 
 if TYPE_CHECKING:
     from pqd.folder import from_folder
 
 __all__ = [
     "DATASETS",
+    "DataRoot",
     "Dataset",
     "Loader",
     "RestrictedUnpickler",
     "check_data",
+    "data_root",
     "download_and_verify",
     "from_folder",
     "from_tensors",
@@ -63,7 +65,8 @@ DATASETS = ("cifar10", "cifar100", "svhn", "npz", "folder")
 """Names accepted by :func:`load_dataset`."""
 
 ENV_DATA_DIR = "PQD_DATA_DIR"
-"""Environment variable naming the data folder (below ``--data-dir``, above the recipe)."""
+"""Environment variable naming the data folder (below ``--data-dir`` and the recipe's
+``data.root``: it is the fallback for recipes that name none)."""
 
 # Official archives (module-level so tests can point them at local file:// URLs).
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -95,16 +98,84 @@ _SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 # --------------------------------------------------------------------------- data set
 
 
-def resolve_data_root(cli_dir: str | None, recipe_root: str | None) -> Path:
-    """The data folder: ``--data-dir``, else ``$PQD_DATA_DIR``, else recipe ``data.root``,
-    else ``./data``; ``~`` expanded, made absolute (it need not exist)."""
-    for candidate in (cli_dir, os.environ.get(ENV_DATA_DIR), recipe_root):
+ROOT_SOURCES = ("flag", "override", "recipe", "env", "default")
+"""Where a data folder can come from, first wins: ``--data-dir``, ``data.root=`` on the
+command line, the recipe's ``data.root``, ``$PQD_DATA_DIR``, pqd's default ``./data``."""
+
+_SOURCE_TEXT = {
+    "flag": "the one given with --data-dir",
+    "override": "the one given as data.root= on the command line",
+    "recipe": "the recipe's data.root",
+    "env": f"the one in {ENV_DATA_DIR}, used as neither --data-dir nor data.root names one",
+    "default": "pqd's default ./data, as none was named",
+}
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    """The data folder and where it was named (one of :data:`ROOT_SOURCES`)."""
+
+    path: Path
+    source: str
+
+    def where(self) -> str:
+        """Where the folder was named, in words (for error lines)."""
+        return _SOURCE_TEXT[self.source]
+
+    def download(self, asked: bool | None) -> bool:
+        """Whether missing official files may be downloaded: ``data.download`` (or
+        ``--download``) when set; else (None) only into pqd's default ``./data``, never
+        into a folder the user named."""
+        return asked if asked is not None else self.source == "default"
+
+    def fix(self, holding: str) -> str:
+        """The fix for a folder that does not hold the data: change the place it was named
+        (not what the user just did again)."""
+        return {
+            "flag": f"check the path after --data-dir: it must be {holding} (--data-dir "
+            "wins over data.root and PQD_DATA_DIR)",
+            "override": f"check the path after data.root= on the command line (relative to "
+            f"the current folder): it must be {holding}",
+            "recipe": f"set data.root in the recipe to {holding} (a relative path starts at "
+            "the recipe's folder), or name one with --data-dir DIR",
+            "env": f"point {ENV_DATA_DIR} at {holding}, or name the folder with data.root in "
+            "the recipe or --data-dir DIR (both win over the variable)",
+            "default": f"name {holding} with --data-dir DIR, data.root in the recipe, or "
+            f"{ENV_DATA_DIR}",
+        }[self.source]
+
+    def explain(self, exc: DataRootError) -> DataError:
+        """``exc`` with where the folder was named and the fix that fits that place."""
+        fix = self.fix(exc.holding) + (f"; or {exc.hint}" if exc.hint else "")
+        return DataError(f"{exc.problem} (the data folder is {self.where()})", fix)
+
+
+def data_root(
+    cli_dir: str | Path | None, recipe_root: str | Path | None, root_from: str = "recipe"
+) -> DataRoot:
+    """The data folder and where it was named, first given wins: ``--data-dir``
+    (``cli_dir``), the recipe's ``data.root`` (``recipe_root``: from the command line's
+    ``data.root=`` when ``root_from`` is ``"override"``), ``$PQD_DATA_DIR``, else ``./data``;
+    ``~`` expanded, made absolute (it need not exist). The same for every kind of data set.
+    """
+    candidates = (
+        (cli_dir, "flag"),
+        (recipe_root, root_from),
+        (os.environ.get(ENV_DATA_DIR), "env"),
+    )
+    for candidate, source in candidates:
         if candidate is not None and str(candidate).strip():
-            chosen = str(candidate).strip()
+            chosen, where = str(candidate).strip(), source
             break
     else:
-        chosen = "data"
-    return Path(os.path.abspath(Path(chosen).expanduser()))
+        chosen, where = "data", "default"
+    return DataRoot(Path(os.path.abspath(Path(chosen).expanduser())), where)
+
+
+def resolve_data_root(cli_dir: str | Path | None, recipe_root: str | Path | None) -> Path:
+    """The data folder: ``--data-dir``, else recipe ``data.root``, else ``$PQD_DATA_DIR``,
+    else ``./data`` (:func:`data_root` without where it came from)."""
+    return data_root(cli_dir, recipe_root).path
 
 
 def load_dataset(
@@ -113,7 +184,7 @@ def load_dataset(
     *,
     val_size: int | float = 0.1,
     seed: int = 0,
-    download: bool = True,
+    download: bool = False,
     limit_train: int | None = None,
     limit_test: int | None = None,
     image_size: int | None = None,
@@ -121,7 +192,8 @@ def load_dataset(
     on_bad_image: str = "error",
     progress: bool = False,
 ) -> Dataset:
-    """Load data set ``name`` from ``root`` (official layouts), downloading it if allowed.
+    """Load data set ``name`` from ``root`` (official layouts); missing official files are
+    downloaded only with ``download=True``.
 
     ``val_size`` is a count (int >= 1) or a fraction (0 < f < 1) of the official training
     images, carved out stratified by class with ``seed``; 0 means no validation split.
@@ -374,13 +446,32 @@ def _holding(name: str) -> str:
     }[name]
 
 
+def _not_a_folder(name: str, root: Path) -> DataRootError:
+    return DataRootError(
+        f"data root {root} is a file, not a folder",
+        f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}",
+        holding=f"a folder holding {_holding(name)}",
+    )
+
+
+def _missing(name: str, root: Path, first: Path) -> DataRootError:
+    """The files are absent and no download was asked for: how to ask for one."""
+    ask = (
+        f"add --download (or set data.download: true) to download {name} "
+        f"(about {_DOWNLOAD_MB[name]} MB) into it (pqd downloads only when asked)"
+    )
+    return DataRootError(
+        f"{name} files are missing under {root} (no {first})",
+        f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}, or {ask}",
+        holding=f"a folder holding {_holding(name)}",
+        hint=ask,
+    )
+
+
 def _ensure_files(name: str, root: Path, download: bool) -> None:
     """Make sure ``name``'s official files are under ``root``; download them if allowed."""
     if root.exists() and not root.is_dir():
-        raise DataError(
-            f"data root {root} is a file, not a folder",
-            f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}",
-        )
+        raise _not_a_folder(name, root)
     missing = [p for p in _required_files(name, root) if not p.is_file()]
     if not missing:
         return
@@ -389,11 +480,7 @@ def _ensure_files(name: str, root: Path, download: bool) -> None:
         "or allow network access"
     )
     if not download:
-        raise DataError(
-            f"{name} files are missing under {root} (no {missing[0]}) and download is off",
-            f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}, "
-            "or set data.download: true",
-        )
+        raise _missing(name, root, missing[0])
     _check_download_target(name, root)
     created = [d for d in (root, *root.parents) if not d.exists()]  # deepest first
     try:
@@ -462,10 +549,7 @@ def check_data(
         raw = _load_npz(root, 1, 1)
         return len(raw.classes), f"npz files readable in {root} ({len(raw.classes)} classes)"
     if root.exists() and not root.is_dir():
-        raise DataError(
-            f"data root {root} is a file, not a folder",
-            f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}",
-        )
+        raise _not_a_folder(name, root)
     files = _required_files(name, root)
     missing = [p for p in files if not p.is_file()]
     if not missing:
@@ -485,15 +569,14 @@ def check_data(
         return NUM_CLASSES[name], f"{name} files present and readable in {root}"
     where = f"pass --data-dir DIR or set {ENV_DATA_DIR} to a folder holding {_holding(name)}"
     if not download:
-        raise DataError(
-            f"{name} files are missing under {root} (no {missing[0]}) and download is off",
-            f"{where}, or set data.download: true",
-        )
+        raise _missing(name, root, missing[0])
     if explicit and not root.exists():
-        raise DataError(
+        raise DataRootError(
             f"data folder {root} does not exist",
             f"{where}, or create the folder to have pqd run download {name} "
             f"(about {_DOWNLOAD_MB[name]} MB) into it",
+            holding=f"a folder holding {_holding(name)}",
+            hint=f"create the folder to have pqd run download {name} into it",
         )
     _check_download_target(name, root)
     return NUM_CLASSES[name], (
@@ -912,9 +995,10 @@ def _load_npz(root: Path, limit_train: int | None, limit_test: int | None) -> _R
         "classes=np.array([...]))"
     )
     if not path.is_file():
-        raise DataError(
+        raise DataRootError(
             f"no npz data set at {path}",
             f"pass --data-dir pointing at a .npz file or a folder holding data.npz; {keys_fix}",
+            holding="a .npz file or a folder holding data.npz",
         )
     try:
         with np.load(path, allow_pickle=False) as z:

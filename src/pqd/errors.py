@@ -38,3 +38,20 @@ class ModelError(PqdError):
 
 class CheckpointError(PqdError):
     """A checkpoint is missing, corrupt, unsafe, or does not match the model."""
+
+
+class DataRootError(DataError):
+    """The data folder does not hold the data set (missing, or another layout).
+
+    The right fix depends on where the folder was named (``--data-dir``, ``data.root=`` on
+    the command line, the recipe, ``PQD_DATA_DIR``), which only the caller knows:
+    :meth:`pqd.data.DataRoot.explain` rewrites the line with it. ``holding`` says what the
+    folder must hold; ``hint`` is a further way out kept in every version (a download).
+    """
+
+    def __init__(
+        self, problem: str, fix: str | None = None, *, holding: str, hint: str | None = None
+    ) -> None:
+        self.holding = holding
+        self.hint = hint
+        super().__init__(problem, fix)

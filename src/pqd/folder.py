@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from pqd.dataset import Dataset, _channel_stats, _check_limit, stratified_split
-from pqd.errors import DataError
+from pqd.errors import DataError, DataRootError
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -62,6 +62,7 @@ _LAYOUT_FIX = (
     "lay the images out as ROOT/train/<class>/*.jpg (optional ROOT/val/<class>/, "
     "ROOT/test/<class>/) and pass ROOT as data.root / --data-dir"
 )
+_HOLDING = "the folder holding train/<class>/ image folders (ROOT/train/<class>/*.jpg)"
 _SKIP_FIX = (
     "replace or delete them, or leave them out with data.on_bad_image: skip "
     "(pqd.data.from_folder(..., on_bad_image='skip'))"
@@ -105,10 +106,10 @@ def _classes(root: Path, on_bad_image: str) -> tuple[list[str], list[str]]:
     class folders without images (left out under ``skip``, an error otherwise)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist", _LAYOUT_FIX)
+        raise DataRootError(f"image folder {root} does not exist", _LAYOUT_FIX, holding=_HOLDING)
     train = root / "train"
     if not train.is_dir():
-        raise DataError(f"{root} has no train/ folder", _LAYOUT_FIX)
+        raise DataRootError(f"{root} has no train/ folder", _LAYOUT_FIX, holding=_HOLDING)
     names = _subdirs(train)
     empty = [n for n in names if not _images_in(train / n)]
     if empty and on_bad_image != "skip":

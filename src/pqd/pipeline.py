@@ -49,9 +49,40 @@ from pqd.target import resolve as resolve_target
 from pqd.train import evaluate, predict
 
 
+def recipe_root(recipe: Recipe, data_dir: str | Path | None = None) -> Any:
+    """The recipe's data folder (``pqd.data.DataRoot``): ``data_dir`` (``--data-dir``), else
+    ``data.root`` (from the command line or the recipe), else ``PQD_DATA_DIR``, else ``./data``.
+    """
+    from pqd.data import data_root
+
+    return data_root(data_dir, recipe.data.root, recipe.data._root_from)
+
+
+def check_recipe_data(recipe: Recipe, data_dir: str | Path | None = None) -> Any:
+    """Check the recipe's data without loading it (files present and readable, or a
+    download allowed) before work is handed out; returns its ``pqd.data.DataRoot``. An error
+    names where the folder was named, as :func:`recipe_data`'s do."""
+    from pqd.data import check_data
+    from pqd.errors import DataRootError
+
+    root = recipe_root(recipe, data_dir)
+    try:
+        check_data(
+            recipe.data.dataset,
+            root.path,
+            download=root.download(recipe.data.download),
+            explicit=False,
+            on_bad_image=recipe.data.on_bad_image,
+        )
+    except DataRootError as exc:
+        raise root.explain(exc) from None
+    return root
+
+
 def recipe_data(recipe: Recipe, data_dir: str | None = None, progress: bool = False) -> Any:
-    """The recipe's data set (``pqd.data.Dataset``), from ``data_dir`` (else
-    ``PQD_DATA_DIR``, else ``data.root``), split and limited as the recipe says.
+    """The recipe's data set (``pqd.data.Dataset``), from the folder :func:`recipe_root`
+    picks, split and limited as the recipe says. An error about the folder names where it
+    was named (flag, command line, recipe, environment) and the fix that fits there.
 
     Args:
         recipe: the job (its ``data`` section; ``data.split_seed`` carves the splits).
@@ -61,21 +92,26 @@ def recipe_data(recipe: Recipe, data_dir: str | None = None, progress: bool = Fa
     Returns:
         The loaded data set.
     """
-    from pqd.data import load_dataset, resolve_data_root
+    from pqd.data import load_dataset
+    from pqd.errors import DataRootError
 
-    return load_dataset(
-        recipe.data.dataset,
-        resolve_data_root(data_dir, recipe.data.root),
-        val_size=recipe.data.val_size,
-        seed=recipe.data.split_seed,
-        download=recipe.data.download,
-        limit_train=recipe.data.limit_train,
-        limit_test=recipe.data.limit_test,
-        image_size=recipe.data.image_size,
-        test_size=recipe.data.test_size,
-        on_bad_image=recipe.data.on_bad_image,
-        progress=progress,
-    )
+    root = recipe_root(recipe, data_dir)
+    try:
+        return load_dataset(
+            recipe.data.dataset,
+            root.path,
+            val_size=recipe.data.val_size,
+            seed=recipe.data.split_seed,
+            download=root.download(recipe.data.download),
+            limit_train=recipe.data.limit_train,
+            limit_test=recipe.data.limit_test,
+            image_size=recipe.data.image_size,
+            test_size=recipe.data.test_size,
+            on_bad_image=recipe.data.on_bad_image,
+            progress=progress,
+        )
+    except DataRootError as exc:
+        raise root.explain(exc) from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,32 +161,33 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[list[str], l
 
     Args:
         recipe: the validated recipe.
-        data_dir: ``--data-dir`` (else ``$PQD_DATA_DIR``, else the recipe's ``data.root``).
+        data_dir: ``--data-dir`` (else the recipe's ``data.root``, else ``$PQD_DATA_DIR``).
 
     Returns:
         One line per check that passed, and the errors of those that failed.
     """
-    from pqd.data import ENV_DATA_DIR, NUM_CLASSES, check_data, resolve_data_root
+    from pqd.data import NUM_CLASSES, check_data
+    from pqd.errors import DataRootError
     from pqd.folder import DEFAULT_IMAGE_SIZE
     from pqd.models import build_model, check_output_shape
 
     passed: list[str] = []
     failed: list[PqdError] = []
-    root = resolve_data_root(data_dir, recipe.data.root)
-    explicit = any(
-        v is not None and str(v).strip()
-        for v in (data_dir, os.environ.get(ENV_DATA_DIR), recipe.data.root)
-    )
+    root = recipe_root(recipe, data_dir)
     classes = NUM_CLASSES.get(recipe.data.dataset)
     try:
         classes, found = check_data(
             recipe.data.dataset,
-            root,
-            download=recipe.data.download,
-            explicit=explicit,
+            root.path,
+            download=root.download(recipe.data.download),
+            # a named folder that does not exist is created for a download only when one was
+            # asked for (else download is off there anyway)
+            explicit=False,
             on_bad_image=recipe.data.on_bad_image,
         )
         passed.append(f"data: {found}")
+    except DataRootError as exc:
+        failed.append(root.explain(exc))
     except PqdError as exc:
         failed.append(exc)
     model = None

@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     ValidationError,
     create_model,
@@ -60,8 +61,11 @@ class AugmentSpec(Strict):
 
 
 class DataSpec(Strict):
-    """Data set and split. ``root`` (in a recipe file: relative to the file) is overridden by
-    ``--data-dir`` or ``PQD_DATA_DIR``. ``folder``: ``root/train/<class>/*`` image files
+    """Data set and split. ``root`` (in a recipe file: relative to the file; on the command
+    line as ``data.root=``: relative to the shell's folder) is overridden by ``--data-dir``
+    and overrides ``PQD_DATA_DIR``. ``download``: fetch a missing official data set (true),
+    never (false), or (null, the default) only into pqd's default ``./data`` when no folder
+    was named. ``folder``: ``root/train/<class>/*`` image files
     (optional ``root/val/``, ``root/test/``; else ``test_size`` then ``val_size`` carved from
     train); ``image_size``: side in pixels the images are resized to (default: 32 for
     CIFAR/SVHN, the file's own for npz, 64 for folders); ``on_bad_image``: ``error`` or
@@ -77,10 +81,13 @@ class DataSpec(Strict):
     test_size: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     on_bad_image: Literal["error", "skip"] = "error"
     split_seed: int = Field(default=0, ge=0)
-    download: bool = True
+    download: bool | None = None
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     limit_train: int | None = Field(default=None, ge=1)
     limit_test: int | None = Field(default=None, ge=1)
+    # where root was named: "recipe" (the file, or a dict) or "override" (data.root= on the
+    # command line); for error lines only (pqd.data.DataRoot)
+    _root_from: str = PrivateAttr(default="recipe")
 
 
 class TrainSpec(Strict):
@@ -863,6 +870,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             return recipe_from_dict(data, str(p))
         data = apply_overrides(data, overrides)
         anchor_paths(data, Path.cwd())  # paths on the command line: relative to the shell
+        recipe = recipe_from_dict(data, str(p))
+        if any(path == ["data", "root"] for path, _ in parse_overrides(overrides)):
+            recipe.data._root_from = "override"
+        return recipe
     return recipe_from_dict(data, str(p))
 
 

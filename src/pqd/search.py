@@ -806,8 +806,7 @@ def run_search(
     A finished baseline of another recipe in ``out_dir`` is refused (one line, nothing
     written) unless ``fresh``, which retrains the baseline there; trial folders are keyed by
     their recipe, so other recipes' trials stay where they are."""
-    from pqd.data import resolve_data_root
-    from pqd.pipeline import check_runtimes
+    from pqd.pipeline import check_recipe_data, check_runtimes
 
     t_start = time.perf_counter()
     if recipe.search is None:
@@ -815,7 +814,7 @@ def run_search(
     executor = check_executor(executor, workers, address)
     check_runtimes(recipe)
     out = Path(out_dir).resolve()
-    data_root = str(resolve_data_root(data_dir, recipe.data.root))
+    data_root = str(check_recipe_data(recipe, data_dir).path)
     base = baseline_trial(recipe, data_root)
     if not fresh:
         refuse_other_baseline(out / base.folder, base.key)
@@ -844,8 +843,12 @@ def run_search(
         base_dir = out / base.folder
         status = folder_status(base_dir, base.key)
         if status == "missing":
+            from pqd.report import plural
+
             ckpt = recipe.baseline.checkpoint
-            what = f"loading {ckpt}" if ckpt else f"training {recipe.baseline.epochs} epochs"
+            what = (
+                f"loading {ckpt}" if ckpt else f"training {plural(recipe.baseline.epochs, 'epoch')}"
+            )
             _say(f"baseline: {what} into {base_dir}")
             _reset_folder(base_dir, base)
             t0 = time.perf_counter()
