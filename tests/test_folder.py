@@ -234,6 +234,31 @@ def test_cache_goes_to_the_user_cache_folder_never_the_data(
     assert pf.CACHE_DIR_ENV in e.value.fix
 
 
+def test_cache_folder_order_env_then_xdg_then_home(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PQD_CACHE_DIR, else $XDG_CACHE_HOME/pqd, else ~/.cache/pqd: never the data folder."""
+    root = tmp_path / "r"
+    (root / "train").mkdir(parents=True)
+    for c in ("a", "b"):
+        (root / "train" / c).symlink_to(sorted((photos / "test").iterdir())[0])
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv(pf.CACHE_DIR_ENV, str(tmp_path / "env"))
+    cached = []
+    for unset in (None, pf.CACHE_DIR_ENV, "XDG_CACHE_HOME"):
+        if unset:
+            monkeypatch.delenv(unset)
+        d = pf.from_folder(root, image_size=16, val_size=2, test_size=2)
+        cached.append(d.summary()["cache"])
+    assert cached == [
+        str(tmp_path / "env"),
+        str(tmp_path / "xdg" / "pqd"),
+        str(tmp_path / "home" / ".cache" / "pqd"),
+    ]
+    assert sorted(p.name for p in root.iterdir()) == ["train"]  # nothing written in the data
+
+
 def test_carved_splits_are_stratified_disjoint_and_recorded(photos: Path, tmp_path: Path) -> None:
     d = pf.from_folder(photos, cache_dir=tmp_path / "c", on_bad_image="skip", val_size=30, seed=3)
     s = d.summary()
