@@ -175,3 +175,33 @@ def test_report_names_the_fastest_runtime_per_batch_and_float_ops() -> None:
     assert "HardSigmoid x2 (no integer HardSwish kernel); 2 layout transposes" in md
     final["fastest"]["1"] = {**fastest["64"], "p50_ms": 0.5}
     assert "Deploy with onnxruntime" in render_markdown(rec)
+
+
+def test_run_folder_gets_report_html_like_search_and_plan(tmp_path, capsys, monkeypatch) -> None:
+    """write_record (pqd run, pqd audit) and pqd report write a self-contained report.html
+    beside report.md: the same text, the plots it links embedded."""
+    import base64
+    import json
+
+    from pqd.cli import main
+    from pqd.record import write_record
+
+    rec = record()
+    write_record(rec, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<title>pqd run: r</title>" in page
+    assert "<table>" in page and "onnxruntime" in page
+
+    png = b"\x89PNG\r\n\x1a\nfake"
+    (tmp_path / "p.png").write_bytes(png)
+    (tmp_path / "report.html").unlink()
+    (tmp_path / "record.json").write_text(json.dumps(rec))
+    import pqd.report
+
+    orig = pqd.report.render_markdown
+    monkeypatch.setattr(pqd.report, "render_markdown", lambda r: orig(r) + "\n![a plot](p.png)\n")
+    assert main(["report", str(tmp_path)]) == 0
+    assert md.splitlines()[0] in capsys.readouterr().out
+    page = (tmp_path / "report.html").read_text()
+    assert base64.b64encode(png).decode() in page  # embedded, not linked

@@ -174,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser(
         "report",
-        help="re-render a run's report.md from record.json, or a search's reports from search.json",
+        help="re-render a run's report.md and report.html from record.json, or a search's "
+        "reports from search.json",
     )
     rep.add_argument("run_dir")
 
@@ -230,7 +231,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     if cmp_.get("paired"):
         print(paired_text(cmp_["paired"]))
-    print(f"wrote {Path(args.out) / 'record.json'} and {Path(args.out) / 'report.md'}")
+    out = Path(args.out)
+    print(f"wrote {out / 'record.json'}, {out / 'report.md'} and {out / 'report.html'}")
     for line in parity_warnings(record):
         print(f"pqd: warning: {line}", file=sys.stderr)
     return 0
@@ -370,8 +372,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pqd.checkpoint import atomic_write_text
-    from pqd.report import render_markdown
+    from pqd.record import write_report
 
     if (Path(args.run_dir) / "search.json").is_file():
         from pqd.report import render_search_markdown, write_search_report
@@ -389,13 +390,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
         )
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        text = render_markdown(record)
+        text = write_report(record, path.parent)
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise PqdError(
             f"{path} is not a complete pqd record ({type(exc).__name__}: {exc})",
             "re-run the recipe into that folder",
         ) from None
-    atomic_write_text(path.with_name("report.md"), text)
     print(text)
     return 0
 
@@ -410,7 +410,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     )
     print(table(["", "baseline", "final"], audit_rows(record)))
     out = Path(args.run_dir)
-    print(f"wrote the audit into {out / 'record.json'} and {out / 'report.md'}")
+    print(
+        f"wrote the audit into {out / 'record.json'}, {out / 'report.md'} and {out / 'report.html'}"
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ embedded as base64 PNG) so it can be mailed or archived alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 KIND_ORDER = ("baseline", "permutation", "reference", "pairwise")
@@ -132,3 +133,16 @@ def markdown_html(text: str, images: dict[str, bytes]) -> str:
             parts.append(f"<p>{md_inline(line)}</p>")
     flush()
     return html_page(title or "pqd report", parts)
+
+
+def linked_images(text: str, folder: Path) -> dict[str, bytes]:
+    """The PNG bytes of every image ``![alt](path)`` that ``text`` links, read relative to
+    ``folder`` (missing files are left out: :func:`markdown_html` names them)."""
+    import re
+
+    images = {}
+    for rel in re.findall(r"!\[.*?\]\((.+?)\)", text):
+        path = folder / rel
+        if path.is_file():
+            images[rel] = path.read_bytes()
+    return images

@@ -144,15 +144,34 @@ def compare(baseline: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_record(record: dict[str, Any], out: Path) -> None:
-    """Write record.json and report.md atomically (the report is rendered from the record)."""
+    """Write record.json, report.md and report.html atomically (the reports are rendered
+    from the record)."""
+    atomic_write_text(out / "record.json", json.dumps(record, indent=2, default=json_default))
+    write_report(record, out)
+
+
+def write_report(record: dict[str, Any], out: Path) -> str:
+    """Render a run's ``report.md`` from its record and the same as a self-contained
+    ``report.html`` (the audit's plots embedded), as ``pqd search`` and ``pqd plan`` do.
+
+    Args:
+        record: the run's record.
+        out: the run folder.
+
+    Returns:
+        The Markdown text.
+    """
+    from pqd.markdown import linked_images, markdown_html
     from pqd.report import render_markdown
 
-    atomic_write_text(out / "record.json", json.dumps(record, indent=2, default=json_default))
     if record.get("final", {}).get("audit"):
         from pqd.report_audit import write_audit_plots
 
         write_audit_plots(record, out)
-    atomic_write_text(out / "report.md", render_markdown(record))
+    text = render_markdown(record)
+    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "report.html", markdown_html(text, linked_images(text, out)))
+    return text
 
 
 def json_default(obj: Any) -> Any:
