@@ -251,3 +251,55 @@ def test_search_reads_a_trials_audit(small_run) -> None:
     assert s["disagreement"] == vs["disagreement"]["fraction"]
     assert s["corruption_accuracy"] == record["final"]["audit"]["corruptions"]["mean_accuracy"]
     assert audit_summary({"final": {}}) is None  # a record from before the audit
+
+
+def test_a_per_class_drop_prints_as_a_drop() -> None:
+    """A class that lost 4.35 points reads -4.35, never +4.35 (the record keeps drops as
+    positive points); a gain reads +, no change 0.00."""
+    from pqd.report_audit import audit_section, change_text, class_rows, search_audit_lines
+
+    assert change_text(4.35) == "-4.35" and change_text(-1.2) == "+1.20"
+    assert change_text(0.0) == change_text(-0.001) == "0.00"
+    per_class = {"cat": 0.8, "dog": 0.9}
+    final = {
+        "per_class_accuracy": {"cat": 0.7565, "dog": 0.91},
+        "vs_baseline": {
+            "per_class_drop_points": {"cat": 4.35, "dog": -1.0},
+            "largest_class_drop": {"class": "cat", "points": 4.35},
+            "disagreement": {
+                "count": 3,
+                "images": 100,
+                "fraction": 0.03,
+                "right_before": 2,
+                "fixed": 1,
+                "by_class": {"cat": 2},
+            },
+        },
+    }
+    rec = {"baseline": {"audit": {"per_class_accuracy": per_class}}, "final": {"audit": final}}
+    rows = {r[0]: r[3] for r in class_rows(rec)}
+    assert rows == {"cat": "-4.35", "dog": "+1.00"}
+    text = "\n".join(audit_section(rec))
+    assert "**-4.35 points (cat)**" in text and "+4.35" not in text
+    assert "change (points)" in text
+    search = {
+        "groups": [
+            {
+                "id": "g",
+                "kind": "permutation",
+                "label": "P -> Q",
+                "n": 1,
+                "accuracy_mean": 0.8,
+                "audit": {
+                    "worst_class_drop_points": 4.35,
+                    "worst_class": "cat",
+                    "disagreement": 0.03,
+                    "ece": 0.01,
+                    "corruption_accuracy": 0.5,
+                },
+            }
+        ],
+        "ranking": ["g"],
+    }
+    text = "\n".join(search_audit_lines(search))
+    assert "-4.35 (cat)" in text and "+4.35" not in text

@@ -577,6 +577,15 @@ def test_help_and_validate_read_as_plain_english(tmp_path: Path, capsys) -> None
         main(["--help"])
     out = capsys.readouterr().out
     assert "The pqd command" in out and "``" not in out
+    from pqd.cli import _parser
+
+    names = next(
+        a.choices for a in _parser()._actions if isinstance(a.choices, dict) and "run" in a.choices
+    )
+    description = out.split("positional arguments")[0]
+    for name in names:  # plan and audit included
+        assert re.search(rf"\b{name}\b", description), name
+        assert re.search(rf"^\s+{name}\s+\S", out, re.M), name  # with its one-line help
     path = tmp_path / "r.yaml"
     path.write_text(
         yaml.safe_dump(

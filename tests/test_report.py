@@ -205,3 +205,31 @@ def test_run_folder_gets_report_html_like_search_and_plan(tmp_path, capsys, monk
     assert md.splitlines()[0] in capsys.readouterr().out
     page = (tmp_path / "report.html").read_text()
     assert base64.b64encode(png).decode() in page  # embedded, not linked
+
+
+def test_parity_failed_says_what_it_means_and_the_threshold() -> None:
+    from pqd.report import parity_failed_text
+
+    problem = (
+        "onnxruntime: the file agrees with its torch model on only 98.67% of 300 test "
+        "images (max |logit diff| 2.1; expected >= 99%)"
+    )
+    groups = [
+        {"id": "a", "kind": "permutation", "label": "P -> Q", "n": 1, "parity_ok": True},
+        {
+            "id": "b",
+            "kind": "permutation",
+            "label": "Q -> P",
+            "n": 1,
+            "parity_ok": False,
+            "parity_problems": [problem],
+        },
+    ]
+    search = {"groups": groups, "ranking": ["a", "b"]}
+    text = parity_failed_text(search)
+    assert text.startswith("PARITY FAILED: ")
+    assert "share of test images whose top-1 class differs between the file and the torch" in text
+    assert "export.parity_min_agreement (default 0.99, so 1%)" in text
+    assert f"Q -> P: {problem}" in text and "P -> Q" not in text
+    groups[1]["parity_ok"] = True
+    assert parity_failed_text(search) == ""

@@ -981,3 +981,28 @@ def test_benchmark_judges_the_published_claims_by_the_paired_tests():
     # every order equal: nothing decided
     flat = {c["source"]: c["verdict"] for c in bench.claims(fake_search({}))}
     assert set(flat.values()) == {"undecided"}
+
+
+def test_baseline_line_counts_epochs_in_words(tmp_path, capsys, monkeypatch, subset_dir):
+    """'training 1 epoch', not '1 epochs' (the line before the shared baseline trains)."""
+    import pqd.search as search
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args: Any, **kwargs: Any) -> None:
+        raise Stop
+
+    monkeypatch.setattr(search._Executor, "run", stop)
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": "tiny_cnn"},
+            "data": {"root": str(subset_dir), "limit_train": 200, "limit_test": 50},
+            "baseline": {"epochs": 1},
+            "stages": [{"stage": "prune", "sparsity": 0.5}, {"stage": "distill"}],
+            "search": {},
+        }
+    )
+    with pytest.raises(Stop):
+        search.run_search(recipe, tmp_path / "o", progress=False)
+    assert "baseline: training 1 epoch into" in capsys.readouterr().err

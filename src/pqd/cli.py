@@ -1,4 +1,4 @@
-"""The ``pqd`` command: run, search, validate, sensitivity, report, models.
+"""The ``pqd`` command: run, search, plan, validate, sensitivity, report, audit, models.
 
     pqd run recipes/quickstart.yaml --out runs/quick [key.path=value ...]
     pqd search recipes/search-quickstart.yaml --out runs/search [--workers N]
@@ -194,6 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("models", help="list the model zoo")
+    # every subcommand named in the description, whatever is added later
+    p.description = f"The pqd command: {', '.join(sub.choices)}."
     return p
 
 
@@ -245,6 +247,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         SEARCH_HEADER,
         derived_order_text,
         pairwise_rows,
+        parity_failed_text,
         search_rows,
         table,
     )
@@ -263,6 +266,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         fresh=args.fresh,
     )
     print(table(SEARCH_HEADER, search_rows(search)))
+    if parity := parity_failed_text(search):
+        print(f"\n{parity}")
     if search.get("pairwise"):
         print()
         print(table(PAIR_HEADER, pairwise_rows(search)))

@@ -263,7 +263,8 @@ class PruneSpec(StageBase):
             if self.rewind == "epoch" and self.rewind_epoch > first:
                 raise ValueError(
                     f"rewind_epoch {self.rewind_epoch} is past the first training "
-                    f"pass ({first} epochs); fix: use rewind_epoch <= {first}"
+                    f"pass ({first} epoch{'' if first == 1 else 's'}); "
+                    f"fix: use rewind_epoch <= {first}"
                 )
         if self.at_init and self.schedule != "oneshot":
             raise ValueError("at_init prunes once at initialisation; fix: use schedule: oneshot")

@@ -672,8 +672,28 @@ def _search_intro(search: dict[str, Any]) -> list[str]:
     ]
 
 
+def parity_failed_text(search: dict[str, Any]) -> str:
+    """What "(PARITY FAILED)" in the results table means, with each such order's measured
+    agreement and threshold (empty when every order passed)."""
+    bad = [g for g in ordered_groups(search) if g.get("n") and not g.get("parity_ok", True)]
+    if not bad:
+        return ""
+    details = "; ".join(
+        f"{g['label']}: {'; '.join(g.get('parity_problems') or ['see its record.json'])}"
+        for g in bad
+    )
+    return (
+        "PARITY FAILED: the deployed ONNX file does not answer as its torch model does: the "
+        "share of test images whose top-1 class differs between the file and the torch "
+        "model is above 1 - export.parity_min_agreement (default 0.99, so 1%), or the file "
+        "can saturate this CPU's INT8 sums; its top-1 is then not the trained model's. "
+        f"{details}."
+    )
+
+
 def _results_note(search: dict[str, Any]) -> str:
     panel = search["latency_panel"]
+    parity = parity_failed_text(search)
     return (
         f"top-1: the deployed artifact's own accuracy on the test split (mean over seeds, "
         f"± sample sd over seeds; 95% CI: Wilson on the test images of all seeds pooled, "
@@ -682,7 +702,7 @@ def _results_note(search: dict[str, Any]) -> str:
         f"panel on {panel['host']} ({panel['cpu']}); speedup vs the FP32 baseline in that "
         f"panel. Pareto: not dominated in (top-1 up, MB down, p50 down), latencies within "
         f"{100 * search['criterion']['tie_latency']:g}% and sizes within 1% counted as "
-        "equal."
+        "equal." + (f" {parity}" if parity else "")
     )
 
 

@@ -80,9 +80,17 @@ def audit_rows(record: dict[str, Any]) -> list[list[str]]:
     return [r for r in rows if r[1] != "-" or r[2] != "-"]
 
 
+def change_text(drop_points: float) -> str:
+    """A per-class accuracy *drop* (points, positive = worse) as the signed change it is:
+    a drop of 4.35 points prints ``-4.35``, a gain of 1.2 ``+1.20``, none ``0.00``."""
+    change = -drop_points
+    return "0.00" if round(change, 2) == 0 else f"{change:+.2f}"
+
+
 def class_rows(record: dict[str, Any]) -> list[list[str]]:
-    """Per class: baseline top-1, final top-1, drop (points), images whose top-1 changed;
-    the largest drops first when there are more than :data:`MAX_CLASS_ROWS` classes."""
+    """Per class: baseline top-1, final top-1, change (points, negative for a drop), images
+    whose top-1 changed; the largest drops first when there are more than
+    :data:`MAX_CLASS_ROWS` classes."""
     au = _audits(record)
     b, f = au["baseline"]["per_class_accuracy"], au["final"]["per_class_accuracy"]
     vs = au["final"].get("vs_baseline", {})
@@ -92,7 +100,7 @@ def class_rows(record: dict[str, Any]) -> list[list[str]]:
     if len(names) > MAX_CLASS_ROWS:
         names = sorted(names, key=lambda c: -drops.get(c, 0.0))[:MAX_CLASS_ROWS]
     return [
-        [c, _pct(b[c]), _pct(f[c]), f"{drops.get(c, 0.0):+.2f}", str(changed.get(c, 0))]
+        [c, _pct(b[c]), _pct(f[c]), change_text(drops.get(c, 0.0)), str(changed.get(c, 0))]
         for c in names
     ]
 
@@ -137,7 +145,8 @@ def audit_section(record: dict[str, Any]) -> list[str]:
     dis = vs.get("disagreement")
     if worst and dis:
         lines += [
-            f"Largest per-class drop: **{worst['points']:+.2f} points ({worst['class']})**;"
+            f"Largest per-class change: **{change_text(worst['points'])} points "
+            f"({worst['class']})**;"
             f" top-1 changed on **{dis['count']} of {dis['images']} images "
             f"({100 * dis['fraction']:.2f}%)**, {dis['right_before']} of them right "
             f"before, {dis['fixed']} right only after.",
@@ -166,7 +175,8 @@ def audit_section(record: dict[str, Any]) -> list[str]:
             "### Per class",
             "",
             table(
-                ["class", "baseline", "final", "drop (points)", "top-1 changed"], class_rows(record)
+                ["class", "baseline", "final", "change (points)", "top-1 changed"],
+                class_rows(record),
             ),
             "",
         ]
@@ -324,7 +334,7 @@ def search_audit_lines(search: dict[str, Any]) -> list[str]:
                 g["kind"],
                 g["label"],
                 _pct(g["accuracy_mean"]),
-                "-" if drop is None else f"{drop:+.2f} ({a['worst_class']})",
+                "-" if drop is None else f"{change_text(drop)} ({a['worst_class']})",
                 _pct(a["disagreement"]),
                 _num(a["ece"]),
                 _pct(a["corruption_accuracy"]),
@@ -334,15 +344,16 @@ def search_audit_lines(search: dict[str, Any]) -> list[str]:
     lines = [
         "## Audit per order",
         "",
-        "Largest per-class drop and disagreement are against the shared baseline; "
-        "worst case over seeds for the drop, means for the rest.",
+        "Worst per-class change (top-1 points, negative: a drop) and disagreement are "
+        "against the shared baseline; worst case over seeds for the change, means for the "
+        "rest.",
         "",
         table(
             [
                 "kind",
                 "order",
                 "top-1",
-                "largest class drop (points)",
+                "worst class change (points)",
                 "disagreement",
                 "ECE",
                 "corruption top-1",

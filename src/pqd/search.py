@@ -1012,6 +1012,7 @@ def _trial_result(
         "macs": f["macs"],
         "bitops": f["bitops"],
         "parity_ok": f.get("parity_ok", True),
+        "parity_problems": f.get("parity_problems", []),
         "latency_ms": lat,
         "record_latency_ms": {"p50": f["latency_ms"]["p50"], "p90": f["latency_ms"]["p90"]},
         "speedup_vs_baseline": (round(base_p50 / lat["p50"], 3) if lat and base_p50 else None),
@@ -1077,6 +1078,7 @@ def _aggregate(entries: list[dict[str, Any]], test_images: int = 0) -> dict[str,
             "precision": ok[0]["precision"],
             "sparsity": mean([e["sparsity"] for e in ok]),
             "parity_ok": all(e.get("parity_ok", True) for e in ok),
+            "parity_problems": [p for e in ok for p in e.get("parity_problems", [])],
         }
     )
     if test_images:  # test-set noise: Wilson on the images of every seed pooled
