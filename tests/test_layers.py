@@ -38,7 +38,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.prune",),  # importance, masks, surgery
     ("pqd.latency_model",),  # measured per-layer tables of the target CPU (pqd plan)
     ("pqd.exits",),  # exit heads, exit runtime
-    ("pqd.measurement.audit", "pqd.measurement.corruptions"),  # audit (exits included)
+    (
+        "pqd.measurement.audit",
+        "pqd.measurement.corruptions",
+        "pqd.artifact",
+    ),  # audit (exits included); export/measure/torch_model of the Python API
     ("pqd.context",),  # what a stage reads
     ("pqd.stages",),  # one thin apply per file
     ("pqd.engine", "pqd.resume"),  # the stage loop, run folders

@@ -3,14 +3,16 @@
 The Python API (the CLI's ``pqd run`` goes through the same functions)::
 
     import pqd
-    data = pqd.data.from_tensors(train=(x, y), val=(xv, yv), test=(xt, yt))
-    result = pqd.compress(model, data, stages=[pqd.Prune(sparsity=0.5, epochs=2),
-                                               pqd.Quantize(epochs=1), pqd.Distill(epochs=1)],
-                          out="runs/nb")
-    result.record["final"]["accuracy"], result.final_onnx
+    result = pqd.compress(model, {"train": (x, y), "test": (xt, yt)},
+                          stages=[pqd.Prune(sparsity=0.5, epochs=2),
+                                  pqd.Quantize(epochs=1), pqd.Distill(epochs=1)])
+    result.record["final"]["accuracy"], result.final_onnx, result.model.eval()
     state = pqd.apply_stages(model, stages, data)      # no export, no measurement
 
 - :func:`compress` (:mod:`pqd.api`): stages -> ONNX export -> measurement, into a run folder.
+- :func:`export`, :func:`measure`, :func:`torch_model` (:mod:`pqd.artifact`): a model or
+  state to one ONNX file; a file measured on test images (the entries of ``record.json``);
+  the torch module a file reproduces.
 - :func:`apply_stages` (:mod:`pqd.engine`): the stage loop alone; returns the
   :class:`~pqd.stages.State` (model, masks, quantized flag, per-stage info).
 - :func:`baseline`: train a model or load a checkpoint into it.
@@ -29,13 +31,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from pqd._quiet import quiet_known_noise
 from pqd._version import __version__
-
-quiet_known_noise()  # torchao/torch messages pqd's calls trigger and users cannot act on
 
 _LAZY = {
     "compress": ("pqd.api", "compress"),
+    "export": ("pqd.artifact", "export"),
+    "measure": ("pqd.artifact", "measure"),
+    "torch_model": ("pqd.artifact", "torch_model"),
     "CompressResult": ("pqd.api", "CompressResult"),
     "plan": ("pqd.planner", "plan"),
     "apply_stages": ("pqd.engine", "apply_stages"),
@@ -56,6 +58,9 @@ __all__ = [  # noqa: RUF022  (grouped as documented)
     "__version__",
     "compress",
     "CompressResult",
+    "export",
+    "measure",
+    "torch_model",
     "plan",
     "apply_stages",
     "baseline",
@@ -74,6 +79,7 @@ __all__ = [  # noqa: RUF022  (grouped as documented)
 if TYPE_CHECKING:
     from pqd import data
     from pqd.api import CompressResult, compress
+    from pqd.artifact import export, measure, torch_model
     from pqd.engine import apply_stages, baseline
     from pqd.planner import plan
     from pqd.recipe import DistillSpec as Distill

@@ -1,8 +1,10 @@
 """Known-harmless third-party messages that pqd's own calls trigger, silenced in one place.
 
-Installed by ``import pqd`` (so library users see none of them) and by the ``pqd`` command.
-Each filter is narrow (a message or the warning's module): a user's own warnings, and
-other warnings of the same libraries, still show.
+The Python API's entry points run inside :func:`quiet` (the filters hold during pqd's own
+calls and are removed afterwards: ``import pqd`` changes no global logging or warning
+state); the ``pqd`` command installs them for good (:func:`quiet_command`). Each filter is
+narrow (a message or the warning's module): a user's own warnings, and other warnings of
+the same libraries, still show.
 
 - torchao's import logs "Failed to load .../_C_cutlass_90a.abi3.so" (and other optional
   GPU kernels) on a machine without them;
@@ -16,9 +18,13 @@ other warnings of the same libraries, still show.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar
 
 _LOGGED = (
     ("torchao", "Failed to load "),
@@ -37,12 +43,19 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def quiet_known_noise() -> None:
-    """Install the filters (idempotent: installing twice adds nothing)."""
+def _log_filters() -> list[tuple[logging.Logger, logging.Filter]]:
+    """Add the log filters that are not there yet; returns those added."""
+    added: list[tuple[logging.Logger, logging.Filter]] = []
     for name, text in _LOGGED:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
-            logger.addFilter(_DropMessage(text))
+            f = _DropMessage(text)
+            logger.addFilter(f)
+            added.append((logger, f))
+    return added
+
+
+def _warning_filters() -> None:
     warnings.filterwarnings(
         "ignore",
         category=FutureWarning,
@@ -53,6 +66,26 @@ def quiet_known_noise() -> None:
         category=UserWarning,
         module=r"torchao\.quantization\.pt2e\.quantizer\.x86_inductor_quantizer",
     )
+
+
+def quiet_known_noise() -> None:
+    """Install the filters for good (idempotent: installing twice adds nothing)."""
+    _log_filters()
+    _warning_filters()
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """The filters while the block runs (pqd's own calls); the warning filters and loggers
+    are as before afterwards."""
+    added = _log_filters()
+    try:
+        with warnings.catch_warnings():
+            _warning_filters()
+            yield
+    finally:
+        for logger, f in added:
+            logger.removeFilter(f)
 
 
 def quiet_command() -> None:
@@ -66,3 +99,18 @@ def quiet_command() -> None:
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch").setLevel(logging.ERROR)  # torch's import resets this level
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def quietly(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` run inside :func:`quiet` (for the public API's entry points)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with quiet():
+            return fn(*args, **kwargs)
+
+    return wrapper

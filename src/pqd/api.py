@@ -1,22 +1,26 @@
 """The Python API: compress any ``nn.Module`` on data in memory (see ``import pqd``).
 
     import pqd
-    data = pqd.data.from_tensors(train=(x, y), val=(xv, yv), test=(xt, yt))
-    result = pqd.compress(model, data, stages=[pqd.Prune(sparsity=0.5, epochs=2),
-                                               pqd.Quantize(epochs=1), pqd.Distill(epochs=1)],
-                          out="runs/nb")
-    result.record["final"]["latency_ms"], result.final_onnx
+    result = pqd.compress(model, {"train": train_loader, "test": test_loader},
+                          stages=[pqd.Prune(sparsity=0.5, epochs=2),
+                                  pqd.Quantize(mode="ptq"), pqd.Distill(epochs=1)])
+    result.model.eval()(images)            # the torch module final.onnx reproduces
+    result.record["final"]["accuracy"], result.final_onnx
 
 :func:`compress` is ``pqd run`` with the model and data given instead of named: the same
 run folder (``record.json``, ``final.onnx``, ``report.md``, checkpoints; a killed call
-continues when called again), through the same stage loop (:func:`pqd.apply_stages`).
+continues when called again, a finished one is returned as it is), through the same stage
+loop (:func:`pqd.apply_stages`). A model handed in is fine-tuned (:data:`FINE_TUNE`), not
+trained from scratch.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+import tempfile
+from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,31 +38,84 @@ from pqd.recipe import (
     TrainSpec,
 )
 
+FINE_TUNE: dict[str, Any] = {"lr": 0.01, "schedule": "cosine", "warmup": 0.0}
+"""What :func:`compress` changes in ``TrainSpec()`` for a model handed in (taken as trained,
+``baseline_epochs=0``): a tenth of the from-scratch learning rate, cosine decay, no warmup.
+A ``train`` argument overrides single fields (a dict) or all of them (a ``TrainSpec``)."""
 
-@dataclass
+
 class CompressResult:
     """What :func:`compress` returns.
 
     Attributes:
-        record: the run's record (``record.json``: accuracy, size, latency of baseline and
-            final artifact, per-stage entries).
+        record: the run's record (``record.json``: accuracy with its 95% interval, size,
+            latency of baseline and final file, per-stage entries, paired comparison).
         run_dir: the run folder.
-        final_onnx: the deployable file (INT8 when a quantize stage ran).
+        data: the ``pqd.data.Dataset`` the run used (``pqd.measure(result.final_onnx,
+            result.data)`` measures on the same test images).
+        final_onnx: the deployable file (INT8 when a quantize stage ran; it takes images
+            in [0, 1] and normalises inside).
         baseline_onnx: the FP32 file of the input model.
+        state: the :class:`pqd.State` the stages left (``state.model`` is a PT2E graph once
+            a quantize stage ran), loaded from the run folder on first use.
+        model: the torch module ``final.onnx`` reproduces (:class:`pqd.artifact.Deployed`:
+            INT8-converted after a quantize stage; ``.eval()`` works), on first use; it
+            takes inputs as the model handed in did (normalised, where ``mean``/``std`` were
+            given with the data).
     """
 
-    record: dict[str, Any]
-    run_dir: Path
-    final_onnx: Path
-    baseline_onnx: Path
+    def __init__(
+        self,
+        record: dict[str, Any],
+        run_dir: Path,
+        data: Any,
+        load_state: Callable[[], Any],
+        normalized: bool,
+    ) -> None:
+        self.record = record
+        self.run_dir = run_dir
+        self.data = data
+        self.final_onnx = run_dir / "final.onnx"
+        self.baseline_onnx = run_dir / "baseline.onnx"
+        self._load_state = load_state
+        self._normalized = normalized
+
+    @cached_property
+    def state(self) -> Any:
+        from pqd._quiet import quiet
+
+        with quiet():
+            return self._load_state()
+
+    @cached_property
+    def model(self) -> Any:
+        from pqd.artifact import torch_model
+
+        if self._normalized:  # takes inputs as the model handed in took them
+            return torch_model(self.state, mean=self.data.mean, std=self.data.std)
+        return torch_model(self.state)
+
+    def __repr__(self) -> str:
+        final = self.record.get("final", {})
+        return (
+            f"CompressResult(run_dir={str(self.run_dir)!r}, accuracy="
+            f"{final.get('accuracy')}, size_bytes={final.get('size_bytes')})"
+        )
 
 
-def _digest(model: nn.Module, data: Any) -> str:
-    """What the run folder's fingerprints cannot see: the given weights and data."""
+def _weights_digest(model: nn.Module) -> str:
+    """The given model's architecture and weights (the run folder's fingerprints cannot see
+    them)."""
     h = hashlib.sha256(repr(model).encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _data_digest(data: Any) -> str:
+    """The given images, labels and normalisation."""
+    h = hashlib.sha256()
     for split in ("train", "val", "test"):
         for t in (getattr(data, f"{split}_x"), getattr(data, f"{split}_y")):
             for s in range(0, max(1, int(t.shape[0])), 4096):  # chunks: memory-mapped data
@@ -78,122 +135,210 @@ def wrap(model: nn.Module, data: Any) -> nn.Module:
     return Classifier(model, data.mean, data.std)
 
 
+def train_settings(train: TrainSpec | dict[str, Any] | None, given: bool) -> TrainSpec:
+    """The run's training settings: ``train`` as a spec, or its fields over the defaults
+    (:data:`FINE_TUNE` over ``TrainSpec()`` for a model handed in, ``given``)."""
+    if isinstance(train, TrainSpec):
+        return train
+    return TrainSpec(**{**(FINE_TUNE if given else {}), **(train or {})})
+
+
 def compress(
     model: nn.Module,
     data: Any,
     stages: Sequence[Any],
-    out: str | Path,
+    out: str | Path | None = None,
     *,
     train: TrainSpec | dict[str, Any] | None = None,
     baseline_epochs: int = 0,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     export: ExportSpec | dict[str, Any] | None = None,
     measure: MeasureSpec | dict[str, Any] | None = None,
+    forward_loop: Callable[[nn.Module], None] | None = None,
     name: str = "compress",
     progress: bool = False,
     fresh: bool = False,
 ) -> CompressResult:
     """Compress ``model`` with ``stages`` in order, export it to ONNX and measure it, as
-    ``pqd run`` does: writes the run folder ``out`` and returns its record.
+    ``pqd run`` does: writes the run folder ``out`` and returns its record and model.
 
     Args:
-        model: any ``nn.Module`` classifying float NCHW images (in [0, 1], normalised by
-            ``data.mean``/``data.std``, which go inside the model and the file); not changed.
-        data: a ``pqd.data.Dataset`` (:func:`pqd.data.from_tensors`) with a test split;
-            a torch ``Dataset`` of (image, label) pairs is taken as the train split.
+        model: any ``nn.Module`` classifying float NCHW images (as ``data`` holds them; a
+            normalisation ``mean``/``std`` goes inside the model and the file); not changed.
+        data: a ``pqd.data.Dataset``; or ``{"train": ..., "val": ..., "test": ...}`` with
+            each split as ``(images, labels)`` tensors (uint8, float in [0, 1], or float
+            normalised: add ``"mean"``/``"std"``), a torch ``Dataset`` or a ``DataLoader``
+            (:func:`pqd.data.from_tensors`). The test split is required (it is measured);
+            without ``val``, a tenth of ``train`` is held out.
         stages: ``pqd.Prune(...)``, ``pqd.PruneChannels(...)``, ``pqd.Quantize(...)``,
             ``pqd.Distill(...)``, ``pqd.EarlyExit(...)`` (or their recipe dicts).
-        out: the run folder (created; a killed call continues when called again with the
-            same model, data and settings; another call's run there is refused).
-        train: training settings every stage starts from (recipe ``train``).
+        out: the run folder (created). None: a folder under the temporary directory named
+            after the inputs, so calling again with the same inputs returns the finished
+            run. A killed call continues when called again; another call's run in ``out``
+            is refused with what differs.
+        train: training settings every stage starts from (recipe ``train``): a
+            ``TrainSpec``, or a dict of fields over the defaults (:data:`FINE_TUNE` for a
+            model taken as trained, ``TrainSpec()`` with ``baseline_epochs``).
         baseline_epochs: train ``model`` first for this many epochs (0: take it as given).
         seed: the run's seed.
-        device: ``cpu``, ``cuda`` or ``auto``.
+        device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device``.
         export: export settings (recipe ``export``: opset, deployment target, ...).
         measure: measurement settings (recipe ``measure``: runtimes, threads, batch sizes).
+        forward_loop: for PTQ/QAT calibration, ``forward_loop(model)`` runs the model on
+            batches of your choice (as your model takes them) instead of pqd's validation
+            batches; it is not part of the run folder's fingerprint.
         name: the run's name in the record.
         progress: show progress bars.
         fresh: start over in ``out`` (remove an earlier run's files there).
 
     Returns:
-        :class:`CompressResult` (``record``, ``run_dir``, ``final_onnx``, ``baseline_onnx``).
+        :class:`CompressResult` (``record``, ``model``, ``state``, ``final_onnx``,
+        ``baseline_onnx``, ``run_dir``).
     """
-    from pqd.data import from_tensors
+    from pqd._quiet import quiet
+    from pqd.data import as_dataset
     from pqd.engine import as_specs, fresh_copies
     from pqd.errors import DataError
     from pqd.pipeline import execute
     from pqd.resume import RunFolder
 
-    if isinstance(data, torch.utils.data.Dataset):
-        data = from_tensors(train=data)
-    if len(data.test_y) == 0:
-        raise DataError(
-            "pqd.compress measures the test split, which is empty",
-            "pass test=(images, labels) to pqd.data.from_tensors",
+    with quiet():
+        data = as_dataset(data)
+        if len(data.test_y) == 0:
+            raise DataError(
+                "pqd.compress measures the test split, which is empty",
+                "pass data={'train': ..., 'test': (images, labels)} (or a DataLoader)",
+            )
+        net = wrap(model, data)
+        if forward_loop is not None and net is not model:  # the user's loop feeds inputs
+            forward_loop = _as_given(forward_loop, data.mean, data.std)  # as `model` takes
+        kind = type(model)
+        recipe = Recipe.model_construct(
+            name=name,
+            seed=seed,
+            device=str(device),
+            model=ModelSpec(
+                name=f"python:{kind.__module__}.{kind.__qualname__}",
+                kwargs={"weights_sha256": _weights_digest(net), "data_sha256": _data_digest(data)},
+            ),
+            data=DataSpec.model_construct(
+                dataset=data.name,
+                root=None,
+                image_size=data.image_size,
+                val_size=len(data.val_y),
+                test_size=len(data.test_y),
+                on_bad_image=data.info.get("on_bad_image", "error"),
+                download=False,
+                augment=DataSpec().augment,
+                limit_train=None,
+                limit_test=None,
+            ),
+            train=train_settings(train, given=baseline_epochs == 0),
+            baseline=(
+                BaselineSpec(epochs=baseline_epochs)
+                if baseline_epochs > 0
+                else BaselineSpec.model_construct(checkpoint=None, epochs=0, train=TrainOverride())
+            ),
+            stages=as_specs(stages),
+            export=export if isinstance(export, ExportSpec) else ExportSpec(**(export or {})),
+            measure=(
+                measure if isinstance(measure, MeasureSpec) else MeasureSpec(**(measure or {}))
+            ),
+            search=None,
         )
-    net = wrap(model, data)
-    train_spec = train if isinstance(train, TrainSpec) else TrainSpec(**(train or {}))
-    baseline_spec = (
-        BaselineSpec(epochs=baseline_epochs)
-        if baseline_epochs > 0
-        else BaselineSpec.model_construct(checkpoint=None, epochs=0, train=TrainOverride())
-    )
-    kind = type(model)
-    recipe = Recipe.model_construct(
-        name=name,
-        seed=seed,
-        device=device,
-        model=ModelSpec(
-            name=f"python:{kind.__module__}.{kind.__qualname__}",
-            kwargs={"given_sha256": _digest(net, data)},
-        ),
-        data=DataSpec.model_construct(
-            dataset=data.name,
-            root=None,
-            image_size=data.image_size,
-            val_size=len(data.val_y),
-            test_size=len(data.test_y),
-            on_bad_image=data.info.get("on_bad_image", "error"),
-            download=False,
-            augment=DataSpec().augment,
-            limit_train=None,
-            limit_test=None,
-        ),
-        train=train_spec,
-        baseline=baseline_spec,
-        stages=as_specs(stages),
-        export=export if isinstance(export, ExportSpec) else ExportSpec(**(export or {})),
-        measure=measure if isinstance(measure, MeasureSpec) else MeasureSpec(**(measure or {})),
-        search=None,
-    )
-    out_dir = Path(out)
-    folder = RunFolder.open(out_dir, recipe, fresh=fresh)
-    if folder.complete:
-        import json
-
-        record = json.loads((out_dir / "record.json").read_text(encoding="utf-8"))
-    else:
-        from pqd.pipeline import check_runtimes
-
-        check_runtimes(recipe)
+        out_dir = Path(out) if out is not None else _default_out(recipe)
+        folder = RunFolder.open(out_dir, recipe, fresh=fresh, api=True)
         template = fresh_copies(net)
-        record = execute(
-            recipe,
-            folder,
-            data,
-            lambda: _copy(net),
-            template,
-            progress=progress,
-            fresh=fresh,
-            source=None if baseline_epochs > 0 else {"given": "the model passed to pqd.compress"},
-        )
+        if folder.complete:
+            record = json.loads((out_dir / "record.json").read_text(encoding="utf-8"))
+        else:
+            from pqd.pipeline import check_runtimes
+
+            check_runtimes(recipe)
+            record = execute(
+                recipe,
+                folder,
+                data,
+                lambda: _copy(net),
+                template,
+                progress=progress,
+                fresh=fresh,
+                source=None
+                if baseline_epochs > 0
+                else {"given": "the model passed to pqd.compress"},
+                forward_loop=forward_loop,
+            )
+    shape = tuple(int(d) for d in data.train_x.shape[1:])
     return CompressResult(
-        record=record,
-        run_dir=out_dir,
-        final_onnx=out_dir / "final.onnx",
-        baseline_onnx=out_dir / "baseline.onnx",
+        record,
+        out_dir,
+        data,
+        lambda: final_state(out_dir, folder.steps, template, shape),
+        normalized=net is not model,
     )
+
+
+def _default_out(recipe: Recipe) -> Path:
+    """``<tmp>/pqd/<name>-<digest of the inputs>``: the same inputs, the same folder."""
+    key = hashlib.sha256(
+        json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()
+    ).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "pqd" / f"{recipe.name}-{key}"
+
+
+def final_state(
+    out: Path,
+    steps: list[dict[str, Any]],
+    fresh_model: Callable[[], nn.Module],
+    shape: tuple[int, ...],
+) -> Any:
+    """The state the run's last finished step left, loaded from its checkpoint.
+
+    Args:
+        out: the run folder.
+        steps: its finished steps (``RunFolder.steps``: baseline first).
+        fresh_model: builds fresh models like the run's.
+        shape: one image's shape ``(C, H, W)`` (example inputs for rebuilding graphs).
+
+    Returns:
+        The :class:`pqd.State`.
+    """
+    from pqd.checkpoint import load_checkpoint
+    from pqd.resume import load_state
+    from pqd.state import State
+
+    if len(steps) <= 1:  # no stage: the baseline itself
+        model = fresh_model()
+        load_checkpoint(model, out / "baseline.safetensors")
+        return State(model=model.eval())
+    state = load_state(out / steps[-1]["checkpoint"], fresh_model, lambda: torch.rand(2, *shape))
+    return state
+
+
+class _Normalizing(nn.Module):
+    """``inner`` (which normalises inside) taking images already normalised by
+    ``mean``/``std``, as the user's own model takes them."""
+
+    def __init__(self, inner: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x * self.std.to(x.device) + self.mean.to(x.device))
+
+
+def _as_given(
+    loop: Callable[[nn.Module], None], mean: Sequence[float], std: Sequence[float]
+) -> Callable[[nn.Module], None]:
+    """``loop`` handed the wrapped model in the form the user's model had."""
+
+    def run(model: nn.Module) -> None:
+        loop(_Normalizing(model, mean, std))
+
+    return run
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -54,6 +54,8 @@ class Context:
         progress: show progress bars.
         run: the run folder (:class:`pqd.resume.RunFolder`): per-epoch checkpoints and
             resume inside a stage; None: neither.
+        forward_loop: the user's calibration loop (``forward_loop(model)``), or None: pqd
+            calibrates on its own batches.
         step: the run-folder step of the stage (stage i is step i + 1).
         desc: progress-bar label, e.g. ``[2/3] quantize``.
         fit_calls: ``fit`` calls so far in the current stage (reset per stage).
@@ -71,6 +73,7 @@ class Context:
     target: str = "portable"
     progress: bool = True
     run: Any = None
+    forward_loop: Callable[[nn.Module], None] | None = None
     step: int = 0
     desc: str = "baseline"
     fit_calls: int = 0

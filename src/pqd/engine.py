@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from pydantic import TypeAdapter
 
+from pqd._quiet import quietly
 from pqd.context import Context
 from pqd.recipe import AugmentSpec, StageSpec, TrainSpec, merge_train
 from pqd.state import State
@@ -76,16 +77,17 @@ def as_specs(stages: Sequence[Any]) -> list[Any]:
     return [s if not isinstance(s, dict) else adapter.validate_python(s) for s in stages]
 
 
+@quietly
 def baseline(
     model: nn.Module,
     data: Any,
     *,
-    train: TrainSpec,
-    epochs: int,
+    train: TrainSpec | dict[str, Any] | None = None,
+    epochs: int = 0,
     checkpoint: str | Path | None = None,
     seed: int = 0,
-    augment: AugmentSpec | None = None,
-    device: torch.device | None = None,
+    augment: AugmentSpec | dict[str, Any] | None = None,
+    device: torch.device | str | None = None,
     progress: bool = False,
     run: Any = None,
 ) -> nn.Module:
@@ -94,8 +96,9 @@ def baseline(
 
     Args:
         model: the model to train or fill.
-        data: ``pqd.data.Dataset``.
-        train: training settings (batch size, optimizer, schedule, ...).
+        data: ``pqd.data.Dataset``, or what :func:`pqd.data.as_dataset` takes.
+        train: training settings (a ``TrainSpec`` or a dict of its fields; default
+            ``TrainSpec()``).
         epochs: training epochs (0 with no checkpoint: the model is taken as it is).
         checkpoint: a .safetensors or torch state_dict file to load instead of training.
         seed: seed of the data order and augmentation.
@@ -109,9 +112,13 @@ def baseline(
         ``model``.
     """
     from pqd.checkpoint import load_checkpoint
+    from pqd.data import as_dataset
     from pqd.train import fit, prepare_model
 
-    device = device or torch.device("cpu")
+    data = as_dataset(data)
+    train = _train_spec(train)
+    augment = AugmentSpec(**augment) if isinstance(augment, dict) else augment
+    device = torch.device(device) if device is not None else torch.device("cpu")
     model.to(device)
     if checkpoint:
         load_checkpoint(model, checkpoint)
@@ -144,6 +151,10 @@ def baseline(
     return model
 
 
+def _train_spec(train: TrainSpec | dict[str, Any] | None) -> TrainSpec:
+    return train if isinstance(train, TrainSpec) else TrainSpec(**(train or {}))
+
+
 def stage_context(
     stages: Sequence[Any],
     index: int,
@@ -159,6 +170,7 @@ def stage_context(
     progress: bool = False,
     fresh_model: Callable[[], nn.Module] | None = None,
     run: Any = None,
+    forward_loop: Callable[[nn.Module], None] | None = None,
 ) -> Context:
     """The Context stage ``index`` of ``stages`` runs with (what it reads, nothing more):
     ``train`` merged with the stage's overrides, its seed, its label and whether it or a
@@ -177,11 +189,13 @@ def stage_context(
         target=target,
         progress=progress,
         run=run,
+        forward_loop=forward_loop,
         step=index + 1,
         desc=f"[{index + 1}/{len(stages)}] {spec.stage}",
     )
 
 
+@quietly
 def apply_stages(
     model: nn.Module,
     stages: Sequence[Any],
@@ -190,7 +204,7 @@ def apply_stages(
     *,
     train: TrainSpec | dict[str, Any] | None = None,
     seed: int = 0,
-    augment: AugmentSpec | None = None,
+    augment: AugmentSpec | dict[str, Any] | None = None,
     device: torch.device | str | None = None,
     target: str = "portable",
     threads: int = 1,
@@ -200,6 +214,7 @@ def apply_stages(
     start: int = 0,
     run: Any = None,
     on_stage: StageHook | None = None,
+    forward_loop: Callable[[nn.Module], None] | None = None,
 ) -> State:
     """Apply ``stages`` in order to a copy of ``model`` (no export, no measurement).
 
@@ -211,7 +226,8 @@ def apply_stages(
         model: any ``nn.Module`` taking float NCHW images in [0, 1] (a zoo model normalises
             inside; see :func:`pqd.data.from_tensors` for the data).
         stages: stage specs (``pqd.Prune(...)``, ``pqd.Quantize(...)``, ...) or recipe dicts.
-        data: ``pqd.data.Dataset`` (see :func:`pqd.data.from_tensors`).
+        data: ``pqd.data.Dataset``, or what :func:`pqd.data.as_dataset` takes (splits as
+            tensors, torch ``Dataset`` or ``DataLoader``; no test split needed).
         teacher: the KD teacher; default a frozen copy of ``model``.
         train: training settings every stage starts from (default ``TrainSpec()``).
         seed: the run's seed.
@@ -227,18 +243,24 @@ def apply_stages(
         start: index of the first stage to apply (the earlier ones made ``state``).
         run: a :class:`pqd.resume.RunFolder` for per-epoch checkpoints (None: none).
         on_stage: called as ``on_stage(index, spec, state, seconds)`` after each stage.
+        forward_loop: calibration for quantize stages: ``forward_loop(model)`` runs the
+            model (which takes what ``model`` takes) on the user's batches instead of pqd's
+            validation batches.
 
     Returns:
         The final :class:`pqd.stages.State` (``state.model`` is a PT2E graph once a
         quantize stage ran; ``state.masks`` the pruning masks).
     """
     import pqd.stages  # noqa: F401  (fills the stage registry)
+    from pqd.data import as_dataset
     from pqd.registry import STAGES
     from pqd.train import is_graph, prepare_model
 
     specs = as_specs(stages)
+    data = as_dataset(data)
+    augment = AugmentSpec(**augment) if isinstance(augment, dict) else augment
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    base = train if isinstance(train, TrainSpec) else TrainSpec(**(train or {}))
+    base = _train_spec(train)
     if state is None:
         state = State(model=copy.deepcopy(model))
     teacher = teacher if teacher is not None else frozen(model)
@@ -259,6 +281,7 @@ def apply_stages(
             progress=progress,
             fresh_model=fresh_model,
             run=run,
+            forward_loop=forward_loop,
         )
         seed_everything(ctx.seed)
         t0 = time.perf_counter()

@@ -128,30 +128,9 @@ def resolve_device(name: str) -> torch.device:
 def check_runtimes(recipe: Recipe) -> list[str]:
     """The runtimes to measure on (``auto``: every installed one); fails before any training
     if a requested runtime is not installed."""
-    from pqd.measurement import available_runtimes
-    from pqd.measurement.runtime import runtime_package
+    from pqd.measurement.runtime import resolve_runtimes
 
-    have = available_runtimes()
-    ort_fix = (
-        "onnxruntime is a dependency of pqd, so the install is broken: reinstall pqd, "
-        "or pip install onnxruntime"
-    )
-    if recipe.measure.runtimes == ["auto"]:
-        if not have:
-            raise PqdError("no ONNX runtime is installed (not even onnxruntime)", ort_fix)
-        return have
-    for rt in recipe.measure.runtimes:
-        package = runtime_package(rt)
-        if package not in have:
-            fix = (
-                f"{ort_fix}; or remove it from measure.runtimes"
-                if rt == "onnxruntime"
-                else "pip install 'pqd[openvino]' (or pip install openvino), or remove "
-                f"{rt} from measure.runtimes"
-            )
-            what = rt if package == rt else f"{package} (for {rt})"
-            raise PqdError(f"measure.runtimes: {what} is not installed", fix)
-    return list(recipe.measure.runtimes)
+    return resolve_runtimes(recipe.measure.runtimes)
 
 
 def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[list[str], list[PqdError]]:
@@ -301,6 +280,7 @@ def execute(
     fresh: bool = False,
     source: dict[str, Any] | None = None,
     t_start: float | None = None,
+    forward_loop: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """The body of ``pqd run`` and :func:`pqd.compress`: baseline -> stages -> export ->
     measure into ``folder`` (opened by the caller), on data already loaded.
@@ -314,6 +294,7 @@ def execute(
         progress, measure, fresh: as :func:`run`.
         source: the record's ``baseline.source`` when the model is taken as given.
         t_start: when the job started (``time.perf_counter()``; default now).
+        forward_loop: the user's calibration loop (:func:`pqd.apply_stages`).
 
     Returns:
         The record (or, with ``measure=False``, the pending record).
@@ -425,6 +406,7 @@ def execute(
             start=finished,
             run=folder,
             on_stage=record_stage,
+            forward_loop=forward_loop,
         )
 
     # the final model's answer on every validation image: the planner's pick rule compares

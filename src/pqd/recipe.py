@@ -392,6 +392,14 @@ class QuantizeSpec(StageBase):
     # folded conv (several times faster on a CPU; pqd.quant.qat_train). null: never freeze
     freeze_after: Fraction | None = 0.1
 
+    @model_validator(mode="before")
+    @classmethod
+    def _ptq_trains_no_epochs(cls, data: Any) -> Any:
+        """``mode: ptq`` without ``epochs`` means no training (not the stages' default)."""
+        if isinstance(data, dict) and data.get("mode") == "ptq" and "epochs" not in data:
+            return {**data, "epochs": 0}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeSpec:
         if self.mode == "ptq" and self.epochs != 0:

@@ -147,14 +147,22 @@ class RunFolder:
     steps: list[dict[str, Any]] = field(default_factory=list)  # finished, in order
     complete: bool = False
     continued: dict[str, int] = field(default_factory=dict)  # step -> epoch it continued from
+    api: bool = False  # refusals in pqd.compress's words (out=, fresh=True), not the CLI's
 
     @classmethod
     def open(
-        cls, out: Path, recipe: Recipe, *, resume: bool = False, fresh: bool = False
+        cls,
+        out: Path,
+        recipe: Recipe,
+        *,
+        resume: bool = False,
+        fresh: bool = False,
+        api: bool = False,
     ) -> RunFolder:
         """Read ``out``'s progress and decide what to keep (see module doc); refuses another
-        recipe's run unless ``resume`` or ``fresh``. Writes nothing."""
-        folder = cls(out=out, recipe=recipe, prints=fingerprints(recipe))
+        recipe's run unless ``resume`` or ``fresh`` (``api``: in the Python API's words).
+        Writes nothing."""
+        folder = cls(out=out, recipe=recipe, prints=fingerprints(recipe), api=api)
         if fresh:
             return folder
         progress = folder._read_progress()
@@ -200,6 +208,11 @@ class RunFolder:
         shown = ", ".join(changed[:3]) + (
             f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
         )
+        if self.api:  # pqd.compress's words
+            raise RunFolderError(
+                f"out={str(self.out)!r} holds a run with other inputs (differs in: {shown})",
+                "pass another out=, or fresh=True to start over in it",
+            )
         keep = ", --resume to keep its finished steps that the change does not touch"
         raise RunFolderError(
             f"--out {self.out} holds the run of a different recipe (differs in: {shown})",

@@ -99,7 +99,8 @@ def measure_onnx(
     logits_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Like :func:`measure_artifacts`, with the torch models' logits given (``references``:
-    logits on the first N test images, from :func:`torch_reference`), so that the artifacts
+    logits on the first N test images, from :func:`torch_reference`; an artifact without one
+    gets no parity), so that the artifacts
     can be measured in another process than the one that exported them. ``logits_out``, if
     given, receives each artifact's test-split logits on the primary runtime (for the audit,
     :mod:`pqd.measurement.audit`, without running the test split again)."""
@@ -118,6 +119,8 @@ def measure_onnx(
             "saturation": saturation(path),
             "runtimes": {},
         }
+        if name not in references:  # no torch model to compare with: no parity
+            continue
         reference[name] = np.asarray(references[name], dtype=np.float32)
         n_par = len(reference[name])
         results[name]["torch_accuracy"] = float((reference[name].argmax(1) == y[:n_par]).mean())
@@ -135,8 +138,11 @@ def measure_onnx(
                 "settings": runner.settings,
                 "accuracy": correct / len(y),
                 "accuracy_ci": [round(v, 6) for v in wilson_interval(correct, len(y))],
-                "parity": parity(reference[name], logits[: len(reference[name])]),
             }
+            if name in reference:
+                results[name]["runtimes"][rt]["parity"] = parity(
+                    reference[name], logits[: len(reference[name])]
+                )
             if rt == "onnxruntime":  # which kernels run: fused INT8 ops or float ones
                 optimized = ort_optimized(artifacts[name])
                 results[name]["runtimes"][rt]["kernels"] = ort_kernels("", proto=optimized)
@@ -188,7 +194,8 @@ def measure_onnx(
         res["accuracy_ci"] = head["accuracy_ci"]
         res["test_images"] = len(y)
         res["latency_ms"] = head["latency_ms"]
-        res["parity"] = head["parity"]
+        if "parity" in head:
+            res["parity"] = head["parity"]
         res["runtime"] = primary
     return results
 

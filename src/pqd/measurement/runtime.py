@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from pqd.errors import PqdError
+
 
 @dataclass
 class Runner:
@@ -378,3 +380,36 @@ def avx2_logits(
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"the AVX2 OpenVINO run of {path} failed: {tail}")
         return np.load(dst)
+
+
+def resolve_runtimes(runtimes: list[str]) -> list[str]:
+    """The runtimes to measure on: ``runtimes`` (``measure.runtimes``; ``["auto"]``: every
+    installed one, onnxruntime first); fails (one line) if a requested one is not installed.
+
+    Args:
+        runtimes: runtime names.
+
+    Returns:
+        The runtime names to open.
+    """
+    have = available_runtimes()
+    ort_fix = (
+        "onnxruntime is a dependency of pqd, so the install is broken: reinstall pqd, "
+        "or pip install onnxruntime"
+    )
+    if runtimes == ["auto"]:
+        if not have:
+            raise PqdError("no ONNX runtime is installed (not even onnxruntime)", ort_fix)
+        return have
+    for rt in runtimes:
+        package = runtime_package(rt)
+        if package not in have:
+            fix = (
+                f"{ort_fix}; or remove it from measure.runtimes"
+                if rt == "onnxruntime"
+                else "pip install 'pqd[openvino]' (or pip install openvino), or remove "
+                f"{rt} from measure.runtimes"
+            )
+            what = rt if package == rt else f"{package} (for {rt})"
+            raise PqdError(f"measure.runtimes: {what} is not installed", fix)
+    return list(runtimes)

@@ -46,7 +46,7 @@ from __future__ import annotations
 import copy
 import functools
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1018,8 +1018,11 @@ def calibrate(
     batches: int,
     device: torch.device,
     scheme: dict[str, Any] | None = None,
+    forward_loop: Callable[[nn.Module], None] | None = None,
 ) -> int:
-    """Set every activation range from ``batches`` batches of ``loader``; returns images seen.
+    """Set every activation range from ``batches`` batches of ``loader``, or from what
+    ``forward_loop(model)`` runs through the model (the user's own calibration loop, as in
+    ModelOpt's ``mtq.quantize``); returns images seen.
 
     The float network runs (fake-quant off); weight quantizers observe their weights;
     each static activation quantizer gets the range of ``scheme["observer"]`` over the
@@ -1052,6 +1055,18 @@ def calibrate(
             for n, m in acts.items()
         ]
         seen = 0
+        if forward_loop is not None:
+            counted: list[int] = []
+            hooks.append(
+                model.register_forward_pre_hook(lambda _m, args: counted.append(len(args[0])))
+            )
+            try:
+                with torch.no_grad():
+                    forward_loop(model)
+            finally:
+                for h in hooks:
+                    h.remove()
+            return sum(counted)
         try:
             for i, (x, _) in enumerate(loader):
                 if i >= batches:

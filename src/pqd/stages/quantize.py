@@ -56,10 +56,19 @@ def apply_quantize(state: State, spec: QuantizeSpec, ctx: Context) -> State:
         else:
             state.model = prepare_qat(state.model, ctx.example_input(), scheme).to(ctx.device)
         state.quantized = True
-        split, calib = _calibration_loader(ctx, spec, cfg.batch_size)
+        split, calib = (
+            _calibration_loader(ctx, spec, cfg.batch_size)
+            if ctx.forward_loop is None
+            else ("forward_loop", None)
+        )
         state.info["calibration_split"] = split
         state.info["calibration_images"] = calibrate(
-            state.model, calib, spec.calibration_batches, ctx.device, scheme
+            state.model,
+            calib,
+            spec.calibration_batches,
+            ctx.device,
+            scheme,
+            forward_loop=ctx.forward_loop,
         )
         if spec.mixed_precision is not None:
             from pqd.quant.sensitivity import choose_mixed_precision
