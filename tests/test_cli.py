@@ -599,3 +599,27 @@ def test_help_and_validate_read_as_plain_english(tmp_path: Path, capsys) -> None
     assert main(["validate", str(path), "--quiet"]) == 0
     line = capsys.readouterr().out
     assert "1 baseline epoch," in line and "(1 epoch)" in line and "epochs" not in line
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"model": {"name": "resnet81"}}, "unknown model 'resnet81' (did you mean 'resnet18'"),
+        (
+            {"stages": [{"stage": "quantise"}]},
+            "unknown stage 'quantise' (did you mean 'quantize'?)",
+        ),
+        ({"measure": {"runtimes": ["onnxruntim"]}}, "(did you mean 'onnxruntime'?)"),
+        (
+            {"baseline": {"epocs": 1}},
+            "baseline.epocs: Extra inputs are not permitted (did you mean 'epochs'?)",
+        ),
+        ({"trian": {"lr": 0.1}}, "trian: Extra inputs are not permitted (did you mean 'train'?)"),
+    ],
+)
+def test_wrong_names_get_did_you_mean(
+    tmp_path: Path, capsys, subset_dir: Path, patch: dict, needle: str
+) -> None:
+    path = write_recipe(tmp_path, {**tiny(subset_dir), **patch})
+    line = one_error_line(capsys, main(["validate", str(path), "--quiet"]))
+    assert needle in line

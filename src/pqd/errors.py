@@ -6,6 +6,8 @@ status 2, without a traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class PqdError(Exception):
     """A problem with the user's input or environment that the user can fix.
@@ -55,3 +57,16 @@ class DataRootError(DataError):
         self.holding = holding
         self.hint = hint
         super().__init__(problem, fix)
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` with the valid names closest to a wrong one (difflib), or
+    "" when none is close: appended to an "unknown ..." problem."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), list(choices), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    names = [repr(c) for c in close]
+    shown = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    return f" (did you mean {shown}?)"

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from pqd.errors import RecipeError
+from pqd.errors import RecipeError, did_you_mean
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -696,6 +696,21 @@ def _even_budget(n: int) -> list[float]:
 # ---------------------------------------------------------------------------- loading
 
 
+def _closest(err: dict[str, Any]) -> str:
+    """`` (did you mean ...?)`` for a misspelt key, stage name or choice (else "")."""
+    import re
+
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(Recipe, err["loc"][:-1])
+        return did_you_mean(err["loc"][-1], allowed.split(", ") if allowed else [])
+    if kind == "union_tag_invalid":
+        return did_you_mean(ctx.get("tag", ""), STAGE_NAMES)
+    if kind in ("literal_error", "enum") and isinstance(err.get("input"), str):
+        return did_you_mean(err["input"], re.findall(r"'([^']*)'", str(ctx.get("expected"))))
+    return ""
+
+
 def _fix_for(err: dict[str, Any], model: type[BaseModel] | None) -> str:
     kind = err["type"]
     ctx = err.get("ctx", {})
@@ -772,6 +787,7 @@ def _format_validation(exc: ValidationError, source: str) -> RecipeError:
         if len(shown) > 60:
             shown = shown[:57] + "..."
         msg = f"{msg} (got {shown})"
+    msg += _closest(err)
     extra = len(errors) - 1
     more = f" (+{extra} more problem{'s' if extra > 1 else ''})" if extra else ""
     where = f"{loc}: " if loc else ""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from pqd.errors import ModelError
+from pqd.errors import ModelError, did_you_mean
 
 ModelFn = Callable[..., nn.Module]
 MODELS: dict[str, ModelFn] = {}
@@ -69,7 +69,7 @@ def resolve_model_fn(name: str) -> ModelFn:
         return fn
     if name not in MODELS:
         raise ModelError(
-            f"unknown model {name!r}",
+            f"unknown model {name!r}{did_you_mean(name, MODELS)}",
             f"use one of {', '.join(sorted(MODELS))} or 'module:callable'",
         )
     return MODELS[name]
