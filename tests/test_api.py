@@ -14,6 +14,7 @@ import pqd
 from pqd.engine import as_specs
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+API_PAGE = README.parent / "docs" / "python-api.md"
 
 
 def readme_blocks() -> list[str]:
@@ -87,6 +88,24 @@ def test_readme_example_compresses_a_dataloader_model_and_hands_it_back(
         measure={"runtimes": ["onnxruntime"], "batch_sizes": [1], "repeats": 20},
     )
     assert again_run.record == result.record
+
+
+@pytest.mark.integration
+def test_every_python_block_of_the_api_page_runs(tmp_path: Path, monkeypatch) -> None:
+    """docs/python-api.md's blocks, in order, after the README's data block (as the page
+    says): they run as written, and what they print holds."""
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", API_PAGE.read_text(encoding="utf-8"), re.S)
+    assert len(blocks) >= 4
+    scope: dict = {}
+    exec(compile(readme_blocks()[0], "README.md", "exec"), scope)
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/python-api.md block {i + 1}", "exec"), scope)
+    assert scope["result"].record["final"]["precision"] == "int8"
+    assert scope["entry"]["parity"]["top1_agreement"] >= 0.9
+    assert scope["path"] == Path("runs/api/ptq.onnx")
+    info = scope["ptq"].record["stages"][0]["info"]
+    assert info["calibration_split"] == "forward_loop" and info["calibration_images"] == 256
 
 
 def test_stage_configs_are_the_recipe_specs() -> None:
@@ -196,8 +215,9 @@ def test_forward_loop_calibrates_with_the_users_batches_in_the_users_format() ->
             out = m(batch)
             seen.append((out - model(batch)).abs().max())
 
-    from pqd.api import _as_given, wrap
+    from pqd.api import _as_given
     from pqd.data import from_tensors
+    from pqd.engine import wrap
 
     data = from_tensors(train=(normed, y), mean=mean, std=std, val_size=16)
     net = wrap(model, data)

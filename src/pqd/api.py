@@ -124,17 +124,6 @@ def _data_digest(data: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def wrap(model: nn.Module, data: Any) -> nn.Module:
-    """``model`` with the data's normalisation in front (a :class:`pqd.models.Classifier`),
-    or ``model`` itself when the normalisation is the identity or already inside it."""
-    from pqd.models import Classifier
-
-    identity = all(m == 0.0 for m in data.mean) and all(s == 1.0 for s in data.std)
-    if identity or isinstance(model, Classifier):
-        return model
-    return Classifier(model, data.mean, data.std)
-
-
 def train_settings(train: TrainSpec | dict[str, Any] | None, given: bool) -> TrainSpec:
     """The run's training settings: ``train`` as a spec, or its fields over the defaults
     (:data:`FINE_TUNE` over ``TrainSpec()`` for a model handed in, ``given``)."""
@@ -198,7 +187,7 @@ def compress(
     """
     from pqd._quiet import quiet
     from pqd.data import as_dataset
-    from pqd.engine import as_specs, fresh_copies
+    from pqd.engine import as_specs, fresh_copies, wrap
     from pqd.errors import DataError
     from pqd.pipeline import execute
     from pqd.resume import RunFolder

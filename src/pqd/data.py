@@ -417,10 +417,10 @@ def from_tensors(
     Each split is ``(images, labels)``, a torch ``Dataset`` of ``(image, label)`` pairs or a
     ``DataLoader`` of ``(images, labels)`` batches (read once: random transforms are drawn
     once; a shuffling loader's images are put in an order fixed by their content, so the
-    same data gives the same split and run). Images are ``[N, C, H, W]`` uint8 (0..255), float in [0, 1], or float normalised
-    with ``mean``/``std`` (as ``ToTensor()`` + ``Normalize(mean, std)`` give them). They are
-    stored as uint8, i.e. rounded to 1/255 steps, as an image file would hold them; labels
-    are class ids.
+    same data gives the same split and run). Images are ``[N, C, H, W]`` uint8 (0..255),
+    float in [0, 1], or float normalised with ``mean``/``std`` (as ``ToTensor()`` +
+    ``Normalize(mean, std)`` give them). They are stored as uint8, i.e. rounded to 1/255
+    steps, as an image file would hold them; labels are class ids.
 
     Args:
         train: the training split.

@@ -109,19 +109,21 @@ def baseline(
             continues after its last finished epoch.
 
     Returns:
-        ``model``.
+        ``model`` (trained in place; where ``data`` has a normalisation, it trained behind
+        it, as :func:`apply_stages` will run it).
     """
     from pqd.checkpoint import load_checkpoint
     from pqd.data import as_dataset
     from pqd.train import fit, prepare_model
 
     data = as_dataset(data)
+    given, model = model, wrap(model, data)  # trained in place: the wrapper holds `given`
     train = _train_spec(train)
     augment = AugmentSpec(**augment) if isinstance(augment, dict) else augment
     device = torch.device(device) if device is not None else torch.device("cpu")
     model.to(device)
     if checkpoint:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(given, checkpoint)
         model.to(device)
     elif epochs > 0:
         ctx = Context(
@@ -148,7 +150,19 @@ def baseline(
             on_epoch=on_epoch,
         )
     model.to(memory_format=torch.contiguous_format)
-    return model
+    return given
+
+
+def wrap(model: nn.Module, data: Any) -> nn.Module:
+    """``model`` with the data's normalisation in front (a :class:`pqd.models.Classifier`),
+    or ``model`` itself when the normalisation is the identity or already inside it (a zoo
+    model is a Classifier)."""
+    from pqd.models import Classifier
+
+    identity = all(m == 0.0 for m in data.mean) and all(s == 1.0 for s in data.std)
+    if identity or isinstance(model, Classifier):
+        return model
+    return Classifier(model, data.mean, data.std)
 
 
 def _train_spec(train: TrainSpec | dict[str, Any] | None) -> TrainSpec:
@@ -223,8 +237,9 @@ def apply_stages(
     before the stage runs), whether it or a later stage quantizes, and the shared rest.
 
     Args:
-        model: any ``nn.Module`` taking float NCHW images in [0, 1] (a zoo model normalises
-            inside; see :func:`pqd.data.from_tensors` for the data).
+        model: any ``nn.Module`` taking float NCHW images as ``data`` holds them: where
+            ``data`` has a normalisation (``mean``/``std``), it goes in front of the model
+            (:func:`wrap`; a zoo model has it inside already).
         stages: stage specs (``pqd.Prune(...)``, ``pqd.Quantize(...)``, ...) or recipe dicts.
         data: ``pqd.data.Dataset``, or what :func:`pqd.data.as_dataset` takes (splits as
             tensors, torch ``Dataset`` or ``DataLoader``; no test split needed).
@@ -258,6 +273,7 @@ def apply_stages(
 
     specs = as_specs(stages)
     data = as_dataset(data)
+    model = wrap(model, data)  # the data's normalisation goes inside (and into the file)
     augment = AugmentSpec(**augment) if isinstance(augment, dict) else augment
     dev = torch.device(device) if device is not None else torch.device("cpu")
     base = _train_spec(train)
