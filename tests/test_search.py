@@ -107,9 +107,11 @@ def test_trial_key_ignores_names_and_paths_but_not_what_changes_results():
     assert plan_trials(recipe, "/one/ckpt", "digest", "/other")[0].key != a.key
     changed = search_recipe([{**STAGES[0], "sparsity": 0.6}, *STAGES[1:]], total_epochs=5)
     assert plan_trials(changed, "/one/ckpt", "digest", "/data")[0].key != a.key
+    fetched = recipe.model_copy(update={"data": recipe.data.model_copy(update={"download": True})})
+    assert plan_trials(fetched, "/one/ckpt", "digest", "/data")[0].key == a.key  # not a result
 
 
-def test_folder_status_done_trained_missing(tmp_path):
+def test_folder_status_done_trained_partial_missing(tmp_path):
     recipe = search_recipe(total_epochs=5)
     t = plan_trials(recipe, "/c", "d", "/data")[0]
     folder = tmp_path / "t"
@@ -118,7 +120,9 @@ def test_folder_status_done_trained_missing(tmp_path):
     (folder / "trial.json").write_text(json.dumps({"key": t.key}))
     for f in ("pending.json", "reference_logits.npz", "baseline.onnx"):
         (folder / f).write_text("x")
-    assert folder_status(folder, t.key) == "missing"  # half-finished: no final.onnx
+    assert folder_status(folder, t.key) == "missing"  # nothing trained: no progress file
+    (folder / "progress.json").write_text("{}")
+    assert folder_status(folder, t.key) == "partial"  # stopped while training: continues
     (folder / "final.onnx").write_text("x")
     assert folder_status(folder, t.key) == "trained"
     (folder / "record.json").write_text(

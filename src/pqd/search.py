@@ -149,6 +149,7 @@ def trial_key(recipe: Recipe, checkpoint_digest: str | None, data_root: str) -> 
     data = recipe.model_dump(mode="json")
     data.pop("name", None)
     data.pop("search", None)
+    data["data"].pop("download", None)  # where the files came from, not what they are
     if data["baseline"].get("checkpoint"):
         data["baseline"]["checkpoint"] = checkpoint_digest
     blob = json.dumps(
@@ -396,8 +397,9 @@ def pareto_front(
 
 
 def folder_status(folder: Path, key: str) -> str:
-    """``done`` (record.json measured), ``trained`` (exported, awaiting measurement) or
-    ``missing`` (absent, another key, or half-finished: to be redone)."""
+    """``done`` (record.json measured), ``trained`` (exported, awaiting measurement),
+    ``partial`` (this key's run, stopped while training: it continues from its last
+    finished step and epoch) or ``missing`` (absent or another key's: to be redone)."""
     from pqd.pipeline import PENDING_FILE, REFERENCE_FILE
 
     try:
@@ -412,7 +414,11 @@ def folder_status(folder: Path, key: str) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     needed = (PENDING_FILE, REFERENCE_FILE, "baseline.onnx", "final.onnx")
-    return "trained" if all((folder / f).is_file() for f in needed) else "missing"
+    if all((folder / f).is_file() for f in needed):
+        return "trained"
+    from pqd.resume import PROGRESS
+
+    return "partial" if (folder / PROGRESS).is_file() else "missing"
 
 
 def refuse_other_baseline(folder: Path, key: str) -> None:
@@ -482,6 +488,7 @@ def train_trial(
             data_dir=data_dir,
             progress=progress,
             measure=False,
+            resume=True,  # the key matched: the steps whose fingerprints match are kept
         )
     except PqdError as exc:
         return {
@@ -842,15 +849,18 @@ def run_search(
         # ---- the shared baseline
         base_dir = out / base.folder
         status = folder_status(base_dir, base.key)
-        if status == "missing":
+        if status in ("missing", "partial"):
             from pqd.report import plural
 
             ckpt = recipe.baseline.checkpoint
             what = (
                 f"loading {ckpt}" if ckpt else f"training {plural(recipe.baseline.epochs, 'epoch')}"
             )
+            if status == "partial":  # stopped while training: it continues
+                what = f"continuing ({what})"
+            else:
+                _reset_folder(base_dir, base)
             _say(f"baseline: {what} into {base_dir}")
-            _reset_folder(base_dir, base)
             t0 = time.perf_counter()
             ex.run(
                 [(base, base_dir)], lambda t, f, r: results.__setitem__(t.key, r), local_first=True
@@ -913,7 +923,8 @@ def run_search(
                 atomic_write_text(folder / "failed.json", json.dumps(result, indent=2))
 
         for trial, folder in todo:
-            _reset_folder(folder, trial)
+            if folder_status(folder, trial.key) == "missing":  # a stopped one continues
+                _reset_folder(folder, trial)
         t0, m0 = time.perf_counter(), timing["measure"]
         ex.run(todo, finished)
         timing["train"] += time.perf_counter() - t0 - (timing["measure"] - m0)
