@@ -274,3 +274,28 @@ def test_null_turns_grad_checks_off_at_every_level() -> None:
         }
     )
     assert top.stage_train(0).max_grad_norm is None
+
+
+def test_stable_dump_leaves_defaults_out_and_keeps_stage_names_and_order() -> None:
+    """Resume fingerprints and search keys hash it: a field pqd adds later with a default
+    must not make finished runs look different, while what changes results still does."""
+    from pqd.recipe import stable_dump
+    from pqd.resume import fingerprints
+
+    base = {
+        "name": "r",
+        "model": {"name": "tiny_cnn"},
+        "data": {"dataset": "cifar10"},
+        "stages": [{"stage": "quantize"}, {"stage": "distill"}],
+    }
+    r = recipe_from_dict(base)
+    dump = stable_dump(r)
+    assert dump["stages"] == [{"stage": "quantize"}, {"stage": "distill"}]
+    assert "train" not in dump  # all at defaults
+    explicit = recipe_from_dict({**base, "train": {"lr": 0.1}})  # 0.1 is the default
+    assert fingerprints(explicit) == fingerprints(r)
+    swapped = recipe_from_dict({**base, "stages": base["stages"][::-1]})
+    assert fingerprints(swapped)[1:] != fingerprints(r)[1:]
+    assert fingerprints(swapped)[0] == fingerprints(r)[0]  # the same baseline
+    changed = recipe_from_dict({**base, "train": {"lr": 0.05}})
+    assert fingerprints(changed)[0] != fingerprints(r)[0]

@@ -923,6 +923,25 @@ def anchor_paths(data: dict[str, Any], folder: Path) -> None:
             node[key] = os.path.normpath(os.path.join(os.path.abspath(folder), value))
 
 
+def stable_dump(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as JSON data without the fields left at their defaults (each stage keeps
+    its ``stage`` name): what resume fingerprints and search trial keys hash, so that a field
+    added to pqd later, with a default, does not make finished runs look different.
+
+    Args:
+        recipe: the recipe.
+
+    Returns:
+        The dict (``stages`` always present, as a list).
+    """
+    data = recipe.model_dump(mode="json", exclude_defaults=True)
+    data["stages"] = [
+        {"stage": spec.stage, **spec.model_dump(mode="json", exclude_defaults=True)}
+        for spec in recipe.stages
+    ]
+    return data
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """YAML text of the fully resolved recipe (defaults included); loads back equal."""
     data = recipe.model_dump(mode="json")

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from pqd.checkpoint import atomic_write_bytes, atomic_write_text
 from pqd.errors import CheckpointError, PqdError
-from pqd.recipe import Recipe
+from pqd.recipe import Recipe, stable_dump
 from pqd.target import resolve as resolve_target
 from pqd.train import FitProgress
 
@@ -81,23 +81,24 @@ def _sha(data: Any) -> str:
 
 
 def _relevant(recipe: Recipe) -> dict[str, Any]:
-    """The recipe parts every trained step depends on (data paths aside)."""
-    d = recipe.model_dump(mode="json")
-    data = {k: v for k, v in d["data"].items() if k not in ("root", "download")}
+    """The recipe parts every trained step depends on (data paths aside; fields at their
+    defaults left out, :func:`pqd.recipe.stable_dump`)."""
+    d = stable_dump(recipe)
+    data = {k: v for k, v in d.get("data", {}).items() if k not in ("root", "download")}
     return {
-        "seed": d["seed"],
-        "device": d["device"],
-        "model": d["model"],
+        "seed": d.get("seed"),
+        "device": d.get("device"),
+        "model": d.get("model"),
         "data": data,
-        "train": d["train"],
-        "baseline": d["baseline"],
+        "train": d.get("train"),
+        "baseline": d.get("baseline"),
     }
 
 
 def fingerprints(recipe: Recipe) -> list[str]:
     """Fingerprint of step 0 (baseline) and of each stage i (step i + 1)."""
     base = _relevant(recipe)
-    stages = recipe.model_dump(mode="json")["stages"]
+    stages = stable_dump(recipe)["stages"]
     target = resolve_target(recipe.export.target)  # the weight range quantize stages train with
     prints = []
     for i in range(len(stages) + 1):

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from pqd.errors import PqdError, RecipeError
-from pqd.recipe import Recipe, recipe_from_dict
+from pqd.recipe import Recipe, recipe_from_dict, stable_dump
 from pqd.stats import compare_over_seeds, decide, holm, seed_summary, wilson_interval
 
 SEARCH_VERSION = 2
@@ -146,11 +146,11 @@ class Trial:
 def trial_key(recipe: Recipe, checkpoint_digest: str | None, data_root: str) -> str:
     """Hash of everything that decides a run's result: the resolved recipe (without its name,
     with the baseline checkpoint's content hash in place of its path) and the data folder."""
-    data = recipe.model_dump(mode="json")
+    data = stable_dump(recipe)  # fields at their defaults left out: new ones change nothing
     data.pop("name", None)
     data.pop("search", None)
-    data["data"].pop("download", None)  # where the files came from, not what they are
-    if data["baseline"].get("checkpoint"):
+    data.get("data", {}).pop("download", None)  # where the files came from, not what they are
+    if data.get("baseline", {}).get("checkpoint"):
         data["baseline"]["checkpoint"] = checkpoint_digest
     blob = json.dumps(
         {"v": KEY_VERSION, "recipe": data, "data_root": data_root},
