@@ -232,6 +232,10 @@ def test_a_user_model_with_mobile_blocks_gets_an_all_integer_int8_file(
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # --no-progress into a pipe: phase lines, what and how far, no bar redraws
+    for line in ("pqd: [1/3] prune: starting", "pqd: [2/3] quantize: epoch 1/", "pqd: measuring "):
+        assert line in proc.stderr, proc.stderr[-2000:]
+    assert "\r" not in proc.stderr
     record = json.loads((out / "record.json").read_text())
     assert record["recipe"]["model"]["name"] == "user_blocks:build"
     assert [s["name"] for s in record["stages"]] == ["prune", "quantize", "distill"]

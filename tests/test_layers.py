@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, ...]] = [
         "pqd.state",
         "pqd.registry",
         "pqd.stats",
-    ),  # data and contracts, statistics
+        "pqd.progress",
+    ),  # data and contracts, statistics, progress lines
     ("pqd.dataset",),  # the in-memory data set, splits
     ("pqd.folder",),  # image folders (decoded once into a memory-mapped cache)
     (

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pqd._quiet import quiet_command
 from pqd.errors import PqdError
+from pqd.progress import show_phases
 
 
 def _options(
@@ -331,7 +332,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     epochs = sum(s.epochs for s in recipe.stages)
-    from pqd.report import plural
+    from pqd.progress import plural
 
     base = (
         f"checkpoint {recipe.baseline.checkpoint}"
@@ -494,6 +495,7 @@ def check_out(out: str | Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pqd`` console script."""
     quiet_command()
+    show_phases()  # what pqd is doing and how far, with or without --no-progress
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow options: `pqd run r.yaml --out X a.b=1`

@@ -25,6 +25,7 @@ from pydantic import TypeAdapter
 
 from pqd._quiet import quietly
 from pqd.context import Context
+from pqd.progress import phase, plural
 from pqd.recipe import AugmentSpec, StageSpec, TrainSpec, merge_train
 from pqd.state import State
 
@@ -304,7 +305,9 @@ def apply_stages(
         state.info = {}
         if not is_graph(state.model):
             prepare_model(state.model, ctx.train, dev)
+        phase(f"{ctx.desc}: starting ({plural(spec.epochs, 'epoch')})")
         state = STAGES[spec.stage](state, spec, ctx)
+        phase(f"{ctx.desc}: done in {time.perf_counter() - t0:.0f} s")
         if on_stage is not None:
             on_stage(i, spec, state, time.perf_counter() - t0)
     return state

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -340,10 +339,9 @@ def _bad_error(folder: Path, n: int, bad: list[list[str]]) -> None:
 
 
 def _bar(total: int, desc: str, progress: bool) -> Any:
-    from tqdm import tqdm
+    from pqd.progress import bar
 
-    show = progress and sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, disable=not show, leave=False, unit="img")
+    return bar(total=total, desc=desc, show=progress, leave=False, unit="img")
 
 
 def _gather(

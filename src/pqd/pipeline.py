@@ -32,6 +32,7 @@ from pqd.context import Context
 from pqd.engine import seed_everything
 from pqd.errors import PqdError
 from pqd.models.multi_exit import MultiExitNet
+from pqd.progress import phase, plural
 from pqd.quant.sensitivity import layer_sensitivity
 from pqd.recipe import MeasureSpec, QuantizeSpec, Recipe, dump_recipe
 from pqd.record import (
@@ -317,6 +318,15 @@ def execute(
         # ---- baseline: train it or load it (or take it from an earlier, killed run)
         t0 = time.perf_counter()
         done = folder.entry(0)
+        if done is None:
+            what = (
+                f"loading {recipe.baseline.checkpoint}"
+                if recipe.baseline.checkpoint
+                else plural(recipe.baseline.epochs, "epoch") + " of training"
+                if recipe.baseline.epochs
+                else "taken as given"
+            )
+            phase(f"baseline: {what}")
         baseline(
             model,
             data,
@@ -422,6 +432,7 @@ def execute(
         )
 
     # ---- export both artifacts, then measure them side by side
+    phase("exporting baseline.onnx and final.onnx")
     from pqd.measurement.artifacts import torch_reference
     from pqd.onnx_export import export_onnx
 
@@ -523,6 +534,10 @@ def execute(
     t0 = time.perf_counter()
     spec = measure_spec(recipe)
     logits: dict[str, np.ndarray] = {}
+    phase(
+        f"measuring baseline.onnx and final.onnx on {len(data.test_y)} test images "
+        f"({', '.join(spec.runtimes)}; batch sizes {', '.join(map(str, spec.batch_sizes))})"
+    )
     measured = measure_onnx(
         {"baseline": base_path, "final": final_path},
         references,
@@ -626,6 +641,10 @@ def measure_run(
         references = {k: refs[k] for k in refs.files}
     t0 = time.perf_counter()
     logits: dict[str, np.ndarray] = {}
+    phase(
+        f"measuring baseline.onnx and final.onnx on {len(data.test_y)} test images "
+        f"({', '.join(spec.runtimes)}; batch sizes {', '.join(map(str, spec.batch_sizes))})"
+    )
     measured = measure_onnx(
         {"baseline": out / "baseline.onnx", "final": out / "final.onnx"},
         references,

@@ -18,6 +18,7 @@ from pqd.markdown import (
     ordered_groups,
     table,
 )
+from pqd.progress import plural
 
 
 def _mb(n: float) -> str:
@@ -86,11 +87,6 @@ def paired_text(p: dict[str, Any] | None, a: str = "final", b: str = "baseline")
         f"{p['a_only']} images only {a} gets right, {p['b_only']} only {b} "
         f"(McNemar p = {p['p_value']:.3g}): {verdict}"
     )
-
-
-def plural(n: int, word: str) -> str:
-    """``"1 epoch"``, ``"2 epochs"``."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def noisy_latency(lat: dict[str, Any], factor: float = 2.0) -> bool:

@@ -850,7 +850,7 @@ def run_search(
         base_dir = out / base.folder
         status = folder_status(base_dir, base.key)
         if status in ("missing", "partial"):
-            from pqd.report import plural
+            from pqd.progress import plural
 
             ckpt = recipe.baseline.checkpoint
             what = (

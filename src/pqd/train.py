@@ -26,9 +26,10 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from pqd.errors import PqdError
+from pqd.progress import bar as progress_bar
+from pqd.progress import on_terminal, phase
 from pqd.recipe import TrainSpec
 
 LossHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -321,12 +322,13 @@ def fit(
     # activations (the convs run about 7% faster)
     channels_last = cfg.channels_last and (not has_graph(model) or steps is not None)
     set_train(model, True)
-    bar = tqdm(
+    t_epoch = time.perf_counter()
+    bar = progress_bar(
         total=total,
         initial=step,
         desc=desc,
         unit="step",
-        disable=not progress,
+        show=progress,
         leave=False,
         dynamic_ncols=True,
     )
@@ -391,6 +393,12 @@ def fit(
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.3f}")
             result.losses.append(loss_sum / max(1, n))
+            if not (progress and on_terminal()):  # (a bar on a terminal shows it already)
+                phase(
+                    f"{desc}: epoch {epoch + 1}/{epochs}, loss {result.losses[-1]:.3f}, "
+                    f"{time.perf_counter() - t_epoch:.0f} s"
+                )
+            t_epoch = time.perf_counter()
             if on_epoch is not None:
                 on_epoch(
                     FitProgress(
@@ -426,7 +434,7 @@ def predict(
     channels_last = channels_last and not has_graph(model)
     outs, ys = [], []
     with eval_mode(model):
-        for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        for x, y in progress_bar(loader, desc=desc, unit="batch", show=progress, leave=False):
             x = x.to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -41,10 +41,10 @@ import onnx
 import torch
 import torch.nn as nn
 from onnx import helper, numpy_helper
-from tqdm.auto import tqdm
 
 from pqd.measurement.runtime import open_runner, static_batch
 from pqd.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, keep_initializers
+from pqd.progress import bar
 
 MANIFEST = "manifest.json"
 FEATURES_NAME = "output"
@@ -629,7 +629,7 @@ def all_exit_outputs(
     logits: list[list[np.ndarray]] = []
     confs: list[list[np.ndarray]] = []
     steps = range(0, len(x_uint8), batch_size)
-    for i in tqdm(steps, desc=desc, unit="batch", disable=not progress, leave=False):
+    for i in bar(steps, desc=desc, unit="batch", show=progress, leave=False):
         x = x_uint8[i : i + batch_size].float().div_(255.0).numpy()
         lg, cf = rt.run_all(x)
         logits.append(lg)
@@ -665,8 +665,8 @@ def latency_over_split(
         for i in range(min(warmup, len(xs))):
             run(xs[i])
     samples: dict[str, list[float]] = {name: [] for name in runs}
-    bar = tqdm(
-        total=rounds * len(runs) * len(xs), desc=desc, unit="run", disable=not progress, leave=False
+    shown = bar(
+        total=rounds * len(runs) * len(xs), desc=desc, unit="run", show=progress, leave=False
     )
     for _ in range(rounds):
         for name, run in runs.items():
@@ -675,9 +675,9 @@ def latency_over_split(
                 t0 = time.perf_counter()
                 run(x)
                 times.append(time.perf_counter() - t0)
-            bar.update(len(xs))
+            shown.update(len(xs))
             time.sleep(switch_pause_ms / 1e3)  # let spinning workers of this row go idle
-    bar.close()
+    shown.close()
     out = {}
     for name, s in samples.items():
         ms = np.asarray(s) * 1e3

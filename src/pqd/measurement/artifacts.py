@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from pqd.measurement.complexity import onnx_complexity
 from pqd.measurement.latency import compare_latency
@@ -30,6 +29,7 @@ from pqd.measurement.runtime import (
     static_batch,
 )
 from pqd.measurement.saturation import saturation
+from pqd.progress import bar
 from pqd.recipe import MeasureSpec
 from pqd.stats import wilson_interval
 
@@ -55,7 +55,7 @@ def runtime_logits(run, x_uint8, batch_size: int, desc: str, progress: bool) -> 
     """Logits of an artifact runner over uint8 images (fed as float32 in [0, 1])."""
     outs = []
     steps = range(0, len(x_uint8), batch_size)
-    for i in tqdm(steps, desc=desc, unit="batch", disable=not progress, leave=False):
+    for i in bar(steps, desc=desc, unit="batch", show=progress, leave=False):
         x = x_uint8[i : i + batch_size].float().div_(255.0).numpy()
         outs.append(np.asarray(run(x), dtype=np.float32))
     return np.concatenate(outs)

@@ -167,11 +167,11 @@ def corruption_accuracy(
     """Top-1 of ``run`` (float32 NCHW in [0, 1] -> logits) on every corrupted copy of
     ``images`` (uint8 NCHW); ``accuracy[name]`` lists severities 1..5, ``mean_accuracy``
     averages all of them."""
-    from tqdm.auto import tqdm
+    from pqd.progress import bar as progress_bar
 
     names = list(names or CORRUPTIONS)
     acc: dict[str, list[float]] = {}
-    bar = tqdm(total=len(names) * len(severities), desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=len(names) * len(severities), desc=desc, show=progress, leave=False)
     for name in names:
         acc[name] = []
         for s in severities:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from pqd.progress import bar as progress_bar
 
 
 @dataclass
@@ -62,7 +63,7 @@ def compare_latency(
             run(x)
     samples: dict[str, list[float]] = {name: [] for name in runs}
     per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
-    bar = tqdm(total=repeats * len(runs), desc=desc, unit="run", disable=not progress, leave=False)
+    bar = progress_bar(total=repeats * len(runs), desc=desc, unit="run", show=progress, leave=False)
     for count in per_round:
         for name, run in runs.items():
             for _ in range(count):
