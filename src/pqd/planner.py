@@ -734,7 +734,10 @@ def plan(
     threads = threads or recipe.measure.threads
     out_dir = Path(out).resolve()
     data_root = str(resolve_data_root(data_dir, recipe.data.root))
-    say = _say if progress else (lambda _m: None)
+    from pqd.progress import phases_shown
+
+    # phase lines: with progress, or from the command (which shows them with --no-progress)
+    say = _say if progress or phases_shown() else (lambda _m: None)
 
     # ---- 1. the latency model
     setup = setup_latency_model(
