@@ -87,3 +87,27 @@ def subset_dir() -> Path:
         "the real CIFAR-10 subset is missing; set PQD_DATA_DIR to the folder holding "
         "cifar-10-batches-py/"
     )
+
+
+# ---------------------------------------------------------------------------- test sets
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--integration",
+        action="store_true",
+        default=False,
+        help="also run the integration tests (the real CLI on the real data subset; CI runs "
+        "them): the default is the fast set",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The default run leaves the integration tests out (deselected, so a run says how many);
+    ``--integration`` (or ``PQD_TESTS=all``) runs everything."""
+    if config.getoption("--integration") or os.environ.get("PQD_TESTS") == "all":
+        return
+    slow = [item for item in items if item.get_closest_marker("integration") is not None]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("integration") is None]

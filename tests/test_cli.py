@@ -481,9 +481,9 @@ def test_a_missing_runtime_gets_the_right_install_advice(
     installed: list[str],
     needles: list[str],
 ) -> None:
-    import pqd.measurement
+    import pqd.measurement.runtime
 
-    monkeypatch.setattr(pqd.measurement, "available_runtimes", lambda: installed)
+    monkeypatch.setattr(pqd.measurement.runtime, "available_runtimes", lambda: installed)
     data = tiny(subset_dir)
     data["measure"]["runtimes"] = runtimes
     path = write_recipe(tmp_path, data)
@@ -545,23 +545,31 @@ def test_validate_catches_a_checkpoint_for_another_class_count(
     assert "another shape" in line and "100x" in line  # found relative to the recipe file
 
 
-def test_import_pqd_is_quiet_about_known_harmless_messages() -> None:
-    """From Python (no CLI), preparing a QAT model prints none of torchao's / torch's
-    known-harmless messages, while the user's own warnings still show."""
+def test_import_pqd_is_quiet_about_known_harmless_messages(tmp_path: Path) -> None:
+    """From Python (no CLI), pqd's public calls that prepare, convert and export a QAT model
+    print none of torchao's / torch's known-harmless messages (filtered while pqd's calls
+    run, not installed by ``import pqd``), while the user's own warnings still show."""
     code = (
         "import warnings, torch, pqd\n"
         "from pqd.models import build_model\n"
-        "from pqd.quant.pt2e import prepare_qat\n"
         "m = build_model('tiny_cnn', 10, (0.5,) * 3, (0.25,) * 3)\n"
-        "g = prepare_qat(m, torch.rand(2, 3, 32, 32))\n"
-        "import copy; copy.deepcopy(g)\n"
+        "x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)\n"
+        "data = {'train': (x, torch.arange(64) % 10), 'val_size': 16}\n"
+        "state = pqd.apply_stages(m, [pqd.Quantize(mode='ptq', calibration_batches=1)], data)\n"
+        "net = pqd.torch_model(state).eval()\n"
+        "pqd.export(state, 'm.onnx', torch.rand(2, 3, 32, 32))\n"
         "warnings.warn('users own warning', UserWarning)\n"
         "warnings.warn('users own future', FutureWarning)\n"
         "print('prepared')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out

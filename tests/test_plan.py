@@ -81,18 +81,25 @@ def test_candidates_cover_uniform_greedy_and_random(monkeypatch, tmp_path) -> No
     )
 
 
+def error_line(err: str) -> str:
+    """The one error line of a refusal: the last line, the only one saying ``error``, and
+    every line before it a phase line of the plan."""
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("pqd: error: ") and "Traceback" not in err, err
+    assert all(line.startswith("pqd plan: ") for line in lines[:-1]), err
+    return lines[-1]
+
+
 def test_refusals_are_one_line_and_write_nothing(monkeypatch, tmp_path, recipe_file, capsys):
     fake_latency(monkeypatch)
     monkeypatch.setenv("PQD_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "plan"
     args = ["plan", str(recipe_file), "--out", str(out), "--validate", "0", "--no-progress"]
     assert main([*args, "--latency-ms", "50"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    err = error_line(capsys.readouterr().err)  # after the phase lines (what it measured)
     assert "already met by the dense INT8 model (measured p50" in err and "fix:" in err
     assert main([*args, "--latency-ms", "0.001"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    err = error_line(capsys.readouterr().err)
     assert "below every candidate: the fastest measured" in err
     fastest = float(err.split("runs in ")[1].split(" ms")[0])
     assert fastest > 0.001 and f"--latency-ms {fastest:.3f}" in err

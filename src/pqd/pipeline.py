@@ -318,15 +318,8 @@ def execute(
         # ---- baseline: train it or load it (or take it from an earlier, killed run)
         t0 = time.perf_counter()
         done = folder.entry(0)
-        if done is None:
-            what = (
-                f"loading {recipe.baseline.checkpoint}"
-                if recipe.baseline.checkpoint
-                else plural(recipe.baseline.epochs, "epoch") + " of training"
-                if recipe.baseline.epochs
-                else "taken as given"
-            )
-            phase(f"baseline: {what}")
+        if done is None and not recipe.baseline.checkpoint and recipe.baseline.epochs:
+            phase(f"baseline: {plural(recipe.baseline.epochs, 'epoch')} of training")
         baseline(
             model,
             data,

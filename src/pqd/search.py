@@ -150,6 +150,8 @@ def trial_key(recipe: Recipe, checkpoint_digest: str | None, data_root: str) -> 
     data.pop("name", None)
     data.pop("search", None)
     data.get("data", {}).pop("download", None)  # where the files came from, not what they are
+    if not data.get("data"):
+        data.pop("data", None)  # all at defaults: as if never written
     if data.get("baseline", {}).get("checkpoint"):
         data["baseline"]["checkpoint"] = checkpoint_digest
     blob = json.dumps(
