@@ -97,17 +97,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--integration",
         action="store_true",
         default=False,
-        help="also run the integration tests (the real CLI on the real data subset; CI runs "
-        "them): the default is the fast set",
+        help="also run the integration and slow tests (the real CLI on the real data subset, "
+        "tests over about 5 s; CI runs them): the default is the fast set",
     )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The default run leaves the integration tests out (deselected, so a run says how many);
-    ``--integration`` (or ``PQD_TESTS=all``) runs everything."""
+    """The default run leaves the integration and slow tests out (deselected, so a run says
+    how many); ``--integration`` (or ``PQD_TESTS=all``) runs everything."""
     if config.getoption("--integration") or os.environ.get("PQD_TESTS") == "all":
         return
-    slow = [item for item in items if item.get_closest_marker("integration") is not None]
+
+    def left_out(item: pytest.Item) -> bool:
+        return any(item.get_closest_marker(m) is not None for m in ("integration", "slow"))
+
+    slow = [item for item in items if left_out(item)]
     if slow:
         config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if item.get_closest_marker("integration") is None]
+        items[:] = [item for item in items if not left_out(item)]

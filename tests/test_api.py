@@ -274,6 +274,7 @@ def test_out_none_reuses_its_folder_and_changed_inputs_are_named(tmp_path: Path)
         pqd.compress(model, other, [], out=first.run_dir, **settings)
 
 
+@pytest.mark.slow
 def test_import_pqd_changes_no_global_warning_or_logging_state() -> None:
     import subprocess
     import sys

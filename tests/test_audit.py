@@ -134,6 +134,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Pat
     return tmp / "run", record, tmp
 
 
+@pytest.mark.slow
 def test_record_matches_an_independent_recomputation(small_run) -> None:
     out, record, tmp = small_run
     with np.load(tmp / "data.npz") as z:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from helpers import load_benchmark
 
 
+@pytest.mark.slow
 def test_block_net_row_has_integer_kernels_a_profile_and_checks(tmp_path: Path, capsys) -> None:
     bench = load_benchmark("mobile_int8")
     out = tmp_path / "m.json"

@@ -91,6 +91,7 @@ def test_table_renders_every_row(bench):
     assert "needs an INT8 p50 <= 0.25 ms here = 0.18x the INT8 floor" in flat
 
 
+@pytest.mark.slow
 def test_vit_int8_benchmark_times_both_files_and_names_the_integer_kernels(tmp_path):
     import json
 

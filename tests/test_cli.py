@@ -472,6 +472,7 @@ def test_storage_errors_while_running_name_the_cause(
         ),
     ],
 )
+@pytest.mark.slow
 def test_a_missing_runtime_gets_the_right_install_advice(
     tmp_path: Path,
     capsys,
@@ -545,6 +546,7 @@ def test_validate_catches_a_checkpoint_for_another_class_count(
     assert "another shape" in line and "100x" in line  # found relative to the recipe file
 
 
+@pytest.mark.slow
 def test_import_pqd_is_quiet_about_known_harmless_messages(tmp_path: Path) -> None:
     """From Python (no CLI), pqd's public calls that prepare, convert and export a QAT model
     print none of torchao's / torch's known-harmless messages (filtered while pqd's calls

@@ -202,6 +202,7 @@ def check_exit_graph(
         assert q_nodes(onnx.load(str(path)).graph) < parts_q
 
 
+@pytest.mark.slow
 def test_early_exit_in_each_position(run) -> None:
     name, out, record = run
     order = ORDERS[name]

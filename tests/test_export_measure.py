@@ -87,6 +87,7 @@ def test_fp32_artifact_matches_torch_at_any_batch(files: dict[str, Path]) -> Non
     assert not any(n.metadata_props for n in proto.graph.node)  # debug strings stripped
 
 
+@pytest.mark.slow
 def test_stem_padding_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     graph = qat_graph(tiny(1))
     x = torch.rand(2, 3, 32, 32)
@@ -108,6 +109,7 @@ def test_stem_padding_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert parity(ref, a)["top1_agreement"] >= 0.9
 
 
+@pytest.mark.slow
 def test_mean_pool_is_a_fused_global_average_pool(
     files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -257,6 +259,7 @@ def blocks_int8(tmp_path: Path, data, name: str) -> tuple[Path, torch.nn.Module]
     return export_onnx(graph, tmp_path / f"{name}.onnx", x[:2], quantized=True)
 
 
+@pytest.mark.slow
 def test_mobile_blocks_run_as_integer_kernels(
     tmp_path: Path, subset_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -361,6 +364,7 @@ def test_drop_requantize_removes_only_integer_identities(
     assert torch.equal(before, codes) is dropped
 
 
+@pytest.mark.slow
 def test_grouped_convs_are_stored_dense_with_the_same_outputs_and_counts(
     tmp_path: Path, subset_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

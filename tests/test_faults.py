@@ -612,6 +612,7 @@ EVERY_KIND = [
 ]
 
 
+@pytest.mark.slow
 def test_every_step_state_survives_a_file(tmp_path: Path, synth: Dataset) -> None:
     """After each stage of a recipe with every kind (channel surgery, masks, QAT graph,
     exits cut from that graph, KD on the exits), the state written to a file comes back with

@@ -134,6 +134,7 @@ def test_overhead_fit_recovers_a_line() -> None:
     assert scale == 1.0 and overhead == pytest.approx(-0.3)
 
 
+@pytest.mark.slow
 def test_real_pieces_and_validation_on_a_tiny_net(tmp_path) -> None:
     """One real build (FP32, two levels, few repeats): the properties that survive noise."""
     lm = LatencyModel(

@@ -261,6 +261,7 @@ def test_prune_channels_then_distill_then_quantize_keeps_masks() -> None:
     assert 0.4 < 1 - kept / sum(m.numel() for m in state.masks.values()) < 0.6
 
 
+@pytest.mark.slow
 def test_prune_channels_after_quantize_requantizes_keeps_masks_and_exports(tmp_path) -> None:
     from pqd.stages.prune_channels import eager_model
 

@@ -35,6 +35,7 @@ def unpatched(monkeypatch: pytest.MonkeyPatch):
     return restore
 
 
+@pytest.mark.slow
 def test_cached_convert_equals_torchao(unpatched) -> None:
     torch.manual_seed(0)
     model = build_model("tiny_resnet", 4, [0.5] * 3, [0.25] * 3)

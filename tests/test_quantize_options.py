@@ -75,6 +75,7 @@ def exported(tmp_path_factory) -> dict[str, tuple]:
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_variant_is_valid_onnx_matching_its_torch_model(exported, name: str) -> None:
     path, deploy, _ = exported[name]
@@ -381,6 +382,7 @@ def test_bad_quantize_options_give_one_line(patch: dict, fix: str) -> None:
     assert fix in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_mobilenetv2_qat_after_a_short_baseline_trains() -> None:
     """A 5-step baseline leaves BN running statistics far from the weights: the QAT graph's
     first gradient norm was 1e8-1e10 (or 0: every activation clamped), so

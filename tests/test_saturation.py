@@ -67,6 +67,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"portable": _exported(tmp, True), "x86-vnni": _exported(tmp, False)}
 
 
+@pytest.mark.slow
 def test_the_portable_file_holds_7bit_weights_and_no_pair_at_risk(files) -> None:
     assert weight_range({**DEFAULT_SCHEME}) == (-64, 63)
     weights = [r["weight"] for r in onnx_weights(files["portable"]) if r["weight"].ndim >= 2]
@@ -92,6 +93,7 @@ def _openvino_logits(path: Path, avx2: bool) -> np.ndarray:
     return open_runner("openvino", path, threads=1).run(x)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
 def test_avx2_kernels_match_the_portable_file_exactly(files) -> None:
     """The portable file gives the same logits on AVX2 kernels as on this CPU's best ones; on

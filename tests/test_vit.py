@@ -102,6 +102,7 @@ def subset(subset_dir: Path):
     return load_dataset("cifar10", str(subset_dir), val_size=100, seed=0, download=False)
 
 
+@pytest.mark.slow
 def test_int8_export_runs_every_linear_as_qgemm_with_parity(tmp_path: Path, subset) -> None:
     from pqd.measurement.parity import parity, torch_predict
     from pqd.measurement.runtime import ort_kernels
