@@ -273,7 +273,7 @@ def fake_latency(monkeypatch: Any, noise: float = 0.0, seed: int = 0) -> dict[st
     ``0.01 + MACs * 1e-7``, times ``1 + noise * U(-1, 1)``), so that budgets are exact on a
     shared machine. Returns the call counts (``pieces``, ``networks``, ``panel``)."""
     import pqd.latency_model as lmod
-    import pqd.search as search
+    import pqd.search.summary as search
     from pqd.measurement.complexity import onnx_complexity
     from pqd.prune.channels import count_macs
 

@@ -49,6 +49,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.engine", "pqd.resume"),  # the stage loop, run folders
     ("pqd.markdown",),  # report text pieces
     ("pqd.pipeline", "pqd.record", "pqd.report", "pqd.report_audit"),  # pqd run, records
+    ("pqd.runs",),  # trials as run folders and the executors that train them
     ("pqd.api", "pqd.search", "pqd.planner"),  # pqd.compress, pqd search, pqd plan
     ("pqd.cli", "pqd"),  # the command, the package
 ]

@@ -713,7 +713,7 @@ def test_benchmark_prints_the_table_of_a_stored_search(tmp_path, capsys):
 
 
 class _FakeRay:
-    """Just enough of the ray API for _Executor: records task options and arguments."""
+    """Just enough of the ray API for Executor: records task options and arguments."""
 
     def __init__(self, gpus: float) -> None:
         self.gpus, self.options, self.calls = gpus, {}, []
@@ -761,7 +761,7 @@ class _FakeRay:
 def test_ray_executor_asks_for_a_gpu_when_the_cluster_has_them(monkeypatch, tmp_path, gpus):
     import sys
 
-    from pqd.search import _Executor
+    from pqd.runs import Executor
 
     fake = _FakeRay(gpus)
     monkeypatch.setitem(sys.modules, "ray", fake)
@@ -769,7 +769,7 @@ def test_ray_executor_asks_for_a_gpu_when_the_cluster_has_them(monkeypatch, tmp_
     ckpt.write_bytes(b"12345")
     trials = plan_trials(search_recipe(total_epochs=5), str(ckpt), "d", "/data")[:2]
     done = []
-    with _Executor("ray", None, None, "/data", False) as ex:
+    with Executor("ray", None, None, "/data", False) as ex:
         ex.run(
             [(t, tmp_path / t.folder) for t in trials], lambda t, f, r: done.append((t.key, f, r))
         )
@@ -793,7 +793,7 @@ def test_ray_task_ships_the_checkpoint_and_returns_the_folder_with_driver_paths(
     import sys
     import types
 
-    import pqd.search as search
+    import pqd.runs as search
 
     ray = types.SimpleNamespace(
         get_runtime_context=lambda: types.SimpleNamespace(
@@ -914,7 +914,7 @@ def test_rays_own_logs_while_connecting_stay_off_the_terminal(tmp_path, capfd, m
     import sys
     import types
 
-    import pqd.search as search
+    import pqd.runs as search
 
     def init(**_: object) -> None:
         os.write(2, b"[2026-12-01 01:01:28 W 3646] rpc_client.h:153: Failed to connect\n")
@@ -989,6 +989,7 @@ def test_benchmark_judges_the_published_claims_by_the_paired_tests():
 
 def test_baseline_line_counts_epochs_in_words(tmp_path, capsys, monkeypatch, subset_dir):
     """'training 1 epoch', not '1 epochs' (the line before the shared baseline trains)."""
+    import pqd.runs
     import pqd.search as search
 
     class Stop(Exception):
@@ -997,7 +998,7 @@ def test_baseline_line_counts_epochs_in_words(tmp_path, capsys, monkeypatch, sub
     def stop(*args: Any, **kwargs: Any) -> None:
         raise Stop
 
-    monkeypatch.setattr(search._Executor, "run", stop)
+    monkeypatch.setattr(pqd.runs.Executor, "run", stop)
     recipe = recipe_from_dict(
         {
             "model": {"name": "tiny_cnn"},

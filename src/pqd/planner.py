@@ -713,7 +713,7 @@ def plan(
 
     from pqd.data import resolve_data_root
     from pqd.measurement.runtime import available_runtimes
-    from pqd.search import check_executor
+    from pqd.runs import check_executor
 
     t_start = time.perf_counter()
     if not isinstance(recipe, Recipe):
@@ -781,18 +781,19 @@ def plan(
         )
 
     # ---- 3. the shared baseline (trained once, or the recipe's checkpoint)
-    from pqd.search import _Executor, _reset_folder, baseline_trial, file_digest, folder_status
+    from pqd.runs import Executor, file_digest, folder_status, reset_folder
+    from pqd.search import baseline_trial
 
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {"trained_now": 0, "reused": 0, "failed": 0}
     plain = recipe.model_copy(update={"search": None})
-    with _Executor(executor, workers, address, data_root, progress) as ex:
+    with Executor(executor, workers, address, data_root, progress) as ex:
         base = baseline_trial(plain, data_root)
         base_dir = out_dir / base.folder
         results: dict[str, dict[str, Any]] = {}
         if folder_status(base_dir, base.key) == "missing":
             say(f"baseline into {base_dir}")
-            _reset_folder(base_dir, base)
+            reset_folder(base_dir, base)
             ex.run(
                 [(base, base_dir)], lambda t, f, r: results.__setitem__(t.key, r), local_first=True
             )
@@ -968,7 +969,7 @@ def plan(
         )
 
         # ---- 5. training through the normal pipeline, resumable
-        from pqd.search import Trial, trial_key
+        from pqd.runs import Trial, trial_key
 
         trials = []
         for i, row in enumerate(chosen):
@@ -990,7 +991,7 @@ def plan(
                 counts["reused"] += 1
                 to_measure.append(folder)
             else:
-                _reset_folder(folder, t)
+                reset_folder(folder, t)
                 todo.append((t, folder))
 
         def finished(trial: Any, folder: Path, result: dict[str, Any]) -> None:
