@@ -487,3 +487,32 @@ def test_pick_is_planned_only_beyond_noise(tmp_path: Path) -> None:
     # no uniform reference within the budget: the best by validation
     assert choose_pick([near, far], tmp_path)[0] is far
     assert choose_pick([], tmp_path) == (None, {"rule": "no candidate met the budget"})
+
+
+@pytest.mark.integration
+def test_plan_takes_a_model_in_memory_and_its_data(monkeypatch, tmp_path, subset_dir) -> None:
+    """pqd.plan(model, data, latency_ms): a Python model (tiny_cnn's network without pqd's
+    normalisation wrapper) and a Dataset in memory get the same plan folder as the CLI."""
+    import pqd
+    from pqd.data import load_dataset
+    from pqd.registry import MODELS
+
+    fake_latency(monkeypatch)
+    data = load_dataset(
+        "cifar10", subset_dir, val_size=64, limit_train=256, limit_test=64, download=False
+    )
+    net = tiny().net  # an nn.Module of the user's: no normalisation inside
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    kwargs = {"k": 1, "validate": 0, "n_random": 20, "levels": (0.5, 1.0), "progress": False}
+    stages = [pqd.PruneChannels(ratio=0.5, round_to=2, epochs=1), pqd.Quantize(epochs=1)]
+    kwargs.update(stages=stages, train={"batch_size": 32, "amp": "off"})
+    out = tmp_path / "plan"
+    result = pqd.plan(net, data, 0.095, out, cache_dir=tmp_path / "cache", **kwargs)
+    assert result["pick"]["measured_ms"] <= 0.095 * 1.05
+    assert 0.0 <= result["pick"]["accuracy"] <= 1.0
+    assert (out / "plan" / "plan.json").is_file() and (out / "inputs" / "data.npz").is_file()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not [name for name in MODELS if name.startswith("given_")]  # nothing left behind
+    # the same call again resumes: nothing is trained twice
+    again = pqd.plan(net, data, 0.095, out, cache_dir=tmp_path / "cache", **kwargs)
+    assert again["pick"] == result["pick"] and again["counts"]["trained_now"] == 0

@@ -16,8 +16,9 @@ The Python API (the CLI's ``pqd run`` goes through the same functions)::
 - :func:`apply_stages` (:mod:`pqd.engine`): the stage loop alone; returns the
   :class:`~pqd.stages.State` (model, masks, quantized flag, per-stage info).
 - :func:`baseline`: train a model or load a checkpoint into it.
-- :func:`plan` (:mod:`pqd.planner`): the most accurate model under a latency budget on this
-  CPU, from a measured latency model (``pqd plan``).
+- :func:`plan` (:mod:`pqd.api`, :mod:`pqd.planner`): the most accurate model under a
+  latency budget on this CPU, from a measured latency model (``pqd plan``), for a recipe or
+  a model in memory.
 - ``Prune``, ``PruneChannels``, ``Quantize``, ``Distill``, ``EarlyExit``: the stage configs,
   the very classes a recipe's ``stages:`` entries are validated into.
 - ``TrainSpec``, ``ExportSpec``, ``MeasureSpec``: the recipe's ``train``, ``export`` and
@@ -39,7 +40,7 @@ _LAZY = {
     "measure": ("pqd.artifact", "measure"),
     "torch_model": ("pqd.artifact", "torch_model"),
     "CompressResult": ("pqd.api", "CompressResult"),
-    "plan": ("pqd.planner", "plan"),
+    "plan": ("pqd.api", "plan"),
     "apply_stages": ("pqd.engine", "apply_stages"),
     "baseline": ("pqd.engine", "baseline"),
     "State": ("pqd.state", "State"),
@@ -78,10 +79,9 @@ __all__ = [  # noqa: RUF022  (grouped as documented)
 
 if TYPE_CHECKING:
     from pqd import data
-    from pqd.api import CompressResult, compress
+    from pqd.api import CompressResult, compress, plan
     from pqd.artifact import export, measure, torch_model
     from pqd.engine import apply_stages, baseline
-    from pqd.planner import plan
     from pqd.recipe import DistillSpec as Distill
     from pqd.recipe import EarlyExitSpec as EarlyExit
     from pqd.recipe import ExportSpec, MeasureSpec, TrainSpec

@@ -334,3 +334,153 @@ def _copy(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model)
+
+
+def plan(target: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``pqd plan`` from Python: the most accurate candidate within a latency budget on
+    this CPU (:mod:`pqd.planner`), for a recipe or for a model in memory.
+
+    ``pqd.plan(recipe, latency_ms, out, **options)``: a ``Recipe`` or the path of its YAML
+    file (:func:`pqd.planner.plan`). ``pqd.plan(model, data, latency_ms, out=None, *,
+    stages=None, train=None, seed=0, **options)``: an ``nn.Module`` and its data
+    (:func:`plan_model`).
+
+    Returns:
+        What ``plan.json`` holds (the pick under ``"pick"``).
+    """
+    if isinstance(target, nn.Module):
+        return plan_model(target, *args, **kwargs)
+    from pqd.planner import plan as plan_recipe
+
+    return plan_recipe(target, *args, **kwargs)
+
+
+def plan_model(
+    model: nn.Module,
+    data: Any,
+    latency_ms: float,
+    out: str | Path | None = None,
+    *,
+    stages: Sequence[Any] | None = None,
+    train: TrainSpec | dict[str, Any] | None = None,
+    seed: int = 0,
+    name: str = "plan",
+    **options: Any,
+) -> dict[str, Any]:
+    """Plan the channels (and precision) of a model in memory under ``latency_ms``: the same
+    plan folder as ``pqd plan``, trained in this process.
+
+    The model is taken as trained (fine-tuned with :data:`FINE_TUNE` over ``TrainSpec()``
+    unless ``train`` says otherwise). Its data are written once to ``out/inputs/data.npz``
+    (uint8 images, the train and validation splits together, the normalisation) and its
+    weights to ``out/inputs/model.safetensors``; the plan's recipe names them, so it
+    resumes, and its pick reruns, like any recipe's.
+
+    Args:
+        model: any ``nn.Module`` classifying images as ``data`` holds them (a normalisation
+            ``mean``/``std`` goes in front of it); not changed.
+        data: as :func:`compress` takes it; a test split is required (the pick is measured
+            on it), the validation split (carved from train when absent) picks.
+        latency_ms: the budget: batch-1 p50 of the exported file, in milliseconds.
+        out: the plan folder; None: a folder under the temporary directory named after
+            the inputs.
+        stages: the stages every candidate runs after its channel pruning (default
+            ``[pqd.Quantize()]``: INT8 QAT); a ``pqd.PruneChannels`` among them sets the
+            pruning stage's own settings.
+        train: training settings (a ``TrainSpec`` or a dict of fields over the defaults).
+        seed: the plan's seed.
+        name: the plan's name.
+        **options: :func:`pqd.planner.plan`'s options (``k``, ``validate``, ``threads``,
+            ``runtime``, ``size_mb``, ``progress``, ...); the executor is this process.
+
+    Returns:
+        What ``plan.json`` holds (the pick under ``"pick"``).
+    """
+    import copy
+
+    import numpy as np
+
+    from pqd._quiet import quiet
+    from pqd.checkpoint import save_checkpoint
+    from pqd.data import as_dataset
+    from pqd.engine import as_specs
+    from pqd.errors import DataError
+    from pqd.models import Classifier
+    from pqd.planner import plan as plan_recipe
+    from pqd.recipe import QuantizeSpec, recipe_from_dict
+    from pqd.registry import MODELS
+
+    if "executor" in options and options["executor"] != "sequential":
+        raise DataError(
+            "a model in memory is planned in this process",
+            "leave out executor= (or plan a recipe whose model pqd can build by name)",
+        )
+    options.pop("executor", None)
+    with quiet():
+        data = as_dataset(data)
+        if not len(data.test_y) or not len(data.val_y):
+            raise DataError(
+                "pqd.plan needs a validation split (it picks) and a test split (it measures)",
+                "pass data={'train': ..., 'test': ...} with val_size > 0 (or 'val': ...)",
+            )
+        inner = model.net if isinstance(model, Classifier) else model
+        net = Classifier(inner, data.mean, data.std)  # what the recipe's model builds
+        weights = _weights_digest(net)
+        specs = as_specs(stages) if stages is not None else [QuantizeSpec()]
+        settings = train_settings(train, given=True)
+        key = hashlib.sha256(
+            json.dumps(
+                [weights, _data_digest(data), [s.model_dump(mode="json") for s in specs],
+                 settings.model_dump(mode="json"), seed, latency_ms],
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:12]  # fmt: skip
+        out_dir = (
+            Path(out)
+            if out is not None
+            else Path(tempfile.gettempdir()) / "pqd" / (f"{name}-{key}")
+        )
+        inputs = out_dir / "inputs"
+        inputs.mkdir(parents=True, exist_ok=True)
+        npz, ckpt = inputs / "data.npz", inputs / "model.safetensors"
+        np.savez(
+            npz,
+            x_train=torch.cat([data.train_x, data.val_x]).numpy(),
+            y_train=torch.cat([data.train_y, data.val_y]).numpy(),
+            x_test=data.test_x.numpy(),
+            y_test=data.test_y.numpy(),
+            classes=np.array(list(data.classes), dtype=str),
+            mean=np.array(data.mean, dtype=np.float64),
+            std=np.array(data.std, dtype=np.float64),
+        )
+        if not _same_weights(ckpt, net):  # rewritten only when they changed: its bytes key
+            save_checkpoint(net, ckpt, {"source": "the model passed to pqd.plan"})  # trials
+        model_name = f"given_{weights}"  # built in this process only, for this call
+        MODELS[model_name] = lambda num_classes=None, **_: copy.deepcopy(inner)
+        try:
+            recipe = recipe_from_dict(
+                {
+                    "name": name,
+                    "seed": seed,
+                    "model": {"name": model_name},
+                    "data": {"dataset": "npz", "root": str(npz), "val_size": len(data.val_y)},
+                    "train": settings.model_dump(mode="json"),
+                    "baseline": {"checkpoint": str(ckpt)},
+                    "stages": [s.model_dump(mode="json") for s in specs],
+                },
+                "pqd.plan",
+            )
+            return plan_recipe(recipe, latency_ms, out_dir / "plan", **options)
+        finally:
+            MODELS.pop(model_name, None)
+
+
+def _same_weights(path: Path, model: nn.Module) -> bool:
+    """``path`` holds exactly ``model``'s weights."""
+    if not path.is_file():
+        return False
+    from pqd.checkpoint import read_state_dict
+
+    saved = read_state_dict(path)
+    now = model.state_dict()
+    return saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in now)

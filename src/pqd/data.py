@@ -1091,6 +1091,7 @@ def _load_npz(root: Path, limit_train: int | None, limit_test: int | None) -> _R
                 )
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
             classes_arr = z["classes"] if "classes" in z.files else None
+            stats = {k: z[k] for k in ("mean", "std") if k in z.files}
     except DataError:
         raise
     except ValueError as e:
@@ -1131,6 +1132,15 @@ def _load_npz(root: Path, limit_train: int | None, limit_test: int | None) -> _R
         tx, ty = tx[:limit_train], ty[:limit_train]
     if limit_test is not None:
         ex, ey = ex[:limit_test], ey[:limit_test]
+    mean = std = None
+    if stats:  # the normalisation the model expects (else: the training images' statistics)
+        if set(stats) != {"mean", "std"} or any(v.size != tx.shape[1] for v in stats.values()):
+            raise DataError(
+                f"{path}: 'mean' and 'std' must both be there, one value per channel",
+                "store mean=np.array([...]) and std=np.array([...]), or neither",
+            )
+        mean = tuple(float(v) for v in stats["mean"].reshape(-1))
+        std = tuple(float(v) for v in stats["std"].reshape(-1))
     return _Raw(
         torch.from_numpy(np.ascontiguousarray(tx)),
         torch.from_numpy(np.ascontiguousarray(ty)),
@@ -1138,6 +1148,8 @@ def _load_npz(root: Path, limit_train: int | None, limit_test: int | None) -> _R
         torch.from_numpy(np.ascontiguousarray(ey)),
         classes,
         path.parent,
+        mean,  # type: ignore[arg-type]
+        std,  # type: ignore[arg-type]
     )
 
 
