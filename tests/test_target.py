@@ -39,13 +39,10 @@ def test_kernels_in_words_name_vnni_and_bf16() -> None:
     assert "with VNNI" in words and "bf16 in hardware" in words
 
 
-def _artifact(agreement: float, pairs: int = 0) -> dict:
+def _artifact(agreement: float, pairs: int = 0, samples: int = 1000) -> dict:
+    parity = {"samples": samples, "top1_agreement": agreement, "max_abs_logit_diff": 1.2}
     return {
-        "runtimes": {
-            "onnxruntime": {
-                "parity": {"samples": 1000, "top1_agreement": agreement, "max_abs_logit_diff": 1.2}
-            }
-        },
+        "runtimes": {"onnxruntime": {"parity": parity}},
         "saturation": {
             "pairs_at_risk": pairs,
             "layers": [],
@@ -64,6 +61,17 @@ def test_low_agreement_fails_parity_naming_the_runtime_and_figure() -> None:
         "parity_ok": True,
         "parity_problems": [],
     }
+
+
+def test_parity_fails_only_beyond_the_noise_of_its_images() -> None:
+    """4 of 300 images disagreeing (98.67%, Wilson 95% CI 96.6-99.5%) is within noise of
+    99%; 10 of 300 (96.67%, CI 94.0-98.2%) is below it; at 10,000 images 98.67% is too."""
+    assert assess(_artifact(296 / 300, samples=300), "portable", VNNI, 0.99)["parity_ok"]
+    verdict = assess(_artifact(290 / 300, samples=300), "portable", VNNI, 0.99)
+    assert not verdict["parity_ok"] and "95% CI 93.97-98.18%" in verdict["parity_problems"][0]
+    assert not assess(_artifact(0.9867, samples=10_000), "portable", VNNI, 0.99)["parity_ok"]
+    # a strict minimum still fails on one image
+    assert not assess(_artifact(299 / 300, samples=300), "portable", VNNI, 1.0)["parity_ok"]
 
 
 def test_a_vnni_file_on_an_avx2_cpu_is_flagged_even_when_agreement_holds() -> None:

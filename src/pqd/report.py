@@ -681,7 +681,8 @@ def parity_failed_text(search: dict[str, Any]) -> str:
     return (
         "PARITY FAILED: the deployed ONNX file does not answer as its torch model does: the "
         "share of test images whose top-1 class differs between the file and the torch "
-        "model is above 1 - export.parity_min_agreement (default 0.99, so 1%), or the file "
+        "model is above 1 - export.parity_min_agreement (default 0.99, so 1%) beyond the "
+        "noise of the images compared (its 95% interval lies wholly above), or the file "
         "can saturate this CPU's INT8 sums; its top-1 is then not the trained model's. "
         f"{details}."
     )

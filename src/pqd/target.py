@@ -28,6 +28,7 @@ import platform
 from typing import Any
 
 from pqd.measurement.env import cpu_flags, has_vnni
+from pqd.stats import wilson_interval
 
 TARGETS = ("portable", "x86-avx2", "x86-vnni", "auto")
 # 7-bit weights: 255 * (64 + 64) = 32640 <= 32767, no int16 pair can overflow
@@ -80,8 +81,10 @@ def assess(
 
     Returns:
         ``{"parity_ok": bool, "parity_problems": [one line each]}``: agreement below
-        ``min_agreement`` on any runtime, a file with saturating weight pairs measured on a
-        CPU without VNNI, or a file built for ``x86-vnni`` measured on such a CPU.
+        ``min_agreement`` on any runtime beyond the noise of its images (the 95% Wilson
+        interval of the agreement lies wholly below it), a file with saturating weight
+        pairs measured on a CPU without VNNI, or a file built for ``x86-vnni`` measured on
+        such a CPU.
     """
     problems = []
     x86_without_vnni = "avx2" in flags and not has_vnni(flags)
@@ -98,12 +101,15 @@ def assess(
             "of this CPU's INT8 kernels (no VNNI)"
         )
     for rt, res in artifact.get("runtimes", {}).items():
-        agree = res["parity"]["top1_agreement"]
-        if agree < min_agreement:
+        if "parity" not in res:  # measured without its torch model
+            continue
+        agree, n = res["parity"]["top1_agreement"], int(res["parity"]["samples"])
+        lo, hi = wilson_interval(round(agree * n), n) if n else (agree, agree)
+        if hi < min_agreement:  # below the minimum beyond the noise of n images
             problems.append(
                 f"{rt}: the file agrees with its torch model on only {100 * agree:.2f}% of "
-                f"{res['parity']['samples']} test images (max |logit diff| "
-                f"{res['parity']['max_abs_logit_diff']:.3g}; expected >= "
-                f"{100 * min_agreement:.0f}%)"
+                f"{n} test images (95% CI {100 * lo:.2f}-{100 * hi:.2f}%, below the "
+                f"{100 * min_agreement:.0f}% expected; max |logit diff| "
+                f"{res['parity']['max_abs_logit_diff']:.3g})"
             )
     return {"parity_ok": not problems, "parity_problems": problems}
