@@ -791,9 +791,11 @@ def plan(
         base = baseline_trial(plain, data_root)
         base_dir = out_dir / base.folder
         results: dict[str, dict[str, Any]] = {}
-        if folder_status(base_dir, base.key) == "missing":
-            say(f"baseline into {base_dir}")
-            reset_folder(base_dir, base)
+        status = folder_status(base_dir, base.key)
+        if status in ("missing", "partial"):  # a stopped one continues where it stopped
+            say(f"baseline into {base_dir}" + (" (continuing)" if status == "partial" else ""))
+            if status == "missing":
+                reset_folder(base_dir, base)
             ex.run(
                 [(base, base_dir)], lambda t, f, r: results.__setitem__(t.key, r), local_first=True
             )
@@ -991,7 +993,8 @@ def plan(
                 counts["reused"] += 1
                 to_measure.append(folder)
             else:
-                reset_folder(folder, t)
+                if st == "missing":  # a stopped one continues from its last step and epoch
+                    reset_folder(folder, t)
                 todo.append((t, folder))
 
         def finished(trial: Any, folder: Path, result: dict[str, Any]) -> None:
