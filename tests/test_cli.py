@@ -153,10 +153,10 @@ def test_data_root_on_the_command_line_wins_over_the_environment(
 def test_named_data_folder_is_never_downloaded_into_unless_asked(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    import pqd.data
+    import pqd.data.download
 
     tried: list[str] = []
-    monkeypatch.setattr(pqd.data, "_fetch", lambda url, *a: tried.append(url))
+    monkeypatch.setattr(pqd.data.download, "_fetch", lambda url, *a: tried.append(url))
     monkeypatch.delenv("PQD_DATA_DIR", raising=False)
     recipe = tiny(tmp_path / "nowhere")
     del recipe["data"]["download"]  # the default

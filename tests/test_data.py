@@ -275,8 +275,8 @@ def test_download_end_to_end(
         tmp_path / "cifar-10-python.tar.gz",
         {f"cifar-10-batches-py/{f}": src / f for f in CIFAR10_FILES},
     )
-    monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setattr(data, "CIFAR10_MD5", md5_of(archive))
+    monkeypatch.setattr(data.download, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(data.download, "CIFAR10_MD5", md5_of(archive))
     root = tmp_path / "data"
     d = load_dataset("cifar10", root, val_size=500, seed=0, download=True)
     assert torch.equal(d.test_x, subset.test_x) and torch.equal(d.val_y, subset.val_y)
@@ -290,8 +290,8 @@ def test_download_wrong_md5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         {f"cifar-10-batches-py/{f}": folder / f for f in CIFAR10_FILES},
     )
     actual = md5_of(archive)
-    monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setattr(data, "CIFAR10_MD5", "0" * 32)
+    monkeypatch.setattr(data.download, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(data.download, "CIFAR10_MD5", "0" * 32)
     root = tmp_path / "data"
     with pytest.raises(DataError) as ei:
         load_dataset("cifar10", root, download=True)
@@ -309,7 +309,7 @@ def test_download_wrong_md5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_download_network_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "CIFAR10_URL", (tmp_path / "absent.tar.gz").as_uri())
+    monkeypatch.setattr(data.download, "CIFAR10_URL", (tmp_path / "absent.tar.gz").as_uri())
     root = tmp_path / "data"
     with pytest.raises(DataError) as ei:
         load_dataset("cifar10", root, download=True)
@@ -338,8 +338,8 @@ def test_tar_traversal_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
     # through load_dataset: a correct md5 does not make a hostile archive acceptable
     archive = make_tar(tmp_path / "bad.tar.gz", {"../evil.txt": b"evil"})
-    monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setattr(data, "CIFAR10_MD5", md5_of(archive))
+    monkeypatch.setattr(data.download, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(data.download, "CIFAR10_MD5", md5_of(archive))
     with pytest.raises(DataError, match="unsafe member path"):
         load_dataset("cifar10", dest, download=True)
     assert not (tmp_path / "evil.txt").exists()
@@ -603,7 +603,7 @@ def test_no_leftover_files(tmp_path: Path) -> None:
 def test_a_failed_download_leaves_no_folders_it_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(data, "CIFAR10_URL", (tmp_path / "absent.tar.gz").as_uri())
+    monkeypatch.setattr(data.download, "CIFAR10_URL", (tmp_path / "absent.tar.gz").as_uri())
     (tmp_path / "kept").mkdir()
     root = tmp_path / "kept" / "new" / "deeper"
     with pytest.raises(DataError, match="failed"):
@@ -620,8 +620,8 @@ def test_no_download_into_a_folder_holding_other_things(
         tmp_path / "cifar-10-python.tar.gz",
         {f"cifar-10-batches-py/{f}": folder / f for f in CIFAR10_FILES},
     )
-    monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setattr(data, "CIFAR10_MD5", md5_of(archive))
+    monkeypatch.setattr(data.download, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(data.download, "CIFAR10_MD5", md5_of(archive))
     photos = tmp_path / "photos"  # a wrong --data-dir: the user's image folder
     photos.mkdir()
     (photos / "cat.jpg").write_bytes(b"\xff\xd8 not really")
