@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 
 from pqd.report import (
-    _place_labels,
     notes_text,
     plural,
     points_text,
     render_markdown,
     speed_text,
 )
+from pqd.report.plots import place_labels
 
 
 def test_speed_and_points_phrases() -> None:
@@ -134,7 +134,7 @@ def test_labels_of_points_sharing_a_size_do_not_overlap() -> None:
     ys = [0.80 + 0.001 * i for i in range(12)] + [0.5]
     ax.scatter(xs, ys)
     labels = [f"prune -> quantize -> distill s{i}" for i in range(13)]
-    _place_labels(ax, xs, ys, labels)
+    place_labels(ax, xs, ys, labels)
     fig.canvas.draw()
     boxes = [t.get_window_extent() for t in ax.texts]
     assert len(boxes) == 13
