@@ -86,6 +86,22 @@ def _batch_grads(
             }
 
 
+def _sum_over_batches(
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: LossFn,
+    params: dict[str, nn.Parameter],
+    term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Scores:
+    """``sum_b term(w, g_b)`` per parameter (fp32): the one accumulation of the
+    gradient-based criteria (``g_b`` the loss gradient on batch ``b``)."""
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    for grads in _batch_grads(model, batches, loss_fn, params):
+        for n, g in grads.items():
+            total[n] += term(params[n].detach().float(), g.float())
+    return total
+
+
 def mean_gradient(
     model: nn.Module,
     batches: Batches,
@@ -93,11 +109,7 @@ def mean_gradient(
     names: Iterable[str] | None = None,
 ) -> Scores:
     """Mean over ``batches`` of the loss gradient of each named parameter."""
-    params = _params(model, names)
-    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    for grads in _batch_grads(model, batches, loss_fn, params):
-        for n, g in grads.items():
-            total[n] += g.float()
+    total = _sum_over_batches(model, batches, loss_fn, _params(model, names), lambda w, g: g)
     return {n: t / len(batches) for n, t in total.items()}
 
 
@@ -132,10 +144,7 @@ def fisher(
 ) -> Scores:
     """``0.5 * mean_b (w * g_b)^2``: the empirical Fisher of a multiplicative weight mask."""
     params = _params(model, names)
-    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    for grads in _batch_grads(model, batches, loss_fn, params):
-        for n, g in grads.items():
-            total[n] += (params[n].detach().float() * g.float()).pow(2)
+    total = _sum_over_batches(model, batches, loss_fn, params, lambda w, g: (w * g).pow(2))
     return {n: 0.5 * t / len(batches) for n, t in total.items()}
 
 
@@ -191,12 +200,7 @@ def movement(
     names: Iterable[str] | None = None,
 ) -> Scores:
     """``-sum_b w * g_b``: how much one gradient step per batch would move ``w`` away from 0."""
-    params = _params(model, names)
-    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    for grads in _batch_grads(model, batches, loss_fn, params):
-        for n, g in grads.items():
-            total[n] -= params[n].detach().float() * g.float()
-    return total
+    return _sum_over_batches(model, batches, loss_fn, _params(model, names), lambda w, g: -(w * g))
 
 
 SCORERS: dict[str, Callable[..., Scores]] = {
