@@ -522,6 +522,39 @@ def execute(
         atomic_write_text(out / PENDING_FILE, json.dumps(pending, indent=2, default=json_default))
         return pending
 
+    record = measure_and_record(
+        out, recipe, data, references, pending, progress, "in-process, right after training"
+    )
+    folder.mark_complete()
+    return record
+
+
+def measure_and_record(
+    out: Path,
+    recipe: Recipe,
+    data: Any,
+    references: dict[str, np.ndarray],
+    pending: dict[str, Any],
+    progress: bool,
+    where: str,
+) -> dict[str, Any]:
+    """The measure tail of ``pqd run`` (right after training, or later by
+    :func:`measure_run`): ``baseline.onnx`` and ``final.onnx`` measured side by side, the
+    exits and the audit where the recipe has them, the per-image predictions and the paired
+    comparison; writes ``record.json`` and the reports.
+
+    Args:
+        out: the run folder.
+        recipe: the run's recipe.
+        data: ``pqd.data.Dataset`` (its test split is measured).
+        references: the torch models' logits on the parity images, per file.
+        pending: the pending record (everything but the measurements).
+        progress: show progress bars.
+        where: where the measurement ran, for ``record["measurement"]``.
+
+    Returns:
+        The record.
+    """
     from pqd.measurement.artifacts import measure_onnx
 
     t0 = time.perf_counter()
@@ -532,7 +565,7 @@ def execute(
         f"({', '.join(spec.runtimes)}; batch sizes {', '.join(map(str, spec.batch_sizes))})"
     )
     measured = measure_onnx(
-        {"baseline": base_path, "final": final_path},
+        {"baseline": out / "baseline.onnx", "final": out / "final.onnx"},
         references,
         data,
         spec,
@@ -542,17 +575,17 @@ def execute(
     _measure_exits(out, recipe, spec, data, references, measured, progress)
     _audit(out, recipe, spec, data, measured, logits, progress)
     paired = save_predictions(out, logits, data.test_y.numpy(), recipe.seed)
+    seconds = time.perf_counter() - t0
     record = finish_record(
         pending,
         measured,
         paired,
-        time.perf_counter() - t0 + reference_seconds,
+        seconds + pending["timing_s"]["reference"],
         recipe.measure.threads,
-        "in-process, right after training",
-        time.perf_counter() - t_start,
+        where,
+        pending["timing_s"]["total"] + seconds,
     )
     write_record(record, out)
-    folder.mark_complete()
     return record
 
 
@@ -617,7 +650,6 @@ def measure_run(
     ``final.onnx`` side by side as ``pqd run`` does, writes ``record.json`` + ``report.md``
     and removes ``pending.json``. ``where`` is recorded in ``record["measurement"]``.
     """
-    from pqd.measurement.artifacts import measure_onnx
     from pqd.recipe import recipe_from_dict
 
     out = Path(run_dir)
@@ -628,39 +660,11 @@ def measure_run(
         )
     pending = json.loads(pending_path.read_text(encoding="utf-8"))
     recipe = recipe_from_dict(pending["recipe"], str(pending_path))
-    spec = measure_spec(recipe)
+    check_runtimes(recipe)  # a missing runtime fails before the data are loaded
     data = recipe_data(recipe, data_dir)
     with np.load(out / REFERENCE_FILE) as refs:
         references = {k: refs[k] for k in refs.files}
-    t0 = time.perf_counter()
-    logits: dict[str, np.ndarray] = {}
-    phase(
-        f"measuring baseline.onnx and final.onnx on {len(data.test_y)} test images "
-        f"({', '.join(spec.runtimes)}; batch sizes {', '.join(map(str, spec.batch_sizes))})"
-    )
-    measured = measure_onnx(
-        {"baseline": out / "baseline.onnx", "final": out / "final.onnx"},
-        references,
-        data,
-        spec,
-        progress=progress,
-        logits_out=logits,
-    )
-    _measure_exits(out, recipe, spec, data, references, measured, progress)
-    _audit(out, recipe, spec, data, measured, logits, progress)
-    paired = save_predictions(out, logits, data.test_y.numpy(), recipe.seed)
-    seconds = time.perf_counter() - t0
-    total = pending["timing_s"]["total"] + seconds
-    record = finish_record(
-        pending,
-        measured,
-        paired,
-        seconds + pending["timing_s"]["reference"],
-        recipe.measure.threads,
-        where,
-        total,
-    )
-    write_record(record, out)
+    record = measure_and_record(out, recipe, data, references, pending, progress, where)
     pending_path.unlink(missing_ok=True)
     return record
 
