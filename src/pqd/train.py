@@ -455,6 +455,26 @@ def evaluate(model: nn.Module, loader: BatchSource, *, device: torch.device, **k
     return (logits.argmax(1) == y).float().mean().item()
 
 
+def soft_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target term: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``,
+    averaged over the batch (the one KD loss: the distill stage and exit heads use it).
+
+    Args:
+        student: the student's logits ``[N, classes]``.
+        teacher: the teacher's logits ``[N, classes]`` (no gradient needed).
+        temperature: the softening temperature ``T``.
+
+    Returns:
+        The scalar loss.
+    """
+    return F.kl_div(
+        F.log_softmax(student / temperature, dim=1),
+        F.log_softmax(teacher / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (temperature**2)
+
+
 def kd_loss(
     teacher: nn.Module,
     temperature: float,
@@ -479,12 +499,7 @@ def kd_loss(
         with torch.no_grad(), _autocast(device, dtype):
             t_logits = teacher(x)
         t_logits = t_logits.float()
-        soft = F.kl_div(
-            F.log_softmax(logits / temperature, dim=1),
-            F.log_softmax(t_logits / temperature, dim=1),
-            reduction="batchmean",
-            log_target=True,
-        ) * (temperature**2)
+        soft = soft_kd(logits, t_logits, temperature)
         hard = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         return alpha * soft + (1.0 - alpha) * hard
 

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from pqd.errors import RecipeError
 from pqd.models.multi_exit import MultiExitNet
 from pqd.recipe import ExitTarget, TrainSpec
-from pqd.train import LossHook, eval_mode, is_graph
+from pqd.train import LossHook, eval_mode, is_graph, soft_kd
 
 GRID_BUDGET = 200_000  # threshold combinations searched (per-exit grid = budget^(1/K))
 
@@ -193,18 +193,6 @@ def _grid(values: np.ndarray, size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------- training
 
 
-def _kd(student: torch.Tensor, source: torch.Tensor, temperature: float) -> torch.Tensor:
-    return (
-        F.kl_div(
-            F.log_softmax(student / temperature, dim=1),
-            F.log_softmax(source / temperature, dim=1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        * temperature**2
-    )
-
-
 def with_exit_losses(
     net: MultiExitNet, base: LossHook | None, teacher: nn.Module, cfg: TrainSpec
 ) -> LossHook:
@@ -235,7 +223,7 @@ def with_exit_losses(
             logits = logits.float()
             term = F.cross_entropy(logits, y, label_smoothing=smoothing)
             if source is not None:
-                term = alpha * _kd(logits, source, temperature) + (1.0 - alpha) * term
+                term = alpha * soft_kd(logits, source, temperature) + (1.0 - alpha) * term
             total = total + w * term
         return total
 
