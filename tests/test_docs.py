@@ -185,3 +185,14 @@ def test_no_commit_hashes() -> None:
 )
 def test_the_hash_check_can_fail(text: str, found: bool) -> None:
     assert bool(COMMIT_HASH.search(text)) is found
+
+
+def test_recipe_reference_is_generated_from_the_schema() -> None:
+    """docs/recipe-reference.md is what pqd.recipe_docs writes today (regenerate it with
+    ``python -m pqd.recipe_docs docs/recipe-reference.md`` after a schema change)."""
+    from pqd.recipe_docs import reference
+
+    page = README.parent / "docs" / "recipe-reference.md"
+    assert page.read_text(encoding="utf-8") == reference(), "stale: regenerate the page"
+    for key in ("`sparsity`", "`freeze_after`", "`parity_min_agreement`", "`total_epochs`"):
+        assert key in reference()  # every stage's and section's keys are on it

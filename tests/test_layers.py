@@ -17,6 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
         "pqd._quiet",
         "pqd._version",
         "pqd.recipe",
+        "pqd.recipe_docs",
         "pqd.checkpoint",
         "pqd.state",
         "pqd.registry",
