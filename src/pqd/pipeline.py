@@ -425,63 +425,10 @@ def execute(
         )
 
     # ---- export both artifacts, then measure them side by side
-    phase("exporting baseline.onnx and final.onnx")
-    from pqd.measurement.artifacts import torch_reference
-    from pqd.onnx_export import export_onnx
-
-    t0 = time.perf_counter()
     target = target if state.quantized else "any"  # a float file runs alike everywhere
-    example = ctx.example_input().cpu()
-    model.cpu()
-    state.model.cpu()
-    base_path, base_torch = export_onnx(
-        model, out / "baseline.onnx", example, quantized=False, opset=recipe.export.opset
+    final_path, references, export_seconds, reference_seconds = export_files(
+        out, model, state, ctx.example_input().cpu(), data, recipe.export, target
     )
-    exits = isinstance(state.model, MultiExitNet)
-    if exits:  # segment files + manifest; final.onnx = the segments chained, no heads
-        from pqd.exits.runtime import chain_segments, export_exits
-
-        manifest, final_torch = export_exits(
-            state.model,
-            out / "exits",
-            example,
-            quantized=state.quantized,
-            opset=recipe.export.opset,
-        )
-        final_path = chain_segments(
-            [out / "exits" / s["file"] for s in manifest["segments"]], out / "final.onnx"
-        )
-    else:
-        final_path, final_torch = export_onnx(
-            state.model,
-            out / "final.onnx",
-            example,
-            quantized=state.quantized,
-            opset=recipe.export.opset,
-        )
-    from pqd.measurement.saturation import saturation
-    from pqd.onnx_export import set_metadata
-
-    set_metadata(
-        final_path,
-        {
-            "pqd.target": target,
-            "pqd.saturating_weight_pairs": str(saturation(final_path)["pairs_at_risk"]),
-            "pqd.classes": json.dumps(list(data.classes)),
-        },
-    )
-    set_metadata(base_path, {"pqd.classes": json.dumps(list(data.classes))})
-    export_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    references = {
-        "baseline": torch_reference(base_torch, data, recipe.export.parity_samples),
-        "final": torch_reference(final_torch, data, recipe.export.parity_samples),
-    }
-    if exits:
-        from pqd.exits.runtime import exit_references
-
-        references.update(exit_references(final_torch, data, recipe.export.parity_samples))
-    reference_seconds = time.perf_counter() - t0
 
     pending = {
         "pqd_version": __version__,
@@ -527,6 +474,81 @@ def execute(
     )
     folder.mark_complete()
     return record
+
+
+def export_files(
+    out: Path,
+    model: nn.Module,
+    state: State,
+    example: torch.Tensor,
+    data: Any,
+    export: Any,
+    target: str,
+) -> tuple[Path, dict[str, np.ndarray], float, float]:
+    """Write ``baseline.onnx`` (the float model) and ``final.onnx`` (the stages' state: INT8
+    after a quantize stage; an early-exit net as segment files chained), tag both with
+    their classes (and the final one with its target and saturating pairs), and compute the
+    torch models' logits on the parity images.
+
+    Args:
+        out: the run folder.
+        model: the baseline model.
+        state: the stages' final state.
+        example: an input batch (batch >= 2) on the CPU.
+        data: ``pqd.data.Dataset`` (classes; test images for the parity logits).
+        export: the recipe's ``export`` section (opset, parity samples).
+        target: the resolved deployment target of the final file (``any`` when float).
+
+    Returns:
+        ``(final.onnx's path, {"baseline": logits, "final": logits[, exit logits]},
+        seconds exporting, seconds computing the logits)``.
+    """
+    from pqd.measurement.artifacts import torch_reference
+    from pqd.measurement.saturation import saturation
+    from pqd.onnx_export import export_onnx, set_metadata
+
+    phase("exporting baseline.onnx and final.onnx")
+    t0 = time.perf_counter()
+    model.cpu()
+    state.model.cpu()
+    base_path, base_torch = export_onnx(
+        model, out / "baseline.onnx", example, quantized=False, opset=export.opset
+    )
+    exits = isinstance(state.model, MultiExitNet)
+    if exits:  # segment files + manifest; final.onnx = the segments chained, no heads
+        from pqd.exits.runtime import chain_segments, export_exits
+
+        manifest, final_torch = export_exits(
+            state.model, out / "exits", example, quantized=state.quantized, opset=export.opset
+        )
+        final_path = chain_segments(
+            [out / "exits" / s["file"] for s in manifest["segments"]], out / "final.onnx"
+        )
+    else:
+        final_path, final_torch = export_onnx(
+            state.model, out / "final.onnx", example, quantized=state.quantized, opset=export.opset
+        )
+    classes = json.dumps(list(data.classes))
+    set_metadata(
+        final_path,
+        {
+            "pqd.target": target,
+            "pqd.saturating_weight_pairs": str(saturation(final_path)["pairs_at_risk"]),
+            "pqd.classes": classes,
+        },
+    )
+    set_metadata(base_path, {"pqd.classes": classes})
+    export_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    references = {
+        "baseline": torch_reference(base_torch, data, export.parity_samples),
+        "final": torch_reference(final_torch, data, export.parity_samples),
+    }
+    if exits:
+        from pqd.exits.runtime import exit_references
+
+        references.update(exit_references(final_torch, data, export.parity_samples))
+    return final_path, references, export_seconds, time.perf_counter() - t0
 
 
 def measure_and_record(
