@@ -153,6 +153,52 @@ def render(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+README_START = "<!-- headline: written by python benchmarks/headline.py --render -->"
+README_END = "<!-- /headline -->"
+
+
+def readme_block(s: dict[str, Any]) -> str:
+    """The README's headline table: both files on onnxruntime, the paired comparison, and
+    one line with pqd's version, the date, the CPU and its flags, and the command."""
+    from pqd.report import ci_text, paired_text
+
+    base, final = s["artifacts"]["baseline"], s["artifacts"]["final"]
+    rt = "onnxruntime" if "onnxruntime" in final["runtimes"] else next(iter(final["runtimes"]))
+    rows = [
+        "| file | top-1 [95% CI] | MB | p50 ms, batch 1 | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    for key, a in (("baseline (FP32)", base), (f"final ({final['precision'].upper()})", final)):
+        r = a["runtimes"][rt]
+        up = s["speedup"].get(rt, {}).get("1") if a is final else None
+        rows.append(
+            f"| {key} | {100 * r['accuracy']:.2f}% {ci_text(r['accuracy_ci'])} | "
+            f"{a['size_bytes'] / 1e6:.2f} | {r['p50_ms'].get('1', float('nan')):.3f} | "
+            + (f"{up:.2f}x |" if up else "- |")
+        )
+    lines = [
+        README_START,
+        f"`{s['model']}` on the whole CIFAR-10 (JPEG files: close to, not equal to, the official"
+        f" images), {' -> '.join(s['order'])}, {rt}:",
+        "",
+        *rows,
+        "",
+        (paired_text(s["paired"]) + "." if s["paired"] else ""),
+        "",
+        f"pqd {s['pqd_version']}, {s['date']}, {s['cpu']} ({', '.join(s['cpu_flags'])}), "
+        f"{s['threads']} threads: `{s['command']}` ([the page](docs/results/{s['name']}.md)).",
+        README_END,
+    ]
+    return "\n".join(lines)
+
+
+def write_readme(s: dict[str, Any], readme: Path) -> None:
+    """Replace the README's headline block (between its markers) with :func:`readme_block`."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    readme.write_text(text[:start] + readme_block(s) + text[end:], encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "cifar10.yaml")
@@ -186,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     if not json_path.is_file():
         print(f"benchmarks/headline.py: error: {json_path} not found; run without --render")
         return 2
-    page = render(json.loads(json_path.read_text(encoding="utf-8")))
+    summary = json.loads(json_path.read_text(encoding="utf-8"))
+    page = render(summary)
     json_path.with_suffix(".md").write_text(page, encoding="utf-8")
+    if args.results == RESULTS and name == "cifar10":  # the README's headline
+        write_readme(summary, ROOT / "README.md")
     print(page)
     return 0
 

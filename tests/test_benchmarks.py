@@ -187,3 +187,15 @@ def test_train_speed_page_renders_ratios_against_float_from_its_json() -> None:
     assert "| fastnet_q8 | qat | 300 | 1.33x | 60.0% | bf16 | 5% |" in page
     assert "| fastnet_q8 | float | 400 | 1.00x | 90.0% | bf16 | - |" in page
     assert "3 interleaved rounds" in page and "AMD EPYC (avx2, avx512_bf16)" in page
+
+
+def test_the_readme_headline_is_the_one_the_benchmark_writes_from_its_json() -> None:
+    """README's results table is generated (benchmarks/headline.py --render), never typed."""
+    import json
+
+    bench = load_benchmark("headline")
+    root = Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "docs" / "results" / "cifar10.json").read_text())
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert bench.readme_block(summary) in readme, "run: python benchmarks/headline.py --render"
+    assert bench.render(summary) == (root / "docs" / "results" / "cifar10.md").read_text()
