@@ -119,8 +119,14 @@ def test_stage_configs_are_the_recipe_specs() -> None:
         EarlyExitSpec,
     )
     assert pqd.Prune(sparsity=0.3) == as_specs([{"stage": "prune", "sparsity": 0.3}])[0]
-    with pytest.raises(ValueError):
-        pqd.Prune(sparsity=0.3, typo=1)
+    from pqd.errors import SpecError
+
+    with pytest.raises(
+        SpecError, match=r"^Prune: unknown key 'epochz' \(did you mean 'epochs'\?\)"
+    ):
+        pqd.Prune(sparsity=0.3, epochz=1)  # one line, as a recipe's typo gets
+    with pytest.raises(ValueError, match="sparsity: Input should be less than 1"):
+        pqd.Prune(sparsity=1.5)
 
 
 def test_from_tensors_takes_a_torch_dataset_and_float_images() -> None:

@@ -348,11 +348,19 @@ def plan(target: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     Returns:
         What ``plan.json`` holds (the pick under ``"pick"``).
     """
-    if isinstance(target, nn.Module):
-        return plan_model(target, *args, **kwargs)
-    from pqd.planner import plan as plan_recipe
+    from pqd.errors import PqdError
 
-    return plan_recipe(target, *args, **kwargs)
+    try:
+        if isinstance(target, nn.Module):
+            return plan_model(target, *args, **kwargs)
+        from pqd.planner import plan as plan_recipe
+
+        return plan_recipe(target, *args, **kwargs)
+    except PqdError as exc:  # the fix in this API's words, not the command's
+        exc.fix = (exc.fix or "").replace("--latency-ms ", "latency_ms=")
+        exc.problem = exc.problem.replace("--latency-ms ", "latency_ms=")
+        exc.args = (exc.line(),)
+        raise
 
 
 def plan_model(

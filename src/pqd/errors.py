@@ -30,6 +30,11 @@ class RecipeError(PqdError):
     """The recipe (YAML or overrides) is malformed or has impossible values."""
 
 
+class SpecError(RecipeError, ValueError):
+    """A stage config or recipe section built in Python (``pqd.Prune(...)``) with an unknown
+    key, a wrong type or an impossible value: one line, with the closest valid key."""
+
+
 class DataError(PqdError):
     """A data set is missing, corrupt, or in the wrong layout."""
 
