@@ -305,27 +305,16 @@ def final_state(
     return state
 
 
-class _Normalizing(nn.Module):
-    """``inner`` (which normalises inside) taking images already normalised by
-    ``mean``/``std``, as the user's own model takes them."""
-
-    def __init__(self, inner: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.inner = inner
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x * self.std.to(x.device) + self.mean.to(x.device))
-
-
 def _as_given(
     loop: Callable[[nn.Module], None], mean: Sequence[float], std: Sequence[float]
 ) -> Callable[[nn.Module], None]:
     """``loop`` handed the wrapped model in the form the user's model had."""
 
+    from pqd.models import Normalize
+
     def run(model: nn.Module) -> None:
-        loop(_Normalizing(model, mean, std))
+        device = next(model.parameters(), torch.empty(0)).device
+        loop(nn.Sequential(Normalize(mean, std, inverse=True).to(device), model))
 
     return run
 

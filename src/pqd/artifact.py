@@ -45,16 +45,19 @@ class Deployed(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        from pqd.models import Normalize
+
         self.inner = inner
         self.quantized = quantized
-        self.mean = None if mean is None else torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = None if std is None else torch.tensor(std).view(1, -1, 1, 1)
+        self.unnormalize = (
+            Normalize(mean, std, inverse=True) if mean is not None and std is not None else None
+        )
         set_train(self.inner, False)
         self.training = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mean is not None and self.std is not None:
-            x = x * self.std.to(x.device) + self.mean.to(x.device)
+        if self.unnormalize is not None:
+            x = self.unnormalize(x)
         return self.inner(x)
 
     def train(self, mode: bool = True) -> Deployed:
@@ -153,12 +156,9 @@ def export(
     example = example.detach().cpu().float()
     if example.shape[0] < 2:  # the converted graph exports against batch >= 2
         example = example.expand(2, *example.shape[1:]).contiguous()
-    was = state.model.training if not is_graph(state.model) else None
-    written, _ = export_onnx(
+    written, _ = export_onnx(  # (exports a converted copy: the model's mode is untouched)
         state.model.cpu(), Path(path), example, quantized=state.quantized, opset=opset
     )
-    if was is not None:
-        state.model.train(was)
     if state.quantized:
         set_metadata(
             written, {"pqd.saturating_weight_pairs": str(saturation(written)["pairs_at_risk"])}
@@ -170,7 +170,7 @@ def _test_split(data: Any) -> Any:
     """A ``pqd.data.Dataset`` with a test split, from one or a split-like."""
     import dataclasses
 
-    from pqd.data import Dataset, from_tensors
+    from pqd.data import Dataset, as_dataset
 
     if isinstance(data, Dataset):
         if len(data.test_y) == 0:
@@ -186,9 +186,9 @@ def _test_split(data: Any) -> Any:
                 "give {'test': (images, labels)} (with 'mean'/'std' for normalised images)",
             )
         rest = {k: v for k, v in data.items() if k not in ("train", "val", "test")}
-        test = from_tensors(train=data["test"], val_size=0, **rest)
+        test = as_dataset({**rest, "train": data["test"], "val_size": 0})  # keys checked
     else:
-        test = from_tensors(train=data, val_size=0)
+        test = as_dataset({"train": data, "val_size": 0})
     return dataclasses.replace(
         test,
         test_x=test.train_x,

@@ -44,13 +44,15 @@ __all__ = ["Classifier", "Normalize", "ZooNet", "build_model", "check_output_sha
 
 
 class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel; ``mean`` and ``std`` are buffers shaped [1, C, 1, 1]."""
+    """``(x - mean) / std`` per channel (``inverse``: ``x * std + mean``, back to [0, 1]);
+    ``mean`` and ``std`` are buffers shaped [1, C, 1, 1]."""
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], inverse: bool = False) -> None:
         super().__init__()
+        self.inverse = inverse
         mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
         std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
         if mean_t.numel() == 0 or mean_t.numel() != std_t.numel():
@@ -67,6 +69,8 @@ class Normalize(nn.Module):
         self.register_buffer("std", std_t.view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inverse:
+            return x * self.std + self.mean
         return (x - self.mean) / self.std
 
 
