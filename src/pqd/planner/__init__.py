@@ -72,8 +72,9 @@ from pqd.planner.latency import (
     uniform_reference,
     widened,
 )
+from pqd.planner.pick import choose_pick
 from pqd.planner.report import pick_rule_lines, plan_plots, report_markdown, write_plan
-from pqd.planner.run import choose_pick, plan
+from pqd.planner.run import plan
 from pqd.planner.sensitivity import adaptive_bn_eval, sensitivity_curves, sensitivity_loss
 from pqd.planner.template import (
     PICK_FILE,
