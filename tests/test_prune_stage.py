@@ -249,12 +249,12 @@ def test_nm_2_4_survives_qat_and_the_int8_export_has_exactly_2_zeros_per_group(t
     dense = nm_report(path, {"net.features.0.0.weight": [2, 4]})
     assert not dense["ok"]
     # what the pipeline adds to record.json's final
-    from pqd.pipeline import _sparsity_extras
+    from pqd.pipeline import sparsity_extras
 
     recipe = ctx.recipe.model_copy(
         update={"export": ctx.recipe.export.model_copy(update={"compress": True})}
     )
-    extras = _sparsity_extras(state, path, recipe)
+    extras = sparsity_extras(state, path, recipe)
     assert extras["nm_pattern"]["ok"] and extras["compression_ratio"] > 1.0
     assert (tmp_path / "final.onnx.xz").stat().st_size == extras["compressed_size_bytes"]
 
