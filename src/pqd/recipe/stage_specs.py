@@ -22,6 +22,15 @@ class StageBase(Strict):
 Criterion = Literal["magnitude", "taylor", "fisher", "snip", "grasp", "movement"]
 
 
+def _check_cycles(schedule: str, epochs: int, cycles: int) -> None:
+    """``schedule: iterative`` retrains ``epochs // cycles`` epochs per cycle: at least one."""
+    if schedule == "iterative" and epochs < cycles:
+        raise ValueError(
+            f"schedule 'iterative' retrains epochs/cycles per cycle (epochs "
+            f"{epochs} < cycles {cycles}); fix: set epochs >= cycles"
+        )
+
+
 class PruneSpec(StageBase):
     """Mask pruning: unstructured to ``sparsity``, or N:M (``n`` kept of every ``m``).
 
@@ -70,11 +79,7 @@ class PruneSpec(StageBase):
             raise ValueError(
                 "schedule 'gradual' needs epochs > 0; fix: set epochs or use schedule: oneshot"
             )
-        if self.schedule == "iterative" and self.epochs < self.cycles:
-            raise ValueError(
-                f"schedule 'iterative' retrains epochs/cycles per cycle (epochs "
-                f"{self.epochs} < cycles {self.cycles}); fix: set epochs >= cycles"
-            )
+        _check_cycles(self.schedule, self.epochs, self.cycles)
         if self.rewind != "none":
             if self.schedule == "gradual" or self.at_init:
                 raise ValueError(
@@ -170,11 +175,7 @@ class PruneChannelsSpec(StageBase):
                 raise ValueError(
                     "ratios sets each group's fraction itself; fix: use scope: layer with ratios"
                 )
-        if self.schedule == "iterative" and self.epochs < self.cycles:
-            raise ValueError(
-                f"schedule 'iterative' retrains epochs/cycles per cycle (epochs "
-                f"{self.epochs} < cycles {self.cycles}); fix: set epochs >= cycles"
-            )
+        _check_cycles(self.schedule, self.epochs, self.cycles)
         return self
 
 
