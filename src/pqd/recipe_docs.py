@@ -22,7 +22,7 @@ from pqd.recipe import Recipe, TrainOverride
 
 HEADER = """# Recipe reference
 
-Every key a recipe may hold, generated from the schema in `src/pqd/recipe.py` by
+Every key a recipe may hold, generated from the schema in `src/pqd/recipe/` by
 `python -m pqd.recipe_docs docs/recipe-reference.md` (a test fails when this page is
 stale). The guide to the format is [recipe.md](recipe.md). A key left out takes its
 default; an unknown key, a wrong type or a value out of range is refused in one line.
