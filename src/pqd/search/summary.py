@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from pqd.errors import PqdError
-from pqd.recipe import Recipe
+from pqd.recipe import Recipe, SearchSpec
 from pqd.runs import Trial, folder_status
 from pqd.search.decide import pairwise_table, pareto_front, rank_against_best
 from pqd.search.trials import allocate_epochs, order_label, say, search_budget, short_label
@@ -284,34 +284,9 @@ def analyse(
 
     spec = recipe.search
     assert spec is not None
-    base_p50 = base_entry["latency_ms"]["p50"]
-    groups_by_id: dict[str, list[dict[str, Any]]] = {}
-    for e in [base_entry, *entries]:
-        groups_by_id.setdefault(e["group"], []).append(e)
+    groups_by_id, groups = grouped(base_entry, entries, data.get("test", 0))
     correct = correct or {}
-    groups = [_aggregate(es, data.get("test", 0)) for es in groups_by_id.values()]
-    for g in groups:
-        g["speedup_vs_baseline"] = (
-            round(base_p50 / g["latency_p50_ms"], 3) if g.get("latency_p50_ms") else None
-        )
-
-    # ---- Pareto set over every measured group (baseline, orders, pairs, references)
-    measured = [g for g in groups if g["n"]]
-    front = pareto_front(
-        [(g["accuracy_mean"], g["size_bytes"], g["latency_p50_ms"]) for g in measured],
-        spec.tie_latency,
-        SIZE_TOLERANCE,
-    )
-    for i, g in enumerate(measured):
-        g["pareto"] = i in front
-    pareto = [measured[i]["id"] for i in front]
-    flagged = []
-    if spec.flag_class_drop is not None:  # frontier points that hurt one class too much
-        for i in front:
-            drop = (measured[i].get("audit") or {}).get("worst_class_drop_points")
-            if drop is not None and drop > spec.flag_class_drop:
-                measured[i]["class_drop_flag"] = True
-                flagged.append(measured[i]["id"])
+    pareto, flagged = mark_pareto(groups, spec)
 
     # ---- ranking of the permutations by the criterion
     perms = sorted(
@@ -333,31 +308,7 @@ def analyse(
             epochs=n * (n - 1) * len(spec.seeds) * sum(alloc[:2]),
         )
     best = perms[0] if perms else None
-    versus = []
-    if best is not None:
-        for g in groups:
-            if g["kind"] == "reference" and g["n"]:
-                versus.append(
-                    {
-                        "reference": g["id"],
-                        "accuracy_points": round(
-                            100 * (best["accuracy_mean"] - g["accuracy_mean"]), 2
-                        ),
-                        "size_ratio": round(g["size_bytes"] / best["size_bytes"], 3),
-                        "speedup": round(g["latency_p50_ms"] / best["latency_p50_ms"], 3),
-                        "best_dominates": pareto_front(
-                            [
-                                (g["accuracy_mean"], g["size_bytes"], g["latency_p50_ms"]),
-                                (best["accuracy_mean"], best["size_bytes"], best["latency_p50_ms"]),
-                            ],
-                            spec.tie_latency,
-                            SIZE_TOLERANCE,
-                        )
-                        == [1],
-                    }
-                )
-    kinds = [e["kind"] for e in entries]
-    seeds = len(spec.seeds)
+    versus = versus_references(best, groups, spec) if best is not None else []
     env = environment(recipe.measure.threads)
     return {
         "search_version": SEARCH_VERSION,
@@ -365,37 +316,8 @@ def analyse(
         "name": recipe.name,
         "recipe": recipe.model_dump(mode="json"),
         "stages": names,
-        "criterion": {
-            "metric": spec.criterion,
-            "alpha": spec.alpha,
-            "min_effect_points": spec.min_effect_points,
-            "tie_latency": spec.tie_latency,
-            "text": (
-                "higher test top-1 wins when the paired comparison on the same test images "
-                f"is significant at {spec.alpha:g} (exact McNemar pooled over seeds, Holm's "
-                "correction over the pairs; where seeds spread more than the images explain, "
-                "the per-seed t-interval must exclude 0 too)"
-                + (
-                    f" and at least {spec.min_effect_points:g} points"
-                    if spec.min_effect_points
-                    else ""
-                )
-                + "; otherwise batch-1 p50 latency lower by more than "
-                f"{100 * spec.tie_latency:g}% wins; else the pair ties"
-            ),
-        },
-        "allocation": {
-            "total_epochs": total,
-            "budget": budget,
-            "permutation_epochs": alloc,
-            "pairwise_epochs": alloc[:2],
-            "reference_epochs": total,
-            "note": (
-                "position i of every order gets budget[i] % of total_epochs; a pairwise "
-                "run A->B gets the epochs of the first two positions, i.e. it is the "
-                "A->B prefix of the permutation runs; a reference gets all of them"
-            ),
-        },
+        "criterion": criterion(spec),
+        "allocation": allocation(total, budget, alloc),
         "executor": executor,
         "data": data,
         "baseline": base_entry,
@@ -411,23 +333,148 @@ def analyse(
             else {"threshold_points": spec.flag_class_drop, "flagged": flagged}
         ),
         "pairwise": pairwise,
-        "runs": {
-            "permutation": kinds.count("permutation"),
-            "pairwise": kinds.count("pairwise"),
-            "reference": kinds.count("reference"),
-            "baseline": 1,
-            "unique_runs": unique_runs,
-            "permutation_search": {
-                "runs": math.factorial(n) * seeds,
-                "epochs": math.factorial(n) * seeds * total,
-            },
-            "pairwise_method": {
-                "runs": n * (n - 1) * seeds,
-                "epochs": n * (n - 1) * seeds * sum(alloc[:2]),
-            },
-        },
+        "runs": run_counts(entries, n, len(spec.seeds), total, alloc, unique_runs),
         "latency_panel": panel,
         "environment": env,
+    }
+
+
+def grouped(
+    base_entry: dict[str, Any], entries: list[dict[str, Any]], test_images: int
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Trials grouped over seeds (the baseline first), each group aggregated with its
+    speed-up over the baseline.
+
+    Returns:
+        Group id -> its trial entries, and the aggregated groups in the same order.
+    """
+    base_p50 = base_entry["latency_ms"]["p50"]
+    groups_by_id: dict[str, list[dict[str, Any]]] = {}
+    for e in [base_entry, *entries]:
+        groups_by_id.setdefault(e["group"], []).append(e)
+    groups = [_aggregate(es, test_images) for es in groups_by_id.values()]
+    for g in groups:
+        g["speedup_vs_baseline"] = (
+            round(base_p50 / g["latency_p50_ms"], 3) if g.get("latency_p50_ms") else None
+        )
+    return groups_by_id, groups
+
+
+def mark_pareto(groups: list[dict[str, Any]], spec: SearchSpec) -> tuple[list[str], list[str]]:
+    """The Pareto set over every measured group (baseline, orders, pairs, references): each
+    group gets ``pareto``, and frontier points that hurt one class by more than
+    ``spec.flag_class_drop`` points get ``class_drop_flag``.
+
+    Returns:
+        The frontier's group ids and the flagged ones.
+    """
+    measured = [g for g in groups if g["n"]]
+    front = pareto_front(
+        [(g["accuracy_mean"], g["size_bytes"], g["latency_p50_ms"]) for g in measured],
+        spec.tie_latency,
+        SIZE_TOLERANCE,
+    )
+    for i, g in enumerate(measured):
+        g["pareto"] = i in front
+    pareto = [measured[i]["id"] for i in front]
+    flagged = []
+    if spec.flag_class_drop is not None:  # frontier points that hurt one class too much
+        for i in front:
+            drop = (measured[i].get("audit") or {}).get("worst_class_drop_points")
+            if drop is not None and drop > spec.flag_class_drop:
+                measured[i]["class_drop_flag"] = True
+                flagged.append(measured[i]["id"])
+    return pareto, flagged
+
+
+def versus_references(
+    best: dict[str, Any], groups: list[dict[str, Any]], spec: SearchSpec
+) -> list[dict[str, Any]]:
+    """The best order against each measured single-technique reference: accuracy
+    (points), size ratio, speed-up and whether the best dominates it."""
+    versus = []
+    for g in groups:
+        if g["kind"] == "reference" and g["n"]:
+            versus.append(
+                {
+                    "reference": g["id"],
+                    "accuracy_points": round(100 * (best["accuracy_mean"] - g["accuracy_mean"]), 2),
+                    "size_ratio": round(g["size_bytes"] / best["size_bytes"], 3),
+                    "speedup": round(g["latency_p50_ms"] / best["latency_p50_ms"], 3),
+                    "best_dominates": pareto_front(
+                        [
+                            (g["accuracy_mean"], g["size_bytes"], g["latency_p50_ms"]),
+                            (best["accuracy_mean"], best["size_bytes"], best["latency_p50_ms"]),
+                        ],
+                        spec.tie_latency,
+                        SIZE_TOLERANCE,
+                    )
+                    == [1],
+                }
+            )
+    return versus
+
+
+def criterion(spec: SearchSpec) -> dict[str, Any]:
+    """search.json's ``criterion``: the pairwise decision rule, as data and in words."""
+    return {
+        "metric": spec.criterion,
+        "alpha": spec.alpha,
+        "min_effect_points": spec.min_effect_points,
+        "tie_latency": spec.tie_latency,
+        "text": (
+            "higher test top-1 wins when the paired comparison on the same test images "
+            f"is significant at {spec.alpha:g} (exact McNemar pooled over seeds, Holm's "
+            "correction over the pairs; where seeds spread more than the images explain, "
+            "the per-seed t-interval must exclude 0 too)"
+            + (f" and at least {spec.min_effect_points:g} points" if spec.min_effect_points else "")
+            + "; otherwise batch-1 p50 latency lower by more than "
+            f"{100 * spec.tie_latency:g}% wins; else the pair ties"
+        ),
+    }
+
+
+def allocation(total: int, budget: list[int], alloc: list[int]) -> dict[str, Any]:
+    """search.json's ``allocation``: the epochs of each kind of run."""
+    return {
+        "total_epochs": total,
+        "budget": budget,
+        "permutation_epochs": alloc,
+        "pairwise_epochs": alloc[:2],
+        "reference_epochs": total,
+        "note": (
+            "position i of every order gets budget[i] % of total_epochs; a pairwise "
+            "run A->B gets the epochs of the first two positions, i.e. it is the "
+            "A->B prefix of the permutation runs; a reference gets all of them"
+        ),
+    }
+
+
+def run_counts(
+    entries: list[dict[str, Any]],
+    n: int,
+    seeds: int,
+    total: int,
+    alloc: list[int],
+    unique_runs: int,
+) -> dict[str, Any]:
+    """search.json's ``runs``: runs by kind, and what a permutation search and the pairwise
+    method cost (runs, epochs) for ``n`` stages and ``seeds`` seeds."""
+    kinds = [e["kind"] for e in entries]
+    return {
+        "permutation": kinds.count("permutation"),
+        "pairwise": kinds.count("pairwise"),
+        "reference": kinds.count("reference"),
+        "baseline": 1,
+        "unique_runs": unique_runs,
+        "permutation_search": {
+            "runs": math.factorial(n) * seeds,
+            "epochs": math.factorial(n) * seeds * total,
+        },
+        "pairwise_method": {
+            "runs": n * (n - 1) * seeds,
+            "epochs": n * (n - 1) * seeds * sum(alloc[:2]),
+        },
     }
 
 
