@@ -306,14 +306,7 @@ def fit(
     if total == 0:
         return result
     opt = build_optimizer(model, cfg)
-    first_epoch, step = 0, 0
-    if resume is not None:
-        opt.load_state_dict(resume.optimizer)
-        if resume.loader is not None and hasattr(train, "load_state_dict"):
-            train.load_state_dict(resume.loader)
-        torch.set_rng_state(resume.rng)
-        first_epoch, step = resume.epoch, resume.step
-        result.losses = list(resume.losses)
+    first_epoch, step = _resumed(resume, opt, train, result)
     first_step = step
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = autocast_dtype(cfg.amp, model, device, graph_ok=steps is not None and steps.autocast)
@@ -323,15 +316,8 @@ def fit(
     channels_last = cfg.channels_last and (not has_graph(model) or steps is not None)
     set_train(model, True)
     t_epoch = time.perf_counter()
-    bar = progress_bar(
-        total=total,
-        initial=step,
-        desc=desc,
-        unit="step",
-        show=progress,
-        leave=False,
-        dynamic_ncols=True,
-    )
+    shown = {"show": progress, "leave": False, "dynamic_ncols": True}
+    bar = progress_bar(total=total, initial=step, desc=desc, unit="step", **shown)
     try:
         for epoch in range(first_epoch, epochs):
             loss_sum, n = 0.0, 0
@@ -346,45 +332,10 @@ def fit(
                 net = model if steps is None else steps.module_at(step, total)
                 with _autocast(device, dtype):
                     logits = net(x)
-                logits = logits.float()
-                if loss_fn is None:
-                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                else:
-                    loss = loss_fn(logits, y, x)
-                where = f"at epoch {epoch + 1}/{epochs}, step {step + 1}/{total}"
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"{desc}: training diverged {where}: the loss is {loss.item()}",
-                        DIVERGED_FIX,
-                    )
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(opt)
-                else:
-                    loss.backward()
-                if cfg.grad_clip is not None:  # returns the norm before clipping
-                    norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-                else:
-                    grads = [p.grad for p in params if p.grad is not None]
-                    norm = float(nn.utils.get_total_norm(grads)) if grads else 0.0
-                # (with an fp16 GradScaler, inf gradients are routine: the scaler skips the step)
-                if scaler is None and not math.isfinite(norm):
-                    raise TrainingDiverged(
-                        f"{desc}: training diverged {where}: the gradient norm is {norm}",
-                        DIVERGED_FIX,
-                    )
-                if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
-                    raise TrainingDiverged(
-                        f"{desc}: training diverged {where}: the gradient norm {norm:.4g} "
-                        f"exceeds train.max_grad_norm={cfg.max_grad_norm:g}",
-                        grad_norm_fix(step == first_step),
-                    )
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
+                loss = _loss(logits.float(), y, x, loss_fn, cfg.label_smoothing)
+                at = f"epoch {epoch + 1}/{epochs}, step {step + 1}/{total}"
+                diverged = f"{desc}: training diverged at {at}"
+                _optimizer_step(loss, opt, scaler, params, cfg, diverged, step == first_step)
                 if after_step is not None:
                     after_step(model)
                 step += 1
@@ -400,22 +351,107 @@ def fit(
                 )
             t_epoch = time.perf_counter()
             if on_epoch is not None:
-                on_epoch(
-                    FitProgress(
-                        epoch=epoch + 1,
-                        step=step,
-                        optimizer=opt.state_dict(),
-                        loader=train.state_dict() if hasattr(train, "state_dict") else None,
-                        rng=torch.get_rng_state(),
-                        losses=list(result.losses),
-                    )
-                )
+                on_epoch(_progress(epoch + 1, step, opt, train, result.losses))
     finally:
         bar.close()
         set_train(model, False)
     result.steps = step
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    loss_fn: LossHook | None,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """The step's loss: ``loss_fn(logits, y, x)``, or cross-entropy without one."""
+    if loss_fn is None:
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    return loss_fn(logits, y, x)
+
+
+def _resumed(
+    resume: FitProgress | None, opt: torch.optim.Optimizer, train: BatchSource, result: FitResult
+) -> tuple[int, int]:
+    """Optimizer, loader position, RNG and losses restored from ``resume``; the epoch and
+    step to continue from (0, 0 without one)."""
+    if resume is None:
+        return 0, 0
+    opt.load_state_dict(resume.optimizer)
+    if resume.loader is not None and hasattr(train, "load_state_dict"):
+        train.load_state_dict(resume.loader)
+    torch.set_rng_state(resume.rng)
+    result.losses = list(resume.losses)
+    return resume.epoch, resume.step
+
+
+def _progress(
+    epoch: int, step: int, opt: torch.optim.Optimizer, train: BatchSource, losses: list[float]
+) -> FitProgress:
+    """What an epoch's checkpoint holds to continue after it."""
+    return FitProgress(
+        epoch=epoch,
+        step=step,
+        optimizer=opt.state_dict(),
+        loader=train.state_dict() if hasattr(train, "state_dict") else None,
+        rng=torch.get_rng_state(),
+        losses=list(losses),
+    )
+
+
+def _optimizer_step(
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    params: list[nn.Parameter],
+    cfg: TrainSpec,
+    diverged: str,
+    first: bool,
+) -> None:
+    """Backward, the divergence checks, then the optimizer step.
+
+    Args:
+        loss: the step's loss (checked finite before the backward pass).
+        opt, scaler: the optimizer and, for fp16, its gradient scaler.
+        params: the trained parameters (clipped, their gradient norm checked).
+        cfg: ``grad_clip`` and ``max_grad_norm``.
+        diverged: the start of the error line (who diverged, at which epoch and step).
+        first: this is the first step of the call (the fix names the learning rate then).
+
+    Raises:
+        TrainingDiverged: a non-finite loss or gradient norm, or a norm above
+            ``cfg.max_grad_norm``.
+    """
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"{diverged}: the loss is {loss.item()}", DIVERGED_FIX)
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if cfg.grad_clip is not None:  # returns the norm before clipping
+        norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = float(nn.utils.get_total_norm(grads)) if grads else 0.0
+    # (with an fp16 GradScaler, inf gradients are routine: the scaler skips the step)
+    if scaler is None and not math.isfinite(norm):
+        raise TrainingDiverged(f"{diverged}: the gradient norm is {norm}", DIVERGED_FIX)
+    if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
+        raise TrainingDiverged(
+            f"{diverged}: the gradient norm {norm:.4g} exceeds "
+            f"train.max_grad_norm={cfg.max_grad_norm:g}",
+            grad_norm_fix(first),
+        )
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
 
 
 @torch.no_grad()
