@@ -187,9 +187,8 @@ def compress(
     """
     from pqd._quiet import quiet
     from pqd.data import as_dataset
-    from pqd.engine import as_specs, fresh_copies, wrap
+    from pqd.engine import fresh_copies, wrap
     from pqd.errors import DataError
-    from pqd.pipeline import execute
     from pqd.resume import RunFolder
 
     with quiet():
@@ -202,62 +201,26 @@ def compress(
         net = wrap(model, data)
         if forward_loop is not None and net is not model:  # the user's loop feeds inputs
             forward_loop = _as_given(forward_loop, data.mean, data.std)  # as `model` takes
-        kind = type(model)
-        recipe = Recipe.model_construct(
+        recipe = _recipe_of(
+            net,
+            model,
+            data,
+            stages,
             name=name,
             seed=seed,
             device=str(device),
-            model=ModelSpec(
-                name=f"python:{kind.__module__}.{kind.__qualname__}",
-                kwargs={"weights_sha256": _weights_digest(net), "data_sha256": _data_digest(data)},
-            ),
-            data=DataSpec.model_construct(
-                dataset=data.name,
-                root=None,
-                image_size=data.image_size,
-                val_size=len(data.val_y),
-                test_size=len(data.test_y),
-                on_bad_image=data.info.get("on_bad_image", "error"),
-                download=False,
-                augment=DataSpec().augment,
-                limit_train=None,
-                limit_test=None,
-            ),
-            train=train_settings(train, given=baseline_epochs == 0),
-            baseline=(
-                BaselineSpec(epochs=baseline_epochs)
-                if baseline_epochs > 0
-                else BaselineSpec.model_construct(checkpoint=None, epochs=0, train=TrainOverride())
-            ),
-            stages=as_specs(stages),
-            export=export if isinstance(export, ExportSpec) else ExportSpec(**(export or {})),
-            measure=(
-                measure if isinstance(measure, MeasureSpec) else MeasureSpec(**(measure or {}))
-            ),
-            search=None,
+            train=train,
+            baseline_epochs=baseline_epochs,
+            export=export,
+            measure=measure,
         )
         out_dir = Path(out) if out is not None else _default_out(recipe)
         folder = RunFolder.open(out_dir, recipe, fresh=fresh, api=True)
         template = fresh_copies(net)
-        if folder.complete:
-            record = json.loads((out_dir / "record.json").read_text(encoding="utf-8"))
-        else:
-            from pqd.pipeline import check_runtimes
-
-            check_runtimes(recipe)
-            record = execute(
-                recipe,
-                folder,
-                data,
-                lambda: _copy(net),
-                template,
-                progress=progress,
-                fresh=fresh,
-                source=None
-                if baseline_epochs > 0
-                else {"given": "the model passed to pqd.compress"},
-                forward_loop=forward_loop,
-            )
+        given = None if baseline_epochs > 0 else {"given": "the model passed to pqd.compress"}
+        record = _run_or_load(
+            recipe, folder, data, net, template, given, fresh, progress, forward_loop
+        )
     shape = tuple(int(d) for d in data.train_x.shape[1:])
     return CompressResult(
         record,
@@ -268,12 +231,98 @@ def compress(
     )
 
 
+def _run_or_load(
+    recipe: Recipe,
+    folder: Any,
+    data: Any,
+    net: nn.Module,
+    template: Callable[[], nn.Module],
+    source: dict[str, Any] | None,
+    fresh: bool,
+    progress: bool,
+    forward_loop: Callable[[nn.Module], None] | None,
+) -> dict[str, Any]:
+    """The record of the run in ``folder``: read back when complete, else run (or
+    continued) by :func:`pqd.pipeline.execute` from copies of ``net``."""
+    from pqd.pipeline import check_runtimes, execute
+
+    if folder.complete:
+        return json.loads((folder.out / "record.json").read_text(encoding="utf-8"))
+    check_runtimes(recipe)
+    return execute(
+        recipe,
+        folder,
+        data,
+        lambda: _copy(net),
+        template,
+        progress=progress,
+        fresh=fresh,
+        source=source,
+        forward_loop=forward_loop,
+    )
+
+
+def _recipe_of(
+    net: nn.Module,
+    model: nn.Module,
+    data: Any,
+    stages: Sequence[Any],
+    *,
+    name: str,
+    seed: int,
+    device: str,
+    train: TrainSpec | dict[str, Any] | None,
+    baseline_epochs: int,
+    export: ExportSpec | dict[str, Any] | None,
+    measure: MeasureSpec | dict[str, Any] | None,
+) -> Recipe:
+    """The recipe :func:`compress` runs (arguments as there): the model named by its class
+    and keyed by its weights' and the data's digests, so the run folder knows them again."""
+    from pqd.engine import as_specs
+
+    kind = type(model)
+    return Recipe.model_construct(
+        name=name,
+        seed=seed,
+        device=device,
+        model=ModelSpec(
+            name=f"python:{kind.__module__}.{kind.__qualname__}",
+            kwargs={"weights_sha256": _weights_digest(net), "data_sha256": _data_digest(data)},
+        ),
+        data=DataSpec.model_construct(
+            dataset=data.name,
+            root=None,
+            image_size=data.image_size,
+            val_size=len(data.val_y),
+            test_size=len(data.test_y),
+            on_bad_image=data.info.get("on_bad_image", "error"),
+            download=False,
+            augment=DataSpec().augment,
+            limit_train=None,
+            limit_test=None,
+        ),
+        train=train_settings(train, given=baseline_epochs == 0),
+        baseline=(
+            BaselineSpec(epochs=baseline_epochs)
+            if baseline_epochs > 0
+            else BaselineSpec.model_construct(checkpoint=None, epochs=0, train=TrainOverride())
+        ),
+        stages=as_specs(stages),
+        export=export if isinstance(export, ExportSpec) else ExportSpec(**(export or {})),
+        measure=(measure if isinstance(measure, MeasureSpec) else MeasureSpec(**(measure or {}))),
+        search=None,
+    )
+
+
 def _default_out(recipe: Recipe) -> Path:
-    """``<tmp>/pqd/<name>-<digest of the inputs>``: the same inputs, the same folder."""
-    key = hashlib.sha256(
-        json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()
-    ).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / "pqd" / f"{recipe.name}-{key}"
+    """The run folder of ``out=None``: the same inputs, the same folder."""
+    return temp_folder(recipe.name, recipe.model_dump(mode="json"))
+
+
+def temp_folder(name: str, inputs: Any) -> Path:
+    """``<tmp>/pqd/<name>-<12 hex digits of the SHA-256 of inputs as sorted JSON>``."""
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "pqd" / f"{name}-{key}"
 
 
 def final_state(
@@ -395,10 +444,7 @@ def plan_model(
     """
     import copy
 
-    import numpy as np
-
     from pqd._quiet import quiet
-    from pqd.checkpoint import save_checkpoint
     from pqd.data import as_dataset
     from pqd.engine import as_specs
     from pqd.errors import DataError
@@ -425,33 +471,14 @@ def plan_model(
         weights = _weights_digest(net)
         specs = as_specs(stages) if stages is not None else [QuantizeSpec()]
         settings = train_settings(train, given=True)
-        key = hashlib.sha256(
-            json.dumps(
-                [weights, _data_digest(data), [s.model_dump(mode="json") for s in specs],
-                 settings.model_dump(mode="json"), seed, latency_ms],
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()[:12]  # fmt: skip
-        out_dir = (
-            Path(out)
-            if out is not None
-            else Path(tempfile.gettempdir()) / "pqd" / (f"{name}-{key}")
-        )
-        inputs = out_dir / "inputs"
-        inputs.mkdir(parents=True, exist_ok=True)
-        npz, ckpt = inputs / "data.npz", inputs / "model.safetensors"
-        np.savez(
-            npz,
-            x_train=torch.cat([data.train_x, data.val_x]).numpy(),
-            y_train=torch.cat([data.train_y, data.val_y]).numpy(),
-            x_test=data.test_x.numpy(),
-            y_test=data.test_y.numpy(),
-            classes=np.array(list(data.classes), dtype=str),
-            mean=np.array(data.mean, dtype=np.float64),
-            std=np.array(data.std, dtype=np.float64),
-        )
-        if not _same_weights(ckpt, net):  # rewritten only when they changed: its bytes key
-            save_checkpoint(net, ckpt, {"source": "the model passed to pqd.plan"})  # trials
+        inputs: list[Any] = [
+            weights,
+            _data_digest(data),
+            [s.model_dump(mode="json") for s in specs],
+        ]
+        inputs += [settings.model_dump(mode="json"), seed, latency_ms]
+        out_dir = Path(out) if out is not None else temp_folder(name, inputs)
+        npz, ckpt = _write_inputs(out_dir / "inputs", data, net)
         model_name = f"given_{weights}"  # built in this process only, for this call
         MODELS[model_name] = lambda num_classes=None, **_: copy.deepcopy(inner)
         try:
@@ -470,6 +497,34 @@ def plan_model(
             return plan_recipe(recipe, latency_ms, out_dir / "plan", **options)
         finally:
             MODELS.pop(model_name, None)
+
+
+def _write_inputs(inputs: Path, data: Any, net: nn.Module) -> tuple[Path, Path]:
+    """A model in memory's plan inputs, written once: the data (uint8 images, the train and
+    validation splits together, the normalisation) and the weights.
+
+    Returns:
+        The paths of ``data.npz`` and ``model.safetensors``.
+    """
+    import numpy as np
+
+    from pqd.checkpoint import save_checkpoint
+
+    inputs.mkdir(parents=True, exist_ok=True)
+    npz, ckpt = inputs / "data.npz", inputs / "model.safetensors"
+    np.savez(
+        npz,
+        x_train=torch.cat([data.train_x, data.val_x]).numpy(),
+        y_train=torch.cat([data.train_y, data.val_y]).numpy(),
+        x_test=data.test_x.numpy(),
+        y_test=data.test_y.numpy(),
+        classes=np.array(list(data.classes), dtype=str),
+        mean=np.array(data.mean, dtype=np.float64),
+        std=np.array(data.std, dtype=np.float64),
+    )
+    if not _same_weights(ckpt, net):  # rewritten only when they changed: its bytes key trials
+        save_checkpoint(net, ckpt, {"source": "the model passed to pqd.plan"})
+    return npz, ckpt
 
 
 def _same_weights(path: Path, model: nn.Module) -> bool:
