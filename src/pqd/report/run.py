@@ -137,6 +137,32 @@ def render_markdown(record: dict[str, Any]) -> str:
         "## Stages",
         "",
     ]
+    lines.append(stages_table(record["stages"]))
+    if final.get("early_exit"):
+        lines += ["", *early_exit_section(final["early_exit"])]
+    lines += ["", "## Runtimes", ""]
+    lines.append(runtimes_table(record))
+    lines += deploy_lines(final)
+    lines += [
+        "",
+        "Top-1 agreement: the share of test images where the ONNX file in this "
+        "runtime predicts the same class as its own torch model; 99% or more is normal "
+        "(INT8 rounding flips a few borderline images); less points at an export "
+        "problem or at a file built for another CPU (see Deployment target).",
+    ]
+    lines += ["", *target_section(record)]
+    if final.get("audit"):
+        from pqd.report_audit import audit_section
+
+        lines += ["", *audit_section(record)]
+    lines += ["", *environment_lines(env, record["timing_s"]), ""]
+    if data.get("subset_note"):
+        lines += [f"Note: {data['subset_note']}", ""]
+    return "\n".join(lines)
+
+
+def stages_table(stages: list[dict[str, Any]]) -> str:
+    """The report's table of stages: epochs, seconds, validation top-1, notes."""
     stage_rows = [
         [
             str(s["index"] + 1),
@@ -146,14 +172,15 @@ def render_markdown(record: dict[str, Any]) -> str:
             _pct(s["val_accuracy"]),
             notes_text(s["info"]),
         ]
-        for s in record["stages"]
+        for s in stages
     ]
     header = ["#", "stage", "epochs", "seconds", "val top-1", "notes"]
     no_stages = "(no stages: the final model is the baseline)"
-    lines.append(table(header, stage_rows) if stage_rows else no_stages)
-    if final.get("early_exit"):
-        lines += ["", *early_exit_section(final["early_exit"])]
-    lines += ["", "## Runtimes", ""]
+    return table(header, stage_rows) if stage_rows else no_stages
+
+
+def runtimes_table(record: dict[str, Any]) -> str:
+    """Both files on every runtime: top-1, batch-1 p50/p90 (ms), agreement with torch."""
     rt_rows = []
     for key in ("baseline", "final"):
         for rt, res in record[key]["runtimes"].items():
@@ -168,50 +195,34 @@ def render_markdown(record: dict[str, Any]) -> str:
                     f"{100 * res['parity']['top1_agreement']:.2f}%",
                 ]
             )
-    lines.append(
-        table(
-            [
-                "artifact",
-                "runtime",
-                "top-1",
-                "p50 ms (b1)",
-                "p90 ms (b1)",
-                "top-1 agreement with torch",
-            ],
-            rt_rows,
-        )
+    return table(
+        [
+            "artifact",
+            "runtime",
+            "top-1",
+            "p50 ms (b1)",
+            "p90 ms (b1)",
+            "top-1 agreement with torch",
+        ],
+        rt_rows,
     )
-    lines += deploy_lines(final)
-    lines += [
-        "",
-        "Top-1 agreement: the share of test images where the ONNX file in this "
-        "runtime predicts the same class as its own torch model; 99% or more is normal "
-        "(INT8 rounding flips a few borderline images); less points at an export "
-        "problem or at a file built for another CPU (see Deployment target).",
-    ]
-    lines += ["", *target_section(record)]
-    if final.get("audit"):
-        from pqd.report_audit import audit_section
 
-        lines += ["", *audit_section(record)]
+
+def environment_lines(env: dict[str, Any], timing: dict[str, float]) -> list[str]:
+    """The report's environment section: CPU and flags, threads, libraries, step times (s)."""
     libs = env["libraries"]
-    lines += [
-        "",
+    return [
         "## Environment",
         "",
         f"- CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs; "
         f"{', '.join(env['cpu_flags']) or 'no VNNI/AVX-512 flags'})",
         f"- measured with {env['measure_threads']} threads; "
         + ", ".join(f"{k} {v}" for k, v in libs.items()),
-        f"- time: baseline {record['timing_s']['baseline']:.0f} s, stages "
-        f"{record['timing_s']['stages']:.0f} s, export {record['timing_s']['export']:.0f} s, "
-        f"measurement {record['timing_s']['measure']:.0f} s, total "
-        f"{record['timing_s']['total']:.0f} s",
-        "",
+        f"- time: baseline {timing['baseline']:.0f} s, stages "
+        f"{timing['stages']:.0f} s, export {timing['export']:.0f} s, "
+        f"measurement {timing['measure']:.0f} s, total "
+        f"{timing['total']:.0f} s",
     ]
-    if data.get("subset_note"):
-        lines += [f"Note: {data['subset_note']}", ""]
-    return "\n".join(lines)
 
 
 def early_exit_rows(ee: dict[str, Any]) -> list[list[str]]:
