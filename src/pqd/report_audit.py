@@ -153,22 +153,7 @@ def audit_section(record: dict[str, Any]) -> list[str]:
             "",
         ]
     lines += [table(["", "baseline", "final"], audit_rows(record)), ""]
-    energy = f.get("energy")
-    if energy:
-        rapl = energy["rapl"]
-        where = (
-            f"RAPL {', '.join(rapl['zones'])}"
-            if rapl["readable"]
-            else f"RAPL not readable: {rapl['reason']}"
-        )
-        lines += [
-            f"Energy: {where}."
-            " CPU-ms per inference is process CPU time (all threads) over a timed "
-            "batch-1 window divided by the calls: a measured proxy, not joules. Peak "
-            "memory: a fresh process that imports only the runtime, loads the file and "
-            "runs every measured batch size.",
-            "",
-        ]
+    lines += energy_lines(f.get("energy"))
     plots = []
     if "baseline" in au:
         lines += [
@@ -182,46 +167,77 @@ def audit_section(record: dict[str, Any]) -> list[str]:
         ]
         plots.append(PER_CLASS_PNG)
     if "corruptions" in f and "corruptions" in au.get("baseline", {}):
-        c = vs.get("corruption", {})
-        lines += [
-            "### Corruptions",
-            "",
-            f"{len(f['corruptions']['accuracy'])} corruptions x 5 severities "
-            f"(CIFAR-10-C parameters, seed {f['corruptions']['seed']}); mean top-1 "
-            f"baseline {_pct(au['baseline']['corruptions']['mean_accuracy'])}, final "
-            f"{_pct(f['corruptions']['mean_accuracy'])}; mean CE (final errors / "
-            f"baseline errors) {_num(c.get('mean_ce'), '.3f')}, mean relative CE "
-            f"{_num(c.get('mean_relative_ce'), '.3f')}.",
-            "",
-            table(
-                ["corruption", "baseline", "final", "CE", "relative CE"], corruption_rows(record)
-            ),
-            "",
-        ]
+        lines += corruption_lines(record, au["baseline"], f, vs)
         plots.append(CORRUPTIONS_PNG)
-    if f.get("exit_calibration"):
-        rows = [
-            [
-                f"exit {e['exit']}",
-                _pct(e["accuracy"]),
-                _num(e["confidence_ece"]),
-                _num(e["nll"]),
-                _num(e["brier"]),
-            ]
-            for e in f["exit_calibration"]
-        ]
-        lines += [
-            "### Exit heads",
-            "",
-            "Calibration of each exit's confidence (what its threshold is compared "
-            "with) against that head's top-1 on the test split.",
-            "",
-            table(["head", "top-1", "confidence ECE", "NLL", "Brier"], rows),
-            "",
-        ]
+    lines += exit_lines(f.get("exit_calibration") or [])
     plots.append(RELIABILITY_PNG)
     lines += [f"![{p}]({p})" for p in plots] + [""]
     return lines
+
+
+def energy_lines(energy: dict[str, Any] | None) -> list[str]:
+    """What the audit's energy figures are (RAPL zones or why not, CPU-ms, peak memory)."""
+    if not energy:
+        return []
+    rapl = energy["rapl"]
+    where = (
+        f"RAPL {', '.join(rapl['zones'])}"
+        if rapl["readable"]
+        else f"RAPL not readable: {rapl['reason']}"
+    )
+    return [
+        f"Energy: {where}."
+        " CPU-ms per inference is process CPU time (all threads) over a timed "
+        "batch-1 window divided by the calls: a measured proxy, not joules. Peak "
+        "memory: a fresh process that imports only the runtime, loads the file and "
+        "runs every measured batch size.",
+        "",
+    ]
+
+
+def corruption_lines(
+    record: dict[str, Any], baseline: dict[str, Any], f: dict[str, Any], vs: dict[str, Any]
+) -> list[str]:
+    """The audit's corruption section: mean top-1, mean (relative) CE, per corruption."""
+    c = vs.get("corruption", {})
+    return [
+        "### Corruptions",
+        "",
+        f"{len(f['corruptions']['accuracy'])} corruptions x 5 severities "
+        f"(CIFAR-10-C parameters, seed {f['corruptions']['seed']}); mean top-1 "
+        f"baseline {_pct(baseline['corruptions']['mean_accuracy'])}, final "
+        f"{_pct(f['corruptions']['mean_accuracy'])}; mean CE (final errors / "
+        f"baseline errors) {_num(c.get('mean_ce'), '.3f')}, mean relative CE "
+        f"{_num(c.get('mean_relative_ce'), '.3f')}.",
+        "",
+        table(["corruption", "baseline", "final", "CE", "relative CE"], corruption_rows(record)),
+        "",
+    ]
+
+
+def exit_lines(calibration: list[dict[str, Any]]) -> list[str]:
+    """The audit's exit-head calibration table (empty without exits)."""
+    if not calibration:
+        return []
+    rows = [
+        [
+            f"exit {e['exit']}",
+            _pct(e["accuracy"]),
+            _num(e["confidence_ece"]),
+            _num(e["nll"]),
+            _num(e["brier"]),
+        ]
+        for e in calibration
+    ]
+    return [
+        "### Exit heads",
+        "",
+        "Calibration of each exit's confidence (what its threshold is compared "
+        "with) against that head's top-1 on the test split.",
+        "",
+        table(["head", "top-1", "confidence ECE", "NLL", "Brier"], rows),
+        "",
+    ]
 
 
 def _fig(w: float, h: float) -> tuple[Any, Any]:
