@@ -240,7 +240,6 @@ def _win_graph(search: dict[str, Any]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyArrowPatch
 
     pw = search["pairwise"]
     names = search["stages"]
@@ -257,48 +256,11 @@ def _win_graph(search: dict[str, Any]) -> bytes:
     margins = {(r["a"], r["b"]): r for r in pw["table"]}
     radius = 0.2
     for a, b in pw["edges"]:
-        (x0, y0), (x1, y1) = pos[a], pos[b]
         colour = "#d62728" if (a, b) in cycle else "#1f77b4"
-        ax.add_patch(
-            FancyArrowPatch(
-                (x0, y0),
-                (x1, y1),
-                arrowstyle="-|>",
-                mutation_scale=22,
-                lw=2.2,
-                color=colour,
-                shrinkA=radius * 140,
-                shrinkB=radius * 140,
-                zorder=2,
-            )
-        )
-        r = margins.get((a, b)) or margins.get((b, a))
-        mx, my = (x0 + x1) / 2, (y0 + y1) / 2
-        if r["decided_by"] == "accuracy" and r["margin_points"] is not None:
-            note = f"+{abs(r['margin_points']):.2f} pts"
-        else:
-            note = r["decided_by"]
-        ax.text(
-            mx,
-            my,
-            note,
-            ha="center",
-            va="center",
-            fontsize=9,
-            bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.9},
-        )
+        note = _margin_note(margins.get((a, b)) or margins.get((b, a)))
+        _link(ax, pos[a], pos[b], note, colour, arrow=radius * 140)
     for a, b in pw["ties"]:
-        (x0, y0), (x1, y1) = pos[a], pos[b]
-        ax.plot([x0, x1], [y0, y1], "--", color="#888888", lw=1.5, zorder=1)
-        ax.text(
-            (x0 + x1) / 2,
-            (y0 + y1) / 2,
-            "tie",
-            ha="center",
-            va="center",
-            fontsize=9,
-            bbox={"boxstyle": "round", "fc": "white", "ec": "#888888"},
-        )
+        _link(ax, pos[a], pos[b], "tie", "#888888")
     for s, (x, y) in pos.items():
         ax.add_patch(plt.Circle((x, y), radius, color="#f2f2f2", ec="#333333", lw=1.5, zorder=3))
         ax.text(x, y, s, ha="center", va="center", fontsize=11, zorder=4)
@@ -306,12 +268,7 @@ def _win_graph(search: dict[str, Any]) -> bytes:
     ax.set_ylim(-1.55, 1.45)
     ax.set_aspect("equal")
     ax.axis("off")
-    if pw["cycle"]:
-        head = "cycle (red): no order derived"
-    elif not pw["edges"]:
-        head = "every pair tied: no order preferred"
-    else:
-        head = "order: " + " -> ".join(pw["order"]) + ("" if pw["unique"] else " (not unique)")
+    head = _order_head(pw)
     ax.set_title(f"Pairwise wins; {head}", fontsize=11)
     ax.text(
         0,
@@ -323,6 +280,57 @@ def _win_graph(search: dict[str, Any]) -> bytes:
         color="#444444",
     )
     return _png(fig)
+
+
+def _margin_note(row: dict[str, Any]) -> str:
+    """An arrow's label: the winning order's top-1 margin, or what decided the pair."""
+    if row["decided_by"] == "accuracy" and row["margin_points"] is not None:
+        return f"+{abs(row['margin_points']):.2f} pts"
+    return str(row["decided_by"])
+
+
+def _link(
+    ax: Any,
+    start: tuple[float, float],
+    end: tuple[float, float],
+    note: str,
+    colour: str,
+    arrow: float | None = None,
+) -> None:
+    """A labelled link between two stages: an arrow (``arrow``: its shrink at both ends,
+    in points) or, without one, a dashed line (a tie)."""
+    from matplotlib.patches import FancyArrowPatch
+
+    (x0, y0), (x1, y1) = start, end
+    if arrow is None:
+        ax.plot([x0, x1], [y0, y1], "--", color=colour, lw=1.5, zorder=1)
+    else:
+        ax.add_patch(
+            FancyArrowPatch(
+                (x0, y0),
+                (x1, y1),
+                arrowstyle="-|>",
+                mutation_scale=22,
+                lw=2.2,
+                color=colour,
+                shrinkA=arrow,
+                shrinkB=arrow,
+                zorder=2,
+            )
+        )
+    box = {"boxstyle": "round", "fc": "white", "ec": colour}
+    if arrow is not None:
+        box["alpha"] = 0.9
+    ax.text((x0 + x1) / 2, (y0 + y1) / 2, note, ha="center", va="center", fontsize=9, bbox=box)
+
+
+def _order_head(pw: dict[str, Any]) -> str:
+    """The win graph's title: the derived order, a cycle, or every pair tied."""
+    if pw["cycle"]:
+        return "cycle (red): no order derived"
+    if not pw["edges"]:
+        return "every pair tied: no order preferred"
+    return "order: " + " -> ".join(pw["order"]) + ("" if pw["unique"] else " (not unique)")
 
 
 def _png(fig: Any) -> bytes:
