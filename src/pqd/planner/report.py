@@ -161,22 +161,7 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
         " val top-1 | test top-1 | size KB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for i, e in enumerate(result["trained"]):
-        kind = (
-            f"uniform {e['uniform_reference']:g} (by hand)"
-            if e.get("uniform_reference") is not None
-            else "planned"
-        )
-        abn = f"{100 * e['abn_accuracy']:.2f}" if e.get("abn_accuracy") is not None else "-"
-        if e.get("status") != "done":
-            lines.append(f"| {i} | {kind} | {e['predicted_ms']:.3f} | failed | | {abn} | | | |")
-            continue
-        spread = f" ({100 * e['measured_spread']:.1f}%)" if "measured_spread" in e else ""
-        lines.append(
-            f"| {i} | {kind} | {e['predicted_ms']:.3f} | {e['measured_ms']:.3f}{spread} | "
-            f"{e['estimated_loss']:.4f} | {abn} | {100 * (e['val_accuracy'] or 0):.2f} | "
-            f"{100 * e['accuracy']:.2f} | {e['size_bytes'] / 1e3:.1f} |"
-        )
+    lines += [trained_row(i, e) for i, e in enumerate(result["trained"])]
     p = result.get("pick")
     lines += ["", "## Pick", ""]
     if p:
@@ -189,3 +174,21 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
     else:
         lines.append("No trained candidate met the budget when measured.")
     return "\n".join(lines) + "\n"
+
+
+def trained_row(i: int, e: dict[str, Any]) -> str:
+    """One trained candidate's row of the report's table (``failed`` when it has none)."""
+    kind = (
+        f"uniform {e['uniform_reference']:g} (by hand)"
+        if e.get("uniform_reference") is not None
+        else "planned"
+    )
+    abn = f"{100 * e['abn_accuracy']:.2f}" if e.get("abn_accuracy") is not None else "-"
+    if e.get("status") != "done":
+        return f"| {i} | {kind} | {e['predicted_ms']:.3f} | failed | | {abn} | | | |"
+    spread = f" ({100 * e['measured_spread']:.1f}%)" if "measured_spread" in e else ""
+    return (
+        f"| {i} | {kind} | {e['predicted_ms']:.3f} | {e['measured_ms']:.3f}{spread} | "
+        f"{e['estimated_loss']:.4f} | {abn} | {100 * (e['val_accuracy'] or 0):.2f} | "
+        f"{100 * e['accuracy']:.2f} | {e['size_bytes'] / 1e3:.1f} |"
+    )
