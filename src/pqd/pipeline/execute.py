@@ -130,7 +130,6 @@ def execute(
     Returns:
         The record (or, with ``measure=False``, the pending record).
     """
-    from pqd.engine import apply_stages, frozen
     from pqd.models import check_output_shape
 
     t_start = time.perf_counter() if t_start is None else t_start
@@ -145,32 +144,9 @@ def execute(
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
         ctx = Context(data=data, device=device, teacher=model, progress=progress)
         val_loader = ctx.loader("val", 256)
-        base = baseline_step(recipe, folder, model, data, device, progress, source)
-        if "val_accuracy" not in base:  # trained or loaded just now
-            base["val_accuracy"] = evaluate(
-                model, val_loader, device=device, progress=progress, desc="baseline val"
-            )
-            folder.finish(0, "baseline.safetensors", base)
-        # the stages, in the recipe's order (finished ones come back from their checkpoints)
-        state, finished, stage_records = resumed_stages(folder, recipe, fresh_model, ctx)
-        state = apply_stages(
-            model,
-            recipe.stages,
-            data,
-            frozen(model),
-            train=recipe.train,
-            seed=recipe.seed,
-            augment=recipe.data.augment,
-            device=device,
-            target=target,
-            threads=recipe.measure.threads,
-            progress=progress,
-            fresh_model=fresh_model,
-            state=state,
-            start=finished,
-            run=folder,
-            on_stage=StageRecorder(recipe, folder, val_loader, device, progress, stage_records),
-            forward_loop=forward_loop,
+        base = baseline_step(recipe, folder, model, data, val_loader, device, progress, source)
+        state, stage_records = run_stages(
+            recipe, folder, model, ctx, val_loader, fresh_model, target, forward_loop
         )
     save_val_predictions(state, val_loader, out / VAL_PREDICTIONS_FILE, device, progress)
 
@@ -209,16 +185,17 @@ def baseline_step(
     folder: RunFolder,
     model: nn.Module,
     data: Any,
+    val_loader: Any,
     device: torch.device,
     progress: bool,
     source: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The baseline into ``model``: trained, loaded from the recipe's checkpoint, or taken
-    from an earlier, stopped run in ``folder``.
+    from an earlier, stopped run in ``folder`` (else saved and measured on the validation
+    split, and its step finished).
 
     Returns:
-        The baseline step's entry (``source``, ``seconds``; ``val_accuracy`` when the step
-        was finished before: else the caller measures it and finishes the step).
+        The baseline step's entry (``source``, ``seconds``, ``val_accuracy``).
     """
     from pqd.engine import baseline
 
@@ -249,7 +226,56 @@ def baseline_step(
         if recipe.baseline.checkpoint
         else {"trained_epochs": recipe.baseline.epochs}
     )
-    return {"source": source, "seconds": round(time.perf_counter() - t0, 2)}
+    done = {
+        "source": source,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "val_accuracy": evaluate(
+            model, val_loader, device=device, progress=progress, desc="baseline val"
+        ),
+    }
+    folder.finish(0, "baseline.safetensors", done)
+    return done
+
+
+def run_stages(
+    recipe: Recipe,
+    folder: RunFolder,
+    model: nn.Module,
+    ctx: Context,
+    val_loader: Any,
+    fresh_model: Callable[[], nn.Module],
+    target: str,
+    forward_loop: Callable[[nn.Module], None] | None,
+) -> tuple[State, list[dict[str, Any]]]:
+    """The recipe's stages in order on the baseline ``model`` (those an earlier, stopped run
+    finished come back from their checkpoints), each recorded by a :class:`StageRecorder`.
+
+    Returns:
+        The final state and every stage's entry.
+    """
+    from pqd.engine import apply_stages, frozen
+
+    state, finished, stage_records = resumed_stages(folder, recipe, fresh_model, ctx)
+    state = apply_stages(
+        model,
+        recipe.stages,
+        ctx.data,
+        frozen(model),
+        train=recipe.train,
+        seed=recipe.seed,
+        augment=recipe.data.augment,
+        device=ctx.device,
+        target=target,
+        threads=recipe.measure.threads,
+        progress=ctx.progress,
+        fresh_model=fresh_model,
+        state=state,
+        start=finished,
+        run=folder,
+        on_stage=StageRecorder(recipe, folder, val_loader, ctx.device, ctx.progress, stage_records),
+        forward_loop=forward_loop,
+    )
+    return state, stage_records
 
 
 def resumed_stages(
