@@ -16,8 +16,8 @@ from onnx import helper
 from helpers import Job
 from pqd.data import Dataset
 from pqd.errors import RecipeError
+from pqd.exits.export import add_confidence_output
 from pqd.exits.heads import calibrate_thresholds, confidence, exit_assignment, exit_outcome
-from pqd.exits.runtime import add_confidence_output
 from pqd.models import build_model
 from pqd.models.multi_exit import MultiExitNet, build_multi_exit, exit_costs
 from pqd.recipe import ExitTarget, recipe_from_dict

@@ -17,7 +17,8 @@ import yaml
 from onnx import numpy_helper
 
 from helpers import load_benchmark
-from pqd.exits.runtime import ExitRuntime, exit_graph
+from pqd.exits.graph import exit_graph
+from pqd.exits.runtime import ExitRuntime
 from pqd.measurement.runtime import open_runner
 
 ORDERS = {

@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.onnx_export",),  # ONNX files
     ("pqd.prune",),  # importance, masks, surgery
     ("pqd.latency_model",),  # measured per-layer tables of the target CPU (pqd plan)
-    ("pqd.exits",),  # exit heads, exit runtime
+    ("pqd.exits",),  # exit heads, exit files, runtime and measurement
     (
         "pqd.measurement.audit",
         "pqd.measurement.corruptions",
@@ -117,8 +117,8 @@ def in_registry_cycle(module: str) -> bool:
 
 def test_the_graph_sees_imports_inside_functions() -> None:
     graph = import_graph()
-    # pipeline imports the exits runtime only inside a function (an early-exit run)
-    assert graph.has_edge("pqd.pipeline.finish", "pqd.exits.runtime")
+    # pipeline imports the exits' measuring only inside a function (an early-exit run)
+    assert graph.has_edge("pqd.pipeline.finish", "pqd.exits.measure")
     assert graph.number_of_edges() > 150
 
 

@@ -119,6 +119,23 @@ class Context:
         _, c, h, w = self.data.train_x.shape
         return torch.rand(batch, c, h, w, device=self.device)
 
+    def teacher_loss(self, temperature: float, alpha: float) -> LossHook:
+        """Hinton KD against ``teacher`` (:func:`pqd.train.kd_loss`) with the stage's label
+        smoothing and autocast: the distill stage's logit loss, and early_exit's with
+        ``distill: teacher``.
+
+        Args:
+            temperature: the softmax temperature of the KD term.
+            alpha: the KD term's weight (``1 - alpha`` on cross-entropy).
+
+        Returns:
+            The loss hook ``loss(logits, y, x)``.
+        """
+        cfg = self.train
+        return kd_loss(
+            self.teacher, temperature, alpha, cfg.label_smoothing, device=self.device, amp=cfg.amp
+        )
+
     def fit(
         self,
         state: State,

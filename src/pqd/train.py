@@ -137,6 +137,25 @@ def is_graph(model: nn.Module) -> bool:
     return isinstance(model, torch.fx.GraphModule)
 
 
+def load_graph_weights(eager: nn.Module, graph: nn.Module) -> list[str]:
+    """Load the weights and buffers of a PT2E graph into ``eager``, a model of the same
+    architecture (the graph's state_dict has every eager key, plus fake-quant buffers).
+
+    Args:
+        eager: the eager model to load into (in place).
+        graph: the graph module to take the values from.
+
+    Returns:
+        The eager keys the graph lacks; when there are any, nothing is loaded.
+    """
+    state = graph.state_dict()
+    wanted = eager.state_dict()
+    missing = [k for k in wanted if k not in state]
+    if not missing:
+        eager.load_state_dict({k: state[k].detach().clone() for k in wanted})
+    return missing
+
+
 def has_graph(model: nn.Module) -> bool:
     """True when ``model`` is or holds an exported graph (a multi-exit net's QAT parts):
     such models train in fp32 and keep their memory format."""

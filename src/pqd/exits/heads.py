@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from pqd.errors import RecipeError
 from pqd.models.multi_exit import MultiExitNet
 from pqd.recipe import ExitTarget, TrainSpec
-from pqd.train import LossHook, eval_mode, is_graph, soft_kd
+from pqd.train import LossHook, eval_mode, is_graph, load_graph_weights, soft_kd
 
 GRID_BUDGET = 200_000  # threshold combinations searched (per-exit grid = budget^(1/K))
 
@@ -139,22 +139,9 @@ def calibrate_thresholds(
     cheapest_key: tuple | None = None
     cheapest: tuple[float, ...] = best
     correct_sum = correct.astype(np.int64)
+    last = k_exits - 1
     for prefix in itertools.product(*grids[:-1]):
-        remaining = np.ones(n, bool)
-        acc_sum, cost_sum = 0, 0.0
-        for k, t in enumerate(prefix):
-            leave = remaining & (conf[k] >= t)
-            acc_sum += int(correct_sum[k][leave].sum())
-            cost_sum += costs[k] * int(leave.sum())
-            remaining &= ~leave
-        last = k_exits - 1
-        rem_conf = conf[last][remaining]
-        leave = rem_conf[None, :] >= grids[last][:, None]  # [G, n_remaining]
-        acc = (
-            acc_sum + leave @ correct_sum[last][remaining] + (~leave) @ correct_sum[-1][remaining]
-        ) / n
-        n_leave = leave.sum(1)
-        cost = (cost_sum + costs[last] * n_leave + costs[-1] * (int(remaining.sum()) - n_leave)) / n
+        acc, cost = _last_exit_outcomes(prefix, grids[last], conf, correct_sum, costs)
         for g in range(len(grids[last])):
             thr = (*prefix, float(grids[last][g]))
             key_cheap = (cost[g], -acc[g])
@@ -178,6 +165,34 @@ def calibrate_thresholds(
         "reference_accuracy": ref_acc,
         **exit_outcome(conf, correct, costs, chosen),
     }
+
+
+def _last_exit_outcomes(
+    prefix: tuple[float, ...],
+    grid: np.ndarray,
+    conf: np.ndarray,
+    correct_sum: np.ndarray,
+    costs: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(accuracy, mean cost) per threshold of ``grid`` on the last exit, with ``prefix``
+    the thresholds of the exits before it: :func:`calibrate_thresholds`' inner loop."""
+    n = correct_sum.shape[1]
+    remaining = np.ones(n, bool)
+    acc_sum, cost_sum = 0, 0.0
+    for k, t in enumerate(prefix):
+        leave = remaining & (conf[k] >= t)
+        acc_sum += int(correct_sum[k][leave].sum())
+        cost_sum += costs[k] * int(leave.sum())
+        remaining &= ~leave
+    last = len(prefix)
+    rem_conf = conf[last][remaining]
+    leave = rem_conf[None, :] >= grid[:, None]  # [G, n_remaining]
+    acc = (
+        acc_sum + leave @ correct_sum[last][remaining] + (~leave) @ correct_sum[-1][remaining]
+    ) / n
+    n_leave = leave.sum(1)
+    cost = (cost_sum + costs[last] * n_leave + costs[-1] * (int(remaining.sum()) - n_leave)) / n
+    return acc, cost
 
 
 def _grid(values: np.ndarray, size: int) -> np.ndarray:
@@ -259,15 +274,12 @@ def eager_from_graph(graph: nn.Module, like: nn.Module) -> nn.Module:
     """A copy of eager model ``like`` holding the weights and BN statistics of ``graph``
     (a PT2E QAT graph of the same architecture: its state_dict has the eager keys)."""
     eager = copy.deepcopy(like)
-    state = graph.state_dict()
-    wanted = eager.state_dict()
-    missing = [k for k in wanted if k not in state]
+    missing = load_graph_weights(eager, graph)
     if missing:
         raise RecipeError(
             f"early_exit: the quantized model lacks weights of the eager net ({missing[:3]})",
             "put early_exit before quantize, or keep the architecture unchanged between them",
         )
-    eager.load_state_dict({k: state[k] for k in wanted})
     return eager
 
 

@@ -14,7 +14,7 @@ slower here (ResNet-18 INT8 onnxruntime p90 5.9 ms instead of 2.3 ms; p50s barel
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,25 +58,17 @@ def compare_latency(
     every block (see module doc).
     """
     x = np.random.default_rng(seed).random(input_shape, dtype=np.float32)
-    for run in runs.values():
-        for _ in range(warmup):
-            run(x)
-    samples: dict[str, list[float]] = {name: [] for name in runs}
     per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
-    bar = progress_bar(total=repeats * len(runs), desc=desc, unit="run", show=progress, leave=False)
-    for count in per_round:
-        for name, run in runs.items():
-            for _ in range(count):
-                t0 = time.perf_counter()
-                run(x)
-                samples[name].append(time.perf_counter() - t0)
-            bar.update(count)
-            if switch_pause_ms > 0 and len(runs) > 1:
-                time.sleep(switch_pause_ms / 1e3)
-    bar.close()
+    samples = interleaved_ms(
+        runs,
+        [x] * warmup,
+        [[x] * count for count in per_round],
+        switch_pause_ms=switch_pause_ms,
+        progress=progress,
+        desc=desc,
+    )
     out = {}
-    for name, s in samples.items():
-        ms = np.asarray(s) * 1e3
+    for name, ms in samples.items():
         out[name] = LatencyStats(
             batch=input_shape[0],
             p50=float(np.percentile(ms, 50)),
@@ -88,3 +80,47 @@ def compare_latency(
             max=float(ms.max()),
         )
     return out
+
+
+def interleaved_ms(
+    runs: dict[str, Callable[[np.ndarray], object]],
+    warm: Sequence[np.ndarray],
+    rounds: Sequence[Sequence[np.ndarray]],
+    *,
+    switch_pause_ms: float = 100.0,
+    progress: bool = True,
+    desc: str = "latency",
+) -> dict[str, np.ndarray]:
+    """The side-by-side timer under :func:`compare_latency`, on given inputs.
+
+    Args:
+        runs: the callables to time, by name.
+        warm: inputs each run is called on, untimed, before any timing.
+        rounds: the timed rounds; in each, every run in turn is timed on every input of
+            the round, one call per sample, then the loop idles ``switch_pause_ms``
+            (untimed; only when there are several runs, see module doc).
+        switch_pause_ms: idle time after each run's block.
+        progress: show a progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        Every sample of each run in milliseconds, in the order taken.
+    """
+    for run in runs.values():
+        for x in warm:
+            run(x)
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    total = sum(len(inputs) for inputs in rounds) * len(runs)
+    bar = progress_bar(total=total, desc=desc, unit="run", show=progress, leave=False)
+    for inputs in rounds:
+        for name, run in runs.items():
+            times = samples[name]
+            for x in inputs:
+                t0 = time.perf_counter()
+                run(x)
+                times.append(time.perf_counter() - t0)
+            bar.update(len(inputs))
+            if switch_pause_ms > 0 and len(runs) > 1:
+                time.sleep(switch_pause_ms / 1e3)
+    bar.close()
+    return {name: np.asarray(s) * 1e3 for name, s in samples.items()}

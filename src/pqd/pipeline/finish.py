@@ -66,7 +66,7 @@ def export_files(
     )
     exits = isinstance(state.model, MultiExitNet)
     if exits:  # segment files + manifest; final.onnx = the segments chained, no heads
-        from pqd.exits.runtime import chain_segments, export_exits
+        from pqd.exits.export import chain_segments, export_exits
 
         manifest, final_torch = export_exits(
             state.model, out / "exits", example, quantized=state.quantized, opset=export.opset
@@ -95,7 +95,7 @@ def export_files(
         "final": torch_reference(final_torch, data, export.parity_samples),
     }
     if exits:
-        from pqd.exits.runtime import exit_references
+        from pqd.exits.measure import exit_references
 
         references.update(exit_references(final_torch, data, export.parity_samples))
     return final_path, references, export_seconds, time.perf_counter() - t0
@@ -214,7 +214,8 @@ def measure_exits_into(
     exit_spec = recipe.early_exit()
     if exit_spec is None:
         return
-    from pqd.exits.runtime import MANIFEST, measure_exits, references_of
+    from pqd.exits.export import MANIFEST
+    from pqd.exits.measure import measure_exits, references_of
 
     measured["final"]["early_exit"] = measure_exits(
         out / "exits" / MANIFEST,

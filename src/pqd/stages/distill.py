@@ -40,7 +40,7 @@ from pqd.errors import RecipeError
 from pqd.recipe import DistillSpec, FeatureKDSpec
 from pqd.registry import register_stage
 from pqd.state import State
-from pqd.train import eval_mode, is_graph, kd_loss
+from pqd.train import eval_mode, is_graph
 
 TAPS = "_pqd_feature_taps"
 TAP_PREFIX = "_pqd_feature_tap_"
@@ -235,14 +235,7 @@ def feature_loss(
 def apply_distill(state: State, spec: DistillSpec, ctx: Context) -> State:
     """Fine-tune the student on ``alpha * KD + (1 - alpha) * CE`` (+ ``beta`` * feature KD)."""
     cfg = ctx.train
-    loss = kd_loss(
-        ctx.teacher,
-        spec.temperature,
-        spec.alpha,
-        cfg.label_smoothing,
-        device=ctx.device,
-        amp=cfg.amp,
-    )
+    loss = ctx.teacher_loss(spec.temperature, spec.alpha)
     if spec.features is None:
         ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, loss_fn=loss, desc=ctx.desc)
         return state

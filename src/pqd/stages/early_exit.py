@@ -95,16 +95,7 @@ def apply_early_exit(state: State, spec: EarlyExitSpec, ctx: Context) -> State:
     state.model = net
     base: LossHook | None = None
     if spec.mode == "joint" and spec.distill == "teacher":
-        from pqd.train import kd_loss
-
-        base = kd_loss(
-            ctx.teacher,
-            spec.temperature,
-            spec.alpha,
-            cfg.label_smoothing,
-            device=ctx.device,
-            amp=cfg.amp,
-        )
+        base = ctx.teacher_loss(spec.temperature, spec.alpha)
     guard = frozen_backbone(net) if spec.mode == "heads" else contextlib.nullcontext()
     with guard:
         ctx.fit(state, cfg, spec.epochs, seed=ctx.seed, loss_fn=base, desc=ctx.desc)

@@ -27,7 +27,7 @@ from pqd.prune.channels import (
 from pqd.recipe import PruneChannelsSpec
 from pqd.registry import register_stage
 from pqd.state import State
-from pqd.train import is_graph
+from pqd.train import is_graph, load_graph_weights
 
 
 def eager_model(state: State, ctx: Context) -> nn.Module:
@@ -40,15 +40,12 @@ def eager_model(state: State, ctx: Context) -> nn.Module:
         return state.model
     example = ctx.example_input().cpu()
     eager = rebuild_model(ctx.new_model(), state.structure, example)
-    graph_state = state.model.state_dict()
-    own = eager.state_dict()
-    missing = [k for k in own if k not in graph_state]
+    missing = load_graph_weights(eager, state.model)
     if missing:
         raise ModelError(
             f"the QAT graph lacks eager weights {missing[:3]}",
             "prune channels before quantize for this model",
         )
-    eager.load_state_dict({k: graph_state[k].detach().clone() for k in own})
     return eager.to(ctx.device)
 
 
