@@ -34,17 +34,13 @@ LAYERS: list[tuple[str, ...]] = [
         "pqd.target",
         "pqd._pt2e_cache",
     ),  # data, nets, training
-    ("pqd.measurement",),  # measuring files: accuracy, parity, size, latency
+    ("pqd.measurement",),  # measuring files: accuracy, parity, size, latency, the audit
     ("pqd.quant",),  # PT2E, calibration, sensitivity
     ("pqd.onnx_export",),  # ONNX files
     ("pqd.prune",),  # importance, masks, surgery
     ("pqd.latency_model",),  # measured per-layer tables of the target CPU (pqd plan)
     ("pqd.exits",),  # exit heads, exit files, runtime and measurement
-    (
-        "pqd.measurement.audit",
-        "pqd.measurement.corruptions",
-        "pqd.artifact",
-    ),  # audit (exits included); export/measure/torch_model of the Python API
+    ("pqd.artifact",),  # export/measure/torch_model of the Python API
     ("pqd.context",),  # what a stage reads
     ("pqd.stages",),  # one thin apply per file
     ("pqd.engine", "pqd.resume"),  # the stage loop, run folders

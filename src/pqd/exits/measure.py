@@ -383,3 +383,35 @@ def _cumulative(
         run += s + (heads[k] if k < len(heads) else 0)
         out.append(run)
     return out
+
+
+def exit_calibration(
+    manifest: Path, runtime: str, threads: int, data: Any, batch_size: int, progress: bool
+) -> list[dict[str, Any]]:
+    """Calibration of each exit head's confidence (the value compared with its threshold)
+    against the correctness of that head's top-1, on the test split, plus the head's NLL and
+    Brier score."""
+    from pqd.measurement.audit import calibration, reliability
+
+    heads = json.loads(manifest.read_text())["heads"]
+    rt = ExitRuntime(manifest, runtime, threads, thresholds=[float("inf")] * len(heads))
+    logits, conf = all_exit_outputs(rt, data.test_x, batch_size, "exit calibration", progress)
+    y = data.test_y.numpy()
+    out = []
+    for k in range(len(conf)):
+        cal = calibration(logits[k], y)
+        rel = reliability(conf[k], logits[k].argmax(1) == y)
+        out.append(
+            {
+                "exit": k,
+                "accuracy": float((logits[k].argmax(1) == y).mean()),
+                "confidence_ece": rel["ece"],
+                "nll": cal["nll"],
+                "brier": cal["brier"],
+                "softmax_ece": cal["ece"],
+                "bin_count": rel["bin_count"],
+                "bin_confidence": rel["bin_confidence"],
+                "bin_accuracy": rel["bin_accuracy"],
+            }
+        )
+    return out

@@ -18,8 +18,9 @@ For each artifact (``baseline`` FP32 and ``final``) on the primary runtime, ``au
 disagreement set (test images whose top-1 differs between the two files, how many of them
 the baseline had right, by true class), and the corruption errors of final relative to
 baseline (Hendrycks & Dietterich's CE and relative CE). With early exits, ``final.audit``
-also has ``exit_calibration``: the same calibration of every exit head's confidence (the one
-that decides the exit) against that head's correctness.
+also has ``exit_calibration`` (measured by :func:`pqd.exits.measure.exit_calibration`): the
+same calibration of every exit head's confidence (the one that decides the exit) against
+that head's correctness.
 
     from pqd.pipeline import audit_run
     record = audit_run("runs/quick")   # pqd audit runs/quick
@@ -425,38 +426,6 @@ def latency_tail(latency_ms: dict[str, Any]) -> dict[str, Any] | None:
     return {k: b1[k] for k in ("p50", "p90", "p99", "max", "samples", "source") if k in b1}
 
 
-def exit_calibration(
-    manifest: Path, runtime: str, threads: int, data: Any, batch_size: int, progress: bool
-) -> list[dict[str, Any]]:
-    """Calibration of each exit head's confidence (the value compared with its threshold)
-    against the correctness of that head's top-1, on the test split, plus the head's NLL and
-    Brier score."""
-    from pqd.exits.runtime import ExitRuntime, all_exit_outputs
-
-    heads = json.loads(manifest.read_text())["heads"]
-    rt = ExitRuntime(manifest, runtime, threads, thresholds=[float("inf")] * len(heads))
-    logits, conf = all_exit_outputs(rt, data.test_x, batch_size, "exit calibration", progress)
-    y = data.test_y.numpy()
-    out = []
-    for k in range(len(conf)):
-        cal = calibration(logits[k], y)
-        rel = reliability(conf[k], logits[k].argmax(1) == y)
-        out.append(
-            {
-                "exit": k,
-                "accuracy": float((logits[k].argmax(1) == y).mean()),
-                "confidence_ece": rel["ece"],
-                "nll": cal["nll"],
-                "brier": cal["brier"],
-                "softmax_ece": cal["ece"],
-                "bin_count": rel["bin_count"],
-                "bin_confidence": rel["bin_confidence"],
-                "bin_accuracy": rel["bin_accuracy"],
-            }
-        )
-    return out
-
-
 def audit_artifacts(
     paths: dict[str, Path],
     logits: dict[str, np.ndarray],
@@ -466,7 +435,7 @@ def audit_artifacts(
     *,
     full: bool = False,
     seed: int = 0,
-    exits_manifest: Path | None = None,
+    exit_calibration: list[dict[str, Any]] | None = None,
     progress: bool = False,
     cache: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -481,7 +450,8 @@ def audit_artifacts(
         latency: each artifact's measured ``latency_ms`` (for p99 / max), if any.
         full: also the corruption suite, the memory and the energy probe.
         seed: the corruption suite's seed.
-        exits_manifest: the early-exit manifest of ``final``, if any.
+        exit_calibration: the calibration of ``final``'s exit heads, if it has any
+            (:func:`pqd.exits.measure.exit_calibration`).
         progress: progress bars.
         cache: the corruption cache folder (``None``: the default).
 
@@ -537,10 +507,8 @@ def audit_artifacts(
                 )
             )
         out[name] = a
-    if exits_manifest is not None and "final" in out and exits_manifest.is_file():
-        out["final"]["exit_calibration"] = exit_calibration(
-            exits_manifest, primary, spec.threads, data, spec.accuracy_batch_size, progress
-        )
+    if exit_calibration is not None and "final" in out:
+        out["final"]["exit_calibration"] = exit_calibration
     if "baseline" in out and "final" in out:
         b, f = out["baseline"], out["final"]
         vs = {

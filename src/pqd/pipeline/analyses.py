@@ -12,6 +12,7 @@ from pqd.checkpoint import save_checkpoint
 from pqd.context import Context
 from pqd.engine import seed_everything
 from pqd.errors import PqdError
+from pqd.pipeline.finish import exit_calibration_of
 from pqd.pipeline.inputs import measure_spec, recipe_data, resolve_device
 from pqd.quant.sensitivity import layer_sensitivity
 from pqd.recipe import QuantizeSpec, Recipe
@@ -179,7 +180,6 @@ def audit_run(
             n: {"batches": {"1": {**st.as_dict(), "source": "re-timed by pqd audit"}}}
             for n, st in stats.items()
         }
-    manifest = out / "exits" / "manifest.json"
     audits = audit_artifacts(
         paths,
         logits,
@@ -188,7 +188,9 @@ def audit_run(
         latency,
         full=full,
         seed=recipe.seed,
-        exits_manifest=manifest if record["final"].get("early_exit") else None,
+        exit_calibration=exit_calibration_of(out, spec, data, progress)
+        if record["final"].get("early_exit")
+        else None,
         progress=progress,
         cache=cache,
     )

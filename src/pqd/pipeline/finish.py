@@ -252,11 +252,29 @@ def audit_into(
         {n: measured[n]["latency_ms"] for n in paths},
         full=spec.audit,
         seed=recipe.seed,
-        exits_manifest=out / "exits" / "manifest.json" if recipe.early_exit() else None,
+        exit_calibration=exit_calibration_of(out, spec, data, progress)
+        if recipe.early_exit()
+        else None,
         progress=progress,
     )
     for name, a in audits.items():
         measured[name]["audit"] = a
+
+
+def exit_calibration_of(
+    out: Path, spec: MeasureSpec, data: Any, progress: bool
+) -> list[dict[str, Any]] | None:
+    """The calibration of every exit head of the run in ``out`` on the primary runtime
+    (:func:`pqd.exits.measure.exit_calibration`); None without an exit manifest there."""
+    from pqd.exits.export import MANIFEST
+    from pqd.exits.measure import exit_calibration
+
+    manifest = out / "exits" / MANIFEST
+    if not manifest.is_file():
+        return None
+    return exit_calibration(
+        manifest, spec.runtimes[0], spec.threads, data, spec.accuracy_batch_size, progress
+    )
 
 
 def precision_of(state: State) -> str:
