@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pqd._quiet import quiet_command
 from pqd.errors import PqdError
@@ -84,23 +85,75 @@ def _options(
     return [p]
 
 
+# each subcommand: its help and the shared options it takes (keyword arguments of _options)
+_COMMANDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "run": (
+        "run a recipe: baseline, stages, export, measure",
+        {
+            "recipe": "YAML recipe",
+            "overrides": "override recipe values, e.g. stages.0.sparsity=0.7",
+            "data": True,
+            "progress": True,
+        },
+    ),
+    "search": (
+        "run every stage order (and pairwise), rank, report",
+        {
+            "recipe": "YAML recipe with a search: section",
+            "overrides": "override recipe values, e.g. search.total_epochs=6",
+            "data": True,
+            "progress": True,
+            "executors": True,
+        },
+    ),
+    "plan": (
+        "the most accurate model under a latency budget on this CPU (measured)",
+        {
+            "recipe": "YAML recipe: the template (model, data, baseline, stages)",
+            "overrides": "",
+            "data": True,
+            "progress": True,
+            "executors": True,
+        },
+    ),
+    "validate": (
+        "check a recipe (schema, data, model, checkpoint, "
+        "runtimes; no training) and print its resolved form",
+        {"recipe": "YAML recipe", "overrides": "", "data": True},
+    ),
+    "sensitivity": (
+        "accuracy drop of quantizing each layer alone (val split)",
+        {
+            "recipe": "YAML recipe (its first quantize stage sets the options)",
+            "overrides": "",
+            "data": True,
+            "progress": True,
+        },
+    ),
+    "report": (
+        "re-render a run's report.md and report.html from record.json, or a search's "
+        "reports from search.json",
+        {},
+    ),
+    "audit": (
+        "audit a run's deployed files beyond top-1: per-class "
+        "damage, disagreement, calibration, corruptions, memory, CPU time",
+        {"data": True, "progress": True},
+    ),
+    "models": ("list the model zoo", {}),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     # the module doc's first paragraph, without its reST markup (``pqd`` -> pqd)
     p = argparse.ArgumentParser(prog="pqd", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = p.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser(
-        "run",
-        help="run a recipe: baseline, stages, export, measure",
-        parents=_options(
-            "YAML recipe",
-            "override recipe values, e.g. stages.0.sparsity=0.7",
-            data=True,
-            progress=True,
-        ),
-    )
-    run.add_argument("--out", required=True, help="run folder (created)")
-    again = run.add_mutually_exclusive_group()
+    cmd = {
+        name: sub.add_parser(name, help=text, parents=_options(**shared) if shared else [])
+        for name, (text, shared) in _COMMANDS.items()
+    }
+    cmd["run"].add_argument("--out", required=True, help="run folder (created)")
+    again = cmd["run"].add_mutually_exclusive_group()
     again.add_argument(
         "--resume",
         action="store_true",
@@ -113,36 +166,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard the run in --out (its checkpoints too) and start over",
     )
-
-    se = sub.add_parser(
-        "search",
-        help="run every stage order (and pairwise), rank, report",
-        parents=_options(
-            "YAML recipe with a search: section",
-            "override recipe values, e.g. search.total_epochs=6",
-            data=True,
-            progress=True,
-            executors=True,
-        ),
-    )
+    se = cmd["search"]
     se.add_argument("--out", required=True, help="search folder (created; re-run to resume)")
     se.add_argument(
         "--fresh",
         action="store_true",
         help="retrain the baseline in --out when another recipe's finished baseline is there",
     )
-
-    pl = sub.add_parser(
-        "plan",
-        help="the most accurate model under a latency budget on this CPU (measured)",
-        parents=_options(
-            "YAML recipe: the template (model, data, baseline, stages)",
-            "",
-            data=True,
-            progress=True,
-            executors=True,
-        ),
-    )
+    pl = cmd["plan"]
     pl.add_argument("--latency-ms", type=float, required=True, help="batch-1 p50 budget (ms)")
     pl.add_argument("--size-mb", type=float, default=None, help="weights budget (MB)")
     pl.add_argument("--threads", type=int, default=None, help="runtime threads (recipe's)")
@@ -155,49 +186,35 @@ def _parser() -> argparse.ArgumentParser:
         help="random whole candidates measured for the latency model's error (20)",
     )
     pl.add_argument("--out", required=True, help="plan folder (created; re-run to resume)")
-
-    val = sub.add_parser(
-        "validate",
-        help="check a recipe (schema, data, model, checkpoint, "
-        "runtimes; no training) and print its resolved form",
-        parents=_options("YAML recipe", "", data=True),
+    cmd["validate"].add_argument(
+        "--quiet", action="store_true", help="print only the one-line summary"
     )
-    val.add_argument("--quiet", action="store_true", help="print only the one-line summary")
-
-    sens = sub.add_parser(
-        "sensitivity",
-        help="accuracy drop of quantizing each layer alone (val split)",
-        parents=_options(
-            "YAML recipe (its first quantize stage sets the options)", "", data=True, progress=True
-        ),
+    cmd["sensitivity"].add_argument(
+        "--out", default=None, help="folder for sensitivity.json (created)"
     )
-    sens.add_argument("--out", default=None, help="folder for sensitivity.json (created)")
-
-    rep = sub.add_parser(
-        "report",
-        help="re-render a run's report.md and report.html from record.json, or a search's "
-        "reports from search.json",
-    )
-    rep.add_argument("run_dir")
-
-    aud = sub.add_parser(
-        "audit",
-        help="audit a run's deployed files beyond top-1: per-class "
-        "damage, disagreement, calibration, corruptions, memory, CPU time",
-        parents=_options(data=True, progress=True),
-    )
-    aud.add_argument("run_dir", help="a folder written by 'pqd run'")
-    aud.add_argument(
+    cmd["report"].add_argument("run_dir")
+    cmd["audit"].add_argument("run_dir", help="a folder written by 'pqd run'")
+    cmd["audit"].add_argument(
         "--cheap",
         action="store_true",
         help="only per-class, disagreement, calibration and latency tails "
         "(no corruption suite, memory or energy probe)",
     )
-
-    sub.add_parser("models", help="list the model zoo")
     # every subcommand named in the description, whatever is added later
     p.description = f"The pqd command: {', '.join(sub.choices)}."
     return p
+
+
+def _executors(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of the options ``_options(data=True, progress=True,
+    executors=True)`` declares, for :func:`pqd.search.run_search` and :func:`pqd.planner.plan`."""
+    return {
+        "data_dir": args.data_dir,
+        "executor": args.executor,
+        "workers": args.workers,
+        "address": args.address,
+        "progress": not args.no_progress,
+    }
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -256,16 +273,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_out(args.out)
-    search = run_search(
-        recipe,
-        Path(args.out),
-        data_dir=args.data_dir,
-        executor=args.executor,
-        workers=args.workers,
-        address=args.address,
-        progress=not args.no_progress,
-        fresh=args.fresh,
-    )
+    search = run_search(recipe, Path(args.out), **_executors(args), fresh=args.fresh)
     print(table(SEARCH_HEADER, search_rows(search)))
     if parity := parity_failed_text(search):
         print(f"\n{parity}")
@@ -299,11 +307,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         k=args.k,
         validate=args.validate,
-        data_dir=args.data_dir,
-        executor=args.executor,
-        workers=args.workers,
-        address=args.address,
-        progress=not args.no_progress,
+        **_executors(args),
     )
     p, c = result["pick"], result["counts"]
     v = result["latency_model"]["validation"]

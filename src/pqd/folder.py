@@ -267,9 +267,13 @@ def _write_meta(meta_path: Path, meta: dict[str, Any]) -> None:
     os.replace(tmp, meta_path)
 
 
+_Decoded = tuple[torch.Tensor, np.ndarray, list[list[str]], str]
+"""A decoded split: uint8 images (a view of a cache file), labels, skipped files, cache key."""
+
+
 def _decode_split(
     listing: _Listing, size: int, cache: Path, on_bad_image: str, progress: bool
-) -> tuple[torch.Tensor, np.ndarray, list[list[str]], str]:
+) -> _Decoded:
     """Decode a split folder's listing into the cache (or map the cached file).
 
     Returns:
@@ -431,31 +435,72 @@ def from_folder(
     classes, empty = _classes(root, on_bad_image)
     cache = _cache_root(root, cache_dir)
 
-    train_list = _listing(root / "train", classes, empty)
-    keep = _limit(train_list.labels, limit_train, seed)
-    train_list = _Listing(
-        train_list.folder, [train_list.files[i] for i in keep], train_list.labels[keep]
-    )
-    decoded: dict[str, tuple[torch.Tensor, np.ndarray, list[list[str]], str]] = {}
+    train_list = _subset(_listing(root / "train", classes, empty), limit_train, seed)
+    decoded: dict[str, _Decoded] = {}
     decoded["train"] = _decode_split(train_list, size, cache, on_bad_image, progress)
     for split in ("val", "test"):
         if (root / split).is_dir():
             lst = _listing(root / split, classes)
             if split == "test":
-                sel = _limit(lst.labels, limit_test, seed)
-                lst = _Listing(lst.folder, [lst.files[i] for i in sel], lst.labels[sel])
+                lst = _subset(lst, limit_test, seed)
             decoded[split] = _decode_split(lst, size, cache, on_bad_image, progress)
 
-    tx, ty_np, _, base_key = decoded["train"]
+    _, ty_np, _, base_key = decoded["train"]
+    _check_every_class(ty_np, classes, root / "train")
+    rest, val_idx, test_idx, splits = _carve(decoded, ty_np, val_size, test_size, seed, limit_test)
+    train_x, train_y = _gather_carved(decoded, rest, val_idx, test_idx, cache)
+    mean, std = _cached_stats(train_x, cache, _key(["stats", base_key, rest.tolist()]))
+    info = _summary(decoded, splits, cache, on_bad_image, empty)
+    return Dataset(
+        name="folder",
+        num_classes=len(classes),
+        classes=classes,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        train_x=train_x,
+        train_y=train_y,
+        val_x=decoded["val"][0],
+        val_y=torch.from_numpy(np.ascontiguousarray(decoded["val"][1])),
+        test_x=decoded["test"][0],
+        test_y=torch.from_numpy(np.ascontiguousarray(decoded["test"][1])),
+        root=root,
+        info=info,
+    )
+
+
+def _check_every_class(labels: np.ndarray, classes: list[str], folder: Path) -> None:
+    """Every class has a decoded training image (``labels``), or a DataError names one."""
     for c in range(len(classes)):
-        if not (ty_np == c).any():
+        if not (labels == c).any():
             raise DataError(
-                f"class {classes[c]!r} has no decodable training image in {root / 'train'}",
+                f"class {classes[c]!r} has no decodable training image in {folder}",
                 "add images to it, or remove the class folder",
             )
+
+
+def _subset(listing: _Listing, limit: int | None, seed: int) -> _Listing:
+    """A class-balanced subset of ``limit`` files of ``listing`` (see :func:`_limit`)."""
+    keep = _limit(listing.labels, limit, seed)
+    return _Listing(listing.folder, [listing.files[i] for i in keep], listing.labels[keep])
+
+
+def _carve(
+    decoded: dict[str, _Decoded],
+    ty_np: np.ndarray,
+    val_size: int | float,
+    test_size: int | float,
+    seed: int,
+    limit_test: int | None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, dict[str, str]]:
+    """The splits that have no folder, carved from the training labels ``ty_np`` (test
+    first, then val; stratified, seeded).
+
+    Returns:
+        The indices that stay for training, those of val and of test (None: from its own
+        folder), and how each split was made.
+    """
     ty = torch.from_numpy(ty_np)
-    all_idx = np.arange(len(ty_np))
-    rest, test_idx = all_idx, None
+    rest, test_idx = np.arange(len(ty_np)), None
     splits: dict[str, str] = {}
     if "test" not in decoded:
         r, t = stratified_split(ty, test_size, seed)
@@ -472,21 +517,42 @@ def from_folder(
         splits["val"] = f"carved from train/: val_size {val_size}, stratified, seed {seed}"
     else:
         splits["val"] = "val/"
+    return rest, val_idx, test_idx, splits
+
+
+def _gather_carved(
+    decoded: dict[str, _Decoded],
+    rest: np.ndarray,
+    val_idx: np.ndarray | None,
+    test_idx: np.ndarray | None,
+    cache: Path,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images and labels left after carving; the carved splits are put into
+    ``decoded`` (all as views of one gathered cache file, :func:`_gather`)."""
+    tx, ty_np, _, base_key = decoded["train"]
+    ty = torch.from_numpy(ty_np)
     if test_idx is None and val_idx is None:
-        train_x, train_y = tx, ty
-    else:
-        parts = [rest] + [p for p in (val_idx, test_idx) if p is not None]
-        gkey = _key(["gather", base_key, *(p.tolist() for p in parts)])
-        views = _gather(tx, parts, cache, gkey)
-        train_x, train_y = views[0], ty[torch.from_numpy(rest)]
-        views = views[1:]
-        if val_idx is not None:
-            decoded["val"] = (views.pop(0), ty_np[val_idx], [], gkey)
-        if test_idx is not None:
-            decoded["test"] = (views.pop(0), ty_np[test_idx], [], gkey)
-    vx, vy_np = decoded["val"][0], decoded["val"][1]
-    sx, sy_np = decoded["test"][0], decoded["test"][1]
-    mean, std = _cached_stats(train_x, cache, _key(["stats", base_key, rest.tolist()]))
+        return tx, ty
+    parts = [rest] + [p for p in (val_idx, test_idx) if p is not None]
+    gkey = _key(["gather", base_key, *(p.tolist() for p in parts)])
+    views = _gather(tx, parts, cache, gkey)
+    train_x, train_y = views[0], ty[torch.from_numpy(rest)]
+    views = views[1:]
+    if val_idx is not None:
+        decoded["val"] = (views.pop(0), ty_np[val_idx], [], gkey)
+    if test_idx is not None:
+        decoded["test"] = (views.pop(0), ty_np[test_idx], [], gkey)
+    return train_x, train_y
+
+
+def _summary(
+    decoded: dict[str, _Decoded],
+    splits: dict[str, str],
+    cache: Path,
+    on_bad_image: str,
+    empty: list[str],
+) -> dict[str, Any]:
+    """The data set's ``info``: how the splits were made, the cache, what was skipped."""
     skipped = [f for part in decoded.values() for f in part[2]]
     info: dict[str, Any] = {
         "splits": splits,
@@ -498,21 +564,7 @@ def from_folder(
         info["skipped_files"] = [f"{p} ({why})" for p, why in skipped[:20]]
     if empty:
         info["skipped_empty_classes"] = empty
-    return Dataset(
-        name="folder",
-        num_classes=len(classes),
-        classes=classes,
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
-        train_x=train_x,
-        train_y=train_y,
-        val_x=vx,
-        val_y=torch.from_numpy(np.ascontiguousarray(vy_np)),
-        test_x=sx,
-        test_y=torch.from_numpy(np.ascontiguousarray(sy_np)),
-        root=root,
-        info=info,
-    )
+    return info
 
 
 def _cached_stats(

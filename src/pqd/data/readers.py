@@ -373,6 +373,27 @@ def _load_npz(root: Path, limit_train: int | None, limit_test: int | None) -> _R
     ty = _npz_labels(path, "y_train", arrays["y_train"], tx.shape[0])
     ey = _npz_labels(path, "y_test", arrays["y_test"], ex.shape[0])
     top = int(max(ty.max(initial=-1), ey.max(initial=-1)))
+    classes = _npz_classes(path, classes_arr, top)
+    if limit_train is not None:
+        tx, ty = tx[:limit_train], ty[:limit_train]
+    if limit_test is not None:
+        ex, ey = ex[:limit_test], ey[:limit_test]
+    mean, std = _npz_stats(path, stats, tx.shape[1])
+    return _Raw(
+        torch.from_numpy(np.ascontiguousarray(tx)),
+        torch.from_numpy(np.ascontiguousarray(ty)),
+        torch.from_numpy(np.ascontiguousarray(ex)),
+        torch.from_numpy(np.ascontiguousarray(ey)),
+        classes,
+        path.parent,
+        mean,  # type: ignore[arg-type]
+        std,  # type: ignore[arg-type]
+    )
+
+
+def _npz_classes(path: Path, classes_arr: np.ndarray | None, top: int) -> list[str]:
+    """The class names stored in the file (enough for label ``top``), else ``"0"``..``top``;
+    at least two."""
     if classes_arr is not None:
         classes = [str(c) for c in np.asarray(classes_arr).reshape(-1).tolist()]
         if top >= len(classes):
@@ -386,29 +407,25 @@ def _load_npz(root: Path, limit_train: int | None, limit_test: int | None) -> _R
         raise DataError(
             f"{path}: only {len(classes)} class(es)", "a classifier needs at least two classes"
         )
-    if limit_train is not None:
-        tx, ty = tx[:limit_train], ty[:limit_train]
-    if limit_test is not None:
-        ex, ey = ex[:limit_test], ey[:limit_test]
-    mean = std = None
-    if stats:  # the normalisation the model expects (else: the training images' statistics)
-        if set(stats) != {"mean", "std"} or any(v.size != tx.shape[1] for v in stats.values()):
-            raise DataError(
-                f"{path}: 'mean' and 'std' must both be there, one value per channel",
-                "store mean=np.array([...]) and std=np.array([...]), or neither",
-            )
-        mean = tuple(float(v) for v in stats["mean"].reshape(-1))
-        std = tuple(float(v) for v in stats["std"].reshape(-1))
-    return _Raw(
-        torch.from_numpy(np.ascontiguousarray(tx)),
-        torch.from_numpy(np.ascontiguousarray(ty)),
-        torch.from_numpy(np.ascontiguousarray(ex)),
-        torch.from_numpy(np.ascontiguousarray(ey)),
-        classes,
-        path.parent,
-        mean,  # type: ignore[arg-type]
-        std,  # type: ignore[arg-type]
-    )
+    return classes
+
+
+def _npz_stats(
+    path: Path, stats: dict[str, np.ndarray], channels: int
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """The normalisation the model expects, as stored (``mean`` and ``std``, one value per
+    channel), or ``(None, None)`` when the file has neither (then the training images'
+    statistics are used)."""
+    if not stats:
+        return None, None
+    if set(stats) != {"mean", "std"} or any(v.size != channels for v in stats.values()):
+        raise DataError(
+            f"{path}: 'mean' and 'std' must both be there, one value per channel",
+            "store mean=np.array([...]) and std=np.array([...]), or neither",
+        )
+    mean = tuple(float(v) for v in stats["mean"].reshape(-1))
+    std = tuple(float(v) for v in stats["std"].reshape(-1))
+    return mean, std
 
 
 def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:

@@ -65,11 +65,7 @@ def _as_images(
     x = x.float()
     if normalized and mean is not None and std is not None:
         c = int(x.shape[1])
-        if len(mean) != c or len(std) != c:
-            raise DataError(
-                f"mean/std have {len(mean)}/{len(std)} values for {c} channels",
-                "give one mean and one std per channel",
-            )
+        _check_channels(mean, std, c)
         x = x * torch.tensor(std).view(1, c, 1, 1) + torch.tensor(mean).view(1, c, 1, 1)
     x = torch.where((x > -1e-3) & (x < 1 + 1e-3), x.clamp(0.0, 1.0), x)  # float error
     lo, hi = float(x.min()) if x.numel() else 0.0, float(x.max()) if x.numel() else 0.0
@@ -81,6 +77,37 @@ def _as_images(
             "normalised with",
         )
     return (x * 255.0).round().to(torch.uint8).contiguous()
+
+
+def _check_channels(mean: tuple[float, ...], std: tuple[float, ...], c: int) -> None:
+    """One mean and one std per channel of ``c``, or a DataError."""
+    if len(mean) != c or len(std) != c:
+        raise DataError(
+            f"mean/std have {len(mean)}/{len(std)} values for {c} channels",
+            "give one mean and one std per channel",
+        )
+
+
+def _check_shapes(train_x: torch.Tensor, others: dict[str, torch.Tensor]) -> None:
+    """Every split of ``others`` that has images has them shaped like ``train_x``'s, or a
+    DataError names the first that does not."""
+    for n, other in others.items():
+        if other.shape[0] and tuple(other.shape[1:]) != tuple(train_x.shape[1:]):
+            raise DataError(
+                f"{n} images are {tuple(other.shape[1:])}, train images {tuple(train_x.shape[1:])}",
+                "give every split the same image shape",
+            )
+
+
+def _class_count(labels: torch.Tensor, num_classes: int | None) -> int:
+    """``num_classes`` (default: the largest label + 1), checked against every label."""
+    n_classes = num_classes or int(labels.max()) + 1
+    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+        raise DataError(
+            f"labels range over {int(labels.min())}..{int(labels.max())} for {n_classes} classes",
+            "use class ids 0..num_classes-1",
+        )
+    return n_classes
 
 
 def _pairs(split: Split, name: str) -> tuple[Any, Any]:
@@ -217,26 +244,11 @@ def from_tensors(
     else:
         sx, sy = tx[:0], ty[:0]
     c = int(tx.shape[1])
-    for other, n in ((vx, "val"), (sx, "test")):
-        if other.shape[0] and tuple(other.shape[1:]) != tuple(tx.shape[1:]):
-            raise DataError(
-                f"{n} images are {tuple(other.shape[1:])}, train images {tuple(tx.shape[1:])}",
-                "give every split the same image shape",
-            )
+    _check_shapes(tx, {"val": vx, "test": sx})
     mean = mean if mean is not None else (0.0,) * c
     std = std if std is not None else (1.0,) * c
-    if len(mean) != c or len(std) != c:
-        raise DataError(
-            f"mean/std have {len(mean)}/{len(std)} values for {c} channels",
-            "give one mean and one std per channel",
-        )
-    labels = torch.cat([ty, vy, sy])
-    n_classes = num_classes or int(labels.max()) + 1
-    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
-        raise DataError(
-            f"labels range over {int(labels.min())}..{int(labels.max())} for {n_classes} classes",
-            "use class ids 0..num_classes-1",
-        )
+    _check_channels(mean, std, c)
+    n_classes = _class_count(torch.cat([ty, vy, sy]), num_classes)
     return Dataset(
         name=name,
         num_classes=n_classes,

@@ -110,15 +110,7 @@ def measure_onnx(
     results: dict[str, dict[str, Any]] = {}
     reference = {}
     for name, path in artifacts.items():
-        comp = onnx_complexity(path)
-        results[name] = {
-            "artifact": path.name,
-            "size_bytes": size_bytes(path),
-            **{k: comp[k] for k in ("params", "nonzero_params", "sparsity", "macs", "bitops")},
-            "layers": comp["layers"],
-            "saturation": saturation(path),
-            "runtimes": {},
-        }
+        results[name] = _file_record(path)
         if name not in references:  # no torch model to compare with: no parity
             continue
         reference[name] = np.asarray(references[name], dtype=np.float32)
@@ -132,72 +124,135 @@ def measure_onnx(
             )
             if logits_out is not None and rt == spec.runtimes[0]:
                 logits_out[name] = logits
-            correct = int((logits.argmax(1) == y).sum())
-            results[name]["runtimes"][rt] = {
-                "version": versions.get(rt),
-                "settings": runner.settings,
-                "accuracy": correct / len(y),
-                "accuracy_ci": [round(v, 6) for v in wilson_interval(correct, len(y))],
-            }
-            if name in reference:
-                results[name]["runtimes"][rt]["parity"] = parity(
-                    reference[name], logits[: len(reference[name])]
-                )
-            if rt == "onnxruntime":  # which kernels run: fused INT8 ops or float ones
-                optimized = ort_optimized(artifacts[name])
-                results[name]["runtimes"][rt]["kernels"] = ort_kernels("", proto=optimized)
-                results[name]["runtimes"][rt].update(float_islands(optimized))
-        for b in spec.batch_sizes:
-            warmup = warmup_for(b, spec.warmup)
-            timed = (
-                runners
-                if not static_batch(rt)
-                else {
-                    name: open_runner(rt, path, spec.threads, batch=b)
-                    for name, path in artifacts.items()
-                }
+            results[name]["runtimes"][rt] = _runtime_accuracy(
+                rt,
+                runner.settings,
+                versions.get(rt),
+                logits,
+                y,
+                reference.get(name),
+                artifacts[name],
             )
-            stats = compare_latency(
-                {name: r.run for name, r in timed.items()},
-                (b, *shape),
-                warmup=warmup,
-                repeats=repeats_for(b, spec.repeats),
-                progress=progress,
-                desc=f"latency batch {b} ({rt})",
-            )
-            for name, st in stats.items():
-                lat = results[name]["runtimes"][rt].setdefault(
-                    "latency_ms", {"runtime": rt, "threads": spec.threads, "batches": {}}
-                )
-                lat["batches"][str(b)] = {**st.as_dict(), "warmup": warmup}
-                if b == 1:
-                    lat.update(
-                        {
-                            "batch": 1,
-                            "p50": round(st.p50, 4),
-                            "p90": round(st.p90, 4),
-                            "mean": round(st.mean, 4),
-                            "p99": round(st.p99, 4),
-                            "max": round(st.max, 4),
-                        }
-                    )
-    primary = spec.runtimes[0]
+        _time_batches(rt, runners, artifacts, spec, shape, results, progress)
     for name, res in results.items():
-        shipped = res["runtimes"]
-        if "openvino-ir" in shipped:
-            res["openvino_ir"] = keep_ir_if_faster(artifacts[name], shipped)
-            if not res["openvino_ir"]["kept"]:  # deleted: not a way to deploy it
-                shipped = {rt: r for rt, r in shipped.items() if rt != "openvino-ir"}
-        res["fastest"] = fastest_runtimes(shipped)
-        head = res["runtimes"][primary]
-        res["accuracy"] = head["accuracy"]
-        res["accuracy_ci"] = head["accuracy_ci"]
-        res["test_images"] = len(y)
-        res["latency_ms"] = head["latency_ms"]
-        if "parity" in head:
-            res["parity"] = head["parity"]
-        res["runtime"] = primary
+        _headline(res, artifacts[name], spec.runtimes[0], len(y))
     return results
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    """What an ONNX artifact's file tells: bytes on disk, params, nonzero params, sparsity,
+    MACs, BitOps, the per-layer table and the saturating weight pairs, with ``runtimes``
+    still empty.
+
+    Args:
+        path: the ONNX file.
+
+    Returns:
+        The artifact's record so far.
+    """
+    comp = onnx_complexity(path)
+    return {
+        "artifact": path.name,
+        "size_bytes": size_bytes(path),
+        **{k: comp[k] for k in ("params", "nonzero_params", "sparsity", "macs", "bitops")},
+        "layers": comp["layers"],
+        "saturation": saturation(path),
+        "runtimes": {},
+    }
+
+
+def _runtime_accuracy(
+    rt: str,
+    settings: dict[str, Any],
+    version: str | None,
+    logits: np.ndarray,
+    y: np.ndarray,
+    reference: np.ndarray | None,
+    path: Path,
+) -> dict[str, Any]:
+    """One runtime's record of an artifact before timing: accuracy (with its Wilson
+    interval), parity with the torch ``reference`` logits, and on onnxruntime the kernels
+    that run."""
+    correct = int((logits.argmax(1) == y).sum())
+    out: dict[str, Any] = {
+        "version": version,
+        "settings": settings,
+        "accuracy": correct / len(y),
+        "accuracy_ci": [round(v, 6) for v in wilson_interval(correct, len(y))],
+    }
+    if reference is not None:
+        out["parity"] = parity(reference, logits[: len(reference)])
+    if rt == "onnxruntime":  # which kernels run: fused INT8 ops or float ones
+        optimized = ort_optimized(path)
+        out["kernels"] = ort_kernels("", proto=optimized)
+        out.update(float_islands(optimized))
+    return out
+
+
+def _time_batches(
+    rt: str,
+    runners: dict[str, Any],
+    artifacts: dict[str, Path],
+    spec: MeasureSpec,
+    shape: tuple[int, ...],
+    results: dict[str, dict[str, Any]],
+    progress: bool,
+) -> None:
+    """Latency of every artifact on runtime ``rt`` at each batch size (interleaved), into
+    ``results[name]["runtimes"][rt]["latency_ms"]``; the batch-1 figures also at its top."""
+    for b in spec.batch_sizes:
+        warmup = warmup_for(b, spec.warmup)
+        timed = (
+            runners
+            if not static_batch(rt)
+            else {
+                name: open_runner(rt, path, spec.threads, batch=b)
+                for name, path in artifacts.items()
+            }
+        )
+        stats = compare_latency(
+            {name: r.run for name, r in timed.items()},
+            (b, *shape),
+            warmup=warmup,
+            repeats=repeats_for(b, spec.repeats),
+            progress=progress,
+            desc=f"latency batch {b} ({rt})",
+        )
+        for name, st in stats.items():
+            lat = results[name]["runtimes"][rt].setdefault(
+                "latency_ms", {"runtime": rt, "threads": spec.threads, "batches": {}}
+            )
+            lat["batches"][str(b)] = {**st.as_dict(), "warmup": warmup}
+            if b == 1:
+                lat.update(
+                    {
+                        "batch": 1,
+                        "p50": round(st.p50, 4),
+                        "p90": round(st.p90, 4),
+                        "mean": round(st.mean, 4),
+                        "p99": round(st.p99, 4),
+                        "max": round(st.max, 4),
+                    }
+                )
+
+
+def _headline(res: dict[str, Any], path: Path, primary: str, test_images: int) -> None:
+    """Complete an artifact's record: whether its OpenVINO IR is kept, the fastest runtime per
+    batch size, and the primary runtime's accuracy, latency and parity at the top."""
+    shipped = res["runtimes"]
+    if "openvino-ir" in shipped:
+        res["openvino_ir"] = keep_ir_if_faster(path, shipped)
+        if not res["openvino_ir"]["kept"]:  # deleted: not a way to deploy it
+            shipped = {rt: r for rt, r in shipped.items() if rt != "openvino-ir"}
+    res["fastest"] = fastest_runtimes(shipped)
+    head = res["runtimes"][primary]
+    res["accuracy"] = head["accuracy"]
+    res["accuracy_ci"] = head["accuracy_ci"]
+    res["test_images"] = test_images
+    res["latency_ms"] = head["latency_ms"]
+    if "parity" in head:
+        res["parity"] = head["parity"]
+    res["runtime"] = primary
 
 
 def keep_ir_if_faster(

@@ -17,7 +17,7 @@ convs stored dense (``pqd.onnx_export.densify_grouped_convs``): they count as gr
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,20 +65,45 @@ def grouped_weight(w: np.ndarray, groups: int) -> np.ndarray:
     )
 
 
-def onnx_complexity(path: str | Path) -> dict[str, Any]:
-    """Totals and a per-layer table for the compute layers of the ONNX file at ``path``."""
-    proto = _with_batch_one(onnx.load(str(path)))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    densified = json.loads(meta.get("pqd.densified_groups", "{}"))
+def weight_nodes(
+    proto: onnx.ModelProto,
+    ops: set[str],
+    producer: dict[str, Any],
+    const: Callable[[str], tuple],
+) -> Iterator[tuple[onnx.NodeProto, np.ndarray, Any]]:
+    """Each node of ``ops`` whose weight (input 1) is a constant, in graph order.
+
+    Args:
+        proto: the model.
+        ops: the op types to read (e.g. Conv, Gemm, MatMul).
+        producer: the node that outputs each value, by value name.
+        const: ``const(name) -> (array or None, info)``, a constant input's array.
+
+    Returns:
+        ``(node, weight, info)`` per node, the weight without the zero input channels that
+        export adds to the INT8 stem (:func:`channel_padding`).
+    """
+    for node in proto.graph.node:
+        if node.op_type not in ops or len(node.input) < 2:
+            continue
+        w, info = const(node.input[1])
+        if w is None:
+            continue
+        if node.op_type == "Conv" and (extra := channel_padding(node.input[0], producer, const)):
+            w = w[:, : w.shape[1] - extra]
+        yield node, w, info
+
+
+def _constant_reader(
+    proto: onnx.ModelProto,
+) -> tuple[dict[str, Any], Callable[[str], tuple[np.ndarray | None, int]]]:
+    """The producer of each value and ``const(name) -> (array, bits)`` of a constant input,
+    following DequantizeLinear (integer values minus their zero point), Identity and
+    Transpose back to an initializer or a Constant (``(None, 32)`` for anything else)."""
     inits = {i.name: i for i in proto.graph.initializer}
     producer = {out: node for node in proto.graph.node for out in node.output}
-    shapes = {
-        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-        for v in list(proto.graph.value_info) + list(proto.graph.output)
-    }
 
     def const(name: str) -> tuple[np.ndarray | None, int]:
-        """(array, bits) of a constant input, following DequantizeLinear/Identity back."""
         if name in inits:
             arr = numpy_helper.to_array(inits[name])
             if str(arr.dtype) in ("int4", "uint4"):
@@ -102,41 +127,45 @@ def onnx_complexity(path: str | Path) -> dict[str, Any]:
             return numpy_helper.to_array(node.attribute[0].t), 32
         return None, 32
 
-    def act_bits(name: str) -> int:
-        node = producer.get(name)
-        quantizers = ("DequantizeLinear", "DynamicQuantizeLinear")
-        return 8 if node is not None and node.op_type in quantizers else 32
+    return producer, const
 
+
+def _macs(node: onnx.NodeProto, w: np.ndarray, out_shape: list[int]) -> int:
+    """Multiply-accumulates of one compute node per image (the graph has batch 1)."""
+    if node.op_type in ("Conv", "ConvInteger"):
+        per_output = int(np.prod(w.shape[1:]))  # (C_in / groups) * kh * kw
+        outputs = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 0
+        return per_output * outputs
+    k = w.shape[0] if node.op_type != "Gemm" or not _trans_b(node) else w.shape[1]
+    # batch is 1 here, so every output row is this image's: a linear on a 2-D
+    # [tokens, features] view (the ViT's) counts all its token rows
+    if bool(out_shape) and all(d > 0 for d in out_shape):
+        outputs = int(np.prod(out_shape))
+    else:
+        outputs = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else int(w.size // k)
+    return int(k) * outputs
+
+
+def onnx_complexity(path: str | Path) -> dict[str, Any]:
+    """Totals and a per-layer table for the compute layers of the ONNX file at ``path``."""
+    proto = _with_batch_one(onnx.load(str(path)))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    densified = json.loads(meta.get("pqd.densified_groups", "{}"))
+    producer, const = _constant_reader(proto)
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in list(proto.graph.value_info) + list(proto.graph.output)
+    }
+    quantizers = ("DequantizeLinear", "DynamicQuantizeLinear")
     layers = []
-    for node in proto.graph.node:
-        if node.op_type not in _COMPUTE or len(node.input) < 2:
-            continue
-        w, w_bits = const(node.input[1])
-        if w is None:
-            continue
-        conv = node.op_type in ("Conv", "ConvInteger")
-        if node.op_type == "Conv" and (extra := channel_padding(node.input[0], producer, const)):
-            w = w[:, : w.shape[1] - extra]
+    for node, w, w_bits in weight_nodes(proto, _COMPUTE, producer, const):
         if node.op_type == "Conv" and node.name in densified:  # back to its groups' blocks
             w = grouped_weight(w, densified[node.name])
         has_bias = len(node.input) > 2 and node.input[2] and node.op_type not in _INTEGER
         bias = const(node.input[2])[0] if has_bias else None
-        out_shape = shapes.get(node.output[0], [])
-        if conv:
-            per_output = int(np.prod(w.shape[1:]))  # (C_in / groups) * kh * kw
-            outputs = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 0
-        else:
-            k = w.shape[0] if node.op_type != "Gemm" or not _trans_b(node) else w.shape[1]
-            per_output = int(k)
-            # batch is 1 here, so every output row is this image's: a linear on a 2-D
-            # [tokens, features] view (the ViT's) counts all its token rows
-            known = bool(out_shape) and all(d > 0 for d in out_shape)
-            if known:
-                outputs = int(np.prod(out_shape))
-            else:
-                outputs = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else int(w.size // k)
-        macs = per_output * outputs
-        a_bits = act_bits(node.input[0])
+        macs = _macs(node, w, shapes.get(node.output[0], []))
+        act = producer.get(node.input[0])
+        a_bits = 8 if act is not None and act.op_type in quantizers else 32
         layers.append(
             {
                 "name": node.name,

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pqd.measurement.complexity import channel_padding
+from pqd.measurement.complexity import weight_nodes
 
 _COMPUTE = {"Conv", "Gemm", "MatMul"}
 
@@ -42,19 +42,12 @@ def onnx_weights(path: str | Path) -> dict[str, np.ndarray]:
         return None, None
 
     out: dict[str, np.ndarray] = {}
-    for node in proto.graph.node:
-        if node.op_type not in _COMPUTE or len(node.input) < 2:
-            continue
-        w, init_name = const(node.input[1])
-        if w is None:
-            continue
+    for node, w, init_name in weight_nodes(proto, _COMPUTE, producer, const):
         if node.op_type == "MatMul" or (
             node.op_type == "Gemm"
             and not any(a.name == "transB" and a.i == 1 for a in node.attribute)
         ):
             w = w.T
-        if node.op_type == "Conv" and (extra := channel_padding(node.input[0], producer, const)):
-            w = w[:, : w.shape[1] - extra]
         name = init_name
         bias = node.input[2] if len(node.input) > 2 else ""
         if name is None or not name.endswith(".weight"):

@@ -13,6 +13,7 @@ followed by a ReLU, no data-dependent control flow in ``forward``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,6 +79,46 @@ class ConvBN(nn.Sequential):
         super().__init__(*layers)
 
 
+def expand_depthwise(
+    conv_bn: Callable[..., nn.Module],
+    in_ch: int,
+    hidden: int,
+    kernel_size: int,
+    stride: int,
+    act: type[nn.Module],
+) -> list[nn.Module]:
+    """The first layers of an inverted-residual block: a 1x1 expand ``conv_bn`` to ``hidden``
+    channels (only when that widens ``in_ch``), then the depthwise ``kernel_size`` conv, both
+    with ``act``. ``conv_bn(in, out, kernel, stride, groups=, act=)`` is :class:`ConvBN` or a
+    net's own variant (other BatchNorm settings)."""
+    layers: list[nn.Module] = []
+    if hidden != in_ch:
+        layers.append(conv_bn(in_ch, hidden, 1, act=act))
+    layers.append(conv_bn(hidden, hidden, kernel_size, stride, groups=hidden, act=act))
+    return layers
+
+
+class InvertedResidualBlock(nn.Module):
+    """A MobileNet block: ``layers`` in one ``nn.Sequential`` held under ``body_name`` (the
+    name the state_dict keys carry: torchvision's ``conv`` in MobileNetV2, ``block`` in
+    MobileNetV3), plus ``x`` when the block keeps the shape (stride 1, width unchanged;
+    fixed at build time)."""
+
+    def __init__(
+        self, body_name: str, layers: list[nn.Module], in_ch: int, out_ch: int, stride: int
+    ) -> None:
+        super().__init__()
+        self.body_name = body_name
+        self.add_module(body_name, nn.Sequential(*layers))
+        self.use_residual = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = getattr(self, self.body_name)(x)
+        if self.use_residual:
+            out = out + x
+        return out
+
+
 def pool_linear(in_features: int, num_classes: int) -> nn.Sequential:
     """Global average pool -> flatten -> linear (the classifier of every zoo net)."""
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_features, num_classes))
@@ -101,8 +142,9 @@ def spaced_exits(n_blocks: int, offset: int = 1) -> list[int]:
     return sorted(b - 1 + offset for b in blocks)
 
 
-def init_weights(model: nn.Module) -> None:
-    """Kaiming-normal (fan_out) convs, unit/zero BatchNorm; linears keep PyTorch's default."""
+def init_weights(model: nn.Module, linear_std: float | None = None) -> None:
+    """Kaiming-normal (fan_out) convs, unit/zero BatchNorm; then, with ``linear_std`` (the
+    MobileNets': 0.01), normal linears with zero bias, else linears keep PyTorch's default."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -110,4 +152,10 @@ def init_weights(model: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if linear_std is None:
+        return
+    for m in model.modules():  # after every conv: the order of the random draws is fixed
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, linear_std)
             nn.init.zeros_(m.bias)

@@ -42,8 +42,16 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from pqd.models._common import ConvBN, PooledHead, ZooNet, init_weights, pool_linear
-from pqd.models.mobilenetv2 import _divisible
+from pqd.models._common import (
+    ConvBN,
+    InvertedResidualBlock,
+    PooledHead,
+    ZooNet,
+    expand_depthwise,
+    init_weights,
+    pool_linear,
+)
+from pqd.models.mobilenetv2 import _IMAGENET_CFG, _divisible
 from pqd.registry import register_model
 
 
@@ -210,41 +218,15 @@ def resnet50_imagenet(num_classes: int = 1000, width: int = 64) -> nn.Module:
     return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, width)
 
 
-# (expansion, out channels, blocks, stride of the first block): torchvision's, for ImageNet
-_V2_CFG = (
-    (1, 16, 1, 1),
-    (6, 24, 2, 2),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
-)
-
-
-class InvertedResidualV2(nn.Module):
+class InvertedResidualV2(InvertedResidualBlock):
     """torchvision's MobileNetV2 block: ``conv`` = [ConvBN 1x1 expand, ReLU6] -> ConvBN 3x3
     depthwise, ReLU6 -> 1x1 conv -> BN (``+ x`` at stride 1 with the width unchanged)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, expansion: int) -> None:
-        super().__init__()
         hidden = in_ch * expansion
-        layers: list[nn.Module] = []
-        if expansion != 1:
-            layers.append(ConvBN(in_ch, hidden, kernel_size=1, act=nn.ReLU6))
-        layers += [
-            ConvBN(hidden, hidden, kernel_size=3, stride=stride, groups=hidden, act=nn.ReLU6),
-            nn.Conv2d(hidden, out_ch, 1, bias=False),
-            nn.BatchNorm2d(out_ch),
-        ]
-        self.conv = nn.Sequential(*layers)
-        self.use_residual = stride == 1 and in_ch == out_ch  # fixed at build time
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)
-        if self.use_residual:
-            out = out + x
-        return out
+        layers = expand_depthwise(ConvBN, in_ch, hidden, 3, stride, nn.ReLU6)
+        layers += [nn.Conv2d(hidden, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)]
+        super().__init__("conv", layers, in_ch, out_ch, stride)
 
 
 class MobileNetV2ImageNet(ZooNet):
@@ -264,7 +246,7 @@ class MobileNetV2ImageNet(ZooNet):
         in_ch = _divisible(32 * width_mult)
         last = _divisible(1280 * max(1.0, width_mult))
         layers: list[nn.Module] = [ConvBN(3, in_ch, stride=2, act=nn.ReLU6)]
-        for t, c, n, s in _V2_CFG:
+        for t, c, n, s in _IMAGENET_CFG:
             out_ch = _divisible(c * width_mult)
             for i in range(n):
                 layers.append(InvertedResidualV2(in_ch, out_ch, s if i == 0 else 1, t))
@@ -273,11 +255,7 @@ class MobileNetV2ImageNet(ZooNet):
         head = PooledHead(nn.Dropout(dropout), nn.Linear(last, num_classes))
         # exits at the ends of the 32- and 96-channel stages (features 6 and 13)
         super().__init__(nn.Sequential(*layers), head, [6, 13])
-        init_weights(self)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
 
 @register_model

@@ -12,22 +12,32 @@ Counts at 32x32 for 10 classes (width_mult 1.0): 2.24 M params, 88.0 MMACs.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
-from pqd.models._common import ConvBN, ZooNet, init_weights, pool_linear, spaced_exits
+from pqd.models._common import (
+    ConvBN,
+    InvertedResidualBlock,
+    ZooNet,
+    expand_depthwise,
+    init_weights,
+    pool_linear,
+    spaced_exits,
+)
 from pqd.registry import register_model
 
-# (expansion, out channels, blocks, stride of the first block)
-_CFG = (
+# (expansion, out channels, blocks, stride of the first block): torchvision's, for ImageNet
+# (pqd.models.imagenet)
+_IMAGENET_CFG = (
     (1, 16, 1, 1),
-    (6, 24, 2, 1),
+    (6, 24, 2, 2),
     (6, 32, 3, 2),
     (6, 64, 4, 2),
     (6, 96, 3, 1),
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
+# for 32x32: the 24-channel stage keeps stride 1
+_CFG = tuple((t, c, n, 1 if c == 24 else s) for t, c, n, s in _IMAGENET_CFG)
 
 
 def _divisible(v: float, divisor: int = 8) -> int:
@@ -36,27 +46,14 @@ def _divisible(v: float, divisor: int = 8) -> int:
     return new + divisor if new < 0.9 * v else new
 
 
-class InvertedResidual(nn.Module):
+class InvertedResidual(InvertedResidualBlock):
     """[1x1 expand-bn-relu6] -> 3x3 depthwise-bn-relu6 -> 1x1 project-bn (+ x)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, expansion: int) -> None:
-        super().__init__()
         hidden = in_ch * expansion
-        layers: list[nn.Module] = []
-        if expansion != 1:
-            layers.append(ConvBN(in_ch, hidden, kernel_size=1, act=nn.ReLU6))
-        layers += [
-            ConvBN(hidden, hidden, kernel_size=3, stride=stride, groups=hidden, act=nn.ReLU6),
-            ConvBN(hidden, out_ch, kernel_size=1, act=None),
-        ]
-        self.conv = nn.Sequential(*layers)
-        self.use_residual = stride == 1 and in_ch == out_ch  # fixed at build time
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)
-        if self.use_residual:
-            out = out + x
-        return out
+        layers = expand_depthwise(ConvBN, in_ch, hidden, 3, stride, nn.ReLU6)
+        layers.append(ConvBN(hidden, out_ch, kernel_size=1, act=None))
+        super().__init__("conv", layers, in_ch, out_ch, stride)
 
 
 class MobileNetV2(ZooNet):
@@ -78,11 +75,7 @@ class MobileNetV2(ZooNet):
         super().__init__(
             nn.Sequential(*layers), pool_linear(last, num_classes), spaced_exits(n_blocks)
         )
-        init_weights(self)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
 
 @register_model

@@ -20,7 +20,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pqd.models._common import PooledHead, ZooNet, init_weights
+from pqd.models._common import (
+    InvertedResidualBlock,
+    PooledHead,
+    ZooNet,
+    expand_depthwise,
+    init_weights,
+)
 from pqd.models.mobilenetv2 import _divisible
 from pqd.registry import register_model
 
@@ -94,30 +100,19 @@ class SqueezeExcitation(nn.Module):
         return self.scale_activation(scale) * x
 
 
-class InvertedResidualV3(nn.Module):
+class InvertedResidualV3(InvertedResidualBlock):
     """``block`` = [1x1 expand] -> depthwise -> [squeeze-excite] -> 1x1 project (no
     activation); ``+ x`` at stride 1 with the width unchanged."""
 
     def __init__(
         self, in_ch: int, kernel: int, hidden: int, out_ch: int, se: bool, hs: bool, stride: int
     ) -> None:
-        super().__init__()
         act = nn.Hardswish if hs else nn.ReLU
-        layers: list[nn.Module] = []
-        if hidden != in_ch:
-            layers.append(_conv_bn(in_ch, hidden, act=act))
-        layers.append(_conv_bn(hidden, hidden, kernel, stride, groups=hidden, act=act))
+        layers = expand_depthwise(_conv_bn, in_ch, hidden, kernel, stride, act)
         if se:
             layers.append(SqueezeExcitation(hidden, _divisible(hidden // 4, 8)))
         layers.append(_conv_bn(hidden, out_ch))
-        self.block = nn.Sequential(*layers)
-        self.use_residual = stride == 1 and in_ch == out_ch  # fixed at build time
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block(x)
-        if self.use_residual:
-            out = out + x
-        return out
+        super().__init__("block", layers, in_ch, out_ch, stride)
 
 
 class MobileNetV3(ZooNet):
@@ -160,11 +155,7 @@ class MobileNetV3(ZooNet):
             nn.Linear(hidden, num_classes),
         )
         super().__init__(nn.Sequential(*layers), head, exits)
-        init_weights(self)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
 
 @register_model

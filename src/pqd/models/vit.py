@@ -194,17 +194,10 @@ def _init_vit(m: nn.Module) -> None:
 
 
 @register_model
-def vit_small(
-    num_classes: int = 10,
-    dim: int = 192,
-    depth: int = 6,
-    num_heads: int = 6,
-    mlp_hidden: int = 384,
-    tokenizer: Sequence[int] = (64,),
-    **kwargs,
-) -> nn.Module:
-    """Conv-tokenizer ViT: 1.91 M params, 145 MMACs at 32x32 (see module doc)."""
-    return ViT(num_classes, dim, depth, num_heads, mlp_hidden, tokenizer, **kwargs)
+def vit_small(num_classes: int = 10, **kwargs) -> nn.Module:
+    """Conv-tokenizer ViT: 1.91 M params, 145 MMACs at 32x32 (see module doc). ``kwargs``
+    are :class:`ViT`'s (dim 192, depth 6, 6 heads, mlp 384, tokenizer (64,) by default)."""
+    return ViT(num_classes, **kwargs)
 
 
 @register_model

@@ -78,8 +78,21 @@ Record = dict[str, Any]
 def output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
     """The last conv/linear module to run in a forward pass (the classifier's output)."""
     last: list[nn.Module] = []
+    forward_with_hook(model, example, lambda mod, i, o: last.append(mod))
+    return last[-1] if last else None
+
+
+def forward_with_hook(model: nn.Module, example: torch.Tensor, hook: Callable[..., None]) -> None:
+    """One forward of ``example`` (no grad, evaluation mode) with ``hook(module, inputs,
+    output)`` on every conv and linear module, removed after.
+
+    Args:
+        model: an eager model.
+        example: its input batch.
+        hook: a forward hook.
+    """
     hooks = [
-        m.register_forward_hook(lambda mod, i, o: last.append(mod))
+        m.register_forward_hook(hook)
         for m in model.modules()
         if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
@@ -89,7 +102,6 @@ def output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
     finally:
         for h in hooks:
             h.remove()
-    return last[-1] if last else None
 
 
 class _eval:
@@ -334,17 +346,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
         else:
             total[0] += per_image * mod.in_features
 
-    hooks = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        with torch.no_grad(), _eval(model):
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hook(model, example, hook)
     return total[0]
 
 

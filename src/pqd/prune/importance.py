@@ -38,6 +38,7 @@ one plain gradient step per batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,7 @@ from pqd.train import eval_mode
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Scores = dict[str, torch.Tensor]
+Params = dict[str, nn.Parameter]
 
 CRITERIA = ("magnitude", "taylor", "fisher", "snip", "grasp", "movement")
 
@@ -58,7 +60,20 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> tor
     return F.cross_entropy(logits, y)
 
 
-def _params(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Parameter]:
+class Criterion(Protocol):
+    """What every criterion but :func:`magnitude` is: ``score(model, batches, loss_fn,
+    names) -> {name: scores}`` (see the module doc)."""
+
+    def __call__(
+        self,
+        model: nn.Module,
+        batches: Batches,
+        loss_fn: LossFn = ...,
+        names: Iterable[str] | None = None,
+    ) -> Scores: ...
+
+
+def _params(model: nn.Module, names: Iterable[str] | None) -> Params:
     params = dict(model.named_parameters())
     if names is None:
         return {n: p for n, p in params.items() if p.ndim >= 2}
@@ -69,7 +84,7 @@ def _params(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Param
 
 
 def _batch_grads(
-    model: nn.Module, batches: Batches, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    model: nn.Module, batches: Batches, loss_fn: LossFn, params: Params
 ) -> Iterable[dict[str, torch.Tensor]]:
     """Yield ``{name: gradient}`` of ``loss_fn`` for each batch (fp32, eval mode)."""
     if not batches:
@@ -90,7 +105,7 @@ def _sum_over_batches(
     model: nn.Module,
     batches: Batches,
     loss_fn: LossFn,
-    params: dict[str, nn.Parameter],
+    params: Params,
     term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> Scores:
     """``sum_b term(w, g_b)`` per parameter (fp32): the one accumulation of the
@@ -102,14 +117,28 @@ def _sum_over_batches(
     return total
 
 
-def mean_gradient(
-    model: nn.Module,
-    batches: Batches,
-    loss_fn: LossFn = cross_entropy,
-    names: Iterable[str] | None = None,
-) -> Scores:
+def _criterion(body: Callable[[nn.Module, Batches, LossFn, Params], Scores]) -> Criterion:
+    """The criterion ``body(model, batches, loss_fn, params)`` with the signature every
+    criterion shares, ``(model, batches, loss_fn=cross_entropy, names=None)``: ``names``
+    (default: every weight of two or more dimensions) looked up once, here."""
+
+    def criterion(
+        model: nn.Module,
+        batches: Batches,
+        loss_fn: LossFn = cross_entropy,
+        names: Iterable[str] | None = None,
+    ) -> Scores:
+        return body(model, batches, loss_fn, _params(model, names))
+
+    criterion.__name__ = criterion.__qualname__ = body.__name__
+    criterion.__doc__ = body.__doc__
+    return criterion
+
+
+@_criterion
+def mean_gradient(model: nn.Module, batches: Batches, loss_fn: LossFn, params: Params) -> Scores:
     """Mean over ``batches`` of the loss gradient of each named parameter."""
-    total = _sum_over_batches(model, batches, loss_fn, _params(model, names), lambda w, g: g)
+    total = _sum_over_batches(model, batches, loss_fn, params, lambda w, g: g)
     return {n: t / len(batches) for n, t in total.items()}
 
 
@@ -124,54 +153,35 @@ def magnitude(
     return {n: p.detach().abs().float() for n, p in _params(model, names).items()}
 
 
-def taylor(
-    model: nn.Module,
-    batches: Batches,
-    loss_fn: LossFn = cross_entropy,
-    names: Iterable[str] | None = None,
-) -> Scores:
+@_criterion
+def taylor(model: nn.Module, batches: Batches, loss_fn: LossFn, params: Params) -> Scores:
     """``|w * g|``: first-order estimate of the loss change when ``w`` is set to zero."""
-    params = _params(model, names)
     g = mean_gradient(model, batches, loss_fn, params)
     return {n: (p.detach().float() * g[n]).abs() for n, p in params.items()}
 
 
-def fisher(
-    model: nn.Module,
-    batches: Batches,
-    loss_fn: LossFn = cross_entropy,
-    names: Iterable[str] | None = None,
-) -> Scores:
+@_criterion
+def fisher(model: nn.Module, batches: Batches, loss_fn: LossFn, params: Params) -> Scores:
     """``0.5 * mean_b (w * g_b)^2``: the empirical Fisher of a multiplicative weight mask."""
-    params = _params(model, names)
     total = _sum_over_batches(model, batches, loss_fn, params, lambda w, g: (w * g).pow(2))
     return {n: 0.5 * t / len(batches) for n, t in total.items()}
 
 
-def snip(
-    model: nn.Module,
-    batches: Batches,
-    loss_fn: LossFn = cross_entropy,
-    names: Iterable[str] | None = None,
-) -> Scores:
+@_criterion
+def snip(model: nn.Module, batches: Batches, loss_fn: LossFn, params: Params) -> Scores:
     """``|w * g|`` normalised to sum to 1 over all scored weights (connection sensitivity)."""
-    raw = taylor(model, batches, loss_fn, names)
+    raw = taylor(model, batches, loss_fn, params)
     total = sum(float(s.sum()) for s in raw.values())
     return {n: s / total if total > 0 else s for n, s in raw.items()}
 
 
-def grasp(
-    model: nn.Module,
-    batches: Batches,
-    loss_fn: LossFn = cross_entropy,
-    names: Iterable[str] | None = None,
-) -> Scores:
+@_criterion
+def grasp(model: nn.Module, batches: Batches, loss_fn: LossFn, params: Params) -> Scores:
     """``w * (H g)``: Hessian-gradient product of the loss, ``g`` the mean gradient.
 
     ``H g`` is the gradient of ``g . grad L(w)`` (``g`` held constant), averaged over the
     batches like ``g``.
     """
-    params = _params(model, names)
     g = mean_gradient(model, batches, loss_fn, params)
     device = next(iter(params.values())).device
     hg = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
@@ -193,14 +203,10 @@ def grasp(
     return {n: p.detach().float() * hg[n] / len(batches) for n, p in params.items()}
 
 
-def movement(
-    model: nn.Module,
-    batches: Batches,
-    loss_fn: LossFn = cross_entropy,
-    names: Iterable[str] | None = None,
-) -> Scores:
+@_criterion
+def movement(model: nn.Module, batches: Batches, loss_fn: LossFn, params: Params) -> Scores:
     """``-sum_b w * g_b``: how much one gradient step per batch would move ``w`` away from 0."""
-    return _sum_over_batches(model, batches, loss_fn, _params(model, names), lambda w, g: -(w * g))
+    return _sum_over_batches(model, batches, loss_fn, params, lambda w, g: -(w * g))
 
 
 SCORERS: dict[str, Callable[..., Scores]] = {

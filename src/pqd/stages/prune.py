@@ -47,27 +47,12 @@ def reinitialize(state: State, ctx: Context) -> None:
 @register_stage("prune")
 def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
     """Prune ``state.model`` to ``spec``'s target and fine-tune with masks held at zero."""
-    params = prunable_parameters(state.model, spec.exclude)
     info: dict[str, Any] = {
         "criterion": spec.criterion,
         "schedule": spec.schedule,
         "structure": spec.structure,
     }
-    if spec.structure == "nm":
-        excluded = [n for n, p in params.items() if not nm_eligible(p, spec.m)]
-        params = {n: p for n, p in params.items() if n not in excluded}
-        info["nm"] = f"{spec.n}:{spec.m}"
-        info["nm_excluded"] = excluded
-    if not params:
-        raise RecipeError(
-            "prune: no prunable (conv/linear) weights left after 'exclude'"
-            + (
-                f" and the N:M width rule (input width multiple of {spec.m})"
-                if spec.structure == "nm"
-                else ""
-            ),
-            "loosen the exclude patterns",
-        )
+    params = _prunable(state, spec, info)
     if spec.at_init:
         reinitialize(state, ctx)
         params = {n: p for n, p in state.model.named_parameters() if n in params}
@@ -122,30 +107,12 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
     if spec.rewind != "none":
         _prune_with_rewind(state, spec, ctx, update, fit, info)
     elif spec.schedule == "iterative":
-        sequence = iterative_sparsities(target, spec.cycles)
-        epochs = split_epochs(spec.epochs, spec.cycles)
-        for i, (s, e) in enumerate(zip(sequence, epochs, strict=True)):
-            update(s)
-            fit(e, round_index=i)
-        info["sparsity_sequence"] = [round(s, 6) for s in sequence]
+        _prune_iteratively(spec, update, fit, info)
     elif spec.schedule == "oneshot" or spec.epochs == 0:
         update(target)
         fit(spec.epochs)
     else:  # gradual
-        update(0.0)  # register the masks so that ctx.fit keeps them
-        last = {"s": -1.0}  # checkpointed with each epoch (hook_state) for resume
-
-        def on_step(step: int, total: int) -> None:
-            ramp = max(1, int(total * GRADUAL_END))
-            every = max(1, ramp // GRADUAL_UPDATES)
-            if step % every == 0 or step == ramp:
-                s = cubic_sparsity(min(step + every, ramp), ramp, target)
-                if s != last["s"]:
-                    update(s)
-                    last["s"] = s
-
-        fit(spec.epochs, on_step=on_step, hook_state=last)
-        update(target)  # the ramp ends at the target; make it exact
+        _prune_gradually(spec, update, fit)
     pruned = {n: state.masks[n] for n in params}
     info["mask_sparsity"] = sparsity_of(pruned)
     if spec.structure == "nm":
@@ -154,6 +121,58 @@ def apply_prune(state: State, spec: PruneSpec, ctx: Context) -> State:
         info["nm_layers"] = len(params)
     state.info.update(info)
     return state
+
+
+def _prunable(state: State, spec: PruneSpec, info: dict[str, Any]) -> dict[str, torch.nn.Parameter]:
+    """The weights the stage prunes: conv/linear weights not excluded and, for N:M, those
+    whose input width is a multiple of M (the others are listed in ``info``)."""
+    params = prunable_parameters(state.model, spec.exclude)
+    if spec.structure == "nm":
+        excluded = [n for n, p in params.items() if not nm_eligible(p, spec.m)]
+        params = {n: p for n, p in params.items() if n not in excluded}
+        info["nm"] = f"{spec.n}:{spec.m}"
+        info["nm_excluded"] = excluded
+    if not params:
+        raise RecipeError(
+            "prune: no prunable (conv/linear) weights left after 'exclude'"
+            + (
+                f" and the N:M width rule (input width multiple of {spec.m})"
+                if spec.structure == "nm"
+                else ""
+            ),
+            "loosen the exclude patterns",
+        )
+    return params
+
+
+def _prune_iteratively(spec: PruneSpec, update, fit, info: dict[str, Any]) -> None:
+    """The iterative schedule: ``cycles`` rounds of pruning further, then training."""
+    sequence = iterative_sparsities(spec.target_sparsity, spec.cycles)
+    epochs = split_epochs(spec.epochs, spec.cycles)
+    for i, (s, e) in enumerate(zip(sequence, epochs, strict=True)):
+        update(s)
+        fit(e, round_index=i)
+    info["sparsity_sequence"] = [round(s, 6) for s in sequence]
+
+
+def _prune_gradually(spec: PruneSpec, update, fit) -> None:
+    """The gradual schedule: the masks grow along the cubic ramp while the model trains,
+    and end at the target."""
+    target = spec.target_sparsity
+    update(0.0)  # register the masks so that ctx.fit keeps them
+    last = {"s": -1.0}  # checkpointed with each epoch (hook_state) for resume
+
+    def on_step(step: int, total: int) -> None:
+        ramp = max(1, int(total * GRADUAL_END))
+        every = max(1, ramp // GRADUAL_UPDATES)
+        if step % every == 0 or step == ramp:
+            s = cubic_sparsity(min(step + every, ramp), ramp, target)
+            if s != last["s"]:
+                update(s)
+                last["s"] = s
+
+    fit(spec.epochs, on_step=on_step, hook_state=last)
+    update(target)  # the ramp ends at the target; make it exact
 
 
 def _prune_with_rewind(

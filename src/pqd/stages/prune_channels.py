@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,12 +54,9 @@ def eager_model(state: State, ctx: Context) -> nn.Module:
 def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) -> State:
     """Remove channels (TP surgery) to ``spec.ratio``, ``spec.ratios`` (per group) or
     ``spec.target``, then fine-tune."""
-    from pqd.models import check_output_shape
     from pqd.models.multi_exit import MultiExitNet
     from pqd.prune import importance
     from pqd.prune.masks import split_epochs
-    from pqd.quant.pt2e import calibrate, prepare_qat
-    from pqd.train import prepare_model
 
     if isinstance(state.model, MultiExitNet):
         raise RecipeError(
@@ -85,18 +83,7 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
         "macs_before": start_macs,
     }
     # removed fraction of each group's stage-start channels: one for all, or one per group
-    ratios: dict[str, float] | None = None
-    ratio = spec.ratio
-    if spec.ratios is not None:
-        ratios = _group_ratios(eager, example, spec)
-        info["ratios"] = dict(spec.ratios)
-        ratio = None
-    elif ratio is None:
-        assert spec.target is not None
-        scores = scores_of(eager)
-        ratio = _target_ratio(eager, example, scores, spec, ctx, quantized, base_macs, info)
-    if ratio is not None:
-        info["ratio"] = ratio
+    ratio, ratios = _ratios(eager, example, spec, ctx, quantized, base_macs, info, scores_of)
     # kept fraction of each group's stage-start channels after each round (a group's own
     # ratio when ``ratios`` names it)
     n_rounds = 1 if spec.schedule == "oneshot" else spec.cycles
@@ -121,21 +108,8 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
         }
         records = plan_records(eager, example, scores_of(eager), keep, spec)
         if records:  # else nothing to cut: the state (graph or eager) stays as it is
-            if state.masks:
-                state.masks = carry_masks(eager, state.masks, example, records)
-            apply_structure(eager, example, records)
-            state.structure = [*state.structure, *records]
+            _cut(state, eager, example, records, spec, ctx, quantized, i, info)
             steps.extend(records)
-            if state.nm_layers:
-                reimpose_nm(state, eager, info)
-            check_output_shape(eager, ctx.data.num_classes, int(example.shape[-1]))
-            if quantized:
-                graph = prepare_qat(eager.cpu(), example.cpu()).to(ctx.device)
-                calib = ctx.loader("train", cfg.batch_size, seed=ctx.seed + i, shuffle=True)
-                calibrate(graph, calib, spec.calibration_batches, ctx.device)
-                state.model = graph
-            else:
-                state.model = prepare_model(eager, cfg, ctx.device)
         ctx.fit(state, cfg, n_epochs, seed=ctx.seed + i, desc=ctx.desc)
     final = eager_model(state, ctx)
     info["macs_after"] = count_macs(final, example)
@@ -152,6 +126,69 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
         )
     state.info.update(info)
     return state
+
+
+def _ratios(
+    model: nn.Module,
+    example: torch.Tensor,
+    spec: PruneChannelsSpec,
+    ctx: Context,
+    quantized: bool,
+    base_macs: int,
+    info: dict[str, Any],
+    scores_of: Callable[[nn.Module], dict[str, torch.Tensor]],
+) -> tuple[float | None, dict[str, float] | None]:
+    """The removed fraction of the channel groups: ``(ratio, None)`` for all groups alike
+    (``spec.ratio``, or the one that meets ``spec.target``), or ``(None, per-group ratios)``
+    (``spec.ratios``); noted in ``info``."""
+    ratios: dict[str, float] | None = None
+    ratio = spec.ratio
+    if spec.ratios is not None:
+        ratios = _group_ratios(model, example, spec)
+        info["ratios"] = dict(spec.ratios)
+        ratio = None
+    elif ratio is None:
+        assert spec.target is not None
+        scores = scores_of(model)
+        ratio = _target_ratio(model, example, scores, spec, ctx, quantized, base_macs, info)
+    if ratio is not None:
+        info["ratio"] = ratio
+    return ratio, ratios
+
+
+def _cut(
+    state: State,
+    eager: nn.Module,
+    example: torch.Tensor,
+    records: list[Record],
+    spec: PruneChannelsSpec,
+    ctx: Context,
+    quantized: bool,
+    round_index: int,
+    info: dict[str, Any],
+) -> None:
+    """One round's surgery: ``records`` applied to ``eager`` (masks carried, N:M
+    re-imposed), which becomes ``state.model``, re-prepared for QAT and calibrated when the
+    state is quantized."""
+    from pqd.models import check_output_shape
+    from pqd.quant.pt2e import calibrate, prepare_qat
+    from pqd.train import prepare_model
+
+    if state.masks:
+        state.masks = carry_masks(eager, state.masks, example, records)
+    apply_structure(eager, example, records)
+    state.structure = [*state.structure, *records]
+    if state.nm_layers:
+        reimpose_nm(state, eager, info)
+    check_output_shape(eager, ctx.data.num_classes, int(example.shape[-1]))
+    if quantized:
+        graph = prepare_qat(eager.cpu(), example.cpu()).to(ctx.device)
+        seed = ctx.seed + round_index
+        calib = ctx.loader("train", ctx.train.batch_size, seed=seed, shuffle=True)
+        calibrate(graph, calib, spec.calibration_batches, ctx.device)
+        state.model = graph
+    else:
+        state.model = prepare_model(eager, ctx.train, ctx.device)
 
 
 def _group_ratios(
