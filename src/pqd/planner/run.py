@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from pqd.errors import PqdError
-from pqd.latency_model import LEVELS, Ratios
+from pqd.latency_model.model import LEVELS, Ratios
 from pqd.planner.candidates import generate, search_levels
 from pqd.planner.latency import (
     FINAL_PANELS,
@@ -407,7 +407,7 @@ def plan(
     }
     # with the dense network (exported as the latency model does): its p50 here scales the
     # panel to the dense time the budget was set against
-    from pqd.latency_model import export_as_shipped
+    from pqd.latency_model.measure import export_as_shipped
 
     dense_file = out_dir / "reference" / f"dense-{precision}-{lm.architecture_key()}.onnx"
     if not dense_file.is_file():
