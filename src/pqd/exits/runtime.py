@@ -43,7 +43,8 @@ import torch.nn as nn
 from onnx import helper, numpy_helper
 
 from pqd.measurement.runtime import open_runner, static_batch
-from pqd.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, keep_initializers
+from pqd.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from pqd.onnx_export.proto import keep_initializers
 from pqd.progress import bar
 
 MANIFEST = "manifest.json"
