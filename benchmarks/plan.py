@@ -67,7 +67,7 @@ QUICK = [
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pqd.checkpoint import atomic_write_text
-    from pqd.latency_model import LEVELS
+    from pqd.latency_model.model import LEVELS
     from pqd.pipeline import run as run_recipe
     from pqd.planner import (
         PlanError,
@@ -253,7 +253,7 @@ def iso_row(
 ) -> dict[str, Any]:
     """``pqd plan`` at the hand-made file's measured p50 (equal latency), its pick timed
     beside the hand-made file: at least as accurate at equal or lower latency?"""
-    from pqd.latency_model import LEVELS
+    from pqd.latency_model.model import LEVELS
     from pqd.planner import PlanError, files_against_dense, plan
 
     budget = row["hand"]["p50_ms"]

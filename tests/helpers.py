@@ -272,8 +272,9 @@ def fake_latency(monkeypatch: Any, noise: float = 0.0, seed: int = 0) -> dict[st
     latency panel by a MACs-based time, ``0.02 + MACs * 1e-7`` ms for networks (pieces
     ``0.01 + MACs * 1e-7``, times ``1 + noise * U(-1, 1)``), so that budgets are exact on a
     shared machine. Returns the call counts (``pieces``, ``networks``, ``panel``)."""
-    import pqd.latency_model as lmod
     import pqd.search.summary as search
+    from pqd.latency_model.measure import piece_module
+    from pqd.latency_model.model import LatencyModel
     from pqd.measurement.complexity import onnx_complexity
     from pqd.prune.channels import count_macs
 
@@ -284,7 +285,7 @@ def fake_latency(monkeypatch: Any, noise: float = 0.0, seed: int = 0) -> dict[st
         calls["pieces"] += len(missing)
         out = {}
         for key, (lay, cin, cout) in missing.items():
-            module, example = lmod.piece_module(lay, cin, cout)
+            module, example = piece_module(lay, cin, cout)
             macs = count_macs(module, example[:1]) if lay.kind == "conv" else cin * cout
             out[key] = (0.01 + macs * 1e-7) * (1 + noise * rng.uniform(-1, 1))
         return out
@@ -308,9 +309,9 @@ def fake_latency(monkeypatch: Any, noise: float = 0.0, seed: int = 0) -> dict[st
         calls["panel"] += len(paths)
         return {name: 0.02 + onnx_complexity(p)["macs"] * 1e-7 for name, p in paths.items()}
 
-    monkeypatch.setattr(lmod.LatencyModel, "time_paths", files)
-    monkeypatch.setattr(lmod.LatencyModel, "_measure_pieces", pieces)
-    monkeypatch.setattr(lmod.LatencyModel, "measure", networks)
+    monkeypatch.setattr(LatencyModel, "time_paths", files)
+    monkeypatch.setattr(LatencyModel, "_measure_pieces", pieces)
+    monkeypatch.setattr(LatencyModel, "measure", networks)
     monkeypatch.setattr(search, "latency_panel", panel)
     return calls
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from helpers import fake_latency, tiny
-from pqd.latency_model import LatencyModel, bilinear, fit_overhead, monotone
+from pqd.latency_model.model import LatencyModel
+from pqd.latency_model.tables import bilinear, fit_overhead, monotone
 
 EXAMPLE = torch.rand(2, 3, 32, 32)
 

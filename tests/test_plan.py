@@ -16,7 +16,7 @@ import torch
 
 from helpers import fake_latency, tiny
 from pqd.cli import main
-from pqd.latency_model import LatencyModel
+from pqd.latency_model.model import LatencyModel
 from pqd.planner import generate, plan, ratio_steps, recalibrated, search_levels, template
 from pqd.recipe import load_recipe, recipe_from_dict
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pqd.latency_model import LatencyModel, Ratios
+from pqd.latency_model.model import LatencyModel, Ratios
 from pqd.planner.latency import ratio_steps
 
 

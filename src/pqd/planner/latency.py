@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pqd.errors import PqdError
-from pqd.latency_model import LEVELS, LatencyModel, Ratios
+from pqd.latency_model.model import LEVELS, LatencyModel, Ratios
 from pqd.planner.template import template
 from pqd.recipe import Recipe
 

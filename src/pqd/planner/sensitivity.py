@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pqd.latency_model import LatencyModel, Ratios
+from pqd.latency_model.model import LatencyModel, Ratios
 
 
 def adaptive_bn_eval(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pqd.errors import PqdError, RecipeError
-from pqd.latency_model import Ratios
+from pqd.latency_model.model import Ratios
 from pqd.recipe import Recipe, recipe_from_dict
 
 PLAN_FILE = "plan.json"

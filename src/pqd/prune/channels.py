@@ -78,30 +78,8 @@ Record = dict[str, Any]
 def output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
     """The last conv/linear module to run in a forward pass (the classifier's output)."""
     last: list[nn.Module] = []
-    forward_with_hook(model, example, lambda mod, i, o: last.append(mod))
+    run_with_layer_hooks(model, example, lambda mod, i, o: last.append(mod))
     return last[-1] if last else None
-
-
-def forward_with_hook(model: nn.Module, example: torch.Tensor, hook: Callable[..., None]) -> None:
-    """One forward of ``example`` (no grad, evaluation mode) with ``hook(module, inputs,
-    output)`` on every conv and linear module, removed after.
-
-    Args:
-        model: an eager model.
-        example: its input batch.
-        hook: a forward hook.
-    """
-    hooks = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        with torch.no_grad(), _eval(model):
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 class _eval:
@@ -117,6 +95,32 @@ class _eval:
     def __exit__(self, *exc: object) -> None:
         for m, flag in self.modes.items():
             m.training = flag
+
+
+LayerHook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]
+"""A forward hook on a conv/linear: ``hook(module, inputs, output)``."""
+
+
+def run_with_layer_hooks(model: nn.Module, example: torch.Tensor, hook: LayerHook) -> None:
+    """Run ``model`` on ``example`` once (eval mode, no grad) with ``hook`` on every
+    conv/linear module; the hooks are removed and the training flags restored after.
+
+    Args:
+        model: an eager network.
+        example: its input batch.
+        hook: called after each conv/linear module's forward, in execution order.
+    """
+    hooks = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        with torch.no_grad(), _eval(model):
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def dependency_graph(model: nn.Module, example: torch.Tensor):  # -> tp.DependencyGraph
@@ -199,7 +203,7 @@ def group_scores(
     return total.sqrt() if p == 2 else total
 
 
-def _round_keep(keep: float, channels: int, round_to: int | None) -> int:
+def round_keep(keep: float, channels: int, round_to: int | None) -> int:
     """Kept channel count: ``keep`` rounded to a multiple of ``round_to``, within [1, channels]."""
     k = round(keep)
     if round_to and round_to > 1:
@@ -249,7 +253,7 @@ def plan_channels(
         raise ValueError(f"unknown scope {scope!r}")
     plan = {}
     for n, s in scores.items():
-        k = _round_keep(counts[n], len(s), round_to)
+        k = round_keep(counts[n], len(s), round_to)
         order = torch.argsort(s.double(), descending=True, stable=True)
         plan[n] = sorted(order[:k].tolist())
     return plan
@@ -346,7 +350,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
         else:
             total[0] += per_image * mod.in_features
 
-    forward_with_hook(model, example, hook)
+    run_with_layer_hooks(model, example, hook)
     return total[0]
 
 

@@ -1,39 +1,9 @@
-"""A latency model of the target CPU, built by measuring exported ONNX pieces.
+"""The latency model itself: a network's measured pieces, summed and fitted into a
+prediction of a candidate's batch-1 p50 on this machine (:class:`LatencyModel`).
 
-``pqd plan`` must rank thousands of channel-width candidates against a latency budget
-without exporting each one. This module measures instead of counting:
-
-1. **Layers and groups.** Every conv/linear of the network is tied to the channel groups
-   of :func:`pqd.prune.channels.channel_groups` that set its output and input widths. A
-   candidate is ``{group root: removed fraction}`` (the ``ratios`` of a ``prune_channels``
-   stage); each group keeps ``round_keep((1 - r) * C)`` channels, rounded to ``round_to``
-   as the stage rounds them, so a candidate's per-layer widths are known without surgery.
-2. **Lookup tables.** Layers with the same kind, kernel, stride, padding, dilation, depthwise
-   flag and input size form a *family*; for each family the table holds the measured batch-1
-   p50 of a one-layer ONNX piece (conv -> BN -> ReLU, or linear) at a grid of input x output
-   widths (the ``levels`` keep fractions of the full widths, rounded like the stage). Pieces
-   are exported as they ship: INT8 through the PT2E QAT prepare + calibrate + QDQ export path
-   (:func:`pqd.quant.pt2e.prepare_qat`, :func:`pqd.onnx_export.export_onnx`), or FP32; they are
-   timed on the chosen runtime and thread count, interleaved (:func:`compare_latency`).
-   Between grid points a layer's time is bilinear in its widths, on a table made monotone
-   (running maximum along both width axes), so the prediction never falls when a width grows.
-3. **Whole-network overhead.** Pieces timed alone each pay a call and a quantize/dequantize
-   at their ends that the whole network does not, and miss what lies between layers (adds,
-   pools). Whole networks at uniform widths (every level, dense included) are exported and
-   timed; ``predict = overhead_ms + scale * sum(pieces)`` is fitted to them (least squares,
-   ``scale >= 0``).
-4. **Cache.** Pieces depend on shapes only, so one JSON file per machine fingerprint
-   (CPU model and the SIMD flags that decide INT8 speed, runtime and its version, threads,
-   precision, opset) holds every piece ever measured there, and the fit per architecture
-   (``PQD_CACHE_DIR``, default ``~/.cache/pqd/latency``).
-
-:meth:`LatencyModel.validate` exports random candidates whole and reports the model's
-error against their measured p50 (median and worst, relative).
-
-    lm = LatencyModel(build_model("resnet18", 10, mean, std), torch.rand(2, 3, 32, 32))
-    lm.build()
-    lm.predict({"net.features.1.conv1": 0.5})    # ms, batch 1, p50
-    lm.validate(n=20)                            # {"median_error": ..., "worst_error": ...}
+It builds the tables (the pieces the cache lacks are measured), fits the whole-network
+overhead on uniform networks, predicts without export, and validates against candidates
+exported whole.
 """
 
 from __future__ import annotations
@@ -41,10 +11,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,338 +22,23 @@ import torch
 import torch.nn as nn
 
 from pqd.errors import PqdError
+from pqd.latency_model.layers import Layer, kept_channels, network_layers, piece_key
+from pqd.latency_model.measure import (
+    default_cache_dir,
+    export_as_shipped,
+    fingerprint,
+    fingerprint_key,
+    piece_module,
+    time_files,
+)
+from pqd.latency_model.tables import bilinear, fit_overhead, monotone
 
-TABLE_VERSION = 2  # 2: pieces timed in steady-state blocks, as whole files
 WHOLE_FILE_TIMING = {"warmup": 50, "rounds": 4, "block": 100}
 """Timing of every latency-model panel, pieces and whole files (:meth:`LatencyModel.time_paths`):
 warm-up calls, interleaved rounds and calls per file per round (steady state; short blocks
 bias small files against large ones)."""
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 """Keep fractions of the lookup grid (and of the planner's candidates), the dense 1.0 last."""
-ENV_CACHE_DIR = "PQD_CACHE_DIR"
-
-
-def default_cache_dir() -> Path:
-    """``$PQD_CACHE_DIR``, else ``$XDG_CACHE_HOME/pqd/latency``, else ``~/.cache/pqd/latency``."""
-    if os.environ.get(ENV_CACHE_DIR):
-        return Path(os.environ[ENV_CACHE_DIR]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pqd" / "latency"
-
-
-def fingerprint(runtime: str, threads: int, precision: str, opset: int = 20) -> dict[str, Any]:
-    """What decides a piece's latency besides its shape: the machine and the runtime.
-
-    Args:
-        runtime: ``onnxruntime`` or ``openvino``.
-        threads: intra-op threads the runtime is pinned to.
-        precision: ``int8`` or ``fp32``.
-        opset: ONNX opset of the exported pieces.
-
-    Returns:
-        CPU model, CPU flags, runtime, runtime version, threads, precision, opset and the
-        table format version (JSON-ready).
-    """
-    from pqd.measurement.env import cpu_flags, cpu_model
-    from pqd.measurement.runtime import runtime_versions
-
-    versions = runtime_versions()
-    if runtime not in versions:
-        raise PqdError(
-            f"runtime {runtime!r} is not installed",
-            f"use one of {', '.join(versions) or 'onnxruntime'} (pip install {runtime})",
-        )
-    return {
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "runtime": runtime,
-        "runtime_version": versions[runtime],
-        "threads": threads,
-        "precision": precision,
-        "opset": opset,
-        "table_version": TABLE_VERSION,
-    }
-
-
-def fingerprint_key(fp: dict[str, Any]) -> str:
-    """Short hash of a :func:`fingerprint` (the cache file's name)."""
-    blob = json.dumps(fp, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------- layers
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One conv/linear of the network and the groups that set its widths."""
-
-    name: str
-    kind: str  # conv | linear
-    cin: int
-    cout: int
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    depthwise: bool = False
-    groups: int = 1  # a grouped (not depthwise) conv keeps its group count
-    height: int = 1  # input size
-    width: int = 1
-    in_group: str | None = None  # group root setting the input width (None: fixed)
-    out_group: str | None = None
-
-    def family(self) -> str:
-        """Layers that share one lookup table: everything but the two widths."""
-        if self.kind == "linear":
-            return "linear"
-        k, s, p, d = self.kernel, self.stride, self.padding, self.dilation
-        g = "dw" if self.depthwise else f"g{self.groups}"
-        return (
-            f"conv:k{k[0]}x{k[1]}:s{s[0]}x{s[1]}:p{p[0]}x{p[1]}:d{d[0]}x{d[1]}:{g}"
-            f":{self.height}x{self.width}"
-        )
-
-
-def piece_key(family: str, cin: int, cout: int) -> str:
-    """Cache key of one piece: its family and widths."""
-    return f"{family}:{cin}->{cout}"
-
-
-def network_layers(
-    model: nn.Module, example: torch.Tensor, exclude: Sequence[str] = ()
-) -> tuple[list[Layer], dict[str, int]]:
-    """Every conv/linear of an eager ``model`` with its groups, and each group's channels.
-
-    Args:
-        model: the unpruned eager network.
-        example: an input batch (batch >= 1).
-        exclude: fnmatch patterns of modules whose outputs are not pruned (as the stage's).
-
-    Returns:
-        ``(layers in forward order, {group root: channel count})``.
-    """
-    from pqd.prune.channels import _eval, channel_groups
-
-    dg, groups = channel_groups(model, example, exclude)
-    names = {m: n for n, m in model.named_modules()}
-    out_of: dict[str, str] = {}
-    in_of: dict[str, str] = {}
-    for root, group in groups.items():
-        for dep, _ in group:
-            module = dep.target.module
-            if not isinstance(module, (nn.Conv2d, nn.Linear)):
-                continue
-            if dg.is_out_channel_pruning_fn(dep.handler):
-                out_of[names[module]] = root
-            else:
-                in_of[names[module]] = root
-    sizes: dict[str, tuple[int, int]] = {}
-    order: list[str] = []
-
-    def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-        name = names[mod]
-        order.append(name)
-        x = inputs[0]
-        sizes[name] = (int(x.shape[-2]), int(x.shape[-1])) if x.dim() == 4 else (1, 1)
-
-    hooks = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        with torch.no_grad(), _eval(model):
-            model(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    modules = dict(model.named_modules())
-    layers = []
-    for name in dict.fromkeys(order):
-        m = modules[name]
-        h, w = sizes[name]
-        if isinstance(m, nn.Conv2d):
-            depthwise = m.groups > 1 and m.groups == m.in_channels
-            layers.append(
-                Layer(
-                    name,
-                    "conv",
-                    m.in_channels,
-                    m.out_channels,
-                    _pair(m.kernel_size),
-                    _pair(m.stride),
-                    _pair(m.padding),
-                    _pair(m.dilation),
-                    depthwise,
-                    1 if depthwise else m.groups,
-                    h,
-                    w,
-                    in_of.get(name, out_of.get(name) if depthwise else None),
-                    out_of.get(name),
-                )
-            )
-        else:
-            layers.append(
-                Layer(
-                    name,
-                    "linear",
-                    m.in_features,
-                    m.out_features,
-                    in_group=in_of.get(name),
-                    out_group=out_of.get(name),
-                )
-            )
-    return layers, {root: len(g[0].idxs) for root, g in groups.items()}
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        return (int(v[0]), int(v[-1]))
-    if isinstance(v, str):  # "same"/"valid" padding: kept as a label-free 0
-        return (0, 0)
-    return (int(v), int(v))
-
-
-def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
-    """Channels a group of ``channels`` keeps when ``ratio`` of them are removed, rounded
-    exactly as the ``prune_channels`` stage rounds them."""
-    from pqd.prune.channels import _round_keep
-
-    return _round_keep((1.0 - ratio) * channels, channels, round_to)
-
-
-# ---------------------------------------------------------------------------- pieces
-
-
-def piece_module(layer: Layer, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:
-    """A one-layer network like ``layer`` at widths ``cin`` -> ``cout`` and its example
-    input (batch 2): conv -> BN -> ReLU, or a linear layer."""
-    if layer.kind == "linear":
-        return nn.Linear(cin, cout), torch.rand(2, cin)
-    groups = cin if layer.depthwise else layer.groups
-    if layer.depthwise:
-        cout = cin
-    conv = nn.Conv2d(
-        cin,
-        cout,
-        layer.kernel,
-        stride=layer.stride,
-        padding=layer.padding,
-        dilation=layer.dilation,
-        groups=groups,
-        bias=False,
-    )
-    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU()), torch.rand(
-        2, cin, layer.height, layer.width
-    )
-
-
-def export_as_shipped(
-    model: nn.Module, example: torch.Tensor, path: Path, *, int8: bool, opset: int = 20
-) -> Path:
-    """Export ``model`` to ``path`` as the pipeline ships it: INT8 (PT2E QAT graph on a copy,
-    observers calibrated on random inputs, QDQ export) or FP32."""
-    from pqd.onnx_export import export_onnx
-    from pqd.quant.pt2e import calibrate, prepare_qat
-
-    m = copy.deepcopy(model).cpu().float()
-    example = example.cpu()
-    if int8:
-        m = prepare_qat(m, example)
-        calibrate(m, [(torch.rand(8, *example.shape[1:]), None)], 1, torch.device("cpu"))
-    else:
-        m.eval()
-    export_onnx(m, path, example, quantized=int8, opset=opset)
-    return path
-
-
-def time_files(
-    paths: dict[str, Path],
-    shapes: dict[str, tuple[int, ...]],
-    runtime: str,
-    threads: int,
-    *,
-    warmup: int = 10,
-    repeats: int = 50,
-    rounds: int = 2,
-) -> dict[str, float]:
-    """Batch-1 p50 (ms) of every file, timed interleaved in one panel.
-
-    Args:
-        paths: name -> ONNX file.
-        shapes: name -> input shape (batch 1 first).
-        runtime: ``onnxruntime`` or ``openvino``.
-        threads: intra-op threads.
-        warmup: untimed calls per file.
-        repeats: timed calls per file, over ``rounds`` interleaved rounds.
-        rounds: interleaved rounds.
-
-    Returns:
-        name -> p50 in milliseconds.
-    """
-    from pqd.measurement.latency import compare_latency
-    from pqd.measurement.runtime import open_runner
-
-    out: dict[str, float] = {}
-    # one panel per input shape (compare_latency feeds one input to every file)
-    by_shape: dict[tuple[int, ...], list[str]] = {}
-    for name in paths:
-        by_shape.setdefault(tuple(shapes[name]), []).append(name)
-    for shape, names in by_shape.items():
-        runners = {n: open_runner(runtime, paths[n], threads, batch=1).run for n in names}
-        stats = compare_latency(
-            runners,
-            shape,
-            warmup=warmup,
-            repeats=max(rounds, repeats),
-            rounds=rounds,
-            switch_pause_ms=20.0,
-            progress=False,
-        )
-        out.update({n: s.p50 for n, s in stats.items()})
-    return out
-
-
-# ---------------------------------------------------------------------------- tables
-
-
-def monotone(table: np.ndarray) -> np.ndarray:
-    """``table`` with a running maximum along both axes (non-decreasing in both widths)."""
-    t = np.maximum.accumulate(np.asarray(table, dtype=np.float64), axis=0)
-    return np.maximum.accumulate(t, axis=1)
-
-
-def bilinear(xs: Sequence[int], ys: Sequence[int], table: np.ndarray, x: float, y: float) -> float:
-    """Bilinear interpolation of ``table[i, j]`` (at ``xs[i]``, ``ys[j]``, both ascending) at
-    (x, y), clamped to the grid's edges. Monotone tables give monotone results."""
-    xs_a = np.asarray(xs, dtype=np.float64)
-    ys_a = np.asarray(ys, dtype=np.float64)
-    x = float(np.clip(x, xs_a[0], xs_a[-1]))
-    y = float(np.clip(y, ys_a[0], ys_a[-1]))
-    i = int(np.clip(np.searchsorted(xs_a, x, side="right") - 1, 0, max(0, len(xs_a) - 2)))
-    j = int(np.clip(np.searchsorted(ys_a, y, side="right") - 1, 0, max(0, len(ys_a) - 2)))
-    i1, j1 = min(i + 1, len(xs_a) - 1), min(j + 1, len(ys_a) - 1)
-    tx = 0.0 if i1 == i else (x - xs_a[i]) / (xs_a[i1] - xs_a[i])
-    ty = 0.0 if j1 == j else (y - ys_a[j]) / (ys_a[j1] - ys_a[j])
-    top = table[i, j] * (1 - ty) + table[i, j1] * ty
-    bottom = table[i1, j] * (1 - ty) + table[i1, j1] * ty
-    return float(top * (1 - tx) + bottom * tx)
-
-
-def fit_overhead(sums: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
-    """``(overhead_ms, scale)`` with ``measured ~ overhead + scale * sums`` (least squares,
-    ``scale >= 0``; one point: scale 1)."""
-    s = np.asarray(sums, dtype=np.float64)
-    m = np.asarray(measured, dtype=np.float64)
-    if len(s) >= 2 and np.ptp(s) > 0:
-        scale, overhead = np.polyfit(s, m, 1)
-        if scale > 0:
-            return float(overhead), float(scale)
-    return float(np.mean(m - s)), 1.0
-
-
-# ---------------------------------------------------------------------------- the model
 
 
 Ratios = dict[str, float]

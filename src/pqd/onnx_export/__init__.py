@@ -9,6 +9,10 @@ scales and zero points are the ones learned in QAT, never a fresh calibration.
 
 The example input has batch 2: exporting the converted graph with a batch-1
 example fails against the dynamic batch dimension.
+
+This package holds the export and the rewrites of float and QDQ files; a dynamic-quant
+state's integer ops are written by :mod:`pqd.onnx_export.dynamic`, and the small proto
+edits both share are in :mod:`pqd.onnx_export.proto`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import torch.nn as nn
 from onnx import helper, numpy_helper
 
 import pqd._pt2e_cache as _pt2e_cache
+from pqd.onnx_export.dynamic import dynamic_integer_ops
+from pqd.onnx_export.proto import add_constant, keep_initializers, weight_dequantizers
 from pqd.train import set_train
 
 INPUT_NAME = "input"
@@ -292,13 +298,6 @@ def set_metadata(path: str | Path, values: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def keep_initializers(graph: onnx.GraphProto, used: set[str]) -> None:
-    """Remove ``graph``'s initializers whose names are not in ``used``."""
-    keep = [i for i in graph.initializer if i.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(keep)
-
-
 def pad_input_channels(proto: onnx.ModelProto, multiple: int = 4) -> int:
     """Pad the input channels of INT8 convs fed straight from a float tensor (the RGB stem).
 
@@ -385,7 +384,7 @@ def densify_grouped_convs(proto: onnx.ModelProto, max_groups: int = 8) -> dict[s
     for node in proto.graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    weights = _weight_dq(proto)
+    weights = weight_dequantizers(proto)
     done: dict[str, int] = {}
     for node in proto.graph.node:
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)
@@ -438,21 +437,6 @@ def check_u8s8(proto: onnx.ModelProto) -> None:
                 raise RuntimeError(f"activation {src} is not uint8 in the exported QDQ graph")
 
 
-def _weight_dq(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """DequantizeLinear nodes whose input is an integer initializer of rank >= 2 (weights),
-    by output name."""
-    inits = {i.name: i for i in proto.graph.initializer}
-    ints = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4)
-    return {
-        n.output[0]: n
-        for n in proto.graph.node
-        if n.op_type == "DequantizeLinear"
-        and n.input[0] in inits
-        and inits[n.input[0]].data_type in ints
-        and len(inits[n.input[0]].dims) >= 2
-    }
-
-
 def quantize_float_output_gemm_biases(proto: onnx.ModelProto) -> int:
     """Give a float-output quantized linear an int32 bias, so onnxruntime runs it as QGemm.
 
@@ -467,7 +451,7 @@ def quantize_float_output_gemm_biases(proto: onnx.ModelProto) -> int:
     """
     inits = {i.name: i for i in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
-    weight_dqs = _weight_dq(proto)
+    weight_dqs = weight_dequantizers(proto)
     quantize_inputs = {n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
     done = 0
     new_nodes: list[tuple[int, onnx.NodeProto]] = []
@@ -497,9 +481,9 @@ def quantize_float_output_gemm_biases(proto: onnx.ModelProto) -> int:
         scale = (s_x.reshape(()) * s_w).astype(np.float32)
         q = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
         name = f"{node.name or node.output[0]}_bias"
-        q_name = _const(proto, q, f"{name}_int32")
+        q_name = add_constant(proto, q, f"{name}_int32")
         scale = scale.reshape(-1) if scale.size > 1 else scale.reshape(())
-        s_name = _const(proto, scale, f"{name}_scale")
+        s_name = add_constant(proto, scale, f"{name}_scale")
         dq = helper.make_node(
             "DequantizeLinear", [q_name, s_name], [f"{name}_dq"], name=f"{name}_dq", axis=0
         )
@@ -521,7 +505,7 @@ def pack_int4_weights(proto: onnx.ModelProto) -> int:
 
     inits = {i.name: i for i in proto.graph.initializer}
     packed = 0
-    for dq in _weight_dq(proto).values():
+    for dq in weight_dequantizers(proto).values():
         names = [dq.input[0]] + ([dq.input[2]] if len(dq.input) > 2 and dq.input[2] else [])
         for name in names:
             arr = numpy_helper.to_array(inits[name])
@@ -533,116 +517,6 @@ def pack_int4_weights(proto: onnx.ModelProto) -> int:
         if op.domain in ("", "ai.onnx") and op.version < 21:
             op.version = 21
     return packed
-
-
-def _const(proto: onnx.ModelProto, array: np.ndarray, name: str) -> str:
-    proto.graph.initializer.append(numpy_helper.from_array(array, name))
-    return name
-
-
-def dynamic_integer_ops(proto: onnx.ModelProto) -> int:
-    """Rewrite ``DequantizeLinear(int8 W) -> Conv/Gemm`` (float activations) into dynamic
-    quantization: ``DynamicQuantizeLinear(x)`` -> ``ConvInteger`` / ``MatMulInteger`` on
-    the same int8 weights -> ``Cast`` -> ``Mul`` by ``x_scale * w_scale`` (per channel)
-    -> ``Add`` bias. The weights keep their trained integers (per-channel scales
-    included, which onnxruntime's own ``quantize_dynamic`` cannot do for convs). Returns
-    the number of layers rewritten; ``proto`` is edited in place."""
-    inits = {i.name: i for i in proto.graph.initializer}
-    dqs = _weight_dq(proto)
-    nodes: list[onnx.NodeProto] = []
-    done = 0
-    for node in proto.graph.node:
-        dq = (
-            dqs.get(node.input[1])
-            if node.op_type in ("Conv", "Gemm") and len(node.input) > 1
-            else None
-        )
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if dq is None or (
-            node.op_type == "Gemm"
-            and (
-                attrs.get("transA", 0)
-                or attrs.get("alpha", 1.0) != 1.0
-                or attrs.get("beta", 1.0) != 1.0
-            )
-        ):
-            nodes.append(node)
-            continue
-        w = numpy_helper.to_array(inits[dq.input[0]])
-        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-        zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 else np.zeros(1)
-        if np.any(zp != 0) or w.dtype != np.int8:
-            raise RuntimeError(f"dynamic export needs symmetric int8 weights ({dq.input[0]})")
-        p = f"{node.name or node.output[0]}_dyn"
-        x = node.input[0]
-        nodes.append(
-            helper.make_node(
-                "DynamicQuantizeLinear", [x], [f"{p}_xq", f"{p}_xs", f"{p}_xz"], name=f"{p}_q"
-            )
-        )
-        wz = _const(proto, np.array(0, np.int8), f"{p}_wz")
-        if node.op_type == "Conv":
-            out_ch = w.shape[0]
-            nodes.append(
-                helper.make_node(
-                    "ConvInteger",
-                    [f"{p}_xq", dq.input[0], f"{p}_xz", wz],
-                    [f"{p}_acc"],
-                    name=f"{p}_conv",
-                    **attrs,
-                )
-            )
-            shape = (1, out_ch, *([1] * (w.ndim - 2)))
-        else:
-            wt = w.T if attrs.get("transB", 0) else w  # MatMulInteger wants [K, N]
-            out_ch = wt.shape[1]
-            wname = _const(proto, np.ascontiguousarray(wt), f"{p}_w")
-            nodes.append(
-                helper.make_node(
-                    "MatMulInteger",
-                    [f"{p}_xq", wname, f"{p}_xz", wz],
-                    [f"{p}_acc"],
-                    name=f"{p}_matmul",
-                )
-            )
-            shape = (1, out_ch)
-        ws = _const(
-            proto, np.broadcast_to(scale.reshape(-1), (out_ch,)).reshape(shape).copy(), f"{p}_ws"
-        )
-        nodes += [
-            helper.make_node(
-                "Cast", [f"{p}_acc"], [f"{p}_accf"], to=onnx.TensorProto.FLOAT, name=f"{p}_cast"
-            ),
-            helper.make_node("Mul", [f"{p}_xs", ws], [f"{p}_s"], name=f"{p}_scale"),
-        ]
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if bias is not None:
-            b = numpy_helper.to_array(inits[bias]) if bias in inits else None
-            if b is None:
-                raise RuntimeError(f"dynamic export needs a constant bias ({bias})")
-            bname = _const(proto, b.astype(np.float32).reshape(shape), f"{p}_b")
-            nodes += [
-                helper.make_node("Mul", [f"{p}_accf", f"{p}_s"], [f"{p}_y"], name=f"{p}_mul"),
-                helper.make_node("Add", [f"{p}_y", bname], [node.output[0]], name=f"{p}_bias"),
-            ]
-        else:
-            nodes.append(
-                helper.make_node("Mul", [f"{p}_accf", f"{p}_s"], [node.output[0]], name=f"{p}_mul")
-            )
-        done += 1
-    used = {i for n in nodes for i in n.input}
-    nodes = [
-        n
-        for n in nodes
-        if not (n.op_type == "DequantizeLinear" and n.output[0] in dqs and n.output[0] not in used)
-    ]
-    proto.graph.ClearField("node")
-    proto.graph.node.extend(nodes)
-    keep_initializers(
-        proto.graph, {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output}
-    )
-    proto.graph.ClearField("value_info")
-    return done
 
 
 def compress_artifact(path: str | Path, preset: int = 9) -> dict[str, Any]:
