@@ -142,24 +142,23 @@ def time_files(
     Returns:
         name -> p50 in milliseconds.
     """
-    from pqd.measurement.latency import compare_latency
-    from pqd.measurement.runtime import open_runner
+    from pqd.measurement.latency import time_files as time_side_by_side
 
     out: dict[str, float] = {}
-    # one panel per input shape (compare_latency feeds one input to every file)
+    # one panel per input shape (every file of a panel is fed one input)
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for name in paths:
         by_shape.setdefault(tuple(shapes[name]), []).append(name)
     for shape, names in by_shape.items():
-        runners = {n: open_runner(runtime, paths[n], threads, batch=1).run for n in names}
-        stats = compare_latency(
-            runners,
+        stats = time_side_by_side(
+            {n: paths[n] for n in names},
+            runtime,
+            threads,
             shape,
             warmup=warmup,
             repeats=max(rounds, repeats),
             rounds=rounds,
             switch_pause_ms=20.0,
-            progress=False,
         )
         out.update({n: s.p50 for n, s in stats.items()})
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -124,3 +125,57 @@ def interleaved_ms(
                 time.sleep(switch_pause_ms / 1e3)
     bar.close()
     return {name: np.asarray(s) * 1e3 for name, s in samples.items()}
+
+
+def time_files(
+    paths: dict[str, Path],
+    runtime: str,
+    threads: int,
+    shape: tuple[int, ...] | None = None,
+    *,
+    warmup: int = 50,
+    repeats: int = 300,
+    rounds: int = 5,
+    switch_pause_ms: float = 100.0,
+    progress: bool = False,
+    desc: str = "latency",
+) -> dict[str, LatencyStats]:
+    """Files timed side by side, the one way pqd times files: a runner per file on
+    ``runtime`` with ``threads`` (a static batch where the runtime compiles one), every file
+    fed the same random input, in interleaved rounds (:func:`compare_latency`).
+
+    Args:
+        paths: name -> ONNX file (all taking inputs of ``shape``).
+        runtime: ``onnxruntime``, ``openvino`` or ``openvino-ir``.
+        threads: intra-op threads.
+        shape: the input's shape, batch first; default the first file's input at batch 1.
+        warmup, repeats, rounds, switch_pause_ms, progress, desc: as :func:`compare_latency`.
+
+    Returns:
+        name -> :class:`LatencyStats` (ms).
+    """
+    from pqd.measurement.runtime import open_runner, static_batch
+
+    if not paths:
+        return {}
+    shape = shape or input_shape(next(iter(paths.values())))
+    batch = shape[0] if static_batch(runtime) else None
+    runners = {name: open_runner(runtime, p, threads, batch=batch).run for name, p in paths.items()}
+    return compare_latency(
+        runners,
+        shape,
+        warmup=warmup,
+        repeats=repeats,
+        rounds=rounds,
+        switch_pause_ms=switch_pause_ms,
+        progress=progress,
+        desc=desc,
+    )
+
+
+def input_shape(path: Path, batch: int = 1) -> tuple[int, ...]:
+    """The shape of an ONNX file's first input at ``batch``."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return (batch, *(int(d.dim_value) for d in dims[1:]))

@@ -368,8 +368,7 @@ def artifact_latency_ms(
     ``int8``: prepared for QAT on a copy, observers calibrated on ``calibration``
     batches, exported as INT8 QDQ; else exported FP32.
     """
-    from pqd.measurement.latency import compare_latency
-    from pqd.measurement.runtime import open_runner
+    from pqd.measurement.latency import time_files
     from pqd.onnx_export import export_onnx
     from pqd.quant.pt2e import calibrate, prepare_qat
 
@@ -385,14 +384,14 @@ def artifact_latency_ms(
         )
     with tempfile.TemporaryDirectory() as tmp:
         path, _ = export_onnx(m, Path(tmp) / "candidate.onnx", example, quantized=int8)
-        runner = open_runner("onnxruntime", path, threads)
-        stats = compare_latency(
-            {"candidate": runner.run},
+        stats = time_files(
+            {"candidate": path},
+            "onnxruntime",
+            threads,
             (1, *example.shape[1:]),
             warmup=max(10, repeats // 5),
             repeats=repeats,
             rounds=2,
-            progress=False,
         )
     return stats["candidate"].p50
 

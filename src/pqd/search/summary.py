@@ -31,20 +31,12 @@ def latency_panel(
 ) -> dict[str, dict[str, float]]:
     """Batch-1 latency (ms) of every artifact, timed here in interleaved rounds, one call at
     a time, on the recipe's primary runtime and threads."""
-    import onnx
+    from pqd.measurement.latency import time_files
 
-    from pqd.measurement.latency import compare_latency
-    from pqd.measurement.runtime import open_runner
-
-    if not paths:
-        return {}
-    runtime = spec.runtimes[0]
-    dims = onnx.load(str(next(iter(paths.values())))).graph.input[0].type.tensor_type.shape.dim
-    shape = (1, *(int(d.dim_value) for d in dims[1:]))
-    runners = {name: open_runner(runtime, p, spec.threads, batch=1) for name, p in paths.items()}
-    stats = compare_latency(
-        {name: r.run for name, r in runners.items()},
-        shape,
+    stats = time_files(
+        paths,
+        spec.runtimes[0],
+        spec.threads,
         warmup=spec.warmup,
         repeats=spec.repeats,
         rounds=rounds,
