@@ -13,7 +13,7 @@ without exporting each one. This module measures instead of counting:
    p50 of a one-layer ONNX piece (conv -> BN -> ReLU, or linear) at a grid of input x output
    widths (the ``levels`` keep fractions of the full widths, rounded like the stage). Pieces
    are exported as they ship: INT8 through the PT2E QAT prepare + calibrate + QDQ export path
-   (:func:`pqd.quant.pt2e.prepare_qat`, :func:`pqd.onnx_export.export_onnx`), or FP32; they are
+   (:func:`pqd.quant.prepare.prepare_qat`, :func:`pqd.onnx_export.export_onnx`), or FP32; they are
    timed on the chosen runtime and thread count, interleaved (:func:`compare_latency`).
    Between grid points a layer's time is bilinear in its widths, on a table made monotone
    (running maximum along both width axes), so the prediction never falls when a width grows.
@@ -286,7 +286,8 @@ def export_as_shipped(
     """Export ``model`` to ``path`` as the pipeline ships it: INT8 (PT2E QAT graph on a copy,
     observers calibrated on random inputs, QDQ export) or FP32."""
     from pqd.onnx_export import export_onnx
-    from pqd.quant.pt2e import calibrate, prepare_qat
+    from pqd.quant.calibration import calibrate
+    from pqd.quant.prepare import prepare_qat
 
     m = copy.deepcopy(model).cpu().float()
     example = example.cpu()

@@ -126,7 +126,7 @@ def drop_requantize(graph: torch.fx.GraphModule) -> int:
 
 
 def _scheme(model: nn.Module) -> dict[str, Any]:
-    from pqd.quant.pt2e import quant_scheme
+    from pqd.quant.scheme import quant_scheme
 
     return quant_scheme(model)
 
@@ -151,7 +151,8 @@ def deployable_model(model: nn.Module, quantized: bool) -> nn.Module:
 def _weights_only(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A converted copy of a dynamic-quant graph without its activation fake-quantizers:
     int8 weights (DequantizeLinear in ONNX) feeding float convs/linears."""
-    from pqd.quant.pt2e import graphs_in, quantized_layers
+    from pqd.quant.layers import quantized_layers
+    from pqd.quant.scheme import graphs_in
 
     g = copy.deepcopy(graph)
     weight_fqs = {lq.weight_fq for lq in quantized_layers(g).values()}

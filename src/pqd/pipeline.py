@@ -753,7 +753,7 @@ def _precision(state: State) -> str:
     """``fp32``, or the quantization scheme's label (``int8`` for the default U8S8)."""
     if not state.quantized:
         return "fp32"
-    from pqd.quant.pt2e import precision_label, quant_scheme
+    from pqd.quant.scheme import precision_label, quant_scheme
 
     return precision_label(quant_scheme(state.model))
 
@@ -796,7 +796,9 @@ def run_sensitivity(
     from pqd.engine import baseline, seed_everything
     from pqd.models import build_model
     from pqd.pipeline import resolve_device
-    from pqd.quant.pt2e import calibrate, prepare_qat, scheme_of
+    from pqd.quant.calibration import calibrate
+    from pqd.quant.prepare import prepare_qat
+    from pqd.quant.scheme import scheme_of
     from pqd.target import reduces_range
     from pqd.target import resolve as resolve_target
 

@@ -60,7 +60,8 @@ def apply_prune_channels(state: State, spec: PruneChannelsSpec, ctx: Context) ->
     from pqd.models.multi_exit import MultiExitNet
     from pqd.prune import importance
     from pqd.prune.masks import split_epochs
-    from pqd.quant.pt2e import calibrate, prepare_qat
+    from pqd.quant.calibration import calibrate
+    from pqd.quant.prepare import prepare_qat
     from pqd.train import prepare_model
 
     if isinstance(state.model, MultiExitNet):
