@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from pqd.models import build_model
     from pqd.onnx_export import export_onnx
     from pqd.prune.channels import apply_structure, plan_records
-    from pqd.quant.pt2e import calibrate, prepare_qat
+    from pqd.quant.calibration import calibrate
+    from pqd.quant.prepare import prepare_qat
     from pqd.recipe import recipe_from_dict
 
     t0 = time.perf_counter()

@@ -89,17 +89,17 @@ def openvino_ops(path: Path, threads: int) -> dict[str, int]:
 def _export_without(
     model: Any, out: Path, passes: tuple[str, ...], image: tuple[int, int, int]
 ) -> Path:
-    """The INT8 file of ``model`` with the named :mod:`pqd.quant.pt2e` passes switched off."""
-    import pqd.quant.pt2e as pt2e
+    """The INT8 file of ``model`` with the named :mod:`pqd.quant.quantizer` passes switched off."""
+    import pqd.quant.quantizer as quantizer
 
-    originals = {p: getattr(pt2e, p) for p in passes}
+    originals = {p: getattr(quantizer, p) for p in passes}
     for p in passes:
-        setattr(pt2e, p, lambda *a, **k: 0)
+        setattr(quantizer, p, lambda *a, **k: 0)
     try:
         return rt_bench.export_pair(model, out, image=image)[0]["int8"]
     finally:
         for p, fn in originals.items():
-            setattr(pt2e, p, fn)
+            setattr(quantizer, p, fn)
 
 
 def export_arms(

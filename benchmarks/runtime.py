@@ -266,7 +266,8 @@ def export_pair(
     import torch
 
     from pqd.onnx_export import export_onnx
-    from pqd.quant.pt2e import calibrate, prepare_qat
+    from pqd.quant.calibration import calibrate
+    from pqd.quant.prepare import prepare_qat
 
     gen = torch.Generator().manual_seed(seed)
     example = torch.rand(2, *image, generator=gen)

@@ -101,7 +101,7 @@ def measure_model(name: str, data: Any, args: argparse.Namespace) -> dict[str, A
     (max - min) / median."""
     from pqd.models import build_model
     from pqd.prune.masks import magnitude_masks, prunable_parameters
-    from pqd.quant.pt2e import prepare_qat
+    from pqd.quant.prepare import prepare_qat
     from pqd.quant.qat_train import freeze, qat_steps
     from pqd.recipe import TrainSpec
     from pqd.state import MaskKeeper

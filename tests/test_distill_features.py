@@ -12,7 +12,8 @@ import torch
 from helpers import CPU, context, synthetic_data, tiny
 from pqd.errors import RecipeError
 from pqd.onnx_export import export_onnx
-from pqd.quant.pt2e import DEFAULT_SCHEME, prepare_qat
+from pqd.quant.prepare import prepare_qat
+from pqd.quant.scheme import DEFAULT_SCHEME
 from pqd.recipe import FeatureKDSpec
 from pqd.stages.distill import TAP_PREFIX, TAPS, apply_distill, capture, feature_points
 from pqd.state import State

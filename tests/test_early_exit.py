@@ -292,7 +292,8 @@ def test_quantize_before_exit_carries_quantizers_over() -> None:
 @pytest.mark.parametrize("name", ["tiny_cnn", "tiny_resnet"])
 def test_carried_quantizers_reproduce_the_whole_graph(name: str) -> None:
     from pqd.exits.heads import carry_observers, eager_from_graph
-    from pqd.quant.pt2e import calibrate, prepare_qat, prepare_qat_parts
+    from pqd.quant.calibration import calibrate
+    from pqd.quant.prepare import prepare_qat, prepare_qat_parts
     from pqd.train import eval_mode
 
     model = tiny(name)

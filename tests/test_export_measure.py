@@ -31,7 +31,7 @@ from pqd.measurement.parity import parity
 from pqd.measurement.runtime import export_openvino_ir, open_runner, openvino_ir_paths, ort_kernels
 from pqd.models import build_model
 from pqd.onnx_export import export_onnx
-from pqd.quant.pt2e import prepare_qat
+from pqd.quant.prepare import prepare_qat
 from pqd.recipe import MeasureSpec
 from pqd.train import set_train
 
@@ -248,7 +248,7 @@ ACTIVATION_ISLANDS = {"Gelu", "QuickGelu"}
 def blocks_int8(tmp_path: Path, data, name: str) -> tuple[Path, torch.nn.Module]:
     """tiny_blocks (depthwise, grouped, squeeze-excite, concat, residuals, pools), prepared,
     calibrated on real images and exported as INT8."""
-    from pqd.quant.pt2e import calibrate
+    from pqd.quant.calibration import calibrate
 
     torch.manual_seed(0)
     model = build_model("tiny_blocks", data.num_classes, data.mean, data.std).eval()
@@ -289,7 +289,7 @@ def test_mobile_blocks_run_as_integer_kernels(
     assert parity(ref, open_runner("onnxruntime", path, threads=1).run(x))["top1_agreement"] >= 0.9
 
     # the x86 recipe alone: the same net keeps float convs and the float gate
-    monkeypatch.setattr("pqd.quant.pt2e.close_float_islands", lambda *a, **k: 0)
+    monkeypatch.setattr("pqd.quant.quantizer.close_float_islands", lambda *a, **k: 0)
     before = float_islands(ort_optimized(blocks_int8(tmp_path, data, "x86")[0]))
     ops = {row["op"] for row in before["float_ops"]}
     assert {"Conv", "FusedConv"} & ops and "Mul" in ops
@@ -317,7 +317,7 @@ def test_a_linear_hardswish_linear_classifier_runs_in_integer(tmp_path: Path) ->
     """The hard gate's ``x + 3`` after a linear is not a transformer's residual add: both
     linears run as QGemm, the gate as QLinearAdd + QLinearMul, nothing in float."""
     from pqd.measurement.runtime import float_islands, ort_optimized
-    from pqd.quant.pt2e import calibrate
+    from pqd.quant.calibration import calibrate
 
     torch.manual_seed(0)
     x = torch.rand(32, 3, 8, 8)

@@ -35,7 +35,7 @@ from pqd.engine import baseline, frozen
 from pqd.models import build_model
 from pqd.pipeline import deterministic
 from pqd.prune.masks import prunable_parameters
-from pqd.quant.pt2e import prepare_qat
+from pqd.quant.prepare import prepare_qat
 from pqd.resume import RunFolder, load_state, save_state
 from pqd.state import State
 from pqd.train import TrainingDiverged, eval_mode, evaluate, fit, is_graph

@@ -10,7 +10,7 @@ import torch
 from pqd import _pt2e_cache
 from pqd.models import build_model
 from pqd.onnx_export import int8_model
-from pqd.quant.pt2e import prepare_qat
+from pqd.quant.prepare import prepare_qat
 from pqd.train import set_train
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import onnx_weights, ort_logits, tiny
 from pqd.models.fastnet import fastnet_q8
 from pqd.onnx_export import export_onnx
-from pqd.quant.pt2e import prepare_qat
+from pqd.quant.prepare import prepare_qat
 from pqd.quant.qat_train import QatSteps, freeze, is_frozen, qat_steps, training_view
 from pqd.recipe import TrainSpec
 from pqd.train import fit, set_train

@@ -23,15 +23,10 @@ from helpers import (
 from pqd.errors import RecipeError
 from pqd.measurement.runtime import ort_kernels
 from pqd.onnx_export import export_onnx
-from pqd.quant.pt2e import (
-    DEFAULT_SCHEME,
-    calibrate,
-    fake_quantizers,
-    keep_float,
-    prepare_qat,
-    quant_scheme,
-    quantized_layers,
-)
+from pqd.quant.calibration import calibrate
+from pqd.quant.layers import fake_quantizers, keep_float, quantized_layers
+from pqd.quant.prepare import prepare_qat
+from pqd.quant.scheme import DEFAULT_SCHEME, quant_scheme
 from pqd.quant.sensitivity import choose_mixed_precision, layer_sensitivity
 from pqd.recipe import MixedPrecisionSpec, recipe_from_dict
 from pqd.stages.quantize import apply_quantize
@@ -426,7 +421,7 @@ def test_mobilenetv2_qat_after_a_short_baseline_trains() -> None:
 
 
 def test_refresh_bn_stats_sets_the_data_statistics() -> None:
-    from pqd.quant.pt2e import refresh_bn_stats
+    from pqd.quant.prepare import refresh_bn_stats
 
     model = tiny(seed=3)
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -17,7 +17,8 @@ from pqd.measurement.env import cpu_flags, has_vnni
 from pqd.measurement.runtime import avx2_logits, open_runner
 from pqd.measurement.saturation import pairs_at_risk, saturation
 from pqd.onnx_export import export_onnx
-from pqd.quant.pt2e import DEFAULT_SCHEME, prepare_qat, weight_range
+from pqd.quant.prepare import prepare_qat
+from pqd.quant.scheme import DEFAULT_SCHEME, weight_range
 from pqd.train import set_train
 
 

@@ -24,7 +24,7 @@ from pqd.measurement.runtime import open_runner
 from pqd.models import build_model
 from pqd.onnx_export import export_onnx
 from pqd.prune.masks import prunable_parameters
-from pqd.quant.pt2e import unquantized_weights
+from pqd.quant.layers import unquantized_weights
 from pqd.state import State
 from pqd.train import is_graph
 

@@ -70,7 +70,7 @@ def test_bad_sizes_are_model_errors() -> None:
 
 
 def _calibrated_qat(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    from pqd.quant.pt2e import prepare_qat
+    from pqd.quant.prepare import prepare_qat
     from pqd.train import set_train
 
     graph = prepare_qat(model, x[:8])

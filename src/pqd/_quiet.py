@@ -11,7 +11,7 @@ the same libraries, still show.
 - torch 2.13 logs that torchao registers an Enum as a pytree constant (``register_constant``
   deprecation), on every import of torchao's quantizers;
 - torchao's X86InductorQuantizer warns while pqd annotates (skipped configs, unquantized
-  max-pool inputs): pqd re-annotates those nodes itself (see :mod:`pqd.quant.pt2e`);
+  max-pool inputs): pqd re-annotates those nodes itself (see :mod:`pqd.quant.annotate`);
 - torch's pytree warns ``isinstance(treespec, LeafSpec)`` is deprecated whenever torchao's
   graphs are deep-copied.
 """

@@ -80,7 +80,7 @@ def _state(model_or_state: nn.Module | State) -> State:
             f"cannot export a {type(model_or_state).__name__}",
             "pass an nn.Module or the pqd.State that pqd.apply_stages returned",
         )
-    from pqd.quant.pt2e import fake_quantizers
+    from pqd.quant.layers import fake_quantizers
 
     quantized = is_graph(model_or_state) and any(True for _ in fake_quantizers(model_or_state))
     return State(model=model_or_state, quantized=quantized)

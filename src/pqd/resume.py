@@ -352,7 +352,7 @@ def save_state(path: Path, fingerprint: str, state: Any) -> None:
     """The ``pqd.state.State`` after a step: weights (graph or eager), masks, and what
     rebuilds its form: channel structure, N:M layers, the quantization scheme of a graph."""
     from pqd.models.multi_exit import MultiExitNet
-    from pqd.quant.pt2e import quant_scheme
+    from pqd.quant.scheme import quant_scheme
 
     model = state.model
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -385,7 +385,7 @@ def save_state(path: Path, fingerprint: str, state: Any) -> None:
 
 def _part_schemes(net: nn.Module) -> dict[str, Any]:
     """The quantization scheme of each PT2E part of a multi-exit net, by part name."""
-    from pqd.quant.pt2e import META_KEY
+    from pqd.quant.scheme import META_KEY
 
     return {
         name: part.meta.get(META_KEY)
@@ -421,7 +421,8 @@ def load_state(
     if meta.get("exits"):
         model = _rebuild_exits(model, meta, saved, example)
     elif quantized:
-        from pqd.quant.pt2e import keep_float, prepare_qat
+        from pqd.quant.layers import keep_float
+        from pqd.quant.prepare import prepare_qat
 
         scheme = dict(meta["scheme"])
         float_layers = list(scheme.get("float_layers") or [])
@@ -467,7 +468,9 @@ def _rebuild_exits(
     schemes = exits.get("part_schemes")
     if schemes:
         from pqd.models.multi_exit import part_inputs
-        from pqd.quant.pt2e import META_KEY, keep_float, prepare_qat, tie_boundary_quantizers
+        from pqd.quant.layers import keep_float
+        from pqd.quant.prepare import prepare_qat, tie_boundary_quantizers
+        from pqd.quant.scheme import META_KEY
 
         inputs = part_inputs(net, x)
         for name, part in list(net.parts()):

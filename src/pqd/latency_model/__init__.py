@@ -13,7 +13,7 @@ without exporting each one. This package measures instead of counting:
    p50 of a one-layer ONNX piece (conv -> BN -> ReLU, or linear) at a grid of input x output
    widths (the ``levels`` keep fractions of the full widths, rounded like the stage). Pieces
    are exported as they ship: INT8 through the PT2E QAT prepare + calibrate + QDQ export path
-   (:func:`pqd.quant.pt2e.prepare_qat`, :func:`pqd.onnx_export.export_onnx`), or FP32; they are
+   (:func:`pqd.quant.prepare.prepare_qat`, :func:`pqd.onnx_export.export_onnx`), or FP32; they are
    timed on the chosen runtime and thread count, interleaved (:func:`compare_latency`).
    Between grid points a layer's time is bilinear in its widths, on a table made monotone
    (running maximum along both width axes), so the prediction never falls when a width grows.

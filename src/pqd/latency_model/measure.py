@@ -105,7 +105,8 @@ def export_as_shipped(
     """Export ``model`` to ``path`` as the pipeline ships it: INT8 (PT2E QAT graph on a copy,
     observers calibrated on random inputs, QDQ export) or FP32."""
     from pqd.onnx_export import export_onnx
-    from pqd.quant.pt2e import calibrate, prepare_qat
+    from pqd.quant.calibration import calibrate
+    from pqd.quant.prepare import prepare_qat
 
     m = copy.deepcopy(model).cpu().float()
     example = example.cpu()

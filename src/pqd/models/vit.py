@@ -13,7 +13,7 @@ INT8 rules: every linear runs on a 2-D ``[B * tokens, features]`` input
 QuantizeLinear/DequantizeLinear into QGemm (a linear on 3-D tokens exports as MatMul
 then a bias Add, which is not the DequantizeLinear -> Gemm -> QuantizeLinear group that
 the fusion looks for). The attention matmuls read quantized inputs (see
-:func:`pqd.quant.pt2e.transformer_float_paths`). Attention is
+:func:`pqd.quant.annotate.transformer_float_paths`). Attention is
 written out (one qkv linear, two matmuls, softmax, output projection): no
 ``scaled_dot_product_attention``, whose fused op neither PT2E nor the ONNX runtimes
 quantize. Heads are the leading split of q/k/v features (``num_heads`` x ``head_dim``),

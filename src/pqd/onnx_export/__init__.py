@@ -82,7 +82,7 @@ def _qdq_args(node: Any, kind: str) -> tuple[Any, float, int] | None:
 def drop_requantize(graph: torch.fx.GraphModule) -> int:
     """Remove ``quantize(dequantize(q, s) [clamped to its own range] / k, s / k)`` chains
     (zero point 0), which give back the integers ``q`` unchanged: the ``/ 6`` of
-    :func:`pqd.quant.pt2e.split_hard_gates`. Without them onnxruntime sees
+    :func:`pqd.quant.rewrite.split_hard_gates`. Without them onnxruntime sees
     ``QLinearAdd -> QLinearMul`` instead of a float ``Div`` between Q/DQ pairs.
 
     Args:
@@ -132,7 +132,7 @@ def drop_requantize(graph: torch.fx.GraphModule) -> int:
 
 
 def _scheme(model: nn.Module) -> dict[str, Any]:
-    from pqd.quant.pt2e import quant_scheme
+    from pqd.quant.scheme import quant_scheme
 
     return quant_scheme(model)
 
@@ -157,7 +157,8 @@ def deployable_model(model: nn.Module, quantized: bool) -> nn.Module:
 def _weights_only(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A converted copy of a dynamic-quant graph without its activation fake-quantizers:
     int8 weights (DequantizeLinear in ONNX) feeding float convs/linears."""
-    from pqd.quant.pt2e import graphs_in, quantized_layers
+    from pqd.quant.layers import quantized_layers
+    from pqd.quant.scheme import graphs_in
 
     g = copy.deepcopy(graph)
     weight_fqs = {lq.weight_fq for lq in quantized_layers(g).values()}
@@ -442,7 +443,7 @@ def quantize_float_output_gemm_biases(proto: onnx.ModelProto) -> int:
 
     ``DequantizeLinear(x), DequantizeLinear(W) -> Gemm`` with a float bias initializer and
     no QuantizeLinear after it (a transformer's linear that feeds the float residual
-    stream or GELU, :func:`pqd.quant.pt2e.transformer_float_paths`) stays a float Gemm in
+    stream or GELU, :func:`pqd.quant.annotate.transformer_float_paths`) stays a float Gemm in
     onnxruntime 1.32: its QDQ Gemm fusion reads a bias only through an int32
     DequantizeLinear. The bias becomes ``round(b / (s_x * s_W))`` in int32 behind such a
     DequantizeLinear (scale ``s_x * s_W``, per output channel where ``W`` is), the

@@ -33,7 +33,9 @@ def run_sensitivity(
     per-layer sensitivity on the val split; writes ``sensitivity.json`` into ``out``."""
     from pqd.engine import baseline
     from pqd.models import build_model
-    from pqd.quant.pt2e import calibrate, prepare_qat, scheme_of
+    from pqd.quant.calibration import calibrate
+    from pqd.quant.prepare import prepare_qat
+    from pqd.quant.scheme import scheme_of
     from pqd.target import reduces_range
 
     t0 = time.perf_counter()

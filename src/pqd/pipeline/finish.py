@@ -281,7 +281,7 @@ def precision_of(state: State) -> str:
     """``fp32``, or the quantization scheme's label (``int8`` for the default U8S8)."""
     if not state.quantized:
         return "fp32"
-    from pqd.quant.pt2e import precision_label, quant_scheme
+    from pqd.quant.scheme import precision_label, quant_scheme
 
     return precision_label(quant_scheme(state.model))
 

@@ -40,7 +40,7 @@ and timed on onnxruntime at batch 1; ``trials`` candidates at most, every one re
 Composition: after ``quantize`` the state holds a PT2E QAT graph, on which TP cannot
 operate. Its state_dict carries the eager parameter names, so the eager model is rebuilt
 (fresh zoo model + the recorded structure + the graph's eager entries), pruned, prepared
-for QAT again (:func:`pqd.quant.pt2e.prepare_qat`) and its activation observers
+for QAT again (:func:`pqd.quant.prepare.prepare_qat`) and its activation observers
 re-calibrated on ``calibration_batches`` training batches; ``state.quantized`` stays True.
 Unstructured masks are carried through surgery exactly (the same structure is replayed
 on a copy whose weights are the masks); N:M masks are re-imposed on layers whose input
@@ -370,7 +370,8 @@ def artifact_latency_ms(
     """
     from pqd.measurement.latency import time_files
     from pqd.onnx_export import export_onnx
-    from pqd.quant.pt2e import calibrate, prepare_qat
+    from pqd.quant.calibration import calibrate
+    from pqd.quant.prepare import prepare_qat
 
     m = copy.deepcopy(model).cpu().float()
     example = example.cpu()

@@ -1,4 +1,5 @@
-"""Activation ranges from calibration statistics: min-max, percentile and entropy (KL).
+"""Calibration: activation ranges from statistics (min-max, percentile and entropy (KL)),
+set on a prepared graph's quantizers by :func:`calibrate`.
 
 Calibration runs the float network (fake-quant off) on the validation split twice: the
 first pass finds each activation tensor's min and max, the second fills a fixed
@@ -19,10 +20,20 @@ Ranges are fractions-free floats in the activation's own units; histograms are c
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
+
+from pqd.models.multi_exit import MultiExitNet
+from pqd.quant.layers import fake_quantizers, quantized_layers
+from pqd.quant.scheme import quant_scheme
+from pqd.train import set_train
 
 BINS = 2048
 _EPS = 1e-12
@@ -162,3 +173,157 @@ def entropy_threshold(hist: np.ndarray, amax: float, levels: int = 128) -> float
         if kl <= best_kl:  # ties: the larger threshold (as NVIDIA's reference does)
             best_kl, best_i = kl, i
     return float(best_i * width)
+
+
+# ---------------------------------------------------------------------------- calibrate
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    loader,
+    batches: int,
+    device: torch.device,
+    scheme: dict[str, Any] | None = None,
+    forward_loop: Callable[[nn.Module], None] | None = None,
+) -> int:
+    """Set every activation range from ``batches`` batches of ``loader``, or from what
+    ``forward_loop(model)`` runs through the model (the user's own calibration loop, as in
+    ModelOpt's ``mtq.quantize``); returns images seen.
+
+    The float network runs (fake-quant off); weight quantizers observe their weights;
+    each static activation quantizer gets the range of ``scheme["observer"]`` over the
+    batches (:class:`TensorStats`). Afterwards fake-quant is on and activation observers
+    are off, except in QAT with minmax ranges, where torchao's moving average goes on
+    tracking them during training.
+
+    Args:
+        model: a prepared graph, or a multi-exit net of them (every exit is calibrated).
+        loader: yields ``(images, labels)`` batches (unused with ``forward_loop``).
+        batches: how many batches of ``loader`` to run.
+        device: where the model is.
+        scheme: the quantization scheme; default: the one stored on the model.
+        forward_loop: the user's calibration loop, run instead of ``loader``.
+
+    Returns:
+        Images seen (per pass: the histogram pass sees the same ones again).
+    """
+    scheme = scheme or quant_scheme(model)
+    weight_names = {lq.weight_fq for lq in quantized_layers(model).values() if lq.weight_fq}
+    fqs = dict(fake_quantizers(model))
+    acts = _range_quantizers(fqs, weight_names)
+    for name, m in fqs.items():
+        m.fake_quant_enabled[0] = 0
+        m.observer_enabled[0] = 1 if name in weight_names else 0
+    stats = {n: TensorStats() for n in acts}
+    observer = scheme["observer"]
+    symmetric = scheme["activation_symmetric"]
+    set_train(model, False)
+    if forward_loop is not None:
+        feed = functools.partial(_feed_loop, model, forward_loop)
+    else:
+        feed = functools.partial(_feed_batches, model, loader, batches, device)
+
+    def run(observe: Callable[[TensorStats, torch.Tensor], None]) -> int:
+        with _observing(acts, stats, observe):
+            return feed()
+
+    seen = run(lambda s, x: s.observe_range(x))
+    if observer != "minmax":
+        for s in stats.values():
+            s.start_histogram(symmetric or observer == "entropy")
+        run(lambda s, x: s.observe_histogram(x))
+    for name, m in acts.items():
+        _set_range(m, stats[name], scheme)
+    for name in weight_names:  # the fused observer computes qparams only with fake-quant on
+        m = fqs[name]
+        _store_qparams(m, *m.calculate_qparams())
+    track = scheme["mode"] == "qat" and observer == "minmax"
+    for name, m in fqs.items():
+        m.fake_quant_enabled[0] = 1
+        if name in acts:
+            m.observer_enabled[0] = 1 if track else 0
+    return seen
+
+
+def _range_quantizers(fqs: dict[str, nn.Module], weight_names: set[str]) -> dict[str, nn.Module]:
+    """The activation fake-quantizers whose range calibration sets: not the weights', not
+    the dynamic ones (each batch's own range) and not the fixed ones (no observer)."""
+    return {
+        n: m
+        for n, m in fqs.items()
+        if n not in weight_names
+        and not getattr(m, "is_dynamic", False)
+        and hasattr(getattr(m, "activation_post_process", None), "min_val")  # not fixed
+    }
+
+
+@contextlib.contextmanager
+def _observing(
+    acts: dict[str, nn.Module],
+    stats: dict[str, TensorStats],
+    observe: Callable[[TensorStats, torch.Tensor], None],
+) -> Iterator[None]:
+    """Within the block, ``observe(stats[name], input)`` runs on every input that
+    activation quantizer ``name`` sees."""
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, n=n: observe(stats[n], args[0]))
+        for n, m in acts.items()
+    ]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _feed_loop(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> int:
+    """Run the user's ``forward_loop(model)``; returns the images it passed to the model."""
+    counted: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, args: counted.append(len(args[0])))
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        hook.remove()
+    return sum(counted)
+
+
+def _feed_batches(model: nn.Module, loader, batches: int, device: torch.device) -> int:
+    """Run the first ``batches`` batches of ``loader`` through ``model`` (a multi-exit net
+    through every exit); returns images seen."""
+    seen = 0
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        if isinstance(model, MultiExitNet):
+            model.forward_all(x.to(device))  # the exit heads' quantizers too
+        else:
+            model(x.to(device))
+        seen += x.shape[0]
+    return seen
+
+
+def _set_range(m: nn.Module, s: TensorStats, scheme: dict[str, Any]) -> None:
+    """Give activation fake-quantizer ``m`` the range of ``scheme``'s observer over the
+    statistics ``s``, and the scale and zero point of that range."""
+    if s.hi < s.lo:  # never reached (dead branch): keep torchao's defaults
+        return
+    symmetric = scheme["activation_symmetric"]
+    nonneg = s.lo >= 0.0 and not symmetric
+    lo, hi = s.range(
+        scheme["observer"],
+        symmetric=symmetric,
+        levels=256 if nonneg else 128,
+        percentile=scheme["percentile"],
+    )
+    obs = m.activation_post_process
+    obs.min_val.resize_(()).fill_(lo)
+    obs.max_val.resize_(()).fill_(hi)
+    _store_qparams(m, *obs.calculate_qparams())
+
+
+def _store_qparams(m: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    """Copy ``scale`` and ``zero_point`` into fake-quantizer ``m``'s buffers (resized)."""
+    m.scale.resize_(scale.shape).copy_(scale)
+    m.zero_point.resize_(zero_point.shape).copy_(zero_point)

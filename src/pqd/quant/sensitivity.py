@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pqd.quant.pt2e import fake_quantizers, float_layer_quantizers, quantized_layers
+from pqd.quant.layers import fake_quantizers, float_layer_quantizers, quantized_layers
 from pqd.recipe import MixedPrecisionSpec
 from pqd.train import evaluate
 

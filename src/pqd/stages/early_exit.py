@@ -44,7 +44,9 @@ def calibrate_net(net: MultiExitNet, ctx: Context, target: ExitTarget) -> dict[s
 @register_stage("early_exit")
 def apply_early_exit(state: State, spec: EarlyExitSpec, ctx: Context) -> State:
     """Attach exit heads, train them (heads or joint), calibrate thresholds on val."""
-    from pqd.quant.pt2e import calibrate, prepare_qat_parts, quant_scheme
+    from pqd.quant.calibration import calibrate
+    from pqd.quant.prepare import prepare_qat_parts
+    from pqd.quant.scheme import quant_scheme
 
     if isinstance(state.model, MultiExitNet):
         raise RecipeError("early_exit: the model already has exits", "keep one early_exit stage")

@@ -171,7 +171,8 @@ def _cut(
     re-imposed), which becomes ``state.model``, re-prepared for QAT and calibrated when the
     state is quantized."""
     from pqd.models import check_output_shape
-    from pqd.quant.pt2e import calibrate, prepare_qat
+    from pqd.quant.calibration import calibrate
+    from pqd.quant.prepare import prepare_qat
     from pqd.train import prepare_model
 
     if state.masks:

@@ -6,17 +6,10 @@ from __future__ import annotations
 from pqd.context import Context
 from pqd.errors import RecipeError
 from pqd.models.multi_exit import MultiExitNet
-from pqd.quant.pt2e import (
-    TYPE_KEYS,
-    calibrate,
-    keep_float,
-    precision_label,
-    prepare_qat,
-    prepare_qat_parts,
-    quant_scheme,
-    refresh_bn_stats,
-    scheme_of,
-)
+from pqd.quant.calibration import calibrate
+from pqd.quant.layers import keep_float
+from pqd.quant.prepare import prepare_qat, prepare_qat_parts, refresh_bn_stats
+from pqd.quant.scheme import TYPE_KEYS, precision_label, quant_scheme, scheme_of
 from pqd.recipe import QuantizeSpec
 from pqd.registry import register_stage
 from pqd.state import State
