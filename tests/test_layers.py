@@ -155,6 +155,63 @@ def test_a_stage_imports_no_sibling_stage_nor_what_runs_it() -> None:
     assert bad == []
 
 
+def private_imports_across_packages() -> list[str]:
+    """``from pqd.a.b import _name`` where the importer is outside package ``pqd.a``."""
+    bad = []
+    for name, path in module_names().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0):
+                continue
+            here, there = name.split(".")[:2], node.module.split(".")[:2]
+            if there[0] != "pqd" or here == there:
+                continue
+            bad += [f"{name} <- {node.module}.{a.name}" for a in node.names if _private(a.name)]
+    return bad
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_private_name_is_imported_across_packages() -> None:
+    assert private_imports_across_packages() == []
+
+
+def package_graph() -> nx.DiGraph:
+    """The import graph between pqd's top-level modules and packages, without what other
+    arrows imply (its transitive reduction) and without the registry's circle (the zoo
+    registering itself with ``pqd.registry``)."""
+    graph = nx.DiGraph()
+    for a, b in import_graph().edges:
+        pa, pb = ".".join(a.split(".")[:2]), ".".join(b.split(".")[:2])
+        graph.add_nodes_from((pa, pb))
+        if pa != pb and not (
+            in_registry_cycle(pa) and in_registry_cycle(pb) and pb != "pqd.registry"
+        ):
+            graph.add_edge(pa, pb)
+    if graph.has_edge("pqd.registry", "pqd.models"):
+        graph.remove_edge("pqd.registry", "pqd.models")
+    return nx.transitive_reduction(graph)
+
+
+def mermaid() -> str:
+    """docs/architecture.md's drawing of :func:`package_graph` (a Mermaid flowchart, top
+    layer first)."""
+    graph = package_graph()
+    short = {n: n.removeprefix("pqd.").lstrip("_") for n in graph}
+    lines = ["```mermaid", "flowchart TD"]
+    for node in sorted(graph, key=lambda n: (-layer_of(n), n)):
+        lines.append(f"    {short[node]}[{node}]")
+    for a, b in sorted(graph.edges, key=lambda e: (-layer_of(e[0]), e)):
+        lines.append(f"    {short[a]} --> {short[b]}")
+    return "\n".join([*lines, "```"])
+
+
+def test_the_architecture_page_draws_the_graph_as_it_is() -> None:
+    page = (SRC.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert mermaid() in page, "redraw it: python tests/test_layers.py > the graph block"
+
+
 def test_the_rules_can_fail() -> None:
     """The checks above see a forbidden edge and a circle when one is there."""
     graph = import_graph()
@@ -164,3 +221,7 @@ def test_the_rules_can_fail() -> None:
     assert any(
         len(c) > 1 and "pqd.onnx_export" in c for c in nx.strongly_connected_components(graph)
     )
+
+
+if __name__ == "__main__":  # the drawing for docs/architecture.md
+    print(mermaid())

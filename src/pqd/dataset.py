@@ -139,7 +139,7 @@ def _val_count(val_size: int | float, n: int) -> int:
     return count
 
 
-def _check_limit(what: str, value: int | None) -> int | None:
+def check_limit(what: str, value: int | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -150,7 +150,7 @@ def _check_limit(what: str, value: int | None) -> int | None:
     return value
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images ``[N, C, H, W]`` in [0, 1] (chunked, float64).
 
     The std is floored at 1/255 so a constant channel cannot make the model divide by zero.

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pqd.dataset import Dataset, _channel_stats, _check_limit, stratified_split
+from pqd.dataset import Dataset, channel_stats, check_limit, stratified_split
 from pqd.errors import DataError, DataRootError
 
 __all__ = [
@@ -429,8 +429,8 @@ def from_folder(
     size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
     if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
         raise DataError(f"image_size {image_size!r} is not a side in pixels", "use 8..4096")
-    limit_train = _check_limit("limit_train", limit_train)
-    limit_test = _check_limit("limit_test", limit_test)
+    limit_train = check_limit("limit_train", limit_train)
+    limit_test = check_limit("limit_test", limit_test)
     root = Path(os.path.abspath(Path(root).expanduser()))
     classes, empty = _classes(root, on_bad_image)
     cache = _cache_root(root, cache_dir)
@@ -577,6 +577,6 @@ def _cached_stats(
         return tuple(d["mean"]), tuple(d["std"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    mean, std = _channel_stats(x)
+    mean, std = channel_stats(x)
     _write_meta(path, {"mean": list(mean), "std": list(std)})
     return mean, std

@@ -32,8 +32,8 @@ from pqd.data.sources import (
 from pqd.data.tensors import resize_images
 from pqd.dataset import (
     Dataset,
-    _channel_stats,
-    _check_limit,
+    channel_stats,
+    check_limit,
     stratified_split,
 )
 from pqd.errors import DataError, DataRootError
@@ -79,8 +79,8 @@ def load_dataset(
             limit_test=limit_test,
             progress=progress,
         )
-    limit_train = _check_limit("limit_train", limit_train)
-    limit_test = _check_limit("limit_test", limit_test)
+    limit_train = check_limit("limit_train", limit_train)
+    limit_test = check_limit("limit_test", limit_test)
     root = Path(os.path.abspath(Path(root).expanduser()))
 
     if name == "npz":
@@ -97,7 +97,7 @@ def load_dataset(
     if image_size is not None and tuple(train_x.shape[-2:]) != (image_size, image_size):
         train_x, val_x, test_x = (resize_images(x, image_size) for x in (train_x, val_x, test_x))
     if raw.mean is None or raw.std is None:
-        mean, std = _channel_stats(train_x)
+        mean, std = channel_stats(train_x)
     else:
         mean, std = raw.mean, raw.std
     return Dataset(
