@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def render(record: dict, wall_s: float | None) -> str:
     """Markdown tables and ratio lines for one record with ``final.early_exit``."""
-    from pqd.report import early_exit_rows, points_text, table
+    from pqd.markdown import table
+    from pqd.report.run import early_exit_rows
+    from pqd.report.text import points_text
 
     ee = record["final"].get("early_exit")
     if ee is None:

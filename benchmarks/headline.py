@@ -94,7 +94,7 @@ def summarize(record: dict[str, Any], command: str, wall_s: float | None) -> dic
 
 def render(s: dict[str, Any]) -> str:
     """The results page (Markdown) from the benchmark's JSON."""
-    from pqd.report import ci_text, paired_text
+    from pqd.report.text import ci_text, paired_text
 
     jpeg = "jpg" in str(s["data"].get("root") or "")
     lines = [
@@ -160,7 +160,7 @@ README_END = "<!-- /headline -->"
 def readme_block(s: dict[str, Any]) -> str:
     """The README's headline table: both files on onnxruntime, the paired comparison, and
     one line with pqd's version, the date, the CPU and its flags, and the command."""
-    from pqd.report import ci_text, paired_text
+    from pqd.report.text import ci_text, paired_text
 
     base, final = s["artifacts"]["baseline"], s["artifacts"]["final"]
     rt = "onnxruntime" if "onnxruntime" in final["runtimes"] else next(iter(final["runtimes"]))

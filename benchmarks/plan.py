@@ -69,10 +69,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pqd.checkpoint import atomic_write_text
     from pqd.latency_model.model import LEVELS
     from pqd.pipeline import run as run_recipe
-    from pqd.planner import (
-        PlanError,
+    from pqd.planner import PlanError, plan
+    from pqd.planner.latency import (
         files_against_dense,
-        plan,
         ratio_steps,
         setup_latency_model,
         uniform_by_measurement,
@@ -254,7 +253,8 @@ def iso_row(
     """``pqd plan`` at the hand-made file's measured p50 (equal latency), its pick timed
     beside the hand-made file: at least as accurate at equal or lower latency?"""
     from pqd.latency_model.model import LEVELS
-    from pqd.planner import PlanError, files_against_dense, plan
+    from pqd.planner import PlanError, plan
+    from pqd.planner.latency import files_against_dense
 
     budget = row["hand"]["p50_ms"]
     iso_dir = out / f"plan-{frac:g}-iso"
@@ -296,7 +296,7 @@ def iso_row(
 
 def render(result: dict[str, Any]) -> str:
     """One Markdown table, a line per budget, and the summary lines."""
-    from pqd.planner import FINAL_PANELS
+    from pqd.planner.latency import FINAL_PANELS
 
     head = (
         "| budget | pick | pick p50 | pick top-1 | hand ratio | hand p50 | hand top-1 |"

@@ -233,7 +233,7 @@ def build(
     import torch
     import torch.nn as nn
 
-    from pqd.data import CIFAR10_MEAN, CIFAR10_STD
+    from pqd.data.sources import CIFAR10_MEAN, CIFAR10_STD
     from pqd.models import build_model
 
     torch.manual_seed(seed)

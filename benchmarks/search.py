@@ -47,7 +47,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render(search: dict, wall_s: float | None) -> str:
     """The Markdown tables and summary lines of one search.json."""
     from pqd.markdown import ordered_groups
-    from pqd.report import PAIR_HEADER, ci_text, derived_order_text, pairwise_rows
+    from pqd.report.search import PAIR_HEADER, derived_order_text, pairwise_rows
+    from pqd.report.text import ci_text
 
     rows = []
     for g in ordered_groups(search):

@@ -84,7 +84,7 @@ def measure(
     from pqd.measurement.runtime import avx2_logits, open_runner
     from pqd.measurement.saturation import saturation
     from pqd.recipe import MeasureSpec
-    from pqd.search import latency_panel
+    from pqd.search.summary import latency_panel
 
     records = {t: json.loads((out / t / "record.json").read_text()) for t in TARGETS}
     rec = records[TARGETS[0]]["recipe"]
@@ -157,7 +157,7 @@ def measure(
 
 def table(result: dict[str, Any]) -> str:
     """Markdown table (one row per target) and the two ratios the issue asks for."""
-    from pqd.report import ci_text, paired_text
+    from pqd.report.text import ci_text, paired_text
 
     header = [
         "target",

@@ -243,7 +243,7 @@ def test_benchmark_table_of_an_audited_run(small_run, capsys) -> None:
 
 
 def test_search_reads_a_trials_audit(small_run) -> None:
-    from pqd.search import audit_summary
+    from pqd.search.summary import audit_summary
 
     _, record, _ = small_run
     s = audit_summary(record)

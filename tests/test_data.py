@@ -18,16 +18,10 @@ import torch.nn.functional as F
 
 import pqd.data as data
 from helpers import write_image_folder
-from pqd.data import (
-    Dataset,
-    Loader,
-    check_data,
-    download_and_verify,
-    load_dataset,
-    resolve_data_root,
-    safe_extract,
-    stratified_split,
-)
+from pqd.data import Dataset, Loader, check_data, load_dataset, resolve_data_root
+from pqd.data.download import download_and_verify, safe_extract
+from pqd.data.sources import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN
+from pqd.dataset import stratified_split
 from pqd.errors import DataError, DataRootError
 
 SUBSET_DEFAULT = "/work/shared/data/cifar-10-subset"
@@ -129,7 +123,7 @@ def test_subset_loads(subset: Dataset, subset_root: Path) -> None:
         assert y.dtype == torch.int64 and y.shape == (x.shape[0],)
         assert int(y.min()) >= 0 and int(y.max()) <= 9
     assert int(d.test_y[0]) == 3  # the official test set starts with a cat
-    assert d.mean == data.CIFAR10_MEAN and d.std == data.CIFAR10_STD
+    assert d.mean == CIFAR10_MEAN and d.std == CIFAR10_STD
     assert d.root == subset_root / "cifar-10-batches-py"
     summary = d.summary()
     note = summary.pop("subset_note")
@@ -373,7 +367,7 @@ def test_cifar100(tmp_path: Path) -> None:
     assert (d.train_x.shape[0], d.val_x.shape[0], d.test_x.shape[0]) == (200, 100, 50)
     assert torch.bincount(d.val_y, minlength=100).tolist() == [1] * 100
     assert d.test_y.tolist() == [i % 100 for i in range(50)]
-    assert d.mean == data.CIFAR100_MEAN
+    assert d.mean == CIFAR100_MEAN
 
 
 def test_svhn(tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ import pqd
 from helpers import load_benchmark, write_image_folder
 from pqd import folder as pf
 from pqd.cli import main
-from pqd.data import Dataset, Loader, load_dataset, resize_images
+from pqd.data import Dataset, Loader, load_dataset
+from pqd.data.tensors import resize_images
 from pqd.errors import DataError
 
 CLASSES = 3  # airplane, automobile, bird: sorted already, so folder ids == CIFAR ids

@@ -17,7 +17,10 @@ import torch
 from helpers import fake_latency, tiny
 from pqd.cli import main
 from pqd.latency_model.model import LatencyModel
-from pqd.planner import generate, plan, ratio_steps, recalibrated, search_levels, template
+from pqd.planner import plan
+from pqd.planner.candidates import generate, search_levels
+from pqd.planner.latency import ratio_steps, recalibrated
+from pqd.planner.template import template
 from pqd.recipe import load_recipe, recipe_from_dict
 
 TINY = """\
@@ -188,7 +191,7 @@ def test_plan_trains_the_best_few_picks_within_budget_and_resumes(
 def test_adaptive_bn_accuracy_recalibrates_a_pruned_copy_only(synth) -> None:
     """Unpruned and without calibration images it is the model's own val top-1; pruned, it
     re-estimates BN statistics on a copy and leaves the baseline untouched."""
-    from pqd.planner import adaptive_bn_eval
+    from pqd.planner.sensitivity import adaptive_bn_eval
     from pqd.recipe import PruneChannelsSpec
 
     model = tiny("tiny_cnn").eval()
@@ -261,7 +264,7 @@ def test_whole_files_faster_than_predicted_widen_the_pool_to_what_the_budget_adm
     """ResNet-18 on an AVX-512 Xeon: the chosen planned files ran 6-8% under the budget their
     calibrated prediction filled, while the uniform answer used it. Scaled by what the timed
     files measured, slower candidates the budget admits compete too, best estimate first."""
-    from pqd.planner import widened
+    from pqd.planner.latency import widened
 
     rows = [
         {"predicted_ms": p, "estimated_loss": e}
@@ -278,7 +281,7 @@ def test_whole_files_faster_than_predicted_widen_the_pool_to_what_the_budget_adm
 
 
 def test_sensitivity_adds_each_groups_own_loss_increase() -> None:
-    from pqd.planner import sensitivity_loss
+    from pqd.planner.sensitivity import sensitivity_loss
 
     curves = {
         "dense": 1.0,
@@ -295,7 +298,7 @@ def test_sensitivity_adds_each_groups_own_loss_increase() -> None:
 def test_whole_files_are_scaled_to_the_dense_time_the_budget_was_set_against() -> None:
     """A VM that runs 10% slower in a later panel slows the dense file alike: the scaled
     times stay on the budget's scale, and the uniform pick does not move."""
-    from pqd.planner import DENSE, first_within, measure_against_dense
+    from pqd.planner.latency import DENSE, first_within, measure_against_dense
 
     class Slower:
         def measure(self, cands: dict) -> dict:
@@ -315,7 +318,7 @@ def test_whole_files_take_the_median_of_panels_each_scaled_by_its_own_dense_file
     """Panels where the whole VM slows (dense too) change nothing; one panel where only the
     pick ran 20% slow (noise) moves neither the median nor the decision, and the spread
     names it."""
-    from pqd.planner import DENSE, files_against_dense
+    from pqd.planner.latency import DENSE, files_against_dense
 
     class Panels:
         def __init__(self) -> None:
@@ -382,7 +385,7 @@ def test_the_uniform_reference_is_the_full_scan_answer_when_the_model_is_off(bia
     """ResNet-18 at 0.25x here: the model over-predicted small nets 1.6x, the window around
     its guess held only 0.8-0.9, and the reference became 0.8 where 0.75 met the budget.
     The window now moves until the step below the answer has been timed over the budget."""
-    from pqd.planner import ratio_steps, uniform_by_measurement, uniform_reference
+    from pqd.planner.latency import ratio_steps, uniform_by_measurement, uniform_reference
 
     class Lm:
         def __init__(self) -> None:

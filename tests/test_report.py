@@ -8,14 +8,10 @@ from typing import Any
 
 import pytest
 
-from pqd.report import (
-    notes_text,
-    plural,
-    points_text,
-    render_markdown,
-    speed_text,
-)
+from pqd.progress import plural
+from pqd.report import points_text, render_markdown, speed_text
 from pqd.report.plots import place_labels
+from pqd.report.text import notes_text
 
 
 def test_speed_and_points_phrases() -> None:

@@ -19,18 +19,10 @@ from helpers import load_benchmark
 from pqd.cli import main
 from pqd.errors import PqdError, RecipeError
 from pqd.recipe import recipe_from_dict
-from pqd.search import (
-    Trial,
-    allocate_epochs,
-    analyse,
-    check_executor,
-    decide_pair,
-    folder_status,
-    pareto_front,
-    plan_trials,
-    topological_order,
-    trial_key,
-)
+from pqd.runs import Trial, check_executor, folder_status, trial_key
+from pqd.search.decide import decide_pair, pareto_front, topological_order
+from pqd.search.summary import analyse
+from pqd.search.trials import allocate_epochs, plan_trials
 
 STAGES = [{"stage": "prune", "sparsity": 0.5}, {"stage": "quantize"}, {"stage": "distill"}]
 

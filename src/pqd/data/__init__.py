@@ -21,57 +21,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pqd.data.download import download_and_verify, safe_extract
 from pqd.data.loader import Loader
-from pqd.data.readers import RestrictedUnpickler, check_data, load_dataset
-from pqd.data.roots import ENV_DATA_DIR, DataRoot, data_root, resolve_data_root
-from pqd.data.sources import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    DATASETS,
-    NUM_CLASSES,
-    SVHN_MEAN,
-    SVHN_STD,
-)
-from pqd.data.tensors import Split, as_dataset, from_tensors, resize_images
-from pqd.dataset import (  # re-exported: pqd.data is the data API
-    OFFICIAL_TEST_SIZES,
-    Dataset,
-    stratified_split,
-)
+from pqd.data.readers import check_data, load_dataset
+from pqd.data.roots import DataRoot, data_root, resolve_data_root
+from pqd.data.sources import DATASETS, NUM_CLASSES
+from pqd.data.tensors import as_dataset, from_tensors
+from pqd.dataset import Dataset  # re-exported: pqd.data is the data API
 
 if TYPE_CHECKING:
     from pqd.folder import from_folder
 
 __all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
     "DATASETS",
-    "ENV_DATA_DIR",
     "NUM_CLASSES",
-    "OFFICIAL_TEST_SIZES",
-    "SVHN_MEAN",
-    "SVHN_STD",
     "DataRoot",
     "Dataset",
     "Loader",
-    "RestrictedUnpickler",
-    "Split",
     "as_dataset",
     "check_data",
     "data_root",
-    "download_and_verify",
     "from_folder",
     "from_tensors",
     "load_dataset",
-    "resize_images",
     "resolve_data_root",
-    "safe_extract",
-    "stratified_split",
 ]
 
 

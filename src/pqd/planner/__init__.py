@@ -15,26 +15,27 @@ The recipe is the template: its stages run for every trained candidate, with its
    meets the budget (nothing to prune), or even the fastest candidate (every group at the
    lowest level) misses it; each is one line naming the measured latency. Every later panel
    of whole files also times the dense network and is scaled to the dense time the budget was
-   set against (:func:`measure_against_dense`): a VM drifting during a plan moves all files
-   alike.
+   set against (:func:`~pqd.planner.latency.measure_against_dense`): a VM drifting during a
+   plan moves all files alike.
 3. **Candidates**: per-group keep levels (the table's levels and their midpoints): uniform
    ones (also at 0.05 steps), a greedy path (step down the group that adds least estimated
    loss per predicted ms saved) and random ones. The cheap accuracy estimate is a
-   per-group **sensitivity analysis** (:func:`sensitivity_curves`): the adaptive-BN
-   validation loss of the baseline with one group pruned to each level, summed over groups
-   (:func:`sensitivity_loss`). First **the uniform reference** is measured: uniform pruning
-   at the smallest ratio (0.05 steps) whose whole file meets the budget, what a user would
-   do by hand; those uniform files also calibrate the latency model near the budget
-   (median measured / predicted). Candidates whose prediction, so scaled, meets the budget
-   (and ``size_mb``)
-   are ranked by the estimate; the best ``screen`` are re-ranked by a dearer one: their
-   joint adaptive-BN validation loss (:func:`adaptive_bn_eval`, EagleEye). The best
-   ``max(2k, 4)`` of those are exported whole and timed, and the best ``k`` within the
-   budget are trained with the uniform reference. When those whole files ran slower than
-   predicted (too few within the budget) or faster (by more than the tolerance: the model is
-   calibrated on uniform networks), the predictions are scaled by what they measured and the
-   candidates the budget then admits are screened the same way (:func:`recalibrated`,
-   :func:`widened`).
+   per-group **sensitivity analysis**
+   (:func:`~pqd.planner.sensitivity.sensitivity_curves`): the adaptive-BN validation loss of
+   the baseline with one group pruned to each level, summed over groups
+   (:func:`~pqd.planner.sensitivity.sensitivity_loss`). First **the uniform reference** is
+   measured: uniform pruning at the smallest ratio (0.05 steps) whose whole file meets the
+   budget, what a user would do by hand; those uniform files also calibrate the latency
+   model near the budget (median measured / predicted). Candidates whose prediction, so
+   scaled, meets the budget (and ``size_mb``) are ranked by the estimate; the best
+   ``screen`` are re-ranked by a dearer one: their joint adaptive-BN validation loss
+   (:func:`~pqd.planner.sensitivity.adaptive_bn_eval`, EagleEye). The best ``max(2k, 4)`` of
+   those are exported whole and timed, and the best ``k`` within the budget are trained with
+   the uniform reference. When those whole files ran slower than predicted (too few within
+   the budget) or faster (by more than the tolerance: the model is calibrated on uniform
+   networks), the predictions are scaled by what they measured and the candidates the budget
+   then admits are screened the same way (:func:`~pqd.planner.latency.recalibrated`,
+   :func:`~pqd.planner.latency.widened`).
 4. **Training**: the chosen are trained for real through the normal pipeline (the
    template's stages: prune_channels with explicit ratios, then e.g. QAT and KD from the
    one shared baseline) on the search executors (sequential, processes, Ray), into run
@@ -53,80 +54,22 @@ Writes ``DIR/plan.json``, ``DIR/report.md``, ``DIR/report.html`` (self-contained
 
 from __future__ import annotations
 
-from pqd.planner.candidates import generate, search_levels
-from pqd.planner.latency import (
-    DENSE,
-    FINAL_PANELS,
-    FilePanel,
-    PlanSetup,
-    admitted,
-    files_against_dense,
-    first_within,
-    measure_against_dense,
-    measured_scale,
-    near_budget_scale,
-    ratio_steps,
-    recalibrated,
-    setup_latency_model,
-    uniform_by_measurement,
-    uniform_reference,
-    widened,
-)
 from pqd.planner.pick import choose_pick
-from pqd.planner.report import pick_rule_lines, plan_plots, report_markdown, write_plan
 from pqd.planner.run import plan
-from pqd.planner.sensitivity import adaptive_bn_eval, sensitivity_curves, sensitivity_loss
 from pqd.planner.template import (
     PICK_FILE,
     PLAN_FILE,
-    PLAN_VERSION,
     SELECTION_FILE,
     SENSITIVITY_FILE,
     PlanError,
-    announce,
-    cached_json,
-    candidate_recipe,
-    plan_folder,
-    template,
 )
 
 __all__ = [
-    "DENSE",
-    "FINAL_PANELS",
     "PICK_FILE",
     "PLAN_FILE",
-    "PLAN_VERSION",
     "SELECTION_FILE",
     "SENSITIVITY_FILE",
-    "FilePanel",
     "PlanError",
-    "PlanSetup",
-    "adaptive_bn_eval",
-    "admitted",
-    "announce",
-    "cached_json",
-    "candidate_recipe",
     "choose_pick",
-    "files_against_dense",
-    "first_within",
-    "generate",
-    "measure_against_dense",
-    "measured_scale",
-    "near_budget_scale",
-    "pick_rule_lines",
     "plan",
-    "plan_folder",
-    "plan_plots",
-    "ratio_steps",
-    "recalibrated",
-    "report_markdown",
-    "search_levels",
-    "sensitivity_curves",
-    "sensitivity_loss",
-    "setup_latency_model",
-    "template",
-    "uniform_by_measurement",
-    "uniform_reference",
-    "widened",
-    "write_plan",
 ]

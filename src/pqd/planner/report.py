@@ -71,13 +71,9 @@ def plan_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
         hi = max(max(p[1], p[2]) for p in points)
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="exact")
         ax.axhline(result["budget"]["latency_ms"], color="r", lw=0.8, label="budget")
-        ax.set_xlabel("predicted p50 (ms)")
-        ax.set_ylabel("measured p50 (ms)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "latency.png", dpi=110)
-        plt.close(fig)
-        made["latency"] = "plots/latency.png"
+        made["latency"] = _save(
+            fig, ax, folder / "latency.png", "predicted p50 (ms)", "measured p50 (ms)"
+        )
     cands = result["candidates"]
     if cands:
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -97,14 +93,28 @@ def plan_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
             label="trained",
         )
         ax.axvline(result["budget"]["latency_ms"], color="r", lw=0.8, label="budget")
-        ax.set_xlabel("predicted p50, scaled near the budget (ms)")
-        ax.set_ylabel("estimated val loss (sensitivity; lower: better)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "frontier.png", dpi=110)
-        plt.close(fig)
-        made["frontier"] = "plots/frontier.png"
+        made["frontier"] = _save(
+            fig,
+            ax,
+            folder / "frontier.png",
+            "predicted p50, scaled near the budget (ms)",
+            "estimated val loss (sensitivity; lower: better)",
+        )
     return made
+
+
+def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str) -> str:
+    """Label the axes, add the legend, write ``path`` (110 dpi) and close the figure; returns
+    the path relative to the plan folder, as the report links it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plots/{path.name}"
 
 
 def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:

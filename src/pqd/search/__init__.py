@@ -8,12 +8,13 @@ baseline checkpoint (trained once into ``DIR/baseline/`` by the normal pipeline,
 recipe's ``baseline.checkpoint``), with the same data and seed(s) for every order:
 
 - permutations: every order of the n stages (n! runs per seed); position i of every order
-  gets ``budget[i]`` % of ``total_epochs`` (:func:`allocate_epochs`);
+  gets ``budget[i]`` % of ``total_epochs`` (:func:`~pqd.search.trials.allocate_epochs`);
 - pairwise (Order of Compression): for each pair A, B the two-stage runs A->B and B->A
   (n(n-1) runs per seed). Each gets the epochs of the FIRST TWO positions of the permutation
   allocation, so A->B is exactly the A->B prefix that the permutation A->B->C starts with
-  (same epochs, same per-stage seeds); the winner (:func:`decide_pair`) gives an edge
-  "A before B", and :func:`topological_order` sorts the graph or reports the cycle;
+  (same epochs, same per-stage seeds); the winner (:func:`~pqd.search.decide.decide_pair`)
+  gives an edge "A before B", and :func:`~pqd.search.decide.topological_order` sorts the
+  graph or reports the cycle;
 - references: each stage alone with all ``total_epochs`` (prune only, quantize only...).
 
 Trials train (and export) through an executor: in this process (sequential, the default),
@@ -23,8 +24,8 @@ is completed by :func:`pqd.pipeline.measure_run`, and at the end every deployed 
 timed once more in one interleaved latency panel (batch 1), so that the ranking and the
 frontier compare latencies taken side by side rather than minutes apart.
 
-Each run folder is keyed by a hash of its resolved recipe (:func:`trial_key`, with the
-baseline checkpoint's content hash and the data folder in place of paths): re-running the
+Each run folder is keyed by a hash of its resolved recipe (:func:`pqd.runs.trial_key`, with
+the baseline checkpoint's content hash and the data folder in place of paths): re-running the
 same command reuses finished trials (measuring those trained but not yet measured) and
 redoes missing, half-finished and failed ones. A trial that fails with a PqdError (e.g. its
 loss diverged) is reported as failed and loses its pairwise comparison; the search goes on.
@@ -34,82 +35,14 @@ over seeds, ranking, pairwise table, derived order or cycle, Pareto set, run cou
 ``report.md``, ``report.html`` (self-contained) and ``plots/*.png``.
 """
 
-from pqd.runs import (
-    EXECUTORS,
-    KEY_VERSION,
-    TRIAL_FILE,
-    Executor,
-    Trial,
-    check_executor,
-    file_digest,
-    folder_status,
-    refuse_other_baseline,
-    reset_folder,
-    train_trial,
-    trial_key,
-)
-from pqd.search.decide import (
-    decide_pair,
-    holm_adjusted,
-    paired_groups,
-    pareto_front,
-    topological_order,
-)
 from pqd.search.run import run_search
-from pqd.search.summary import (
-    SEARCH_FILE,
-    SEARCH_VERSION,
-    analyse,
-    audit_summary,
-    latency_panel,
-    load_search,
-    summarize,
-    write_search,
-)
-from pqd.search.trials import (
-    allocate_epochs,
-    baseline_trial,
-    order_label,
-    plan_trials,
-    search_budget,
-    search_plan_text,
-    short_label,
-    trial_recipe,
-)
+from pqd.search.summary import SEARCH_FILE, load_search
+from pqd.search.trials import baseline_trial, search_plan_text
 
 __all__ = [
-    "EXECUTORS",
-    "KEY_VERSION",
     "SEARCH_FILE",
-    "SEARCH_VERSION",
-    "TRIAL_FILE",
-    "Executor",
-    "Trial",
-    "allocate_epochs",
-    "analyse",
-    "audit_summary",
     "baseline_trial",
-    "check_executor",
-    "decide_pair",
-    "file_digest",
-    "folder_status",
-    "holm_adjusted",
-    "latency_panel",
     "load_search",
-    "order_label",
-    "paired_groups",
-    "pareto_front",
-    "plan_trials",
-    "refuse_other_baseline",
-    "reset_folder",
     "run_search",
-    "search_budget",
     "search_plan_text",
-    "short_label",
-    "summarize",
-    "topological_order",
-    "train_trial",
-    "trial_key",
-    "trial_recipe",
-    "write_search",
 ]
