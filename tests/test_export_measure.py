@@ -200,16 +200,27 @@ def test_large_batches_get_fewer_warmup_and_timed_calls() -> None:
     assert [repeats_for(b, 300) for b in (1, 64, 1024)] == [300, 38, 20]
 
 
-def test_switch_pause_is_idle_and_untimed() -> None:
-    import time
+def test_switch_pause_is_idle_and_untimed(monkeypatch) -> None:
+    import pqd.measurement.latency as latency
 
-    runs = {"a": lambda x: None, "b": lambda x: None}
-    t0 = time.perf_counter()
+    clock = {"now": 0.0, "slept": 0.0}  # a fake clock: a call takes 1 ms, a pause its length
+
+    def sleep(seconds: float) -> None:
+        clock["now"] += seconds
+        clock["slept"] += seconds
+
+    def call(_x: object) -> None:
+        clock["now"] += 1e-3
+
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(latency.time, "sleep", sleep)
     stats = compare_latency(
-        runs, (1, 3, 4, 4), warmup=0, repeats=4, rounds=2, switch_pause_ms=50, progress=False
-    )
-    assert time.perf_counter() - t0 >= 2 * 2 * 0.05  # a pause after each block of each round
-    assert all(st.p90 < 5 for st in stats.values())  # ms: the pauses are not in the samples
+        {"a": call, "b": call}, (1, 3, 4, 4), warmup=0, repeats=4, rounds=2,
+        switch_pause_ms=50, progress=False,
+    )  # fmt: skip
+    assert clock["slept"] == pytest.approx(2 * 2 * 0.05)  # a pause after each block of each round
+    for st in stats.values():  # every sample is one call (1 ms): no pause is in one
+        assert st.samples == 4 and (st.min, st.max) == pytest.approx((1.0, 1.0))
 
 
 @pytest.mark.skipif(
