@@ -184,12 +184,12 @@ class Context:
                 h(model)
 
         net = state.model
-        exits = isinstance(net, MultiExitNet) and net.num_exits > 0
-        if exits:  # exits stay attached and keep training (see pqd.exits.heads)
+        exit_net = net if isinstance(net, MultiExitNet) and net.num_exits > 0 else None
+        if exit_net is not None:  # exits stay attached and keep training (see pqd.exits.heads)
             from pqd.exits.heads import with_exit_losses
 
-            loss_fn = with_exit_losses(net, loss_fn, self.teacher, cfg)
-            net.collect_exits = True
+            loss_fn = with_exit_losses(exit_net, loss_fn, self.teacher, cfg)
+            exit_net.collect_exits = True
         steps = qat_steps(net, freeze_at)
         try:
             return fit(
@@ -210,9 +210,9 @@ class Context:
         finally:
             if steps is not None:
                 state.info["qat_training"] = steps.info()
-            if exits:
-                net.collect_exits = False
-                net.exit_logits = []
+            if exit_net is not None:
+                exit_net.collect_exits = False
+                exit_net.exit_logits = []
 
 
 # ---- what the two pruning stages share: batches and a loss to score weights with

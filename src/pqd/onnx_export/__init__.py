@@ -149,7 +149,8 @@ def deployable_model(model: nn.Module, quantized: bool) -> nn.Module:
         return m
     if quantized:
         return int8_model(model)
-    m = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    # torch's stub of Module.to lacks memory_format (it exists at runtime)
+    m = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     set_train(m, False)
     return m
 

@@ -292,7 +292,7 @@ def resumed_stages(
         checkpoint = folder.out / folder.steps[finished]["checkpoint"]
         state = load_state(checkpoint, fresh_model, ctx.example_input)
         state.model.to(ctx.device)
-    return state, finished, [folder.entry(i + 1) for i in range(finished)]
+    return state, finished, [folder.steps[i + 1]["record"] for i in range(finished)]
 
 
 class StageRecorder:

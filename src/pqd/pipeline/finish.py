@@ -65,7 +65,9 @@ def export_files(
         model, out / "baseline.onnx", example, quantized=False, opset=export.opset
     )
     exits = isinstance(state.model, MultiExitNet)
-    if exits:  # segment files + manifest; final.onnx = the segments chained, no heads
+    final_torch: nn.Module
+    # with exits: segment files + manifest; final.onnx = the segments chained, no heads
+    if isinstance(state.model, MultiExitNet):
         from pqd.exits.export import chain_segments, export_exits
 
         manifest, final_torch = export_exits(
