@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,9 @@ from pqd.quant.qat_train import qat_steps
 from pqd.recipe import AugmentSpec, TrainSpec
 from pqd.state import MaskKeeper, State
 from pqd.train import FitResult, LossHook, StepHook, fit, kd_loss
+
+if TYPE_CHECKING:
+    from pqd.dataset import Dataset
 
 
 class Stage(Protocol):
@@ -61,7 +64,7 @@ class Context:
         fit_calls: ``fit`` calls so far in the current stage (reset per stage).
     """
 
-    data: Any  # pqd.data.Dataset
+    data: Dataset  # pqd.data.Dataset
     device: torch.device
     teacher: nn.Module
     train: TrainSpec = field(default_factory=TrainSpec)
