@@ -79,7 +79,10 @@ def exit_assignment(conf: np.ndarray, thresholds: Sequence[float]) -> np.ndarray
 
 
 def exit_outcome(
-    conf: np.ndarray, correct: np.ndarray, costs: Sequence[float], thresholds: Sequence[float]
+    conf: np.ndarray,
+    correct: np.ndarray,
+    costs: Sequence[float] | np.ndarray,
+    thresholds: Sequence[float],
 ) -> dict[str, Any]:
     """Accuracy (fraction), mean cost and exit fractions under ``thresholds``.
 
@@ -284,7 +287,7 @@ def eager_from_graph(graph: nn.Module, like: nn.Module) -> nn.Module:
     return eager
 
 
-def _fq_keys(graph: nn.Module) -> dict[str, list[tuple]]:
+def _fq_keys(graph: torch.fx.GraphModule) -> dict[str, list[tuple]]:
     """For each fake-quantizer of a PT2E graph: match keys (most specific first) by the
     module path and op of its producer and of its consumers."""
 
@@ -314,7 +317,7 @@ def _fq_keys(graph: nn.Module) -> dict[str, list[tuple]]:
     return out
 
 
-def carry_observers(source: nn.Module, parts: Sequence[nn.Module]) -> tuple[int, int]:
+def carry_observers(source: torch.fx.GraphModule, parts: Sequence[nn.Module]) -> tuple[int, int]:
     """Copy fake-quantizer state from ``source`` (whole-network QAT graph) into the
     matching quantizers of ``parts``; returns (copied, total distinct quantizers in parts).
     A key must be unique in the source to be used."""
