@@ -40,6 +40,9 @@ CONFIDENCES = ("max_softmax", "entropy")
 class _Namespace(nn.Module):
     """A module that only holds children (keeps original parameter paths)."""
 
+    features: nn.Module  # what a Segment puts here (annotations only)
+    classifier: nn.Module
+
     def forward(self, *args: Any) -> Any:  # pragma: no cover - never called
         raise RuntimeError("a namespace module is not callable")
 
@@ -48,6 +51,9 @@ class Segment(nn.Module):
     """``features[start:stop]`` of a Classifier (``norm`` first when ``start == 0``, the
     ``classifier`` last when it is the final segment), under the original names: below
     ``net.`` (``root``) for a Classifier, at the top for a bare network (``root=""``)."""
+
+    features: nn.Module  # set in __init__ where the root is "" (annotations only)
+    classifier: nn.Module
 
     def __init__(
         self,
@@ -62,7 +68,7 @@ class Segment(nn.Module):
         self.root = root
         if norm is not None:
             self.norm = norm
-        holder: nn.Module = self
+        holder: Segment | _Namespace = self
         if root:
             holder = _Namespace()
             self.add_module(root, holder)
@@ -72,23 +78,22 @@ class Segment(nn.Module):
         if classifier is not None:
             holder.classifier = classifier
 
-    def _holder(self) -> nn.Module:
+    def _holder(self) -> Segment | _Namespace:
         return getattr(self, self.root) if self.root else self
 
     @property
     def block_indices(self) -> list[int]:
         """Indices into the original ``features`` held by this segment."""
-        features = cast(nn.Module, self._holder().features)
-        return [int(name) for name, _ in features.named_children()]
+        return [int(name) for name, _ in self._holder().features.named_children()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         holder = self._holder()
         if self.has_norm:
             x = self.norm(x)
-        for block in cast(nn.Module, holder.features).children():
+        for block in holder.features.children():
             x = block(x)
         if self.has_classifier:
-            x = cast(nn.Module, holder.classifier)(x)
+            x = holder.classifier(x)
         return x
 
 
