@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,11 @@ from pqd.recipe import (
     TrainOverride,
     TrainSpec,
 )
+
+if TYPE_CHECKING:
+    from pqd.dataset import Dataset
+    from pqd.resume import RunFolder
+    from pqd.state import State
 
 FINE_TUNE: dict[str, Any] = {"lr": 0.01, "schedule": "cosine", "warmup": 0.0}
 """What :func:`compress` changes in ``TrainSpec()`` for a model handed in (taken as trained,
@@ -68,7 +73,7 @@ class CompressResult:
         self,
         record: dict[str, Any],
         run_dir: Path,
-        data: Any,
+        data: Dataset,
         load_state: Callable[[], Any],
         normalized: bool,
     ) -> None:
@@ -113,7 +118,7 @@ def _weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _data_digest(data: Any) -> str:
+def _data_digest(data: Dataset) -> str:
     """The given images, labels and normalisation."""
     h = hashlib.sha256()
     for split in ("train", "val", "test"):
@@ -233,8 +238,8 @@ def compress(
 
 def _run_or_load(
     recipe: Recipe,
-    folder: Any,
-    data: Any,
+    folder: RunFolder,
+    data: Dataset,
     net: nn.Module,
     template: Callable[[], nn.Module],
     source: dict[str, Any] | None,
@@ -265,7 +270,7 @@ def _run_or_load(
 def _recipe_of(
     net: nn.Module,
     model: nn.Module,
-    data: Any,
+    data: Dataset,
     stages: Sequence[Any],
     *,
     name: str,
@@ -330,7 +335,7 @@ def final_state(
     steps: list[dict[str, Any]],
     fresh_model: Callable[[], nn.Module],
     shape: tuple[int, ...],
-) -> Any:
+) -> State:
     """The state the run's last finished step left, loaded from its checkpoint.
 
     Args:
@@ -499,7 +504,7 @@ def plan_model(
             MODELS.pop(model_name, None)
 
 
-def _write_inputs(inputs: Path, data: Any, net: nn.Module) -> tuple[Path, Path]:
+def _write_inputs(inputs: Path, data: Dataset, net: nn.Module) -> tuple[Path, Path]:
     """A model in memory's plan inputs, written once: the data (uint8 images, the train and
     validation splits together, the normalisation) and the weights.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,9 @@ from pqd.errors import DataError, PqdError
 from pqd.recipe import MeasureSpec
 from pqd.state import State
 from pqd.train import is_graph, set_train
+
+if TYPE_CHECKING:
+    from pqd.dataset import Dataset
 
 
 class Deployed(nn.Module):
@@ -166,7 +169,7 @@ def export(
     return written
 
 
-def _test_split(data: Any) -> Any:
+def _test_split(data: Any) -> Dataset:
     """A ``pqd.data.Dataset`` with a test split, from one or a split-like."""
     import dataclasses
 

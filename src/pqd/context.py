@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,9 @@ from pqd.quant.qat_train import qat_steps
 from pqd.recipe import AugmentSpec, TrainSpec
 from pqd.state import MaskKeeper, State
 from pqd.train import FitResult, LossHook, StepHook, fit, kd_loss
+
+if TYPE_CHECKING:
+    from pqd.dataset import Dataset
 
 
 class Stage(Protocol):
@@ -61,7 +64,7 @@ class Context:
         fit_calls: ``fit`` calls so far in the current stage (reset per stage).
     """
 
-    data: Any  # pqd.data.Dataset
+    data: Dataset  # pqd.data.Dataset
     device: torch.device
     teacher: nn.Module
     train: TrainSpec = field(default_factory=TrainSpec)
@@ -184,12 +187,12 @@ class Context:
                 h(model)
 
         net = state.model
-        exits = isinstance(net, MultiExitNet) and net.num_exits > 0
-        if exits:  # exits stay attached and keep training (see pqd.exits.heads)
+        exit_net = net if isinstance(net, MultiExitNet) and net.num_exits > 0 else None
+        if exit_net is not None:  # exits stay attached and keep training (see pqd.exits.heads)
             from pqd.exits.heads import with_exit_losses
 
-            loss_fn = with_exit_losses(net, loss_fn, self.teacher, cfg)
-            net.collect_exits = True
+            loss_fn = with_exit_losses(exit_net, loss_fn, self.teacher, cfg)
+            exit_net.collect_exits = True
         steps = qat_steps(net, freeze_at)
         try:
             return fit(
@@ -210,9 +213,9 @@ class Context:
         finally:
             if steps is not None:
                 state.info["qat_training"] = steps.info()
-            if exits:
-                net.collect_exits = False
-                net.exit_logits = []
+            if exit_net is not None:
+                exit_net.collect_exits = False
+                exit_net.exit_logits = []
 
 
 # ---- what the two pruning stages share: batches and a loss to score weights with

@@ -96,8 +96,8 @@ def stratified_split(
     rest = n_val - int(alloc.sum())
     if rest > 0:  # largest remainders first; ties go to the larger class, then the lower id
         frac = (quota - alloc.to(torch.float64)).tolist()
-        order = sorted(range(len(frac)), key=lambda k: (-frac[k], -counts[k].item(), k))
-        for k in order[:rest]:
+        by_remainder = sorted(range(len(frac)), key=lambda k: (-frac[k], -counts[k].item(), k))
+        for k in by_remainder[:rest]:
             alloc[k] += 1
     g = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(n, generator=g)

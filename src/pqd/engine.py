@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,10 @@ from pqd.context import Context
 from pqd.progress import phase, plural
 from pqd.recipe import AugmentSpec, StageSpec, TrainSpec, merge_train
 from pqd.state import State
+
+if TYPE_CHECKING:
+    from pqd.dataset import Dataset
+    from pqd.resume import RunFolder
 
 StageHook = Callable[[int, Any, State, float], None]
 """``on_stage(index, spec, state, seconds)``: called after each stage (the pipeline
@@ -90,7 +94,7 @@ def baseline(
     augment: AugmentSpec | dict[str, Any] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    run: Any = None,
+    run: RunFolder | None = None,
 ) -> nn.Module:
     """Train ``model`` for ``epochs`` on the train split, or load ``checkpoint`` into it;
     in place (also returned), left on ``device`` in the contiguous memory format.
@@ -150,11 +154,12 @@ def baseline(
             resume=start,
             on_epoch=on_epoch,
         )
-    model.to(memory_format=torch.contiguous_format)
+    # torch's stub of Module.to lacks memory_format (it exists at runtime)
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return given
 
 
-def wrap(model: nn.Module, data: Any) -> nn.Module:
+def wrap(model: nn.Module, data: Dataset) -> nn.Module:
     """``model`` with the data's normalisation in front (a :class:`pqd.models.Classifier`),
     or ``model`` itself when the normalisation is the identity or already inside it (a zoo
     model is a Classifier)."""
@@ -173,7 +178,7 @@ def _train_spec(train: TrainSpec | dict[str, Any] | None) -> TrainSpec:
 def stage_context(
     stages: Sequence[Any],
     index: int,
-    data: Any,
+    data: Dataset,
     teacher: nn.Module,
     *,
     train: TrainSpec,
@@ -184,7 +189,7 @@ def stage_context(
     threads: int = 1,
     progress: bool = False,
     fresh_model: Callable[[], nn.Module] | None = None,
-    run: Any = None,
+    run: RunFolder | None = None,
     forward_loop: Callable[[nn.Module], None] | None = None,
 ) -> Context:
     """The Context stage ``index`` of ``stages`` runs with (what it reads, nothing more):
@@ -227,7 +232,7 @@ def apply_stages(
     fresh_model: Callable[[], nn.Module] | None = None,
     state: State | None = None,
     start: int = 0,
-    run: Any = None,
+    run: RunFolder | None = None,
     on_stage: StageHook | None = None,
     forward_loop: Callable[[nn.Module], None] | None = None,
 ) -> State:

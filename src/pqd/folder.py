@@ -177,6 +177,7 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
     (bilinear, antialiased), center crop. Raises whatever Pillow raises for a bad file."""
     from PIL import Image
 
+    im: Image.Image  # the opened file, then its converted copies
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at the smallest scale still >= size
         if im.mode == "P" or (im.mode == "LA"):

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -481,8 +481,8 @@ def _rebuild_exits(
         floats = sorted({n for s in schemes.values() for n in s.get("float_layers") or []})
         if floats and set(net.state_dict()) != set(saved):  # their quantizers were removed
             keep_float(net, floats)
-        for name, part in net.parts():
-            part.meta[META_KEY] = schemes[name]
+        for name, part in net.parts():  # each a PT2E graph now
+            cast(torch.fx.GraphModule, part).meta[META_KEY] = schemes[name]
     net.thresholds = [math.inf if t is None else float(t) for t in exits["thresholds"]]
     net.exit_loss = dict(exits["exit_loss"])
     net.detach_heads = bool(exits["detach_heads"])

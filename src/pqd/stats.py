@@ -420,9 +420,9 @@ def _heterogeneity(pairs: Sequence[tuple[np.ndarray, np.ndarray]], per_seed: lis
     if any(math.isinf(w) for w in weights):  # a seed with no discordant image: no noise
         return 0.0 if len(set(per_seed)) > 1 else 1.0
     w = np.asarray(weights)
-    d = np.asarray(per_seed)
-    pooled = float((w * d).sum() / w.sum())
-    q = float((w * (d - pooled) ** 2).sum())
+    diffs = np.asarray(per_seed)
+    pooled = float((w * diffs).sum() / w.sum())
+    q = float((w * (diffs - pooled) ** 2).sum())
     return float(_st.chi2.sf(q, len(per_seed) - 1))
 
 

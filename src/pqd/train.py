@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import torch
 import torch.nn as nn
@@ -132,7 +132,7 @@ class FitResult:
 # ---------------------------------------------------------------------------- model kinds
 
 
-def is_graph(model: nn.Module) -> bool:
+def is_graph(model: nn.Module) -> TypeGuard[torch.fx.GraphModule]:
     """True for an exported PT2E graph module (QAT-prepared or converted)."""
     return isinstance(model, torch.fx.GraphModule)
 
@@ -179,7 +179,9 @@ def set_train(model: nn.Module, train: bool) -> None:
         _pt2e_cache.install()  # the switch re-traces patterns: trace them once
 
         (move_exported_model_to_train if train else move_exported_model_to_eval)(model)
-        model._pqd_training = train  # exported graphs do not keep .training meaningful
+        # exported graphs do not keep .training meaningful (the stub of Module.__setattr__
+        # takes tensors and modules only; any value works at runtime)
+        model._pqd_training = train  # type: ignore[assignment]
     else:
         model.train(train)
 
@@ -249,7 +251,8 @@ def prepare_model(model: nn.Module, cfg: TrainSpec, device: torch.device) -> nn.
     """Move to ``device`` and, for eager conv nets, to channels_last when asked."""
     model.to(device)
     if cfg.channels_last and not has_graph(model):
-        model.to(memory_format=torch.channels_last)
+        # torch's stub of Module.to lacks memory_format (it exists at runtime)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 

@@ -34,7 +34,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -44,6 +44,9 @@ from onnx import helper, numpy_helper
 
 from pqd.exits.graph import GRAPH_FILE, exit_graph
 from pqd.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+
+if TYPE_CHECKING:
+    from pqd.models.multi_exit import MultiExitNet
 
 MANIFEST = "manifest.json"
 FEATURES_NAME = "output"
@@ -89,8 +92,13 @@ def add_confidence_output(proto: onnx.ModelProto, kind: str, num_classes: int) -
 
 
 def export_exits(
-    net: nn.Module, out_dir: str | Path, example: torch.Tensor, *, quantized: bool, opset: int = 20
-) -> tuple[dict[str, Any], nn.Module]:
+    net: MultiExitNet,
+    out_dir: str | Path,
+    example: torch.Tensor,
+    *,
+    quantized: bool,
+    opset: int = 20,
+) -> tuple[dict[str, Any], MultiExitNet]:
     """Write every segment and head of ``net`` (a MultiExitNet) plus ``manifest.json``.
 
     Returns the manifest and the deployable torch copy of ``net`` (INT8-converted parts
@@ -124,7 +132,7 @@ def export_exits(
 
 
 def _export_part(
-    net: nn.Module,
+    net: MultiExitNet,
     name: str,
     part: nn.Module,
     out: Path,
@@ -163,14 +171,12 @@ def _export_part(
         "input_shape": list(example.shape[1:]),
     }
     if kind == "segments":
-        entry["blocks"] = (
-            net.segments[k].block_indices if hasattr(net.segments[k], "block_indices") else None
-        )
+        entry["blocks"] = getattr(net.segments[k], "block_indices", None)  # not in a graph
     return entry, torch_part
 
 
 def _manifest(
-    net: nn.Module,
+    net: MultiExitNet,
     example: torch.Tensor,
     entries: dict[str, list[dict[str, Any]]],
     fused: list[dict[str, Any]],
@@ -236,7 +242,7 @@ def write_manifest(manifest: dict[str, Any], out_dir: str | Path) -> Path:
     return path
 
 
-def _copy_container(net: nn.Module) -> nn.Module:
+def _copy_container(net: MultiExitNet) -> MultiExitNet:
     """A shallow structural copy of a MultiExitNet whose parts can be replaced freely."""
     from pqd.models.multi_exit import MultiExitNet
 

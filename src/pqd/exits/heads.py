@@ -79,7 +79,10 @@ def exit_assignment(conf: np.ndarray, thresholds: Sequence[float]) -> np.ndarray
 
 
 def exit_outcome(
-    conf: np.ndarray, correct: np.ndarray, costs: Sequence[float], thresholds: Sequence[float]
+    conf: np.ndarray,
+    correct: np.ndarray,
+    costs: Sequence[float] | np.ndarray,
+    thresholds: Sequence[float],
 ) -> dict[str, Any]:
     """Accuracy (fraction), mean cost and exit fractions under ``thresholds``.
 
@@ -116,7 +119,7 @@ def calibrate_thresholds(
     """
     conf = np.asarray(conf, np.float64)
     correct = np.asarray(correct, bool)
-    costs = np.asarray(costs, np.float64)
+    cost_of = np.asarray(costs, np.float64)
     k_exits, n = conf.shape[0], correct.shape[1]
     ref_acc = float(correct[-1].mean()) if n else float("nan")
     if k_exits == 0 or n == 0:
@@ -124,7 +127,7 @@ def calibrate_thresholds(
             "thresholds": [math.inf] * k_exits,
             "target_met": True,
             "reference_accuracy": ref_acc,
-            **exit_outcome(conf, correct, costs, [math.inf] * k_exits),
+            **exit_outcome(conf, correct, cost_of, [math.inf] * k_exits),
         }
     per_exit = max(2, int(GRID_BUDGET ** (1.0 / k_exits)))
     grids = [_grid(conf[k], per_exit) for k in range(k_exits)]
@@ -132,6 +135,7 @@ def calibrate_thresholds(
         floor = ref_acc - target.max_drop_points / 100.0 - 1e-9
         limit = None
     else:
+        assert target.max_macs_fraction is not None  # ExitTarget holds exactly one of the two
         floor = None
         limit = target.max_macs_fraction * full_cost + 1e-6
     best_key: tuple | None = None
@@ -141,7 +145,7 @@ def calibrate_thresholds(
     correct_sum = correct.astype(np.int64)
     last = k_exits - 1
     for prefix in itertools.product(*grids[:-1]):
-        acc, cost = _last_exit_outcomes(prefix, grids[last], conf, correct_sum, costs)
+        acc, cost = _last_exit_outcomes(prefix, grids[last], conf, correct_sum, cost_of)
         for g in range(len(grids[last])):
             thr = (*prefix, float(grids[last][g]))
             key_cheap = (cost[g], -acc[g])
@@ -163,7 +167,7 @@ def calibrate_thresholds(
         "thresholds": chosen,
         "target_met": met,
         "reference_accuracy": ref_acc,
-        **exit_outcome(conf, correct, costs, chosen),
+        **exit_outcome(conf, correct, cost_of, chosen),
     }
 
 
@@ -283,7 +287,7 @@ def eager_from_graph(graph: nn.Module, like: nn.Module) -> nn.Module:
     return eager
 
 
-def _fq_keys(graph: nn.Module) -> dict[str, list[tuple]]:
+def _fq_keys(graph: torch.fx.GraphModule) -> dict[str, list[tuple]]:
     """For each fake-quantizer of a PT2E graph: match keys (most specific first) by the
     module path and op of its producer and of its consumers."""
 
@@ -313,7 +317,7 @@ def _fq_keys(graph: nn.Module) -> dict[str, list[tuple]]:
     return out
 
 
-def carry_observers(source: nn.Module, parts: Sequence[nn.Module]) -> tuple[int, int]:
+def carry_observers(source: torch.fx.GraphModule, parts: Sequence[nn.Module]) -> tuple[int, int]:
     """Copy fake-quantizer state from ``source`` (whole-network QAT graph) into the
     matching quantizers of ``parts``; returns (copied, total distinct quantizers in parts).
     A key must be unique in the source to be used."""

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,13 +28,16 @@ from pqd.exits.runtime import ExitRuntime, all_exit_outputs
 from pqd.measurement.latency import interleaved_ms
 from pqd.measurement.runtime import open_runner, static_batch
 
+if TYPE_CHECKING:
+    from pqd.dataset import Dataset
+
 REFERENCE_PREFIX = "exit_"
 
 _Entries = dict[str, list[dict[str, Any]]]
 
 
 def exit_references(
-    deploy: nn.Module, data: Any, parity_samples: int | None
+    deploy: nn.Module, data: Dataset, parity_samples: int | None
 ) -> dict[str, np.ndarray]:
     """Logits of every exit (``exit_0``...; the last is the final head) of the deployable
     torch MultiExitNet on the first ``parity_samples`` test images, for the parity check."""
@@ -109,7 +112,7 @@ class _Setup:
     final_path: str | Path
     thresholds: list[float]
     entries: _Entries
-    data: Any
+    data: Dataset
     spec: Any
     rounds: int
     progress: bool
@@ -119,7 +122,7 @@ def measure_exits(
     manifest_path: str | Path,
     final_path: str | Path,
     ref_logits: Sequence[np.ndarray],
-    data: Any,
+    data: Dataset,
     spec: Any,
     target: Any,
     *,
@@ -172,7 +175,7 @@ def _calibrate(
     manifest_path: Path,
     manifest: dict[str, Any],
     entries: _Entries,
-    data: Any,
+    data: Dataset,
     spec: Any,
     target: Any,
     progress: bool,
@@ -386,7 +389,7 @@ def _cumulative(
 
 
 def exit_calibration(
-    manifest: Path, runtime: str, threads: int, data: Any, batch_size: int, progress: bool
+    manifest: Path, runtime: str, threads: int, data: Dataset, batch_size: int, progress: bool
 ) -> list[dict[str, Any]]:
     """Calibration of each exit head's confidence (the value compared with its threshold)
     against the correctness of that head's top-1, on the test split, plus the head's NLL and

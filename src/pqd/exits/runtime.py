@@ -10,7 +10,7 @@ calibrated and checked on.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +75,8 @@ class ExitRuntime:
         if len(self.thresholds) != len(self.heads):
             raise ValueError(f"{len(self.heads)} exits need {len(self.heads)} thresholds")
         entry = self.manifest.get("graph")
-        self.graph = None  # exits.onnx: run_one's path while the thresholds are its own
+        # exits.onnx: run_one's path while the thresholds are its own
+        self.graph: Callable[[np.ndarray], np.ndarray] | None = None
         self.graph_thresholds = thresholds_of(entry) if entry else None
         if graph and entry:
             self.graph = open_runner(
@@ -105,8 +106,9 @@ class ExitRuntime:
     def run_one(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """Batch-1 fast path: (logits [1, classes], exit index; ``num_exits`` = final); one
         call of ``exits.onnx`` when the runtime has it, else the part files in turn."""
-        if self.uses_graph:
-            logits, where = self.graph(x)
+        graph = self.graph
+        if graph is not None and self.uses_graph:  # (uses_graph implies an opened graph)
+            logits, where = graph(x)
             return logits, int(where[0])
         return self.run_files(x)
 

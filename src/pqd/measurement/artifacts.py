@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch.nn as nn
@@ -32,6 +32,9 @@ from pqd.measurement.saturation import saturation
 from pqd.progress import bar
 from pqd.recipe import MeasureSpec
 from pqd.stats import wilson_interval
+
+if TYPE_CHECKING:
+    from pqd.dataset import Dataset
 
 
 def size_bytes(path: Path) -> int:
@@ -61,7 +64,7 @@ def runtime_logits(run, x_uint8, batch_size: int, desc: str, progress: bool) -> 
     return np.concatenate(outs)
 
 
-def torch_reference(model: nn.Module, data: Any, parity_samples: int | None) -> np.ndarray:
+def torch_reference(model: nn.Module, data: Dataset, parity_samples: int | None) -> np.ndarray:
     """Logits of the exported torch model on the first ``parity_samples`` test images."""
     x = data.test_x
     n_par = len(x) if parity_samples is None else min(parity_samples, len(x))
@@ -70,7 +73,7 @@ def torch_reference(model: nn.Module, data: Any, parity_samples: int | None) -> 
 
 def measure_artifacts(
     artifacts: dict[str, tuple[Path, nn.Module]],
-    data: Any,
+    data: Dataset,
     spec: MeasureSpec,
     parity_samples: int | None = None,
     *,
@@ -92,7 +95,7 @@ def measure_artifacts(
 def measure_onnx(
     artifacts: dict[str, Path],
     references: dict[str, np.ndarray],
-    data: Any,
+    data: Dataset,
     spec: MeasureSpec,
     *,
     progress: bool = True,

@@ -34,11 +34,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pqd.measurement.corruptions import CORRUPTIONS, SEVERITIES, corrupted_set
+
+if TYPE_CHECKING:
+    from pqd.dataset import Dataset
 
 ECE_BINS = 15
 PROBE_WINDOW_S = 2.0  # seconds of timed calls per artifact in the memory/energy probe
@@ -429,7 +432,7 @@ def latency_tail(latency_ms: dict[str, Any]) -> dict[str, Any] | None:
 def audit_artifacts(
     paths: dict[str, Path],
     logits: dict[str, np.ndarray],
-    data: Any,
+    data: Dataset,
     spec: Any,
     latency: dict[str, dict[str, Any]] | None = None,
     *,

@@ -104,6 +104,7 @@ def _constant_reader(
     producer = {out: node for node in proto.graph.node for out in node.output}
 
     def const(name: str) -> tuple[np.ndarray | None, int]:
+        arr: np.ndarray | None
         if name in inits:
             arr = numpy_helper.to_array(inits[name])
             if str(arr.dtype) in ("int4", "uint4"):

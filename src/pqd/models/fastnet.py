@@ -112,6 +112,7 @@ class FastNetQ8(ZooNet):
                 layers.append(nn.Sequential(*block, nn.MaxPool2d(2)))
                 block = []
             else:
+                assert isinstance(p, int)  # checked above: a width unless "M"
                 block.append(ConvBN(in_ch, p))
                 in_ch = p
         if block:

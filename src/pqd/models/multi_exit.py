@@ -26,7 +26,7 @@ part when exits exist: each part is exported to its own ONNX file anyway).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,9 @@ CONFIDENCES = ("max_softmax", "entropy")
 class _Namespace(nn.Module):
     """A module that only holds children (keeps original parameter paths)."""
 
+    features: nn.Module  # what a Segment puts here (annotations only)
+    classifier: nn.Module
+
     def forward(self, *args: Any) -> Any:  # pragma: no cover - never called
         raise RuntimeError("a namespace module is not callable")
 
@@ -48,6 +51,9 @@ class Segment(nn.Module):
     """``features[start:stop]`` of a Classifier (``norm`` first when ``start == 0``, the
     ``classifier`` last when it is the final segment), under the original names: below
     ``net.`` (``root``) for a Classifier, at the top for a bare network (``root=""``)."""
+
+    features: nn.Module  # set in __init__ where the root is "" (annotations only)
+    classifier: nn.Module
 
     def __init__(
         self,
@@ -62,7 +68,7 @@ class Segment(nn.Module):
         self.root = root
         if norm is not None:
             self.norm = norm
-        holder: nn.Module = self
+        holder: Segment | _Namespace = self
         if root:
             holder = _Namespace()
             self.add_module(root, holder)
@@ -72,7 +78,7 @@ class Segment(nn.Module):
         if classifier is not None:
             holder.classifier = classifier
 
-    def _holder(self) -> nn.Module:
+    def _holder(self) -> Segment | _Namespace:
         return getattr(self, self.root) if self.root else self
 
     @property
@@ -268,6 +274,16 @@ def exit_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module, str]:
     return norm, net, root
 
 
+def protocol_features(net: nn.Module) -> nn.Sequential:
+    """``net.features`` of a network :func:`exit_parts` accepted (an ``nn.Sequential``)."""
+    return cast(nn.Sequential, net.features)
+
+
+def protocol_classifier(net: nn.Module) -> nn.Module:
+    """``net.classifier`` of a network :func:`exit_parts` accepted (a module)."""
+    return cast(nn.Module, net.classifier)
+
+
 @torch.no_grad()
 def check_protocol_forward(model: nn.Module, example: torch.Tensor) -> None:
     """Raise unless ``model(example)`` equals norm -> features -> classifier on it (eval
@@ -279,7 +295,7 @@ def check_protocol_forward(model: nn.Module, example: torch.Tensor) -> None:
         model.eval()
         full = model(example)
         x = norm(example) if norm is not None else example
-        parts = net.classifier(net.features(x))
+        parts = protocol_classifier(net)(protocol_features(net)(x))
     finally:
         for m, flag in modes.items():
             m.training = flag
@@ -299,7 +315,7 @@ def check_protocol_forward(model: nn.Module, example: torch.Tensor) -> None:
 
 def resolve_positions(net: nn.Module, positions: Sequence[int] | None) -> list[int]:
     """Validated, sorted exit positions (indices into ``net.features``)."""
-    n = len(net.features)
+    n = len(protocol_features(net))
     defaults = getattr(net, "default_exit_points", None)
     chosen = list(defaults or []) if positions is None else list(positions)
     if not chosen:
@@ -326,7 +342,7 @@ def feature_shapes(
     """Shapes of ``features[p]``'s output for each exit position (one forward)."""
     norm, net, _ = exit_parts(model)
     shapes, x = {}, norm(example) if norm is not None else example
-    for i, block in enumerate(net.features):
+    for i, block in enumerate(protocol_features(net)):
         x = block(x)
         if i in positions:
             shapes[i] = x.shape
@@ -349,7 +365,7 @@ def build_multi_exit(
     (its shape matters)."""
     norm, net_in, root = exit_parts(model)
     positions = resolve_positions(net_in, positions)
-    features = net_in.features
+    features = protocol_features(net_in)
     param = next(model.parameters())
     example = example[:2].to(param.device)
     check_protocol_forward(model, example)
@@ -365,7 +381,7 @@ def build_multi_exit(
             Segment(
                 blocks,
                 norm=norm if k == 0 else None,
-                classifier=net_in.classifier if k == len(bounds) - 2 else None,
+                classifier=protocol_classifier(net_in) if k == len(bounds) - 2 else None,
                 root=root,
             )
         )

@@ -24,7 +24,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -76,7 +76,7 @@ def _qdq_args(node: Any, kind: str) -> tuple[Any, float, int] | None:
         or node.args[5] != torch.uint8
     ):
         return None
-    return node.args[0], node.args[1], int(node.args[2])
+    return node.args[0], node.args[1], int(cast(int, node.args[2]))  # a constant zero point
 
 
 def drop_requantize(graph: torch.fx.GraphModule) -> int:
@@ -109,13 +109,18 @@ def drop_requantize(graph: torch.fx.GraphModule) -> int:
         if isinstance(src, torch.fx.Node) and src.target == torch.ops.aten.clamp.default:
             clamp, src = src, src.args[0]
         inner = _qdq_args(src, "dequantize")
-        if inner is None or inner[2] != 0 or len(src.users) != 1:
+        if (
+            inner is None
+            or not isinstance(src, torch.fx.Node)  # (then inner is None: narrows for mypy)
+            or inner[2] != 0
+            or len(src.users) != 1
+        ):
             continue
         k, s_in, s_out = div.args[1], inner[1], outer[1]
         if abs(s_in / k - s_out) > 1e-6 * s_out:
             continue
         if clamp is not None:  # the clamp must not cut the dequantized range [0, 255 s]
-            lo, hi = [*clamp.args[1:3], None, None][:2]
+            lo, hi = cast(list[float | None], [*clamp.args[1:3], None, None][:2])
             if (lo is not None and lo > 0) or (hi is not None and hi < 255 * s_in - 1e-6):
                 continue
             if len(clamp.users) != 1:
@@ -144,12 +149,13 @@ def deployable_model(model: nn.Module, quantized: bool) -> nn.Module:
         m = copy.deepcopy(model)
         set_train(m, False)
         for mod in m.modules():
-            if hasattr(mod, "observer_enabled"):
-                mod.observer_enabled[0] = 0
+            if hasattr(mod, "observer_enabled"):  # a fake-quantizer: the flag is a tensor
+                cast(torch.Tensor, mod.observer_enabled)[0] = 0
         return m
-    if quantized:
-        return int8_model(model)
-    m = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    if quantized:  # a quantized model is a PT2E graph
+        return int8_model(cast(torch.fx.GraphModule, model))
+    # torch's stub of Module.to lacks memory_format (it exists at runtime)
+    m = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     set_train(m, False)
     return m
 
@@ -199,7 +205,7 @@ def export_onnx(
     scheme = _scheme(model) if quantized else None
     dynamic = scheme is not None and scheme["mode"] == "dynamic"
     deploy = deployable_model(model, quantized).cpu()
-    traced = _weights_only(model).cpu() if dynamic else deploy
+    traced = _weights_only(cast(torch.fx.GraphModule, model)).cpu() if dynamic else deploy
     example = example[:2].detach().cpu().float()
     batch = torch.export.Dim("batch", min=1, max=4096)
     with _quiet(), torch.no_grad():

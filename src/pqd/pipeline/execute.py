@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from pqd.resume import RunFolder, load_state, note, save_state, step_name
 from pqd.state import State
 from pqd.target import resolve as resolve_target
 from pqd.train import evaluate, predict
+
+if TYPE_CHECKING:
+    from pqd.dataset import Dataset
 
 
 def run(
@@ -102,7 +105,7 @@ def run(
 def execute(
     recipe: Recipe,
     folder: RunFolder,
-    data: Any,
+    data: Dataset,
     make_model: Callable[[], nn.Module],
     fresh_model: Callable[[], nn.Module],
     *,
@@ -184,7 +187,7 @@ def baseline_step(
     recipe: Recipe,
     folder: RunFolder,
     model: nn.Module,
-    data: Any,
+    data: Dataset,
     val_loader: Any,
     device: torch.device,
     progress: bool,
@@ -292,7 +295,7 @@ def resumed_stages(
         checkpoint = folder.out / folder.steps[finished]["checkpoint"]
         state = load_state(checkpoint, fresh_model, ctx.example_input)
         state.model.to(ctx.device)
-    return state, finished, [folder.entry(i + 1) for i in range(finished)]
+    return state, finished, [folder.steps[i + 1]["record"] for i in range(finished)]
 
 
 class StageRecorder:
@@ -354,7 +357,7 @@ def save_val_predictions(
 
 def pending_record(
     recipe: Recipe,
-    data: Any,
+    data: Dataset,
     device: torch.device,
     base: dict[str, Any],
     state: State,

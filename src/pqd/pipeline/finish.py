@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,13 +25,16 @@ from pqd.record import (
 )
 from pqd.state import State
 
+if TYPE_CHECKING:
+    from pqd.dataset import Dataset
+
 
 def export_files(
     out: Path,
     model: nn.Module,
     state: State,
     example: torch.Tensor,
-    data: Any,
+    data: Dataset,
     export: Any,
     target: str,
 ) -> tuple[Path, dict[str, np.ndarray], float, float]:
@@ -65,7 +68,9 @@ def export_files(
         model, out / "baseline.onnx", example, quantized=False, opset=export.opset
     )
     exits = isinstance(state.model, MultiExitNet)
-    if exits:  # segment files + manifest; final.onnx = the segments chained, no heads
+    final_torch: nn.Module
+    # with exits: segment files + manifest; final.onnx = the segments chained, no heads
+    if isinstance(state.model, MultiExitNet):
         from pqd.exits.export import chain_segments, export_exits
 
         manifest, final_torch = export_exits(
@@ -104,7 +109,7 @@ def export_files(
 def measure_and_record(
     out: Path,
     recipe: Recipe,
-    data: Any,
+    data: Dataset,
     references: dict[str, np.ndarray],
     pending: dict[str, Any],
     progress: bool,
@@ -204,7 +209,7 @@ def measure_exits_into(
     out: Path,
     recipe: Recipe,
     spec: MeasureSpec,
-    data: Any,
+    data: Dataset,
     references: dict[str, np.ndarray],
     measured: dict[str, Any],
     progress: bool,
@@ -233,7 +238,7 @@ def audit_into(
     out: Path,
     recipe: Recipe,
     spec: MeasureSpec,
-    data: Any,
+    data: Dataset,
     measured: dict[str, Any],
     logits: dict[str, np.ndarray],
     progress: bool,
@@ -262,7 +267,7 @@ def audit_into(
 
 
 def exit_calibration_of(
-    out: Path, spec: MeasureSpec, data: Any, progress: bool
+    out: Path, spec: MeasureSpec, data: Dataset, progress: bool
 ) -> list[dict[str, Any]] | None:
     """The calibration of every exit head of the run in ``out`` on the primary runtime
     (:func:`pqd.exits.measure.exit_calibration`); None without an exit manifest there."""

@@ -4,15 +4,19 @@ its device and runtimes, and the preflight check of ``pqd validate``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from pqd.errors import PqdError
 from pqd.recipe import MeasureSpec, Recipe
 
+if TYPE_CHECKING:
+    from pqd.data.roots import DataRoot
+    from pqd.dataset import Dataset
 
-def recipe_root(recipe: Recipe, data_dir: str | Path | None = None) -> Any:
+
+def recipe_root(recipe: Recipe, data_dir: str | Path | None = None) -> DataRoot:
     """The recipe's data folder (``pqd.data.DataRoot``): ``data_dir`` (``--data-dir``), else
     ``data.root`` (from the command line or the recipe), else ``PQD_DATA_DIR``, else ``./data``.
     """
@@ -21,7 +25,7 @@ def recipe_root(recipe: Recipe, data_dir: str | Path | None = None) -> Any:
     return data_root(data_dir, recipe.data.root, recipe.data._root_from)
 
 
-def check_recipe_data(recipe: Recipe, data_dir: str | Path | None = None) -> Any:
+def check_recipe_data(recipe: Recipe, data_dir: str | Path | None = None) -> DataRoot:
     """Check the recipe's data without loading it (files present and readable, or a
     download allowed) before work is handed out; returns its ``pqd.data.DataRoot``. An error
     names where the folder was named, as :func:`recipe_data`'s do."""
@@ -42,7 +46,7 @@ def check_recipe_data(recipe: Recipe, data_dir: str | Path | None = None) -> Any
     return root
 
 
-def recipe_data(recipe: Recipe, data_dir: str | None = None, progress: bool = False) -> Any:
+def recipe_data(recipe: Recipe, data_dir: str | None = None, progress: bool = False) -> Dataset:
     """The recipe's data set (``pqd.data.Dataset``), from the folder :func:`recipe_root`
     picks, split and limited as the recipe says. An error about the folder names where it
     was named (flag, command line, recipe, environment) and the fix that fits there.

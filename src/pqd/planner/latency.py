@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from pqd.errors import PqdError
 from pqd.latency_model.model import LEVELS, LatencyModel, Ratios
 from pqd.planner.template import template
 from pqd.recipe import Recipe
+
+if TYPE_CHECKING:
+    from pqd.dataset import Dataset
 
 DENSE = "__dense__"
 
@@ -211,7 +214,7 @@ class PlanSetup:
     index: int
     precision: str
     stage: dict[str, Any]
-    data: Any
+    data: Dataset
     example: Any
     fresh: Any
     lm: LatencyModel

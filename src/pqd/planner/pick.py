@@ -62,7 +62,7 @@ def choose_pick(
         if wins:
             beyond.append(e)
     pick = best(beyond) if beyond else uniform
-    rule = {
+    rule: dict[str, Any] = {
         "rule": (
             "planned candidate: validation top-1 above the uniform reference beyond noise"
             if beyond

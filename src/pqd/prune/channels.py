@@ -58,7 +58,7 @@ import math
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -347,8 +347,8 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
         if isinstance(mod, nn.Conv2d):
             kh, kw = mod.kernel_size
             total[0] += per_image * (mod.in_channels // mod.groups) * kh * kw
-        else:
-            total[0] += per_image * mod.in_features
+        else:  # the hooks sit on convs and linears only
+            total[0] += per_image * cast(nn.Linear, mod).in_features
 
     run_with_layer_hooks(model, example, hook)
     return total[0]

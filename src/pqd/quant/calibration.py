@@ -317,7 +317,7 @@ def _set_range(m: nn.Module, s: TensorStats, scheme: dict[str, Any]) -> None:
         levels=256 if nonneg else 128,
         percentile=scheme["percentile"],
     )
-    obs = m.activation_post_process
+    obs: Any = m.activation_post_process  # a torchao observer: min_val/max_val buffers
     obs.min_val.resize_(()).fill_(lo)
     obs.max_val.resize_(()).fill_(hi)
     _store_qparams(m, *obs.calculate_qparams())

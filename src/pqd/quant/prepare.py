@@ -17,7 +17,7 @@ segment boundaries shared.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,8 @@ from pqd.train import set_train
 def capture(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     """``torch.export`` (strict, dynamic batch) of ``model`` as a GraphModule."""
     batch = torch.export.Dim("batch", min=1, max=4096)
-    model = model.to(memory_format=torch.contiguous_format)
+    # torch's stub of Module.to lacks memory_format (it exists at runtime)
+    model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     try:
         ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=True)
     except Exception as exc:
@@ -131,8 +132,8 @@ def refresh_bn_stats(model: nn.Module, loader, batches: int, device: torch.devic
 
 
 def prepare_qat_parts(
-    net: nn.Module, example: torch.Tensor, scheme: dict[str, Any] | None = None
-) -> nn.Module:
+    net: MultiExitNet, example: torch.Tensor, scheme: dict[str, Any] | None = None
+) -> MultiExitNet:
     """Per-part QAT for a multi-exit net: every segment and head becomes its own PT2E graph
     with its own fake-quantizers (each part is exported to its own ONNX file). Parameter
     names do not change (a part keeps its internal names)."""
@@ -155,26 +156,29 @@ def _fq_target(graph: torch.fx.GraphModule, node: Any) -> str | None:
     return None
 
 
-def tie_boundary_quantizers(net: nn.Module) -> int:
+def tie_boundary_quantizers(net: MultiExitNet) -> int:
     """Make the next segment and the head read a segment's output with the segment's own
     output fake-quantizer (one shared module): at a boundary the INT8 files then
     dequantize and re-quantize with the same scale, which is exact, so the segments run
     one by one give the same numbers as the same segments chained into one graph.
     Returns how many input quantizers now share their producer's."""
     tied = 0
-    for k in range(len(net.segments) - 1):
-        seg = net.segments[k]
+    # every part is a prepared PT2E graph by now
+    segments = cast(list[torch.fx.GraphModule], list(net.segments))
+    heads = cast(list[torch.fx.GraphModule], list(net.heads))
+    for k in range(len(segments) - 1):
+        seg = segments[k]
         output = next(n for n in seg.graph.nodes if n.op == "output")
         produced = output.args[0]
         src = _fq_target(seg, produced[0] if isinstance(produced, (tuple, list)) else produced)
         if src is None:
             continue  # the segment ends in float: the next parts keep their own quantizers
         shared = seg.get_submodule(src)
-        for reader in (net.segments[k + 1], net.heads[k]):
+        for reader in (segments[k + 1], heads[k]):
             placeholder = next(n for n in reader.graph.nodes if n.op == "placeholder")
             fqs = [t for u in placeholder.users if (t := _fq_target(reader, u))]
             if len(fqs) == 1:
-                reader.set_submodule(fqs[0], shared)  # type: ignore[attr-defined]
+                reader.set_submodule(fqs[0], shared)
                 tied += 1
     return tied
 

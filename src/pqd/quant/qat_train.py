@@ -25,6 +25,7 @@ so it survives checkpoints and resume, and every later stage trains the frozen v
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.fx as fx
@@ -32,13 +33,18 @@ import torch.nn as nn
 
 from pqd.train import StepModules, is_graph
 
+if TYPE_CHECKING:
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+
 _aten = torch.ops.aten
 _BATCH_NORMS = (_aten.batch_norm.default, _aten._native_batch_norm_legit.default)
 _RESHAPES = (_aten.reshape.default, _aten.view.default)
 
 
-def _fake_quantizers(graph: nn.Module) -> list[nn.Module]:
-    return [m for m in graph.modules() if hasattr(m, "observer_enabled")]
+def _fake_quantizers(graph: nn.Module) -> list[FakeQuantizeBase]:
+    return cast(
+        "list[FakeQuantizeBase]", [m for m in graph.modules() if hasattr(m, "observer_enabled")]
+    )
 
 
 def is_frozen(graph: nn.Module) -> bool:

@@ -318,7 +318,7 @@ def _link(
                 zorder=2,
             )
         )
-    box = {"boxstyle": "round", "fc": "white", "ec": colour}
+    box: dict[str, Any] = {"boxstyle": "round", "fc": "white", "ec": colour}
     if arrow is not None:
         box["alpha"] = 0.9
     ax.text((x0 + x1) / 2, (y0 + y1) / 2, note, ha="center", va="center", fontsize=9, bbox=box)

@@ -232,7 +232,7 @@ def pairwise_table(
                 "paired": None if comp is None else {**comp, "p_holm": round(p_adj or 1.0, 6)},
             }
         )
-    topo = topological_order(names, [tuple(e) for e in edges])
+    topo = topological_order(names, [(a, b) for a, b in edges])
     return {
         "table": rows,
         "edges": edges,

@@ -104,6 +104,11 @@ class _Tap(nn.Module):
         self.value = x
         return x
 
+    def latest(self) -> torch.Tensor:
+        """The input of the last forward (one has run)."""
+        assert self.value is not None
+        return self.value
+
 
 def _module_path(node: torch.fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
@@ -146,7 +151,11 @@ def capture(model: nn.Module, points: list[str]) -> Iterator[dict[str, _Tap]]:
             model.add_submodule(name, taps[p])
             with model.graph.inserting_after(node):
                 tap = model.graph.call_module(name, (node,))
-            node.replace_all_uses_with(tap, delete_user_cb=lambda u, t=tap: u is not t)
+
+            def not_the_tap(u: torch.fx.Node, t: torch.fx.Node = tap) -> bool:
+                return u is not t
+
+            node.replace_all_uses_with(tap, delete_user_cb=not_the_tap)
             inserted.append((node, tap, name))
         model.recompile()
         try:
@@ -203,7 +212,7 @@ def make_adapters(
         adapters[p] = nn.Identity()
         if kind == "fitnet":
             cs, ct = (s[-1], t[-1]) if tokens else (s[1], t[1])
-            layer: nn.Module = (
+            layer: nn.Linear | nn.Conv2d = (
                 nn.Linear(cs, ct, bias=False) if tokens else nn.Conv2d(cs, ct, 1, bias=False)
             )
             if cs == ct:
@@ -249,8 +258,8 @@ def apply_distill(state: State, spec: DistillSpec, ctx: Context) -> State:
             student(x)
             ctx.teacher(x)
         adapters = make_adapters(
-            {p: s_taps[p].value.shape for p in points},
-            {p: t_taps[p].value.shape for p in points},
+            {p: s_taps[p].latest().shape for p in points},
+            {p: t_taps[p].latest().shape for p in points},
             fspec.loss,
         )
         for p in points:
@@ -261,8 +270,8 @@ def apply_distill(state: State, spec: DistillSpec, ctx: Context) -> State:
         def combined(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             base = loss(logits, y, x)  # runs the teacher: its taps fill
             feat = feature_loss(
-                [s_taps[p].value for p in points],
-                [t_taps[p].value for p in points],
+                [s_taps[p].latest() for p in points],
+                [t_taps[p].latest() for p in points],
                 [s_taps[p].adapter for p in points],
                 fspec.loss,
             )
