@@ -17,10 +17,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
 from pqd.progress import bar as progress_bar
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 
 @dataclass
@@ -127,18 +131,23 @@ def interleaved_ms(
     return {name: np.asarray(s) * 1e3 for name, s in samples.items()}
 
 
+class Timing(TypedDict, total=False):
+    """:func:`compare_latency`'s protocol settings, for the functions that hand them on."""
+
+    warmup: int
+    repeats: int
+    rounds: int
+    switch_pause_ms: float
+    progress: bool
+    desc: str
+
+
 def time_files(
     paths: dict[str, Path],
     runtime: str,
     threads: int,
     shape: tuple[int, ...] | None = None,
-    *,
-    warmup: int = 50,
-    repeats: int = 300,
-    rounds: int = 5,
-    switch_pause_ms: float = 100.0,
-    progress: bool = False,
-    desc: str = "latency",
+    **timing: Unpack[Timing],
 ) -> dict[str, LatencyStats]:
     """Files timed side by side, the one way pqd times files: a runner per file on
     ``runtime`` with ``threads`` (a static batch where the runtime compiles one), every file
@@ -149,7 +158,8 @@ def time_files(
         runtime: ``onnxruntime``, ``openvino`` or ``openvino-ir``.
         threads: intra-op threads.
         shape: the input's shape, batch first; default the first file's input at batch 1.
-        warmup, repeats, rounds, switch_pause_ms, progress, desc: as :func:`compare_latency`.
+        **timing: :func:`compare_latency`'s protocol (its defaults; no progress bar unless
+            ``progress=True``).
 
     Returns:
         name -> :class:`LatencyStats` (ms).
@@ -161,16 +171,7 @@ def time_files(
     shape = shape or input_shape(next(iter(paths.values())))
     batch = shape[0] if static_batch(runtime) else None
     runners = {name: open_runner(runtime, p, threads, batch=batch).run for name, p in paths.items()}
-    return compare_latency(
-        runners,
-        shape,
-        warmup=warmup,
-        repeats=repeats,
-        rounds=rounds,
-        switch_pause_ms=switch_pause_ms,
-        progress=progress,
-        desc=desc,
-    )
+    return compare_latency(runners, shape, **{"progress": False, **timing})
 
 
 def input_shape(path: Path, batch: int = 1) -> tuple[int, ...]:

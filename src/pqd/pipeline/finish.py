@@ -17,7 +17,7 @@ from pqd.errors import PqdError
 from pqd.models.multi_exit import MultiExitNet
 from pqd.pipeline.inputs import check_runtimes, measure_spec, recipe_data
 from pqd.progress import phase
-from pqd.recipe import MeasureSpec, Recipe
+from pqd.recipe import EarlyExitSpec, MeasureSpec, Recipe
 from pqd.record import (
     finish_record,
     save_predictions,
@@ -149,7 +149,11 @@ def measure_and_record(
         progress=progress,
         logits_out=logits,
     )
-    measure_exits_into(out, recipe, spec, data, references, measured, progress)
+    exit_spec = recipe.early_exit()
+    if exit_spec is not None:
+        measured["final"]["early_exit"] = measure_exits_of(
+            out, exit_spec, spec, data, references, progress
+        )
     audit_into(out, recipe, spec, data, measured, logits, progress)
     paired = save_predictions(out, logits, data.test_y.numpy(), recipe.seed)
     seconds = time.perf_counter() - t0
@@ -205,24 +209,21 @@ def measure_run(
     return record
 
 
-def measure_exits_into(
+def measure_exits_of(
     out: Path,
-    recipe: Recipe,
+    exit_spec: EarlyExitSpec,
     spec: MeasureSpec,
     data: Dataset,
     references: dict[str, np.ndarray],
-    measured: dict[str, Any],
     progress: bool,
-) -> None:
-    """With an early_exit stage: calibrate and measure the exits (``exits/manifest.json``)
-    next to ``final.onnx`` (the same weights, exits disabled); into ``measured["final"]``."""
-    exit_spec = recipe.early_exit()
-    if exit_spec is None:
-        return
+) -> dict[str, Any]:
+    """The exits of the run in ``out`` calibrated and measured (``exits/manifest.json``)
+    next to ``final.onnx`` (the same weights, exits disabled): ``record["final"]``'s
+    ``early_exit``."""
     from pqd.exits.export import MANIFEST
     from pqd.exits.measure import measure_exits, references_of
 
-    measured["final"]["early_exit"] = measure_exits(
+    return measure_exits(
         out / "exits" / MANIFEST,
         out / "final.onnx",
         references_of(references),
