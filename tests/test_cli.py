@@ -198,8 +198,9 @@ def test_bad_model_is_one_line(
     assert needle in line
 
 
-def test_validate_prints_resolved_recipe(capsys) -> None:
-    assert main(["validate", str(ROOT / "recipes" / "quickstart.yaml")]) == 0
+def test_validate_prints_resolved_recipe(capsys, subset_dir: Path) -> None:
+    recipe = str(ROOT / "recipes" / "quickstart.yaml")
+    assert main(["validate", recipe, "--data-dir", str(subset_dir)]) == 0
     out = capsys.readouterr().out
     assert "stages prune -> quantize -> distill" in out
     assert yaml.safe_load(out.rsplit("ok:", 1)[0])["model"]["name"] == "fastnet_q8"

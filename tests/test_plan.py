@@ -342,12 +342,15 @@ def test_whole_files_take_the_median_of_panels_each_scaled_by_its_own_dense_file
     assert one.ms == pytest.approx({"pick": 0.5}) and one.spread == {"pick": 0.0}
 
 
-def test_plan_benchmark_refuses_a_user_model_it_cannot_import_in_one_line(tmp_path, capsys) -> None:
+def test_plan_benchmark_refuses_a_user_model_it_cannot_import_in_one_line(
+    tmp_path, capsys, subset_dir
+) -> None:
     from helpers import load_benchmark
 
     bench = load_benchmark("plan")
     out = tmp_path / "bench"
-    code = bench.main(["--quick", "--out", str(out), "model.name=no_such_pkg.nets:build"])
+    args = ["--quick", "--out", str(out), "--data-dir", str(subset_dir)]
+    code = bench.main([*args, "model.name=no_such_pkg.nets:build"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("plan benchmark: error:") and "no_such_pkg" in err
