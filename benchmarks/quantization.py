@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pqd.checkpoint import save_checkpoint
     from pqd.context import Context
     from pqd.data import load_dataset, resolve_data_root
-    from pqd.engine import apply_stages, baseline, seed_everything
+    from pqd.engine import apply_stages, recipe_baseline, seed_everything
     from pqd.measurement.artifacts import measure_artifacts, torch_reference
     from pqd.measurement.env import environment
     from pqd.measurement.parity import parity
@@ -167,16 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     if not args.checkpoint:
         _log(f"training the {args.model} baseline for {args.epochs} epochs")
-    baseline(
-        model,
-        data,
-        train=recipe.baseline_train(),
-        epochs=recipe.baseline.epochs,
-        checkpoint=recipe.baseline.checkpoint,
-        seed=0,
-        augment=recipe.data.augment,
-        device=device,
-    )
+    recipe_baseline(model, data, recipe, device=device)
     if not args.checkpoint:
         save_checkpoint(model, out / "baseline.safetensors", {"recipe": recipe.name})
     baseline_s = time.perf_counter() - t0

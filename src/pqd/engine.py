@@ -26,7 +26,7 @@ from pydantic import TypeAdapter
 from pqd._quiet import quietly
 from pqd.context import Context
 from pqd.progress import phase, plural
-from pqd.recipe import AugmentSpec, StageSpec, TrainSpec, merge_train
+from pqd.recipe import AugmentSpec, Recipe, StageSpec, TrainSpec, merge_train
 from pqd.state import State
 
 if TYPE_CHECKING:
@@ -157,6 +157,41 @@ def baseline(
     # torch's stub of Module.to lacks memory_format (it exists at runtime)
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return given
+
+
+def recipe_baseline(
+    model: nn.Module,
+    data: Any,
+    recipe: Recipe,
+    *,
+    device: torch.device | str | None = None,
+    checkpoint: str | Path | None = None,
+    progress: bool = False,
+    run: RunFolder | None = None,
+) -> nn.Module:
+    """:func:`baseline` as ``recipe`` asks for it: its baseline training settings, epochs
+    and checkpoint, its seed and its augmentation.
+
+    Args:
+        model, data, device, progress, run: as :func:`baseline`.
+        recipe: the job whose ``baseline`` section (and seed, data augmentation) is run.
+        checkpoint: a file to load instead of the recipe's (e.g. a stopped run's own).
+
+    Returns:
+        ``model`` (trained or loaded in place).
+    """
+    return baseline(
+        model,
+        data,
+        train=recipe.baseline_train(),
+        epochs=recipe.baseline.epochs,
+        checkpoint=checkpoint or recipe.baseline.checkpoint,
+        seed=recipe.seed,
+        augment=recipe.data.augment,
+        device=device,
+        progress=progress,
+        run=run,
+    )
 
 
 def wrap(model: nn.Module, data: Dataset) -> nn.Module:

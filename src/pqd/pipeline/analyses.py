@@ -31,7 +31,7 @@ def run_sensitivity(
 ) -> dict[str, Any]:
     """Baseline (trained or loaded) -> PTQ graph with the recipe's first quantize options ->
     per-layer sensitivity on the val split; writes ``sensitivity.json`` into ``out``."""
-    from pqd.engine import baseline
+    from pqd.engine import recipe_baseline
     from pqd.models import build_model
     from pqd.quant.calibration import calibrate
     from pqd.quant.prepare import prepare_qat
@@ -59,17 +59,7 @@ def run_sensitivity(
         progress=progress,
         target=resolve_target(recipe.export.target),
     )
-    baseline(
-        model,
-        data,
-        train=recipe.baseline_train(),
-        epochs=recipe.baseline.epochs,
-        checkpoint=recipe.baseline.checkpoint,
-        seed=recipe.seed,
-        augment=recipe.data.augment,
-        device=device,
-        progress=progress,
-    )
+    recipe_baseline(model, data, recipe, device=device, progress=progress)
     if out is not None and not recipe.baseline.checkpoint:
         Path(out).mkdir(parents=True, exist_ok=True)
         save_checkpoint(model, Path(out) / "baseline.safetensors", {"recipe": recipe.name})

@@ -200,26 +200,16 @@ def baseline_step(
     Returns:
         The baseline step's entry (``source``, ``seconds``, ``val_accuracy``).
     """
-    from pqd.engine import baseline
+    from pqd.engine import recipe_baseline
 
     out = folder.out
     t0 = time.perf_counter()
     done = folder.entry(0)
     if done is None and not recipe.baseline.checkpoint and recipe.baseline.epochs:
         phase(f"baseline: {plural(recipe.baseline.epochs, 'epoch')} of training")
-    baseline(
-        model,
-        data,
-        train=recipe.baseline_train(),
-        epochs=recipe.baseline.epochs,
-        checkpoint=(
-            out / "baseline.safetensors" if done is not None else recipe.baseline.checkpoint
-        ),
-        seed=recipe.seed,
-        augment=recipe.data.augment,
-        device=device,
-        progress=progress,
-        run=folder,
+    own = out / "baseline.safetensors" if done is not None else None  # finished before
+    recipe_baseline(
+        model, data, recipe, device=device, checkpoint=own, progress=progress, run=folder
     )
     if done is not None:
         return dict(done)
