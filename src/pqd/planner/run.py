@@ -122,9 +122,11 @@ def plan(
         plan.json's data (the pick under ``"pick"``).
     """
     options = PlanOptions(
-        latency_ms, size_mb, threads, runtime, k, validate, n_random, screen, calib_images,
-        levels, tolerance, dense_ms, data_dir, executor, workers, address, cache_dir, timing,
-        progress,
+        latency_ms=latency_ms, size_mb=size_mb, threads=threads, runtime=runtime, k=k,
+        validate=validate, n_random=n_random, screen=screen, calib_images=calib_images,
+        levels=levels, tolerance=tolerance, dense_ms=dense_ms, data_dir=data_dir,
+        executor=executor, workers=workers, address=address, cache_dir=cache_dir,
+        timing=timing, progress=progress,
     )  # fmt: skip
     return Planning(recipe, options, out).run()
 
