@@ -302,8 +302,10 @@ class Planning:
             lambda: sensitivity_curves(lm, lambda r: abn(r)[1], search_levels(lm.levels), self.say),
         )
         return Screening(
-            lm, o.latency_ms, o.size_mb, o.tolerance, o.k, o.screen, o.n_random, recipe.seed,
-            dense_ms, spec.max_ratio, lambda r: sensitivity_loss(sens, r), abn, self.say,
+            lm=lm, latency_ms=o.latency_ms, size_mb=o.size_mb, tolerance=o.tolerance, k=o.k,
+            screen=o.screen, n_random=o.n_random, seed=recipe.seed, dense_ms=dense_ms,
+            max_ratio=spec.max_ratio, estimate=lambda r: sensitivity_loss(sens, r), abn=abn,
+            say=self.say,
         )  # fmt: skip
 
     def selection(self, screening: Screening, digest: str) -> dict[str, Any]:
