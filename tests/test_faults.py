@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -279,6 +280,36 @@ def test_a_diverging_stage_keeps_finished_steps(tmp_path: Path, capsys, subset_d
     assert record["resume"]["reused_steps"] == ["00-baseline", "01-prune"]
     assert record["final"]["precision"] == "int8" and progress(out)["complete"]
     assert (out / "checkpoints" / "01-prune.safetensors").stat().st_mtime_ns == prune_written
+
+
+@pytest.mark.integration
+def test_a_stage_that_leaves_the_model_at_chance_stops_the_run(
+    tmp_path: Path, capsys, subset_dir: Path
+) -> None:
+    """A stage that turns a model above chance into a one-class guesser (pruning 99.9% of
+    tiny_cnn's weights) stops the run with one line before its checkpoint is written;
+    ``train.stop_at_chance: false`` with --resume keeps that model and finishes."""
+    data = real_recipe(subset_dir, [{"stage": "prune", "sparsity": 0.999, "epochs": 0}], 1500)
+    data["data"]["val_size"] = 300
+    data["baseline"]["epochs"] = 3
+    path = write(tmp_path / "r.yaml", data)
+    out = tmp_path / "run"
+    line = one_error_line(capsys, main(["run", str(path), "--out", str(out), "--no-progress"]))
+    assert re.search(
+        r"\[1/1\] prune: the stage left the model at chance: [\d.]+% validation "
+        r"top-1 on 300 images \([\d.]+% before it",
+        line,
+    ), line
+    assert "train.stop_at_chance: false" in line
+    assert not (out / "record.json").exists()
+    assert [s["step"] for s in progress(out)["steps"]] == ["00-baseline"]
+    assert not (out / "checkpoints" / "01-prune.safetensors").exists()
+
+    keep = [str(path), "--out", str(out), "--no-progress", "stages.0.train.stop_at_chance=false"]
+    assert main(["run", *keep, "--resume"]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["resume"]["reused_steps"] == ["00-baseline"]
+    assert record["stages"][0]["val_accuracy"] == pytest.approx(0.1, abs=0.02)
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -45,6 +45,20 @@ def test_mcnemar_exact_by_hand() -> None:
     assert stats.mcnemar_exact(0, 0) == 1.0
 
 
+def test_above_chance_by_hand() -> None:
+    # 7 of 10 at chance 1/2: P(X >= 7) = (120 + 45 + 10 + 1) / 1024
+    assert stats.above_chance_p(7, 10, 0.5) == pytest.approx(176 / 1024, rel=1e-12)
+    # 3 of 3 at chance 1/10: 1e-3; 0 right is never above chance
+    assert stats.above_chance_p(3, 3, 0.1) == pytest.approx(1e-3, rel=1e-12)
+    assert stats.above_chance_p(0, 50, 0.1) == 1.0
+    # a one-class answer on 5,000 balanced images (500 right) is chance; 84% is far above
+    assert stats.above_chance_p(500, 5000, 0.1) > 0.4
+    assert stats.above_chance_p(4200, 5000, 0.1) < 1e-100
+    assert stats.above_chance_p(0, 0, 0.1) == 1.0
+    with pytest.raises(ValueError):
+        stats.above_chance_p(11, 10, 0.1)
+
+
 def test_t_interval_student_sleep_data() -> None:
     """Cushny & Peebles' differences (Student 1908): R's t.test gives 0.7001142..2.4598858."""
     diffs = [1.2, 2.4, 1.3, 1.3, 0.0, 1.0, 1.8, 0.8, 4.6, 1.4]

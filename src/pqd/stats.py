@@ -8,6 +8,8 @@ accuracy and comparison pqd reports.
   discordant images (the ones only one model gets right);
 - the same trial over seeds: mean, sd and a Student-t interval, and whether the seed spread
   or the test-set noise is the larger source of uncertainty;
+- one accuracy against guessing: the one-sided exact binomial test (a stage that leaves a
+  model at chance stops the run);
 - many comparisons at once (every pair of orders): Holm's step-down correction, and how many
   test images or seeds would resolve a difference of the observed size.
 
@@ -92,6 +94,25 @@ def mcnemar_exact(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     return float(min(1.0, 2 * _st.binom.cdf(min(b, c), n, 0.5)))
+
+
+def above_chance_p(correct: int, n: int, chance: float) -> float:
+    """One-sided exact binomial test that an accuracy lies above ``chance``.
+
+    Args:
+        correct: images classified correctly.
+        n: images in all.
+        chance: the accuracy of guessing, a fraction (e.g. 1/classes, or the most common
+            class's share where classes are unbalanced).
+
+    Returns:
+        ``P(X >= correct)`` for ``X ~ Binomial(n, chance)``; 1.0 when ``n`` is 0.
+    """
+    if n <= 0:
+        return 1.0
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct={correct} must lie in [0, n={n}]")
+    return float(_st.binom.sf(correct - 1, n, chance))
 
 
 def paired_bootstrap(

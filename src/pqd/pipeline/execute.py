@@ -40,8 +40,9 @@ from pqd.record import (
 )
 from pqd.resume import RunFolder, load_state, note, save_state, step_name
 from pqd.state import State
+from pqd.stats import ALPHA
 from pqd.target import resolve as resolve_target
-from pqd.train import evaluate, predict
+from pqd.train import check_above_chance, evaluate, predict
 
 if TYPE_CHECKING:
     from pqd.dataset import Dataset
@@ -149,7 +150,15 @@ def execute(
         val_loader = ctx.loader("val", 256)
         base = baseline_step(recipe, folder, model, data, val_loader, device, progress, source)
         state, stage_records = run_stages(
-            recipe, folder, model, ctx, val_loader, fresh_model, target, forward_loop
+            recipe,
+            folder,
+            model,
+            ctx,
+            val_loader,
+            fresh_model,
+            target,
+            forward_loop,
+            base["val_accuracy"],
         )
     save_val_predictions(state, val_loader, out / VAL_PREDICTIONS_FILE, device, progress)
 
@@ -239,9 +248,13 @@ def run_stages(
     fresh_model: Callable[[], nn.Module],
     target: str,
     forward_loop: Callable[[nn.Module], None] | None,
+    baseline_accuracy: float,
 ) -> tuple[State, list[dict[str, Any]]]:
     """The recipe's stages in order on the baseline ``model`` (those an earlier, stopped run
     finished come back from their checkpoints), each recorded by a :class:`StageRecorder`.
+
+    ``baseline_accuracy`` is the baseline's validation accuracy (fraction): the first stage's
+    starting point for the chance check.
 
     Returns:
         The final state and every stage's entry.
@@ -265,7 +278,9 @@ def run_stages(
         state=state,
         start=finished,
         run=folder,
-        on_stage=StageRecorder(recipe, folder, val_loader, ctx.device, ctx.progress, stage_records),
+        on_stage=StageRecorder(
+            recipe, folder, val_loader, ctx.device, ctx.progress, stage_records, baseline_accuracy
+        ),
         forward_loop=forward_loop,
     )
     return state, stage_records
@@ -290,7 +305,9 @@ def resumed_stages(
 
 class StageRecorder:
     """``apply_stages``'s ``on_stage``: each finished stage measured on the validation
-    split, checkpointed into the run folder and appended to the stage entries."""
+    split, checked against chance (:func:`pqd.train.check_above_chance`, where the stage's
+    ``train.stop_at_chance``), checkpointed into the run folder and appended to the stage
+    entries."""
 
     def __init__(
         self,
@@ -300,18 +317,26 @@ class StageRecorder:
         device: torch.device,
         progress: bool,
         entries: list[dict[str, Any]],
+        baseline_accuracy: float,
     ) -> None:
         self.recipe, self.folder, self.val_loader = recipe, folder, val_loader
         self.device, self.progress, self.entries = device, progress, entries
+        self.baseline_accuracy = baseline_accuracy
 
     def __call__(self, i: int, spec: Any, state: State, seconds: float) -> None:
-        val = evaluate(
+        desc = f"[{i + 1}/{len(self.recipe.stages)}] {spec.stage}"
+        logits, labels = predict(
             state.model,
             self.val_loader,
             device=self.device,
             progress=self.progress,
-            desc=f"[{i + 1}/{len(self.recipe.stages)}] {spec.stage} val",
+            desc=f"{desc} val",
         )
+        predicted = logits.argmax(1)
+        val = (predicted == labels).float().mean().item() if labels.numel() else float("nan")
+        if self.recipe.stage_train(i).stop_at_chance:
+            before = self.entries[-1]["val_accuracy"] if self.entries else self.baseline_accuracy
+            check_above_chance(desc, before, predicted, labels, ALPHA)
         entry = {
             "index": i,
             "name": spec.stage,

@@ -88,6 +88,9 @@ class TrainSpec(Strict):
     grad_clip: float | None = Field(default=None, gt=0.0)
     # a gradient norm above this (or not finite) stops the stage as diverged; None: no limit
     max_grad_norm: float | None = Field(default=1000.0, gt=0.0)
+    # a stage that leaves a model that was above chance at chance on the validation split
+    # (one-sided exact binomial test) stops the run; false keeps such a model
+    stop_at_chance: bool = True
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> TrainSpec:
