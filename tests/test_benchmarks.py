@@ -160,6 +160,37 @@ def test_headline_runs_the_full_scale_recipe_on_a_few_hundred_folder_images(
     assert (tmp_path / "res" / "cifar10.md").read_text() == page
 
 
+@pytest.mark.slow
+def test_latency_model_benchmark_counts_candidates_within_ten_percent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], subset_dir: Path
+) -> None:
+    """The benchmark's share within +-10% is the share of its own candidates' errors, inside
+    its Wilson interval; the page comes back from the JSON alone; -n 0 is one line."""
+    import json
+
+    bench = load_benchmark("latency_model")
+    res = tmp_path / "res"
+    args = ["--quick", "-n", "3", "--recipe", str(ROOT / "recipes" / "quickstart.yaml")]
+    args += ["--data-dir", str(subset_dir), "--cache-dir", str(tmp_path / "cache")]
+    assert bench.main([*args, "--results", str(res)]) == 0
+    s = json.loads((res / "latency-model-quickstart.json").read_text())
+    v = s["validation"]
+    assert v["n"] == len(v["candidates"]) == 3
+    errors = [c["error"] for c in v["candidates"]]
+    assert v["within_10"] == sum(e <= 0.10 for e in errors) / 3
+    assert v["within_10_ci"][0] <= v["within_10"] <= v["within_10_ci"][1]
+    assert v["median_error"] == pytest.approx(sorted(errors)[1])
+    assert all(c["measured_ms"] > 0 and c["predicted_ms"] > 0 for c in v["candidates"])
+    page = (res / "latency-model-quickstart.md").read_text()
+    assert s["cpu"] in page and "nn-Meter" in page and f"of {v['n']})" in page
+    (res / "latency-model-quickstart.md").unlink()
+    assert bench.main(["--render", "--results", str(res), "--quick", *args[3:5]]) == 0
+    assert (res / "latency-model-quickstart.md").read_text() == page
+    capsys.readouterr()
+    assert bench.main(["-n", "0"]) == 2
+    assert capsys.readouterr().out.count("error: -n must be at least 1; fix:") == 1
+
+
 def test_train_speed_page_renders_ratios_against_float_from_its_json() -> None:
     bench = load_benchmark("train_speed")
     steps = {

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from helpers import fake_latency, tiny
-from pqd.latency_model.model import LatencyModel
+from pqd.latency_model.model import LatencyModel, validation_text
 from pqd.latency_model.tables import bilinear, fit_overhead, monotone
 
 EXAMPLE = torch.rand(2, 3, 32, 32)
@@ -159,3 +159,16 @@ def test_real_pieces_and_validation_on_a_tiny_net(tmp_path) -> None:
         rounding = 1e-5 * (1 + row["predicted_ms"] / row["measured_ms"]) / row["measured_ms"]
         assert row["error"] == pytest.approx(err, abs=rounding + 1e-5)
     assert report["worst_error"] >= report["median_error"] >= 0
+    within = sum(row["error"] <= 0.10 for row in report["candidates"])
+    assert report["within_10"] == within / 2
+    lo, hi = report["within_10_ci"]
+    assert lo <= report["within_10"] <= hi
+    assert f"{within} of 2 within +-10%" in validation_text(report)
+
+
+def test_validation_text_in_the_fields_unit() -> None:
+    """The share within +-10% with its interval; older reports without it still print."""
+    v = {"n": 20, "median_error": 0.031, "worst_error": 0.12}
+    assert validation_text(v) == "median 3.1%, worst 12.0%"
+    v.update(within_10=0.9, within_10_ci=[0.699, 0.9721])  # Wilson of 18/20
+    assert validation_text(v) == "median 3.1%, worst 12.0%, 18 of 20 within +-10% (90% [70, 97])"

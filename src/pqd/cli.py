@@ -293,6 +293,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from pqd.latency_model import validation_text
     from pqd.planner import plan
     from pqd.recipe import load_recipe
 
@@ -312,10 +313,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     p, c = result["pick"], result["counts"]
     v = result["latency_model"]["validation"]
     if v:
-        print(
-            f"latency model error: median {100 * v['median_error']:.1f}%, worst "
-            f"{100 * v['worst_error']:.1f}% over {v['n']} candidates"
-        )
+        print(f"latency model error over {v['n']} random candidates: {validation_text(v)}")
     print(
         f"{c['estimated']} candidates estimated, {c['feasible']} feasible, {c['trained']} trained"
     )

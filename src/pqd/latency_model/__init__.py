@@ -28,12 +28,13 @@ without exporting each one. This package measures instead of counting:
    (``PQD_CACHE_DIR``, default ``~/.cache/pqd/latency``).
 
 :meth:`LatencyModel.validate` exports random candidates whole and reports the model's
-error against their measured p50 (median and worst, relative).
+error against their measured p50 (median and worst, relative) and the share predicted
+within +-10%, the unit nn-Meter and LitePred report.
 
     lm = LatencyModel(build_model("resnet18", 10, mean, std), torch.rand(2, 3, 32, 32))
     lm.build()
     lm.predict({"net.features.1.conv1": 0.5})    # ms, batch 1, p50
-    lm.validate(n=20)                            # {"median_error": ..., "worst_error": ...}
+    lm.validate(n=20)                            # {"median_error", "within_10", ...}
 
 Modules: :mod:`~pqd.latency_model.layers` (layers, groups and kept widths, step 1),
 :mod:`~pqd.latency_model.measure` (fingerprint, pieces exported and timed),
@@ -43,7 +44,7 @@ Modules: :mod:`~pqd.latency_model.layers` (layers, groups and kept widths, step 
 
 from pqd.latency_model.layers import Layer, kept_channels, network_layers
 from pqd.latency_model.measure import default_cache_dir, export_as_shipped, fingerprint
-from pqd.latency_model.model import LEVELS, LatencyModel, Ratios
+from pqd.latency_model.model import LEVELS, LatencyModel, Ratios, validation_text
 from pqd.latency_model.tables import bilinear, fit_overhead, monotone
 
 __all__ = [
@@ -59,4 +60,5 @@ __all__ = [
     "kept_channels",
     "monotone",
     "network_layers",
+    "validation_text",
 ]

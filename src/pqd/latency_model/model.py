@@ -32,8 +32,12 @@ from pqd.latency_model.measure import (
     time_files,
 )
 from pqd.latency_model.tables import bilinear, fit_overhead, monotone
+from pqd.stats import wilson_interval
 
 WHOLE_FILE_TIMING = {"warmup": 50, "rounds": 4, "block": 100}
+
+WITHIN = 0.10
+"""The relative error the field counts a latency prediction right within (+-10%)."""
 """Timing of every latency-model panel, pieces and whole files (:meth:`LatencyModel.time_paths`):
 warm-up calls, interleaved rounds and calls per file per round (steady state; short blocks
 bias small files against large ones)."""
@@ -399,9 +403,11 @@ class LatencyModel:
             seed: random seed of the candidates.
 
         Returns:
-            ``{"n", "median_error", "worst_error", "candidates": [{"ratios",
-            "predicted_ms", "measured_ms", "error"}]}``; errors are relative
-            (``|predicted - measured| / measured``).
+            ``{"n", "median_error", "worst_error", "within_10", "within_10_ci",
+            "candidates": [{"ratios", "predicted_ms", "measured_ms", "error"}]}``; errors are
+            relative (``|predicted - measured| / measured``); ``within_10`` is the share
+            (fraction) of candidates predicted within +-10% of their measured p50, the
+            field's accuracy unit (nn-Meter, LitePred), with its 95% Wilson interval.
         """
         self._check_built()
         rng = np.random.default_rng(seed)
@@ -420,10 +426,14 @@ class LatencyModel:
                 }
             )
         errors = [row["error"] for row in rows]
+        within = sum(e <= WITHIN for e in errors)
+        lo, hi = wilson_interval(within, len(errors))
         return {
             "n": len(rows),
             "median_error": float(np.median(errors)),
             "worst_error": float(np.max(errors)),
+            "within_10": within / len(errors),
+            "within_10_ci": [round(lo, 6), round(hi, 6)],
             "candidates": rows,
         }
 
@@ -442,3 +452,17 @@ class LatencyModel:
             "scale": round(self.scale, 5),
             "calibration": self.calibration,
         }
+
+
+def validation_text(v: dict[str, Any]) -> str:
+    """One line of :meth:`LatencyModel.validate`'s report, e.g. ``median 3.1%, worst
+    12.0%, 18 of 20 within +-10% (90% [70, 97])`` (reports written before the share was
+    kept give median and worst only)."""
+    text = f"median {100 * v['median_error']:.1f}%, worst {100 * v['worst_error']:.1f}%"
+    if "within_10" in v:
+        lo, hi = v["within_10_ci"]
+        text += (
+            f", {round(v['within_10'] * v['n'])} of {v['n']} within +-10% "
+            f"({100 * v['within_10']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}])"
+        )
+    return text

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pqd.latency_model import validation_text
 from pqd.planner.template import PICK_FILE, PLAN_FILE
 
 
@@ -138,10 +139,7 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
         f"`{lm['cache_file']}`), overhead {lm['overhead_ms']:.4f} ms, scale {lm['scale']:.3f}.",
     ]
     if v:
-        lines.append(
-            f"Error against {v['n']} random whole candidates: median "
-            f"{100 * v['median_error']:.1f}%, worst {100 * v['worst_error']:.1f}%."
-        )
+        lines.append(f"Error against {v['n']} random whole candidates: {validation_text(v)}.")
     if lm.get("near_budget_scale") is not None:
         lines.append(
             f"Near the budget the uniform files measured {lm['near_budget_scale']:.3f}x the "

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from pqd.errors import PqdError
-from pqd.latency_model import LEVELS, Ratios
+from pqd.latency_model import LEVELS, Ratios, validation_text
 from pqd.planner.candidates import search_levels
 from pqd.planner.latency import (
     FINAL_PANELS,
@@ -207,9 +207,8 @@ class Planning:
         validation = setup.lm.validate(self.o.validate) if self.o.validate > 0 else None
         if validation:
             self.say(
-                f"latency model error over {validation['n']} random candidates: median "
-                f"{100 * validation['median_error']:.1f}%, worst "
-                f"{100 * validation['worst_error']:.1f}%"
+                f"latency model error over {validation['n']} random candidates: "
+                f"{validation_text(validation)}"
             )
         return validation
 
