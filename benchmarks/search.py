@@ -8,7 +8,9 @@ criterion, single-technique references, two-stage pairwise runs, the baseline) w
 top-1, MB on disk, batch-1 p50 latency from the search's interleaved latency panel and the
 speedup over the FP32 baseline in that panel; the pairwise table; the derived order (or the
 cycle); run counts of the pairwise method vs the full permutation search; the wall time.
-A re-run with the same --out resumes: finished trials are reused.
+A re-run with the same --out resumes: finished trials are reused. With ``--results
+docs/results`` it also writes the verdict paragraph into the README's order block (between
+its markers, where the README has one).
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ def render(search: dict, wall_s: float | None) -> str:
         "",
         "Published claims, judged by this search's paired tests:",
         *claims_text(search),
+        "",
+        "In one paragraph: " + verdict(search),
     ]
     return "\n".join(lines)
 
@@ -223,6 +227,81 @@ def claims_text(search: dict) -> list[str]:
     ]
 
 
+def verdict(search: dict) -> str:
+    """The order question's answer in one paragraph, every figure from the page's tables:
+    the best full order with its interval, which orders the paired tests cannot tell from
+    it, the pairwise order (or why there is none) and each published claim's verdict."""
+    from pqd.markdown import ordered_groups
+    from pqd.report.search import derived_order_text
+    from pqd.report.text import ci_text
+
+    perms = [g for g in ordered_groups(search) if g["kind"] == "permutation" and g.get("n")]
+    if not perms:
+        return "No full order finished: the search has no answer yet."
+    best = next(g for g in perms if g.get("rank") == 1)
+    tied = [g["label"] for g in perms if g is not best and g.get("tied_with_best")]
+    beaten = [g for g in perms if g is not best and not g.get("tied_with_best")]
+    seeds, images = best["n"], search["data"]["test"]
+    text = (
+        f"Top full order by test top-1: **{best['label']}**, {100 * best['accuracy_mean']:.2f}% "
+        f"{ci_text(best.get('accuracy_ci'))} ({seeds} seed{'s' if seeds != 1 else ''} x "
+        f"{images:,} test images). "
+    )
+    if tied:
+        text += (
+            f"The paired tests (exact McNemar pooled over seeds, Holm) cannot tell it from "
+            f"{len(tied)} of the other {len(perms) - 1}: {', '.join(tied)}"
+        )
+        text += "; " if beaten else ". "
+    else:
+        text += f"It beats each of the other {len(perms) - 1} beyond noise"
+        text += "; " if beaten else ". "
+    if beaten:
+        worst = min(beaten, key=lambda g: g["accuracy_mean"])
+        vs = worst.get("vs_best") or {}
+        text += (
+            f"{len(beaten)} {'is' if len(beaten) == 1 else 'are'} worse, down to "
+            f"{worst['label']} at {_pts(-vs.get('difference', 0.0))} points (95% CI "
+            f"{_pts(-vs.get('ci_high', 0.0))} to {_pts(-vs.get('ci_low', 0.0))}). "
+        )
+    text += derived_order_text(search).replace("**", "") + " "
+    text += "Published claims: " + "; ".join(
+        f"{c['source'].split(' (')[0]}, {c['verdict']}" for c in claims(search)
+    )
+    return text + "."
+
+
+README_START = "<!-- order: written by python benchmarks/search.py --results docs/results -->"
+README_END = "<!-- /order -->"
+
+
+def readme_block(search: dict, page: str) -> str:
+    """The README's order verdict: a heading line naming the search and the CPU, the
+    paragraph of :func:`verdict` and a link to the page with the statistics."""
+    env = search["environment"]
+    return "\n".join(
+        [
+            README_START,
+            f"The order question, `{search['name']}` on {env['cpu']} "
+            f"(see [the page]({page}) for every interval and paired test):",
+            "",
+            verdict(search),
+            README_END,
+        ]
+    )
+
+
+def write_readme(search: dict, readme: Path, page: str) -> bool:
+    """Replace the README's order block (between its markers) with :func:`readme_block`;
+    False (nothing written) when the README has no such block."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        return False
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    readme.write_text(text[:start] + readme_block(search, page) + text[end:], encoding="utf-8")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -290,9 +369,15 @@ def main(argv: list[str] | None = None) -> int:
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / f"{search['name']}.md").write_text(head + page + "\n", encoding="utf-8")
         (args.results / f"{search['name']}.json").write_text(
-            json.dumps({"claims": claims(search), "groups": search["groups"]}, indent=2) + "\n",
+            json.dumps(
+                {"claims": claims(search), "verdict": verdict(search), "groups": search["groups"]},
+                indent=2,
+            )
+            + "\n",
             encoding="utf-8",
         )
+        if args.results.resolve() == (ROOT / "docs" / "results").resolve():
+            write_readme(search, ROOT / "README.md", f"docs/results/{search['name']}.md")
     return 0
 
 

@@ -979,6 +979,40 @@ def test_benchmark_judges_the_published_claims_by_the_paired_tests():
     assert set(flat.values()) == {"undecided"}
 
 
+def test_benchmark_verdict_paragraph_follows_the_tests_and_lands_in_the_readme(tmp_path):
+    """The one-paragraph verdict names the top order, the orders the paired tests cannot tell
+    from it, the worse ones with the largest gap, the pairwise order and every claim; the
+    README's block between its markers is replaced by it, a README without one is left."""
+    bench = load_benchmark("search")
+    acc = {"p>q>d": 0.80, "p>d>q": 0.797, "q>p>d": 0.74, "q>d>p": 0.74, "d>p>q": 0.74}
+    acc.update({"d>q>p": 0.74, "p>q": 0.80, "q>p": 0.75, "d>p": 0.80, "p>d": 0.75})
+    text = bench.verdict(fake_search(acc))
+    assert text.startswith(
+        "Top full order by test top-1: **prune -> quantize -> distill**, 80.00% [77.5, 82.4] "
+        "(1 seed x 1,017 test images)."
+    )
+    assert "cannot tell it from 1 of the other 5: prune -> distill -> quantize;" in text
+    assert "4 are worse, down to quantize -> prune -> distill at -6.00 points (95% CI" in text
+    assert "Pairwise order: distill -> prune -> quantize." in text
+    assert "Harma et al., supported; Kim et al., contradicted." in text
+    flat = bench.verdict(fake_search({}))
+    assert "cannot tell it from 5 of the other 5" in flat and "worse" not in flat
+    assert "the pairwise results prefer no order" in flat
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{bench.README_START}\nold\n{bench.README_END}\n\nend\n")
+    assert bench.write_readme(fake_search(acc), readme, "docs/results/s.md")
+    body = readme.read_text()
+    assert "old" not in body and text in body and body.endswith("\n\nend\n")
+    assert "(see [the page](docs/results/s.md)" in body
+    shipped = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert shipped.count(bench.README_START) == 1 and shipped.count(bench.README_END) == 1
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# no block\n")
+    assert not bench.write_readme(fake_search(acc), plain, "p.md")
+    assert plain.read_text() == "# no block\n"
+
+
 def test_baseline_line_counts_epochs_in_words(tmp_path, capsys, monkeypatch, subset_dir):
     """'training 1 epoch', not '1 epochs' (the line before the shared baseline trains)."""
     import pqd.runs
