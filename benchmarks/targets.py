@@ -3,6 +3,9 @@ exact on every x86 CPU) and for ``x86-vnni`` (full 8-bit weights), side by side.
 
     python benchmarks/targets.py                    # ~12 min on 2 cores
     python benchmarks/targets.py --out runs/targets --recipe recipes/quickstart.yaml
+    python benchmarks/targets.py --recipe recipes/cifar10.yaml --out runs/targets-cifar10 \
+        --set baseline.checkpoint=runs/cifar10/baseline.safetensors --results docs/results
+    python benchmarks/targets.py --recipe recipes/cifar10.yaml --results docs/results --render
 
 Runs the recipe once per target: the first run trains the baseline and every stage; the
 second reuses the first run's baseline and the steps before its first quantize stage (they
@@ -18,6 +21,7 @@ oneDNN capped at AVX2: the saturating ``vpmaddubsw`` path, on any newer x86 CPU)
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import shutil
 import subprocess
@@ -238,21 +242,85 @@ def main(argv: list[str] | None = None) -> int:
         help="recipe override for both runs, e.g. --set seed=1 "
         "--set baseline.checkpoint=runs/targets/portable/baseline.safetensors",
     )
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    walls = train(args.recipe, args.out, args.data_dir, args.set)
-    result = measure(args.out, args.data_dir, args.threads, args.repeats, args.panels)
-    result.update(walls_s=walls, wall_s=round(time.perf_counter() - t0, 1))
-    print(table(result))
-    print(
-        f"- wall {result['wall_s']:.0f} s (runs: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
-        + ")"
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="also write DIR/targets-<recipe name>.json and the page .md from it "
+        "(e.g. docs/results)",
     )
-    if args.json:
+    ap.add_argument(
+        "--render", action="store_true", help="only render the page from --results' JSON"
+    )
+    args = ap.parse_args(argv)
+    from pqd._version import __version__
+    from pqd.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    json_path = args.results / f"targets-{recipe.name}.json" if args.results else None
+    if args.render:
+        if json_path is None or not json_path.is_file():
+            print(f"benchmarks/targets.py: error: {json_path} not found; fix: run without --render")
+            return 2
+        result = json.loads(json_path.read_text(encoding="utf-8"))
+    else:
+        t0 = time.perf_counter()
+        walls = train(args.recipe, args.out, args.data_dir, args.set)
+        result = measure(args.out, args.data_dir, args.threads, args.repeats, args.panels)
+        result.update(walls_s=walls, wall_s=round(time.perf_counter() - t0, 1))
+        result.update(
+            name=recipe.name,
+            command=" ".join(
+                ["python benchmarks/targets.py"]
+                + ([f"--recipe {args.recipe}"] if args.recipe != ap.get_default("recipe") else [])
+                + [f"--set {o}" for o in args.set]
+            ),
+            date=datetime.date.today().isoformat(),
+            pqd_version=__version__,
+            folder_images=recipe.data.dataset == "folder",
+        )
+    page = render(result)
+    print(page)
+    if args.json and not args.render:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        if not args.render:
+            json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        json_path.with_suffix(".md").write_text(page + "\n", encoding="utf-8")
     return 0
+
+
+def render(result: dict[str, Any]) -> str:
+    """The page: what ran, where and when, the table, and the wall times."""
+    head = []
+    if "command" in result:
+        env = result["environment"]
+        head = [
+            f"# Deployment targets: portable (7-bit) vs 8-bit, {result['name']}",
+            "",
+            f"`{result['command']}` on {result['date']}: pqd {result['pqd_version']}, "
+            f"{env['cpu']} ({', '.join(env['cpu_flags'])})"
+            + (
+                "; CIFAR-10 as JPEG files (pixels differ from the official files by about "
+                "6/255: accuracies are close to, not equal to, published figures)"
+                if result.get("folder_images")
+                else ""
+            )
+            + ".",
+            "",
+        ]
+    walls = result["walls_s"]
+    return "\n".join(
+        [
+            *head,
+            table(result),
+            f"- wall {result['wall_s']:.0f} s (runs: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
+            + ")",
+        ]
+    )
 
 
 if __name__ == "__main__":

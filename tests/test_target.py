@@ -121,3 +121,53 @@ def test_targets_benchmark_compares_the_two_files_image_by_image() -> None:
     assert "30 images only 8-bit gets right" not in text  # a is portable: its own count first
     assert "5 images only portable gets right, 30 only 8-bit" in text
     assert "8-bit better" in text and "McNemar p =" in text
+
+    # the page: what ran, on which CPU, the JPEG caveat for image folders; --render redraws
+    # it from the stored JSON alone
+    result.update(
+        walls_s={"portable": 10.0, "x86-vnni": 5.0},
+        wall_s=20.0,
+        name="cifar10",
+        command="python benchmarks/targets.py --recipe recipes/cifar10.yaml",
+        date="2026-12-07",
+        pqd_version="0.1.0",
+        folder_images=True,
+    )
+    page = bench.render(result)
+    assert page.startswith("# Deployment targets: portable (7-bit) vs 8-bit, cifar10")
+    assert "AMD EPYC (avx2); CIFAR-10 as JPEG files" in page and text in page
+    assert page.endswith("- wall 20 s (runs: portable 10 s, x86-vnni 5 s)")
+
+
+def test_targets_benchmark_renders_its_page_from_the_stored_json(tmp_path, capsys) -> None:
+    import json
+
+    from helpers import load_benchmark
+
+    bench = load_benchmark("targets")
+    assert bench.main(["--results", str(tmp_path), "--render"]) == 2  # nothing stored yet
+    assert "targets-quickstart.json not found; fix:" in capsys.readouterr().out
+    row = {
+        "accuracy": 0.8,
+        "val_accuracy": 0.8,
+        "baseline_accuracy": 0.8,
+        "p50_ms": 0.3,
+        "speedup": 3.0,
+        "parity": {"top1_agreement": 1.0, "max_abs_logit_diff": 0.0},
+        "saturation": {"pairs_at_risk": 0},
+        "avx2_vs_native_openvino": {"top1_agreement": 1.0, "max_abs_logit_diff": 0.0},
+    }
+    stored = {
+        "rows": {"portable": row, "x86-vnni": row},
+        "paired": None,
+        "fp32_p50_ms": 0.9,
+        "panels": {"fp32": {"panels": [0.9]}},
+        "environment": {"cpu": "AMD EPYC", "cpu_flags": ["avx2"], "measure_threads": 2},
+        "data": {"test": 100},
+        "walls_s": {"portable": 1.0},
+        "wall_s": 2.0,
+    }
+    (tmp_path / "targets-quickstart.json").write_text(json.dumps(stored))
+    assert bench.main(["--results", str(tmp_path), "--render"]) == 0
+    page = (tmp_path / "targets-quickstart.md").read_text()
+    assert "| portable | 7-bit [-64, 63] | 80.00% |" in page and "- wall 2 s" in page
