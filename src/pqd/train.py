@@ -113,8 +113,7 @@ COLLAPSE_FIX = (
     "lower the stage's train.lr (after a quantize stage the model trains with its "
     "BatchNorm statistics frozen and takes a smaller rate than a float model) or ask less of "
     "it (a lower sparsity), or set the stage's train.stop_at_chance: false to keep such a "
-    "model; "
-    "then run again with --resume: finished steps are kept"
+    "model; then run again with --resume: finished steps are kept"
 )
 
 
