@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from helpers import fake_latency, tiny
-from pqd.latency_model.model import LatencyModel, validation_text
+from pqd.latency_model.model import MIXED, LatencyModel, validation_text
 from pqd.latency_model.tables import bilinear, fit_overhead, monotone
 
 EXAMPLE = torch.rand(2, 3, 32, 32)
@@ -63,12 +63,20 @@ def test_cache_is_keyed_by_machine_and_runtime_version(monkeypatch, tmp_path) ->
     net = tiny("tiny_cnn")
     first = LatencyModel(net, EXAMPLE, levels=(0.5, 1.0), cache_dir=tmp_path).build()
     n_pieces = calls["pieces"]
-    assert n_pieces == len(first.needed_pieces()) > 0 and calls["networks"] == 2
+    # the overhead fit: both uniform networks and MIXED ones of random widths
+    assert n_pieces == len(first.needed_pieces()) > 0 and calls["networks"] == 2 + MIXED
+    names = [c["name"] for c in first.calibration]
+    assert names == ["uniform-0.5", "uniform-1", *(f"mixed-{i}" for i in range(MIXED))]
     # same machine, same runtime: nothing measured again, same predictions
     again = LatencyModel(net, EXAMPLE, levels=(0.5, 1.0), cache_dir=tmp_path).build()
-    assert calls["pieces"] == n_pieces and calls["networks"] == 2
+    assert calls["pieces"] == n_pieces and calls["networks"] == 2 + MIXED
     assert again.measured_pieces == 0
     assert again.predict(again.uniform(0.5)) == pytest.approx(first.predict(first.uniform(0.5)))
+    # a fit with another number of mixed networks (one cached before they existed has none)
+    # is fitted again; the pieces stay
+    fewer = LatencyModel(net, EXAMPLE, levels=(0.5, 1.0), cache_dir=tmp_path, mixed=0).build()
+    assert calls["pieces"] == n_pieces and calls["networks"] == 2 * 2 + MIXED
+    assert [c["name"] for c in fewer.calibration] == ["uniform-0.5", "uniform-1"]
 
     # another runtime version: another file, everything measured again
     real_versions = rt.runtime_versions

@@ -19,8 +19,9 @@ without exporting each one. This package measures instead of counting:
    (running maximum along both width axes), so the prediction never falls when a width grows.
 3. **Whole-network overhead.** Pieces timed alone each pay a call and a quantize/dequantize
    at their ends that the whole network does not, and miss what lies between layers (adds,
-   pools). Whole networks at uniform widths (every level, dense included) are exported and
-   timed; ``predict = overhead_ms + scale * sum(pieces)`` is fitted to them (least squares,
+   pools). Whole networks at uniform widths (every level, dense included) and a few of
+   random mixed widths (``MIXED``, their own seed) are exported and timed;
+   ``predict = overhead_ms + scale * sum(pieces)`` is fitted to them (least squares,
    ``scale >= 0``).
 4. **Cache.** Pieces depend on shapes only, so one JSON file per machine fingerprint
    (CPU model and the SIMD flags that decide INT8 speed, runtime and its version, threads,
