@@ -6,7 +6,7 @@
     python benchmarks/latency_model.py --quick             # smoke test: tiny net, seconds
 
 Builds the recipe's latency model as ``pqd plan`` does (the per-layer pieces measured on this
-CPU or read from the machine's cache, the overhead fit on uniform whole files:
+CPU or read from the machine's cache, the overhead fit on uniform and mixed whole files:
 :func:`pqd.planner.latency.setup_latency_model`), then draws ``-n`` random candidates
 (every channel group at a random keep level), exports each whole as it ships (INT8 QDQ for a
 recipe with a quantize stage) and times them interleaved on the recipe's runtime and
@@ -119,6 +119,8 @@ def render(s: dict[str, Any]) -> str:
             f"{100 * c['error']:.1f}% |"
         )
     lm = s["latency_model"]
+    names = [c["name"] for c in lm.get("calibration", [])]
+    mixed = sum(n.startswith("mixed-") for n in names)
     return "\n".join(
         [
             f"# Latency model accuracy: {s['model']} ({s['name']})",
@@ -133,7 +135,8 @@ def render(s: dict[str, Any]) -> str:
             f"{100 * v['median_error']:.1f}%, worst {100 * v['worst_error']:.1f}%. The model: "
             f"{lm['pieces']} measured pieces ({lm['pieces_measured_now']} timed in this run, the "
             f"rest from this machine's cache), overhead {lm['overhead_ms']:.4f} ms, scale "
-            f"{lm['scale']:.3f}; built in {s['seconds']['build']:.0f} s, candidates exported and "
+            f"{lm['scale']:.3f} fitted on {len(names) - mixed} uniform and {mixed} mixed-width "
+            f"whole networks (other ones than these candidates); built in {s['seconds']['build']:.0f} s, candidates exported and "
             f"timed in {s['seconds']['validate']:.0f} s.",
             "",
             "Each candidate keeps every channel group at a random level of the tables' grid "
