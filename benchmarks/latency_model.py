@@ -136,8 +136,9 @@ def render(s: dict[str, Any]) -> str:
             f"{lm['pieces']} measured pieces ({lm['pieces_measured_now']} timed in this run, the "
             f"rest from this machine's cache), overhead {lm['overhead_ms']:.4f} ms, scale "
             f"{lm['scale']:.3f} fitted on {len(names) - mixed} uniform and {mixed} mixed-width "
-            f"whole networks (other ones than these candidates); built in {s['seconds']['build']:.0f} s, candidates exported and "
-            f"timed in {s['seconds']['validate']:.0f} s.",
+            f"whole networks (other ones than these candidates); built in "
+            f"{s['seconds']['build']:.0f} s, candidates exported and timed in "
+            f"{s['seconds']['validate']:.0f} s.",
             "",
             "Each candidate keeps every channel group at a random level of the tables' grid "
             f"({', '.join(f'{x:g}' for x in lm['levels'])}); its file is exported whole, untrained "
