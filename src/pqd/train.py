@@ -558,12 +558,17 @@ def predict(
     return torch.cat(outs), torch.cat(ys)
 
 
+def top1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy (fraction 0-1) of predicted classes against labels; NaN when empty."""
+    if labels.numel() == 0:
+        return float("nan")
+    return (predicted == labels).float().mean().item()
+
+
 def evaluate(model: nn.Module, loader: BatchSource, *, device: torch.device, **kw: Any) -> float:
     """Top-1 accuracy (fraction 0-1) of ``model`` on ``loader``; NaN for an empty loader."""
     logits, y = predict(model, loader, device=device, **kw)
-    if y.numel() == 0:
-        return float("nan")
-    return (logits.argmax(1) == y).float().mean().item()
+    return top1(logits.argmax(1), y)
 
 
 def soft_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -42,7 +42,7 @@ from pqd.resume import RunFolder, load_state, note, save_state, step_name
 from pqd.state import State
 from pqd.stats import ALPHA
 from pqd.target import resolve as resolve_target
-from pqd.train import check_above_chance, evaluate, predict
+from pqd.train import check_above_chance, evaluate, predict, top1
 
 if TYPE_CHECKING:
     from pqd.dataset import Dataset
@@ -333,7 +333,7 @@ class StageRecorder:
             desc=f"{desc} val",
         )
         predicted = logits.argmax(1)
-        val = (predicted == labels).float().mean().item() if labels.numel() else float("nan")
+        val = top1(predicted, labels)
         if self.recipe.stage_train(i).stop_at_chance:
             before = self.entries[-1]["val_accuracy"] if self.entries else self.baseline_accuracy
             check_above_chance(desc, before, predicted, labels, ALPHA)
