@@ -44,16 +44,14 @@ def _log(msg: str) -> None:
     print(f"[latency-model] {msg}", file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace, shown: str) -> dict[str, Any]:
-    """Build the latency model, validate it on ``args.n`` random whole candidates and return
-    the benchmark's JSON."""
+def run(args: argparse.Namespace, recipe: Any, shown: str) -> dict[str, Any]:
+    """Build ``recipe``'s latency model, validate it on ``args.n`` random whole candidates and
+    return the benchmark's JSON."""
     from pqd._version import __version__
     from pqd.latency_model import LEVELS
     from pqd.measurement.env import environment
     from pqd.planner.latency import setup_latency_model
-    from pqd.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, [*(QUICK if args.quick else []), *args.overrides])
     runtime = args.runtime or next(
         (r for r in recipe.measure.runtimes if r != "auto"), "onnxruntime"
     )
@@ -176,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     from pqd.recipe import load_recipe
 
     try:
-        name = load_recipe(args.recipe, [*(QUICK if args.quick else []), *args.overrides]).name
-        json_path = args.results / f"latency-model-{name}.json"
+        recipe = load_recipe(args.recipe, [*(QUICK if args.quick else []), *args.overrides])
+        json_path = args.results / f"latency-model-{recipe.name}.json"
         if not args.render:
             shown = " ".join(
                 ["python benchmarks/latency_model.py"]
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (["--quick"] if args.quick else [])
                 + args.overrides
             )
-            summary = run(args, shown)
+            summary = run(args, recipe, shown)
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     except PqdError as e:
