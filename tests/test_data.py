@@ -566,6 +566,41 @@ def test_loader_flip_only_and_channels_last() -> None:
     assert bool((same | mirrored).all()) and 0 < int(mirrored.sum()) < 32
 
 
+def test_loader_cutout_fills_one_square_per_image_with_the_batch_mean() -> None:
+    x, y = _images(48, 12, 12), torch.arange(48)
+    plain = Loader(x, y, 48, shuffle=True, augment=True, crop_padding=2, seed=4)
+    cut = Loader(x, y, 48, shuffle=True, augment=True, crop_padding=2, seed=4, cutout=5)
+    (a, ya), (b, yb) = next(iter(plain)), next(iter(cut))
+    assert torch.equal(ya, yb)  # cutout draws after the crop and flip: the same crops
+    changed = (a != b).any(dim=1)  # [B, H, W] pixels cutout touched
+    fill = a.mean(dim=(0, 2, 3))
+    sides = []
+    for k in range(48):
+        rows = changed[k].any(dim=1).nonzero().flatten()
+        cols = changed[k].any(dim=0).nonzero().flatten()
+        if rows.numel() == 0:
+            continue  # the square fell on pixels that already had the fill colour
+        # one square (cut off at the border): the changed pixels fill their bounding box
+        box = changed[k, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        box_b = b[k, :, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert bool(box.all()) and torch.allclose(box_b, fill[:, None, None].expand_as(box_b))
+        sides.append(max(rows.numel(), cols.numel()))
+    assert max(sides) == 5 and min(sides) < 5  # whole squares, and some cut at a border
+    assert len(sides) > 40
+
+
+def test_loader_without_cutout_draws_what_it_always_drew() -> None:
+    x, y = _images(20), torch.arange(20)
+    for (a, _), (b, _) in zip(
+        Loader(x, y, 10, shuffle=True, augment=True, seed=2),
+        Loader(x, y, 10, shuffle=True, augment=True, seed=2, cutout=0),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    evaluated = Loader(x, y, 10, augment=False, cutout=4)  # cutout is augmentation only
+    assert torch.equal(next(iter(evaluated))[0], x[:10].float() / 255)
+
+
 def test_loader_leaves_global_rng_alone() -> None:
     x, y = _images(40), torch.arange(40)
     torch.manual_seed(123)
@@ -582,6 +617,8 @@ def test_loader_rejects_bad_input() -> None:
     with pytest.raises(DataError, match="crop_padding 8 is too large for 8x8"):
         Loader(x, y, 2, augment=True, crop_padding=8)  # reflect padding >= image size
     Loader(x, y, 2, augment=True, crop_padding=8, pad_mode="zeros")
+    with pytest.raises(DataError, match="cutout 9 does not fit 8x8"):
+        Loader(x, y, 2, augment=True, cutout=9)
     with pytest.raises(ValueError):
         Loader(x, y, 2, pad_mode="edge")
 

@@ -41,9 +41,13 @@ def fake_quantizers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "fake_quant_enabled")]
 
 
-def run_stages(order: tuple[str, ...], data: Dataset, seed: int = 0) -> tuple[State, Job]:
-    """Apply ``order`` to a tiny_cnn as the pipeline does, checking invariants after each."""
-    recipe = tiny_recipe([SPECS[s] for s in order], seed=seed)
+def run_stages(
+    order: tuple[str, ...], data: Dataset, seed: int = 0, **train: object
+) -> tuple[State, Job]:
+    """Apply ``order`` to a tiny_cnn as the pipeline does, checking invariants after each
+    (``train``: settings over the tiny recipe's)."""
+    settings = {"batch_size": 32, "lr": 0.05, "amp": "off", **train}
+    recipe = tiny_recipe([SPECS[s] for s in order], seed=seed, train=settings)
     torch.manual_seed(seed)
     model = build_model("tiny_cnn", data.num_classes, data.mean, data.std)
     job = Job(recipe=recipe, data=data, teacher=copy.deepcopy(model).eval())
@@ -131,6 +135,19 @@ def test_every_order_keeps_masks_fake_quant_and_learned_scales(
     scale = np.abs(ref).max()
     assert par["max_abs_logit_diff"] <= 0.05 * scale + 1e-3, par
     assert par["top1_agreement"] >= 0.9, par
+
+
+def test_a_weight_average_in_every_stage_keeps_masks_and_fake_quant(synth: Dataset) -> None:
+    """``train.ema`` reaches every stage (eager and QAT graph): the checks after each stage
+    hold for the averaged weights, and the average is not the plain run's last weights."""
+    plain, _ = run_stages(("prune", "quantize", "distill"), synth)
+    averaged, _ = run_stages(("prune", "quantize", "distill"), synth, ema=0.9)
+    assert averaged.masks.keys() == plain.masks.keys()
+    diff = [
+        float((a - b).abs().max())
+        for a, b in zip(averaged.model.parameters(), plain.model.parameters(), strict=True)
+    ]
+    assert max(diff) > 1e-4
 
 
 def test_quantize_twice_keeps_one_set_of_quantizers(synth: Dataset) -> None:

@@ -10,12 +10,15 @@ import torch
 import torch.nn as nn
 
 from pqd.recipe import TrainSpec
+from pqd.resume import load_epoch, save_epoch
 from pqd.train import (
+    EMA_WARMUP,
     StageCollapsed,
     TrainingDiverged,
     autocast_dtype,
     build_optimizer,
     check_above_chance,
+    ema_model,
     eval_mode,
     evaluate,
     fit,
@@ -94,6 +97,97 @@ def test_fit_learns_and_evaluate_reports_fraction() -> None:
     assert res.losses[-1] < res.losses[0]
     assert 0.0 <= before <= 1.0 and after > 0.95
     assert not net.training
+
+
+def test_ema_ends_the_fit_with_the_average_of_every_step() -> None:
+    torch.manual_seed(0)
+    x, y = blobs(64)
+    net = small_net()
+    seen: list[dict[str, torch.Tensor]] = []
+    decay = 0.8
+    fit(
+        net,
+        Batches(x, y, 16),
+        TrainSpec(lr=0.1, amp="off", channels_last=False, ema=decay),
+        2,
+        device=CPU,
+        progress=False,
+        after_step=lambda m: seen.append({k: v.clone() for k, v in m.state_dict().items()}),
+    )
+    steps = seen[:-1]  # after_step runs once more, on the average
+    assert len(steps) == 8
+    expected = {k: v.float().clone() for k, v in steps[0].items()}
+    for n, state in enumerate(steps[1:], start=1):
+        d = min(decay, (1 + n) / (EMA_WARMUP + n))
+        for k, v in state.items():
+            expected[k] = v.float() if "num_batches" in k else d * expected[k] + (1 - d) * v
+    got = net.state_dict()
+    for k in ("0.weight", "5.weight", "1.running_mean", "1.running_var"):
+        assert torch.allclose(got[k], expected[k], atol=1e-6), k
+        assert not torch.allclose(got[k], steps[-1][k], atol=1e-4), f"{k} is the last step's"
+    assert torch.equal(seen[-1]["0.weight"], got["0.weight"])
+
+
+def test_ema_of_a_pruned_model_stays_pruned() -> None:
+    x, y = blobs(64)
+    net = small_net()
+    mask = torch.rand_like(net[0].weight) > 0.5
+    step = [0]
+    # the mask arrives at step 2 (gradual pruning): the average holds earlier, dense weights
+
+    def prune(m: nn.Module) -> None:
+        if step[0] >= 2:
+            with torch.no_grad():
+                m[0].weight.mul_(mask)
+
+    cfg = TrainSpec(amp="off", channels_last=False, ema=0.9)
+    fit(
+        net,
+        Batches(x, y, 16),
+        cfg,
+        1,
+        device=CPU,
+        progress=False,
+        on_step=lambda s, t: step.__setitem__(0, s),
+        after_step=prune,
+    )
+    assert bool((net[0].weight[~mask] == 0).all()) and bool((net[0].weight[mask] != 0).all())
+
+
+def test_ema_resumes_where_it_stopped(tmp_path) -> None:
+    x, y = blobs(64)
+    cfg = TrainSpec(lr=0.1, amp="off", channels_last=False, ema=0.7)
+    torch.manual_seed(1)
+    whole = small_net()
+    start = {k: v.clone() for k, v in whole.state_dict().items()}
+    fit(whole, Batches(x, y, 16), cfg, 3, device=CPU, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    path = tmp_path / "epoch.safetensors"
+    cut = small_net()
+    cut.load_state_dict(start)
+
+    def stop_after_first(progress) -> None:
+        save_epoch(path, "fp", cut, {}, progress, None)
+        raise Killed
+
+    torch.manual_seed(1)
+    with pytest.raises(Killed):
+        fit(cut, Batches(x, y, 16), cfg, 3, device=CPU, progress=False, on_epoch=stop_after_first)
+    again = small_net()
+    progress = load_epoch(path, "fp", again, {}, None)
+    assert progress is not None and progress.ema is not None and progress.epoch == 1
+    fit(again, Batches(x, y, 16), cfg, 3, device=CPU, progress=False, resume=progress)
+    for k, v in whole.state_dict().items():
+        assert torch.allclose(again.state_dict()[k].float(), v.float(), atol=1e-6), k
+
+
+def test_ema_of_a_graph_leaves_its_buffers_alone() -> None:
+    graph = torch.fx.symbolic_trace(small_net())
+    assert ema_model(graph, 0.9).use_buffers is False
+    assert ema_model(small_net(), 0.9).use_buffers is True
 
 
 def test_hooks_run_every_step() -> None:

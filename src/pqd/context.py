@@ -46,7 +46,7 @@ class Context:
         teacher: the frozen model the run started from (KD target, reference MACs).
         train: the stage's training settings (run settings merged with its overrides).
         seed: the stage's seed (shuffling, augmentation, re-initialisation).
-        augment: training augmentation (random crop after padding, flip).
+        augment: training augmentation (random crop after padding, flip, cutout).
         fresh_model: builds a fresh, unpruned eager model like the run's (random weights
             from the current RNG): channel surgery replays on it, a QAT graph is unwrapped
             into it, ``at_init`` pruning re-initialises from it.
@@ -113,6 +113,7 @@ class Context:
             pad_mode=aug.pad_mode,
             min_scale=aug.min_scale,
             flip=aug.flip,
+            cutout=aug.cutout,
             device=self.device,
             seed=seed,
         )

@@ -520,6 +520,8 @@ def save_epoch(
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"mask.{k}": m for k, m in masks.items()})
     tensors["rng.torch"] = progress.rng
+    if progress.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in progress.ema.items()})
     opt_meta = {"param_groups": progress.optimizer["param_groups"], "state": {}}
     for idx, entry in progress.optimizer["state"].items():
         plain = {}
@@ -583,4 +585,5 @@ def load_epoch(
         loader=loader,
         rng=tensors["rng.torch"],
         losses=list(meta["losses"]),
+        ema=_split(tensors, "ema.") or None,
     )

@@ -1,7 +1,8 @@
 """The one fine-tune/evaluate loop used by the baseline and by every stage.
 
 SGD (Nesterov) or AdamW, one-cycle / cosine / constant schedules, label
-smoothing, bf16 autocast + channels_last on CPUs that support bf16, CUDA
+smoothing, an optional exponential moving average of the weights (torch's
+``AveragedModel``), bf16 autocast + channels_last on CPUs that support bf16, CUDA
 autocast on GPUs, and hooks: a loss hook (knowledge distillation) and a
 parameter hook that runs after every optimizer step (re-applying pruning masks).
 
@@ -161,7 +162,8 @@ class FitProgress:
     """Where a ``fit`` stands after a whole epoch: enough to continue it exactly.
 
     ``optimizer`` is ``optimizer.state_dict()``, ``loader`` the train loader's
-    ``state_dict()`` (None for loaders without one), ``rng`` the global torch CPU RNG state.
+    ``state_dict()`` (None for loaders without one), ``rng`` the global torch CPU RNG state,
+    ``ema`` the weight average's ``state_dict()`` (``train.ema``; None without one).
     """
 
     epoch: int  # epochs finished
@@ -170,6 +172,7 @@ class FitProgress:
     loader: dict[str, Any] | None
     rng: torch.Tensor
     losses: list[float] = field(default_factory=list)
+    ema: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -345,6 +348,52 @@ def lr_factor(step: int, total: int, cfg: TrainSpec) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * rest))
 
 
+# ---------------------------------------------------------------------------- weight average
+
+
+EMA_WARMUP = 10
+"""The average's decay at update ``n`` is ``min(ema, (1 + n) / (EMA_WARMUP + n))``: early
+updates weigh more, so a short fit is not dominated by the weights it started from."""
+
+
+def ema_model(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``model``'s weights (torch's ``AveragedModel``).
+
+    An eager model's buffers (BatchNorm statistics) are averaged too; an exported graph's
+    are not (its fake-quantizers' scales and its frozen statistics stay the live model's).
+
+    Args:
+        model: the model being trained.
+        decay: the weight of the old average per update, in (0, 1) (``train.ema``).
+
+    Returns:
+        The average; ``update_parameters(model)`` after every optimizer step.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
+        if not averaged[0].is_floating_point():  # counters (BatchNorm's batches seen)
+            torch._foreach_copy_(averaged, current)
+            return
+        d = min(decay, (1.0 + float(n)) / (EMA_WARMUP + float(n)))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=update, use_buffers=not has_graph(model)
+    )
+
+
+@torch.no_grad()
+def load_average(model: nn.Module, averaged: torch.optim.swa_utils.AveragedModel) -> None:
+    """Copy the average into ``model`` (in place): its parameters and, for an eager model,
+    its buffers."""
+    for param, avg in zip(model.parameters(), averaged.module.parameters(), strict=True):
+        param.copy_(avg)
+    if averaged.use_buffers:
+        for buf, avg_buf in zip(model.buffers(), averaged.module.buffers(), strict=True):
+            buf.copy_(avg_buf)
+
+
 # ---------------------------------------------------------------------------- loops
 
 
@@ -372,6 +421,8 @@ def fit(
     parameters: the optimizer, hooks and checkpoints see ``model``).
     ``on_epoch(progress)`` runs after every epoch (the pipeline checkpoints there);
     ``resume`` continues from such a progress (the caller has restored the weights).
+    With ``cfg.ema`` the model ends with the moving average of its weights (then
+    ``after_step`` runs once more: pruning masks hold for the average too).
     A NaN/inf loss, a non-finite gradient norm or one above ``cfg.max_grad_norm``
     raises :class:`TrainingDiverged` naming the epoch and step.
     """
@@ -381,7 +432,8 @@ def fit(
     if total == 0:
         return result
     opt = build_optimizer(model, cfg)
-    first_epoch, step = _resumed(resume, opt, train, result)
+    averaged = ema_model(model, cfg.ema) if cfg.ema is not None else None
+    first_epoch, step = _resumed(resume, opt, train, result, averaged)
     first_step = step
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = autocast_dtype(cfg.amp, model, device, graph_ok=steps is not None and steps.autocast)
@@ -413,6 +465,8 @@ def fit(
                 _optimizer_step(loss, opt, scaler, params, cfg, diverged, step == first_step)
                 if after_step is not None:
                     after_step(model)
+                if averaged is not None:
+                    averaged.update_parameters(model)
                 step += 1
                 loss_sum += loss.item() * y.numel()
                 n += y.numel()
@@ -426,10 +480,14 @@ def fit(
                 )
             t_epoch = time.perf_counter()
             if on_epoch is not None:
-                on_epoch(_progress(epoch + 1, step, opt, train, result.losses))
+                on_epoch(_progress(epoch + 1, step, opt, train, result.losses, averaged))
     finally:
         bar.close()
         set_train(model, False)
+    if averaged is not None:
+        load_average(model, averaged)
+        if after_step is not None:
+            after_step(model)
     result.steps = step
     result.seconds = time.perf_counter() - start
     return result
@@ -449,12 +507,18 @@ def _loss(
 
 
 def _resumed(
-    resume: FitProgress | None, opt: torch.optim.Optimizer, train: BatchSource, result: FitResult
+    resume: FitProgress | None,
+    opt: torch.optim.Optimizer,
+    train: BatchSource,
+    result: FitResult,
+    averaged: torch.optim.swa_utils.AveragedModel | None,
 ) -> tuple[int, int]:
-    """Optimizer, loader position, RNG and losses restored from ``resume``; the epoch and
-    step to continue from (0, 0 without one)."""
+    """Optimizer, loader position, RNG, losses and weight average restored from ``resume``;
+    the epoch and step to continue from (0, 0 without one)."""
     if resume is None:
         return 0, 0
+    if averaged is not None and resume.ema is not None:
+        averaged.load_state_dict(resume.ema)
     opt.load_state_dict(resume.optimizer)
     if resume.loader is not None and hasattr(train, "load_state_dict"):
         train.load_state_dict(resume.loader)
@@ -464,7 +528,12 @@ def _resumed(
 
 
 def _progress(
-    epoch: int, step: int, opt: torch.optim.Optimizer, train: BatchSource, losses: list[float]
+    epoch: int,
+    step: int,
+    opt: torch.optim.Optimizer,
+    train: BatchSource,
+    losses: list[float],
+    averaged: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> FitProgress:
     """What an epoch's checkpoint holds to continue after it."""
     return FitProgress(
@@ -474,6 +543,7 @@ def _progress(
         loader=train.state_dict() if hasattr(train, "state_dict") else None,
         rng=torch.get_rng_state(),
         losses=list(losses),
+        ema=None if averaged is None else averaged.state_dict(),
     )
 
 

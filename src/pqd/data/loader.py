@@ -1,5 +1,5 @@
 """The tensor-resident batch loader: uint8 batches to float32 in [0, 1], augmented on
-the fly (random crop, flip) on the target device."""
+the fly (random crop, flip, cutout) on the target device."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ class Loader:
     the fly on that device: ``crop="pad"`` takes a random crop after padding (CIFAR style),
     ``crop="resized"`` a random resized crop (a random area fraction in ``[min_scale, 1]``
     of the image, aspect ratio in [3/4, 4/3], scaled back to the full size, bilinear: the
-    ImageNet-style crop), then a horizontal flip. ``crop="auto"`` chooses ``resized`` for
-    images of :data:`RESIZED_CROP_FROM` pixels or more. No workers, no PIL.
+    ImageNet-style crop), then a horizontal flip, then with ``cutout`` a square of that many
+    pixels a side at a random centre (cut off at the border; DeVries & Taylor 2017) filled
+    with the batch's mean colour. ``crop="auto"`` chooses ``resized`` for images of
+    :data:`RESIZED_CROP_FROM` pixels or more. No workers, no PIL.
 
     All randomness (shuffle order, crop offsets, flips) comes from the Loader's own
     ``torch.Generator`` seeded with ``seed``; each ``iter()`` draws one epoch's worth up front,
@@ -48,6 +50,7 @@ class Loader:
         channels_last: bool = False,
         crop: str = "pad",
         min_scale: float = 0.25,
+        cutout: int = 0,
     ) -> None:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"x must be uint8 [N, C, H, W], got {x.dtype} {list(x.shape)}")
@@ -66,6 +69,11 @@ class Loader:
             raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        if not 0 <= cutout <= min(h, w):
+            raise DataError(
+                f"cutout {cutout} does not fit {h}x{w} images",
+                f"set data.augment.cutout between 0 (off) and {min(h, w)}",
+            )
         if augment and crop == "pad" and pad_mode == "reflect" and crop_padding >= min(h, w):
             raise DataError(
                 f"crop_padding {crop_padding} is too large for {h}x{w} images with reflect padding",
@@ -78,7 +86,8 @@ class Loader:
         self.shuffle = shuffle
         self.crop = crop
         self.min_scale = float(min_scale)
-        self.augment = augment and (crop == "resized" or crop_padding > 0 or flip)
+        self.augment = augment and (crop == "resized" or crop_padding > 0 or flip or cutout > 0)
+        self.cutout = int(cutout) if augment else 0
         self.crop_padding = int(crop_padding)
         self.pad_mode = pad_mode
         self.flip = flip
@@ -120,13 +129,42 @@ class Loader:
         elif self.augment:
             offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=self._gen)
             flips = torch.rand(n, generator=self._gen) < 0.5 if self.flip else None
+        # drawn last, and only when asked: without cutout the stream is what it always was
+        corners = self._cutout_corners(n) if self.cutout else None
         self.epoch += 1
         return self._batches(
-            *(None if t is None else t.to(self.device) for t in (order, offsets, flips))
+            *(None if t is None else t.to(self.device) for t in (order, offsets, flips, corners))
         )
 
+    def _cutout_corners(self, n: int) -> torch.Tensor:
+        """``[n, 2]`` top-left corners (row, column) of each image's cutout square: its centre
+        uniform over the image, so the square may hang over the border (then it is cut)."""
+        h, w = int(self.x.shape[2]), int(self.x.shape[3])
+        centres = torch.stack(
+            [
+                torch.randint(0, h, (n,), generator=self._gen),
+                torch.randint(0, w, (n,), generator=self._gen),
+            ],
+            dim=1,
+        )
+        return centres - self.cutout // 2
+
+    def _cut(self, out: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+        """Fill each image's cutout square (corner ``corners[k]``) with the batch's mean
+        colour (in place)."""
+        s = self.cutout
+        rows = (self._ar_h >= corners[:, 0:1]) & (self._ar_h < corners[:, 0:1] + s)  # [B, H]
+        cols = (self._ar_w >= corners[:, 1:2]) & (self._ar_w < corners[:, 1:2] + s)  # [B, W]
+        square = (rows[:, :, None] & cols[:, None, :])[:, None]  # [B, 1, H, W]
+        fill = out.mean(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
+        return torch.where(square, fill, out)
+
     def _batches(
-        self, order: torch.Tensor | None, offsets: torch.Tensor | None, flips: torch.Tensor | None
+        self,
+        order: torch.Tensor | None,
+        offsets: torch.Tensor | None,
+        flips: torch.Tensor | None,
+        corners: torch.Tensor | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, b = self.num_samples, self.batch_size
         stop = n - n % b if self.drop_last else n
@@ -147,6 +185,8 @@ class Loader:
                 )
             else:
                 out = xb.to(torch.float32).div_(255.0)
+            if corners is not None:
+                out = self._cut(out, corners[start:end])
             if self.channels_last:
                 out = out.contiguous(memory_format=torch.channels_last)
             yield out, yb

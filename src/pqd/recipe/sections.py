@@ -32,13 +32,16 @@ class AugmentSpec(Strict):
     """Training augmentation: a random crop, then a horizontal flip. ``crop``: ``pad`` (a
     random crop after ``crop_padding`` pixels of padding, CIFAR style), ``resized`` (a random
     resized crop: area fraction in [``min_scale``, 1], ImageNet style) or ``auto`` (``resized``
-    for images of 64 pixels or more, else ``pad``)."""
+    for images of 64 pixels or more, else ``pad``). ``cutout``: the side in pixels of a square
+    at a random centre filled with the batch's mean colour after the crop and flip (0: off;
+    DeVries & Taylor use 16 on CIFAR-10)."""
 
     crop: Literal["auto", "pad", "resized"] = "auto"
     crop_padding: int = Field(default=4, ge=0, le=16)
     pad_mode: Literal["reflect", "zeros"] = "reflect"
     min_scale: float = Field(default=0.25, gt=0.0, le=1.0)
     flip: bool = True
+    cutout: int = Field(default=0, ge=0, le=1024)
 
 
 class DataSpec(Strict):
@@ -91,6 +94,9 @@ class TrainSpec(Strict):
     # a stage that leaves a model that was above chance at chance on the validation split
     # (one-sided exact binomial test) stops the run; false keeps such a model
     stop_at_chance: bool = True
+    # decay per optimizer step of an exponential moving average of the weights (e.g. 0.999:
+    # the average spans about 1,000 steps); the model ends the fit with the average; null: off
+    ema: float | None = Field(default=None, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> TrainSpec:
