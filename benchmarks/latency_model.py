@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, recipe: Any, shown: str) -> dict[str, Any]:
     )
     built_s = time.perf_counter() - t0
     _log(f"timing {args.n} random whole candidates against the model's predictions")
-    v = setup.lm.validate(n=args.n, seed=args.seed)
+    v = setup.lm.validate(n=args.n, seed=args.seed, panels=args.panels)
     env = environment(threads)
     return {
         "name": recipe.name,
@@ -116,6 +116,14 @@ def render(s: dict[str, Any]) -> str:
             f"| {i + 1} | {c['predicted_ms']:.4f} | {c['measured_ms']:.4f} | "
             f"{100 * c['error']:.1f}% |"
         )
+    if "panel_agreement" in v:
+        a_lo, a_hi = v["panel_agreement_ci"]
+        agree = round(v["panel_agreement"] * v["n"])
+        rows.append(
+            f"| the measurement itself: panel 2 vs panel 1 | {s['cpu']} | "
+            f"{100 * v['panel_agreement']:.1f}% ({agree} of {v['n']}) | "
+            f"[{100 * a_lo:.1f}, {100 * a_hi:.1f}] | the same {v['n']} files |"
+        )
     lm = s["latency_model"]
     names = [c["name"] for c in lm.get("calibration", [])]
     mixed = sum(n.startswith("mixed-") for n in names)
@@ -141,8 +149,18 @@ def render(s: dict[str, Any]) -> str:
             "Each candidate keeps every channel group at a random level of the tables' grid "
             f"({', '.join(f'{x:g}' for x in lm['levels'])}); its file is exported whole, untrained "
             "(latency depends on the widths, not the weights), and timed interleaved with the "
-            "others. The published figures are for other devices and kernels: the comparison "
-            "is in unit, not in kind.",
+            "others"
+            + (
+                f" in {v['panels']} panels, each with its own sessions and the files in the "
+                "other order (measured: the median of the panels; the second table row: how "
+                "often two panels of the same files agree within +-10%, the ceiling for any "
+                "predictor)"
+                if "panels" in v
+                else ""
+            )
+            + "; onnxruntime sessions are opened without spinning, as every panel of the "
+            "model's is. The published figures are for other devices and kernels: the "
+            "comparison is in unit, not in kind.",
             "",
             *cands,
             "",
@@ -155,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "plan-cifar10.yaml")
     ap.add_argument("-n", type=int, default=30, help="random whole candidates (default 30)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random candidates")
+    ap.add_argument(
+        "--panels",
+        type=int,
+        default=2,
+        help="times each candidate is timed, each in its own panel (measured: their median)",
+    )
     ap.add_argument("--runtime", default=None, help="else the recipe's first runtime")
     ap.add_argument("--threads", type=int, default=None, help="else the recipe's")
     ap.add_argument("--data-dir", default=None, help="the data folder (else the recipe's)")

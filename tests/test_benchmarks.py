@@ -181,7 +181,14 @@ def test_latency_model_benchmark_counts_candidates_within_ten_percent(
     assert v["within_10_ci"][0] <= v["within_10"] <= v["within_10_ci"][1]
     assert v["median_error"] == pytest.approx(sorted(errors)[1])
     assert all(c["measured_ms"] > 0 and c["predicted_ms"] > 0 for c in v["candidates"])
+    # two panels by default: the measured p50 is their median, and how often they agree
+    assert v["panels"] == 2 and all(len(c["panels_ms"]) == 2 for c in v["candidates"])
+    for c in v["candidates"]:
+        assert c["measured_ms"] == pytest.approx(sum(c["panels_ms"]) / 2, abs=1e-5)
+    agree = sum(abs(b / a - 1) <= 0.10 for a, b in (c["panels_ms"] for c in v["candidates"]))
+    assert v["panel_agreement"] == agree / 3
     page = (res / "latency-model-quickstart.md").read_text()
+    assert "the measurement itself: panel 2 vs panel 1" in page
     assert s["cpu"] in page and "nn-Meter" in page and f"of {v['n']})" in page
     (res / "latency-model-quickstart.md").unlink()
     assert bench.main(["--render", "--results", str(res), "--quick", *args[3:5]]) == 0

@@ -144,8 +144,19 @@ def test_overhead_fit_recovers_a_line() -> None:
 
 
 @pytest.mark.slow
-def test_real_pieces_and_validation_on_a_tiny_net(tmp_path) -> None:
-    """One real build (FP32, two levels, few repeats): the properties that survive noise."""
+def test_real_pieces_and_validation_on_a_tiny_net(tmp_path, monkeypatch) -> None:
+    """One real build (FP32, two levels, few repeats): the properties that survive noise;
+    every panel's sessions are opened without spinning."""
+    import pqd.measurement.runtime as runtime
+
+    opened: list[bool] = []
+    real_open = runtime.open_runner
+
+    def recording_open(*args, spinning: bool = True, **kwargs):
+        opened.append(spinning)
+        return real_open(*args, spinning=spinning, **kwargs)
+
+    monkeypatch.setattr(runtime, "open_runner", recording_open)
     lm = LatencyModel(
         tiny("tiny_cnn"),
         EXAMPLE,
@@ -172,6 +183,7 @@ def test_real_pieces_and_validation_on_a_tiny_net(tmp_path) -> None:
     lo, hi = report["within_10_ci"]
     assert lo <= report["within_10"] <= hi
     assert f"{within} of 2 within +-10%" in validation_text(report)
+    assert opened and not any(opened)  # pieces, fit networks and candidates alike
 
 
 def test_validation_text_in_the_fields_unit() -> None:

@@ -4,6 +4,12 @@ pieces exported as the pipeline ships them, and files timed interleaved on the r
 A piece's latency depends on its shape and on the machine and runtime only, so the
 fingerprint (CPU model and SIMD flags, runtime and version, threads, precision, opset)
 names the cache file that holds every piece measured there.
+
+Every panel (pieces, the whole networks of the fit, the candidates that validate it) opens
+its onnxruntime sessions without spinning: a panel holds tens of sessions, and with
+onnxruntime's default the workers of the files just timed busy-wait while the next one is
+timed, so a file's time depended on the panel around it and a model fitted on one panel
+missed files timed in another (benchmarks/latency_model.py).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch.nn as nn
 from pqd.errors import PqdError
 from pqd.latency_model.layers import Layer
 
-TABLE_VERSION = 2  # 2: pieces timed in steady-state blocks, as whole files
+TABLE_VERSION = 3  # 2: pieces timed in steady-state blocks, as whole files; 3: no spinning
 ENV_CACHE_DIR = "PQD_CACHE_DIR"
 
 
@@ -160,6 +166,7 @@ def time_files(
             repeats=max(rounds, repeats),
             rounds=rounds,
             switch_pause_ms=20.0,
+            spinning=False,
         )
         out.update({n: s.p50 for n, s in stats.items()})
     return out

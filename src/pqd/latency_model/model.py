@@ -373,6 +373,19 @@ class LatencyModel:
     def measure(self, candidates: dict[str, Ratios]) -> dict[str, float]:
         """Measured batch-1 p50 (ms) of every candidate exported whole, timed interleaved
         (:meth:`time_paths`)."""
+        return self.measure_panels(candidates, 1)[0]
+
+    def measure_panels(self, candidates: dict[str, Ratios], panels: int) -> list[dict[str, float]]:
+        """Every candidate exported whole once and timed in ``panels`` panels, each with its
+        own sessions and the files in turn in the other order.
+
+        Args:
+            candidates: name -> ratios.
+            panels: how many times the files are timed (at least 1).
+
+        Returns:
+            One ``name -> p50 (ms)`` per panel.
+        """
         with tempfile.TemporaryDirectory(prefix="pqd-candidates-") as tmp:
             paths = {
                 name: export_as_shipped(
@@ -380,7 +393,11 @@ class LatencyModel:
                 )
                 for i, (name, r) in enumerate(candidates.items())
             }
-            return self.time_paths(paths)
+            order = list(paths)
+            return [
+                self.time_paths({n: paths[n] for n in (order if p % 2 == 0 else order[::-1])})
+                for p in range(max(1, panels))
+            ]
 
     def time_paths(self, paths: dict[str, Path]) -> dict[str, float]:
         """Batch-1 p50 (ms) of whole ONNX files (the model's input shape) in one interleaved
@@ -415,24 +432,31 @@ class LatencyModel:
         lv = list(levels) or list(self.levels)
         return {root: round(1.0 - float(rng.choice(lv)), 6) for root in self.groups}
 
-    def validate(self, n: int = 20, seed: int = 0) -> dict[str, Any]:
+    def validate(self, n: int = 20, seed: int = 0, panels: int = 1) -> dict[str, Any]:
         """The model's error on ``n`` random candidates exported whole and measured.
 
         Args:
             n: candidates (at least 1).
             seed: random seed of the candidates.
+            panels: times each candidate is timed, each in a panel of its own sessions
+                (:meth:`measure_panels`); the measured p50 is the median over the panels.
 
         Returns:
             ``{"n", "median_error", "worst_error", "within_10", "within_10_ci",
             "candidates": [{"ratios", "predicted_ms", "measured_ms", "error"}]}``; errors are
             relative (``|predicted - measured| / measured``); ``within_10`` is the share
             (fraction) of candidates predicted within +-10% of their measured p50, the
-            field's accuracy unit (nn-Meter, LitePred), with its 95% Wilson interval.
+            field's accuracy unit (nn-Meter, LitePred), with its 95% Wilson interval. With
+            two panels or more also ``panel_agreement``: the share of candidates whose
+            first two panels agree within +-10% (how far the measurement itself repeats,
+            the ceiling for any predictor), with ``panel_agreement_ci``; each candidate
+            row then holds its ``panels_ms``.
         """
         self._check_built()
         rng = np.random.default_rng(seed)
         cands = {f"v{i}": self.random_candidate(rng) for i in range(max(1, n))}
-        measured = self.measure(cands)
+        timed = [self.measure(cands)] if panels <= 1 else self.measure_panels(cands, panels)
+        measured = {name: float(np.median([t[name] for t in timed])) for name in cands}
         rows = []
         for name, r in cands.items():
             pred = self.predict(r)
@@ -445,10 +469,12 @@ class LatencyModel:
                     "error": round(abs(pred - meas) / meas, 5),
                 }
             )
+            if len(timed) > 1:
+                rows[-1]["panels_ms"] = [round(t[name], 5) for t in timed]
         errors = [row["error"] for row in rows]
         within = sum(e <= WITHIN for e in errors)
         lo, hi = wilson_interval(within, len(errors))
-        return {
+        out: dict[str, Any] = {
             "n": len(rows),
             "median_error": float(np.median(errors)),
             "worst_error": float(np.max(errors)),
@@ -456,6 +482,13 @@ class LatencyModel:
             "within_10_ci": [round(lo, 6), round(hi, 6)],
             "candidates": rows,
         }
+        if len(timed) > 1:
+            agree = sum(abs(timed[1][c] / timed[0][c] - 1.0) <= WITHIN for c in cands)
+            a_lo, a_hi = wilson_interval(agree, len(cands))
+            out["panels"] = len(timed)
+            out["panel_agreement"] = agree / len(cands)
+            out["panel_agreement_ci"] = [round(a_lo, 6), round(a_hi, 6)]
+        return out
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary: fingerprint, cache file, groups, fit, piece counts."""

@@ -147,6 +147,8 @@ def time_files(
     runtime: str,
     threads: int,
     shape: tuple[int, ...] | None = None,
+    *,
+    spinning: bool = True,
     **timing: Unpack[Timing],
 ) -> dict[str, LatencyStats]:
     """Files timed side by side, the one way pqd times files: a runner per file on
@@ -158,6 +160,9 @@ def time_files(
         runtime: ``onnxruntime``, ``openvino`` or ``openvino-ir``.
         threads: intra-op threads.
         shape: the input's shape, batch first; default the first file's input at batch 1.
+        spinning: onnxruntime's intra-op workers busy-wait between calls (its default, as
+            a deployed session runs); False for panels of many files, where the workers of
+            the files not being timed would otherwise compete for the cores.
         **timing: :func:`compare_latency`'s protocol (its defaults; no progress bar unless
             ``progress=True``).
 
@@ -170,7 +175,10 @@ def time_files(
         return {}
     shape = shape or input_shape(next(iter(paths.values())))
     batch = shape[0] if static_batch(runtime) else None
-    runners = {name: open_runner(runtime, p, threads, batch=batch).run for name, p in paths.items()}
+    runners = {
+        name: open_runner(runtime, p, threads, batch=batch, spinning=spinning).run
+        for name, p in paths.items()
+    }
     return compare_latency(runners, shape, **{"progress": False, **timing})
 
 
