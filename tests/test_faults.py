@@ -600,6 +600,11 @@ def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(
         p.name: p.stat().st_mtime_ns
         for p in (out / "baseline.safetensors", out / "checkpoints" / "01-prune.safetensors")
     }
+    from safetensors import safe_open
+
+    with safe_open(out / "checkpoints" / "02-quantize.epoch.safetensors", "pt") as f:
+        before_stop = json.loads(f.metadata()["pqd"])["seconds"]  # the stage's first epoch
+    assert before_stop > 0
 
     resumed = subprocess.run([*cmd, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -617,6 +622,9 @@ def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(
         "continued_after_epoch": {"02-quantize": 1},
     }
     assert whole["resume"] == {"reused_steps": [], "continued_after_epoch": {}}
+    # the continued stage's time counts its epoch before the stop as well
+    assert again["stages"][1]["name"] == "quantize"
+    assert again["stages"][1]["seconds"] > before_stop
     assert _comparable(again) == _comparable(whole)
     assert (
         whole["determinism"]["seed"] == 0 and whole["determinism"]["torch_deterministic_algorithms"]

@@ -170,6 +170,7 @@ def test_ema_resumes_where_it_stopped(tmp_path) -> None:
     cut.load_state_dict(start)
 
     def stop_after_first(progress) -> None:
+        progress.seconds = 12.5  # (the run folder's: the step's seconds so far)
         save_epoch(path, "fp", cut, {}, progress, None)
         raise Killed
 
@@ -179,6 +180,7 @@ def test_ema_resumes_where_it_stopped(tmp_path) -> None:
     again = small_net()
     progress = load_epoch(path, "fp", again, {}, None)
     assert progress is not None and progress.ema is not None and progress.epoch == 1
+    assert progress.seconds == 12.5
     fit(again, Batches(x, y, 16), cfg, 3, device=CPU, progress=False, resume=progress)
     for k, v in whole.state_dict().items():
         assert torch.allclose(again.state_dict()[k].float(), v.float(), atol=1e-6), k

@@ -148,6 +148,10 @@ class RunFolder:
     steps: list[dict[str, Any]] = field(default_factory=list)  # finished, in order
     complete: bool = False
     continued: dict[str, int] = field(default_factory=dict)  # step -> epoch it continued from
+    # step -> its wall seconds in the processes before this one (through its last epoch
+    # checkpoint): a continued step's record counts them too
+    carried: dict[str, float] = field(default_factory=dict)
+    _began: dict[int, float] = field(default_factory=dict)  # step -> when this process began it
     api: bool = False  # refusals in pqd.compress's words (out=, fresh=True), not the CLI's
 
     @classmethod
@@ -291,17 +295,21 @@ class RunFolder:
         this step has an epoch checkpoint written by the same recipe and fit call."""
         path = epoch_path(self.out, self.recipe, step)
         fingerprint = f"{self.prints[step]}:{call}"
+        name = step_name(self.recipe, step)
+        self._began.setdefault(step, time.perf_counter())
         start = None
         if path.is_file():
             start = load_epoch(path, fingerprint, model, masks, hook_state)
             if start is not None:
-                self.continued[step_name(self.recipe, step)] = start.epoch
+                self.continued[name] = start.epoch
+                self.carried[name] = start.seconds
                 note(
                     f"{desc or step_name(self.recipe, step)}: continuing after epoch "
                     f"{start.epoch} (from {path.name})"
                 )
 
         def on_epoch(progress: FitProgress) -> None:
+            progress.seconds = self.carried.get(name, 0.0) + time.perf_counter() - self._began[step]
             save_epoch(path, fingerprint, model, masks, progress, hook_state)
             _test_pause(step, progress.epoch, path)
 
@@ -542,6 +550,7 @@ def save_epoch(
             "fingerprint": fingerprint,
             "epoch": progress.epoch,
             "step": progress.step,
+            "seconds": round(progress.seconds, 3),
             "losses": progress.losses,
             "optimizer": opt_meta,
             "loader": loader_meta,
@@ -586,4 +595,5 @@ def load_epoch(
         rng=tensors["rng.torch"],
         losses=list(meta["losses"]),
         ema=_split(tensors, "ema.") or None,
+        seconds=float(meta.get("seconds", 0.0)),
     )

@@ -163,7 +163,9 @@ class FitProgress:
 
     ``optimizer`` is ``optimizer.state_dict()``, ``loader`` the train loader's
     ``state_dict()`` (None for loaders without one), ``rng`` the global torch CPU RNG state,
-    ``ema`` the weight average's ``state_dict()`` (``train.ema``; None without one).
+    ``ema`` the weight average's ``state_dict()`` (``train.ema``; None without one),
+    ``seconds`` the wall seconds the step had run when it was saved, over every process
+    that ran it (filled in by the run folder that saves it; 0 from ``fit``).
     """
 
     epoch: int  # epochs finished
@@ -173,6 +175,7 @@ class FitProgress:
     rng: torch.Tensor
     losses: list[float] = field(default_factory=list)
     ema: dict[str, torch.Tensor] | None = None
+    seconds: float = 0.0
 
 
 @dataclass

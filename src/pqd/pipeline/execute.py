@@ -228,9 +228,10 @@ def baseline_step(
         if recipe.baseline.checkpoint
         else {"trained_epochs": recipe.baseline.epochs}
     )
+    carried = folder.carried.get(step_name(recipe, 0), 0.0)  # before a stop, if continued
     done = {
         "source": source,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(time.perf_counter() - t0 + carried, 2),
         "val_accuracy": evaluate(
             model, val_loader, device=device, progress=progress, desc="baseline val"
         ),
@@ -337,16 +338,17 @@ class StageRecorder:
         if self.recipe.stage_train(i).stop_at_chance:
             before = self.entries[-1]["val_accuracy"] if self.entries else self.baseline_accuracy
             check_above_chance(desc, before, predicted, labels, ALPHA)
+        name = step_name(self.recipe, i + 1)
         entry = {
             "index": i,
             "name": spec.stage,
             "config": spec.model_dump(mode="json"),
-            "seconds": round(seconds, 2),
+            # (a continued stage: with its seconds before the stop)
+            "seconds": round(seconds + self.folder.carried.get(name, 0.0), 2),
             "val_accuracy": val,
             "info": state.info,
         }
         entry = json.loads(json.dumps(entry, default=json_default))
-        name = step_name(self.recipe, i + 1)
         checkpoint = self.folder.out / "checkpoints" / f"{name}.safetensors"
         save_state(checkpoint, self.folder.prints[i + 1], state)
         self.folder.finish(i + 1, f"checkpoints/{name}.safetensors", entry)
