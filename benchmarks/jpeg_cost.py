@@ -66,6 +66,10 @@ def match(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The JPEG copy of every clean image, searched among the JPEGs of its class.
 
+    Args:
+        clean_x, clean_y: the official-pixel images (uint8 ``[N, C, H, W]``) and labels.
+        jpeg_x, jpeg_y: the JPEG images and labels to search.
+
     Returns:
         ``(index into jpeg_x [N], mean absolute difference [N])``.
 
@@ -97,8 +101,18 @@ def train_and_test(
     epochs: int,
     seed: int,
 ) -> tuple[dict[str, np.ndarray], float]:
-    """The recipe's model trained from ``seed`` on ``train``; its predicted classes on each
-    test set and the training wall seconds."""
+    """The recipe's model trained as its baseline is, from ``seed``, on ``train``.
+
+    Args:
+        recipe: the recipe (model, ``baseline_train()`` settings, ``data.augment``).
+        train: uint8 images ``[N, 3, H, W]`` and their labels.
+        tests: name -> (images, labels) to predict.
+        epochs: passes over ``train``.
+        seed: model initialisation, batch order and augmentation.
+
+    Returns:
+        ``(name -> predicted class per test image, training wall seconds)``.
+    """
     from pqd.data import Loader
     from pqd.dataset import channel_stats
     from pqd.models import build_model
@@ -108,7 +122,7 @@ def train_and_test(
     mean, std = channel_stats(x)
     torch.manual_seed(seed)
     model = build_model(recipe.model.name, 10, mean, std, **recipe.model.kwargs)
-    cfg, aug, cpu = recipe.train, recipe.data.augment, torch.device("cpu")
+    cfg, aug, cpu = recipe.baseline_train(), recipe.data.augment, torch.device("cpu")
     loader = Loader(
         x,
         y,
@@ -137,8 +151,18 @@ def train_and_test(
 def run(
     recipe_path: Path, subset: Path, jpeg: Path, epochs: int | None, seeds: list[int]
 ) -> dict[str, Any]:
-    """Match, train both arms per seed (``epochs``: default the recipe's baseline epochs),
-    compare; the benchmark's JSON."""
+    """Match, train both arms per seed, compare.
+
+    Args:
+        recipe_path: the recipe whose model, baseline settings and augmentation are used.
+        subset: the folder holding ``cifar-10-batches-py`` (official pixels).
+        jpeg: ``cifar-10-jpg`` (``train/<class>/`` and ``test/<class>/`` JPEG files).
+        epochs: passes per run (default: the recipe's baseline epochs).
+        seeds: one clean and one JPEG run per seed.
+
+    Returns:
+        The benchmark's JSON (accuracies as fractions, seconds).
+    """
     from pqd.data import load_dataset
     from pqd.measurement.env import environment
     from pqd.recipe import load_recipe
@@ -206,7 +230,7 @@ def run(
             recipe_path.relative_to(ROOT) if recipe_path.is_relative_to(ROOT) else recipe_path
         ),
         "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs},
-        "train": recipe.train.model_dump(),
+        "train": recipe.baseline_train().model_dump(),
         "augment": recipe.data.augment.model_dump(),
         "epochs": epochs,
         "seeds": seeds,
@@ -238,15 +262,22 @@ def _pct(v: float) -> str:
 
 
 def render(r: dict[str, Any]) -> str:
-    """The results page from the benchmark's JSON."""
+    """The results page (Markdown) from the benchmark's JSON."""
     c = r["clean_vs_jpeg"]
     env = r["environment"]
     m = r["data"]["match_mean_abs"]
+    t, a = r["train"], r["augment"]
+    settings = (
+        f"batch {t['batch_size']}, {t['optimizer']} lr {t['lr']:g} {t['schedule']}, label "
+        f"smoothing {t['label_smoothing']:g}, weight average {t.get('ema') or 'off'}, crop "
+        f"padding {a['crop_padding']}, flip {'on' if a['flip'] else 'off'}, cutout "
+        f"{a.get('cutout') or 'off'}"
+    )
     lines = [
         "# What the JPEG copies of CIFAR-10 cost",
         "",
         f"The recipe's net (`{r['model']['name']}`, {r['recipe']}) trained {r['epochs']} epochs "
-        f"with the recipe's settings on the {r['data']['train']:,} official-pixel subset images "
+        f"({settings}) on the {r['data']['train']:,} official-pixel subset images "
         f"and, with the same seed, batches and augmentation, on their JPEG copies from "
         f"`cifar-10-jpg`; each tested on the first {r['data']['test']:,} official test images, "
         "clean and as JPEG. Seeds: " + ", ".join(map(str, r["seeds"])) + ". Subset scale: the "

@@ -152,7 +152,7 @@ def render(s: dict[str, Any]) -> str:
             "others"
             + (
                 f" in {v['panels']} panels, each with its own sessions and the files in the "
-                "other order (measured: the median of the panels; the second table row: how "
+                "other order (measured: the median of the panels; the table's last row: how "
                 "often two panels of the same files agree within +-10%, the ceiling for any "
                 "predictor)"
                 if "panels" in v

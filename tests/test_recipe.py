@@ -241,17 +241,18 @@ def test_shipped_recipes_find_the_data_from_any_folder(
 
 
 def test_null_turns_grad_checks_off_at_every_level() -> None:
-    """``max_grad_norm: null`` / ``grad_clip: null`` mean off in ``train`` and in a stage's
-    or the baseline's override (an unwritten field inherits), also after a dump and reload."""
+    """``max_grad_norm: null`` / ``grad_clip: null`` / ``ema: null`` mean off in ``train`` and
+    in a stage's or the baseline's override (an unwritten field inherits), also after a dump
+    and reload."""
     recipe = recipe_from_dict(
         {
             "model": {"name": "tiny_cnn"},
-            "train": {"grad_clip": 5.0},
+            "train": {"grad_clip": 5.0, "ema": 0.99},
             "baseline": {"train": {"max_grad_norm": None}},
             "stages": [
                 {
                     "stage": "quantize",
-                    "train": {"max_grad_norm": None, "grad_clip": None, "lr": None},
+                    "train": {"max_grad_norm": None, "grad_clip": None, "lr": None, "ema": None},
                 },
                 {"stage": "distill", "train": {"lr": 0.01}},
             ],
@@ -266,6 +267,7 @@ def test_null_turns_grad_checks_off_at_every_level() -> None:
         assert (q.max_grad_norm, q.grad_clip, q.lr) == (None, None, r.train.lr)
         assert (d.max_grad_norm, d.grad_clip, d.lr) == (1000.0, 5.0, 0.01)
         assert (b.max_grad_norm, b.grad_clip) == (None, 5.0)
+        assert (q.ema, d.ema, b.ema) == (None, 0.99, 0.99)  # the weight average: off in q
     top = recipe_from_dict(
         {
             "model": {"name": "tiny_cnn"},

@@ -204,6 +204,7 @@ class Context:
                 device=self.device,
                 loss_fn=loss_fn,
                 after_step=after if hooks else None,
+                on_average=keep,
                 on_step=on_step,
                 desc=desc,
                 progress=self.progress,

@@ -342,6 +342,8 @@ def apply_stages(
         )
         seed_everything(ctx.seed)
         t0 = time.perf_counter()
+        if run is not None:
+            run.begin(i + 1)
         state.info = {}
         if not is_graph(state.model):
             prepare_model(state.model, ctx.train, dev)

@@ -150,8 +150,9 @@ class RunFolder:
     continued: dict[str, int] = field(default_factory=dict)  # step -> epoch it continued from
     # step -> its wall seconds in the processes before this one (through its last epoch
     # checkpoint): a continued step's record counts them too
-    carried: dict[str, float] = field(default_factory=dict)
-    _began: dict[int, float] = field(default_factory=dict)  # step -> when this process began it
+    carried: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    # step -> when this process began it
+    _began: dict[int, float] = field(default_factory=dict, init=False, repr=False)
     api: bool = False  # refusals in pqd.compress's words (out=, fresh=True), not the CLI's
 
     @classmethod
@@ -278,6 +279,11 @@ class RunFolder:
     def entry(self, step: int) -> dict[str, Any] | None:
         """The record entry of finished step ``step``, else None."""
         return self.steps[step]["record"] if step < len(self.steps) else None
+
+    def begin(self, step: int) -> None:
+        """Step ``step`` starts now in this process: its epoch checkpoints count its wall
+        seconds from here (set up, calibration and training alike)."""
+        self._began[step] = time.perf_counter()
 
     def epoch_hooks(
         self,

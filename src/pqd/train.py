@@ -363,7 +363,9 @@ def ema_model(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedM
     """An exponential moving average of ``model``'s weights (torch's ``AveragedModel``).
 
     An eager model's buffers (BatchNorm statistics) are averaged too; an exported graph's
-    are not (its fake-quantizers' scales and its frozen statistics stay the live model's).
+    are not: its fake-quantizers' observed ranges and its BatchNorm statistics stay the live
+    model's, so on a QAT graph the average is of the weights alone (meant for float
+    training, e.g. the baseline's ``train.ema``).
 
     Args:
         model: the model being trained.
@@ -374,11 +376,11 @@ def ema_model(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedM
     """
 
     @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
         if not averaged[0].is_floating_point():  # counters (BatchNorm's batches seen)
             torch._foreach_copy_(averaged, current)
             return
-        d = min(decay, (1.0 + float(n)) / (EMA_WARMUP + float(n)))
+        d = min(decay, (1.0 + float(n)) / (EMA_WARMUP + float(n)))  # (one sync on a GPU)
         torch._foreach_lerp_(averaged, current, 1.0 - d)
 
     return torch.optim.swa_utils.AveragedModel(
@@ -389,7 +391,12 @@ def ema_model(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedM
 @torch.no_grad()
 def load_average(model: nn.Module, averaged: torch.optim.swa_utils.AveragedModel) -> None:
     """Copy the average into ``model`` (in place): its parameters and, for an eager model,
-    its buffers."""
+    its buffers.
+
+    Args:
+        model: the trained model (receives the average).
+        averaged: :func:`ema_model`'s average of it.
+    """
     for param, avg in zip(model.parameters(), averaged.module.parameters(), strict=True):
         param.copy_(avg)
     if averaged.use_buffers:
@@ -415,6 +422,7 @@ def fit(
     resume: FitProgress | None = None,
     on_epoch: Callable[[FitProgress], None] | None = None,
     steps: StepModules | None = None,
+    on_average: StepHook | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``epochs`` passes over ``train``.
 
@@ -424,8 +432,9 @@ def fit(
     parameters: the optimizer, hooks and checkpoints see ``model``).
     ``on_epoch(progress)`` runs after every epoch (the pipeline checkpoints there);
     ``resume`` continues from such a progress (the caller has restored the weights).
-    With ``cfg.ema`` the model ends with the moving average of its weights (then
-    ``after_step`` runs once more: pruning masks hold for the average too).
+    With ``cfg.ema`` the model ends with the moving average of its weights, and then
+    ``on_average(model)`` runs once (re-applying pruning masks, which the average of
+    weights from before a mask changed does not keep).
     A NaN/inf loss, a non-finite gradient norm or one above ``cfg.max_grad_norm``
     raises :class:`TrainingDiverged` naming the epoch and step.
     """
@@ -489,8 +498,8 @@ def fit(
         set_train(model, False)
     if averaged is not None:
         load_average(model, averaged)
-        if after_step is not None:
-            after_step(model)
+        if on_average is not None:
+            on_average(model)
     result.steps = step
     result.seconds = time.perf_counter() - start
     return result

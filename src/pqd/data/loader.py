@@ -27,8 +27,9 @@ class Loader:
     with the batch's mean colour. ``crop="auto"`` chooses ``resized`` for images of
     :data:`RESIZED_CROP_FROM` pixels or more. No workers, no PIL.
 
-    All randomness (shuffle order, crop offsets, flips) comes from the Loader's own
-    ``torch.Generator`` seeded with ``seed``; each ``iter()`` draws one epoch's worth up front,
+    All randomness (shuffle order, crop offsets, flips, cutout squares) comes from the
+    Loader's own ``torch.Generator`` seeded with ``seed``; each ``iter()`` draws one epoch's
+    worth up front,
     so the generator advances once per epoch, two Loaders with the same seed give identical
     batch sequences, and the global torch RNG is never touched.
     """
@@ -150,8 +151,8 @@ class Loader:
         return centres - self.cutout // 2
 
     def _cut(self, out: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
-        """Fill each image's cutout square (corner ``corners[k]``) with the batch's mean
-        colour (in place)."""
+        """``out`` with each image's cutout square (corner ``corners[k]``) filled with the
+        batch's mean colour (a new tensor)."""
         s = self.cutout
         rows = (self._ar_h >= corners[:, 0:1]) & (self._ar_h < corners[:, 0:1] + s)  # [B, H]
         cols = (self._ar_w >= corners[:, 1:2]) & (self._ar_w < corners[:, 1:2] + s)  # [B, W]

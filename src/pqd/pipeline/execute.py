@@ -213,6 +213,7 @@ def baseline_step(
 
     out = folder.out
     t0 = time.perf_counter()
+    folder.begin(0)
     done = folder.entry(0)
     if done is None and not recipe.baseline.checkpoint and recipe.baseline.epochs:
         phase(f"baseline: {plural(recipe.baseline.epochs, 'epoch')} of training")

@@ -108,8 +108,9 @@ class TrainSpec(Strict):
 class TrainOverride(Strict):
     """Same fields as :class:`TrainSpec`, all optional: only what is set overrides.
 
-    ``grad_clip: null`` / ``max_grad_norm: null`` written here turn that check off for this
-    stage (as they do in ``train``); a field that is not written inherits. Only written
+    ``grad_clip: null`` / ``max_grad_norm: null`` / ``ema: null`` written here turn that check
+    (or the weight average) off for this stage (as they do in ``train``); a field that is not
+    written inherits. Only written
     fields are serialized, so a dumped recipe loads back with the same meaning.
     """
 
@@ -141,7 +142,7 @@ TrainOverride = create_model(  # type: ignore[misc]
 
 
 # TrainSpec fields where null is a value (off), not "inherit"
-_NULL_MEANS_OFF = ("grad_clip", "max_grad_norm")
+_NULL_MEANS_OFF = ("grad_clip", "max_grad_norm", "ema")
 
 
 def merge_train(base: TrainSpec, override: TrainOverride) -> TrainSpec:
@@ -152,8 +153,8 @@ def merge_train(base: TrainSpec, override: TrainOverride) -> TrainSpec:
         override: a stage's (or the baseline's) ``train`` section.
 
     Returns:
-        The merged settings; an explicit null overrides only ``grad_clip`` and
-        ``max_grad_norm`` (off), elsewhere it inherits.
+        The merged settings; an explicit null overrides only ``grad_clip``,
+        ``max_grad_norm`` and ``ema`` (off), elsewhere it inherits.
     """
     written = {
         k: v for k, v in override.model_dump().items() if v is not None or k in _NULL_MEANS_OFF
