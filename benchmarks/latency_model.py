@@ -94,6 +94,16 @@ def run(args: argparse.Namespace, recipe: Any, shown: str) -> dict[str, Any]:
     }
 
 
+def _pieces_origin(lm: dict[str, Any]) -> str:
+    """Where the model's pieces came from, in words."""
+    now, total = lm["pieces_measured_now"], lm["pieces"]
+    if now >= total:
+        return "all timed in this run"
+    if now == 0:
+        return "all from this machine's cache"
+    return f"{now} timed in this run, the rest from this machine's cache"
+
+
 def render(s: dict[str, Any]) -> str:
     """The Markdown page from the benchmark's JSON."""
     v = s["validation"]
@@ -139,8 +149,8 @@ def render(s: dict[str, Any]) -> str:
             "",
             f"Relative error over the {v['n']} candidates: median "
             f"{100 * v['median_error']:.1f}%, worst {100 * v['worst_error']:.1f}%. The model: "
-            f"{lm['pieces']} measured pieces ({lm['pieces_measured_now']} timed in this run, the "
-            f"rest from this machine's cache), overhead {lm['overhead_ms']:.4f} ms, scale "
+            f"{lm['pieces']} measured pieces ({_pieces_origin(lm)}), overhead "
+            f"{lm['overhead_ms']:.4f} ms, scale "
             f"{lm['scale']:.3f} fitted on {len(names) - mixed} uniform and {mixed} mixed-width "
             f"whole networks (other ones than these candidates); built in "
             f"{s['seconds']['build']:.0f} s, candidates exported and timed in "

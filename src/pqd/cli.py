@@ -177,7 +177,11 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--latency-ms", type=float, required=True, help="batch-1 p50 budget (ms)")
     pl.add_argument("--size-mb", type=float, default=None, help="weights budget (MB)")
     pl.add_argument("--threads", type=int, default=None, help="runtime threads (recipe's)")
-    pl.add_argument("--runtime", default=None, help="onnxruntime (default) or openvino")
+    pl.add_argument(
+        "--runtime",
+        default=None,
+        help="onnxruntime or openvino (default: the recipe's first runtime)",
+    )
     pl.add_argument("-k", type=int, default=3, help="candidates trained for real (3)")
     pl.add_argument(
         "--validate",
