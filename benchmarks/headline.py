@@ -77,6 +77,7 @@ def summarize(record: dict[str, Any], command: str, wall_s: float | None) -> dic
         "cpu_flags": [fl for fl in env["cpu_flags"] if fl in FLAGS],
         "threads": env["measure_threads"],
         "model": record["recipe"]["model"]["name"],
+        "model_kwargs": record["recipe"]["model"].get("kwargs") or {},
         "order": record["order"],
         "data": {k: record["data"].get(k) for k in ("name", "root", "train", "val", "test")},
         "epochs": {
@@ -92,6 +93,17 @@ def summarize(record: dict[str, Any], command: str, wall_s: float | None) -> dic
     }
 
 
+def model_text(s: dict[str, Any]) -> str:
+    """The model as the recipe builds it, e.g. ``fastnet_q8`` (plan 24, 64, M, ...)."""
+    kwargs = s.get("model_kwargs") or {}
+    if not kwargs:
+        return f"`{s['model']}`"
+    shown = "; ".join(
+        f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in kwargs.items()
+    )
+    return f"`{s['model']}` ({shown})"
+
+
 def render(s: dict[str, Any]) -> str:
     """The results page (Markdown) from the benchmark's JSON."""
     from pqd.report.text import ci_text, paired_text
@@ -104,7 +116,7 @@ def render(s: dict[str, Any]) -> str:
         f"({', '.join(s['cpu_flags'])}), {s['threads']} threads; "
         + ", ".join(f"{k} {v}" for k, v in sorted(s["libraries"].items())),
         "",
-        f"`{s['model']}`, {' -> '.join(s['order'])}; {s['data']['train']} train / "
+        f"{model_text(s)}, {' -> '.join(s['order'])}; {s['data']['train']} train / "
         f"{s['data']['val']} validation / {s['data']['test']} test images"
         + (
             " (CIFAR-10 as JPEG files: pixels differ from the official files by about 6/255, "
@@ -178,7 +190,7 @@ def readme_block(s: dict[str, Any]) -> str:
         )
     lines = [
         README_START,
-        f"`{s['model']}` on the whole CIFAR-10 (JPEG files: close to, not equal to, the official"
+        f"{model_text(s)} on the whole CIFAR-10 (JPEG files: close to, not equal to, the official"
         f" images), {' -> '.join(s['order'])}, {rt}:",
         "",
         *rows,
