@@ -309,10 +309,7 @@ class RunFolder:
             if start is not None:
                 self.continued[name] = start.epoch
                 self.carried[name] = start.seconds
-                note(
-                    f"{desc or step_name(self.recipe, step)}: continuing after epoch "
-                    f"{start.epoch} (from {path.name})"
-                )
+                note(f"{desc or name}: continuing after epoch {start.epoch} (from {path.name})")
 
         def on_epoch(progress: FitProgress) -> None:
             progress.seconds = self.carried.get(name, 0.0) + time.perf_counter() - self._began[step]
