@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
         "pqd.data",
         "pqd.models",
         "pqd.train",
+        "pqd.average",
         "pqd.measurement.env",
         "pqd.target",
         "pqd._pt2e_cache",

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pqd.average import ema_model, load_average
 from pqd.errors import PqdError
 from pqd.progress import bar as progress_bar
 from pqd.progress import on_terminal, phase
@@ -102,59 +103,6 @@ def grad_norm_fix(first: bool) -> str:
         + " (train.grad_clip clips after this check), then run again with --resume: "
         "finished steps are kept"
     )
-
-
-class StageCollapsed(PqdError):
-    """A stage left a model that was clearly above chance no better than guessing on the
-    validation split (``train.stop_at_chance``): the run stops rather than export, measure
-    and rank a broken model as a result."""
-
-
-COLLAPSE_FIX = (
-    "lower the stage's train.lr (after a quantize stage the model trains with its "
-    "BatchNorm statistics frozen and takes a smaller rate than a float model) or ask less of "
-    "it (a lower sparsity), or set the stage's train.stop_at_chance: false to keep such a "
-    "model; then run again with --resume: finished steps are kept"
-)
-
-
-def check_above_chance(
-    desc: str, before: float, predicted: torch.Tensor, labels: torch.Tensor, alpha: float
-) -> None:
-    """Stop a stage that turned a model clearly above chance into a guesser.
-
-    Chance is the most common validation class's share (1/classes when they are
-    balanced): a model that answers one class gets it. The check fires only when the
-    accuracy before the stage was above chance and the one after is not, each by a
-    one-sided exact binomial test at ``alpha`` on the same images, so a model that was never
-    above chance (a tiny test run) passes.
-
-    Args:
-        desc: who is checked, e.g. ``[2/3] prune`` (the start of the error line).
-        before: the validation accuracy (fraction) of the model the stage started from.
-        predicted: the stage's predicted class per validation image.
-        labels: the true class per validation image.
-        alpha: the significance level of both tests.
-
-    Raises:
-        StageCollapsed: above chance before the stage, at chance after it.
-    """
-    from pqd.stats import above_chance_p
-
-    n = int(labels.numel())
-    if n == 0 or not math.isfinite(before):
-        return
-    chance = float(torch.bincount(labels).max()) / n
-    correct = int((predicted == labels).sum())
-    was_above = above_chance_p(round(before * n), n, chance) < alpha
-    if was_above and above_chance_p(correct, n, chance) >= alpha:
-        top = torch.bincount(predicted).max().item() / n
-        raise StageCollapsed(
-            f"{desc}: the stage left the model at chance: {correct / n:.1%} validation "
-            f"top-1 on {n:,} images ({before:.1%} before it; answering the most common "
-            f"class gets {chance:.1%}; {top:.0%} of the answers are one class)",
-            COLLAPSE_FIX,
-        )
 
 
 @dataclass
@@ -351,59 +299,6 @@ def lr_factor(step: int, total: int, cfg: TrainSpec) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * rest))
 
 
-# ---------------------------------------------------------------------------- weight average
-
-
-EMA_WARMUP = 10
-"""The average's decay at update ``n`` is ``min(ema, (1 + n) / (EMA_WARMUP + n))``: early
-updates weigh more, so a short fit is not dominated by the weights it started from."""
-
-
-def ema_model(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """An exponential moving average of ``model``'s weights (torch's ``AveragedModel``).
-
-    An eager model's buffers (BatchNorm statistics) are averaged too; an exported graph's
-    are not: its fake-quantizers' observed ranges and its BatchNorm statistics stay the live
-    model's, so on a QAT graph the average is of the weights alone (meant for float
-    training, e.g. the baseline's ``train.ema``).
-
-    Args:
-        model: the model being trained.
-        decay: the weight of the old average per update, in (0, 1) (``train.ema``).
-
-    Returns:
-        The average; ``update_parameters(model)`` after every optimizer step.
-    """
-
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
-        if not averaged[0].is_floating_point():  # counters (BatchNorm's batches seen)
-            torch._foreach_copy_(averaged, current)
-            return
-        d = min(decay, (1.0 + float(n)) / (EMA_WARMUP + float(n)))  # (one sync on a GPU)
-        torch._foreach_lerp_(averaged, current, 1.0 - d)
-
-    return torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=update, use_buffers=not has_graph(model)
-    )
-
-
-@torch.no_grad()
-def load_average(model: nn.Module, averaged: torch.optim.swa_utils.AveragedModel) -> None:
-    """Copy the average into ``model`` (in place): its parameters and, for an eager model,
-    its buffers.
-
-    Args:
-        model: the trained model (receives the average).
-        averaged: :func:`ema_model`'s average of it.
-    """
-    for param, avg in zip(model.parameters(), averaged.module.parameters(), strict=True):
-        param.copy_(avg)
-    if averaged.use_buffers:
-        for buf, avg_buf in zip(model.buffers(), averaged.module.buffers(), strict=True):
-            buf.copy_(avg_buf)
-
-
 # ---------------------------------------------------------------------------- loops
 
 
@@ -444,7 +339,7 @@ def fit(
     if total == 0:
         return result
     opt = build_optimizer(model, cfg)
-    averaged = ema_model(model, cfg.ema) if cfg.ema is not None else None
+    averaged = None if cfg.ema is None else ema_model(model, cfg.ema, buffers=not has_graph(model))
     first_epoch, step = _resumed(resume, opt, train, result, averaged)
     first_step = step
     params = [p for p in model.parameters() if p.requires_grad]

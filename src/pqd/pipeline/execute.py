@@ -20,6 +20,7 @@ from pqd._version import __version__
 from pqd.checkpoint import atomic_write_text, save_checkpoint
 from pqd.context import Context
 from pqd.engine import seed_everything
+from pqd.pipeline.collapse import check_above_chance
 from pqd.pipeline.finish import (
     PENDING_FILE,
     REFERENCE_FILE,
@@ -42,7 +43,7 @@ from pqd.resume import RunFolder, load_state, note, save_state, step_name
 from pqd.state import State
 from pqd.stats import ALPHA
 from pqd.target import resolve as resolve_target
-from pqd.train import check_above_chance, evaluate, predict, top1
+from pqd.train import evaluate, predict, top1
 
 if TYPE_CHECKING:
     from pqd.dataset import Dataset
@@ -307,7 +308,7 @@ def resumed_stages(
 
 class StageRecorder:
     """``apply_stages``'s ``on_stage``: each finished stage measured on the validation
-    split, checked against chance (:func:`pqd.train.check_above_chance`, where the stage's
+    split, checked against chance (:mod:`pqd.pipeline.collapse`, where the stage's
     ``train.stop_at_chance``), checkpointed into the run folder and appended to the stage
     entries."""
 
