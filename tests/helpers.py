@@ -290,12 +290,13 @@ def fake_latency(monkeypatch: Any, noise: float = 0.0, seed: int = 0) -> dict[st
             out[key] = (0.01 + macs * 1e-7) * (1 + noise * rng.uniform(-1, 1))
         return out
 
-    def networks(self: Any, candidates: dict[str, Any]) -> dict[str, float]:
-        calls["networks"] += len(candidates)
-        return {
+    def networks(self: Any, candidates: dict[str, Any], panels: int) -> list[dict[str, float]]:
+        calls["networks"] += len(candidates)  # (timed once: every panel times the same)
+        ms = {
             n: 0.02 + count_macs(self.candidate_model(r), self.example[:1]) * 1e-7
             for n, r in candidates.items()
         }
+        return [ms] * max(1, panels)
 
     def panel(paths: dict[str, Path], spec: Any, **_: Any) -> dict[str, dict[str, float]]:
         calls["panel"] += len(paths)
@@ -311,7 +312,7 @@ def fake_latency(monkeypatch: Any, noise: float = 0.0, seed: int = 0) -> dict[st
 
     monkeypatch.setattr(LatencyModel, "time_paths", files)
     monkeypatch.setattr(LatencyModel, "_measure_pieces", pieces)
-    monkeypatch.setattr(LatencyModel, "measure", networks)
+    monkeypatch.setattr(LatencyModel, "measure_panels", networks)
     monkeypatch.setattr(search, "latency_panel", panel)
     return calls
 

@@ -125,6 +125,30 @@ def test_fastest_and_dense_are_the_grid_ends(monkeypatch, tmp_path) -> None:
         lm.predict({"net.nope": 0.5})
 
 
+def test_validate_takes_the_median_over_panels_and_counts_their_agreement(
+    monkeypatch, tmp_path
+) -> None:
+    fake_latency(monkeypatch)
+    lm = LatencyModel(tiny("tiny_resnet"), EXAMPLE, round_to=2, cache_dir=tmp_path).build()
+    exact = LatencyModel.measure_panels  # (the fake: MACs-based, the same in every panel)
+    scales = [1.0, 1.05, 1.5]  # panel 2 agrees with panel 1 within 10%, panel 3 does not
+
+    def drifting(self, candidates, panels):
+        base = exact(self, candidates, 1)[0]
+        return [{n: ms * scales[p] for n, ms in base.items()} for p in range(panels)]
+
+    monkeypatch.setattr(LatencyModel, "measure_panels", drifting)
+    one = lm.validate(n=4, panels=1)
+    assert "panel_agreement" not in one and "panels_ms" not in one["candidates"][0]
+    three = lm.validate(n=4, panels=3)
+    assert three["panels"] == 3 and three["panel_agreement"] == 1.0
+    for a, b in zip(one["candidates"], three["candidates"], strict=True):
+        assert b["measured_ms"] == pytest.approx(a["measured_ms"] * 1.05, abs=2e-5)
+        assert b["panels_ms"] == pytest.approx([a["measured_ms"] * s for s in scales], abs=2e-5)
+    scales[1] = 1.2
+    assert lm.validate(n=4, panels=2)["panel_agreement"] == 0.0
+
+
 def test_bilinear_is_exact_on_the_grid_and_monotone_between() -> None:
     xs, ys = [8, 16, 32], [4, 8]
     raw = np.array([[1.0, 3.0], [2.5, 2.0], [4.0, 6.0]])  # not monotone: 2.0 < 3.0

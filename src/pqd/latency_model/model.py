@@ -455,7 +455,7 @@ class LatencyModel:
         self._check_built()
         rng = np.random.default_rng(seed)
         cands = {f"v{i}": self.random_candidate(rng) for i in range(max(1, n))}
-        timed = [self.measure(cands)] if panels <= 1 else self.measure_panels(cands, panels)
+        timed = self.measure_panels(cands, panels)
         measured = {name: float(np.median([t[name] for t in timed])) for name in cands}
         rows = []
         for name, r in cands.items():
