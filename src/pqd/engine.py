@@ -140,9 +140,10 @@ def baseline(
         )
         loader = ctx.loader("train", train.batch_size, seed=seed, augment=True, shuffle=True)
         prepare_model(model, train, device)
-        start, on_epoch = (
-            run.epoch_hooks(0, model, {}, desc="baseline") if run is not None else (None, None)
-        )
+        start, on_epoch = None, None
+        if run is not None:
+            run.begin(0)  # (pqd run began it before loading the data: that time counts)
+            start, on_epoch = run.epoch_hooks(0, model, {}, desc="baseline")
         fit(
             model,
             loader,

@@ -282,8 +282,9 @@ class RunFolder:
 
     def begin(self, step: int) -> None:
         """Step ``step`` starts now in this process: its epoch checkpoints count its wall
-        seconds from here (set up, calibration and training alike)."""
-        self._began[step] = time.perf_counter()
+        seconds from here (set up, calibration and training alike). Called before
+        :meth:`epoch_hooks`; a second call for the same step keeps the first time."""
+        self._began.setdefault(step, time.perf_counter())
 
     def epoch_hooks(
         self,
@@ -302,7 +303,6 @@ class RunFolder:
         path = epoch_path(self.out, self.recipe, step)
         fingerprint = f"{self.prints[step]}:{call}"
         name = step_name(self.recipe, step)
-        self._began.setdefault(step, time.perf_counter())
         start = None
         if path.is_file():
             start = load_epoch(path, fingerprint, model, masks, hook_state)
