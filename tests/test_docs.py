@@ -196,3 +196,13 @@ def test_recipe_reference_is_generated_from_the_schema() -> None:
     assert page.read_text(encoding="utf-8") == reference(), "stale: regenerate the page"
     for key in ("`sparsity`", "`freeze_after`", "`parity_min_agreement`", "`total_epochs`"):
         assert key in reference()  # every stage's and section's keys are on it
+    assert not re.search(r"``|:(func|class|mod|meth|data):`", reference()), "reST on the page"
+
+
+def test_docstring_rest_becomes_markdown() -> None:
+    from pqd.recipe_docs import markdown
+
+    doc = """Keys ``a`` and ``b``  (see :func:`pqd.x.f`, :class:`~pqd.Y`).
+
+        Second line."""
+    assert markdown(doc) == "Keys `a` and `b` (see `pqd.x.f`, `pqd.Y`). Second line."

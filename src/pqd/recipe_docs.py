@@ -8,6 +8,7 @@ page cannot drift from what pqd accepts (``tests/test_docs.py`` fails when it is
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import types
 import typing
@@ -106,8 +107,25 @@ def _default_text(field: Any) -> str:
     return f"`{value}`"
 
 
+_ROLE = re.compile(r":(?:func|class|mod|meth|data|attr):`~?([^`]+)`")
+
+
+def markdown(doc: str) -> str:
+    """A docstring's reST as Markdown on one line: literals and roles (``:func:``,
+    ``:mod:`` ...) become code in single backquotes.
+
+    Args:
+        doc: a class docstring.
+
+    Returns:
+        Its text on one line, code in single backquotes.
+    """
+    text = re.sub(r"\s+", " ", inspect.cleandoc(doc))
+    return _ROLE.sub(r"`\1`", text.replace("``", "`"))
+
+
 def _section(model: type[BaseModel], models: list[type[BaseModel]]) -> list[str]:
-    doc = inspect.cleandoc(model.__doc__ or "").replace("\n", " ")
+    doc = markdown(model.__doc__ or "")
     lines = [f"## {model.__name__}", "", doc, "", "| key | type | default | allowed |"]
     lines.append("|---|---|---|---|")
     for name, field in model.model_fields.items():
