@@ -243,18 +243,23 @@ def render(result: dict[str, Any]) -> str:
         f"Peak of this CPU in the same run (2048^3 matmul, forward + backward): {peak}. "
         f"Loader (one augmented epoch): {result['loader_images_per_s']:.0f} images/s.",
         "",
-        "| model | step | images/s | epoch time vs float | of peak | convs in | spread |",
-        "|---|---|---|---|---|---|---|",
+    ]
+    spread = bool(result.get("rounds"))  # (a single round has none: no column)
+    lines += [
+        "| model | step | images/s | epoch time vs float | of peak | convs in |"
+        + (" spread |" if spread else ""),
+        "|---|---|---|---|---|---|" + ("---|" if spread else ""),
     ]
     for m in result["models"]:
         for step in STEPS:
             st = m["steps"].get(step)
             if st is None:
                 continue
+            cell = f" {100 * st['spread']:.0f}% |" if "spread" in st else " - |"
             lines.append(
                 f"| {m['model']} | {step} | {st['images_per_s']:.0f} | {st['vs_float']:.2f}x | "
-                f"{100 * st['of_peak']:.1f}% | {'bf16' if st['bf16'] else 'fp32'} | "
-                + (f"{100 * st['spread']:.0f}% |" if "spread" in st else "- |")
+                f"{100 * st['of_peak']:.1f}% | {'bf16' if st['bf16'] else 'fp32'} |"
+                + (cell if spread else "")
             )
     lines += [
         "",

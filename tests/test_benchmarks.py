@@ -226,6 +226,9 @@ def test_train_speed_page_renders_ratios_against_float_from_its_json() -> None:
     assert "| fastnet_q8 | qat | 300 | 1.33x | 60.0% | bf16 | 5% |" in page
     assert "| fastnet_q8 | float | 400 | 1.00x | 90.0% | bf16 | - |" in page
     assert "3 interleaved rounds" in page and "AMD EPYC (avx2, avx512_bf16)" in page
+    once = bench.render({**result, "rounds": None})  # one round measures no spread: no column
+    assert "| fastnet_q8 | qat | 300 | 1.33x | 60.0% | bf16 |\n" in once
+    assert "spread |" not in once
 
 
 def test_the_readme_headline_is_the_one_the_benchmark_writes_from_its_json() -> None:
