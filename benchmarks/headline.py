@@ -89,6 +89,10 @@ def summarize(record: dict[str, Any], command: str, wall_s: float | None) -> dic
         "speedup": speedups,
         "size_ratio": record["comparison"]["size_ratio"],
         "seconds": steps,
+        # steps stopped and continued: after which epoch, and whether their seconds count
+        # the time before the stop (records that have carried_seconds) or this process only
+        "continued": record.get("resume", {}).get("continued_after_epoch", {}),
+        "carried": "carried_seconds" in record.get("resume", {}),
         "wall_s": None if wall_s is None else round(wall_s, 1),
     }
 
@@ -156,7 +160,18 @@ def render(s: dict[str, Any]) -> str:
         f"{s['size_ratio']:.2f}x smaller on disk. Wall time per step (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items())
         + (f"; the command {s['wall_s']:.0f} s" if s.get("wall_s") else "")
-        + ".",
+        + "."
+        + (
+            " Stopped and continued: "
+            + ", ".join(f"{k} after epoch {v}" for k, v in s["continued"].items())
+            + (
+                " (its seconds include the time before the stop)."
+                if s.get("carried")
+                else " (its seconds count the last process only)."
+            )
+            if s.get("continued")
+            else ""
+        ),
         "",
         "Top-1: the file's own accuracy on the test split, run through the runtime; speed-up: "
         "the baseline file's p50 over the final file's, both timed side by side in one run.",

@@ -241,3 +241,17 @@ def test_the_readme_headline_is_the_one_the_benchmark_writes_from_its_json() -> 
     readme = (root / "README.md").read_text(encoding="utf-8")
     assert bench.readme_block(summary) in readme, "run: python benchmarks/headline.py --render"
     assert bench.render(summary) == (root / "docs" / "results" / "cifar10.md").read_text()
+
+
+def test_the_headline_page_says_which_steps_continued_and_what_their_seconds_count() -> None:
+    import json
+
+    bench = load_benchmark("headline")
+    root = Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "docs" / "results" / "cifar10.json").read_text())
+    whole = bench.render({**summary, "continued": {}})
+    assert "Stopped and continued" not in whole
+    kept = bench.render({**summary, "continued": {"00-baseline": 40}, "carried": True})
+    assert "Stopped and continued: 00-baseline after epoch 40 (its seconds include" in kept
+    last = bench.render({**summary, "continued": {"01-prune": 1}, "carried": False})
+    assert "01-prune after epoch 1 (its seconds count the last process only)" in last

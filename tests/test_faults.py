@@ -647,11 +647,17 @@ def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(
 
     whole = json.loads((ref_out / "record.json").read_text())
     again = json.loads((out / "record.json").read_text())
+    carried = again["resume"].pop("carried_seconds")
     assert again["resume"] == {
         "reused_steps": ["00-baseline", "01-prune"],
         "continued_after_epoch": {"02-quantize": 1},
     }
-    assert whole["resume"] == {"reused_steps": [], "continued_after_epoch": {}}
+    assert list(carried) == ["02-quantize"] and carried["02-quantize"] == round(before_stop, 2)
+    assert whole["resume"] == {
+        "reused_steps": [],
+        "continued_after_epoch": {},
+        "carried_seconds": {},
+    }
     assert _comparable(again) == _comparable(whole)
     assert (
         whole["determinism"]["seed"] == 0 and whole["determinism"]["torch_deterministic_algorithms"]

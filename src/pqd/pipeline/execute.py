@@ -171,7 +171,11 @@ def execute(
     pending = pending_record(recipe, data, device, base, state, target, final_path, stage_records)
     pending.update(
         determinism=determinism,
-        resume={"reused_steps": reused, "continued_after_epoch": folder.continued},
+        resume={
+            "reused_steps": reused,
+            "continued_after_epoch": folder.continued,
+            "carried_seconds": {k: round(v, 2) for k, v in folder.carried.items()},
+        },
         timing_s={
             "baseline": round(base["seconds"], 2),
             "stages": round(sum(s["seconds"] for s in stage_records), 2),
