@@ -182,6 +182,24 @@ def test_named_data_folder_is_never_downloaded_into_unless_asked(
     )
 
 
+def test_the_readmes_fresh_machine_quickstart_would_download_into_data(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """README's `pqd run recipes/quickstart.yaml --out runs/quick --data-dir data --download`:
+    validated in an empty folder, it plans the download into ./data (nothing fetched)."""
+    import pqd.data.download
+
+    tried: list[str] = []
+    monkeypatch.setattr(pqd.data.download, "_fetch", lambda url, *a: tried.append(url))
+    monkeypatch.delenv("PQD_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    assert main(["validate", str(recipe), "--data-dir", "data", "--download"]) == 0
+    out = capsys.readouterr().out
+    assert f"not under {tmp_path / 'data'} yet: pqd run will download it" in out
+    assert not tried and not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize(
     ("model", "needle"),
     [
