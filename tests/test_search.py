@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -122,6 +123,66 @@ def test_folder_status_done_trained_partial_missing(tmp_path):
     )
     assert folder_status(folder, t.key) == "done"
     assert folder_status(folder, "another-key") == "missing"
+
+
+def _run_recipe(data_dir: str, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": "prefix",
+        "model": {"name": "tiny_cnn"},
+        "data": {
+            "dataset": "cifar10",
+            "root": data_dir,
+            "val_size": 50,
+            "limit_train": 200,
+            "limit_test": 100,
+        },
+        "train": {"batch_size": 64, "lr": 0.05, "amp": "off"},
+        "baseline": {"epochs": 1},
+        "stages": stages,
+        "measure": {"runtimes": ["onnxruntime"], "batch_sizes": [1], "warmup": 1, "repeats": 5},
+    }
+
+
+@pytest.mark.integration
+def test_a_pairwise_run_takes_over_the_first_two_stages_of_its_permutation(tmp_path, data_dir):
+    """A->B is the first two stages of A->B->C: started from them, it trains nothing, and
+    its model is the one an A->B run trained on its own gets, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from pqd.resume import PROGRESS
+    from pqd.runs import start_from_siblings, train_trial
+
+    prune = {"stage": "prune", "sparsity": 0.5, "epochs": 1}
+    distill = {"stage": "distill", "epochs": 1}
+    quantize = {"stage": "quantize", "epochs": 1}
+    three = _run_recipe(data_dir, [prune, distill, quantize])
+    two = _run_recipe(data_dir, [prune, distill])
+    assert train_trial(three, str(tmp_path / "abc"), None)["ok"]
+
+    def trial(stages: list[dict[str, Any]]) -> Trial:
+        recipe = recipe_from_dict(_run_recipe(data_dir, stages))
+        order = tuple(s["stage"] for s in stages)
+        return Trial("pairwise", order, 0, (1,) * len(stages), recipe, "k")
+
+    siblings = [tmp_path / "abc", tmp_path / "nowhere"]
+    (tmp_path / "ab").mkdir()
+    taken = start_from_siblings(tmp_path / "ab", trial([prune, distill]), siblings)
+    assert taken == ["00-baseline", "01-prune", "02-distill"]
+    assert start_from_siblings(tmp_path / "ab", trial([prune, distill]), siblings) == []  # begun
+    for other in ([distill, prune], [{**prune, "sparsity": 0.6}, distill]):
+        (tmp_path / "other").mkdir(exist_ok=True)
+        assert start_from_siblings(tmp_path / "other", trial(other), siblings) == []
+    assert not (tmp_path / "other" / PROGRESS).exists()
+
+    assert train_trial(two, str(tmp_path / "ab"), None)["ok"]
+    assert train_trial(two, str(tmp_path / "alone"), None)["ok"]
+    pending = json.loads((tmp_path / "ab" / "pending.json").read_text())
+    assert pending["resume"]["reused_steps"] == taken
+    got = load_file(tmp_path / "ab" / "checkpoints" / "02-distill.safetensors")
+    want = load_file(tmp_path / "alone" / "checkpoints" / "02-distill.safetensors")
+    assert set(got) == set(want) and any(k.startswith("mask.") for k in got)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 # ---------------------------------------------------------------------------- decisions

@@ -272,6 +272,27 @@ class RunFolder:
         path.unlink(missing_ok=True)
         path.with_name(path.name + ".paused").unlink(missing_ok=True)
 
+    @classmethod
+    def adopt(cls, out: Path, recipe: Recipe, donor: Path, steps: list[dict[str, Any]]) -> None:
+        """Start ``out`` (a fresh run folder of ``recipe``) from finished steps of another run:
+        their checkpoints copied from ``donor`` and listed in ``out``'s progress, so that the
+        run continues after them as after a stop (its record lists them in
+        ``resume.reused_steps``).
+
+        Args:
+            out: the fresh run folder.
+            recipe: its recipe.
+            donor: the run folder the steps come from.
+            steps: :func:`shared_steps` of ``donor`` and ``recipe``.
+        """
+        for entry in steps:
+            target = out / entry["checkpoint"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(donor / entry["checkpoint"], target)
+        folder = cls(out=out, recipe=recipe, prints=fingerprints(recipe))
+        folder.steps = [dict(e) for e in steps]
+        folder._write(complete=False)
+
     def mark_complete(self) -> None:
         """record.json is written: a re-run of the same recipe has nothing left to do."""
         self._write(complete=True)
@@ -317,6 +338,36 @@ class RunFolder:
             _test_pause(step, progress.epoch, path)
 
         return start, on_epoch
+
+
+def shared_steps(donor: Path, recipe: Recipe) -> list[dict[str, Any]]:
+    """The finished steps of the run in ``donor`` that ``recipe`` would compute the same:
+    the longest run of steps from the baseline on whose fingerprints match ``recipe``'s
+    and whose checkpoint is in the folder (a search's pairwise run A->B is the first two
+    stages of the permutation A->B->C, and orders that start alike share their first stage).
+
+    Args:
+        donor: another run folder.
+        recipe: the recipe about to run.
+
+    Returns:
+        Their progress entries, in step order (empty when unreadable or nothing matches).
+    """
+    try:
+        progress = json.loads((donor / PROGRESS).read_text(encoding="utf-8"))
+        entries = list(progress["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    mine = fingerprints(recipe)
+    shared = []
+    for i, entry in enumerate(entries):
+        ckpt = entry.get("checkpoint") if isinstance(entry, dict) else None
+        if i >= len(mine) or entry.get("fingerprint") != mine[i] or not isinstance(ckpt, str):
+            break
+        if Path(ckpt).is_absolute() or ".." in Path(ckpt).parts or not (donor / ckpt).is_file():
+            break
+        shared.append(entry)
+    return shared
 
 
 def epoch_path(out: Path, recipe: Recipe, step: int) -> Path:

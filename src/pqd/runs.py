@@ -156,6 +156,35 @@ def reset_folder(folder: Path, trial: Trial) -> None:
     )
 
 
+def start_from_siblings(folder: Path, trial: Trial, siblings: list[Path]) -> list[str]:
+    """Start a fresh trial folder from the most finished stages another trial shares with
+    it (:func:`pqd.resume.shared_steps`): a pairwise run A->B is the first two stages of the
+    permutation A->B->C, with the same seeds, so it is not trained twice; at least one stage
+    must be shared (the baseline alone is only loaded).
+
+    Args:
+        folder: the trial's folder, just reset (holding no progress).
+        trial: the trial.
+        siblings: the other trials' folders of the same search.
+
+    Returns:
+        The names of the steps taken over (empty: none was shared).
+    """
+    from pqd.resume import PROGRESS, RunFolder, shared_steps
+
+    if (folder / PROGRESS).exists():
+        return []  # begun already: it continues on its own
+    best: tuple[Path, list[dict[str, Any]]] | None = None
+    for sibling in siblings:
+        steps = shared_steps(sibling, trial.recipe)
+        if len(steps) >= 2 and (best is None or len(steps) > len(best[1])):
+            best = sibling, steps
+    if best is None:
+        return []
+    RunFolder.adopt(folder, trial.recipe, *best)
+    return [str(e["step"]) for e in best[1]]
+
+
 def train_trial(
     recipe_data: dict[str, Any],
     out_dir: str,
@@ -401,13 +430,18 @@ class Executor:
         done: Callable[[Trial, Path, dict[str, Any]], None],
         *,
         local_first: bool = False,
+        starting: Callable[[Trial, Path], None] | None = None,
     ) -> None:
         """Train every job; ``done(trial, folder, result)`` runs here as each one finishes.
-        ``local_first``: run in this process even for the process executor (the baseline)."""
+        ``local_first``: run in this process even for the process executor (the baseline).
+        ``starting(trial, folder)`` runs here just before a job starts (local executors:
+        sequentially, each after the jobs before it finished; processes, as submitted)."""
         if not jobs:
             return
         if self.kind == "sequential" or (local_first and self.kind == "processes"):
             for trial, folder in jobs:
+                if starting is not None:
+                    starting(trial, folder)
                 done(
                     trial,
                     folder,
@@ -419,6 +453,9 @@ class Executor:
                     ),
                 )
         elif self.kind == "processes":
+            if starting is not None:
+                for trial, folder in jobs:
+                    starting(trial, folder)
             self._run_processes(jobs, done)
         else:
             self._run_ray(jobs, done)

@@ -20,6 +20,7 @@ from pqd.runs import (
     folder_status,
     refuse_other_baseline,
     reset_folder,
+    start_from_siblings,
 )
 from pqd.search.summary import summarize, write_search
 from pqd.search.trials import baseline_trial, order_label, plan_trials, say, search_budget
@@ -71,7 +72,7 @@ class SearchRun:
         self.out = Path(out_dir).resolve()
         self.data_root = str(check_recipe_data(recipe, data_dir).path)
         self.base = baseline_trial(recipe, self.data_root)
-        self.stats = {"trained": 0, "reused": 0, "failed": 0, "measured": 0}
+        self.stats = {"trained": 0, "reused": 0, "failed": 0, "measured": 0, "shared_steps": 0}
         self.results: dict[str, dict[str, Any]] = {}  # key -> train result (this invocation)
         self.timing = {"train": 0.0, "measure": 0.0}
 
@@ -104,6 +105,7 @@ class SearchRun:
             trained_now=self.stats["trained"],
             reused=self.stats["reused"],
             failed=self.stats["failed"],
+            shared_stages=self.stats["shared_steps"],
         )
         search["timing_s"] = {
             "train": round(self.timing["train"], 1),
@@ -213,8 +215,19 @@ class SearchRun:
         for trial, folder in todo:
             if folder_status(folder, trial.key) == "missing":  # a stopped one continues
                 reset_folder(folder, trial)
+        siblings = [out / t.folder for t in runs.values()]
+
+        def starting(trial: Trial, folder: Path) -> None:
+            taken = start_from_siblings(folder, trial, [s for s in siblings if s != folder])
+            if taken:
+                self.stats["shared_steps"] += len(taken) - 1  # (stages; the baseline is loaded)
+                say(
+                    f"{trial.kind} {order_label(trial.order)} seed {trial.seed}: "
+                    f"{', '.join(taken[1:])} shared with another order (not trained again)"
+                )
+
         t0, m0 = time.perf_counter(), self.timing["measure"]
-        ex.run(todo, finished)
+        ex.run(todo, finished, starting=starting if self.executor != "ray" else None)
         self.timing["train"] += time.perf_counter() - t0 - (self.timing["measure"] - m0)
         return to_measure
 
