@@ -82,7 +82,6 @@ def measure(
     the two INT8 files compared image by image (paired bootstrap, exact McNemar)."""
     import numpy as np
 
-    from pqd.data import load_dataset, resolve_data_root
     from pqd.measurement.env import environment
     from pqd.measurement.parity import parity
     from pqd.measurement.runtime import avx2_logits, open_runner
@@ -91,14 +90,7 @@ def measure(
     from pqd.search.summary import latency_panel
 
     records = {t: json.loads((out / t / "record.json").read_text()) for t in TARGETS}
-    rec = records[TARGETS[0]]["recipe"]
-    data = load_dataset(
-        rec["data"]["dataset"],
-        resolve_data_root(data_dir, rec["data"]["root"]),
-        val_size=rec["data"]["val_size"],
-        seed=rec["seed"],
-        download=False,
-    )
+    data = run_data(records[TARGETS[0]], data_dir)
     paths = {
         "fp32": out / TARGETS[0] / "baseline.onnx",
         **{t: out / t / "final.onnx" for t in TARGETS},
@@ -157,6 +149,19 @@ def measure(
         "environment": environment(threads),
         "data": data.summary(),
     }
+
+
+def run_data(record: dict[str, Any], data_dir: str | None) -> Any:
+    """The data set as the run loaded it: its recorded recipe's data section (folder, image
+    size, splits, limits) through the pipeline's own loader (a ``pqd.data.Dataset``)."""
+    from pqd.pipeline.inputs import recipe_data
+    from pqd.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(record["recipe"], "record.json")
+    return recipe_data(
+        recipe.model_copy(update={"data": recipe.data.model_copy(update={"download": False})}),
+        data_dir,
+    )
 
 
 def table(result: dict[str, Any]) -> str:

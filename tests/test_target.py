@@ -170,3 +170,29 @@ def test_targets_benchmark_renders_its_page_from_the_stored_json(tmp_path, capsy
     assert bench.main(["--results", str(tmp_path), "--render"]) == 0
     page = (tmp_path / "targets-quickstart.md").read_text()
     assert "| portable | 7-bit [-64, 63] | 80.00% |" in page and "- wall 2 s" in page
+
+
+def test_targets_benchmark_reads_the_test_images_as_the_run_did(tmp_path) -> None:
+    """An image folder at the recipe's image_size (not the folder default) and its splits:
+    the AVX2 parity check feeds the files the images they were exported for."""
+    import torch
+
+    from helpers import load_benchmark, write_image_folder
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.arange(12) % 2
+    for split in ("train", "test"):
+        write_image_folder(tmp_path / "imgs" / split, images, labels, ["a", "b"], size=48)
+    recipe = {
+        "name": "r",
+        "model": {"name": "tiny_cnn"},
+        "data": {
+            "dataset": "folder",
+            "root": str(tmp_path / "imgs"),
+            "image_size": 32,
+            "val_size": 2,
+        },
+    }
+    data = load_benchmark("targets").run_data({"recipe": recipe}, None)
+    assert tuple(data.test_x.shape) == (12, 3, 32, 32) and len(data.val_y) == 2
