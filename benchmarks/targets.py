@@ -42,8 +42,9 @@ def train(
     recipe: Path, out: Path, data_dir: str | None, overrides: list[str] | None = None
 ) -> dict[str, float]:
     """``pqd run`` once per target (the second resumes from a copy of the first's folder);
-    returns each run's wall seconds as its record counts them (``timing_s.total``: a run
-    finished before, or continued after a stop, keeps its own figure)."""
+    returns each run's wall seconds as its record counts them (``timing_s.total`` plus the
+    seconds continued steps carried from before a stop: a run finished before keeps its
+    own figure)."""
     walls: dict[str, float] = {}
     for i, target in enumerate(TARGETS):
         folder = out / target
@@ -72,7 +73,8 @@ def train(
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             raise SystemExit(f"benchmarks/targets.py: error: the {target} run failed")
         record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
-        walls[target] = round(float(record["timing_s"]["total"]), 1)
+        carried = record.get("resume", {}).get("carried_seconds", {})  # before a stop
+        walls[target] = round(float(record["timing_s"]["total"]) + sum(carried.values()), 1)
     return walls
 
 

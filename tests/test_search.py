@@ -125,6 +125,32 @@ def test_folder_status_done_trained_partial_missing(tmp_path):
     assert folder_status(folder, "another-key") == "missing"
 
 
+def test_a_latency_targets_step_is_shared_only_by_runs_that_measure_it_alike() -> None:
+    """prune_channels to a latency budget measures INT8 files when a later stage quantizes
+    (precision auto), at measure.threads: runs that differ there do not share that step,
+    while a MACs target, or a stated precision without the threads changing, still does."""
+    from pqd.resume import fingerprints
+
+    def prints(first: dict[str, Any], later: list[dict[str, Any]], threads: int = 2) -> list[str]:
+        stages = [first, {"stage": "prune", "sparsity": 0.5}, *later]
+        return fingerprints(
+            recipe_from_dict(
+                {"model": {"name": "tiny_cnn"}, "stages": stages, "measure": {"threads": threads}}
+            )
+        )
+
+    quantize = [{"stage": "quantize"}]
+    latency = {"stage": "prune_channels", "target": {"latency_ms": 0.5}}
+    assert prints(latency, quantize)[:3] != prints(latency, [])[:3]
+    assert prints(latency, quantize)[0] == prints(latency, [])[0]  # the baseline is shared
+    assert prints(latency, quantize, threads=4)[1] != prints(latency, quantize)[1]
+    fp32 = {"stage": "prune_channels", "target": {"latency_ms": 0.5, "precision": "fp32"}}
+    assert prints(fp32, quantize)[:3] == prints(fp32, [])[:3]
+    macs = {"stage": "prune_channels", "target": {"macs": 0.5}}
+    assert prints(macs, quantize)[:3] == prints(macs, [])[:3]
+    assert prints(macs, quantize, threads=4)[:3] == prints(macs, quantize)[:3]
+
+
 def _run_recipe(data_dir: str, stages: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "name": "prefix",

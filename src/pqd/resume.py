@@ -95,16 +95,40 @@ def _relevant(recipe: Recipe) -> dict[str, Any]:
     }
 
 
+def _reads_beyond_its_spec(recipe: Recipe, i: int) -> dict[str, Any]:
+    """What stage ``i``'s result depends on besides its own settings and the steps before
+    it: a channel-pruning latency target measures the file at ``measure.threads``, in INT8
+    when a later stage quantizes (``precision: auto``); nothing for every other stage."""
+    spec = recipe.stages[i]
+    target = getattr(spec, "target", None)
+    if spec.stage != "prune_channels" or getattr(target, "latency_ms", None) is None:
+        return {}
+    later = any(s.stage == "quantize" for s in recipe.stages[i:])
+    return {
+        "threads": recipe.measure.threads,
+        **({"quantize_later": later} if getattr(target, "precision", None) == "auto" else {}),
+    }
+
+
 def fingerprints(recipe: Recipe) -> list[str]:
     """Fingerprint of step 0 (baseline) and of each stage i (step i + 1)."""
     base = _relevant(recipe)
     stages = stable_dump(recipe)["stages"]
     target = resolve_target(recipe.export.target)  # the weight range quantize stages train with
+    reads = [_reads_beyond_its_spec(recipe, i) for i in range(len(stages))]
     prints = []
     for i in range(len(stages) + 1):
         quantized = any(s["stage"] == "quantize" for s in stages[:i])
+        extra = {"reads": reads[:i]} if any(reads[:i]) else {}  # (absent: prints as before)
         prints.append(
-            _sha({**base, "stages": stages[:i], **({"target": target} if quantized else {})})
+            _sha(
+                {
+                    **base,
+                    "stages": stages[:i],
+                    **({"target": target} if quantized else {}),
+                    **extra,
+                }
+            )
         )
     return prints
 
@@ -361,7 +385,9 @@ def shared_steps(donor: Path, recipe: Recipe) -> list[dict[str, Any]]:
     mine = fingerprints(recipe)
     shared = []
     for i, entry in enumerate(entries):
-        ckpt = entry.get("checkpoint") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            break
+        ckpt = entry.get("checkpoint")
         if i >= len(mine) or entry.get("fingerprint") != mine[i] or not isinstance(ckpt, str):
             break
         if Path(ckpt).is_absolute() or ".." in Path(ckpt).parts or not (donor / ckpt).is_file():

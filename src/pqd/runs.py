@@ -181,7 +181,11 @@ def start_from_siblings(folder: Path, trial: Trial, siblings: list[Path]) -> lis
             best = sibling, steps
     if best is None:
         return []
-    RunFolder.adopt(folder, trial.recipe, *best)
+    try:
+        RunFolder.adopt(folder, trial.recipe, *best)
+    except OSError:  # (a full disk): the trial trains those stages itself
+        reset_folder(folder, trial)
+        return []
     return [str(e["step"]) for e in best[1]]
 
 
