@@ -281,8 +281,8 @@ def test_null_turns_grad_checks_off_at_every_level() -> None:
 def test_stable_dump_leaves_defaults_out_and_keeps_stage_names_and_order() -> None:
     """Resume fingerprints and search keys hash it: a field pqd adds later with a default
     must not make finished runs look different, while what changes results still does."""
+    from pqd.fingerprint import fingerprints
     from pqd.recipe import stable_dump
-    from pqd.resume import fingerprints
 
     base = {
         "name": "r",

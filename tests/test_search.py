@@ -129,7 +129,7 @@ def test_a_latency_targets_step_is_shared_only_by_runs_that_measure_it_alike() -
     """prune_channels to a latency budget measures INT8 files when a later stage quantizes
     (precision auto), at measure.threads: runs that differ there do not share that step,
     while a MACs target, or a stated precision without the threads changing, still does."""
-    from pqd.resume import fingerprints
+    from pqd.fingerprint import fingerprints
 
     def prints(first: dict[str, Any], later: list[dict[str, Any]], threads: int = 2) -> list[str]:
         stages = [first, {"stage": "prune", "sparsity": 0.5}, *later]

@@ -15,8 +15,8 @@ A state after a quantize stage is a PT2E QAT graph; it is rebuilt by running the
 ``prepare_qat`` on a fresh eager model and loading the saved graph state_dict into it
 (the graph's names are the eager names plus fake-quant/observer buffers).
 
-Each step carries a fingerprint of the recipe parts it depends on (model, data, seed,
-train, baseline, the stages up to it): re-running the same recipe into the same ``--out``
+Each step carries a fingerprint of the recipe parts it depends on (:mod:`pqd.fingerprint`:
+model, data, seed, train, baseline, the stages up to it): re-running the same recipe into the same ``--out``
 continues it; another recipe there is refused unless ``--resume`` (keep the finished steps
 whose fingerprint still matches, e.g. after lowering a later stage's lr) or ``--fresh``.
 Everything is safetensors + JSON: resuming never unpickles anything.
@@ -24,7 +24,6 @@ Everything is safetensors + JSON: resuming never unpickles anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -41,8 +40,8 @@ import torch.nn as nn
 
 from pqd.checkpoint import atomic_write_bytes, atomic_write_text
 from pqd.errors import CheckpointError, PqdError
-from pqd.recipe import Recipe, stable_dump
-from pqd.target import resolve as resolve_target
+from pqd.fingerprint import fingerprints, sha
+from pqd.recipe import Recipe
 from pqd.train import FitProgress
 
 PROGRESS = "progress.json"
@@ -74,63 +73,6 @@ class RunFolderError(PqdError):
 def note(message: str) -> None:
     """A one-line status message on stderr (what resume reuses and where it continues)."""
     print(f"pqd: {message}", file=sys.stderr, flush=True)
-
-
-def _sha(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _relevant(recipe: Recipe) -> dict[str, Any]:
-    """The recipe parts every trained step depends on (data paths aside; fields at their
-    defaults left out, :func:`pqd.recipe.stable_dump`)."""
-    d = stable_dump(recipe)
-    data = {k: v for k, v in d.get("data", {}).items() if k not in ("root", "download")}
-    return {
-        "seed": d.get("seed"),
-        "device": d.get("device"),
-        "model": d.get("model"),
-        "data": data,
-        "train": d.get("train"),
-        "baseline": d.get("baseline"),
-    }
-
-
-def _reads_beyond_its_spec(recipe: Recipe, i: int) -> dict[str, Any]:
-    """What stage ``i``'s result depends on besides its own settings and the steps before
-    it: a channel-pruning latency target measures the file at ``measure.threads``, in INT8
-    when a later stage quantizes (``precision: auto``); nothing for every other stage."""
-    spec = recipe.stages[i]
-    target = getattr(spec, "target", None)
-    if spec.stage != "prune_channels" or getattr(target, "latency_ms", None) is None:
-        return {}
-    later = any(s.stage == "quantize" for s in recipe.stages[i:])
-    return {
-        "threads": recipe.measure.threads,
-        **({"quantize_later": later} if getattr(target, "precision", None) == "auto" else {}),
-    }
-
-
-def fingerprints(recipe: Recipe) -> list[str]:
-    """Fingerprint of step 0 (baseline) and of each stage i (step i + 1)."""
-    base = _relevant(recipe)
-    stages = stable_dump(recipe)["stages"]
-    target = resolve_target(recipe.export.target)  # the weight range quantize stages train with
-    reads = [_reads_beyond_its_spec(recipe, i) for i in range(len(stages))]
-    prints = []
-    for i in range(len(stages) + 1):
-        quantized = any(s["stage"] == "quantize" for s in stages[:i])
-        extra = {"reads": reads[:i]} if any(reads[:i]) else {}  # (absent: prints as before)
-        prints.append(
-            _sha(
-                {
-                    **base,
-                    "stages": stages[:i],
-                    **({"target": target} if quantized else {}),
-                    **extra,
-                }
-            )
-        )
-    return prints
 
 
 def step_name(recipe: Recipe, step: int) -> str:
@@ -209,7 +151,7 @@ class RunFolder:
                 if before != recipe_now:
                     folder._refuse(_diff(before, recipe_now), resumable=False)
             return folder
-        same = progress.get("recipe_sha256") == _sha(recipe_now)
+        same = progress.get("recipe_sha256") == sha(recipe_now)
         if not same and not resume:
             folder._refuse(_diff(progress.get("recipe"), recipe_now), resumable=True)
         for i, entry in enumerate(progress.get("steps", [])):
@@ -274,7 +216,7 @@ class RunFolder:
         data = {
             "progress_version": PROGRESS_VERSION,
             "name": self.recipe.name,
-            "recipe_sha256": _sha(recipe),
+            "recipe_sha256": sha(recipe),
             "recipe": recipe,
             "complete": complete,
             "steps": self.steps,
