@@ -16,9 +16,10 @@ A state after a quantize stage is a PT2E QAT graph; it is rebuilt by running the
 (the graph's names are the eager names plus fake-quant/observer buffers).
 
 Each step carries a fingerprint of the recipe parts it depends on (:mod:`pqd.fingerprint`:
-model, data, seed, train, baseline, the stages up to it): re-running the same recipe into the same ``--out``
-continues it; another recipe there is refused unless ``--resume`` (keep the finished steps
-whose fingerprint still matches, e.g. after lowering a later stage's lr) or ``--fresh``.
+model, data, seed, train, baseline, the stages up to it): re-running the same recipe into
+the same ``--out`` continues it; another recipe there is refused unless ``--resume`` (keep
+the finished steps whose fingerprint still matches, e.g. after lowering a later stage's lr)
+or ``--fresh``.
 Everything is safetensors + JSON: resuming never unpickles anything.
 """
 
