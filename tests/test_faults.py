@@ -191,6 +191,24 @@ def test_a_stage_killed_after_an_epoch_continues_exactly(
         assert torch.equal(want[k], got[k]), k
 
 
+@pytest.mark.parametrize("steps", ["abc", [1, {"fingerprint": "x"}], None])
+def test_a_malformed_progress_file_keeps_no_steps_and_shares_none(
+    tmp_path: Path, subset_dir: Path, steps: Any
+) -> None:
+    """A progress.json whose steps are not a list of entries (edited by hand, written by
+    something else): resuming redoes them instead of failing, and no search trial takes
+    them over."""
+    from pqd.recipe import recipe_from_dict
+    from pqd.resume import PROGRESS, shared_steps
+
+    recipe = recipe_from_dict(
+        real_recipe(subset_dir, [{"stage": "prune", "sparsity": 0.5, "epochs": 1}])
+    )
+    (tmp_path / PROGRESS).write_text(json.dumps({"steps": steps, "recipe_sha256": "x"}))
+    assert RunFolder.open(tmp_path, recipe, resume=True).steps == []
+    assert shared_steps(tmp_path, recipe) == []
+
+
 def test_another_recipes_folder_is_refused(tmp_path: Path, capsys, subset_dir: Path) -> None:
     """--out holding a different recipe's run: one line naming what differs and the ways out;
     --resume keeps exactly the finished steps the change does not touch."""

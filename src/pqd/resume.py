@@ -155,8 +155,11 @@ class RunFolder:
         same = progress.get("recipe_sha256") == sha(recipe_now)
         if not same and not resume:
             folder._refuse(_diff(progress.get("recipe"), recipe_now), resumable=True)
-        for i, entry in enumerate(progress.get("steps", [])):
-            if i >= len(folder.prints) or entry.get("fingerprint") != folder.prints[i]:
+        steps = progress.get("steps")
+        for i, entry in enumerate(steps if isinstance(steps, list) else []):
+            if not isinstance(entry, dict) or i >= len(folder.prints):
+                break  # (a malformed entry: the steps from there on are redone)
+            if entry.get("fingerprint") != folder.prints[i]:
                 break
             folder.steps.append(entry)
         folder.complete = (
@@ -321,19 +324,15 @@ def shared_steps(donor: Path, recipe: Recipe) -> list[dict[str, Any]]:
         Their progress entries, in step order (empty when unreadable or nothing matches).
     """
     try:
-        progress = json.loads((donor / PROGRESS).read_text(encoding="utf-8"))
-        entries = list(progress["steps"])
-    except (OSError, ValueError, KeyError, TypeError):
+        kept = RunFolder.open(donor, recipe, resume=True).steps  # fingerprints that match
+    except RunFolderError:
         return []
-    mine = fingerprints(recipe)
     shared = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            break
+    for entry in kept:
         ckpt = entry.get("checkpoint")
-        if i >= len(mine) or entry.get("fingerprint") != mine[i] or not isinstance(ckpt, str):
+        if not isinstance(ckpt, str) or Path(ckpt).is_absolute() or ".." in Path(ckpt).parts:
             break
-        if Path(ckpt).is_absolute() or ".." in Path(ckpt).parts or not (donor / ckpt).is_file():
+        if not (donor / ckpt).is_file():
             break
         shared.append(entry)
     return shared
