@@ -296,6 +296,9 @@ def test_a_diverging_stage_keeps_finished_steps(tmp_path: Path, capsys, subset_d
     assert "finished 00-baseline, 01-prune (not recomputed)" in capsys.readouterr().err
     record = json.loads((out / "record.json").read_text())
     assert record["resume"]["reused_steps"] == ["00-baseline", "01-prune"]
+    steps = progress(out)["steps"]
+    before = steps[0]["record"]["seconds"] + steps[1]["record"]["seconds"]
+    assert record["timing_s"]["earlier_processes"] == pytest.approx(before, abs=0.02)
     assert record["final"]["precision"] == "int8" and progress(out)["complete"]
     assert (out / "checkpoints" / "01-prune.safetensors").stat().st_mtime_ns == prune_written
 
@@ -676,6 +679,13 @@ def test_sigkill_mid_stage_then_resume_equals_an_uninterrupted_run(
         "continued_after_epoch": {},
         "carried_seconds": {},
     }
+    # the run's seconds over both processes: the finished steps' and the continued one's
+    t = again["timing_s"]
+    steps = progress(out)["steps"]
+    earlier = sum(e["record"]["seconds"] for e in steps[:2]) + carried["02-quantize"]
+    assert t["earlier_processes"] == pytest.approx(earlier, abs=0.02)
+    assert t["all_processes"] == pytest.approx(t["total"] + earlier, abs=0.02)
+    assert whole["timing_s"]["all_processes"] == whole["timing_s"]["total"]
     assert _comparable(again) == _comparable(whole)
     assert (
         whole["determinism"]["seed"] == 0 and whole["determinism"]["torch_deterministic_algorithms"]

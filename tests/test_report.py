@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pqd.progress import plural
-from pqd.report import points_text, render_markdown, speed_text
+from pqd.report import points_text, render_markdown, seconds_text, speed_text
 from pqd.report.plots import place_labels
 from pqd.report.text import notes_text
 
@@ -20,6 +20,13 @@ def test_speed_and_points_phrases() -> None:
     assert points_text(-0.001) == "0.00 points" and points_text(-0.0) == "0.00 points"
     assert points_text(0.25) == "+0.25 points" and points_text(-1.5) == "-1.50 points"
     assert plural(1, "epoch") == "1 epoch" and plural(2, "epoch") == "2 epochs"
+
+
+def test_a_continued_runs_time_counts_every_process() -> None:
+    assert seconds_text({"total": 412.3}) == "412 s"  # a record from before all_processes
+    assert seconds_text({"total": 412.3, "all_processes": 412.3}) == "412 s"
+    one = {"total": 2674.0, "all_processes": 7310.4}
+    assert seconds_text(one) == "7,310 s over several processes (2,674 s in the last)"
 
 
 def test_stage_notes_are_text_not_a_python_dict() -> None:

@@ -204,6 +204,7 @@ def test_a_pairwise_run_takes_over_the_first_two_stages_of_its_permutation(tmp_p
     assert train_trial(two, str(tmp_path / "alone"), None)["ok"]
     pending = json.loads((tmp_path / "ab" / "pending.json").read_text())
     assert pending["resume"]["reused_steps"] == taken
+    assert pending["timing_s"]["earlier_processes"] == 0.0  # the donor's seconds, not its own
     got = load_file(tmp_path / "ab" / "checkpoints" / "02-distill.safetensors")
     want = load_file(tmp_path / "alone" / "checkpoints" / "02-distill.safetensors")
     assert set(got) == set(want) and any(k.startswith("mask.") for k in got)

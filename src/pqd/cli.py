@@ -240,6 +240,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         paired_text,
         parity_warnings,
         points_text,
+        seconds_text,
         speed_text,
         summary_rows,
         table,
@@ -251,7 +252,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"\nfinal vs baseline ({record['final']['runtime']}): "
         f"{speed_text(cmp_['speedup_batch1_p50'])} at batch 1, {cmp_['size_ratio']:.2f}x "
         f"smaller, accuracy {points_text(-cmp_['accuracy_drop_points'])}; "
-        f"{record['timing_s']['total']:.0f} s in all"
+        f"{seconds_text(record['timing_s'])} in all"
     )
     if cmp_.get("paired"):
         print(paired_text(cmp_["paired"]))

@@ -105,7 +105,13 @@ def finish_record(
     for art in (baseline, final):
         art.update(assess(art, art.get("target"), env["cpu_flags"], min_agreement))
     timing = {k: pending["timing_s"][k] for k in ("baseline", "stages", "export")}
-    timing.update(measure=round(measure_seconds, 2), total=round(total_seconds, 2))
+    earlier = float(pending["timing_s"].get("earlier_processes", 0.0))
+    timing.update(
+        measure=round(measure_seconds, 2),
+        total=round(total_seconds, 2),  # this process (with a pending record: and measuring)
+        earlier_processes=round(earlier, 2),  # a stopped run's steps before this process
+        all_processes=round(total_seconds + earlier, 2),
+    )
     keys = ("pqd_version", "record_version", "name", "recipe", "order", "seed", "device")
     return {
         **{k: pending[k] for k in keys},

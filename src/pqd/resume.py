@@ -118,6 +118,8 @@ class RunFolder:
     # step -> its wall seconds in the processes before this one (through its last epoch
     # checkpoint): a continued step's record counts them too
     carried: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    # how many finished steps the folder held when this process opened it
+    _opened_with: int = field(default=0, init=False, repr=False)
     # step -> when this process began it
     _began: dict[int, float] = field(default_factory=dict, init=False, repr=False)
     api: bool = False  # refusals in pqd.compress's words (out=, fresh=True), not the CLI's
@@ -162,6 +164,7 @@ class RunFolder:
             if entry.get("fingerprint") != folder.prints[i]:
                 break
             folder.steps.append(entry)
+        folder._opened_with = len(folder.steps)
         folder.complete = (
             same and bool(progress.get("complete")) and (out / "record.json").is_file()
         )
@@ -260,8 +263,24 @@ class RunFolder:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(donor / entry["checkpoint"], target)
         folder = cls(out=out, recipe=recipe, prints=fingerprints(recipe))
-        folder.steps = [dict(e) for e in steps]
+        # (marked: their seconds were spent on the donor's run, not on this one)
+        folder.steps = [{**e, "adopted_from": donor.name} for e in steps]
         folder._write(complete=False)
+
+    def earlier_seconds(self) -> float:
+        """Wall seconds this run spent in processes before this one: its finished steps'
+        (not those adopted from another run) and its continued steps' up to their last epoch
+        checkpoint.
+
+        Returns:
+            Seconds (0.0 for a run that started in this process).
+        """
+        finished = sum(
+            float(e.get("record", {}).get("seconds", 0.0))
+            for e in self.steps[: self._opened_with]
+            if "adopted_from" not in e
+        )
+        return finished + sum(self.carried.values())
 
     def mark_complete(self) -> None:
         """record.json is written: a re-run of the same recipe has nothing left to do."""

@@ -182,6 +182,7 @@ def execute(
             "export": round(export_seconds, 2),
             "reference": round(reference_seconds, 2),
             "total": round(time.perf_counter() - t_start, 2),
+            "earlier_processes": round(folder.earlier_seconds(), 2),
         },
         trained_on={**machine(), "torch_threads": torch.get_num_threads()},
     )

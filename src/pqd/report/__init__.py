@@ -26,7 +26,7 @@ from pqd.report.search import (
     search_rows,
     write_search_report,
 )
-from pqd.report.text import paired_text, points_text, speed_text
+from pqd.report.text import paired_text, points_text, seconds_text, speed_text
 
 __all__ = [
     "PAIR_HEADER",
@@ -41,6 +41,7 @@ __all__ = [
     "render_markdown",
     "render_search_markdown",
     "search_rows",
+    "seconds_text",
     "speed_text",
     "summary_rows",
     "table",

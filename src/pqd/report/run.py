@@ -16,6 +16,7 @@ from pqd.report.text import (
     notes_text,
     paired_text,
     points_text,
+    seconds_text,
     speed_text,
 )
 
@@ -220,8 +221,7 @@ def environment_lines(env: dict[str, Any], timing: dict[str, float]) -> list[str
         + ", ".join(f"{k} {v}" for k, v in libs.items()),
         f"- time: baseline {timing['baseline']:.0f} s, stages "
         f"{timing['stages']:.0f} s, export {timing['export']:.0f} s, "
-        f"measurement {timing['measure']:.0f} s, total "
-        f"{timing['total']:.0f} s",
+        f"measurement {timing['measure']:.0f} s, total {seconds_text(timing)}",
     ]
 
 

@@ -42,6 +42,24 @@ def points_text(points: float) -> str:
     return "0.00 points" if rounded == 0 else f"{rounded:+.2f} points"
 
 
+def seconds_text(timing: dict[str, Any]) -> str:
+    """A run's wall time: over all its processes, and this process's share when it was
+    stopped and continued.
+
+    Args:
+        timing: a record's ``timing_s`` (seconds; records before ``all_processes`` existed
+            count their last process only).
+
+    Returns:
+        e.g. ``"412 s"`` or ``"7,310 s over several processes (2,674 s in the last)"``.
+    """
+    total = float(timing["total"])
+    every = float(timing.get("all_processes", total))
+    if every - total < 0.5:
+        return f"{total:,.0f} s"
+    return f"{every:,.0f} s over several processes ({total:,.0f} s in the last)"
+
+
 def ci_text(ci: Any) -> str:
     """A 95% interval of fractions as ``"[76.3, 81.2]"`` (percent, one decimal); ``""`` when
     the record has none (measured before pqd wrote intervals)."""
