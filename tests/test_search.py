@@ -212,6 +212,92 @@ def test_a_pairwise_run_takes_over_the_first_two_stages_of_its_permutation(tmp_p
         assert torch.equal(got[k], want[k]), k
 
 
+def test_a_trial_waits_while_a_running_one_trains_the_stages_it_shares(tmp_path) -> None:
+    """The process executor's rule: hold a trial back while a running trial computes more of
+    its stages than a finished one offers; a trial begun before never waits."""
+    from pqd.resume import PROGRESS
+    from pqd.runs import shared_prefix, waits_for_sibling
+
+    prune = {"stage": "prune", "sparsity": 0.5, "epochs": 1}
+    distill = {"stage": "distill", "epochs": 1}
+    quantize = {"stage": "quantize", "epochs": 1}
+
+    def trial(*stages: dict[str, Any]) -> Trial:
+        recipe = recipe_from_dict(_run_recipe(str(tmp_path), list(stages)))
+        order = tuple(s["stage"] for s in stages)
+        return Trial("permutation", order, 0, (1,) * len(stages), recipe, "-".join(order))
+
+    pdq, pd, dp, p = (
+        trial(prune, distill, quantize),
+        trial(prune, distill),
+        trial(distill, prune),
+        trial(prune),
+    )
+    assert shared_prefix(pdq, pd) == 3 and shared_prefix(pdq, dp) == 1
+    assert shared_prefix(p, pd) == 2
+    fresh = tmp_path / "fresh"
+    assert waits_for_sibling(pd, fresh, [pdq], [])  # P->D->Q trains its two stages
+    assert not waits_for_sibling(dp, fresh, [pdq], [])  # only the baseline in common
+    assert not waits_for_sibling(p, fresh, [pdq], [pd])  # P->D, finished, offers the prune
+    assert waits_for_sibling(pd, fresh, [pdq], [p])  # P->D->Q will offer more than P
+    begun = tmp_path / "begun"
+    begun.mkdir()
+    (begun / PROGRESS).write_text("{}")
+    assert not waits_for_sibling(pd, begun, [pdq], [])
+
+
+@pytest.mark.integration
+def test_worker_processes_hold_a_pairwise_run_until_its_permutation_trained_its_stages(
+    tmp_path, data_dir
+):
+    """With two free workers, A->B waits for A->B->C instead of training A and B beside it,
+    then takes them over (the baseline comes from the recipe's checkpoint, as in a search)."""
+    from pqd.runs import Executor, start_from_siblings, train_trial, waits_for_sibling
+
+    prune = {"stage": "prune", "sparsity": 0.5, "epochs": 1}
+    distill = {"stage": "distill", "epochs": 1}
+    quantize = {"stage": "quantize", "epochs": 1}
+    base = _run_recipe(data_dir, [])
+    assert train_trial(base, str(tmp_path / "baseline"), None)["ok"]
+    checkpoint = str(tmp_path / "baseline" / "baseline.safetensors")
+
+    def trial(*stages: dict[str, Any]) -> Trial:
+        data = _run_recipe(data_dir, list(stages))
+        data["baseline"] = {"checkpoint": checkpoint}
+        order = tuple(s["stage"] for s in stages)
+        key = "-".join(order)  # (a trial's key names its recipe)
+        return Trial("permutation", order, 0, (1,) * len(stages), recipe_from_dict(data), key)
+
+    jobs = [
+        (trial(prune, distill, quantize), tmp_path / "pdq"),
+        (trial(prune, distill), tmp_path / "pd"),
+    ]
+    events: list[str] = []
+    done_trials: list[Trial] = []
+
+    def starting(t: Trial, folder: Path) -> None:
+        taken = start_from_siblings(folder, t, [f for _, f in jobs if f != folder])
+        events.append(f"start {folder.name} {len(taken)}")
+
+    def done(t: Trial, folder: Path, result: dict[str, Any]) -> None:
+        assert result["ok"], result
+        done_trials.append(t)
+        events.append(f"done {folder.name}")
+
+    for _, folder in jobs:
+        folder.mkdir()
+    with Executor("processes", 2, None, data_dir, False) as ex:
+        ex.run(
+            jobs,
+            done,
+            starting=starting,
+            waits=lambda t, f, running: waits_for_sibling(t, f, running, done_trials),
+        )
+    assert events == ["start pdq 0", "done pdq", "start pd 3", "done pd"]
+    pending = json.loads((tmp_path / "pd" / "pending.json").read_text())
+    assert pending["resume"]["reused_steps"] == ["00-baseline", "01-prune", "02-distill"]
+
+
 # ---------------------------------------------------------------------------- decisions
 
 

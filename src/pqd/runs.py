@@ -189,6 +189,53 @@ def start_from_siblings(folder: Path, trial: Trial, siblings: list[Path]) -> lis
     return [str(e["step"]) for e in best[1]]
 
 
+_PRINTS: dict[str, list[str]] = {}  # trial key -> its step fingerprints
+
+
+def _prints(trial: Trial) -> list[str]:
+    from pqd.fingerprint import fingerprints
+
+    if trial.key not in _PRINTS:
+        _PRINTS[trial.key] = fingerprints(trial.recipe)
+    return _PRINTS[trial.key]
+
+
+def shared_prefix(a: Trial, b: Trial) -> int:
+    """How many leading steps (the baseline, then stages) two trials compute the same: equal
+    step fingerprints (:func:`pqd.fingerprint.fingerprints`).
+
+    Returns:
+        0 when even the baselines differ; 2 or more when at least one stage is shared.
+    """
+    n = 0
+    for x, y in zip(_prints(a), _prints(b), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def waits_for_sibling(
+    trial: Trial, folder: Path, running: list[Trial], finished: list[Trial]
+) -> bool:
+    """Whether ``trial`` should wait before it starts: a trial running now computes more of
+    its stages than any finished sibling offers (:func:`start_from_siblings` takes them over
+    once that one finishes). A trial begun before (its folder has progress) never waits.
+
+    Args:
+        trial: the trial to start.
+        folder: its folder.
+        running: trials training now.
+        finished: trials whose folders hold their finished steps.
+    """
+    from pqd.resume import PROGRESS
+
+    if (folder / PROGRESS).exists():
+        return False
+    offered = max((shared_prefix(trial, t) for t in finished), default=0)
+    return any(shared_prefix(trial, t) >= max(2, offered + 1) for t in running)
+
+
 def train_trial(
     recipe_data: dict[str, Any],
     out_dir: str,
@@ -435,11 +482,15 @@ class Executor:
         *,
         local_first: bool = False,
         starting: Callable[[Trial, Path], None] | None = None,
+        waits: Callable[[Trial, Path, list[Trial]], bool] | None = None,
     ) -> None:
         """Train every job; ``done(trial, folder, result)`` runs here as each one finishes.
         ``local_first``: run in this process even for the process executor (the baseline).
         ``starting(trial, folder)`` runs here just before a job starts (local executors:
-        sequentially, each after the jobs before it finished; processes, as submitted)."""
+        sequentially, each after the jobs before it finished; processes, as a worker takes
+        it). ``waits(trial, folder, running)``: the process executor holds a job back while
+        it returns True for the trials running now (e.g. one of them trains stages the job
+        can take over), and gives a free worker the next job that does not wait."""
         if not jobs:
             return
         if self.kind == "sequential" or (local_first and self.kind == "processes"):
@@ -457,39 +508,54 @@ class Executor:
                     ),
                 )
         elif self.kind == "processes":
-            if starting is not None:
-                for trial, folder in jobs:
-                    starting(trial, folder)
-            self._run_processes(jobs, done)
+            self._run_processes(jobs, done, starting, waits)
         else:
             self._run_ray(jobs, done)
 
     def _run_processes(
-        self, jobs: list[tuple[Trial, Path]], done: Callable[[Trial, Path, dict[str, Any]], None]
+        self,
+        jobs: list[tuple[Trial, Path]],
+        done: Callable[[Trial, Path, dict[str, Any]], None],
+        starting: Callable[[Trial, Path], None] | None,
+        waits: Callable[[Trial, Path, list[Trial]], bool] | None,
     ) -> None:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
         workers = min(self.workers, len(jobs))
         threads = max(1, (os.cpu_count() or 1) // workers)
         pool = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn")
         )
+        queue = list(jobs)
+        running: dict[Future[dict[str, Any]], tuple[Trial, Path]] = {}
         try:
-            futures = {
-                pool.submit(
-                    train_trial,
-                    t.recipe.model_dump(mode="json"),
-                    str(f),
-                    self.data_root,
-                    False,
-                    threads,
-                ): (t, f)
-                for t, f in jobs
-            }
-            for fut in as_completed(futures):
-                trial, folder = futures[fut]
-                done(trial, folder, fut.result())
+            while queue or running:
+                while queue and len(running) < workers:  # the next job that need not wait
+                    busy = [t for t, _ in running.values()]
+                    job = next(
+                        (j for j in queue if waits is None or not waits(j[0], j[1], busy)),
+                        None if running else queue[0],  # (nothing runs it could wait for)
+                    )
+                    if job is None:
+                        break
+                    queue.remove(job)
+                    trial, folder = job
+                    if starting is not None:
+                        starting(trial, folder)
+                    fut = pool.submit(
+                        train_trial,
+                        trial.recipe.model_dump(mode="json"),
+                        str(folder),
+                        self.data_root,
+                        False,
+                        threads,
+                    )
+                    running[fut] = job
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    trial, folder = running.pop(fut)
+                    done(trial, folder, fut.result())
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

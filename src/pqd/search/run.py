@@ -21,6 +21,7 @@ from pqd.runs import (
     refuse_other_baseline,
     reset_folder,
     start_from_siblings,
+    waits_for_sibling,
 )
 from pqd.search.summary import summarize, write_search
 from pqd.search.trials import baseline_trial, order_label, plan_trials, say, search_budget
@@ -200,6 +201,8 @@ class SearchRun:
                 f"[{i}/{n_todo}] {trial.kind} {order_label(trial.order)} seed {trial.seed} "
                 f"(epochs {'/'.join(map(str, trial.epochs))}): {what}"
             )
+            if result["ok"]:
+                ready.append(trial)
             if not result["ok"]:
                 self.stats["failed"] += 1
                 from pqd.checkpoint import atomic_write_text
@@ -226,8 +229,20 @@ class SearchRun:
                     f"{', '.join(taken[1:])} shared with another order (not trained again)"
                 )
 
+        # finished trials offer their stages to the ones after them (processes: a trial
+        # waits while another trains the stages it shares, instead of training them twice)
+        ready = [t for t in runs.values() if all(t is not job for job, _ in todo)]
+
+        def waits(trial: Trial, folder: Path, running: list[Trial]) -> bool:
+            return waits_for_sibling(trial, folder, running, ready)
+
         t0, m0 = time.perf_counter(), self.timing["measure"]
-        ex.run(todo, finished, starting=starting if self.executor != "ray" else None)
+        ex.run(
+            todo,
+            finished,
+            starting=starting if self.executor != "ray" else None,
+            waits=waits,
+        )
         self.timing["train"] += time.perf_counter() - t0 - (self.timing["measure"] - m0)
         return to_measure
 
