@@ -6,6 +6,8 @@
                                                                #  stage is put first)
     python benchmarks/plan.py model.name=mypkg.nets:small_net  # a user model
     python benchmarks/plan.py --quick                          # smoke test: tiny net, seconds
+    python benchmarks/plan.py --recipe recipes/plan-cifar10.yaml --results docs/results
+                                            # the full-scale page: docs/results/plan-*.md
 
 1. The dense model's INT8 file is exported and timed here (batch 1 p50, the recipe's runtime
    and threads); the budgets are ``--fractions`` (default 0.5 and 0.25) of it.
@@ -198,6 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["more_accurate_within_budget"] = (
             row["pick_within_budget"] and row["pick"]["test"] >= row["hand"]["test"]
         )
+        row["paired"] = paired_vs_hand(folder / pick["dir"], hand_dir)
         row["pick_wins"] = (
             row["pick"]["test"] >= row["hand"]["test"]
             and row["pick"]["p50_ms"] <= row["hand"]["p50_ms"] * 1.05
@@ -209,6 +212,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
         save()
     return summary()
+
+
+def paired_vs_hand(pick_dir: Path, hand_dir: Path) -> dict[str, Any] | None:
+    """The pick's and the hand-made final file compared on the same test images: each top-1
+    with its 95% Wilson interval (``pick_ci``, ``hand_ci``), the difference pick - hand
+    (fractions) with its paired-bootstrap interval, the exact McNemar p and the verdict.
+
+    Returns:
+        None when either run folder has no per-image predictions.
+    """
+    from pqd.record import load_predictions
+    from pqd.stats import accuracy_summary, compare_paired
+
+    a, b = load_predictions(pick_dir), load_predictions(hand_dir)
+    if a is None or b is None:
+        return None
+    c = compare_paired(a["final"], b["final"], a["labels"])
+    ci = {}
+    for name, preds in (("pick", a), ("hand", b)):
+        s = accuracy_summary(preds["final"] == preds["labels"])
+        ci[f"{name}_ci"] = [s["ci_low"], s["ci_high"]]
+    return {**c.as_dict(), **ci, "verdict": c.verdict("pick", "uniform by hand")}
 
 
 def share_work(src: Path, dest: Path) -> None:
@@ -277,6 +302,7 @@ def iso_row(
     except PlanError as exc:
         return {"budget_ms": round(budget, 4), "plan_error": exc.line()}
     pick = result["pick"]
+    paired = paired_vs_hand(iso_dir / pick["dir"], hand_dir)
     finals = {"pick": iso_dir / pick["dir"] / "final.onnx", "hand": hand_dir / "final.onnx"}
     timed = files_against_dense(lm, finals, dense_file, dense)
     p50, hand = timed.ms["pick"], timed.ms["hand"]
@@ -291,12 +317,15 @@ def iso_row(
         "trained": result["counts"]["trained"],
         "reused": result["counts"]["reused"],  # trained for the budget's plan already
         "wins": pick["accuracy"] >= row["hand"]["test"] and p50 <= hand * 1.05,
+        "paired": paired,
     }
 
 
 def render(result: dict[str, Any]) -> str:
-    """One Markdown table, a line per budget, and the summary lines."""
+    """One Markdown table, a line per budget, the paired comparisons and the summary
+    lines."""
     from pqd.planner.latency import FINAL_PANELS
+    from pqd.report.text import ci_text, paired_text
 
     head = (
         "| budget | pick | pick p50 | pick top-1 | hand ratio | hand p50 | hand top-1 |"
@@ -335,11 +364,25 @@ def render(result: dict[str, Any]) -> str:
             )
             wins = "yes" if (r["pick_wins"] or iso["wins"]) else "NO"
         within = "yes" if r.get("more_accurate_within_budget") else "NO"
+        paired = r.get("paired") or {}
+        pick_top1 = f"{100 * p['test']:.2f}% {ci_text(paired.get('pick_ci'))}".strip()
+        hand_top1 = f"{100 * h['test']:.2f}% {ci_text(paired.get('hand_ci'))}".strip()
         lines.append(
-            f"| {budget} | {kind} | {p['p50_ms']:.3f} ms | {100 * p['test']:.2f}% | "
-            f"{h['ratio']:g} | {h['p50_ms']:.3f} ms | {100 * h['test']:.2f}% | {within} | "
+            f"| {budget} | {kind} | {p['p50_ms']:.3f} ms | {pick_top1} | "
+            f"{h['ratio']:g} | {h['p50_ms']:.3f} ms | {hand_top1} | {within} | "
             f"{iso_cell} | {wins} | {err} | {c['estimated']} / {c['trained']} |"
         )
+    compared = [
+        f"- {r['fraction']:g}x, {what}: {paired_text(c, a, 'uniform by hand')}"
+        for r in result["rows"]
+        for what, a, c in (
+            ("the budget's pick", "pick", r.get("paired")),
+            ("the plan at the hand-made file's p50", "pick", (r.get("iso") or {}).get("paired")),
+        )
+        if c
+    ]
+    if compared:
+        lines += ["", "Image by image on the test images (pick minus uniform by hand):", *compared]
     lines.append(f"\ndense p50 {result['dense_ms']:.3f} ms; wall time {result['wall_s']:.0f} s")
     lines.append(
         "p50s are scaled to that dense p50 by the dense file timed in the same final panel: "
@@ -389,21 +432,94 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip planning again at the hand-made file's own p50 (equal latency)",
     )
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="also write DIR/plan-<recipe name>.json and the page .md from it (e.g. docs/results)",
+    )
+    p.add_argument(
+        "--render", action="store_true", help="only redraw the page from --results' JSON"
+    )
     args = p.parse_args(argv)
     if args.quick and "--validate" not in (argv or sys.argv):
         args.validate = 2
     from pqd.errors import PqdError
+    from pqd.recipe import load_recipe
 
     try:
-        result = run(args)
+        name = load_recipe(args.recipe, args.overrides).name
+        json_path = args.results / f"plan-{name}.json" if args.results else None
+        if args.render:
+            if json_path is None or not json_path.is_file():
+                raise PqdError(f"{json_path} not found", "run without --render first")
+            result = json.loads(json_path.read_text(encoding="utf-8"))
+        else:
+            result = {**run(args), **provenance(args, argv)}
     except PqdError as exc:
         print(f"plan benchmark: error: {exc.line()}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    print(render(result))
+    if not args.render:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    text = page(result)
+    print(text)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        if not args.render:
+            json_path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        json_path.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
     return 0
+
+
+def provenance(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """What the page names beside its figures: the command, the date, pqd's version, the
+    machine (CPU, flags, libraries) and whether the images are the JPEG folders."""
+    import datetime
+
+    from pqd._version import __version__
+    from pqd.measurement.env import environment
+    from pqd.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-progress"]
+    return {
+        "name": recipe.name,
+        "command": " ".join(["python benchmarks/plan.py", *given]),
+        "date": datetime.date.today().isoformat(),
+        "pqd_version": __version__,
+        "environment": environment(recipe.measure.threads),
+        "folder_images": recipe.data.dataset == "folder",
+    }
+
+
+def page(result: dict[str, Any]) -> str:
+    """The results page: what ran, where and when, then :func:`render`'s table."""
+    if "command" not in result:
+        return render(result)
+    env = result["environment"]
+    head = [
+        f"# The planner against uniform pruning by hand: {result['name']}",
+        "",
+        f"`{result['command']}` on {result['date']}: pqd {result['pqd_version']}, "
+        f"{env['cpu']} ({', '.join(env['cpu_flags']) or 'no VNNI/AVX-512 flags'}), "
+        + ", ".join(f"{k} {v}" for k, v in env["libraries"].items())
+        + (
+            "; CIFAR-10 as JPEG files (pixels differ from the official files by about 6/255: "
+            "accuracies are close to, not equal to, published figures)"
+            if result.get("folder_images")
+            else ""
+        )
+        + ".",
+        "",
+        "Budgets are fractions of the dense INT8 file's batch-1 p50, measured in this run. "
+        "The pick is a planned network only when it beats the uniform reference on the "
+        "validation images beyond noise (McNemar, Holm); by hand: uniform channel pruning at "
+        "the smallest ratio whose file meets the budget, with the same stages and epochs.",
+        "",
+    ]
+    return "\n".join([*head, render(result)])
 
 
 if __name__ == "__main__":

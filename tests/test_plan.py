@@ -243,6 +243,26 @@ def test_plan_benchmark_table_names_the_pick_and_the_refusals() -> None:
     ).splitlines()
     assert "| planned | 0.250 ms | 80.00% |" in both[2] and "| yes | - | NO |" in both[2]
     assert "| yes | planned: 0.190 / 0.195 ms, 76.00% | yes |" in both[3]
+    # with both runs' test predictions: intervals in the cells, the paired test below
+    paired = {
+        "n": 10000,
+        "difference": 0.004,
+        "ci_low": -0.001,
+        "ci_high": 0.009,
+        "a_only": 140,
+        "b_only": 100,
+        "p_value": 0.012,
+        "verdict": "pick better",
+        "pick_ci": [0.742, 0.759],
+        "hand_ci": [0.738, 0.755],
+    }
+    text = bench.render({"dense_ms": 0.4, "rows": [{**row, "paired": paired}], "wall_s": 1})
+    assert "| 75.00% [74.2, 75.9] | 0.4 | 0.195 ms | 75.00% [73.8, 75.5] |" in text
+    assert (
+        "- 0.5x, the budget's pick: pick vs uniform by hand on the same 10000 test images: "
+        "+0.40 points (95% CI -0.10 to +0.90), 140 images only pick gets right, 100 only "
+        "uniform by hand (McNemar p = 0.012): pick better" in text
+    )
 
 
 def test_an_under_predicting_model_is_scaled_by_what_the_whole_files_measured() -> None:
@@ -433,6 +453,7 @@ def test_plan_benchmark_runs_the_budget_the_hand_made_run_and_equal_latency(
     out = tmp_path / "bench"
     args = ["--quick", "--out", str(out), "--data-dir", str(subset_dir), "--no-progress"]
     args += ["--cache-dir", str(tmp_path / "cache"), "--fractions", "0.7", "-k", "1"]
+    args += ["--results", str(tmp_path / "results")]
     script = (
         "import faulthandler, sys, pytest\n"
         "faulthandler.dump_traceback_later(480, exit=True)\n"  # a hang prints every stack
@@ -461,6 +482,22 @@ def test_plan_benchmark_runs_the_budget_the_hand_made_run_and_equal_latency(
     # its uniform reference is the hand-made ratio the budget's plan trained already
     assert iso["reused"] >= 1
     assert (out / "plan-0.7-iso" / "report.html").is_file()
+    # pick and hand-made file compared image by image on the test images
+    for paired, pick_top1 in ((row["paired"], row["pick"]["test"]), (iso["paired"], iso["test"])):
+        assert paired["n"] == 64 and paired["accuracy_b"] == pytest.approx(row["hand"]["test"])
+        assert paired["accuracy_a"] == pytest.approx(pick_top1)
+        assert paired["ci_low"] <= paired["difference"] <= paired["ci_high"]
+        assert paired["hand_ci"][0] <= row["hand"]["test"] <= paired["hand_ci"][1]
+    # the results page, redrawn from its JSON alone
+    (page,) = (tmp_path / "results").glob("plan-*.md")
+    text = page.read_text()
+    assert text.startswith("# The planner against uniform pruning by hand")
+    assert "python benchmarks/plan.py --quick" in text and "pick vs uniform by hand" in text
+    page.unlink()
+    from helpers import load_benchmark
+
+    assert load_benchmark("plan").main([*args, "--render"]) == 0
+    assert page.read_text() == text
 
 
 def _val_predictions(folder: Path, right: int, n: int = 1000, start: int = 0) -> None:
