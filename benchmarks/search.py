@@ -8,9 +8,11 @@ criterion, single-technique references, two-stage pairwise runs, the baseline) w
 top-1, MB on disk, batch-1 p50 latency from the search's interleaved latency panel and the
 speedup over the FP32 baseline in that panel; the pairwise table; the derived order (or the
 cycle); run counts of the pairwise method vs the full permutation search; the wall time.
-A re-run with the same --out resumes: finished trials are reused. With ``--results
-docs/results`` it also writes the verdict paragraph into the README's order block (between
-its markers, where the README has one).
+A re-run with the same --out resumes: finished trials are reused. ``--results DIR`` writes
+the page and its JSON (claims, verdict, best and pairwise order); ``--readme`` also writes
+the verdict paragraph into the README's order block (between its markers); ``--compare
+DIR/other.json`` adds what carries over from another search's results (e.g. the ViT search
+beside the CNN one).
 """
 
 from __future__ import annotations
@@ -271,7 +273,67 @@ def verdict(search: dict) -> str:
     return text + "."
 
 
-README_START = "<!-- order: written by python benchmarks/search.py --results docs/results -->"
+def results_json(search: dict) -> dict:
+    """What ``--results`` keeps beside the page: the claims, the verdict paragraph, the best
+    full order and those the paired tests cannot tell from it, the pairwise order, the
+    groups."""
+    from pqd.markdown import ordered_groups
+    from pqd.report.search import derived_order_text
+
+    perms = [g for g in ordered_groups(search) if g["kind"] == "permutation" and g.get("n")]
+    best = next((g for g in perms if g.get("rank") == 1), None)
+    return {
+        "name": search["name"],
+        "model": search["recipe"]["model"]["name"],
+        "claims": claims(search),
+        "verdict": verdict(search),
+        "best": best["label"] if best else None,
+        "tied_with_best": [g["label"] for g in perms if g is not best and g.get("tied_with_best")],
+        "pairwise_order": derived_order_text(search).replace("**", ""),
+        "groups": search["groups"],
+    }
+
+
+def carries_over(search: dict, other: dict) -> list[str]:
+    """Markdown: this search beside another's :func:`results_json` (its best order, pairwise
+    order and each claim's verdict), and which verdicts hold in both."""
+    here = results_json(search)
+    a, b = f"{here['name']} ({here['model']})", f"{other['name']} ({other.get('model', '?')})"
+
+    def best(r: dict) -> str:
+        tied = r.get("tied_with_best") or []
+        return (r["best"] or "none finished") + (
+            f"; tied with it: {', '.join(tied)}" if tied else ""
+        )
+
+    rows = [
+        ["best full order", best(here), best(other)],
+        ["pairwise order", here["pairwise_order"], other["pairwise_order"]],
+    ]
+    theirs = {c["source"]: c["verdict"] for c in other["claims"]}
+    same, differ = [], []
+    for c in here["claims"]:
+        there = theirs.get(c["source"], "not judged")
+        rows.append([c["source"], c["verdict"], there])
+        short = c["source"].split(" (")[0]
+        if there == c["verdict"]:
+            same.append(f"{short} ({c['verdict']})")
+        else:
+            differ.append(f"{short} ({c['verdict']} here, {there} there)")
+    lines = [f"## What carries over from {b}", "", *_table(["", a, b], rows), ""]
+    lines.append(
+        "Same verdict in both: "
+        + (", ".join(same) or "none")
+        + ". Different: "
+        + (", ".join(differ) or "none")
+        + "."
+    )
+    return lines
+
+
+README_START = (
+    "<!-- order: written by python benchmarks/search.py --results docs/results --readme -->"
+)
 README_END = "<!-- /order -->"
 
 
@@ -321,6 +383,18 @@ def main(argv: list[str] | None = None) -> int:
         help="also write the page and the claims as DIR/<search name>.md and .json "
         "(e.g. docs/results)",
     )
+    ap.add_argument(
+        "--readme",
+        action="store_true",
+        help="with --results: write the verdict paragraph into README.md's order block",
+    )
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="another search's results JSON (e.g. docs/results/search-cifar10.json): the page "
+        "says what carries over from it",
+    )
     args = ap.parse_args(argv)
     wall = None
     source = args.source
@@ -350,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     search = json.loads(path.read_text(encoding="utf-8"))
     page = render(search, wall)
+    if args.compare is not None:
+        if not args.compare.is_file():
+            print(f"benchmarks/search.py: error: {args.compare} not found", file=sys.stderr)
+            return 2
+        other = json.loads(args.compare.read_text(encoding="utf-8"))
+        page += "\n\n" + "\n".join(carries_over(search, other))
     print(page)
     if args.results is not None:
         env = search["environment"]
@@ -369,15 +449,15 @@ def main(argv: list[str] | None = None) -> int:
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / f"{search['name']}.md").write_text(head + page + "\n", encoding="utf-8")
         (args.results / f"{search['name']}.json").write_text(
-            json.dumps(
-                {"claims": claims(search), "verdict": verdict(search), "groups": search["groups"]},
-                indent=2,
-            )
-            + "\n",
-            encoding="utf-8",
+            json.dumps(results_json(search), indent=2) + "\n", encoding="utf-8"
         )
-        if args.results.resolve() == (ROOT / "docs" / "results").resolve():
-            write_readme(search, ROOT / "README.md", f"docs/results/{search['name']}.md")
+        if args.readme:
+            readme, page_path = ROOT / "README.md", args.results / f"{search['name']}.md"
+            try:
+                link = page_path.resolve().relative_to(ROOT).as_posix()
+            except ValueError:
+                link = page_path.resolve().as_posix()
+            write_readme(search, readme, link)
     return 0
 
 

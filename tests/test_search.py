@@ -1187,6 +1187,47 @@ def test_benchmark_verdict_paragraph_follows_the_tests_and_lands_in_the_readme(t
     assert plain.read_text() == "# no block\n"
 
 
+def test_benchmark_page_says_what_carries_over_from_another_search(tmp_path, monkeypatch):
+    """--compare: the best order, the pairwise order and each claim's verdict beside another
+    search's results JSON, and which verdicts hold in both; the README changes only with
+    --readme."""
+    bench = load_benchmark("search")
+    cnn = {"p>q>d": 0.80, "p>d>q": 0.74, "q>p>d": 0.74, "q>d>p": 0.74, "d>p>q": 0.74}
+    cnn.update({"d>q>p": 0.74, "p>q": 0.80, "q>p": 0.75, "d>p": 0.80, "p>d": 0.75})
+    other = bench.results_json(fake_search(cnn))
+    assert other["best"] == "prune -> quantize -> distill" and other["tied_with_best"] == []
+    vit = bench.results_json(fake_search({}))  # every order equal
+    assert vit["best"] is not None and len(vit["tied_with_best"]) == 5
+    lines = bench.carries_over(fake_search({}), {**other, "name": "cnn", "model": "fastnet"})
+    text = "\n".join(lines)
+    assert lines[0] == "## What carries over from cnn (fastnet)"
+    assert "| best full order | " in text and "; tied with it: " in text
+    assert "| prune -> quantize -> distill |" in text  # the CNN's best, nothing tied
+    assert "| Harma et al. (ICLR 2025) | undecided | supported |" in text
+    assert lines[-1].startswith("Same verdict in both: ") and (
+        "Harma et al. (undecided here, supported there)" in lines[-1]
+    )
+
+    search = fake_search({})
+    source = tmp_path / "search.json"
+    source.write_text(json.dumps(search))
+    theirs = tmp_path / "cnn.json"
+    theirs.write_text(json.dumps({**other, "name": "cnn", "model": "fastnet"}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{bench.README_START}\nold\n{bench.README_END}\n")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    results = tmp_path / "results"
+    argv = ["--from", str(source), "--results", str(results), "--compare", str(theirs)]
+    assert bench.main(argv) == 0
+    page = (results / f"{search['name']}.md").read_text()
+    assert "## What carries over from cnn (fastnet)" in page
+    assert "old" in readme.read_text()  # no --readme: the README's block stays
+    assert bench.main([*argv, "--readme"]) == 0
+    assert "old" not in readme.read_text()
+    assert f"(see [the page](results/{search['name']}.md)" in readme.read_text()
+    assert bench.main([*argv[:4], "--compare", str(tmp_path / "none.json")]) == 2
+
+
 def test_baseline_line_counts_epochs_in_words(tmp_path, capsys, monkeypatch, subset_dir):
     """'training 1 epoch', not '1 epochs' (the line before the shared baseline trains)."""
     import pqd.runs
