@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setup.lm,
     )
     threads = recipe.measure.threads
-    dense = args.dense_ms or lm.measure({"dense": {}})["dense"]
+    dense = args.dense_ms or earlier_dense_ms(out) or lm.measure({"dense": {}})["dense"]
     print(f"dense {precision.upper()} p50: {dense:.3f} ms ({runtime}, {threads} threads)")
     rows: list[dict[str, Any]] = []
 
@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # keeps its own bench.json
         atomic_write_text(out / "bench.json", json.dumps(summary(), indent=1))
 
+    out.mkdir(parents=True, exist_ok=True)
+    save()  # the dense p50 first: a run stopped in its first budget continues at its budgets
     first: Path | None = None  # the first budget's plan folder: later ones start from it
     for frac in args.fractions:
         budget = frac * dense
@@ -212,6 +214,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
         save()
     return summary()
+
+
+def earlier_dense_ms(out: Path) -> float | None:
+    """The dense p50 (ms) an earlier run of the benchmark into ``out`` set its budgets from,
+    so that a stopped run continues at the same budgets (its plans and runs are kept in
+    their folders); None when ``out`` holds no such run."""
+    try:
+        ms = float(json.loads((out / "bench.json").read_text(encoding="utf-8"))["dense_ms"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    print(f"continuing the run in {out}: budgets from its dense p50 (--dense-ms sets another)")
+    return ms
 
 
 def paired_vs_hand(pick_dir: Path, hand_dir: Path) -> dict[str, Any] | None:
@@ -422,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         "--dense-ms",
         type=float,
         default=None,
-        help="the dense p50 the budgets are fractions of (default: measured now; give the "
-        "earlier run's to resume it: its budgets, candidates and runs)",
+        help="the dense p50 the budgets are fractions of (default: the one of an earlier run "
+        "in --out, which continues it: its budgets, candidates and runs; else measured now)",
     )
     p.add_argument("--iso-k", type=int, default=None, help="-k of the equal-latency plans (-k)")
     p.add_argument(

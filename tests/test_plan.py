@@ -265,6 +265,17 @@ def test_plan_benchmark_table_names_the_pick_and_the_refusals() -> None:
     )
 
 
+def test_plan_benchmark_continues_at_the_budgets_of_its_earlier_run(tmp_path) -> None:
+    from helpers import load_benchmark
+
+    bench = load_benchmark("plan")
+    assert bench.earlier_dense_ms(tmp_path) is None  # nothing ran there
+    (tmp_path / "bench.json").write_text('{"dense_ms": 0.3125, "rows": []}')
+    assert bench.earlier_dense_ms(tmp_path) == 0.3125
+    (tmp_path / "bench.json").write_text('{"rows": ')  # cut off: measured anew
+    assert bench.earlier_dense_ms(tmp_path) is None
+
+
 def test_an_under_predicting_model_is_scaled_by_what_the_whole_files_measured() -> None:
     """ResNet-18 here: the 4 best candidates all measured over the budget (the model said
     0.85 ms, the file ran 1.08-1.17 ms), and an over-budget one was trained. The next try
