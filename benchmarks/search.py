@@ -51,7 +51,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render(search: dict, wall_s: float | None) -> str:
     """The Markdown tables and summary lines of one search.json."""
     from pqd.markdown import ordered_groups
-    from pqd.report.search import PAIR_HEADER, derived_order_text, pairwise_rows
+    from pqd.report.search import (
+        PAIR_HEADER,
+        derived_order_text,
+        pairwise_rows,
+        unresolved_text,
+    )
     from pqd.report.text import ci_text
 
     rows = []
@@ -90,6 +95,7 @@ def render(search: dict, wall_s: float | None) -> str:
     lines = _table(HEADER, rows)
     if search.get("pairwise"):
         lines += ["", *_table(PAIR_HEADER, pairwise_rows(search))]
+        lines += [f"- {line}" for line in unresolved_text(search)]
     runs = search["runs"]
     pm, ps = runs["pairwise_method"], runs["permutation_search"]
     panel, t = search["latency_panel"], search.get("timing_s", {})

@@ -1187,6 +1187,22 @@ def test_benchmark_verdict_paragraph_follows_the_tests_and_lands_in_the_readme(t
     assert plain.read_text() == "# no block\n"
 
 
+def test_a_pair_whose_accuracies_tie_says_what_would_resolve_it():
+    """Tied on accuracy: the page says how many images or seeds would resolve the observed
+    difference, also where latency then decided the pair; not where accuracy decided it."""
+    from pqd.report.search import unresolved_text
+
+    search = fake_search({"p>d": 0.753, "d>p": 0.75}, seeds=(0, 1))
+    row = next(r for r in search["pairwise"]["table"] if {r["a"], r["b"]} == {"prune", "distill"})
+    assert row["first"] is None
+    (line,) = [t for t in unresolved_text(search) if t.startswith(f"{row['a']} / {row['b']}")]
+    assert "would need about" in line and "test images per seed" in line
+    row.update(first=row["a"], decided_by="latency")
+    assert line in unresolved_text(search)
+    row["decided_by"] = "accuracy"
+    assert line not in unresolved_text(search)
+
+
 def test_benchmark_page_says_what_carries_over_from_another_search(tmp_path, monkeypatch):
     """--compare: the best order, the pairwise order and each claim's verdict beside another
     search's results JSON, and which verdicts hold in both; the README changes only with

@@ -249,17 +249,18 @@ def _pairwise_note(search: dict[str, Any]) -> str:
         "two positions of a full order). 95% CI: paired bootstrap of A -> B minus B -> A "
         "over the test images of every seed; p (Holm): exact McNemar on the images only one "
         "order gets right, adjusted over the pairs."
-        + "".join(f" {line}" for line in _unresolved_text(search))
+        + "".join(f" {line}" for line in unresolved_text(search))
     )
 
 
-def _unresolved_text(search: dict[str, Any]) -> list[str]:
-    """For each tied pair with a measured difference: how many test images (per seed) or
-    seeds would resolve it at the observed effect (80% power)."""
+def unresolved_text(search: dict[str, Any]) -> list[str]:
+    """For each pair whose accuracies tie (no order, or one decided by latency) with a
+    measured difference: how many test images (per seed) or seeds would resolve it at the
+    observed effect (80% power)."""
     out = []
     for r in (search.get("pairwise") or {}).get("table", []):
         pr = r.get("paired")
-        if r["first"] is not None or not pr or not pr["difference"]:
+        if r.get("decided_by") == "accuracy" or not pr or not pr["difference"]:
             continue
         need = []
         if pr.get("images_to_resolve"):
