@@ -354,3 +354,35 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def stopped_run(
+    folder: Path,
+    finished: list[str],
+    stopped: tuple[str, int] | None,
+    epochs: dict[str, int],
+    key: str | None = None,
+) -> None:
+    """A run folder as a killed run leaves it: ``progress.json`` listing the ``finished``
+    steps (not complete) and, with ``stopped=(step, epoch)``, that step's epoch checkpoint.
+    ``epochs``: epochs by step name (e.g. ``{"00-baseline": 3, "01-quantize": 4}``); ``key``:
+    also a search's ``trial.json``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(epochs)
+    recipe = {
+        "baseline": {"epochs": epochs[names[0]]},
+        "stages": [{"stage": n.split("-", 1)[1], "epochs": epochs[n]} for n in names[1:]],
+    }
+    progress = {"recipe": recipe, "complete": False, "steps": [{"step": s} for s in finished]}
+    (folder / "progress.json").write_text(json.dumps(progress))
+    if stopped is not None:
+        (folder / "checkpoints").mkdir(exist_ok=True)
+        meta = {"pqd": json.dumps({"epoch": stopped[1], "seconds": 1.0})}
+        path = folder / "checkpoints" / f"{stopped[0]}.epoch.safetensors"
+        save_file({"x": torch.zeros(1)}, str(path), metadata=meta)
+    if key is not None:
+        (folder / "trial.json").write_text(json.dumps({"key": key}))

@@ -586,6 +586,26 @@ def _untimed(node: Any) -> Any:
     return node
 
 
+def test_report_of_an_unfinished_run_says_where_it_stands(tmp_path, capsys) -> None:
+    from helpers import stopped_run
+
+    out = tmp_path / "run"
+    epochs = {"00-baseline": 3, "01-prune": 2, "02-quantize": 4}
+    stopped_run(out, ["00-baseline", "01-prune"], ("02-quantize", 3), epochs)
+    line = one_error_line(capsys, main(["report", str(out)]))
+    assert (
+        f"{out} holds an unfinished run: finished 00-baseline, 01-prune; 02-quantize stopped "
+        "after epoch 3 of 4; fix: run the same 'pqd run' command again" in line
+    )
+    stopped_run(out := tmp_path / "fresh", [], None, epochs)
+    assert "holds an unfinished run: no step finished; fix:" in one_error_line(
+        capsys, main(["report", str(out)])
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "record.json does not exist" in one_error_line(capsys, main(["report", str(empty)]))
+
+
 def test_a_continued_step_carries_its_seconds_from_every_process_before(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

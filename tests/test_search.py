@@ -1187,6 +1187,45 @@ def test_benchmark_verdict_paragraph_follows_the_tests_and_lands_in_the_readme(t
     assert plain.read_text() == "# no block\n"
 
 
+def test_report_of_an_unfinished_search_counts_its_trials(tmp_path, capsys) -> None:
+    """Before search.json exists, ``pqd report`` says how far the search has come: its
+    trials by state and where a stopped one continues, in one line."""
+    from helpers import stopped_run
+
+    out = tmp_path / "search"
+    done = {"final": {"latency_ms": {"p50": 0.2}, "accuracy": 0.8}}
+    stopped_run(out / "baseline", ["00-baseline"], None, {"00-baseline": 3}, key="b")
+
+    def report() -> str:
+        code = main(["report", str(out)])
+        err = capsys.readouterr().err
+        lines = [x for x in err.splitlines() if x.startswith("pqd: error: ")]
+        assert code == 2 and len(lines) == 1, err
+        return lines[0]
+
+    assert f"{out} holds an unfinished search: the baseline is not finished" in report()
+    (out / "baseline" / "record.json").write_text(json.dumps(done))
+    stopped_run(
+        out / "trials" / "a",
+        ["00-baseline", "01-prune"],
+        None,
+        {"00-baseline": 3, "01-prune": 2},
+        key="a",
+    )
+    (out / "trials" / "a" / "record.json").write_text(json.dumps(done))
+    epochs = {"00-baseline": 3, "01-distill": 10}
+    stopped_run(out / "trials" / "b", ["00-baseline"], ("01-distill", 5), epochs, key="b2")
+    (out / "trials" / "c").mkdir()
+    (out / "trials" / "c" / "trial.json").write_text('{"key": "c"}')
+    stopped_run(out / "trials" / "d", [], None, epochs, key="d")
+    (out / "trials" / "d" / "failed.json").write_text('{"error": "diverged"}')
+    assert (
+        "holds an unfinished search: 1 of 4 trials done (1 done, 1 begun, 1 not begun, "
+        "1 failed); b: finished 00-baseline; 01-distill stopped after epoch 5 of 10; fix: "
+        "run the same 'pqd search' command again" in report()
+    )
+
+
 def test_a_pair_whose_accuracies_tie_says_what_would_resolve_it():
     """Tied on accuracy: the page says how many images or seeds would resolve the observed
     difference, also where latency then decided the pair; not where accuracy decided it."""

@@ -397,6 +397,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     path = Path(args.run_dir) / "record.json"
     if not path.is_file():
+        from pqd.resume import unfinished_text
+        from pqd.runs import search_progress
+
+        searching = search_progress(path.parent)
+        if searching is not None:
+            raise PqdError(
+                f"{path.parent} holds an unfinished search: {searching}",
+                "run the same 'pqd search' command again to continue it (finished trials "
+                "are kept), or wait for the running one",
+            )
+        running = unfinished_text(path.parent)
+        if running is not None:
+            raise PqdError(
+                f"{path.parent} holds an unfinished run: {running}",
+                "run the same 'pqd run' command again to continue it, or wait for the running one",
+            )
         raise PqdError(
             f"{path} does not exist",
             "give a run folder written by 'pqd run' or a 'pqd search' folder",

@@ -118,6 +118,57 @@ def folder_status(folder: Path, key: str) -> str:
     return "partial" if (folder / PROGRESS).is_file() else "missing"
 
 
+def search_progress(out: Path) -> str | None:
+    """How far the search in ``out`` has come, in words (``pqd report`` before search.json
+    exists): its trials by state, and where each stopped one continues
+    (:func:`pqd.resume.unfinished_text`).
+
+    Args:
+        out: a ``pqd search`` folder.
+
+    Returns:
+        None when ``out`` holds no search (no baseline or trial folders).
+    """
+    from pqd.resume import unfinished_text
+
+    if not (out / "baseline" / TRIAL_FILE).is_file():
+        return None
+    base = folder_status(out / "baseline", _key(out / "baseline"))
+    if base != "done":
+        stopped = unfinished_text(out / "baseline")
+        return "the baseline is not finished" + (f" ({stopped})" if stopped else "")
+    states: dict[str, int] = {}
+    stopped_at = []
+    for trial in sorted((out / "trials").glob(f"*/{TRIAL_FILE}")):
+        folder = trial.parent
+        state = (
+            "failed" if (folder / "failed.json").is_file() else folder_status(folder, _key(folder))
+        )
+        states[state] = states.get(state, 0) + 1
+        text = unfinished_text(folder) if state == "partial" else None
+        if text and "stopped after" in text:
+            stopped_at.append(f"{folder.name}: {text}")
+    words = {
+        "done": "done",
+        "trained": "trained (awaiting measurement)",
+        "partial": "begun",
+        "missing": "not begun",
+        "failed": "failed",
+    }
+    counts = ", ".join(f"{states[k]} {w}" for k, w in words.items() if states.get(k))
+    total = sum(states.values())
+    return f"{states.get('done', 0)} of {total} trials done ({counts})" + "".join(
+        f"; {t}" for t in stopped_at
+    )
+
+
+def _key(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / TRIAL_FILE).read_text(encoding="utf-8")).get("key"))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def refuse_other_baseline(folder: Path, key: str) -> None:
     """Raise a one-line PqdError when ``folder`` holds a finished, measured baseline of a
     recipe other than ``key``'s: training this recipe's baseline would delete it (and
