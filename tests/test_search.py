@@ -212,11 +212,12 @@ def test_a_pairwise_run_takes_over_the_first_two_stages_of_its_permutation(tmp_p
         assert torch.equal(got[k], want[k]), k
 
 
-def test_a_trial_waits_while_a_running_one_trains_the_stages_it_shares(tmp_path) -> None:
-    """The process executor's rule: hold a trial back while a running trial computes more of
-    its stages than a finished one offers; a trial begun before never waits."""
+def test_a_free_worker_takes_trials_in_the_order_that_shares_stages(tmp_path) -> None:
+    """The process executor's order: a trial whose every step a running trial trains waits
+    for it; one that shares only some stages with a running trial starts after the trials
+    that share nothing (never leaving a worker idle); a trial begun before starts."""
     from pqd.resume import PROGRESS
-    from pqd.runs import shared_prefix, waits_for_sibling
+    from pqd.runs import Sharing
 
     prune = {"stage": "prune", "sparsity": 0.5, "epochs": 1}
     distill = {"stage": "distill", "epochs": 1}
@@ -227,23 +228,26 @@ def test_a_trial_waits_while_a_running_one_trains_the_stages_it_shares(tmp_path)
         order = tuple(s["stage"] for s in stages)
         return Trial("permutation", order, 0, (1,) * len(stages), recipe, "-".join(order))
 
-    pdq, pd, dp, p = (
+    pdq, pqd_, pd, dp, p = (
         trial(prune, distill, quantize),
+        trial(prune, quantize, distill),
         trial(prune, distill),
         trial(distill, prune),
         trial(prune),
     )
-    assert shared_prefix(pdq, pd) == 3 and shared_prefix(pdq, dp) == 1
-    assert shared_prefix(p, pd) == 2
+    sharing = Sharing([])
+    assert sharing.shared(pdq, pd) == 3 and sharing.shared(pdq, dp) == 1
+    assert sharing.shared(p, pd) == 2 and sharing.shared(pdq, pqd_) == 2
     fresh = tmp_path / "fresh"
-    assert waits_for_sibling(pd, fresh, [pdq], [])  # P->D->Q trains its two stages
-    assert not waits_for_sibling(dp, fresh, [pdq], [])  # only the baseline in common
-    assert not waits_for_sibling(p, fresh, [pdq], [pd])  # P->D, finished, offers the prune
-    assert waits_for_sibling(pd, fresh, [pdq], [p])  # P->D->Q will offer more than P
+    assert sharing.level(pd, fresh, [pdq]) == Sharing.WAIT  # P->D->Q trains both its stages
+    assert sharing.level(pqd_, fresh, [pdq]) == Sharing.LATER  # it trains the prune only
+    assert sharing.level(dp, fresh, [pdq]) == Sharing.START  # only the baseline in common
+    assert Sharing([pd]).level(p, fresh, [pdq]) == Sharing.START  # P->D offers the prune
+    assert Sharing([p]).level(pd, fresh, [pdq]) == Sharing.WAIT  # more than P offers
     begun = tmp_path / "begun"
     begun.mkdir()
     (begun / PROGRESS).write_text("{}")
-    assert not waits_for_sibling(pd, begun, [pdq], [])
+    assert sharing.level(pd, begun, [pdq]) == Sharing.START
 
 
 @pytest.mark.integration
@@ -252,7 +256,7 @@ def test_worker_processes_hold_a_pairwise_run_until_its_permutation_trained_its_
 ):
     """With two free workers, A->B waits for A->B->C instead of training A and B beside it,
     then takes them over (the baseline comes from the recipe's checkpoint, as in a search)."""
-    from pqd.runs import Executor, start_from_siblings, train_trial, waits_for_sibling
+    from pqd.runs import Executor, Sharing, start_from_siblings, train_trial
 
     prune = {"stage": "prune", "sparsity": 0.5, "epochs": 1}
     distill = {"stage": "distill", "epochs": 1}
@@ -273,7 +277,7 @@ def test_worker_processes_hold_a_pairwise_run_until_its_permutation_trained_its_
         (trial(prune, distill), tmp_path / "pd"),
     ]
     events: list[str] = []
-    done_trials: list[Trial] = []
+    sharing = Sharing([])
 
     def starting(t: Trial, folder: Path) -> None:
         taken = start_from_siblings(folder, t, [f for _, f in jobs if f != folder])
@@ -281,18 +285,13 @@ def test_worker_processes_hold_a_pairwise_run_until_its_permutation_trained_its_
 
     def done(t: Trial, folder: Path, result: dict[str, Any]) -> None:
         assert result["ok"], result
-        done_trials.append(t)
+        sharing.finished.append(t)
         events.append(f"done {folder.name}")
 
     for _, folder in jobs:
         folder.mkdir()
     with Executor("processes", 2, None, data_dir, False) as ex:
-        ex.run(
-            jobs,
-            done,
-            starting=starting,
-            waits=lambda t, f, running: waits_for_sibling(t, f, running, done_trials),
-        )
+        ex.run(jobs, done, starting=starting, order=sharing.level)
     assert events == ["start pdq 0", "done pdq", "start pd 3", "done pd"]
     pending = json.loads((tmp_path / "pd" / "pending.json").read_text())
     assert pending["resume"]["reused_steps"] == ["00-baseline", "01-prune", "02-distill"]

@@ -240,51 +240,55 @@ def start_from_siblings(folder: Path, trial: Trial, siblings: list[Path]) -> lis
     return [str(e["step"]) for e in best[1]]
 
 
-_PRINTS: dict[str, list[str]] = {}  # trial key -> its step fingerprints
-
-
-def _prints(trial: Trial) -> list[str]:
-    from pqd.fingerprint import fingerprints
-
-    if trial.key not in _PRINTS:
-        _PRINTS[trial.key] = fingerprints(trial.recipe)
-    return _PRINTS[trial.key]
-
-
-def shared_prefix(a: Trial, b: Trial) -> int:
-    """How many leading steps (the baseline, then stages) two trials compute the same: equal
-    step fingerprints (:func:`pqd.fingerprint.fingerprints`).
-
-    Returns:
-        0 when even the baselines differ; 2 or more when at least one stage is shared.
-    """
-    n = 0
-    for x, y in zip(_prints(a), _prints(b), strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def waits_for_sibling(
-    trial: Trial, folder: Path, running: list[Trial], finished: list[Trial]
-) -> bool:
-    """Whether ``trial`` should wait before it starts: a trial running now computes more of
-    its stages than any finished sibling offers (:func:`start_from_siblings` takes them over
-    once that one finishes). A trial begun before (its folder has progress) never waits.
+class Sharing:
+    """Which trial a free worker of the process executor takes next, so that trials share
+    stages (:func:`start_from_siblings`) without workers sitting idle: one per search run
+    (it caches each trial's step fingerprints by key).
 
     Args:
-        trial: the trial to start.
-        folder: its folder.
-        running: trials training now.
-        finished: trials whose folders hold their finished steps.
+        finished: trials whose folders hold their finished steps (appended to as trials
+            finish).
     """
-    from pqd.resume import PROGRESS
 
-    if (folder / PROGRESS).exists():
-        return False
-    offered = max((shared_prefix(trial, t) for t in finished), default=0)
-    return any(shared_prefix(trial, t) >= max(2, offered + 1) for t in running)
+    START, LATER, WAIT = 0, 1, 2
+
+    def __init__(self, finished: list[Trial]) -> None:
+        self.finished = finished
+        self._prints: dict[str, list[str]] = {}
+
+    def prints(self, trial: Trial) -> list[str]:
+        """The trial's step fingerprints (:func:`pqd.fingerprint.fingerprints`)."""
+        from pqd.fingerprint import fingerprints
+
+        if trial.key not in self._prints:
+            self._prints[trial.key] = fingerprints(trial.recipe)
+        return self._prints[trial.key]
+
+    def shared(self, a: Trial, b: Trial) -> int:
+        """How many leading steps (the baseline, then stages) ``a`` and ``b`` compute the
+        same: 0 when even the baselines differ, 2 or more when a stage is shared."""
+        n = 0
+        for x, y in zip(self.prints(a), self.prints(b), strict=False):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    def level(self, trial: Trial, folder: Path, running: list[Trial]) -> int:
+        """``WAIT``: a running trial trains every step of ``trial`` (a pairwise run A->B
+        while A->B->C trains): it takes them over once that one finishes. ``LATER``: a
+        running trial trains some of its stages that no finished one offers: started only
+        when no ``START`` trial is left for a free worker. ``START`` otherwise, and always
+        for a trial begun before (its folder has progress)."""
+        from pqd.resume import PROGRESS
+
+        if (folder / PROGRESS).exists():
+            return self.START
+        offered = max((self.shared(trial, t) for t in self.finished), default=0)
+        best = max((self.shared(trial, t) for t in running), default=0)
+        if best < max(2, offered + 1):
+            return self.START
+        return self.WAIT if best == len(self.prints(trial)) else self.LATER
 
 
 def train_trial(
@@ -533,15 +537,16 @@ class Executor:
         *,
         local_first: bool = False,
         starting: Callable[[Trial, Path], None] | None = None,
-        waits: Callable[[Trial, Path, list[Trial]], bool] | None = None,
+        order: Callable[[Trial, Path, list[Trial]], int] | None = None,
     ) -> None:
         """Train every job; ``done(trial, folder, result)`` runs here as each one finishes.
         ``local_first``: run in this process even for the process executor (the baseline).
         ``starting(trial, folder)`` runs here just before a job starts (local executors:
         sequentially, each after the jobs before it finished; processes, as a worker takes
-        it). ``waits(trial, folder, running)``: the process executor holds a job back while
-        it returns True for the trials running now (e.g. one of them trains stages the job
-        can take over), and gives a free worker the next job that does not wait."""
+        it). ``order(trial, folder, running)`` (:meth:`Sharing.level`): the process executor
+        gives a free worker the first job at level 0 (start), else the first at level 1
+        (later), and holds level-2 jobs (wait) back while the trials running now decide
+        it."""
         if not jobs:
             return
         if self.kind == "sequential" or (local_first and self.kind == "processes"):
@@ -559,7 +564,7 @@ class Executor:
                     ),
                 )
         elif self.kind == "processes":
-            self._run_processes(jobs, done, starting, waits)
+            self._run_processes(jobs, done, starting, order)
         else:
             self._run_ray(jobs, done)
 
@@ -568,7 +573,7 @@ class Executor:
         jobs: list[tuple[Trial, Path]],
         done: Callable[[Trial, Path, dict[str, Any]], None],
         starting: Callable[[Trial, Path], None] | None,
-        waits: Callable[[Trial, Path, list[Trial]], bool] | None,
+        order: Callable[[Trial, Path, list[Trial]], int] | None,
     ) -> None:
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -582,14 +587,12 @@ class Executor:
         running: dict[Future[dict[str, Any]], tuple[Trial, Path]] = {}
         try:
             while queue or running:
-                while queue and len(running) < workers:  # the next job that need not wait
+                while queue and len(running) < workers:  # the next job by its level
                     busy = [t for t, _ in running.values()]
-                    job = next(
-                        (j for j in queue if waits is None or not waits(j[0], j[1], busy)),
-                        None if running else queue[0],  # (nothing runs it could wait for)
-                    )
-                    if job is None:
-                        break
+                    levels = [0 if order is None else order(t, f, busy) for t, f in queue]
+                    if min(levels) >= 2 and running:
+                        break  # every job waits for a running one
+                    job = queue[levels.index(min(levels))]
                     queue.remove(job)
                     trial, folder = job
                     if starting is not None:

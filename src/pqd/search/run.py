@@ -14,6 +14,7 @@ from pqd.errors import PqdError
 from pqd.recipe import Recipe
 from pqd.runs import (
     Executor,
+    Sharing,
     Trial,
     check_executor,
     file_digest,
@@ -21,7 +22,6 @@ from pqd.runs import (
     refuse_other_baseline,
     reset_folder,
     start_from_siblings,
-    waits_for_sibling,
 )
 from pqd.search.summary import summarize, write_search
 from pqd.search.trials import baseline_trial, order_label, plan_trials, say, search_budget
@@ -202,7 +202,7 @@ class SearchRun:
                 f"(epochs {'/'.join(map(str, trial.epochs))}): {what}"
             )
             if result["ok"]:
-                ready.append(trial)
+                sharing.finished.append(trial)
             if not result["ok"]:
                 self.stats["failed"] += 1
                 from pqd.checkpoint import atomic_write_text
@@ -230,18 +230,14 @@ class SearchRun:
                 )
 
         # finished trials offer their stages to the ones after them (processes: a trial
-        # waits while another trains the stages it shares, instead of training them twice)
-        ready = [t for t in runs.values() if all(t is not job for job, _ in todo)]
-
-        def waits(trial: Trial, folder: Path, running: list[Trial]) -> bool:
-            return waits_for_sibling(trial, folder, running, ready)
-
+        # that a running one trains every step of waits for it; see Sharing)
+        sharing = Sharing([t for t in runs.values() if all(t is not job for job, _ in todo)])
         t0, m0 = time.perf_counter(), self.timing["measure"]
         ex.run(
             todo,
             finished,
             starting=starting if self.executor != "ray" else None,
-            waits=waits,
+            order=sharing.level,
         )
         self.timing["train"] += time.perf_counter() - t0 - (self.timing["measure"] - m0)
         return to_measure
