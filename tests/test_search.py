@@ -746,6 +746,8 @@ def test_cli_search_writes_every_order_frontier_pairwise_and_reports(sequential)
         assert record["final"]["accuracy"] == t["accuracy"]
     assert (out / "report.html").stat().st_size > 10_000 and (out / "report.md").is_file()
     assert main(["report", str(out / "baseline")]) == 0  # a run folder still reports as a run
+    listed = json.loads((out / "trials.json").read_text())  # (pqd report while it runs)
+    assert {t["folder"] for t in listed} == {t["dir"] for t in search["trials"]}
 
 
 @pytest.mark.integration
@@ -1223,6 +1225,16 @@ def test_report_of_an_unfinished_search_counts_its_trials(tmp_path, capsys) -> N
         "1 failed); b: finished 00-baseline; 01-distill stopped after epoch 5 of 10; fix: "
         "run the same 'pqd search' command again" in report()
     )
+    # a trial that failed once and succeeded when re-run is done; the search lists its own
+    # trials, so another recipe's folder beside them is not counted
+    (out / "trials" / "a" / "failed.json").write_text('{"error": "diverged"}')
+    (out / "trials" / "old").mkdir()
+    (out / "trials" / "old" / "trial.json").write_text('{"key": "old"}')
+    listed = [{"key": k, "folder": f"trials/{k}"} for k in "abcd"]
+    (out / "trials.json").write_text(json.dumps(listed))
+    assert "1 of 4 trials done (1 done, 1 begun, 1 not begun, 1 failed)" in report()
+    (out / "trials" / "b" / "checkpoints" / "01-distill.epoch.safetensors").write_bytes(b"")
+    assert "1 begun, 1 not begun, 1 failed); fix:" in report()  # (an unreadable checkpoint)
 
 
 def test_a_pair_whose_accuracies_tie_says_what_would_resolve_it():

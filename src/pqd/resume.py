@@ -377,7 +377,7 @@ def unfinished_text(out: Path) -> str | None:
     if progress.get("complete") and (out / "record.json").is_file():
         return None
     parts = [f"finished {', '.join(steps)}" if steps else "no step finished"]
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for path in sorted((out / "checkpoints").glob("*.epoch.safetensors")):
         name = path.name.split(".")[0]  # e.g. 02-quantize
@@ -386,8 +386,10 @@ def unfinished_text(out: Path) -> str | None:
                 epoch = int(json.loads((f.metadata() or {})["pqd"])["epoch"])
             i = int(name.split("-")[0])
             spec = recipe["baseline"] if i == 0 else recipe["stages"][i - 1]
-            of = f" of {spec['epochs']}" if spec.get("epochs") else ""
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            # (an iterative schedule counts the epochs of each cycle: no "of N")
+            whole = spec.get("epochs") and spec.get("schedule") != "iterative"
+            of = f" of {spec['epochs']}" if whole else ""
+        except (OSError, ValueError, KeyError, IndexError, TypeError, SafetensorError):
             continue
         parts.append(f"{name} stopped after epoch {epoch}{of}")
     return "; ".join(parts)

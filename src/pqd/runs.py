@@ -32,6 +32,7 @@ from pqd.recipe import Recipe, recipe_from_dict, stable_dump
 KEY_VERSION = 1  # bump when a change makes old trial folders unusable
 EXECUTORS = ("sequential", "processes", "ray")
 TRIAL_FILE = "trial.json"
+TRIALS_FILE = "trials.json"  # in a search folder: the current recipe's trial folders
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,15 @@ def search_progress(out: Path) -> str | None:
         return "the baseline is not finished" + (f" ({stopped})" if stopped else "")
     states: dict[str, int] = {}
     stopped_at = []
-    for trial in sorted((out / "trials").glob(f"*/{TRIAL_FILE}")):
-        folder = trial.parent
-        state = (
-            "failed" if (folder / "failed.json").is_file() else folder_status(folder, _key(folder))
-        )
+    try:  # the current recipe's trials (other recipes' trial folders are kept beside them)
+        listed = json.loads((out / TRIALS_FILE).read_text(encoding="utf-8"))
+        folders = [out / str(t["folder"]) for t in listed]
+    except (OSError, ValueError, KeyError, TypeError):
+        folders = [t.parent for t in sorted((out / "trials").glob(f"*/{TRIAL_FILE}"))]
+    for folder in folders:
+        state = folder_status(folder, _key(folder))
+        if state not in ("done", "trained") and (folder / "failed.json").is_file():
+            state = "failed"  # (in the last invocation; a re-run tries it again)
         states[state] = states.get(state, 0) + 1
         text = unfinished_text(folder) if state == "partial" else None
         if text and "stopped after" in text:

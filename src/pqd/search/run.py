@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pqd.checkpoint import atomic_write_text
 from pqd.errors import PqdError
 from pqd.recipe import Recipe
 from pqd.runs import (
+    TRIALS_FILE,
     Executor,
     Sharing,
     Trial,
@@ -205,8 +207,6 @@ class SearchRun:
                 sharing.finished.append(trial)
             if not result["ok"]:
                 self.stats["failed"] += 1
-                from pqd.checkpoint import atomic_write_text
-
                 atomic_write_text(folder / "failed.json", json.dumps(result, indent=2))
                 return
             self.stats["trained"] += 1
@@ -218,6 +218,8 @@ class SearchRun:
         for trial, folder in todo:
             if folder_status(folder, trial.key) == "missing":  # a stopped one continues
                 reset_folder(folder, trial)
+        listed = [{"key": t.key, "folder": t.folder} for t in runs.values()]
+        atomic_write_text(out / TRIALS_FILE, json.dumps(listed, indent=1))  # (pqd report)
         siblings = [out / t.folder for t in runs.values()]
 
         def starting(trial: Trial, folder: Path) -> None:
