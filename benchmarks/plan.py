@@ -104,12 +104,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setup.lm,
     )
     threads = recipe.measure.threads
-    dense = args.dense_ms or earlier_dense_ms(out) or lm.measure({"dense": {}})["dense"]
+    # what the dense p50 depends on: a run into the same --out continues only with these
+    inputs = {
+        "recipe": recipe.name,
+        "model": recipe.model.name,
+        "runtime": runtime,
+        "threads": threads,
+        "precision": precision,
+        "quick": bool(args.quick),
+    }
+    dense = args.dense_ms or earlier_dense_ms(out, inputs) or lm.measure({"dense": {}})["dense"]
     print(f"dense {precision.upper()} p50: {dense:.3f} ms ({runtime}, {threads} threads)")
     rows: list[dict[str, Any]] = []
 
     def summary() -> dict[str, Any]:
-        return {"dense_ms": dense, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+        return {
+            "dense_ms": dense,
+            "dense_inputs": inputs,
+            "rows": rows,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
 
     def save() -> None:  # after each budget: a run stopped later keeps what it measured
         # by atomic rename, as pqd writes: a copy of the folder made with hard links (cp -al)
@@ -216,13 +230,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary()
 
 
-def earlier_dense_ms(out: Path) -> float | None:
+def earlier_dense_ms(out: Path, inputs: dict[str, Any]) -> float | None:
     """The dense p50 (ms) an earlier run of the benchmark into ``out`` set its budgets from,
     so that a stopped run continues at the same budgets (its plans and runs are kept in
-    their folders); None when ``out`` holds no such run."""
+    their folders); None when ``out`` holds no such run, or one of other ``inputs`` (recipe,
+    model, runtime, threads, precision, --quick: a note says so)."""
     try:
-        ms = float(json.loads((out / "bench.json").read_text(encoding="utf-8"))["dense_ms"])
+        earlier = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+        ms, before = float(earlier["dense_ms"]), earlier.get("dense_inputs")
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if before != inputs:
+        print(f"{out} holds a run with other inputs ({before}): the dense p50 is measured anew")
         return None
     print(f"continuing the run in {out}: budgets from its dense p50 (--dense-ms sets another)")
     return ms
@@ -458,14 +477,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick and "--validate" not in (argv or sys.argv):
         args.validate = 2
+    if args.quick and args.out == p.get_default("out"):
+        args.out += "-quick"  # (a smoke test does not continue the real run's folder)
     from pqd.errors import PqdError
     from pqd.recipe import load_recipe
 
     try:
-        name = load_recipe(args.recipe, args.overrides).name
+        name = load_recipe(args.recipe, args.overrides).name + ("-quick" if args.quick else "")
         json_path = args.results / f"plan-{name}.json" if args.results else None
         if args.render:
-            if json_path is None or not json_path.is_file():
+            if json_path is None:
+                raise PqdError("--render redraws a results page", "give --results DIR too")
+            if not json_path.is_file():
                 raise PqdError(f"{json_path} not found", "run without --render first")
             result = json.loads(json_path.read_text(encoding="utf-8"))
         else:
@@ -499,7 +522,7 @@ def provenance(args: argparse.Namespace, argv: list[str] | None) -> dict[str, An
     recipe = load_recipe(args.recipe, args.overrides)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-progress"]
     return {
-        "name": recipe.name,
+        "name": recipe.name + ("-quick" if args.quick else ""),
         "command": " ".join(["python benchmarks/plan.py", *given]),
         "date": datetime.date.today().isoformat(),
         "pqd_version": __version__,
@@ -527,7 +550,8 @@ def page(result: dict[str, Any]) -> str:
         )
         + ".",
         "",
-        "Budgets are fractions of the dense INT8 file's batch-1 p50, measured in this run. "
+        "Budgets are fractions of the dense (unpruned) file's batch-1 p50, measured when the "
+        "benchmark began (a stopped run continues at the same budgets). "
         "The pick is a planned network only when it beats the uniform reference on the "
         "validation images beyond noise (McNemar, Holm); by hand: uniform channel pruning at "
         "the smallest ratio whose file meets the budget, with the same stages and epochs.",

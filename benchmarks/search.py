@@ -95,7 +95,9 @@ def render(search: dict, wall_s: float | None) -> str:
     lines = _table(HEADER, rows)
     if search.get("pairwise"):
         lines += ["", *_table(PAIR_HEADER, pairwise_rows(search))]
-        lines += [f"- {line}" for line in unresolved_text(search)]
+        unresolved = unresolved_text(search)
+        if unresolved:
+            lines += ["", *[f"- {line}" for line in unresolved]]
     runs = search["runs"]
     pm, ps = runs["pairwise_method"], runs["permutation_search"]
     panel, t = search["latency_panel"], search.get("timing_s", {})
@@ -402,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         "says what carries over from it",
     )
     args = ap.parse_args(argv)
+    if args.readme and args.results is None:
+        ap.error("--readme writes the README's order paragraph from the results: give --results")
     wall = None
     source = args.source
     if source is None:
@@ -435,6 +439,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmarks/search.py: error: {args.compare} not found", file=sys.stderr)
             return 2
         other = json.loads(args.compare.read_text(encoding="utf-8"))
+        need = ("name", "claims", "best", "tied_with_best", "pairwise_order")
+        if not isinstance(other, dict) or any(k not in other for k in need):
+            print(
+                f"benchmarks/search.py: error: {args.compare} is not a search's results JSON "
+                "(need its name, claims, best and pairwise order); fix: write it anew with "
+                "benchmarks/search.py --from THAT_SEARCH --results DIR",
+                file=sys.stderr,
+            )
+            return 2
         page += "\n\n" + "\n".join(carries_over(search, other))
     print(page)
     if args.results is not None:
@@ -463,7 +476,12 @@ def main(argv: list[str] | None = None) -> int:
                 link = page_path.resolve().relative_to(ROOT).as_posix()
             except ValueError:
                 link = page_path.resolve().as_posix()
-            write_readme(search, readme, link)
+            if not write_readme(search, readme, link):
+                print(
+                    f"benchmarks/search.py: {readme} has no order block ({README_START} ... "
+                    f"{README_END}): the README is unchanged",
+                    file=sys.stderr,
+                )
     return 0
 
 

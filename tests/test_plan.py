@@ -269,11 +269,14 @@ def test_plan_benchmark_continues_at_the_budgets_of_its_earlier_run(tmp_path) ->
     from helpers import load_benchmark
 
     bench = load_benchmark("plan")
-    assert bench.earlier_dense_ms(tmp_path) is None  # nothing ran there
-    (tmp_path / "bench.json").write_text('{"dense_ms": 0.3125, "rows": []}')
-    assert bench.earlier_dense_ms(tmp_path) == 0.3125
+    inputs = {"recipe": "r", "model": "fastnet_q8", "threads": 2, "quick": False}
+    assert bench.earlier_dense_ms(tmp_path, inputs) is None  # nothing ran there
+    earlier = {"dense_ms": 0.3125, "dense_inputs": inputs, "rows": []}
+    (tmp_path / "bench.json").write_text(json.dumps(earlier))
+    assert bench.earlier_dense_ms(tmp_path, inputs) == 0.3125
+    assert bench.earlier_dense_ms(tmp_path, {**inputs, "quick": True}) is None  # another run
     (tmp_path / "bench.json").write_text('{"rows": ')  # cut off: measured anew
-    assert bench.earlier_dense_ms(tmp_path) is None
+    assert bench.earlier_dense_ms(tmp_path, inputs) is None
 
 
 def test_an_under_predicting_model_is_scaled_by_what_the_whole_files_measured() -> None:

@@ -1292,6 +1292,9 @@ def test_benchmark_page_says_what_carries_over_from_another_search(tmp_path, mon
     assert "old" not in readme.read_text()
     assert f"(see [the page](results/{search['name']}.md)" in readme.read_text()
     assert bench.main([*argv[:4], "--compare", str(tmp_path / "none.json")]) == 2
+    assert bench.main([*argv[:4], "--compare", str(source)]) == 2  # a search.json, not results
+    with pytest.raises(SystemExit):
+        bench.main(["--from", str(source), "--readme"])  # --readme needs --results
 
 
 def test_baseline_line_counts_epochs_in_words(tmp_path, capsys, monkeypatch, subset_dir):
