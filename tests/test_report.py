@@ -26,7 +26,7 @@ def test_a_continued_runs_time_counts_every_process() -> None:
     assert seconds_text({"total": 412.3}) == "412 s"  # a record from before all_processes
     assert seconds_text({"total": 412.3, "all_processes": 412.3}) == "412 s"
     one = {"total": 2674.0, "all_processes": 7310.4}
-    assert seconds_text(one) == "7,310 s over several processes (2,674 s in the last)"
+    assert seconds_text(one) == "7,310 s over several processes (2,674 s since the last start)"
 
 
 def test_stage_notes_are_text_not_a_python_dict() -> None:

@@ -51,13 +51,13 @@ def seconds_text(timing: dict[str, Any]) -> str:
             count their last process only).
 
     Returns:
-        e.g. ``"412 s"`` or ``"7,310 s over several processes (2,674 s in the last)"``.
+        e.g. ``"412 s"`` or ``"7,310 s over several processes (2,674 s since the last start)"``.
     """
     total = float(timing["total"])
     every = float(timing.get("all_processes", total))
     if every - total < 0.5:
         return f"{total:,.0f} s"
-    return f"{every:,.0f} s over several processes ({total:,.0f} s in the last)"
+    return f"{every:,.0f} s over several processes ({total:,.0f} s since the last start)"
 
 
 def ci_text(ci: Any) -> str:
