@@ -52,8 +52,11 @@ def render(search: dict, wall_s: float | None) -> str:
     """The Markdown tables and summary lines of one search.json."""
     from pqd.markdown import ordered_groups
     from pqd.report.search import (
+        ORDER_PAIR_HEADER,
         PAIR_HEADER,
         derived_order_text,
+        order_pair_rows,
+        order_pairs_note,
         pairwise_rows,
         unresolved_text,
     )
@@ -93,6 +96,9 @@ def render(search: dict, wall_s: float | None) -> str:
             ]
         )
     lines = _table(HEADER, rows)
+    if search.get("order_pairs"):
+        lines += ["", order_pairs_note(search), ""]
+        lines += _table(ORDER_PAIR_HEADER, order_pair_rows(search))
     if search.get("pairwise"):
         lines += ["", *_table(PAIR_HEADER, pairwise_rows(search))]
         unresolved = unresolved_text(search)

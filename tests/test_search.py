@@ -650,7 +650,9 @@ def test_report_renders_from_a_stored_search_json(tmp_path, capsys):
     assert md in capsys.readouterr().out
     html = (tmp_path / "report.html").read_text()
     assert html.count('src="data:image/png;base64,iVBOR') == 4  # embedded PNGs
-    assert html.count("<table>") == 2 and "no order is derived" in html
+    assert (
+        html.count("<table>") == 3 and "no order is derived" in html
+    )  # results, every pair of orders, pairwise
     for name in ("accuracy_latency", "accuracy_size", "orders", "pairwise_graph"):
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -1235,6 +1237,32 @@ def test_report_of_an_unfinished_search_counts_its_trials(tmp_path, capsys) -> N
     assert "1 of 4 trials done (1 done, 1 begun, 1 not begun, 1 failed)" in report()
     (out / "trials" / "b" / "checkpoints" / "01-distill.epoch.safetensors").write_bytes(b"")
     assert "1 begun, 1 not begun, 1 failed); fix:" in report()  # (an unreadable checkpoint)
+
+
+def test_every_pair_of_full_orders_is_compared_with_holm_over_the_pairs():
+    from pqd.report import render_search_markdown
+    from pqd.report.search import order_pair_rows
+
+    acc = {"p>q>d": 0.80, "p>d>q": 0.74, "q>p>d": 0.74, "q>d>p": 0.74, "d>p>q": 0.74}
+    search = fake_search({**acc, "d>q>p": 0.742}, seeds=(0, 1))
+    pairs = search["order_pairs"]
+    assert len(pairs) == 15  # 6 orders
+    best = "permutation:prune>quantize>distill"
+    for r in pairs:
+        assert r["seeds"] == 2 and r["ci_low"] <= r["difference"] <= r["ci_high"]
+        assert r["p_holm"] >= round(r["p_value"], 6)  # (Holm: never below the raw p)
+        assert r["verdict"] == ("a" if r["a"] == best else "tie"), r  # 6 points vs 0.2 or 0
+    ranked = search["ranking"]
+    assert all(ranked.index(r["a"]) < ranked.index(r["b"]) for r in pairs)  # a: ranked higher
+    rows = order_pair_rows(search)
+    assert rows[0][:3] == [
+        "prune -> quantize -> distill",
+        "distill -> quantize -> prune",
+        "+5.80 points",
+    ]
+    assert rows[0][-1] == "prune -> quantize -> distill better" and rows[-1][-1] == "tie"
+    md = render_search_markdown(search, [])
+    assert "## Every pair of full orders" in md and "Holm-adjusted over the 15 pairs" in md
 
 
 def test_a_pair_whose_accuracies_tie_says_what_would_resolve_it():

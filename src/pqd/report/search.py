@@ -126,6 +126,51 @@ def pairwise_rows(search: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+ORDER_PAIR_HEADER = ["A", "B", "A minus B", "95% CI", "seed sd", "p (Holm)", "verdict"]
+
+
+def order_pair_rows(search: dict[str, Any]) -> list[list[str]]:
+    """One row per pair of full orders (``search.json``'s ``order_pairs``): the difference
+    in points with its paired interval, the spread of the per-seed differences, the
+    Holm-adjusted McNemar p and the verdict."""
+    labels = {g["id"]: g["label"] for g in search["groups"]}
+    rows = []
+    for r in search.get("order_pairs") or []:
+        a, b = labels.get(r["a"], r["a"]), labels.get(r["b"], r["b"])
+        verdict = {"a": f"{a} better", "b": f"{b} better"}.get(r["verdict"], "tie")
+        rows.append(
+            [
+                a,
+                b,
+                points_text(100 * r["difference"]),
+                f"{100 * r['ci_low']:+.2f} to {100 * r['ci_high']:+.2f}",
+                f"{100 * r['seed_sd']:.2f}" if r["seeds"] > 1 else "-",
+                f"{r['p_holm']:.3g}",
+                verdict,
+            ]
+        )
+    return rows
+
+
+def order_pairs_note(search: dict[str, Any]) -> str:
+    """What the table of every pair of full orders holds."""
+    c = search["criterion"]
+    return (
+        "Every pair of full orders on the same test images of each seed: A minus B in "
+        "points with the paired-bootstrap 95% CI over all (seed, image) pairs, the sd of the "
+        "per-seed differences (points), the exact McNemar p pooled over the seeds, "
+        f"Holm-adjusted over the {len(search.get('order_pairs') or [])} pairs; a verdict "
+        f"needs p (Holm) below {c.get('alpha', 0.05):g}"
+        + (
+            f" and a difference of at least {c['min_effect_points']:g} points"
+            if c.get("min_effect_points")
+            else ""
+        )
+        + " (and, where the seeds disagree more than the images explain, a per-seed "
+        "interval that excludes 0)."
+    )
+
+
 def derived_order_text(search: dict[str, Any]) -> str:
     """One line: the pairwise topological order, or the cycle or ties that prevent one."""
     pw = search.get("pairwise")
@@ -312,6 +357,15 @@ def render_search_markdown(search: dict[str, Any], plots: list[str] | None = Non
     from pqd.report_audit import search_audit_lines
 
     lines += search_audit_lines(search)
+    if search.get("order_pairs"):
+        lines += [
+            "## Every pair of full orders",
+            "",
+            order_pairs_note(search),
+            "",
+            table(ORDER_PAIR_HEADER, order_pair_rows(search)),
+            "",
+        ]
     if search.get("pairwise"):
         lines += [
             "## Pairwise order wins",
@@ -360,6 +414,12 @@ def render_search_html(search: dict[str, Any], plots: dict[str, bytes]) -> str:
         html_table(SEARCH_HEADER, search_rows(search)),
         para(_results_note(search)),
     ]
+    if search.get("order_pairs"):
+        parts += [
+            "<h2>Every pair of full orders</h2>",
+            para(order_pairs_note(search)),
+            html_table(ORDER_PAIR_HEADER, order_pair_rows(search)),
+        ]
     if search.get("pairwise"):
         parts += [
             "<h2>Pairwise order wins</h2>",

@@ -179,6 +179,37 @@ def rank_against_best(
         g["tied_with_best"] = decide(c, p_adj, spec.alpha, spec.min_effect_points / 100.0) != "a"
 
 
+def order_pairs(
+    perms: list[dict[str, Any]],
+    entries: dict[str, list[dict[str, Any]]],
+    correct: dict[str, np.ndarray],
+    spec: Any,
+) -> list[dict[str, Any]]:
+    """Every pair of full orders compared on the same test images, seed by seed
+    (:func:`pqd.stats.compare_over_seeds`), Holm over all the pairs: one row per pair with
+    ``a`` and ``b`` (group ids, ``a`` the better ranked), the comparison of a against b,
+    ``p_holm`` and ``verdict`` (``"a"``, ``"b"`` or ``"tie"``, :func:`pqd.stats.decide`).
+
+    Args:
+        perms: the full orders' groups, ranked best first.
+        entries: trial entries by group id.
+        correct: per-image correctness by trial key.
+        spec: the recipe's ``search`` section (``alpha``, ``min_effect_points``).
+    """
+    pairs = list(itertools.combinations(perms, 2))
+    comparisons = [paired_groups(entries[a["id"]], entries[b["id"]], correct) for a, b in pairs]
+    adjusted = holm_adjusted(comparisons)
+    rows = []
+    for (a, b), c, p_adj in zip(pairs, comparisons, adjusted, strict=True):
+        if c is None or p_adj is None:
+            continue
+        verdict = decide(c, p_adj, spec.alpha, spec.min_effect_points / 100.0)
+        rows.append(
+            {"a": a["id"], "b": b["id"], **c, "p_holm": round(p_adj, 6), "verdict": verdict}
+        )
+    return rows
+
+
 def pairwise_table(
     names: list[str],
     groups: dict[str, dict[str, Any]],

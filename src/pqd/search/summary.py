@@ -14,7 +14,7 @@ import numpy as np
 from pqd.errors import PqdError
 from pqd.recipe import Recipe, SearchSpec
 from pqd.runs import Trial, folder_status
-from pqd.search.decide import pairwise_table, pareto_front, rank_against_best
+from pqd.search.decide import order_pairs, pairwise_table, pareto_front, rank_against_best
 from pqd.search.trials import allocate_epochs, order_label, say, search_budget, short_label
 from pqd.stats import seed_summary, wilson_interval
 
@@ -286,6 +286,7 @@ def analyse(
         key=lambda g: (-g["accuracy_mean"], g["latency_p50_ms"]),
     )
     rank_against_best(perms, groups_by_id, correct, spec)
+    between_orders = order_pairs(perms, groups_by_id, correct, spec)
 
     names = [s.stage for s in recipe.stages]
     n = len(names)
@@ -325,6 +326,7 @@ def analyse(
             else {"threshold_points": spec.flag_class_drop, "flagged": flagged}
         ),
         "pairwise": pairwise,
+        "order_pairs": between_orders,
         "runs": run_counts(entries, n, len(spec.seeds), total, alloc, unique_runs),
         "latency_panel": panel,
         "environment": env,
