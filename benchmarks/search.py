@@ -113,10 +113,17 @@ def render(search: dict, wall_s: float | None) -> str:
         f"- pairwise method: {pm['runs']} two-stage runs ({pm['epochs']} epochs); full "
         f"permutation search: {ps['runs']} runs ({ps['epochs']} epochs)",
         f"- {runs['unique_runs']} runs in all ({runs['trained_now']} trained in the last "
-        f"invocation, {runs['reused']} reused); search time {t.get('total', 0):.0f} s "
-        f"(training {t.get('train', 0):.0f} s, measuring {t.get('measure', 0):.0f} s, "
-        f"latency panel {t.get('panel', 0):.0f} s)"
-        + (f"; command wall time {wall_s:.0f} s" if wall_s else ""),
+        f"invocation, {runs['reused']} reused); the last invocation took "
+        f"{t.get('total', 0):.0f} s (training {t.get('train', 0):.0f} s, measuring "
+        f"{t.get('measure', 0):.0f} s, latency panel {t.get('panel', 0):.0f} s)"
+        + (f"; command wall time {wall_s:.0f} s" if wall_s else "")
+        + (
+            f"; training over every invocation {t['steps']['once'] / 3600:.1f} h, a stage "
+            f"that trials share counted once ({t['steps']['every'] / 3600:.1f} h had every "
+            "trial trained its own; wall time, pauses included)"
+            if t.get("steps")
+            else ""
+        ),
         f"- latency: {panel['runtime']}, {panel['threads']} threads, batch 1, all artifacts "
         f"timed side by side on {panel['cpu']}; {search['data']['test']} test images"
         + (" (a subset of the official test split)" if search["data"].get("subset_note") else ""),

@@ -748,6 +748,8 @@ def test_cli_search_writes_every_order_frontier_pairwise_and_reports(sequential)
         assert record["final"]["accuracy"] == t["accuracy"]
     assert (out / "report.html").stat().st_size > 10_000 and (out / "report.md").is_file()
     assert main(["report", str(out / "baseline")]) == 0  # a run folder still reports as a run
+    steps = search["timing_s"]["steps"]  # training over every invocation
+    assert 0 < steps["once"] <= steps["every"]
     listed = json.loads((out / "trials.json").read_text())  # (pqd report while it runs)
     assert {t["folder"] for t in listed} == {t["dir"] for t in search["trials"]}
 
@@ -1263,6 +1265,27 @@ def test_every_pair_of_full_orders_is_compared_with_holm_over_the_pairs():
     assert rows[0][-1] == "prune -> quantize -> distill better" and rows[-1][-1] == "tie"
     md = render_search_markdown(search, [])
     assert "## Every pair of full orders" in md and "Holm-adjusted over the 15 pairs" in md
+
+
+def test_search_time_counts_a_shared_stage_once(tmp_path) -> None:
+    """A stage that trials share is trained once: the training over every invocation counts
+    it once, beside what it would have cost had every trial trained its own."""
+    from pqd.search.summary import step_seconds
+
+    def folder(name: str, steps: list[tuple[str, float]]) -> Path:
+        entries = [{"fingerprint": f, "record": {"seconds": sec}} for f, sec in steps]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "progress.json").write_text(json.dumps({"steps": entries}))
+        return tmp_path / name
+
+    base = folder("baseline", [("b", 100.0)])
+    pdq = folder("pdq", [("b0", 0.5), ("p", 20.0), ("pd", 30.0), ("pdq", 10.0)])
+    pd = folder("pd", [("b0", 0.5), ("p", 20.0), ("pd", 30.0)])  # taken over from P->D->Q
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "progress.json").write_text("{")
+    got = step_seconds([base, pdq, pd, broken, tmp_path / "missing"])
+    assert got == {"once": 160.5, "every": 211.0}
 
 
 def test_a_pair_whose_accuracies_tie_says_what_would_resolve_it():

@@ -389,11 +389,19 @@ def _timing_text(search: dict[str, Any]) -> str:
     t = search.get("timing_s") or {}
     if not t:
         return "-"
-    return (
-        f"{t['total']:.0f} s in all (training {t['train']:.0f} s, measuring "
+    text = (
+        f"{t['total']:.0f} s in the last invocation (training {t['train']:.0f} s, measuring "
         f"{t['measure']:.0f} s, latency panel {t['panel']:.0f} s; {search['runs']['reused']} "
         f"runs reused, {search['runs']['trained_now']} trained now)"
     )
+    steps = t.get("steps")
+    if steps:
+        text += (
+            f"; the trials' and the baseline's steps took {steps['once']:,.0f} s over every "
+            f"invocation, a shared stage counted once ({steps['every']:,.0f} s had every "
+            "trial trained its own)"
+        )
+    return text
 
 
 def render_search_html(search: dict[str, Any], plots: dict[str, bytes]) -> str:

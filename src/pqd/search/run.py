@@ -25,7 +25,7 @@ from pqd.runs import (
     reset_folder,
     start_from_siblings,
 )
-from pqd.search.summary import summarize, write_search
+from pqd.search.summary import step_seconds, summarize, write_search
 from pqd.search.trials import baseline_trial, order_label, plan_trials, say, search_budget
 
 # ---------------------------------------------------------------------------- the search
@@ -115,6 +115,8 @@ class SearchRun:
             "measure": round(self.timing["measure"], 1),
             "panel": round(self.timing["panel"], 1),
             "total": round(time.perf_counter() - self.t_start, 1),
+            # every invocation's training, from the run folders' step records
+            "steps": step_seconds([out / self.base.folder, *(out / t.folder for t in trials)]),
         }
         write_search(search, out)
         return search

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +332,35 @@ def analyse(
         "latency_panel": panel,
         "environment": env,
     }
+
+
+def step_seconds(folders: Sequence[Path]) -> dict[str, float]:
+    """The training a search's run folders hold, from their step records (``progress.json``:
+    each finished step's wall seconds, a continued step's with its time before the stop):
+    ``once`` counts a step that trials share (the same fingerprint: trained once, taken
+    over by the others) once, ``every`` counts it in every trial that holds it.
+
+    Args:
+        folders: the baseline's and the trials' run folders.
+
+    Returns:
+        ``{"once": s, "every": s}`` (seconds, including any time the processes were paused).
+    """
+    once: dict[str, float] = {}
+    every = 0.0
+    for folder in folders:
+        try:
+            steps = json.loads((folder / "progress.json").read_text(encoding="utf-8"))["steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for e in steps if isinstance(steps, list) else []:
+            try:
+                seconds = float(e["record"]["seconds"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            every += seconds
+            once.setdefault(str(e.get("fingerprint")), seconds)
+    return {"once": round(sum(once.values()), 1), "every": round(every, 1)}
 
 
 def grouped(
