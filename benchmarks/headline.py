@@ -94,6 +94,8 @@ def summarize(record: dict[str, Any], command: str, wall_s: float | None) -> dic
         "continued": record.get("resume", {}).get("continued_after_epoch", {}),
         "carried": "carried_seconds" in record.get("resume", {}),
         "wall_s": None if wall_s is None else round(wall_s, 1),
+        # the run over every process that worked on it (records from before: None)
+        "run_s": record["timing_s"].get("all_processes"),
     }
 
 
@@ -159,7 +161,12 @@ def render(s: dict[str, Any]) -> str:
         "",
         f"{s['size_ratio']:.2f}x smaller on disk. Wall time per step (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items())
-        + (f"; the command {s['wall_s']:.0f} s" if s.get("wall_s") else "")
+        + (
+            f"; the run {s['run_s']:,.0f} s over every process that worked on it"
+            if s.get("run_s") and s.get("wall_s") and s["run_s"] > s["wall_s"] + 1
+            else ""
+        )
+        + (f"; this command {s['wall_s']:.0f} s" if s.get("wall_s") else "")
         + "."
         + (
             " Stopped and continued: "

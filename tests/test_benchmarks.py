@@ -268,3 +268,7 @@ def test_the_headline_page_says_which_steps_continued_and_what_their_seconds_cou
     assert "Stopped and continued: 00-baseline after epoch 40 (its seconds include" in kept
     last = bench.render({**summary, "continued": {"01-prune": 1}, "carried": False})
     assert "01-prune after epoch 1 (its seconds count the last process only)" in last
+    # a run over several processes: its whole time beside this command's
+    several = bench.render({**summary, "wall_s": 3738.0, "run_s": 9100.4})
+    assert "; the run 9,100 s over every process that worked on it; this command 3738 s." in several
+    assert "over every process" not in bench.render({**summary, "run_s": 3739.0})
