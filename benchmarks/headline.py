@@ -163,7 +163,7 @@ def render(s: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items())
         + (
             f"; the run {s['run_s']:,.0f} s over every process that worked on it"
-            if s.get("run_s") and s.get("wall_s") and s["run_s"] > s["wall_s"] + 1
+            if s.get("run_s") and s.get("wall_s") and s["run_s"] > 1.02 * s["wall_s"] + 5
             else ""
         )
         + (f"; this command {s['wall_s']:.0f} s" if s.get("wall_s") else "")
