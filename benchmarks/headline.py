@@ -242,9 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None, help="the data folder (else the recipe's)")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = ap.parse_args(argv)
+    from pqd.errors import PqdError
     from pqd.recipe import load_recipe
 
-    name = load_recipe(args.recipe, args.overrides).name
+    try:
+        name = load_recipe(args.recipe, args.overrides).name
+    except PqdError as exc:
+        print(f"benchmarks/headline.py: error: {exc.line()}", file=sys.stderr)
+        return 2
     json_path = args.results / f"{name}.json"
     if not args.render:
         t0 = time.perf_counter()

@@ -262,13 +262,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     from pqd._version import __version__
+    from pqd.errors import PqdError
     from pqd.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.set)
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+    except PqdError as exc:
+        print(f"benchmarks/targets.py: error: {exc.line()}", file=sys.stderr)
+        return 2
     json_path = args.results / f"targets-{recipe.name}.json" if args.results else None
     if args.render:
         if json_path is None or not json_path.is_file():
-            print(f"benchmarks/targets.py: error: {json_path} not found; fix: run without --render")
+            print(
+                f"benchmarks/targets.py: error: {json_path} not found; fix: run without --render",
+                file=sys.stderr,
+            )
             return 2
         result = json.loads(json_path.read_text(encoding="utf-8"))
     else:

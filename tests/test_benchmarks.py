@@ -272,3 +272,13 @@ def test_the_headline_page_says_which_steps_continued_and_what_their_seconds_cou
     several = bench.render({**summary, "wall_s": 3738.0, "run_s": 9100.4})
     assert "; the run 9,100 s over every process that worked on it; this command 3738 s." in several
     assert "over every process" not in bench.render({**summary, "run_s": 3739.0})
+
+
+@pytest.mark.parametrize("name", ["headline", "targets"])
+def test_a_benchmark_given_a_missing_recipe_says_so_in_one_line(name, tmp_path, capsys) -> None:
+    bench = load_benchmark(name)
+    assert bench.main(["--recipe", str(tmp_path / "none.yaml"), "--render"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"benchmarks/{name}.py: error: recipe {str(tmp_path / 'none.yaml')!r} " + (
+        "does not exist; fix: give the path of a YAML recipe"
+    )
