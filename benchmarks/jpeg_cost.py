@@ -342,7 +342,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"benchmarks/jpeg_cost.py: error: no {path}; fix: run it first")
         result = json.loads(path.read_text())
     else:
-        result = run(args.recipe, args.subset, args.jpeg, args.epochs, args.seeds)
+        from pqd.errors import PqdError
+
+        try:
+            result = run(args.recipe, args.subset, args.jpeg, args.epochs, args.seeds)
+        except PqdError as exc:
+            print(f"benchmarks/jpeg_cost.py: error: {exc.line()}", file=sys.stderr)
+            return 2
         args.results.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
     (args.results / f"{NAME}.md").write_text(render(result))

@@ -274,10 +274,17 @@ def test_the_headline_page_says_which_steps_continued_and_what_their_seconds_cou
     assert "over every process" not in bench.render({**summary, "run_s": 3739.0})
 
 
-@pytest.mark.parametrize("name", ["headline", "targets"])
-def test_a_benchmark_given_a_missing_recipe_says_so_in_one_line(name, tmp_path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [("headline", ["--render"]), ("targets", ["--render"]), ("jpeg_cost", ["--results", "."])],
+)
+def test_a_benchmark_given_a_missing_recipe_says_so_in_one_line(
+    name, extra, tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     bench = load_benchmark(name)
-    assert bench.main(["--recipe", str(tmp_path / "none.yaml"), "--render"]) == 2
+    assert bench.main(["--recipe", str(tmp_path / "none.yaml"), *extra]) == 2
+    assert not list(tmp_path.iterdir())  # nothing written
     err = capsys.readouterr().err.strip()
     assert err == f"benchmarks/{name}.py: error: recipe {str(tmp_path / 'none.yaml')!r} " + (
         "does not exist; fix: give the path of a YAML recipe"
