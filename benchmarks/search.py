@@ -192,10 +192,17 @@ def _pair_stat(search: dict, a: str, b: str) -> str:
 
 def claims(search: dict) -> list[dict]:
     """Each published claim: ``supported``, ``contradicted`` or ``undecided`` by this search's
-    paired tests (a pairwise edge exists only where the test is significant after Holm's
-    correction; the best order counts only where no other order ties with it)."""
+    paired tests (a pairwise edge counts only where the accuracy test is significant after
+    Holm's correction, not where latency broke an accuracy tie; the best order counts only
+    where no other order ties with it)."""
     out = []
-    edges = {tuple(e) for e in (search.get("pairwise") or {}).get("edges", [])}
+    # the claims are about accuracy: an edge that latency decided (the accuracies tied)
+    # neither supports nor contradicts them
+    edges = {
+        (r["first"], r["b"] if r["first"] == r["a"] else r["a"])
+        for r in (search.get("pairwise") or {}).get("table", [])
+        if r.get("first") and r.get("decided_by") == "accuracy"
+    }
     for source, text, (kind, what) in CLAIMS:
         if kind == "edges":
             pairs = list(what)

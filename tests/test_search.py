@@ -1156,6 +1156,13 @@ def test_benchmark_judges_the_published_claims_by_the_paired_tests():
     # every order equal: nothing decided
     flat = {c["source"]: c["verdict"] for c in bench.claims(fake_search({}))}
     assert set(flat.values()) == {"undecided"}
+    # an accuracy tie that latency broke says nothing about the claims
+    tied = fake_search({})
+    row = next(r for r in tied["pairwise"]["table"] if {r["a"], r["b"]} == {"prune", "quantize"})
+    row.update(first="quantize", decided_by="latency")
+    tied["pairwise"]["edges"] = [["quantize", "prune"]]
+    kim = {c["source"].split(" (")[0]: c["verdict"] for c in bench.claims(tied)}
+    assert kim["Kim et al."] == kim["Harma et al."] == "undecided"
 
 
 def test_benchmark_verdict_paragraph_follows_the_tests_and_lands_in_the_readme(tmp_path):

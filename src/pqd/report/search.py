@@ -309,7 +309,7 @@ def unresolved_text(search: dict[str, Any]) -> list[str]:
             continue
         need = []
         if pr.get("images_to_resolve"):
-            need.append(f"{pr['images_to_resolve']} test images per seed")
+            need.append(f"{pr['images_to_resolve']:,} test images per seed")
         if pr.get("seeds_to_resolve"):
             need.append(f"{pr['seeds_to_resolve']} seeds")
         if need:
