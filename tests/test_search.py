@@ -1163,6 +1163,9 @@ def test_benchmark_judges_the_published_claims_by_the_paired_tests():
     tied["pairwise"]["edges"] = [["quantize", "prune"]]
     kim = {c["source"].split(" (")[0]: c["verdict"] for c in bench.claims(tied)}
     assert kim["Kim et al."] == kim["Harma et al."] == "undecided"
+    from pqd.report.search import derived_order_text
+
+    assert "(quantize before prune: by latency, the accuracies tie)" in derived_order_text(tied)
 
 
 def test_benchmark_verdict_paragraph_follows_the_tests_and_lands_in_the_readme(tmp_path):

@@ -189,13 +189,19 @@ def derived_order_text(search: dict[str, Any]) -> str:
             f"within {100 * search['criterion']['tie_latency']:g}%): the pairwise "
             "results prefer no order."
         )
+    by_latency = [
+        f"{r['first']} before {r['b'] if r['first'] == r['a'] else r['a']}"
+        for r in pw.get("table", [])
+        if r.get("first") and r.get("decided_by") == "latency"
+    ]
+    note = f" ({', '.join(by_latency)}: by latency, the accuracies tie)" if by_latency else ""
     if pw["unique"]:
-        return f"Pairwise order: **{' -> '.join(pw['order'])}**."
+        return f"Pairwise order: **{' -> '.join(pw['order'])}**{note}."
     wins = ", ".join(f"{a} before {b}" for a, b in pw["edges"])
     tied = ", ".join(f"{a} / {b}" for a, b in pw["ties"])
     return (
         f"Pairwise wins give a partial order ({wins}; tied: {tied}); one order "
-        f"consistent with it: **{' -> '.join(pw['order'])}** (not unique)."
+        f"consistent with it: **{' -> '.join(pw['order'])}** (not unique){note}."
     )
 
 
