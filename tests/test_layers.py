@@ -47,7 +47,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.engine", "pqd.resume", "pqd.fingerprint"),  # the stage loop, run folders
     ("pqd.markdown",),  # report text pieces
     ("pqd.pipeline", "pqd.record", "pqd.report", "pqd.report_audit"),  # pqd run, records
-    ("pqd.runs",),  # trials as run folders and the executors that train them
+    ("pqd.runs",),  # trials as run folders, and which share stages
+    ("pqd.executors",),  # what trains trials: this process, local processes, Ray
     ("pqd.api", "pqd.search", "pqd.planner"),  # pqd.compress, pqd search, pqd plan
     ("pqd.cli", "pqd"),  # the command, the package
 ]

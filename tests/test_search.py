@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from helpers import load_benchmark
 from pqd.cli import main
 from pqd.errors import PqdError, RecipeError
+from pqd.executors import check_executor
 from pqd.recipe import recipe_from_dict
-from pqd.runs import Trial, check_executor, folder_status, trial_key
+from pqd.runs import Trial, folder_status, trial_key
 from pqd.search.decide import decide_pair, pareto_front, topological_order
 from pqd.search.summary import analyse
 from pqd.search.trials import allocate_epochs, plan_trials
@@ -175,8 +176,9 @@ def test_a_pairwise_run_takes_over_the_first_two_stages_of_its_permutation(tmp_p
     its model is the one an A->B run trained on its own gets, tensor for tensor."""
     from safetensors.torch import load_file
 
+    from pqd.executors import train_trial
     from pqd.resume import PROGRESS
-    from pqd.runs import start_from_siblings, train_trial
+    from pqd.runs import start_from_siblings
 
     prune = {"stage": "prune", "sparsity": 0.5, "epochs": 1}
     distill = {"stage": "distill", "epochs": 1}
@@ -256,7 +258,8 @@ def test_worker_processes_hold_a_pairwise_run_until_its_permutation_trained_its_
 ):
     """With two free workers, A->B waits for A->B->C instead of training A and B beside it,
     then takes them over (the baseline comes from the recipe's checkpoint, as in a search)."""
-    from pqd.runs import Executor, Sharing, start_from_siblings, train_trial
+    from pqd.executors import Executor, train_trial
+    from pqd.runs import Sharing, start_from_siblings
 
     prune = {"stage": "prune", "sparsity": 0.5, "epochs": 1}
     distill = {"stage": "distill", "epochs": 1}
@@ -932,7 +935,7 @@ class _FakeRay:
 def test_ray_executor_asks_for_a_gpu_when_the_cluster_has_them(monkeypatch, tmp_path, gpus):
     import sys
 
-    from pqd.runs import Executor
+    from pqd.executors import Executor
 
     fake = _FakeRay(gpus)
     monkeypatch.setitem(sys.modules, "ray", fake)
@@ -964,7 +967,7 @@ def test_ray_task_ships_the_checkpoint_and_returns_the_folder_with_driver_paths(
     import sys
     import types
 
-    import pqd.runs as search
+    import pqd.executors as search
 
     ray = types.SimpleNamespace(
         get_runtime_context=lambda: types.SimpleNamespace(
@@ -1085,7 +1088,7 @@ def test_rays_own_logs_while_connecting_stay_off_the_terminal(tmp_path, capfd, m
     import sys
     import types
 
-    import pqd.runs as search
+    import pqd.executors as search
 
     def init(**_: object) -> None:
         os.write(2, b"[2026-12-01 01:01:28 W 3646] rpc_client.h:153: Failed to connect\n")
@@ -1360,7 +1363,7 @@ def test_benchmark_page_says_what_carries_over_from_another_search(tmp_path, mon
 
 def test_baseline_line_counts_epochs_in_words(tmp_path, capsys, monkeypatch, subset_dir):
     """'training 1 epoch', not '1 epochs' (the line before the shared baseline trains)."""
-    import pqd.runs
+    import pqd.executors
     import pqd.search as search
 
     class Stop(Exception):
@@ -1369,7 +1372,7 @@ def test_baseline_line_counts_epochs_in_words(tmp_path, capsys, monkeypatch, sub
     def stop(*args: Any, **kwargs: Any) -> None:
         raise Stop
 
-    monkeypatch.setattr(pqd.runs.Executor, "run", stop)
+    monkeypatch.setattr(pqd.executors.Executor, "run", stop)
     recipe = recipe_from_dict(
         {
             "model": {"name": "tiny_cnn"},

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pqd.errors import PqdError
+from pqd.executors import Executor
 from pqd.latency_model import LEVELS, Ratios, validation_text
 from pqd.planner.candidates import search_levels
 from pqd.planner.latency import (
@@ -37,7 +38,7 @@ from pqd.planner.template import (
     plan_folder,
 )
 from pqd.recipe import Recipe, dump_recipe
-from pqd.runs import Executor, Trial
+from pqd.runs import Trial
 
 
 @dataclass
@@ -136,10 +137,10 @@ class Planning:
 
     def __init__(self, recipe: Recipe | str | Path, o: PlanOptions, out: str | Path) -> None:
         from pqd.data import resolve_data_root
+        from pqd.executors import check_executor
         from pqd.measurement.runtime import available_runtimes
         from pqd.progress import phases_shown
         from pqd.recipe import load_recipe
-        from pqd.runs import check_executor
 
         self.t_start = time.perf_counter()
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)

@@ -12,13 +12,12 @@ from typing import Any
 
 from pqd.checkpoint import atomic_write_text
 from pqd.errors import PqdError
+from pqd.executors import Executor, check_executor
 from pqd.recipe import Recipe
 from pqd.runs import (
     TRIALS_FILE,
-    Executor,
     Sharing,
     Trial,
-    check_executor,
     file_digest,
     folder_status,
     refuse_other_baseline,

@@ -1,0 +1,382 @@
+"""The executors that train trials (:mod:`pqd.runs`): in this process, in local worker
+processes, or as Ray tasks; measuring stays on the driver, one run at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pqd.errors import PqdError
+from pqd.recipe import recipe_from_dict
+from pqd.runs import Trial
+
+EXECUTORS = ("sequential", "processes", "ray")
+
+
+def train_trial(
+    recipe_data: dict[str, Any],
+    out_dir: str,
+    data_dir: str | None,
+    progress: bool = False,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Train and export one run into ``out_dir`` without measuring it (executor entry point).
+
+    A :class:`PqdError` (e.g. the loss diverged) is returned as ``{"ok": False, "error"}``
+    so the search goes on and reports the failed trial.
+    """
+    import torch
+
+    from pqd._quiet import quiet_command
+    from pqd.pipeline import run
+
+    quiet_command()
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    info = {"host": socket.gethostname(), "threads": torch.get_num_threads()}
+    try:
+        run(
+            recipe_from_dict(recipe_data, "trial"),
+            out_dir,
+            data_dir=data_dir,
+            progress=progress,
+            measure=False,
+            resume=True,  # the key matched: the steps whose fingerprints match are kept
+        )
+    except PqdError as exc:
+        return {
+            **info,
+            "ok": False,
+            "error": exc.line(),
+            "problem": exc.problem,
+            "fix": exc.fix,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    return {**info, "ok": True, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _ray_train_trial(
+    recipe_data: dict[str, Any], data_dir: str | None, checkpoint: bytes | None
+) -> dict[str, Any]:
+    """Ray task: train one run in a temporary folder and return it as tar bytes, so the
+    driver needs no file system shared with the cluster. The baseline checkpoint travels as
+    bytes when the node does not hold the driver's path."""
+    import ray
+
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
+    tmp = Path(tempfile.mkdtemp(prefix="pqd-trial-"))
+    try:
+        original = recipe_data["baseline"].get("checkpoint")
+        local = original
+        if checkpoint is not None and original and not Path(original).is_file():
+            local = str(tmp / "baseline-checkpoint.safetensors")
+            Path(local).write_bytes(checkpoint)
+            recipe_data = {
+                **recipe_data,
+                "baseline": {**recipe_data["baseline"], "checkpoint": local},
+            }
+        result = train_trial(recipe_data, str(tmp / "run"), data_dir, False, max(1, cpus))
+        if local != original:  # the records name the driver's checkpoint path
+            for name in ("pending.json", "recipe.yaml"):
+                path = tmp / "run" / name
+                if path.is_file():
+                    path.write_text(
+                        path.read_text(encoding="utf-8").replace(
+                            json.dumps(local)[1:-1], json.dumps(original)[1:-1]
+                        ),
+                        encoding="utf-8",
+                    )
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            tar.add(tmp / "run", arcname=".")
+        return {**result, "files": buf.getvalue()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _safe_extract(data: bytes, dest: Path) -> None:
+    """Unpack a run folder sent back by a Ray task: plain files and folders inside ``dest``."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        for m in tar.getmembers():
+            if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in m.name:
+                raise PqdError(
+                    f"a Ray task returned an unsafe path {m.name!r}",
+                    "check the cluster's pqd installation",
+                )
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # Python < 3.10.12 / 3.11.4: the members were checked above
+            tar.extractall(dest)
+
+
+# ---------------------------------------------------------------------------- executors
+
+
+def check_executor(executor: str, workers: int | None, address: str | None) -> str:
+    """Validate the executor choice; ``--workers N`` alone means local processes."""
+    if executor == "sequential" and workers is not None and workers > 1:
+        executor = "processes"
+    if executor not in EXECUTORS:
+        raise PqdError(
+            f"unknown executor {executor!r}", f"use one of {', '.join(EXECUTORS)} (--executor)"
+        )
+    if workers is not None and workers < 1:
+        raise PqdError(
+            f"--workers {workers} is not a number of processes", "give --workers 1 or more"
+        )
+    if address is not None and executor != "ray":
+        raise PqdError(
+            f"--address is for the Ray executor, but the executor is {executor}",
+            "add --executor ray or drop --address",
+        )
+    if executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise PqdError(
+                "--executor ray needs the ray package, which is not installed",
+                "pip install 'pqd[ray]' (or pip install ray), or use --workers N",
+            ) from None
+    return executor
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (one line) when a ``host:port`` Ray address does not answer."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise PqdError(
+            f"Ray address {address!r} is not of the form host:port",
+            "give e.g. --address 10.0.0.5:6379, ray://host:10001 or local",
+        )
+    fix = (
+        "start it with 'ray start --head' and pass its address, or use --address local "
+        "for a Ray instance on this machine"
+    )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(_HTTP2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except TimeoutError:
+        head = b""
+    except OSError as exc:
+        raise PqdError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc})", fix
+        ) from None
+    if len(head) < 9 or head[3] != 0x04:  # a gRPC server answers with a SETTINGS frame
+        raise PqdError(
+            f"{address} answers, but not as a Ray cluster (no gRPC reply within {timeout_s:g} s)",
+            f"check the port (Ray's default is 6379); {fix}",
+        )
+
+
+# HTTP/2 client preface and an empty SETTINGS frame: Ray (GCS and Ray Client) speaks gRPC
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send what is written to file descriptor 2 (Ray's C++ core and Python loggers print
+    there while connecting) to /dev/null for the duration; pqd says what matters itself."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+class Executor:
+    """Runs ``train_trial`` for a list of (trial, folder) pairs; ``local`` executors write
+    into the folders directly, Ray returns each folder as bytes."""
+
+    def __init__(
+        self, kind: str, workers: int | None, address: str | None, data_root: str, progress: bool
+    ) -> None:
+        self.kind, self.data_root, self.progress = kind, data_root, progress
+        self.workers = workers or (1 if kind == "sequential" else (os.cpu_count() or 1))
+        self.address = address
+        self._ray_started = False
+        self.ray_gpus = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "processes":
+            out["workers"] = self.workers
+        if self.kind == "ray":
+            out.update(address=self.address or "auto", gpus_per_trial=1 if self.ray_gpus else 0)
+        return out
+
+    def __enter__(self) -> Executor:
+        if self.kind == "ray":
+            import ray
+
+            if not ray.is_initialized():
+                if self.address:
+                    _check_reachable(self.address)
+                kwargs: dict[str, Any] = {"log_to_driver": False}
+                if self.address in (None, "local"):
+                    kwargs["include_dashboard"] = False
+                try:
+                    with _quiet_stderr():
+                        ray.init(address=self.address, **kwargs)
+                except Exception as exc:  # ConnectionError, RuntimeError, ValueError...
+                    raise PqdError(
+                        f"cannot connect to Ray at {self.address or 'auto'} "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
+                        "start the cluster with 'ray start --head' and pass its address, or "
+                        "use --address local",
+                    ) from None
+                self._ray_started = True
+            self.ray_gpus = float(ray.cluster_resources().get("GPU", 0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
+
+    def run(
+        self,
+        jobs: list[tuple[Trial, Path]],
+        done: Callable[[Trial, Path, dict[str, Any]], None],
+        *,
+        local_first: bool = False,
+        starting: Callable[[Trial, Path], None] | None = None,
+        order: Callable[[Trial, Path, list[Trial]], int] | None = None,
+    ) -> None:
+        """Train every job; ``done(trial, folder, result)`` runs here as each one finishes.
+        ``local_first``: run in this process even for the process executor (the baseline).
+        ``starting(trial, folder)`` runs here just before a job starts (local executors:
+        sequentially, each after the jobs before it finished; processes, as a worker takes
+        it). ``order(trial, folder, running)`` (:meth:`Sharing.level`): the process executor
+        gives a free worker the first job at level 0 (start), else the first at level 1
+        (later), and holds level-2 jobs (wait) back while the trials running now decide
+        it."""
+        if not jobs:
+            return
+        if self.kind == "sequential" or (local_first and self.kind == "processes"):
+            for trial, folder in jobs:
+                if starting is not None:
+                    starting(trial, folder)
+                done(
+                    trial,
+                    folder,
+                    train_trial(
+                        trial.recipe.model_dump(mode="json"),
+                        str(folder),
+                        self.data_root,
+                        self.progress,
+                    ),
+                )
+        elif self.kind == "processes":
+            self._run_processes(jobs, done, starting, order)
+        else:
+            self._run_ray(jobs, done)
+
+    def _run_processes(
+        self,
+        jobs: list[tuple[Trial, Path]],
+        done: Callable[[Trial, Path, dict[str, Any]], None],
+        starting: Callable[[Trial, Path], None] | None,
+        order: Callable[[Trial, Path, list[Trial]], int] | None,
+    ) -> None:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+        workers = min(self.workers, len(jobs))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        )
+        queue = list(jobs)
+        running: dict[Future[dict[str, Any]], tuple[Trial, Path]] = {}
+        try:
+            while queue or running:
+                while queue and len(running) < workers:  # the next job by its level
+                    busy = [t for t, _ in running.values()]
+                    levels = [0 if order is None else order(t, f, busy) for t, f in queue]
+                    if min(levels) >= 2 and running:
+                        break  # every job waits for a running one
+                    job = queue[levels.index(min(levels))]
+                    queue.remove(job)
+                    trial, folder = job
+                    if starting is not None:
+                        starting(trial, folder)
+                    fut = pool.submit(
+                        train_trial,
+                        trial.recipe.model_dump(mode="json"),
+                        str(folder),
+                        self.data_root,
+                        False,
+                        threads,
+                    )
+                    running[fut] = job
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    trial, folder = running.pop(fut)
+                    done(trial, folder, fut.result())
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+
+    def _run_ray(
+        self, jobs: list[tuple[Trial, Path]], done: Callable[[Trial, Path, dict[str, Any]], None]
+    ) -> None:
+        import ray
+
+        task = ray.remote(_ray_train_trial).options(
+            num_cpus=1, num_gpus=1 if self.ray_gpus >= 1 else 0, max_retries=1
+        )
+        blobs: dict[str, Any] = {}
+        pending = {}
+        for trial, folder in jobs:
+            ckpt = trial.recipe.baseline.checkpoint
+            if ckpt and ckpt not in blobs:
+                blobs[ckpt] = ray.put(Path(ckpt).read_bytes())
+            ref = task.remote(
+                trial.recipe.model_dump(mode="json"),
+                self.data_root,
+                blobs.get(ckpt) if ckpt else None,
+            )
+            pending[ref] = (trial, folder)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                trial, folder = pending.pop(ready[0])
+                result = ray.get(ready[0])
+                _safe_extract(result.pop("files"), folder)
+                done(trial, folder, result)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
