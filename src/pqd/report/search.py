@@ -363,24 +363,19 @@ def render_search_markdown(search: dict[str, Any], plots: list[str] | None = Non
     from pqd.report_audit import search_audit_lines
 
     lines += search_audit_lines(search)
-    if search.get("order_pairs"):
-        lines += [
-            "## Every pair of full orders",
-            "",
-            order_pairs_note(search),
-            "",
-            table(ORDER_PAIR_HEADER, order_pair_rows(search)),
-            "",
-        ]
-    if search.get("pairwise"):
-        lines += [
-            "## Pairwise order wins",
-            "",
-            _pairwise_note(search),
-            "",
-            table(PAIR_HEADER, pairwise_rows(search)),
-            "",
-        ]
+    sections = (
+        (
+            "order_pairs",
+            "Every pair of full orders",
+            order_pairs_note,
+            ORDER_PAIR_HEADER,
+            order_pair_rows,
+        ),
+        ("pairwise", "Pairwise order wins", _pairwise_note, PAIR_HEADER, pairwise_rows),
+    )
+    for key, title, note, header, rows in sections:
+        if search.get(key):
+            lines += [f"## {title}", "", note(search), "", table(header, rows(search)), ""]
     failed = _failed_lines(search)
     if failed:
         lines += ["## Failed trials", "", *[f"- {f}" for f in failed], ""]
