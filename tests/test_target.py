@@ -155,7 +155,7 @@ def test_targets_benchmark_renders_its_page_from_the_stored_json(tmp_path, capsy
 
     bench = load_benchmark("targets")
     assert bench.main(["--results", str(tmp_path), "--render"]) == 2  # nothing stored yet
-    assert "targets-quickstart.json not found; fix:" in capsys.readouterr().out
+    assert "targets-quickstart.json not found; fix:" in capsys.readouterr().err
     row = targets_row(accuracy=0.8, val_accuracy=0.8, baseline_accuracy=0.8)
     stored = {
         "rows": {"portable": row, "x86-vnni": row},
