@@ -1269,6 +1269,12 @@ def test_every_pair_of_full_orders_is_compared_with_holm_over_the_pairs():
         assert r["verdict"] == ("a" if r["a"] == best else "tie"), r  # 6 points vs 0.2 or 0
     ranked = search["ranking"]
     assert all(ranked.index(r["a"]) < ranked.index(r["b"]) for r in pairs)  # a: ranked higher
+    # the ranking's "tied with the best" is the table's verdict: one family, one answer
+    groups = {g["id"]: g for g in search["groups"]}
+    for r in pairs:
+        if r["a"] == best:
+            assert groups[r["b"]]["tied_with_best"] == (r["verdict"] != "a")
+            assert groups[r["b"]]["vs_best"]["p_holm"] == r["p_holm"]
     rows = order_pair_rows(search)
     assert rows[0][:3] == [
         "prune -> quantize -> distill",

@@ -156,27 +156,23 @@ def pareto_front(
     ]
 
 
-def rank_against_best(
-    perms: list[dict[str, Any]],
-    entries: dict[str, list[dict[str, Any]]],
-    correct: dict[str, np.ndarray],
-    spec: Any,
-) -> None:
-    """Rank the full orders (sorted best first) and mark those the best does not beat:
-    paired comparisons of the best against each other order, Holm over them."""
+def rank_against_best(perms: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> None:
+    """Rank the full orders (sorted best first) and mark those the best does not beat, by
+    the comparisons of every pair of orders (:func:`order_pairs`, Holm over all the pairs),
+    so that the ranking and the table of pairs say the same."""
     if not perms:
         return
     best = perms[0]
-    others = [(g, paired_groups(entries[best["id"]], entries[g["id"]], correct)) for g in perms[1:]]
-    adjusted = holm_adjusted([c for _, c in others])
+    versus = {r["b"]: r for r in pairs if r["a"] == best["id"]}
     best.update(rank=1, tied_with_best=True)
-    for rank, ((g, c), p_adj) in enumerate(zip(others, adjusted, strict=True), 2):
+    for rank, g in enumerate(perms[1:], 2):
         g["rank"] = rank
-        if c is None or p_adj is None:
+        r = versus.get(g["id"])
+        if r is None:  # (no per-image predictions)
             g["tied_with_best"] = True
             continue
-        g["vs_best"] = {**c, "p_holm": round(p_adj, 6)}
-        g["tied_with_best"] = decide(c, p_adj, spec.alpha, spec.min_effect_points / 100.0) != "a"
+        g["vs_best"] = {k: v for k, v in r.items() if k not in ("a", "b", "verdict")}
+        g["tied_with_best"] = r["verdict"] != "a"
 
 
 def order_pairs(

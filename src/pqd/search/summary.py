@@ -286,8 +286,8 @@ def analyse(
         (g for g in groups if g["kind"] == "permutation" and g["n"]),
         key=lambda g: (-g["accuracy_mean"], g["latency_p50_ms"]),
     )
-    rank_against_best(perms, groups_by_id, correct, spec)
     between_orders = order_pairs(perms, groups_by_id, correct, spec)
+    rank_against_best(perms, between_orders)
 
     names = [s.stage for s in recipe.stages]
     n = len(names)
