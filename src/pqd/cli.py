@@ -397,8 +397,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     path = Path(args.run_dir) / "record.json"
     if not path.is_file():
-        from pqd.resume import unfinished_text
-        from pqd.runs import search_progress
+        from pqd.runs import search_progress, unfinished_text
 
         searching = search_progress(path.parent)
         if searching is not None:

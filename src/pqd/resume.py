@@ -357,44 +357,6 @@ def shared_steps(donor: Path, recipe: Recipe) -> list[dict[str, Any]]:
     return shared
 
 
-def unfinished_text(out: Path) -> str | None:
-    """How far an unfinished run in ``out`` has come, in words (for ``pqd report`` and a
-    search's progress): its finished steps and the step that continues after an epoch,
-    e.g. ``"finished 00-baseline, 01-prune; 02-quantize stopped after epoch 3 of 4"``.
-
-    Args:
-        out: a run folder.
-
-    Returns:
-        None when ``out`` holds no progress (nothing begun) or a complete run.
-    """
-    try:
-        progress = json.loads((out / PROGRESS).read_text(encoding="utf-8"))
-        steps = [str(e["step"]) for e in progress.get("steps", [])]
-        recipe = progress.get("recipe") or {}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
-    if progress.get("complete") and (out / "record.json").is_file():
-        return None
-    parts = [f"finished {', '.join(steps)}" if steps else "no step finished"]
-    from safetensors import SafetensorError, safe_open
-
-    for path in sorted((out / "checkpoints").glob("*.epoch.safetensors")):
-        name = path.name.split(".")[0]  # e.g. 02-quantize
-        try:
-            with safe_open(str(path), "pt") as f:
-                epoch = int(json.loads((f.metadata() or {})["pqd"])["epoch"])
-            i = int(name.split("-")[0])
-            spec = recipe["baseline"] if i == 0 else recipe["stages"][i - 1]
-            # (an iterative schedule counts the epochs of each cycle: no "of N")
-            whole = spec.get("epochs") and spec.get("schedule") != "iterative"
-            of = f" of {spec['epochs']}" if whole else ""
-        except (OSError, ValueError, KeyError, IndexError, TypeError, SafetensorError):
-            continue
-        parts.append(f"{name} stopped after epoch {epoch}{of}")
-    return "; ".join(parts)
-
-
 def epoch_path(out: Path, recipe: Recipe, step: int) -> Path:
     """Where step ``step`` keeps its per-epoch checkpoint."""
     return out / "checkpoints" / f"{step_name(recipe, step)}.epoch.safetensors"
