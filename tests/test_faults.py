@@ -209,6 +209,23 @@ def test_a_malformed_progress_file_keeps_no_steps_and_shares_none(
     assert shared_steps(tmp_path, recipe) == []
 
 
+def test_an_unreadable_progress_file_is_named_with_the_fix(
+    tmp_path: Path, subset_dir: Path
+) -> None:
+    """A progress.json that is not JSON: continuing the run names the file and --fresh; a
+    search trial takes nothing over from it."""
+    from pqd.recipe import recipe_from_dict
+    from pqd.resume import PROGRESS, RunFolderError, shared_steps
+
+    recipe = recipe_from_dict(real_recipe(subset_dir, [{"stage": "distill", "epochs": 1}]))
+    (tmp_path / PROGRESS).write_bytes(b'{"steps": [\xff')
+    with pytest.raises(RunFolderError, match=r"progress\.json is unreadable") as err:
+        RunFolder.open(tmp_path, recipe, resume=True)
+    assert "--fresh" in str(err.value)
+    assert shared_steps(tmp_path, recipe) == []
+    assert RunFolder.open(tmp_path, recipe, fresh=True).steps == []
+
+
 def test_another_recipes_folder_is_refused(tmp_path: Path, capsys, subset_dir: Path) -> None:
     """--out holding a different recipe's run: one line naming what differs and the ways out;
     --resume keeps exactly the finished steps the change does not touch."""

@@ -1252,6 +1252,8 @@ def test_report_of_an_unfinished_search_counts_its_trials(tmp_path, capsys) -> N
     assert "1 of 4 trials done (1 done, 1 begun, 1 not begun, 1 failed)" in report()
     (out / "trials" / "b" / "checkpoints" / "01-distill.epoch.safetensors").write_bytes(b"")
     assert "1 begun, 1 not begun, 1 failed); fix:" in report()  # (an unreadable checkpoint)
+    (out / "trials" / "b" / "progress.json").write_text("{")  # (an unreadable progress file)
+    assert "1 begun, 1 not begun, 1 failed); fix:" in report()
 
 
 def test_every_pair_of_full_orders_is_compared_with_holm_over_the_pairs():

@@ -140,7 +140,7 @@ class RunFolder:
         folder = cls(out=out, recipe=recipe, prints=fingerprints(recipe), api=api)
         if fresh:
             return folder
-        progress = folder._read_progress()
+        progress = read_progress(out)
         recipe_now = recipe.model_dump(mode="json")
         if progress is None:
             saved = out / "recipe.yaml"
@@ -169,19 +169,6 @@ class RunFolder:
             same and bool(progress.get("complete")) and (out / "record.json").is_file()
         )
         return folder
-
-    def _read_progress(self) -> dict[str, Any] | None:
-        path = self.out / PROGRESS
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-            raise RunFolderError(
-                f"{path} is unreadable ({type(exc).__name__})",
-                "run with --fresh to start over in that folder",
-            ) from None
-        return data if isinstance(data, dict) else None
 
     def _refuse(self, changed: list[str], *, resumable: bool) -> None:
         shown = ", ".join(changed[:3]) + (
@@ -327,6 +314,31 @@ class RunFolder:
             _test_pause(step, progress.epoch, path)
 
         return start, on_epoch
+
+
+def read_progress(out: Path) -> dict[str, Any] | None:
+    """The progress file of the run folder ``out`` (the one reader of ``progress.json``).
+
+    Args:
+        out: a run folder.
+
+    Returns:
+        Its content; None when there is none (nothing begun) or it holds no object.
+
+    Raises:
+        RunFolderError: the file exists but cannot be read or parsed.
+    """
+    path = out / PROGRESS
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise RunFolderError(
+            f"{path} is unreadable ({type(exc).__name__})",
+            "run with --fresh to start over in that folder",
+        ) from None
+    return data if isinstance(data, dict) else None
 
 
 def shared_steps(donor: Path, recipe: Recipe) -> list[dict[str, Any]]:

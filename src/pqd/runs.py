@@ -119,14 +119,16 @@ def unfinished_text(out: Path) -> str | None:
     Returns:
         None when ``out`` holds no progress (nothing begun) or a complete run.
     """
-    from pqd.resume import PROGRESS
+    from pqd.resume import RunFolderError, read_progress
 
     try:
-        progress = json.loads((out / PROGRESS).read_text(encoding="utf-8"))
+        progress = read_progress(out)
+        if progress is None:
+            return None
         steps = [str(e["step"]) for e in progress.get("steps", [])]
         recipe = progress.get("recipe") or {}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
+    except (RunFolderError, TypeError, KeyError, AttributeError):
+        return None  # (an unreadable file: the run itself says so when it continues)
     if progress.get("complete") and (out / "record.json").is_file():
         return None
     parts = [f"finished {', '.join(steps)}" if steps else "no step finished"]

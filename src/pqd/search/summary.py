@@ -14,6 +14,7 @@ import numpy as np
 
 from pqd.errors import PqdError
 from pqd.recipe import Recipe, SearchSpec
+from pqd.resume import RunFolderError, read_progress
 from pqd.runs import Trial, folder_status
 from pqd.search.decide import order_pairs, pairwise_table, pareto_front, rank_against_best
 from pqd.search.trials import allocate_epochs, order_label, say, search_budget, short_label
@@ -350,8 +351,8 @@ def step_seconds(folders: Sequence[Path]) -> dict[str, float]:
     every = 0.0
     for folder in folders:
         try:
-            steps = json.loads((folder / "progress.json").read_text(encoding="utf-8"))["steps"]
-        except (OSError, ValueError, KeyError, TypeError):
+            steps = (read_progress(folder) or {})["steps"]
+        except (RunFolderError, KeyError):
             continue
         for e in steps if isinstance(steps, list) else []:
             try:
