@@ -152,6 +152,45 @@ def test_a_latency_targets_step_is_shared_only_by_runs_that_measure_it_alike() -
     assert prints(macs, quantize, threads=4)[:3] == prints(macs, quantize)[:3]
 
 
+ONE_EPOCH_STAGES = (
+    {"stage": "prune", "sparsity": 0.5, "epochs": 1},
+    {"stage": "distill", "epochs": 1},
+    {"stage": "quantize", "epochs": 1},
+)
+
+
+def _one_epoch_trial(root: Path, *stages: dict[str, Any]) -> Trial:
+    """A permutation trial of ``stages`` (keyed by their names) on a tiny recipe."""
+    recipe = recipe_from_dict(_run_recipe(str(root), list(stages)))
+    order = tuple(s["stage"] for s in stages)
+    return Trial("permutation", order, 0, (1,) * len(stages), recipe, "-".join(order))
+
+
+def test_a_baseline_checkpoint_counts_by_its_bytes_not_its_path(tmp_path) -> None:
+    """The steps of a run that loads its baseline keep their fingerprints when the file
+    moves (a Ray task holds it elsewhere) and change when the file at the same path does."""
+    import os
+
+    from pqd.fingerprint import fingerprints
+
+    def prints(path: Path) -> list[str]:
+        stages = [{"stage": "prune", "sparsity": 0.5}]
+        base = {"checkpoint": str(path), "epochs": 0}
+        return fingerprints(
+            recipe_from_dict({"model": {"name": "tiny_cnn"}, "baseline": base, "stages": stages})
+        )
+
+    here, there = tmp_path / "a.safetensors", tmp_path / "moved" / "b.safetensors"
+    here.write_bytes(b"weights one")
+    there.parent.mkdir()
+    there.write_bytes(b"weights one")
+    assert prints(here) == prints(there)
+    there.write_bytes(b"weights two")
+    os.utime(there, ns=(1, 1))  # (a new time: the cached digest is not reused)
+    assert prints(there)[0] != prints(here)[0] and prints(there)[1] != prints(here)[1]
+    assert prints(tmp_path / "missing") != prints(here)  # (named by its path: the run says so)
+
+
 def _run_recipe(data_dir: str, stages: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "name": "prefix",
@@ -214,6 +253,50 @@ def test_a_pairwise_run_takes_over_the_first_two_stages_of_its_permutation(tmp_p
         assert torch.equal(got[k], want[k]), k
 
 
+@pytest.mark.integration
+def test_a_ray_task_keeps_the_stages_it_receives_with_the_checkpoint_moved(
+    monkeypatch, tmp_path, data_dir
+):
+    """A->B started from A->B->C's stages on the driver, trained by a Ray task on a node
+    that holds the baseline checkpoint at another path: the task trains nothing again."""
+    import sys
+    import types
+
+    import pqd.executors as executors
+    from helpers import tiny
+    from pqd.checkpoint import save_checkpoint
+    from pqd.runs import start_from_siblings
+
+    ckpt = tmp_path / "baseline.safetensors"
+    save_checkpoint(tiny(), ckpt)
+    prune = {"stage": "prune", "sparsity": 0.5, "epochs": 1}
+    distill = {"stage": "distill", "epochs": 1}
+
+    def recipe(*stages: dict[str, Any]) -> dict[str, Any]:
+        data = _run_recipe(data_dir, list(stages))
+        return {**data, "baseline": {"checkpoint": str(ckpt), "epochs": 0}}
+
+    assert executors.train_trial(
+        recipe(prune, distill, {"stage": "quantize"}), str(tmp_path / "abc"), None
+    )["ok"]
+    two = recipe(prune, distill)
+    trial = Trial("pairwise", ("prune", "distill"), 0, (1, 1), recipe_from_dict(two), "k")
+    (tmp_path / "ab").mkdir()
+    taken = start_from_siblings(tmp_path / "ab", trial, [tmp_path / "abc"])
+    assert taken == ["00-baseline", "01-prune", "02-distill"]
+    context = types.SimpleNamespace(get_assigned_resources=lambda: {"CPU": 1.0})
+    ray = types.SimpleNamespace(get_runtime_context=lambda: context)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    driver_only = {**two, "baseline": {**two["baseline"], "checkpoint": "/driver/only/b.st"}}
+    result = executors._ray_train_trial(
+        driver_only, None, ckpt.read_bytes(), executors._pack(tmp_path / "ab")
+    )
+    assert result["ok"], result
+    executors._safe_extract(result.pop("files"), tmp_path / "ab")
+    pending = json.loads((tmp_path / "ab" / "pending.json").read_text())
+    assert pending["resume"]["reused_steps"] == taken  # the fingerprints matched
+
+
 def test_a_free_worker_takes_trials_in_the_order_that_shares_stages(tmp_path) -> None:
     """The process executor's order: a trial whose every step a running trial trains waits
     for it; one that shares only some stages with a running trial starts after the trials
@@ -221,14 +304,10 @@ def test_a_free_worker_takes_trials_in_the_order_that_shares_stages(tmp_path) ->
     from pqd.resume import PROGRESS
     from pqd.runs import Sharing
 
-    prune = {"stage": "prune", "sparsity": 0.5, "epochs": 1}
-    distill = {"stage": "distill", "epochs": 1}
-    quantize = {"stage": "quantize", "epochs": 1}
+    prune, distill, quantize = ONE_EPOCH_STAGES
 
     def trial(*stages: dict[str, Any]) -> Trial:
-        recipe = recipe_from_dict(_run_recipe(str(tmp_path), list(stages)))
-        order = tuple(s["stage"] for s in stages)
-        return Trial("permutation", order, 0, (1,) * len(stages), recipe, "-".join(order))
+        return _one_epoch_trial(tmp_path, *stages)
 
     pdq, pqd_, pd, dp, p = (
         trial(prune, distill, quantize),
@@ -979,21 +1058,78 @@ def test_ray_task_ships_the_checkpoint_and_returns_the_folder_with_driver_paths(
 
     def fake_train(recipe_data, out_dir, data_dir, progress, threads):
         ckpt = recipe_data["baseline"]["checkpoint"]
+        shared = Path(out_dir, "checkpoints", "01-prune.safetensors")  # the folder it received
         seen.update(ckpt=ckpt, bytes=Path(ckpt).read_bytes(), threads=threads)
-        Path(out_dir).mkdir(parents=True)
+        seen.update(shared=shared.read_bytes() if shared.is_file() else None)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         Path(out_dir, "pending.json").write_text(json.dumps({"source": ckpt}))
         Path(out_dir, "recipe.yaml").write_text(f"checkpoint: {ckpt}\n")
+        Path(out_dir, "progress.json").write_text(json.dumps({"recipe": {"checkpoint": ckpt}}))
         return {"ok": True, "seconds": 1.0, "host": "node", "threads": threads}
 
     monkeypatch.setattr(search, "train_trial", fake_train)
     driver_path = "/driver/only/baseline.safetensors"  # not on this "node"
     recipe = {"baseline": {"checkpoint": driver_path}}
-    result = search._ray_train_trial(recipe, "/data", b"weights")
+    begun = tmp_path / "begun"
+    (begun / "checkpoints").mkdir(parents=True)
+    (begun / "checkpoints" / "01-prune.safetensors").write_bytes(b"pruned")
+    result = search._ray_train_trial(recipe, "/data", b"weights", search._pack(begun))
     assert seen["bytes"] == b"weights" and seen["ckpt"] != driver_path and seen["threads"] == 2
+    assert seen["shared"] == b"pruned"
     search._safe_extract(result.pop("files"), tmp_path)
     assert json.loads((tmp_path / "pending.json").read_text()) == {"source": driver_path}
     assert (tmp_path / "recipe.yaml").read_text() == f"checkpoint: {driver_path}\n"
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress == {"recipe": {"checkpoint": driver_path}}
+    assert (tmp_path / "checkpoints" / "01-prune.safetensors").read_bytes() == b"pruned"
     assert not Path(seen["ckpt"]).exists()  # the task's temporary folder is gone
+
+
+def test_ray_trials_share_stages_and_receive_their_folders(monkeypatch, tmp_path) -> None:
+    """Ray schedules as the worker processes do: a pairwise run whose stages the running
+    permutation trains waits for it, then its task receives the folder that ``starting``
+    filled (the stages it takes over)."""
+    import io
+    import sys
+    import tarfile
+
+    from pqd.executors import Executor
+    from pqd.runs import Sharing
+
+    fake = _FakeRay(0)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    prune, distill, quantize = ONE_EPOCH_STAGES
+
+    def trial(*stages: dict[str, Any]) -> Trial:
+        return _one_epoch_trial(tmp_path, *stages)
+
+    pdq, pd = trial(prune, distill, quantize), trial(prune, distill)
+    sharing, events = Sharing([]), []
+
+    def starting(t: Trial, folder: Path) -> None:
+        events.append(("start", t.key, len(fake.calls)))
+        if t is pd:  # (as start_from_siblings copies P->D->Q's stages)
+            (folder / "checkpoints").mkdir(parents=True)
+            (folder / "checkpoints" / "02-distill.safetensors").write_bytes(b"shared")
+
+    def done(t: Trial, folder: Path, result: dict[str, Any]) -> None:
+        events.append(("done", t.key, len(fake.calls)))
+        sharing.finished.append(t)
+
+    jobs = [(pdq, tmp_path / "pdq"), (pd, tmp_path / "pd")]
+    with Executor("ray", None, None, "/data", False) as ex:
+        ex.run(jobs, done, starting=starting, order=sharing.level)
+    assert events == [  # 8 CPUs free, yet P->D waits for P->D->Q
+        ("start", "prune-distill-quantize", 0),
+        ("done", "prune-distill-quantize", 1),
+        ("start", "prune-distill", 1),
+        ("done", "prune-distill", 2),
+    ]
+    assert fake.calls[0][3] is None  # nothing begun: no folder travels
+    with tarfile.open(fileobj=io.BytesIO(fake.calls[1][3]), mode="r:gz") as tar:
+        shipped = tar.extractfile("./checkpoints/02-distill.safetensors")
+        assert shipped is not None and shipped.read() == b"shared"
+    assert (tmp_path / "pd" / "pending.json").is_file()  # the folder came back beside it
 
 
 def _listener(reply: bytes) -> tuple[socket.socket, int]:

@@ -69,16 +69,25 @@ def train_trial(
 
 
 def _ray_train_trial(
-    recipe_data: dict[str, Any], data_dir: str | None, checkpoint: bytes | None
+    recipe_data: dict[str, Any],
+    data_dir: str | None,
+    checkpoint: bytes | None,
+    folder: bytes | None = None,
 ) -> dict[str, Any]:
     """Ray task: train one run in a temporary folder and return it as tar bytes, so the
     driver needs no file system shared with the cluster. The baseline checkpoint travels as
-    bytes when the node does not hold the driver's path."""
+    bytes when the node does not hold the driver's path; ``folder`` (tar bytes) is what the
+    run folder held when the task started: stages shared with another trial, or the steps
+    and epochs of a stopped run, which the run continues after (the step fingerprints name
+    the checkpoint by its bytes, so the moved file keeps them)."""
     import ray
 
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
     tmp = Path(tempfile.mkdtemp(prefix="pqd-trial-"))
     try:
+        if folder is not None:
+            (tmp / "run").mkdir()
+            _safe_extract(folder, tmp / "run")
         original = recipe_data["baseline"].get("checkpoint")
         local = original
         if checkpoint is not None and original and not Path(original).is_file():
@@ -90,7 +99,7 @@ def _ray_train_trial(
             }
         result = train_trial(recipe_data, str(tmp / "run"), data_dir, False, max(1, cpus))
         if local != original:  # the records name the driver's checkpoint path
-            for name in ("pending.json", "recipe.yaml"):
+            for name in ("pending.json", "recipe.yaml", "progress.json"):
                 path = tmp / "run" / name
                 if path.is_file():
                     path.write_text(
@@ -99,12 +108,17 @@ def _ray_train_trial(
                         ),
                         encoding="utf-8",
                     )
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            tar.add(tmp / "run", arcname=".")
-        return {**result, "files": buf.getvalue()}
+        return {**result, "files": _pack(tmp / "run")}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pack(folder: Path) -> bytes:
+    """A run folder as gzip tar bytes (what a Ray task receives and returns)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=".")
+    return buf.getvalue()
 
 
 def _safe_extract(data: bytes, dest: Path) -> None:
@@ -275,11 +289,11 @@ class Executor:
     ) -> None:
         """Train every job; ``done(trial, folder, result)`` runs here as each one finishes.
         ``local_first``: run in this process even for the process executor (the baseline).
-        ``starting(trial, folder)`` runs here just before a job starts (local executors:
-        sequentially, each after the jobs before it finished; processes, as a worker takes
-        it). ``order(trial, folder, running)`` (:meth:`Sharing.level`): the process executor
-        gives a free worker the first job at level 0 (start), else the first at level 1
-        (later), and holds level-2 jobs (wait) back while the trials running now decide
+        ``starting(trial, folder)`` runs here just before a job starts (sequentially, each
+        after the jobs before it finished; processes and Ray, as a slot takes it).
+        ``order(trial, folder, running)`` (:meth:`Sharing.level`): the parallel executors
+        give a free slot the first job at level 0 (start), else the first at level 1
+        (later), and hold level-2 jobs (wait) back while the trials running now decide
         it."""
         if not jobs:
             return
@@ -300,7 +314,37 @@ class Executor:
         elif self.kind == "processes":
             self._run_processes(jobs, done, starting, order)
         else:
-            self._run_ray(jobs, done)
+            self._run_ray(jobs, done, starting, order)
+
+    @staticmethod
+    def _schedule(
+        jobs: list[tuple[Trial, Path]],
+        slots: int,
+        submit: Callable[[Trial, Path], Any],
+        wait_one: Callable[[list[Any]], tuple[Any, dict[str, Any]]],
+        done: Callable[[Trial, Path, dict[str, Any]], None],
+        starting: Callable[[Trial, Path], None] | None,
+        order: Callable[[Trial, Path, list[Trial]], int] | None,
+    ) -> None:
+        """The loop of the parallel executors: up to ``slots`` jobs at once, a free slot
+        given to the queued job of the lowest ``order`` level (0 start, 1 later; 2 waits
+        while a running trial decides it); ``submit`` starts one and returns its handle,
+        ``wait_one(handles)`` returns a finished one's handle and result."""
+        queue = list(jobs)
+        running: dict[Any, tuple[Trial, Path]] = {}
+        while queue or running:
+            while queue and len(running) < slots:  # the next job by its level
+                busy = [t for t, _ in running.values()]
+                levels = [0 if order is None else order(t, f, busy) for t, f in queue]
+                if min(levels) >= 2 and running:
+                    break  # every job waits for a running one
+                trial, folder = queue.pop(levels.index(min(levels)))
+                if starting is not None:
+                    starting(trial, folder)
+                running[submit(trial, folder)] = (trial, folder)
+            handle, result = wait_one(list(running))
+            trial, folder = running.pop(handle)
+            done(trial, folder, result)
 
     def _run_processes(
         self,
@@ -317,66 +361,65 @@ class Executor:
         pool = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn")
         )
-        queue = list(jobs)
-        running: dict[Future[dict[str, Any]], tuple[Trial, Path]] = {}
+
+        def submit(trial: Trial, folder: Path) -> Future[dict[str, Any]]:
+            recipe = trial.recipe.model_dump(mode="json")
+            return pool.submit(train_trial, recipe, str(folder), self.data_root, False, threads)
+
+        def wait_one(futures: list[Future[dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:
+            fut = next(iter(wait(futures, return_when=FIRST_COMPLETED)[0]))
+            return fut, fut.result()
+
         try:
-            while queue or running:
-                while queue and len(running) < workers:  # the next job by its level
-                    busy = [t for t, _ in running.values()]
-                    levels = [0 if order is None else order(t, f, busy) for t, f in queue]
-                    if min(levels) >= 2 and running:
-                        break  # every job waits for a running one
-                    job = queue[levels.index(min(levels))]
-                    queue.remove(job)
-                    trial, folder = job
-                    if starting is not None:
-                        starting(trial, folder)
-                    fut = pool.submit(
-                        train_trial,
-                        trial.recipe.model_dump(mode="json"),
-                        str(folder),
-                        self.data_root,
-                        False,
-                        threads,
-                    )
-                    running[fut] = job
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    trial, folder = running.pop(fut)
-                    done(trial, folder, fut.result())
+            self._schedule(jobs, workers, submit, wait_one, done, starting, order)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
 
     def _run_ray(
-        self, jobs: list[tuple[Trial, Path]], done: Callable[[Trial, Path, dict[str, Any]], None]
+        self,
+        jobs: list[tuple[Trial, Path]],
+        done: Callable[[Trial, Path, dict[str, Any]], None],
+        starting: Callable[[Trial, Path], None] | None,
+        order: Callable[[Trial, Path, list[Trial]], int] | None,
     ) -> None:
+        """As the processes, with as many trials at once as the cluster has GPUs (or CPUs):
+        each task receives its run folder's files (stages shared with another trial) and
+        returns the whole folder, unpacked here before ``done``."""
         import ray
 
         task = ray.remote(_ray_train_trial).options(
             num_cpus=1, num_gpus=1 if self.ray_gpus >= 1 else 0, max_retries=1
         )
+        resources = ray.cluster_resources()
+        slots = max(1, int(self.ray_gpus if self.ray_gpus >= 1 else resources.get("CPU", 1)))
         blobs: dict[str, Any] = {}
-        pending = {}
-        for trial, folder in jobs:
+        folders: dict[Any, Path] = {}
+
+        def submit(trial: Trial, folder: Path) -> Any:
             ckpt = trial.recipe.baseline.checkpoint
             if ckpt and ckpt not in blobs:
                 blobs[ckpt] = ray.put(Path(ckpt).read_bytes())
+            begun = folder.is_dir() and any(folder.iterdir())
             ref = task.remote(
                 trial.recipe.model_dump(mode="json"),
                 self.data_root,
                 blobs.get(ckpt) if ckpt else None,
+                _pack(folder) if begun else None,
             )
-            pending[ref] = (trial, folder)
+            folders[ref] = folder
+            return ref
+
+        def wait_one(refs: list[Any]) -> tuple[Any, dict[str, Any]]:
+            ready, _ = ray.wait(refs, num_returns=1)
+            result = ray.get(ready[0])
+            _safe_extract(result.pop("files"), folders.pop(ready[0]))
+            return ready[0], result
+
         try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                trial, folder = pending.pop(ready[0])
-                result = ray.get(ready[0])
-                _safe_extract(result.pop("files"), folder)
-                done(trial, folder, result)
+            self._schedule(jobs, slots, submit, wait_one, done, starting, order)
         except BaseException:
-            for ref in pending:
+            for ref in folders:
                 ray.cancel(ref, force=True)
             raise

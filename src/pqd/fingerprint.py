@@ -3,16 +3,21 @@ resumed run, a search trial starting from another's stages) only where it would 
 the same.
 
 Step 0 (the baseline) depends on the seed, device, model, data (not where the files are)
-and the train and baseline sections; stage i on those, the stages up to it and, once a
-quantize stage ran, the deployment target's weight range; a channel-pruning latency target
-also on what it measures with (``measure.threads``, and INT8 when a later stage
-quantizes).
+and the train and baseline sections (a baseline checkpoint by its bytes, not its path: a
+Ray task that holds it elsewhere computes the same fingerprints); stage i on those, the
+stages up to it and, once a quantize stage ran, the deployment target's weight range; a
+channel-pruning latency target also on what it measures with (``measure.threads``, and
+INT8 when a later stage quantizes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from pqd.recipe import Recipe, stable_dump
@@ -24,18 +29,41 @@ def sha(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=32)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, computed once while its size and time are unchanged.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    st = os.stat(path)
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
 def _relevant(recipe: Recipe) -> dict[str, Any]:
     """The recipe parts every trained step depends on (data paths aside; fields at their
     defaults left out, :func:`pqd.recipe.stable_dump`)."""
     d = stable_dump(recipe)
     data = {k: v for k, v in d.get("data", {}).items() if k not in ("root", "download")}
+    baseline = d.get("baseline")
+    if isinstance(baseline, dict) and baseline.get("checkpoint"):
+        with contextlib.suppress(OSError):  # (missing: the run names it when it loads it)
+            baseline = {**baseline, "checkpoint": "sha256:" + file_digest(baseline["checkpoint"])}
     return {
         "seed": d.get("seed"),
         "device": d.get("device"),
         "model": d.get("model"),
         "data": data,
         "train": d.get("train"),
-        "baseline": d.get("baseline"),
+        "baseline": baseline,
     }
 
 

@@ -71,15 +71,6 @@ def trial_key(recipe: Recipe, checkpoint_digest: str | None, data_root: str) -> 
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------- trial folders
 
 
@@ -275,9 +266,9 @@ def start_from_siblings(folder: Path, trial: Trial, siblings: list[Path]) -> lis
 
 
 class Sharing:
-    """Which trial a free worker of the process executor takes next, so that trials share
-    stages (:func:`start_from_siblings`) without workers sitting idle: one per search run
-    (it caches each trial's step fingerprints by key).
+    """Which trial a free slot of a parallel executor (processes, Ray) takes next, so that
+    trials share stages (:func:`start_from_siblings`) without workers sitting idle: one per
+    search run (it caches each trial's step fingerprints by key).
 
     Args:
         finished: trials whose folders hold their finished steps (appended to as trials

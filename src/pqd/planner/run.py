@@ -167,8 +167,8 @@ class Planning:
 
     def run(self) -> dict[str, Any]:
         """Every step in order; plan.json's data (see :func:`plan`)."""
+        from pqd.fingerprint import file_digest
         from pqd.pipeline import measure_run
-        from pqd.runs import file_digest
 
         o, say = self.o, self.say
         setup = setup_latency_model(

@@ -13,12 +13,12 @@ from typing import Any
 from pqd.checkpoint import atomic_write_text
 from pqd.errors import PqdError
 from pqd.executors import Executor, check_executor
+from pqd.fingerprint import file_digest
 from pqd.recipe import Recipe
 from pqd.runs import (
     TRIALS_FILE,
     Sharing,
     Trial,
-    file_digest,
     folder_status,
     refuse_other_baseline,
     reset_folder,
@@ -232,14 +232,14 @@ class SearchRun:
                     f"{', '.join(taken[1:])} shared with another order (not trained again)"
                 )
 
-        # finished trials offer their stages to the ones after them (processes: a trial
-        # that a running one trains every step of waits for it; see Sharing)
+        # finished trials offer their stages to the ones after them (processes, Ray: a
+        # trial that a running one trains every step of waits for it; see Sharing)
         sharing = Sharing([t for t in runs.values() if all(t is not job for job, _ in todo)])
         t0, m0 = time.perf_counter(), self.timing["measure"]
         ex.run(
             todo,
             finished,
-            starting=starting if self.executor != "ray" else None,
+            starting=starting,
             order=sharing.level,
         )
         self.timing["train"] += time.perf_counter() - t0 - (self.timing["measure"] - m0)

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pqd.errors import PqdError, RecipeError
+from pqd.fingerprint import file_digest
 from pqd.recipe import Recipe, recipe_from_dict
-from pqd.runs import Trial, file_digest, trial_key
+from pqd.runs import Trial, trial_key
 
 # ---------------------------------------------------------------------------- planning
 
