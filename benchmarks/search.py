@@ -272,10 +272,16 @@ def verdict(search: dict) -> str:
     tied = [g["label"] for g in perms if g is not best and g.get("tied_with_best")]
     beaten = [g for g in perms if g is not best and not g.get("tied_with_best")]
     seeds, images = best["n"], search["data"]["test"]
+    base = next((g for g in ordered_groups(search) if g["kind"] == "baseline"), None)
+    base_text = (
+        f"; the FP32 baseline {100 * base['accuracy_mean']:.2f}% {ci_text(base.get('accuracy_ci'))}"
+        if base and base.get("accuracy_mean") is not None
+        else ""
+    )
     text = (
         f"Top full order by test top-1: **{best['label']}**, {100 * best['accuracy_mean']:.2f}% "
         f"{ci_text(best.get('accuracy_ci'))} ({seeds} seed{'s' if seeds != 1 else ''} x "
-        f"{images:,} test images). "
+        f"{images:,} test images{base_text}). "
     )
     if tied:
         text += (
@@ -301,18 +307,55 @@ def verdict(search: dict) -> str:
     return text + "."
 
 
-def results_json(search: dict) -> dict:
+def setup_text(search: dict) -> str:
+    """The search in words: model, data (with the JPEG caveat for CIFAR-10's image
+    folders), the stages, epochs per order and seeds."""
+    recipe, data = search["recipe"], search["data"]
+    model, spec = recipe["model"], recipe["search"]
+    kwargs = model.get("kwargs") or {}
+    shown = "; ".join(
+        f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in kwargs.items()
+    )
+    words = []
+    for stage in recipe["stages"]:
+        if stage["stage"] == "prune":
+            words.append(f"prune {100 * stage.get('sparsity', 0.0):.0f}%")
+        elif stage["stage"] == "quantize":
+            words.append(f"INT8 {'QAT' if stage.get('mode') == 'qat' else stage.get('mode')}")
+        else:
+            words.append(stage["stage"])
+    jpeg = recipe["data"]["dataset"] == "folder"
+    seeds = len(spec["seeds"])
+    budget = "/".join(f"{b:g}" for b in spec["budget"])
+    return (
+        f"`{model['name']}`" + (f" ({shown})" if shown else "") + f" on {data['train']:,} "
+        f"training and {data['test']:,} test images"
+        + (" (CIFAR-10 as JPEG files: close to, not equal to, the official images)" if jpeg else "")
+        + f", every order of {' / '.join(words)}, {spec['total_epochs']} epochs per order "
+        f"split {budget} % by position, {seeds} seed{'s' if seeds != 1 else ''}"
+    )
+
+
+def results_json(search: dict, command: str = "", date: str = "") -> dict:
     """What ``--results`` keeps beside the page: the claims, the verdict paragraph, the best
     full order and those the paired tests cannot tell from it, the pairwise order, the
-    groups."""
+    groups, and what the README's paragraph says besides (:func:`readme_block`): the setup,
+    the CPU and its flags, pqd's version, the date and the command."""
     from pqd.markdown import ordered_groups
     from pqd.report.search import derived_order_text
 
     perms = [g for g in ordered_groups(search) if g["kind"] == "permutation" and g.get("n")]
     best = next((g for g in perms if g.get("rank") == 1), None)
+    env = search["environment"]
     return {
         "name": search["name"],
         "model": search["recipe"]["model"]["name"],
+        "setup": setup_text(search),
+        "cpu": env["cpu"],
+        "cpu_flags": [f for f in env["cpu_flags"] if f.startswith(("avx", "amx"))],
+        "pqd_version": search.get("pqd_version", "?"),
+        "date": date,
+        "command": command,
         "claims": claims(search),
         "verdict": verdict(search),
         "best": best["label"] if best else None,
@@ -365,30 +408,32 @@ README_START = (
 README_END = "<!-- /order -->"
 
 
-def readme_block(search: dict, page: str) -> str:
-    """The README's order verdict: a heading line naming the search and the CPU, the
-    paragraph of :func:`verdict` and a link to the page with the statistics."""
-    env = search["environment"]
+def readme_block(results: dict, page: str) -> str:
+    """The README's order verdict from :func:`results_json`: the setup, the paragraph of
+    :func:`verdict`, and the line saying where and how it ran, with a link to the page."""
     return "\n".join(
         [
             README_START,
-            f"The order question, `{search['name']}` on {env['cpu']} "
-            f"(see [the page]({page}) for every interval and paired test):",
+            f"The order question: {results['setup']}.",
             "",
-            verdict(search),
+            results["verdict"],
+            "",
+            f"pqd {results['pqd_version']}, {results['date']}, {results['cpu']} "
+            f"({', '.join(results['cpu_flags'])}): `{results['command']}` "
+            f"([the page]({page}): every interval and paired test).",
             README_END,
         ]
     )
 
 
-def write_readme(search: dict, readme: Path, page: str) -> bool:
+def write_readme(results: dict, readme: Path, page: str) -> bool:
     """Replace the README's order block (between its markers) with :func:`readme_block`;
     False (nothing written) when the README has no such block."""
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
         return False
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
-    readme.write_text(text[:start] + readme_block(search, page) + text[end:], encoding="utf-8")
+    readme.write_text(text[:start] + readme_block(results, page) + text[end:], encoding="utf-8")
     return True
 
 
@@ -471,12 +516,12 @@ def main(argv: list[str] | None = None) -> int:
         page += "\n\n" + "\n".join(carries_over(search, other))
     print(page)
     if args.results is not None:
-        env = search["environment"]
-        flags = [f for f in env["cpu_flags"] if f.startswith(("avx", "amx"))]
+        command = " ".join(["python", *sys.argv])
+        results = results_json(search, command, datetime.date.today().isoformat())
         head = (
-            f"# Order search: {search['name']}\n\n`{' '.join(['python', *sys.argv])}` on "
-            f"{datetime.date.today().isoformat()}: pqd {search['pqd_version']}, {env['cpu']} "
-            f"({', '.join(flags)}); seeds {search['recipe']['search']['seeds']}"
+            f"# Order search: {search['name']}\n\n`{command}` on {results['date']}: pqd "
+            f"{results['pqd_version']}, {results['cpu']} ({', '.join(results['cpu_flags'])}); "
+            f"seeds {search['recipe']['search']['seeds']}"
             + (
                 "; CIFAR-10 as JPEG files (pixels differ from the official files by about "
                 "6/255: accuracies are close to, not equal to, published figures)"
@@ -488,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / f"{search['name']}.md").write_text(head + page + "\n", encoding="utf-8")
         (args.results / f"{search['name']}.json").write_text(
-            json.dumps(results_json(search), indent=2) + "\n", encoding="utf-8"
+            json.dumps(results, indent=2) + "\n", encoding="utf-8"
         )
         if args.readme:
             readme, page_path = ROOT / "README.md", args.results / f"{search['name']}.md"
@@ -496,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                 link = page_path.resolve().relative_to(ROOT).as_posix()
             except ValueError:
                 link = page_path.resolve().as_posix()
-            if not write_readme(search, readme, link):
+            if not write_readme(results, readme, link):
                 print(
                     f"benchmarks/search.py: {readme} has no order block ({README_START} ... "
                     f"{README_END}): the README is unchanged",

@@ -1317,7 +1317,7 @@ def test_benchmark_verdict_paragraph_follows_the_tests_and_lands_in_the_readme(t
     text = bench.verdict(fake_search(acc))
     assert text.startswith(
         "Top full order by test top-1: **prune -> quantize -> distill**, 80.00% [77.5, 82.4] "
-        "(1 seed x 1,017 test images)."
+        "(1 seed x 1,017 test images; the FP32 baseline 78.00% [75.3, 80.4])."
     )
     assert "cannot tell it from 1 of the other 5: prune -> distill -> quantize;" in text
     assert "4 are worse, down to quantize -> prune -> distill at -6.00 points (95% CI" in text
@@ -1329,15 +1329,22 @@ def test_benchmark_verdict_paragraph_follows_the_tests_and_lands_in_the_readme(t
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{bench.README_START}\nold\n{bench.README_END}\n\nend\n")
-    assert bench.write_readme(fake_search(acc), readme, "docs/results/s.md")
+    results = bench.results_json(fake_search(acc), "python benchmarks/search.py", "2026-12-07")
+    assert bench.write_readme(results, readme, "docs/results/s.md")
     body = readme.read_text()
     assert "old" not in body and text in body and body.endswith("\n\nend\n")
-    assert "(see [the page](docs/results/s.md)" in body
+    assert (
+        "The order question: `tiny_cnn` on 4,670 training and 1,017 test images, every order "
+        "of prune 50% / INT8 QAT / distill, 5 epochs per order split 20/40/40 % by position, "
+        "1 seed.\n" in body
+    )
+    assert "pqd 0.1.0, 2026-12-07, " in body and ": `python benchmarks/search.py` ([the" in body
+    assert "([the page](docs/results/s.md): every interval and paired test)" in body
     shipped = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert shipped.count(bench.README_START) == 1 and shipped.count(bench.README_END) == 1
     plain = tmp_path / "PLAIN.md"
     plain.write_text("# no block\n")
-    assert not bench.write_readme(fake_search(acc), plain, "p.md")
+    assert not bench.write_readme(results, plain, "p.md")
     assert plain.read_text() == "# no block\n"
 
 
@@ -1498,7 +1505,7 @@ def test_benchmark_page_says_what_carries_over_from_another_search(tmp_path, mon
     assert "old" in readme.read_text()  # no --readme: the README's block stays
     assert bench.main([*argv, "--readme"]) == 0
     assert "old" not in readme.read_text()
-    assert f"(see [the page](results/{search['name']}.md)" in readme.read_text()
+    assert f"([the page](results/{search['name']}.md): every" in readme.read_text()
     assert bench.main([*argv[:4], "--compare", str(tmp_path / "none.json")]) == 2
     assert bench.main([*argv[:4], "--compare", str(source)]) == 2  # a search.json, not results
     with pytest.raises(SystemExit):
