@@ -1,5 +1,5 @@
-"""pqd's house: imports point down the layers, and there is no import circle but the model
-registry's. The graph holds every import of every module, those inside functions included."""
+"""pqd's house: imports point down the layers, and there is no import circle. The graph
+holds every import of every module, those inside functions included."""
 
 from __future__ import annotations
 
@@ -52,7 +52,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.api", "pqd.search", "pqd.planner"),  # pqd.compress, pqd search, pqd plan
     ("pqd.cli", "pqd"),  # the command, the package
 ]
-REGISTRY_CYCLE = {"pqd.registry", "pqd.models"}  # the zoo registers itself when imported
 # what a stage module may not import: its siblings and whatever runs stages
 RUNS_STAGES = (
     "pqd.stages",
@@ -109,10 +108,6 @@ def layer_of(module: str) -> int:
     return best[1]
 
 
-def in_registry_cycle(module: str) -> bool:
-    return any(module == m or module.startswith(m + ".") for m in REGISTRY_CYCLE)
-
-
 def test_the_graph_sees_imports_inside_functions() -> None:
     graph = import_graph()
     # pipeline imports the exits' measuring only inside a function (an early-exit run)
@@ -120,21 +115,13 @@ def test_the_graph_sees_imports_inside_functions() -> None:
     assert graph.number_of_edges() > 150
 
 
-def test_no_import_circle_but_the_model_registry() -> None:
-    circles = [
-        sorted(c)
-        for c in nx.strongly_connected_components(import_graph())
-        if len(c) > 1 and not all(in_registry_cycle(m) for m in c)
-    ]
+def test_no_import_circle() -> None:
+    circles = [sorted(c) for c in nx.strongly_connected_components(import_graph()) if len(c) > 1]
     assert circles == []
 
 
 def test_imports_point_down_the_layers() -> None:
-    up = [
-        f"{a} -> {b}"
-        for a, b in import_graph().edges
-        if layer_of(b) > layer_of(a) and not (in_registry_cycle(a) and in_registry_cycle(b))
-    ]
+    up = [f"{a} -> {b}" for a, b in import_graph().edges if layer_of(b) > layer_of(a)]
     assert up == []
 
 
@@ -181,18 +168,13 @@ def test_no_private_name_is_imported_across_packages() -> None:
 
 def package_graph() -> nx.DiGraph:
     """The import graph between pqd's top-level modules and packages, without what other
-    arrows imply (its transitive reduction) and without the registry's circle (the zoo
-    registering itself with ``pqd.registry``)."""
+    arrows imply (its transitive reduction)."""
     graph = nx.DiGraph()
     for a, b in import_graph().edges:
         pa, pb = ".".join(a.split(".")[:2]), ".".join(b.split(".")[:2])
         graph.add_nodes_from((pa, pb))
-        if pa != pb and not (
-            in_registry_cycle(pa) and in_registry_cycle(pb) and pb != "pqd.registry"
-        ):
+        if pa != pb:
             graph.add_edge(pa, pb)
-    if graph.has_edge("pqd.registry", "pqd.models"):
-        graph.remove_edge("pqd.registry", "pqd.models")
     return nx.transitive_reduction(graph)
 
 

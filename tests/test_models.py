@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pqd.errors import ModelError
-from pqd.models import Classifier, Normalize, build_model, check_output_shape
-from pqd.registry import MODELS, model_names
+from pqd.models import Classifier, Normalize, build_model, check_output_shape, model_names
+from pqd.registry import MODELS
 from torchvision_helpers import (
     mobilenet_v2_layout,
     mobilenet_v3_small_layout,

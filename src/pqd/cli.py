@@ -445,7 +445,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(_: argparse.Namespace) -> int:
-    from pqd.registry import model_names
+    from pqd.models import model_names
 
     print("\n".join(model_names()))
     return 0

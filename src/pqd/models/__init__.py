@@ -19,13 +19,14 @@ mobilenetv3_small 2.54 M / 57 M, mobilenetv3_large 5.48 M / 217 M.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from pqd.errors import ModelError
+from pqd.errors import ModelError, did_you_mean
 from pqd.models import (  # noqa: F401  (registers)
     fastnet,
     imagenet,
@@ -38,9 +39,49 @@ from pqd.models import (  # noqa: F401  (registers)
     wrn,
 )
 from pqd.models._common import ZooNet
-from pqd.registry import resolve_model_fn
+from pqd.registry import MODELS, ModelFn
 
-__all__ = ["Classifier", "Normalize", "ZooNet", "build_model", "check_output_shape"]
+__all__ = [
+    "Classifier",
+    "Normalize",
+    "ZooNet",
+    "build_model",
+    "check_output_shape",
+    "model_names",
+    "resolve_model_fn",
+]
+
+
+def model_names() -> list[str]:
+    """Sorted names of the registered zoo models."""
+    return sorted(MODELS)
+
+
+def resolve_model_fn(name: str) -> ModelFn:
+    """Return the builder for a zoo name or a ``module:callable`` user model."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # an import error in user code is the user's to fix
+            raise ModelError(
+                f"model {name!r}: module {module_name!r} does not import "
+                f"({type(exc).__name__}: {exc})",
+                "check the module path and that it is importable (on PYTHONPATH)",
+            ) from None
+        fn = getattr(module, attr, None)
+        if fn is None or not callable(fn):
+            raise ModelError(
+                f"model {name!r}: {module_name!r} has no callable {attr!r}",
+                "name a function or class that returns an nn.Module",
+            )
+        return fn
+    if name not in MODELS:
+        raise ModelError(
+            f"unknown model {name!r}{did_you_mean(name, MODELS)}",
+            f"use one of {', '.join(sorted(MODELS))} or 'module:callable'",
+        )
+    return MODELS[name]
 
 
 class Normalize(nn.Module):
