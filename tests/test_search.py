@@ -503,7 +503,7 @@ def test_executor_errors(monkeypatch):
         check_executor("sequential", None, "host:6379")
     assert check_executor("sequential", 2, None) == "processes"
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray -> ImportError
-    with pytest.raises(PqdError, match="pip install 'pqd\\[ray\\]'"):
+    with pytest.raises(PqdError, match=r"pip install -e '\.\[ray\]'"):
         check_executor("ray", None, None)
 
 

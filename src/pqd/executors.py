@@ -162,7 +162,8 @@ def check_executor(executor: str, workers: int | None, address: str | None) -> s
         except ImportError:
             raise PqdError(
                 "--executor ray needs the ray package, which is not installed",
-                "pip install 'pqd[ray]' (or pip install ray), or use --workers N",
+                "pip install -e '.[ray]' in pqd's checkout (or pip install ray), or use "
+                "--workers N",
             ) from None
     return executor
 
