@@ -100,14 +100,10 @@ def summarize(record: dict[str, Any], command: str, wall_s: float | None) -> dic
 
 
 def model_text(s: dict[str, Any]) -> str:
-    """The model as the recipe builds it, e.g. ``fastnet_q8`` (plan 24, 64, M, ...)."""
-    kwargs = s.get("model_kwargs") or {}
-    if not kwargs:
-        return f"`{s['model']}`"
-    shown = "; ".join(
-        f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in kwargs.items()
-    )
-    return f"`{s['model']}` ({shown})"
+    """The model as the recipe builds it (:func:`pqd.markdown.model_text`)."""
+    from pqd.markdown import model_text as text
+
+    return text(s["model"], s.get("model_kwargs"))
 
 
 def render(s: dict[str, Any]) -> str:

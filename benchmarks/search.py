@@ -310,12 +310,10 @@ def verdict(search: dict) -> str:
 def setup_text(search: dict) -> str:
     """The search in words: model, data (with the JPEG caveat for CIFAR-10's image
     folders), the stages, epochs per order and seeds."""
+    from pqd.markdown import model_text
+
     recipe, data = search["recipe"], search["data"]
     model, spec = recipe["model"], recipe["search"]
-    kwargs = model.get("kwargs") or {}
-    shown = "; ".join(
-        f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in kwargs.items()
-    )
     words = []
     for stage in recipe["stages"]:
         if stage["stage"] == "prune":
@@ -328,7 +326,7 @@ def setup_text(search: dict) -> str:
     seeds = len(spec["seeds"])
     budget = "/".join(f"{b:g}" for b in spec["budget"])
     return (
-        f"`{model['name']}`" + (f" ({shown})" if shown else "") + f" on {data['train']:,} "
+        f"{model_text(model['name'], model.get('kwargs'))} on {data['train']:,} "
         f"training and {data['test']:,} test images"
         + (" (CIFAR-10 as JPEG files: close to, not equal to, the official images)" if jpeg else "")
         + f", every order of {' / '.join(words)}, {spec['total_epochs']} epochs per order "

@@ -167,7 +167,7 @@ def test_headline_runs_the_full_scale_recipe_on_a_few_hundred_folder_images(
     assert s["speedup"]["onnxruntime"]["1"] > 0 and set(s["seconds"]) >= {"baseline", "export"}
     page = (tmp_path / "res" / "cifar10.md").read_text()
     assert "JPEG files" in page and "McNemar p =" in page and s["cpu"] in page
-    assert "`fastnet_q8` (plan 24, 64, M, 64, 256, M, 256, 256, M, 256)" in page  # as built
+    assert "`fastnet_q8` (plan: [24, 64, M, 64, 256, M, 256, 256, M, 256])" in page  # as built
     # the page is rendered from the JSON alone
     (tmp_path / "res" / "cifar10.md").unlink()
     assert bench.main(["--render", "--results", str(tmp_path / "res")]) == 0

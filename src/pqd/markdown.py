@@ -11,6 +11,18 @@ KIND_ORDER = ("baseline", "permutation", "reference", "pairwise")
 """Search group kinds in report order."""
 
 
+def model_text(name: str, kwargs: dict[str, Any] | None = None) -> str:
+    """The model as a recipe builds it, its arguments as in the recipe's ``model.kwargs``,
+    e.g. ```fastnet_q8` (plan: [24, 64, M, 256])``."""
+    if not kwargs:
+        return f"`{name}`"
+
+    def value(v: Any) -> str:
+        return f"[{', '.join(map(str, v))}]" if isinstance(v, list) else str(v)
+
+    return f"`{name}` ({'; '.join(f'{k}: {value(v)}' for k, v in kwargs.items())})"
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
