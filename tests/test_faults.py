@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 import pqd.checkpoint
 import pqd.resume
 import pqd.stages  # (registers the stages)
+import pqd.step_state
 from conftest import tiny_recipe
 from helpers import Job
 from pqd.cli import main
@@ -37,8 +38,9 @@ from pqd.models import build_model
 from pqd.pipeline import deterministic
 from pqd.prune.masks import prunable_parameters
 from pqd.quant.prepare import prepare_qat
-from pqd.resume import RunFolder, load_state, save_state
+from pqd.resume import RunFolder
 from pqd.state import State
+from pqd.step_state import load_state, save_state
 from pqd.train import TrainingDiverged, eval_mode, evaluate, fit, is_graph
 
 CPU = torch.device("cpu")
@@ -378,7 +380,7 @@ def test_disk_full_mid_run_is_one_line_and_nothing_looks_complete(
         real(path, data)
 
     monkeypatch.setattr(pqd.checkpoint, "atomic_write_bytes", fills_up)
-    monkeypatch.setattr(pqd.resume, "atomic_write_bytes", fills_up)
+    monkeypatch.setattr(pqd.step_state, "atomic_write_bytes", fills_up)
     stages = [{"stage": "prune", "sparsity": 0.5, "epochs": 1}]
     path = write(tmp_path / "r.yaml", real_recipe(subset_dir, stages))
     out = tmp_path / "run"

@@ -44,7 +44,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pqd.artifact",),  # export/measure/torch_model of the Python API
     ("pqd.context",),  # what a stage reads
     ("pqd.stages",),  # one thin apply per file
-    ("pqd.engine", "pqd.resume", "pqd.fingerprint"),  # the stage loop, run folders
+    ("pqd.engine", "pqd.resume", "pqd.step_state", "pqd.fingerprint"),  # stage loop, run folders
     ("pqd.markdown",),  # report text pieces
     ("pqd.pipeline", "pqd.record", "pqd.report", "pqd.report_audit"),  # pqd run, records
     ("pqd.runs",),  # trials as run folders, and which share stages

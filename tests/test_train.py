@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from pqd.average import EMA_WARMUP
 from pqd.recipe import TrainSpec
-from pqd.resume import load_epoch, save_epoch
+from pqd.step_state import load_epoch, save_epoch
 from pqd.train import (
     TrainingDiverged,
     autocast_dtype,

@@ -348,8 +348,8 @@ def final_state(
         The :class:`pqd.State`.
     """
     from pqd.checkpoint import load_checkpoint
-    from pqd.resume import load_state
     from pqd.state import State
+    from pqd.step_state import load_state
 
     if len(steps) <= 1:  # no stage: the baseline itself
         model = fresh_model()

@@ -39,9 +39,10 @@ from pqd.record import (
     json_default,
     machine,
 )
-from pqd.resume import RunFolder, load_state, note, save_state, step_name
+from pqd.resume import RunFolder, note, step_name
 from pqd.state import State
 from pqd.stats import ALPHA
+from pqd.step_state import load_state, save_state
 from pqd.target import resolve as resolve_target
 from pqd.train import evaluate, predict, top1
 
