@@ -181,12 +181,21 @@ def _pair_stat(search: dict, a: str, b: str) -> str:
     r = _pair_row(search, a, b)
     if r is None or not r.get("paired"):
         return f"{a} / {b}: not measured"
+    from pqd.report.search import seed_disagreement_text
+
     p, sign = r["paired"], (1 if r["a"] == a else -1)
     lo, hi = sorted((sign * p["ci_low"], sign * p["ci_high"]))
+    alpha = float(search["recipe"]["search"].get("alpha", 0.05))
+    seen = dict(  # (said from a's side)
+        p,
+        per_seed=[sign * d for d in p.get("per_seed", [])],
+        seed_ci=sorted(sign * x for x in p["seed_ci"]) if p.get("seed_ci") else None,
+    )
+    differ = None if r.get("decided_by") == "accuracy" else seed_disagreement_text(seen, alpha)
     return (
         f"{a} before {b}: {_pts(sign * p['difference'])} points "
         f"(95% CI {_pts(lo)} to {_pts(hi)}, McNemar p (Holm) {_p(p['p_holm'])}, "
-        f"{p['seeds']} seed(s) x {p['n']} images)"
+        f"{p['seeds']} seed(s) x {p['n']} images" + (f"; a tie: {differ}" if differ else "") + ")"
     )
 
 
@@ -235,8 +244,15 @@ def claims(search: dict) -> list[dict]:
                 else:
                     verdict = "undecided" if g.get("tied_with_best") else "contradicted"
                 vs = g.get("vs_best")
+                tied = [o["label"] for o in others if o.get("tied_with_best")]
                 stats = [
                     f"rank {g.get('rank')} of {len(groups)}, {100 * g['accuracy_mean']:.2f}%"
+                    + (
+                        f"; the paired tests cannot tell it from {len(tied)} of the other "
+                        f"{len(others)}: {', '.join(tied)}"
+                        if g.get("rank") == 1 and tied
+                        else ""
+                    )
                     + (
                         f"; vs the best order {_pts(-vs['difference'])} points (95% CI "
                         f"{_pts(-vs['ci_high'])} to {_pts(-vs['ci_low'])}, McNemar p "
@@ -435,6 +451,34 @@ def write_readme(results: dict, readme: Path, page: str) -> bool:
     return True
 
 
+def _here(path: Path) -> str:
+    """``path`` relative to the checkout where it is inside it, else its name."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return path.name
+
+
+def shown_command(args: argparse.Namespace, name: str) -> str:
+    """The command that reproduces the page, for its header and the README: with ``--from``,
+    the search of the shipped recipe of that name (a re-run reuses every finished trial)
+    when there is one; no path outside the checkout."""
+    parts = ["python benchmarks/search.py"]
+    recipe = ROOT / "recipes" / f"{name}.yaml"
+    if args.source is None:
+        parts += [f"--recipe {_here(args.recipe)}", f"--out {_here(args.out)}"]
+    elif recipe.is_file():
+        parts += [f"--recipe recipes/{name}.yaml", f"--out runs/{name}"]
+    else:
+        parts.append(f"--from {_here(args.source)}")
+    parts.append(f"--results {_here(args.results)}")
+    if args.compare is not None:
+        parts.append(f"--compare {_here(args.compare)}")
+    if args.readme:
+        parts.append("--readme")
+    return " ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -514,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         page += "\n\n" + "\n".join(carries_over(search, other))
     print(page)
     if args.results is not None:
-        command = " ".join(["python", *sys.argv])
+        command = shown_command(args, search["name"])
         results = results_json(search, command, datetime.date.today().isoformat())
         head = (
             f"# Order search: {search['name']}\n\n`{command}` on {results['date']}: pqd "

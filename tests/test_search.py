@@ -1323,6 +1323,11 @@ def test_benchmark_verdict_paragraph_follows_the_tests_and_lands_in_the_readme(t
     assert "4 are worse, down to quantize -> prune -> distill at -6.00 points (95% CI" in text
     assert "Pairwise order: distill -> prune -> quantize." in text
     assert "Harma et al., supported; Kim et al., contradicted." in text
+    (pqd_claim,) = [c for c in bench.claims(fake_search(acc)) if "Zhou" in c["source"]]
+    assert pqd_claim["verdict"] == "undecided" and pqd_claim["statistics"] == [
+        "rank 1 of 6, 80.00%; the paired tests cannot tell it from 1 of the other 5: "
+        "prune -> distill -> quantize"
+    ]
     flat = bench.verdict(fake_search({}))
     assert "cannot tell it from 5 of the other 5" in flat and "worse" not in flat
     assert "the pairwise results prefer no order" in flat
@@ -1346,6 +1351,18 @@ def test_benchmark_verdict_paragraph_follows_the_tests_and_lands_in_the_readme(t
     plain.write_text("# no block\n")
     assert not bench.write_readme(results, plain, "p.md")
     assert plain.read_text() == "# no block\n"
+
+
+def test_the_readme_order_paragraph_is_the_one_the_benchmark_writes_from_its_json() -> None:
+    """README's order verdict is generated (benchmarks/search.py --results docs/results
+    --readme) from the shipped search's results JSON, never typed."""
+    bench = load_benchmark("search")
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "docs" / "results" / "search-cifar10.json").read_text())
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = bench.readme_block(results, "docs/results/search-cifar10.md")
+    assert block in readme, "redo: benchmarks/search.py --from DIR --results docs/results --readme"
+    assert results["verdict"] in (root / "docs" / "results" / "search-cifar10.md").read_text()
 
 
 def test_report_of_an_unfinished_search_counts_its_trials(tmp_path, capsys) -> None:
@@ -1468,6 +1485,44 @@ def test_a_pair_whose_accuracies_tie_says_what_would_resolve_it():
     assert line not in unresolved_text(search)
 
 
+def test_a_pair_significant_over_pooled_images_but_not_across_seeds_says_why_it_ties():
+    """The pooled McNemar test is significant, but the seeds disagree beyond their images
+    and the per-seed interval holds 0: the page says so, and that only seeds resolve it;
+    the claim's statistic says it from the claim's side."""
+    from pqd.report.search import seed_disagreement_text, unresolved_text
+
+    bench = load_benchmark("search")
+    paired = {
+        "n": 10000,
+        "seeds": 3,
+        "difference": 0.0032,
+        "ci_low": 0.0011,
+        "ci_high": 0.0053,
+        "p_holm": 0.0065,
+        "per_seed": [0.0048, 0.0053, -0.0006],
+        "seed_ci": [-0.005, 0.0113],
+        "heterogeneity_p": 0.046,
+        "images_to_resolve": 26689,
+        "seeds_to_resolve": 11,
+    }
+    text = seed_disagreement_text(paired, 0.05)
+    assert text is not None and "per seed +0.48, +0.53, -0.06 points" in text
+    assert "Cochran's Q p 0.046" in text and "-0.50 to +1.13 points, holds 0" in text
+    assert seed_disagreement_text({**paired, "heterogeneity_p": 0.2}, 0.05) is None
+    assert seed_disagreement_text({**paired, "p_holm": 0.2}, 0.05) is None
+    assert seed_disagreement_text({**paired, "seed_ci": [0.001, 0.01]}, 0.05) is None
+    search = fake_search({"p>d": 0.753, "d>p": 0.75}, seeds=(0, 1, 2))
+    row = next(r for r in search["pairwise"]["table"] if {r["a"], r["b"]} == {"prune", "distill"})
+    row.update(a="prune", b="distill", first=None, decided_by="tie", paired=paired)
+    (line,) = [t for t in unresolved_text(search) if t.startswith("prune / distill")]
+    assert "ties although significant" in line and "about 11 seeds would resolve it" in line
+    assert "test images per seed" not in line  # more images would not
+    stat = bench._pair_stat(search, "distill", "prune")  # the claim's side: distill first
+    assert stat.startswith("distill before prune: -0.32 points (95% CI -0.53 to -0.11")
+    assert "a tie: " in stat and "per seed -0.48, -0.53, +0.06 points" in stat
+    assert "-1.13 to +0.50 points" in stat
+
+
 def test_benchmark_page_says_what_carries_over_from_another_search(tmp_path, monkeypatch):
     """--compare: the best order, the pairwise order and each claim's verdict beside another
     search's results JSON, and which verdicts hold in both; the README changes only with
@@ -1505,6 +1560,7 @@ def test_benchmark_page_says_what_carries_over_from_another_search(tmp_path, mon
     assert "old" in readme.read_text()  # no --readme: the README's block stays
     assert bench.main([*argv, "--readme"]) == 0
     assert "old" not in readme.read_text()
+    assert str(tmp_path) not in readme.read_text() + page  # (no path of this machine)
     assert f"([the page](results/{search['name']}.md): every" in readme.read_text()
     assert bench.main([*argv[:4], "--compare", str(tmp_path / "none.json")]) == 2
     assert bench.main([*argv[:4], "--compare", str(source)]) == 2  # a search.json, not results

@@ -304,14 +304,54 @@ def _pairwise_note(search: dict[str, Any]) -> str:
     )
 
 
+def seed_disagreement_text(paired: dict[str, Any], alpha: float) -> str | None:
+    """Why a pair that the pooled test finds significant is still a tie: its seeds disagree
+    more than their test images explain (Cochran's Q below ``alpha``) and the per-seed
+    t-interval holds 0 (:func:`pqd.stats.paired_verdict`).
+
+    Args:
+        paired: the pair's paired comparison (``difference``, ``p_holm``, ``per_seed``,
+            ``seed_ci``, ``heterogeneity_p``: fractions and p-values).
+        alpha: the search's significance level.
+
+    Returns:
+        e.g. ``"significant over the pooled images (p (Holm) 0.0065), but the seeds disagree
+        ..."``; None where the pooled test alone decides.
+    """
+    het, ci = paired.get("heterogeneity_p"), paired.get("seed_ci")
+    p = paired.get("p_holm", paired.get("p_value"))
+    if het is None or ci is None or p is None or het >= alpha or p >= alpha:
+        return None
+    if not ci[0] <= 0 <= ci[1]:
+        return None
+    seeds = ", ".join(f"{100 * d + 0.0:+.2f}" for d in paired.get("per_seed", []))
+    return (
+        f"significant over the pooled images (p (Holm) {p:.2g}), but the seeds disagree more "
+        f"than their images explain (per seed {seeds} points; Cochran's Q p {het:.2g}) and "
+        f"the per-seed 95% CI, {100 * ci[0] + 0.0:+.2f} to {100 * ci[1] + 0.0:+.2f} points, "
+        "holds 0"
+    )
+
+
 def unresolved_text(search: dict[str, Any]) -> list[str]:
     """For each pair whose accuracies tie (no order, or one decided by latency) with a
     measured difference: how many test images (per seed) or seeds would resolve it at the
-    observed effect (80% power)."""
+    observed effect (80% power); where the seeds disagree beyond the images
+    (:func:`seed_disagreement_text`), only more seeds would."""
     out = []
+    alpha = float(((search.get("recipe") or {}).get("search") or {}).get("alpha", 0.05))
     for r in (search.get("pairwise") or {}).get("table", []):
         pr = r.get("paired")
         if r.get("decided_by") == "accuracy" or not pr or not pr["difference"]:
+            continue
+        seeds_differ = seed_disagreement_text(pr, alpha)
+        if seeds_differ:
+            more = pr.get("seeds_to_resolve")
+            out.append(
+                f"{r['a']} / {r['b']} ({points_text(100 * pr['difference'])}) ties although "
+                f"{seeds_differ}"
+                + (f": about {more} seeds would resolve it at that effect." if more else ".")
+            )
             continue
         need = []
         if pr.get("images_to_resolve"):
