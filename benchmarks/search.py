@@ -340,13 +340,22 @@ def setup_text(search: dict) -> str:
             words.append(stage["stage"])
     jpeg = recipe["data"]["dataset"] == "folder"
     seeds = len(spec["seeds"])
-    budget = "/".join(f"{b:g}" for b in spec["budget"])
+    budget = (
+        "split " + "/".join(f"{b:g}" for b in spec["budget"]) + " % by position"
+        if spec.get("budget")
+        else "split evenly"
+    )
+    epochs = (
+        f"{spec['total_epochs']} epochs per order"
+        if spec.get("total_epochs")
+        else "the stages' own epochs summed per order"
+    )
     return (
         f"{model_text(model['name'], model.get('kwargs'))} on {data['train']:,} "
         f"training and {data['test']:,} test images"
         + (" (CIFAR-10 as JPEG files: close to, not equal to, the official images)" if jpeg else "")
-        + f", every order of {' / '.join(words)}, {spec['total_epochs']} epochs per order "
-        f"split {budget} % by position, {seeds} seed{'s' if seeds != 1 else ''}"
+        + f", every order of {' / '.join(words)}, {epochs} {budget}, "
+        f"{seeds} seed{'s' if seeds != 1 else ''}"
     )
 
 

@@ -228,6 +228,27 @@ def test_an_unreadable_progress_file_is_named_with_the_fix(
     assert RunFolder.open(tmp_path, recipe, fresh=True).steps == []
 
 
+def test_a_missing_baseline_checkpoint_is_refused_and_the_run_folder_kept(
+    tmp_path: Path, subset_dir: Path
+) -> None:
+    """A run that loads its baseline from a checkpoint that is gone: one line naming it,
+    before the run folder's progress is rewritten (its steps stay for when the file is
+    back)."""
+    from pqd.errors import CheckpointError
+    from pqd.recipe import recipe_from_dict
+
+    data = real_recipe(subset_dir, [{"stage": "distill", "epochs": 1}])
+    gone = str(tmp_path / "gone.safetensors")
+    recipe = recipe_from_dict({**data, "baseline": {"checkpoint": gone, "epochs": 0}})
+    (tmp_path / "run").mkdir()
+    before = json.dumps({"steps": [{"step": "00-baseline", "fingerprint": "x"}]})
+    (tmp_path / "run" / "progress.json").write_text(before)
+    for kw in ({}, {"resume": True}, {"fresh": True}):
+        with pytest.raises(CheckpointError, match=r"gone\.safetensors' does not exist"):
+            RunFolder.open(tmp_path / "run", recipe, **kw)
+    assert (tmp_path / "run" / "progress.json").read_text() == before
+
+
 def test_another_recipes_folder_is_refused(tmp_path: Path, capsys, subset_dir: Path) -> None:
     """--out holding a different recipe's run: one line naming what differs and the ways out;
     --resume keeps exactly the finished steps the change does not touch."""

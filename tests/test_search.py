@@ -1079,8 +1079,11 @@ def test_ray_task_ships_the_checkpoint_and_returns_the_folder_with_driver_paths(
     search._safe_extract(result.pop("files"), tmp_path)
     assert json.loads((tmp_path / "pending.json").read_text()) == {"source": driver_path}
     assert (tmp_path / "recipe.yaml").read_text() == f"checkpoint: {driver_path}\n"
+    from pqd.fingerprint import sha
+
     progress = json.loads((tmp_path / "progress.json").read_text())
-    assert progress == {"recipe": {"checkpoint": driver_path}}
+    assert progress["recipe"] == {"checkpoint": driver_path}  # and hashed as the driver's
+    assert progress["recipe_sha256"] == sha({"checkpoint": driver_path})
     assert (tmp_path / "checkpoints" / "01-prune.safetensors").read_bytes() == b"pruned"
     assert not Path(seen["ckpt"]).exists()  # the task's temporary folder is gone
 
@@ -1129,7 +1132,8 @@ def test_ray_trials_share_stages_and_receive_their_folders(monkeypatch, tmp_path
     with tarfile.open(fileobj=io.BytesIO(fake.calls[1][3]), mode="r:gz") as tar:
         shipped = tar.extractfile("./checkpoints/02-distill.safetensors")
         assert shipped is not None and shipped.read() == b"shared"
-    assert (tmp_path / "pd" / "pending.json").is_file()  # the folder came back beside it
+    assert (tmp_path / "pd" / "pending.json").is_file()  # the folder came back in its place:
+    assert not (tmp_path / "pd" / "checkpoints").exists()  # what the task removed is gone
 
 
 def _listener(reply: bytes) -> tuple[socket.socket, int]:

@@ -108,9 +108,39 @@ def _ray_train_trial(
                         ),
                         encoding="utf-8",
                     )
+            _rehash_progress(tmp / "run" / "progress.json")
         return {**result, "files": _pack(tmp / "run")}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rehash_progress(path: Path) -> None:
+    """Make a progress file's recipe hash that of its recipe again (after the checkpoint path
+    in it went back to the driver's), so the driver reads it as its own run."""
+    from pqd.fingerprint import sha
+
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and isinstance(data.get("recipe"), dict):
+        data["recipe_sha256"] = sha(data["recipe"])
+        path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def _swap_in(data: bytes, folder: Path) -> None:
+    """Replace ``folder`` by the run folder a Ray task sent back (tar bytes), so the files the
+    task removed (an epoch checkpoint, an old record) are gone here too: unpacked beside it,
+    then renamed over it."""
+    incoming = folder.with_name(folder.name + ".incoming")
+    old = folder.with_name(folder.name + ".old")
+    for stale in (incoming, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    incoming.mkdir(parents=True)
+    _safe_extract(data, incoming)
+    if folder.exists():
+        folder.rename(old)
+    incoming.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pack(folder: Path) -> bytes:
@@ -320,21 +350,21 @@ class Executor:
     @staticmethod
     def _schedule(
         jobs: list[tuple[Trial, Path]],
-        slots: int,
+        slots: Callable[[], int],
         submit: Callable[[Trial, Path], Any],
         wait_one: Callable[[list[Any]], tuple[Any, dict[str, Any]]],
         done: Callable[[Trial, Path, dict[str, Any]], None],
         starting: Callable[[Trial, Path], None] | None,
         order: Callable[[Trial, Path, list[Trial]], int] | None,
     ) -> None:
-        """The loop of the parallel executors: up to ``slots`` jobs at once, a free slot
+        """The loop of the parallel executors: up to ``slots()`` jobs at once, a free slot
         given to the queued job of the lowest ``order`` level (0 start, 1 later; 2 waits
         while a running trial decides it); ``submit`` starts one and returns its handle,
         ``wait_one(handles)`` returns a finished one's handle and result."""
         queue = list(jobs)
         running: dict[Any, tuple[Trial, Path]] = {}
         while queue or running:
-            while queue and len(running) < slots:  # the next job by its level
+            while queue and len(running) < slots():  # the next job by its level
                 busy = [t for t, _ in running.values()]
                 levels = [0 if order is None else order(t, f, busy) for t, f in queue]
                 if min(levels) >= 2 and running:
@@ -372,7 +402,7 @@ class Executor:
             return fut, fut.result()
 
         try:
-            self._schedule(jobs, workers, submit, wait_one, done, starting, order)
+            self._schedule(jobs, lambda: workers, submit, wait_one, done, starting, order)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -385,18 +415,22 @@ class Executor:
         starting: Callable[[Trial, Path], None] | None,
         order: Callable[[Trial, Path, list[Trial]], int] | None,
     ) -> None:
-        """As the processes, with as many trials at once as the cluster has GPUs (or CPUs):
-        each task receives its run folder's files (stages shared with another trial) and
-        returns the whole folder, unpacked here before ``done``."""
+        """As the processes, with as many trials at once as the cluster has GPUs (or CPUs),
+        asked again as each slot frees (nodes may join): each task receives its run
+        folder's files (stages shared with another trial) and returns the whole folder,
+        which replaces it here before ``done``."""
         import ray
 
         task = ray.remote(_ray_train_trial).options(
             num_cpus=1, num_gpus=1 if self.ray_gpus >= 1 else 0, max_retries=1
         )
-        resources = ray.cluster_resources()
-        slots = max(1, int(self.ray_gpus if self.ray_gpus >= 1 else resources.get("CPU", 1)))
+
+        def slots() -> int:
+            resources = ray.cluster_resources()
+            return max(1, int(resources.get("GPU" if self.ray_gpus >= 1 else "CPU", 1)))
+
         blobs: dict[str, Any] = {}
-        folders: dict[Any, Path] = {}
+        folders: dict[Any, tuple[Path, bool]] = {}
 
         def submit(trial: Trial, folder: Path) -> Any:
             ckpt = trial.recipe.baseline.checkpoint
@@ -409,13 +443,17 @@ class Executor:
                 blobs.get(ckpt) if ckpt else None,
                 _pack(folder) if begun else None,
             )
-            folders[ref] = folder
+            folders[ref] = (folder, begun)
             return ref
 
         def wait_one(refs: list[Any]) -> tuple[Any, dict[str, Any]]:
             ready, _ = ray.wait(refs, num_returns=1)
             result = ray.get(ready[0])
-            _safe_extract(result.pop("files"), folders.pop(ready[0]))
+            folder, shipped = folders.pop(ready[0])
+            if shipped:  # the task had every file: what it removed goes here too
+                _swap_in(result.pop("files"), folder)
+            else:
+                _safe_extract(result.pop("files"), folder)
             return ready[0], result
 
         try:

@@ -30,7 +30,7 @@ def sha(data: Any) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
+def _digest(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -39,13 +39,14 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 (hex) of a file's bytes, computed once while its size and time are unchanged.
+    """sha256 (hex) of a file's bytes, computed once while its size, times and inode are
+    unchanged (an atomic replace gives a new inode).
 
     Raises:
         OSError: the file cannot be read.
     """
     st = os.stat(path)
-    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 def _relevant(recipe: Recipe) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from pqd.checkpoint import atomic_write_text
-from pqd.errors import PqdError
+from pqd.errors import CheckpointError, PqdError
 from pqd.fingerprint import fingerprints, sha
 from pqd.recipe import Recipe
 from pqd.step_state import load_epoch, save_epoch
@@ -136,6 +136,12 @@ class RunFolder:
         """Read ``out``'s progress and decide what to keep (see module doc); refuses another
         recipe's run unless ``resume`` or ``fresh`` (``api``: in the Python API's words).
         Writes nothing."""
+        ckpt = recipe.baseline.checkpoint
+        if ckpt and not Path(ckpt).is_file():  # (before the fingerprints name it by its bytes)
+            raise CheckpointError(
+                f"baseline checkpoint {ckpt!r} does not exist (the run folder is left as it is)",
+                "give the path of a .safetensors, .pt, .pth or .bin file in baseline.checkpoint",
+            )
         folder = cls(out=out, recipe=recipe, prints=fingerprints(recipe), api=api)
         if fresh:
             return folder

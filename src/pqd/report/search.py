@@ -307,7 +307,7 @@ def _pairwise_note(search: dict[str, Any]) -> str:
 def seed_disagreement_text(paired: dict[str, Any], alpha: float) -> str | None:
     """Why a pair that the pooled test finds significant is still a tie: its seeds disagree
     more than their test images explain (Cochran's Q below ``alpha``) and the per-seed
-    t-interval holds 0 (:func:`pqd.stats.paired_verdict`).
+    t-interval holds 0 (:func:`pqd.stats.decide`).
 
     Args:
         paired: the pair's paired comparison (``difference``, ``p_holm``, ``per_seed``,
@@ -319,7 +319,7 @@ def seed_disagreement_text(paired: dict[str, Any], alpha: float) -> str | None:
         ..."``; None where the pooled test alone decides.
     """
     het, ci = paired.get("heterogeneity_p"), paired.get("seed_ci")
-    p = paired.get("p_holm", paired.get("p_value"))
+    p = paired.get("p_holm")
     if het is None or ci is None or p is None or het >= alpha or p >= alpha:
         return None
     if not ci[0] <= 0 <= ci[1]:
