@@ -181,11 +181,11 @@ def _pair_stat(search: dict, a: str, b: str) -> str:
     r = _pair_row(search, a, b)
     if r is None or not r.get("paired"):
         return f"{a} / {b}: not measured"
-    from pqd.report.search import seed_disagreement_text
+    from pqd.report.search import search_alpha, seed_disagreement_text
 
     p, sign = r["paired"], (1 if r["a"] == a else -1)
     lo, hi = sorted((sign * p["ci_low"], sign * p["ci_high"]))
-    alpha = float(search["recipe"]["search"].get("alpha", 0.05))
+    alpha = search_alpha(search)
     seen = dict(  # (said from a's side)
         p,
         per_seed=[sign * d for d in p.get("per_seed", [])],
@@ -235,16 +235,12 @@ def claims(search: dict) -> list[dict]:
                 verdict, stats = "undecided", ["that order was not measured"]
             else:
                 others = [o for o in groups.values() if o is not g and o.get("n")]
+                tied = [o["label"] for o in others if o.get("tied_with_best")]
                 if g.get("rank") == 1:
-                    verdict = (
-                        "supported"
-                        if others and not any(o.get("tied_with_best") for o in others)
-                        else "undecided"
-                    )
+                    verdict = "supported" if others and not tied else "undecided"
                 else:
                     verdict = "undecided" if g.get("tied_with_best") else "contradicted"
                 vs = g.get("vs_best")
-                tied = [o["label"] for o in others if o.get("tied_with_best")]
                 stats = [
                     f"rank {g.get('rank')} of {len(groups)}, {100 * g['accuracy_mean']:.2f}%"
                     + (

@@ -430,7 +430,7 @@ class Executor:
             return max(1, int(resources.get("GPU" if self.ray_gpus >= 1 else "CPU", 1)))
 
         blobs: dict[str, Any] = {}
-        folders: dict[Any, tuple[Path, bool]] = {}
+        folders: dict[Any, Path] = {}
 
         def submit(trial: Trial, folder: Path) -> Any:
             ckpt = trial.recipe.baseline.checkpoint
@@ -443,17 +443,14 @@ class Executor:
                 blobs.get(ckpt) if ckpt else None,
                 _pack(folder) if begun else None,
             )
-            folders[ref] = (folder, begun)
+            folders[ref] = folder
             return ref
 
         def wait_one(refs: list[Any]) -> tuple[Any, dict[str, Any]]:
             ready, _ = ray.wait(refs, num_returns=1)
             result = ray.get(ready[0])
-            folder, shipped = folders.pop(ready[0])
-            if shipped:  # the task had every file: what it removed goes here too
-                _swap_in(result.pop("files"), folder)
-            else:
-                _safe_extract(result.pop("files"), folder)
+            # the task had every file of the folder: what it removed goes here too
+            _swap_in(result.pop("files"), folders.pop(ready[0]))
             return ready[0], result
 
         try:

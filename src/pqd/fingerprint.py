@@ -56,7 +56,7 @@ def _relevant(recipe: Recipe) -> dict[str, Any]:
     data = {k: v for k, v in d.get("data", {}).items() if k not in ("root", "download")}
     baseline = d.get("baseline")
     if isinstance(baseline, dict) and baseline.get("checkpoint"):
-        with contextlib.suppress(OSError):  # (missing: the run names it when it loads it)
+        with contextlib.suppress(OSError):  # (missing: RunFolder.open refuses it)
             baseline = {**baseline, "checkpoint": "sha256:" + file_digest(baseline["checkpoint"])}
     return {
         "seed": d.get("seed"),

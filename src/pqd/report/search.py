@@ -333,13 +333,18 @@ def seed_disagreement_text(paired: dict[str, Any], alpha: float) -> str | None:
     )
 
 
+def search_alpha(search: dict[str, Any]) -> float:
+    """The search's significance level (``search.alpha`` of its recipe; 0.05 by default)."""
+    return float(((search.get("recipe") or {}).get("search") or {}).get("alpha", 0.05))
+
+
 def unresolved_text(search: dict[str, Any]) -> list[str]:
     """For each pair whose accuracies tie (no order, or one decided by latency) with a
     measured difference: how many test images (per seed) or seeds would resolve it at the
     observed effect (80% power); where the seeds disagree beyond the images
     (:func:`seed_disagreement_text`), only more seeds would."""
     out = []
-    alpha = float(((search.get("recipe") or {}).get("search") or {}).get("alpha", 0.05))
+    alpha = search_alpha(search)
     for r in (search.get("pairwise") or {}).get("table", []):
         pr = r.get("paired")
         if r.get("decided_by") == "accuracy" or not pr or not pr["difference"]:
