@@ -26,7 +26,7 @@ from pqd.measurement.artifacts import (
     warmup_for,
 )
 from pqd.measurement.complexity import onnx_complexity
-from pqd.measurement.latency import compare_latency
+from pqd.measurement.latency import compare_latency, graph_signature, identical_graph_spread
 from pqd.measurement.parity import parity
 from pqd.measurement.runtime import export_openvino_ir, open_runner, openvino_ir_paths, ort_kernels
 from pqd.models import build_model
@@ -192,6 +192,36 @@ def test_latency_stats_are_ordered_and_interleaved() -> None:
     assert timed == (["a", "a", "b", "b"] * 5)  # 5 interleaved rounds of 2 calls each
     for st in stats.values():
         assert st.samples == 10 and 0 < st.min <= st.p50 <= st.p90 and st.batch == 1
+
+
+def test_files_of_one_graph_share_a_signature_whatever_their_weights(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    other = tiny(seed=1)  # other weights, other BN statistics, other quantization ranges
+    int8, _ = export_onnx(
+        qat_graph(other), tmp_path / "int8.onnx", torch.rand(2, 3, 32, 32), quantized=True
+    )
+    fp32, _ = export_onnx(other, tmp_path / "fp32.onnx", torch.rand(2, 3, 32, 32), quantized=False)
+    assert onnx.load(str(int8)).graph.initializer != onnx.load(str(files["int8"])).graph.initializer
+    assert graph_signature(int8) == graph_signature(files["int8"])
+    assert graph_signature(fp32) == graph_signature(files["fp32"])
+    assert graph_signature(fp32) != graph_signature(int8)
+    wider = build_model("tiny_cnn", 5, [0.4, 0.45, 0.5], [0.2, 0.25, 0.3]).eval()
+    five, _ = export_onnx(wider, tmp_path / "five.onnx", torch.rand(2, 3, 32, 32), quantized=False)
+    assert graph_signature(five) != graph_signature(fp32)  # one more class: another shape
+
+
+def test_the_noise_floor_is_the_widest_spread_within_one_graph() -> None:
+    p50 = {"a": 0.170, "b": 0.198, "c": 0.180, "d": 0.374, "e": 0.380, "f": 0.5}
+    graphs = {"a": "int8", "b": "int8", "c": "int8", "d": "fp32", "e": "fp32", "f": "other"}
+    floor = identical_graph_spread(p50, graphs)
+    assert floor == {
+        "spread": round(1 - 0.170 / 0.198, 4),
+        "files": ["a", "b"],
+        "graphs": 2,
+        "timed": 5,
+    }
+    assert identical_graph_spread({"a": 0.1, "b": 0.2}, {"a": "x", "b": "y"}) is None
 
 
 def test_large_batches_get_fewer_warmup_and_timed_calls() -> None:

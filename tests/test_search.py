@@ -556,11 +556,15 @@ def fake_search(
     seeds: tuple[int, ...] = (0,),
     failed: tuple[str, ...] = (),
     drops: dict[str, float] | None = None,
+    latency: dict[str, float] | None = None,
+    floor: float | None = None,
     **search: Any,
 ) -> dict[str, Any]:
     """A search analysed from made-up results: accuracy by order 'p>q>d' (INT8 when q in it,
     '' is the baseline), the orders in ``failed`` failed; ``drops``: each order's audit
-    (largest per-class drop in points, default 1)."""
+    (largest per-class drop in points, default 1); ``latency``: p50 (ms) by order (default
+    0.4 INT8, 1.3 FP32); ``floor``: the panel's spread between the first two trials' files,
+    taken as one graph."""
     recipe = search_recipe(total_epochs=5, budget=[20, 40, 40], seeds=list(seeds), **search)
     trials = plan_trials(recipe, "/c", "d", "/data")
 
@@ -584,7 +588,10 @@ def fake_search(
             "status": "done",
             "accuracy": accuracy.get(name, 0.78) + 0.002 * seed,
             "size_bytes": 1_200_000 if int8 else 4_500_000,
-            "latency_ms": {"p50": 0.4 if int8 else 1.3, "p90": 0.5 if int8 else 1.5},
+            "latency_ms": {
+                "p50": (latency or {}).get(name, 0.4 if int8 else 1.3),
+                "p90": 0.5 if int8 else 1.5,
+            },
             "precision": "int8" if int8 else "fp32",
             "sparsity": 0.5 if "prune" in t.order else 0.0,
             "audit": None
@@ -615,7 +622,15 @@ def fake_search(
         "test": 1017,
         "subset_note": "the test split holds 1017 of the official 10000 test images",
     }
-    panel = {"runtime": "onnxruntime", "threads": 2, "host": "vm", "cpu": "AMD EPYC"}
+    panel: dict[str, Any] = {
+        "runtime": "onnxruntime",
+        "threads": 2,
+        "host": "vm",
+        "cpu": "AMD EPYC",
+    }
+    if floor is not None:
+        files = [entries[0]["key"], entries[1]["key"]]
+        panel["identical_graphs"] = {"spread": floor, "files": files, "graphs": 1, "timed": 2}
     search = analyse(
         recipe,
         entry(base, 0),
@@ -667,6 +682,32 @@ def test_analysis_ranks_derives_the_order_and_finds_the_frontier():
     versus = {v["reference"]: v for v in search["best_vs_references"]}
     assert versus["reference:quantize"]["best_dominates"]
     assert not versus["reference:distill"]["best_dominates"]
+
+
+def test_a_latency_difference_within_the_panels_noise_floor_decides_nothing():
+    from pqd.report import render_search_markdown
+
+    lat = {"p>q": 0.40, "q>p": 0.45}  # 11% apart; every accuracy the same
+
+    def prune_quantize(search: dict[str, Any]) -> dict[str, Any]:
+        return next(
+            r for r in search["pairwise"]["table"] if {r["a"], r["b"]} == {"prune", "quantize"}
+        )
+
+    plain = fake_search({}, latency=lat)
+    assert plain["criterion"]["latency_tolerance"] == 0.1
+    assert prune_quantize(plain)["first"] == "prune"
+    assert prune_quantize(plain)["decided_by"] == "latency"
+    noisy = fake_search({}, latency=lat, floor=0.15)
+    c = noisy["criterion"]
+    assert c["tie_latency"] == 0.1 and c["latency_tolerance"] == 0.15
+    assert "raised to the spread between files of one graph" in c["text"]
+    assert prune_quantize(noisy)["first"] is None and noisy["pairwise"]["edges"] == []
+    page = render_search_markdown(noisy)
+    first = noisy["trials"][0]
+    assert f"differed by up to 15.0% in this panel ({first['label']}, seed 0 against" in page
+    assert "latencies within 15% and sizes within 1%" in page
+    assert "differed by up to" not in render_search_markdown(plain)
 
 
 def test_analysis_reports_a_cycle_and_aggregates_seeds():
@@ -821,6 +862,10 @@ def test_cli_search_writes_every_order_frontier_pairwise_and_reports(sequential)
     assert len(search["ranking"]) == 2 and search["pairwise"]["runs"] == 2
     pw = search["pairwise"]
     assert (pw["order"] is None) == (pw["cycle"] is not None) or pw["ties"]
+    # every file is one FP32 graph (unstructured masks keep the shapes): the panel's floor
+    same, c = search["latency_panel"]["identical_graphs"], search["criterion"]
+    assert same["graphs"] == 1 and same["timed"] == 5 and 0.0 <= same["spread"] < 1.0
+    assert c["latency_tolerance"] == max(c["tie_latency"], same["spread"])
     # every trial is an ordinary run folder whose record says where latency was measured
     for t in search["trials"]:
         record = json.loads((out / t["record"]).read_text())

@@ -188,3 +188,55 @@ def input_shape(path: Path, batch: int = 1) -> tuple[int, ...]:
 
     dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
     return (batch, *(int(d.dim_value) for d in dims[1:]))
+
+
+def graph_signature(path: Path) -> str:
+    """A digest of an ONNX file's graph without the values of its tensors: the nodes (types,
+    attributes, wiring) and every constant's name, type and shape. Two files with the same
+    signature run the same kernels on the same shapes (an unstructured-sparse INT8 file and
+    a dense one share it), so their latencies should differ by timing noise only."""
+    import hashlib
+
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    tensors = list(proto.graph.initializer) + [
+        a.t for n in proto.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR
+    ]
+    for t in tensors:
+        for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+            t.ClearField(name)
+    proto.ClearField("producer_version")
+    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+def identical_graph_spread(
+    p50_ms: dict[str, float], signatures: dict[str, str]
+) -> dict[str, float | int | list[str]] | None:
+    """How far the p50s of files with the same graph (:func:`graph_signature`) lie apart in
+    one panel: the panel's own noise floor, below which no latency difference means much.
+
+    Args:
+        p50_ms: file name -> p50 (ms), timed side by side.
+        signatures: file name -> graph signature.
+
+    Returns:
+        ``{"spread": largest (max - min) / max p50 within a graph (fraction), "files": the
+        two files of that graph, "graphs": graphs with two or more files, "timed": files in
+        them}``, or None when no graph has two files.
+    """
+    by_graph: dict[str, list[str]] = {}
+    for name in p50_ms:
+        by_graph.setdefault(signatures[name], []).append(name)
+    shared = [
+        sorted(names, key=p50_ms.__getitem__) for names in by_graph.values() if len(names) > 1
+    ]
+    if not shared:
+        return None
+    widest = max(shared, key=lambda ns: 1 - p50_ms[ns[0]] / p50_ms[ns[-1]])
+    return {
+        "spread": round(1 - p50_ms[widest[0]] / p50_ms[widest[-1]], 4),
+        "files": [widest[0], widest[-1]],
+        "graphs": len(shared),
+        "timed": sum(len(ns) for ns in shared),
+    }

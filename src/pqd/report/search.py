@@ -186,7 +186,7 @@ def derived_order_text(search: dict[str, Any]) -> str:
         return (
             "Every pair tied under the criterion (no accuracy difference significant at "
             f"{search['criterion'].get('alpha', 0.05):g} after Holm's correction, latencies "
-            f"within {100 * search['criterion']['tie_latency']:g}%): the pairwise "
+            f"within {100 * latency_tolerance(search):.3g}%): the pairwise "
             "results prefer no order."
         )
     by_latency = [
@@ -287,9 +287,33 @@ def _results_note(search: dict[str, Any]) -> str:
         f"test-set noise only). Latency: batch-1 wall clock on {panel['runtime']} with "
         f"{panel['threads']} threads, every artifact timed side by side in one interleaved "
         f"panel on {panel['host']} ({panel['cpu']}); speedup vs the FP32 baseline in that "
-        f"panel. Pareto: not dominated in (top-1 up, MB down, p50 down), latencies within "
-        f"{100 * search['criterion']['tie_latency']:g}% and sizes within 1% counted as "
-        "equal." + (f" {parity}" if parity else "")
+        f"panel.{_noise_floor(search)} Pareto: not dominated in (top-1 up, MB down, p50 "
+        f"down), latencies within {100 * latency_tolerance(search):.3g}% and sizes within 1% "
+        "counted as equal." + (f" {parity}" if parity else "")
+    )
+
+
+def latency_tolerance(search: dict[str, Any]) -> float:
+    """The relative latency difference below which two artifacts count as equally fast
+    (fraction): the recipe's ``tie_latency``, or the panel's spread between files of one
+    graph where that is wider (searches written before that spread was kept: the former)."""
+    c = search["criterion"]
+    return float(c.get("latency_tolerance", c["tie_latency"]))
+
+
+def _noise_floor(search: dict[str, Any]) -> str:
+    """The panel's spread between files of one graph, in words ("" when none was kept)."""
+    same = search["latency_panel"].get("identical_graphs")
+    if not same:
+        return ""
+    names = {
+        e["key"]: f"{e['label']}, seed {e['seed']}" for e in (search["baseline"], *search["trials"])
+    }
+    a, b = (names.get(k, k) for k in same["files"])
+    return (
+        f" Files of one graph (the same kernels on the same shapes; {same['timed']} files in "
+        f"{same['graphs']} graphs) differed by up to {100 * same['spread']:.1f}% in this "
+        f"panel ({a} against {b}): the panel's noise floor."
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pqd.errors import PqdError
+from pqd.measurement.latency import graph_signature, identical_graph_spread
 from pqd.recipe import Recipe, SearchSpec
 from pqd.resume import RunFolderError, read_progress
 from pqd.runs import Trial, folder_status
@@ -213,9 +214,8 @@ def summarize(
         )
     say(f"latency panel: {len(records)} artifacts, batch 1, interleaved rounds")
     mspec = measure_spec(recipe)
-    panel = latency_panel(
-        {k: out / unique[k].folder / "final.onnx" for k in records}, mspec, progress=progress
-    )
+    files = {k: out / unique[k].folder / "final.onnx" for k in records}
+    panel = latency_panel(files, mspec, progress=progress)
     base_p50 = panel[base.key]["p50"]
     from pqd.record import load_predictions
 
@@ -239,6 +239,10 @@ def summarize(
         **machine(),
         "where": "driver, sequential: all deployed artifacts timed side by side in "
         "interleaved rounds after every trial finished",
+        "identical_graphs": identical_graph_spread(
+            {k: v["p50"] for k, v in panel.items()},
+            {k: graph_signature(p) for k, p in files.items()},
+        ),
     }
     return analyse(
         recipe,
@@ -278,6 +282,10 @@ def analyse(
 
     spec = recipe.search
     assert spec is not None
+    rule = criterion(spec, float((panel.get("identical_graphs") or {}).get("spread", 0.0)))
+    # every latency decision (pairs, ties with the best, Pareto) uses the tolerance the
+    # panel allows: the recipe's, or the spread of identical graphs where that is wider
+    spec = spec.model_copy(update={"tie_latency": rule["latency_tolerance"]})
     groups_by_id, groups = grouped(base_entry, entries, data.get("test", 0))
     correct = correct or {}
     pareto, flagged = mark_pareto(groups, spec)
@@ -311,7 +319,7 @@ def analyse(
         "name": recipe.name,
         "recipe": recipe.model_dump(mode="json"),
         "stages": names,
-        "criterion": criterion(spec),
+        "criterion": rule,
         "allocation": allocation(total, budget, alloc),
         "executor": executor,
         "data": data,
@@ -440,13 +448,33 @@ def versus_references(
     return versus
 
 
-def criterion(spec: SearchSpec) -> dict[str, Any]:
-    """search.json's ``criterion``: the pairwise decision rule, as data and in words."""
+def criterion(spec: SearchSpec, noise_floor: float = 0.0) -> dict[str, Any]:
+    """search.json's ``criterion``: the pairwise decision rule, as data and in words.
+
+    Args:
+        spec: the recipe's ``search`` section.
+        noise_floor: the latency panel's spread between files of one graph (fraction,
+            :func:`pqd.measurement.latency.identical_graph_spread`); a latency difference
+            must exceed it as well as ``spec.tie_latency``.
+
+    Returns:
+        ``metric``, ``alpha``, ``min_effect_points``, ``tie_latency`` (the recipe's),
+        ``latency_noise_floor``, ``latency_tolerance`` (the larger of the two) and ``text``.
+    """
+    tolerance = max(spec.tie_latency, noise_floor)
+    raised = (
+        f" (the recipe's {100 * spec.tie_latency:g}% raised to the spread between files of "
+        "one graph in the latency panel)"
+        if noise_floor > spec.tie_latency
+        else ""
+    )
     return {
         "metric": spec.criterion,
         "alpha": spec.alpha,
         "min_effect_points": spec.min_effect_points,
         "tie_latency": spec.tie_latency,
+        "latency_noise_floor": noise_floor,
+        "latency_tolerance": tolerance,
         "text": (
             "higher test top-1 wins when the paired comparison on the same test images "
             f"is significant at {spec.alpha:g} (exact McNemar pooled over seeds, Holm's "
@@ -454,7 +482,7 @@ def criterion(spec: SearchSpec) -> dict[str, Any]:
             "the per-seed t-interval must exclude 0 too)"
             + (f" and at least {spec.min_effect_points:g} points" if spec.min_effect_points else "")
             + "; otherwise batch-1 p50 latency lower by more than "
-            f"{100 * spec.tie_latency:g}% wins; else the pair ties"
+            f"{100 * tolerance:.3g}% wins{raised}; else the pair ties"
         ),
     }
 
