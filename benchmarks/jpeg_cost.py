@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_page import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -336,24 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--render", action="store_true", help="the page again from the JSON")
     args = ap.parse_args(argv)
-    path = args.results / f"{NAME}.json"
-    if args.render:
-        if not path.is_file():
-            raise SystemExit(f"benchmarks/jpeg_cost.py: error: no {path}; fix: run it first")
-        result = json.loads(path.read_text())
-    else:
-        from pqd.errors import PqdError
-
-        try:
-            result = run(args.recipe, args.subset, args.jpeg, args.epochs, args.seeds)
-        except PqdError as exc:
-            print(f"benchmarks/jpeg_cost.py: error: {exc.line()}", file=sys.stderr)
-            return 2
-        args.results.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-    (args.results / f"{NAME}.md").write_text(render(result))
-    print(render(result))
-    return 0
+    return publish(
+        "jpeg_cost.py",
+        NAME,
+        args.results,
+        args.render,
+        lambda: run(args.recipe, args.subset, args.jpeg, args.epochs, args.seeds),
+        render,
+    )
 
 
 if __name__ == "__main__":
