@@ -212,16 +212,46 @@ def test_files_of_one_graph_share_a_signature_whatever_their_weights(
 
 
 def test_the_noise_floor_is_the_widest_spread_within_one_graph() -> None:
-    p50 = {"a": 0.170, "b": 0.198, "c": 0.180, "d": 0.374, "e": 0.380, "f": 0.5}
-    graphs = {"a": "int8", "b": "int8", "c": "int8", "d": "fp32", "e": "fp32", "f": "other"}
+    p50 = {"a": 0.170, "b": 0.198, "c": 0.180, "d": 0.374, "e": 0.380, "f": 0.5, "g": 0.0}
+    graphs = {"a": "int8", "b": "int8", "c": "int8", "d": "fp32", "e": "fp32", "f": "x", "g": "x"}
     floor = identical_graph_spread(p50, graphs)
     assert floor == {
-        "spread": round(1 - 0.170 / 0.198, 4),
-        "files": ["a", "b"],
+        "spread": (0.198 - 0.170) / 0.198,
+        "names": ["a", "b"],
         "graphs": 2,
-        "timed": 5,
+        "count": 5,
     }
     assert identical_graph_spread({"a": 0.1, "b": 0.2}, {"a": "x", "b": "y"}) is None
+    assert identical_graph_spread({"a": 0.0, "b": 0.0}, {"a": "x", "b": "x"}) is None  # untimed
+
+
+def _reshape_model(path: Path, scale: float, shape: list[int], opset: int = 17) -> Path:
+    """x -> Mul(x, a Constant of value ``scale``) -> Reshape(shape, an INT64 initializer)."""
+    from onnx import TensorProto, helper
+
+    const = helper.make_node(
+        "Constant", [], ["s"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [scale])
+    )
+    graph = helper.make_graph(
+        [
+            const,
+            helper.make_node("Mul", ["x", "s"], ["m"]),
+            helper.make_node("Reshape", ["m", "t"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("t", TensorProto.INT64, [len(shape)], shape)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    return path
+
+
+def test_a_signature_ignores_weight_values_but_not_shapes_or_opsets(tmp_path: Path) -> None:
+    base = graph_signature(_reshape_model(tmp_path / "a.onnx", 0.5, [3, 4]))
+    assert graph_signature(_reshape_model(tmp_path / "b.onnx", 2.0, [3, 4])) == base  # a weight
+    assert graph_signature(_reshape_model(tmp_path / "c.onnx", 0.5, [4, 3])) != base  # a shape
+    assert graph_signature(_reshape_model(tmp_path / "d.onnx", 0.5, [3, 4], 18)) != base
 
 
 def test_large_batches_get_fewer_warmup_and_timed_calls() -> None:

@@ -557,14 +557,14 @@ def fake_search(
     failed: tuple[str, ...] = (),
     drops: dict[str, float] | None = None,
     latency: dict[str, float] | None = None,
-    floor: float | None = None,
+    graphs: bool = False,
     **search: Any,
 ) -> dict[str, Any]:
     """A search analysed from made-up results: accuracy by order 'p>q>d' (INT8 when q in it,
     '' is the baseline), the orders in ``failed`` failed; ``drops``: each order's audit
     (largest per-class drop in points, default 1); ``latency``: p50 (ms) by order (default
-    0.4 INT8, 1.3 FP32); ``floor``: the panel's spread between the first two trials' files,
-    taken as one graph."""
+    0.4 INT8, 1.3 FP32); ``graphs``: every INT8 file one graph and every FP32 file
+    another (else no graph is known)."""
     recipe = search_recipe(total_epochs=5, budget=[20, 40, 40], seeds=list(seeds), **search)
     trials = plan_trials(recipe, "/c", "d", "/data")
 
@@ -593,6 +593,7 @@ def fake_search(
                 "p90": 0.5 if int8 else 1.5,
             },
             "precision": "int8" if int8 else "fp32",
+            "graph": ("int8" if int8 else "fp32") if graphs else None,
             "sparsity": 0.5 if "prune" in t.order else 0.0,
             "audit": None
             if drops is None
@@ -628,9 +629,6 @@ def fake_search(
         "host": "vm",
         "cpu": "AMD EPYC",
     }
-    if floor is not None:
-        files = [entries[0]["key"], entries[1]["key"]]
-        panel["identical_graphs"] = {"spread": floor, "files": files, "graphs": 1, "timed": 2}
     search = analyse(
         recipe,
         entry(base, 0),
@@ -687,7 +685,8 @@ def test_analysis_ranks_derives_the_order_and_finds_the_frontier():
 def test_a_latency_difference_within_the_panels_noise_floor_decides_nothing():
     from pqd.report import render_search_markdown
 
-    lat = {"p>q": 0.40, "q>p": 0.45}  # 11% apart; every accuracy the same
+    # 11% apart, every accuracy the same; without graphs latency decides prune/quantize
+    lat = {"p>q": 0.40, "q>p": 0.45, "q": 0.44}
 
     def prune_quantize(search: dict[str, Any]) -> dict[str, Any]:
         return next(
@@ -698,15 +697,18 @@ def test_a_latency_difference_within_the_panels_noise_floor_decides_nothing():
     assert plain["criterion"]["latency_tolerance"] == 0.1
     assert prune_quantize(plain)["first"] == "prune"
     assert prune_quantize(plain)["decided_by"] == "latency"
-    noisy = fake_search({}, latency=lat, floor=0.15)
-    c = noisy["criterion"]
-    assert c["tie_latency"] == 0.1 and c["latency_tolerance"] == 0.15
-    assert "raised to the spread between files of one graph" in c["text"]
+    # the same INT8 graph for both: their 11% is the panel's own spread, so it decides nothing
+    noisy = fake_search({}, latency=lat, graphs=True)
+    floor, c = noisy["latency_panel"]["identical_graphs"], noisy["criterion"]
+    assert floor["spread"] == (0.45 - 0.40) / 0.45 and floor["graphs"] == 2
+    assert floor["names"][1] == "pairwise:quantize>prune"  # the slowest INT8 result
+    assert c["tie_latency"] == 0.1 and c["latency_tolerance"] == floor["spread"]
+    assert "raised to the spread between results whose files share one graph" in c["text"]
     assert prune_quantize(noisy)["first"] is None and noisy["pairwise"]["edges"] == []
     page = render_search_markdown(noisy)
-    first = noisy["trials"][0]
-    assert f"differed by up to 15.0% in this panel ({first['label']}, seed 0 against" in page
-    assert "latencies within 15% and sizes within 1%" in page
+    assert "in 2 graphs) differed by up to 11.1% in this panel (" in page
+    assert "against quantize -> prune): the panel's noise floor." in page
+    assert "latencies within 11.1% and sizes within 1%" in page
     assert "differed by up to" not in render_search_markdown(plain)
 
 
@@ -864,7 +866,10 @@ def test_cli_search_writes_every_order_frontier_pairwise_and_reports(sequential)
     assert (pw["order"] is None) == (pw["cycle"] is not None) or pw["ties"]
     # every file is one FP32 graph (unstructured masks keep the shapes): the panel's floor
     same, c = search["latency_panel"]["identical_graphs"], search["criterion"]
-    assert same["graphs"] == 1 and same["timed"] == 5 and 0.0 <= same["spread"] < 1.0
+    assert {t["graph"] for t in search["trials"]} == {search["baseline"]["graph"]}
+    assert same["graphs"] == 1 and same["count"] == len(groups) and 0.0 <= same["spread"] < 1.0
+    p50 = sorted(groups[n]["latency_p50_ms"] for n in groups)
+    assert same["spread"] == pytest.approx(1 - p50[0] / p50[-1], abs=1e-4)
     assert c["latency_tolerance"] == max(c["tie_latency"], same["spread"])
     # every trial is an ordinary run folder whose record says where latency was measured
     for t in search["trials"]:

@@ -191,52 +191,83 @@ def input_shape(path: Path, batch: int = 1) -> tuple[int, ...]:
 
 
 def graph_signature(path: Path) -> str:
-    """A digest of an ONNX file's graph without the values of its tensors: the nodes (types,
-    attributes, wiring) and every constant's name, type and shape. Two files with the same
-    signature run the same kernels on the same shapes (an unstructured-sparse INT8 file and
-    a dense one share it), so their latencies should differ by timing noise only."""
+    """A digest of an ONNX file's graph without the values of its weights: the nodes (types,
+    attributes, wiring), the opsets, every tensor's name, type and shape, and the values of
+    the INT64 tensors (shapes, axes, pads, slice bounds: they shape the computation). Files
+    with the same signature normally run the same kernels on the same shapes (an
+    unstructured-sparse INT8 file and a dense one share it), so their latencies should
+    differ by timing noise only."""
     import hashlib
 
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    tensors = list(proto.graph.initializer) + [
-        a.t for n in proto.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR
-    ]
-    for t in tensors:
-        for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
-            t.ClearField(name)
-    proto.ClearField("producer_version")
-    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+    def strip(t: onnx.TensorProto) -> None:
+        if t.data_type != onnx.TensorProto.INT64:
+            for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                         "uint64_data", "string_data"):  # fmt: skip
+                t.ClearField(name)
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for t in graph.initializer:
+            strip(t)
+        for sp in graph.sparse_initializer:
+            strip(sp.values)
+            strip(sp.indices)
+        kinds = onnx.AttributeProto
+        for node in graph.node:
+            for a in node.attribute:
+                tensors = {
+                    kinds.TENSOR: [a.t],
+                    kinds.TENSORS: list(a.tensors),
+                    kinds.SPARSE_TENSOR: [a.sparse_tensor.values, a.sparse_tensor.indices],
+                }.get(a.type, [])
+                for t in tensors:
+                    strip(t)
+                for g in {kinds.GRAPH: [a.g], kinds.GRAPHS: list(a.graphs)}.get(a.type, []):
+                    walk(g)
+
+    walk(proto.graph)
+    digest = hashlib.sha256(proto.graph.SerializeToString(deterministic=True))
+    for op in proto.opset_import:
+        digest.update(op.SerializeToString(deterministic=True))
+    return digest.hexdigest()[:16]
 
 
 def identical_graph_spread(
     p50_ms: dict[str, float], signatures: dict[str, str]
 ) -> dict[str, float | int | list[str]] | None:
-    """How far the p50s of files with the same graph (:func:`graph_signature`) lie apart in
-    one panel: the panel's own noise floor, below which no latency difference means much.
+    """How far the p50s of results with the same graph (:func:`graph_signature`) lie apart
+    in one panel: its noise floor, below which a latency difference means nothing.
 
     Args:
-        p50_ms: file name -> p50 (ms), timed side by side.
-        signatures: file name -> graph signature.
+        p50_ms: name -> p50 (ms), timed side by side (files, or means of files over seeds).
+        signatures: name -> graph signature.
 
     Returns:
-        ``{"spread": largest (max - min) / max p50 within a graph (fraction), "files": the
-        two files of that graph, "graphs": graphs with two or more files, "timed": files in
-        them}``, or None when no graph has two files.
+        ``{"spread": the largest (max - min) / max p50 within one graph (fraction), "names":
+        the two results of that graph farthest apart, "graphs": graphs with two or more
+        timed results, "count": the results in them}``, or None when no graph has two
+        (a p50 that is not positive is left out).
     """
     by_graph: dict[str, list[str]] = {}
-    for name in p50_ms:
-        by_graph.setdefault(signatures[name], []).append(name)
+    for name, p50 in p50_ms.items():
+        if p50 > 0:
+            by_graph.setdefault(signatures[name], []).append(name)
     shared = [
         sorted(names, key=p50_ms.__getitem__) for names in by_graph.values() if len(names) > 1
     ]
     if not shared:
         return None
-    widest = max(shared, key=lambda ns: 1 - p50_ms[ns[0]] / p50_ms[ns[-1]])
+
+    def spread(ns: list[str]) -> float:  # as a pair's relative difference is computed
+        return (p50_ms[ns[-1]] - p50_ms[ns[0]]) / p50_ms[ns[-1]]
+
+    widest = max(shared, key=spread)
     return {
-        "spread": round(1 - p50_ms[widest[0]] / p50_ms[widest[-1]], 4),
-        "files": [widest[0], widest[-1]],
+        "spread": spread(widest),  # unrounded: a bound that decisions compare against
+        "names": [widest[0], widest[-1]],
         "graphs": len(shared),
-        "timed": sum(len(ns) for ns in shared),
+        "count": sum(len(ns) for ns in shared),
     }

@@ -31,8 +31,9 @@ class SearchSpec(Strict):
     the same test images is significant at ``alpha`` (exact McNemar pooled over seeds,
     Holm-corrected over the pairs; :mod:`pqd.stats`) and at least ``min_effect_points``
     (the smallest difference worth reporting); otherwise batch-1 p50 latency decides when
-    it differs by more than ``tie_latency`` (a fraction) and by more than files of one
-    graph differ in the same latency panel (its noise floor), else the pair is a tie.
+    it differs by more than ``tie_latency`` (a fraction) and by more than results whose
+    files share one graph differ in the same latency panel (its noise floor), else the
+    pair is a tie.
     """
 
     mode: Literal["permutations", "pairwise", "both"] = "both"

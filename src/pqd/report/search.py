@@ -302,18 +302,17 @@ def latency_tolerance(search: dict[str, Any]) -> float:
 
 
 def _noise_floor(search: dict[str, Any]) -> str:
-    """The panel's spread between files of one graph, in words ("" when none was kept)."""
+    """The panel's spread between results of one graph, in words ("" when none was kept)."""
     same = search["latency_panel"].get("identical_graphs")
     if not same:
         return ""
-    names = {
-        e["key"]: f"{e['label']}, seed {e['seed']}" for e in (search["baseline"], *search["trials"])
-    }
-    a, b = (names.get(k, k) for k in same["files"])
+    labels = {g["id"]: g["label"] for g in search["groups"]}
+    a, b = (labels.get(n, n) for n in same["names"])
+    graphs = "one graph" if same["graphs"] == 1 else f"{same['graphs']} graphs"
     return (
-        f" Files of one graph (the same kernels on the same shapes; {same['timed']} files in "
-        f"{same['graphs']} graphs) differed by up to {100 * same['spread']:.1f}% in this "
-        f"panel ({a} against {b}): the panel's noise floor."
+        f" Results whose files share one graph (the same kernels on the same shapes; "
+        f"{same['count']} results in {graphs}) differed by up to {100 * same['spread']:.1f}% "
+        f"in this panel ({a} against {b}): the panel's noise floor."
     )
 
 

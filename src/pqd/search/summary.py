@@ -58,6 +58,7 @@ def _trial_result(
     error: str | None,
     panel: dict[str, dict[str, float]],
     base_p50: float | None,
+    graph: str | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "group": trial.group,
@@ -87,6 +88,7 @@ def _trial_result(
         "parity_ok": f.get("parity_ok", True),
         "parity_problems": f.get("parity_problems", []),
         "latency_ms": lat,
+        "graph": graph,
         "record_latency_ms": {"p50": f["latency_ms"]["p50"], "p90": f["latency_ms"]["p90"]},
         "speedup_vs_baseline": (round(base_p50 / lat["p50"], 3) if lat and base_p50 else None),
         "train_seconds": round(
@@ -149,6 +151,8 @@ def _aggregate(entries: list[dict[str, Any]], test_images: int = 0) -> dict[str,
             "latency_p50_ms": round(mean([x["p50"] for x in lat]), 4) if lat else None,
             "latency_p90_ms": round(mean([x["p90"] for x in lat]), 4) if lat else None,
             "precision": ok[0]["precision"],
+            # the files' graph signature where every seed's file has the same one
+            "graph": ok[0].get("graph") if len({e.get("graph") for e in ok}) == 1 else None,
             "sparsity": mean([e["sparsity"] for e in ok]),
             "parity_ok": all(e.get("parity_ok", True) for e in ok),
             "parity_problems": [p for e in ok for p in e.get("parity_problems", [])],
@@ -224,10 +228,12 @@ def summarize(
         preds = load_predictions(out / unique[key].folder)
         if preds is not None:
             correct[key] = preds["final"] == preds["labels"]
-    base_entry = _trial_result(base, records[base.key], None, panel, base_p50)
+    graphs = {k: graph_signature(p) for k, p in files.items()}
+    base_entry = _trial_result(base, records[base.key], None, panel, base_p50, graphs[base.key])
     base_entry["source"] = records[base.key]["baseline"]["source"]
     entries = [
-        _trial_result(t, records.get(t.key), errors.get(t.key), panel, base_p50) for t in trials
+        _trial_result(t, records.get(t.key), errors.get(t.key), panel, base_p50, graphs.get(t.key))
+        for t in trials
     ]
     panel_info = {
         "runtime": mspec.runtimes[0],
@@ -239,10 +245,6 @@ def summarize(
         **machine(),
         "where": "driver, sequential: all deployed artifacts timed side by side in "
         "interleaved rounds after every trial finished",
-        "identical_graphs": identical_graph_spread(
-            {k: v["p50"] for k, v in panel.items()},
-            {k: graph_signature(p) for k, p in files.items()},
-        ),
     }
     return analyse(
         recipe,
@@ -282,11 +284,16 @@ def analyse(
 
     spec = recipe.search
     assert spec is not None
-    rule = criterion(spec, float((panel.get("identical_graphs") or {}).get("spread", 0.0)))
-    # every latency decision (pairs, ties with the best, Pareto) uses the tolerance the
-    # panel allows: the recipe's, or the spread of identical graphs where that is wider
-    spec = spec.model_copy(update={"tie_latency": rule["latency_tolerance"]})
     groups_by_id, groups = grouped(base_entry, entries, data.get("test", 0))
+    same = [g for g in groups if g.get("graph") and g.get("latency_p50_ms")]
+    floor = identical_graph_spread(
+        {g["id"]: g["latency_p50_ms"] for g in same}, {g["id"]: g["graph"] for g in same}
+    )
+    panel = {**panel, "identical_graphs": floor}
+    rule = criterion(spec, floor["spread"] if floor else 0.0)
+    # every latency decision (pairs, ties with the best, Pareto) uses the tolerance the
+    # panel allows: the recipe's, or the spread between groups of one graph where wider
+    spec = spec.model_copy(update={"tie_latency": rule["latency_tolerance"]})
     correct = correct or {}
     pareto, flagged = mark_pareto(groups, spec)
 
@@ -453,7 +460,8 @@ def criterion(spec: SearchSpec, noise_floor: float = 0.0) -> dict[str, Any]:
 
     Args:
         spec: the recipe's ``search`` section.
-        noise_floor: the latency panel's spread between files of one graph (fraction,
+        noise_floor: the latency panel's spread between groups whose files share one graph
+            (mean p50 over seeds; fraction,
             :func:`pqd.measurement.latency.identical_graph_spread`); a latency difference
             must exceed it as well as ``spec.tie_latency``.
 
@@ -463,8 +471,8 @@ def criterion(spec: SearchSpec, noise_floor: float = 0.0) -> dict[str, Any]:
     """
     tolerance = max(spec.tie_latency, noise_floor)
     raised = (
-        f" (the recipe's {100 * spec.tie_latency:g}% raised to the spread between files of "
-        "one graph in the latency panel)"
+        f" (the recipe's {100 * spec.tie_latency:g}% raised to the spread between results "
+        "whose files share one graph in the latency panel)"
         if noise_floor > spec.tie_latency
         else ""
     )
