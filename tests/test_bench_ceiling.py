@@ -102,16 +102,19 @@ def test_a_run_trains_tests_and_renders_from_its_json(
     monkeypatch.setenv("PQD_CACHE_DIR", str(tmp_path / "cache"))
     data = load_dataset("cifar10", subset_dir, val_size=0)
     folder = tmp_path / "jpg"
-    for split, x, yy in (("train", data.train_x, data.train_y), ("test", data.test_x, data.test_y)):
+    monkeypatch.setitem(bench.HYP, "batch_size", 256)  # a fast test: 8 small steps an epoch
+    train = data.train_x[:2048], data.train_y[:2048]
+    for split, x, yy in (("train", *train), ("test", data.test_x, data.test_y)):
         write_image_folder(folder / split, x, yy, data.classes, formats=("jpg",))
     results = tmp_path / "res"
     args = ["--jpeg", str(folder), "--subset", str(subset_dir), "--epochs", "2"]
     assert bench.main([*args, "--results", str(results)]) == 0
     r = json.loads((results / "ceiling.json").read_text())
-    assert r["data"] == {**r["data"], "train": 5170, "test": 1017, "subset_test": 1017}
+    assert r["data"] == {**r["data"], "train": 2048, "test": 1017, "subset_test": 1017}
     assert r["data"]["match_mean_abs"] < 12.0
     (run,) = r["runs"]
-    assert run["epochs"] == 2 and 0.2 < run["single"]["accuracy"] < 1.0  # it learns
+    # it learns: 16 steps lift it 5 standard errors above chance (10%, sd 0.9 points)
+    assert run["epochs"] == 2 and 0.15 < run["single"]["accuracy"] < 1.0
     c = run["tta_vs_single"]
     assert c["difference"] == pytest.approx(
         run["tta"]["accuracy"] - run["single"]["accuracy"], abs=1e-6
