@@ -363,10 +363,11 @@ def _ci(s: dict[str, Any]) -> str:
 def _diff(c: dict[str, Any]) -> str:
     from pqd.stats import ALPHA
 
-    verdict = "tie" if c["p_value"] >= ALPHA else "differ"
+    p = c["p_value"]
+    verdict = "tie" if p >= ALPHA else "differ"
     return (
         f"{100 * c['difference']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}], "
-        f"McNemar p = {c['p_value']:.2g} ({verdict})"
+        f"McNemar p {'= ' + format(p, '.2g') if p >= 1e-6 else '< 1e-6'} ({verdict})"
     )
 
 
