@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jpeg_cost import match  # benchmarks/jpeg_cost.py
-from results_page import publish  # benchmarks/results_page.py
+from results_page import footer, publish  # benchmarks/results_page.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -373,7 +373,7 @@ def _diff(c: dict[str, Any]) -> str:
 
 def render(r: dict[str, Any]) -> str:
     """The results page (Markdown) from the benchmark's JSON."""
-    env, pub, d = r["environment"], r["published"], r["data"]
+    pub, d = r["published"], r["data"]
     lines = [
         "# What the JPEG copy of CIFAR-10 allows",
         "",
@@ -413,10 +413,7 @@ def render(r: dict[str, Any]) -> str:
         " what the JPEG test images cost a net that trained on JPEG. Differences in points, "
         "paired bootstrap 95% interval and exact McNemar test.",
         "",
-        f"- {env['cpu']} ({', '.join(env['cpu_flags'])}); torch threads "
-        f"{env['torch_threads']}; torch {env['libraries'].get('torch', '?')}.",
-        f"- {r['date']}; `{r['command']}`",
-        "",
+        *footer(r),
     ]
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_page import publish
+from results_page import footer, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -266,7 +266,6 @@ def _pct(v: float) -> str:
 def render(r: dict[str, Any]) -> str:
     """The results page (Markdown) from the benchmark's JSON."""
     c = r["clean_vs_jpeg"]
-    env = r["environment"]
     m = r["data"]["match_mean_abs"]
     t, a = r["train"], r["augment"]
     settings = (
@@ -320,10 +319,7 @@ def render(r: dict[str, Any]) -> str:
         f"{m['test_mean']:.2f}/255 (test, max {m['test_max']:.1f}).",
         "- Training seconds per run: "
         + ", ".join(f"{x['train']} s{x['seed']} {x['train_s']:.0f}" for x in r["runs"]),
-        f"- {env['cpu']} ({', '.join(env['cpu_flags'])}); torch threads "
-        f"{env['torch_threads']}; torch {env['libraries'].get('torch', '?')}.",
-        f"- {r['date']}; `{r['command']}`",
-        "",
+        *footer(r),
     ]
     return "\n".join(lines)
 

@@ -13,6 +13,17 @@ from pathlib import Path
 from typing import Any
 
 
+def footer(r: dict[str, Any]) -> list[str]:
+    """A page's last lines from its JSON: the CPU and flags, threads, torch; date, command."""
+    env = r["environment"]
+    return [
+        f"- {env['cpu']} ({', '.join(env['cpu_flags'])}); torch threads "
+        f"{env['torch_threads']}; torch {env['libraries'].get('torch', '?')}.",
+        f"- {r['date']}; `{r['command']}`",
+        "",
+    ]
+
+
 def publish(
     script: str,
     name: str,
