@@ -181,22 +181,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ratio, _ = uniform_by_measurement(
             lm, budget, ratio_steps(pc.get("max_ratio", 0.9)), 0.05, dense_ms=dense
         )
-        hand = json.loads(json.dumps(base_data))
-        hand["name"] = f"{recipe.name}-hand-{frac:g}"
-        stage = hand["stages"][index]
-        stage.pop("ratios", None)
-        stage["ratio"] = ratio
-        hand["baseline"] = {
-            **hand["baseline"],
-            "checkpoint": str(folder.resolve() / "baseline" / "baseline.safetensors"),
-        }
-        hand_dir = out / f"hand-{frac:g}-ratio-{ratio:g}"
-        record = run_recipe(
-            recipe_from_dict(hand, "hand-made"),
-            hand_dir,
-            data_dir=args.data_dir,
-            progress=not args.no_progress,
-        )
+        reference = uniform_trained(result, ratio)
+        if reference is not None:  # the planner trained this very run: not twice
+            hand_dir = folder / reference["dir"]
+            record = json.loads((hand_dir / "record.json").read_text(encoding="utf-8"))
+        else:
+            hand = json.loads(json.dumps(base_data))
+            hand["name"] = f"{recipe.name}-hand-{frac:g}"
+            stage = hand["stages"][index]
+            stage.pop("ratios", None)
+            stage["ratio"] = ratio
+            hand["baseline"] = {
+                **hand["baseline"],
+                "checkpoint": str(folder.resolve() / "baseline" / "baseline.safetensors"),
+            }
+            hand_dir = out / f"hand-{frac:g}-ratio-{ratio:g}"
+            record = run_recipe(
+                recipe_from_dict(hand, "hand-made"),
+                hand_dir,
+                data_dir=args.data_dir,
+                progress=not args.no_progress,
+            )
         # one panel with the dense file, on the scale of the dense p50 the budget was set from
         # (the VM drifts within a run), timed as the planner times whole files
         dense_file = folder / result["dense_file"]
@@ -207,7 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ratio": ratio,
             "val": record["final"].get("val_accuracy"),
             "test": record["final"]["accuracy"],
+            "planner_reference": reference is not None,
         }
+        row["planned"] = planned_vs_hand(result, folder, hand_dir)
         for name in ("pick", "hand"):
             row[name]["p50_ms"] = timed.ms[name]
             row[name]["raw_p50_ms"] = timed.ms[name] * timed.dense_raw_ms / dense
@@ -228,6 +235,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
         save()
     return summary()
+
+
+def uniform_trained(result: dict[str, Any], ratio: float) -> dict[str, Any] | None:
+    """The plan's trained uniform reference when it pruned every channel group at ``ratio``
+    (the hand-made ratio, measured again here) and finished: the same stages, epochs and
+    baseline checkpoint as the hand-made run, so it is that run; None otherwise."""
+    for entry in result.get("trained", []):
+        ref = entry.get("uniform_reference")
+        if ref is not None and abs(ref - ratio) < 1e-9 and entry.get("status") == "done":
+            return entry
+    return None
+
+
+def planned_vs_hand(result: dict[str, Any], folder: Path, hand_dir: Path) -> list[dict[str, Any]]:
+    """Every planned (not uniform) candidate the plan trained and measured, against the
+    hand-made run on the same test images: its validation and test top-1, its p50 from the
+    plan's final panel (ms, on the dense p50's scale) and the paired comparison, with the
+    McNemar p adjusted over the candidates (Holm, ``p_holm``): the pick is one of them only
+    when it beat the uniform reference on validation, so this says whether any planned
+    network was better on the test images, not just the one picked."""
+    from pqd.stats import ALPHA, holm
+
+    rows = []
+    for entry in result.get("trained", []):
+        if entry.get("uniform_reference") is not None or entry.get("status") != "done":
+            continue
+        rows.append(
+            {
+                "dir": entry["dir"],
+                "ratios": entry.get("ratios"),
+                "val": entry.get("val_accuracy"),
+                "test": entry["accuracy"],
+                "p50_ms": entry["measured_ms"],
+                "paired": paired_vs_hand(folder / entry["dir"], hand_dir),
+            }
+        )
+    tested = [r for r in rows if r["paired"]]
+    for r, p in zip(tested, holm([r["paired"]["p_value"] for r in tested]), strict=True):
+        c = r["paired"]
+        c["p_holm"] = p
+        c["verdict"] = (
+            "tie"
+            if p >= ALPHA or c["a_only"] == c["b_only"]
+            else ("planned better" if c["a_only"] > c["b_only"] else "uniform by hand better")
+        )
+    return rows
 
 
 def earlier_dense_ms(out: Path, inputs: dict[str, Any]) -> float | None:
@@ -416,6 +469,32 @@ def render(result: dict[str, Any]) -> str:
     ]
     if compared:
         lines += ["", "Image by image on the test images (pick minus uniform by hand):", *compared]
+    planned = [
+        f"- {r['fraction']:g}x, {Path(c['dir']).name}: p50 {c['p50_ms']:.3f} ms, "
+        + (f"validation {100 * c['val']:.2f}%, " if c.get("val") is not None else "")
+        + f"{paired_text(c['paired'], 'planned', 'uniform by hand')} "
+        f"(Holm over the {sum(1 for x in r['planned'] if x['paired'])} planned: "
+        f"p = {c['paired']['p_holm']:.3g})"
+        for r in result["rows"]
+        for c in r.get("planned", [])
+        if c.get("paired")
+    ]
+    if planned:
+        lines += [
+            "",
+            "Every planned candidate trained, against uniform by hand on the test images "
+            "(p50 from the plan's final panel; the verdict after Holm over the budget's "
+            "candidates):",
+            *planned,
+        ]
+    shared = [
+        f"{r['fraction']:g}x" for r in result["rows"] if r.get("hand", {}).get("planner_reference")
+    ]
+    if shared:
+        lines.append(
+            f"\nAt {', '.join(shared)} the hand-made ratio is the plan's uniform reference: "
+            "that run (same stages, epochs and baseline) is the hand-made one, trained once."
+        )
     lines.append(f"\ndense p50 {result['dense_ms']:.3f} ms; wall time {result['wall_s']:.0f} s")
     lines.append(
         "p50s are scaled to that dense p50 by the dense file timed in the same final panel: "

@@ -495,6 +495,13 @@ def test_plan_benchmark_runs_the_budget_the_hand_made_run_and_equal_latency(
     )
     # its uniform reference is the hand-made ratio the budget's plan trained already
     assert iso["reused"] >= 1
+    # exact latencies: the hand-made ratio is the plan's uniform reference, trained once
+    assert row["hand"]["planner_reference"]
+    assert not list(out.glob("hand-*")), "the hand-made run was trained a second time"
+    for c in row["planned"]:  # every planned candidate against it, Holm over them
+        assert c["paired"]["accuracy_b"] == pytest.approx(row["hand"]["test"])
+        assert c["paired"]["accuracy_a"] == pytest.approx(c["test"])
+        assert c["paired"]["p_value"] <= c["paired"]["p_holm"] <= 1
     assert (out / "plan-0.7-iso" / "report.html").is_file()
     # pick and hand-made file compared image by image on the test images
     for paired, pick_top1 in ((row["paired"], row["pick"]["test"]), (iso["paired"], iso["test"])):
