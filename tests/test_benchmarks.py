@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_benchmark
+from helpers import fake_latency, load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,14 +174,19 @@ def test_headline_runs_the_full_scale_recipe_on_a_few_hundred_folder_images(
     assert (tmp_path / "res" / "cifar10.md").read_text() == page
 
 
-@pytest.mark.slow
 def test_latency_model_benchmark_counts_candidates_within_ten_percent(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], subset_dir: Path
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    subset_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The benchmark's share within +-10% is the share of its own candidates' errors, inside
-    its Wilson interval; the page comes back from the JSON alone; -n 0 is one line."""
+    its Wilson interval; the page comes back from the JSON alone; -n 0 is one line. Times
+    are MACs-based with noisy pieces (real timing of pieces and whole candidates:
+    tests/test_latency_model.py), so that predictions miss by a few to tens of percent."""
     import json
 
+    fake_latency(monkeypatch, noise=0.3)
     bench = load_benchmark("latency_model")
     res = tmp_path / "res"
     args = ["--quick", "-n", "3", "--recipe", str(ROOT / "recipes" / "quickstart.yaml")]
