@@ -554,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
         "--render", action="store_true", help="only redraw the page from --results' JSON"
     )
     args = p.parse_args(argv)
+    from pqd._quiet import quiet_command
+
+    quiet_command()  # third-party chatter off the terminal, as the `pqd` command keeps it
     if args.quick and "--validate" not in (argv or sys.argv):
         args.validate = 2
     if args.quick and args.out == p.get_default("out"):
