@@ -580,3 +580,74 @@ def test_plan_takes_a_model_in_memory_and_its_data(monkeypatch, tmp_path, subset
     # the same call again resumes: nothing is trained twice
     again = pqd.plan(net, data, 0.095, out, cache_dir=tmp_path / "cache", **kwargs)
     assert again["pick"] == result["pick"] and again["counts"]["trained_now"] == 0
+
+
+def _test_predictions(folder: Path, right: range, n: int = 1000) -> None:
+    """A run folder whose final file gets exactly the test images in ``right`` right."""
+    folder.mkdir(parents=True)
+    labels = np.arange(n) % 10
+    hit = np.isin(np.arange(n), np.asarray(right))
+    final = np.where(hit, labels, (labels + 1) % 10)
+    np.savez(folder / "predictions.npz", labels=labels, baseline=labels, final=final)
+
+
+def test_plan_benchmark_judges_the_other_candidates_as_one_family(tmp_path: Path) -> None:
+    """Each trained candidate against the hand-made run, image by image; Holm over those
+    within the budget only; uniform networks named; the page lists them, beside a budget the
+    planner refused and a row written before candidates were compared."""
+    from helpers import load_benchmark
+    from pqd.stats import mcnemar_exact
+
+    bench = load_benchmark("plan")
+    _test_predictions(tmp_path / "hand", range(600))
+    groups = ("a", "b")
+    cands = {  # name: (test images right, ratios, p50 ms)
+        "better": (range(680), {"a": 0.2, "b": 0.6}, 0.50),
+        "same": ([*range(5, 600), *range(600, 605)], {"a": 0.3, "b": 0.3}, 0.49),
+        "worse": (range(520), {"a": 0.5, "b": 0.1}, 0.40),
+        "over": (range(900), {"a": 0.1, "b": 0.1}, 0.60),  # over 0.5 ms + 5%
+    }
+    trained = [{"dir": "hand", "status": "done", "uniform_reference": 0.4, "ratios": {}}]
+    for name, (right, ratios, ms) in cands.items():
+        _test_predictions(tmp_path / name, right)
+        trained.append(
+            {"dir": name, "status": "done", "ratios": dict(zip(groups, ratios.values())),
+             "accuracy": len(right) / 1000, "val_accuracy": None, "measured_ms": ms}
+        )  # fmt: skip
+    trained.append({"dir": "failed", "status": "failed", "ratios": {}})
+    rows = bench.planned_vs_hand({"trained": trained}, tmp_path, tmp_path / "hand")
+    assert [r["dir"] for r in rows] == list(cands)  # not the reference, not the failed one
+    assert [r["uniform"] for r in rows] == [False, True, False, True]
+    judged = {c["dir"]: c for c in bench.planned_family({"budget_ms": 0.5, "planned": rows})}
+    p_better, p_worse = mcnemar_exact(80, 0), mcnemar_exact(0, 80)
+    assert judged["better"]["paired"]["p_value"] == pytest.approx(p_better, rel=1e-5)
+    assert judged["better"]["p_holm"] == pytest.approx(3 * p_better, rel=1e-5)  # least of 3
+    assert judged["worse"]["p_holm"] == pytest.approx(3 * p_worse, rel=1e-5)  # (tied with it)
+    assert judged["same"]["p_holm"] == pytest.approx(1.0)
+    assert judged["better"]["verdict"] == "candidate better"
+    assert judged["worse"]["verdict"] == "uniform by hand better"
+    assert judged["same"]["verdict"] == "tie"
+    over = judged["over"]
+    assert not over["within"] and over["p_holm"] is None and over["verdict"] is None
+    # the page: the candidates under their budget; a refused budget; an older row
+    row = {
+        "fraction": 0.5, "budget_ms": 0.5, "planned": rows,
+        "pick": {"test": 0.6, "p50_ms": 0.45, "raw_p50_ms": 0.45, "spread": 0.01,
+                 "uniform_reference": 0.4},
+        "hand": {"ratio": 0.4, "test": 0.6, "p50_ms": 0.45, "raw_p50_ms": 0.45, "spread": 0.01,
+                 "planner_reference": True},
+        "model_error": {"median": 0.05, "worst": 0.1}, "counts": {"estimated": 9, "trained": 5},
+        "pick_wins": True, "more_accurate_within_budget": True, "final_dense_raw_ms": 1.0,
+    }  # fmt: skip
+    older = {**row, "fraction": 0.4, "hand": {**row["hand"]}}
+    del older["planned"], older["hand"]["planner_reference"]
+    refused = {"fraction": 0.1, "budget_ms": 0.1, "plan_error": "budget 0.1 ms is below ..."}
+    page = bench.render({"rows": [row, older, refused], "dense_ms": 1.0, "wall_s": 1})
+    assert "budget 0.1 ms is below" in page
+    lines = [line for line in page.splitlines() if line.startswith("- 0.5x, ")]
+    assert len(lines) == 4 and not any(line.startswith("- 0.4x, ") for line in page.splitlines())
+    assert "uniform 0.3" in lines[1] and "a tie at the 5% level" in lines[1]
+    assert "planned, keeps 0.4-0.8 of each group's channels" in lines[0]
+    assert "candidate better" in lines[0] and f"Holm p = {3 * p_better:.3g}" in lines[0]
+    assert "outside the family" in lines[3] and "not judged" in lines[3]
+    assert "At 0.5x the hand-made ratio is the plan's uniform reference" in page

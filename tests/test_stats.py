@@ -128,6 +128,13 @@ def test_compare_paired_counts_and_verdict() -> None:
     assert stats.compare_paired(pa, pa, y).verdict() == "tie"
     with pytest.raises(ValueError):
         stats.compare_paired(pa[:5], pb, y)
+    # as JSON: a tiny p keeps its digits (rounding it to 6 decimals printed "p = 0")
+    far = stats.compare_paired(
+        np.tile(y, 10), (np.tile(y, 10) + (np.arange(1000) < 80)) % 10, np.tile(y, 10)
+    )
+    assert far.as_dict()["p_value"] > 0
+    assert far.as_dict()["p_value"] == pytest.approx(stats.mcnemar_exact(80, 0), rel=1e-5)
+    assert far.as_dict()["difference"] == 0.08
 
 
 def test_seed_summary_says_which_noise_dominates() -> None:

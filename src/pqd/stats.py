@@ -194,8 +194,12 @@ class PairedComparison:
         return f"{a} better" if self.a_only > self.b_only else f"{b} better"
 
     def as_dict(self) -> dict[str, float | int]:
-        """JSON-ready fields, fractions rounded to 6 digits."""
-        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        """JSON-ready fields: fractions rounded to 6 decimals, the p-value to 6 significant
+        digits (a p of 1e-20 stays 1e-20, not 0)."""
+        return {
+            k: (float(f"{v:.6g}") if k == "p_value" else round(v, 6)) if isinstance(v, float) else v
+            for k, v in asdict(self).items()
+        }
 
 
 def compare_paired(
