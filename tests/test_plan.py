@@ -650,3 +650,17 @@ def test_plan_benchmark_judges_the_other_candidates_as_one_family(tmp_path: Path
     assert "candidate better" in lines[0] and f"Holm p = {3 * p_better:.3g}" in lines[0]
     assert "outside the family" in lines[3] and "not judged" in lines[3]
     assert "At 0.5x the hand-made ratio is the plan's uniform reference" in page
+
+
+def test_plan_benchmark_wall_time_covers_every_invocation(tmp_path: Path) -> None:
+    """A continued run's page counts the invocations before it, only for the same inputs."""
+    from helpers import load_benchmark
+
+    bench = load_benchmark("plan")
+    inputs = {"recipe": "r", "model": "m", "runtime": "onnxruntime", "threads": 2}
+    assert bench.earlier_wall_s(tmp_path, inputs) == 0.0  # nothing before
+    (tmp_path / "bench.json").write_text(json.dumps({"dense_inputs": inputs, "wall_s": 4812.0}))
+    assert bench.earlier_wall_s(tmp_path, inputs) == 4812.0
+    assert bench.earlier_wall_s(tmp_path, {**inputs, "threads": 1}) == 0.0
+    (tmp_path / "bench.json").write_text("{not json")
+    assert bench.earlier_wall_s(tmp_path, inputs) == 0.0
