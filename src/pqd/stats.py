@@ -161,6 +161,17 @@ def paired_bootstrap(
     return (only_a - only_b) / n, float(lo), float(hi)
 
 
+def paired_verdict(
+    a_only: int, b_only: int, p_value: float, a: str = "a", b: str = "b", alpha: float = ALPHA
+) -> str:
+    """A paired comparison's verdict: ``"tie"`` unless ``p_value`` (raw or adjusted, e.g.
+    Holm) is below ``alpha`` and the discordant counts differ, else ``"<a> better"`` or
+    ``"<b> better"`` by which model alone gets more images right."""
+    if p_value >= alpha or a_only == b_only:
+        return "tie"
+    return f"{a} better" if a_only > b_only else f"{b} better"
+
+
 @dataclass(frozen=True)
 class PairedComparison:
     """Model a against model b on the same ``n`` test images (fractions unless named).
@@ -189,9 +200,7 @@ class PairedComparison:
 
     def verdict(self, a: str = "a", b: str = "b", alpha: float = ALPHA) -> str:
         """``"a better"``, ``"b better"`` or ``"tie"`` at level ``alpha`` (McNemar)."""
-        if self.p_value >= alpha or self.a_only == self.b_only:
-            return "tie"
-        return f"{a} better" if self.a_only > self.b_only else f"{b} better"
+        return paired_verdict(self.a_only, self.b_only, self.p_value, a, b, alpha)
 
     def as_dict(self) -> dict[str, float | int]:
         """JSON-ready fields: fractions rounded to 6 decimals, the p-value to 6 significant
