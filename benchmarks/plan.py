@@ -289,23 +289,18 @@ def planned_family(row: dict[str, Any]) -> list[dict[str, Any]]:
         One dict per candidate: the candidate's fields and ``within``, ``p_holm`` and
         ``verdict`` (None when left out).
     """
-    from pqd.stats import ALPHA, holm
+    from pqd.stats import holm, paired_verdict
 
     judged = [
-        {**c, "within": c["p50_ms"] <= row["budget_ms"] * (1 + TOLERANCE), "p_holm": None}
+        {**c, "within": c["p50_ms"] <= row["budget_ms"] * (1 + TOLERANCE)}
+        | {"p_holm": None, "verdict": None}
         for c in row.get("planned", [])
     ]
-    for c in judged:
-        c["verdict"] = None
     family = [c for c in judged if c["within"] and c.get("paired")]
     for c, p in zip(family, holm([c["paired"]["p_value"] for c in family]), strict=True):
         a, b = c["paired"]["a_only"], c["paired"]["b_only"]
         c["p_holm"] = p
-        c["verdict"] = (
-            "tie"
-            if p >= ALPHA or a == b
-            else ("candidate better" if a > b else "uniform by hand better")
-        )
+        c["verdict"] = paired_verdict(a, b, p, "candidate", "uniform by hand")
     return judged
 
 
@@ -332,30 +327,37 @@ def candidate_line(fraction: float, c: dict[str, Any]) -> str:
     )
 
 
+def earlier_run(out: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """What an earlier run of the benchmark into ``out`` saved (its ``bench.json``) when it
+    ran with the same ``inputs`` (recipe, model, runtime, threads, precision, --quick); None
+    when ``out`` holds no readable run, or one of other inputs (a note says so)."""
+    try:
+        earlier = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+        before = earlier.get("dense_inputs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if before != inputs:
+        print(f"{out} holds a run with other inputs ({before}): the dense p50 is measured anew")
+        return None
+    return earlier
+
+
 def earlier_wall_s(out: Path, inputs: dict[str, Any]) -> float:
     """The wall time (s) the earlier invocations of a run into ``out`` with the same
     ``inputs`` took (0 when none): the page's wall time covers every invocation."""
     try:
-        earlier = json.loads((out / "bench.json").read_text(encoding="utf-8"))
-        if earlier.get("dense_inputs") != inputs:
-            return 0.0
-        return float(earlier.get("wall_s", 0.0))
-    except (OSError, ValueError, TypeError, AttributeError):
+        return float((earlier_run(out, inputs) or {}).get("wall_s", 0.0))
+    except (ValueError, TypeError):
         return 0.0
 
 
 def earlier_dense_ms(out: Path, inputs: dict[str, Any]) -> float | None:
     """The dense p50 (ms) an earlier run of the benchmark into ``out`` set its budgets from,
     so that a stopped run continues at the same budgets (its plans and runs are kept in
-    their folders); None when ``out`` holds no such run, or one of other ``inputs`` (recipe,
-    model, runtime, threads, precision, --quick: a note says so)."""
+    their folders); None when ``out`` holds no such run (:func:`earlier_run`)."""
     try:
-        earlier = json.loads((out / "bench.json").read_text(encoding="utf-8"))
-        ms, before = float(earlier["dense_ms"]), earlier.get("dense_inputs")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if before != inputs:
-        print(f"{out} holds a run with other inputs ({before}): the dense p50 is measured anew")
+        ms = float((earlier_run(out, inputs) or {})["dense_ms"])
+    except (KeyError, ValueError, TypeError):
         return None
     print(f"continuing the run in {out}: budgets from its dense p50 (--dense-ms sets another)")
     return ms
