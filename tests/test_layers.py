@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
         "pqd.registry",
         "pqd.stats",
         "pqd.progress",
-    ),  # data and contracts, statistics, progress lines
+        "pqd.cache",
+    ),  # data and contracts, statistics, progress lines, the cache folder
     ("pqd.dataset",),  # the in-memory data set, splits
     ("pqd.folder",),  # image folders (decoded once into a memory-mapped cache)
     (

@@ -101,3 +101,91 @@ def test_cache_key_tells_patterns_apart() -> None:
     assert a1 is not a2  # copies, never the cached object
     assert torch.equal(a1(torch.zeros(2)), torch.ones(2))
     assert torch.equal(b(torch.zeros(2)), -torch.ones(2))
+
+
+# ------------------------------------------------------------------ the patterns on disk
+
+
+def _conv_relu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.conv2d(x, w).relu()
+
+
+def _wrapped(fn):
+    """A pattern as torchao hands it to the tracer (its WrapperModule around a function)."""
+    from torchao.quantization.pt2e.export_utils import WrapperModule
+
+    return WrapperModule(fn)
+
+
+def _pattern_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1)
+
+
+def _torchao_trace():
+    from torchao.quantization.pt2e import utils
+
+    fn = utils._get_aten_graph_module_for_pattern
+    return getattr(fn, "__wrapped__", fn)  # torchao's own, whether patched or not
+
+
+def test_disk_key_is_stable_and_tells_patterns_apart() -> None:
+    """The key describes code and closure values without object addresses: two closures of
+    the same factory with equal values share it; another value, shape or kwarg changes it;
+    a closure over an object with no stable description gets no key (traced, not stored)."""
+
+    def make(conv, flag):
+        def pattern(x, w):
+            return conv(x, w) if flag else conv(x, w).relu()
+
+        return pattern
+
+    conv2d, conv1d = torch.nn.functional.conv2d, torch.nn.functional.conv1d
+    x = _pattern_inputs()
+    key = _pt2e_cache.disk_key
+    a = key(make(conv2d, True), x, False, {})
+    assert a is not None and a == key(make(conv2d, True), x, False, {})
+    assert (
+        len({a, key(make(conv2d, False), x, False, {}), key(make(conv1d, True), x, False, {})}) == 3
+    )
+    assert a != key(make(conv2d, True), (torch.randn(1, 1, 4, 4), x[1]), False, {})
+    assert a != key(make(conv2d, True), x, False, {"k": 1})
+    assert key(make(object(), True), x, False, {}) is None
+
+
+def test_a_stored_pattern_is_served_to_a_new_process_without_tracing(tmp_path) -> None:
+    """First memo (a process): traced by torchao, written. Second memo with the same store
+    (the next process): loaded, torchao's tracer not called, the same graph node for node.
+    A broken file is traced again and replaced; a program that would not give torchao's
+    graph is not written."""
+    torchao_trace = _torchao_trace()
+    calls = []
+
+    def trace(pattern, example_inputs, is_cuda=False, **kwargs):
+        calls.append(pattern)
+        return torchao_trace(pattern, example_inputs, is_cuda, **kwargs)
+
+    store = _pt2e_cache.PatternStore(tmp_path / "patterns")
+    x = _pattern_inputs()
+    first = _pt2e_cache._memoised(trace, store)(_wrapped(_conv_relu), x)
+    assert len(calls) == 1 and len(list(store.folder.glob("*.pt2"))) == 1
+    second = _pt2e_cache._memoised(trace, store)(_wrapped(_conv_relu), x)
+    assert len(calls) == 1  # served from disk
+    assert _pt2e_cache._graph_text(second) == _pt2e_cache._graph_text(first)
+    assert torch.equal(second(*x), first(*x))
+
+    (path,) = store.folder.glob("*.pt2")
+    path.write_bytes(b"not a program")
+    third = _pt2e_cache._memoised(trace, store)(_wrapped(_conv_relu), x)
+    assert len(calls) == 2 and _pt2e_cache._graph_text(third) == _pt2e_cache._graph_text(first)
+    assert store.load(path.stem) is not None  # replaced by a good file
+
+    other = torchao_trace(_wrapped(lambda x, w: torch.nn.functional.conv2d(x, w)), x)
+    assert not store.save("mismatch", _wrapped(_conv_relu), x, {}, other)
+    assert not (store.folder / "mismatch.pt2").exists() and not list(store.folder.glob("*.tmp"))
+
+
+def test_the_disk_layer_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("PQD_CACHE_DIR", str(tmp_path))
+    assert _pt2e_cache.default_store().folder == tmp_path / "pt2e-patterns"
+    monkeypatch.setenv(_pt2e_cache.DISK_ENV, "0")
+    assert _pt2e_cache.default_store() is None

@@ -1,4 +1,5 @@
-"""Make torchao's PT2E prepare/convert/train-eval switches cheap: trace each pattern once.
+"""Make torchao's PT2E prepare/convert/train-eval switches cheap: trace each pattern once,
+on this machine, not once per process.
 
 torchao 0.18 re-traces its small rewrite patterns with ``torch.export`` on every call:
 ``convert_pt2e`` traces 108 of them (conv1d, conv2d, conv_transpose1d/2d x 12 variants x
@@ -14,6 +15,15 @@ per prepare even for a 3-conv net, paid again by every export and every train/ev
 - the conv-BN fuse/fold helpers skip a conv kind (e.g. ``conv_transpose1d``) absent from the
   graph, where they could match nothing anyway.
 
+The memo lives in the process; every new process (each ``pqd run``, each worker of a search)
+would trace the conv2d patterns again. So a traced pattern is also kept on disk, as the
+``torch.export`` program it comes from (``torch.export.save``, not a pickle of the graph), in
+:func:`pqd.cache.cache_dir` ``("pt2e-patterns")``, under a key that is stable across
+processes: torch's and torchao's versions, the pattern function's bytecode and closure
+values, the example inputs' shapes and dtypes, the kwargs. A program is written only after
+it has been loaded back and has given exactly torchao's graph; a file that fails to load is
+traced again and replaced. ``PQD_PT2E_DISK_CACHE=0`` turns the disk layer off.
+
 Measured here on tiny_cnn: convert 15.5 s -> 0.3 s after the first call in a process (the
 first convert of a process still traces the conv2d patterns once, ~3 s). When the private
 names are missing (another torchao), nothing is patched and torchao runs as it is.
@@ -23,13 +33,23 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import io
+import marshal
+import os
+import tempfile
 from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from pqd.cache import cache_dir
+
 _installed = False
+DISK_ENV = "PQD_PT2E_DISK_CACHE"
+DISK_VERSION = 1
 _CONV_OPS: dict[Callable[..., Any], set[Any]] = {}
 
 
@@ -56,7 +76,135 @@ def _pattern_key(pattern: Any) -> Hashable:
     return (type(pattern), code, cells, defaults)
 
 
-def _memoised(trace: Callable[..., torch.fx.GraphModule]) -> Callable[..., torch.fx.GraphModule]:
+def _stable(value: Any) -> str:
+    """A description of a closure value, default, example input or kwarg that is the same in
+    every process (no object addresses); TypeError when there is none."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}{value.dtype}{value.device.type}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__}[{','.join(_stable(v) for v in value)}]"
+    if isinstance(value, dict):
+        return "dict{" + ",".join(f"{k!r}:{_stable(v)}" for k, v in sorted(value.items())) + "}"
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return repr(value)
+    if isinstance(value, torch._ops.OpOverload):
+        return f"op:{value}"
+    if callable(value) and getattr(value, "__qualname__", None):
+        code = getattr(value, "__code__", None)
+        body = hashlib.sha256(marshal.dumps(code)).hexdigest()[:16] if code else ""
+        return f"fn:{getattr(value, '__module__', '')}.{value.__qualname__}:{body}"
+    raise TypeError(f"no stable description of {type(value).__name__}")
+
+
+def disk_key(
+    pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool, kwargs: dict[str, Any]
+) -> str | None:
+    """The on-disk name of a traced pattern (a hex digest), None when some part of what
+    decides the graph has no description stable across processes."""
+    import torchao
+
+    fn = getattr(pattern, "fn", pattern)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    try:
+        parts = [
+            f"v{DISK_VERSION}",
+            torch.__version__,
+            getattr(torchao, "__version__", "?"),
+            type(pattern).__qualname__,
+            fn.__qualname__,
+            hashlib.sha256(marshal.dumps(code)).hexdigest(),
+            _stable([c.cell_contents for c in (fn.__closure__ or ())]),
+            _stable(list(fn.__defaults__ or ())),
+            _stable(list(example_inputs)),
+            repr(is_cuda),
+            _stable(kwargs),
+        ]
+    except (TypeError, ValueError):  # ValueError: an empty closure cell
+        return None
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def _as_pattern(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The clean-up torchao's ``_get_aten_graph_module_for_pattern`` applies to
+    ``ep.module()``: dead code out, the unused ``copy_`` nodes of mutated inputs out, and
+    the input-guard call a loaded program adds (a pattern is matched, never run on inputs)."""
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    for node in list(gm.graph.nodes):
+        copy_ = node.op == "call_function" and node.target == torch.ops.aten.copy_.default
+        guards = node.op == "call_module" and node.name == "_guards_fn"
+        if (copy_ or guards) and not node.users:
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _graph_text(gm: torch.fx.GraphModule) -> list[str]:
+    return [f"{n.op} {n.name} {n.target} {n.args} {n.kwargs}" for n in gm.graph.nodes]
+
+
+class PatternStore:
+    """Traced patterns on disk as ``torch.export`` programs (see the module docstring)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def load(self, key: str) -> torch.fx.GraphModule | None:
+        """The stored pattern graph, None when absent or unreadable."""
+        path = self.folder / f"{key}.pt2"
+        if not path.is_file():
+            return None
+        try:
+            return _as_pattern(torch.export.load(path).module())  # type: ignore[arg-type]
+        except Exception:  # a broken cache file is traced again
+            return None
+
+    def save(
+        self,
+        key: str,
+        pattern: Any,
+        example_inputs: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        traced: torch.fx.GraphModule,
+    ) -> bool:
+        """Export ``pattern`` as torchao does, check that the program loaded back gives
+        ``traced`` node for node, then write it (atomically); True when written."""
+        try:
+            program = torch.export.export(pattern, tuple(example_inputs), kwargs, strict=True)
+            buf = io.BytesIO()
+            torch.export.save(program, buf)
+            buf.seek(0)
+            back = _as_pattern(torch.export.load(buf).module())  # type: ignore[arg-type]
+            if _graph_text(back) != _graph_text(traced):
+                return False
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(buf.getvalue())
+                os.replace(tmp, self.folder / f"{key}.pt2")
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            return True
+        except Exception:  # the disk layer is only ever a speed-up
+            return False
+
+
+def default_store() -> PatternStore | None:
+    """The store in the user's cache folder; None when turned off (``PQD_PT2E_DISK_CACHE=0``)."""
+    if os.environ.get(DISK_ENV, "1") == "0":
+        return None
+    return PatternStore(cache_dir("pt2e-patterns"))
+
+
+def _memoised(
+    trace: Callable[..., torch.fx.GraphModule], store: PatternStore | None = None
+) -> Callable[..., torch.fx.GraphModule]:
     cache: dict[Hashable, torch.fx.GraphModule] = {}
 
     @functools.wraps(trace)
@@ -73,7 +221,17 @@ def _memoised(trace: Callable[..., torch.fx.GraphModule]) -> Callable[..., torch
         except TypeError:  # something unhashable: trace as torchao would
             return trace(pattern, example_inputs, is_cuda, **kwargs)
         if key not in cache:
-            cache[key] = trace(pattern, example_inputs, is_cuda, **kwargs)
+            on_disk = (
+                None
+                if is_cuda or store is None
+                else disk_key(pattern, example_inputs, is_cuda, kwargs)
+            )
+            gm = store.load(on_disk) if store is not None and on_disk else None
+            if gm is None:
+                gm = trace(pattern, example_inputs, is_cuda, **kwargs)
+                if store is not None and on_disk:
+                    store.save(on_disk, pattern, example_inputs, kwargs, gm)
+            cache[key] = gm
         return copy.deepcopy(cache[key])
 
     wrapper.cache = cache  # type: ignore[attr-defined]
@@ -118,7 +276,7 @@ def install() -> bool:
             F.conv_transpose2d: {aten.conv_transpose2d.input},
         }
     )
-    traced = _memoised(utils._get_aten_graph_module_for_pattern)
+    traced = _memoised(utils._get_aten_graph_module_for_pattern, default_store())
     utils._get_aten_graph_module_for_pattern = traced
     qat_utils._get_aten_graph_module_for_pattern = traced
     for name in names:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pqd.cache import cache_dir as pqd_cache_dir
+
 SEVERITIES = (1, 2, 3, 4, 5)
 SUITE_VERSION = 1  # bump when a corruption's output changes: old cache entries are ignored
 
@@ -263,13 +265,8 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
 
 
 def cache_dir() -> Path:
-    """Where corrupted sets are cached: ``$PQD_CACHE_DIR/corruptions``, else
-    ``$XDG_CACHE_HOME/pqd/corruptions`` (``~/.cache/pqd/corruptions``)."""
-    env = os.environ.get("PQD_CACHE_DIR")
-    if env:
-        return Path(env) / "corruptions"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "pqd" / "corruptions"
+    """Where corrupted sets are cached: :func:`pqd.cache.cache_dir` ``("corruptions")``."""
+    return pqd_cache_dir("corruptions")
 
 
 def images_key(images: np.ndarray, seed: int) -> str:
