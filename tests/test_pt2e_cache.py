@@ -180,7 +180,8 @@ def test_a_stored_pattern_is_served_to_a_new_process_without_tracing(tmp_path) -
     assert store.load(path.stem) is not None  # replaced by a good file
 
     other = torchao_trace(_wrapped(lambda x, w: torch.nn.functional.conv2d(x, w)), x)
-    assert not store.save("mismatch", _wrapped(_conv_relu), x, {}, other)
+    program = torch.export.export(_wrapped(_conv_relu), x, strict=True)
+    assert not store.save("mismatch", program, other)
     assert not (store.folder / "mismatch.pt2").exists() and not list(store.folder.glob("*.tmp"))
 
 

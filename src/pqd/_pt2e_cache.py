@@ -4,8 +4,8 @@ on this machine, not once per process.
 torchao 0.18 re-traces its small rewrite patterns with ``torch.export`` on every call:
 ``convert_pt2e`` traces 108 of them (conv1d, conv2d, conv_transpose1d/2d x 12 variants x
 match/replacement), ``prepare_qat_pt2e`` about 20, and every ``move_exported_model_to_eval``
-/ ``_train`` a few more. At ~0.15-0.3 s per trace here that was 15 s per convert and 6 s
-per prepare even for a 3-conv net, paid again by every export and every train/eval switch.
+/ ``_train`` a few more: seconds per convert even for a 3-conv net, paid again by every
+export and every train/eval switch (docs/install.md#caches has the figures).
 
 :func:`install` (idempotent) wraps two private torchao functions:
 
@@ -20,13 +20,14 @@ would trace the conv2d patterns again. So a traced pattern is also kept on disk,
 ``torch.export`` program it comes from (``torch.export.save``, not a pickle of the graph), in
 :func:`pqd.cache.cache_dir` ``("pt2e-patterns")``, under a key that is stable across
 processes: torch's and torchao's versions, the pattern function's bytecode and closure
-values, the example inputs' shapes and dtypes, the kwargs. A program is written only after
-it has been loaded back and has given exactly torchao's graph; a file that fails to load is
-traced again and replaced. ``PQD_PT2E_DISK_CACHE=0`` turns the disk layer off.
+values, the example inputs' shapes and dtypes, the kwargs. The program is the one torchao's
+tracer exported (``torch.export.export`` is watched while it runs, so nothing is traced
+twice); it is written only after it has been loaded back and has given exactly torchao's
+graph, and a file that fails to load is traced again and replaced.
+``PQD_PT2E_DISK_CACHE=0`` turns the disk layer off.
 
-Measured here on tiny_cnn: convert 15.5 s -> 0.3 s after the first call in a process (the
-first convert of a process still traces the conv2d patterns once, ~3 s). When the private
-names are missing (another torchao), nothing is patched and torchao runs as it is.
+When the private names are missing (another torchao), nothing is patched and torchao runs
+as it is.
 """
 
 from __future__ import annotations
@@ -164,18 +165,11 @@ class PatternStore:
         except Exception:  # a broken cache file is traced again
             return None
 
-    def save(
-        self,
-        key: str,
-        pattern: Any,
-        example_inputs: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        traced: torch.fx.GraphModule,
-    ) -> bool:
-        """Export ``pattern`` as torchao does, check that the program loaded back gives
-        ``traced`` node for node, then write it (atomically); True when written."""
+    def save(self, key: str, program: Any, traced: torch.fx.GraphModule) -> bool:
+        """Write ``program`` (the ``torch.export`` program torchao traced ``traced`` from)
+        atomically, after checking that it loads back to ``traced`` node for node; True
+        when written."""
         try:
-            program = torch.export.export(pattern, tuple(example_inputs), kwargs, strict=True)
             buf = io.BytesIO()
             torch.export.save(program, buf)
             buf.seek(0)
@@ -193,6 +187,28 @@ class PatternStore:
             return True
         except Exception:  # the disk layer is only ever a speed-up
             return False
+
+
+def _trace_keeping_program(
+    trace: Callable[..., torch.fx.GraphModule], *args: Any, **kwargs: Any
+) -> tuple[torch.fx.GraphModule, Any]:
+    """``trace(*args, **kwargs)`` (torchao's tracer) and the one program it exported on the
+    way (None when it exported none or several): ``torch.export.export`` is watched for
+    the call's duration, so the program is kept without exporting the pattern twice."""
+    real = torch.export.export
+    programs: list[Any] = []
+
+    def watched(*a: Any, **k: Any) -> Any:
+        program = real(*a, **k)
+        programs.append(program)
+        return program
+
+    torch.export.export = watched  # type: ignore[assignment]
+    try:
+        gm = trace(*args, **kwargs)
+    finally:
+        torch.export.export = real  # type: ignore[assignment]
+    return gm, programs[0] if len(programs) == 1 else None
 
 
 def default_store() -> PatternStore | None:
@@ -227,10 +243,14 @@ def _memoised(
                 else disk_key(pattern, example_inputs, is_cuda, kwargs)
             )
             gm = store.load(on_disk) if store is not None and on_disk else None
-            if gm is None:
+            if gm is None and store is not None and on_disk:
+                gm, program = _trace_keeping_program(
+                    trace, pattern, example_inputs, is_cuda, **kwargs
+                )
+                if program is not None:
+                    store.save(on_disk, program, gm)
+            elif gm is None:
                 gm = trace(pattern, example_inputs, is_cuda, **kwargs)
-                if store is not None and on_disk:
-                    store.save(on_disk, pattern, example_inputs, kwargs, gm)
             cache[key] = gm
         return copy.deepcopy(cache[key])
 

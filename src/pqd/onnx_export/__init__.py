@@ -11,8 +11,9 @@ The example input has batch 2: exporting the converted graph with a batch-1
 example fails against the dynamic batch dimension.
 
 This package holds the export and the rewrites of float and QDQ files; a dynamic-quant
-state's integer ops are written by :mod:`pqd.onnx_export.dynamic`, and the small proto
-edits both share are in :mod:`pqd.onnx_export.proto`.
+state's integer ops are written by :mod:`pqd.onnx_export.dynamic`, the small proto
+edits both share are in :mod:`pqd.onnx_export.proto`, and :mod:`pqd.onnx_export.registry`
+builds the exporter's function registry once per process.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn as nn
 from onnx import helper, numpy_helper
 
 import pqd._pt2e_cache as _pt2e_cache
+from pqd.onnx_export import registry as _registry
 from pqd.onnx_export.dynamic import dynamic_integer_ops
 from pqd.onnx_export.proto import add_constant, keep_initializers, weight_dequantizers
 from pqd.train import set_train
@@ -208,6 +210,7 @@ def export_onnx(
     traced = _weights_only(cast(torch.fx.GraphModule, model)).cpu() if dynamic else deploy
     example = example[:2].detach().cpu().float()
     batch = torch.export.Dim("batch", min=1, max=4096)
+    _registry.install()
     with _quiet(), torch.no_grad():
         torch.onnx.export(
             traced,
