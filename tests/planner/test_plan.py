@@ -471,7 +471,7 @@ def test_plan_benchmark_runs_the_budget_the_hand_made_run_and_equal_latency(
     script = (
         "import faulthandler, sys, pytest\n"
         "faulthandler.dump_traceback_later(480, exit=True)\n"  # a hang prints every stack
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
         "from helpers import fake_latency, load_benchmark\n"
         "fake_latency(pytest.MonkeyPatch())\n"
         f"sys.exit(load_benchmark('plan').main({args!r}))\n"

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from onnx import numpy_helper
 
-from helpers import load_benchmark
+from helpers import load_benchmark, write_npz
 from pqd.exits.graph import exit_graph
 from pqd.exits.runtime import ExitRuntime
 from pqd.measurement.runtime import open_runner
@@ -65,18 +65,6 @@ def recipe_for(
             "runtimes": runtimes or ["onnxruntime"],
         },
     }
-
-
-def write_npz(path: Path) -> None:
-    rng = np.random.default_rng(0)
-
-    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = np.arange(n) % 10
-        x = y[:, None, None, None] * 25 + rng.integers(0, 30, (n, 3, 32, 32))
-        return x.clip(0, 255).astype(np.uint8), y.astype(np.int64)
-
-    (tx, ty), (ex, ey) = split(160), split(40)
-    np.savez(path, x_train=tx, y_train=ty, x_test=ex, y_test=ey)
 
 
 @pytest.fixture(scope="module", params=list(ORDERS))

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from helpers import load_benchmark
+from helpers import load_benchmark, write_npz
 from pqd.measurement import audit as audit_mod
 from pqd.measurement.audit import (
     calibration,
@@ -22,7 +22,6 @@ from pqd.measurement.audit import (
     rapl_zones,
     reliability,
 )
-from test_early_exit_pipeline import write_npz
 
 
 def test_ece_by_hand() -> None:

@@ -20,7 +20,7 @@ from pqd.recipe import (
     recipe_from_dict,
 )
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 BASE = {
     "model": {"name": "tiny_cnn"},
     "stages": [
@@ -234,7 +234,7 @@ def test_shipped_recipes_find_the_data_from_any_folder(
     path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[2]
     # the full-scale recipes read the whole CIFAR-10 as image folders, the rest the subset
     folder = "cifar-10-jpg" if load_recipe(path).data.dataset == "folder" else "cifar-10-subset"
     assert load_recipe(path).data.root == str(checkout.parent / "shared" / "data" / folder)

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import fake_latency, load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,8 @@ def test_latency_model_benchmark_counts_candidates_within_ten_percent(
     """The benchmark's share within +-10% is the share of its own candidates' errors, inside
     its Wilson interval; the page comes back from the JSON alone; -n 0 is one line. Times
     are MACs-based with noisy pieces (real timing of pieces and whole candidates:
-    tests/test_latency_model.py), so that predictions miss by a few to tens of percent."""
+    tests/latency_model/test_latency_model.py), so that predictions miss by a few to tens
+    of percent."""
     import json
 
     fake_latency(monkeypatch, noise=0.3)
@@ -254,7 +255,7 @@ def test_the_readme_headline_is_the_one_the_benchmark_writes_from_its_json() -> 
     import json
 
     bench = load_benchmark("headline")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     summary = json.loads((root / "docs" / "results" / "cifar10.json").read_text())
     readme = (root / "README.md").read_text(encoding="utf-8")
     assert bench.readme_block(summary) in readme, "run: python benchmarks/headline.py --render"
@@ -265,7 +266,7 @@ def test_the_headline_page_says_which_steps_continued_and_what_their_seconds_cou
     import json
 
     bench = load_benchmark("headline")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     summary = json.loads((root / "docs" / "results" / "cifar10.json").read_text())
     whole = bench.render({**summary, "continued": {}})
     assert "Stopped and continued" not in whole

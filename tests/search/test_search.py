@@ -1399,7 +1399,7 @@ def test_benchmark_verdict_paragraph_follows_the_tests_and_lands_in_the_readme(t
     )
     assert "pqd 0.1.0, 2026-12-07, " in body and ": `python benchmarks/search.py` ([the" in body
     assert "([the page](docs/results/s.md): every interval and paired test)" in body
-    shipped = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shipped = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert shipped.count(bench.README_START) == 1 and shipped.count(bench.README_END) == 1
     plain = tmp_path / "PLAIN.md"
     plain.write_text("# no block\n")
@@ -1411,7 +1411,7 @@ def test_the_readme_order_paragraph_is_the_one_the_benchmark_writes_from_its_jso
     """README's order verdict is generated (benchmarks/search.py --results docs/results
     --readme) from the shipped search's results JSON, never typed."""
     bench = load_benchmark("search")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     results = json.loads((root / "docs" / "results" / "search-cifar10.json").read_text())
     readme = (root / "README.md").read_text(encoding="utf-8")
     block = bench.readme_block(results, "docs/results/search-cifar10.md")
