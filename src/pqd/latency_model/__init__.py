@@ -26,7 +26,7 @@ without exporting each one. This package measures instead of counting:
 4. **Cache.** Pieces depend on shapes only, so one JSON file per machine fingerprint
    (CPU model and the SIMD flags that decide INT8 speed, runtime and its version, threads,
    precision, opset) holds every piece ever measured there, and the fit per architecture
-   (``PQD_CACHE_DIR``, default ``~/.cache/pqd/latency``).
+   (``$PQD_CACHE_DIR/latency``, default ``~/.cache/pqd/latency``).
 
 :meth:`LatencyModel.validate` exports random candidates whole and reports the model's
 error against their measured p50 (median and worst, relative) and the share predicted

@@ -17,26 +17,23 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from pqd.cache import cache_dir
 from pqd.errors import PqdError
 from pqd.latency_model.layers import Layer
 
 TABLE_VERSION = 3  # 2: pieces timed in steady-state blocks, as whole files; 3: no spinning
-ENV_CACHE_DIR = "PQD_CACHE_DIR"
 
 
 def default_cache_dir() -> Path:
-    """``$PQD_CACHE_DIR``, else ``$XDG_CACHE_HOME/pqd/latency``, else ``~/.cache/pqd/latency``."""
-    if os.environ.get(ENV_CACHE_DIR):
-        return Path(os.environ[ENV_CACHE_DIR]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pqd" / "latency"
+    """:func:`pqd.cache.cache_dir` ``("latency")``: ``$PQD_CACHE_DIR/latency``, else
+    ``~/.cache/pqd/latency``."""
+    return cache_dir("latency")
 
 
 def fingerprint(runtime: str, threads: int, precision: str, opset: int = 20) -> dict[str, Any]:

@@ -239,7 +239,7 @@ def setup_latency_model(
         threads: intra-op threads of every timing.
         levels: keep fractions of the latency tables (ascending, ending at 1.0).
         data_dir: folder holding the data sets.
-        cache_dir: latency cache folder (default ``PQD_CACHE_DIR`` or ~/.cache/pqd/latency).
+        cache_dir: latency cache folder (default ``$PQD_CACHE_DIR/latency``, ~/.cache/pqd/latency).
         timing: ``{"warmup", "repeats", "rounds"}`` of the latency model's panels.
         say: a one-line progress callback (default: silent).
 

@@ -115,7 +115,7 @@ def plan(
             during the plan does not move candidates across the budget.
         data_dir: folder holding the data sets.
         executor, workers, address: as ``pqd search`` (sequential, processes, Ray).
-        cache_dir: latency cache folder (default ``PQD_CACHE_DIR`` or ~/.cache/pqd/latency).
+        cache_dir: latency cache folder (default ``$PQD_CACHE_DIR/latency``, ~/.cache/pqd/latency).
         timing: ``{"warmup", "repeats", "rounds"}`` of the latency model's panels.
         progress: progress bars and lines.
 
