@@ -376,6 +376,46 @@ def test_whole_files_take_the_median_of_panels_each_scaled_by_its_own_dense_file
     assert one.ms == pytest.approx({"pick": 0.5}) and one.spread == {"pick": 0.0}
 
 
+def test_a_file_whose_panels_straddle_the_budget_is_timed_again_and_decided_on_all(
+    tmp_path,
+) -> None:
+    """Only the file whose panels fall on both sides of the limit is timed once more; its
+    median and spread come from all its panels (the dense file's too), the others keep
+    theirs; with no file on the edge nothing more is timed."""
+    from pqd.planner.latency import DENSE, files_against_dense, settle_borderline
+
+    class Noisy:
+        def __init__(self) -> None:
+            self.calls: list[list[str]] = []
+
+        def time_paths(self, paths: dict) -> dict:
+            i = len(self.calls)
+            self.calls.append([n for n in paths if n != DENSE])
+            # "edge": 1.02 ms in panels 0-2, 0.96 ms after (the VM quietened); "far" 0.5 ms,
+            # "over" 2.0 ms; the dense file 4.0 ms throughout (no scaling)
+            times = {DENSE: 4.0, "edge": 1.02 if i < 3 else 0.96, "far": 0.5, "over": 2.0}
+            return {n: times[n] for n in paths}
+
+    lm = Noisy()
+    paths = {"edge": tmp_path, "far": tmp_path, "over": tmp_path}
+    timed = files_against_dense(lm, paths, tmp_path, 4.0)  # type: ignore[arg-type]
+    assert timed.ms["edge"] == pytest.approx(1.02)  # 3 of 5 panels over a 1.0 ms limit
+    settled, again = settle_borderline(lm, timed, paths, tmp_path, 4.0, 1.0)  # type: ignore[arg-type]
+    assert again == ["edge"] and lm.calls[5:] == [["edge"]] * 5
+    assert len(settled.samples["edge"]) == 10 and len(settled.samples["far"]) == 5
+    assert settled.ms["edge"] == pytest.approx(0.96)  # 7 of 10 panels within
+    assert settled.spread["edge"] == pytest.approx((1.02 - 0.96) / 0.96)
+    assert settled.ms["far"] == timed.ms["far"] and settled.ms["over"] == timed.ms["over"]
+    assert len(settled.dense_raw) == 10 and settled.dense_raw_ms == pytest.approx(4.0)
+    quiet = Noisy()
+    timed = files_against_dense(quiet, {"far": tmp_path}, tmp_path, 4.0)  # type: ignore[arg-type]
+    assert settle_borderline(quiet, timed, {"far": tmp_path}, tmp_path, 4.0, 1.0) == (  # type: ignore[arg-type]
+        timed,
+        [],
+    )
+    assert len(quiet.calls) == 5
+
+
 def test_plan_benchmark_refuses_a_user_model_it_cannot_import_in_one_line(
     tmp_path, capsys, subset_dir
 ) -> None:

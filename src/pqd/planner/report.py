@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pqd.latency_model import validation_text
+from pqd.planner.latency import FINAL_PANELS
 from pqd.planner.template import PICK_FILE, PLAN_FILE
 
 
@@ -163,7 +164,8 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
         "",
         f"Measured ms: the median over {result.get('final_panels', 1)} panels of the trained "
         "files timed with the dense file, scaled to the dense time; in brackets the spread "
-        "over the panels ((max - min) / median).",
+        "over the panels ((max - min) / median), and their number for a file whose panels "
+        "fell on both sides of the budget (timed once more, decided on all of them).",
         "",
         "| # | kind | predicted ms | measured ms | estimated loss | adaptive-BN val top-1 |"
         " val top-1 | test top-1 | size KB |",
@@ -195,6 +197,8 @@ def trained_row(i: int, e: dict[str, Any]) -> str:
     if e.get("status") != "done":
         return f"| {i} | {kind} | {e['predicted_ms']:.3f} | failed | | {abn} | | | |"
     spread = f" ({100 * e['measured_spread']:.1f}%)" if "measured_spread" in e else ""
+    if e.get("measured_panels", 0) > FINAL_PANELS:  # timed again: on the budget's edge
+        spread = spread[:-1] + f", {e['measured_panels']} panels)" if spread else ""
     return (
         f"| {i} | {kind} | {e['predicted_ms']:.3f} | {e['measured_ms']:.3f}{spread} | "
         f"{e['estimated_loss']:.4f} | {abn} | {100 * (e['val_accuracy'] or 0):.2f} | "
