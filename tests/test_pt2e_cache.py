@@ -151,6 +151,14 @@ def test_disk_key_is_stable_and_tells_patterns_apart() -> None:
     assert a != key(make(conv2d, True), x, False, {"k": 1})
     assert key(make(object(), True), x, False, {}) is None
 
+    def scaled(k):  # a factory's function: its captured value is part of the key
+        def fn(t):
+            return t * k
+
+        return fn
+
+    assert key(make(scaled(2), True), x, False, {}) != key(make(scaled(3), True), x, False, {})
+
 
 def test_a_stored_pattern_is_served_to_a_new_process_without_tracing(tmp_path) -> None:
     """First memo (a process): traced by torchao, written. Second memo with the same store

@@ -24,7 +24,8 @@ values, the example inputs' shapes and dtypes, the kwargs. The program is the on
 tracer exported (``torch.export.export`` is watched while it runs, so nothing is traced
 twice); it is written only after it has been loaded back and has given exactly torchao's
 graph, and a file that fails to load is traced again and replaced.
-``PQD_PT2E_DISK_CACHE=0`` turns the disk layer off.
+``PQD_PT2E_DISK_CACHE=0`` turns the disk layer off; both variables are read when the
+patch is installed (the first prepare or convert of a process).
 
 When the private names are missing (another torchao), nothing is patched and torchao runs
 as it is.
@@ -39,6 +40,7 @@ import io
 import marshal
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ import torch.nn.functional as F
 from pqd.cache import cache_dir
 
 _installed = False
+_WATCH = threading.Lock()
 DISK_ENV = "PQD_PT2E_DISK_CACHE"
 DISK_VERSION = 1
 _CONV_OPS: dict[Callable[..., Any], set[Any]] = {}
@@ -93,7 +96,10 @@ def _stable(value: Any) -> str:
     if callable(value) and getattr(value, "__qualname__", None):
         code = getattr(value, "__code__", None)
         body = hashlib.sha256(marshal.dumps(code)).hexdigest()[:16] if code else ""
-        return f"fn:{getattr(value, '__module__', '')}.{value.__qualname__}:{body}"
+        # a function made by a factory: what it captured decides what it does
+        cells = [c.cell_contents for c in (getattr(value, "__closure__", None) or ())]
+        inner = _stable([cells, list(getattr(value, "__defaults__", None) or ())])
+        return f"fn:{getattr(value, '__module__', '')}.{value.__qualname__}:{body}:{inner}"
     raise TypeError(f"no stable description of {type(value).__name__}")
 
 
@@ -195,19 +201,20 @@ def _trace_keeping_program(
     """``trace(*args, **kwargs)`` (torchao's tracer) and the one program it exported on the
     way (None when it exported none or several): ``torch.export.export`` is watched for
     the call's duration, so the program is kept without exporting the pattern twice."""
-    real = torch.export.export
     programs: list[Any] = []
+    with _WATCH:  # one watch at a time: threads never restore each other's wrapper
+        real = torch.export.export
 
-    def watched(*a: Any, **k: Any) -> Any:
-        program = real(*a, **k)
-        programs.append(program)
-        return program
+        def watched(*a: Any, **k: Any) -> Any:
+            program = real(*a, **k)
+            programs.append(program)
+            return program
 
-    torch.export.export = watched  # type: ignore[assignment]
-    try:
-        gm = trace(*args, **kwargs)
-    finally:
-        torch.export.export = real  # type: ignore[assignment]
+        torch.export.export = watched  # type: ignore[assignment]
+        try:
+            gm = trace(*args, **kwargs)
+        finally:
+            torch.export.export = real  # type: ignore[assignment]
     return gm, programs[0] if len(programs) == 1 else None
 
 

@@ -41,6 +41,8 @@ def install() -> bool:
     build = getattr(cls, "from_torchlib", None)
     if cls is None or build is None or not hasattr(cls(), "functions"):
         return False
+    if not hasattr(torch._C, "_dispatch_get_all_op_names"):
+        return False
     params = inspect.signature(build).parameters
     if list(params) != ["opset_version"]:
         return False
